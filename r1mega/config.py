@@ -1,0 +1,467 @@
+"""One typed config tree for every r1mega program.
+
+Each component receives only its own section (``cfg.rollout`` goes to the rollout engine, never
+``cfg``). YAML files in ``configs/`` fill the tree; ``key.sub=value`` overrides come last. Every
+check that needs no process group runs in :func:`validate` so that a bad config fails before any
+rank starts talking to another.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the key at fault and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # Llama 2/3, SmolLM2, Qwen2/2.5 (qkv_bias), Qwen3 (qk_norm) are all this one family.
+    family: str = "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 176
+    vocab_size: int = 128
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    norm_epsilon: float = 1e-5
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tied_embeddings: bool = True
+    # The embedding is padded so that each TP rank holds an equal slice of this multiple.
+    make_vocab_size_divisible_by: int = 64
+    init_method_std: float = 0.02
+    # "auto": Transformer Engine spec when TE imports, else r1mega's local spec.
+    spec: str = "auto"
+    # "auto" | "sdpa" | "varlen" | "flash": how core attention runs packed sequences.
+    attention_backend: str = "auto"
+    # Load Hugging Face weights at start (a directory with config.json + safetensors).
+    init_from_hf: Optional[str] = None
+    # Activation recomputation: "none" | "selective" | "full".
+    recompute: str = "none"
+    # Mixture-of-experts layers arrive with the MoE work; the layout checks exist already.
+    num_experts: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    # Virtual pipeline stages per rank (interleaved 1F1B); 1 means plain 1F1B.
+    virtual_stages: int = 1
+    context: int = 1
+    expert: int = 1
+    # Data parallel size; 0 derives it from the world size.
+    data: int = 0
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    # "auto": nccl with CUDA, gloo without.
+    backend: str = "auto"
+    # Seconds before a collective that waits on a dead rank fails the job.
+    timeout_s: int = 600
+    seed: int = 1234
+
+
+@dataclass
+class PrecisionConfig:
+    # "auto": bf16 on GPU, fp32 on CPU.
+    dtype: str = "auto"
+    fp8: bool = False
+    fp8_recipe: str = "delayed"
+    grad_reduce_in_fp32: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    # "constant" | "cosine" | "linear"
+    decay_style: str = "constant"
+    decay_steps: int = 0
+
+
+@dataclass
+class DataConfig:
+    # A JSONL/Parquet path, or "builtin:<task>" / "reasoning_gym:<name>" for procedural prompts.
+    source: str = "builtin:arithmetic"
+    eval_source: Optional[str] = None
+    num_examples: int = 1000
+    eval_examples: int = 100
+    seed: int = 0
+    # "r1_zero" | "chat" | "raw"
+    template: str = "r1_zero"
+    # "char" | a SentencePiece .model | a tokenizer.json | an HF directory
+    tokenizer: str = "char"
+    max_prompt_tokens: int = 256
+    # "error" stops at a malformed row naming file and line; "skip" counts it and goes on.
+    on_bad_row: str = "error"
+    # Prompts per optimizer step over all DP ranks.
+    global_batch_prompts: int = 8
+    # Token budget of one packed micro-batch on one rank (training forward/backward).
+    micro_batch_tokens: int = 4096
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list = field(default_factory=list)
+    # Fraction of free accelerator memory the paged KV cache may take during rollout.
+    kv_memory_fraction: float = 0.5
+    kv_block_tokens: int = 16
+    # Upper bound on sequences decoded together (continuous batching).
+    max_batch_sequences: int = 256
+    cuda_graphs: bool = True
+    seed: int = 0
+
+
+@dataclass
+class GRPOConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    # Dual clip constant c > 1 bounds the loss for negative advantages; 0 disables.
+    dual_clip: float = 0.0
+    kl_beta: float = 0.0
+    # "k1" | "k2" | "k3"
+    kl_estimator: str = "k3"
+    # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum_norm"
+    loss_agg: str = "token_mean"
+    # Constant for seq_mean_token_sum_norm (Dr. GRPO); 0 uses rollout.max_new_tokens.
+    loss_norm_tokens: int = 0
+    scale_rewards: bool = True
+    # Truncated importance weight cap against the rollout's log-probs; 0 disables.
+    tis_cap: float = 0.0
+    inner_epochs: int = 1
+    # Drop groups whose rewards are all equal (DAPO dynamic sampling).
+    drop_equal_groups: bool = False
+    offload_reference: bool = False
+    # "auto" | "cuda" | "torch"
+    loss_impl: str = "auto"
+
+
+@dataclass
+class RewardsConfig:
+    # task type -> {reward name: weight}
+    spec: dict = field(default_factory=lambda: {"math": {"math_accuracy": 1.0, "format": 0.1}})
+    num_workers: int = 2
+    timeout_s: float = 10.0
+    overlong_penalty_tokens: int = 0
+    target_language: str = "en"
+    reflection_phrases: list = field(
+        default_factory=lambda: ["wait", "let me re-check", "let me check", "double-check"]
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    save_every_steps: int = 0
+    keep_last: int = 3
+    load: Optional[str] = None
+    save_on_signal: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    tensorboard: bool = True
+    log_every_steps: int = 1
+    samples_every_steps: int = 10
+    num_samples: int = 2
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    # "grpo" | "sft"
+    mode: str = "grpo"
+    steps: int = 10
+    sft_steps: int = 0
+    eval_every_steps: int = 0
+    # Stop after this many NaN/Inf steps in a row (0: never stop, only skip).
+    max_consecutive_nonfinite: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _suggest(key: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r} ({type(value).__name__}).")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__}).")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__}).")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__}).")
+    if tp in (list, dict) or origin in (list, dict):
+        want = origin or tp
+        if isinstance(value, want):
+            return value
+        raise ConfigError(f"{key}: expected a {want.__name__}, got {value!r}.")
+    return value
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}.")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"Unknown config key '{full}'.{_suggest(str(key), names, prefix)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' must look like key.sub=value (e.g. parallel.tensor=2).")
+    key, raw = text.split("=", 1)
+    # YAML parsing gives 2 -> int, 1e-6 -> float (with our tweak), true -> bool, [a,b] -> list.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Override '{text}': cannot parse value: {exc}") from None
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """YAML file (optional) + dotted overrides -> validated :class:`Config`."""
+    cfg = Config()
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"Config file '{path}' does not exist.")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
+        _merge(cfg, data)
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        _merge(cfg, _nest(key, value))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_resolved(cfg: Config, run_dir: str) -> str:
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(dump_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def config_fingerprint(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"{key}: '{value}' is not one of {sorted(allowed)}.{_suggest(value, allowed)}"
+        )
+
+
+def derive_data_parallel(par: ParallelConfig, world_size: int) -> int:
+    """DP size from the world size; raises naming the sizes when they do not divide."""
+    model_parallel = par.tensor * par.pipeline * par.context
+    if world_size % model_parallel != 0:
+        raise ConfigError(
+            f"World size {world_size} is not divisible by parallel.tensor × parallel.pipeline × "
+            f"parallel.context = {par.tensor}×{par.pipeline}×{par.context} = {model_parallel}. "
+            f"Launch a multiple of {model_parallel} ranks or change the parallel sizes."
+        )
+    dp = world_size // model_parallel
+    if par.data not in (0, dp):
+        raise ConfigError(
+            f"parallel.data={par.data} but world size {world_size} / (TP×PP×CP = {model_parallel}) "
+            f"= {dp}. Set parallel.data={dp} or 0 (derive), or launch "
+            f"{par.data * model_parallel} ranks."
+        )
+    return dp
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
+    """Every check that needs no process group. ``world_size`` None skips the layout check."""
+    m, p = cfg.model, cfg.parallel
+    for key in ("tensor", "pipeline", "virtual_stages", "context", "expert"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}.")
+    _choice("model.family", m.family, {"llama", "qwen2", "qwen3"})
+    _choice("model.spec", m.spec, {"auto", "local", "te"})
+    _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "varlen", "flash"})
+    _choice("model.recompute", m.recompute, {"none", "selective", "full"})
+    _choice("precision.dtype", cfg.precision.dtype, {"auto", "fp32", "bf16", "fp16"})
+    _choice("optimizer.decay_style", cfg.optimizer.decay_style, {"constant", "cosine", "linear"})
+    _choice("grpo.kl_estimator", cfg.grpo.kl_estimator, {"k1", "k2", "k3"})
+    _choice("grpo.loss_agg", cfg.grpo.loss_agg,
+            {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"})
+    _choice("grpo.loss_impl", cfg.grpo.loss_impl, {"auto", "cuda", "torch"})
+    _choice("data.on_bad_row", cfg.data.on_bad_row, {"error", "skip"})
+    _choice("train.mode", cfg.train.mode, {"grpo", "sft"})
+    _choice("parallel.backend", p.backend, {"auto", "nccl", "gloo"})
+
+    if m.num_attention_heads % m.num_query_groups != 0:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.num_query_groups}; grouped-query attention needs whole groups."
+        )
+    if m.hidden_size % m.num_attention_heads != 0:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}."
+        )
+    if m.num_attention_heads % p.tensor != 0:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor={p.tensor}: each TP rank needs whole heads. Use a parallel.tensor that "
+            f"divides {m.num_attention_heads}."
+        )
+    if m.num_query_groups % p.tensor != 0:
+        raise ConfigError(
+            f"model.num_query_groups={m.num_query_groups} (KV heads) is not divisible by "
+            f"parallel.tensor={p.tensor}: each TP rank needs whole KV groups. Use a parallel.tensor "
+            f"that divides {m.num_query_groups}."
+        )
+    if m.ffn_hidden_size % p.tensor != 0:
+        raise ConfigError(
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={p.tensor}."
+        )
+    stages = p.pipeline * p.virtual_stages
+    if m.num_layers % stages != 0:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline × "
+            f"parallel.virtual_stages = {p.pipeline}×{p.virtual_stages} = {stages}; every "
+            f"pipeline stage needs the same number of layers."
+        )
+    if p.virtual_stages > 1 and p.pipeline < 2:
+        raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline >= 2.")
+    num_experts = m.num_experts
+    if num_experts and num_experts % p.expert != 0:
+        raise ConfigError(
+            f"model.num_experts={num_experts} is not divisible by parallel.expert={p.expert}."
+        )
+    if p.expert > 1 and not num_experts:
+        raise ConfigError(
+            f"parallel.expert={p.expert} but the model has no experts; set parallel.expert=1."
+        )
+    if p.sequence_parallel and p.tensor == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1.")
+    if cfg.precision.fp8:
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "precision.fp8=true needs Transformer Engine, which is not importable here "
+                "(megatron-core would silently run without FP8). Install transformer-engine or set "
+                "precision.fp8=false."
+            ) from None
+    if cfg.rollout.group_size < 1:
+        raise ConfigError(f"rollout.group_size must be >= 1, got {cfg.rollout.group_size}.")
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}.")
+    if cfg.rollout.temperature < 0:
+        raise ConfigError(f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}.")
+    if cfg.grpo.eps_low < 0 or cfg.grpo.eps_high < 0:
+        raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0.")
+    if cfg.grpo.dual_clip and cfg.grpo.dual_clip <= 1.0:
+        raise ConfigError(f"grpo.dual_clip must be > 1 (or 0 to disable), got {cfg.grpo.dual_clip}.")
+    if cfg.optimizer.lr < 0:
+        raise ConfigError(f"optimizer.lr must be >= 0, got {cfg.optimizer.lr}.")
+    if world_size is not None:
+        dp = derive_data_parallel(p, world_size)
+        if cfg.data.global_batch_prompts % dp != 0:
+            raise ConfigError(
+                f"data.global_batch_prompts={cfg.data.global_batch_prompts} is not divisible by the "
+                f"data-parallel size {dp}; every DP rank needs the same number of prompts."
+            )
+    return cfg
