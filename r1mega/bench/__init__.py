@@ -1,0 +1,30 @@
+"""`r1mega bench NAME`: every benchmark prints a human table, then one JSON object on its last line.
+
+Benchmarks live here, not in tests: speed and memory bars are measured, never asserted in CI.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> module exposing main(argv) -> int
+BENCHMARKS = {
+    "train-step": "r1mega.bench.train_step",
+    "grpo-loss": "r1mega.bench.grpo_loss",
+    "rollout": "r1mega.bench.rollout",
+    "grpo-step": "r1mega.bench.grpo_step",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "--list"):
+        print("usage: r1mega bench NAME [args]\n\nbenchmarks:")
+        for name in BENCHMARKS:
+            print(f"  {name}")
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in BENCHMARKS:
+        print(f"r1mega bench: unknown benchmark '{name}'; choose one of {sorted(BENCHMARKS)}",
+              file=sys.stderr)
+        return 2
+    return int(importlib.import_module(BENCHMARKS[name]).main(argv[1:]) or 0)

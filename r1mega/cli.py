@@ -1,0 +1,57 @@
+"""`r1mega train | sft | demo | generate | reward | convert | bench NAME`.
+
+Each subcommand imports its module lazily: `r1mega reward` must not pay for megatron-core, and a
+broken optional dependency of one command must not take the others down.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help). Functions take argv (list[str]) and return an exit code.
+COMMANDS = {
+    "demo": ("r1mega.train.entry", "demo_main", "the embedded default: SFT cold start, then GRPO, on CPU"),
+    "train": ("r1mega.train.entry", "train_main", "GRPO training: r1mega train CONFIG [key=value ...]"),
+    "sft": ("r1mega.train.entry", "sft_main", "supervised fine-tuning: r1mega sft CONFIG [key=value ...]"),
+    "generate": ("r1mega.rollout.generate_cli", "main", "sample completions: r1mega generate CONFIG --prompts F --out F"),
+    "reward": ("r1mega.rewards.cli", "main", "score completions: r1mega reward --input FILE.jsonl"),
+    "convert": ("r1mega.convert.cli", "main", "checkpoint conversion: r1mega convert hf-to-mcore|mcore-to-hf ..."),
+    "bench": ("r1mega.bench", "main", "benchmarks: r1mega bench NAME (list: r1mega bench --list)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: r1mega COMMAND [args]", "", "commands:"]
+    width = max(len(n) for n in COMMANDS)
+    for name, (_, _, doc) in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {doc}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"r1mega: unknown command '{name}'.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    from r1mega.config import ConfigError
+
+    try:
+        code = func(rest)
+    except ConfigError as exc:
+        print(f"r1mega {name}: config error: {exc}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""What a long run does when things go wrong: preemption signals, non-finite steps, dead ranks.
+
+- SIGTERM / SIGUSR1 (Slurm sends one before preemption; torchrun forwards SIGTERM) only set a
+  flag. The trainer asks :meth:`PreemptionHandler.should_stop` at a step boundary, where every rank
+  agrees through one tiny all-reduce, saves a checkpoint and exits cleanly. Saving inside the
+  handler itself would run collectives from a signal context on one rank only: a hang.
+- A non-finite loss or gradient skips the update (:class:`NonFiniteGuard`), is logged, and after
+  ``max_consecutive`` in a row stops the run with a clear error.
+- A dead rank: collectives time out after ``parallel.timeout_s`` (set on the process group), and
+  under torchrun the elastic agent tears the other workers down; :func:`exit_on_peer_failure`
+  turns the resulting exception into a non-zero exit instead of a stack of hanging ranks.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionHandler:
+    def __init__(self, enabled: bool = True, signals=PREEMPTION_SIGNALS):
+        self.requested: Optional[int] = None
+        self._previous = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):  # noqa: ARG002 - signal API
+        self.requested = signum
+
+    def should_stop(self, group=None) -> bool:
+        """True on every rank if any rank received a preemption signal."""
+        flag = torch.tensor([1 if self.requested is not None else 0], dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            backend = dist.get_backend(group)
+            if backend == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Counts skipped updates; ``max_consecutive`` 0 means skip forever, never stop."""
+
+    def __init__(self, max_consecutive: int = 0):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total_skipped = 0
+
+    def record(self, finite: bool, step: int) -> None:
+        if finite:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total_skipped += 1
+        print(f"[r1mega] step {step}: non-finite loss or gradient, update skipped "
+              f"({self.consecutive} in a row, {self.total_skipped} in total)", flush=True)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.consecutive} consecutive steps had a non-finite loss or gradient "
+                f"(train.max_consecutive_nonfinite={self.max_consecutive}). Lower optimizer.lr, "
+                f"check the data, or raise the limit.")
+
+
+def exit_on_peer_failure(fn: Callable[[], int]) -> int:
+    """Run ``fn``; a collective that failed because a peer died becomes exit code 1, fast.
+
+    os._exit skips atexit handlers and joins of background threads that would wait on the dead
+    peer forever (dist_checkpointing's writer pool, the gloo/NCCL watchdog)."""
+    try:
+        return fn()
+    except RuntimeError as exc:  # DistBackendError is a RuntimeError too
+        text = str(exc)
+        peer_markers = ("Connection closed by peer", "Connection reset", "timed out", "Timeout",
+                        "NCCL", "Gloo", "gloo", "peer", "Broken pipe")
+        if any(m in text for m in peer_markers):
+            print(f"[r1mega] rank {os.environ.get('RANK', '?')}: a collective failed, most likely "
+                  f"because another rank died ({text.splitlines()[0][:200]}); exiting.",
+                  file=sys.stderr, flush=True)
+            sys.stderr.flush()
+            os._exit(1)
+        raise
