@@ -1,0 +1,133 @@
+"""Hugging Face ``config.json`` <-> :class:`r1mega.config.ModelConfig`.
+
+Import is strict: any HF setting that changes the maths and that our model does not implement
+(rope scaling, sliding windows, biases in the wrong places, another activation) is refused with
+the key and its value, instead of converting into a model that is silently different.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from r1mega.config import ModelConfig
+from r1mega.convert.families import ConversionError
+
+# model_type -> (family, architectures entry)
+SUPPORTED = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+FAMILY_TO_HF = {fam: (mt, arch) for mt, (fam, arch) in SUPPORTED.items()}
+
+
+def _rope_theta(hf: dict) -> float:
+    # transformers >= 5 writes rope_parameters={rope_theta, rope_type}; older files a flat key.
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ConversionError(
+            f"config.json: rope type '{rope_type}' (rope_scaling / rope_parameters) is not "
+            f"implemented by r1mega's model; only plain RoPE converts."
+        )
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def _refuse(hf: dict, key: str, bad, why: str) -> None:
+    if key in hf and hf[key] == bad:
+        raise ConversionError(f"config.json: {key}={hf[key]!r} is not supported ({why}).")
+
+
+def model_config_from_hf(hf: dict, base: Optional[ModelConfig] = None) -> ModelConfig:
+    """ModelConfig for a HF ``config.json`` dict; ``base`` supplies r1mega-only fields."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        archs = hf.get("architectures")
+        raise ConversionError(
+            f"config.json: unsupported architecture model_type={model_type!r} "
+            f"(architectures={archs}); r1mega converts {sorted(SUPPORTED)}."
+        )
+    family, _ = SUPPORTED[model_type]
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"config.json: hidden_act={act!r}; r1mega's MLP is SwiGLU (silu).")
+    if model_type == "llama":
+        _refuse(hf, "attention_bias", True, "Llama with attention biases also biases o_proj")
+        _refuse(hf, "mlp_bias", True, "MLP biases")
+    if model_type == "qwen3":
+        _refuse(hf, "attention_bias", True, "Qwen3 with attention biases")
+    if hf.get("use_sliding_window"):
+        raise ConversionError("config.json: use_sliding_window=true is not supported (full attention only).")
+    heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) != hidden // heads:
+        raise ConversionError(
+            f"config.json: head_dim={head_dim} differs from hidden_size/num_attention_heads="
+            f"{hidden // heads}; ModelConfig has no kv_channels field yet, so this model cannot convert."
+        )
+    cfg = dataclasses.replace(base) if base is not None else ModelConfig()
+    cfg.family = family
+    cfg.num_layers = int(hf["num_hidden_layers"])
+    cfg.hidden_size = hidden
+    cfg.num_attention_heads = heads
+    cfg.num_query_groups = int(hf.get("num_key_value_heads") or heads)
+    cfg.ffn_hidden_size = int(hf["intermediate_size"])
+    cfg.vocab_size = int(hf["vocab_size"])
+    cfg.max_position_embeddings = int(hf.get("max_position_embeddings", cfg.max_position_embeddings))
+    cfg.rope_theta = _rope_theta(hf)
+    cfg.norm_epsilon = float(hf.get("rms_norm_eps", cfg.norm_epsilon))
+    cfg.qkv_bias = model_type == "qwen2"  # Qwen2 hard-codes q/k/v biases
+    cfg.qk_norm = model_type == "qwen3"
+    cfg.tied_embeddings = bool(hf.get("tie_word_embeddings", False))
+    cfg.init_method_std = float(hf.get("initializer_range", cfg.init_method_std))
+    if cfg.num_experts:
+        raise ConversionError("MoE checkpoints are not convertible yet (model.num_experts > 0).")
+    return cfg
+
+
+def hf_config_from_model_config(cfg: ModelConfig, original: Optional[dict] = None,
+                                dtype_name: Optional[str] = None) -> dict:
+    """config.json dict for ``cfg``; fields of ``original`` we do not own (token ids, the
+    tokenizer class, ...) are kept so a round trip changes nothing we did not convert."""
+    if cfg.family not in FAMILY_TO_HF:
+        raise ConversionError(f"model.family={cfg.family!r} has no Hugging Face architecture; "
+                              f"supported: {sorted(FAMILY_TO_HF)}.")
+    model_type, arch = FAMILY_TO_HF[cfg.family]
+    out = dict(original or {})
+    if out.get("model_type") not in (None, model_type):
+        # The carried config belongs to another architecture: do not mix its keys in.
+        out = {}
+    out.update({
+        "architectures": [arch],
+        "model_type": model_type,
+        "num_hidden_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tied_embeddings,
+        "initializer_range": cfg.init_method_std,
+    })
+    out.pop("rope_scaling", None)
+    if "rope_parameters" in out or original is None:
+        out["rope_parameters"] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    out["rope_theta"] = cfg.rope_theta  # read by transformers 4.x; 5.x maps it too
+    if model_type == "llama":
+        out.setdefault("attention_bias", False)
+        out.setdefault("mlp_bias", False)
+    if model_type == "qwen3":
+        out.setdefault("attention_bias", False)
+    if model_type in ("qwen2", "qwen3"):
+        out.setdefault("use_sliding_window", False)
+    if dtype_name is not None:
+        out["torch_dtype"] = dtype_name
+        out["dtype"] = dtype_name
+    return out
