@@ -1,0 +1,180 @@
+"""Core attention for packed variable-length sequences (THD + cu_seqlens), placed in the layer spec.
+
+megatron's local ``DotProductAttention`` refuses packed sequences and materialises the full score
+matrix; this module is the ``core_attention`` submodule of r1mega's local spec instead. It sees
+q/k/v after the QKV projection and RoPE:
+
+  packed (``packed_seq_params.qkv_format == "thd"``): q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)
+  unpacked: q (S, B, Hq, D), k/v (S, B, Hkv, D) -> (S, B, Hq*D)
+
+Backends (``model.attention_backend``):
+  sdpa    one SDPA call; packed batches get a block-diagonal causal mask (the CPU path and the
+          reference every other backend is tested against). When every packed sequence has the
+          same length (known on the host, see :class:`PackedSeqs`) the batch is reshaped to
+          (B, S) and SDPA runs with ``is_causal`` -- no mask, the fastest GPU path.
+  varlen  ``torch.nn.attention.varlen.varlen_attn`` (flash kernels in torch, GPU only).
+  flash   flash-attn's ``flash_attn_varlen_func`` when installed.
+  auto    GPU: equal lengths -> SDPA causal, else flash if installed, else varlen; CPU: sdpa.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+try:  # optional, GPU clusters only
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except Exception:  # ImportError, or a broken CUDA build of flash-attn
+    _flash_varlen = None
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+    _VARLEN_HAS_GQA = "enable_gqa" in inspect.signature(_torch_varlen).parameters
+except Exception:
+    _torch_varlen = None
+    _VARLEN_HAS_GQA = False
+
+
+@dataclass
+class PackedSeqs(PackedSeqParams):
+    """megatron's PackedSeqParams plus the sequence lengths on the host.
+
+    Knowing the lengths without reading ``cu_seqlens`` back from the GPU lets attention choose its
+    kernel without a device sync (and lets the equal-length case skip masks altogether).
+    """
+
+    seq_lengths: tuple = ()
+
+
+def make_packed_seqs(seq_lengths, device) -> PackedSeqs:
+    """PackedSeqParams (THD) for sequences of ``seq_lengths`` tokens laid end to end."""
+    lengths = tuple(int(n) for n in seq_lengths)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    cu = cu.to(device)
+    max_len = max(lengths) if lengths else 0
+    return PackedSeqs(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+        max_seqlen_q=max_len, max_seqlen_kv=max_len, seq_lengths=lengths,
+    )
+
+
+def block_causal_mask(seq_lengths, device) -> torch.Tensor:
+    """(T, T) bool, True where attention is allowed: causal inside each packed sequence."""
+    lengths = torch.tensor(list(seq_lengths), device=device)
+    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)  # (T,)
+    pos = torch.arange(int(lengths.sum()), device=device)  # (T,)
+    same_seq = seq_id[:, None] == seq_id[None, :]
+    return same_seq & (pos[None, :] <= pos[:, None])
+
+
+def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float]) -> torch.Tensor:
+    """Reference packed attention. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    gqa = hq != hkv
+    lengths = [int(n) for n in seq_lengths]
+    if lengths and all(n == lengths[0] for n in lengths):
+        b, s = len(lengths), lengths[0]
+        # (T, H, D) -> (B, H, S, D): equal lengths need no mask at all.
+        qb = q.view(b, s, hq, -1).transpose(1, 2)
+        kb = k.view(b, s, hkv, -1).transpose(1, 2)
+        vb = v.view(b, s, hkv, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2).reshape(q.shape)
+    mask = block_causal_mask(lengths, q.device)  # (T, T)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=gqa,
+    )  # (1, Hq, T, D)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def varlen_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) -> torch.Tensor:
+    """torch's varlen flash attention, causal via window (-1, 0). q (T, Hq, D) -> (T, Hq, D)."""
+    if _torch_varlen is None:
+        raise RuntimeError("model.attention_backend=varlen needs torch.nn.attention.varlen "
+                           "(torch >= 2.10 with CUDA); use attention_backend=sdpa.")
+    hq, hkv = q.shape[1], k.shape[1]
+    kwargs = {}
+    if hq != hkv:
+        if _VARLEN_HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(hq // hkv, dim=1)
+            v = v.repeat_interleave(hq // hkv, dim=1)
+    return _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                         scale=scale, window_size=(-1, 0), **kwargs)
+
+
+def flash_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) -> torch.Tensor:
+    if _flash_varlen is None:
+        raise RuntimeError("model.attention_backend=flash but flash-attn is not importable; "
+                           "install flash-attn or use attention_backend=auto.")
+    return _flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                         softmax_scale=scale, causal=True)
+
+
+class PackedCoreAttention(MegatronModule):
+    """``core_attention`` submodule for r1mega's local spec (signature matches megatron's)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str = "self", attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None, backend: str = "auto"):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("PackedCoreAttention has no context parallelism; "
+                                      "set parallel.context=1.")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"attention_dropout={dropout}: PackedCoreAttention has no dropout "
+                             "(RL fine-tuning does not use it); set it to 0.")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"PackedCoreAttention is causal only, got {attn_mask_type}.")
+        self.softmax_scale = softmax_scale
+        self.backend = backend
+
+    def _choose(self, device: torch.device, equal_lengths: bool) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if device.type != "cuda" or equal_lengths:
+            return "sdpa"
+        return "flash" if _flash_varlen is not None else "varlen"
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params: Optional[PackedSeqParams] = None):
+        if attention_bias is not None:
+            raise ValueError("PackedCoreAttention does not take an attention_bias.")
+        if packed_seq_params is None:
+            # (S, B, H, D) -> (B, H, S, D); plain causal batch.
+            s, b, hq, d = query.shape
+            out = F.scaled_dot_product_attention(
+                query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+                is_causal=True, scale=self.softmax_scale, enable_gqa=hq != key.shape[2],
+            )  # (B, Hq, S, D)
+            return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"PackedCoreAttention expects qkv_format='thd', got "
+                             f"{packed_seq_params.qkv_format!r}.")
+        seq_lengths = getattr(packed_seq_params, "seq_lengths", ())
+        if not seq_lengths:
+            # A plain PackedSeqParams: one device->host read of the lengths.
+            cu = packed_seq_params.cu_seqlens_q
+            seq_lengths = tuple((cu[1:] - cu[:-1]).tolist())
+        equal = all(n == seq_lengths[0] for n in seq_lengths)
+        backend = self._choose(query.device, equal)
+        if backend == "sdpa":
+            return sdpa_packed(query, key, value, seq_lengths, self.softmax_scale)
+        cu = packed_seq_params.cu_seqlens_q
+        max_len = int(packed_seq_params.max_seqlen_q)
+        if backend == "varlen":
+            return varlen_packed(query, key, value, cu, max_len, self.softmax_scale)
+        if backend == "flash":
+            return flash_packed(query, key, value, cu, max_len, self.softmax_scale)
+        raise ValueError(f"model.attention_backend={backend!r} is not sdpa|varlen|flash|auto.")

@@ -1,0 +1,193 @@
+"""The dense decoder family (Llama 2/3, SmolLM2, Qwen2/2.5, Qwen3) as megatron-core ``GPTModel``.
+
+Model code stays plain megatron; parallelism comes from outside in a fixed order:
+  1. TransformerConfig carries the parallel sizes (without them every PP stage silently builds
+     every layer);
+  2. one GPTModel per virtual pipeline stage, with pre/post-process set by stage position;
+  3. parameters on the runtime device in the runtime dtype;
+  4. (optional) megatron DDP around each chunk, sharing one config so that grad buffers and the
+     distributed optimizer see all chunks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from r1mega.config import ModelConfig, PrecisionConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from r1mega.models.spec import RMSNorm, layer_spec
+from r1mega.parallel.runtime import ParallelRuntime
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Smallest multiple of ``divisible_by * tp_size`` >= ``vocab_size`` (equal TP shards)."""
+    multiple = max(1, divisible_by) * tp_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
+                            precision: Optional[PrecisionConfig] = None) -> TransformerConfig:
+    """megatron TransformerConfig for ``model`` (cfg.model) on the layout of ``rt``."""
+    precision = precision or PrecisionConfig()
+    on_gpu = rt.device.type == "cuda"
+    dtype = rt.dtype
+    recompute = {"none": (None, None, None), "selective": ("selective", None, None),
+                 "full": ("full", "uniform", 1)}[model.recompute]
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        # megatron's jit-scripted SwiGLU: one fused elementwise kernel on GPU.
+        bias_activation_fusion=on_gpu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        # parallel layout (see module docstring, step 1)
+        tensor_model_parallel_size=rt.tp_size,
+        pipeline_model_parallel_size=rt.pp_size,
+        virtual_pipeline_model_parallel_size=rt.vp_size if rt.vp_size > 1 else None,
+        context_parallel_size=rt.cp_size,
+        expert_model_parallel_size=rt.ep_size,
+        sequence_parallel=rt.sequence_parallel,
+        # precision
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # RL batches: every micro-batch has its own packed length.
+        variable_seq_lengths=True,
+        # (megatron refuses variable lengths with the default allgather MoE dispatcher, even for
+        # a dense model.)
+        moe_token_dispatcher_type="alltoall",
+        # Loss functions return (loss_sum, num_tokens); megatron divides by the global count.
+        calculate_per_token_loss=True,
+        # CPU: master weights drawn whole and then split, so a TP layout starts identical to TP=1.
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # These fusions need apex / TE kernels that are not guaranteed to exist.
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=on_gpu,
+        deallocate_pipeline_outputs=True,
+        recompute_granularity=recompute[0],
+        recompute_method=recompute[1],
+        recompute_num_layers=recompute[2],
+    )
+
+
+def _stage_flags(rt: ParallelRuntime, vp_stage: int) -> tuple[bool, bool]:
+    """(pre_process, post_process) of virtual stage ``vp_stage`` on this pipeline rank."""
+    first = rt.pp_rank == 0 and vp_stage == 0
+    last = rt.pp_rank == rt.pp_size - 1 and vp_stage == rt.vp_size - 1
+    return first, last
+
+
+def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
+                     precision: Optional[PrecisionConfig] = None) -> list[GPTModel]:
+    """One GPTModel per virtual pipeline stage of this rank (a list of 1 without interleaving)."""
+    config = make_transformer_config(model, rt, precision)
+    spec, impl = layer_spec(model.spec, model.qk_norm, model.attention_backend)
+    if impl == "local":
+        # Our RMSNorm for the final norm too (megatron's fallback forbids sequence parallelism).
+        layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * layers_per_chunk, layer_norm=RMSNorm)
+    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, rt.tp_size)
+    theta = model.rope_theta
+    chunks = []
+    for vp_stage in range(rt.vp_size):
+        pre, post = _stage_flags(rt, vp_stage)
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,  # logits stay vocab-parallel: (T, V/tp) per TP rank
+            share_embeddings_and_output_weights=model.tied_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(theta) if float(theta).is_integer() else theta,
+            pg_collection=rt.pg_collection,
+            vp_stage=vp_stage if rt.vp_size > 1 else None,
+        )
+        gpt.to(device=rt.device)
+        chunks.append(gpt)
+    return chunks
+
+
+def make_ddp_config(precision: Optional[PrecisionConfig], distributed_optimizer: bool,
+                    overlap: bool = False) -> DistributedDataParallelConfig:
+    precision = precision or PrecisionConfig()
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap and distributed_optimizer,
+        use_distributed_optimizer=distributed_optimizer,
+        # Gradients are summed over DP; the 1/global_tokens scale comes from finalize_model_grads.
+        average_in_collective=False,
+    )
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], rt: ParallelRuntime,
+             ddp_config: DistributedDataParallelConfig) -> list[DistributedDataParallel]:
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk's bucket can start early in interleaved schedules.
+            disable_bucketing=i > 0,
+            pg_collection=rt.pg_collection,
+        ))
+    return wrapped
+
+
+def build_model(model: ModelConfig, rt: ParallelRuntime,
+                precision: Optional[PrecisionConfig] = None, *, wrap: bool = True,
+                distributed_optimizer: bool = True, overlap_grad_reduce: bool = False) -> list:
+    """Model chunks of this rank; ``wrap`` puts each in megatron DDP (needed for training).
+
+    Forward-only roles (reference policy) pass ``wrap=False``.
+    """
+    chunks = build_gpt_chunks(model, rt, precision)
+    if not wrap:
+        return chunks
+    return wrap_ddp(chunks, rt, make_ddp_config(precision, distributed_optimizer,
+                                                overlap_grad_reduce))
+
+
+def unwrap(chunk: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside DDP (or the chunk itself)."""
+    while hasattr(chunk, "module") and not isinstance(chunk, GPTModel):
+        chunk = chunk.module
+    return chunk
+
+
+def count_parameters(model: ModelConfig) -> int:
+    """Parameters of the whole (unsharded, vocab-padded to 1 TP rank) model; for FLOP counts."""
+    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    d = h // model.num_attention_heads
+    qkv = h * (model.num_attention_heads + 2 * model.num_query_groups) * d
+    bias = (model.num_attention_heads + 2 * model.num_query_groups) * d if model.qkv_bias else 0
+    per_layer = qkv + bias + model.num_attention_heads * d * h + 3 * h * f + 2 * h
+    if model.qk_norm:
+        per_layer += 2 * d
+    embed = model.vocab_size * h
+    return L * per_layer + embed * (1 if model.tied_embeddings else 2) + h

@@ -1,0 +1,103 @@
+"""Layer specs for the dense Llama/Qwen family.
+
+Two implementations, swapped by spec (never by subclassing the model):
+  te     megatron's Transformer Engine spec (fused norms+linears, TE attention incl. THD), used
+         when TE imports and ``model.spec`` is "auto" or "te";
+  local  megatron's own Column/RowParallelLinear + r1mega's :class:`RMSNorm` and
+         :class:`~r1mega.models.attention.PackedCoreAttention` (packed THD sequences, SDPA/varlen).
+
+The family differences are config, not code: Qwen2 sets ``add_qkv_bias``, Qwen3 ``qk_layernorm``
+(RMSNorm over each head's channels), Llama neither.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from r1mega.models.attention import PackedCoreAttention
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm with the megatron norm signature; ``F.rms_norm`` is a fused kernel on GPU.
+
+    megatron's local spec falls back to ``torch.nn.RMSNorm`` behind an assert that forbids
+    sequence parallelism; this one marks its weight ``sequence_parallel`` so that
+    ``finalize_model_grads`` all-reduces its gradient over TP when SP is on.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype,
+                       device="cpu" if config.use_cpu_initialization else torch.cuda.current_device())
+        )
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 even for bf16 activations, as HF Llama/Qwen do.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def local_layer_spec(qk_norm: bool, attention_backend: str = "auto") -> ModuleSpec:
+    """TransformerLayer spec built only from megatron-core modules + r1mega's norm/attention."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=ModuleSpec(
+                        module=PackedCoreAttention, params={"backend": attention_backend}
+                    ),
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=RMSNorm if qk_norm else IdentityOp,
+                    k_layernorm=RMSNorm if qk_norm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                         linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def te_layer_spec(qk_norm: bool) -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+
+
+def layer_spec(spec: str, qk_norm: bool, attention_backend: str = "auto") -> tuple[ModuleSpec, str]:
+    """(spec, "te"|"local") for ``model.spec`` = auto | te | local."""
+    if spec == "te" or (spec == "auto" and transformer_engine_available()):
+        if not transformer_engine_available():
+            raise RuntimeError("model.spec=te but Transformer Engine is not importable; install "
+                               "transformer-engine[pytorch] or set model.spec=local.")
+        return te_layer_spec(qk_norm), "te"
+    return local_layer_spec(qk_norm, attention_backend), "local"

@@ -1,0 +1,44 @@
+"""Shared pytest fixtures: a single-rank megatron runtime on CPU (gloo) for in-process tests."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# megatron-core warns at import about missing apex/TE on every CPU machine; that is expected here.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def single_rank_runtime():
+    """Yields a factory ``make(parallel_cfg=None, precision_cfg=None)`` -> ParallelRuntime of a
+    1-process world; the world is torn down after the test."""
+    from r1mega.config import ParallelConfig, PrecisionConfig
+    from r1mega.parallel.launch_env import LaunchEnv
+    from r1mega.parallel.runtime import destroy_parallel, init_parallel
+
+    made = []
+
+    def make(parallel=None, precision=None):
+        env = LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
+        rt = init_parallel(parallel or ParallelConfig(), precision or PrecisionConfig(), env=env)
+        made.append(rt)
+        return rt
+
+    yield make
+    if made:
+        destroy_parallel()
