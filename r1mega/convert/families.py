@@ -148,7 +148,7 @@ def pad_vocab(w: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
         raise ConversionError(f"vocabulary of {w.shape[0]} rows does not fit padded size {padded_vocab_size}")
     if extra == 0:
         return w
-    return torch.cat([w, w.new_zeros(extra, *w.shape[1:])], dim=0)
+    return torch.cat([w, w.new_zeros((extra, *w.shape[1:]))], dim=0)
 
 
 def unpad_vocab(w: torch.Tensor, vocab_size: int) -> torch.Tensor:
