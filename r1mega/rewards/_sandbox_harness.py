@@ -1,0 +1,281 @@
+"""The program that runs inside the code sandbox (stdlib only; started by ``sandbox.py``).
+
+Two processes, so that untrusted code can never decide the verdict:
+
+* the **judge** (this script's first process) holds the unit tests, the result pipe and the nonce.
+  It never executes a line of the completion.
+* the **candidate** (a fork of the judge, made before the nonce is read) executes the completion
+  and then serves calls: the judge runs the tests with proxies in place of the completion's
+  functions, sends the arguments over a pipe, and gets back plain data.
+
+Whatever the completion does to its own interpreter (exit early, patch ``builtins``, redefine
+``AssertionError``, return an object whose ``__eq__`` is always true, print a success marker)
+cannot reach the assertions, which run in the judge on values rebuilt from a pickle stream that
+admits no classes at all. The result pipe is closed in the candidate before its code runs, and
+the judge is another user (or undumpable), so the candidate can neither write a verdict nor read
+the judge's memory. Invocation: ``python -I _sandbox_harness.py TOKEN RESULT_FD``; stdin carries
+an 8-byte length, a JSON payload, then the 32-byte nonce.
+"""
+import builtins
+import ctypes
+import io
+import json
+import os
+import pickle
+import resource
+import signal
+import struct
+import sys
+
+_MAX_MESSAGE_BYTES = 64 << 20
+
+
+def _read_exact(fd, n):
+    chunks, got = [], 0
+    while got < n:
+        part = os.read(fd, n - got)  # exact-length reads: nothing of the nonce is buffered early
+        if not part:
+            raise EOFError("stream closed")
+        chunks.append(part)
+        got += len(part)
+    return b"".join(chunks)
+
+
+def _send(fd, obj):
+    data = pickle.dumps(obj, protocol=4)
+    os.write(fd, struct.pack("<Q", len(data)))
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _recv_raw(fd):
+    (n,) = struct.unpack("<Q", _read_exact(fd, 8))
+    if n > _MAX_MESSAGE_BYTES:
+        raise ValueError(f"message of {n} bytes is over the {_MAX_MESSAGE_BYTES} byte cap")
+    return _read_exact(fd, n)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Admits only what pickle builds without a global: int, float, str, bytes, bool, None,
+    list, tuple, dict, set, frozenset. Subclasses and custom objects need a global -> refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"candidate returned an object of {module}.{name}; only "
+                                     "plain data (numbers, strings, lists, dicts, ...) is accepted")
+
+
+def _recv_plain(fd):
+    return _PlainUnpickler(io.BytesIO(_recv_raw(fd))).load()
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _isolate_filesystem(uid):
+    """Inside a private mount namespace: fresh tmpfs over every world-writable place, so writes
+    outside the work dir fail and nothing written survives the namespace."""
+    libc = _libc()
+    for path, mode in (("/tmp", "0755"), ("/var/tmp", "0755"), ("/dev/shm", "0755")):
+        if os.path.isdir(path):
+            opts = f"size=64m,mode={mode}".encode()
+            if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, opts) != 0:
+                raise OSError(ctypes.get_errno(), f"mount tmpfs on {path} failed")
+    if uid is not None:
+        _expose_python(libc)
+    work = "/tmp/work"
+    os.mkdir(work, 0o700)
+    if uid is not None:
+        os.chown(work, uid, uid)
+    os.chdir(work)
+
+
+def _expose_python(libc):
+    """The candidate runs as ``nobody``, but Python may live under a private directory (``/root``
+    with pyenv). Lay a tmpfs over that directory and bind only the Python tree back: the
+    candidate can import the stdlib and site-packages and sees nothing else of that home."""
+    MS_BIND, MS_REC, MNT_DETACH = 4096, 16384, 2
+    by_top = {}
+    for path in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
+        top, cur = None, os.path.dirname(path)
+        while cur not in ("/", ""):
+            if not os.stat(cur).st_mode & 0o001:
+                top = cur
+            cur = os.path.dirname(cur)
+        if top is not None:
+            by_top.setdefault(top, set()).add(path)
+    for i, (top, paths) in enumerate(sorted(by_top.items())):
+        staged = []
+        for j, path in enumerate(sorted(paths)):
+            stage = f"/dev/shm/.python{i}_{j}"
+            os.mkdir(stage)
+            if libc.mount(path.encode(), stage.encode(), None, MS_BIND | MS_REC, None) != 0:
+                raise OSError(ctypes.get_errno(), f"bind {path} failed")
+            staged.append((stage, path))
+        if libc.mount(b"tmpfs", top.encode(), b"tmpfs", 0, b"size=1m,mode=0755") != 0:
+            raise OSError(ctypes.get_errno(), f"mount tmpfs on {top} failed")
+        for stage, path in staged:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            if libc.mount(stage.encode(), path.encode(), None, MS_BIND | MS_REC, None) != 0:
+                raise OSError(ctypes.get_errno(), f"bind back {path} failed")
+            libc.umount2(stage.encode(), MNT_DETACH)
+            os.rmdir(stage)
+
+
+def _limit(which, value):
+    value = int(value)
+    try:
+        resource.setrlimit(which, (value, value))
+    except (ValueError, OSError):
+        soft, hard = resource.getrlimit(which)
+        resource.setrlimit(which, (min(value, hard) if hard >= 0 else value, hard))
+
+
+def _install_guards(work_dir, block_network):
+    """Best-effort Python-level guards, used only where the kernel gave no namespaces."""
+    work_dir = os.path.realpath(work_dir)
+
+    def hook(event, args):
+        if block_network and event in ("socket.connect", "socket.bind", "socket.sendto",
+                                       "socket.sendmsg", "socket.getaddrinfo"):
+            raise PermissionError(f"sandbox: network is disabled ({event})")
+        if event == "open" and args and isinstance(args[0], (str, bytes)):
+            mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+            writes = any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR)
+            path = os.fsdecode(args[0])
+            if writes and not os.path.realpath(path).startswith(work_dir + os.sep):
+                raise PermissionError(f"sandbox: writing outside the work dir is denied ({path})")
+
+    sys.addaudithook(hook)
+
+
+def _run_candidate(payload, to_judge, from_judge):
+    """The forked child: limits, privileges dropped, then the untrusted program, then serve."""
+    lim = payload["limits"]
+    _limit(resource.RLIMIT_AS, lim["memory_mb"] << 20)
+    _limit(resource.RLIMIT_CPU, lim["cpu_s"])
+    _limit(resource.RLIMIT_FSIZE, lim["fsize_mb"] << 20)
+    _limit(resource.RLIMIT_NOFILE, 256)
+    _limit(resource.RLIMIT_CORE, 0)
+    uid = payload.get("drop_uid")
+    if uid is not None:
+        _limit(resource.RLIMIT_NPROC, lim["nproc"])  # counts per user: only real with its own uid
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    if not payload.get("isolated"):
+        _install_guards(os.getcwd(), block_network=not payload.get("netns"))
+    namespace = {"__name__": "solution", "__builtins__": builtins}
+    try:
+        code = compile(payload["program"], "<completion>", "exec")
+        exec(code, namespace)  # noqa: S102 -- the whole point: run it, in here only
+    except BaseException as exc:  # noqa: BLE001 -- anything the program raises is a failed run
+        _send(to_judge, ("error", f"the program raised {type(exc).__name__}: {exc}"[:500]))
+        os._exit(1)
+    names = [k for k, v in namespace.items() if callable(v) and not k.startswith("__")]
+    _send(to_judge, ("ready", names))
+    while True:
+        name, args, kwargs = pickle.loads(_recv_raw(from_judge))
+        try:
+            value = namespace[name](*args, **kwargs)
+            _send(to_judge, ("ok", value))
+        except BaseException as exc:  # noqa: BLE001 -- reported to the judge as the call's error
+            _send(to_judge, ("exc", type(exc).__name__, str(exc)[:500]))
+
+
+class CandidateError(Exception):
+    """An exception raised in the candidate whose type is not a plain builtin one."""
+
+
+def _exception_for(type_name, message):
+    cls = getattr(builtins, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        return cls(message)
+    return CandidateError(f"{type_name}: {message}")
+
+
+def _judge(payload, nonce, to_cand, from_cand):
+    status = from_cand_msg = _recv_plain(from_cand)
+    if status[0] != "ready":
+        return False, str(from_cand_msg[1])
+
+    def proxy_for(name):
+        def call(*args, **kwargs):
+            try:
+                _send(to_cand, (name, args, kwargs))
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                raise CandidateError(f"arguments of {name} cannot be sent: {exc}") from None
+            reply = _recv_plain(from_cand)
+            if reply[0] == "ok":
+                return reply[1]
+            raise _exception_for(reply[1], reply[2])
+
+        call.__name__ = name
+        return call
+
+    ns = {"__name__": "__tests__"}
+    for name in status[1]:
+        ns[name] = proxy_for(name)
+    exec(compile(payload["tests"], "<tests>", "exec"), ns)  # noqa: S102 -- trusted test code
+    entry = payload.get("entry_point")
+    if entry and callable(ns.get("check")):
+        if entry not in status[1]:
+            return False, f"the program defines no function named {entry!r}"
+        ns["check"](proxy_for(entry))
+    return True, ""
+
+
+def main():
+    result_fd = int(sys.argv[2])
+    (n,) = struct.unpack("<Q", _read_exact(0, 8))
+    payload = json.loads(_read_exact(0, n))
+    uid = payload.get("drop_uid")
+    if payload.get("isolated"):
+        _isolate_filesystem(uid)
+    else:
+        PR_SET_CHILD_SUBREAPER = 36
+        _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans stay ours, to be swept
+    lim = payload["limits"]
+    _limit(resource.RLIMIT_AS, (lim["memory_mb"] << 20) + (1 << 30))
+    _limit(resource.RLIMIT_CORE, 0)
+    PR_SET_DUMPABLE = 4
+    _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # same-uid candidates cannot ptrace or read us
+    c_read, j_write = os.pipe()
+    j_read, c_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(result_fd)
+            os.close(j_write)
+            os.close(j_read)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)  # the nonce still waits in the stdin pipe: cut it off first
+            os.close(devnull)
+            _run_candidate(payload, c_write, c_read)
+        finally:
+            os._exit(1)
+    os.close(c_read)
+    os.close(c_write)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    nonce = _read_exact(0, 32).decode()
+    try:
+        passed, error = _judge(payload, nonce, j_write, j_read)
+    except AssertionError as exc:
+        passed, error = False, f"AssertionError: {exc}"[:500]
+    except EOFError:
+        passed, error = False, "the candidate process ended before the tests finished"
+    except BaseException as exc:  # noqa: BLE001 -- any failure of a test is a failed run
+        passed, error = False, f"{type(exc).__name__}: {exc}"[:500]
+    os.write(result_fd, json.dumps({"nonce": nonce, "passed": bool(passed), "error": error}).encode())
+    os.close(result_fd)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

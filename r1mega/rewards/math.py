@@ -1,0 +1,95 @@
+"""Math accuracy: is the final answer equal to the reference, up to symbolic equivalence?
+
+Parsing and comparison are Hugging Face's ``math-verify`` (LaTeX, fractions, decimals, sets,
+intervals, units, thousands separators; sympy underneath). Both of its steps are bounded in time
+(``timeout_s``, enforced with SIGALRM in the main thread; the scorer's worker pool adds a hard
+wall clock on top, because sympy can also hang in C code).
+
+What is compared: the last ``<answer>`` block when there is one (a ``\\boxed{}`` inside it wins),
+else the whole completion, where math-verify prefers the last ``\\boxed{}`` and then the final
+number-like expression. ``exact_match`` is the cheap path for procedural tasks whose answers are
+plain numbers (the CPU demo's arithmetic): string or exact-rational equality, no sympy.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from fractions import Fraction
+
+from r1mega.rewards.registry import RewardResult, extract_answer, register_reward
+
+_BRACKETED = re.compile(r"\s*(\[|\(|\\\{)[^\n]*(\]|\)|\\\})\s*")
+
+
+def _parse(text: str, timeout_s: int):
+    from math_verify import parse
+
+    # math-verify's timeouts use signal.alarm, which only works in the main thread.
+    t = timeout_s if threading.current_thread() is threading.main_thread() else None
+    bare = "$" not in text and "\\(" not in text and "\\[" not in text
+    if bare and _BRACKETED.fullmatch(text):
+        # A bare interval or set such as "[1, 2)" is only read as one inside math delimiters;
+        # outside them math-verify takes its last number.
+        parsed = parse(f"${text}$", parsing_timeout=t)
+        if parsed:
+            return parsed
+    parsed = parse(text, parsing_timeout=t)
+    if not parsed and bare:
+        parsed = parse(f"${text}$", parsing_timeout=t)
+    return parsed
+
+
+def math_equal(predicted: str, gold: str, timeout_s: int = 5) -> tuple[bool, list]:
+    """``predicted`` (free text, may hold LaTeX) equals ``gold``? Returns (equal, reasons)."""
+    from math_verify import verify
+
+    t = timeout_s if threading.current_thread() is threading.main_thread() else None
+    gold_p = _parse(gold, timeout_s)
+    if not gold_p:
+        return False, [f"reference answer {gold!r} could not be parsed; fix the data row"]
+    pred_p = _parse(predicted, timeout_s)
+    if not pred_p:
+        return False, [f"no parsable answer in {predicted[-80:]!r}"]
+    ok = bool(verify(gold_p, pred_p, timeout_seconds=t))
+    return ok, [f"predicted {pred_p[-1]!s} vs reference {gold_p[-1]!s}: "
+                + ("equal" if ok else "different")]
+
+
+@register_reward("math_accuracy")
+def math_accuracy(completion: str, reference: dict, **context) -> RewardResult:
+    if "answer" not in reference:
+        return RewardResult(0.0, ["reference has no 'answer' field"])
+    answer = extract_answer(completion, reference.get("answer_pattern"))
+    if answer is None:
+        if context.get("require_answer_tag"):
+            return RewardResult(0.0, ["no <answer> block"])
+        answer = completion
+    ok, reasons = math_equal(answer, str(reference["answer"]),
+                             int(context.get("math_timeout_s", 5)))
+    return RewardResult(1.0 if ok else 0.0, reasons)
+
+
+def _as_fraction(text: str) -> Fraction | None:
+    text = text.strip().replace(",", "")
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def exact_equal(predicted: str, gold: str) -> bool:
+    """Same string after trimming, or the same exact rational ("0.50" == "1/2" == ".5")."""
+    if predicted.strip() == gold.strip():
+        return True
+    a, b = _as_fraction(predicted), _as_fraction(gold)
+    return a is not None and a == b
+
+
+@register_reward("exact_match")
+def exact_match(completion: str, reference: dict, **context) -> RewardResult:
+    if "answer" not in reference:
+        return RewardResult(0.0, ["reference has no 'answer' field"])
+    answer = extract_answer(completion, reference.get("answer_pattern"))
+    text = completion.strip() if answer is None else answer
+    ok = exact_equal(text, str(reference["answer"]))
+    return RewardResult(1.0 if ok else 0.0, [f"{text[:40]!r} vs {str(reference['answer'])!r}"])

@@ -1,0 +1,74 @@
+"""The reward registry: the one true extension point of the rewards package.
+
+A reward is a plain function ``(completion: str, reference: dict, **context) -> RewardResult``.
+``context`` carries what the scorer knows beyond the reference (``num_tokens``, ``truncated``,
+``max_new_tokens`` and the reward options from ``cfg.rewards``); rewards take what they need and
+ignore the rest, so adding a context key never breaks an existing reward.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+RewardFn = Callable[..., "RewardResult"]
+_REGISTRY: dict[str, RewardFn] = {}
+
+
+@dataclass
+class RewardResult:
+    score: float
+    # Short human-readable notes on why (what was extracted, which rule failed).
+    reasons: list = field(default_factory=list)
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    def deco(fn: RewardFn) -> RewardFn:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"Reward '{name}' is registered twice ({_REGISTRY[name].__module__} "
+                             f"and {fn.__module__}); pick another name.")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Imported for their @register_reward side effect; kept here so a plain
+    # ``get_reward("math_accuracy")`` works without the caller knowing module names.
+    from r1mega.rewards import code, format, language, length, math, puzzles, reasoning_gym  # noqa: F401
+
+
+def get_reward(name: str) -> RewardFn:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KeyError(f"Unknown reward '{name}' in rewards.spec.{hint} Known: "
+                       f"{sorted(_REGISTRY)}.") from None
+
+
+def list_rewards() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def extract_answer(completion: str, pattern: str | None = None) -> str | None:
+    """The text of the LAST ``<answer>…</answer>`` block (or the last match of ``pattern``'s first
+    group); None when there is none. Last, because a model that restates the question's example
+    answer first and then its own should be judged on its own."""
+    if pattern:
+        found = re.findall(pattern, completion, flags=re.DOTALL)
+        if not found:
+            return None
+        last = found[-1]
+        return (last[0] if isinstance(last, tuple) else last).strip()
+    found = _ANSWER_RE.findall(completion)
+    return found[-1].strip() if found else None
