@@ -113,6 +113,8 @@ class DataConfig:
     max_prompt_tokens: int = 256
     # "error" stops at a malformed row naming file and line; "skip" counts it and goes on.
     on_bad_row: str = "error"
+    # Options of a builtin task, e.g. {"digits": 2, "operators": "+-"} for builtin:arithmetic.
+    task_options: dict = field(default_factory=dict)
     # Prompts per optimizer step over all DP ranks.
     global_batch_prompts: int = 8
     # Token budget of one packed micro-batch on one rank (training forward/backward).
@@ -130,6 +132,12 @@ class RolloutConfig:
     # Fraction of free accelerator memory the paged KV cache may take during rollout.
     kv_memory_fraction: float = 0.5
     kv_block_tokens: int = 16
+    # Without a GPU there is no free memory to take a fraction of: the cache holds this many tokens.
+    kv_cpu_tokens: int = 65536
+    # Token budget of one prefill step (new prompts are batched up to it).
+    max_prefill_tokens: int = 16384
+    # Also return each token's log-prob at temperature 1 without top-k/top-p truncation.
+    return_logprobs_t1: bool = False
     # Upper bound on sequences decoded together (continuous batching).
     max_batch_sequences: int = 256
     cuda_graphs: bool = True
@@ -171,6 +179,11 @@ class RewardsConfig:
     reflection_phrases: list = field(
         default_factory=lambda: ["wait", "let me re-check", "let me check", "double-check"]
     )
+    # "keep": a completion cut by max_new_tokens is scored as it is; "zero": its total is 0.
+    truncated: str = "keep"
+    math_timeout_s: int = 5
+    sandbox_timeout_s: float = 5.0
+    sandbox_memory_mb: int = 1024
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""Attention over the paged KV cache for a ragged batch of sequences.
+
+A step's batch is a list of sequences; sequence ``b`` contributes ``q_len[b]`` new tokens (its
+whole prompt in a prefill, one token in a decode) and, after this step's K/V were written into
+the cache, has ``ctx_len[b]`` tokens cached. Its new tokens sit at positions
+``ctx_len[b] - q_len[b] .. ctx_len[b] - 1``; each attends causally to every cached token up to
+its own position.
+
+Three implementations, all exact and interchangeable (tests compare them):
+
+- :func:`attend_gather` reads the cache through the block tables into padded dense K/V and runs
+  SDPA with a mask. It handles every batch (prefill on top of a cached prefix after a
+  preemption, decode) and is the CPU path and the reference on GPU.
+- :func:`attend_fresh` is a prefill of sequences with nothing cached before: it needs no cache
+  read at all, only right-padded causal SDPA on the new q/k/v (flash kernels on GPU).
+- the Triton kernel in :mod:`r1mega.rollout.triton_paged` reads the paged cache directly for
+  decode steps on GPU, without a gather copy, and fits in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionBatch:
+    """Per-step attention metadata; device tensors, plus host copies that size the padding."""
+
+    slots: torch.Tensor  # (T,) int64 cache slot of each new token
+    positions: torch.Tensor  # (T,) int64 position of each new token in its sequence
+    q_lens: list[int]  # host, (B,)
+    ctx_lens: torch.Tensor  # (B,) int32 cached tokens after this step
+    ctx_lens_host: list[int]
+    block_tables: torch.Tensor  # (B, max_blocks) int32
+    block_tokens: int
+    # (B, max_q) row of each padded query in the flat (T,) token order; -1 for padding.
+    q_index: Optional[torch.Tensor] = None
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.q_lens)
+
+    @property
+    def is_fresh_prefill(self) -> bool:
+        return all(q == c for q, c in zip(self.q_lens, self.ctx_lens_host))
+
+
+def padded_query_index(q_lens: list[int], device) -> torch.Tensor:
+    """(B, max_q) flat token row of each sequence's i-th new token, -1 past its end."""
+    max_q = max(q_lens)
+    starts = torch.tensor([0] + q_lens[:-1], dtype=torch.int64).cumsum(0)
+    i = torch.arange(max_q, dtype=torch.int64)
+    lens = torch.tensor(q_lens, dtype=torch.int64)
+    idx = torch.where(i[None, :] < lens[:, None], starts[:, None] + i[None, :], -1)
+    return idx.to(device)
+
+
+def _pad_rows(x: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
+    """(T, H, D) -> (B, H, max_q, D) gathering rows by q_index (padding rows read row 0)."""
+    rows = x[q_index.clamp(min=0)]  # (B, max_q, H, D)
+    return rows.transpose(1, 2)
+
+
+def _unpad_rows(out: torch.Tensor, q_index: torch.Tensor, total: int) -> torch.Tensor:
+    """(B, H, max_q, D) -> (T, H, D) keeping only real query rows."""
+    o = out.transpose(1, 2)  # (B, max_q, H, D)
+    valid = q_index >= 0
+    flat = torch.empty((total,) + o.shape[2:], dtype=o.dtype, device=o.device)
+    flat[q_index[valid]] = o[valid]
+    return flat
+
+
+def _sdpa(q, k, v, *, mask=None, is_causal=False, scale):
+    """SDPA with grouped-query heads: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D)."""
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        # Query head h uses KV head h // rep (megatron's per-group interleaving gives this order).
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def attend_fresh(q, k, v, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """Prefill with no cached prefix. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+    if len(set(batch.q_lens)) == 1:
+        # Equal lengths: the padded layout is a plain reshape.
+        b, s = len(batch.q_lens), batch.q_lens[0]
+        qb, kb, vb = (t.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = _sdpa(qb, kb, vb, is_causal=True, scale=scale)  # (B, Hq, S, D)
+        return out.transpose(1, 2).reshape(q.shape)
+    # Right padding keeps causal SDPA exact for the real rows: a real query's keys (positions up
+    # to its own) are all real; padded query rows are computed and dropped.
+    qi = batch.q_index
+    out = _sdpa(_pad_rows(q, qi), _pad_rows(k, qi), _pad_rows(v, qi), is_causal=True, scale=scale)
+    return _unpad_rows(out, qi, q.shape[0])
+
+
+def gather_slots(batch: AttentionBatch, max_ctx: int) -> torch.Tensor:
+    """(B, max_ctx) cache slot of each sequence's j-th token (entries past ctx_len are junk)."""
+    bt = batch.block_tables.long()
+    j = torch.arange(max_ctx, device=bt.device)
+    blocks = bt.gather(1, (j // batch.block_tokens).clamp(max=bt.shape[1] - 1)[None, :].expand(bt.shape[0], -1))
+    return blocks * batch.block_tokens + (j % batch.block_tokens)[None, :]
+
+
+def attend_gather(q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """Any batch, reading K/V from the cache. q (T, Hq, D); caches (N, bs, Hkv, D) -> (T, Hq, D)."""
+    max_ctx = max(batch.ctx_lens_host)
+    slots = gather_slots(batch, max_ctx)  # (B, max_ctx)
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    k = k_cache.view(-1, hkv, d)[slots].transpose(1, 2)  # (B, Hkv, max_ctx, D)
+    v = v_cache.view(-1, hkv, d)[slots].transpose(1, 2)
+    qi = batch.q_index
+    q_lens = torch.tensor(batch.q_lens, device=q.device)
+    i = torch.arange(qi.shape[1], device=q.device)
+    ctx = batch.ctx_lens.long()
+    q_pos = ctx[:, None] - q_lens[:, None] + i[None, :]  # (B, max_q)
+    j = torch.arange(max_ctx, device=q.device)
+    mask = j[None, None, :] <= q_pos[:, :, None]  # causal, and within ctx since q_pos < ctx
+    # Padded query rows see key 0 only, so no row is fully masked (which would give NaN).
+    mask = mask | ((qi < 0)[:, :, None] & (j == 0)[None, None, :])
+    out = _sdpa(_pad_rows(q, qi), k, v, mask=mask[:, None], scale=scale)
+    return _unpad_rows(out, qi, q.shape[0])

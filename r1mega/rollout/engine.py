@@ -1,0 +1,317 @@
+"""The colocated rollout engine: generate completions from the policy's own weights.
+
+    engine = RolloutEngine(model_chunks, cfg.rollout, ctx, eos_ids=[tok.eos_id], decode_fn=tok.decode)
+    completions = engine.generate([GenerationRequest(prompt_ids, n=8, seed=step)])
+    engine.release()   # the KV cache goes back before the training phase
+
+Each data-parallel rank calls ``generate`` with its own prompts; TP ranks of one model call it
+with the same prompts and take the same scheduling decisions, because every sampled token is
+agreed on through the vocab-parallel reductions in :mod:`r1mega.rollout.sampling`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+from r1mega.rollout import triton_paged
+from r1mega.rollout.attention import AttentionBatch, padded_query_index
+from r1mega.rollout.cuda_graphs import DecodeGraphs
+from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget
+from r1mega.rollout.model_runner import ModelRunner, sequence_parallel_off
+from r1mega.rollout.sampling import (
+    SamplingBatch,
+    VocabShard,
+    hashed_vocab_ids,
+    sample,
+    sequence_key,
+    step_keys,
+)
+from r1mega.rollout.scheduler import DecodePlan, PromptGroup, SamplingParams, Scheduler, Sequence
+from r1mega.rollout.stopping import StopChecker
+from r1mega.rollout.types import Completion, GenerationRequest
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        model_chunks,
+        rollout_cfg,
+        ctx,
+        *,
+        eos_ids,
+        decode_fn: Optional[Callable[[list], str]] = None,
+        vocab_size: Optional[int] = None,
+        attention_backend: str = "auto",
+    ):
+        """``vocab_size``: the tokenizer's vocabulary; ids past it (embedding padding for TP
+        divisibility) are never sampled. None: every row of the embedding may be sampled.
+        ``attention_backend``: "auto" (Triton paged decode on GPU, SDPA otherwise) or "gather"
+        (always the gather + SDPA reference path)."""
+        self.cfg = rollout_cfg
+        self.runner = r = ModelRunner(model_chunks, ctx, attention_backend=attention_backend)
+        self.device = r.device
+        self.block_tokens = int(rollout_cfg.kv_block_tokens)
+        self.cache = PagedKVCache(
+            KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, self.block_tokens, r.param_dtype),
+            r.device,
+        )
+        r.cache = self.cache
+        tp_group = r.tp_group if r.tp_size > 1 else None
+        padded = r.vocab_local * r.tp_size
+        self.shard = VocabShard(r.vocab_start, r.vocab_local, min(vocab_size or padded, padded), tp_group)
+        self.vocab_hashed = hashed_vocab_ids(r.vocab_start, r.vocab_local, r.device)
+        self.stopper = StopChecker(eos_ids, decode_fn, r.max_positions)
+        self.decode_fn = decode_fn
+        on_gpu = r.device.type == "cuda"
+        self.use_triton = (
+            on_gpu and triton_paged.HAVE_TRITON and attention_backend == "auto"
+            and r.head_dim & (r.head_dim - 1) == 0
+        )
+        self.use_graphs = bool(rollout_cfg.cuda_graphs) and self.use_triton
+        self.graphs: Optional[DecodeGraphs] = None
+        self.stats: dict = {}
+
+    # ------------------------------------------------------------------ cache lifetime
+
+    def max_blocks_per_seq(self) -> int:
+        limit = self.runner.max_positions or 32768
+        return -(-limit // self.block_tokens)
+
+    def allocate(self) -> None:
+        """Take the KV cache memory (done by ``generate`` when needed)."""
+        if self.cache.is_allocated:
+            return
+        n = blocks_for_budget(
+            self.cache.shape, self.device,
+            memory_fraction=self.cfg.kv_memory_fraction, cpu_token_budget=self.cfg.kv_cpu_tokens,
+        )
+        self.cache.allocate(n)
+
+    def release(self) -> None:
+        """Free the KV cache and the CUDA graphs that point into it (before training)."""
+        if self.graphs is not None:
+            self.graphs.clear()
+            self.graphs = None
+        self.cache.release()
+
+    # ------------------------------------------------------------------ requests
+
+    def _params(self, req: GenerationRequest) -> SamplingParams:
+        c = self.cfg
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        return SamplingParams(
+            temperature=float(pick(req.temperature, c.temperature)),
+            top_p=float(pick(req.top_p, c.top_p)),
+            top_k=int(pick(req.top_k, c.top_k)),
+            max_new_tokens=int(pick(req.max_new_tokens, c.max_new_tokens)),
+            stop=tuple(pick(req.stop, c.stop) or ()),
+        )
+
+    def _groups(self, requests) -> list[PromptGroup]:
+        groups, seq_id = [], 0
+        limit = self.runner.max_positions
+        for i, req in enumerate(requests):
+            prompt = [int(t) for t in req.prompt_ids]
+            where = f"request {i}"
+            if not prompt:
+                raise ValueError(f"{where} has an empty prompt; every prompt needs at least one token.")
+            bad = [t for t in prompt if not 0 <= t < self.shard.true_vocab]
+            if bad:
+                raise ValueError(
+                    f"{where}: token ids {bad[:5]} are outside the vocabulary [0, "
+                    f"{self.shard.true_vocab}); check the tokenizer matches the model."
+                )
+            if limit and len(prompt) >= limit:
+                raise ValueError(
+                    f"{where}: prompt of {len(prompt)} tokens leaves no room under the model's "
+                    f"maximum sequence length {limit}; shorten it (data.max_prompt_tokens)."
+                )
+            if req.n < 1:
+                raise ValueError(f"{where}: n={req.n}, need at least one sample.")
+            params = self._params(req)
+            self.stopper.require_decode_for(params.stop, where)
+            samples = []
+            for j in range(req.n):
+                samples.append(Sequence(seq_id, i, j, len(prompt), list(prompt), params,
+                                        sequence_key(int(req.seed), j)))
+                seq_id += 1
+            groups.append(PromptGroup(i, prompt, samples))
+        return groups
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests, progress: Optional[Callable[[int], None]] = None) -> list[Completion]:
+        """Sample every request's ``n`` completions. ``progress(k)`` is called as k finish."""
+        requests = list(requests)
+        groups = self._groups(requests)
+        self.allocate()
+        sched = Scheduler(
+            self.cache.allocator, self.block_tokens,
+            max_batch_sequences=self.cfg.max_batch_sequences,
+            max_prefill_tokens=self.cfg.max_prefill_tokens,
+        )
+        for g in groups:
+            sched.add(g)
+        done: list[Sequence] = []
+        t0 = time.perf_counter()
+        steps = {"prefill": 0, "decode": 0}
+        with torch.no_grad(), sequence_parallel_off(self.runner.model):
+            while sched.has_work:
+                plan = sched.schedule()
+                if plan is None:
+                    raise RuntimeError("rollout scheduler stalled with work left (scheduler bug)")
+                if isinstance(plan, DecodePlan):
+                    sampled = self._decode(plan.seqs)
+                    steps["decode"] += 1
+                else:
+                    sampled = self._prefill(plan, sched)
+                    steps["prefill"] += 1
+                finished = [s for s in sampled if self.stopper.check(s)]
+                sched.finish_many(finished)
+                done.extend(finished)
+                if progress and finished:
+                    progress(len(finished))
+        elapsed = time.perf_counter() - t0
+        new_tokens = sum(s.num_generated for s in done)
+        self.stats = {"seconds": elapsed, "new_tokens": new_tokens, "preemptions": sched.num_preemptions,
+                      "tokens_per_s": new_tokens / max(elapsed, 1e-9), **steps}
+        done.sort(key=lambda s: (s.prompt_index, s.sample_index))
+        return [self._completion(s) for s in done]
+
+    def _completion(self, s: Sequence) -> Completion:
+        text = s.text
+        if text is None and self.decode_fn is not None:
+            text = self.decode_fn(s.generated)
+        return Completion(
+            prompt_index=s.prompt_index, sample_index=s.sample_index, token_ids=list(s.generated),
+            logprobs=list(s.logprobs), finish_reason=s.finish_reason,
+            logprobs_t1=list(s.logprobs_t1) if self.cfg.return_logprobs_t1 else None,
+            text=text, stop_reason=s.stop_reason,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _block_tables(self, seqs_blocks: list) -> torch.Tensor:
+        width = max(len(b) for b in seqs_blocks)
+        rows = [b + [0] * (width - len(b)) for b in seqs_blocks]
+        return self._tensor(rows, torch.int32)
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        temps = [s.params.temperature for s in seqs]
+        top_k = [s.params.top_k for s in seqs]
+        top_p = [s.params.top_p for s in seqs]
+        keys = step_keys(self._tensor([s.key for s in seqs]), self._tensor([s.num_generated for s in seqs]))
+        return SamplingBatch(
+            temperature=self._tensor(temps, torch.float32), top_k=self._tensor(top_k),
+            top_p=self._tensor(top_p, torch.float32), keys=keys,
+            top_k_max=max(top_k), use_top_p=any(p < 1.0 for p in top_p),
+            any_greedy=any(t <= 0 for t in temps), want_logprobs_t1=bool(self.cfg.return_logprobs_t1),
+        )
+
+    def _record(self, seqs: list[Sequence], tokens, logprobs, logprobs_t1) -> list[Sequence]:
+        # The one host synchronisation of the step: tokens and log-probs come back together.
+        parts = [tokens.double(), logprobs.double()] + ([logprobs_t1.double()] if logprobs_t1 is not None else [])
+        rows = torch.stack(parts, dim=1).tolist()
+        for s, row in zip(seqs, rows):
+            s.tokens.append(int(row[0]))
+            s.logprobs.append(row[1])
+            if logprobs_t1 is not None:
+                s.logprobs_t1.append(row[2])
+        return seqs
+
+    def _prefill(self, plan, sched: Scheduler) -> list[Sequence]:
+        ids, blocks, q_lens, logit_rows, t = [], [], [], [], 0
+        for g in plan.groups:
+            ids += g.prompt
+            blocks.append(g.blocks)
+            q_lens.append(len(g.prompt))
+            t += len(g.prompt)
+            logit_rows.append(t - 1)
+        for s in plan.resumed:
+            ids += s.tokens[:-1]
+            blocks.append(s.blocks)
+            q_lens.append(len(s.tokens) - 1)
+            t += len(s.tokens) - 1
+        bs = self.block_tokens
+        positions = [p for n in q_lens for p in range(n)]
+        slots = [blk[p // bs] * bs + p % bs for blk, n in zip(blocks, q_lens) for p in range(n)]
+        batch = AttentionBatch(
+            slots=self._tensor(slots), positions=self._tensor(positions), q_lens=q_lens,
+            ctx_lens=self._tensor(q_lens, torch.int32), ctx_lens_host=q_lens,
+            block_tables=self._block_tables(blocks), block_tokens=bs,
+            q_index=padded_query_index(q_lens, self.device),
+        )
+        rows = self._tensor(logit_rows) if logit_rows else None
+        logits = self.runner.forward(self._tensor(ids),
+                                     batch.positions, batch.slots, rows, batch)
+        for s in plan.resumed:
+            sched.resume(s)
+        sampled: list[Sequence] = []
+        row_of: list[int] = []
+        for gi, g in enumerate(plan.groups):
+            for src, dst in sched.admit_group(g):
+                self.cache.copy_block(src, dst)
+            sampled += g.samples
+            row_of += [gi] * len(g.samples)
+        if not sampled:
+            return []
+        logits = logits[self._tensor(row_of)]  # each sample of a prompt draws from its logits row
+        tokens, lps, lp1 = sample(logits, self._sampling_batch(sampled), self.shard, self.vocab_hashed)
+        return self._record(sampled, tokens, lps, lp1)
+
+    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        bs = self.block_tokens
+        ids = self._tensor([s.tokens[-1] for s in seqs])
+        pos_host = [s.num_cached for s in seqs]
+        positions = self._tensor(pos_host)
+        block_tables = self._block_tables([s.blocks for s in seqs])
+        ctx_host = [p + 1 for p in pos_host]
+        ctx_lens = self._tensor(ctx_host, torch.int32)
+        sb = self._sampling_batch(seqs)
+        plain = sb.top_k_max == 0 and not sb.use_top_p and not sb.want_logprobs_t1 and not sb.any_greedy
+        for s in seqs:
+            s.num_cached += 1
+        if self.use_graphs and plain and len(seqs) <= self.cfg.max_batch_sequences:
+            if self.graphs is None:
+                self.graphs = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences,
+                                           self.max_blocks_per_seq(), self.device)
+                self.graphs.capture()
+            inputs = {
+                "ids": ids, "positions": positions, "block_tables": block_tables, "ctx_lens": ctx_lens,
+                "seq_keys": self._tensor([s.key for s in seqs]),
+                "steps": self._tensor([s.num_generated for s in seqs]), "temperature": sb.temperature,
+            }
+            tokens, lps = self.graphs.run(len(seqs), inputs)
+            return self._record(seqs, tokens, lps, None)
+        slots = self._tensor([blk[p // bs] * bs + p % bs for blk, p in
+                              zip((s.blocks for s in seqs), pos_host)])
+        if self.use_triton:
+            logits = self.runner.forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
+        else:
+            batch = AttentionBatch(
+                slots=slots, positions=positions, q_lens=[1] * len(seqs), ctx_lens=ctx_lens,
+                ctx_lens_host=ctx_host, block_tables=block_tables, block_tokens=bs,
+                q_index=torch.arange(len(seqs), device=self.device)[:, None],
+            )
+            logits = self.runner.forward(ids, positions, slots, None, batch)
+        tokens, lps, lp1 = sample(logits, sb, self.shard, self.vocab_hashed)
+        return self._record(seqs, tokens, lps, lp1)
+
+    def _graph_step(self, ids, positions, block_tables, ctx_lens, seq_keys, steps, temperature):
+        """Decode forward + plain sampling (temperature only) as pure tensor code, for capture."""
+        bs = self.block_tokens
+        blk = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1).long()
+        slots = blk * bs + positions % bs
+        logits = self.runner.forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
+        n = ids.shape[0]
+        sb = SamplingBatch(
+            temperature=temperature, top_k=torch.zeros_like(steps), top_p=torch.ones_like(temperature),
+            keys=step_keys(seq_keys, steps),
+        )
+        tokens, lps, _ = sample(logits, sb, self.shard, self.vocab_hashed)
+        return tokens.view(n), lps.view(n)

@@ -1,0 +1,162 @@
+"""Paged KV cache: fixed-size blocks, a ref-counted block allocator, and per-layer K/V tensors.
+
+The cache lives only for the rollout phase: :meth:`PagedKVCache.allocate` takes the memory right
+before generation and :meth:`PagedKVCache.release` hands it back before the training phase, so
+the optimizer states and activations of the update see the whole device again.
+
+Layout per layer: ``(num_blocks, block_tokens, kv_heads_local, head_dim)`` for K and for V. A
+token's *slot* is ``block_id * block_tokens + offset``; writing and reading use slots and block
+tables only, so a sequence's blocks need not be contiguous and the G samples of one prompt can
+point at the same prompt blocks (prefix sharing through reference counts).
+
+Block 0 is reserved as a scratch block: padded rows of a CUDA-graph batch write their K/V there,
+so a graph replay never touches a live sequence's cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SCRATCH_BLOCK = 0
+
+
+class OutOfBlocks(RuntimeError):
+    """The allocator has no free block; the scheduler preempts a sequence and retries."""
+
+
+class BlockAllocator:
+    """Free list + reference counts over block ids ``1..num_blocks-1`` (0 is the scratch block)."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 2:
+            raise ValueError(
+                f"The paged KV cache needs at least 2 blocks (one is scratch), got {num_blocks}. "
+                f"Raise rollout.kv_memory_fraction (GPU) or the token budget (CPU)."
+            )
+        self.num_blocks = num_blocks
+        # Pop from the end: low ids first keeps early sequences' blocks close together.
+        self._free = list(range(num_blocks - 1, 0, -1))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise OutOfBlocks("no free KV block")
+        block = self._free.pop()
+        self._refs[block] = 1
+        return block
+
+    def share(self, block: int) -> int:
+        """One more owner of ``block`` (a sample of the same prompt reading the prompt's KV)."""
+        if self._refs[block] <= 0:
+            raise RuntimeError(f"KV block {block} is shared but not allocated (allocator bug).")
+        self._refs[block] += 1
+        return block
+
+    def free(self, block: int) -> None:
+        refs = self._refs[block] - 1
+        if refs < 0:
+            raise RuntimeError(f"KV block {block} freed more often than allocated (allocator bug).")
+        self._refs[block] = refs
+        if refs == 0:
+            self._free.append(block)
+
+    def free_all(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.free(b)
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+
+@dataclass
+class KVCacheShape:
+    num_layers: int
+    kv_heads: int  # KV heads held by this TP rank
+    head_dim: int
+    block_tokens: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        # K and V, every layer.
+        return 2 * self.num_layers * self.block_tokens * self.kv_heads * self.head_dim * elem
+
+
+def blocks_for_budget(
+    shape: KVCacheShape,
+    device: torch.device,
+    *,
+    memory_fraction: float,
+    cpu_token_budget: int,
+    max_blocks: Optional[int] = None,
+) -> int:
+    """How many blocks fit: a fraction of the free device memory on GPU, a token budget on CPU."""
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        n = int(free_bytes * memory_fraction) // shape.bytes_per_block
+    else:
+        n = -(-cpu_token_budget // shape.block_tokens) + 1
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    return n
+
+
+class PagedKVCache:
+    """K/V block tensors for every layer of this rank's model chunk, plus their allocator."""
+
+    def __init__(self, shape: KVCacheShape, device: torch.device):
+        self.shape = shape
+        self.device = device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.allocator: Optional[BlockAllocator] = None
+
+    @property
+    def is_allocated(self) -> bool:
+        return self.allocator is not None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks if self.allocator else 0
+
+    def allocate(self, num_blocks: int) -> None:
+        s = self.shape
+        self.release()
+        dims = (num_blocks, s.block_tokens, s.kv_heads, s.head_dim)
+        # One tensor per layer (not one big one) so each layer's cache is a plain contiguous
+        # buffer the attention kernels can index with a single base pointer.
+        self.k = [torch.zeros(dims, dtype=s.dtype, device=self.device) for _ in range(s.num_layers)]
+        self.v = [torch.zeros(dims, dtype=s.dtype, device=self.device) for _ in range(s.num_layers)]
+        self.allocator = BlockAllocator(num_blocks)
+
+    def release(self) -> None:
+        """Free the cache tensors (before the training phase)."""
+        self.k, self.v = [], []
+        self.allocator = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values. slots (T,), k/v (T, kv_heads, head_dim)."""
+        s = self.shape
+        flat = (-1, s.kv_heads, s.head_dim)
+        self.k[layer].view(flat).index_copy_(0, slots, k.to(s.dtype))
+        self.v[layer].view(flat).index_copy_(0, slots, v.to(s.dtype))
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy-on-write of a partly filled prompt block for a new sample (every layer)."""
+        for layer in range(self.shape.num_layers):
+            self.k[layer][dst].copy_(self.k[layer][src])
+            self.v[layer][dst].copy_(self.v[layer][src])
+
+
+def slots_for(block_table: list[int], start: int, stop: int, block_tokens: int) -> list[int]:
+    """Cache slots of token positions ``start..stop-1`` of one sequence."""
+    return [block_table[p // block_tokens] * block_tokens + p % block_tokens for p in range(start, stop)]

@@ -1,0 +1,192 @@
+"""Runs the training model's own megatron modules in inference mode over the paged KV cache.
+
+Nothing is copied: the runner holds references to the GPTModel's submodules and calls them, so
+it reads the very parameter tensors (and TP shards) the optimizer updates. After a training step
+the next rollout sees the new weights with no refit.
+
+The layer walk mirrors megatron's ``TransformerLayer`` forward, module by module:
+
+    embedding.word_embeddings -> [input_layernorm -> self_attention.get_query_key_value_tensors
+    (linear_qkv, the per-group q/k/v split, Qwen3 q/k norms) -> megatron's own RoPE -> write K/V to
+    the cache -> attention over the cache -> linear_proj (the TP all-reduce) -> bias+residual ->
+    pre_mlp_layernorm -> mlp -> bias+residual] x L -> final_layernorm -> output_layer.
+
+Calling the modules rather than reading their weights also makes the TE spec work unchanged:
+there ``input_layernorm`` is an identity and ``linear_qkv`` applies the fused norm itself.
+
+Tokens of all sequences of a step travel as one flat (T, 1, h) batch (megatron's [s, b, h] with
+b = 1): linear layers do not care where a sequence ends, only attention does.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+
+from r1mega.rollout.attention import AttentionBatch, attend_fresh, attend_gather
+from r1mega.rollout.kv_cache import PagedKVCache
+from r1mega.rollout import triton_paged
+
+
+def unwrap_model(module):
+    """GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module") and not hasattr(module, "decoder"):
+        module = module.module
+    return module
+
+
+def _bda(out_with_bias, residual: torch.Tensor) -> torch.Tensor:
+    """megatron's bias-dropout-add in eval: (x + bias) + residual, in x's dtype."""
+    x, bias = out_with_bias
+    if bias is not None:
+        x = x + bias
+    return residual.to(x.dtype) + x
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model):
+    """Sequence parallelism splits activations over the sequence dim between TP ranks; a decode
+    step has one token per sequence, so generation runs without it: the linear layers and the
+    embedding read their ``sequence_parallel`` flags at call time, and we flip them for the
+    rollout only (restored afterwards, also on error)."""
+    saved = []
+    for m in model.modules():
+        for attr in ("sequence_parallel", "reduce_scatter_embeddings"):
+            if getattr(m, attr, None) is True:
+                saved.append((m, attr))
+                setattr(m, attr, False)
+    try:
+        yield
+    finally:
+        for m, attr in saved:
+            setattr(m, attr, True)
+
+
+class ModelRunner:
+    """Forward passes of one model chunk for prefill and decode steps."""
+
+    def __init__(self, model_chunks, ctx, *, attention_backend: str = "auto"):
+        chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+        pp_size = getattr(ctx, "pp_size", 1)
+        if len(chunks) != 1 or pp_size > 1:
+            raise NotImplementedError(
+                f"The rollout engine runs a whole model on each rank, but this model is split into "
+                f"{pp_size} pipeline stages x {len(chunks)} virtual chunks. Set parallel.pipeline=1 "
+                f"and parallel.virtual_stages=1 (use parallel.tensor for model parallelism) for "
+                f"colocated generation."
+            )
+        self.model = unwrap_model(chunks[0])
+        m = self.model
+        if not hasattr(m, "decoder") or not hasattr(m, "embedding"):
+            raise TypeError(f"Expected a megatron GPTModel, got {type(m).__name__}.")
+        self.config = m.config
+        if getattr(m, "position_embedding_type", "rope") != "rope":
+            raise NotImplementedError(
+                f"The rollout engine implements RoPE only; model has position_embedding_type="
+                f"{m.position_embedding_type!r}."
+            )
+        self.layers = list(m.decoder.layers)
+        attn = self.layers[0].self_attention
+        self.num_heads = attn.num_attention_heads_per_partition
+        self.num_kv_heads = attn.num_query_groups_per_partition
+        self.head_dim = attn.hidden_size_per_attention_head
+        self.scale = self.config.softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.tp_group = getattr(ctx, "tp_group", None)
+        self.tp_rank = getattr(ctx, "tp_rank", 0)
+        self.tp_size = getattr(ctx, "tp_size", 1)
+        self.device = next(m.parameters()).device
+        self.param_dtype = next(m.parameters()).dtype
+        self.attention_backend = attention_backend
+        rope = m.rotary_pos_emb
+        self.inv_freq = rope.inv_freq.detach().to(self.device, torch.float32)
+        self.rope_interp = rope.seq_len_interpolation_factor
+        self.rotary_interleaved = bool(self.config.rotary_interleaved)
+        self.max_positions = int(getattr(m, "max_sequence_length", 0) or 0)
+        out = m.output_layer
+        w = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else out.weight
+        self.vocab_local = w.shape[0]
+        self.vocab_start = self.tp_rank * self.vocab_local
+        self.cache: Optional[PagedKVCache] = None
+
+    # ------------------------------------------------------------------ pieces
+
+    def rope_freqs(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) -> (T, 1, 1, rot_dim), the same values megatron's RotaryEmbedding.get_emb gives."""
+        seq = positions.to(torch.float32)
+        if self.rope_interp is not None:
+            seq = seq * (1 / self.rope_interp)
+        freqs = seq[:, None] * self.inv_freq[None, :]  # == torch.outer, elementwise
+        if not self.rotary_interleaved:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        else:
+            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
+        return emb[:, None, None, :]
+
+    def _apply_rope(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+        return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=self.rotary_interleaved)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(T,) -> (T, 1, h)."""
+        x = self.model.embedding.word_embeddings(ids[None, :]).transpose(0, 1).contiguous()
+        if self.config.fp32_residual_connection:
+            x = x.float()
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, 1, h) final hidden -> (N, V/tp) this rank's vocabulary slice."""
+        m = self.model
+        w = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
+        out, _ = m.output_layer(hidden, weight=w)
+        return out.view(hidden.shape[0], -1)
+
+    # ------------------------------------------------------------------ forward
+
+    def _attention(self, layer_idx, q, k, v, batch: Optional[AttentionBatch], decode_tensors):
+        cache = self.cache
+        if decode_tensors is not None:  # decode on GPU with Triton (eager or inside a graph)
+            block_tables, ctx_lens = decode_tensors
+            return triton_paged.paged_decode_attention(
+                q, cache.k[layer_idx], cache.v[layer_idx], block_tables, ctx_lens, self.scale
+            )
+        if batch.is_fresh_prefill and self.attention_backend != "gather":
+            return attend_fresh(q, k, v, batch, self.scale)
+        return attend_gather(q, cache.k[layer_idx], cache.v[layer_idx], batch, self.scale)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        logit_rows: Optional[torch.Tensor],
+        batch: Optional[AttentionBatch] = None,
+        decode_tensors: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """ids/positions/slots (T,) -> logits (N, V/tp) of the rows ``logit_rows`` (None: all).
+
+        ``batch`` drives the SDPA paths; ``decode_tensors`` = (block_tables, ctx_lens) selects the
+        Triton decode kernel (one new token per sequence, rows in sequence order).
+        """
+        T = ids.shape[0]
+        freqs = self.rope_freqs(positions)
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            residual = x
+            h = layer.input_layernorm(x)
+            attn = layer.self_attention
+            q, k, v = attn.get_query_key_value_tensors(h)  # (T, 1, Hq, D), (T, 1, Hkv, D) x2
+            q = self._apply_rope(q, freqs).view(T, -1, self.head_dim)
+            k = self._apply_rope(k, freqs).view(T, -1, self.head_dim)
+            v = v.reshape(T, -1, self.head_dim)
+            self.cache.write(i, slots, k, v)
+            o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)
+            x = _bda(attn.linear_proj(o.reshape(T, 1, -1).to(h.dtype)), residual)
+            residual = x
+            x = _bda(layer.mlp(layer.pre_mlp_layernorm(x)), residual)
+        if logit_rows is not None:
+            x = x[logit_rows]
+        x = self.model.decoder.final_layernorm(x)
+        return self.logits(x)

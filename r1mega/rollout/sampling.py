@@ -1,0 +1,198 @@
+"""Vocab-parallel sampling with a counter-based RNG, returning the sampled tokens' log-probs.
+
+Sampling is Gumbel-max: ``argmax(z + g)`` with ``z = logits / T`` (truncated by top-k/top-p) and
+``g = -log(-log(u))`` is an exact draw from ``softmax(z)``. The uniforms ``u`` come from a hash of
+(sequence key, generation step, global vocabulary id), never from a stateful generator, so:
+
+- a sequence's samples do not depend on which other sequences share its batch (continuous
+  batching and one-at-a-time generation give the same tokens), nor on preemption/recompute;
+- with tensor parallelism each rank draws the noise of its own vocabulary slice from the global
+  ids, so TP=2 samples exactly what TP=1 samples, and the full vocabulary is never gathered:
+  the ranks exchange a (max, index) pair and the log-sum-exp per row.
+- it is plain tensor code without host synchronisation, so it can live inside a CUDA graph.
+
+top-p needs the sorted distribution over the whole vocabulary; with TP > 1 (and only when some
+row asks for top_p < 1) the logits are all-gathered for that threshold. R1-style RL samples at
+temperature 1 without truncation, which takes the gather-free path.
+
+Returned log-probs are of the distribution actually sampled from (temperature + truncation).
+A greedy row (temperature 0) samples from a point mass; for it the log-prob returned is the
+temperature-1 untruncated one, the only informative choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+_MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors holding values in [0, 2^32).
+
+    The multipliers are below 2^31 so that no product leaves the int64 range: the result is the
+    same on every device and backend (no reliance on wrap-around of signed overflow).
+    """
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def sequence_key(seed: int, sample_index: int) -> int:
+    """The RNG key of one completion: a function of the request seed and the sample's index."""
+    t = torch.tensor([seed & _MASK32, (seed >> 32) & _MASK32, sample_index & _MASK32])
+    h = hash32(t[0] ^ hash32(t[1] + 0x3C6EF372) ^ hash32(t[2] * 0x2545F491 + 0x1B873593))
+    return int(h)
+
+
+def step_keys(seq_keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 key per row for this generation step (step = number of tokens generated so far)."""
+    return hash32(seq_keys ^ hash32(steps * 0x61C88647 + 0x7F4A7C15))
+
+
+def gumbel_noise(keys: torch.Tensor, vocab_ids_hashed: torch.Tensor) -> torch.Tensor:
+    """(B, V_local) float32 Gumbel(0,1) noise from row keys (B,) and hashed global vocab ids (V_local,)."""
+    h = hash32(keys[:, None] ^ vocab_ids_hashed[None, :])  # (B, V_local)
+    # 24 random bits fill a float32 mantissa; +0.5 keeps u strictly inside (0, 1).
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
+def hashed_vocab_ids(vocab_start: int, vocab_local: int, device) -> torch.Tensor:
+    ids = torch.arange(vocab_start, vocab_start + vocab_local, dtype=torch.int64, device=device)
+    return hash32(hash32(ids * 0x27D4EB2F + 0x165667B1))
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as device tensors, plus host flags that pick the code path."""
+
+    temperature: torch.Tensor  # (B,) float32; 0 = greedy
+    top_k: torch.Tensor  # (B,) int64; 0 = off
+    top_p: torch.Tensor  # (B,) float32; 1 = off
+    keys: torch.Tensor  # (B,) int64 per-row step keys (see step_keys)
+    top_k_max: int = 0  # largest top_k of the batch (host int: sizes the top-k buffers)
+    use_top_p: bool = False
+    any_greedy: bool = False
+    want_logprobs_t1: bool = False
+
+
+@dataclass
+class VocabShard:
+    """Where this rank's logits columns sit in the global vocabulary."""
+
+    start: int  # global id of column 0
+    size: int  # columns on this rank (padded vocab / tp)
+    true_vocab: int  # ids >= true_vocab are embedding padding: never sampled
+    group: Optional[dist.ProcessGroup] = None  # the TP group (None: not sharded)
+
+    @property
+    def sharded(self) -> bool:
+        return self.group is not None and dist.get_world_size(self.group) > 1
+
+
+def _all_reduce(t: torch.Tensor, op, shard: VocabShard) -> torch.Tensor:
+    if shard.sharded:
+        dist.all_reduce(t, op=op, group=shard.group)
+    return t
+
+
+def _logsumexp(z: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """(B, V_local) -> (B,) log-sum-exp over the whole (sharded) vocabulary."""
+    m = _all_reduce(z.amax(dim=-1).clone(), dist.ReduceOp.MAX, shard)  # (B,)
+    # A row whose local slice is all -inf still gives exp(-inf - m) = 0, never NaN, as m is finite.
+    s = _all_reduce(torch.exp(z - m[:, None]).sum(dim=-1), dist.ReduceOp.SUM, shard)
+    return m + torch.log(s)
+
+
+def _top_k_threshold(
+    z: torch.Tensor, top_k: torch.Tensor, k_max: int, shard: VocabShard
+) -> torch.Tensor:
+    """(B,) the k-th largest value of each row over the whole vocabulary (-inf where k = 0)."""
+    # Each rank's share of the global top-k is within its own local top-k: only k values per
+    # row and rank travel, never the vocabulary.
+    k_local = min(z.shape[-1], k_max)
+    local = z.topk(k_local, dim=-1).values  # (B, k_local), descending
+    if shard.sharded:
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(shard.group))]
+        dist.all_gather(parts, local.contiguous(), group=shard.group)
+        local = torch.cat(parts, dim=-1).sort(dim=-1, descending=True).values
+    idx = (top_k.clamp(min=1) - 1).clamp(max=local.shape[-1] - 1)
+    kth = local.gather(-1, idx[:, None]).squeeze(-1)
+    return torch.where(top_k > 0, kth, torch.full_like(kth, float("-inf")))
+
+
+def _top_p_threshold(z: torch.Tensor, top_p: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """(B,) smallest kept value of the nucleus of each row (-inf where top_p >= 1)."""
+    full = z
+    if shard.sharded:
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size(shard.group))]
+        dist.all_gather(parts, z.contiguous(), group=shard.group)
+        full = torch.cat(parts, dim=-1)  # (B, V)
+    sorted_z = full.sort(dim=-1, descending=True).values
+    probs = torch.softmax(sorted_z, dim=-1)
+    # Keep a token while the mass before it is below top_p: the first token is always kept.
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep = mass_before < top_p[:, None]
+    n_keep = keep.sum(dim=-1).clamp(min=1)  # (B,)
+    thr = sorted_z.gather(-1, (n_keep - 1)[:, None]).squeeze(-1)
+    return torch.where(top_p < 1.0, thr, torch.full_like(thr, float("-inf")))
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingBatch, shard: VocabShard, vocab_ids_hashed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Sample one token per row from vocab-parallel logits.
+
+    logits (B, V_local) in any float dtype. Returns (tokens (B,) int64 global ids,
+    logprobs (B,) float32 under the sampled distribution, logprobs_t1 (B,) or None).
+    """
+    logits = logits.float()
+    cols = torch.arange(shard.start, shard.start + shard.size, device=logits.device)
+    pad = cols >= shard.true_vocab  # (V_local,)
+    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    raw = torch.where(pad[None, :], neg_inf, logits)  # (B, V_local), T = 1, untruncated
+
+    greedy = params.temperature <= 0  # (B,)
+    temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
+    z = raw / temp[:, None]
+    if params.top_k_max > 0:
+        thr = _top_k_threshold(z, params.top_k, params.top_k_max, shard)
+        z = torch.where(z < thr[:, None], neg_inf, z)
+    if params.use_top_p:
+        z = torch.where(z < _top_p_threshold(z, params.top_p, shard)[:, None], neg_inf, z)
+
+    noise = gumbel_noise(params.keys, vocab_ids_hashed)  # (B, V_local)
+    noise = torch.where(greedy[:, None], torch.zeros_like(noise), noise)
+    score = z + noise
+    best_local, idx_local = score.max(dim=-1)  # (B,)
+    tok_local = idx_local + shard.start
+    if shard.sharded:
+        best = _all_reduce(best_local.clone(), dist.ReduceOp.MAX, shard)
+        # The lowest global id among ranks holding the max: deterministic if two ranks tie.
+        big = torch.full_like(tok_local, torch.iinfo(torch.int64).max)
+        tokens = _all_reduce(torch.where(best_local == best, tok_local, big), dist.ReduceOp.MIN, shard)
+    else:
+        tokens = tok_local
+
+    def token_value(x: torch.Tensor) -> torch.Tensor:  # (B, V_local) -> (B,) x[b, tokens[b]]
+        local = tokens - shard.start
+        mine = (local >= 0) & (local < shard.size)
+        v = x.gather(-1, local.clamp(0, shard.size - 1)[:, None]).squeeze(-1)
+        v = torch.where(mine, v, torch.zeros_like(v))
+        return _all_reduce(v, dist.ReduceOp.SUM, shard)
+
+    lp_t1 = None
+    if params.want_logprobs_t1 or params.any_greedy:
+        lp_t1 = token_value(raw) - _logsumexp(raw, shard)
+    logprobs = token_value(z) - _logsumexp(z, shard)
+    if lp_t1 is not None:
+        logprobs = torch.where(greedy, lp_t1, logprobs)
+    return tokens, logprobs, (lp_t1 if params.want_logprobs_t1 else None)

@@ -1,0 +1,119 @@
+"""Triton decode attention that reads the paged KV cache in place (GPU only).
+
+One program per (sequence, KV head): it loads the query heads of that KV group (grouped-query
+attention: the group's heads share each K/V tile it loads, so KV is read once per group, not per
+query head), walks the sequence's block table in tiles of ``BLOCK_N`` tokens and keeps an online
+softmax. The loop bound is the sequence's length read on the device, so one compiled kernel
+serves every context length and the launch fits in a CUDA graph.
+
+The PyTorch reference is :func:`r1mega.rollout.attention.attend_gather`; tests/gpu compares them.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        Q, K, V, BT, CTX, O,
+        scale,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_btb,
+        stride_ob, stride_oh,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        D: tl.constexpr,
+        BS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        ctx = tl.load(CTX + b)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D)
+        g_ok = g < GROUP
+        q_ptr = Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :]
+        q = tl.load(q_ptr, mask=g_ok[:, None], other=0.0)  # (GP, D)
+
+        m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        l = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((GROUP_PAD, D), tl.float32)
+        for start in range(0, ctx, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < ctx
+            blk = tl.load(BT + b * stride_btb + n // BS, mask=n_ok, other=0).to(tl.int64)
+            off = blk * stride_kb + (n % BS) * stride_kt + h * stride_kh  # (BN,)
+            k = tl.load(K + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # (BN, D)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # (GP, BN)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(V + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        out = acc / l[:, None]
+        o_ptr = O + b * stride_ob + (h * GROUP + g)[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=g_ok[:, None])
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q (B, Hq, D); caches (N, bs, Hkv, D); block_tables (B, max_blocks) int32; ctx_lens (B,) int32.
+
+    Every row must have ctx_len >= 1 (padded CUDA-graph rows point at the scratch block).
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("paged_decode_attention needs Triton; use attend_gather instead.")
+    bsz, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    group = hq // hkv
+    if d & (d - 1):
+        raise ValueError(f"Triton paged decode needs a power-of-two head_dim, got {d}.")
+    if out is None:
+        out = torch.empty_like(q)
+    q = q.contiguous()
+    block_n = max(16, min(64, 4 * bs))
+    _paged_decode_kernel[(bsz, hkv)](
+        q, k_cache, v_cache, block_tables, ctx_lens, out,
+        scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        D=d,
+        BS=bs,
+        BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out
