@@ -154,9 +154,8 @@ def init_parallel(
         context_parallel_size=parallel.context,
         expert_model_parallel_size=parallel.expert,
         distributed_timeout_minutes=max(1, parallel.timeout_s // 60),
-        # gloo side-groups are only needed for CPU-side object exchange; on CPU the main groups
-        # are gloo already.
-        create_gloo_process_groups=device.type == "cuda",
+        # The distributed optimizer's checkpoint gathers run on gloo side-groups.
+        create_gloo_process_groups=True,
     )
     rt = ParallelRuntime(
         env=env,

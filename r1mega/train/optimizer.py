@@ -1,0 +1,91 @@
+"""Optimizer + learning-rate schedule from ``cfg.optimizer``: megatron's (distributed) optimizer.
+
+The distributed optimizer shards fp32 master weights and Adam moments over the DP group (ZeRO-1);
+with bf16 params the model weights stay bf16 and the masters fp32. Gradient clipping is the
+optimizer's (global norm across TP/PP/DP). The schedule is megatron's OptimizerParamScheduler,
+stepped once per optimizer step *before* the update, so step 1 of a warmup uses lr/warmup rather
+than a wasted lr=0 step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from r1mega.config import OptimizerConfig
+from r1mega.parallel.runtime import ParallelRuntime
+
+
+@dataclass
+class OptimizerBundle:
+    optimizer: Any  # megatron MegatronOptimizer (or ChainedOptimizer)
+    scheduler: OptimizerParamScheduler
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def megatron_optimizer_config(opt: OptimizerConfig, rt: ParallelRuntime,
+                              distributed: bool) -> MegatronOptimizerConfig:
+    if opt.name not in ("adam", "adamw", "sgd"):
+        raise ValueError(f"optimizer.name={opt.name!r}: use 'adam' (decoupled weight decay) or 'sgd'.")
+    return MegatronOptimizerConfig(
+        optimizer="sgd" if opt.name == "sgd" else "adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=rt.dtype == torch.bfloat16,
+        fp16=rt.dtype == torch.float16,
+        params_dtype=rt.dtype,
+        use_distributed_optimizer=distributed,
+    )
+
+
+def build_scheduler(opt: OptimizerConfig, optimizer, total_steps: int) -> OptimizerParamScheduler:
+    warmup = max(0, opt.warmup_steps)
+    decay = opt.decay_steps or max(total_steps, 1)
+    # megatron asserts warmup < decay; a constant schedule does not care about the decay length.
+    decay = max(decay, warmup + 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else opt.lr,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay,
+        lr_decay_style=opt.decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=decay,
+        wd_incr_style="constant",
+    )
+
+
+def build_optimizer(opt: OptimizerConfig, model_chunks: list, rt: ParallelRuntime, *,
+                    distributed: bool = True, total_steps: int = 1,
+                    pg_collection: Optional[Any] = None) -> OptimizerBundle:
+    """Optimizer over DDP-wrapped ``model_chunks`` (from ``build_model(..., wrap=True)``).
+
+    ``distributed`` must match the DDP wrapping's ``use_distributed_optimizer``.
+    """
+    for chunk in model_chunks:
+        ddp_cfg = getattr(chunk, "ddp_config", None)
+        if ddp_cfg is None:
+            raise ValueError("build_optimizer needs DDP-wrapped chunks: build_model(..., wrap=True).")
+        if ddp_cfg.use_distributed_optimizer != distributed:
+            raise ValueError(
+                f"parallel.distributed_optimizer={distributed} but the model was wrapped with "
+                f"use_distributed_optimizer={ddp_cfg.use_distributed_optimizer}; build both from "
+                f"the same setting.")
+    config = megatron_optimizer_config(opt, rt, distributed)
+    optimizer = get_megatron_optimizer(config, model_chunks, pg_collection=pg_collection)
+    return OptimizerBundle(optimizer, build_scheduler(opt, optimizer, total_steps))

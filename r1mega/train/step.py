@@ -1,0 +1,251 @@
+"""One optimizer step (and forward-only passes) through megatron's pipeline schedules.
+
+    samples ──► make_micro_batches (token budget, same count on every DP rank)
+            ──► get_forward_backward_func (no pipelining | 1F1B | interleaved 1F1B)
+                   each micro-batch: model(packed THD) -> logits (T, V/tp) -> loss_fn
+            ──► finalize_model_grads: DP reduce(-scatter), TP norm grads, tied embeddings,
+                and the 1 / (global token count) scale
+            ──► optimizer step (clip, distributed optimizer, lr schedule)
+
+The loss is pluggable: ``loss_fn(logits_shard, micro_batch) -> (loss_sum, num_tokens, metrics)``.
+``loss_sum`` is a SUM over this micro-batch's tokens and ``num_tokens`` the count it is normalised
+by; megatron (``calculate_per_token_loss``) divides the gradient by the count summed over all
+micro-batches and DP ranks, so the step minimises ``sum(loss_sum) / sum(num_tokens)`` globally,
+whatever the packing. ``metrics`` are 0-d tensors, summed over micro-batches and DP ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+from r1mega.models.gpt import unwrap
+from r1mega.parallel.runtime import ParallelRuntime
+from r1mega.train.batching import MicroBatch, make_micro_batches, unpack_per_sample
+from r1mega.train.optimizer import OptimizerBundle
+
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple]
+TokenFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- SFT loss
+
+
+def vocab_parallel_target_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, *,
+                                   vocab_size: int, tp_group=None) -> torch.Tensor:
+    """log p(target) from this rank's vocabulary shard; fp32; identical on all TP ranks.
+
+    logits_shard (T, V/tp), targets (T,) global ids. Columns >= vocab_size are padding.
+    """
+    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+    x = logits_shard.float()  # (T, Vl)
+    local = x.shape[1]
+    start = tp_rank * local
+    if start + local > vocab_size:
+        col = torch.arange(local, device=x.device)
+        x = x.masked_fill(col[None, :] >= vocab_size - start, float("-inf"))
+    m = x.detach().max(dim=-1).values  # (T,) a shift only: its gradient cancels exactly
+    if tp_size > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    sum_exp = (x - m[:, None]).exp().sum(-1)  # (T,)
+    local_t = targets.long() - start
+    in_shard = (local_t >= 0) & (local_t < local)
+    target_x = x.gather(1, local_t.clamp(0, local - 1)[:, None]).squeeze(1)
+    target_x = torch.where(in_shard, target_x, torch.zeros_like(target_x))  # (T,)
+    if tp_size > 1:
+        # forward: all-reduce; backward: identity (every TP rank backprops the same loss).
+        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp, tp_group)
+        target_x = reduce_from_tensor_model_parallel_region(target_x, tp_group)
+    return target_x - m - sum_exp.log()
+
+
+def sft_loss_fn(vocab_size: int, tp_group=None) -> LossFn:
+    """Cross-entropy on micro-batch fields ``labels`` (T,) and ``loss_mask`` (T,)."""
+
+    def loss_fn(logits_shard, mb: MicroBatch):
+        labels, mask = mb.fields["labels"], mb.fields["loss_mask"].float()
+        logp = vocab_parallel_target_logprobs(logits_shard, labels * (mask > 0),
+                                              vocab_size=vocab_size, tp_group=tp_group)
+        nll_sum = -(logp * mask).sum()
+        return nll_sum, mask.sum().to(torch.int32), {"nll_sum": nll_sum.detach()}
+
+    return loss_fn
+
+
+def sft_sample(tokens: torch.Tensor, prompt_tokens: int = 0) -> dict:
+    """input_ids/labels/loss_mask for next-token prediction; prompt tokens are not trained."""
+    tokens = tokens.long()
+    labels = torch.zeros_like(tokens)
+    labels[:-1] = tokens[1:]
+    mask = torch.zeros(tokens.numel(), dtype=torch.float32)
+    mask[max(prompt_tokens - 1, 0): tokens.numel() - 1] = 1.0
+    return {"input_ids": tokens, "labels": labels, "loss_mask": mask}
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[MicroBatch],
+              on_logits: Callable, forward_only: bool):
+    """Run megatron's schedule; ``on_logits(logits_shard, mb)`` -> (loss, n_tokens, dict)."""
+    fwd_bwd = get_forward_backward_func(pp_size=rt.pp_size,
+                                        vp_size=rt.vp_size if rt.vp_size > 1 else None)
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        out = model(input_ids=mb.input_ids, position_ids=None, attention_mask=None,
+                    packed_seq_params=mb.packed)
+
+        def loss_func(output):
+            return on_logits(output[0], mb)  # (1, T, V/tp) -> (T, V/tp)
+
+        return out, loss_func
+
+    iters = [iter(micro_batches) for _ in model_chunks]
+    return fwd_bwd(
+        forward_step_func=forward_step,
+        data_iterator=iters if len(model_chunks) > 1 else iters[0],
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=max(mb.num_tokens for mb in micro_batches),
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
+def _micro_batches(samples, rt: ParallelRuntime, micro_batch_tokens: int) -> list[MicroBatch]:
+    return make_micro_batches(
+        samples, micro_batch_tokens, dp_group=rt.dp_group, device=rt.device,
+        pad_to_multiple=rt.tp_size if rt.sequence_parallel else 1,
+        count_multiple=rt.pp_size if rt.vp_size > 1 else 1,
+    )
+
+
+def forward_only(model_chunks: list, rt: ParallelRuntime, samples: Sequence[dict],
+                 fn: TokenFn, micro_batch_tokens: int, *, broadcast: bool = True) -> list:
+    """Per-token outputs of ``fn(logits_shard, mb) -> (T,) float32`` for each sample.
+
+    Used for old-policy / reference log-probs. The values are computed on the last pipeline stage;
+    with ``broadcast`` every rank of the pipeline gets them (else other stages get None).
+    Returns one (n_i,) tensor per sample, in the order of ``samples``.
+    """
+    mbs = _micro_batches(samples, rt, micro_batch_tokens)
+    values: list[torch.Tensor] = []
+    zero_tokens = torch.zeros((), dtype=torch.int32, device=rt.device)
+
+    def on_logits(logits_shard, mb):
+        v = fn(logits_shard, mb)
+        if tuple(v.shape) != (mb.num_tokens,):
+            raise ValueError(f"forward_only fn returned shape {tuple(v.shape)}; expected "
+                             f"({mb.num_tokens},), one value per packed token.")
+        values.append(v.detach().float())
+        return logits_shard.new_zeros(()), zero_tokens, {}
+
+    was_training = [c.training for c in model_chunks]
+    for c in model_chunks:
+        c.eval()
+    try:
+        with torch.no_grad():
+            _schedule(model_chunks, rt, mbs, on_logits, forward_only=True)
+    finally:
+        for c, t in zip(model_chunks, was_training):
+            c.train(t)
+    if rt.pp_size > 1 and broadcast:
+        flat = torch.cat(values) if rt.is_last_stage else torch.empty(
+            sum(mb.num_tokens for mb in mbs), dtype=torch.float32, device=rt.device)
+        dist.broadcast(flat, src=rt.pp_last_rank, group=rt.pp_group)
+        values = list(torch.split(flat, [mb.num_tokens for mb in mbs]))
+    elif not rt.is_last_stage:
+        return [None] * len(samples)
+    return unpack_per_sample(values, mbs, len(samples))
+
+
+@dataclass
+class StepResult:
+    loss: float  # global sum(loss_sum) / global sum(num_tokens)
+    num_tokens: int  # global (all DP ranks)
+    grad_norm: Optional[float]
+    lr: float
+    update_successful: bool
+    num_micro_batches: int
+    metrics_sum: dict = field(default_factory=dict)  # global sums of the loss_fn metrics
+
+
+class TrainStep:
+    """Forward/backward over all micro-batches + one optimizer step, for DDP-wrapped chunks."""
+
+    def __init__(self, model_chunks: list, optim: OptimizerBundle, rt: ParallelRuntime, *,
+                 micro_batch_tokens: int):
+        self.chunks, self.optim, self.rt = model_chunks, optim, rt
+        self.micro_batch_tokens = micro_batch_tokens
+        config = unwrap(model_chunks[0]).config
+        # megatron reads these hooks from the (shared) TransformerConfig.
+        no_sync = [c.no_sync for c in model_chunks]
+        config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+        if model_chunks[0].ddp_config.overlap_grad_reduce:
+            grad_sync = [c.start_grad_sync for c in model_chunks]
+            config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
+        config.finalize_model_grads_func = finalize_model_grads
+
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> dict:
+        """Gradients into the DDP buffers (finalised and scaled); returns global sums."""
+        rt = self.rt
+        sums: dict = {}
+
+        def on_logits(logits_shard, mb):
+            loss_sum, num_tokens, metrics = loss_fn(logits_shard, mb)
+            num_tokens = torch.as_tensor(num_tokens, device=logits_shard.device).to(torch.int32)
+            for k, v in {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
+            return loss_sum, num_tokens, {}
+
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optim.optimizer.zero_grad()
+        _schedule(self.chunks, rt, micro_batches, on_logits, forward_only=False)
+        return self._global_sums(sums)
+
+    def _global_sums(self, sums: dict) -> dict:
+        """Sum over DP on the last stage, then hand the dict to every pipeline stage."""
+        rt = self.rt
+        out = None
+        if rt.is_last_stage:
+            keys = sorted(sums)
+            vec = torch.stack([torch.as_tensor(sums[k], device=rt.device).double() for k in keys])
+            if rt.dp_size > 1:
+                dist.all_reduce(vec, group=rt.dp_group)
+            out = dict(zip(keys, vec.tolist()))
+        if rt.pp_size > 1:
+            box = [out]
+            dist.broadcast_object_list(box, src=rt.pp_last_rank, group=rt.pp_group,
+                                       device=rt.device if rt.device.type == "cuda" else None)
+            out = box[0]
+        return out
+
+    def micro_batches(self, samples: Sequence[dict]) -> list[MicroBatch]:
+        return _micro_batches(samples, self.rt, self.micro_batch_tokens)
+
+    def optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
+        """Clip, step the lr schedule and the optimizer, after :meth:`forward_backward`."""
+        sums = dict(sums)
+        tokens = int(sums.pop("num_tokens"))
+        loss = sums["loss_sum"] / max(tokens, 1)
+        if not torch.isfinite(torch.tensor(loss)):
+            # A non-finite loss would poison Adam's moments; the trainer decides whether to stop.
+            return StepResult(loss, tokens, None, self.optim.lr, False, num_micro_batches, sums)
+        self.optim.scheduler.step(increment=1)
+        ok, grad_norm, _zeros = self.optim.optimizer.step()
+        return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm),
+                          self.optim.lr, bool(ok), num_micro_batches, sums)
+
+    def __call__(self, samples: Sequence[dict], loss_fn: LossFn) -> StepResult:
+        """This rank's share of the global batch -> one optimizer step."""
+        mbs = self.micro_batches(samples)
+        return self.optimizer_step(self.forward_backward(mbs, loss_fn), len(mbs))
