@@ -62,6 +62,18 @@ class SandboxResult:
     stderr: str = ""
     wall_s: float = 0.0
     isolation: str = ""
+    # Appears in the command line of every sandbox process (tests look for leftovers by it).
+    run_id: str = ""
+
+
+def _world_readable_python() -> bool:
+    for path in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
+        cur = path
+        while cur not in ("/", ""):
+            if not os.stat(cur).st_mode & 0o001:
+                return False
+            cur = os.path.dirname(cur)
+    return True
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,7 +92,9 @@ def detect_isolation() -> dict:
             if ok:
                 prefix = cmd
                 break
-    drop_uid = _NOBODY_UID if os.geteuid() == 0 else None
+    # Without a mount namespace the judge cannot bind Python into reach of ``nobody``; if the
+    # interpreter lives in a private directory (pyenv under /root), the candidate keeps our uid.
+    drop_uid = _NOBODY_UID if os.geteuid() == 0 and (prefix or _world_readable_python()) else None
     if prefix:
         mode = "namespaces(net,pid,mount)" + ("+nobody" if drop_uid is not None else "")
     else:
@@ -102,25 +116,46 @@ def _clean_env(work_dir: str) -> dict:
     }
 
 
+def _gone(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _kill_tree(proc: subprocess.Popen) -> None:
-    """Stop, then kill, every descendant and the group; repeat until nothing is left."""
+    """Kill the judge, every descendant and the group, and return only once they are gone."""
+    try:
+        root = psutil.Process(proc.pid)
+        seen = {c.pid: c for c in root.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        root, seen = None, {}
+    # Namespaced runs: the judge is unshare's child and the PID namespace's init. Killing it
+    # makes the kernel kill everything in the namespace; unshare reaps it only after that, so
+    # unshare's exit below means the whole namespace is empty.
     for _ in range(5):
-        try:
-            kids = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            kids = []
-        for k in kids:  # stop first so a fork bomb cannot outrun the kills
+        for k in seen.values():  # stop first so a fork bomb cannot outrun the kills
             try:
                 k.send_signal(signal.SIGSTOP)
             except psutil.Error:
                 pass
-        for k in kids:
+        for k in seen.values():
             try:
                 k.kill()
             except psutil.Error:
                 pass
-        if not kids:
+        try:
+            fresh = {c.pid: c for c in root.children(recursive=True)} if root else {}
+        except psutil.NoSuchProcess:
+            fresh = {}
+        new = {pid: c for pid, c in fresh.items() if pid not in seen or not _gone(c)}
+        if not new:
             break
+        seen.update(new)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -129,10 +164,10 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         proc.kill()
     except ProcessLookupError:
         pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(_gone(k) for k in seen.values()):
+        time.sleep(0.01)
 
 
 def run_tests(program: str, tests: str, entry_point: str | None = None,
@@ -218,7 +253,7 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
     wall = time.monotonic() - start
     out = outputs["stdout"].decode("utf-8", "replace")
     err = outputs["stderr"].decode("utf-8", "replace")
-    common = dict(stdout=out, stderr=err, wall_s=wall, isolation=iso["mode"])
+    common = dict(stdout=out, stderr=err, wall_s=wall, isolation=iso["mode"], run_id=token)
     if timed_out:
         return SandboxResult(False, "timeout", f"no verdict within {lim.timeout_s} s", **common)
     try:

@@ -1,0 +1,223 @@
+"""The code sandbox against hostile programs: each attack scores 0, within the limits, and leaves
+no process or file behind; the test process (and a bystander process of ours) survive."""
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import uuid
+
+import pytest
+
+from r1mega.rewards import sandbox
+from r1mega.rewards.sandbox import SandboxLimits, run_tests
+
+FACTORIAL = '''
+def factorial(n):
+    if n < 0:
+        raise ValueError("factorial of a negative number")
+    result = 1
+    for k in range(2, n + 1):
+        result *= k
+    return result
+'''
+WRONG_AT_ZERO = '''
+def factorial(n):
+    if n < 0:
+        raise ValueError("negative")
+    if n == 0:
+        return 0
+    result = 1
+    for k in range(2, n + 1):
+        result *= k
+    return result
+'''
+ACCEPTS_NEGATIVE = '''
+def factorial(n):
+    result = 1
+    for k in range(2, n + 1):
+        result *= k
+    return result
+'''
+TESTS = '''
+assert factorial(0) == 1
+assert factorial(1) == 1
+assert factorial(5) == 120
+assert factorial(10) == 3628800
+try:
+    factorial(-3)
+    raise AssertionError("factorial(-3) did not raise")
+except ValueError:
+    pass
+'''
+LIMITS = SandboxLimits(timeout_s=3.0, memory_mb=512)
+
+
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(int(path.split("/")[2]))
+    return found
+
+
+def _sandbox_dirs() -> set:
+    return set(glob.glob(os.path.join(os.environ.get("TMPDIR", "/tmp"), "r1mega_sbx_*")))
+
+
+@pytest.fixture
+def clean_run():
+    """Runs a program and checks that nothing outlives it: no process, no work dir."""
+    before = _sandbox_dirs()
+
+    def run(program, tests=TESTS, entry_point=None, limits=LIMITS, markers=()):
+        res = run_tests(program, tests, entry_point, limits)
+        assert res.run_id and not _processes_with(res.run_id), "a sandbox process survived"
+        for m in markers:
+            assert not _processes_with(m), f"a process started by the program ({m}) survived"
+        assert _sandbox_dirs() == before, "the sandbox work dir was not removed"
+        assert res.wall_s < limits.timeout_s + 10
+        return res
+
+    return run
+
+
+def test_isolation_is_reported():
+    iso = sandbox.detect_isolation()
+    assert iso["mode"].startswith(("namespaces", "fallback"))
+
+
+def test_seed_example_factorial(clean_run):
+    assert clean_run(FACTORIAL).passed
+    assert clean_run(FACTORIAL, entry_point="factorial").passed
+    wrong0 = clean_run(WRONG_AT_ZERO)
+    assert not wrong0.passed and wrong0.status == "failed"
+    assert not clean_run(ACCEPTS_NEGATIVE).passed
+
+
+@pytest.mark.parametrize("name,program", [
+    ("sys.exit(0) before anything", "import sys\nsys.exit(0)\n" + FACTORIAL),
+    ("os._exit(0) before anything", "import os\nos._exit(0)\n" + FACTORIAL),
+    ("exit(0) inside the function", "def factorial(n):\n    raise SystemExit(0)\n"),
+    ("os._exit(0) inside the function", "import os\ndef factorial(n):\n    os._exit(0)\n"),
+    ("print a success marker", "print('All tests passed!')\nprint('{\"passed\": true}')\n"
+     + ACCEPTS_NEGATIVE),
+    ("replace AssertionError", "import builtins\nclass Quiet(Exception): pass\n"
+     "builtins.AssertionError = Quiet\nbuiltins.ValueError = Exception\n" + ACCEPTS_NEGATIVE),
+    ("always-equal result", "class Eq(int):\n    def __eq__(self, o): return True\n"
+     "    def __ne__(self, o): return False\n"
+     "def factorial(n):\n    if n < 0: raise ValueError\n    return Eq(0)\n"),
+    ("patch the harness through gc", "import gc, sys\n"
+     "for o in gc.get_objects():\n"
+     "    if isinstance(o, dict) and '_judge' in o:\n"
+     "        o['_judge'] = lambda *a, **k: (True, '')\n" + ACCEPTS_NEGATIVE),
+    ("forge a verdict on every fd", "import os, json, glob\n"
+     "msg = json.dumps({'nonce': 'x' * 32, 'passed': True, 'error': ''}).encode()\n"
+     "for fd in range(3, 64):\n"
+     "    try: os.write(fd, msg)\n    except OSError: pass\n"
+     "for p in glob.glob('/proc/*/fd/*'):\n"
+     "    try:\n        with open(p, 'wb') as f: f.write(msg)\n    except OSError: pass\n"
+     + ACCEPTS_NEGATIVE),
+    ("kill the harness", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + FACTORIAL),
+])
+def test_cheating_scores_zero(clean_run, name, program):
+    res = clean_run(program)
+    assert not res.passed, f"{name}: {res}"
+
+
+def test_infinite_loop_times_out(clean_run):
+    res = clean_run("while True:\n    pass\n", limits=SandboxLimits(timeout_s=2.0, memory_mb=512))
+    assert not res.passed and res.status == "timeout"
+
+
+def test_fork_bomb_and_orphans_are_killed(clean_run):
+    marker = f"{uuid.uuid4().int % 10 ** 9 + 10 ** 9}"
+    program = (f"import os, subprocess\n"
+               f"subprocess.Popen(['sleep', '{marker}'], start_new_session=True)\n"
+               f"while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    res = clean_run(program, limits=SandboxLimits(timeout_s=3.0, memory_mb=512),
+                    markers=(f"sleep {marker}",))
+    assert not res.passed
+
+
+def test_ten_gigabyte_allocation_fails(clean_run):
+    res = clean_run("x = bytearray(10 * 1024 ** 3)\n" + FACTORIAL)
+    assert not res.passed and "MemoryError" in res.error
+
+
+def test_no_network(clean_run):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    program = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+               f"s.sendall(b'hello')\n" + FACTORIAL)
+    try:
+        res = clean_run(program)
+        assert not res.passed
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody connected
+    finally:
+        server.close()
+
+
+def test_no_write_outside_the_work_dir(clean_run, tmp_path):
+    name = f"r1mega_pwned_{uuid.uuid4().hex}"
+    targets = [os.path.join("/tmp", name), str(tmp_path / name), os.path.join(os.getcwd(), name)]
+    program = "".join(f"open({t!r}, 'w').write('x')\n" for t in targets) + FACTORIAL
+    res = clean_run(program)
+    assert not res.passed
+    for t in targets:
+        assert not os.path.exists(t), f"the program wrote {t}"
+    # Writing inside its own work dir is fine.
+    assert clean_run("open('scratch.txt', 'w').write('ok')\n" + FACTORIAL).passed
+
+
+def test_kill_everything_spares_bystanders(clean_run):
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        res = clean_run("import os, signal\nos.kill(-1, signal.SIGKILL)\n" + FACTORIAL)
+        assert not res.passed or res.status == "passed"  # either way: it must not reach us
+        assert bystander.poll() is None, "the sandboxed program killed a process outside it"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_environment_is_stripped(clean_run, monkeypatch):
+    monkeypatch.setenv("R1MEGA_TEST_SECRET", "hunter2")
+    program = "import os\ndef leak():\n    return sorted(os.environ)\n"
+    res = clean_run(program, tests="assert 'R1MEGA_TEST_SECRET' not in leak()\n"
+                                   "assert 'PATH' in leak()\n")
+    assert res.passed, res
+
+
+def test_output_is_capped(clean_run):
+    res = clean_run("print('x' * 10_000_000)\n" + FACTORIAL)
+    assert res.passed
+    assert len(res.stdout) <= LIMITS.output_cap_bytes
+
+
+def test_fallback_mode_still_contains_the_basics(clean_run, monkeypatch):
+    """Without namespaces: process-group and descendant sweep, audit-hook guards."""
+    drop = sandbox.detect_isolation()["drop_uid"] if sandbox._world_readable_python() else None
+    iso = dict(sandbox.detect_isolation(), prefix=None, drop_uid=drop, mode="fallback(test)")
+    monkeypatch.setattr(sandbox, "detect_isolation", lambda: iso)
+    assert clean_run(FACTORIAL).passed
+    assert not clean_run("import sys\nsys.exit(0)\n").passed
+    marker = f"{uuid.uuid4().int % 10 ** 9 + 10 ** 9}"
+    res = clean_run(f"import subprocess\nsubprocess.Popen(['sleep', '{marker}'], "
+                    f"start_new_session=True)\nwhile True:\n    pass\n",
+                    limits=SandboxLimits(timeout_s=2.0, memory_mb=512),
+                    markers=(f"sleep {marker}",))
+    assert res.status == "timeout"
+    res = clean_run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n"
+                    + FACTORIAL)
+    assert not res.passed and "network" in res.error
