@@ -1,0 +1,257 @@
+"""The GRPO objective on vocabulary-parallel logits: clipped ratio surrogate, KL to the reference,
+truncated importance weights, three aggregation modes, and the metrics a trainer logs.
+
+Per active token t (``loss_mask > 0``), with ``logp`` from the current policy:
+
+    ratio   = exp(logp - old_logp)
+    pg      = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+    pg      = min(pg, -dual_clip * A)                 if dual_clip > 0 and A < 0
+    pg      = pg * min(exp(old_logp - rollout_logp), tis_cap)      if tis_cap > 0 (a constant)
+    kl      = k1: logp - ref | k2: (ref - logp)^2 / 2 | k3: exp(ref - logp) - (ref - logp) - 1
+    loss_t  = pg + kl_beta * kl
+    loss    = sum_t weight_t * loss_t
+
+The aggregation mode only changes ``weight_t`` (see :func:`token_weights`), and ``normalizer`` is
+GLOBAL (summed over micro-batches and data-parallel ranks by the caller, :func:`local_normalizer`
+gives one micro-batch's share) so that summing every rank's and micro-batch's loss is exact.
+
+Paths: ``cuda`` runs one fused kernel (statistics, loss gradient and the logits' gradient in a
+single read of the logits; Hopper thread-block clusters) when there is no tensor parallelism, else
+the two-kernel path (statistics, one (T, 4) all-gather, then read + write in the backward);
+``torch`` runs the token-chunked PyTorch path. :func:`last_impl` says which ran.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+from r1mega.ops import _cuda_ext
+from r1mega.ops.logprobs import (check_targets, resolve_impl, shard_columns, tp_rank_and_size,
+                                 vocab_parallel_logprobs)
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+_last = {"impl": None, "kernel": None}
+
+
+def last_impl() -> Optional[str]:
+    """'cuda' or 'torch': the path the last :func:`grpo_loss` call took."""
+    return _last["impl"]
+
+
+def last_kernel() -> Optional[str]:
+    """Finer detail: 'fused' (one-pass cluster kernel), 'two_pass' (CUDA) or 'chunked' (torch)."""
+    return _last["kernel"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token math (pure, (T,) tensors). The CUDA kernel's grpo_token_grad() is this function's
+# derivative; keep the two in step.
+# --------------------------------------------------------------------------------------------------
+def check_cfg(cfg, ref_logp, rollout_logp):
+    if cfg.loss_agg not in LOSS_AGGS:
+        raise ValueError(f"grpo.loss_agg must be one of {LOSS_AGGS}, got {cfg.loss_agg!r}")
+    if cfg.kl_estimator not in KL_CODES:
+        raise ValueError(f"grpo.kl_estimator must be k1, k2 or k3, got {cfg.kl_estimator!r}")
+    if cfg.dual_clip and cfg.dual_clip <= 1.0:
+        raise ValueError(f"grpo.dual_clip must be > 1 (or 0 to disable), got {cfg.dual_clip}")
+    if cfg.kl_beta and ref_logp is None:
+        raise ValueError(f"grpo.kl_beta={cfg.kl_beta} needs ref_logp (the reference model's log-probs)")
+    if cfg.tis_cap and rollout_logp is None:
+        raise ValueError(f"grpo.tis_cap={cfg.tis_cap} needs rollout_logp (the rollout engine's log-probs)")
+
+
+def grpo_token_loss(logp, adv, old_logp, active, *, cfg, ref_logp=None, rollout_logp=None):
+    """(T,) per-token loss and its parts. Inactive tokens get exactly 0 loss AND 0 gradient.
+
+    Inputs of inactive tokens may be garbage (inf, NaN); they are replaced before any arithmetic,
+    because ``where`` alone would still let NaN into the gradient through the unused branch.
+    """
+    zero = torch.zeros_like(logp)
+    adv = torch.where(active, adv.to(logp.dtype), zero)
+    log_ratio = torch.where(active, logp - old_logp.to(logp.dtype), zero)             # (T,)
+    ratio = torch.exp(log_ratio)
+    s1 = ratio * adv
+    s2 = torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * adv
+    pg = torch.where(s1 <= s2, -s1, -s2)
+    dual_bound = torch.zeros_like(active)
+    if cfg.dual_clip:
+        pg3 = -cfg.dual_clip * adv
+        dual_bound = (adv < 0) & ~(pg <= pg3)
+        pg = torch.where(dual_bound, pg3, pg)
+    if cfg.tis_cap:
+        tis_w = torch.exp(torch.where(active, old_logp.to(logp.dtype) - rollout_logp.to(logp.dtype), zero))
+        pg = pg * torch.clamp(tis_w, max=cfg.tis_cap).detach()
+    kl = zero
+    if ref_logp is not None:
+        d = torch.where(active, ref_logp.to(logp.dtype) - logp, zero)                  # log(ref/pi)
+        if cfg.kl_estimator == "k1":
+            kl = -d
+        elif cfg.kl_estimator == "k2":
+            kl = 0.5 * d * d
+        else:
+            kl = torch.exp(d) - d - 1.0
+    loss = pg + cfg.kl_beta * kl if cfg.kl_beta else pg
+    loss = torch.where(active, loss, zero)
+    return loss, {"ratio": ratio, "log_ratio": log_ratio, "adv": adv, "kl": kl, "dual": dual_bound}
+
+
+def token_weights(loss_mask, *, loss_agg: str, normalizer: float, seq_ids=None):
+    """(T,) weight of each token's loss so that sum_t weight_t * loss_t is the aggregated loss.
+
+    token_mean: mask / normalizer (normalizer = global active tokens);
+    seq_mean_token_mean: mask / (tokens of its sequence) / normalizer (normalizer = global sequences);
+    seq_mean_token_sum_norm: mask / normalizer (normalizer = global sequences x constant, Dr. GRPO).
+    """
+    if not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0 (global tokens or sequences), got {normalizer}")
+    mask = loss_mask.to(torch.float32)
+    if loss_agg != "seq_mean_token_mean":
+        return mask / normalizer
+    if seq_ids is None:
+        raise ValueError("grpo.loss_agg='seq_mean_token_mean' needs seq_ids (T,) mapping tokens to sequences")
+    _, inverse = torch.unique(seq_ids, return_inverse=True)
+    counts = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, device=mask.device)
+    counts.scatter_add_(0, inverse, mask)
+    return mask / (counts[inverse].clamp(min=1.0) * normalizer)
+
+
+def local_normalizer(loss_mask, *, loss_agg: str, seq_ids=None, norm_tokens: int = 0) -> float:
+    """This micro-batch's share of ``normalizer``; sum it over micro-batches and DP ranks first."""
+    active = loss_mask > 0
+    if loss_agg == "token_mean":
+        return float(active.sum())
+    if seq_ids is None:
+        raise ValueError(f"grpo.loss_agg={loss_agg!r} needs seq_ids to count sequences")
+    n_seq = float(torch.unique(seq_ids[active]).numel())
+    if loss_agg == "seq_mean_token_mean":
+        return n_seq
+    if norm_tokens <= 0:
+        raise ValueError("seq_mean_token_sum_norm needs norm_tokens > 0 (grpo.loss_norm_tokens or "
+                         "rollout.max_new_tokens)")
+    return n_seq * norm_tokens
+
+
+@torch.no_grad()
+def _metrics(parts, entropy, active, cfg, have_ref) -> Dict[str, torch.Tensor]:
+    """Sums, counts, mins and maxes: all-reduce ``*_sum``/``n_tokens`` with SUM, ``*_min`` with MIN,
+    ``*_max`` with MAX across ranks, then :func:`finalize_metrics`."""
+    ratio, adv, lr = parts["ratio"].float(), parts["adv"].float(), parts["log_ratio"].float()
+    f = active.float()
+    inf = torch.tensor(math.inf, device=ratio.device)
+    out = {
+        "n_tokens": f.sum(),
+        "clip_frac_low_sum": ((ratio < 1.0 - cfg.eps_low) & (adv < 0) & active).float().sum(),
+        "clip_frac_high_sum": ((ratio > 1.0 + cfg.eps_high) & (adv > 0) & active).float().sum(),
+        "dual_clip_frac_sum": (parts["dual"] & active).float().sum(),
+        # k3 estimate of KL(old || current): how far this update moved from the sampling policy.
+        "approx_kl_sum": ((torch.exp(lr) - 1.0 - lr) * f).sum(),
+        "ref_kl_sum": (parts["kl"].float() * f).sum() if have_ref else torch.zeros((), device=f.device),
+        "entropy_sum": (entropy.float() * f).sum(),
+        "ratio_sum": (ratio * f).sum(),
+        "ratio_min": torch.where(active, ratio, inf).min() if ratio.numel() else inf,
+        "ratio_max": torch.where(active, ratio, -inf).max() if ratio.numel() else -inf,
+    }
+    return out
+
+
+def finalize_metrics(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Means from (already reduced) sums: {'clip_frac_low': ..., 'entropy': ..., 'ratio_min': ...}."""
+    n = max(float(metrics["n_tokens"]), 1.0)
+    out = {}
+    for key, value in metrics.items():
+        if key.endswith("_sum"):
+            out[key[:-4]] = float(value) / n
+        elif key != "n_tokens":
+            out[key] = float(value)
+    out["n_tokens"] = float(metrics["n_tokens"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused single-pass CUDA path (no tensor parallelism)
+# --------------------------------------------------------------------------------------------------
+class _FusedGRPO(torch.autograd.Function):
+    """Forward writes the logits' gradient for grad_output=1; backward only rescales it if needed."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, adv, old_logp, ref_logp, rollout_logp, weights, active,
+                cfg, valid_cols, inv_temp, inplace, holder):
+        grad = logits if inplace else torch.empty_like(logits)
+        logp, entropy = _cuda_ext.get().fused_grpo(
+            logits, grad, targets, adv, old_logp, ref_logp, rollout_logp, weights, valid_cols,
+            inv_temp, 1.0 - float(cfg.eps_low), 1.0 + float(cfg.eps_high), float(cfg.dual_clip or 0.0),
+            float(cfg.kl_beta or 0.0), KL_CODES[cfg.kl_estimator], float(cfg.tis_cap or 0.0))
+        token_loss, parts = grpo_token_loss(logp, adv, old_logp, active, cfg=cfg, ref_logp=ref_logp,
+                                            rollout_logp=rollout_logp)
+        ctx.grad = grad
+        ctx.mark_non_differentiable(logp, entropy)
+        holder["parts"] = parts  # for the metrics, without a second pass over the per-token math
+        return (weights * token_loss).sum(), logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp, _g_ent):
+        grad, ctx.grad = ctx.grad, None
+        if g_loss is None:
+            return (None,) * 13
+        # Usually exactly 1 (the trainer sums normalised losses); rescaling costs a read + write.
+        if float(g_loss) != 1.0:
+            grad.mul_(g_loss.to(grad.dtype))
+        return (grad,) + (None,) * 12
+
+
+def _fused_eligible(logits, tp_size) -> bool:
+    ext = _cuda_ext.get()
+    return (tp_size == 1 and ext is not None and hasattr(ext, "fused_supported")
+            and bool(ext.fused_supported(logits)))
+
+
+def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp_group=None,
+              vocab_size: int, temperature: float = 1.0, ref_logp=None, rollout_logp=None,
+              seq_ids=None, normalizer: float, impl: str = "auto", inplace_backward: bool = False):
+    """GRPO loss of one micro-batch on this rank's vocabulary shard.
+
+    logits_shard (T, Vl) any float dtype; targets (T,) int; advantages, old_logp, loss_mask,
+    ref_logp, rollout_logp, seq_ids: (T,). ``cfg`` is a ``GRPOConfig``. Returns (loss 0-d tensor,
+    metrics dict of 0-d tensors, see :func:`_metrics`). ``inplace_backward=True`` lets the gradient
+    overwrite ``logits_shard`` (do not read the logits afterwards).
+    """
+    check_cfg(cfg, ref_logp, rollout_logp)
+    if logits_shard.dim() != 2:
+        raise ValueError(f"logits_shard must be (tokens, vocab/tp), got {tuple(logits_shard.shape)}")
+    n_tok, local_cols = logits_shard.shape
+    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("loss_mask", loss_mask),
+                    ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("seq_ids", seq_ids)):
+        if t is not None and tuple(t.shape) != (n_tok,):
+            raise ValueError(f"{name} must have shape ({n_tok},) like the logits' tokens, got {tuple(t.shape)}")
+    active = loss_mask > 0
+    # Masked tokens may carry pad/ignore ids; any valid id keeps the kernels in bounds.
+    targets = torch.where(active, targets.long(), torch.zeros_like(targets, dtype=torch.long))
+    check_targets(targets, n_tok, vocab_size)
+    weights = token_weights(loss_mask, loss_agg=cfg.loss_agg, normalizer=normalizer, seq_ids=seq_ids)
+    use_cuda = resolve_impl(impl, logits_shard)
+    tp_rank, tp_size = tp_rank_and_size(tp_group)
+    have_ref = ref_logp is not None and bool(cfg.kl_beta)
+    ref = ref_logp if have_ref else None
+
+    if use_cuda and _fused_eligible(logits_shard, tp_size):
+        holder = {}
+        _, valid_cols = shard_columns(vocab_size, local_cols, tp_rank, tp_size)
+        f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+        loss, logp, entropy = _FusedGRPO.apply(
+            logits_shard, targets, f32(advantages), f32(old_logp), f32(ref),
+            f32(rollout_logp if cfg.tis_cap else None), weights.contiguous(), active, cfg,
+            valid_cols, 1.0 / float(temperature), inplace_backward, holder)
+        _last.update(impl="cuda", kernel="fused")
+        return loss, _metrics(holder["parts"], entropy, active, cfg, have_ref)
+
+    logp, entropy = vocab_parallel_logprobs(
+        logits_shard, targets, tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
+        with_entropy=True, impl="cuda" if use_cuda else "torch", inplace_backward=inplace_backward)
+    token_loss, parts = grpo_token_loss(logp, advantages, old_logp, active, cfg=cfg, ref_logp=ref,
+                                        rollout_logp=rollout_logp)
+    loss = (weights.to(token_loss.dtype) * token_loss).sum()
+    _last.update(impl="cuda" if use_cuda else "torch", kernel="two_pass" if use_cuda else "chunked")
+    return loss, _metrics(parts, entropy.detach(), active, cfg, have_ref)
