@@ -45,11 +45,21 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _hash32_int(x: int) -> int:
+    """:func:`hash32` on a Python int (host-side keys, no tensor round trip)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
 def sequence_key(seed: int, sample_index: int) -> int:
     """The RNG key of one completion: a function of the request seed and the sample's index."""
-    t = torch.tensor([seed & _MASK32, (seed >> 32) & _MASK32, sample_index & _MASK32])
-    h = hash32(t[0] ^ hash32(t[1] + 0x3C6EF372) ^ hash32(t[2] * 0x2545F491 + 0x1B873593))
-    return int(h)
+    lo, hi = seed & _MASK32, (seed >> 32) & _MASK32
+    mixed = _hash32_int(hi + 0x3C6EF372) ^ _hash32_int((sample_index & _MASK32) * 0x2545F491 + 0x1B873593)
+    return _hash32_int(lo ^ mixed)
 
 
 def step_keys(seq_keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
