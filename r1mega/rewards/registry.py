@@ -24,7 +24,12 @@ class RewardResult:
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     def deco(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
+        old = _REGISTRY.get(name)
+        # The same function imported under two module names (a script run as __main__ and
+        # imported, pytest's rootdir imports) is the same reward, not a clash.
+        same = old is not None and (old.__qualname__, old.__code__.co_filename) == (
+            fn.__qualname__, fn.__code__.co_filename)
+        if old is not None and old is not fn and not same:
             raise ValueError(f"Reward '{name}' is registered twice ({_REGISTRY[name].__module__} "
                              f"and {fn.__module__}); pick another name.")
         _REGISTRY[name] = fn

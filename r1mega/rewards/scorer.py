@@ -12,6 +12,7 @@ format checks of the same batch.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing as mp
 import signal
@@ -31,6 +32,7 @@ DEFAULT_SPECS = {
     "code": {"code_tests": 1.0, "format": 0.1},
     "reasoning_gym": {"reasoning_gym": 1.0, "format": 0.1},
 }
+_START_TIMEOUT_S = 120.0
 _CONTEXT_KEYS = ("overlong_penalty_tokens", "target_language", "math_timeout_s",
                  "sandbox_timeout_s", "sandbox_memory_mb")
 
@@ -43,13 +45,24 @@ class ScoredItem:
     error: str | None = None
 
 
-def _worker_main(conn) -> None:
+def _import_modules(modules) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"rewards.modules: cannot import '{name}' ({exc}); it must be "
+                              "importable in a fresh Python process (on sys.path).") from None
+
+
+def _worker_main(conn, modules) -> None:
     # The trainer's Ctrl-C goes to the whole foreground group; the parent decides, not us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _import_modules(modules)
     try:
         import math_verify  # noqa: F401 -- warm import so the first call is not the slow one
     except ImportError:
         pass
+    conn.send("ready")
     while True:
         try:
             msg = conn.recv()
@@ -67,12 +80,14 @@ def _worker_main(conn) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx):
+    def __init__(self, ctx, modules):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, list(modules)), daemon=True)
         self.proc.start()
         child.close()
-        self.unit = None  # (uid, deadline) while busy
+        self.unit = None  # (uid, deadline, name) while busy
+        self.ready = False  # set by the worker's first message, once its imports are done
+        self.start_deadline = time.monotonic() + _START_TIMEOUT_S
 
     def kill(self) -> None:
         try:
@@ -96,6 +111,7 @@ class RewardScorer:
                 spec.setdefault("overlong_penalty", 1.0)
         if rewards_cfg.truncated not in ("keep", "zero"):
             raise ValueError(f"rewards.truncated='{rewards_cfg.truncated}': use 'keep' or 'zero'.")
+        _import_modules(rewards_cfg.modules)
         for kind, spec in self.specs.items():
             if not isinstance(spec, dict):
                 raise ValueError(f"rewards.spec.{kind} must map reward names to weights, got "
@@ -106,6 +122,9 @@ class RewardScorer:
         self._workers: list[_Worker] = []
         self._counts = {"items": 0, "calls": 0, "timeouts": 0, "crashes": 0, "errors": 0,
                         "bad_items": 0, "worker_restarts": 0, "seconds": 0.0}
+        # Spawned now, without waiting: their imports overlap the trainer's own start-up.
+        for _ in range(max(0, self.num_workers)):
+            self._workers.append(_Worker(self._ctx, rewards_cfg.modules))
 
     # ------------------------------------------------------------------ public
 
@@ -197,11 +216,19 @@ class RewardScorer:
         if self.num_workers <= 0:
             return self._run_inline(units)
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(_Worker(self._ctx, self.cfg.modules))
         todo = deque(units)
+        failed_starts = 0
         while todo or any(w.unit for w in self._workers):
+            if failed_starts > 2 * self.num_workers:
+                # Workers die while starting (a broken rewards.modules, no memory): give every
+                # remaining call its error instead of looping forever.
+                for uid, _i, name, *_ in todo:
+                    out[uid] = (0.0, [], f"{name}: reward workers fail to start")
+                    self._counts["crashes"] += 1
+                break
             for w in self._workers:
-                if w.unit is None and todo:
+                if w.ready and w.unit is None and todo:
                     uid, _i, name, completion, reference, context = todo.popleft()
                     try:
                         w.conn.send((uid, name, completion, reference, context))
@@ -210,12 +237,26 @@ class RewardScorer:
                         out[uid] = (0.0, [], f"{name}: could not reach a reward worker")
                         self._counts["crashes"] += 1
                         self._replace(w)
-            busy = [w for w in self._workers if w.unit]
-            if not busy:
+            waiting = [w for w in self._workers if w.unit or not w.ready]
+            if not waiting:
                 continue
-            left = min(w.unit[1] for w in busy) - time.monotonic()
-            ready = wait([w.conn for w in busy], timeout=max(0.0, left))
-            for w in busy:
+            # A worker's clock starts when it is ready: its imports (sympy) are not the call's.
+            deadlines = [w.unit[1] if w.unit else w.start_deadline for w in waiting]
+            left = min(deadlines) - time.monotonic()
+            ready = wait([w.conn for w in waiting], timeout=max(0.0, left))
+            for w in waiting:
+                if not w.ready:
+                    if w.conn in ready:
+                        try:
+                            w.ready = w.conn.recv() == "ready"
+                            failed_starts = 0
+                        except (EOFError, OSError):
+                            failed_starts += 1
+                            self._replace(w)
+                    elif time.monotonic() >= w.start_deadline:
+                        failed_starts += 1
+                        self._replace(w)
+                    continue
                 uid, deadline, name = w.unit
                 if w.conn in ready:
                     try:
@@ -238,7 +279,7 @@ class RewardScorer:
     def _replace(self, w: _Worker) -> None:
         w.kill()
         idx = self._workers.index(w)
-        self._workers[idx] = _Worker(self._ctx)
+        self._workers[idx] = _Worker(self._ctx, self.cfg.modules)
         self._counts["worker_restarts"] += 1
 
     def _run_inline(self, units: list) -> dict:

