@@ -224,7 +224,7 @@ def vocab_parallel_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, *
     if use_cuda and logits_shard.stride(1) != 1:
         logits_shard = logits_shard.contiguous()
     logp, entropy = _VocabParallelLogProbs.apply(
-        logits_shard, targets.long(), tp_group, tp_size, vocab_start, valid_cols,
+        logits_shard, targets.long().contiguous(), tp_group, tp_size, vocab_start, valid_cols,
         1.0 / float(temperature), use_cuda, inplace_backward)
     return logp, (entropy if with_entropy else None)
 
