@@ -184,6 +184,8 @@ class RewardsConfig:
     math_timeout_s: int = 5
     sandbox_timeout_s: float = 5.0
     sandbox_memory_mb: int = 1024
+    # Python modules that register extra rewards (@register_reward); imported in every worker.
+    modules: list = field(default_factory=list)
 
 
 @dataclass
