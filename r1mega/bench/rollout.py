@@ -1,0 +1,194 @@
+"""`r1mega bench rollout`: the rollout engine vs Hugging Face transformers ``generate()``.
+
+Shape: the 852M model (16 layers, hidden 2048, 16 heads, 4 KV groups, FFN 5632, vocab 32000),
+random weights, bf16, sampling at temperature 1, every sequence run to the token limit (no EOS).
+Settings (prompts x prompt tokens -> new tokens): 256 x 128 -> 256 and 64 x 128 -> 512.
+
+Reported per setting: tokens/s of both, the ratio (bar: >= 20x), and the decode roofline
+fraction: the bytes a decode step must read (all weights once + the KV cache of every running
+sequence), summed over the decode steps, at the device-copy bandwidth measured in this run,
+divided by the measured generation time (prefill included, so this is a lower bound). Also the
+bf16 mismatch between the rollout's log-probs and the training forward's for the same tokens.
+
+``--smoke`` runs a tiny shape on CPU (no peer) to check the script end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+SHAPE = dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=4,
+             ffn_hidden_size=5632, vocab_size=32000)
+SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+             ffn_hidden_size=128, vocab_size=256)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    _sync()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t)
+
+
+def decode_bytes(weight_bytes: int, kv_bytes_per_token: int, prompts: int, prompt_len: int, new: int) -> int:
+    """Bytes read by all decode steps: weights once per step, plus each sequence's KV cache."""
+    steps = new - 1  # the first new token comes from the prefill
+    ctx_sum = sum(prompt_len + i + 1 for i in range(1, new))  # cache length seen at each step
+    return steps * weight_bytes + prompts * ctx_sum * kv_bytes_per_token
+
+
+def run_hf(shape, prompts: int, prompt_len: int, new: int, device) -> float:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                      intermediate_size=shape["ffn_hidden_size"], num_hidden_layers=shape["num_layers"],
+                      num_attention_heads=shape["num_attention_heads"],
+                      num_key_value_heads=shape["num_query_groups"], max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, shape["vocab_size"], (prompts, prompt_len), device=device)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        model.generate(ids[:2], max_new_tokens=4, min_new_tokens=4, **kw)
+        _sync()
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        _sync()
+        dt = time.perf_counter() - t
+    n_new = (out.shape[1] - prompt_len) * prompts
+    del model
+    torch.cuda.empty_cache()
+    return n_new / dt
+
+
+def logprob_mismatch(model, completions, prompts) -> tuple[float, float]:
+    """Mean and max |rollout log-prob - training forward log-prob| over the given completions."""
+    from r1mega.models.attention import make_packed_seqs
+
+    diffs = []
+    with torch.no_grad():
+        for c in completions:
+            full = prompts[c.prompt_index] + c.token_ids
+            ids = torch.tensor([full], device=next(model[0].parameters()).device)
+            logits = model[0](input_ids=ids, position_ids=None, attention_mask=None,
+                              packed_seq_params=make_packed_seqs([len(full)], ids.device))[0]
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            L = len(prompts[c.prompt_index])
+            tok = torch.tensor(c.token_ids, device=ids.device)
+            ref = lp[L - 1:-1].gather(1, tok[:, None]).squeeze(1)
+            diffs.append((ref - torch.tensor(c.logprobs, device=ids.device)).abs())
+    d = torch.cat(diffs)
+    return d.mean().item(), d.max().item()
+
+
+def _finite(obj):
+    """NaN (a peer not run, no GPU bandwidth) -> null, so the JSON line is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="r1mega bench rollout")
+    ap.add_argument("--settings", default="256x128x256,64x128x512",
+                    help="comma list of PROMPTSxPROMPT_TOKENSxNEW_TOKENS")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers generate()")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape (CPU check of the script)")
+    ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
+    ap.add_argument("--mismatch-seqs", type=int, default=16)
+    args = ap.parse_args(argv)
+
+    from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig, RolloutConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.parallel.launch_env import LaunchEnv
+    from r1mega.parallel.runtime import destroy_parallel, init_parallel
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    shape = SMOKE if args.smoke else SHAPE
+    settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
+    if args.smoke:
+        settings = [(4, 8, 8), (2, 8, 16)]
+    port = int(os.environ.get("MASTER_PORT", "29511"))
+    rt = init_parallel(ParallelConfig(), PrecisionConfig(), env=LaunchEnv(0, 1, 0, "127.0.0.1", port, "single"))
+    device = rt.device
+    max_len = max(p + n for _, p, n in settings) + 8
+    mcfg = ModelConfig(**shape, max_position_embeddings=max_len)
+    model = build_model(mcfg, rt, wrap=False)
+    n_params = sum(p.numel() for p in model[0].parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model[0].parameters())
+    elem = torch.empty((), dtype=rt.dtype).element_size()
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    kv_per_token = 2 * shape["num_layers"] * shape["num_query_groups"] * head_dim * elem
+    bw = copy_bandwidth(device)
+    rows, results = [], {}
+    mism = (float("nan"), float("nan"))
+    for prompts, plen, new in settings:
+        rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
+                             max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
+                             max_prefill_tokens=max(16384, prompts * plen // 4))
+        eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
+        g = torch.Generator().manual_seed(prompts)
+        ids = torch.randint(0, shape["vocab_size"], (prompts, plen), generator=g).tolist()
+        reqs = [GenerationRequest(p, n=1, seed=i) for i, p in enumerate(ids)]
+        t = time.perf_counter()
+        # Warm-up at the full batch size, few tokens: captures the CUDA graphs, compiles kernels.
+        eng.generate([GenerationRequest(p, n=1, seed=i, max_new_tokens=16) for i, p in enumerate(ids)])
+        _sync()
+        warm_s = time.perf_counter() - t
+        t = time.perf_counter()
+        outs = eng.generate(reqs)
+        _sync()
+        dt = time.perf_counter() - t
+        n_new = sum(len(c.token_ids) for c in outs)
+        assert n_new == prompts * new, f"expected every sequence to reach {new} tokens"
+        ours = n_new / dt
+        floor_s = decode_bytes(weight_bytes, kv_per_token, prompts, plen, new) / bw
+        if (prompts, plen, new) == settings[0] and args.mismatch_seqs:
+            mism = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
+        eng.release()
+        peer = float("nan") if (args.no_peer or args.smoke) else run_hf(shape, prompts, plen, new, device)
+        key = f"{prompts}x{plen}->{new}"
+        results[key] = dict(rollout_tokens_per_s=ours, hf_tokens_per_s=peer, ratio=ours / peer,
+                            seconds=dt, warmup_s=warm_s, roofline_fraction=floor_s / dt,
+                            decode_steps=eng.stats.get("decode"), preemptions=eng.stats.get("preemptions"))
+        rows.append((key, ours, peer, ours / peer, floor_s / dt, dt))
+    destroy_parallel()
+
+    print(f"rollout bench: {n_params / 1e6:.0f}M params, {str(rt.dtype).replace('torch.', '')}, "
+          f"device copy {bw / 1e12:.2f} TB/s, KV {kv_per_token} B/token")
+    print(f"{'setting':<16}{'rollout tok/s':>15}{'HF tok/s':>12}{'ratio':>9}{'roofline':>10}{'time s':>9}")
+    for key, ours, peer, ratio, roof, dt in rows:
+        print(f"{key:<16}{ours:>15,.0f}{peer:>12,.0f}{ratio:>9.1f}{roof:>10.1%}{dt:>9.2f}")
+    print(f"bf16 rollout vs training log-prob |diff|: mean {mism[0]:.2e}, max {mism[1]:.2e} "
+          f"({args.mismatch_seqs} sequences)")
+    print(json.dumps(_finite({"bench": "rollout", "params": n_params, "dtype": str(rt.dtype),
+                      "copy_bandwidth_Bps": bw, "settings": results,
+                      "logprob_mismatch_mean": mism[0], "logprob_mismatch_max": mism[1],
+                      "bar_20x_met": all(r["ratio"] >= 20 for r in results.values())})))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
