@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -41,7 +42,8 @@ def _time_ms(fn, reps: int, warmup: int):
     return statistics.median(times)
 
 
-def _extra_mb(fn):
+def _extra_mb(fn, logits):
+    logits.grad = None  # the gradient each step makes counts as extra memory
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -95,8 +97,9 @@ def main(argv=None) -> int:
         pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high))
         ((pg * mask).sum() / norm).backward()
 
-    def step(impl):
+    def step(impl, variant="persistent"):
         def run():
+            os.environ["R1MEGA_GRPO_FUSED"] = variant
             logits.grad = None
             loss, _ = grpo_loss(logits, targets, adv, old, mask, cfg=cfg, vocab_size=vocab,
                                 temperature=args.temperature, normalizer=norm, impl=impl)
@@ -113,35 +116,55 @@ def main(argv=None) -> int:
     bw = _copy_bandwidth(logit_bytes, args.reps)
     floor_ms = 2 * logit_bytes / bw * 1e3
     rows = []
-    have_ext = _cuda_ext.get() is not None
+    ext = _cuda_ext.get()
+    have_ext = ext is not None
     cases = [("plain_torch", step_plain)]
     if have_ext:
-        cases += [("cuda", step("cuda")), ("cuda_two_pass", step_two_pass)]
+        cases += [("cuda", step("cuda")), ("cuda_fused_simple", step("cuda", "simple")),
+                  ("cuda_two_pass", step_two_pass)]
     if not args.skip_chunked:
         cases += [("torch_chunked", step("torch"))]
     kernel = None
     for name, fn in cases:
-        extra = _extra_mb(fn)
+        extra = _extra_mb(fn, logits)
         if name == "cuda":
             kernel = last_kernel()
         ms = _time_ms(fn, args.reps, args.warmup)
         rows.append({"path": name, "ms": ms, "extra_mb": extra})
         torch.cuda.empty_cache()
+    os.environ.pop("R1MEGA_GRPO_FUSED", None)
+    kernel_only = {}
+    if have_ext:  # the fused kernel alone, without the Python around it (checks, weights, metrics)
+        logits.grad = None
+        grad = torch.empty_like(logits)
+        weights = mask / norm
+        tg = targets.contiguous()
+        for vname, vcode in (("persistent", 1), ("simple", 0)):
+            if ext.fused_supported(logits, vcode):
+                call = lambda v=vcode: ext.fused_grpo(logits.detach(), grad, tg, adv, old, None, None,  # noqa: E731
+                                                      weights, vocab, 1.0 / args.temperature, 0.8, 1.28,
+                                                      0.0, 0.0, 3, 0.0, v)
+                kernel_only[vname] = {"ms": _time_ms(call, args.reps, args.warmup),
+                                      "plan": list(ext.fused_plan(logits, vcode))}
+        del grad
 
     plain = next(r for r in rows if r["path"] == "plain_torch")
     print(f"GRPO loss fwd+bwd: {n_tok} tokens x {vocab} vocab, bf16 logits ({logit_bytes / 1e9:.2f} GB), "
           f"{torch.cuda.get_device_name()}")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s -> floor (read logits + write grad) {floor_ms:.2f} ms; "
           f"gradient {grad_mb:.0f} MB")
-    print(f"{'path':<16}{'ms':>9}{'x torch':>9}{'x floor':>9}{'extra MB':>11}")
+    print(f"{'path':<20}{'ms':>9}{'x torch':>9}{'x floor':>9}{'extra MB':>11}")
     for r in rows:
-        print(f"{r['path']:<16}{r['ms']:>9.3f}{plain['ms'] / r['ms']:>9.2f}{r['ms'] / floor_ms:>9.2f}"
+        print(f"{r['path']:<20}{r['ms']:>9.3f}{plain['ms'] / r['ms']:>9.2f}{r['ms'] / floor_ms:>9.2f}"
               f"{r['extra_mb']:>11.0f}")
+    for vname, v in kernel_only.items():
+        print(f"{'kernel ' + vname:<20}{v['ms']:>9.3f}{plain['ms'] / v['ms']:>9.2f}{v['ms'] / floor_ms:>9.2f}"
+              f"{'':>11}  plan [cluster, vec/thread, clusters] = {v['plan']}")
     result = {"bench": "grpo_loss", "tokens": n_tok, "vocab": vocab, "dtype": "bfloat16",
               "device": torch.cuda.get_device_name(), "copy_bw_TBps": bw / 1e12, "floor_ms": floor_ms,
               "grad_mb": grad_mb, "plain_torch_ms": plain["ms"], "plain_torch_extra_mb": plain["extra_mb"],
               "paths": {r["path"]: {"ms": r["ms"], "extra_mb": r["extra_mb"]} for r in rows},
-              "extension": have_ext, "cuda_kernel": kernel}
+              "extension": have_ext, "cuda_kernel": kernel, "kernel_only": kernel_only}
     cuda = next((r for r in rows if r["path"] == "cuda"), None)
     if cuda is not None:
         result.update(cuda_ms=cuda["ms"], cuda_extra_mb=cuda["extra_mb"], speedup_vs_torch=plain["ms"] / cuda["ms"],

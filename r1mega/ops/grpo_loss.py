@@ -23,6 +23,7 @@ the two-kernel path (statistics, one (T, 4) all-gather, then read + write in the
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, Optional
 
 import torch
@@ -42,7 +43,8 @@ def last_impl() -> Optional[str]:
 
 
 def last_kernel() -> Optional[str]:
-    """Finer detail: 'fused' (one-pass cluster kernel), 'two_pass' (CUDA) or 'chunked' (torch)."""
+    """Finer detail: 'fused_persistent' / 'fused_simple' (one-pass cluster kernels), 'two_pass'
+    (CUDA, also under tensor parallelism) or 'chunked' (torch)."""
     return _last["kernel"]
 
 
@@ -98,7 +100,7 @@ def grpo_token_loss(logp, adv, old_logp, active, *, cfg, ref_logp=None, rollout_
     return loss, {"ratio": ratio, "log_ratio": log_ratio, "adv": adv, "kl": kl, "dual": dual_bound}
 
 
-def token_weights(loss_mask, *, loss_agg: str, normalizer: float, seq_ids=None):
+def token_weights(loss_mask, *, loss_agg: str, normalizer: float, seq_ids=None, dtype=torch.float32):
     """(T,) weight of each token's loss so that sum_t weight_t * loss_t is the aggregated loss.
 
     token_mean: mask / normalizer (normalizer = global active tokens);
@@ -107,13 +109,13 @@ def token_weights(loss_mask, *, loss_agg: str, normalizer: float, seq_ids=None):
     """
     if not normalizer > 0:
         raise ValueError(f"normalizer must be > 0 (global tokens or sequences), got {normalizer}")
-    mask = loss_mask.to(torch.float32)
+    mask = loss_mask.to(dtype)
     if loss_agg != "seq_mean_token_mean":
         return mask / normalizer
     if seq_ids is None:
         raise ValueError("grpo.loss_agg='seq_mean_token_mean' needs seq_ids (T,) mapping tokens to sequences")
     _, inverse = torch.unique(seq_ids, return_inverse=True)
-    counts = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, device=mask.device)
+    counts = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, dtype=dtype, device=mask.device)
     counts.scatter_add_(0, inverse, mask)
     return mask / (counts[inverse].clamp(min=1.0) * normalizer)
 
@@ -178,12 +180,13 @@ class _FusedGRPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, adv, old_logp, ref_logp, rollout_logp, weights, active,
-                cfg, valid_cols, inv_temp, inplace, holder):
+                cfg, valid_cols, inv_temp, inplace, holder, variant):
         grad = logits if inplace else torch.empty_like(logits)
         logp, entropy = _cuda_ext.get().fused_grpo(
             logits, grad, targets, adv, old_logp, ref_logp, rollout_logp, weights, valid_cols,
             inv_temp, 1.0 - float(cfg.eps_low), 1.0 + float(cfg.eps_high), float(cfg.dual_clip or 0.0),
-            float(cfg.kl_beta or 0.0), KL_CODES[cfg.kl_estimator], float(cfg.tis_cap or 0.0))
+            float(cfg.kl_beta or 0.0), KL_CODES[cfg.kl_estimator], float(cfg.tis_cap or 0.0),
+            FUSED_VARIANTS[variant])
         token_loss, parts = grpo_token_loss(logp, adv, old_logp, active, cfg=cfg, ref_logp=ref_logp,
                                             rollout_logp=rollout_logp)
         ctx.grad = grad
@@ -195,17 +198,32 @@ class _FusedGRPO(torch.autograd.Function):
     def backward(ctx, g_loss, _g_logp, _g_ent):
         grad, ctx.grad = ctx.grad, None
         if g_loss is None:
-            return (None,) * 13
+            return (None,) * 14
         # Usually exactly 1 (the trainer sums normalised losses); rescaling costs a read + write.
         if float(g_loss) != 1.0:
             grad.mul_(g_loss.to(grad.dtype))
-        return (grad,) + (None,) * 12
+        return (grad,) + (None,) * 13
 
 
-def _fused_eligible(logits, tp_size) -> bool:
+FUSED_VARIANTS = {"persistent": 1, "simple": 0}
+
+
+def fused_variant() -> Optional[str]:
+    """R1MEGA_GRPO_FUSED: 'persistent' (default), 'simple' (one cluster per row) or 'off'."""
+    name = os.environ.get("R1MEGA_GRPO_FUSED", "persistent")
+    if name == "off":
+        return None
+    if name not in FUSED_VARIANTS:
+        raise ValueError(f"R1MEGA_GRPO_FUSED must be persistent, simple or off, got {name!r}")
+    return name
+
+
+def _fused_eligible(logits, tp_size) -> Optional[str]:
     ext = _cuda_ext.get()
-    return (tp_size == 1 and ext is not None and hasattr(ext, "fused_supported")
-            and bool(ext.fused_supported(logits)))
+    variant = fused_variant()
+    if tp_size != 1 or ext is None or variant is None:
+        return None
+    return variant if bool(ext.fused_supported(logits, FUSED_VARIANTS[variant])) else None
 
 
 def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp_group=None,
@@ -230,21 +248,23 @@ def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp
     # Masked tokens may carry pad/ignore ids; any valid id keeps the kernels in bounds.
     targets = torch.where(active, targets.long(), torch.zeros_like(targets, dtype=torch.long))
     check_targets(targets, n_tok, vocab_size)
-    weights = token_weights(loss_mask, loss_agg=cfg.loss_agg, normalizer=normalizer, seq_ids=seq_ids)
+    acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
+    weights = token_weights(loss_mask, loss_agg=cfg.loss_agg, normalizer=normalizer, seq_ids=seq_ids, dtype=acc)
     use_cuda = resolve_impl(impl, logits_shard)
     tp_rank, tp_size = tp_rank_and_size(tp_group)
     have_ref = ref_logp is not None and bool(cfg.kl_beta)
     ref = ref_logp if have_ref else None
 
-    if use_cuda and _fused_eligible(logits_shard, tp_size):
+    variant = _fused_eligible(logits_shard, tp_size) if use_cuda else None
+    if variant is not None:
         holder = {}
         _, valid_cols = shard_columns(vocab_size, local_cols, tp_rank, tp_size)
         f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
         loss, logp, entropy = _FusedGRPO.apply(
             logits_shard, targets, f32(advantages), f32(old_logp), f32(ref),
             f32(rollout_logp if cfg.tis_cap else None), weights.contiguous(), active, cfg,
-            valid_cols, 1.0 / float(temperature), inplace_backward, holder)
-        _last.update(impl="cuda", kernel="fused")
+            valid_cols, 1.0 / float(temperature), inplace_backward, holder, variant)
+        _last.update(impl="cuda", kernel=f"fused_{variant}")
         return loss, _metrics(holder["parts"], entropy, active, cfg, have_ref)
 
     logp, entropy = vocab_parallel_logprobs(

@@ -45,13 +45,15 @@ def _inputs(n_tok, cols, vocab, dtype, seed, masked_frac=0.3):
     return logits, targets, mask, g
 
 
+@pytest.mark.parametrize("variant", ["persistent", "simple"])
 @pytest.mark.parametrize("n_tok,cols,vocab,dtype", [
     (333, 32064, 32003, torch.bfloat16),     # aligned rows, padded vocab -> fused, cluster of 1
     (67, 152064, 152000, torch.bfloat16),    # the big vocab -> fused, cluster of 5
     (129, 50304, 50257, torch.float32),      # fp32 logits
     (101, 1003, 1000, torch.bfloat16),       # rows not 16-byte aligned -> two-pass scalar kernels
 ])
-def test_grpo_loss_cuda_matches_reference(ext, n_tok, cols, vocab, dtype):
+def test_grpo_loss_cuda_matches_reference(ext, monkeypatch, variant, n_tok, cols, vocab, dtype):
+    monkeypatch.setenv("R1MEGA_GRPO_FUSED", variant)
     cfg = GRPOConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, kl_beta=0.05, kl_estimator="k3", tis_cap=2.0)
     logits, targets, mask, g = _inputs(n_tok, cols, vocab, dtype, seed=n_tok)
     ref_lp, _ = reference_logprobs(logits.double(), torch.where(mask > 0, targets, 0), vocab_size=vocab,
@@ -74,11 +76,11 @@ def test_grpo_loss_cuda_matches_reference(ext, n_tok, cols, vocab, dtype):
         src = x if not inplace else x.clone()  # in-place destroys the input: give it a private copy
         loss, metrics = grpo_loss(src, targets, adv, old, mask, impl="cuda", inplace_backward=inplace, **kw)
         assert last_impl() == "cuda"
-        assert last_kernel() == ("fused" if cols % 8 == 0 else "two_pass")
+        assert last_kernel() == (f"fused_{variant}" if cols % 8 == 0 else "two_pass")
         (loss * 2.5).backward()  # grad_output != 1 must rescale the stored gradient
         grad = (leaf.grad if leaf is not None else x.grad) / 2.5
         assert torch.isfinite(grad).all()
-        assert abs(float(loss) - float(loss64)) <= 1e-3 * max(1.0, abs(float(loss64)))
+        assert abs(float(loss.detach()) - float(loss64)) <= 1e-3 * max(1.0, abs(float(loss64)))
         assert _rel(grad, x64.grad) <= GRAD_REL_TOL, (inplace, _rel(grad, x64.grad))
         assert (grad[mask == 0] == 0).all()
         assert float(grad[:, vocab:].abs().max()) == 0.0 if cols > vocab else True
@@ -118,17 +120,21 @@ def test_shard_kernels_simulated_tp2(ext, cols, vocab, dtype):
     assert _rel(grad, x64.grad) <= GRAD_REL_TOL
 
 
-def test_fused_outputs_fully_written(ext):
-    """Every element of the gradient buffer and of logp/entropy is written (NaN-filled beforehand)."""
-    n_tok, cols, vocab = 45, 152064, 151900
+@pytest.mark.parametrize("variant", [1, 0])
+@pytest.mark.parametrize("n_tok", [45, 1000])
+def test_fused_outputs_fully_written(ext, variant, n_tok):
+    """Every element of the gradient buffer and of logp/entropy is written (NaN-filled beforehand).
+
+    1000 rows are more than the persistent kernel's resident clusters: each walks several rows."""
+    cols, vocab = 152064, 151900
     logits, targets, mask, g = _inputs(n_tok, cols, vocab, torch.bfloat16, seed=7, masked_frac=0.5)
     targets = torch.where(mask > 0, targets, 0)
-    assert ext.fused_supported(logits)
+    assert ext.fused_supported(logits, variant), ext.fused_plan(logits, variant)
     grad = torch.full_like(logits, float("nan"))
     zeros = torch.zeros(n_tok, device="cuda")
     _poison_allocator()
     logp, ent = ext.fused_grpo(logits, grad, targets, torch.randn(n_tok, device="cuda", generator=g), zeros,
-                               None, None, mask / mask.sum(), vocab, 1.0, 0.8, 1.28, 0.0, 0.0, 3, 0.0)
+                               None, None, mask / mask.sum(), vocab, 1.0, 0.8, 1.28, 0.0, 0.0, 3, 0.0, variant)
     assert torch.isfinite(grad).all() and torch.isfinite(logp).all() and torch.isfinite(ent).all()
     ref_lp, ref_h = reference_logprobs(logits.double(), targets, vocab_size=vocab)
     on = mask > 0
