@@ -124,3 +124,19 @@ def attend_gather(q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> t
     mask = mask | ((qi < 0)[:, :, None] & (j == 0)[None, None, :])
     out = _sdpa(_pad_rows(q, qi), k, v, mask=mask[:, None], scale=scale)
     return _unpad_rows(out, qi, q.shape[0])
+
+
+def attend_decode_gather(q, k_cache, v_cache, block_tables, ctx_lens, scale: float) -> torch.Tensor:
+    """Decode (one query per row) from device tensors only: the whole block-table width is
+    gathered, so no host value sizes anything (the CPU stand-in of the Triton kernel, and what
+    runs the packed graph-step code on CPU). q (B, Hq, D) -> (B, Hq, D)."""
+    bs = k_cache.shape[1]
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    max_ctx = block_tables.shape[1] * bs
+    j = torch.arange(max_ctx, device=q.device)
+    slots = block_tables.long().gather(1, (j // bs)[None, :].expand(block_tables.shape[0], -1)) * bs + j % bs
+    k = k_cache.view(-1, hkv, d)[slots].transpose(1, 2)  # (B, Hkv, max_ctx, D)
+    v = v_cache.view(-1, hkv, d)[slots].transpose(1, 2)
+    mask = j[None, :] < ctx_lens.long()[:, None]  # (B, max_ctx)
+    out = _sdpa(q[:, :, None, :], k, v, mask=mask[:, None, None, :], scale=scale)
+    return out[:, :, 0, :]

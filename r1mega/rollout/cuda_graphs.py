@@ -6,7 +6,10 @@ tensors it points at live for that phase) and replayed with the batch copied int
 buffers. Rows past the real batch are padding: they write their K/V to the scratch block and
 attend to one token, so they never touch a live sequence.
 
-The graph holds no host synchronisation; the engine reads the sampled tokens back once per step.
+Host work per step is the other half of decode speed: every per-row integer of a step (token,
+position, context length, RNG key, step, block table) travels in ONE pinned int64 buffer and one
+host-to-device copy, and the outputs come back as one (B, 2) tensor in one copy -- the step's
+only synchronisation.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from typing import Callable
 import torch
 
 from r1mega.rollout.kv_cache import SCRATCH_BLOCK
+
+# Columns of the packed int64 step input; the block table follows from column BT.
+IDS, POS, CTX, KEY, STEP, BT = range(6)
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -27,28 +33,25 @@ def default_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Static buffers + one captured graph per bucket for ``step_fn(**inputs) -> tuple[Tensor]``."""
-
-    INPUTS = ("ids", "positions", "block_tables", "ctx_lens", "seq_keys", "steps", "temperature")
+    """``step_fn(ints (b, BT + W) int64, temperature (b,)) -> (b, 2) float64`` captured per bucket."""
 
     def __init__(self, step_fn: Callable, max_batch: int, max_blocks: int, device, buckets=None):
         self.step_fn = step_fn
         self.buckets = buckets or default_buckets(max_batch)
-        self.max_batch = self.buckets[-1]
-        n = self.max_batch
-        i64, i32 = torch.int64, torch.int32
-        self.static = {
-            "ids": torch.zeros(n, dtype=i64, device=device),
-            "positions": torch.zeros(n, dtype=i64, device=device),
-            "block_tables": torch.full((n, max_blocks), SCRATCH_BLOCK, dtype=i32, device=device),
-            "ctx_lens": torch.ones(n, dtype=i32, device=device),
-            "seq_keys": torch.zeros(n, dtype=i64, device=device),
-            "steps": torch.zeros(n, dtype=i64, device=device),
-            "temperature": torch.ones(n, dtype=torch.float32, device=device),
-        }
+        self.max_batch = n = self.buckets[-1]
+        self.width = BT + max_blocks
+        self.ints = torch.zeros(n, self.width, dtype=torch.int64, device=device)
+        self.ints[:, CTX] = 1  # padding rows attend to one (scratch) token
+        self.temperature = torch.ones(n, dtype=torch.float32, device=device)
+        pin = torch.cuda.is_available()
+        self.host_ints = torch.zeros(n, self.width, dtype=torch.int64, pin_memory=pin)
+        self.host_temp = torch.ones(n, dtype=torch.float32, pin_memory=pin)
         self.graphs: dict = {}
         self.outputs: dict = {}
         self.pool = None
+        # Without CUDA the same packed-input code runs eagerly (tests exercise it on CPU).
+        self.capture_enabled = torch.device(device).type == "cuda"
+        assert SCRATCH_BLOCK == 0, "padding rows are zeroed, which must point at the scratch block"
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -56,44 +59,42 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch of {n} sequences exceeds the largest CUDA-graph bucket {self.max_batch}")
 
-    def _view(self, b: int) -> dict:
-        return {k: v[:b] for k, v in self.static.items()}
-
     def capture(self) -> None:
         """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
+        if not self.capture_enabled:
+            return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels, outside capture
-                self.step_fn(**self._view(self.max_batch))
+            # Warm-up of every bucket outside capture: Triton compiles, cuBLAS picks kernels, and
+            # megatron's torch.compile'd fusions (SwiGLU) compile for each shape -- a compile
+            # inside capture would copy host tensors to the device and abort the capture.
+            for b in self.buckets + [self.max_batch]:
+                self.step_fn(self.ints[:b], self.temperature[:b])
         torch.cuda.current_stream().wait_stream(stream)
         for b in sorted(self.buckets, reverse=True):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                out = self.step_fn(**self._view(b))
+                out = self.step_fn(self.ints[:b], self.temperature[:b])
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[b], self.outputs[b] = g, out
         torch.cuda.synchronize()
 
-    def run(self, n: int, inputs: dict) -> tuple:
-        """Copy the first ``n`` rows in, reset the padding rows, replay; outputs sliced to ``n``."""
+    def run(self, n: int, width: int) -> torch.Tensor:
+        """Replay for the first ``n`` rows of ``host_ints[:, :width]`` / ``host_temp`` (filled by
+        the caller); returns the (n, 2) [token, log-prob] output, still on the device."""
         b = self.bucket_for(n)
-        s = self.static
-        for k in self.INPUTS:
-            src = inputs[k]
-            if k == "block_tables":
-                s[k][:n, : src.shape[1]].copy_(src, non_blocking=True)
-                s[k][:n, src.shape[1]:].fill_(SCRATCH_BLOCK)
-            else:
-                s[k][:n].copy_(src, non_blocking=True)
+        self.ints[:n, :width].copy_(self.host_ints[:n, :width], non_blocking=True)
+        self.temperature[:n].copy_(self.host_temp[:n], non_blocking=True)
         if b > n:
-            s["block_tables"][n:b].fill_(SCRATCH_BLOCK)
-            s["positions"][n:b].zero_()
-            s["ctx_lens"][n:b].fill_(1)
-            s["ids"][n:b].zero_()
+            pad = self.ints[n:b]
+            pad.zero_()  # token 0 at position 0, block table -> scratch block
+            pad[:, CTX] = 1
+        if not self.capture_enabled:
+            return self.step_fn(self.ints[:b], self.temperature[:b])[:n]
         self.graphs[b].replay()
-        return tuple(o[:n] for o in self.outputs[b])
+        return self.outputs[b][:n]
 
     def clear(self) -> None:
         self.graphs.clear()

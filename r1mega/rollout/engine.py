@@ -13,11 +13,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from r1mega.rollout import triton_paged
 from r1mega.rollout.attention import AttentionBatch, padded_query_index
-from r1mega.rollout.cuda_graphs import DecodeGraphs
+from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget
 from r1mega.rollout.model_runner import ModelRunner, sequence_parallel_off
 from r1mega.rollout.sampling import (
@@ -135,7 +136,7 @@ class RolloutEngine:
             samples = []
             for j in range(req.n):
                 samples.append(Sequence(seq_id, i, j, len(prompt), list(prompt), params,
-                                        sequence_key(int(req.seed), j)))
+                                        sequence_key(int(req.seed), j), plain=params.is_plain))
                 seq_id += 1
             groups.append(PromptGroup(i, prompt, samples))
         return groups
@@ -154,6 +155,10 @@ class RolloutEngine:
         )
         for g in groups:
             sched.add(g)
+        # Host mirror of every sequence's block table (row = seq_id), updated only when a
+        # sequence's blocks change; a decode step gathers its rows with one numpy index.
+        n_seqs = sum(len(g.samples) for g in groups)
+        self._bt_host = np.zeros((n_seqs, self.max_blocks_per_seq()), dtype=np.int64)
         done: list[Sequence] = []
         t0 = time.perf_counter()
         steps = {"prefill": 0, "decode": 0}
@@ -265,6 +270,9 @@ class RolloutEngine:
         return self._record(sampled, tokens, lps, lp1)
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        if (self.use_graphs and len(seqs) <= self.cfg.max_batch_sequences
+                and not self.cfg.return_logprobs_t1 and all(s.plain for s in seqs)):
+            return self._decode_graph(seqs)
         bs = self.block_tokens
         ids = self._tensor([s.tokens[-1] for s in seqs])
         pos_host = [s.num_cached for s in seqs]
@@ -273,21 +281,8 @@ class RolloutEngine:
         ctx_host = [p + 1 for p in pos_host]
         ctx_lens = self._tensor(ctx_host, torch.int32)
         sb = self._sampling_batch(seqs)
-        plain = sb.top_k_max == 0 and not sb.use_top_p and not sb.want_logprobs_t1 and not sb.any_greedy
         for s in seqs:
             s.num_cached += 1
-        if self.use_graphs and plain and len(seqs) <= self.cfg.max_batch_sequences:
-            if self.graphs is None:
-                self.graphs = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences,
-                                           self.max_blocks_per_seq(), self.device)
-                self.graphs.capture()
-            inputs = {
-                "ids": ids, "positions": positions, "block_tables": block_tables, "ctx_lens": ctx_lens,
-                "seq_keys": self._tensor([s.key for s in seqs]),
-                "steps": self._tensor([s.num_generated for s in seqs]), "temperature": sb.temperature,
-            }
-            tokens, lps = self.graphs.run(len(seqs), inputs)
-            return self._record(seqs, tokens, lps, None)
         slots = self._tensor([blk[p // bs] * bs + p % bs for blk, p in
                               zip((s.blocks for s in seqs), pos_host)])
         if self.use_triton:
@@ -302,16 +297,51 @@ class RolloutEngine:
         tokens, lps, lp1 = sample(logits, sb, self.shard, self.vocab_hashed)
         return self._record(seqs, tokens, lps, lp1)
 
-    def _graph_step(self, ids, positions, block_tables, ctx_lens, seq_keys, steps, temperature):
-        """Decode forward + plain sampling (temperature only) as pure tensor code, for capture."""
+    def _decode_graph(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Decode step through the captured graphs: inputs packed on the host, one copy each way."""
+        if self.graphs is None:
+            self.graphs = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences,
+                                       self.max_blocks_per_seq(), self.device)
+            self.graphs.capture()
+        g, n, bt = self.graphs, len(seqs), self._bt_host
+        width = 0
+        for s in seqs:
+            nb = len(s.blocks)
+            if s.bt_len != nb:
+                bt[s.seq_id, :nb] = s.blocks
+                s.bt_len = nb
+            width = max(width, nb)
+        host = g.host_ints.numpy()
+        host[:n, IDS] = [s.tokens[-1] for s in seqs]
+        host[:n, POS] = [s.num_cached for s in seqs]
+        host[:n, CTX] = host[:n, POS] + 1
+        host[:n, KEY] = [s.key for s in seqs]
+        host[:n, STEP] = [s.num_generated for s in seqs]
+        host[:n, BT:BT + width] = bt[np.fromiter((s.seq_id for s in seqs), np.int64, n), :width]
+        g.host_temp.numpy()[:n] = [s.params.temperature for s in seqs]
+        out = g.run(n, BT + width)
+        for s in seqs:
+            s.num_cached += 1
+        for s, (tok, lp) in zip(seqs, out.tolist()):  # the step's one synchronisation
+            s.tokens.append(int(tok))
+            s.logprobs.append(lp)
+        return seqs
+
+    def _graph_step(self, ints: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Decode forward + temperature sampling as pure tensor code, for capture.
+
+        ints (b, BT + W) int64 packed rows (see cuda_graphs); returns (b, 2) [token, log-prob]."""
         bs = self.block_tokens
-        blk = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1).long()
+        positions = ints[:, POS]
+        block_tables = ints[:, BT:]
+        ctx_lens = ints[:, CTX].to(torch.int32)  # contiguous, for the kernel's flat index
+        blk = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1)
         slots = blk * bs + positions % bs
-        logits = self.runner.forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
-        n = ids.shape[0]
+        logits = self.runner.forward(ints[:, IDS], positions, slots, None,
+                                     decode_tensors=(block_tables, ctx_lens))
         sb = SamplingBatch(
-            temperature=temperature, top_k=torch.zeros_like(steps), top_p=torch.ones_like(temperature),
-            keys=step_keys(seq_keys, steps),
+            temperature=temperature, top_k=torch.zeros_like(positions),
+            top_p=torch.ones_like(temperature), keys=step_keys(ints[:, KEY], ints[:, STEP]),
         )
         tokens, lps, _ = sample(logits, sb, self.shard, self.vocab_hashed)
-        return tokens.view(n), lps.view(n)
+        return torch.stack([tokens.double(), lps.double()], dim=1)

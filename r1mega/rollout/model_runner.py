@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from r1mega.rollout.attention import AttentionBatch, attend_fresh, attend_gather
+from r1mega.rollout.attention import AttentionBatch, attend_decode_gather, attend_fresh, attend_gather
 from r1mega.rollout.kv_cache import PagedKVCache
 from r1mega.rollout import triton_paged
 
@@ -147,11 +147,14 @@ class ModelRunner:
 
     def _attention(self, layer_idx, q, k, v, batch: Optional[AttentionBatch], decode_tensors):
         cache = self.cache
-        if decode_tensors is not None:  # decode on GPU with Triton (eager or inside a graph)
+        if decode_tensors is not None:  # decode from device tensors only (graph-capturable)
             block_tables, ctx_lens = decode_tensors
-            return triton_paged.paged_decode_attention(
-                q, cache.k[layer_idx], cache.v[layer_idx], block_tables, ctx_lens, self.scale
-            )
+            if q.is_cuda and triton_paged.HAVE_TRITON:
+                return triton_paged.paged_decode_attention(
+                    q, cache.k[layer_idx], cache.v[layer_idx], block_tables, ctx_lens, self.scale
+                )
+            return attend_decode_gather(q, cache.k[layer_idx], cache.v[layer_idx], block_tables,
+                                        ctx_lens, self.scale)
         if batch.is_fresh_prefill and self.attention_backend != "gather":
             return attend_fresh(q, k, v, batch, self.scale)
         return attend_gather(q, cache.k[layer_idx], cache.v[layer_idx], batch, self.scale)

@@ -167,7 +167,7 @@ def sample(
     logits = logits.float()
     cols = torch.arange(shard.start, shard.start + shard.size, device=logits.device)
     pad = cols >= shard.true_vocab  # (V_local,)
-    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    neg_inf = torch.full((), float("-inf"), device=logits.device)  # a fill, not a copy: graph-safe
     raw = torch.where(pad[None, :], neg_inf, logits)  # (B, V_local), T = 1, untruncated
 
     greedy = params.temperature <= 0  # (B,)

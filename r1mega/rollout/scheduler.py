@@ -32,6 +32,11 @@ class SamplingParams:
     max_new_tokens: int
     stop: tuple = ()
 
+    @property
+    def is_plain(self) -> bool:
+        """Temperature sampling without truncation: the CUDA-graph decode path's case."""
+        return self.temperature > 0 and self.top_k == 0 and self.top_p >= 1.0
+
 
 @dataclass
 class Sequence:
@@ -49,6 +54,8 @@ class Sequence:
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
     text: Optional[str] = None
+    plain: bool = False  # params.is_plain, cached: checked for every row of every decode step
+    bt_len: int = -1  # blocks already mirrored in the engine's host block table (-1: none)
 
     @property
     def generated(self) -> list:
@@ -224,6 +231,7 @@ class Scheduler:
         self.running.remove(seq)
         self.alloc.free_all(seq.blocks)
         seq.blocks = []
+        seq.bt_len = -1  # new blocks after recompute, maybe as many as before
         seq.num_cached = 0
         self.resumed.appendleft(seq)
         self.num_preemptions += 1
