@@ -195,6 +195,10 @@ class CheckpointConfig:
     keep_last: int = 3
     load: Optional[str] = None
     save_on_signal: bool = True
+    # "fully_reshardable" (resume onto any layout) | "dp_reshardable" (faster; only DP may change)
+    optimizer_format: str = "fully_reshardable"
+    # Resume automatically from the newest valid checkpoint in `dir` when one exists.
+    auto_resume: bool = True
 
 
 @dataclass
@@ -404,6 +408,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _choice("data.on_bad_row", cfg.data.on_bad_row, {"error", "skip"})
     _choice("train.mode", cfg.train.mode, {"grpo", "sft"})
     _choice("parallel.backend", p.backend, {"auto", "nccl", "gloo"})
+    _choice("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format,
+            {"fully_reshardable", "dp_reshardable"})
 
     if m.num_attention_heads % m.num_query_groups != 0:
         raise ConfigError(

@@ -189,6 +189,11 @@ class CheckpointManager:
         self.layout = dict(layout)
         self.root = ckpt_cfg.dir
 
+    def _optim_meta(self) -> dict:
+        # fully_reshardable: any TP/PP/DP layout can load it (state gathered per DP group at save).
+        # dp_reshardable: fully parallel, no gather, but only DP may change between save and load.
+        return {"distrib_optim_sharding_type": self.cfg.optimizer_format}
+
     # -- save ------------------------------------------------------------------------------------
     def save(self, step: int, model_chunks: list, optimizer=None, trainer_state: dict | None = None) -> str:
         from megatron.core import dist_checkpointing
@@ -205,10 +210,12 @@ class CheckpointManager:
                 os.makedirs(os.path.join(tmp, "optimizer"))
         _barrier()
         t0 = time.perf_counter()
-        model_sd = model_sharded_state_dict(model_chunks)
-        dist_checkpointing.save(model_sd, os.path.join(tmp, "model"))
+        # save() preprocesses the dict in place, so the optimizer gets a fresh model dict to
+        # link its state to the original Parameters.
+        dist_checkpointing.save(model_sharded_state_dict(model_chunks), os.path.join(tmp, "model"))
         if optimizer is not None:
-            optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=False)
+            optim_sd = optimizer.sharded_state_dict(model_sharded_state_dict(model_chunks),
+                                                    is_loading=False, metadata=self._optim_meta())
             dist_checkpointing.save(optim_sd, os.path.join(tmp, "optimizer"))
         torch.save({"rng": rng_state()}, os.path.join(tmp, f"rank_{_rank():05d}.pt"))
         _barrier()
@@ -258,14 +265,23 @@ class CheckpointManager:
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{path}/trainer.json: format {meta.get('format')} is not "
                                   f"{FORMAT_VERSION}; this r1mega cannot read it.")
+        want_optim = (optimizer is not None and load_optimizer
+                      and os.path.isdir(os.path.join(path, "optimizer")))
+        if want_optim:
+            # A fresh optimizer has no Adam state to load into; megatron fills it with a dummy step
+            # on zero grads. That step may touch the weights (weight decay), so it comes before
+            # the model is loaded.
+            _materialise_optimizer_state(optimizer)
         model_sd = model_sharded_state_dict(model_chunks)
         loaded = dist_checkpointing.load(model_sd, os.path.join(path, "model"))
         for i, chunk in enumerate(model_chunks):
             _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
-        if optimizer is not None and load_optimizer and os.path.isdir(os.path.join(path, "optimizer")):
+        if want_optim:
             model_sd = model_sharded_state_dict(model_chunks)
-            optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
+            optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                    metadata=self._optim_meta())
             optimizer.load_state_dict(dist_checkpointing.load(optim_sd, os.path.join(path, "optimizer")))
+            _unshare_adam_steps(optimizer)
         rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
         if meta.get("layout") == self.layout and os.path.exists(rank_file):
             set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
@@ -275,6 +291,50 @@ class CheckpointManager:
                   f"streams are re-seeded.", flush=True)
         _barrier()
         return LoadedState(step=int(meta["step"]), path=path, trainer_state=meta.get("trainer", {}))
+
+
+def _fix_adam_step_on_reshardable_load() -> None:
+    """megatron-core 0.16.1 drops torch Adam's per-parameter "step" from the tensors it copies in
+    `fully_reshardable` loads, then indexes them with every key of the live state, "step"
+    included (KeyError). Copying the live step onto itself is a no-op; load_state_dict sets the
+    real step from the checkpoint's param_groups right after."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_r1mega_fixed", False):
+        return
+
+    def fixed(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            live = self.optimizer.state.get(main_param, {})
+            if "step" in live:
+                tensors = {**tensors, "step": live["step"]}
+        return original(self, model_param, tensors)
+
+    fixed._r1mega_fixed = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = fixed
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's load_state_dict gives every parameter's torch-Adam state the SAME "step" tensor;
+    torch increments it in place once per parameter, so bias correction would run ahead by the
+    number of parameters at every step after a resume. One tensor each, as torch keeps them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    _fix_adam_step_on_reshardable_load()
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is not None and len(inner.state) == 0 and hasattr(
+                opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _json_default(obj):
