@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -76,6 +77,30 @@ class NonFiniteGuard:
                 f"{self.consecutive} consecutive steps had a non-finite loss or gradient "
                 f"(train.max_consecutive_nonfinite={self.max_consecutive}). Lower optimizer.lr, "
                 f"check the data, or raise the limit.")
+
+
+@torch.no_grad()
+def guarded_optimizer_step(optimizer) -> tuple[bool, float]:
+    """megatron's (Chained)Optimizer.step with one change: a non-finite global gradient norm skips
+    the update instead of writing NaN into the weights and Adam's moments (bf16 and fp32 runs have
+    no loss scaler, so megatron itself would not notice). Every rank computes the same global norm
+    over the grad-stats group, so every rank takes the same branch."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # fp16 loss scaler found inf: megatron already backs off
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def exit_on_peer_failure(fn: Callable[[], int]) -> int:
