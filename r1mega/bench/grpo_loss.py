@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--skip-chunked", action="store_true", help="skip the (slow) PyTorch fallback path")
+    ap.add_argument("--no-persistent", action="store_true", help="use only the simple fused kernel")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("grpo-loss benchmark needs a CUDA device")
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     have_ext = ext is not None
     cases = [("plain_torch", step_plain)]
     if have_ext:
-        cases += [("cuda", step("cuda")), ("cuda_fused_simple", step("cuda", "simple")),
+        default = "simple" if args.no_persistent else "persistent"
+        cases += [("cuda", step("cuda", default)), ("cuda_fused_simple", step("cuda", "simple")),
                   ("cuda_two_pass", step_two_pass)]
     if not args.skip_chunked:
         cases += [("torch_chunked", step("torch"))]
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
         grad = torch.empty_like(logits)
         weights = mask / norm
         tg = targets.contiguous()
-        for vname, vcode in (("persistent", 1), ("simple", 0)):
+        for vname, vcode in (("simple", 0),) + ((("persistent", 1),) if not args.no_persistent else ()):
             if ext.fused_supported(logits, vcode):
                 call = lambda v=vcode: ext.fused_grpo(logits.detach(), grad, tg, adv, old, None, None,  # noqa: E731
                                                       weights, vocab, 1.0 / args.temperature, 0.8, 1.28,

@@ -120,7 +120,7 @@ def test_shard_kernels_simulated_tp2(ext, cols, vocab, dtype):
     assert _rel(grad, x64.grad) <= GRAD_REL_TOL
 
 
-@pytest.mark.parametrize("variant", [1, 0])
+@pytest.mark.parametrize("variant", [1, 0], ids=["persistent", "simple"])
 @pytest.mark.parametrize("n_tok", [45, 1000])
 def test_fused_outputs_fully_written(ext, variant, n_tok):
     """Every element of the gradient buffer and of logp/entropy is written (NaN-filled beforehand).
