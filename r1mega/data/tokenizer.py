@@ -2,7 +2,8 @@
 
 ``load_tokenizer(spec)``: ``"char"`` → :class:`CharTokenizer` (the CPU demo's: ≤ 128 ids, the R1
 tags as single tokens); a path ending in ``.model`` → SentencePiece; a ``tokenizer.json`` file →
-the ``tokenizers`` library; a directory → transformers' ``AutoTokenizer`` (with its chat template).
+the ``tokenizers`` library; a directory or a ``.gguf`` file → transformers' ``AutoTokenizer`` (with
+its chat template).
 All expose ``encode``, ``decode``, ``eos_id``, ``pad_id``, ``bos_id``, ``vocab_size`` and
 ``apply_chat_template(messages) -> str``.
 """
@@ -109,10 +110,14 @@ class HFTokenizer:
     def __init__(self, path: str):
         self.path = path
         self._hf = None
-        if os.path.isdir(path):
+        if os.path.isdir(path) or path.endswith(".gguf"):
             from transformers import AutoTokenizer
 
-            self._hf = AutoTokenizer.from_pretrained(path)
+            if path.endswith(".gguf"):  # the tokenizer and chat template stored in a GGUF file
+                self._hf = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                                         gguf_file=os.path.basename(path))
+            else:
+                self._hf = AutoTokenizer.from_pretrained(path)
             self._tok = self._hf.backend_tokenizer if hasattr(self._hf, "backend_tokenizer") else None
             self.vocab_size = len(self._hf)
             self.bos_id = self._hf.bos_token_id if self._hf.bos_token_id is not None else -1
@@ -168,7 +173,7 @@ def load_tokenizer(spec: str):
         return HFTokenizer(spec)
     if spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
-    if spec.endswith(".json"):
+    if spec.endswith((".json", ".gguf")):
         return HFTokenizer(spec)
     raise ValueError(f"data.tokenizer='{spec}': unknown file type; expected .model "
-                     "(SentencePiece), tokenizer.json, or an HF directory.")
+                     "(SentencePiece), tokenizer.json, .gguf, or an HF directory.")

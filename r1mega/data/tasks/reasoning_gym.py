@@ -28,7 +28,12 @@ class ReasoningGymSource:
     def __len__(self) -> int:
         return self.size
 
+    def __iter__(self):
+        return (self[i] for i in range(self.size))
+
     def __getitem__(self, i: int) -> PromptRecord:
+        if not 0 <= i < self.size:  # reasoning-gym would happily make item size, size + 1, ...
+            raise IndexError(f"reasoning_gym:{self.name}: index {i} out of range 0..{self.size - 1}")
         entry = self._ds[i]
         ref = {"dataset": self.name, "entry": entry}
         return PromptRecord(entry["question"] + _ANSWER_HINT, "reasoning_gym", ref,
