@@ -129,6 +129,15 @@ class RewardScorer:
     # ------------------------------------------------------------------ public
 
     def score(self, items: list) -> list[ScoredItem]:
+        """One :class:`ScoredItem` per item, in order; never raises (see the module doc)."""
+        try:
+            return self._score(items)
+        except Exception as exc:  # noqa: BLE001 -- a scorer bug costs rewards, not the run
+            self._counts["errors"] += 1
+            return [ScoredItem(0.0, error=f"reward scorer failed: {type(exc).__name__}: {exc}")
+                    for _ in items]
+
+    def _score(self, items: list) -> list[ScoredItem]:
         start = time.monotonic()
         results: list[ScoredItem] = []
         units = []  # (uid, item index, name, completion, reference, context)
@@ -237,6 +246,10 @@ class RewardScorer:
                         out[uid] = (0.0, [], f"{name}: could not reach a reward worker")
                         self._counts["crashes"] += 1
                         self._replace(w)
+                    except Exception as exc:  # noqa: BLE001 -- e.g. a reference pickle refuses
+                        out[uid] = (0.0, [], f"{name}: cannot send the item to a worker "
+                                    f"({type(exc).__name__}: {exc})"[:500])
+                        self._counts["errors"] += 1
             waiting = [w for w in self._workers if w.unit or not w.ready]
             if not waiting:
                 continue
