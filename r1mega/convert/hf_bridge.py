@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from r1mega.convert import families as fam
 from r1mega.convert.families import ConversionError
+from r1mega.convert.hf_config import check_model_matches_hf
 from r1mega.convert.hf_io import HFCheckpoint, check_shapes
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -107,6 +108,7 @@ def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx) -> dict:
     ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
     tp_rank, tp_size = ctx.tp_rank, ctx.tp_size
     check_layout(model_cfg, tp_size)
+    check_model_matches_hf(model_cfg, ckpt.config, os.path.join(ckpt.dir, "config.json"))
     fam.check_hf_names(ckpt.names(), model_cfg)
     check_shapes(ckpt, fam.expected_hf_shapes(model_cfg))
     te = uses_te_names(model_chunks)

@@ -131,3 +131,36 @@ def hf_config_from_model_config(cfg: ModelConfig, original: Optional[dict] = Non
         out["torch_dtype"] = dtype_name
         out["dtype"] = dtype_name
     return out
+
+
+def model_config_from_hf_dir(hf_dir: str, base: Optional[ModelConfig] = None) -> ModelConfig:
+    """ModelConfig read from ``hf_dir/config.json`` (for ``model.init_from_hf``)."""
+    import json
+    import os
+
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path} does not exist: model.init_from_hf must be a Hugging Face model directory.")
+    with open(path) as f:
+        return model_config_from_hf(json.load(f), base)
+
+
+ARCH_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+               "ffn_hidden_size", "vocab_size", "qkv_bias", "qk_norm", "tied_embeddings",
+               "rope_theta", "norm_epsilon")
+
+
+def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "config.json") -> None:
+    """Refuse to load HF weights into a model whose architecture fields differ, naming them all."""
+    want = model_config_from_hf(hf)
+    bad = []
+    for name in ARCH_FIELDS:
+        a, b = getattr(model_cfg, name), getattr(want, name)
+        same = abs(a - b) <= 1e-6 * max(abs(a), abs(b)) if isinstance(a, float) else a == b
+        if not same:
+            bad.append(f"model.{name}={a!r} but {source} gives {b!r}")
+    if bad:
+        raise ConversionError(
+            "the model config does not match the HF checkpoint: " + "; ".join(bad) + ". Set these "
+            "model.* keys from the checkpoint (r1mega.convert.hf_config.model_config_from_hf_dir)."
+        )

@@ -140,9 +140,13 @@ def test_loading_into_the_wrong_model_names_the_tensor(tmp_path, rt):
         mcore_io.load_model_state(chunks, str(tmp_path / "hf"))
 
 
-def test_hf_weights_that_disagree_with_config_are_named(tmp_path, rt):
+def test_model_config_that_disagrees_with_hf_is_named(tmp_path, rt):
+    from r1mega.convert.hf_config import model_config_from_hf_dir
+
     hf_dir = make_tiny_hf_dir(str(tmp_path / "hf"), "llama")
     cfg, chunks = _build(hf_dir, rt)
-    bad = dataclasses.replace(cfg, ffn_hidden_size=cfg.ffn_hidden_size + 16)
-    with pytest.raises(ConversionError, match="'model.layers.0.mlp.gate_proj.weight' has shape"):
+    assert dataclasses.replace(model_config_from_hf_dir(hf_dir), spec="local") == cfg
+    bad = dataclasses.replace(cfg, ffn_hidden_size=cfg.ffn_hidden_size + 16, rope_theta=5.0)
+    with pytest.raises(ConversionError, match="model.ffn_hidden_size=96 but .*config.json gives 80; "
+                                              "model.rope_theta=5.0"):
         load_hf_into_model(chunks, hf_dir, bad, rt)
