@@ -14,7 +14,8 @@ cannot reach the assertions, which run in the judge on values rebuilt from a pic
 admits no classes at all. The result pipe is closed in the candidate before its code runs, and
 the judge is another user (or undumpable), so the candidate can neither write a verdict nor read
 the judge's memory. Invocation: ``python -I _sandbox_harness.py TOKEN RESULT_FD``; stdin carries
-an 8-byte length, a JSON payload, then the 32-byte nonce.
+a length-prefixed JSON payload (program, limits), then a length-prefixed JSON object with the tests
+and entry point, then the 32-byte nonce; the last two are read only after the fork.
 """
 import builtins
 import ctypes
@@ -259,6 +260,11 @@ def main():
     os.close(c_read)
     os.close(c_write)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # Only now, with the candidate forked off and its stdin cut, do the tests and the nonce come
+    # in: the candidate's copy of our memory never held them, so it cannot read the expected
+    # answers out of its own stack or heap.
+    (n,) = struct.unpack("<Q", _read_exact(0, 8))
+    payload.update(json.loads(_read_exact(0, n)))
     nonce = _read_exact(0, 32).decode()
     try:
         passed, error = _judge(payload, nonce, j_write, j_read)

@@ -184,8 +184,6 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
     nonce = secrets.token_hex(16)
     payload = {
         "program": program,
-        "tests": tests,
-        "entry_point": entry_point,
         "isolated": bool(iso["prefix"]),
         "netns": bool(iso["prefix"]),
         "drop_uid": iso["drop_uid"],
@@ -195,6 +193,7 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
     if iso["drop_uid"] is not None:
         os.chown(work_dir, iso["drop_uid"], iso["drop_uid"])
     body = json.dumps(payload).encode()
+    secret = json.dumps({"tests": tests, "entry_point": entry_point}).encode()
     read_fd, write_fd = os.pipe()
     cmd = list(iso["prefix"] or []) + [sys.executable, "-I", _HARNESS, token, str(write_fd)]
     start = time.monotonic()
@@ -215,7 +214,8 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
     timed_out = False
     try:
         try:
-            proc.stdin.write(struct.pack("<Q", len(body)) + body + nonce.encode())
+            proc.stdin.write(struct.pack("<Q", len(body)) + body
+                             + struct.pack("<Q", len(secret)) + secret + nonce.encode())
             proc.stdin.close()
         except (BrokenPipeError, OSError):
             pass

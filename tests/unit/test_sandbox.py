@@ -131,6 +131,34 @@ def test_cheating_scores_zero(clean_run, name, program):
     assert not res.passed, f"{name}: {res}"
 
 
+def test_tests_and_nonce_are_out_of_the_candidates_reach(clean_run):
+    """Reading the expected answers out of memory would be a perfect hack; the candidate's
+    process never holds the tests or the nonce."""
+    program = (
+        "import gc, sys\n"
+        "SECRET = ''.join(['NEEDLE', '_7731'])  # built at run time: not a folded constant\n"
+        "def _strings(o, depth=0):\n"
+        "    if isinstance(o, (str, bytes)):\n"
+        "        yield o if isinstance(o, str) else o.decode('latin-1')\n"
+        "    elif depth < 4 and isinstance(o, dict):\n"
+        "        for v in list(o.values()):\n"
+        "            yield from _strings(v, depth + 1)\n"
+        "    elif depth < 4 and isinstance(o, (list, tuple)):\n"
+        "        for v in o:\n"
+        "            yield from _strings(v, depth + 1)\n"
+        "def peek():\n"
+        "    seen = []\n"
+        "    f = sys._getframe()\n"
+        "    while f is not None:\n"
+        "        seen += list(_strings(dict(f.f_locals)))\n"
+        "        f = f.f_back\n"
+        "    for o in gc.get_objects():\n"
+        "        seen += list(_strings(o, 3))\n"
+        "    return any(SECRET in t and t is not SECRET for t in seen)\n")
+    res = clean_run(program, tests="assert peek() is False  # NEEDLE_7731\n")
+    assert res.passed, res
+
+
 def test_infinite_loop_times_out(clean_run):
     res = clean_run("while True:\n    pass\n", limits=SandboxLimits(timeout_s=2.0, memory_mb=512))
     assert not res.passed and res.status == "timeout"
