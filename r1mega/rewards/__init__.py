@@ -1,5 +1,25 @@
 """Rule-based rewards: one module per family, a registry, a time-boxed worker pool.
 
 Public entry points: :class:`r1mega.rewards.scorer.RewardScorer` (the trainer's),
-:func:`r1mega.rewards.registry.register_reward` (add a reward), ``r1mega reward`` (``cli.main``).
+:func:`r1mega.rewards.registry.register_reward` (add a reward; list its module in
+``rewards.modules`` so the workers import it), ``r1mega reward`` (``cli.main``).
+
+Rewards and the reference fields they read (all also accept ``answer_pattern``, a regex whose
+first group is the answer, instead of the last ``<answer>`` block):
+
+================  ===========================================  ===========================
+reward            reference                                    module
+================  ===========================================  ===========================
+math_accuracy     ``answer``                                   math.py (math-verify)
+exact_match       ``answer``                                   math.py
+format            (none) strict R1-Zero structure               format.py
+format_lenient    (none)                                       format.py
+code_tests        ``tests``, ``entry_point``, ``prefix``       code.py + sandbox.py
+countdown         ``numbers``, ``target``, ``require_all``     puzzles.py
+river_crossing    ``items``, ``rowers``, ``forbidden``,        puzzles.py
+                  ``capacity``
+language_consistency  ``language`` (else rewards.target_language)  language.py
+overlong_penalty  (none) uses num_tokens, max_new_tokens       length.py
+reasoning_gym     ``dataset``, ``entry``                       reasoning_gym.py
+================  ===========================================  ===========================
 """
