@@ -65,13 +65,14 @@ def run_hf(shape, prompts: int, prompt_len: int, new: int, device) -> float:
                       tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, shape["vocab_size"], (prompts, prompt_len), device=device)
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0,
-              attention_mask=torch.ones_like(ids))
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
     with torch.no_grad():
-        model.generate(ids[:2], max_new_tokens=4, min_new_tokens=4, **kw)
+        model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=4,
+                       min_new_tokens=4, **kw)
         _sync()
         t = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             min_new_tokens=new, **kw)
         _sync()
         dt = time.perf_counter() - t
     n_new = (out.shape[1] - prompt_len) * prompts
@@ -100,6 +101,25 @@ def logprob_mismatch(model, completions, prompts) -> tuple[float, float]:
     return d.mean().item(), d.max().item()
 
 
+def _time_replays(eng) -> None:
+    """Device time of one captured decode step per bucket (the host's share is the rest)."""
+    g = eng.graphs
+    if g is None or not g.graphs:
+        return
+    for b in (16, 64, 128, 256):
+        if b not in g.graphs:
+            continue
+        for _ in range(3):
+            g.graphs[b].replay()
+        _sync()
+        t = time.perf_counter()
+        for _ in range(20):
+            g.graphs[b].replay()
+        _sync()
+        print(f"graph replay, bucket {b}: {(time.perf_counter() - t) / 20 * 1e3:.3f} ms "
+              f"(padding rows: context 1)", flush=True)
+
+
 def _finite(obj):
     """NaN (a peer not run, no GPU bandwidth) -> null, so the JSON line is strict JSON."""
     if isinstance(obj, dict):
@@ -117,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shape (CPU check of the script)")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     ap.add_argument("--mismatch-seqs", type=int, default=16)
+    ap.add_argument("--profile", action="store_true", help="cProfile the first setting's run")
     args = ap.parse_args(argv)
 
     from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig, RolloutConfig
@@ -157,10 +178,23 @@ def main(argv=None) -> int:
         eng.generate([GenerationRequest(p, n=1, seed=i, max_new_tokens=16) for i, p in enumerate(ids)])
         _sync()
         warm_s = time.perf_counter() - t
+        prof = None
+        if args.profile and (prompts, plen, new) == settings[0]:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t = time.perf_counter()
         outs = eng.generate(reqs)
         _sync()
         dt = time.perf_counter() - t
+        if prof is not None:
+            import pstats
+
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        if (prompts, plen, new) == settings[0]:
+            _time_replays(eng)
         n_new = sum(len(c.token_ids) for c in outs)
         assert n_new == prompts * new, f"expected every sequence to reach {new} tokens"
         ours = n_new / dt
@@ -172,8 +206,14 @@ def main(argv=None) -> int:
         key = f"{prompts}x{plen}->{new}"
         results[key] = dict(rollout_tokens_per_s=ours, hf_tokens_per_s=peer, ratio=ours / peer,
                             seconds=dt, warmup_s=warm_s, roofline_fraction=floor_s / dt,
-                            decode_steps=eng.stats.get("decode"), preemptions=eng.stats.get("preemptions"))
+                            decode_steps=eng.stats.get("decode"), preemptions=eng.stats.get("preemptions"),
+                            prefill_s=eng.stats.get("prefill_s"), decode_s=eng.stats.get("decode_s"))
         rows.append((key, ours, peer, ours / peer, floor_s / dt, dt))
+        st = eng.stats
+        print(f"[{key}] rollout {ours:,.0f} tok/s in {dt:.2f} s (warm-up {warm_s:.1f} s; prefill "
+              f"{st['prefill_s']:.3f} s in {st['prefill']} steps, decode {st['decode_s']:.3f} s in "
+              f"{st['decode']} steps = {1e3 * st['decode_s'] / max(1, st['decode']):.2f} ms/step), "
+              f"HF {peer:,.0f} tok/s", flush=True)
     destroy_parallel()
 
     print(f"rollout bench: {n_params / 1e6:.0f}M params, {str(rt.dtype).replace('torch.', '')}, "

@@ -162,17 +162,18 @@ class RolloutEngine:
         done: list[Sequence] = []
         t0 = time.perf_counter()
         steps = {"prefill": 0, "decode": 0}
+        seconds = {"prefill": 0.0, "decode": 0.0}
         with torch.no_grad(), sequence_parallel_off(self.runner.model):
             while sched.has_work:
+                t_step = time.perf_counter()
                 plan = sched.schedule()
                 if plan is None:
                     raise RuntimeError("rollout scheduler stalled with work left (scheduler bug)")
-                if isinstance(plan, DecodePlan):
-                    sampled = self._decode(plan.seqs)
-                    steps["decode"] += 1
-                else:
-                    sampled = self._prefill(plan, sched)
-                    steps["prefill"] += 1
+                kind = "decode" if isinstance(plan, DecodePlan) else "prefill"
+                sampled = self._decode(plan.seqs) if kind == "decode" else self._prefill(plan, sched)
+                steps[kind] += 1
+                # Each step ends in a host sync, so wall time per kind is device time + host time.
+                seconds[kind] += time.perf_counter() - t_step
                 finished = [s for s in sampled if self.stopper.check(s)]
                 sched.finish_many(finished)
                 done.extend(finished)
@@ -181,7 +182,8 @@ class RolloutEngine:
         elapsed = time.perf_counter() - t0
         new_tokens = sum(s.num_generated for s in done)
         self.stats = {"seconds": elapsed, "new_tokens": new_tokens, "preemptions": sched.num_preemptions,
-                      "tokens_per_s": new_tokens / max(elapsed, 1e-9), **steps}
+                      "tokens_per_s": new_tokens / max(elapsed, 1e-9), **steps,
+                      "prefill_s": seconds["prefill"], "decode_s": seconds["decode"]}
         done.sort(key=lambda s: (s.prompt_index, s.sample_index))
         return [self._completion(s) for s in done]
 

@@ -80,6 +80,37 @@ def hashed_vocab_ids(vocab_start: int, vocab_local: int, device) -> torch.Tensor
     return hash32(hash32(ids * 0x27D4EB2F + 0x165667B1))
 
 
+def noisy_scores(z, keys, vocab_ids_hashed, greedy) -> torch.Tensor:
+    """(B, V_local) z + Gumbel noise (no noise on greedy rows)."""
+    noise = gumbel_noise(keys, vocab_ids_hashed)
+    return z + torch.where(greedy[:, None], torch.zeros_like(noise), noise)
+
+
+_COMPILED = {}
+
+
+def _noisy_scores(on_gpu: bool):
+    """On GPU the ~20 elementwise passes of the hash + Gumbel transform over (B, V) are one
+    fused kernel through torch.compile (the integer hash is exact either way); eager elsewhere,
+    or if compiling fails."""
+    if not on_gpu:
+        return noisy_scores
+    if "fn" not in _COMPILED:
+        fn = noisy_scores
+        try:
+            cand = torch.compile(noisy_scores, dynamic=True)
+            z = torch.zeros(2, 8, device="cuda")
+            keys = torch.tensor([1, 2], device="cuda")
+            hv = hashed_vocab_ids(0, 8, "cuda")
+            g = torch.tensor([False, True], device="cuda")
+            if torch.equal(cand(z, keys, hv, g).isfinite(), noisy_scores(z, keys, hv, g).isfinite()):
+                fn = cand
+        except Exception:  # no compiler toolchain: stay eager
+            fn = noisy_scores
+        _COMPILED["fn"] = fn
+    return _COMPILED["fn"]
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters as device tensors, plus host flags that pick the code path."""
@@ -179,9 +210,7 @@ def sample(
     if params.use_top_p:
         z = torch.where(z < _top_p_threshold(z, params.top_p, shard)[:, None], neg_inf, z)
 
-    noise = gumbel_noise(params.keys, vocab_ids_hashed)  # (B, V_local)
-    noise = torch.where(greedy[:, None], torch.zeros_like(noise), noise)
-    score = z + noise
+    score = _noisy_scores(z.is_cuda)(z, params.keys, vocab_ids_hashed, greedy)  # (B, V_local)
     best_local, idx_local = score.max(dim=-1)  # (B,)
     tok_local = idx_local + shard.start
     if shard.sharded:
