@@ -63,6 +63,10 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         pipeline_model_parallel_size=rt.pp_size,
         virtual_pipeline_model_parallel_size=rt.vp_size if rt.vp_size > 1 else None,
         context_parallel_size=rt.cp_size,
+        # megatron's batched p2p posts [send_prev, recv_prev, send_next, recv_next] on one group;
+        # at PP=2 prev == next, so when the interleaved schedule sends both ways at once the
+        # activation and the gradient cross. The unbatched path splits directions over two groups.
+        batch_p2p_comm=not (rt.pp_size == 2 and rt.vp_size > 1),
         expert_model_parallel_size=rt.ep_size,
         sequence_parallel=rt.sequence_parallel,
         # precision

@@ -82,13 +82,16 @@ def _pad_sample(template_fields: dict, n: int) -> dict:
 
 
 def collate(samples: Sequence[dict], indices: Sequence[int], pad_to_multiple: int,
-            template: Optional[dict] = None) -> MicroBatch:
-    """Pack ``samples[indices]`` end to end; append one padding sequence to reach the multiple."""
+            template: Optional[dict] = None, exact_tokens: int = 0) -> MicroBatch:
+    """Pack ``samples[indices]`` end to end; append one padding sequence to reach the multiple
+    (or exactly ``exact_tokens`` when given)."""
     chosen = [samples[i] for i in indices]
     template = template or (chosen[0] if chosen else {"input_ids": torch.zeros(1, dtype=torch.long)})
     lengths = [int(s["input_ids"].numel()) for s in chosen]
     total = sum(lengths)
     pad = (-total) % pad_to_multiple if total else pad_to_multiple
+    if exact_tokens:
+        pad = exact_tokens - total
     parts = list(chosen)
     index = list(indices)
     if pad:
@@ -116,11 +119,12 @@ def agree_count(count: int, dp_group, device) -> int:
 
 def make_micro_batches(samples: Sequence[dict], micro_batch_tokens: int, *, dp_group=None,
                        device="cpu", pad_to_multiple: int = 1, count_multiple: int = 1,
-                       min_count: int = 1) -> list[MicroBatch]:
+                       min_count: int = 1, fixed_size: bool = False) -> list[MicroBatch]:
     """This rank's samples -> packed micro-batches on ``device``, as many as on every DP rank.
 
     ``pad_to_multiple``: tokens per micro-batch rounded up (TP size under sequence parallelism).
     ``count_multiple``: micro-batch count rounded up (PP size for the interleaved schedule).
+    ``fixed_size``: every micro-batch padded to ``micro_batch_tokens`` (rounded to the multiple).
     """
     check_samples(samples, micro_batch_tokens)
     lengths = [int(s["input_ids"].numel()) for s in samples]
@@ -129,7 +133,8 @@ def make_micro_batches(samples: Sequence[dict], micro_batch_tokens: int, *, dp_g
     count = -(-count // count_multiple) * count_multiple
     template = samples[0] if samples else None
     bins += [[] for _ in range(count - len(bins))]
-    return [collate(samples, b, pad_to_multiple, template).to(device) for b in bins]
+    exact = -(-micro_batch_tokens // pad_to_multiple) * pad_to_multiple if fixed_size else 0
+    return [collate(samples, b, pad_to_multiple, template, exact).to(device) for b in bins]
 
 
 def unpack_per_sample(values: Sequence[torch.Tensor], micro_batches: Sequence[MicroBatch],

@@ -108,6 +108,10 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
 
         return out, loss_func
 
+    # Fixed shapes skip megatron's per-transfer shape exchange (and its PP=2 interleaved bug,
+    # see _micro_batches).
+    unwrap(model_chunks[0]).config.variable_seq_lengths = (
+        len({mb.num_tokens for mb in micro_batches}) > 1)
     iters = [iter(micro_batches) for _ in model_chunks]
     return fwd_bwd(
         forward_step_func=forward_step,
@@ -121,10 +125,17 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
 
 
 def _micro_batches(samples, rt: ParallelRuntime, micro_batch_tokens: int) -> list[MicroBatch]:
+    interleaved = rt.vp_size > 1
     return make_micro_batches(
         samples, micro_batch_tokens, dp_group=rt.dp_group, device=rt.device,
         pad_to_multiple=rt.tp_size if rt.sequence_parallel else 1,
-        count_multiple=rt.pp_size if rt.vp_size > 1 else 1,
+        # The interleaved schedule needs a multiple of PP micro-batches.
+        count_multiple=rt.pp_size if interleaved else 1,
+        # megatron 0.16.1 exchanges variable shapes on one group in the order [send_prev,
+        # recv_prev, send_next, recv_next]; at PP=2 prev and next are the same rank, so when the
+        # interleaved schedule sends both ways at once the shapes cross (forward receives the
+        # backward's shape). Fixed-size micro-batches need no shape exchange at all.
+        fixed_size=interleaved,
     )
 
 

@@ -64,7 +64,8 @@ def run_layout(rank, world, layout, init_state):
     from r1mega.parallel.runtime import init_parallel
     from r1mega.parallel.sharding import gather_full, load_full_state, named_global_parameters
     from r1mega.train.optimizer import build_optimizer
-    from r1mega.train.step import TrainStep, sft_loss_fn
+    from r1mega.train.step import (TrainStep, forward_only, sft_loss_fn,
+                                   vocab_parallel_target_logprobs)
 
     model_cfg = _model_cfg()
     par = ParallelConfig(tensor=layout["tensor"], pipeline=layout["pipeline"],
@@ -80,6 +81,11 @@ def run_layout(rank, world, layout, init_state):
         init_state = gather_full({k: p.data for k, p in named.items()}, named, rt.tp_rank, rt.tp_size)
     else:
         load_full_state(chunks, init_state, rt.tp_rank, rt.tp_size, model_cfg.tied_embeddings)
+    # Old/reference log-probs path: forward-only through the schedule, on every rank (rank 0 is
+    # the FIRST pipeline stage, so under PP this checks the broadcast too).
+    logp_fn = lambda logits, mb: vocab_parallel_target_logprobs(  # noqa: E731
+        logits, mb.fields["labels"], vocab_size=model_cfg.vocab_size, tp_group=rt.tp_group)
+    init_logprobs = forward_only(chunks, rt, _samples(), logp_fn, MICRO_BATCH_TOKENS)
     opt = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, decay_style="cosine",
                           decay_steps=STEPS, clip_grad=1.0, weight_decay=0.01)
     step = TrainStep(chunks, build_optimizer(opt, chunks, rt, distributed=True, total_steps=STEPS),
@@ -101,7 +107,7 @@ def run_layout(rank, world, layout, init_state):
         return None
     return {"losses": [r.loss for r in results], "tokens": [r.num_tokens for r in results],
             "grad_norms": [r.grad_norm for r in results], "lrs": [r.lr for r in results],
-            "num_micro_batches": len(mbs), "grads": grads, "params": params, "init": init_state}
+            "num_micro_batches": len(mbs), "init_logprobs": init_logprobs, "grads": grads, "params": params, "init": init_state}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +116,13 @@ def reference():
 
 
 def test_reference_trains(reference):
+    # every parameter takes part (a zero gradient would make the layout comparison vacuous)
+    for k, g in reference["grads"].items():
+        assert g.abs().sum() > 0, k
+    # forward_only log-probs agree with the training loss of step 1 (same weights, same tokens)
+    samples = _samples()
+    nll = -sum((lp * s["loss_mask"]).sum() for lp, s in zip(reference["init_logprobs"], samples))
+    assert float(nll) / reference["tokens"][0] == pytest.approx(reference["losses"][0], rel=1e-5)
     losses = reference["losses"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
@@ -126,8 +139,31 @@ def test_layout_matches_single_rank(reference, name):
     assert got["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)
     assert got["tokens"] == reference["tokens"]
     assert got["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4)
+    for a, b in zip(got["init_logprobs"], reference["init_logprobs"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert set(got["grads"]) == set(reference["grads"])
     for k, g in reference["grads"].items():
         torch.testing.assert_close(got["grads"][k], g, atol=1e-6, rtol=1e-4, msg=f"grad {k} ({name})")
     for k, p in reference["params"].items():
         torch.testing.assert_close(got["params"][k], p, atol=1e-5, rtol=1e-4, msg=f"param {k} ({name})")
+
+
+def uneven_batches(rank, world):
+    from r1mega.config import ParallelConfig, PrecisionConfig
+    from r1mega.parallel.runtime import init_parallel
+    from r1mega.train.batching import make_micro_batches
+    from r1mega.train.step import sft_sample
+
+    rt = init_parallel(ParallelConfig(), PrecisionConfig())
+    lengths = [6] if rank == 0 else [6, 7, 8, 9, 10]
+    samples = [sft_sample(torch.arange(n)) for n in lengths]
+    mbs = make_micro_batches(samples, 10, dp_group=rt.dp_group, device=rt.device)
+    return [(mb.seq_lengths, mb.sample_index, float(mb.fields["loss_mask"].sum())) for mb in mbs]
+
+
+def test_dp_ranks_run_the_same_number_of_micro_batches():
+    r0, r1 = run_ranks(uneven_batches, 2)
+    assert len(r0) == len(r1) == 5  # rank 1 needs 5 bins of <= 10 tokens; rank 0 pads to 5
+    assert r0[0] == ((6,), (0,), 5.0)
+    assert all(idx == (-1,) and mask == 0.0 for _, idx, mask in r0[1:])  # empty = one pad sequence
+    assert sorted(i for _, idx, _ in r1 for i in idx) == [0, 1, 2, 3, 4]
