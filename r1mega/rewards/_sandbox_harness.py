@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pickle
+import re
 import resource
 import signal
 import struct
@@ -85,11 +86,40 @@ def _isolate_filesystem(uid):
                 raise OSError(ctypes.get_errno(), f"mount tmpfs on {path} failed")
     if uid is not None:
         _expose_python(libc)
+    _read_only_elsewhere(libc, keep=("/tmp", "/var/tmp", "/dev/shm"))
     work = "/tmp/work"
     os.mkdir(work, 0o700)
     if uid is not None:
         os.chown(work, uid, uid)
     os.chdir(work)
+
+
+_MOUNT_FLAGS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
+                "relatime": 1 << 21, "strictatime": 1 << 24}
+
+
+def _read_only_elsewhere(libc, keep):
+    """Remount every other mount read-only (in our namespace only). Without this a candidate
+    that keeps our uid (user-namespace mode, no root to drop from) could write the user's
+    files: checkpoints, the repository, the home directory. The flags a mount already has are
+    kept, because a user namespace may add restrictions but never lift them."""
+    MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+    with open("/proc/self/mountinfo") as f:
+        lines = f.read().splitlines()
+    failed = []
+    for line in lines:
+        fields = line.split()
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if point in keep or point == "/proc" or point.startswith("/proc/"):
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for opt in fields[5].split(","):
+            flags |= _MOUNT_FLAGS.get(opt, 0)
+        if libc.mount(None, point.encode(), None, flags, None) != 0:
+            failed.append(f"{point} (errno {ctypes.get_errno()})")
+    if failed:
+        # Reported, not fatal: the uid drop still guards these where we run as root.
+        sys.stderr.write(f"sandbox: could not make read-only: {', '.join(failed[:10])}\n")
 
 
 def _expose_python(libc):
@@ -152,6 +182,16 @@ def _install_guards(work_dir, block_network):
     sys.addaudithook(hook)
 
 
+def _flush():
+    # The candidate is killed, not exited, once the verdict is in: push its prints out first so
+    # that users debugging a reward see them.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 -- the program may have replaced or closed them
+            pass
+
+
 def _run_candidate(payload, to_judge, from_judge):
     """The forked child: limits, privileges dropped, then the untrusted program, then serve."""
     lim = payload["limits"]
@@ -176,11 +216,13 @@ def _run_candidate(payload, to_judge, from_judge):
         _send(to_judge, ("error", f"the program raised {type(exc).__name__}: {exc}"[:500]))
         os._exit(1)
     names = [k for k, v in namespace.items() if callable(v) and not k.startswith("__")]
+    _flush()
     _send(to_judge, ("ready", names))
     while True:
         name, args, kwargs = pickle.loads(_recv_raw(from_judge))
         try:
             value = namespace[name](*args, **kwargs)
+            _flush()
             _send(to_judge, ("ok", value))
         except BaseException as exc:  # noqa: BLE001 -- reported to the judge as the call's error
             _send(to_judge, ("exc", type(exc).__name__, str(exc)[:500]))

@@ -249,3 +249,27 @@ def test_fallback_mode_still_contains_the_basics(clean_run, monkeypatch):
     res = clean_run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n"
                     + FACTORIAL)
     assert not res.passed and "network" in res.error
+
+
+def test_user_namespace_mode_keeps_the_filesystem_read_only(clean_run, monkeypatch, tmp_path):
+    """The mode of non-root users: the candidate keeps our uid (no nobody to drop to), so only
+    the read-only remount stops it from writing our files (repository, checkpoints, home)."""
+    iso = sandbox.detect_isolation()
+    if not iso["prefix"]:
+        pytest.skip("no namespaces on this machine")
+    prefix = list(iso["prefix"])
+    if "-r" not in prefix:
+        prefix.insert(1, "-r")
+    monkeypatch.setattr(sandbox, "detect_isolation",
+                        lambda: dict(iso, prefix=prefix, drop_uid=None, mode="userns(test)"))
+    name = f"r1mega_pwned_{uuid.uuid4().hex}"
+    targets = [str(tmp_path / name), os.path.join(os.getcwd(), name)]
+    for t in targets:
+        res = clean_run(f"open({t!r}, 'w').write('x')\n" + FACTORIAL)
+        assert not res.passed, res
+        assert not os.path.exists(t)
+    # /tmp is a private tmpfs there (tmp_path does not even exist); the repository is read-only.
+    assert "Read-only file system" in res.error, res
+    assert clean_run("open('scratch.txt', 'w').write('ok')\n" + FACTORIAL).passed
+    assert not clean_run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n"
+                         + FACTORIAL).passed
