@@ -201,15 +201,17 @@ def expand_table(model_cfg, te_names: bool = False) -> list[Entry]:
     for rule in family_table(model_cfg):
         if not _active(rule, model_cfg):
             continue
-        layers = range(model_cfg.num_layers) if "{i}" in rule.mcore else [None]
+        # "{i}" expands over layers; "{e}" over experts (rows of MoE tables, when they exist).
+        layers = range(model_cfg.num_layers) if "{i}" in rule.mcore else [0]
+        experts = range(getattr(model_cfg, "num_experts", 0) or 0) if "{e}" in rule.mcore else [0]
         for i in layers:
-            mcore = rule.mcore.format(i=i) if i is not None else rule.mcore
-            if te_names:
-                for old, new in TE_RENAMES.items():
-                    if mcore.endswith("." + old):
-                        mcore = mcore[: -len(old)] + new
-            hf = tuple(h.format(i=i) if i is not None else h for h in rule.hf)
-            out.append(Entry(mcore, hf, rule.transform))
+            for e in experts:
+                mcore = rule.mcore.format(i=i, e=e)
+                if te_names:
+                    for old, new in TE_RENAMES.items():
+                        if mcore.endswith("." + old):
+                            mcore = mcore[: -len(old)] + new
+                out.append(Entry(mcore, tuple(h.format(i=i, e=e) for h in rule.hf), rule.transform))
     return out
 
 
