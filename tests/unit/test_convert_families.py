@@ -134,3 +134,22 @@ def test_fewer_kv_groups_than_tp_ranks_is_refused_clearly():
     check_layout(_cfg(num_query_groups=2), 2)
     with pytest.raises(ConversionError, match="1 KV groups.*tensor parallel size 2"):
         check_layout(_cfg(num_attention_heads=4, num_query_groups=1), 2)
+
+
+def test_te_spec_names_round_trip_through_the_table(tmp_path):
+    """With the TE spec the norms live in the next linear; the same HF tensors map there and back."""
+    from r1mega.convert.hf_bridge import hf_tensors_from_full
+    from r1mega.convert.testing import load_safetensors_dir, make_tiny_hf_dir
+
+    pytest.importorskip("transformers")
+    hf = load_safetensors_dir(make_tiny_hf_dir(str(tmp_path / "hf"), "qwen3", tied=False))
+    cfg = _cfg(family="qwen3", qk_norm=True, num_layers=2, hidden_size=48, num_attention_heads=4,
+               num_query_groups=2, ffn_hidden_size=80, vocab_size=97, tied_embeddings=False)
+    full = {e.mcore: fam.hf_to_mcore_tensor(e, hf.__getitem__, cfg, 128)
+            for e in fam.expand_table(cfg, te_names=True)}
+    assert torch.equal(full["decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"],
+                       hf["model.layers.1.input_layernorm.weight"])
+    assert torch.equal(full["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"],
+                       hf["model.layers.0.post_attention_layernorm.weight"])
+    back = dict(hf_tensors_from_full(full, cfg, torch.float32))
+    assert set(back) == set(hf) and all(torch.equal(back[n], hf[n]) for n in hf)
