@@ -5,7 +5,7 @@ The trainer sees only :class:`RewardScorer`. A reward that raises, hangs past it
 kills its worker scores 0 for that component; the item carries the error, ``metrics()`` counts
 it, the worker is replaced, and ``score`` returns normally. Training never stops on a reward.
 
-The pool is persistent (spawned once, workers stay warm with sympy and math-verify imported)
+The pool is persistent (started once, workers stay warm with sympy and math-verify imported)
 because the CPU demo scores ~100 completions per step and a per-batch pool start would cost
 seconds. Work units are (item, reward) pairs so a slow sandbox run does not hold up the cheap
 format checks of the same batch.
@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
 import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 
 from r1mega.rewards.registry import get_reward
 
@@ -81,20 +84,38 @@ def _worker_main(conn, modules) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, modules):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, list(modules)), daemon=True)
-        self.proc.start()
-        child.close()
+    """One worker: a plain ``python -m r1mega.rewards.scorer --worker FD`` child over a socket.
+
+    Not ``multiprocessing``: its spawn and forkserver modes re-import the trainer's main script
+    in every worker, so a launch script without an ``if __name__ == "__main__"`` guard would
+    start training again in each of them; a fresh interpreter imports only what rewards need.
+    """
+
+    def __init__(self, modules):
+        parent, child = socket.socketpair()
+        # The workers see the modules the parent sees (a checkout not pip-installed, tests).
+        path = os.pathsep.join(p for p in sys.path if p)
+        env = dict(os.environ, PYTHONPATH=path)
+        cmd = [sys.executable, "-m", "r1mega.rewards.scorer", "--worker", str(child.fileno()),
+               *modules]
+        try:
+            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env,
+                                         stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.conn = Connection(parent.detach())
         self.unit = None  # (uid, deadline, name) while busy
         self.ready = False  # set by the worker's first message, once its imports are done
         self.start_deadline = time.monotonic() + _START_TIMEOUT_S
 
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
     def kill(self) -> None:
         try:
             self.proc.kill()
-            self.proc.join(5)
-        except (OSError, ValueError):
+            self.proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
             pass
         self.conn.close()
 
@@ -119,13 +140,12 @@ class RewardScorer:
                                  f"{spec!r}.")
             for name in spec:
                 get_reward(name)  # unknown names fail here, at start-up, with a suggestion
-        self._ctx = mp.get_context("spawn")  # fork would copy a trainer's threads and CUDA state
         self._workers: list[_Worker] = []
         self._counts = {"items": 0, "calls": 0, "timeouts": 0, "crashes": 0, "errors": 0,
                         "bad_items": 0, "worker_restarts": 0, "seconds": 0.0}
         # Spawned now, without waiting: their imports overlap the trainer's own start-up.
         for _ in range(max(0, self.num_workers)):
-            self._workers.append(_Worker(self._ctx, rewards_cfg.modules))
+            self._workers.append(_Worker(rewards_cfg.modules))
 
     # ------------------------------------------------------------------ public
 
@@ -174,7 +194,10 @@ class RewardScorer:
             except OSError:
                 pass
         for w in self._workers:
-            w.proc.join(1)
+            try:
+                w.proc.wait(1)
+            except subprocess.TimeoutExpired:
+                pass
             w.kill()
         self._workers = []
 
@@ -226,7 +249,7 @@ class RewardScorer:
         if self.num_workers <= 0:
             return self._run_inline(units)
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx, self.cfg.modules))
+            self._workers.append(_Worker(self.cfg.modules))
         todo = deque(units)
         failed_starts = 0
         while todo or any(w.unit for w in self._workers):
@@ -293,7 +316,7 @@ class RewardScorer:
     def _replace(self, w: _Worker) -> None:
         w.kill()
         idx = self._workers.index(w)
-        self._workers[idx] = _Worker(self._ctx, self.cfg.modules)
+        self._workers[idx] = _Worker(self.cfg.modules)
         self._counts["worker_restarts"] += 1
 
     def _run_inline(self, units: list) -> dict:
@@ -317,7 +340,11 @@ class RewardScorer:
 
 def worker_pids(scorer: RewardScorer) -> list[int]:
     """For tests and debugging: the live worker processes."""
-    return [w.proc.pid for w in scorer._workers if w.proc.is_alive()]
+    return [w.proc.pid for w in scorer._workers if w.is_alive()]
 
 
 __all__ = ["RewardScorer", "ScoredItem", "DEFAULT_SPECS", "worker_pids"]
+
+
+if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":
+    _worker_main(Connection(int(sys.argv[2])), sys.argv[3:])

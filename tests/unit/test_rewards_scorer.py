@@ -129,3 +129,30 @@ def test_cli_scores_lines_and_reports_bad_ones(tmp_path, capsys):
     assert rows[2]["score"] is None and "in.jsonl:3" in rows[2]["error"]
     assert rows[3]["components"]["code_tests"] == 1.0
     assert rows[4]["score"] == 0.0 and "too often" in rows[4]["reasons"]["countdown"][0]
+
+
+def test_workers_do_not_rerun_an_unguarded_main_script(tmp_path):
+    """A launch script without ``if __name__ == "__main__"`` must run once, not once per
+    worker (what multiprocessing's spawn would do)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "train_like.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {root!r})\n"
+        f"open({str(marker)!r}, 'a').write('x')\n"
+        "from r1mega.config import RewardsConfig\n"
+        "from r1mega.rewards.scorer import RewardScorer\n"
+        "s = RewardScorer(RewardsConfig(num_workers=2))\n"
+        "out = s.score([{'kind': 'arithmetic', 'completion': '81', 'reference': {'answer': '81'}}"
+        "] * 4)\n"
+        "print(sum(o.total for o in out))\n"
+        "s.close()\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "4.0"
+    assert marker.read_text() == "x"
