@@ -6,15 +6,22 @@ Layers, strongest first (chosen at run time by :func:`detect_isolation`):
   a new network namespace (only a downed loopback: every connection fails), a new PID namespace
   whose init is the judge (when it dies the kernel kills every process the completion started,
   even those that left our process group), and a private mount namespace where the judge lays a
-  fresh 64 MB tmpfs over ``/tmp``, ``/var/tmp`` and ``/dev/shm``: the work dir lives there and
-  vanishes with the namespace.
-* **Another user**: run as root, the candidate drops to ``nobody`` (so it cannot write the host's
-  files, signal or ptrace the judge, and ``RLIMIT_NPROC`` stops a fork bomb).
+  fresh 64 MB tmpfs over ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (the work dir lives there and
+  vanishes with the namespace) and remounts every other mount read-only, so even a candidate
+  that keeps our uid (non-root users, ``-r``) cannot touch the repository, checkpoints or home.
+* **Another user**: run as root, the candidate drops to ``nobody`` (so it cannot signal or ptrace
+  the judge, and ``RLIMIT_NPROC`` stops a fork bomb). A Python under a private home (pyenv in
+  ``/root``) is bound into reach; the rest of that home stays hidden. Without root, a fork bomb
+  is bounded by the CPU/wall limits and the PID namespace teardown only (no NPROC per uid).
 * **Fallback** (no ``unshare`` or the kernel refuses namespaces; reported in
   :func:`detect_isolation` and in every result's ``isolation``): a new session that we kill as a
   group, a sweep of every descendant, a fresh temp dir as cwd, and Python audit hooks that refuse
   sockets and writes outside the work dir. Audit hooks are not a security boundary (ctypes can
   get around them), so production clusters should run where user namespaces are allowed.
+
+Known limits: files readable by everyone stay readable (a dataset on disk with the tests could
+be found); tests see the completion's functions through proxies that pass plain data, so a test
+that relies on in-place mutation of an argument, or passes a lambda, does not work here.
 
 Always: ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core dumps, a wall
 clock, an environment without the parent's variables (no tokens or keys leak in), a cap on the
