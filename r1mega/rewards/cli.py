@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from r1mega.config import load_config
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output JSONL (default: stdout)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rewards.timeout_s=20")
     args = ap.parse_args(argv)
+    if not os.path.isfile(args.input):
+        print(f"r1mega reward: --input {args.input} is not a file.", file=sys.stderr)
+        return 2
     cfg = load_config(args.config, args.overrides)
     out = open(args.out, "w") if args.out else sys.stdout
     try:

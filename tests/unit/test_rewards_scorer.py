@@ -129,6 +129,8 @@ def test_cli_scores_lines_and_reports_bad_ones(tmp_path, capsys):
     assert rows[2]["score"] is None and "in.jsonl:3" in rows[2]["error"]
     assert rows[3]["components"]["code_tests"] == 1.0
     assert rows[4]["score"] == 0.0 and "too often" in rows[4]["reasons"]["countdown"][0]
+    assert reward_cli(["--input", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl is not a file" in capsys.readouterr().err
 
 
 def test_workers_do_not_rerun_an_unguarded_main_script(tmp_path):
