@@ -54,6 +54,11 @@ def test_answer_block_is_what_counts():
     assert math_accuracy("nothing here", {"answer": "2"}).score == 0.0
 
 
+def test_hedged_answers_get_no_credit():
+    for hedge in ("1, 2, 3, 4, 5", "\\boxed{3} or \\boxed{4}", "x \\in \\{3, 4\\}"):
+        assert math_accuracy(f"<answer>{hedge}</answer>", {"answer": "3"}).score == 0.0, hedge
+
+
 def test_unparsable_reference_says_so():
     res = math_accuracy("<answer>1</answer>", {"answer": ""})
     assert res.score == 0.0 and "reference" in res.reasons[0]
