@@ -216,8 +216,19 @@ class TrainConfig:
     # "grpo" | "sft"
     mode: str = "grpo"
     steps: int = 10
+    # SFT: `r1mega sft` runs sft_steps (or steps when 0); `r1mega train` with sft_steps > 0 runs
+    # that many cold-start SFT steps first (fresh runs only). lr 0 means optimizer.lr.
     sft_steps: int = 0
+    sft_lr: float = 0.0
+    sft_batch_examples: int = 32
+    # JSONL/Parquet of {"prompt", "response"} rows; None: data.source (builtin:arithmetic has
+    # worked solutions).
+    sft_source: Optional[str] = None
     eval_every_steps: int = 0
+    # Held-out evaluation: temperature 0 is greedy (one completion per prompt); > 0 averages
+    # eval_samples sampled completions per prompt.
+    eval_temperature: float = 0.0
+    eval_samples: int = 1
     # Stop after this many NaN/Inf steps in a row (0: never stop, only skip).
     max_consecutive_nonfinite: int = 0
 

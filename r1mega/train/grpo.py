@@ -1,0 +1,334 @@
+"""One GRPO step, in the order of the algorithm:
+
+    prompts (this DP rank's slice) ──► G completions each (colocated engine; KV cache released)
+        ──► rewards (rule-based scorer) ──► group advantages (optionally drop all-equal groups)
+        ──► reference log-probs (frozen copy; only when grpo.kl_beta > 0)
+        ──► old log-probs (only when the batch is reused: grpo.inner_epochs > 1)
+        ──► policy update(s): packed micro-batches, pipeline schedule, fused GRPO loss
+        ──► the next rollout reads the updated weights in place
+
+Everything a completion needs in the loss travels as per-token fields of one packed sample
+(``labels``, ``loss_mask``, ``advantages``, optional ``old_logprobs`` / ``ref_logprobs`` /
+``rollout_logprobs``), so micro-batching never has to know what GRPO is.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from r1mega.data.templates import encode_prompt
+from r1mega.models.gpt import count_parameters
+from r1mega.ops.grpo_loss import finalize_metrics, grpo_loss, local_normalizer
+from r1mega.ops.logprobs import vocab_parallel_logprobs
+from r1mega.rewards.format import check_format
+from r1mega.rl.advantages import group_advantages
+from r1mega.rollout.types import GenerationRequest
+from r1mega.train.step import sft_sample
+
+# Components that say "the answer is right" (as opposed to format, length or language shaping).
+ACCURACY_REWARDS = ("math_accuracy", "exact_match", "countdown", "river_crossing", "code_tests",
+                    "reasoning_gym")
+# Dense bf16 peak of one accelerator, for the MFU estimate; unknown devices report no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def request_seed(base: int, step: int, dp_rank: int, index: int) -> int:
+    """Sampling seed of one prompt: distinct per (run seed, step, DP rank, prompt), identical on
+    the TP ranks that share the prompt (they must draw the same tokens)."""
+    return (((base * 1_000_003 + step) * 4_099 + dp_rank) * 65_537 + index) % (1 << 62)
+
+
+def completion_sample(prompt_ids: Sequence[int], token_ids: Sequence[int], advantage: float,
+                      rollout_logprobs: Optional[Sequence[float]] = None) -> dict:
+    """Prompt + completion as one training sequence; loss only on the completion's tokens.
+
+    Position p predicts token p+1, so the completion (positions P..T-1) is predicted from
+    positions P-1..T-2: exactly ``sft_sample``'s mask.
+    """
+    tokens = torch.tensor(list(prompt_ids) + list(token_ids), dtype=torch.long)  # (T,)
+    sample = sft_sample(tokens, len(prompt_ids))
+    sample["advantages"] = torch.full((tokens.numel(),), float(advantage), dtype=torch.float32)
+    if rollout_logprobs is not None:
+        lp = torch.zeros(tokens.numel(), dtype=torch.float32)
+        p = len(prompt_ids)
+        lp[p - 1:p - 1 + len(token_ids)] = torch.tensor(list(rollout_logprobs), dtype=torch.float32)
+        sample["rollout_logprobs"] = lp
+    return sample
+
+
+def seq_ids_of(mb) -> torch.Tensor:
+    """(T,) index of each packed token's sequence within the micro-batch."""
+    lengths = torch.tensor(mb.seq_lengths, device=mb.input_ids.device)
+    return torch.repeat_interleave(torch.arange(len(mb.seq_lengths), device=lengths.device), lengths)
+
+
+def token_logprob_fn(*, vocab_size: int, tp_group, temperature: float):
+    """``fn(logits_shard, mb) -> (T,)`` log p(label) at the sampling temperature (forward only)."""
+
+    def fn(logits_shard, mb):
+        labels = mb.fields["labels"] * (mb.fields["loss_mask"] > 0)
+        logp, _ = vocab_parallel_logprobs(logits_shard.float(), labels, tp_group=tp_group,
+                                          vocab_size=vocab_size, temperature=temperature)
+        return logp
+
+    return fn
+
+
+def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, norm_tokens: int):
+    """The ``loss_fn(logits_shard, mb) -> (loss_sum, count, metric sums)`` of the train step.
+
+    The GRPO loss is computed with ``normalizer=1`` and the step's schedule divides the summed
+    gradient by the global sum of ``count``; ``count`` is this micro-batch's share of the
+    aggregation's normaliser (tokens for token_mean, sequences for the seq-mean modes), so the
+    result is the aggregate over ALL ranks and micro-batches, whatever the packing.
+    """
+
+    def loss_fn(logits_shard, mb):
+        f = mb.fields
+        mask = f["loss_mask"]
+        seq_ids = seq_ids_of(mb)
+        old = f.get("old_logprobs")
+        if old is None:
+            # On-policy, one update per batch: the policy that sampled these tokens is the one
+            # being trained, so old == current and the ratio is exactly 1 (no clipping can act);
+            # the forward-only "old" pass is skipped and the current log-probs stand in,
+            # detached. Reading the logits once more is far cheaper than a model forward.
+            with torch.no_grad():
+                labels = f["labels"] * (mask > 0)
+                old, _ = vocab_parallel_logprobs(logits_shard.detach(), labels, tp_group=tp_group,
+                                                 vocab_size=vocab_size, temperature=temperature)
+        loss, metrics = grpo_loss(
+            logits_shard, f["labels"], f["advantages"], old, mask, cfg=grpo_cfg,
+            tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
+            ref_logp=f.get("ref_logprobs"), rollout_logp=f.get("rollout_logprobs"),
+            seq_ids=seq_ids, normalizer=1.0, impl=grpo_cfg.loss_impl)
+        count = local_normalizer(mask, loss_agg=grpo_cfg.loss_agg, seq_ids=seq_ids,
+                                 norm_tokens=norm_tokens)
+        sums = {k: v for k, v in metrics.items() if k.endswith("_sum") or k == "n_tokens"}
+        return loss, torch.tensor(int(count), dtype=torch.int32, device=logits_shard.device), sums
+
+    return loss_fn
+
+
+def has_reflection(text: str, phrases: Sequence[str]) -> bool:
+    low = text.lower()
+    return any(p.lower() in low for p in phrases)
+
+
+def completion_stats(texts: Sequence[str], lengths: Sequence[int], scored: Sequence,
+                     truncated: Sequence[bool], phrases: Sequence[str]) -> dict:
+    """Sums over this rank's completions (reduced over DP by the caller, then divided)."""
+    out: dict = {"n": float(len(texts)), "reward_sum": 0.0, "reward_sq_sum": 0.0,
+                 "accuracy_sum": 0.0, "format_sum": 0.0, "reflection_sum": 0.0,
+                 "length_sum": 0.0, "length_max": 0.0, "truncated_sum": 0.0}
+    for text, n, s, trunc in zip(texts, lengths, scored, truncated):
+        out["reward_sum"] += s.total
+        out["reward_sq_sum"] += s.total * s.total
+        acc = [s.components[k] for k in ACCURACY_REWARDS if k in s.components]
+        out["accuracy_sum"] += float(max(acc) >= 1.0) if acc else 0.0
+        out["format_sum"] += check_format(text).score
+        out["reflection_sum"] += float(has_reflection(text, phrases))
+        out["length_sum"] += n
+        out["length_max"] = max(out["length_max"], float(n))
+        out["truncated_sum"] += float(trunc)
+        for name, value in s.components.items():
+            out[f"c/{name}_sum"] = out.get(f"c/{name}_sum", 0.0) + value
+            out[f"c/{name}_sq_sum"] = out.get(f"c/{name}_sq_sum", 0.0) + value * value
+    return out
+
+
+def reduce_stats(stats: dict, group) -> dict:
+    """Sum every key over ``group`` (``*_max`` keys: max). Keys may differ between ranks."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return dict(stats)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, stats, group=group)
+    out: dict = {}
+    for part in gathered:
+        for k, v in part.items():
+            out[k] = max(out.get(k, v), v) if k.endswith("_max") else out.get(k, 0.0) + v
+    return out
+
+
+def summarise(stats: dict) -> dict:
+    n = max(stats["n"], 1.0)
+    mean = stats["reward_sum"] / n
+    out = {"reward/mean": mean,
+           "reward/std": max(stats["reward_sq_sum"] / n - mean * mean, 0.0) ** 0.5,
+           "reward/accuracy": stats["accuracy_sum"] / n,
+           "reward/format_rate": stats["format_sum"] / n,
+           "response/reflection_share": stats["reflection_sum"] / n,
+           "response/length_mean": stats["length_sum"] / n,
+           "response/length_max": stats["length_max"],
+           "response/truncated_share": stats["truncated_sum"] / n}
+    for k, v in stats.items():
+        if k.startswith("c/") and k.endswith("_sq_sum"):
+            name = k[2:-7]
+            m = stats[f"c/{name}_sum"] / n
+            out[f"reward/{name}_mean"] = m
+            out[f"reward/{name}_std"] = max(v / n - m * m, 0.0) ** 0.5
+    return out
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclass
+class StepOutput:
+    metrics: dict
+    samples: list = field(default_factory=list)  # (prompt text, completion text, reward)
+
+
+class GRPOStep:
+    """Holds the roles and the per-step inputs; ``__call__(step)`` runs one GRPO step."""
+
+    def __init__(self, cfg, rt, policy, rollout, scorer, sampler, tokenizer, reference=None):
+        self.cfg, self.rt = cfg, rt
+        self.policy, self.rollout, self.reference = policy, rollout, reference
+        self.scorer, self.sampler, self.tok = scorer, sampler, tokenizer
+        dp = rt.dp_size
+        if cfg.data.global_batch_prompts % dp:
+            raise ValueError(f"data.global_batch_prompts={cfg.data.global_batch_prompts} is not "
+                             f"divisible by the data-parallel size {dp}.")
+        self.prompts_per_rank = cfg.data.global_batch_prompts // dp
+        if cfg.grpo.kl_beta and reference is None:
+            raise ValueError("grpo.kl_beta > 0 needs a Reference role (the trainer builds one).")
+        self.vocab_size = cfg.model.vocab_size
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        tp_group = rt.tp_group if rt.tp_size > 1 else None
+        self.logprob_fn = token_logprob_fn(vocab_size=self.vocab_size, tp_group=tp_group,
+                                           temperature=self.temperature)
+        self.loss_fn = grpo_loss_fn(
+            cfg.grpo, vocab_size=self.vocab_size, tp_group=tp_group, temperature=self.temperature,
+            norm_tokens=cfg.grpo.loss_norm_tokens or cfg.rollout.max_new_tokens)
+        self.num_params = count_parameters(cfg.model)
+
+    def _sync(self):
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __call__(self, step: int) -> StepOutput:
+        cfg, rt, G = self.cfg, self.rt, self.cfg.rollout.group_size
+        t0 = self._sync()
+        # 1. prompts of this DP rank
+        records = self.sampler.next_batch(self.prompts_per_rank)
+        prompts = [encode_prompt(r.prompt, cfg.data.template, self.tok, cfg.data.max_prompt_tokens)
+                   for r in records]
+        # 2. G completions each, from the current weights; the KV cache is freed on return
+        requests = [GenerationRequest(p, n=G, seed=request_seed(cfg.rollout.seed, step, rt.dp_rank, i))
+                    for i, p in enumerate(prompts)]
+        completions = self.rollout.generate(requests)
+        t_rollout = self._sync()
+        # 3. rewards and group advantages
+        items = [{"kind": records[c.prompt_index].kind, "completion": c.text,
+                  "reference": records[c.prompt_index].reference,
+                  "truncated": c.finish_reason == "length", "num_tokens": len(c.token_ids)}
+                 for c in completions]
+        scored = self.scorer.score(items)
+        rewards = torch.tensor([s.total for s in scored], dtype=torch.float32)  # (N*G,)
+        adv, equal = group_advantages(rewards, G, scale_by_std=cfg.grpo.scale_rewards)
+        t_reward = self._sync()
+        keep = [i for i, c in enumerate(completions)
+                if not (cfg.grpo.drop_equal_groups and bool(equal[c.prompt_index]))]
+        if not keep:
+            # Every group of this rank is uninformative; one zero-advantage sample keeps this rank
+            # in the (collective) schedule and contributes exactly zero gradient.
+            keep = [0]
+        use_rollout_lp = bool(cfg.grpo.tis_cap)
+        samples = [completion_sample(prompts[completions[i].prompt_index], completions[i].token_ids,
+                                     float(adv[i]) if i in keep else 0.0,
+                                     completions[i].logprobs if use_rollout_lp else None)
+                   for i in keep]
+        if cfg.grpo.drop_equal_groups and len(keep) == 1 and bool(equal[completions[0].prompt_index]):
+            samples[0]["loss_mask"].zero_()
+        # 4. reference and old log-probs (forward-only passes through the pipeline schedule)
+        if self.reference is not None and cfg.grpo.kl_beta:
+            for s, lp in zip(samples, self.reference.logprobs(samples, self.logprob_fn)):
+                s["ref_logprobs"] = lp.cpu()
+        if cfg.grpo.inner_epochs > 1:
+            # The batch is reused, so the sampling policy must be pinned before the first update.
+            for s, lp in zip(samples, self.policy.forward_only(samples, self.logprob_fn)):
+                s["old_logprobs"] = lp.cpu()
+        t_logprobs = self._sync()
+        # 5. policy update(s)
+        results = [self.policy.update(samples, self.loss_fn) for _ in range(cfg.grpo.inner_epochs)]
+        t_train = self._sync()
+        return StepOutput(self._metrics(step, records, completions, scored, equal, samples, results,
+                                        (t0, t_rollout, t_reward, t_logprobs, t_train)),
+                          self._samples(records, completions, scored))
+
+    def _metrics(self, step, records, completions, scored, equal, samples, results, times) -> dict:
+        cfg, rt = self.cfg, self.rt
+        t0, t_rollout, t_reward, t_logprobs, t_train = times
+        stats = completion_stats([c.text or "" for c in completions],
+                                 [len(c.token_ids) for c in completions], scored,
+                                 [c.finish_reason == "length" for c in completions],
+                                 cfg.rewards.reflection_phrases)
+        stats["equal_groups_sum"] = float(equal.sum())
+        stats["groups"] = float(equal.numel())
+        stats["seq_tokens_sum"] = float(sum(int(s["input_ids"].numel()) for s in samples))
+        stats = reduce_stats(stats, rt.dp_group if rt.dp_size > 1 else None)
+        out = summarise(stats)
+        out["groups/all_equal_share"] = stats["equal_groups_sum"] / max(stats["groups"], 1.0)
+        last = results[-1]
+        loss_metrics = finalize_metrics({k: torch.tensor(v) for k, v in last.metrics_sum.items()
+                                         if k.endswith("_sum") or k == "n_tokens"}) \
+            if "n_tokens" in last.metrics_sum else {}
+        out.update({
+            "loss": last.loss, "lr": last.lr,
+            "grad_norm": float("nan") if last.grad_norm is None else last.grad_norm,
+            "update_skipped": float(not all(r.update_successful for r in results)),
+            "kl": loss_metrics.get("ref_kl" if cfg.grpo.kl_beta else "approx_kl", 0.0),
+            "kl/approx_old": loss_metrics.get("approx_kl", 0.0),
+            "entropy": loss_metrics.get("entropy", 0.0),
+            "clip/low_frac": loss_metrics.get("clip_frac_low", 0.0),
+            "clip/high_frac": loss_metrics.get("clip_frac_high", 0.0),
+            "clip/dual_frac": loss_metrics.get("dual_clip_frac", 0.0),
+            "train/tokens": float(last.num_tokens),
+            "train/micro_batches": float(last.num_micro_batches),
+        })
+        step_s = t_train - t0
+        gen_tokens = stats["length_sum"]
+        seq_tokens = stats["seq_tokens_sum"]
+        passes = cfg.grpo.inner_epochs * 3 + (1 if cfg.grpo.kl_beta else 0) + \
+            (1 if cfg.grpo.inner_epochs > 1 else 0)
+        # 2·N FLOPs per token forward, 4·N backward; generation ~ one forward per token.
+        flops = 2.0 * self.num_params * (seq_tokens * passes + seq_tokens)
+        out.update({
+            "time/rollout_s": t_rollout - t0, "time/reward_s": t_reward - t_rollout,
+            "time/logprobs_s": t_logprobs - t_reward, "time/train_s": t_train - t_logprobs,
+            "time/step_s": step_s,
+            "throughput/tokens_per_s": gen_tokens / max(step_s, 1e-9),
+            "throughput/rollout_tokens_per_s": gen_tokens / max(t_rollout - t0, 1e-9),
+            "throughput/tflops": flops / max(step_s, 1e-9) / 1e12 / max(rt.world_size, 1),
+        })
+        peak = self._peak_flops()
+        if peak:
+            out["throughput/mfu"] = flops / max(step_s, 1e-9) / (peak * rt.world_size)
+        from r1mega.train.metrics import memory_metrics
+
+        out.update(memory_metrics())
+        return out
+
+    def _peak_flops(self) -> Optional[float]:
+        if self.rt.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.rt.device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+    def _samples(self, records, completions, scored) -> list:
+        n = max(0, int(self.cfg.logging.num_samples))
+        out = []
+        for c, s in zip(completions[::max(1, self.cfg.rollout.group_size)], scored[::max(1, self.cfg.rollout.group_size)]):
+            if len(out) >= n:
+                break
+            out.append((records[c.prompt_index].prompt, c.text or "", s.total))
+        return out

@@ -1,0 +1,334 @@
+"""The programs users run: ``run_train`` (GRPO, optionally after an SFT cold start), ``run_sft``
+and ``run_demo`` (the embedded CPU default). ``r1mega/train/entry.py`` parses and calls these.
+
+Start-up order, fixed: parallel runtime -> tokenizer -> policy (model + optimizer) -> optional
+Hugging Face weights -> checkpoint resume, else the cold start -> roles over the policy's weights
+(rollout engine, reference) -> data cursor -> the step loop (log, evaluate, checkpoint, obey
+preemption signals) -> final checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Optional
+
+from r1mega.config import Config, load_config, validate
+
+# The CPU demo's recipe, embedded so that `r1mega demo` works from any install; configs/demo.yaml
+# holds the same values (a unit test keeps the two equal). See that file for the measurements.
+DEMO_RECIPE: dict = {
+    "model": {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2,
+              "ffn_hidden_size": 352, "vocab_size": 128, "max_position_embeddings": 128},
+    "parallel": {"tensor": 1, "pipeline": 1},
+    "optimizer": {"lr": 1.0e-3, "adam_beta2": 0.99, "clip_grad": 1.0, "weight_decay": 0.0},
+    "data": {"source": "builtin:arithmetic", "eval_source": "builtin:arithmetic",
+             "task_options": {"digits": 1, "terms": 3, "operators": "+-"},
+             "num_examples": 20000, "eval_examples": 200, "template": "raw", "tokenizer": "char",
+             "max_prompt_tokens": 32, "global_batch_prompts": 8, "micro_batch_tokens": 4096},
+    "rollout": {"group_size": 8, "max_new_tokens": 48, "temperature": 1.0,
+                "kv_cpu_tokens": 16384, "cuda_graphs": False},
+    "grpo": {"eps_low": 0.2, "eps_high": 0.28, "kl_beta": 0.0, "loss_agg": "token_mean"},
+    "rewards": {"spec": {"arithmetic": {"exact_match": 1.0, "format": 0.1}}, "num_workers": 0},
+    "checkpoint": {"dir": None},
+    "logging": {"run_dir": "runs/demo", "samples_every_steps": 20, "num_samples": 2},
+    "train": {"steps": 100, "sft_steps": 200, "sft_lr": 3.0e-3, "sft_batch_examples": 32,
+              "eval_every_steps": 0, "eval_temperature": 0.0, "eval_samples": 1},
+}
+
+
+def _log0(rt, *args) -> None:
+    if rt.rank == 0:
+        print("[r1mega]", *args, flush=True)
+
+
+def _setup(cfg: Config):
+    from r1mega.data.tokenizer import load_tokenizer
+    from r1mega.parallel.runtime import init_parallel
+
+    rt = init_parallel(cfg.parallel, cfg.precision)
+    validate(cfg, world_size=rt.world_size)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer ({cfg.data.tokenizer}) has {tok.vocab_size} ids but "
+                         f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= "
+                         f"{tok.vocab_size}.")
+    return rt, tok
+
+
+def _layout(rt) -> dict:
+    return {"tp": rt.tp_size, "pp": rt.pp_size, "dp": rt.dp_size, "vpp": rt.vp_size,
+            "world": rt.world_size}
+
+
+def _build_policy(cfg: Config, rt, *, lr: Optional[float] = None, total_steps: int):
+    from r1mega.train.roles import Policy
+
+    opt = copy.deepcopy(cfg.optimizer)
+    if lr:
+        opt.lr = lr
+    policy = Policy.build(cfg.model, cfg.precision, opt, rt,
+                          distributed_optimizer=cfg.parallel.distributed_optimizer,
+                          micro_batch_tokens=cfg.data.micro_batch_tokens,
+                          total_steps=total_steps)
+    return policy
+
+
+def _init_from_hf(cfg: Config, rt, policy) -> None:
+    if cfg.model.init_from_hf:
+        from r1mega.convert.hf_bridge import load_hf_into_model
+
+        load_hf_into_model(policy.chunks, cfg.model.init_from_hf, cfg.model, rt)
+        _log0(rt, f"initialised the policy from {cfg.model.init_from_hf}")
+
+
+def _copy_weights(src_policy, dst_policy) -> None:
+    for src, dst in zip(src_policy.modules(), dst_policy.modules()):
+        dst.load_state_dict(src.state_dict(), strict=True)
+
+
+def _checkpointer(cfg: Config, rt):
+    from r1mega.train.checkpoint import CheckpointManager
+
+    return CheckpointManager(cfg.checkpoint, _layout(rt)) if cfg.checkpoint.dir else None
+
+
+def _resume_path(cfg: Config, ckpt) -> Optional[str]:
+    if ckpt is None and not cfg.checkpoint.load:
+        return None
+    if cfg.checkpoint.load:
+        from r1mega.train.checkpoint import CheckpointManager
+
+        mgr = ckpt or CheckpointManager(cfg.checkpoint, {})
+        path = mgr.find_latest_valid(cfg.checkpoint.load)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load}: no valid checkpoint "
+                                    "there (see the warnings above).")
+        return path
+    return ckpt.find_latest_valid() if cfg.checkpoint.auto_resume else None
+
+
+def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, prefix: str,
+          state_fn, policy, on_step=None) -> int:
+    """The step loop shared by SFT and GRPO: log, checkpoint, honour preemption signals."""
+    from r1mega.train.failures import NonFiniteGuard, PreemptionHandler
+
+    preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
+    guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
+    step = start
+    try:
+        for step in range(start + 1, total + 1):
+            out = step_fn(step)
+            metrics = out if isinstance(out, dict) else out.metrics
+            guard.record(not metrics.get("update_skipped", 0.0), step)
+            if step % max(1, cfg.logging.log_every_steps) == 0 or step == total:
+                logger.log(step, metrics, prefix=prefix)
+                logger.console(step, metrics, total)
+            samples = getattr(out, "samples", None)
+            every = cfg.logging.samples_every_steps
+            if samples and every and (step % every == 0 or step == start + 1):
+                logger.text(step, f"{prefix}samples", "\n\n".join(
+                    f"prompt: {p}\ncompletion: {c}\nreward: {r:.3f}" for p, c, r in samples))
+            if on_step is not None:
+                on_step(step)
+            stop = preempt.should_stop()
+            if ckpt is not None and (stop or (cfg.checkpoint.save_every_steps and
+                                              step % cfg.checkpoint.save_every_steps == 0)):
+                ckpt.save(step, policy.chunks, policy.optim.optimizer, state_fn(step))
+                if stop:
+                    _log0(rt, f"preemption signal: checkpoint written at step {step}; exiting.")
+                    return step
+    finally:
+        preempt.restore()
+    if ckpt is not None and step > start and not (
+            cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0):
+        ckpt.save(step, policy.chunks, policy.optim.optimizer, state_fn(step))
+    return step
+
+
+def _cold_start(cfg: Config, rt, tok, logger):
+    """SFT on a separate policy object (its own optimizer and lr); returns it trained."""
+    from r1mega.train.sft import SFTStep, build_sft_source
+
+    steps = cfg.train.sft_steps
+    policy = _build_policy(cfg, rt, lr=cfg.train.sft_lr, total_steps=steps)
+    _init_from_hf(cfg, rt, policy)
+    step_fn = SFTStep(cfg, rt, policy, tok, build_sft_source(cfg.train, cfg.data))
+    _log0(rt, f"SFT cold start: {steps} steps of {cfg.train.sft_batch_examples} examples")
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        metrics = step_fn(step)
+        if step % max(1, cfg.logging.log_every_steps) == 0 or step == steps:
+            logger.log(step, metrics, prefix="sft/")
+        if step % 25 == 0 or step == steps:
+            _log0(rt, f"sft step {step}/{steps} | loss={metrics['loss']:.4f} | "
+                      f"{time.perf_counter() - t0:.0f} s")
+    return policy
+
+
+def run_train(cfg: Config) -> int:
+    """GRPO (``r1mega train``): returns the process exit code."""
+    from r1mega.data import PromptSampler, build_prompt_source
+    from r1mega.rewards.scorer import RewardScorer
+    from r1mega.train.evaluate import evaluate, heldout_records
+    from r1mega.train.grpo import GRPOStep
+    from r1mega.train.metrics import MetricsLogger
+    from r1mega.train.roles import Reference, Rollout
+    from r1mega.config import save_resolved
+
+    rt, tok = _setup(cfg)
+    if rt.rank == 0:
+        save_resolved(cfg, cfg.logging.run_dir)
+    logger = MetricsLogger(cfg.logging, rank=rt.rank, total_steps=cfg.train.steps, desc="grpo")
+    ckpt = _checkpointer(cfg, rt)
+    policy = _build_policy(cfg, rt, total_steps=cfg.train.steps)
+    source = build_prompt_source(cfg.data)
+    sampler = PromptSampler(source, rt.dp_rank, rt.dp_size, seed=cfg.data.seed)
+    path = _resume_path(cfg, ckpt)
+    start = 0
+    if path is not None:
+        loaded = (ckpt or _checkpointer_for_load(cfg, rt)).load(path, policy.chunks,
+                                                                policy.optim.optimizer)
+        state = loaded.trainer_state
+        if "scheduler" in state:
+            policy.optim.scheduler.load_state_dict(state["scheduler"])
+        if "sampler" in state:
+            sampler.load_state_dict(state["sampler"])
+        start = loaded.step if state.get("phase", "grpo") == "grpo" else 0
+        _log0(rt, f"resumed from {path} at step {start}")
+    elif cfg.train.sft_steps > 0:
+        sft_policy = _cold_start(cfg, rt, tok, logger)
+        _copy_weights(sft_policy, policy)
+        del sft_policy
+    else:
+        _init_from_hf(cfg, rt, policy)
+    reference = None
+    if cfg.grpo.kl_beta:
+        # The reference is the policy as RL starts (after the cold start / HF init / on resume:
+        # the resumed weights; a run that must keep the original reference resumes from a
+        # checkpoint written with it, which dist_checkpointing does not hold yet).
+        reference = Reference.from_policy(policy, cfg.model, cfg.precision,
+                                          offload_enabled=cfg.grpo.offload_reference)
+    rollout = Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id], decode_fn=tok.decode,
+                      vocab_size=tok.vocab_size)
+    scorer = RewardScorer(cfg.rewards, max_new_tokens=cfg.rollout.max_new_tokens)
+    step_fn = GRPOStep(cfg, rt, policy, rollout, scorer, sampler, tok, reference=reference)
+    eval_records = []
+    if cfg.data.eval_source:
+        eval_records = heldout_records(build_prompt_source(cfg.data, eval=True), [source])
+
+    def run_eval(step: int, tag: str) -> dict:
+        ev = evaluate(rollout, scorer, eval_records, tok, cfg, rt, seed=cfg.rollout.seed + 7)
+        logger.log(step, ev)
+        _log0(rt, f"held-out accuracy {tag}: {ev['eval/accuracy']:.3f} "
+                  f"(format {ev['eval/format_rate']:.3f}, {len(eval_records)} prompts, "
+                  f"{'greedy' if ev['eval/temperature'] <= 0 else 'T=%g' % ev['eval/temperature']})")
+        return ev
+
+    def on_step(step: int) -> None:
+        if eval_records and cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0 \
+                and step != cfg.train.steps:
+            run_eval(step, f"at step {step}")
+
+    def state_fn(step: int) -> dict:
+        return {"phase": "grpo", "step": step, "scheduler": policy.optim.scheduler.state_dict(),
+                "sampler": sampler.state_dict()}
+
+    before = run_eval(start, "before RL") if eval_records else None
+    t0 = time.perf_counter()
+    try:
+        last = _loop(cfg, rt, logger, ckpt, step_fn, start=start, total=cfg.train.steps,
+                     prefix="", state_fn=state_fn, policy=policy, on_step=on_step)
+        rl_s = time.perf_counter() - t0
+        if eval_records and last == cfg.train.steps:
+            after = run_eval(last, "after RL")
+            if before is not None:
+                gain = after["eval/accuracy"] - before["eval/accuracy"]
+                logger.log(last, {"eval/accuracy_gain": gain})
+                _log0(rt, f"RL changed held-out accuracy by {100 * gain:+.1f} points "
+                          f"({100 * before['eval/accuracy']:.1f}% -> "
+                          f"{100 * after['eval/accuracy']:.1f}%) in {rl_s:.0f} s of GRPO")
+    finally:
+        scorer.close()
+        logger.close()
+    if rt.rank == 0 and cfg.logging.tensorboard:
+        _log0(rt, f"tensorboard logs: {os.path.abspath(logger.tb_dir)}  "
+                  f"(tensorboard --logdir {logger.tb_dir})")
+    return 0
+
+
+def _checkpointer_for_load(cfg: Config, rt):
+    from r1mega.train.checkpoint import CheckpointManager
+
+    return CheckpointManager(cfg.checkpoint, _layout(rt))
+
+
+def run_sft(cfg: Config) -> int:
+    """``r1mega sft``: supervised fine-tuning with checkpoints and exact resume."""
+    from r1mega.train.metrics import MetricsLogger
+    from r1mega.train.sft import SFTStep, build_sft_source
+    from r1mega.config import save_resolved
+
+    rt, tok = _setup(cfg)
+    total = cfg.train.sft_steps or cfg.train.steps
+    if rt.rank == 0:
+        save_resolved(cfg, cfg.logging.run_dir)
+    logger = MetricsLogger(cfg.logging, rank=rt.rank, total_steps=total, desc="sft")
+    ckpt = _checkpointer(cfg, rt)
+    policy = _build_policy(cfg, rt, lr=cfg.train.sft_lr, total_steps=total)
+    step_fn = SFTStep(cfg, rt, policy, tok, build_sft_source(cfg.train, cfg.data))
+    path = _resume_path(cfg, ckpt)
+    start = 0
+    if path is not None:
+        loaded = (ckpt or _checkpointer_for_load(cfg, rt)).load(path, policy.chunks,
+                                                                policy.optim.optimizer)
+        state = loaded.trainer_state
+        if state.get("phase") == "sft":
+            policy.optim.scheduler.load_state_dict(state["scheduler"])
+            step_fn.sampler.load_state_dict(state["sampler"])
+            start = loaded.step
+        _log0(rt, f"resumed from {path} at SFT step {start}")
+    else:
+        _init_from_hf(cfg, rt, policy)
+
+    def state_fn(step: int) -> dict:
+        return {"phase": "sft", "step": step, "scheduler": policy.optim.scheduler.state_dict(),
+                "sampler": step_fn.sampler.state_dict()}
+
+    try:
+        _loop(cfg, rt, logger, ckpt, step_fn, start=start, total=total, prefix="sft/",
+              state_fn=state_fn, policy=policy)
+    finally:
+        logger.close()
+    return 0
+
+
+def demo_config(overrides: Optional[list] = None) -> Config:
+    """The embedded demo recipe, with ``key=value`` overrides on top."""
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(DEMO_RECIPE, f)
+        path = f.name
+    try:
+        return load_config(path, overrides or [])
+    finally:
+        os.unlink(path)
+
+
+def run_demo(overrides: Optional[list] = None) -> int:
+    """SFT cold start then GRPO on a tiny model, on CPU; prints held-out accuracy before and
+    after RL and where the tensorboard logs are."""
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    cfg = demo_config(overrides)
+    t0 = time.perf_counter()
+    print(f"[r1mega] demo: {cfg.model.num_layers}-layer d={cfg.model.hidden_size} model, "
+          f"{cfg.train.sft_steps} SFT steps then {cfg.train.steps} GRPO steps on "
+          f"{cfg.data.source} {cfg.data.task_options}", flush=True)
+    code = run_train(cfg)
+    print(f"[r1mega] demo finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    return code
