@@ -51,7 +51,9 @@ try:
 except ValueError:
     pass
 '''
-LIMITS = SandboxLimits(timeout_s=3.0, memory_mb=512)
+# Generous: a loaded 2-core CI box must not turn a passing run into a timeout. Attacks that hang
+# use their own short limits below.
+LIMITS = SandboxLimits(timeout_s=10.0, memory_mb=512)
 
 
 def _processes_with(text: str) -> list[int]:
