@@ -60,7 +60,11 @@ def hf_reference_logits(hf_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, S, V) fp32 logits of transformers' own implementation of the checkpoint in ``hf_dir``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    except Exception as exc:  # the reference cannot even read it: a conversion failure, by name
+        raise ConversionError(f"transformers cannot load {hf_dir}: {type(exc).__name__}: "
+                              f"{str(exc)[-500:]}") from exc
     model.eval()
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits.float()

@@ -99,3 +99,28 @@ def test_existing_output_and_wrong_rank_count_are_refused(tmp_path, capsys):
         main(["hf-to-mcore", "--hf", hf, "--out", str(tmp_path / "o"), "--tp", "2"])
     assert main(["mcore-to-hf", "--ckpt", hf, "--out", str(tmp_path / "o")]) == 1
     assert "not an r1mega model checkpoint" in capsys.readouterr().err
+
+
+def test_export_bug_fails_verification_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    hf = make_tiny_hf_dir(str(tmp_path / "hf"), "qwen2")
+    mcore = str(tmp_path / "mcore")
+    assert main(["hf-to-mcore", "--hf", hf, "--out", mcore, "--no-verify"]) == 0
+    real = fam.split_qkv
+
+    def k_v_biases_swapped(*args):  # shape-preserving: transformers loads it without complaint
+        q, k, v = real(*args)
+        return (q, v, k) if args[0].dim() == 1 else (q, k, v)
+
+    monkeypatch.setattr(fam, "split_qkv", k_v_biases_swapped)
+    assert main(["mcore-to-hf", "--ckpt", mcore, "--out", str(tmp_path / "back")]) == 1
+    assert "verify FAIL" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["hf", "mcore"]
+
+    def q_bias_dropped(*args):  # wrong shapes: transformers refuses, reported as our error
+        q, k, v = real(*args)
+        return (q[:-1], k, v) if args[0].dim() == 1 else (q, k, v)
+
+    monkeypatch.setattr(fam, "split_qkv", q_bias_dropped)
+    assert main(["mcore-to-hf", "--ckpt", mcore, "--out", str(tmp_path / "back")]) == 1
+    assert "transformers cannot load" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["hf", "mcore"]
