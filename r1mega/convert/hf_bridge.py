@@ -111,6 +111,13 @@ def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx) -> dict:
     check_model_matches_hf(model_cfg, ckpt.config, os.path.join(ckpt.dir, "config.json"))
     fam.check_hf_names(ckpt.names(), model_cfg)
     check_shapes(ckpt, fam.expected_hf_shapes(model_cfg))
+    if model_cfg.tied_embeddings and "lm_head.weight" in ckpt.weight_map:
+        # A tied config with its own, different head: dropping it would change the model.
+        if not torch.equal(ckpt.get("lm_head.weight"), ckpt.get("model.embed_tokens.weight")):
+            raise ConversionError(
+                "config.json says tie_word_embeddings=true but 'lm_head.weight' differs from "
+                "'model.embed_tokens.weight'; fix tie_word_embeddings in config.json."
+            )
     te = uses_te_names(model_chunks)
     entries = {e.mcore: e for e in fam.expand_table(model_cfg, te_names=te)}
     vocab = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp_size)

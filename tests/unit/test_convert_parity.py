@@ -150,3 +150,18 @@ def test_model_config_that_disagrees_with_hf_is_named(tmp_path, rt):
     with pytest.raises(ConversionError, match="model.ffn_hidden_size=96 but .*config.json gives 80; "
                                               "model.rope_theta=5.0"):
         load_hf_into_model(chunks, hf_dir, bad, rt)
+
+
+def test_tied_config_with_a_different_head_is_refused(tmp_path, rt):
+    from safetensors.torch import save_file
+
+    hf_dir = make_tiny_hf_dir(str(tmp_path / "hf"), "llama", tied=True)
+    tensors = load_safetensors_dir(hf_dir)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
+    cfg, chunks = _build(hf_dir, rt)
+    load_hf_into_model(chunks, hf_dir, cfg, rt)  # an identical copy of the embedding is fine
+    tensors["lm_head.weight"][0, 0] += 1.0
+    save_file(tensors, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="'lm_head.weight' differs"):
+        load_hf_into_model(chunks, hf_dir, cfg, rt)
