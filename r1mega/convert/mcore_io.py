@@ -209,6 +209,33 @@ def _repad_vocab_tensors(sharded: dict, stored: dict, vocab_size: Optional[int])
     return fixes
 
 
+def _spec_alias(key: str) -> Optional[str]:
+    """The same tensor's key under the other layer spec (local <-> Transformer Engine)."""
+    from r1mega.convert.families import TE_RENAMES
+
+    for local, te in TE_RENAMES.items():
+        for a, b in ((local, te), (te, local)):
+            if key.endswith("." + a):
+                return key[: -len(a)] + b
+    return None
+
+
+def _follow_spec_renames(sharded: dict, stored: dict) -> int:
+    """Point ShardedTensors at the other spec's key when only that one is stored, so a checkpoint
+    written with the local spec loads into a TE-spec model and back (the norms are the same
+    tensors; TE merely fuses them into the next linear)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    n = 0
+    for _, st in _walk(sharded):
+        if isinstance(st, ShardedTensor) and st.key not in stored:
+            alias = _spec_alias(st.key)
+            if alias is not None and alias in stored:
+                st.key = alias
+                n += 1
+    return n
+
+
 def load_model_state(model_chunks, path: str, strict: bool = True) -> dict:
     """Load ``path/model`` into the chunks (any layout); returns meta.json. Collective."""
     from megatron.core import dist_checkpointing
@@ -220,6 +247,7 @@ def load_model_state(model_chunks, path: str, strict: bool = True) -> dict:
         raise ConversionError(f"{model_dir} is missing: the checkpoint at {path} is incomplete.")
     sharded = model_sharded_state_dict(model_chunks)
     stored = dist_checkpointing.load_tensors_metadata(model_dir)
+    _follow_spec_renames(sharded, stored)
     vocab_size = (meta.get("model_config") or {}).get("vocab_size")
     fixes = _repad_vocab_tensors(sharded, stored, vocab_size)
     handling = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL

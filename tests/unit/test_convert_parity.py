@@ -165,3 +165,37 @@ def test_tied_config_with_a_different_head_is_refused(tmp_path, rt):
     save_file(tensors, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ConversionError, match="'lm_head.weight' differs"):
         load_hf_into_model(chunks, hf_dir, cfg, rt)
+
+
+def test_checkpoint_with_te_spec_names_loads_into_local_spec(tmp_path, rt):
+    """A checkpoint whose norms carry Transformer Engine's fused names (written here by renaming
+    the keys, TE itself is not installed) loads into the local spec model: same tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from r1mega.convert.mcore_io import _walk, model_sharded_state_dict
+
+    hf_dir = make_tiny_hf_dir(str(tmp_path / "hf"), "qwen3")
+    cfg, chunks = _build(hf_dir, rt)
+    load_hf_into_model(chunks, hf_dir, cfg, rt)
+    ckpt = str(tmp_path / "mcore")
+    mcore_io.save_model_state(chunks, ckpt, cfg)
+    sharded = model_sharded_state_dict(chunks)
+    renamed = set()
+    for _, st in _walk(sharded):
+        if isinstance(st, ShardedTensor) and st.key.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")):
+            st.key = mcore_io._spec_alias(st.key)
+            renamed.add(st.key)
+    assert len(renamed) == 2  # one key per norm, each layer a slice along the layer axis
+    te_model_dir = os.path.join(ckpt + "_te", "model")
+    os.makedirs(te_model_dir)
+    dist_checkpointing.save(sharded, te_model_dir)
+    os.replace(os.path.join(ckpt, "meta.json"), os.path.join(ckpt + "_te", "meta.json"))
+    stored = dist_checkpointing.load_tensors_metadata(te_model_dir)
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in stored
+    assert "decoder.layers.input_layernorm.weight" not in stored
+
+    _, fresh = _build(hf_dir, rt)
+    mcore_io.load_model_state(fresh, ckpt + "_te")
+    for (name, a), (_, b) in zip(chunks[0].named_parameters(), fresh[0].named_parameters()):
+        assert torch.equal(a, b), name
