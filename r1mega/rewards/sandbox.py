@@ -195,7 +195,8 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
         "netns": bool(iso["prefix"]),
         "drop_uid": iso["drop_uid"],
         "limits": {"memory_mb": int(lim.memory_mb), "cpu_s": max(1, int(lim.timeout_s + 1)),
-                   "fsize_mb": int(lim.fsize_mb), "nproc": int(lim.nproc)},
+                   "fsize_mb": int(lim.fsize_mb), "nproc": int(lim.nproc),
+                   "wall_s": int(lim.timeout_s) + 3},
     }
     if iso["drop_uid"] is not None:
         os.chown(work_dir, iso["drop_uid"], iso["drop_uid"])

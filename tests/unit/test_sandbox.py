@@ -275,3 +275,31 @@ def test_user_namespace_mode_keeps_the_filesystem_read_only(clean_run, monkeypat
     assert clean_run("open('scratch.txt', 'w').write('ok')\n" + FACTORIAL).passed
     assert not clean_run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n"
                          + FACTORIAL).passed
+
+
+def test_sandbox_cleans_up_after_its_caller_is_killed(tmp_path):
+    """A reward worker killed mid-run (its time box) must not leave the sandbox running: the judge
+    keeps its own clock and takes the namespace, and the candidate, down with it."""
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    marker = f"{uuid.uuid4().int % 10 ** 9 + 10 ** 9}"
+    # It sleeps rather than spins, so the CPU limit cannot be what ends it.
+    program = (f"import subprocess, time\nsubprocess.Popen(['sleep', '{marker}'], "
+               f"start_new_session=True)\ntime.sleep(1000)\n")
+    caller = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+         "from r1mega.rewards.sandbox import run_tests, SandboxLimits; "
+         "run_tests(sys.argv[2], 'assert True', None, SandboxLimits(timeout_s=2.0))",
+         root, program], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not _processes_with(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(f"sleep {marker}"), "the sandboxed program never started"
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 30
+    while _processes_with(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with(f"sleep {marker}"), "the sandbox outlived its caller"
