@@ -10,6 +10,7 @@ agreed on through the vocab-parallel reductions in :mod:`r1mega.rollout.sampling
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional
 
@@ -329,6 +330,20 @@ class RolloutEngine:
             s.logprobs.append(lp)
         return seqs
 
+    def _decode_logits(self, ids, positions, slots, block_tables, ctx_lens):
+        return self.runner.forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
+
+    def _decode_forward(self):
+        """The decode forward, through torch.compile when asked (R1MEGA_ROLLOUT_COMPILE=1):
+        inductor fuses the norms', RoPE's and residuals' elementwise kernels, the step's main
+        cost at decode batch sizes. The compiled code is then captured in the CUDA graphs."""
+        if getattr(self, "_compiled_decode", None) is None:
+            fn = self._decode_logits
+            if os.environ.get("R1MEGA_ROLLOUT_COMPILE", "0") == "1" and self.device.type == "cuda":
+                fn = torch.compile(self._decode_logits, dynamic=True)
+            self._compiled_decode = fn
+        return self._compiled_decode
+
     def _graph_step(self, ints: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """Decode forward + temperature sampling as pure tensor code, for capture.
 
@@ -339,8 +354,7 @@ class RolloutEngine:
         ctx_lens = ints[:, CTX].to(torch.int32)  # contiguous, for the kernel's flat index
         blk = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1)
         slots = blk * bs + positions % bs
-        logits = self.runner.forward(ints[:, IDS], positions, slots, None,
-                                     decode_tensors=(block_tables, ctx_lens))
+        logits = self._decode_forward()(ints[:, IDS], positions, slots, block_tables, ctx_lens)
         sb = SamplingBatch(
             temperature=temperature, top_k=torch.zeros_like(positions),
             top_p=torch.ones_like(temperature), keys=step_keys(ints[:, KEY], ints[:, STEP]),

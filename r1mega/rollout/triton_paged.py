@@ -97,9 +97,10 @@ def paged_decode_attention(
     group = hq // hkv
     if d & (d - 1):
         raise ValueError(f"Triton paged decode needs a power-of-two head_dim, got {d}.")
+    if q.stride(-1) != 1:
+        q = q.contiguous()  # rows and heads may be strided (a slice of the rotated q|k), D may not
     if out is None:
-        out = torch.empty_like(q)
-    q = q.contiguous()
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     block_n = max(16, min(64, 4 * bs))
     _paged_decode_kernel[(bsz, hkv)](
         q, k_cache, v_cache, block_tables, ctx_lens, out,
