@@ -11,13 +11,13 @@ void shard_backward_cuda(const torch::Tensor& logits, torch::Tensor& grad, const
                          const torch::Tensor& lse, const torch::Tensor& mean_x, const torch::Tensor& g_logp,
                          const c10::optional<torch::Tensor>& g_ent, int64_t vocab_start,
                          int64_t valid_cols, double inv_temp);
-std::vector<int64_t> fused_plan(const torch::Tensor& logits, int64_t variant);
+std::vector<int64_t> fused_plan(const torch::Tensor& logits);
 std::vector<torch::Tensor> fused_grpo_cuda(
     const torch::Tensor& logits, torch::Tensor& grad, const torch::Tensor& targets,
     const torch::Tensor& adv, const torch::Tensor& old_logp, const c10::optional<torch::Tensor>& ref_logp,
     const c10::optional<torch::Tensor>& rollout_logp, const torch::Tensor& weight, int64_t valid_cols,
     double inv_temp, double clip_lo, double clip_hi, double dual_clip, double kl_beta, int64_t kl_code,
-    double tis_cap, int64_t variant);
+    double tis_cap);
 
 namespace {
 
@@ -69,8 +69,8 @@ void shard_backward(const torch::Tensor& logits, torch::Tensor grad, const torch
   shard_backward_cuda(logits, grad, targets, lse, mean_x, g_logp, g_ent, vocab_start, valid_cols, inv_temp);
 }
 
-bool fused_supported(const torch::Tensor& logits, int64_t variant) {
-  const auto plan = fused_plan(logits, variant);
+bool fused_supported(const torch::Tensor& logits) {
+  const auto plan = fused_plan(logits);
   return plan[0] > 0 && plan[2] > 0;
 }
 
@@ -81,7 +81,7 @@ std::vector<torch::Tensor> fused_grpo(const torch::Tensor& logits, torch::Tensor
                                       const c10::optional<torch::Tensor>& rollout_logp,
                                       const torch::Tensor& weight, int64_t valid_cols, double inv_temp,
                                       double clip_lo, double clip_hi, double dual_clip, double kl_beta,
-                                      int64_t kl_code, double tis_cap, int64_t variant) {
+                                      int64_t kl_code, double tis_cap) {
   check_logits(logits);
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
                   grad.device() == logits.device(),
@@ -94,9 +94,8 @@ std::vector<torch::Tensor> fused_grpo(const torch::Tensor& logits, torch::Tensor
   if (rollout_logp.has_value()) check_rowvec(*rollout_logp, logits, "rollout_logp", at::kFloat);
   check_cols(logits, valid_cols);
   TORCH_CHECK(kl_code >= 1 && kl_code <= 3, "fused_grpo: kl_code must be 1, 2 or 3 (k1/k2/k3)");
-  TORCH_CHECK(variant == 0 || variant == 1, "fused_grpo: variant must be 0 (simple) or 1 (persistent)");
   return fused_grpo_cuda(logits, grad, targets, adv, old_logp, ref_logp, rollout_logp, weight, valid_cols,
-                         inv_temp, clip_lo, clip_hi, dual_clip, kl_beta, kl_code, tis_cap, variant);
+                         inv_temp, clip_lo, clip_hi, dual_clip, kl_beta, kl_code, tis_cap);
 }
 
 }  // namespace
@@ -111,12 +110,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("g_logp"), py::arg("g_ent"), py::arg("vocab_start"), py::arg("valid_cols"),
         py::arg("inv_temp"));
   m.def("fused_supported", &fused_supported, "whether fused_grpo can run on these logits",
-        py::arg("logits"), py::arg("variant") = 1);
+        py::arg("logits"));
   m.def("fused_plan", &fused_plan, "[cluster size, vectors per thread, clusters] of the fused kernel",
-        py::arg("logits"), py::arg("variant") = 1);
+        py::arg("logits"));
   m.def("fused_grpo", &fused_grpo, "one-pass GRPO forward + logits gradient (tp = 1) -> [logp, entropy]",
         py::arg("logits"), py::arg("grad"), py::arg("targets"), py::arg("adv"), py::arg("old_logp"),
         py::arg("ref_logp"), py::arg("rollout_logp"), py::arg("weight"), py::arg("valid_cols"),
         py::arg("inv_temp"), py::arg("clip_lo"), py::arg("clip_hi"), py::arg("dual_clip"),
-        py::arg("kl_beta"), py::arg("kl_code"), py::arg("tis_cap"), py::arg("variant") = 1);
+        py::arg("kl_beta"), py::arg("kl_code"), py::arg("tis_cap"));
 }

@@ -10,9 +10,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "grpo_fused.cuh"
 
@@ -211,12 +208,10 @@ void shard_backward_cuda(const torch::Tensor& logits, torch::Tensor& grad, const
 // ------------------------------------------------------------------------------------------------
 // Fused kernel planning and launch
 // ------------------------------------------------------------------------------------------------
-enum FusedVariant : int64_t { kSimple = 0, kPersistent = 1 };
-
 struct FusedPlan {
   int csize = 0;      // CTAs per cluster (0: the fused kernel cannot run on these logits)
   int vpt = 0;        // 16-byte vectors per thread
-  int nclusters = 0;  // persistent: co-resident clusters; simple: one per row
+  int nclusters = 0;  // one per row
 };
 
 template <typename Kernel, typename... Args>
@@ -236,95 +231,26 @@ void launch_cluster(Kernel kernel, unsigned grid, unsigned csize, size_t smem, A
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
 }
 
-constexpr size_t persistent_smem(int vpt) { return (size_t)2 * vpt * kFusedThreads * 16; }
-
-// Co-resident clusters of `csize` CTAs for the persistent kernel (0 if it cannot be resident).
-template <class D, int VPT>
-int persistent_clusters(int csize) {
-  auto kernel = fused_grpo_persistent_kernel<D, VPT, kFusedThreads>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)persistent_smem(VPT)) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(csize);
-  config.blockDim = dim3(kFusedThreads);
-  config.dynamicSmemBytes = persistent_smem(VPT);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = csize;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
-
 // How the fused kernel would run on these logits; csize == 0 when it cannot (pre-Hopper GPU,
-// unaligned rows, a row too long for 8 CTAs, no rows).
-FusedPlan plan_fused(const torch::Tensor& logits, int64_t variant) {
+// unaligned rows, a row too long for 8 CTAs' registers, no rows).
+FusedPlan plan_fused(const torch::Tensor& logits) {
   FusedPlan plan;
   if (!logits.is_cuda() || logits.dim() != 2 || logits.size(0) == 0 || logits.stride(1) != 1) return plan;
   const auto st = logits.scalar_type();
   if (st != at::kBFloat16 && st != at::kHalf && st != at::kFloat) return plan;
-  const int device = logits.get_device();
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, logits.get_device()));
   if (major < 9) return plan;
   const int64_t es = logits.element_size(), cols = logits.size(1), rows = logits.size(0);
   if (!aligned16(logits.data_ptr(), logits.stride(0), cols, es)) return plan;
   const int64_t nvec = cols * es / 16;
-  if (variant == kSimple) {
-    const int64_t csize = (nvec + kFusedThreads * kFusedVpt - 1) / (kFusedThreads * kFusedVpt);
-    if (csize <= kMaxCluster) plan = FusedPlan{(int)csize, kFusedVpt, (int)rows};
-    return plan;
-  }
-  // Persistent: pick the (cluster size, vectors per thread) that keeps the most SMs busy; clusters
-  // must fit inside one GPC, so the smallest cluster is not always the best. Cached per shape.
-  static std::mutex mu;
-  static std::map<std::tuple<int, int, int64_t>, FusedPlan> cache;
-  const auto key = std::make_tuple(device, (int)st, nvec);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) {
-      plan = it->second;
-      plan.nclusters = (int)std::min<int64_t>(plan.nclusters, rows);
-      return plan;
-    }
-  }
-  const c10::cuda::CUDAGuard guard(logits.device());
-  int best_busy = 0;
-  for (int vpt : {8, 10}) {
-    const int64_t cmin = (nvec + (int64_t)kFusedThreads * vpt - 1) / ((int64_t)kFusedThreads * vpt);
-    for (int64_t c = std::max<int64_t>(cmin, 1); c <= kMaxCluster; ++c) {
-      int n = 0;
-      dispatch(st, [&](auto d) {
-        using D = decltype(d);
-        n = vpt == 8 ? persistent_clusters<D, 8>((int)c) : persistent_clusters<D, 10>((int)c);
-      });
-      if (n * (int)c > best_busy) {
-        best_busy = n * (int)c;
-        plan = FusedPlan{(int)c, vpt, n};
-      }
-    }
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    cache[key] = plan;
-  }
-  plan.nclusters = (int)std::min<int64_t>(plan.nclusters, rows);
+  const int64_t csize = (nvec + kFusedThreads * kFusedVpt - 1) / (kFusedThreads * kFusedVpt);
+  if (csize <= kMaxCluster) plan = FusedPlan{(int)csize, kFusedVpt, (int)rows};
   return plan;
 }
 
-std::vector<int64_t> fused_plan(const torch::Tensor& logits, int64_t variant) {
-  const FusedPlan p = plan_fused(logits, variant);
+std::vector<int64_t> fused_plan(const torch::Tensor& logits) {
+  const FusedPlan p = plan_fused(logits);
   return {p.csize, p.vpt, p.nclusters};
 }
 
@@ -333,10 +259,10 @@ std::vector<torch::Tensor> fused_grpo_cuda(
     const torch::Tensor& adv, const torch::Tensor& old_logp, const c10::optional<torch::Tensor>& ref_logp,
     const c10::optional<torch::Tensor>& rollout_logp, const torch::Tensor& weight, int64_t valid_cols,
     double inv_temp, double clip_lo, double clip_hi, double dual_clip, double kl_beta, int64_t kl_code,
-    double tis_cap, int64_t variant) {
+    double tis_cap) {
   const int64_t rows = logits.size(0), cols = logits.size(1);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const FusedPlan plan = plan_fused(logits, variant);
+  const FusedPlan plan = plan_fused(logits);
   TORCH_CHECK(plan.csize > 0 && plan.nclusters > 0, "r1mega_grpo_cuda.fused_grpo: these logits cannot "
               "use the fused kernel (check fused_supported() first)");
   TORCH_CHECK(grad.stride(1) == 1 && aligned16(grad.data_ptr(), grad.stride(0), cols, grad.element_size()),
@@ -361,22 +287,10 @@ std::vector<torch::Tensor> fused_grpo_cuda(
     const float* ad = adv.data_ptr<float>();
     const float* ol = old_logp.data_ptr<float>();
     const float* wt = weight.data_ptr<float>();
-    if (variant == kSimple) {
-      launch_cluster(fused_grpo_simple_kernel<D, kFusedVpt, kFusedThreads>, grid, plan.csize, 0, in, out,
-                     (int64_t)logits.stride(0), (int64_t)grad.stride(0), (int)cols, (int)valid_cols,
-                     vec_per_cta, tg, ad, ol, ref, roll, wt, scale2, (float)inv_temp, P,
-                     out_logp.data_ptr<float>(), out_ent.data_ptr<float>());
-    } else if (plan.vpt == 8) {
-      launch_cluster(fused_grpo_persistent_kernel<D, 8, kFusedThreads>, grid, plan.csize,
-                     persistent_smem(8), in, out, (int64_t)logits.stride(0), (int64_t)grad.stride(0),
-                     (int)rows, (int)cols, (int)valid_cols, vec_per_cta, tg, ad, ol, ref, roll, wt,
-                     scale2, (float)inv_temp, P, out_logp.data_ptr<float>(), out_ent.data_ptr<float>());
-    } else {
-      launch_cluster(fused_grpo_persistent_kernel<D, 10, kFusedThreads>, grid, plan.csize,
-                     persistent_smem(10), in, out, (int64_t)logits.stride(0), (int64_t)grad.stride(0),
-                     (int)rows, (int)cols, (int)valid_cols, vec_per_cta, tg, ad, ol, ref, roll, wt,
-                     scale2, (float)inv_temp, P, out_logp.data_ptr<float>(), out_ent.data_ptr<float>());
-    }
+    launch_cluster(fused_grpo_kernel<D, kFusedVpt, kFusedThreads>, grid, plan.csize, 0, in, out,
+                   (int64_t)logits.stride(0), (int64_t)grad.stride(0), (int)cols, (int)valid_cols,
+                   vec_per_cta, tg, ad, ol, ref, roll, wt, scale2, (float)inv_temp, P,
+                   out_logp.data_ptr<float>(), out_ent.data_ptr<float>());
   });
   return {out_logp, out_ent};
 }

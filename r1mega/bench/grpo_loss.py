@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
@@ -69,7 +68,6 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--skip-chunked", action="store_true", help="skip the (slow) PyTorch fallback path")
-    ap.add_argument("--no-persistent", action="store_true", help="use only the simple fused kernel")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("grpo-loss benchmark needs a CUDA device")
@@ -98,9 +96,8 @@ def main(argv=None) -> int:
         pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high))
         ((pg * mask).sum() / norm).backward()
 
-    def step(impl, variant="persistent"):
+    def step(impl):
         def run():
-            os.environ["R1MEGA_GRPO_FUSED"] = variant
             logits.grad = None
             loss, _ = grpo_loss(logits, targets, adv, old, mask, cfg=cfg, vocab_size=vocab,
                                 temperature=args.temperature, normalizer=norm, impl=impl)
@@ -121,9 +118,7 @@ def main(argv=None) -> int:
     have_ext = ext is not None
     cases = [("plain_torch", step_plain)]
     if have_ext:
-        default = "simple" if args.no_persistent else "persistent"
-        cases += [("cuda", step("cuda", default)), ("cuda_fused_simple", step("cuda", "simple")),
-                  ("cuda_two_pass", step_two_pass)]
+        cases += [("cuda", step("cuda")), ("cuda_two_pass", step_two_pass)]
     if not args.skip_chunked:
         cases += [("torch_chunked", step("torch"))]
     kernel = None
@@ -134,20 +129,17 @@ def main(argv=None) -> int:
         ms = _time_ms(fn, args.reps, args.warmup)
         rows.append({"path": name, "ms": ms, "extra_mb": extra})
         torch.cuda.empty_cache()
-    os.environ.pop("R1MEGA_GRPO_FUSED", None)
     kernel_only = {}
     if have_ext:  # the fused kernel alone, without the Python around it (checks, weights, metrics)
         logits.grad = None
         grad = torch.empty_like(logits)
         weights = mask / norm
         tg = targets.contiguous()
-        for vname, vcode in (("simple", 0),) + ((("persistent", 1),) if not args.no_persistent else ()):
-            if ext.fused_supported(logits, vcode):
-                call = lambda v=vcode: ext.fused_grpo(logits.detach(), grad, tg, adv, old, None, None,  # noqa: E731
-                                                      weights, vocab, 1.0 / args.temperature, 0.8, 1.28,
-                                                      0.0, 0.0, 3, 0.0, v)
-                kernel_only[vname] = {"ms": _time_ms(call, args.reps, args.warmup),
-                                      "plan": list(ext.fused_plan(logits, vcode))}
+        if ext.fused_supported(logits):
+            call = lambda: ext.fused_grpo(logits.detach(), grad, tg, adv, old, None, None, weights,  # noqa: E731
+                                          vocab, 1.0 / args.temperature, 0.8, 1.28, 0.0, 0.0, 3, 0.0)
+            kernel_only["fused"] = {"ms": _time_ms(call, args.reps, args.warmup),
+                                    "plan": list(ext.fused_plan(logits))}
         del grad
 
     plain = next(r for r in rows if r["path"] == "plain_torch")

@@ -43,8 +43,8 @@ def last_impl() -> Optional[str]:
 
 
 def last_kernel() -> Optional[str]:
-    """Finer detail: 'fused_persistent' / 'fused_simple' (one-pass cluster kernels), 'two_pass'
-    (CUDA, also under tensor parallelism) or 'chunked' (torch)."""
+    """Finer detail: 'fused' (one-pass cluster kernel), 'two_pass' (CUDA, also under tensor
+    parallelism) or 'chunked' (torch)."""
     return _last["kernel"]
 
 
@@ -180,13 +180,12 @@ class _FusedGRPO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, adv, old_logp, ref_logp, rollout_logp, weights, active,
-                cfg, valid_cols, inv_temp, inplace, holder, variant):
+                cfg, valid_cols, inv_temp, inplace, holder):
         grad = logits if inplace else torch.empty_like(logits)
         logp, entropy = _cuda_ext.get().fused_grpo(
             logits, grad, targets, adv, old_logp, ref_logp, rollout_logp, weights, valid_cols,
             inv_temp, 1.0 - float(cfg.eps_low), 1.0 + float(cfg.eps_high), float(cfg.dual_clip or 0.0),
-            float(cfg.kl_beta or 0.0), KL_CODES[cfg.kl_estimator], float(cfg.tis_cap or 0.0),
-            FUSED_VARIANTS[variant])
+            float(cfg.kl_beta or 0.0), KL_CODES[cfg.kl_estimator], float(cfg.tis_cap or 0.0))
         token_loss, parts = grpo_token_loss(logp, adv, old_logp, active, cfg=cfg, ref_logp=ref_logp,
                                             rollout_logp=rollout_logp)
         ctx.grad = grad
@@ -198,32 +197,21 @@ class _FusedGRPO(torch.autograd.Function):
     def backward(ctx, g_loss, _g_logp, _g_ent):
         grad, ctx.grad = ctx.grad, None
         if g_loss is None:
-            return (None,) * 14
+            return (None,) * 13
         # Usually exactly 1 (the trainer sums normalised losses); rescaling costs a read + write.
         if float(g_loss) != 1.0:
             grad.mul_(g_loss.to(grad.dtype))
-        return (grad,) + (None,) * 13
+        return (grad,) + (None,) * 12
 
 
-FUSED_VARIANTS = {"persistent": 1, "simple": 0}
+def fused_enabled() -> bool:
+    """R1MEGA_GRPO_FUSED=0 forces the two-pass CUDA kernels even where the fused one could run."""
+    return os.environ.get("R1MEGA_GRPO_FUSED", "1") != "0"
 
 
-def fused_variant() -> Optional[str]:
-    """R1MEGA_GRPO_FUSED: 'persistent' (default), 'simple' (one cluster per row) or 'off'."""
-    name = os.environ.get("R1MEGA_GRPO_FUSED", "persistent")
-    if name == "off":
-        return None
-    if name not in FUSED_VARIANTS:
-        raise ValueError(f"R1MEGA_GRPO_FUSED must be persistent, simple or off, got {name!r}")
-    return name
-
-
-def _fused_eligible(logits, tp_size) -> Optional[str]:
+def _fused_eligible(logits, tp_size) -> bool:
     ext = _cuda_ext.get()
-    variant = fused_variant()
-    if tp_size != 1 or ext is None or variant is None:
-        return None
-    return variant if bool(ext.fused_supported(logits, FUSED_VARIANTS[variant])) else None
+    return tp_size == 1 and ext is not None and fused_enabled() and bool(ext.fused_supported(logits))
 
 
 def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp_group=None,
@@ -255,16 +243,15 @@ def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp
     have_ref = ref_logp is not None and bool(cfg.kl_beta)
     ref = ref_logp if have_ref else None
 
-    variant = _fused_eligible(logits_shard, tp_size) if use_cuda else None
-    if variant is not None:
+    if use_cuda and _fused_eligible(logits_shard, tp_size):
         holder = {}
         _, valid_cols = shard_columns(vocab_size, local_cols, tp_rank, tp_size)
         f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
         loss, logp, entropy = _FusedGRPO.apply(
             logits_shard, targets, f32(advantages), f32(old_logp), f32(ref),
             f32(rollout_logp if cfg.tis_cap else None), weights.contiguous(), active, cfg,
-            valid_cols, 1.0 / float(temperature), inplace_backward, holder, variant)
-        _last.update(impl="cuda", kernel=f"fused_{variant}")
+            valid_cols, 1.0 / float(temperature), inplace_backward, holder)
+        _last.update(impl="cuda", kernel="fused")
         return loss, _metrics(holder["parts"], entropy, active, cfg, have_ref)
 
     logp, entropy = vocab_parallel_logprobs(

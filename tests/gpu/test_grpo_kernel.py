@@ -45,15 +45,15 @@ def _inputs(n_tok, cols, vocab, dtype, seed, masked_frac=0.3):
     return logits, targets, mask, g
 
 
-@pytest.mark.parametrize("variant", ["persistent", "simple"])
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("n_tok,cols,vocab,dtype", [
     (333, 32064, 32003, torch.bfloat16),     # aligned rows, padded vocab -> fused, cluster of 1
     (67, 152064, 152000, torch.bfloat16),    # the big vocab -> fused, cluster of 5
     (129, 50304, 50257, torch.float32),      # fp32 logits
     (101, 1003, 1000, torch.bfloat16),       # rows not 16-byte aligned -> two-pass scalar kernels
 ])
-def test_grpo_loss_cuda_matches_reference(ext, monkeypatch, variant, n_tok, cols, vocab, dtype):
-    monkeypatch.setenv("R1MEGA_GRPO_FUSED", variant)
+def test_grpo_loss_cuda_matches_reference(ext, monkeypatch, fused, n_tok, cols, vocab, dtype):
+    monkeypatch.setenv("R1MEGA_GRPO_FUSED", fused)
     cfg = GRPOConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, kl_beta=0.05, kl_estimator="k3", tis_cap=2.0)
     logits, targets, mask, g = _inputs(n_tok, cols, vocab, dtype, seed=n_tok)
     ref_lp, _ = reference_logprobs(logits.double(), torch.where(mask > 0, targets, 0), vocab_size=vocab,
@@ -76,7 +76,7 @@ def test_grpo_loss_cuda_matches_reference(ext, monkeypatch, variant, n_tok, cols
         src = x if not inplace else x.clone()  # in-place destroys the input: give it a private copy
         loss, metrics = grpo_loss(src, targets, adv, old, mask, impl="cuda", inplace_backward=inplace, **kw)
         assert last_impl() == "cuda"
-        assert last_kernel() == (f"fused_{variant}" if cols % 8 == 0 else "two_pass")
+        assert last_kernel() == ("fused" if cols % 8 == 0 and fused == "1" else "two_pass")
         (loss * 2.5).backward()  # grad_output != 1 must rescale the stored gradient
         grad = (leaf.grad if leaf is not None else x.grad) / 2.5
         assert torch.isfinite(grad).all()
@@ -120,21 +120,19 @@ def test_shard_kernels_simulated_tp2(ext, cols, vocab, dtype):
     assert _rel(grad, x64.grad) <= GRAD_REL_TOL
 
 
-@pytest.mark.parametrize("variant", [1, 0], ids=["persistent", "simple"])
 @pytest.mark.parametrize("n_tok", [45, 1000])
-def test_fused_outputs_fully_written(ext, variant, n_tok):
-    """Every element of the gradient buffer and of logp/entropy is written (NaN-filled beforehand).
-
-    1000 rows are more than the persistent kernel's resident clusters: each walks several rows."""
+def test_fused_outputs_fully_written(ext, n_tok):
+    """Every element of the gradient buffer and of logp/entropy is written (NaN-filled beforehand)."""
     cols, vocab = 152064, 151900
     logits, targets, mask, g = _inputs(n_tok, cols, vocab, torch.bfloat16, seed=7, masked_frac=0.5)
     targets = torch.where(mask > 0, targets, 0)
-    assert ext.fused_supported(logits, variant), ext.fused_plan(logits, variant)
+    assert ext.fused_supported(logits), ext.fused_plan(logits)
+    assert list(ext.fused_plan(logits)) == [5, 8, n_tok]  # 152,064 bf16 columns: clusters of 5 CTAs
     grad = torch.full_like(logits, float("nan"))
     zeros = torch.zeros(n_tok, device="cuda")
     _poison_allocator()
     logp, ent = ext.fused_grpo(logits, grad, targets, torch.randn(n_tok, device="cuda", generator=g), zeros,
-                               None, None, mask / mask.sum(), vocab, 1.0, 0.8, 1.28, 0.0, 0.0, 3, 0.0, variant)
+                               None, None, mask / mask.sum(), vocab, 1.0, 0.8, 1.28, 0.0, 0.0, 3, 0.0)
     assert torch.isfinite(grad).all() and torch.isfinite(logp).all() and torch.isfinite(ent).all()
     ref_lp, ref_h = reference_logprobs(logits.double(), targets, vocab_size=vocab)
     on = mask > 0
