@@ -101,6 +101,8 @@ def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx) -> dict:
     """Copy a HF checkpoint (dir or :class:`HFCheckpoint`) into this rank's model chunks.
 
     Every parameter must be covered and every HF tensor used; shapes are checked by name.
+    Call it BEFORE building the (distributed) optimizer: its fp32 master weights are copied from
+    the parameters at construction (else call ``optimizer.reload_model_params()`` afterwards).
     Returns a small report: {"hf_dtype", "num_params", "num_hf_tensors"}.
     """
     from r1mega.models.gpt import padded_vocab_size
