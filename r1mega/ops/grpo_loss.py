@@ -142,7 +142,6 @@ def _metrics(parts, entropy, active, cfg, have_ref) -> Dict[str, torch.Tensor]:
     ``*_max`` with MAX across ranks, then :func:`finalize_metrics`."""
     ratio, adv, lr = parts["ratio"].float(), parts["adv"].float(), parts["log_ratio"].float()
     f = active.float()
-    inf = torch.tensor(math.inf, device=ratio.device)
     out = {
         "n_tokens": f.sum(),
         "clip_frac_low_sum": ((ratio < 1.0 - cfg.eps_low) & (adv < 0) & active).float().sum(),
@@ -153,8 +152,10 @@ def _metrics(parts, entropy, active, cfg, have_ref) -> Dict[str, torch.Tensor]:
         "ref_kl_sum": (parts["kl"].float() * f).sum() if have_ref else torch.zeros((), device=f.device),
         "entropy_sum": (entropy.float() * f).sum(),
         "ratio_sum": (ratio * f).sum(),
-        "ratio_min": torch.where(active, ratio, inf).min() if ratio.numel() else inf,
-        "ratio_max": torch.where(active, ratio, -inf).max() if ratio.numel() else -inf,
+        # masked_fill with a Python float: a torch.tensor(inf, device=...) here would be a blocking
+        # host-to-device copy that stalls the CPU until the loss kernel has finished.
+        "ratio_min": ratio.masked_fill(~active, math.inf).amin() if ratio.numel() else ratio.new_full((), math.inf),
+        "ratio_max": ratio.masked_fill(~active, -math.inf).amax() if ratio.numel() else ratio.new_full((), -math.inf),
     }
     return out
 
