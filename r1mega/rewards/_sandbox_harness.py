@@ -192,6 +192,37 @@ def _flush():
             pass
 
 
+def _stdio_runner(code):
+    """Standard-input tasks: each call runs the whole program as ``__main__`` on one input and
+    returns what it printed. ``.buffer`` works on both streams (fast-I/O solutions use it)."""
+
+    def run(stdin_text):
+        out_bytes = io.BytesIO()
+        out = io.TextIOWrapper(out_bytes, encoding="utf-8", write_through=True)
+        saved = sys.stdin, sys.stdout
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin_text.encode()), encoding="utf-8")
+        sys.stdout = out
+        try:
+            exec(code, {"__name__": "__main__", "__builtins__": builtins})  # noqa: S102
+        except SystemExit as exc:  # exit() at the end of a solution is normal; a status is not
+            if exc.code not in (None, 0):
+                raise RuntimeError(f"the program exited with status {exc.code!r}") from None
+        finally:
+            sys.stdin, sys.stdout = saved
+            out.flush()
+        return out_bytes.getvalue().decode("utf-8", "replace")
+
+    return run
+
+
+def _same_output(got, want):
+    # Judges of such tasks ignore trailing spaces and trailing blank lines, nothing else.
+    def norm(text):
+        return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
+
+    return isinstance(got, str) and norm(got) == norm(want)
+
+
 def _run_candidate(payload, to_judge, from_judge):
     """The forked child: limits, privileges dropped, then the untrusted program, then serve."""
     lim = payload["limits"]
@@ -215,11 +246,15 @@ def _run_candidate(payload, to_judge, from_judge):
     namespace = {"__name__": "solution", "__builtins__": builtins}
     try:
         code = compile(payload["program"], "<completion>", "exec")
-        exec(code, namespace)  # noqa: S102 -- the whole point: run it, in here only
+        if payload.get("stdio"):
+            namespace = {"__main__": _stdio_runner(code)}
+        else:
+            exec(code, namespace)  # noqa: S102 -- the whole point: run it, in here only
     except BaseException as exc:  # noqa: BLE001 -- anything the program raises is a failed run
         _send(to_judge, ("error", f"the program raised {type(exc).__name__}: {exc}"[:500]))
         os._exit(1)
-    names = [k for k, v in namespace.items() if callable(v) and not k.startswith("__")]
+    names = [k for k, v in namespace.items() if callable(v) and (k == "__main__" or
+                                                                   not k.startswith("__"))]
     _flush()
     _send(to_judge, ("ready", names))
     while True:
@@ -262,6 +297,15 @@ def _judge(payload, nonce, to_cand, from_cand):
         call.__name__ = name
         return call
 
+    cases = payload.get("stdio_cases")
+    if cases is not None:
+        run = proxy_for("__main__")
+        for i, case in enumerate(cases, 1):
+            got = run(str(case["input"]))
+            if not _same_output(got, str(case["output"])):
+                return False, (f"case {i}: expected {str(case['output'])[:80]!r}, "
+                               f"got {str(got)[:80]!r}")
+        return True, ""
     ns = {"__name__": "__tests__"}
     for name in status[1]:
         ns[name] = proxy_for(name)

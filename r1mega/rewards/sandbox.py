@@ -178,9 +178,12 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def run_tests(program: str, tests: str, entry_point: str | None = None,
-              limits: SandboxLimits | None = None) -> SandboxResult:
+              limits: SandboxLimits | None = None, stdio: list | None = None) -> SandboxResult:
     """Execute ``program``, then ``tests`` against it (HumanEval style: ``check(candidate)`` when
-    ``entry_point`` is given, else module-level asserts naming the program's functions).
+    ``entry_point`` is given, else module-level asserts naming the program's functions). With
+    ``stdio`` (``[{"input": ..., "output": ...}]``) the program instead runs once per case as a
+    script on that standard input, and must print the expected output (trailing whitespace
+    aside); ``tests`` is then unused.
 
     Never raises for anything the program does; ``passed`` is True only with a genuine verdict.
     """
@@ -191,6 +194,7 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
     nonce = secrets.token_hex(16)
     payload = {
         "program": program,
+        "stdio": stdio is not None,
         "isolated": bool(iso["prefix"]),
         "netns": bool(iso["prefix"]),
         "drop_uid": iso["drop_uid"],
@@ -201,7 +205,8 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
     if iso["drop_uid"] is not None:
         os.chown(work_dir, iso["drop_uid"], iso["drop_uid"])
     body = json.dumps(payload).encode()
-    secret = json.dumps({"tests": tests, "entry_point": entry_point}).encode()
+    secret = json.dumps({"tests": tests, "entry_point": entry_point,
+                         "stdio_cases": stdio}).encode()
     read_fd, write_fd = os.pipe()
     cmd = list(iso["prefix"] or []) + [sys.executable, "-I", _HARNESS, token, str(write_fd)]
     start = time.monotonic()

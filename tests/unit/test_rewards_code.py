@@ -33,15 +33,18 @@ def problems():
 
 
 def test_humaneval_canonical_pass_and_wrong_fail(problems):
-    for task_id in SAMPLE:
+    for i, task_id in enumerate(SAMPLE):
         p = problems[task_id]
         good = p["prompt"] + p["canonical_solution"]
         res = run_tests(good, p["test"], p["entry_point"], LIMITS)
         assert res.passed, (task_id, res.status, res.error)
-        stub = p["prompt"] + "    return None\n"
-        assert not run_tests(stub, p["test"], p["entry_point"], LIMITS).passed, task_id
-        off = good + PERTURB.format(name=p["entry_point"])
-        assert not run_tests(off, p["test"], p["entry_point"], LIMITS).passed, task_id
+        # Two kinds of wrong, alternating to keep the run short: a stub, and the canonical
+        # solution with every result nudged (an off-by-one in spirit).
+        if i % 2:
+            wrong = p["prompt"] + "    return None\n"
+        else:
+            wrong = good + PERTURB.format(name=p["entry_point"])
+        assert not run_tests(wrong, p["test"], p["entry_point"], LIMITS).passed, task_id
 
 
 def test_code_reward_reads_the_answer_block():
@@ -60,3 +63,29 @@ def test_code_reward_reads_the_answer_block():
 def test_prefix_continues_a_signature():
     ref = {"prefix": "def double(x):\n", "tests": "assert double(4) == 8\n", "entry_point": "double"}
     assert code_tests("    return 2 * x\n", ref).score == 1.0
+
+
+STDIO_CASES = [{"input": "3\n1 2 3\n", "output": "6\n"},
+               {"input": "1\n-5\n", "output": "-5"},
+               {"input": "4\n10 20 30 40\n", "output": "100  \n\n"}]
+
+
+@pytest.mark.parametrize("program,passes", [
+    ("n = int(input())\nprint(sum(map(int, input().split())))\n", True),
+    ("import sys\ndata = sys.stdin.buffer.read().split()\n"
+     "sys.stdout.write(str(sum(map(int, data[1:]))) + '\\n')\n", True),
+    ("import sys\nn = int(input())\nprint(sum(map(int, input().split())))\nsys.exit(0)\n", True),
+    ("n = int(input())\nprint(sum(map(int, input().split())) + 1)\n", False),
+    ("import sys\nsys.exit(0)\n", False),                       # prints nothing
+    ("print(6)\n", False),                                      # the first case's answer only
+    ("import sys\nprint(6)\nsys.exit(1)\n", False),            # a failing exit status
+    ("import os\nos._exit(0)\n", False),
+])
+def test_stdio_tasks(program, passes):
+    ref = {"stdio": STDIO_CASES}
+    res = code_tests(f"<answer>\n```python\n{program}```\n</answer>", ref)
+    assert res.score == (1.0 if passes else 0.0), res.reasons
+
+
+def test_stdio_reference_is_checked():
+    assert code_tests("print(1)", {"stdio": [{"input": "1"}]}).score == 0.0
