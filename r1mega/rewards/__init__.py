@@ -14,7 +14,8 @@ math_accuracy     ``answer``                                   math.py (math-ver
 exact_match       ``answer``                                   math.py
 format            (none) strict R1-Zero structure               format.py
 format_lenient    (none)                                       format.py
-code_tests        ``tests``, ``entry_point``, ``prefix``       code.py + sandbox.py
+code_tests        ``tests``, ``entry_point``, ``prefix``;      code.py + sandbox.py
+                  or ``stdio`` [{input, output}]
 countdown         ``numbers``, ``target``, ``require_all``     puzzles.py
 river_crossing    ``items``, ``rowers``, ``forbidden``,        puzzles.py
                   ``capacity``
