@@ -21,5 +21,5 @@ def build_prompt_source(data_cfg, eval: bool = False, stats: dict | None = None)
     if spec.startswith("builtin:"):
         return make_builtin(spec.split(":", 1)[1], size, seed, data_cfg.task_options)
     if spec.startswith("reasoning_gym:"):
-        return ReasoningGymSource(spec.split(":", 1)[1], size, seed)
+        return ReasoningGymSource(spec.split(":", 1)[1], size, seed, data_cfg.task_options)
     return load_prompt_file(spec, data_cfg.on_bad_row, stats)

@@ -30,3 +30,17 @@ def test_soft_overlong_penalty():
     assert soft_overlong_penalty(100, 100, 20) == pytest.approx(-1.0)
     assert soft_overlong_penalty(130, 100, 20) == -1.0
     assert soft_overlong_penalty(99, 100, 0) == 0.0
+
+
+def test_completion_stats():
+    from r1mega.rewards.stats import completion_stats
+
+    batch = ["<think>2+2 is 5. Wait, let me check: 4.</think><answer>4</answer>",
+             "<think>easy</think><answer>4</answer>",
+             "the answer is 4, no await needed"]  # 'await' is not 'wait'
+    s = completion_stats(batch, ["wait", "let me check"])
+    assert s["reflection_share"] == pytest.approx(1 / 3)
+    assert s["format_share"] == pytest.approx(2 / 3)
+    assert s["mean_chars"] == pytest.approx(sum(map(len, batch)) / 3)
+    assert completion_stats([], ["wait"])["reflection_share"] == 0.0
+    assert completion_stats(batch, [])["reflection_share"] == 0.0
