@@ -19,6 +19,8 @@ Paths: ``cuda`` runs one fused kernel (statistics, loss gradient and the logits'
 single read of the logits; Hopper thread-block clusters) when there is no tensor parallelism, else
 the two-kernel path (statistics, one (T, 4) all-gather, then read + write in the backward);
 ``torch`` runs the token-chunked PyTorch path. :func:`last_impl` says which ran.
+:func:`grpo_loss_from_hidden` takes the hidden states and the LM-head shard instead and never
+materialises the logits (r1mega.ops.linear_logprobs).
 """
 from __future__ import annotations
 
@@ -215,6 +217,30 @@ def _fused_eligible(logits, tp_size) -> bool:
     return tp_size == 1 and ext is not None and fused_enabled() and bool(ext.fused_supported(logits))
 
 
+def _prepare(n_tok, targets, advantages, old_logp, loss_mask, *, cfg, vocab_size, ref_logp, rollout_logp,
+             seq_ids, normalizer, acc):
+    """Checks shared by the logits and hidden-state entry points -> (active, targets, weights, ref)."""
+    check_cfg(cfg, ref_logp, rollout_logp)
+    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("loss_mask", loss_mask),
+                    ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("seq_ids", seq_ids)):
+        if t is not None and tuple(t.shape) != (n_tok,):
+            raise ValueError(f"{name} must have shape ({n_tok},) like the logits' tokens, got {tuple(t.shape)}")
+    active = loss_mask > 0
+    # Masked tokens may carry pad/ignore ids; any valid id keeps the kernels in bounds.
+    targets = torch.where(active, targets.long(), torch.zeros_like(targets, dtype=torch.long))
+    check_targets(targets, n_tok, vocab_size)
+    weights = token_weights(loss_mask, loss_agg=cfg.loss_agg, normalizer=normalizer, seq_ids=seq_ids, dtype=acc)
+    ref = ref_logp if (ref_logp is not None and bool(cfg.kl_beta)) else None
+    return active, targets, weights, ref
+
+
+def _loss_from_logp(logp, entropy, advantages, old_logp, active, weights, *, cfg, ref, rollout_logp):
+    token_loss, parts = grpo_token_loss(logp, advantages, old_logp, active, cfg=cfg, ref_logp=ref,
+                                        rollout_logp=rollout_logp)
+    loss = (weights.to(token_loss.dtype) * token_loss).sum()
+    return loss, _metrics(parts, entropy.detach(), active, cfg, ref is not None)
+
+
 def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp_group=None,
               vocab_size: int, temperature: float = 1.0, ref_logp=None, rollout_logp=None,
               seq_ids=None, normalizer: float, impl: str = "auto", inplace_backward: bool = False):
@@ -225,24 +251,15 @@ def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp
     metrics dict of 0-d tensors, see :func:`_metrics`). ``inplace_backward=True`` lets the gradient
     overwrite ``logits_shard`` (do not read the logits afterwards).
     """
-    check_cfg(cfg, ref_logp, rollout_logp)
     if logits_shard.dim() != 2:
         raise ValueError(f"logits_shard must be (tokens, vocab/tp), got {tuple(logits_shard.shape)}")
     n_tok, local_cols = logits_shard.shape
-    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("loss_mask", loss_mask),
-                    ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("seq_ids", seq_ids)):
-        if t is not None and tuple(t.shape) != (n_tok,):
-            raise ValueError(f"{name} must have shape ({n_tok},) like the logits' tokens, got {tuple(t.shape)}")
-    active = loss_mask > 0
-    # Masked tokens may carry pad/ignore ids; any valid id keeps the kernels in bounds.
-    targets = torch.where(active, targets.long(), torch.zeros_like(targets, dtype=torch.long))
-    check_targets(targets, n_tok, vocab_size)
     acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
-    weights = token_weights(loss_mask, loss_agg=cfg.loss_agg, normalizer=normalizer, seq_ids=seq_ids, dtype=acc)
+    active, targets, weights, ref = _prepare(
+        n_tok, targets, advantages, old_logp, loss_mask, cfg=cfg, vocab_size=vocab_size, ref_logp=ref_logp,
+        rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer, acc=acc)
     use_cuda = resolve_impl(impl, logits_shard)
     tp_rank, tp_size = tp_rank_and_size(tp_group)
-    have_ref = ref_logp is not None and bool(cfg.kl_beta)
-    ref = ref_logp if have_ref else None
 
     if use_cuda and _fused_eligible(logits_shard, tp_size):
         holder = {}
@@ -253,13 +270,36 @@ def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp
             f32(rollout_logp if cfg.tis_cap else None), weights.contiguous(), active, cfg,
             valid_cols, 1.0 / float(temperature), inplace_backward, holder)
         _last.update(impl="cuda", kernel="fused")
-        return loss, _metrics(holder["parts"], entropy, active, cfg, have_ref)
+        return loss, _metrics(holder["parts"], entropy, active, cfg, ref is not None)
 
     logp, entropy = vocab_parallel_logprobs(
         logits_shard, targets, tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
         with_entropy=True, impl="cuda" if use_cuda else "torch", inplace_backward=inplace_backward)
-    token_loss, parts = grpo_token_loss(logp, advantages, old_logp, active, cfg=cfg, ref_logp=ref,
-                                        rollout_logp=rollout_logp)
-    loss = (weights.to(token_loss.dtype) * token_loss).sum()
     _last.update(impl="cuda" if use_cuda else "torch", kernel="two_pass" if use_cuda else "chunked")
-    return loss, _metrics(parts, entropy.detach(), active, cfg, have_ref)
+    return _loss_from_logp(logp, entropy, advantages, old_logp, active, weights, cfg=cfg, ref=ref,
+                           rollout_logp=rollout_logp)
+
+
+def grpo_loss_from_hidden(hidden, weight_shard, targets, advantages, old_logp, loss_mask, *, cfg,
+                          tp_group=None, vocab_size: int, temperature: float = 1.0, ref_logp=None,
+                          rollout_logp=None, seq_ids=None, normalizer: float, impl: str = "auto",
+                          chunk_tokens: int = 0):
+    """:func:`grpo_loss` of ``hidden @ weight_shard.T`` without materialising the logits (stretch goal).
+
+    hidden (T, H) (identical on every rank of ``tp_group``), weight_shard (Vl, H) this rank's
+    LM-head rows. Gradients flow to both; d hidden is all-reduced over ``tp_group``.
+    """
+    from r1mega.ops.linear_logprobs import linear_vocab_parallel_logprobs
+
+    n_tok = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    active, targets, weights, ref = _prepare(
+        n_tok, targets, advantages, old_logp, loss_mask, cfg=cfg, vocab_size=vocab_size, ref_logp=ref_logp,
+        rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer, acc=acc)
+    logp, entropy = linear_vocab_parallel_logprobs(
+        hidden, weight_shard, targets, tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
+        with_entropy=True, impl=impl, chunk_tokens=chunk_tokens)
+    use_cuda = resolve_impl(impl, hidden)
+    _last.update(impl="cuda" if use_cuda else "torch", kernel="linear_chunked")
+    return _loss_from_logp(logp, entropy, advantages, old_logp, active, weights, cfg=cfg, ref=ref,
+                           rollout_logp=rollout_logp)

@@ -1,4 +1,5 @@
-"""Tensor parallelism over the vocabulary: TP=2 (two gloo ranks) equals TP=1, values and gradients.
+"""Tensor parallelism over the vocabulary: TP=2 (two gloo ranks) equals TP=1, values and gradients,
+for the logits entry points and for the LM-head-fused one (grpo_loss_from_hidden).
 
 Self-contained: a tiny spawn helper below starts the ranks (no shared harness).
 """
@@ -85,6 +86,26 @@ def _check_rank(rank, world_size):
         assert torch.allclose(torch.cat(gathered, dim=1), full.grad, atol=1e-12)
         for key in metrics_1:
             assert torch.allclose(metrics_tp[key].double(), metrics_1[key].double(), atol=1e-6), key
+
+    # LM head fused with the loss: hidden states on every rank, this rank's rows of the weight
+    from r1mega.ops.grpo_loss import grpo_loss_from_hidden
+    local_rows, vocab, hid = 24, 45, 10
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(19, hid, generator=g, dtype=torch.float64)
+    weight = torch.randn(TP * local_rows, hid, generator=g, dtype=torch.float64) * 0.5
+    _, targets, old, adv, ref, mask, seq_ids = _case(7, 19, local_rows, vocab)
+    cfg = GRPOConfig(kl_beta=0.05, loss_agg="token_mean")
+    kw = dict(cfg=cfg, vocab_size=vocab, ref_logp=ref, normalizer=float(mask.sum()))
+    rows = slice(rank * local_rows, (rank + 1) * local_rows)
+    h_tp, w_tp = hidden.clone().requires_grad_(True), weight[rows].clone().requires_grad_(True)
+    loss_tp, _ = grpo_loss_from_hidden(h_tp, w_tp, targets, adv, old, mask, tp_group=group, chunk_tokens=6, **kw)
+    loss_tp.backward()
+    h_1, w_1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss_1, _ = grpo_loss_from_hidden(h_1, w_1, targets, adv, old, mask, tp_group=None, **kw)
+    loss_1.backward()
+    assert abs(loss_tp.item() - loss_1.item()) < 1e-12
+    assert torch.allclose(h_tp.grad, h_1.grad, atol=1e-12)  # d hidden all-reduced over the TP group
+    assert torch.allclose(w_tp.grad, w_1.grad[rows], atol=1e-12)
 
 
 def test_tp2_equals_tp1():
