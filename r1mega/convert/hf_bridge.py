@@ -97,12 +97,13 @@ def check_layout(model_cfg, tp_size: int) -> None:
         )
 
 
-def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx) -> dict:
+def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx, optimizer=None) -> dict:
     """Copy a HF checkpoint (dir or :class:`HFCheckpoint`) into this rank's model chunks.
 
     Every parameter must be covered and every HF tensor used; shapes are checked by name.
-    Call it BEFORE building the (distributed) optimizer: its fp32 master weights are copied from
-    the parameters at construction (else call ``optimizer.reload_model_params()`` afterwards).
+    If the megatron ``optimizer`` already exists, pass it: with bf16/fp16 parameters it keeps
+    fp32 master copies taken at construction, and its first step would otherwise write the OLD
+    weights back (the HF weights would be silently lost).
     Returns a small report: {"hf_dtype", "num_params", "num_hf_tensors"}.
     """
     from r1mega.models.gpt import padded_vocab_size
@@ -145,6 +146,8 @@ def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx) -> dict:
                     )
                 p.data.copy_(piece.to(device=p.device, dtype=p.dtype))
                 n += 1
+    if optimizer is not None:
+        optimizer.reload_model_params()  # master weights <- the parameters just loaded
     return {"hf_dtype": ckpt.dtype(), "num_params": n, "num_hf_tensors": len(ckpt.names())}
 
 

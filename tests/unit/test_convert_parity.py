@@ -199,3 +199,4 @@ def test_checkpoint_with_te_spec_names_loads_into_local_spec(tmp_path, rt):
     mcore_io.load_model_state(fresh, ckpt + "_te")
     for (name, a), (_, b) in zip(chunks[0].named_parameters(), fresh[0].named_parameters()):
         assert torch.equal(a, b), name
+
