@@ -138,8 +138,11 @@ class RewardScorer:
             if not isinstance(spec, dict):
                 raise ValueError(f"rewards.spec.{kind} must map reward names to weights, got "
                                  f"{spec!r}.")
-            for name in spec:
+            for name, weight in spec.items():
                 get_reward(name)  # unknown names fail here, at start-up, with a suggestion
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                    raise ValueError(f"rewards.spec.{kind}.{name}: the weight must be a number, "
+                                     f"got {weight!r}.")
         self._workers: list[_Worker] = []
         self._counts = {"items": 0, "calls": 0, "timeouts": 0, "crashes": 0, "errors": 0,
                         "bad_items": 0, "worker_restarts": 0, "seconds": 0.0}
@@ -168,7 +171,7 @@ class RewardScorer:
             units += [(len(units) + j, i, *u) for j, u in enumerate(item_units)]
         outcomes = self._run(units)
         for uid, i, name, *_ in units:
-            score, reasons, error = outcomes[uid]
+            score, reasons, error = outcomes.get(uid, (0.0, [], f"{name}: no result"))
             res = results[i]
             res.components[name] = score
             res.reasons[name] = reasons
