@@ -141,6 +141,9 @@ class RolloutConfig:
     # Upper bound on sequences decoded together (continuous batching).
     max_batch_sequences: int = 256
     cuda_graphs: bool = True
+    # GPU: torch.compile the decode forward (fuses its elementwise kernels; ~45 s once per process,
+    # then +20-35% decode speed); falls back to eager if compiling fails.
+    compile_decode: bool = True
     seed: int = 0
 
 

@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip transformers generate()")
     ap.add_argument("--smoke", action="store_true", help="tiny shape (CPU check of the script)")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
+    ap.add_argument("--no-compile", action="store_true", help="rollout.compile_decode=false")
     ap.add_argument("--mismatch-seqs", type=int, default=16)
     ap.add_argument("--profile", action="store_true", help="cProfile the first setting's run")
     args = ap.parse_args(argv)
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     for prompts, plen, new in settings:
         rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
                              max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
+                             compile_decode=not args.no_compile,
                              max_prefill_tokens=max(16384, prompts * plen // 4))
         eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
         g = torch.Generator().manual_seed(prompts)

@@ -10,8 +10,8 @@ agreed on through the vocab-parallel reductions in :mod:`r1mega.rollout.sampling
 """
 from __future__ import annotations
 
-import os
 import time
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -73,6 +73,7 @@ class RolloutEngine:
         )
         self.use_graphs = bool(rollout_cfg.cuda_graphs) and self.use_triton
         self.graphs: Optional[DecodeGraphs] = None
+        self._compiled_decode = None
         self.stats: dict = {}
 
     # ------------------------------------------------------------------ cache lifetime
@@ -303,9 +304,7 @@ class RolloutEngine:
     def _decode_graph(self, seqs: list[Sequence]) -> list[Sequence]:
         """Decode step through the captured graphs: inputs packed on the host, one copy each way."""
         if self.graphs is None:
-            self.graphs = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences,
-                                       self.max_blocks_per_seq(), self.device)
-            self.graphs.capture()
+            self._capture_graphs()
         g, n, bt = self.graphs, len(seqs), self._bt_host
         width = 0
         for s in seqs:
@@ -334,15 +333,31 @@ class RolloutEngine:
         return self.runner.forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
 
     def _decode_forward(self):
-        """The decode forward, through torch.compile when asked (R1MEGA_ROLLOUT_COMPILE=1):
+        """The decode forward, through torch.compile on GPU (``rollout.compile_decode``):
         inductor fuses the norms', RoPE's and residuals' elementwise kernels, the step's main
-        cost at decode batch sizes. The compiled code is then captured in the CUDA graphs."""
-        if getattr(self, "_compiled_decode", None) is None:
+        cost at decode batch sizes (measured on an H200, 852M shape: graph replay of 16 rows
+        1.95 -> 1.37 ms). The compiled code is then captured in the CUDA graphs."""
+        if self._compiled_decode is None:
             fn = self._decode_logits
-            if os.environ.get("R1MEGA_ROLLOUT_COMPILE", "0") == "1" and self.device.type == "cuda":
+            if getattr(self.cfg, "compile_decode", False) and self.device.type == "cuda":
                 fn = torch.compile(self._decode_logits, dynamic=True)
             self._compiled_decode = fn
         return self._compiled_decode
+
+    def _capture_graphs(self) -> None:
+        self.graphs = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences,
+                                   self.max_blocks_per_seq(), self.device)
+        try:
+            self.graphs.capture()
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the rollout
+            if self._compiled_decode is self._decode_logits:
+                raise
+            warnings.warn(f"rollout: torch.compile of the decode step failed ({type(exc).__name__}: "
+                          f"{exc}); continuing eagerly. Set rollout.compile_decode=false to skip it.")
+            self._compiled_decode = self._decode_logits
+            self.graphs = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences,
+                                       self.max_blocks_per_seq(), self.device)
+            self.graphs.capture()
 
     def _graph_step(self, ints: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """Decode forward + temperature sampling as pure tensor code, for capture.

@@ -26,11 +26,11 @@ if HAVE_TRITON:
     @triton.jit
     def _paged_decode_kernel(
         Q, K, V, BT, CTX, O,
-        scale,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_btb,
         stride_ob, stride_oh,
+        SCALE: tl.constexpr,  # constexpr: under torch.compile a float argument would turn fp64
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         D: tl.constexpr,
@@ -60,7 +60,7 @@ if HAVE_TRITON:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
-            s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # (GP, BN)
+            s = tl.where(n_ok[None, :], s * SCALE, float("-inf"))  # (GP, BN)
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
@@ -104,11 +104,11 @@ def paged_decode_attention(
     block_n = max(16, min(64, 4 * bs))
     _paged_decode_kernel[(bsz, hkv)](
         q, k_cache, v_cache, block_tables, ctx_lens, out,
-        scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        SCALE=float(scale),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         D=d,

@@ -48,7 +48,9 @@ def _engine_outputs(rt, model, **cfg_kw):
     from r1mega.rollout.engine import RolloutEngine
     from r1mega.rollout.types import GenerationRequest
 
-    cfg = RolloutConfig(max_new_tokens=24, kv_block_tokens=16, max_batch_sequences=64, **cfg_kw)
+    # compile_decode off: this compares graph replay with eager launches of the same kernels.
+    cfg = RolloutConfig(max_new_tokens=24, kv_block_tokens=16, max_batch_sequences=64,
+                        compile_decode=False, **cfg_kw)
     eng = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=1000)
     prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
     outs = eng.generate([GenerationRequest(p, n=3, seed=i) for i, p in enumerate(prompts)])
