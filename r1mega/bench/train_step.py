@@ -88,7 +88,8 @@ def _timed(step_fn, device, warmup: int, steps: int) -> tuple[float, list]:
     return (time.perf_counter() - t) / steps, losses
 
 
-def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_norm: bool):
+def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_norm: bool,
+               thd: bool = False):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
     from r1mega.models.gpt import build_model
@@ -101,7 +102,7 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     chunks = build_model(model_cfg, rt, PrecisionConfig(), wrap=True, distributed_optimizer=True)
     optim = build_optimizer(OptimizerConfig(lr=1e-5, clip_grad=1.0), chunks, rt, distributed=True)
     b, s = tokens.shape
-    step = TrainStep(chunks, optim, rt, micro_batch_tokens=b * s)
+    step = TrainStep(chunks, optim, rt, micro_batch_tokens=b * s, batch_equal_lengths=not thd)
     samples = [sft_sample(tokens[i].cpu()) for i in range(b)]
     if loss_impl == "chunked":
         from r1mega.ops.logprobs import vocab_parallel_logprobs
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loss", default="auto", choices=["auto", "fp32", "chunked", "both"],
                     help="r1mega's SFT loss: auto = chunked when r1mega.ops imports, else fp32")
     ap.add_argument("--compile-norm", action="store_true", help="torch.compile RMSNorm.forward")
+    ap.add_argument("--thd-too", action="store_true",
+                    help="also time r1mega with the batch packed as THD (as RL batches are)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
     args = ap.parse_args(argv)
@@ -207,6 +210,10 @@ def main(argv=None) -> int:
         sec, mem, losses = run_r1mega(shape, tokens, rt, impl, args.warmup, args.steps,
                                       args.compile_norm)
         rows[f"r1mega[{impl}]"] = (sec, mem, losses)
+    if args.thd_too:
+        _reset_memory(device)
+        rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
+                                                      args.steps, args.compile_norm, thd=True)
     if not args.skip_hf:
         _reset_memory(device)
         rows["transformers"] = run_hf(shape, tokens, device, dtype, args.warmup, args.steps)
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
     print(f"train-step: {shape['num_layers']} layers, hidden {shape['hidden_size']}, vocab "
           f"{shape['vocab_size']}, {args.seqs}x{args.seq_len} tokens, {dtype}, {device}; "
           f"measured matmul peak {peak / 1e12:.1f} TFLOP/s")
-    head = f"{'impl':<18}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}" \
+    head = f"{'impl':<24}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}" \
            f"{'vs HF':>8}{'loss[0]':>10}"
     print(head)
     print("-" * len(head))
@@ -226,7 +233,7 @@ def main(argv=None) -> int:
         tps = n_tokens / sec
         tflops = tps * flops_tok / 1e12
         ratio = (hf[0] / sec) if hf else float("nan")
-        print(f"{name:<18}{sec * 1e3:>10.1f}{tps:>12.0f}{tflops:>10.1f}{tflops * 1e12 / peak:>8.1%}"
+        print(f"{name:<24}{sec * 1e3:>10.1f}{tps:>12.0f}{tflops:>10.1f}{tflops * 1e12 / peak:>8.1%}"
               f"{mem:>10.2f}{ratio:>8.2f}{float(losses[0]):>10.4f}")
         result["impls"][name] = {"ms_per_step": sec * 1e3, "tokens_per_s": tps,
                                  "model_tflops": tflops, "mfu": tflops * 1e12 / peak,

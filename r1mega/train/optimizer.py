@@ -88,4 +88,16 @@ def build_optimizer(opt: OptimizerConfig, model_chunks: list, rt: ParallelRuntim
                 f"the same setting.")
     config = megatron_optimizer_config(opt, rt, distributed)
     optimizer = get_megatron_optimizer(config, model_chunks, pg_collection=pg_collection)
+    if rt.device.type == "cuda":
+        use_fused_adam(optimizer)
     return OptimizerBundle(optimizer, build_scheduler(opt, optimizer, total_steps))
+
+
+def use_fused_adam(optimizer) -> None:
+    """Without TE/apex megatron falls back to torch AdamW in its default multi-tensor (foreach)
+    mode; torch's single-kernel fused AdamW does the same update with fewer passes over memory."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.AdamW, torch.optim.Adam)):
+            for group in inner.param_groups:
+                group["foreach"], group["fused"] = False, True

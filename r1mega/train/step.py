@@ -92,19 +92,33 @@ def sft_sample(tokens: torch.Tensor, prompt_tokens: int = 0) -> dict:
 # ----------------------------------------------------------------------------- schedule
 
 
+def _equal_lengths(mb: MicroBatch) -> bool:
+    return len(mb.seq_lengths) > 1 and len(set(mb.seq_lengths)) == 1
+
+
 def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[MicroBatch],
-              on_logits: Callable, forward_only: bool):
-    """Run megatron's schedule; ``on_logits(logits_shard, mb)`` -> (loss, n_tokens, dict)."""
+              on_logits: Callable, forward_only: bool, batch_equal_lengths: bool = True):
+    """Run megatron's schedule; ``on_logits(logits_shard, mb)`` -> (loss, n_tokens, dict).
+
+    ``batch_equal_lengths``: a micro-batch of B sequences of one length S runs as a plain (B, S)
+    batch instead of THD: megatron's THD RoPE reads cu_seqlens back to the host in every layer
+    and splits per sequence, the batched path does neither. Token order is the same either way.
+    """
     fwd_bwd = get_forward_backward_func(pp_size=rt.pp_size,
                                         vp_size=rt.vp_size if rt.vp_size > 1 else None)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(input_ids=mb.input_ids, position_ids=None, attention_mask=None,
-                    packed_seq_params=mb.packed)
+        if batch_equal_lengths and _equal_lengths(mb):
+            ids = mb.input_ids.view(len(mb.seq_lengths), mb.seq_lengths[0])  # (B, S)
+            out = model(input_ids=ids, position_ids=None, attention_mask=None)
+        else:
+            out = model(input_ids=mb.input_ids, position_ids=None, attention_mask=None,
+                        packed_seq_params=mb.packed)
 
         def loss_func(output):
-            return on_logits(output[0], mb)  # (1, T, V/tp) -> (T, V/tp)
+            # (1, T, V/tp) or (B, S, V/tp) -> (T, V/tp), sequences end to end as packed
+            return on_logits(output.reshape(-1, output.shape[-1]), mb)
 
         return out, loss_func
 
@@ -193,9 +207,10 @@ class TrainStep:
     """Forward/backward over all micro-batches + one optimizer step, for DDP-wrapped chunks."""
 
     def __init__(self, model_chunks: list, optim: OptimizerBundle, rt: ParallelRuntime, *,
-                 micro_batch_tokens: int):
+                 micro_batch_tokens: int, batch_equal_lengths: bool = True):
         self.chunks, self.optim, self.rt = model_chunks, optim, rt
         self.micro_batch_tokens = micro_batch_tokens
+        self.batch_equal_lengths = batch_equal_lengths
         config = unwrap(model_chunks[0]).config
         # megatron reads these hooks from the (shared) TransformerConfig.
         no_sync = [c.no_sync for c in model_chunks]
@@ -220,7 +235,8 @@ class TrainStep:
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optim.optimizer.zero_grad()
-        _schedule(self.chunks, rt, micro_batches, on_logits, forward_only=False)
+        _schedule(self.chunks, rt, micro_batches, on_logits, forward_only=False,
+                  batch_equal_lengths=self.batch_equal_lengths)
         return self._global_sums(sums)
 
     def _global_sums(self, sums: dict) -> dict:

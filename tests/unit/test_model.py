@@ -153,3 +153,15 @@ def test_logits_match_huggingface(single_rank_runtime, name):
         ours = _forward(model, ids, lengths)[0, :, :cfg.vocab_size]
         ref = torch.cat([hf(ids[:, :7]).logits[0], hf(ids[:, 7:]).logits[0]])
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_equal_length_batch_matches_packed(single_rank_runtime):
+    """TrainStep runs equal-length micro-batches as a (B, S) batch: same logits as THD packing."""
+    rt = single_rank_runtime()
+    cfg = ModelConfig(**FAMILIES["qwen3"])
+    model = build_model(cfg, rt, wrap=False)[0]
+    ids = torch.randint(0, cfg.vocab_size, (3, 8))
+    with torch.no_grad():
+        batched = model(input_ids=ids, position_ids=None, attention_mask=None)  # (B, S, V)
+        packed = _forward(model, ids.reshape(1, -1), [8, 8, 8])  # (1, T, V)
+    torch.testing.assert_close(batched.reshape(1, 24, -1), packed, atol=1e-5, rtol=1e-5)
