@@ -17,7 +17,7 @@ token-chunked PyTorch version whose working set is ``chunk_tokens x Vl`` floats.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist

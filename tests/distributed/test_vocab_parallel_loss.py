@@ -6,7 +6,6 @@ Self-contained: a tiny spawn helper below starts the ranks (no shared harness).
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
