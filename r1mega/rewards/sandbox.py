@@ -189,7 +189,10 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
     """
     lim = limits or SandboxLimits()
     iso = detect_isolation()
-    work_dir = tempfile.mkdtemp(prefix="r1mega_sbx_")
+    # Namespaced runs work in the judge's private tmpfs (/tmp/work there): nothing on the host
+    # to clean up, even if we are killed mid-run. Only the fallback needs a host directory.
+    host_dir = None if iso["prefix"] else tempfile.mkdtemp(prefix="r1mega_sbx_")
+    work_dir = host_dir or "/tmp/work"
     token = secrets.token_hex(8)
     nonce = secrets.token_hex(16)
     payload = {
@@ -202,8 +205,8 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
                    "fsize_mb": int(lim.fsize_mb), "nproc": int(lim.nproc),
                    "wall_s": int(lim.timeout_s) + 3},
     }
-    if iso["drop_uid"] is not None:
-        os.chown(work_dir, iso["drop_uid"], iso["drop_uid"])
+    if host_dir and iso["drop_uid"] is not None:
+        os.chown(host_dir, iso["drop_uid"], iso["drop_uid"])
     body = json.dumps(payload).encode()
     secret = json.dumps({"tests": tests, "entry_point": entry_point,
                          "stdio_cases": stdio}).encode()
@@ -213,12 +216,14 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
     try:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(write_fd,), cwd=work_dir, env=_clean_env(work_dir), start_new_session=True,
+            pass_fds=(write_fd,), cwd=host_dir or "/", env=_clean_env(work_dir),
+            start_new_session=True,
         )
     except OSError as exc:
         os.close(read_fd)
         os.close(write_fd)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if host_dir:
+            shutil.rmtree(host_dir, ignore_errors=True)
         return SandboxResult(False, "error", f"could not start the sandbox: {exc}",
                              isolation=iso["mode"])
     os.close(write_fd)
@@ -262,7 +267,8 @@ def run_tests(program: str, tests: str, entry_point: str | None = None,
         for stream in (proc.stdout, proc.stderr):
             stream.close()
         os.close(read_fd)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if host_dir:
+            shutil.rmtree(host_dir, ignore_errors=True)
     wall = time.monotonic() - start
     out = outputs["stdout"].decode("utf-8", "replace")
     err = outputs["stderr"].decode("utf-8", "replace")

@@ -285,6 +285,7 @@ def test_sandbox_cleans_up_after_its_caller_is_killed(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     marker = f"{uuid.uuid4().int % 10 ** 9 + 10 ** 9}"
+    dirs_before = _sandbox_dirs()
     # It sleeps rather than spins, so the CPU limit cannot be what ends it.
     program = (f"import subprocess, time\nsubprocess.Popen(['sleep', '{marker}'], "
                f"start_new_session=True)\ntime.sleep(1000)\n")
@@ -303,3 +304,5 @@ def test_sandbox_cleans_up_after_its_caller_is_killed(tmp_path):
     while _processes_with(f"sleep {marker}") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _processes_with(f"sleep {marker}"), "the sandbox outlived its caller"
+    if sandbox.detect_isolation()["prefix"]:
+        assert _sandbox_dirs() == dirs_before, "a work dir outlived the killed caller"
