@@ -8,7 +8,7 @@ pipeline schedules allocate with ``device="cuda"``, p2p communication calls
 reader can see the complete list of lies we tell megatron on CPU:
 
 1. ``torch.cuda`` module attributes get CPU stand-ins (streams, events, synchronize, device
-   index 0, nvtx, empty_cache). ``torch.cuda.is_available()`` still answers False so that r1mega
+   index 0, nvtx, empty_cache), and megatron's CUDA RNG tracker tracks CPU generator states. ``torch.cuda.is_available()`` still answers False so that r1mega
    itself always knows where it runs.
 2. A :class:`torch.overrides.TorchFunctionMode` rewrites device arguments that name CUDA (or a
    bare device index, which torch reads as CUDA) to ``cpu``, makes ``Tensor.cuda()`` a no-op and
@@ -163,6 +163,37 @@ def _patch_nvtx() -> None:
     nvtx.range = lambda *a, **k: contextlib.nullcontext()
 
 
+def _install_cpu_rng_tracker() -> None:
+    """megatron forks a "model-parallel-rng" CUDA RNG state around dropout and, under sequence
+    parallelism, around the embedding. On CPU the tracked states are CPU generator states."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            if name in self.states_:
+                raise Exception(f"cpu rng state {name} already exists")
+            self.seeds_.add(seed)
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"cpu rng state {name} is not added")
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(saved)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
 def cpu_mode_enabled() -> bool:
     return _mode is not None
 
@@ -182,6 +213,7 @@ def enable_cpu_mode(force: bool = False) -> bool:
             _saved_cuda_attrs.setdefault(name, getattr(torch.cuda, name, None))
             setattr(torch.cuda, name, fn)
         _patch_nvtx()
+        _install_cpu_rng_tracker()
         mode = _CudaToCpuMode()
         # Entered for the life of the process: megatron's schedules allocate at any depth.
         mode.__enter__()

@@ -103,9 +103,10 @@ def _pick_device(env: LaunchEnv, backend: str) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def seed_everything(seed: int, pp_rank: int = 0, on_gpu: bool = False) -> None:
+def seed_everything(seed: int, pp_rank: int = 0) -> None:
     """Same seed on every TP/DP rank (identical init of replicated parts); offset per PP stage
-    as megatron does so that stages do not draw identical weights."""
+    as megatron does so that stages do not draw identical weights. megatron's model-parallel
+    RNG tracker (CPU generator states in CPU mode) gets per-TP-rank streams for dropout."""
     s = seed + 100 * pp_rank
     random.seed(s)
     torch.manual_seed(s)
@@ -115,11 +116,10 @@ def seed_everything(seed: int, pp_rank: int = 0, on_gpu: bool = False) -> None:
         np.random.seed(s % (2**32))
     except ImportError:
         pass
-    if on_gpu:
-        from megatron.core import tensor_parallel
+    from megatron.core import tensor_parallel
 
-        # Different streams per TP rank for dropout/init of sharded weights, same for the rest.
-        tensor_parallel.model_parallel_cuda_manual_seed(s)
+    # Different streams per TP rank for dropout/init of sharded weights, same for the rest.
+    tensor_parallel.model_parallel_cuda_manual_seed(s)
 
 
 def init_parallel(
@@ -182,7 +182,7 @@ def init_parallel(
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         sequence_parallel=parallel.sequence_parallel,
     )
-    seed_everything(parallel.seed, rt.pp_rank, on_gpu=device.type == "cuda")
+    seed_everything(parallel.seed, rt.pp_rank)
     return rt
 
 

@@ -109,7 +109,9 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        if batch_equal_lengths and _equal_lengths(mb):
+        # (Under sequence parallelism the (B, S) layout is split along S, so S must divide.)
+        if batch_equal_lengths and _equal_lengths(mb) and (
+                not rt.sequence_parallel or mb.seq_lengths[0] % rt.tp_size == 0):
             ids = mb.input_ids.view(len(mb.seq_lengths), mb.seq_lengths[0])  # (B, S)
             out = model(input_ids=ids, position_ids=None, attention_mask=None)
         else:

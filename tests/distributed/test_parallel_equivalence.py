@@ -17,6 +17,7 @@ from tests.distributed.harness import run_ranks
 LAYOUTS = {
     "single": dict(tensor=1, pipeline=1, virtual_stages=1, world=1),
     "tp2": dict(tensor=2, pipeline=1, virtual_stages=1, world=2),
+    "tp2_sequence_parallel": dict(tensor=2, pipeline=1, virtual_stages=1, world=2, sp=True),
     "pp2": dict(tensor=1, pipeline=2, virtual_stages=1, world=2),
     "dp2": dict(tensor=1, pipeline=1, virtual_stages=1, world=2),
     "tp2pp2": dict(tensor=2, pipeline=2, virtual_stages=1, world=4),
@@ -69,7 +70,8 @@ def run_layout(rank, world, layout, init_state):
 
     model_cfg = _model_cfg()
     par = ParallelConfig(tensor=layout["tensor"], pipeline=layout["pipeline"],
-                         virtual_stages=layout["virtual_stages"])
+                         virtual_stages=layout["virtual_stages"],
+                         sequence_parallel=layout.get("sp", False))
     rt = init_parallel(par, PrecisionConfig())
     chunks = build_model(model_cfg, rt, wrap=True, distributed_optimizer=True)
     named = dict(named_global_parameters(chunks))
