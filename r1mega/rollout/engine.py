@@ -120,8 +120,8 @@ class RolloutEngine:
             where = f"request {i}"
             if not prompt:
                 raise ValueError(f"{where} has an empty prompt; every prompt needs at least one token.")
-            bad = [t for t in prompt if not 0 <= t < self.shard.true_vocab]
-            if bad:
+            if min(prompt, default=0) < 0 or max(prompt, default=0) >= self.shard.true_vocab:
+                bad = [t for t in prompt if not 0 <= t < self.shard.true_vocab]
                 raise ValueError(
                     f"{where}: token ids {bad[:5]} are outside the vocabulary [0, "
                     f"{self.shard.true_vocab}); check the tokenizer matches the model."
@@ -133,6 +133,11 @@ class RolloutEngine:
                 )
             if req.n < 1:
                 raise ValueError(f"{where}: n={req.n}, need at least one sample.")
+            if req.n > self.cfg.max_batch_sequences:
+                raise ValueError(
+                    f"{where}: n={req.n} samples share one prefill and must run together, but "
+                    f"rollout.max_batch_sequences={self.cfg.max_batch_sequences}; raise it to >= {req.n}."
+                )
             params = self._params(req)
             self.stopper.require_decode_for(params.stop, where)
             samples = []

@@ -34,8 +34,9 @@ class SamplingParams:
 
     @property
     def is_plain(self) -> bool:
-        """Temperature sampling without truncation: the CUDA-graph decode path's case."""
-        return self.temperature > 0 and self.top_k == 0 and self.top_p >= 1.0
+        """No top-k/top-p truncation: the CUDA-graph decode path's case. Greedy rows fit too:
+        without truncation their log-prob (temperature 1) is what the plain path computes."""
+        return self.top_k == 0 and self.top_p >= 1.0
 
 
 @dataclass

@@ -150,11 +150,14 @@ def test_packed_graph_step_equals_plain_decode(tiny):
     padding rows in a bucket) run eagerly on CPU gives the plain decode path's tokens."""
     model, rt = tiny()
     reqs = [GenerationRequest(p, n=3, seed=21 + i) for i, p in enumerate(PROMPTS)]
+    reqs[2].temperature = 0.0  # a greedy request decodes through the same graph step
+    reqs[3].temperature = 0.6
     plain = RolloutEngine(model, rollout_cfg(), rt, eos_ids=[], vocab_size=VOCAB).generate(reqs)
     packed = RolloutEngine(model, rollout_cfg(max_batch_sequences=7), rt, eos_ids=[], vocab_size=VOCAB)
     packed.use_graphs = True  # on CPU DecodeGraphs runs the step eagerly instead of replaying
     got = packed.generate(reqs)
     assert packed.graphs is not None and packed.graphs.buckets[-1] == 7
+    assert got[6].token_ids == got[7].token_ids  # the greedy request's samples agree
     for a, b in zip(got, plain):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)

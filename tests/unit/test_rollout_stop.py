@@ -55,6 +55,8 @@ def test_bad_requests_fail_clearly(tiny):  # noqa: F811
         eng.generate([GenerationRequest([1, 2], stop=["x"])])
     with pytest.raises(ValueError, match="maximum sequence length"):
         eng.generate([GenerationRequest([1] * 128)])
+    with pytest.raises(ValueError, match="rollout.max_batch_sequences"):
+        eng.generate([GenerationRequest([1, 2], n=65)])
 
 
 def test_pipeline_parallel_gives_layout_advice(tiny):  # noqa: F811
