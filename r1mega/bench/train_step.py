@@ -88,7 +88,7 @@ def _timed(step_fn, device, warmup: int, steps: int) -> tuple[float, list]:
     return (time.perf_counter() - t) / steps, losses
 
 
-def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_norm: bool,
+def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
                thd: bool = False):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
@@ -96,10 +96,18 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     from r1mega.train.optimizer import build_optimizer
     from r1mega.train.step import TrainStep, sft_loss_fn, sft_sample
 
-    if compile_norm:
+    if compile_mode == "norm":
         spec_mod.RMSNorm.forward = torch.compile(spec_mod.RMSNorm.forward, dynamic=True)
     model_cfg = ModelConfig(**shape)
     chunks = build_model(model_cfg, rt, PrecisionConfig(), wrap=True, distributed_optimizer=True)
+    if compile_mode == "layer":
+        # Each TransformerLayer as one compiled region (graph breaks at megatron's warnings and
+        # offloading context are tolerated); the first steps (warmup) pay the compile time.
+        from r1mega.models.gpt import unwrap
+
+        for chunk in chunks:
+            for layer in unwrap(chunk).decoder.layers:
+                layer.forward = torch.compile(layer.forward, dynamic=False)
     optim = build_optimizer(OptimizerConfig(lr=1e-5, clip_grad=1.0), chunks, rt, distributed=True)
     b, s = tokens.shape
     step = TrainStep(chunks, optim, rt, micro_batch_tokens=b * s, batch_equal_lengths=not thd)
@@ -172,7 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--loss", default="auto", choices=["auto", "fp32", "chunked", "both"],
                     help="r1mega's SFT loss: auto = chunked when r1mega.ops imports, else fp32")
-    ap.add_argument("--compile-norm", action="store_true", help="torch.compile RMSNorm.forward")
+    ap.add_argument("--compile", default="none", choices=["none", "norm", "layer"],
+                    help="torch.compile RMSNorm.forward or every TransformerLayer.forward")
     ap.add_argument("--thd-too", action="store_true",
                     help="also time r1mega with the batch packed as THD (as RL batches are)")
     ap.add_argument("--skip-hf", action="store_true")
@@ -208,12 +217,12 @@ def main(argv=None) -> int:
     for impl in impls:
         _reset_memory(device)
         sec, mem, losses = run_r1mega(shape, tokens, rt, impl, args.warmup, args.steps,
-                                      args.compile_norm)
+                                      args.compile)
         rows[f"r1mega[{impl}]"] = (sec, mem, losses)
     if args.thd_too:
         _reset_memory(device)
         rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
-                                                      args.steps, args.compile_norm, thd=True)
+                                                      args.steps, args.compile, thd=True)
     if not args.skip_hf:
         _reset_memory(device)
         rows["transformers"] = run_hf(shape, tokens, device, dtype, args.warmup, args.steps)
@@ -228,7 +237,8 @@ def main(argv=None) -> int:
     print(head)
     print("-" * len(head))
     result = {"shape": shape, "tokens_per_step": n_tokens, "device": str(device),
-              "dtype": str(dtype), "matmul_peak_tflops": peak / 1e12, "impls": {}}
+              "dtype": str(dtype), "matmul_peak_tflops": peak / 1e12, "compile": args.compile,
+              "impls": {}}
     for name, (sec, mem, losses) in rows.items():
         tps = n_tokens / sec
         tflops = tps * flops_tok / 1e12
