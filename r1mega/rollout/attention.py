@@ -75,12 +75,11 @@ def _unpad_rows(out: torch.Tensor, q_index: torch.Tensor, total: int) -> torch.T
 
 def _sdpa(q, k, v, *, mask=None, is_causal=False, scale):
     """SDPA with grouped-query heads: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D)."""
-    if q.shape[1] != k.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        # Query head h uses KV head h // rep (megatron's per-group interleaving gives this order).
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    # Query head h uses KV head h // (Hq / Hkv) (megatron's per-group interleaving gives this
+    # order). enable_gqa reads the shared KV heads in place (3x faster on CPU than repeating
+    # them) and is the call the training forward's core attention makes.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attend_fresh(q, k, v, batch: AttentionBatch, scale: float) -> torch.Tensor:
