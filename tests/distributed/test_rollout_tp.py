@@ -60,3 +60,31 @@ def test_tp2_equals_tp1():
                 for x, y in ((a[3], b[3]), (a[4], b[4])):
                     worst = max(worst, (torch.tensor(x) - torch.tensor(y)).abs().max().item())
             assert worst < 1e-5, worst
+
+
+def _generate_cli(rank, world_size, cfg_path, prompts_path, out_path):
+    from r1mega.rollout import generate_cli
+
+    return generate_cli.main([cfg_path, "--prompts", prompts_path, "--out", out_path, "--no-progress"])
+
+
+def test_generate_cli_data_parallel_equals_single_rank(tmp_path):
+    """DP=2: each rank samples its own prompts; rank 0 writes all of them, in prompt order, with
+    the same completions a single rank gives (the RNG is per request, not per rank)."""
+    import json
+
+    cfg = {"model": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                         ffn_hidden_size=96, vocab_size=128, max_position_embeddings=128),
+           "data": {"tokenizer": "char"},
+           "rollout": {"max_new_tokens": 6, "group_size": 2, "kv_cpu_tokens": 1024, "cuda_graphs": False}}
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(json.dumps(cfg))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"{i} + {i} ="}) for i in range(5)) + "\n")
+    outs = {}
+    for world in (1, 2):
+        out = tmp_path / f"out{world}.jsonl"
+        run_ranks(_generate_cli, world, args=(str(cfg_path), str(prompts), str(out)))
+        outs[world] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"]) for r in outs[2]] == [(i, j) for i in range(5) for j in range(2)]
+    assert [r["token_ids"] for r in outs[2]] == [r["token_ids"] for r in outs[1]]
