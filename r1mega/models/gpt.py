@@ -143,7 +143,9 @@ def make_ddp_config(precision: Optional[PrecisionConfig], distributed_optimizer:
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
         overlap_grad_reduce=overlap,
-        overlap_param_gather=overlap and distributed_optimizer,
+        # Param all-gather stays in the optimizer step (overlapping it needs the optimizer and
+        # forward pre-hooks configured together; not worth it at our DP sizes yet).
+        overlap_param_gather=False,
         use_distributed_optimizer=distributed_optimizer,
         # Gradients are summed over DP; the 1/global_tokens scale comes from finalize_model_grads.
         average_in_collective=False,

@@ -19,7 +19,8 @@ LAYOUTS = {
     "tp2": dict(tensor=2, pipeline=1, virtual_stages=1, world=2),
     "tp2_sequence_parallel": dict(tensor=2, pipeline=1, virtual_stages=1, world=2, sp=True),
     "pp2": dict(tensor=1, pipeline=2, virtual_stages=1, world=2),
-    "dp2": dict(tensor=1, pipeline=1, virtual_stages=1, world=2),
+    # DP with the gradient reduce-scatter overlapped with backward (bucketed, async)
+    "dp2": dict(tensor=1, pipeline=1, virtual_stages=1, world=2, overlap=True),
     "tp2pp2": dict(tensor=2, pipeline=2, virtual_stages=1, world=4),
     "pp2_interleaved": dict(tensor=1, pipeline=2, virtual_stages=2, world=2),
 }
@@ -73,7 +74,8 @@ def run_layout(rank, world, layout, init_state):
                          virtual_stages=layout["virtual_stages"],
                          sequence_parallel=layout.get("sp", False))
     rt = init_parallel(par, PrecisionConfig())
-    chunks = build_model(model_cfg, rt, wrap=True, distributed_optimizer=True)
+    chunks = build_model(model_cfg, rt, wrap=True, distributed_optimizer=True,
+                         overlap_grad_reduce=layout.get("overlap", False))
     named = dict(named_global_parameters(chunks))
     if init_state is None:
         with torch.no_grad():  # non-trivial norm weights so that their gradients matter
