@@ -192,6 +192,10 @@ def _install_cpu_rng_tracker() -> None:
 
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recomputation saves and restores "the CUDA generator" next to the CPU one; on
+    # CPU there is only the CPU generator, which megatron's checkpoint already restores itself.
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def cpu_mode_enabled() -> bool:

@@ -165,3 +165,20 @@ def test_equal_length_batch_matches_packed(single_rank_runtime):
         batched = model(input_ids=ids, position_ids=None, attention_mask=None)  # (B, S, V)
         packed = _forward(model, ids.reshape(1, -1), [8, 8, 8])  # (1, T, V)
     torch.testing.assert_close(batched.reshape(1, 24, -1), packed, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recomputation_gives_identical_gradients(single_rank_runtime, recompute):
+    rt = single_rank_runtime()
+    grads = {}
+    for mode in ("none", recompute):
+        model = build_model(ModelConfig(recompute=mode), rt, wrap=False)[0]
+        if mode == "none":
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state)
+        ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+        _forward(model, ids, [12, 8]).logsumexp(-1).sum().backward()
+        grads[mode] = {k: p.grad for k, p in model.named_parameters()}
+    for k, g in grads["none"].items():
+        torch.testing.assert_close(grads[recompute][k], g, atol=1e-6, rtol=1e-5)
