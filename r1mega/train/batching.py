@@ -108,13 +108,24 @@ def collate(samples: Sequence[dict], indices: Sequence[int], pad_to_multiple: in
     return MicroBatch(ids, fields, tuple(lengths), tuple(index))
 
 
-def agree_count(count: int, dp_group, device) -> int:
-    """MAX of ``count`` over the DP group (every rank must run as many micro-batches)."""
+def _field_spec(samples: Sequence[dict]) -> Optional[dict]:
+    return {k: str(v.dtype).replace("torch.", "") for k, v in samples[0].items()} if samples else None
+
+
+def agree_count(count: int, dp_group, device, samples: Sequence[dict] = ()) -> tuple[int, Optional[dict]]:
+    """(MAX of ``count`` over the DP group, a field spec from some rank that has samples).
+
+    Every rank must run as many micro-batches; a rank without samples (e.g. after dropping
+    equal-reward groups) learns the field names and dtypes of its empty micro-batches from
+    the others, so that the loss function finds the fields it expects.
+    """
+    spec = _field_spec(samples)
     if dp_group is None or dist.get_world_size(dp_group) == 1:
-        return count
-    t = torch.tensor([count], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dp_group)
-    return int(t.item())
+        return count, spec
+    gathered: list = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(gathered, (count, spec), group=dp_group)
+    specs = [s for _, s in gathered if s is not None]
+    return max(c for c, _ in gathered), (spec or (specs[0] if specs else None))
 
 
 def make_micro_batches(samples: Sequence[dict], micro_batch_tokens: int, *, dp_group=None,
@@ -129,9 +140,10 @@ def make_micro_batches(samples: Sequence[dict], micro_batch_tokens: int, *, dp_g
     check_samples(samples, micro_batch_tokens)
     lengths = [int(s["input_ids"].numel()) for s in samples]
     bins = pack_first_fit(lengths, micro_batch_tokens)
-    count = agree_count(max(len(bins), min_count), dp_group, device)
+    count, spec = agree_count(max(len(bins), min_count), dp_group, device, samples)
     count = -(-count // count_multiple) * count_multiple
-    template = samples[0] if samples else None
+    template = samples[0] if samples else (
+        {k: torch.zeros(1, dtype=getattr(torch, d)) for k, d in spec.items()} if spec else None)
     bins += [[] for _ in range(count - len(bins))]
     exact = -(-micro_batch_tokens // pad_to_multiple) * pad_to_multiple if fixed_size else 0
     return [collate(samples, b, pad_to_multiple, template, exact).to(device) for b in bins]

@@ -162,11 +162,16 @@ def uneven_batches(rank, world):
     lengths = [6] if rank == 0 else [6, 7, 8, 9, 10]
     samples = [sft_sample(torch.arange(n)) for n in lengths]
     mbs = make_micro_batches(samples, 10, dp_group=rt.dp_group, device=rt.device)
-    return [(mb.seq_lengths, mb.sample_index, float(mb.fields["loss_mask"].sum())) for mb in mbs]
+    # a rank with no samples at all still gets the fields (zeros) the loss function reads
+    empty = make_micro_batches([] if rank == 0 else samples, 10, dp_group=rt.dp_group,
+                               device=rt.device)
+    return ([(mb.seq_lengths, mb.sample_index, float(mb.fields["loss_mask"].sum())) for mb in mbs],
+            [(len(empty), sorted(mb.fields), str(mb.fields["labels"].dtype)) for mb in empty[:1]])
 
 
 def test_dp_ranks_run_the_same_number_of_micro_batches():
-    r0, r1 = run_ranks(uneven_batches, 2)
+    (r0, e0), (r1, e1) = run_ranks(uneven_batches, 2)
+    assert e0 == e1 == [(5, ["labels", "loss_mask"], "torch.int64")]
     assert len(r0) == len(r1) == 5  # rank 1 needs 5 bins of <= 10 tokens; rank 0 pads to 5
     assert r0[0] == ((6,), (0,), 5.0)
     assert all(idx == (-1,) and mask == 0.0 for _, idx, mask in r0[1:])  # empty = one pad sequence
