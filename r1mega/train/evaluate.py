@@ -16,13 +16,18 @@ from r1mega.train.grpo import completion_stats, reduce_stats, request_seed, summ
 
 
 def heldout_records(eval_source, train_sources: Sequence) -> list:
-    """Eval records whose prompt text never appears in any training source."""
+    """Eval records whose prompt text never appears in any training source, each prompt once."""
     seen = set()
     for src in train_sources:
         for i in range(len(src)):
             item = src[i]
             seen.add(item[0] if isinstance(item, tuple) else item.prompt)
-    return [r for r in (eval_source[i] for i in range(len(eval_source))) if r.prompt not in seen]
+    out = []
+    for r in (eval_source[i] for i in range(len(eval_source))):
+        if r.prompt not in seen:  # also drops repeats within the eval draws
+            seen.add(r.prompt)
+            out.append(r)
+    return out
 
 
 def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,

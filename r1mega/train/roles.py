@@ -20,6 +20,13 @@ from r1mega.train.optimizer import OptimizerBundle, build_optimizer
 from r1mega.train.step import LossFn, StepResult, TrainStep, TokenFn, forward_only
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 class Policy:
     """Model chunks + optimizer + schedule; ``update(samples, loss_fn)`` is one optimizer step."""
 
@@ -96,6 +103,39 @@ class Reference:
             ref.eval()
         return cls(chunks, policy.rt, micro_batch_tokens=policy.micro_batch_tokens,
                    offload_enabled=offload_enabled)
+
+    def save(self, path: str) -> None:
+        """The frozen weights as a dist checkpoint (written once, when RL starts), so that a
+        resumed run keeps the reference it started with. Atomic: ``.tmp`` + rename."""
+        import os
+        import shutil
+
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
+
+        from r1mega.train.checkpoint import model_sharded_state_dict
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        tmp = path + ".tmp"
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        dist_checkpointing.save(model_sharded_state_dict(self.chunks), tmp)
+        _barrier()
+        if rank0:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        _barrier()
+
+    def load(self, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        from r1mega.train.checkpoint import model_sharded_state_dict
+
+        loaded = dist_checkpointing.load(model_sharded_state_dict(self.chunks), path)
+        for i, chunk in enumerate(self.chunks):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
 
     def _move(self, device: torch.device) -> None:
         for chunk in self.chunks:

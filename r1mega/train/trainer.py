@@ -13,6 +13,8 @@ import os
 import time
 from typing import Optional
 
+import torch
+
 from r1mega.config import Config, load_config, validate
 
 # The CPU demo's recipe, embedded so that `r1mega demo` works from any install; configs/demo.yaml
@@ -24,8 +26,8 @@ DEMO_RECIPE: dict = {
     "optimizer": {"lr": 1.0e-3, "adam_beta2": 0.99, "clip_grad": 1.0, "weight_decay": 0.0},
     "data": {"source": "builtin:arithmetic", "eval_source": "builtin:arithmetic",
              "task_options": {"digits": 1, "terms": 3, "operators": "+-"},
-             "num_examples": 20000, "eval_examples": 200, "template": "raw", "tokenizer": "char",
-             "max_prompt_tokens": 32, "global_batch_prompts": 8, "micro_batch_tokens": 4096},
+             "num_examples": 1500, "eval_examples": 500, "template": "raw", "tokenizer": "char",
+             "max_prompt_tokens": 32, "global_batch_prompts": 16, "micro_batch_tokens": 512},
     "rollout": {"group_size": 8, "max_new_tokens": 48, "temperature": 1.0,
                 "kv_cpu_tokens": 16384, "cuda_graphs": False},
     "grpo": {"eps_low": 0.2, "eps_high": 0.28, "kl_beta": 0.0, "loss_agg": "token_mean"},
@@ -78,7 +80,8 @@ def _init_from_hf(cfg: Config, rt, policy) -> None:
     if cfg.model.init_from_hf:
         from r1mega.convert.hf_bridge import load_hf_into_model
 
-        load_hf_into_model(policy.chunks, cfg.model.init_from_hf, cfg.model, rt)
+        load_hf_into_model(policy.chunks, cfg.model.init_from_hf, cfg.model, rt,
+                           optimizer=policy.optim.optimizer)
         _log0(rt, f"initialised the policy from {cfg.model.init_from_hf}")
 
 
@@ -187,15 +190,18 @@ def run_train(cfg: Config) -> int:
     path = _resume_path(cfg, ckpt)
     start = 0
     if path is not None:
-        loaded = (ckpt or _checkpointer_for_load(cfg, rt)).load(path, policy.chunks,
-                                                                policy.optim.optimizer)
+        # A GRPO checkpoint resumes everything; any other (an `r1mega sft` result, a converted
+        # model) only provides the weights: RL starts at step 0 with a fresh optimizer.
+        same_phase = _phase_of(path) == "grpo"
+        loaded = (ckpt or _checkpointer_for_load(cfg, rt)).load(
+            path, policy.chunks, policy.optim.optimizer, load_optimizer=same_phase)
         state = loaded.trainer_state
-        if "scheduler" in state:
+        start = 0
+        if same_phase:
             policy.optim.scheduler.load_state_dict(state["scheduler"])
-        if "sampler" in state:
             sampler.load_state_dict(state["sampler"])
-        start = loaded.step if state.get("phase", "grpo") == "grpo" else 0
-        _log0(rt, f"resumed from {path} at step {start}")
+            start = loaded.step
+        _log0(rt, f"resumed from {path} at GRPO step {start}")
     elif cfg.train.sft_steps > 0:
         sft_policy = _cold_start(cfg, rt, tok, logger)
         _copy_weights(sft_policy, policy)
@@ -204,11 +210,21 @@ def run_train(cfg: Config) -> int:
         _init_from_hf(cfg, rt, policy)
     reference = None
     if cfg.grpo.kl_beta:
-        # The reference is the policy as RL starts (after the cold start / HF init / on resume:
-        # the resumed weights; a run that must keep the original reference resumes from a
-        # checkpoint written with it, which dist_checkpointing does not hold yet).
-        reference = Reference.from_policy(policy, cfg.model, cfg.precision,
-                                          offload_enabled=cfg.grpo.offload_reference)
+        # The reference is the policy as RL starts (after the cold start or HF init). With
+        # checkpointing it is saved once next to the checkpoints, so a resumed run keeps it.
+        ref_dir = os.path.join(cfg.checkpoint.dir, "reference") if ckpt is not None else None
+        reference = Reference.from_policy(policy, cfg.model, cfg.precision)
+        if ref_dir and start > 0 and os.path.isdir(ref_dir):
+            reference.load(ref_dir)
+        elif ref_dir and start > 0:
+            _log0(rt, f"WARNING: no saved reference in {ref_dir}; the KL reference restarts "
+                      "from the resumed weights.")
+        elif ref_dir:
+            reference.save(ref_dir)
+        if cfg.grpo.offload_reference:
+            reference.offload_enabled = rt.device.type != "cpu"
+            if reference.offload_enabled:
+                reference._move(torch.device("cpu"))
     rollout = Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id], decode_fn=tok.decode,
                       vocab_size=tok.vocab_size)
     scorer = RewardScorer(cfg.rewards, max_new_tokens=cfg.rollout.max_new_tokens)
@@ -216,6 +232,10 @@ def run_train(cfg: Config) -> int:
     eval_records = []
     if cfg.data.eval_source:
         eval_records = heldout_records(build_prompt_source(cfg.data, eval=True), [source])
+        if not eval_records:
+            _log0(rt, "WARNING: every data.eval_source prompt also occurs in data.source; there "
+                      "is nothing held out to evaluate. Lower data.num_examples or use another "
+                      "eval_source.")
 
     def run_eval(step: int, tag: str) -> dict:
         ev = evaluate(rollout, scorer, eval_records, tok, cfg, rt, seed=cfg.rollout.seed + 7)
@@ -257,6 +277,17 @@ def run_train(cfg: Config) -> int:
     return 0
 
 
+def _phase_of(path: str) -> Optional[str]:
+    """'grpo' / 'sft' for checkpoints this trainer wrote (trainer.json), else None."""
+    import json
+
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            return (json.load(f).get("trainer") or {}).get("phase")
+    except (OSError, ValueError):
+        return None
+
+
 def _checkpointer_for_load(cfg: Config, rt):
     from r1mega.train.checkpoint import CheckpointManager
 
@@ -280,10 +311,11 @@ def run_sft(cfg: Config) -> int:
     path = _resume_path(cfg, ckpt)
     start = 0
     if path is not None:
-        loaded = (ckpt or _checkpointer_for_load(cfg, rt)).load(path, policy.chunks,
-                                                                policy.optim.optimizer)
+        same_phase = _phase_of(path) == "sft"
+        loaded = (ckpt or _checkpointer_for_load(cfg, rt)).load(
+            path, policy.chunks, policy.optim.optimizer, load_optimizer=same_phase)
         state = loaded.trainer_state
-        if state.get("phase") == "sft":
+        if same_phase:
             policy.optim.scheduler.load_state_dict(state["scheduler"])
             step_fn.sampler.load_state_dict(state["sampler"])
             start = loaded.step
