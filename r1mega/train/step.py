@@ -92,8 +92,16 @@ def sft_sample(tokens: torch.Tensor, prompt_tokens: int = 0) -> dict:
 # ----------------------------------------------------------------------------- schedule
 
 
-def _equal_lengths(mb: MicroBatch) -> bool:
-    return len(mb.seq_lengths) > 1 and len(set(mb.seq_lengths)) == 1
+def _layout(mb: MicroBatch, rt: ParallelRuntime, batch_equal_lengths: bool) -> tuple[int, int]:
+    """(sequence, batch) dims megatron sees: (S, B) for B equal-length sequences, else (T, 1)."""
+    lengths = mb.seq_lengths
+    if (batch_equal_lengths and len(lengths) > 1 and len(set(lengths)) == 1
+            # the interleaved schedule at PP=2 needs one fixed shape (see _micro_batches)
+            and rt.vp_size == 1
+            # sequence parallelism splits the (S, B) layout along S
+            and (not rt.sequence_parallel or lengths[0] % rt.tp_size == 0)):
+        return lengths[0], len(lengths)
+    return mb.num_tokens, 1
 
 
 def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[MicroBatch],
@@ -109,10 +117,9 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        # (Under sequence parallelism the (B, S) layout is split along S, so S must divide.)
-        if batch_equal_lengths and _equal_lengths(mb) and (
-                not rt.sequence_parallel or mb.seq_lengths[0] % rt.tp_size == 0):
-            ids = mb.input_ids.view(len(mb.seq_lengths), mb.seq_lengths[0])  # (B, S)
+        seq, batch = _layout(mb, rt, batch_equal_lengths)
+        if batch > 1:
+            ids = mb.input_ids.view(batch, seq)  # (B, S)
             out = model(input_ids=ids, position_ids=None, attention_mask=None)
         else:
             out = model(input_ids=mb.input_ids, position_ids=None, attention_mask=None,
@@ -124,18 +131,22 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
 
         return out, loss_func
 
-    # Fixed shapes skip megatron's per-transfer shape exchange (and its PP=2 interleaved bug,
-    # see _micro_batches).
-    unwrap(model_chunks[0]).config.variable_seq_lengths = (
-        len({mb.num_tokens for mb in micro_batches}) > 1)
+    # Pipeline stages exchange (seq, batch, hidden) activations. One shape for every micro-batch
+    # is announced up front; otherwise megatron exchanges each shape before each transfer. Fixed
+    # shapes also avoid megatron's PP=2 interleaved shape bug (see _micro_batches).
+    layouts = {_layout(mb, rt, batch_equal_lengths) for mb in micro_batches}
+    fixed = len(layouts) == 1
+    seq_length, micro_batch_size = next(iter(layouts)) if fixed else (
+        max(mb.num_tokens for mb in micro_batches), 1)
+    unwrap(model_chunks[0]).config.variable_seq_lengths = not fixed
     iters = [iter(micro_batches) for _ in model_chunks]
     return fwd_bwd(
         forward_step_func=forward_step,
         data_iterator=iters if len(model_chunks) > 1 else iters[0],
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
         num_microbatches=len(micro_batches),
-        seq_length=max(mb.num_tokens for mb in micro_batches),
-        micro_batch_size=1,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
 

@@ -66,7 +66,7 @@ def run_layout(rank, world, layout, init_state):
     from r1mega.parallel.runtime import init_parallel
     from r1mega.parallel.sharding import gather_full, load_full_state, named_global_parameters
     from r1mega.train.optimizer import build_optimizer
-    from r1mega.train.step import (TrainStep, forward_only, sft_loss_fn,
+    from r1mega.train.step import (TrainStep, forward_only, sft_loss_fn, sft_sample,
                                    vocab_parallel_target_logprobs)
 
     model_cfg = _model_cfg()
@@ -90,6 +90,10 @@ def run_layout(rank, world, layout, init_state):
     logp_fn = lambda logits, mb: vocab_parallel_target_logprobs(  # noqa: E731
         logits, mb.fields["labels"], vocab_size=model_cfg.vocab_size, tp_group=rt.tp_group)
     init_logprobs = forward_only(chunks, rt, _samples(), logp_fn, MICRO_BATCH_TOKENS)
+    # Equal-length sequences run as (B, S) batches, (S, B, H) activations between stages.
+    g = torch.Generator().manual_seed(3)
+    equal = [sft_sample(torch.randint(0, 100, (8,), generator=g)) for _ in range(4)]
+    equal_logprobs = forward_only(chunks, rt, equal, logp_fn, MICRO_BATCH_TOKENS)
     opt = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, decay_style="cosine",
                           decay_steps=STEPS, clip_grad=1.0, weight_decay=0.01)
     step = TrainStep(chunks, build_optimizer(opt, chunks, rt, distributed=True, total_steps=STEPS),
@@ -111,7 +115,8 @@ def run_layout(rank, world, layout, init_state):
         return None
     return {"losses": [r.loss for r in results], "tokens": [r.num_tokens for r in results],
             "grad_norms": [r.grad_norm for r in results], "lrs": [r.lr for r in results],
-            "num_micro_batches": len(mbs), "init_logprobs": init_logprobs, "grads": grads, "params": params, "init": init_state}
+            "num_micro_batches": len(mbs), "init_logprobs": init_logprobs,
+            "equal_logprobs": equal_logprobs, "grads": grads, "params": params, "init": init_state}
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +148,9 @@ def test_layout_matches_single_rank(reference, name):
     assert got["losses"] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)
     assert got["tokens"] == reference["tokens"]
     assert got["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-4)
-    for a, b in zip(got["init_logprobs"], reference["init_logprobs"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for key in ("init_logprobs", "equal_logprobs"):
+        for a, b in zip(got[key], reference[key]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{key} ({name})")
     assert set(got["grads"]) == set(reference["grads"])
     for k, g in reference["grads"].items():
         torch.testing.assert_close(got["grads"][k], g, atol=1e-6, rtol=1e-4, msg=f"grad {k} ({name})")
