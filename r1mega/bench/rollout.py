@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shape (CPU check of the script)")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     ap.add_argument("--no-compile", action="store_true", help="rollout.compile_decode=false")
+    ap.add_argument("--overlap", action="store_true",
+                    help="overlapped decode steps (launch k+1 before reading k; not yet timed)")
     ap.add_argument("--mismatch-seqs", type=int, default=16)
     ap.add_argument("--profile", action="store_true", help="cProfile the first setting's run")
     args = ap.parse_args(argv)
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
                              max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
                              compile_decode=not args.no_compile,
                              max_prefill_tokens=max(16384, prompts * plen // 4))
-        eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
+        eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"],
+                            overlap_steps=args.overlap)
         g = torch.Generator().manual_seed(prompts)
         ids = torch.randint(0, shape["vocab_size"], (prompts, plen), generator=g).tolist()
         reqs = [GenerationRequest(p, n=1, seed=i) for i, p in enumerate(ids)]

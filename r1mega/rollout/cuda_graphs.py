@@ -44,8 +44,12 @@ class DecodeGraphs:
         self.ints[:, CTX] = 1  # padding rows attend to one (scratch) token
         self.temperature = torch.ones(n, dtype=torch.float32, device=device)
         pin = torch.cuda.is_available()
-        self.host_ints = torch.zeros(n, self.width, dtype=torch.int64, pin_memory=pin)
-        self.host_temp = torch.ones(n, dtype=torch.float32, pin_memory=pin)
+        # Two sets of pinned host buffers: with overlapped steps the host fills one while the
+        # copy from the other may still be queued behind the running step.
+        self.host_ints_slots = [torch.zeros(n, self.width, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.host_temp_slots = [torch.ones(n, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
+        self.host_out_slots = [torch.zeros(n, 2, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
+        self.host_ints, self.host_temp = self.host_ints_slots[0], self.host_temp_slots[0]
         self.graphs: dict = {}
         self.outputs: dict = {}
         self.pool = None
@@ -81,12 +85,16 @@ class DecodeGraphs:
             self.graphs[b], self.outputs[b] = g, out
         torch.cuda.synchronize()
 
-    def run(self, n: int, width: int) -> torch.Tensor:
-        """Replay for the first ``n`` rows of ``host_ints[:, :width]`` / ``host_temp`` (filled by
-        the caller); returns the (n, 2) [token, log-prob] output, still on the device."""
+    def run(self, n: int, width: int, slot: int = 0, ids=None) -> torch.Tensor:
+        """Replay for the first ``n`` rows of ``host_ints_slots[slot][:, :width]`` and
+        ``host_temp_slots[slot]`` (filled by the caller); ``ids`` (n,) on the device replaces the
+        token column (the previous step's samples, never seen by the host). Returns the (n, 2)
+        [token, log-prob] output, still on the device and valid until the next replay."""
         b = self.bucket_for(n)
-        self.ints[:n, :width].copy_(self.host_ints[:n, :width], non_blocking=True)
-        self.temperature[:n].copy_(self.host_temp[:n], non_blocking=True)
+        self.ints[:n, :width].copy_(self.host_ints_slots[slot][:n, :width], non_blocking=True)
+        self.temperature[:n].copy_(self.host_temp_slots[slot][:n], non_blocking=True)
+        if ids is not None:
+            self.ints[:n, IDS].copy_(ids)
         if b > n:
             pad = self.ints[n:b]
             pad.zero_()  # token 0 at position 0, block table -> scratch block

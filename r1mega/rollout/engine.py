@@ -22,6 +22,7 @@ from r1mega.rollout.attention import AttentionBatch, padded_query_index
 from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget
 from r1mega.rollout.model_runner import ModelRunner, sequence_parallel_off
+from r1mega.rollout.overlap import OverlappedDecoder
 from r1mega.rollout.sampling import (
     SamplingBatch,
     VocabShard,
@@ -46,11 +47,13 @@ class RolloutEngine:
         decode_fn: Optional[Callable[[list], str]] = None,
         vocab_size: Optional[int] = None,
         attention_backend: str = "auto",
+        overlap_steps: bool = False,
     ):
         """``vocab_size``: the tokenizer's vocabulary; ids past it (embedding padding for TP
         divisibility) are never sampled. None: every row of the embedding may be sampled.
         ``attention_backend``: "auto" (Triton paged decode on GPU, SDPA otherwise) or "gather"
-        (always the gather + SDPA reference path)."""
+        (always the gather + SDPA reference path). ``overlap_steps``: launch decode step k+1
+        before reading step k (see overlap.py; opt-in, not yet timed on a GPU)."""
         self.cfg = rollout_cfg
         self.runner = r = ModelRunner(model_chunks, ctx, attention_backend=attention_backend)
         self.device = r.device
@@ -72,6 +75,7 @@ class RolloutEngine:
             and r.head_dim & (r.head_dim - 1) == 0
         )
         self.use_graphs = bool(rollout_cfg.cuda_graphs) and self.use_triton
+        self.overlap_steps = overlap_steps
         self.graphs: Optional[DecodeGraphs] = None
         self._compiled_decode = None
         self.stats: dict = {}
@@ -170,15 +174,26 @@ class RolloutEngine:
         t0 = time.perf_counter()
         steps = {"prefill": 0, "decode": 0}
         seconds = {"prefill": 0.0, "decode": 0.0}
+        overlap = OverlappedDecoder(self) if self.overlap_steps and self.use_graphs else None
         with torch.no_grad(), sequence_parallel_off(self.runner.model):
-            while sched.has_work:
+            while sched.has_work or (overlap and overlap.pending):
                 t_step = time.perf_counter()
-                plan = sched.schedule()
-                if plan is None:
-                    raise RuntimeError("rollout scheduler stalled with work left (scheduler bug)")
-                kind = "decode" if isinstance(plan, DecodePlan) else "prefill"
-                sampled = self._decode(plan.seqs) if kind == "decode" else self._prefill(plan, sched)
-                steps[kind] += 1
+                if overlap and overlap.pending:
+                    kind = "decode"
+                    launched = overlap.can_continue(sched)
+                    sampled = overlap.advance(sched)
+                    steps[kind] += int(launched)
+                else:
+                    plan = sched.schedule()
+                    if plan is None:
+                        raise RuntimeError("rollout scheduler stalled with work left (scheduler bug)")
+                    kind = "decode" if isinstance(plan, DecodePlan) else "prefill"
+                    if kind == "decode" and overlap and self._graph_eligible(plan.seqs):
+                        overlap.launch(plan.seqs)
+                        sampled = []
+                    else:
+                        sampled = self._decode(plan.seqs) if kind == "decode" else self._prefill(plan, sched)
+                    steps[kind] += 1
                 # Each step ends in a host sync, so wall time per kind is device time + host time.
                 seconds[kind] += time.perf_counter() - t_step
                 finished = [s for s in sampled if self.stopper.check(s)]
@@ -278,9 +293,12 @@ class RolloutEngine:
         tokens, lps, lp1 = sample(logits, self._sampling_batch(sampled), self.shard, self.vocab_hashed)
         return self._record(sampled, tokens, lps, lp1)
 
+    def _graph_eligible(self, seqs: list[Sequence]) -> bool:
+        return (self.use_graphs and len(seqs) <= self.cfg.max_batch_sequences
+                and not self.cfg.return_logprobs_t1 and all(s.plain for s in seqs))
+
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        if (self.use_graphs and len(seqs) <= self.cfg.max_batch_sequences
-                and not self.cfg.return_logprobs_t1 and all(s.plain for s in seqs)):
+        if self._graph_eligible(seqs):
             return self._decode_graph(seqs)
         bs = self.block_tokens
         ids = self._tensor([s.tokens[-1] for s in seqs])
@@ -308,6 +326,18 @@ class RolloutEngine:
 
     def _decode_graph(self, seqs: list[Sequence]) -> list[Sequence]:
         """Decode step through the captured graphs: inputs packed on the host, one copy each way."""
+        width = self._fill_host(seqs, slot=0, with_ids=True)
+        out = self.graphs.run(len(seqs), BT + width, slot=0)
+        for s in seqs:
+            s.num_cached += 1
+        for s, (tok, lp) in zip(seqs, out.tolist()):  # the step's one synchronisation
+            s.tokens.append(int(tok))
+            s.logprobs.append(lp)
+        return seqs
+
+    def _fill_host(self, seqs: list[Sequence], slot: int, with_ids: bool) -> int:
+        """Pack the step's per-row inputs into pinned host buffer ``slot``; returns the block-table
+        width used. ``with_ids`` False leaves the token column for the device to fill."""
         if self.graphs is None:
             self._capture_graphs()
         g, n, bt = self.graphs, len(seqs), self._bt_host
@@ -318,21 +348,18 @@ class RolloutEngine:
                 bt[s.seq_id, :nb] = s.blocks
                 s.bt_len = nb
             width = max(width, nb)
-        host = g.host_ints.numpy()
-        host[:n, IDS] = [s.tokens[-1] for s in seqs]
+        host = g.host_ints_slots[slot].numpy()
+        if with_ids:
+            host[:n, IDS] = [s.tokens[-1] for s in seqs]
         host[:n, POS] = [s.num_cached for s in seqs]
         host[:n, CTX] = host[:n, POS] + 1
         host[:n, KEY] = [s.key for s in seqs]
-        host[:n, STEP] = [s.num_generated for s in seqs]
+        # The step index is the number of tokens sampled before this one, including one the
+        # host has not read yet when steps overlap (num_cached counts it already).
+        host[:n, STEP] = [s.num_cached - s.prompt_len + 1 for s in seqs]
         host[:n, BT:BT + width] = bt[np.fromiter((s.seq_id for s in seqs), np.int64, n), :width]
-        g.host_temp.numpy()[:n] = [s.params.temperature for s in seqs]
-        out = g.run(n, BT + width)
-        for s in seqs:
-            s.num_cached += 1
-        for s, (tok, lp) in zip(seqs, out.tolist()):  # the step's one synchronisation
-            s.tokens.append(int(tok))
-            s.logprobs.append(lp)
-        return seqs
+        g.host_temp_slots[slot].numpy()[:n] = [s.params.temperature for s in seqs]
+        return width
 
     def _decode_logits(self, ids, positions, slots, block_tables, ctx_lens):
         return self.runner.forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))

@@ -161,3 +161,24 @@ def test_packed_graph_step_equals_plain_decode(tiny):
     for a, b in zip(got, plain):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_overlapped_steps_equal_synchronous(tiny):
+    """Decode step k+1 launched before step k is read (speculative tokens of sequences that hit
+    EOS are dropped, waiting prompts drain the pipeline) gives the synchronous engine's output."""
+    model, rt = tiny()
+    reqs = [GenerationRequest(p, n=3, seed=31 + i, max_new_tokens=5 + 3 * i) for i, p in enumerate(PROMPTS)]
+    reqs[1].temperature = 0.0
+    base = RolloutEngine(model, rollout_cfg(max_batch_sequences=7), rt, eos_ids=[], vocab_size=VOCAB)
+    ref = base.generate(reqs)
+    eos = ref[4].token_ids[2]  # a token that really occurs mid-sequence
+    sync = RolloutEngine(model, rollout_cfg(max_batch_sequences=7), rt, eos_ids=[eos], vocab_size=VOCAB)
+    want = sync.generate(reqs)
+    assert any(c.finish_reason == "stop" for c in want)
+    ov = RolloutEngine(model, rollout_cfg(max_batch_sequences=7), rt, eos_ids=[eos], vocab_size=VOCAB,
+                       overlap_steps=True)
+    ov.use_graphs = True  # CPU: DecodeGraphs runs the packed step eagerly
+    got = ov.generate(reqs)
+    for a, b in zip(got, want):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
