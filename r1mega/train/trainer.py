@@ -23,18 +23,19 @@ DEMO_RECIPE: dict = {
     "model": {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2,
               "ffn_hidden_size": 352, "vocab_size": 128, "max_position_embeddings": 128},
     "parallel": {"tensor": 1, "pipeline": 1},
-    "optimizer": {"lr": 1.0e-3, "adam_beta2": 0.99, "clip_grad": 1.0, "weight_decay": 0.0},
+    "optimizer": {"lr": 2.0e-4, "warmup_steps": 10, "adam_beta2": 0.99, "clip_grad": 1.0,
+                  "weight_decay": 0.0},
     "data": {"source": "builtin:arithmetic", "eval_source": "builtin:arithmetic",
              "task_options": {"digits": 1, "terms": 3, "operators": "+-"},
              "num_examples": 1500, "eval_examples": 500, "template": "raw", "tokenizer": "char",
-             "max_prompt_tokens": 32, "global_batch_prompts": 16, "micro_batch_tokens": 512},
+             "max_prompt_tokens": 32, "global_batch_prompts": 32, "micro_batch_tokens": 512},
     "rollout": {"group_size": 8, "max_new_tokens": 48, "temperature": 1.0,
                 "kv_cpu_tokens": 16384, "cuda_graphs": False},
     "grpo": {"eps_low": 0.2, "eps_high": 0.28, "kl_beta": 0.0, "loss_agg": "token_mean"},
     "rewards": {"spec": {"arithmetic": {"exact_match": 1.0, "format": 0.1}}, "num_workers": 0},
     "checkpoint": {"dir": None},
     "logging": {"run_dir": "runs/demo", "samples_every_steps": 20, "num_samples": 2},
-    "train": {"steps": 100, "sft_steps": 200, "sft_lr": 3.0e-3, "sft_batch_examples": 32,
+    "train": {"steps": 100, "sft_steps": 200, "sft_lr": 3.0e-3, "sft_batch_examples": 128,
               "eval_every_steps": 0, "eval_temperature": 0.0, "eval_samples": 1},
 }
 
@@ -179,6 +180,8 @@ def run_train(cfg: Config) -> int:
     from r1mega.train.roles import Reference, Rollout
     from r1mega.config import save_resolved
 
+    if cfg.train.mode == "sft":
+        return run_sft(cfg)
     rt, tok = _setup(cfg)
     if rt.rank == 0:
         save_resolved(cfg, cfg.logging.run_dir)
@@ -362,5 +365,9 @@ def run_demo(overrides: Optional[list] = None) -> int:
           f"{cfg.train.sft_steps} SFT steps then {cfg.train.steps} GRPO steps on "
           f"{cfg.data.source} {cfg.data.task_options}", flush=True)
     code = run_train(cfg)
-    print(f"[r1mega] demo finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    import resource
+
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"[r1mega] demo finished in {time.perf_counter() - t0:.0f} s "
+          f"({cpu.ru_utime + cpu.ru_stime:.0f} CPU-seconds)", flush=True)
     return code
