@@ -325,10 +325,7 @@ class GRPOStep:
         return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
     def _samples(self, records, completions, scored) -> list:
-        n = max(0, int(self.cfg.logging.num_samples))
-        out = []
-        for c, s in zip(completions[::max(1, self.cfg.rollout.group_size)], scored[::max(1, self.cfg.rollout.group_size)]):
-            if len(out) >= n:
-                break
-            out.append((records[c.prompt_index].prompt, c.text or "", s.total))
-        return out
+        """The first completion of the first few prompts, for tensorboard's text tab."""
+        n, G = max(0, int(self.cfg.logging.num_samples)), max(1, self.cfg.rollout.group_size)
+        return [(records[c.prompt_index].prompt, c.text or "", s.total)
+                for c, s in list(zip(completions, scored))[::G][:n]]
