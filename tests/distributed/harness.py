@@ -7,10 +7,13 @@ Each rank gets torchrun-style environment variables (RANK, WORLD_SIZE, LOCAL_RAN
 MASTER_PORT) on a free port, one intra-op thread (the CI box has 2 cores for all ranks), and CPU
 mode is switched on by the runtime as usual. Return values travel through ``torch.save`` files,
 so tensors are fine. A rank that raises fails the test with that rank's traceback; a rank that
-hangs past ``timeout_s`` is killed and the test fails naming it.
+hangs past ``timeout_s`` is killed and the test fails naming it, with its Python stacks (taken
+by faulthandler just before the deadline). The default timeout is generous because CI's two
+cores are shared by every rank (and sometimes by other jobs).
 """
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import socket
@@ -28,19 +31,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple,
+            timeout_s: float) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     path = os.path.join(out_dir, f"rank{rank}.pt")
+    # A hung rank writes its Python stacks just before the parent gives up on it.
+    stacks = open(os.path.join(out_dir, f"rank{rank}.stack"), "w")
+    faulthandler.dump_traceback_later(max(timeout_s - 5, 1), exit=False, file=stacks)
     try:
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, path)
     except BaseException:  # noqa: BLE001 - report everything to the parent
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
     finally:
+        faulthandler.cancel_dump_traceback_later()
         try:
             from r1mega.parallel.runtime import destroy_parallel
 
@@ -71,12 +79,12 @@ def _failed(out_dir: str, rank: int) -> bool:
     return not torch.load(path, weights_only=False)["ok"]
 
 
-def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 300.0) -> list:
+def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 600.0) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return results."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="r1mega_ranks_") as out_dir:
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, out_dir, args),
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, out_dir, args, timeout_s),
                              daemon=False) for r in range(world_size)]
         for p in procs:
             p.start()
@@ -89,8 +97,11 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 300.0) -
         for r in range(world_size):
             path = os.path.join(out_dir, f"rank{r}.pt")
             if not os.path.exists(path):
+                stack_path = os.path.join(out_dir, f"rank{r}.stack")
+                stack = open(stack_path).read() if os.path.exists(stack_path) else ""
                 errors.append(f"rank {r}: no result (exit code {procs[r].exitcode}"
-                              f"{', killed after timeout' if r in hung else ''})")
+                              f"{', killed after timeout' if r in hung else ''})"
+                              + (f"; stacks when it hung:\n{stack}" if stack else ""))
                 results.append(None)
                 continue
             rec = torch.load(path, weights_only=False)
