@@ -35,7 +35,7 @@ DEMO_RECIPE: dict = {
     "rewards": {"spec": {"arithmetic": {"exact_match": 1.0, "format": 0.1}}, "num_workers": 0},
     "checkpoint": {"dir": None},
     "logging": {"run_dir": "runs/demo", "samples_every_steps": 20, "num_samples": 2},
-    "train": {"steps": 100, "sft_steps": 200, "sft_lr": 3.0e-3, "sft_batch_examples": 128,
+    "train": {"steps": 150, "sft_steps": 250, "sft_lr": 3.0e-3, "sft_batch_examples": 128,
               "eval_every_steps": 0, "eval_temperature": 0.0, "eval_samples": 1},
 }
 
