@@ -62,18 +62,7 @@ class Policy:
         A non-finite loss or global gradient norm leaves weights and Adam moments untouched
         (``update_successful=False``); the caller counts and reports it.
         """
-        from r1mega.train.failures import guarded_optimizer_step
-
-        mbs = self.step_fn.micro_batches(samples)
-        sums = dict(self.step_fn.forward_backward(mbs, loss_fn))
-        tokens = int(sums.pop("num_tokens"))
-        loss = sums["loss_sum"] / max(tokens, 1)
-        if not torch.isfinite(torch.tensor(loss)):
-            return StepResult(loss, tokens, None, self.lr, False, len(mbs), sums)
-        # The schedule steps before the update so that warmup step 1 uses lr/warmup, not 0.
-        self.optim.scheduler.step(increment=1)
-        ok, grad_norm = guarded_optimizer_step(self.optim.optimizer)
-        return StepResult(loss, tokens, grad_norm, self.lr, bool(ok), len(mbs), sums)
+        return self.step_fn(samples, loss_fn)
 
 
 class Reference:

@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 
 from r1mega.models.gpt import unwrap
 from r1mega.parallel.runtime import ParallelRuntime
+from r1mega.train.failures import guarded_optimizer_step
 from r1mega.train.batching import MicroBatch, make_micro_batches, unpack_per_sample
 from r1mega.train.optimizer import OptimizerBundle
 
@@ -281,8 +282,9 @@ class TrainStep:
             # A non-finite loss would poison Adam's moments; the trainer decides whether to stop.
             return StepResult(loss, tokens, None, self.optim.lr, False, num_micro_batches, sums)
         self.optim.scheduler.step(increment=1)
-        ok, grad_norm, _zeros = self.optim.optimizer.step()
-        return StepResult(loss, tokens, None if grad_norm is None else float(grad_norm),
+        # A finite loss can still come with a NaN/Inf gradient: the guarded step skips those too.
+        ok, grad_norm = guarded_optimizer_step(self.optim.optimizer)
+        return StepResult(loss, tokens, grad_norm,
                           self.optim.lr, bool(ok), num_micro_batches, sums)
 
     def __call__(self, samples: Sequence[dict], loss_fn: LossFn) -> StepResult:
