@@ -95,6 +95,14 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise LaunchEnvError(f"Environment variable {key}={env[key]!r} is not an integer.") from None
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def read_launch_env(env: Optional[Mapping[str, str]] = None, default_port: int = 29500) -> LaunchEnv:
     """torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), else Slurm (SLURM_*), else one process."""
     env = os.environ if env is None else env
@@ -127,8 +135,10 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None, default_port: int =
             port = 20000 + int(job) % 20000 if job.isdigit() else default_port
         launcher = "slurm"
     else:
-        return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
-                         int(env.get("MASTER_PORT", default_port)), "single")
+        # One process talks to nobody: any free port will do, and a fixed one would make two
+        # single-process runs on one machine collide.
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+        return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
     if world < 1 or not 0 <= rank < world:
         raise LaunchEnvError(f"Rank {rank} is outside world size {world} ({launcher} environment).")
     if local < 0:
