@@ -74,7 +74,7 @@ def token_logprob_fn(*, vocab_size: int, tp_group, temperature: float):
 
     def fn(logits_shard, mb):
         labels = mb.fields["labels"] * (mb.fields["loss_mask"] > 0)
-        logp, _ = vocab_parallel_logprobs(logits_shard.float(), labels, tp_group=tp_group,
+        logp, _ = vocab_parallel_logprobs(logits_shard, labels, tp_group=tp_group,
                                           vocab_size=vocab_size, temperature=temperature)
         return logp
 

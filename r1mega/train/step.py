@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from r1mega.models.gpt import unwrap
+from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.parallel.runtime import ParallelRuntime
 from r1mega.train.failures import guarded_optimizer_step
 from r1mega.train.batching import MicroBatch, make_micro_batches, unpack_per_sample
@@ -40,31 +40,11 @@ TokenFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 
 def vocab_parallel_target_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, *,
                                    vocab_size: int, tp_group=None) -> torch.Tensor:
-    """log p(target) from this rank's vocabulary shard; fp32; identical on all TP ranks.
-
-    logits_shard (T, V/tp), targets (T,) global ids. Columns >= vocab_size are padding.
-    """
-    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    x = logits_shard.float()  # (T, Vl)
-    local = x.shape[1]
-    start = tp_rank * local
-    if start + local > vocab_size:
-        col = torch.arange(local, device=x.device)
-        x = x.masked_fill(col[None, :] >= vocab_size - start, float("-inf"))
-    m = x.detach().max(dim=-1).values  # (T,) a shift only: its gradient cancels exactly
-    if tp_size > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-    sum_exp = (x - m[:, None]).exp().sum(-1)  # (T,)
-    local_t = targets.long() - start
-    in_shard = (local_t >= 0) & (local_t < local)
-    target_x = x.gather(1, local_t.clamp(0, local - 1)[:, None]).squeeze(1)
-    target_x = torch.where(in_shard, target_x, torch.zeros_like(target_x))  # (T,)
-    if tp_size > 1:
-        # forward: all-reduce; backward: identity (every TP rank backprops the same loss).
-        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp, tp_group)
-        target_x = reduce_from_tensor_model_parallel_region(target_x, tp_group)
-    return target_x - m - sum_exp.log()
+    """log p(target) (T,) from this rank's vocabulary shard (T, V/tp), identical on all TP ranks;
+    columns >= vocab_size are padding. The GRPO objective's op: the fused kernel on GPU, a
+    token-chunked fp32 path elsewhere, never a (T, V) float32 copy of the logits."""
+    logp, _ = vocab_parallel_logprobs(logits_shard, targets, tp_group=tp_group, vocab_size=vocab_size)
+    return logp
 
 
 def sft_loss_fn(vocab_size: int, tp_group=None) -> LossFn:
