@@ -31,6 +31,9 @@ class ModelConfig:
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: int = 2
+    # Per-head dimension; 0 means hidden_size / num_attention_heads. Qwen3 decouples the two
+    # (e.g. Qwen3-0.6B: hidden 1024, 16 heads of 128).
+    kv_channels: int = 0
     ffn_hidden_size: int = 176
     vocab_size: int = 128
     max_position_embeddings: int = 512
@@ -430,10 +433,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
             f"model.num_query_groups={m.num_query_groups}; grouped-query attention needs whole groups."
         )
-    if m.hidden_size % m.num_attention_heads != 0:
+    if m.kv_channels < 0:
+        raise ConfigError(f"model.kv_channels must be >= 0 (0: hidden/heads), got {m.kv_channels}.")
+    if not m.kv_channels and m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "
-            f"model.num_attention_heads={m.num_attention_heads}."
+            f"model.num_attention_heads={m.num_attention_heads}; set model.kv_channels to the "
+            f"head dimension if the model decouples them."
         )
     if m.num_attention_heads % p.tensor != 0:
         raise ConfigError(

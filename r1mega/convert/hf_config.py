@@ -63,16 +63,13 @@ def model_config_from_hf(hf: dict, base: Optional[ModelConfig] = None) -> ModelC
     heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) != hidden // heads:
-        raise ConversionError(
-            f"config.json: head_dim={head_dim} differs from hidden_size/num_attention_heads="
-            f"{hidden // heads}; ModelConfig has no kv_channels field yet, so this model cannot convert."
-        )
     cfg = dataclasses.replace(base) if base is not None else ModelConfig()
     cfg.family = family
     cfg.num_layers = int(hf["num_hidden_layers"])
     cfg.hidden_size = hidden
     cfg.num_attention_heads = heads
+    # 0 keeps the default (hidden/heads); only a decoupled head size is spelled out.
+    cfg.kv_channels = int(head_dim) if head_dim is not None and int(head_dim) != hidden // heads else 0
     cfg.num_query_groups = int(hf.get("num_key_value_heads") or heads)
     cfg.ffn_hidden_size = int(hf["intermediate_size"])
     cfg.vocab_size = int(hf["vocab_size"])
@@ -107,7 +104,7 @@ def hf_config_from_model_config(cfg: ModelConfig, original: Optional[dict] = Non
         "hidden_size": cfg.hidden_size,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_query_groups,
-        "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+        "head_dim": cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
         "intermediate_size": cfg.ffn_hidden_size,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -147,7 +144,7 @@ def model_config_from_hf_dir(hf_dir: str, base: Optional[ModelConfig] = None) ->
 
 ARCH_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                "ffn_hidden_size", "vocab_size", "qkv_bias", "qk_norm", "tied_embeddings",
-               "rope_theta", "norm_epsilon")
+               "rope_theta", "norm_epsilon", "kv_channels")
 
 
 def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "config.json") -> None:
@@ -156,6 +153,9 @@ def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "conf
     bad = []
     for name in ARCH_FIELDS:
         a, b = getattr(model_cfg, name), getattr(want, name)
+        if name == "kv_channels":  # 0 is shorthand for hidden/heads
+            a = a or model_cfg.hidden_size // model_cfg.num_attention_heads
+            b = b or want.hidden_size // want.num_attention_heads
         same = abs(a - b) <= 1e-6 * max(abs(a), abs(b)) if isinstance(a, float) else a == b
         if not same:
             bad.append(f"model.{name}={a!r} but {source} gives {b!r}")

@@ -30,7 +30,7 @@ def make_tiny_hf_dir(out_dir: str, family: str = "llama", *, vocab_size: int = 9
                      num_attention_heads: int = 4, num_key_value_heads: int = 2, num_layers: int = 2,
                      intermediate_size: int = 80, tied: bool = False, dtype: torch.dtype = torch.float32,
                      seed: int = 0, max_shard_size: Optional[str] = None, std: float = 0.2,
-                     with_tokenizer: bool = True) -> str:
+                     with_tokenizer: bool = True, head_dim: Optional[int] = None) -> str:
     """Save a random ``family`` model with transformers' ``save_pretrained`` into ``out_dir``."""
     import transformers
 
@@ -40,7 +40,7 @@ def make_tiny_hf_dir(out_dir: str, family: str = "llama", *, vocab_size: int = 9
                   intermediate_size=intermediate_size, tie_word_embeddings=tied, initializer_range=std,
                   max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
     if family == "qwen3":
-        kwargs["head_dim"] = hidden_size // num_attention_heads
+        kwargs["head_dim"] = head_dim or hidden_size // num_attention_heads
     config = getattr(transformers, cfg_name)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config)

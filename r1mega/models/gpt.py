@@ -45,7 +45,7 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         add_bias_linear=False,
@@ -189,7 +189,7 @@ def unwrap(chunk: torch.nn.Module) -> GPTModel:
 def count_parameters(model: ModelConfig) -> int:
     """Parameters of the whole (unsharded, vocab-padded to 1 TP rank) model; for FLOP counts."""
     h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
-    d = h // model.num_attention_heads
+    d = model.kv_channels or h // model.num_attention_heads
     qkv = h * (model.num_attention_heads + 2 * model.num_query_groups) * d
     bias = (model.num_attention_heads + 2 * model.num_query_groups) * d if model.qkv_bias else 0
     per_layer = qkv + bias + model.num_attention_heads * d * h + 3 * h * f + 2 * h

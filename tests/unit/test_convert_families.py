@@ -103,6 +103,10 @@ def test_hf_config_translation_both_formats_and_round_trip():
     assert q3.qk_norm and not q3.qkv_bias
     back = model_config_from_hf(hf_config_from_model_config(q3))
     assert back == q3
+    wide = model_config_from_hf(_hf("qwen3", head_dim=128))  # decoupled from hidden/heads
+    assert wide.kv_channels == 128
+    assert hf_config_from_model_config(wide)["head_dim"] == 128
+    assert model_config_from_hf(hf_config_from_model_config(wide)) == wide
 
 
 def test_hf_config_translation_against_transformers_classes():
@@ -122,7 +126,6 @@ def test_hf_config_translation_against_transformers_classes():
     (_hf("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope type 'llama3'"),
     (_hf("llama", attention_bias=True), "attention_bias"),
     (_hf("llama", hidden_act="gelu"), "hidden_act"),
-    (_hf("qwen3", head_dim=128), "head_dim=128"),
     (_hf("qwen2", use_sliding_window=True), "use_sliding_window"),
 ])
 def test_unsupported_configs_are_refused_by_key(hf, match):

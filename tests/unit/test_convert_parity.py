@@ -68,6 +68,20 @@ def test_logits_match_transformers(tmp_path, rt, family, tied, heads, kv, hidden
     assert report.max_abs_diff < 1e-4 and report.mean_kl < 1e-8, report.line()
 
 
+def test_qwen3_with_decoupled_head_dim_matches_transformers(tmp_path, rt):
+    # Real Qwen3 checkpoints (e.g. 0.6B: hidden 1024, 16 heads of 128) decouple head_dim from
+    # hidden/heads; here hidden 32, 4 heads of 16 (not 8).
+    hf_dir = make_tiny_hf_dir(str(tmp_path / "hf"), "qwen3", hidden_size=32, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=97)
+    cfg, chunks = _build(hf_dir, rt)
+    assert cfg.kv_channels == 16
+    load_hf_into_model(chunks, hf_dir, cfg, rt)
+    ids = probe_tokens(97, batch=2, seq_len=12, seed=1)
+    report = compare_logits(hf_reference_logits(hf_dir, ids), our_logits(chunks, ids, 97, rt))
+    assert report.max_abs_logit > 1.0
+    assert report.max_abs_diff < 1e-4 and report.mean_kl < 1e-8, report.line()
+
+
 def test_wrong_qkv_order_is_caught_by_verification(tmp_path, rt, monkeypatch):
     """The classic converter bug ([all q, all k, all v] instead of per-group) must fail loudly."""
     hf_dir = make_tiny_hf_dir(str(tmp_path / "hf"), "llama", num_attention_heads=4, num_key_value_heads=2)
