@@ -72,9 +72,10 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_greedy_equals_full_recompute(tiny, family):
-    model, rt = tiny(family)
+@pytest.mark.parametrize("family,model_kw", [("llama", {}), ("qwen3", {}),
+                                             ("qwen3", {"kv_channels": 32})])  # head size != hidden/heads
+def test_greedy_equals_full_recompute(tiny, family, model_kw):
+    model, rt = tiny(family, **model_kw)
     eng = RolloutEngine(model, rollout_cfg(temperature=0.0), rt, eos_ids=[], vocab_size=VOCAB)
     outs = eng.generate([GenerationRequest(p, n=1) for p in PROMPTS])
     assert [(c.prompt_index, c.sample_index) for c in outs] == [(i, 0) for i in range(len(PROMPTS))]
