@@ -12,7 +12,6 @@ BENCHMARKS = {
     "train-step": "r1mega.bench.train_step",
     "grpo-loss": "r1mega.bench.grpo_loss",
     "rollout": "r1mega.bench.rollout",
-    "grpo-step": "r1mega.bench.grpo_step",
 }
 
 
