@@ -28,6 +28,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_known_warnings() -> None:
+    """Warnings every CPU run would print once per collective or import, which bury the step lines:
+    megatron-core calling torch's renamed collectives, and apex/TE absence (r1mega reports which
+    paths it uses itself)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
+    warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -41,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"r1mega: unknown command '{name}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    _quiet_known_warnings()
     module_name, func_name, _ = COMMANDS[name]
     func = getattr(importlib.import_module(module_name), func_name)
     from r1mega.config import ConfigError
