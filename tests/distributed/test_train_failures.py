@@ -133,3 +133,47 @@ def test_a_killed_rank_ends_the_whole_job(tmp_path):
     assert elapsed < 240
     for c in psutil.Process().children(recursive=True):
         assert "r1mega.cli" not in " ".join(c.cmdline()), "a rank outlived the job"
+
+
+def _step_metrics(run_dir) -> dict:
+    """step -> metrics of the last time that step was logged (a resumed run logs it again)."""
+    import json
+
+    out = {}
+    for line in open(run_dir / "metrics.jsonl"):
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row
+    return out
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+    from r1mega.train.checkpoint import list_checkpoints
+
+    config = [os.path.join(ROOT, "configs/demo.yaml"), *TINY, "train.steps=4",
+              "checkpoint.save_every_steps=2"]
+    base = [sys.executable, "-m", "r1mega.cli", "train", *config]
+    ref_dir, ref_ckpt = tmp_path / "ref", tmp_path / "ref_ckpt"
+    done = subprocess.run(base + [f"logging.run_dir={ref_dir}", f"checkpoint.dir={ref_ckpt}"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    args = base + [f"logging.run_dir={run_dir}", f"checkpoint.dir={ckpt}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: list_checkpoints(str(ckpt)), proc, 400), "no checkpoint written"
+    finally:
+        proc.kill()  # SIGKILL mid-run: no handler runs
+        proc.wait()
+    resumed = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # Killed right after the step-2 checkpoint appeared, so the resumed process runs steps 3-4.
+    assert "at GRPO step 2" in resumed.stdout + resumed.stderr, resumed.stdout[-2000:]
+
+    ref, got = _step_metrics(ref_dir), _step_metrics(run_dir)
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):  # the steps the resumed process ran itself
+        for key in ("loss", "grad_norm", "reward/mean", "response/length_mean"):
+            assert got[step][key] == ref[step][key], (step, key)
