@@ -85,18 +85,23 @@ def _rows_parquet(path: str):
         yield f"{path}: row {i + 1}", row
 
 
+def read_rows(path: str, key: str = "data.source"):
+    """(where, row) per row of a .jsonl/.json or .parquet file; a line that is not JSON comes as
+    (where, BadRowError) so that the caller's bad-row policy decides."""
+    if path.endswith(".parquet"):
+        return _rows_parquet(path)
+    if path.endswith((".jsonl", ".json")):
+        return _rows_jsonl(path)
+    raise ValueError(f"{key}='{path}': expected a .jsonl or .parquet file.")
+
+
 def load_prompt_file(path: str, on_bad_row: str = "error", stats: dict | None = None) -> list:
     """All records of a .jsonl/.json (one object per line) or .parquet file."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row='{on_bad_row}': use 'error' or 'skip'.")
     if not os.path.exists(path):
         raise FileNotFoundError(f"data.source='{path}' does not exist.")
-    if path.endswith(".parquet"):
-        rows = _rows_parquet(path)
-    elif path.endswith((".jsonl", ".json")):
-        rows = _rows_jsonl(path)
-    else:
-        raise ValueError(f"data.source='{path}': expected a .jsonl or .parquet file.")
+    rows = read_rows(path, key="data.source")
     stats = stats if stats is not None else {}
     stats.setdefault("bad_rows", 0)
     stats.setdefault("bad_row_errors", [])

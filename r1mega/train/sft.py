@@ -13,13 +13,13 @@ Sources (``train.sft_source``, else ``data.source``):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Sequence
 
 import torch
 
+from r1mega.data.datasets import BadRowError, read_rows
 from r1mega.data.templates import encode_prompt
 from r1mega.train.step import sft_loss_fn, sft_sample
 
@@ -88,29 +88,16 @@ class BuiltinSFTSource:
         return rec.prompt, r1_response(reasoning, answer)
 
 
-def _rows(path: str):
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {i}", row
-        return
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                yield where, json.loads(line)
-            except ValueError as exc:
-                raise SFTDataError(f"{where}: not valid JSON ({exc}).") from None
-
-
 def load_sft_file(path: str, on_bad_row: str = "error", stats: dict | None = None) -> list:
     if not os.path.exists(path):
         raise SFTDataError(f"SFT data file '{path}' does not exist (train.sft_source).")
     pairs, bad = [], 0
-    for where, row in _rows(path):
+    for where, row in read_rows(path, key="train.sft_source"):
+        if isinstance(row, BadRowError):  # not JSON at all
+            if on_bad_row == "skip":
+                bad += 1
+                continue
+            raise SFTDataError(f"{row} Fix the row or set data.on_bad_row=skip.")
         prompt = row.get("prompt") if isinstance(row, dict) else None
         response = (row.get("response", row.get("completion")) if isinstance(row, dict) else None)
         if not (isinstance(prompt, str) and prompt.strip() and isinstance(response, str)
