@@ -62,11 +62,11 @@ def test_bad_rows_name_file_and_line(tmp_path):
         load_sft_file(str(path))
     stats = {}
     assert load_sft_file(str(path), "skip", stats) == [("a", "b")] and stats["bad_rows"] == 1
-    with open(path, "a") as f:
-        f.write("{not json\n")
-    with pytest.raises(SFTDataError, match=r"sft.jsonl:3: not valid JSON"):
-        load_sft_file(str(path))
-    assert load_sft_file(str(path), "skip", stats) == [("a", "b")] and stats["bad_rows"] == 2
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{not json\n")
+    with pytest.raises(SFTDataError, match=r"broken.jsonl:2: not valid JSON"):
+        load_sft_file(str(broken))
+    assert load_sft_file(str(broken), "skip", stats) == [("a", "b")] and stats["bad_rows"] == 1
 
 
 def test_sft_steps_lower_the_loss(single_rank_runtime):
