@@ -195,16 +195,7 @@ def run_train(cfg: Config) -> int:
     if path is not None:
         # A GRPO checkpoint resumes everything; any other (an `r1mega sft` result, a converted
         # model) only provides the weights: RL starts at step 0 with a fresh optimizer.
-        same_phase = _phase_of(path) == "grpo"
-        loaded = (ckpt or _checkpointer_for_load(cfg, rt)).load(
-            path, policy.chunks, policy.optim.optimizer, load_optimizer=same_phase)
-        state = loaded.trainer_state
-        start = 0
-        if same_phase:
-            policy.optim.scheduler.load_state_dict(state["scheduler"])
-            sampler.load_state_dict(state["sampler"])
-            start = loaded.step
-        _log0(rt, f"resumed from {path} at GRPO step {start}")
+        start = _resume(cfg, rt, ckpt, path, policy, sampler, phase="grpo")
     elif cfg.train.sft_steps > 0:
         sft_policy = _cold_start(cfg, rt, tok, logger)
         _copy_weights(sft_policy, policy)
@@ -291,10 +282,21 @@ def _phase_of(path: str) -> Optional[str]:
         return None
 
 
-def _checkpointer_for_load(cfg: Config, rt):
+def _resume(cfg: Config, rt, ckpt, path: str, policy, sampler, *, phase: str) -> int:
+    """Load ``path`` into the policy; a checkpoint of the same phase also restores the optimizer,
+    schedule and data cursor and gives the step to continue from, any other gives weights only."""
     from r1mega.train.checkpoint import CheckpointManager
 
-    return CheckpointManager(cfg.checkpoint, _layout(rt))
+    same_phase = _phase_of(path) == phase
+    loaded = (ckpt or CheckpointManager(cfg.checkpoint, _layout(rt))).load(
+        path, policy.chunks, policy.optim.optimizer, load_optimizer=same_phase)
+    start = 0
+    if same_phase:
+        policy.optim.scheduler.load_state_dict(loaded.trainer_state["scheduler"])
+        sampler.load_state_dict(loaded.trainer_state["sampler"])
+        start = loaded.step
+    _log0(rt, f"resumed from {path} at {phase.upper()} step {start}")
+    return start
 
 
 def run_sft(cfg: Config) -> int:
@@ -314,15 +316,7 @@ def run_sft(cfg: Config) -> int:
     path = _resume_path(cfg, ckpt)
     start = 0
     if path is not None:
-        same_phase = _phase_of(path) == "sft"
-        loaded = (ckpt or _checkpointer_for_load(cfg, rt)).load(
-            path, policy.chunks, policy.optim.optimizer, load_optimizer=same_phase)
-        state = loaded.trainer_state
-        if same_phase:
-            policy.optim.scheduler.load_state_dict(state["scheduler"])
-            step_fn.sampler.load_state_dict(state["sampler"])
-            start = loaded.step
-        _log0(rt, f"resumed from {path} at SFT step {start}")
+        start = _resume(cfg, rt, ckpt, path, policy, step_fn.sampler, phase="sft")
     else:
         _init_from_hf(cfg, rt, policy)
 
