@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import types
 import typing
@@ -371,10 +370,6 @@ def save_resolved(cfg: Config, run_dir: str) -> str:
         f.write(dump_yaml(cfg))
     os.replace(tmp, path)
     return path
-
-
-def config_fingerprint(cfg: Config) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- validation
