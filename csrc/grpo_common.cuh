@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace r1mega_grpo {
 constexpr float kLog2e = 1.4426950408889634f;

@@ -1,29 +1,92 @@
 // The fused single-pass GRPO kernel (no tensor parallelism): ONE read of the logits and one write
 // of their gradient for the whole forward + backward. A token row is split over a thread-block
-// cluster (Hopper, sm_90) of up to 8 CTAs, one cluster per row; each CTA keeps its slice in
-// registers and reduces it to (max, sum exp, sum exp*x), the cluster exchanges those through
-// distributed shared memory, every CTA computes the same lse, log-prob and GRPO token gradient, and
-// writes d loss / d logits for its slice from the registers.
+// cluster (Hopper, sm_90), one cluster per row; each CTA keeps its slice in registers and reduces it
+// to (max, sum exp, sum exp*x), the cluster exchanges those through distributed shared memory, every
+// CTA computes the same lse, log-prob and GRPO token gradient, and writes d loss / d logits for its
+// slice from the registers.
 //
-// A persistent variant (clusters walking the rows, the next row streamed into shared memory with
-// cp.async while this one computes, exp kept in registers) measured slower on the H200 (7.5 ms vs
-// 4.7 ms for 16,384 x 152,064 bf16: only 15 clusters of 8 were co-resident) and was removed; it is
-// in the git history (commit 33ce148).
+// The kernel is memory-bound only if its arithmetic hides under the loads and stores, so the work
+// per logit is kept to about eight instructions and ONE exp2:
+//  * the max runs on packed 16-bit pairs (one HMNMX2 per two logits, exact);
+//  * each thread exponentiates against its OWN max, and overwrites the logit in its registers
+//    with t = 2^(x*s - m_thread) (bf16 for 16-bit logits, f32 for f32 logits), so the gradient
+//    pass needs one multiply, p = t * 2^(m_thread - lse), instead of a second exp2;
+//  * padding and target-column checks are per 16-byte vector, not per logit.
+// Rounding t to bf16 adds at most 2^-9 relative error to a gradient that is itself stored in bf16.
+// The previous kernel (a second exp2 per logit, per-logit checks) took 4.7 ms at 16,384 x 152,064;
+// see git history (commit 0a4fdcd) for it and for the removed persistent variant (commit 33ce148).
 #pragma once
 #include "grpo_common.cuh"
 
 namespace r1mega_grpo {
 
-template <class D, int VPT, int THREADS>
-__global__ void __launch_bounds__(THREADS, 2) fused_grpo_kernel(
+// t storage: bf16 bits for 16-bit logits (same register footprint, no underflow unlike fp16), f32
+// for f32 logits.
+template <class D> struct TStore { using type = BF16; };
+template <> struct TStore<F32> { using type = F32; };
+
+// Packed 16-bit max and f32 -> bf16x2 rounding as explicit PTX (sm_80+): the header intrinsics
+// compiled to per-element f32 code with nvcc 13.
+__device__ __forceinline__ unsigned max_bf16x2(unsigned a, unsigned b) {
+  unsigned d;
+  asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned max_f16x2(unsigned a, unsigned b) {
+  unsigned d;
+  asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+  unsigned d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// The VEC values of one 16-byte vector as floats. bf16 words unpack with one shift or mask each.
+template <class D, int VEC>
+__device__ __forceinline__ void unpack_vec(const uint4& u, float (&x)[VEC]) {
+  if constexpr (std::is_same<D, BF16>::value) {
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = __uint_as_float(w[i] << 16);
+      x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+    Pack<D, VEC> r; r.u = u;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) x[j] = D::load(r.h[j]);
+  }
+}
+
+// Max of the VEC raw values of one 16-byte vector, as float (unscaled).
+template <class D, int VEC>
+__device__ __forceinline__ float vec_max(const uint4& u) {
+  if constexpr (std::is_same<D, BF16>::value) {
+    const unsigned a = max_bf16x2(max_bf16x2(u.x, u.y), max_bf16x2(u.z, u.w));
+    return fmaxf(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u));
+  } else if constexpr (std::is_same<D, F16>::value) {
+    const unsigned a = max_f16x2(max_f16x2(u.x, u.y), max_f16x2(u.z, u.w));
+    return fmaxf(__half2float(__ushort_as_half((unsigned short)(a & 0xffffu))),
+                 __half2float(__ushort_as_half((unsigned short)(a >> 16))));
+  } else {
+    return fmaxf(fmaxf(__uint_as_float(u.x), __uint_as_float(u.y)),
+                 fmaxf(__uint_as_float(u.z), __uint_as_float(u.w)));
+  }
+}
+
+template <class D, int VPT, int THREADS, int MINB>
+__global__ void __launch_bounds__(THREADS, MINB) fused_grpo_kernel(
     const typename D::raw* logits, typename D::raw* grad, int64_t stride_in, int64_t stride_out,
     int cols, int valid_cols, int vec_per_cta, const int64_t* __restrict__ targets,
     const float* __restrict__ adv, const float* __restrict__ old_logp, const float* __restrict__ ref_logp,
     const float* __restrict__ rollout_logp, const float* __restrict__ weight, float scale2,
     float inv_temp, LossParams P, float* __restrict__ out_logp, float* __restrict__ out_ent) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  using T = typename TStore<D>::type;
   constexpr int VEC = 16 / sizeof(typename D::raw);
-  __shared__ float sh[2 * THREADS / 32];
+  __shared__ float sh[3 * THREADS / 32];
   __shared__ float4 cstat;  // this CTA's partial statistics, read by every CTA of the cluster
   const unsigned csize = __clusterSizeInBlocks();
   const unsigned crank = __clusterRelativeBlockRank();
@@ -46,39 +109,65 @@ __global__ void __launch_bounds__(THREADS, 2) fused_grpo_kernel(
     return;
   }
 
-  uint4 v[VPT];  // the row slice lives in registers between the statistics and the gradient
+  uint4 v[VPT];  // the row slice, later t, lives in registers between the statistics and the gradient
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     const int vi = v0 + threadIdx.x + k * THREADS;
     v[k] = vi < v1 ? __ldcs(reinterpret_cast<const uint4*>(p + (int64_t)vi * VEC)) : make_uint4(0, 0, 0, 0);
   }
+  // Pass 1: this thread's max (scale2 > 0, so the max of raw values scales exactly).
   float m = -INFINITY;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     const int vi = v0 + threadIdx.x + k * THREADS;
-    Pack<D, VEC> r; r.u = v[k];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      if (vi < v1 && vi * VEC + j < valid_cols) m = fmaxf(m, D::load(r.h[j]) * scale2);
-  }
-  m = block_max<THREADS>(m, sh);
-  float s = 0.f, e = 0.f;
-  if (m != -INFINITY) {
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int vi = v0 + threadIdx.x + k * THREADS;
+    if (vi >= v1) continue;
+    if ((vi + 1) * VEC <= valid_cols) {
+      m = fmaxf(m, vec_max<D, VEC>(v[k]));
+    } else {  // the vector holding the end of the valid (unpadded) vocabulary
       Pack<D, VEC> r; r.u = v[k];
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        if (vi < v1 && vi * VEC + j < valid_cols) {
-          const float x2 = D::load(r.h[j]) * scale2;
-          const float t = exp2f(x2 - m);
-          s += t;
-          e = fmaf(t, x2, e);
-        }
+        if (vi * VEC + j < valid_cols) m = fmaxf(m, D::load(r.h[j]));
     }
   }
-  block_sum2<THREADS>(s, e, sh);
+  m = m == -INFINITY ? m : m * scale2;
+  // Pass 2: t = 2^(x2 - m), sums, and t written over the logits in the registers.
+  float s = 0.f, e = 0.f;  // e relative to m: sum t * (x2 - m)
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int vi = v0 + threadIdx.x + k * THREADS;
+    if (vi >= v1) continue;  // pass 3 skips this vector too
+    float x[VEC], t[VEC];
+    unpack_vec<D, VEC>(v[k], x);
+    if ((vi + 1) * VEC <= valid_cols) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float u = fmaf(x[j], scale2, -m);
+        t[j] = exp2f(u);
+        s += t[j];
+        e = fmaf(t[j], u, e);
+      }
+    } else {  // padded vocabulary columns count as -inf: t = 0
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const bool ok = vi * VEC + j < valid_cols;
+        const float u = ok ? fmaf(x[j], scale2, -m) : 0.f;
+        t[j] = ok ? exp2f(u) : 0.f;
+        s += t[j];
+        e = fmaf(t[j], u, e);
+      }
+    }
+    if constexpr (sizeof(typename T::raw) == 2) {  // 8 values -> 4 words, element j at bits 16*(j%2)
+      v[k] = make_uint4(pack_bf16x2(t[0], t[1]), pack_bf16x2(t[2], t[3]), pack_bf16x2(t[4], t[5]),
+                        pack_bf16x2(t[6], t[7]));
+    } else {
+      v[k] = make_uint4(__float_as_uint(t[0]), __float_as_uint(t[1]), __float_as_uint(t[2]),
+                        __float_as_uint(t[3]));
+    }
+  }
+  const float m_thread = m;
+  if (m != -INFINITY) e += m * s;  // back to sum t * x2
+  block_merge_stats<THREADS>(m, s, e, sh);
   const int64_t tl = targets[row];
   if (threadIdx.x == 0) {
     const bool owned = tl >= (int64_t)v0 * VEC && tl < (int64_t)v1 * VEC && tl < valid_cols;
@@ -94,27 +183,31 @@ __global__ void __launch_bounds__(THREADS, 2) fused_grpo_kernel(
   }
   __cluster_barrier_arrive();  // done reading the peers' cstat; they may exit after our wait below
   const float lse2 = mm + log2f(ss);
-  const float logp = (tx - lse2) * kLn2;
+  // An id outside the vocabulary (the Python side checks it without a device sync) poisons the row
+  // with NaN: the non-finite gradient norm then skips the update, and the metrics name the cause.
+  const float logp = (tl < 0 || tl >= valid_cols) ? __int_as_float(0x7fc00000) : (tx - lse2) * kLn2;
   const float g = grpo_token_grad(logp, adv[row], old_logp[row], ref_logp, rollout_logp, row, w, P);
   const float coef = g * inv_temp;
   if (crank == 0 && threadIdx.x == 0) {
     out_logp[row] = logp;
     out_ent[row] = (lse2 - ee / ss) * kLn2;
   }
+  // Pass 3: d = -coef * p = -coef * t * 2^(m_thread - lse2), plus coef at the target column.
+  const float f = m_thread == -INFINITY ? 0.f : -coef * exp2f(m_thread - lse2);
+  const int tvec = (int)(tl / VEC);
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     const int vi = v0 + threadIdx.x + k * THREADS;
     if (vi >= v1) continue;
-    Pack<D, VEC> r; r.u = v[k];
     float d[VEC];
+    unpack_vec<T, VEC>(v[k], d);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const int col = vi * VEC + j;
-      d[j] = 0.f;
-      if (col < valid_cols) {
-        d[j] = -coef * exp2f(D::load(r.h[j]) * scale2 - lse2);
-        if (col == tl) d[j] += coef;
-      }
+    for (int j = 0; j < VEC; ++j) d[j] *= f;
+    if (vi == tvec && tl < valid_cols) {
+      const int jt = (int)(tl - (int64_t)tvec * VEC);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if (j == jt) d[j] += coef;
     }
     store_vec<D, VEC>(q + (int64_t)vi * VEC, d);
   }

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
+
 
 #include "grpo_fused.cuh"
 
@@ -121,9 +123,38 @@ __global__ void __launch_bounds__(THREADS) shard_backward_kernel(
 
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;
-constexpr int kFusedThreads = 512;
-constexpr int kFusedVpt = 8;       // 16-byte vectors per thread kept in registers
-constexpr int kMaxCluster = 8;     // the portable cluster size
+// Fused-kernel shapes: (threads per CTA, 16-byte vectors per thread kept in registers, CTAs per SM
+// the registers must allow). R1MEGA_GRPO_FUSED_VARIANT=i picks one (the benchmark sweeps them).
+struct FusedShape { int threads, vpt, minb; };
+constexpr FusedShape kFusedShapes[] = {{512, 8, 2}, {256, 8, 4}, {1024, 4, 1}, {384, 8, 2}, {256, 16, 2}};
+constexpr int kNumFusedShapes = sizeof(kFusedShapes) / sizeof(kFusedShapes[0]);
+constexpr int kDefaultFusedShape = 0;
+constexpr int kMaxCluster = 16;    // Hopper's non-portable maximum (8 is the portable one)
+
+template <int I> struct ShapeTag {
+  static constexpr int threads = kFusedShapes[I].threads, vpt = kFusedShapes[I].vpt, minb = kFusedShapes[I].minb;
+};
+
+template <class F>
+void with_shape(int i, F&& f) {
+  switch (i) {
+    case 0: f(ShapeTag<0>{}); break;
+    case 1: f(ShapeTag<1>{}); break;
+    case 2: f(ShapeTag<2>{}); break;
+    case 3: f(ShapeTag<3>{}); break;
+    case 4: f(ShapeTag<4>{}); break;
+    default: TORCH_CHECK(false, "r1mega_grpo_cuda: fused shape ", i, " out of range");
+  }
+}
+
+int fused_shape_index() {
+  const char* env = std::getenv("R1MEGA_GRPO_FUSED_VARIANT");
+  if (env == nullptr || *env == 0) return kDefaultFusedShape;
+  const int i = std::atoi(env);
+  TORCH_CHECK(i >= 0 && i < kNumFusedShapes, "R1MEGA_GRPO_FUSED_VARIANT=", env, " must be in [0, ",
+              kNumFusedShapes, ")");
+  return i;
+}
 
 bool aligned16(const void* ptr, int64_t stride_elems, int64_t cols, int64_t elem) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride_elems * elem) % 16 == 0 &&
@@ -212,13 +243,19 @@ struct FusedPlan {
   int csize = 0;      // CTAs per cluster (0: the fused kernel cannot run on these logits)
   int vpt = 0;        // 16-byte vectors per thread
   int nclusters = 0;  // one per row
+  int threads = 0;
+  int shape = 0;      // index into kFusedShapes
 };
 
 template <typename Kernel, typename... Args>
-void launch_cluster(Kernel kernel, unsigned grid, unsigned csize, size_t smem, Args... args) {
+void launch_cluster(Kernel kernel, unsigned grid, unsigned threads, unsigned csize, size_t smem,
+                    Args... args) {
+  if (csize > 8) {  // clusters of 9..16 CTAs are Hopper-only and must be asked for per kernel
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
-  config.blockDim = dim3(kFusedThreads);
+  config.blockDim = dim3(threads);
   config.dynamicSmemBytes = smem;
   config.stream = c10::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attr[1];
@@ -244,14 +281,17 @@ FusedPlan plan_fused(const torch::Tensor& logits) {
   const int64_t es = logits.element_size(), cols = logits.size(1), rows = logits.size(0);
   if (!aligned16(logits.data_ptr(), logits.stride(0), cols, es)) return plan;
   const int64_t nvec = cols * es / 16;
-  const int64_t csize = (nvec + kFusedThreads * kFusedVpt - 1) / (kFusedThreads * kFusedVpt);
-  if (csize <= kMaxCluster) plan = FusedPlan{(int)csize, kFusedVpt, (int)rows};
+  const int shape = fused_shape_index();
+  const FusedShape fs = kFusedShapes[shape];
+  const int64_t per_cta = (int64_t)fs.threads * fs.vpt;
+  const int64_t csize = (nvec + per_cta - 1) / per_cta;
+  if (csize <= kMaxCluster) plan = FusedPlan{(int)csize, fs.vpt, (int)rows, fs.threads, shape};
   return plan;
 }
 
 std::vector<int64_t> fused_plan(const torch::Tensor& logits) {
   const FusedPlan p = plan_fused(logits);
-  return {p.csize, p.vpt, p.nclusters};
+  return {p.csize, p.vpt, p.nclusters, p.threads, p.shape};
 }
 
 std::vector<torch::Tensor> fused_grpo_cuda(
@@ -287,10 +327,13 @@ std::vector<torch::Tensor> fused_grpo_cuda(
     const float* ad = adv.data_ptr<float>();
     const float* ol = old_logp.data_ptr<float>();
     const float* wt = weight.data_ptr<float>();
-    launch_cluster(fused_grpo_kernel<D, kFusedVpt, kFusedThreads>, grid, plan.csize, 0, in, out,
-                   (int64_t)logits.stride(0), (int64_t)grad.stride(0), (int)cols, (int)valid_cols,
-                   vec_per_cta, tg, ad, ol, ref, roll, wt, scale2, (float)inv_temp, P,
-                   out_logp.data_ptr<float>(), out_ent.data_ptr<float>());
+    with_shape(plan.shape, [&](auto tag) {
+      using S = decltype(tag);
+      launch_cluster(fused_grpo_kernel<D, S::vpt, S::threads, S::minb>, grid, S::threads, plan.csize, 0,
+                     in, out, (int64_t)logits.stride(0), (int64_t)grad.stride(0), (int)cols,
+                     (int)valid_cols, vec_per_cta, tg, ad, ol, ref, roll, wt, scale2, (float)inv_temp, P,
+                     out_logp.data_ptr<float>(), out_ent.data_ptr<float>());
+    });
   });
   return {out_logp, out_ent};
 }

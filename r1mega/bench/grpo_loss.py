@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--skip-chunked", action="store_true", help="skip the (slow) PyTorch fallback path")
+    ap.add_argument("--variants", type=int, default=5, help="fused kernel shapes to time alone")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("grpo-loss benchmark needs a CUDA device")
@@ -135,11 +137,24 @@ def main(argv=None) -> int:
         grad = torch.empty_like(logits)
         weights = mask / norm
         tg = targets.contiguous()
-        if ext.fused_supported(logits):
+        # Every compiled kernel shape (R1MEGA_GRPO_FUSED_VARIANT), so the default can be chosen
+        # from numbers measured on the machine.
+        prev = os.environ.get("R1MEGA_GRPO_FUSED_VARIANT")
+        for variant in range(args.variants):
+            os.environ["R1MEGA_GRPO_FUSED_VARIANT"] = str(variant)
+            if not ext.fused_supported(logits):
+                continue
             call = lambda: ext.fused_grpo(logits.detach(), grad, tg, adv, old, None, None, weights,  # noqa: E731
                                           vocab, 1.0 / args.temperature, 0.8, 1.28, 0.0, 0.0, 3, 0.0)
-            kernel_only["fused"] = {"ms": _time_ms(call, args.reps, args.warmup),
-                                    "plan": list(ext.fused_plan(logits))}
+            try:
+                kernel_only[f"fused_v{variant}"] = {"ms": _time_ms(call, args.reps, args.warmup),
+                                                    "plan": list(ext.fused_plan(logits))}
+            except RuntimeError as exc:  # a cluster shape this GPU cannot co-schedule
+                kernel_only[f"fused_v{variant}"] = {"ms": float("nan"), "error": str(exc)[:200]}
+        if prev is None:
+            os.environ.pop("R1MEGA_GRPO_FUSED_VARIANT", None)
+        else:
+            os.environ["R1MEGA_GRPO_FUSED_VARIANT"] = prev
         del grad
 
     plain = next(r for r in rows if r["path"] == "plain_torch")
@@ -153,7 +168,7 @@ def main(argv=None) -> int:
               f"{r['extra_mb']:>11.0f}")
     for vname, v in kernel_only.items():
         print(f"{'kernel ' + vname:<20}{v['ms']:>9.3f}{plain['ms'] / v['ms']:>9.2f}{v['ms'] / floor_ms:>9.2f}"
-              f"{'':>11}  plan [cluster, vec/thread, clusters] = {v['plan']}")
+              f"{'':>11}  plan [cluster, vec/thread, clusters, threads, shape] = {v.get('plan', v.get('error'))}")
     result = {"bench": "grpo_loss", "tokens": n_tok, "vocab": vocab, "dtype": "bfloat16",
               "device": torch.cuda.get_device_name(), "copy_bw_TBps": bw / 1e12, "floor_ms": floor_ms,
               "grad_mb": grad_mb, "plain_torch_ms": plain["ms"], "plain_torch_extra_mb": plain["extra_mb"],

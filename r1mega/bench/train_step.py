@@ -76,7 +76,22 @@ def _peak_gb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
-def _timed(step_fn, device, warmup: int, steps: int) -> tuple[float, list]:
+_PROFILE = {"on": False, "rows": 25}
+
+
+def _profile_step(step_fn, label: str) -> None:
+    """Top device kernels of one step (``--profile``): where the milliseconds go."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    print(f"---- profile: {label} (one step)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=_PROFILE["rows"],
+                                    max_name_column_width=60))
+
+
+def _timed(step_fn, device, warmup: int, steps: int, label: str = "") -> tuple[float, list]:
     losses = []
     for _ in range(warmup):
         losses.append(step_fn())
@@ -85,7 +100,10 @@ def _timed(step_fn, device, warmup: int, steps: int) -> tuple[float, list]:
     for _ in range(steps):
         losses.append(step_fn())
     _sync(device)
-    return (time.perf_counter() - t) / steps, losses
+    sec = (time.perf_counter() - t) / steps
+    if _PROFILE["on"] and device.type == "cuda":
+        _profile_step(step_fn, label)
+    return sec, losses
 
 
 def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
@@ -101,6 +119,11 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     model_cfg = ModelConfig(**shape)
     chunks = build_model(model_cfg, rt, PrecisionConfig(), wrap=True, distributed_optimizer=True)
     if compile_mode == "layer":
+        # One compiled region per layer: without a larger cache, dynamo stops compiling after 8
+        # layer instances (each guards on its own module) and the rest silently run eager.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 1024)
         # Each TransformerLayer as one compiled region (graph breaks at megatron's warnings and
         # offloading context are tolerated); the first steps (warmup) pay the compile time.
         from r1mega.models.gpt import unwrap
@@ -128,7 +151,7 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     def one():
         return step(samples, loss_fn).loss
 
-    sec, losses = _timed(one, rt.device, warmup, steps)
+    sec, losses = _timed(one, rt.device, warmup, steps, f"r1mega[{loss_impl}] compile={compile_mode}")
     peak = _peak_gb(rt.device)
     del step, optim, chunks
     return sec, peak, losses
@@ -157,7 +180,7 @@ def run_hf(shape, tokens, device, dtype, warmup: int, steps: int):
         opt.zero_grad(set_to_none=True)
         return out.loss.detach()
 
-    sec, losses = _timed(one, device, warmup, steps)
+    sec, losses = _timed(one, device, warmup, steps, "transformers")
     peak = _peak_gb(device)
     del model, opt
     return sec, peak, [float(x) for x in losses]
@@ -185,8 +208,13 @@ def main(argv=None) -> int:
     ap.add_argument("--thd-too", action="store_true",
                     help="also time r1mega with the batch packed as THD (as RL batches are)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, print the top device kernels of one step of each run")
+    ap.add_argument("--compile-too", action="store_true",
+                    help="also time r1mega with --compile layer in the same run")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
     args = ap.parse_args(argv)
+    _PROFILE["on"] = args.profile
 
     from r1mega.config import ParallelConfig, PrecisionConfig
     from r1mega.parallel.launch_env import read_launch_env
@@ -219,6 +247,10 @@ def main(argv=None) -> int:
         sec, mem, losses = run_r1mega(shape, tokens, rt, impl, args.warmup, args.steps,
                                       args.compile)
         rows[f"r1mega[{impl}]"] = (sec, mem, losses)
+    if args.compile_too and args.compile != "layer":
+        _reset_memory(device)
+        rows[f"r1mega[{impls[-1]},compiled]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
+                                                           args.steps, "layer")
     if args.thd_too:
         _reset_memory(device)
         rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,

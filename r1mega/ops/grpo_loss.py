@@ -164,6 +164,11 @@ def _metrics(parts, entropy, active, cfg, have_ref) -> Dict[str, torch.Tensor]:
 
 def finalize_metrics(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
     """Means from (already reduced) sums: {'clip_frac_low': ..., 'entropy': ..., 'ratio_min': ...}."""
+    bad = float(metrics.get("bad_targets_sum", 0.0))
+    if bad > 0:
+        raise ValueError(f"{bad:.0f} target token ids were outside [0, vocab_size): the update was "
+                         "skipped (their rows' gradients are NaN); replace ignore-index/pad ids of "
+                         "masked tokens with any valid id (e.g. 0)")
     n = max(float(metrics["n_tokens"]), 1.0)
     out = {}
     for key, value in metrics.items():
@@ -218,8 +223,9 @@ def _fused_eligible(logits, tp_size) -> bool:
 
 
 def _prepare(n_tok, targets, advantages, old_logp, loss_mask, *, cfg, vocab_size, ref_logp, rollout_logp,
-             seq_ids, normalizer, acc):
-    """Checks shared by the logits and hidden-state entry points -> (active, targets, weights, ref)."""
+             seq_ids, normalizer, acc, lazy_range_check=False):
+    """Checks shared by the logits and hidden-state entry points -> (active, targets, weights, ref,
+    bad) where ``bad`` is the device count of out-of-range ids when ``lazy_range_check`` (else None)."""
     check_cfg(cfg, ref_logp, rollout_logp)
     for name, t in (("advantages", advantages), ("old_logp", old_logp), ("loss_mask", loss_mask),
                     ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("seq_ids", seq_ids)):
@@ -228,10 +234,10 @@ def _prepare(n_tok, targets, advantages, old_logp, loss_mask, *, cfg, vocab_size
     active = loss_mask > 0
     # Masked tokens may carry pad/ignore ids; any valid id keeps the kernels in bounds.
     targets = torch.where(active, targets.long(), torch.zeros_like(targets, dtype=torch.long))
-    check_targets(targets, n_tok, vocab_size)
+    bad = check_targets(targets, n_tok, vocab_size, lazy=lazy_range_check)
     weights = token_weights(loss_mask, loss_agg=cfg.loss_agg, normalizer=normalizer, seq_ids=seq_ids, dtype=acc)
     ref = ref_logp if (ref_logp is not None and bool(cfg.kl_beta)) else None
-    return active, targets, weights, ref
+    return active, targets, weights, ref, bad
 
 
 def _loss_from_logp(logp, entropy, advantages, old_logp, active, weights, *, cfg, ref, rollout_logp):
@@ -255,13 +261,15 @@ def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp
         raise ValueError(f"logits_shard must be (tokens, vocab/tp), got {tuple(logits_shard.shape)}")
     n_tok, local_cols = logits_shard.shape
     acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
-    active, targets, weights, ref = _prepare(
-        n_tok, targets, advantages, old_logp, loss_mask, cfg=cfg, vocab_size=vocab_size, ref_logp=ref_logp,
-        rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer, acc=acc)
     use_cuda = resolve_impl(impl, logits_shard)
     tp_rank, tp_size = tp_rank_and_size(tp_group)
+    fused = use_cuda and _fused_eligible(logits_shard, tp_size)
+    # The fused kernel poisons rows with bad ids itself, so its range check needs no host sync.
+    active, targets, weights, ref, bad = _prepare(
+        n_tok, targets, advantages, old_logp, loss_mask, cfg=cfg, vocab_size=vocab_size, ref_logp=ref_logp,
+        rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer, acc=acc, lazy_range_check=fused)
 
-    if use_cuda and _fused_eligible(logits_shard, tp_size):
+    if fused:
         holder = {}
         _, valid_cols = shard_columns(vocab_size, local_cols, tp_rank, tp_size)
         f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
@@ -270,7 +278,9 @@ def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp
             f32(rollout_logp if cfg.tis_cap else None), weights.contiguous(), active, cfg,
             valid_cols, 1.0 / float(temperature), inplace_backward, holder)
         _last.update(impl="cuda", kernel="fused")
-        return loss, _metrics(holder["parts"], entropy, active, cfg, ref is not None)
+        metrics = _metrics(holder["parts"], entropy, active, cfg, ref is not None)
+        metrics["bad_targets_sum"] = bad.float()
+        return loss, metrics
 
     logp, entropy = vocab_parallel_logprobs(
         logits_shard, targets, tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
@@ -293,7 +303,7 @@ def grpo_loss_from_hidden(hidden, weight_shard, targets, advantages, old_logp, l
 
     n_tok = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    active, targets, weights, ref = _prepare(
+    active, targets, weights, ref, _ = _prepare(
         n_tok, targets, advantages, old_logp, loss_mask, cfg=cfg, vocab_size=vocab_size, ref_logp=ref_logp,
         rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer, acc=acc)
     logp, entropy = linear_vocab_parallel_logprobs(

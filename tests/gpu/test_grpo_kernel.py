@@ -120,14 +120,20 @@ def test_shard_kernels_simulated_tp2(ext, cols, vocab, dtype):
     assert _rel(grad, x64.grad) <= GRAD_REL_TOL
 
 
+@pytest.mark.parametrize("variant", ["", "1", "2", "3", "4"])
 @pytest.mark.parametrize("n_tok", [45, 1000])
-def test_fused_outputs_fully_written(ext, n_tok):
-    """Every element of the gradient buffer and of logp/entropy is written (NaN-filled beforehand)."""
+def test_fused_outputs_fully_written(ext, monkeypatch, n_tok, variant):
+    """Every element of the gradient buffer and of logp/entropy is written (NaN-filled beforehand),
+    for every fused-kernel shape (R1MEGA_GRPO_FUSED_VARIANT, incl. non-portable clusters > 8)."""
+    monkeypatch.setenv("R1MEGA_GRPO_FUSED_VARIANT", variant)
     cols, vocab = 152064, 151900
     logits, targets, mask, g = _inputs(n_tok, cols, vocab, torch.bfloat16, seed=7, masked_frac=0.5)
     targets = torch.where(mask > 0, targets, 0)
     assert ext.fused_supported(logits), ext.fused_plan(logits)
-    assert list(ext.fused_plan(logits)) == [5, 8, n_tok]  # 152,064 bf16 columns: clusters of 5 CTAs
+    plan = list(ext.fused_plan(logits))
+    if variant == "":
+        assert plan[:3] == [5, 8, n_tok]  # 152,064 bf16 columns: clusters of 5 CTAs of 512 threads
+    assert plan[0] * plan[1] * plan[3] * 8 >= cols and plan[2] == n_tok
     grad = torch.full_like(logits, float("nan"))
     zeros = torch.zeros(n_tok, device="cuda")
     _poison_allocator()
@@ -138,3 +144,24 @@ def test_fused_outputs_fully_written(ext, n_tok):
     on = mask > 0
     assert float((logp.double() - ref_lp)[on].abs().max()) <= LOGP_TOL
     assert float((ent.double() - ref_h)[on].abs().max()) <= LOGP_TOL
+
+
+def test_fused_bad_target_poisons_row_and_metrics_raise(ext):
+    """An out-of-range id (not checked on the host, to avoid a sync) makes that row's gradient NaN,
+    so the trainer's non-finite guard skips the update, and finalize_metrics names the cause."""
+    from r1mega.ops.grpo_loss import finalize_metrics
+
+    n_tok, vocab = 64, 32000
+    logits = torch.randn(n_tok, vocab, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, vocab, (n_tok,), device="cuda")
+    targets[5] = vocab + 7
+    cfg = GRPOConfig(eps_low=0.2, eps_high=0.28)
+    loss, metrics = grpo_loss(logits, targets, torch.randn(n_tok, device="cuda"), torch.zeros(n_tok, device="cuda"),
+                              torch.ones(n_tok, device="cuda"), cfg=cfg, vocab_size=vocab,
+                              normalizer=float(n_tok), impl="cuda")
+    assert last_kernel() == "fused"
+    loss.backward()
+    assert not torch.isfinite(logits.grad[5]).any()
+    assert torch.isfinite(logits.grad[6]).all()
+    with pytest.raises(ValueError, match="outside"):
+        finalize_metrics(metrics)
