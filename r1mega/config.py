@@ -23,6 +23,22 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """Hugging Face ``rope_scaling`` / ``rope_parameters`` of Llama 3.1/3.2 (``rope_type: llama3``).
+
+    "llama3" divides the inverse frequencies whose wavelength exceeds
+    ``original_max_position_embeddings / low_freq_factor`` by ``factor``, keeps those shorter than
+    ``original_max_position_embeddings / high_freq_factor``, and blends linearly in between.
+    The defaults are Llama 3.1's; "none" is plain RoPE and ignores the other fields.
+    """
+    type: str = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
 class ModelConfig:
     # Llama 2/3, SmolLM2, Qwen2/2.5 (qkv_bias), Qwen3 (qk_norm) are all this one family.
     family: str = "llama"
@@ -37,6 +53,7 @@ class ModelConfig:
     vocab_size: int = 128
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: float = 1e-5
     qkv_bias: bool = False
     qk_norm: bool = False
@@ -54,6 +71,12 @@ class ModelConfig:
     recompute: str = "none"
     # Mixture-of-experts layers arrive with the MoE work; the layout checks exist already.
     num_experts: int = 0
+
+    def __post_init__(self):
+        # ModelConfig(**dataclasses.asdict(cfg)) (checkpoint meta.json) hands the section over
+        # as a dict.
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
 
 
 @dataclass
@@ -401,6 +424,35 @@ def derive_data_parallel(par: ParallelConfig, world_size: int) -> int:
     return dp
 
 
+def validate_rope_scaling(rs: RopeScalingConfig, key: str = "model.rope_scaling") -> None:
+    """``key`` names where the values came from (the HF import passes its config.json key)."""
+    _choice(f"{key}.type", rs.type, {"none", "llama3"})
+    if rs.type == "none":
+        return
+    # transformers only warns about these; then a zero divides, the bands swap, or (factor < 1)
+    # the long wavelengths get shorter, none of which any checkpoint means.
+    if rs.factor < 1.0:
+        raise ConfigError(
+            f"{key}.factor must be >= 1 (how much longer than the original context the long "
+            f"wavelengths get), got {rs.factor}. Copy it from the checkpoint's config.json."
+        )
+    if rs.low_freq_factor <= 0:
+        raise ConfigError(
+            f"{key}.low_freq_factor must be > 0, got {rs.low_freq_factor} (Llama 3.1 uses 1.0)."
+        )
+    if rs.high_freq_factor <= rs.low_freq_factor:
+        raise ConfigError(
+            f"{key}.high_freq_factor={rs.high_freq_factor} must be greater than "
+            f"{key}.low_freq_factor={rs.low_freq_factor} (Llama 3.1: 4.0 and 1.0); "
+            f"the blend between the two bands divides by their difference."
+        )
+    if rs.original_max_position_embeddings < 1:
+        raise ConfigError(
+            f"{key}.original_max_position_embeddings must be >= 1, got "
+            f"{rs.original_max_position_embeddings} (Llama 3.1: 8192)."
+        )
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Every check that needs no process group. ``world_size`` None skips the layout check."""
     m, p = cfg.model, cfg.parallel
@@ -436,6 +488,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             f"model.num_attention_heads={m.num_attention_heads}; set model.kv_channels to the "
             f"head dimension if the model decouples them."
         )
+    validate_rope_scaling(m.rope_scaling)
     if m.num_attention_heads % p.tensor != 0:
         raise ConfigError(
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "

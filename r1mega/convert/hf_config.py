@@ -1,15 +1,16 @@
 """Hugging Face ``config.json`` <-> :class:`r1mega.config.ModelConfig`.
 
 Import is strict: any HF setting that changes the maths and that our model does not implement
-(rope scaling, sliding windows, biases in the wrong places, another activation) is refused with
-the key and its value, instead of converting into a model that is silently different.
+(rope scaling other than Llama 3.1's "llama3", sliding windows, biases in the wrong places,
+another activation) is refused with the key and its value, instead of converting into a model
+that is silently different.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
-from r1mega.config import ModelConfig
+from r1mega.config import ConfigError, ModelConfig, RopeScalingConfig, validate_rope_scaling
 from r1mega.convert.families import ConversionError
 
 # model_type -> (family, architectures entry)
@@ -21,18 +22,56 @@ SUPPORTED = {
 FAMILY_TO_HF = {fam: (mt, arch) for mt, (fam, arch) in SUPPORTED.items()}
 
 
-def _rope_theta(hf: dict) -> float:
-    # transformers >= 5 writes rope_parameters={rope_theta, rope_type}; older files a flat key.
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScalingConfig]:
+    """(rope_theta, rope scaling) of a config.json, in either transformers layout."""
+    # transformers >= 5 writes rope_parameters={rope_theta, rope_type, ...}; 4.x a flat rope_theta
+    # and rope_scaling={rope_type (or type), ...}. 5.x reads rope_scaling first when both exist.
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
+    scaling = hf.get("rope_scaling") or params
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, RopeScalingConfig()
+    if rope_type != "llama3":
         raise ConversionError(
             f"config.json: rope type '{rope_type}' (rope_scaling / rope_parameters) is not "
-            f"implemented by r1mega's model; only plain RoPE converts."
+            f"implemented by r1mega's model; plain RoPE and 'llama3' (Llama 3.1/3.2) convert."
         )
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+    # As in transformers: a top-level original_max_position_embeddings wins, and without any the
+    # model's own max_position_embeddings is the original length.
+    scaling = dict(scaling)
+    if "original_max_position_embeddings" in hf:
+        scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    elif "max_position_embeddings" in hf:
+        scaling.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    missing = [k for k in LLAMA3_KEYS if scaling.get(k) is None]
+    if missing:
+        raise ConversionError(f"config.json: rope type 'llama3' without {missing} in rope_scaling / "
+                              f"rope_parameters; the checkpoint's config is incomplete.")
+    rs = RopeScalingConfig(
+        type="llama3", factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    try:  # transformers loads such values with a warning; we would compute inf/NaN frequencies
+        validate_rope_scaling(rs, key="config.json rope_scaling")
+    except ConfigError as exc:
+        raise ConversionError(str(exc)) from None
+    return theta, rs
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    """transformers 5 ``rope_parameters`` for ``cfg``."""
+    out = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    rs = cfg.rope_scaling
+    if rs.type == "llama3":
+        out.update(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+                   high_freq_factor=rs.high_freq_factor,
+                   original_max_position_embeddings=rs.original_max_position_embeddings)
+    return out
 
 
 def _refuse(hf: dict, key: str, bad, why: str) -> None:
@@ -74,7 +113,7 @@ def model_config_from_hf(hf: dict, base: Optional[ModelConfig] = None) -> ModelC
     cfg.ffn_hidden_size = int(hf["intermediate_size"])
     cfg.vocab_size = int(hf["vocab_size"])
     cfg.max_position_embeddings = int(hf.get("max_position_embeddings", cfg.max_position_embeddings))
-    cfg.rope_theta = _rope_theta(hf)
+    cfg.rope_theta, cfg.rope_scaling = _rope_from_hf(hf)
     cfg.norm_epsilon = float(hf.get("rms_norm_eps", cfg.norm_epsilon))
     cfg.qkv_bias = model_type == "qwen2"  # Qwen2 hard-codes q/k/v biases
     cfg.qk_norm = model_type == "qwen3"
@@ -113,9 +152,18 @@ def hf_config_from_model_config(cfg: ModelConfig, original: Optional[dict] = Non
         "tie_word_embeddings": cfg.tied_embeddings,
         "initializer_range": cfg.init_method_std,
     })
+    rope = _rope_to_hf(cfg)
+    v5_layout = "rope_parameters" in out or original is None
+    # transformers 4.x reads only rope_scaling, 5.x rope_scaling before rope_parameters: a scaled
+    # rope goes there too unless the original was a 5.x file without it, so no reader of ours
+    # falls back to plain RoPE.
+    scaling_key = rope["rope_type"] != "default" and (
+        original is None or "rope_scaling" in out or "rope_parameters" not in out)
     out.pop("rope_scaling", None)
-    if "rope_parameters" in out or original is None:
-        out["rope_parameters"] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if v5_layout:
+        out["rope_parameters"] = rope
+    if scaling_key:
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     out["rope_theta"] = cfg.rope_theta  # read by transformers 4.x; 5.x maps it too
     if model_type == "llama":
         out.setdefault("attention_bias", False)
@@ -144,7 +192,7 @@ def model_config_from_hf_dir(hf_dir: str, base: Optional[ModelConfig] = None) ->
 
 ARCH_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                "ffn_hidden_size", "vocab_size", "qkv_bias", "qk_norm", "tied_embeddings",
-               "rope_theta", "norm_epsilon", "kv_channels")
+               "rope_theta", "rope_scaling", "norm_epsilon", "kv_channels")
 
 
 def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "config.json") -> None:
@@ -156,6 +204,8 @@ def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "conf
         if name == "kv_channels":  # 0 is shorthand for hidden/heads
             a = a or model_cfg.hidden_size // model_cfg.num_attention_heads
             b = b or want.hidden_size // want.num_attention_heads
+        if name == "rope_scaling":  # type none ignores the other fields
+            a, b = (x if x.type != "none" else RopeScalingConfig() for x in (a, b))
         same = abs(a - b) <= 1e-6 * max(abs(a), abs(b)) if isinstance(a, float) else a == b
         if not same:
             bad.append(f"model.{name}={a!r} but {source} gives {b!r}")

@@ -30,8 +30,13 @@ def make_tiny_hf_dir(out_dir: str, family: str = "llama", *, vocab_size: int = 9
                      num_attention_heads: int = 4, num_key_value_heads: int = 2, num_layers: int = 2,
                      intermediate_size: int = 80, tied: bool = False, dtype: torch.dtype = torch.float32,
                      seed: int = 0, max_shard_size: Optional[str] = None, std: float = 0.2,
-                     with_tokenizer: bool = True, head_dim: Optional[int] = None) -> str:
-    """Save a random ``family`` model with transformers' ``save_pretrained`` into ``out_dir``."""
+                     with_tokenizer: bool = True, head_dim: Optional[int] = None,
+                     rope_scaling: Optional[dict] = None) -> str:
+    """Save a random ``family`` model with transformers' ``save_pretrained`` into ``out_dir``.
+
+    ``rope_scaling`` is HF's dict (e.g. ``{"rope_type": "llama3", "factor": ...}``); transformers
+    4.x and 5.x both take it under that name.
+    """
     import transformers
 
     cfg_name, model_name = FAMILY_CLASSES[family]
@@ -39,6 +44,8 @@ def make_tiny_hf_dir(out_dir: str, family: str = "llama", *, vocab_size: int = 9
                   num_key_value_heads=num_key_value_heads, num_hidden_layers=num_layers,
                   intermediate_size=intermediate_size, tie_word_embeddings=tied, initializer_range=std,
                   max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = dict(rope_scaling)
     if family == "qwen3":
         kwargs["head_dim"] = head_dim or hidden_size // num_attention_heads
     config = getattr(transformers, cfg_name)(**kwargs)

@@ -21,6 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from r1mega.config import ModelConfig, PrecisionConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from r1mega.models.rope_scaling import apply_rope_scaling
 from r1mega.models.spec import RMSNorm, layer_spec
 from r1mega.parallel.runtime import ParallelRuntime
 
@@ -132,6 +133,9 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
             pg_collection=rt.pg_collection,
             vp_stage=vp_stage if rt.vp_size > 1 else None,
         )
+        # Not GPTModel(rope_scaling=True): megatron would keep Llama 3.1's low/high frequency
+        # factors and original length whatever model.rope_scaling says (see rope_scaling.py).
+        apply_rope_scaling(gpt.rotary_pos_emb, model.rope_scaling)
         gpt.to(device=rt.device)
         chunks.append(gpt)
     return chunks

@@ -23,6 +23,15 @@ BAD = [
     (["parallel.backend=mpi"], None, ["parallel.backend"]),
     (["model.num_attention_heads=4", "model.num_query_groups=3"], None,
      ["model.num_attention_heads=4", "model.num_query_groups=3"]),
+    (["model.rope_scaling.type=llama31"], None, ["model.rope_scaling.type", "Did you mean 'llama3'"]),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=0.5"], None,
+     ["model.rope_scaling.factor must be >= 1", "0.5"]),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.low_freq_factor=0"], None,
+     ["model.rope_scaling.low_freq_factor must be > 0"]),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=1.0"], None,
+     ["model.rope_scaling.high_freq_factor=1.0", "greater than", "low_freq_factor=1.0"]),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=0"],
+     None, ["model.rope_scaling.original_max_position_embeddings must be >= 1"]),
     (["model.hidden_size=66"], None, ["model.hidden_size=66", "model.num_attention_heads=4"]),
     (["parallel.tensor=8"], None, ["model.num_attention_heads=4", "parallel.tensor=8",
                                    "whole heads"]),
@@ -76,6 +85,7 @@ def test_fp8_without_transformer_engine_fails_loudly():
     ("parallel.tensr=2", "Unknown config key 'parallel.tensr'. Did you mean 'parallel.tensor'?"),
     ("optimizr.lr=1e-6", "Unknown config key 'optimizr'. Did you mean 'optimizer'?"),
     ("model.rope_thta=1e6", "Did you mean 'model.rope_theta'?"),
+    ("model.rope_scaling.facter=8", "Did you mean 'model.rope_scaling.factor'?"),
 ])
 def test_typo_key_gets_suggestion(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -105,3 +115,17 @@ def test_good_layout_passes_and_overrides_apply():
     cfg = validate(load_config(None, ["parallel.tensor=2", "parallel.pipeline=2",
                                       "optimizer.lr=1e-6", "model.num_layers=4"]), world_size=8)
     assert (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.optimizer.lr) == (2, 2, 1e-6)
+
+
+def test_rope_scaling_section_from_yaml_validates_and_survives_asdict(tmp_path):
+    import dataclasses
+
+    from r1mega.config import ModelConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  rope_theta: 500000\n  rope_scaling:\n    type: llama3\n    factor: 32\n")
+    m = validate(load_config(str(path))).model
+    rs = m.rope_scaling
+    assert (rs.type, rs.factor, rs.high_freq_factor) == ("llama3", 32.0, 4.0)  # 4.0: the default
+    assert ModelConfig(**dataclasses.asdict(m)) == m  # how checkpoint meta.json rebuilds it
+    validate(load_config(None, ["model.rope_scaling.factor=0.5"]))  # type none: the fields are unused

@@ -45,6 +45,27 @@ def test_round_trip_through_cli_is_bit_identical(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["back", "hf", "mcore"]
 
 
+def test_llama3_rope_scaling_survives_hf_to_mcore_to_hf(tmp_path, capsys):
+    import transformers
+
+    rope = {"rope_type": "llama3", "factor": 5.0, "low_freq_factor": 1.5, "high_freq_factor": 6.0,
+            "original_max_position_embeddings": 32}
+    hf = make_tiny_hf_dir(str(tmp_path / "hf"), "llama", rope_scaling=rope)
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    # 64 probe tokens: past the original length, where the low frequencies are scaled.
+    assert main(["hf-to-mcore", "--hf", hf, "--out", mcore, "--verify-tokens", "64"]) == 0
+    assert "verify PASS" in capsys.readouterr().out
+    meta = json.load(open(os.path.join(mcore, "meta.json")))
+    assert meta["model_config"]["rope_scaling"] == {"type": "llama3", **{k: v for k, v in rope.items()
+                                                                          if k != "rope_type"}}
+    assert main(["mcore-to-hf", "--ckpt", mcore, "--out", back, "--verify-tokens", "64"]) == 0
+    assert "verify PASS" in capsys.readouterr().out
+    src_cfg, out_cfg = (json.load(open(os.path.join(d, "config.json"))) for d in (hf, back))
+    assert out_cfg["rope_parameters"] == src_cfg["rope_parameters"] == {**rope, "rope_theta": 10000.0}
+    assert "rope_scaling" not in out_cfg  # the source was a transformers 5 file: its layout is kept
+    assert transformers.AutoConfig.from_pretrained(back).rope_parameters == src_cfg["rope_parameters"]
+
+
 def test_conversion_bug_fails_verification_and_writes_nothing(tmp_path, monkeypatch, capsys):
     hf = make_tiny_hf_dir(str(tmp_path / "hf"), "llama")
     # gate and up swapped: a silent bug without verification

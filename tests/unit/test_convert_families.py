@@ -4,11 +4,12 @@ import dataclasses
 import pytest
 import torch
 
-from r1mega.config import ModelConfig
+from r1mega.config import ModelConfig, RopeScalingConfig
 from r1mega.convert import families as fam
 from r1mega.convert.families import ConversionError
 from r1mega.convert.hf_bridge import check_layout
-from r1mega.convert.hf_config import hf_config_from_model_config, model_config_from_hf
+from r1mega.convert.hf_config import (check_model_matches_hf, hf_config_from_model_config,
+                                      model_config_from_hf)
 
 
 def _reference_interleave(q, k, v, nh, ng, d):
@@ -109,6 +110,57 @@ def test_hf_config_translation_both_formats_and_round_trip():
     assert model_config_from_hf(hf_config_from_model_config(wide)) == wide
 
 
+LLAMA31_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+
+
+def test_llama3_rope_scaling_both_layouts_and_round_trip():
+    want = RopeScalingConfig(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=8192)
+    # transformers 4.x (Llama 3.1's own config.json): flat rope_theta + rope_scaling
+    v4_hf = _hf("llama", rope_theta=500000.0, rope_scaling=dict(LLAMA31_ROPE))
+    v4 = model_config_from_hf(v4_hf)
+    assert v4.rope_theta == 500000.0 and v4.rope_scaling == want
+    back = hf_config_from_model_config(v4, original=v4_hf)
+    assert back["rope_scaling"] == LLAMA31_ROPE and "rope_parameters" not in back  # layout kept
+    assert model_config_from_hf(back) == v4
+    # transformers 5.x: everything in rope_parameters
+    v5_hf = _hf("llama", rope_parameters={**LLAMA31_ROPE, "rope_theta": 500000.0})
+    assert model_config_from_hf(v5_hf) == v4
+    back = hf_config_from_model_config(v4, original=v5_hf)
+    assert back["rope_parameters"] == v5_hf["rope_parameters"] and "rope_scaling" not in back
+    fresh = hf_config_from_model_config(v4)  # no original: both keys, so 4.x readers scale too
+    assert fresh["rope_scaling"] == LLAMA31_ROPE and model_config_from_hf(fresh) == v4
+    # "type" is the older spelling of rope_type
+    old_name = {k: v for k, v in LLAMA31_ROPE.items() if k != "rope_type"}
+    old_hf = _hf("llama", rope_scaling={**old_name, "type": "llama3"})
+    assert model_config_from_hf(old_hf).rope_scaling == want
+    # transformers' fallbacks for original_max_position_embeddings
+    no_len = {k: v for k, v in LLAMA31_ROPE.items() if k != "original_max_position_embeddings"}
+    assert model_config_from_hf(_hf("llama", rope_scaling=no_len)).rope_scaling == \
+        dataclasses.replace(want, original_max_position_embeddings=1024)
+    top = _hf("llama", rope_scaling=dict(LLAMA31_ROPE), original_max_position_embeddings=4096)
+    assert model_config_from_hf(top).rope_scaling.original_max_position_embeddings == 4096
+    # a plain model written back carries no scaling anywhere
+    plain = hf_config_from_model_config(model_config_from_hf(_hf("llama")), original=v4_hf)
+    assert "rope_scaling" not in plain
+
+
+def test_checkpoint_rope_scaling_mismatch_is_named():
+    hf = _hf("llama", rope_scaling=dict(LLAMA31_ROPE))
+    cfg = model_config_from_hf(hf)
+    check_model_matches_hf(cfg, hf)
+    # "none" ignores the other fields: a plain model matches a plain checkpoint whatever they hold
+    plain = model_config_from_hf(_hf("llama"))
+    check_model_matches_hf(dataclasses.replace(plain, rope_scaling=RopeScalingConfig(factor=2.0)),
+                           _hf("llama"))
+    with pytest.raises(ConversionError, match="model.rope_scaling=.*type='none'.*gives.*'llama3'"):
+        check_model_matches_hf(dataclasses.replace(cfg, rope_scaling=RopeScalingConfig()), hf)
+    wrong = dataclasses.replace(cfg.rope_scaling, original_max_position_embeddings=4096)
+    with pytest.raises(ConversionError, match="original_max_position_embeddings=4096"):
+        check_model_matches_hf(dataclasses.replace(cfg, rope_scaling=wrong), hf)
+
+
 def test_hf_config_translation_against_transformers_classes():
     transformers = pytest.importorskip("transformers")
     hf = transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -123,7 +175,11 @@ def test_hf_config_translation_against_transformers_classes():
 
 @pytest.mark.parametrize("hf,match", [
     (_hf("gpt2"), "unsupported architecture model_type='gpt2'"),
-    (_hf("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope type 'llama3'"),
+    (_hf("llama", rope_scaling={"rope_type": "yarn", "factor": 8.0}), "rope type 'yarn'"),
+    (_hf("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+     r"rope type 'llama3' without \['low_freq_factor', 'high_freq_factor'\]"),
+    (_hf("llama", rope_scaling={**LLAMA31_ROPE, "high_freq_factor": 1.0}),
+     "config.json rope_scaling.high_freq_factor=1.0 must be greater than"),
     (_hf("llama", attention_bias=True), "attention_bias"),
     (_hf("llama", hidden_act="gelu"), "hidden_act"),
     (_hf("qwen2", use_sliding_window=True), "use_sliding_window"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1mega.config import ModelConfig, RolloutConfig
+from r1mega.config import ModelConfig, RolloutConfig, RopeScalingConfig
 from r1mega.models.attention import make_packed_seqs
 from r1mega.models.gpt import build_model
 from r1mega.rollout.engine import RolloutEngine
@@ -72,8 +72,14 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("family,model_kw", [("llama", {}), ("qwen3", {}),
-                                             ("qwen3", {"kv_channels": 32})])  # head size != hidden/heads
+@pytest.mark.parametrize("family,model_kw", [
+    ("llama", {}), ("qwen3", {}),
+    ("qwen3", {"kv_channels": 32}),  # head size != hidden/heads
+    # Llama 3.1 rope scaling: the engine's own RoPE must read the scaled frequencies (original
+    # length 16, so the prompts reach the scaled regime)
+    ("llama", {"rope_scaling": RopeScalingConfig(type="llama3", factor=4.0,
+                                                 original_max_position_embeddings=16)}),
+], ids=["llama", "qwen3", "qwen3-head32", "llama3-rope"])
 def test_greedy_equals_full_recompute(tiny, family, model_kw):
     model, rt = tiny(family, **model_kw)
     eng = RolloutEngine(model, rollout_cfg(temperature=0.0), rt, eos_ids=[], vocab_size=VOCAB)
