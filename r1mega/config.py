@@ -169,6 +169,9 @@ class RolloutConfig:
     # GPU: torch.compile the decode forward (fuses its elementwise kernels; ~45 s once per process,
     # then +20-35% decode speed); falls back to eager if compiling fails.
     compile_decode: bool = True
+    # GPU with CUDA graphs: launch decode step k+1 before the host reads step k (see
+    # r1mega/rollout/overlap.py); the tokens are identical, only the host's wait is hidden.
+    overlap_steps: bool = False
     seed: int = 0
 
 

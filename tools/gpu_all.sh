@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The one script the GPU machine runs (device tool): install the carried wheels, build csrc/,
-# run tests/gpu, run the benchmarks, print a short table last. Full logs go to $OUT.
+# The one script the GPU machine runs (device tool): install the carried wheels, build csrc/ with
+# setup.py, run tests/gpu, run the benchmarks, optionally the SmolLM2 GRPO run, and print a short
+# summary table last. Full logs go to $OUT (at most 8 files come back: keep the list short).
 #
-#   tools/gpu_all.sh [bench ...]     default benches: grpo-loss train-step rollout
+#   tools/gpu_all.sh [BENCH_SPEC ...]        default specs: grpo-loss train-step rollout
+#     a spec is a bench name plus its flags in one word list, e.g. "rollout --overlap-too"
+#   env: GPU_SKIP_BUILD=1, GPU_SKIP_TESTS=1, GPU_TESTS="tests/gpu/x.py" (default tests/gpu),
+#        GPU_SMOLLM2_GGUF=path GPU_SMOLLM2_STEPS=N (runs tools/gpu_smollm2.sh last),
+#        GPU_BENCH_TIMEOUT=s (per bench, default 300)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/r1mega-out}
@@ -17,26 +22,48 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c 'import torch, megatron.core; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)'
 
-t0=$(date +%s)
-TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1
-build_rc=$?
-echo "build_ext rc=$build_rc in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/build.log"
+build_rc=skipped
+if [ "${GPU_SKIP_BUILD:-0}" != 1 ]; then
+  t0=$(date +%s)
+  # setup.py's own arch list (8.0;9.0): the build users get, not a Hopper-only shortcut.
+  MAX_JOBS=16 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  build_rc=$?
+  echo "build_ext rc=$build_rc in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/build.log"
+fi
 
-python3 -m pytest tests/gpu -q -x -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
-tests_rc=$?
-tail -15 "$OUT/gpu_tests.log"
+tests_rc=skipped
+if [ "${GPU_SKIP_TESTS:-0}" != 1 ]; then
+  t0=$(date +%s)
+  timeout 420 python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+  tests_rc=$?
+  echo "tests/gpu rc=$tests_rc in $(( $(date +%s) - t0 )) s"
+  grep -E "passed|failed|error|FAILED|Error" "$OUT/gpu_tests.log" | tail -15
+fi
 
-benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(grpo-loss train-step rollout)
-for b in "${benches[@]}"; do
-  echo "== bench $b"
-  timeout 300 python3 -m r1mega.cli bench "$b" >"$OUT/bench_$b.log" 2>&1
-  echo "rc=$?"; tail -25 "$OUT/bench_$b.log"
+specs=("$@")
+[ ${#specs[@]} -gt 0 ] || specs=(grpo-loss train-step rollout)
+names=()
+for spec in "${specs[@]}"; do
+  read -r -a words <<<"$spec"
+  name=${words[0]}
+  names+=("$name")
+  echo "== bench $spec"
+  t0=$(date +%s)
+  timeout "${GPU_BENCH_TIMEOUT:-300}" python3 -m r1mega.cli bench "${words[@]}" >"$OUT/bench_$name.log" 2>&1
+  echo "rc=$? in $(( $(date +%s) - t0 )) s"
+  grep -vE "^\{" "$OUT/bench_$name.log" | tail -40
 done
+
+smol_rc=skipped
+if [ -n "${GPU_SMOLLM2_GGUF:-}" ]; then
+  echo "== SmolLM2 GRPO"
+  bash tools/gpu_smollm2.sh "$GPU_SMOLLM2_GGUF" "${GPU_SMOLLM2_STEPS:-30}"
+  smol_rc=$?
+fi
 
 echo
 echo "================ summary"
-echo "build_ext rc=$build_rc   tests/gpu rc=$tests_rc ($(tail -1 "$OUT/gpu_tests.log"))"
-for b in "${benches[@]}"; do
-  printf '%-12s %s\n' "$b" "$(tail -1 "$OUT/bench_$b.log" | cut -c1-600)"
+echo "build_ext rc=$build_rc   tests/gpu rc=$tests_rc ($( [ -f "$OUT/gpu_tests.log" ] && tail -1 "$OUT/gpu_tests.log"))   smollm2 rc=$smol_rc"
+for name in "${names[@]}"; do
+  printf '%-12s %s\n' "$name" "$(tail -1 "$OUT/bench_$name.log" | cut -c1-900)"
 done

@@ -47,13 +47,13 @@ class RolloutEngine:
         decode_fn: Optional[Callable[[list], str]] = None,
         vocab_size: Optional[int] = None,
         attention_backend: str = "auto",
-        overlap_steps: bool = False,
+        overlap_steps: Optional[bool] = None,
     ):
         """``vocab_size``: the tokenizer's vocabulary; ids past it (embedding padding for TP
         divisibility) are never sampled. None: every row of the embedding may be sampled.
         ``attention_backend``: "auto" (Triton paged decode on GPU, SDPA otherwise) or "gather"
         (always the gather + SDPA reference path). ``overlap_steps``: launch decode step k+1
-        before reading step k (see overlap.py; opt-in, not yet timed on a GPU)."""
+        before reading step k (see overlap.py); None takes ``rollout_cfg.overlap_steps``."""
         self.cfg = rollout_cfg
         self.runner = r = ModelRunner(model_chunks, ctx, attention_backend=attention_backend)
         self.device = r.device
@@ -75,7 +75,7 @@ class RolloutEngine:
             and r.head_dim & (r.head_dim - 1) == 0
         )
         self.use_graphs = bool(rollout_cfg.cuda_graphs) and self.use_triton
-        self.overlap_steps = overlap_steps
+        self.overlap_steps = bool(rollout_cfg.overlap_steps if overlap_steps is None else overlap_steps)
         self.graphs: Optional[DecodeGraphs] = None
         self._compiled_decode = None
         self.stats: dict = {}
