@@ -7,7 +7,7 @@
 #     a spec is a bench name plus its flags in one word list, e.g. "rollout --overlap-too"
 #   env: GPU_SKIP_BUILD=1, GPU_SKIP_TESTS=1, GPU_TESTS="tests/gpu/x.py" (default tests/gpu),
 #        GPU_SMOLLM2_GGUF=path GPU_SMOLLM2_STEPS=N (runs tools/gpu_smollm2.sh last),
-#        GPU_BENCH_TIMEOUT=s (per bench, default 300)
+#        GPU_BENCH_TIMEOUT=s (per bench, default 300), GPU_TESTS_TIMEOUT=s (default 420)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/r1mega-out}
@@ -34,7 +34,7 @@ fi
 tests_rc=skipped
 if [ "${GPU_SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
-  timeout 420 python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+  timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
   tests_rc=$?
   echo "tests/gpu rc=$tests_rc in $(( $(date +%s) - t0 )) s"
   grep -E "passed|failed|error|FAILED|Error" "$OUT/gpu_tests.log" | tail -15
