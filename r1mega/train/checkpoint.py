@@ -276,6 +276,10 @@ class CheckpointManager:
         loaded = dist_checkpointing.load(model_sd, os.path.join(path, "model"))
         for i, chunk in enumerate(model_chunks):
             _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+        if optimizer is not None and not want_optim:
+            # Weights only: the fp32 master copies a bf16 optimizer steps must follow them, or its
+            # first step would write the weights it was built with back into the model.
+            optimizer.reload_model_params()
         if want_optim:
             model_sd = model_sharded_state_dict(model_chunks)
             optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=True,

@@ -2,9 +2,11 @@
 and ``run_demo`` (the embedded CPU default). ``r1mega/train/entry.py`` parses and calls these.
 
 Start-up order, fixed: parallel runtime -> tokenizer -> policy (model + optimizer) -> optional
-Hugging Face weights -> checkpoint resume, else the cold start -> roles over the policy's weights
-(rollout engine, reference) -> data cursor -> the step loop (log, evaluate, checkpoint, obey
-preemption signals) -> final checkpoint.
+Hugging Face weights -> checkpoint resume, else the cold start (itself checkpointed and resumable;
+r1mega/train/phases.py says which phase a run starts in) -> roles over the policy's weights
+(rollout engine, reference) -> data cursor -> "before RL" evaluation -> the phase-boundary
+checkpoint -> the step loop (log, evaluate, checkpoint, obey preemption signals) -> final
+checkpoint.
 """
 from __future__ import annotations
 
@@ -89,6 +91,9 @@ def _init_from_hf(cfg: Config, rt, policy) -> None:
 def _copy_weights(src_policy, dst_policy) -> None:
     for src, dst in zip(src_policy.modules(), dst_policy.modules()):
         dst.load_state_dict(src.state_dict(), strict=True)
+    # Under bf16 the optimizer steps fp32 master copies made when it was built; without this the
+    # first RL update would write the pre-SFT weights back.
+    dst_policy.optim.optimizer.reload_model_params()
 
 
 def _checkpointer(cfg: Config, rt):
@@ -150,24 +155,56 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
     return step
 
 
-def _cold_start(cfg: Config, rt, tok, logger):
-    """SFT on a separate policy object (its own optimizer and lr); returns it trained."""
+class _EveryNConsole:
+    """The cold start's console: a line every ``every`` steps (the demo runs 250 SFT steps), and
+    no progress bar (the logger's bar counts GRPO steps). Metrics still go to the log each step."""
+
+    def __init__(self, logger, rt, every: int = 25):
+        self.logger, self.rt, self.every = logger, rt, every
+        self.t0 = time.perf_counter()
+
+    def log(self, step: int, metrics: dict, prefix: str = "") -> None:
+        self.logger.log(step, metrics, prefix=prefix)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self.logger.text(step, tag, text)
+
+    def console(self, step: int, metrics: dict, total: Optional[int] = None) -> None:
+        if step % self.every == 0 or step == total:
+            _log0(self.rt, f"sft step {step}/{total} | loss={metrics['loss']:.4f} | "
+                           f"{time.perf_counter() - self.t0:.0f} s")
+
+
+def _cold_start(cfg: Config, rt, tok, logger, path: Optional[str]):
+    """SFT on a separate policy object (its own optimizer and lr), checkpointed like GRPO under
+    ``<checkpoint.dir>/cold_start`` and continued from ``path`` when given. Returns the trained
+    policy, or None when a preemption signal stopped it (its checkpoint is written)."""
+    from r1mega.train.checkpoint import CheckpointManager
+    from r1mega.train.phases import cold_start_checkpoint_config
     from r1mega.train.sft import SFTStep, build_sft_source
 
     steps = cfg.train.sft_steps
+    ckpt = (CheckpointManager(cold_start_checkpoint_config(cfg.checkpoint), _layout(rt))
+            if cfg.checkpoint.dir else None)
     policy = _build_policy(cfg, rt, lr=cfg.train.sft_lr, total_steps=steps)
-    _init_from_hf(cfg, rt, policy)
     step_fn = SFTStep(cfg, rt, policy, tok, build_sft_source(cfg.train, cfg.data))
-    _log0(rt, f"SFT cold start: {steps} steps of {cfg.train.sft_batch_examples} examples")
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        metrics = step_fn(step)
-        if step % max(1, cfg.logging.log_every_steps) == 0 or step == steps:
-            logger.log(step, metrics, prefix="sft/")
-        if step % 25 == 0 or step == steps:
-            _log0(rt, f"sft step {step}/{steps} | loss={metrics['loss']:.4f} | "
-                      f"{time.perf_counter() - t0:.0f} s")
-    return policy
+    start = 0
+    if path is not None:
+        # Loaded last, so nothing draws from the restored RNG streams before step start+1.
+        start = _resume(cfg, rt, ckpt, path, policy, step_fn.sampler, phase="cold_start")
+    else:
+        _init_from_hf(cfg, rt, policy)
+    _log0(rt, f"SFT cold start: {steps} steps of {cfg.train.sft_batch_examples} examples"
+              + (f", continuing after step {start}" if start else ""))
+
+    def state_fn(step: int) -> dict:
+        return {"phase": "cold_start", "step": step,
+                "scheduler": policy.optim.scheduler.state_dict(),
+                "sampler": step_fn.sampler.state_dict()}
+
+    last = _loop(cfg, rt, _EveryNConsole(logger, rt), ckpt, step_fn, start=start, total=steps,
+                 prefix="sft/", state_fn=state_fn, policy=policy)
+    return policy if last == steps else None
 
 
 def run_train(cfg: Config) -> int:
@@ -177,6 +214,10 @@ def run_train(cfg: Config) -> int:
     from r1mega.train.evaluate import evaluate, heldout_records
     from r1mega.train.grpo import GRPOStep
     from r1mega.train.metrics import MetricsLogger
+    from r1mega.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+    from r1mega.train.phases import (CONTINUE_COLD_START, FRESH_COLD_START, RESUME_GRPO,
+                                     WEIGHTS_THEN_GRPO, cold_start_checkpoint_config, phase_of,
+                                     plan_start, trainer_meta)
     from r1mega.train.roles import Reference, Rollout
     from r1mega.config import save_resolved
 
@@ -191,17 +232,35 @@ def run_train(cfg: Config) -> int:
     source = build_prompt_source(cfg.data)
     sampler = PromptSampler(source, rt.dp_rank, rt.dp_size, seed=cfg.data.seed)
     path = _resume_path(cfg, ckpt)
-    start = 0
-    if path is not None:
-        # A GRPO checkpoint resumes everything; any other (an `r1mega sft` result, a converted
-        # model) only provides the weights: RL starts at step 0 with a fresh optimizer.
+    if path is None and cfg.train.sft_steps > 0 and ckpt is not None and cfg.checkpoint.auto_resume:
+        # No GRPO checkpoint (not even the boundary): the run may have stopped in its cold start.
+        path = CheckpointManager(cold_start_checkpoint_config(cfg.checkpoint),
+                                 _layout(rt)).find_latest_valid()
+    plan = plan_start(path, cfg.train.sft_steps)
+    start, before, resume_rng = 0, None, None
+    if plan == RESUME_GRPO:
         start = _resume(cfg, rt, ckpt, path, policy, sampler, phase="grpo")
-    elif cfg.train.sft_steps > 0:
-        sft_policy = _cold_start(cfg, rt, tok, logger)
+        before = trainer_meta(path).get("before_eval")
+        # Building the roles below may draw random numbers (the reference's init); the step loop
+        # must start from the streams as they were saved, so they are set again just before it.
+        resume_rng = rng_state()
+    elif plan in (FRESH_COLD_START, CONTINUE_COLD_START):
+        sft_policy = _cold_start(cfg, rt, tok, logger, path)
+        if sft_policy is None:  # preempted: the cold-start checkpoint is written
+            logger.close()
+            return 0
         _copy_weights(sft_policy, policy)
         del sft_policy
+    elif plan == WEIGHTS_THEN_GRPO:
+        # A finished cold start, an `r1mega sft` result or a converted model: weights only, RL
+        # starts at step 0 with a fresh optimizer. The cold start is not rerun.
+        _resume(cfg, rt, ckpt, path, policy, sampler, phase="grpo")
     else:
         _init_from_hf(cfg, rt, policy)
+    # The phase boundary is saved once RL is about to start on cold-start weights.
+    boundary_enabled = ckpt is not None and (
+        plan in (FRESH_COLD_START, CONTINUE_COLD_START)
+        or (plan == WEIGHTS_THEN_GRPO and phase_of(path) == "cold_start"))
     reference = None
     if cfg.grpo.kl_beta:
         # The reference is the policy as RL starts (after the cold start or HF init). With
@@ -231,12 +290,16 @@ def run_train(cfg: Config) -> int:
                       "is nothing held out to evaluate. Lower data.num_examples or use another "
                       "eval_source.")
 
+    def show_eval(ev: dict, tag: str, note: str = "") -> None:
+        _log0(rt, f"held-out accuracy {tag}: {ev['eval/accuracy']:.3f} "
+                  f"(format {ev['eval/format_rate']:.3f}, {len(eval_records)} prompts, "
+                  f"{'greedy' if ev['eval/temperature'] <= 0 else 'T=%g' % ev['eval/temperature']})"
+                  + note)
+
     def run_eval(step: int, tag: str) -> dict:
         ev = evaluate(rollout, scorer, eval_records, tok, cfg, rt, seed=cfg.rollout.seed + 7)
         logger.log(step, ev)
-        _log0(rt, f"held-out accuracy {tag}: {ev['eval/accuracy']:.3f} "
-                  f"(format {ev['eval/format_rate']:.3f}, {len(eval_records)} prompts, "
-                  f"{'greedy' if ev['eval/temperature'] <= 0 else 'T=%g' % ev['eval/temperature']})")
+        show_eval(ev, tag)
         return ev
 
     def on_step(step: int) -> None:
@@ -245,11 +308,24 @@ def run_train(cfg: Config) -> int:
             run_eval(step, f"at step {step}")
 
     def state_fn(step: int) -> dict:
+        # "before_eval" rides along in every GRPO checkpoint: a resumed run reports the gain
+        # against the model RL started from, not against its resumed weights.
         return {"phase": "grpo", "step": step, "scheduler": policy.optim.scheduler.state_dict(),
-                "sampler": sampler.state_dict()}
+                "sampler": sampler.state_dict(), "before_eval": before}
 
-    before = run_eval(start, "before RL") if eval_records else None
+    if before is not None and eval_records:
+        show_eval(before, "before RL", " [measured when RL started, read from the checkpoint]")
+    elif eval_records and start == 0:
+        before = run_eval(start, "before RL")
+    elif eval_records:
+        _log0(rt, f"held-out accuracy before RL: not in {path} (an older checkpoint); the gain "
+                  "after RL is not reported.")
     t0 = time.perf_counter()
+    if boundary_enabled:
+        # SFT done, RL not begun. No optimizer state: RL's Adam starts empty either way.
+        ckpt.save(0, policy.chunks, None, state_fn(0))
+    if resume_rng is not None:
+        set_rng_state(resume_rng)
     try:
         last = _loop(cfg, rt, logger, ckpt, step_fn, start=start, total=cfg.train.steps,
                      prefix="", state_fn=state_fn, policy=policy, on_step=on_step)
@@ -271,23 +347,13 @@ def run_train(cfg: Config) -> int:
     return 0
 
 
-def _phase_of(path: str) -> Optional[str]:
-    """'grpo' / 'sft' for checkpoints this trainer wrote (trainer.json), else None."""
-    import json
-
-    try:
-        with open(os.path.join(path, "trainer.json")) as f:
-            return (json.load(f).get("trainer") or {}).get("phase")
-    except (OSError, ValueError):
-        return None
-
-
 def _resume(cfg: Config, rt, ckpt, path: str, policy, sampler, *, phase: str) -> int:
     """Load ``path`` into the policy; a checkpoint of the same phase also restores the optimizer,
     schedule and data cursor and gives the step to continue from, any other gives weights only."""
     from r1mega.train.checkpoint import CheckpointManager
+    from r1mega.train.phases import phase_of
 
-    same_phase = _phase_of(path) == phase
+    same_phase = phase_of(path) == phase
     loaded = (ckpt or CheckpointManager(cfg.checkpoint, _layout(rt))).load(
         path, policy.chunks, policy.optim.optimizer, load_optimizer=same_phase)
     start = 0
