@@ -262,6 +262,10 @@ class TrainConfig:
     eval_samples: int = 1
     # Stop after this many NaN/Inf steps in a row (0: never stop, only skip).
     max_consecutive_nonfinite: int = 0
+    # Wall-clock budget of `r1mega train` in seconds (0: none), counted from the trainer's start.
+    # GRPO ends early, as if `steps` were reached (final evaluation, final checkpoint), at the
+    # first step boundary where one more step plus the final evaluation would overrun it.
+    time_budget_s: float = 0.0
 
 
 @dataclass
@@ -474,6 +478,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _choice("grpo.loss_impl", cfg.grpo.loss_impl, {"auto", "cuda", "torch"})
     _choice("data.on_bad_row", cfg.data.on_bad_row, {"error", "skip"})
     _choice("train.mode", cfg.train.mode, {"grpo", "sft"})
+    if cfg.train.time_budget_s < 0:
+        raise ConfigError(f"train.time_budget_s must be >= 0 (0: no budget), got "
+                          f"{cfg.train.time_budget_s}.")
     _choice("parallel.backend", p.backend, {"auto", "nccl", "gloo"})
     _choice("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format,
             {"fully_reshardable", "dp_reshardable"})

@@ -38,18 +38,23 @@ class PreemptionHandler:
 
     def should_stop(self, group=None) -> bool:
         """True on every rank if any rank received a preemption signal."""
-        flag = torch.tensor([1 if self.requested is not None else 0], dtype=torch.int32)
-        if dist.is_available() and dist.is_initialized():
-            backend = dist.get_backend(group)
-            if backend == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        return any_rank(self.requested is not None, group)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """``flag`` OR-ed over ``group``: a decision to stop must be the same on every rank, or the
+    ranks that carry on hang in their next collective."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend(group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 class NonFiniteError(RuntimeError):

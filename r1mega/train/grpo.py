@@ -306,6 +306,8 @@ class GRPOStep:
             "time/rollout_s": t_rollout - t0, "time/reward_s": t_reward - t_rollout,
             "time/logprobs_s": t_logprobs - t_reward, "time/train_s": t_train - t_logprobs,
             "time/step_s": step_s,
+            # All ranks' completion tokens and completions this step (the TRL comparison's units).
+            "rollout/completion_tokens": gen_tokens, "rollout/completions": stats["n"],
             "throughput/tokens_per_s": gen_tokens / max(step_s, 1e-9),
             "throughput/rollout_tokens_per_s": gen_tokens / max(t_rollout - t0, 1e-9),
             "throughput/tflops": flops / max(step_s, 1e-9) / 1e12 / max(rt.world_size, 1),

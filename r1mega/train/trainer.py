@@ -118,15 +118,19 @@ def _resume_path(cfg: Config, ckpt) -> Optional[str]:
 
 
 def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, prefix: str,
-          state_fn, policy, on_step=None) -> int:
-    """The step loop shared by SFT and GRPO: log, checkpoint, honour preemption signals."""
-    from r1mega.train.failures import NonFiniteGuard, PreemptionHandler
+          state_fn, policy, on_step=None, deadline: Optional[float] = None) -> tuple[int, str]:
+    """The step loop shared by SFT and GRPO: log, checkpoint, honour preemption signals and a
+    ``deadline`` (a ``time.perf_counter()`` value no step may end after).
+
+    Returns (last step, why it ended): "done", "time_budget" or "preempted"."""
+    from r1mega.train.failures import NonFiniteGuard, PreemptionHandler, any_rank
 
     preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
-    step = start
+    step, reason = start, "done"
     try:
         for step in range(start + 1, total + 1):
+            t_step = time.perf_counter()
             out = step_fn(step)
             metrics = out if isinstance(out, dict) else out.metrics
             guard.record(not metrics.get("update_skipped", 0.0), step)
@@ -144,15 +148,23 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
             if ckpt is not None and (stop or (cfg.checkpoint.save_every_steps and
                                               step % cfg.checkpoint.save_every_steps == 0)):
                 ckpt.save(step, policy.chunks, policy.optim.optimizer, state_fn(step))
-                if stop:
-                    _log0(rt, f"preemption signal: checkpoint written at step {step}; exiting.")
-                    return step
+            if stop:
+                _log0(rt, f"preemption signal: {'checkpoint written' if ckpt else 'no checkpoint dir'}"
+                          f" at step {step}; exiting.")
+                return step, "preempted"
+            # The last step's duration predicts the next one's (the first is pessimistic: warm-up).
+            now = time.perf_counter()
+            if deadline is not None and step < total and any_rank(2 * now - t_step > deadline):
+                _log0(rt, f"train.time_budget_s={cfg.train.time_budget_s:g}: stopping after step "
+                          f"{step} of {total}, as one more step would overrun it.")
+                reason = "time_budget"
+                break
     finally:
         preempt.restore()
     if ckpt is not None and step > start and not (
             cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0):
         ckpt.save(step, policy.chunks, policy.optim.optimizer, state_fn(step))
-    return step
+    return step, reason
 
 
 class _EveryNConsole:
@@ -202,9 +214,9 @@ def _cold_start(cfg: Config, rt, tok, logger, path: Optional[str]):
                 "scheduler": policy.optim.scheduler.state_dict(),
                 "sampler": step_fn.sampler.state_dict()}
 
-    last = _loop(cfg, rt, _EveryNConsole(logger, rt), ckpt, step_fn, start=start, total=steps,
-                 prefix="sft/", state_fn=state_fn, policy=policy)
-    return policy if last == steps else None
+    _, reason = _loop(cfg, rt, _EveryNConsole(logger, rt), ckpt, step_fn, start=start,
+                      total=steps, prefix="sft/", state_fn=state_fn, policy=policy)
+    return None if reason == "preempted" else policy
 
 
 def run_train(cfg: Config) -> int:
@@ -223,6 +235,7 @@ def run_train(cfg: Config) -> int:
 
     if cfg.train.mode == "sft":
         return run_sft(cfg)
+    t_start = time.perf_counter()
     rt, tok = _setup(cfg)
     if rt.rank == 0:
         save_resolved(cfg, cfg.logging.run_dir)
@@ -313,6 +326,7 @@ def run_train(cfg: Config) -> int:
         return {"phase": "grpo", "step": step, "scheduler": policy.optim.scheduler.state_dict(),
                 "sampler": sampler.state_dict(), "before_eval": before}
 
+    t_eval = time.perf_counter()
     if before is not None and eval_records:
         show_eval(before, "before RL", " [measured when RL started, read from the checkpoint]")
     elif eval_records and start == 0:
@@ -321,16 +335,21 @@ def run_train(cfg: Config) -> int:
         _log0(rt, f"held-out accuracy before RL: not in {path} (an older checkpoint); the gain "
                   "after RL is not reported.")
     t0 = time.perf_counter()
+    deadline = None
+    if cfg.train.time_budget_s:
+        # Keep room for the final evaluation: as long as the first one took, plus slack.
+        deadline = t_start + cfg.train.time_budget_s - 1.25 * (t0 - t_eval) - 5.0
     if boundary_enabled:
         # SFT done, RL not begun. No optimizer state: RL's Adam starts empty either way.
         ckpt.save(0, policy.chunks, None, state_fn(0))
     if resume_rng is not None:
         set_rng_state(resume_rng)
     try:
-        last = _loop(cfg, rt, logger, ckpt, step_fn, start=start, total=cfg.train.steps,
-                     prefix="", state_fn=state_fn, policy=policy, on_step=on_step)
+        last, reason = _loop(cfg, rt, logger, ckpt, step_fn, start=start, total=cfg.train.steps,
+                             prefix="", state_fn=state_fn, policy=policy, on_step=on_step,
+                             deadline=deadline)
         rl_s = time.perf_counter() - t0
-        if eval_records and last == cfg.train.steps:
+        if eval_records and last > start and reason != "preempted":
             after = run_eval(last, "after RL")
             if before is not None:
                 gain = after["eval/accuracy"] - before["eval/accuracy"]
