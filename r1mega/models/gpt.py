@@ -21,6 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from r1mega.config import ModelConfig, PrecisionConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from r1mega.models import packed_rope
 from r1mega.models.rope_scaling import apply_rope_scaling
 from r1mega.models.spec import RMSNorm, layer_spec
 from r1mega.parallel.runtime import ParallelRuntime
@@ -110,6 +111,7 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
     """One GPTModel per virtual pipeline stage of this rank (a list of 1 without interleaving)."""
     config = make_transformer_config(model, rt, precision)
     spec, impl = layer_spec(model.spec, model.qk_norm, model.attention_backend)
+    packed_rope.install()  # packed (THD) RoPE without a host sync and loop per sequence
     if impl == "local":
         # Our RMSNorm for the final norm too (megatron's fallback forbids sequence parallelism).
         layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)

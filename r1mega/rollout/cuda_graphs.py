@@ -1,10 +1,15 @@
 """CUDA graphs of the decode step (forward + sampling) in batch-size buckets.
 
 A decode step of a small model is hundreds of small kernels; launched one by one from Python the
-GPU idles between them. Each bucket's graph is captured once per rollout phase (the KV cache
-tensors it points at live for that phase) and replayed with the batch copied into static input
-buffers. Rows past the real batch are padding: they write their K/V to the scratch block and
-attend to one token, so they never touch a live sequence.
+GPU idles between them. A bucket's graph is captured when a step first needs it in a rollout
+phase (the KV cache tensors it points at live for that phase) and replayed with the batch copied
+into static input buffers. Rows past the real batch are padding: they write their K/V to the
+scratch block and attend to one token, so they never touch a live sequence.
+
+Captures are paid every rollout phase (a warm-up step and a capture each: ~50 ms for SmolLM2's
+30 layers), and capturing all 15 buckets up front made that ~0.6 s of a 1.9 s GRPO step. So a
+phase captures lazily, and a shrinking batch keeps replaying its bigger graph until it is less
+than half full: at most one capture per halving (e.g. 64 -> 32 -> 16), padding rows meanwhile.
 
 Host work per step is the other half of decode speed: every per-row integer of a step (token,
 position, context length, RNG key, step, block table) travels in ONE pinned int64 buffer and one
@@ -21,6 +26,9 @@ from r1mega.rollout.kv_cache import SCRATCH_BLOCK
 
 # Columns of the packed int64 step input; the block table follows from column BT.
 IDS, POS, CTX, KEY, STEP, BT = range(6)
+# A captured bucket is replayed for batches down to half its size, counting batches below this
+# as this size: tiny batches cost the same as MIN_SHRINK rows, not worth a capture each.
+MIN_SHRINK = 16
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -53,37 +61,50 @@ class DecodeGraphs:
         self.graphs: dict = {}
         self.outputs: dict = {}
         self.pool = None
+        self.captures = 0  # graphs captured so far (stats)
         # Without CUDA the same packed-input code runs eagerly (tests exercise it on CPU).
         self.capture_enabled = torch.device(device).type == "cuda"
         assert SCRATCH_BLOCK == 0, "padding rows are zeroed, which must point at the scratch block"
 
     def bucket_for(self, n: int) -> int:
-        for b in self.buckets:
-            if b >= n:
-                return b
-        raise ValueError(f"batch of {n} sequences exceeds the largest CUDA-graph bucket {self.max_batch}")
+        """The graph a batch of ``n`` rows replays: an already captured bucket that is at most
+        half padding (counting batches under ``MIN_SHRINK`` as that), else the smallest default
+        bucket that fits (captured on first use)."""
+        if n > self.max_batch:
+            raise ValueError(f"batch of {n} sequences exceeds the largest CUDA-graph bucket {self.max_batch}")
+        have = [b for b in self.graphs if b >= n]
+        if have and min(have) <= 2 * max(n, MIN_SHRINK):
+            return min(have)
+        return next(b for b in self.buckets if b >= n)
 
-    def capture(self) -> None:
-        """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
+    def capture(self, buckets=None) -> None:
+        """Capture ``buckets`` (default: every one), largest first so smaller graphs reuse its
+        memory pool. Rows 0..b-1 of the static inputs are reset to padding first."""
         if not self.capture_enabled:
             return
+        todo = sorted(set(buckets or self.buckets) - set(self.graphs), reverse=True)
+        if not todo:
+            return
         stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(torch.cuda.current_stream())  # after any step still reading the inputs
         with torch.cuda.stream(stream):
-            # Warm-up of every bucket outside capture: Triton compiles, cuBLAS picks kernels, and
+            pad = self.ints[: todo[0]]
+            pad.zero_()  # token 0 at position 0, block table -> scratch block
+            pad[:, CTX] = 1
+            # Warm-up of each bucket outside capture: Triton compiles, cuBLAS picks kernels, and
             # megatron's torch.compile'd fusions (SwiGLU) compile for each shape -- a compile
             # inside capture would copy host tensors to the device and abort the capture.
-            for b in self.buckets + [self.max_batch]:
+            for b in todo:
                 self.step_fn(self.ints[:b], self.temperature[:b])
         torch.cuda.current_stream().wait_stream(stream)
-        for b in sorted(self.buckets, reverse=True):
+        for b in todo:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
                 out = self.step_fn(self.ints[:b], self.temperature[:b])
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[b], self.outputs[b] = g, out
-        torch.cuda.synchronize()
+        self.captures += len(todo)
 
     def run(self, n: int, width: int, slot: int = 0, ids=None) -> torch.Tensor:
         """Replay for the first ``n`` rows of ``host_ints_slots[slot][:, :width]`` and
@@ -91,6 +112,8 @@ class DecodeGraphs:
         token column (the previous step's samples, never seen by the host). Returns the (n, 2)
         [token, log-prob] output, still on the device and valid until the next replay."""
         b = self.bucket_for(n)
+        if self.capture_enabled and b not in self.graphs:
+            self.capture([b])
         self.ints[:n, :width].copy_(self.host_ints_slots[slot][:n, :width], non_blocking=True)
         self.temperature[:n].copy_(self.host_temp_slots[slot][:n], non_blocking=True)
         if ids is not None:

@@ -205,6 +205,7 @@ class RolloutEngine:
         new_tokens = sum(s.num_generated for s in done)
         self.stats = {"seconds": elapsed, "new_tokens": new_tokens, "preemptions": sched.num_preemptions,
                       "tokens_per_s": new_tokens / max(elapsed, 1e-9), **steps,
+                      "graph_captures": self.graphs.captures if self.graphs is not None else 0,
                       "prefill_s": seconds["prefill"], "decode_s": seconds["decode"]}
         done.sort(key=lambda s: (s.prompt_index, s.sample_index))
         return [self._completion(s) for s in done]
@@ -339,7 +340,7 @@ class RolloutEngine:
         """Pack the step's per-row inputs into pinned host buffer ``slot``; returns the block-table
         width used. ``with_ids`` False leaves the token column for the device to fill."""
         if self.graphs is None:
-            self._capture_graphs()
+            self._capture_graphs(len(seqs))
         g, n, bt = self.graphs, len(seqs), self._bt_host
         width = 0
         for s in seqs:
@@ -376,20 +377,24 @@ class RolloutEngine:
             self._compiled_decode = fn
         return self._compiled_decode
 
-    def _capture_graphs(self) -> None:
-        self.graphs = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences,
-                                   self.max_blocks_per_seq(), self.device)
+    def _capture_graphs(self, n: int) -> None:
+        """Graphs for this rollout phase; the bucket of the first batch (``n`` rows) is captured
+        now, the others when a step first needs them (see cuda_graphs.py)."""
+        def make():
+            g = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences, self.max_blocks_per_seq(),
+                             self.device)
+            g.capture([g.bucket_for(n)])
+            return g
+
         try:
-            self.graphs.capture()
+            self.graphs = make()
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the rollout
             if self._compiled_decode is self._decode_logits:
                 raise
             warnings.warn(f"rollout: torch.compile of the decode step failed ({type(exc).__name__}: "
                           f"{exc}); continuing eagerly. Set rollout.compile_decode=false to skip it.")
             self._compiled_decode = self._decode_logits
-            self.graphs = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences,
-                                       self.max_blocks_per_seq(), self.device)
-            self.graphs.capture()
+            self.graphs = make()
 
     def _graph_step(self, ints: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """Decode forward + temperature sampling as pure tensor code, for capture.
