@@ -86,15 +86,35 @@ class RolloutEngine:
         limit = self.runner.max_positions or 32768
         return -(-limit // self.block_tokens)
 
-    def allocate(self) -> None:
-        """Take the KV cache memory (done by ``generate`` when needed)."""
-        if self.cache.is_allocated:
+    def allocate(self, max_blocks: Optional[int] = None) -> None:
+        """Take the KV cache memory (done by ``generate`` when needed): the configured share of
+        free memory, capped at ``max_blocks`` (what the requests can use at most)."""
+        if self.cache.is_allocated and max_blocks is not None and self.cache.num_blocks >= max_blocks:
             return
+        if self.cache.is_allocated:
+            if max_blocks is None:
+                return
+            self.release()  # kept from a smaller earlier call (no release in between): grow it
         n = blocks_for_budget(
             self.cache.shape, self.device,
             memory_fraction=self.cfg.kv_memory_fraction, cpu_token_budget=self.cfg.kv_cpu_tokens,
+            max_blocks=max_blocks,
         )
         self.cache.allocate(n)
+
+    def blocks_needed(self, groups) -> int:
+        """Upper bound on the blocks ``groups`` can hold at once (no prefix sharing assumed, +1
+        scratch block). A GRPO step of 64 short completions needs a few hundred MB, not the
+        configured share of the GPU: zeroing and freeing that every step cost tens of ms."""
+        bs, limit = self.block_tokens, self.runner.max_positions or 0
+        total = 1
+        for g in groups:
+            for s in g.samples:
+                length = s.prompt_len + s.params.max_new_tokens + 1
+                if limit:
+                    length = min(length, limit)
+                total += -(-length // bs)
+        return total
 
     def release(self) -> None:
         """Free the KV cache and the CUDA graphs that point into it (before training)."""
@@ -158,7 +178,7 @@ class RolloutEngine:
         """Sample every request's ``n`` completions. ``progress(k)`` is called as k finish."""
         requests = list(requests)
         groups = self._groups(requests)
-        self.allocate()
+        self.allocate(self.blocks_needed(groups))
         sched = Scheduler(
             self.cache.allocator, self.block_tokens,
             max_batch_sequences=self.cfg.max_batch_sequences,
