@@ -147,4 +147,50 @@ __device__ __forceinline__ float grpo_token_grad(float logp, float adv, float ol
   return w * g;
 }
 
+// Per-row outputs of the fused kernel besides logp/entropy: the weighted loss term and the metric
+// contributions, so that the Python side needs one reduction instead of ~40 small kernels.
+// Columns (kRowStats floats per row); inactive rows (weight 0) hold zeros and +-inf in the
+// min/max columns. Keep in step with r1mega.ops.grpo_loss (ROW_STATS).
+enum RowStat {
+  kLossW = 0, kActive, kClipLow, kClipHigh, kDual, kApproxKl, kRefKl, kEntropy, kRatio, kRatioMin,
+  kRatioMax, kBadTarget, kRowStats
+};
+
+// The value side of grpo_token_grad: r1mega.ops.grpo_loss.grpo_token_loss and _metrics for one
+// active token, written to st[0..kRowStats).
+__device__ __forceinline__ void grpo_row_stats(float logp, float ent, float adv, float old, const float* ref,
+                                               const float* roll, int64_t row, float w, bool bad,
+                                               const LossParams& P, float* st) {
+  const float lr = logp - old;
+  const float r = expf(lr);
+  const float s1 = r * adv;
+  const float s2 = fminf(fmaxf(r, P.clip_lo), P.clip_hi) * adv;
+  float pg = s1 <= s2 ? -s1 : -s2;
+  bool dual = false;
+  if (P.dual_clip > 0.f) {
+    const float pg3 = -P.dual_clip * adv;
+    dual = adv < 0.f && !(pg <= pg3);
+    if (dual) pg = pg3;
+  }
+  if (P.tis_cap > 0.f) pg *= fminf(expf(old - roll[row]), P.tis_cap);
+  float kl = 0.f;
+  if (ref != nullptr) {
+    const float d = ref[row] - logp;
+    kl = P.kl_code == 1 ? -d : (P.kl_code == 2 ? 0.5f * d * d : expf(d) - d - 1.f);
+  }
+  const float loss = P.kl_beta != 0.f ? pg + P.kl_beta * kl : pg;
+  st[kLossW] = w * loss;
+  st[kActive] = 1.f;
+  st[kClipLow] = (r < P.clip_lo && adv < 0.f) ? 1.f : 0.f;
+  st[kClipHigh] = (r > P.clip_hi && adv > 0.f) ? 1.f : 0.f;
+  st[kDual] = dual ? 1.f : 0.f;
+  st[kApproxKl] = expf(lr) - 1.f - lr;
+  st[kRefKl] = kl;
+  st[kEntropy] = ent;
+  st[kRatio] = r;
+  st[kRatioMin] = r;
+  st[kRatioMax] = r;
+  st[kBadTarget] = bad ? 1.f : 0.f;
+}
+
 }  // namespace r1mega_grpo

@@ -81,17 +81,21 @@ __global__ void __launch_bounds__(THREADS, MINB) fused_grpo_kernel(
     const typename D::raw* logits, typename D::raw* grad, int64_t stride_in, int64_t stride_out,
     int cols, int valid_cols, int vec_per_cta, const int64_t* __restrict__ targets,
     const float* __restrict__ adv, const float* __restrict__ old_logp, const float* __restrict__ ref_logp,
-    const float* __restrict__ rollout_logp, const float* __restrict__ weight, float scale2,
-    float inv_temp, LossParams P, float* __restrict__ out_logp, float* __restrict__ out_ent) {
+    const float* __restrict__ rollout_logp, const float* __restrict__ weight, float wscale, float scale2,
+    float inv_temp, LossParams P, float* __restrict__ out_logp, float* __restrict__ out_ent,
+    float* __restrict__ out_stats) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
   using T = typename TStore<D>::type;
   constexpr int VEC = 16 / sizeof(typename D::raw);
   __shared__ float sh[3 * THREADS / 32];
-  __shared__ float4 cstat;  // this CTA's partial statistics, read by every CTA of the cluster
+  // Every CTA's partial statistics, PUSHED into every CTA of the cluster: after the exchange each
+  // CTA reads only its own shared memory, so no barrier at the end has to keep a CTA alive while
+  // peers read it, and each CTA leaves as soon as its gradient stores are issued.
+  __shared__ float4 cstat[16];
   const unsigned csize = __clusterSizeInBlocks();
   const unsigned crank = __clusterRelativeBlockRank();
   const int64_t row = blockIdx.x / csize;
-  const float w = weight[row];
+  const float w = weight[row] * wscale;
   const int nvec = cols / VEC;
   const int v0 = (int)crank * vec_per_cta;
   const int v1 = min(v0 + vec_per_cta, nvec);
@@ -105,9 +109,28 @@ __global__ void __launch_bounds__(THREADS, MINB) fused_grpo_kernel(
       const int vi = v0 + threadIdx.x + k * THREADS;
       if (vi < v1) store_vec<D, VEC>(q + (int64_t)vi * VEC, z);
     }
-    if (crank == 0 && threadIdx.x == 0) { out_logp[row] = 0.f; out_ent[row] = 0.f; }
+    if (crank == 0 && threadIdx.x < kRowStats) {
+      const int c = threadIdx.x;
+      out_stats[row * kRowStats + c] = c == kRatioMin ? INFINITY : (c == kRatioMax ? -INFINITY : 0.f);
+      if (c == 0) { out_logp[row] = 0.f; out_ent[row] = 0.f; }
+    }
     return;
   }
+  // The per-row scalars and the target's logit, loaded now so that their latency overlaps the
+  // row's loads instead of sitting between the cluster exchange and the gradient pass.
+  const int64_t tl = targets[row];
+  const bool bad = tl < 0 || tl >= valid_cols;  // an id outside the vocabulary (see below)
+  const bool owned = !bad && tl >= (int64_t)v0 * VEC && tl < (int64_t)v1 * VEC;
+  typename D::raw traw = 0;
+  float a_adv = 0.f, a_old = 0.f;
+  if (threadIdx.x == 0) {
+    if (owned) traw = p[tl];
+    a_adv = adv[row];
+    a_old = old_logp[row];
+  }
+  // DSMEM may be written only once every CTA of the cluster runs: arrive now, wait just before
+  // the push (by then the peers have long arrived, so the wait costs nothing).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 
   uint4 v[VPT];  // the row slice, later t, lives in registers between the statistics and the gradient
 #pragma unroll
@@ -168,30 +191,42 @@ __global__ void __launch_bounds__(THREADS, MINB) fused_grpo_kernel(
   const float m_thread = m;
   if (m != -INFINITY) e += m * s;  // back to sum t * x2
   block_merge_stats<THREADS>(m, s, e, sh);
-  const int64_t tl = targets[row];
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   if (threadIdx.x == 0) {
-    const bool owned = tl >= (int64_t)v0 * VEC && tl < (int64_t)v1 * VEC && tl < valid_cols;
-    cstat = make_float4(m, s, e, owned ? D::load(p[tl]) * scale2 : 0.f);
+    const float4 mine = make_float4(m, s, e, owned ? D::load(traw) * scale2 : 0.f);
+    for (unsigned r = 0; r < csize; ++r)
+      *reinterpret_cast<float4*>(__cluster_map_shared_rank(&cstat[crank], r)) = mine;
   }
-  __cluster_barrier_arrive();  // release: cstat visible cluster-wide after the wait
-  __cluster_barrier_wait();
-  float mm = -INFINITY, ss = 0.f, ee = 0.f, tx = 0.f;
-  for (unsigned r = 0; r < csize; ++r) {
-    const float4 st = *reinterpret_cast<const float4*>(__cluster_map_shared_rank(&cstat, r));
-    merge_stats(mm, ss, ee, st.x, st.y, st.z);
-    tx += st.w;
+  __cluster_barrier_arrive();  // release: our pushes are visible to the peers after their wait
+  __cluster_barrier_wait();    // acquire: every peer's push has landed in our cstat
+  __shared__ float2 bcast;     // (lse2, coef), computed once by thread 0
+  if (threadIdx.x == 0) {
+    float mm = -INFINITY, ss = 0.f, ee = 0.f, tx = 0.f;
+    for (unsigned r = 0; r < csize; ++r) {
+      const float4 st = cstat[r];
+      merge_stats(mm, ss, ee, st.x, st.y, st.z);
+      tx += st.w;
+    }
+    const float lse2 = mm + log2f(ss);
+    // An id outside the vocabulary (the Python side does not sync to check) poisons the row with
+    // NaN: the gradient norm turns non-finite, the update is skipped, and the row statistics
+    // count it so that finalize_metrics names the cause.
+    const float logp = bad ? __int_as_float(0x7fc00000) : (tx - lse2) * kLn2;
+    const float ent = (lse2 - ee / ss) * kLn2;
+    const float g = bad ? logp : grpo_token_grad(logp, a_adv, a_old, ref_logp, rollout_logp, row, w, P);
+    bcast = make_float2(lse2, g * inv_temp);
+    if (crank == 0) {
+      out_logp[row] = logp;
+      out_ent[row] = ent;
+      float st[kRowStats];
+      grpo_row_stats(logp, ent, a_adv, a_old, ref_logp, rollout_logp, row, w, bad, P, st);
+#pragma unroll
+      for (int c = 0; c < kRowStats; ++c) out_stats[row * kRowStats + c] = st[c];
+    }
   }
-  __cluster_barrier_arrive();  // done reading the peers' cstat; they may exit after our wait below
-  const float lse2 = mm + log2f(ss);
-  // An id outside the vocabulary (the Python side checks it without a device sync) poisons the row
-  // with NaN: the non-finite gradient norm then skips the update, and the metrics name the cause.
-  const float logp = (tl < 0 || tl >= valid_cols) ? __int_as_float(0x7fc00000) : (tx - lse2) * kLn2;
-  const float g = grpo_token_grad(logp, adv[row], old_logp[row], ref_logp, rollout_logp, row, w, P);
-  const float coef = g * inv_temp;
-  if (crank == 0 && threadIdx.x == 0) {
-    out_logp[row] = logp;
-    out_ent[row] = (lse2 - ee / ss) * kLn2;
-  }
+  __syncthreads();
+  const float lse2 = bcast.x;
+  const float coef = bcast.y;
   // Pass 3: d = -coef * p = -coef * t * 2^(m_thread - lse2), plus coef at the target column.
   const float f = m_thread == -INFINITY ? 0.f : -coef * exp2f(m_thread - lse2);
   const int tvec = (int)(tl / VEC);
@@ -203,7 +238,7 @@ __global__ void __launch_bounds__(THREADS, MINB) fused_grpo_kernel(
     unpack_vec<T, VEC>(v[k], d);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) d[j] *= f;
-    if (vi == tvec && tl < valid_cols) {
+    if (vi == tvec && !bad) {
       const int jt = (int)(tl - (int64_t)tvec * VEC);
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
@@ -211,7 +246,6 @@ __global__ void __launch_bounds__(THREADS, MINB) fused_grpo_kernel(
     }
     store_vec<D, VEC>(q + (int64_t)vi * VEC, d);
   }
-  __cluster_barrier_wait();  // no CTA leaves while a peer may still read its shared memory
 #endif
 }
 

@@ -3,6 +3,7 @@
 // PyTorch reference of every function is in r1mega/ops/logprobs.py and r1mega/ops/grpo_loss.py.
 #include <torch/extension.h>
 
+#include <cmath>
 #include <vector>
 
 torch::Tensor shard_stats_cuda(const torch::Tensor& logits, const torch::Tensor& targets,
@@ -17,7 +18,7 @@ std::vector<torch::Tensor> fused_grpo_cuda(
     const torch::Tensor& adv, const torch::Tensor& old_logp, const c10::optional<torch::Tensor>& ref_logp,
     const c10::optional<torch::Tensor>& rollout_logp, const torch::Tensor& weight, int64_t valid_cols,
     double inv_temp, double clip_lo, double clip_hi, double dual_clip, double kl_beta, int64_t kl_code,
-    double tis_cap);
+    double tis_cap, double wscale);
 
 namespace {
 
@@ -81,7 +82,7 @@ std::vector<torch::Tensor> fused_grpo(const torch::Tensor& logits, torch::Tensor
                                       const c10::optional<torch::Tensor>& rollout_logp,
                                       const torch::Tensor& weight, int64_t valid_cols, double inv_temp,
                                       double clip_lo, double clip_hi, double dual_clip, double kl_beta,
-                                      int64_t kl_code, double tis_cap) {
+                                      int64_t kl_code, double tis_cap, double wscale) {
   check_logits(logits);
   TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == logits.scalar_type() &&
                   grad.device() == logits.device(),
@@ -94,8 +95,9 @@ std::vector<torch::Tensor> fused_grpo(const torch::Tensor& logits, torch::Tensor
   if (rollout_logp.has_value()) check_rowvec(*rollout_logp, logits, "rollout_logp", at::kFloat);
   check_cols(logits, valid_cols);
   TORCH_CHECK(kl_code >= 1 && kl_code <= 3, "fused_grpo: kl_code must be 1, 2 or 3 (k1/k2/k3)");
+  TORCH_CHECK(std::isfinite(wscale) && wscale > 0, "fused_grpo: wscale must be finite and > 0");
   return fused_grpo_cuda(logits, grad, targets, adv, old_logp, ref_logp, rollout_logp, weight, valid_cols,
-                         inv_temp, clip_lo, clip_hi, dual_clip, kl_beta, kl_code, tis_cap);
+                         inv_temp, clip_lo, clip_hi, dual_clip, kl_beta, kl_code, tis_cap, wscale);
 }
 
 }  // namespace
@@ -113,9 +115,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"));
   m.def("fused_plan", &fused_plan, "[cluster size, vectors per thread, clusters] of the fused kernel",
         py::arg("logits"));
-  m.def("fused_grpo", &fused_grpo, "one-pass GRPO forward + logits gradient (tp = 1) -> [logp, entropy]",
+  m.def("fused_grpo", &fused_grpo,
+        "one-pass GRPO forward + logits gradient (tp = 1), token weight = weight * wscale -> "
+        "[logp, entropy, row_stats (T, 12)]",
         py::arg("logits"), py::arg("grad"), py::arg("targets"), py::arg("adv"), py::arg("old_logp"),
         py::arg("ref_logp"), py::arg("rollout_logp"), py::arg("weight"), py::arg("valid_cols"),
         py::arg("inv_temp"), py::arg("clip_lo"), py::arg("clip_hi"), py::arg("dual_clip"),
-        py::arg("kl_beta"), py::arg("kl_code"), py::arg("tis_cap"));
+        py::arg("kl_beta"), py::arg("kl_code"), py::arg("tis_cap"), py::arg("wscale") = 1.0);
 }

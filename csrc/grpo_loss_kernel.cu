@@ -299,7 +299,7 @@ std::vector<torch::Tensor> fused_grpo_cuda(
     const torch::Tensor& adv, const torch::Tensor& old_logp, const c10::optional<torch::Tensor>& ref_logp,
     const c10::optional<torch::Tensor>& rollout_logp, const torch::Tensor& weight, int64_t valid_cols,
     double inv_temp, double clip_lo, double clip_hi, double dual_clip, double kl_beta, int64_t kl_code,
-    double tis_cap) {
+    double tis_cap, double wscale) {
   const int64_t rows = logits.size(0), cols = logits.size(1);
   const c10::cuda::CUDAGuard guard(logits.device());
   const FusedPlan plan = plan_fused(logits);
@@ -309,6 +309,7 @@ std::vector<torch::Tensor> fused_grpo_cuda(
               "fused_grpo: grad buffer must be 16-byte aligned with unit column stride");
   auto out_logp = torch::empty({rows}, logits.options().dtype(torch::kFloat32));
   auto out_ent = torch::empty({rows}, logits.options().dtype(torch::kFloat32));
+  auto out_stats = torch::empty({rows, (int64_t)kRowStats}, logits.options().dtype(torch::kFloat32));
   const int64_t nvec = cols * logits.element_size() / 16;
   const int vec_per_cta = (int)((nvec + plan.csize - 1) / plan.csize);
   LossParams P{(float)clip_lo, (float)clip_hi, (float)dual_clip, (float)kl_beta, (float)tis_cap, (int)kl_code};
@@ -331,9 +332,10 @@ std::vector<torch::Tensor> fused_grpo_cuda(
       using S = decltype(tag);
       launch_cluster(fused_grpo_kernel<D, S::vpt, S::threads, S::minb>, grid, S::threads, plan.csize, 0,
                      in, out, (int64_t)logits.stride(0), (int64_t)grad.stride(0), (int)cols,
-                     (int)valid_cols, vec_per_cta, tg, ad, ol, ref, roll, wt, scale2, (float)inv_temp, P,
-                     out_logp.data_ptr<float>(), out_ent.data_ptr<float>());
+                     (int)valid_cols, vec_per_cta, tg, ad, ol, ref, roll, wt, (float)wscale, scale2,
+                     (float)inv_temp, P, out_logp.data_ptr<float>(), out_ent.data_ptr<float>(),
+                     out_stats.data_ptr<float>());
     });
   });
-  return {out_logp, out_ent};
+  return {out_logp, out_ent, out_stats};
 }

@@ -151,11 +151,21 @@ def main(argv=None) -> int:
                                                     "plan": list(ext.fused_plan(logits))}
             except RuntimeError as exc:  # a cluster shape this GPU cannot co-schedule
                 kernel_only[f"fused_v{variant}"] = {"ms": float("nan"), "error": str(exc)[:200]}
+        del grad
+        # End to end with every kernel shape too: the default (variant 0 unless the environment
+        # says otherwise) is chosen from these rows.
+        timed = {k: v for k, v in kernel_only.items() if v["ms"] == v["ms"]}
+        for vname in sorted(timed, key=lambda k: timed[k]["ms"]):
+            os.environ["R1MEGA_GRPO_FUSED_VARIANT"] = vname.split("_v")[1]
+            fn = step("cuda")
+            extra = _extra_mb(fn, logits)
+            rows.append({"path": f"cuda[{vname}]", "ms": _time_ms(fn, args.reps, args.warmup),
+                         "extra_mb": extra})
+            torch.cuda.empty_cache()
         if prev is None:
             os.environ.pop("R1MEGA_GRPO_FUSED_VARIANT", None)
         else:
             os.environ["R1MEGA_GRPO_FUSED_VARIANT"] = prev
-        del grad
 
     plain = next(r for r in rows if r["path"] == "plain_torch")
     print(f"GRPO loss fwd+bwd: {n_tok} tokens x {vocab} vocab, bf16 logits ({logit_bytes / 1e9:.2f} GB), "

@@ -183,23 +183,31 @@ def finalize_metrics(metrics: Dict[str, torch.Tensor]) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 # The fused single-pass CUDA path (no tensor parallelism)
 # --------------------------------------------------------------------------------------------------
+# Columns of the fused kernel's per-row statistics (csrc/grpo_common.cuh, enum RowStat).
+ROW_STATS = ("loss_w", "active", "clip_low", "clip_high", "dual", "approx_kl", "ref_kl", "entropy",
+             "ratio", "ratio_min", "ratio_max", "bad_targets")
+
+
 class _FusedGRPO(torch.autograd.Function):
-    """Forward writes the logits' gradient for grad_output=1; backward only rescales it if needed."""
+    """Forward writes the logits' gradient for grad_output=1; backward only rescales it if needed.
+
+    The kernel also returns, per row, the weighted loss term and every metric's contribution
+    (ROW_STATS), so the whole objective costs the kernel plus three reductions: the per-token
+    PyTorch math (:func:`grpo_token_loss`, :func:`_metrics`) is ~40 small kernels otherwise."""
 
     @staticmethod
-    def forward(ctx, logits, targets, adv, old_logp, ref_logp, rollout_logp, weights, active,
+    def forward(ctx, logits, targets, adv, old_logp, ref_logp, rollout_logp, weights, wscale,
                 cfg, valid_cols, inv_temp, inplace, holder):
         grad = logits if inplace else torch.empty_like(logits)
-        logp, entropy = _cuda_ext.get().fused_grpo(
+        logp, entropy, stats = _cuda_ext.get().fused_grpo(
             logits, grad, targets, adv, old_logp, ref_logp, rollout_logp, weights, valid_cols,
             inv_temp, 1.0 - float(cfg.eps_low), 1.0 + float(cfg.eps_high), float(cfg.dual_clip or 0.0),
-            float(cfg.kl_beta or 0.0), KL_CODES[cfg.kl_estimator], float(cfg.tis_cap or 0.0))
-        token_loss, parts = grpo_token_loss(logp, adv, old_logp, active, cfg=cfg, ref_logp=ref_logp,
-                                            rollout_logp=rollout_logp)
+            float(cfg.kl_beta or 0.0), KL_CODES[cfg.kl_estimator], float(cfg.tis_cap or 0.0), wscale)
+        sums = stats.sum(0)  # (12,)
         ctx.grad = grad
         ctx.mark_non_differentiable(logp, entropy)
-        holder["parts"] = parts  # for the metrics, without a second pass over the per-token math
-        return (weights * token_loss).sum(), logp, entropy
+        holder["sums"], holder["stats"] = sums, stats
+        return sums[0].clone(), logp, entropy
 
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
@@ -210,6 +218,56 @@ class _FusedGRPO(torch.autograd.Function):
         if float(g_loss) != 1.0:
             grad.mul_(g_loss.to(grad.dtype))
         return (grad,) + (None,) * 12
+
+
+def _fused_metrics(sums, stats) -> Dict[str, torch.Tensor]:
+    """:func:`_metrics`' dict from the kernel's row statistics (same keys, same reductions)."""
+    c = {name: i for i, name in enumerate(ROW_STATS)}
+    return {
+        "n_tokens": sums[c["active"]],
+        "clip_frac_low_sum": sums[c["clip_low"]],
+        "clip_frac_high_sum": sums[c["clip_high"]],
+        "dual_clip_frac_sum": sums[c["dual"]],
+        "approx_kl_sum": sums[c["approx_kl"]],
+        "ref_kl_sum": sums[c["ref_kl"]],
+        "entropy_sum": sums[c["entropy"]],
+        "ratio_sum": sums[c["ratio"]],
+        "ratio_min": stats[:, c["ratio_min"]].amin() if stats.shape[0] else sums.new_full((), math.inf),
+        "ratio_max": stats[:, c["ratio_max"]].amax() if stats.shape[0] else sums.new_full((), -math.inf),
+        "bad_targets_sum": sums[c["bad_targets"]],
+    }
+
+
+def _fused_grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, vocab_size,
+                     temperature, ref_logp, rollout_logp, seq_ids, normalizer, inplace_backward):
+    """The fused path: host-side checks only, then the kernel; no device op before the launch
+    (the token weights are ``loss_mask * (1 / normalizer)`` inside the kernel), no host sync."""
+    n_tok, local_cols = logits_shard.shape
+    check_cfg(cfg, ref_logp, rollout_logp)
+    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("loss_mask", loss_mask),
+                    ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("seq_ids", seq_ids),
+                    ("targets", targets)):
+        if t is not None and tuple(t.shape) != (n_tok,):
+            raise ValueError(f"{name} must have shape ({n_tok},) like the logits' tokens, got {tuple(t.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 token ids, got {targets.dtype}")
+    if not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0 (global tokens or sequences), got {normalizer}")
+    if cfg.loss_agg == "seq_mean_token_mean":
+        weights, wscale = token_weights(loss_mask, loss_agg=cfg.loss_agg, normalizer=normalizer,
+                                        seq_ids=seq_ids), 1.0
+    else:
+        weights, wscale = loss_mask, 1.0 / float(normalizer)
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731 (no-ops when float32)
+    ref = ref_logp if (ref_logp is not None and bool(cfg.kl_beta)) else None
+    _, valid_cols = shard_columns(vocab_size, local_cols, 0, 1)
+    holder = {}
+    loss, logp, entropy = _FusedGRPO.apply(
+        logits_shard, targets.long().contiguous(), f32(advantages), f32(old_logp), f32(ref),
+        f32(rollout_logp if cfg.tis_cap else None), f32(weights), wscale, cfg, valid_cols,
+        1.0 / float(temperature), inplace_backward, holder)
+    _last.update(impl="cuda", kernel="fused")
+    return loss, _fused_metrics(holder["sums"], holder["stats"])
 
 
 def fused_enabled() -> bool:
@@ -223,9 +281,8 @@ def _fused_eligible(logits, tp_size) -> bool:
 
 
 def _prepare(n_tok, targets, advantages, old_logp, loss_mask, *, cfg, vocab_size, ref_logp, rollout_logp,
-             seq_ids, normalizer, acc, lazy_range_check=False):
-    """Checks shared by the logits and hidden-state entry points -> (active, targets, weights, ref,
-    bad) where ``bad`` is the device count of out-of-range ids when ``lazy_range_check`` (else None)."""
+             seq_ids, normalizer, acc):
+    """Checks shared by the unfused entry points -> (active, targets, weights, ref)."""
     check_cfg(cfg, ref_logp, rollout_logp)
     for name, t in (("advantages", advantages), ("old_logp", old_logp), ("loss_mask", loss_mask),
                     ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("seq_ids", seq_ids)):
@@ -234,10 +291,10 @@ def _prepare(n_tok, targets, advantages, old_logp, loss_mask, *, cfg, vocab_size
     active = loss_mask > 0
     # Masked tokens may carry pad/ignore ids; any valid id keeps the kernels in bounds.
     targets = torch.where(active, targets.long(), torch.zeros_like(targets, dtype=torch.long))
-    bad = check_targets(targets, n_tok, vocab_size, lazy=lazy_range_check)
+    check_targets(targets, n_tok, vocab_size)
     weights = token_weights(loss_mask, loss_agg=cfg.loss_agg, normalizer=normalizer, seq_ids=seq_ids, dtype=acc)
     ref = ref_logp if (ref_logp is not None and bool(cfg.kl_beta)) else None
-    return active, targets, weights, ref, bad
+    return active, targets, weights, ref
 
 
 def _loss_from_logp(logp, entropy, advantages, old_logp, active, weights, *, cfg, ref, rollout_logp):
@@ -263,25 +320,14 @@ def grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, cfg, tp
     acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
     use_cuda = resolve_impl(impl, logits_shard)
     tp_rank, tp_size = tp_rank_and_size(tp_group)
-    fused = use_cuda and _fused_eligible(logits_shard, tp_size)
-    # The fused kernel poisons rows with bad ids itself, so its range check needs no host sync.
-    active, targets, weights, ref, bad = _prepare(
+    if use_cuda and _fused_eligible(logits_shard, tp_size):
+        return _fused_grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, cfg=cfg,
+                                vocab_size=vocab_size, temperature=temperature, ref_logp=ref_logp,
+                                rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer,
+                                inplace_backward=inplace_backward)
+    active, targets, weights, ref = _prepare(
         n_tok, targets, advantages, old_logp, loss_mask, cfg=cfg, vocab_size=vocab_size, ref_logp=ref_logp,
-        rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer, acc=acc, lazy_range_check=fused)
-
-    if fused:
-        holder = {}
-        _, valid_cols = shard_columns(vocab_size, local_cols, tp_rank, tp_size)
-        f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-        loss, logp, entropy = _FusedGRPO.apply(
-            logits_shard, targets, f32(advantages), f32(old_logp), f32(ref),
-            f32(rollout_logp if cfg.tis_cap else None), weights.contiguous(), active, cfg,
-            valid_cols, 1.0 / float(temperature), inplace_backward, holder)
-        _last.update(impl="cuda", kernel="fused")
-        metrics = _metrics(holder["parts"], entropy, active, cfg, ref is not None)
-        metrics["bad_targets_sum"] = bad.float()
-        return loss, metrics
-
+        rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer, acc=acc)
     logp, entropy = vocab_parallel_logprobs(
         logits_shard, targets, tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
         with_entropy=True, impl="cuda" if use_cuda else "torch", inplace_backward=inplace_backward)
@@ -303,7 +349,7 @@ def grpo_loss_from_hidden(hidden, weight_shard, targets, advantages, old_logp, l
 
     n_tok = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    active, targets, weights, ref, _ = _prepare(
+    active, targets, weights, ref = _prepare(
         n_tok, targets, advantages, old_logp, loss_mask, cfg=cfg, vocab_size=vocab_size, ref_logp=ref_logp,
         rollout_logp=rollout_logp, seq_ids=seq_ids, normalizer=normalizer, acc=acc)
     logp, entropy = linear_vocab_parallel_logprobs(

@@ -175,17 +175,11 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         return out, None, None, None, None, None, None, None, None
 
 
-def check_targets(targets: torch.Tensor, n_tok: int, vocab_size: int, name: str = "targets",
-                  lazy: bool = False):
-    """Shape, dtype and id range. ``lazy=True`` (hot GPU paths) skips the host sync of the range
-    check and returns the device count of bad ids instead; the caller must report it (the GRPO
-    metrics carry it to :func:`r1mega.ops.grpo_loss.finalize_metrics`, which raises)."""
+def check_targets(targets: torch.Tensor, n_tok: int, vocab_size: int, name: str = "targets"):
     if targets.dim() != 1 or targets.shape[0] != n_tok:
         raise ValueError(f"{name} must have shape ({n_tok},) to match the logits, got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} must be int64 token ids, got {targets.dtype}")
-    if lazy:
-        return ((targets < 0) | (targets >= vocab_size)).sum()
     if n_tok and bool(((targets < 0) | (targets >= vocab_size)).any()):
         bad = targets[(targets < 0) | (targets >= vocab_size)][:4].tolist()
         raise ValueError(f"{name} hold ids outside [0, vocab_size={vocab_size}), e.g. {bad}: replace "
