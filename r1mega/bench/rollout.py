@@ -108,11 +108,22 @@ def logprob_mismatch(model, completions, prompts) -> tuple[float, float]:
     return d.mean().item(), d.max().item()
 
 
-def _time_replays(eng) -> None:
-    """Device time of one captured decode step per bucket (the host's share is the rest)."""
+def _time_replays(eng, profile: bool = False) -> None:
+    """Device time of one captured decode step per bucket (the host's share is the rest);
+    ``profile``: the top kernels of the largest bucket's replay."""
     g = eng.graphs
     if g is None or not g.graphs:
         return
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as tprofile
+
+        b = max(g.graphs)
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                g.graphs[b].replay()
+            _sync()
+        print(f"---- decode graph replay, bucket {b}, 5 replays: top kernels")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
     for b in (16, 64, 128, 256):
         if b not in g.graphs:
             continue
@@ -193,8 +204,9 @@ def main(argv=None) -> int:
                                  overlap_steps=mode == "overlap")
             eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
             t = time.perf_counter()
-            # Warm-up at the full batch size, few tokens: captures the CUDA graphs, compiles kernels.
-            eng.generate([GenerationRequest(p, n=1, seed=i, max_new_tokens=16) for i, p in enumerate(ids)])
+            # Warm-up with the timed requests' shape: compiles kernels, sizes the KV cache and captures
+            # the CUDA graph the timed run replays.
+            eng.generate([GenerationRequest(p, n=1, seed=i + 7919) for i, p in enumerate(ids)])
             _sync()
             warm_s = time.perf_counter() - t
             prof = None
@@ -213,7 +225,7 @@ def main(argv=None) -> int:
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
             if first and mode == modes[0]:
-                _time_replays(eng)
+                _time_replays(eng, profile=args.profile)
             n_new = sum(len(c.token_ids) for c in outs)
             assert n_new == prompts * new, f"expected every sequence to reach {new} tokens"
             if first and mode == modes[0] and args.mismatch_seqs:
