@@ -116,6 +116,18 @@ class RolloutEngine:
                 total += -(-length // bs)
         return total
 
+    def end_phase(self) -> None:
+        """After a rollout phase: free the cache (and its graphs) for training, unless it is small
+        enough to keep (``rollout.kv_keep_max_fraction`` of device memory), in which case the next
+        phase reuses it and replays the same graphs: parameters are updated in place, so the
+        graphs read the new weights."""
+        keep = float(getattr(self.cfg, "kv_keep_max_fraction", 0.0) or 0.0)
+        if keep > 0 and self.cache.is_allocated and self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if self.cache.num_blocks * self.cache.shape.bytes_per_block <= keep * total:
+                return
+        self.release()
+
     def release(self) -> None:
         """Free the KV cache and the CUDA graphs that point into it (before training)."""
         if self.graphs is not None:

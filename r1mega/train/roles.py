@@ -148,7 +148,8 @@ class Rollout:
 
     The engine holds references to the policy's submodules, so there is nothing to synchronise
     after an update. ``generate`` frees the KV cache before returning, so the training phase gets
-    that memory back.
+    that memory back (a cache under ``rollout.kv_keep_max_fraction`` of the device is kept, with
+    its CUDA graphs, see ``RolloutEngine.end_phase``).
 
     The engine runs a whole model per rank (TP inside, no pipeline stages). Under pipeline
     parallelism this role falls back to :class:`PipelineGenerator`, which decodes by full
@@ -172,7 +173,8 @@ class Rollout:
         try:
             return self.engine.generate(requests)
         finally:
-            self.engine.release()
+            end = getattr(self.engine, "end_phase", None) or self.engine.release
+            end()
 
     @property
     def stats(self) -> dict:

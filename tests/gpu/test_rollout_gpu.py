@@ -96,3 +96,39 @@ def test_overlapped_decode_equals_synchronous(single_rank_runtime):
     for (ta, la), (tb, lb) in zip(sync, over):
         assert ta == tb
         torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-5, rtol=0)
+
+
+def test_kept_cache_and_graphs_see_updated_weights(single_rank_runtime):
+    """A small KV cache is kept across rollout phases with its CUDA graphs (kv_keep_max_fraction);
+    after an in-place weight update (what the optimizer does) the replayed graphs must produce
+    exactly what a fresh engine produces with the new weights."""
+    from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    rt = single_rank_runtime(precision=PrecisionConfig(dtype="fp32"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8,
+                                    num_query_groups=2, ffn_hidden_size=512, vocab_size=1000,
+                                    max_position_embeddings=256), rt, wrap=False)
+    cfg = RolloutConfig(max_new_tokens=20, kv_block_tokens=16, max_batch_sequences=64,
+                        compile_decode=False, cuda_graphs=True, temperature=0.0)
+    reqs = [GenerationRequest([(i * 31 + j) % 1000 for j in range(4 + 5 * i)], n=2, seed=i) for i in range(5)]
+    eng = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=1000)
+    eng.generate(reqs)
+    graphs = eng.graphs
+    eng.end_phase()
+    assert eng.cache.is_allocated and eng.graphs is graphs  # kept: tiny cache
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    again = eng.generate(reqs)
+    assert eng.graphs is graphs and graphs.captures == 1  # replayed, not recaptured
+    fresh = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=1000).generate(reqs)
+    for a, b in zip(again, fresh):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    eng.cfg = RolloutConfig(**{**cfg.__dict__, "kv_keep_max_fraction": 0.0})
+    eng.end_phase()
+    assert not eng.cache.is_allocated and eng.graphs is None
