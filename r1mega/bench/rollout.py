@@ -161,6 +161,8 @@ def main(argv=None) -> int:
                     help="time synchronous and overlapped decoding in the same run (same peer)")
     ap.add_argument("--mismatch-seqs", type=int, default=16)
     ap.add_argument("--profile", action="store_true", help="cProfile the first setting's run")
+    ap.add_argument("--profile-kernels", action="store_true",
+                    help="after timing, the top kernels of the largest decode graph's replay")
     args = ap.parse_args(argv)
 
     from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig, RolloutConfig
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
             if first and mode == modes[0]:
-                _time_replays(eng, profile=args.profile)
+                _time_replays(eng, profile=args.profile_kernels)
             n_new = sum(len(c.token_ids) for c in outs)
             assert n_new == prompts * new, f"expected every sequence to reach {new} tokens"
             if first and mode == modes[0] and args.mismatch_seqs:
