@@ -143,6 +143,7 @@ class PagedKVCache:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @torch.compiler.disable  # in place, outside inductor: functionalised, it copied the whole cache
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values. slots (T,), k/v (T, kv_heads, head_dim)."""
         s = self.shape
