@@ -175,8 +175,9 @@ class RolloutConfig:
     # then +20-35% decode speed); falls back to eager if compiling fails.
     compile_decode: bool = True
     # GPU with CUDA graphs: launch decode step k+1 before the host reads step k (see
-    # r1mega/rollout/overlap.py); the tokens are identical, only the host's wait is hidden.
-    overlap_steps: bool = False
+    # r1mega/rollout/overlap.py); the tokens are identical (checked on the H200), only the host's
+    # wait is hidden: 71k -> 82k tokens/s at 256 x 256 there. CPU runs ignore it.
+    overlap_steps: bool = True
     seed: int = 0
 
 
@@ -256,6 +257,9 @@ class TrainConfig:
     # that many cold-start SFT steps first (fresh runs only). lr 0 means optimizer.lr.
     sft_steps: int = 0
     sft_lr: float = 0.0
+    # The SFT lr schedule ("constant" | "cosine" | "linear"); None means optimizer.decay_style.
+    # Apart from optimizer.decay_style so that a cold start can keep its lr while RL decays its own.
+    sft_decay_style: Optional[str] = None
     sft_batch_examples: int = 32
     # JSONL/Parquet of {"prompt", "response"} rows; None: data.source (builtin:arithmetic has
     # worked solutions).
@@ -477,6 +481,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _choice("model.recompute", m.recompute, {"none", "selective", "full"})
     _choice("precision.dtype", cfg.precision.dtype, {"auto", "fp32", "bf16", "fp16"})
     _choice("optimizer.decay_style", cfg.optimizer.decay_style, {"constant", "cosine", "linear"})
+    if cfg.train.sft_decay_style is not None:
+        _choice("train.sft_decay_style", cfg.train.sft_decay_style, {"constant", "cosine", "linear"})
     _choice("grpo.kl_estimator", cfg.grpo.kl_estimator, {"k1", "k2", "k3"})
     _choice("grpo.loss_agg", cfg.grpo.loss_agg,
             {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"})
