@@ -25,11 +25,11 @@ DEMO_RECIPE: dict = {
     "model": {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2,
               "ffn_hidden_size": 352, "vocab_size": 128, "max_position_embeddings": 128},
     "parallel": {"tensor": 1, "pipeline": 1},
-    "optimizer": {"lr": 2.0e-4, "warmup_steps": 10, "adam_beta2": 0.99, "clip_grad": 1.0,
-                  "weight_decay": 0.0},
+    "optimizer": {"lr": 2.0e-4, "warmup_steps": 10, "decay_style": "cosine", "adam_beta2": 0.99,
+                  "clip_grad": 1.0, "weight_decay": 0.0},
     "data": {"source": "builtin:arithmetic", "eval_source": "builtin:arithmetic",
              "task_options": {"digits": 1, "terms": 3, "operators": "+-"},
-             "num_examples": 1500, "eval_examples": 500, "template": "raw", "tokenizer": "char",
+             "num_examples": 1500, "eval_examples": 1000, "template": "raw", "tokenizer": "char",
              "max_prompt_tokens": 32, "global_batch_prompts": 32, "micro_batch_tokens": 512},
     "rollout": {"group_size": 8, "max_new_tokens": 48, "temperature": 1.0,
                 "kv_cpu_tokens": 16384, "cuda_graphs": False},
@@ -37,8 +37,9 @@ DEMO_RECIPE: dict = {
     "rewards": {"spec": {"arithmetic": {"exact_match": 1.0, "format": 0.1}}, "num_workers": 0},
     "checkpoint": {"dir": None},
     "logging": {"run_dir": "runs/demo", "samples_every_steps": 20, "num_samples": 2},
-    "train": {"steps": 150, "sft_steps": 250, "sft_lr": 3.0e-3, "sft_batch_examples": 128,
-              "eval_every_steps": 0, "eval_temperature": 0.0, "eval_samples": 1},
+    "train": {"steps": 150, "sft_steps": 250, "sft_lr": 3.0e-3, "sft_decay_style": "constant",
+              "sft_batch_examples": 128, "eval_every_steps": 0, "eval_temperature": 0.0,
+              "eval_samples": 1},
 }
 
 
@@ -66,12 +67,15 @@ def _layout(rt) -> dict:
             "world": rt.world_size}
 
 
-def _build_policy(cfg: Config, rt, *, lr: Optional[float] = None, total_steps: int):
+def _build_policy(cfg: Config, rt, *, lr: Optional[float] = None, total_steps: int,
+                  decay_style: Optional[str] = None):
     from r1mega.train.roles import Policy
 
     opt = copy.deepcopy(cfg.optimizer)
     if lr:
         opt.lr = lr
+    if decay_style:
+        opt.decay_style = decay_style
     policy = Policy.build(cfg.model, cfg.precision, opt, rt,
                           distributed_optimizer=cfg.parallel.distributed_optimizer,
                           micro_batch_tokens=cfg.data.micro_batch_tokens,
@@ -198,7 +202,8 @@ def _cold_start(cfg: Config, rt, tok, logger, path: Optional[str]):
     steps = cfg.train.sft_steps
     ckpt = (CheckpointManager(cold_start_checkpoint_config(cfg.checkpoint), _layout(rt))
             if cfg.checkpoint.dir else None)
-    policy = _build_policy(cfg, rt, lr=cfg.train.sft_lr, total_steps=steps)
+    policy = _build_policy(cfg, rt, lr=cfg.train.sft_lr, total_steps=steps,
+                           decay_style=cfg.train.sft_decay_style)
     step_fn = SFTStep(cfg, rt, policy, tok, build_sft_source(cfg.train, cfg.data))
     start = 0
     if path is not None:
@@ -396,7 +401,8 @@ def run_sft(cfg: Config) -> int:
         save_resolved(cfg, cfg.logging.run_dir)
     logger = MetricsLogger(cfg.logging, rank=rt.rank, total_steps=total, desc="sft")
     ckpt = _checkpointer(cfg, rt)
-    policy = _build_policy(cfg, rt, lr=cfg.train.sft_lr, total_steps=total)
+    policy = _build_policy(cfg, rt, lr=cfg.train.sft_lr, total_steps=total,
+                           decay_style=cfg.train.sft_decay_style)
     step_fn = SFTStep(cfg, rt, policy, tok, build_sft_source(cfg.train, cfg.data))
     path = _resume_path(cfg, ckpt)
     start = 0

@@ -15,6 +15,7 @@ BAD = [
     (["model.recompute=ful"], None, ["model.recompute", "Did you mean 'full'"]),
     (["precision.dtype=bf61"], None, ["precision.dtype"]),
     (["optimizer.decay_style=cosin"], None, ["optimizer.decay_style", "Did you mean 'cosine'"]),
+    (["train.sft_decay_style=constnt"], None, ["train.sft_decay_style", "Did you mean 'constant'"]),
     (["grpo.kl_estimator=k4"], None, ["grpo.kl_estimator"]),
     (["grpo.loss_agg=mean"], None, ["grpo.loss_agg"]),
     (["grpo.loss_impl=triton"], None, ["grpo.loss_impl"]),

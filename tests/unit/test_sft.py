@@ -98,3 +98,20 @@ def test_demo_recipe_equals_configs_demo_yaml():
     with open(path) as f:
         yaml.safe_load(f)  # valid YAML
     assert to_dict(load_config(path)) == to_dict(demo_config())
+
+
+def test_cold_start_keeps_its_own_lr_schedule(single_rank_runtime):
+    """The demo's cold start holds its lr (train.sft_decay_style) while RL decays its own
+    (optimizer.decay_style): one optimizer section, two schedules."""
+    from r1mega.train import trainer
+
+    cfg = trainer.demo_config(["model.num_layers=1"])
+    rt = single_rank_runtime()
+    sft = trainer._build_policy(cfg, rt, lr=cfg.train.sft_lr, total_steps=20,
+                                decay_style=cfg.train.sft_decay_style)
+    rl = trainer._build_policy(cfg, rt, total_steps=20)
+    for _ in range(18):  # 10 warmup steps, then 8 of the 10 decay steps
+        sft.optim.scheduler.step(1)
+        rl.optim.scheduler.step(1)
+    assert sft.optim.scheduler.get_lr(sft.optim.optimizer.param_groups[0]) == cfg.train.sft_lr
+    assert rl.optim.scheduler.get_lr(rl.optim.optimizer.param_groups[0]) < 0.5 * cfg.optimizer.lr
