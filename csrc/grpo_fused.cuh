@@ -6,7 +6,7 @@
 // slice from the registers.
 //
 // The kernel is memory-bound only if its arithmetic hides under the loads and stores, so the work
-// per logit is kept to about eight instructions and ONE exp2:
+// per logit is kept small, with ONE exp2:
 //  * the max runs on packed 16-bit pairs (one HMNMX2 per two logits, exact);
 //  * each thread exponentiates against its OWN max, and overwrites the logit in its registers
 //    with t = 2^(x*s - m_thread) (bf16 for 16-bit logits, f32 for f32 logits), so the gradient

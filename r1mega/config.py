@@ -157,8 +157,8 @@ class RolloutConfig:
     # Fraction of free accelerator memory the paged KV cache may take during rollout.
     kv_memory_fraction: float = 0.5
     # A KV cache no bigger than this share of the device's memory is KEPT between rollout phases,
-    # and with it the captured decode graphs (each phase would otherwise re-zero it and recapture:
-    # ~0.1 s of a SmolLM2 GRPO step, to hand a few hundred MB to training). Bigger caches are freed
+    # and with it the captured decode graphs (each phase would otherwise re-zero it and recapture,
+    # to hand a few hundred MB to training). Bigger caches are freed
     # before every training phase. 0: always free.
     kv_keep_max_fraction: float = 0.02
     kv_block_tokens: int = 16

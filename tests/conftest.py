@@ -42,3 +42,17 @@ def single_rank_runtime():
     yield make
     if made:
         destroy_parallel()
+
+
+@pytest.fixture(scope="module")
+def rt_fp32():
+    """One fp32 single-rank runtime shared by every test of a module (built once: conversion
+    tests load several models into it)."""
+    from r1mega.config import ParallelConfig, PrecisionConfig
+    from r1mega.parallel.launch_env import LaunchEnv
+    from r1mega.parallel.runtime import destroy_parallel, init_parallel
+
+    ctx = init_parallel(ParallelConfig(), PrecisionConfig(dtype="fp32"),
+                        env=LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
+    yield ctx
+    destroy_parallel()

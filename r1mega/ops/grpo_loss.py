@@ -31,8 +31,8 @@ from typing import Dict, Optional
 import torch
 
 from r1mega.ops import _cuda_ext
-from r1mega.ops.logprobs import (check_targets, resolve_impl, shard_columns, tp_rank_and_size,
-                                 vocab_parallel_logprobs)
+from r1mega.ops.logprobs import (check_target_layout, check_targets, resolve_impl, shard_columns,
+                                 tp_rank_and_size, vocab_parallel_logprobs)
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
@@ -243,14 +243,9 @@ def _fused_grpo_loss(logits_shard, targets, advantages, old_logp, loss_mask, *, 
     """The fused path: host-side checks only, then the kernel; no device op before the launch
     (the token weights are ``loss_mask * (1 / normalizer)`` inside the kernel), no host sync."""
     n_tok, local_cols = logits_shard.shape
-    check_cfg(cfg, ref_logp, rollout_logp)
-    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("loss_mask", loss_mask),
-                    ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("seq_ids", seq_ids),
-                    ("targets", targets)):
-        if t is not None and tuple(t.shape) != (n_tok,):
-            raise ValueError(f"{name} must have shape ({n_tok},) like the logits' tokens, got {tuple(t.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64 token ids, got {targets.dtype}")
+    _check_inputs(n_tok, cfg=cfg, advantages=advantages, old_logp=old_logp, loss_mask=loss_mask,
+                  ref_logp=ref_logp, rollout_logp=rollout_logp, seq_ids=seq_ids)
+    check_target_layout(targets, n_tok)
     if not normalizer > 0:
         raise ValueError(f"normalizer must be > 0 (global tokens or sequences), got {normalizer}")
     if cfg.loss_agg == "seq_mean_token_mean":
@@ -280,14 +275,20 @@ def _fused_eligible(logits, tp_size) -> bool:
     return tp_size == 1 and ext is not None and fused_enabled() and bool(ext.fused_supported(logits))
 
 
+def _check_inputs(n_tok, *, cfg, **per_token):
+    """Host-side checks of every entry point: the config, and one value per token in each of
+    ``per_token`` (None allowed). No device op."""
+    check_cfg(cfg, per_token.get("ref_logp"), per_token.get("rollout_logp"))
+    for name, t in per_token.items():
+        if t is not None and tuple(t.shape) != (n_tok,):
+            raise ValueError(f"{name} must have shape ({n_tok},) like the logits' tokens, got {tuple(t.shape)}")
+
+
 def _prepare(n_tok, targets, advantages, old_logp, loss_mask, *, cfg, vocab_size, ref_logp, rollout_logp,
              seq_ids, normalizer, acc):
     """Checks shared by the unfused entry points -> (active, targets, weights, ref)."""
-    check_cfg(cfg, ref_logp, rollout_logp)
-    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("loss_mask", loss_mask),
-                    ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("seq_ids", seq_ids)):
-        if t is not None and tuple(t.shape) != (n_tok,):
-            raise ValueError(f"{name} must have shape ({n_tok},) like the logits' tokens, got {tuple(t.shape)}")
+    _check_inputs(n_tok, cfg=cfg, advantages=advantages, old_logp=old_logp, loss_mask=loss_mask,
+                  ref_logp=ref_logp, rollout_logp=rollout_logp, seq_ids=seq_ids)
     active = loss_mask > 0
     # Masked tokens may carry pad/ignore ids; any valid id keeps the kernels in bounds.
     targets = torch.where(active, targets.long(), torch.zeros_like(targets, dtype=torch.long))

@@ -175,11 +175,16 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         return out, None, None, None, None, None, None, None, None
 
 
-def check_targets(targets: torch.Tensor, n_tok: int, vocab_size: int, name: str = "targets"):
+def check_target_layout(targets: torch.Tensor, n_tok: int, name: str = "targets"):
+    """Shape and dtype only: host metadata, no device op (the fused GRPO kernel checks the range)."""
     if targets.dim() != 1 or targets.shape[0] != n_tok:
         raise ValueError(f"{name} must have shape ({n_tok},) to match the logits, got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} must be int64 token ids, got {targets.dtype}")
+
+
+def check_targets(targets: torch.Tensor, n_tok: int, vocab_size: int, name: str = "targets"):
+    check_target_layout(targets, n_tok, name)
     if n_tok and bool(((targets < 0) | (targets >= vocab_size)).any()):
         bad = targets[(targets < 0) | (targets >= vocab_size)][:4].tolist()
         raise ValueError(f"{name} hold ids outside [0, vocab_size={vocab_size}), e.g. {bad}: replace "

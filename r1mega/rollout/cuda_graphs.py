@@ -6,9 +6,9 @@ phase (the KV cache tensors it points at live for that phase) and replayed with 
 into static input buffers. Rows past the real batch are padding: they write their K/V to the
 scratch block and attend to one token, so they never touch a live sequence.
 
-Captures are paid every rollout phase (a warm-up step and a capture each: ~50 ms for SmolLM2's
-30 layers), and capturing all 15 buckets up front made that ~0.6 s of a 1.9 s GRPO step. So a
-phase captures lazily, and a shrinking batch keeps replaying its bigger graph until it is less
+Captures are paid every rollout phase whose KV cache was freed (a warm-up step and a capture
+each). Capturing all 15 buckets up front was part of why a SmolLM2 GRPO step's rollout took 1.6 s
+on the H200 (0.3 s after this and the KV-cache changes). So a phase captures lazily, and a shrinking batch keeps replaying its bigger graph until it is less
 than half full: at most one capture per halving (e.g. 64 -> 32 -> 16), padding rows meanwhile.
 
 Host work per step is the other half of decode speed: every per-row integer of a step (token,

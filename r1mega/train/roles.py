@@ -173,8 +173,7 @@ class Rollout:
         try:
             return self.engine.generate(requests)
         finally:
-            end = getattr(self.engine, "end_phase", None) or self.engine.release
-            end()
+            self.engine.end_phase()
 
     @property
     def stats(self) -> dict:
@@ -208,7 +207,7 @@ class PipelineGenerator:
         self.vocab_hashed = hashed_vocab_ids(rt.tp_rank * local, local, rt.device) if local else None
         self.stats: dict = {}
 
-    def release(self) -> None:  # no KV cache to free
+    def end_phase(self) -> None:  # no KV cache to free
         pass
 
     def _params(self, req):

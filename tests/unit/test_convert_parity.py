@@ -9,27 +9,21 @@ import torch
 
 pytest.importorskip("transformers")
 
-from r1mega.config import ParallelConfig, PrecisionConfig  # noqa: E402
+from r1mega.config import PrecisionConfig  # noqa: E402
 from r1mega.convert import families as fam  # noqa: E402
 from r1mega.convert import mcore_io  # noqa: E402
 from r1mega.convert.families import ConversionError  # noqa: E402
 from r1mega.convert.hf_bridge import export_hf, load_hf_into_model  # noqa: E402
 from r1mega.convert.hf_config import model_config_from_hf  # noqa: E402
 from r1mega.convert.hf_io import HFCheckpoint  # noqa: E402
-from r1mega.convert.testing import free_port, load_safetensors_dir, make_tiny_hf_dir  # noqa: E402
+from r1mega.convert.testing import load_safetensors_dir, make_tiny_hf_dir  # noqa: E402
 from r1mega.convert.verify import (compare_logits, hf_reference_logits, our_logits, probe_tokens,  # noqa: E402
                                    verify_against_hf)
 
 
 @pytest.fixture(scope="module")
-def rt():
-    from r1mega.parallel.launch_env import LaunchEnv
-    from r1mega.parallel.runtime import destroy_parallel, init_parallel
-
-    ctx = init_parallel(ParallelConfig(), PrecisionConfig(dtype="fp32"),
-                        env=LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
-    yield ctx
-    destroy_parallel()
+def rt(rt_fp32):
+    return rt_fp32
 
 
 def _build(hf_dir, rt, **overrides):

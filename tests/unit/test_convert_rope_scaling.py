@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from r1mega.config import ParallelConfig, PrecisionConfig, RopeScalingConfig  # noqa: E402
+from r1mega.config import PrecisionConfig, RopeScalingConfig  # noqa: E402
 from r1mega.convert.hf_bridge import load_hf_into_model  # noqa: E402
 from r1mega.convert.hf_config import model_config_from_hf  # noqa: E402
 from r1mega.convert.hf_io import HFCheckpoint  # noqa: E402
-from r1mega.convert.testing import free_port, make_tiny_hf_dir  # noqa: E402
+from r1mega.convert.testing import make_tiny_hf_dir  # noqa: E402
 from r1mega.convert.verify import (DEFAULT_MAX_ABS_TOL, compare_logits, hf_reference_logits,  # noqa: E402
                                    our_logits, probe_tokens)
 from r1mega.models.rope_scaling import llama3_inv_freq  # noqa: E402
@@ -53,14 +53,8 @@ def test_llama3_inv_freq_is_transformers_and_megatron_defaults():
 
 
 @pytest.fixture(scope="module")
-def rt():
-    from r1mega.parallel.launch_env import LaunchEnv
-    from r1mega.parallel.runtime import destroy_parallel, init_parallel
-
-    ctx = init_parallel(ParallelConfig(), PrecisionConfig(dtype="fp32"),
-                        env=LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
-    yield ctx
-    destroy_parallel()
+def rt(rt_fp32):
+    return rt_fp32
 
 
 def _converted_logits(hf_dir, rt, ids):
