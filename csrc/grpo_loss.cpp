@@ -13,6 +13,7 @@ void shard_backward_cuda(const torch::Tensor& logits, torch::Tensor& grad, const
                          const c10::optional<torch::Tensor>& g_ent, int64_t vocab_start,
                          int64_t valid_cols, double inv_temp);
 std::vector<int64_t> fused_plan(const torch::Tensor& logits);
+void scale_if_not_one_cuda(torch::Tensor& grad, const torch::Tensor& g);
 std::vector<torch::Tensor> fused_grpo_cuda(
     const torch::Tensor& logits, torch::Tensor& grad, const torch::Tensor& targets,
     const torch::Tensor& adv, const torch::Tensor& old_logp, const c10::optional<torch::Tensor>& ref_logp,
@@ -100,6 +101,13 @@ std::vector<torch::Tensor> fused_grpo(const torch::Tensor& logits, torch::Tensor
                          inv_temp, clip_lo, clip_hi, dual_clip, kl_beta, kl_code, tis_cap, wscale);
 }
 
+void scale_if_not_one(torch::Tensor grad, const torch::Tensor& g) {
+  check_logits(grad);
+  TORCH_CHECK(g.device() == grad.device() && g.numel() == 1 && g.scalar_type() == at::kFloat,
+              "r1mega_grpo_cuda.scale_if_not_one: g must be one float32 value on the gradient's device");
+  scale_if_not_one_cuda(grad, g);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -115,6 +123,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"));
   m.def("fused_plan", &fused_plan, "[cluster size, vectors per thread, clusters] of the fused kernel",
         py::arg("logits"));
+  m.def("scale_if_not_one", &scale_if_not_one,
+        "grad *= g in place unless g == 1, decided on the device (no host sync)", py::arg("grad"),
+        py::arg("g"));
   m.def("fused_grpo", &fused_grpo,
         "one-pass GRPO forward + logits gradient (tp = 1), token weight = weight * wscale -> "
         "[logp, entropy, row_stats (T, 12)]",

@@ -237,6 +237,26 @@ void shard_backward_cuda(const torch::Tensor& logits, torch::Tensor& grad, const
 }
 
 // ------------------------------------------------------------------------------------------------
+// Scaling the fused kernel's gradient by the incoming d loss, decided on the device
+// ------------------------------------------------------------------------------------------------
+// The fused forward already wrote d loss / d logits for d loss = 1, the value almost every caller
+// passes. Checking that on the host would stall the CPU until the loss kernel finishes (no more
+// launches queued behind it); here every block reads the scalar and leaves at once when it is 1,
+// so the usual case costs one tiny launch and the rare one a read + write of the gradient.
+template <class D>
+__global__ void scale_if_not_one_kernel(typename D::raw* x, int64_t rows, int64_t cols, int64_t stride,
+                                        const float* __restrict__ g) {
+  const float s = *g;
+  if (s == 1.f) return;
+  const int64_t n = rows * cols;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / cols;
+    typename D::raw* p = x + r * stride + (i - r * cols);
+    *p = D::store(D::load(*p) * s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Fused kernel planning and launch
 // ------------------------------------------------------------------------------------------------
 struct FusedPlan {
@@ -338,4 +358,19 @@ std::vector<torch::Tensor> fused_grpo_cuda(
     });
   });
   return {out_logp, out_ent, out_stats};
+}
+
+void scale_if_not_one_cuda(torch::Tensor& grad, const torch::Tensor& g) {
+  const int64_t rows = grad.size(0), cols = grad.size(1);
+  if (rows == 0 || cols == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad.get_device()));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(grad.scalar_type(), [&](auto d) {
+    using D = decltype(d);
+    scale_if_not_one_kernel<D><<<2 * sms, 512, 0, stream>>>(
+        reinterpret_cast<typename D::raw*>(grad.data_ptr()), rows, cols, grad.stride(0), g.data_ptr<float>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

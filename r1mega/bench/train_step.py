@@ -107,7 +107,7 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "") -> tuple[f
 
 
 def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
-               thd: bool = False):
+               thd: bool = False, attention: str = "auto"):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
     from r1mega.models.gpt import build_model
@@ -116,7 +116,7 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
 
     if compile_mode == "norm":
         spec_mod.RMSNorm.forward = torch.compile(spec_mod.RMSNorm.forward, dynamic=True)
-    model_cfg = ModelConfig(**shape)
+    model_cfg = ModelConfig(**shape, attention_backend=attention)
     chunks = build_model(model_cfg, rt, PrecisionConfig(), wrap=True, distributed_optimizer=True)
     if compile_mode == "layer":
         # One compiled region per layer: without a larger cache, dynamo stops compiling after 8
@@ -151,7 +151,8 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     def one():
         return step(samples, loss_fn).loss
 
-    sec, losses = _timed(one, rt.device, warmup, steps, f"r1mega[{loss_impl}] compile={compile_mode}")
+    sec, losses = _timed(one, rt.device, warmup, steps,
+                         f"r1mega[{loss_impl}] compile={compile_mode} attention={attention}")
     peak = _peak_gb(rt.device)
     del step, optim, chunks
     return sec, peak, losses
@@ -205,6 +206,10 @@ def main(argv=None) -> int:
                     help="r1mega's SFT loss: auto = chunked when r1mega.ops imports, else fp32")
     ap.add_argument("--compile", default="none", choices=["none", "norm", "layer"],
                     help="torch.compile RMSNorm.forward or every TransformerLayer.forward")
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "varlen", "flash"],
+                    help="model.attention_backend of the r1mega runs")
+    ap.add_argument("--attention-too", default="", choices=["", "auto", "sdpa", "cudnn", "varlen", "flash"],
+                    help="also time r1mega (with --compile's setting) under this attention backend")
     ap.add_argument("--thd-too", action="store_true",
                     help="also time r1mega with the batch packed as THD (as RL batches are)")
     ap.add_argument("--skip-hf", action="store_true")
@@ -245,16 +250,27 @@ def main(argv=None) -> int:
     for impl in impls:
         _reset_memory(device)
         sec, mem, losses = run_r1mega(shape, tokens, rt, impl, args.warmup, args.steps,
-                                      args.compile)
+                                      args.compile, attention=args.attention)
         rows[f"r1mega[{impl}]"] = (sec, mem, losses)
     if args.compile_too and args.compile != "layer":
         _reset_memory(device)
         rows[f"r1mega[{impls[-1]},compiled]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
-                                                           args.steps, "layer")
+                                                           args.steps, "layer", attention=args.attention)
+    if args.attention_too and args.attention_too != args.attention:
+        _reset_memory(device)
+        rows[f"r1mega[{impls[-1]},{args.attention_too}]"] = run_r1mega(
+            shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
+            attention=args.attention_too)
+        if args.compile_too and args.compile != "layer":
+            _reset_memory(device)
+            rows[f"r1mega[{impls[-1]},compiled,{args.attention_too}]"] = run_r1mega(
+                shape, tokens, rt, impls[-1], args.warmup, args.steps, "layer",
+                attention=args.attention_too)
     if args.thd_too:
         _reset_memory(device)
         rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
-                                                      args.steps, args.compile, thd=True)
+                                                      args.steps, args.compile, thd=True,
+                                                      attention=args.attention)
     if not args.skip_hf:
         _reset_memory(device)
         rows["transformers"] = run_hf(shape, tokens, device, dtype, args.warmup, args.steps)
@@ -264,7 +280,7 @@ def main(argv=None) -> int:
     print(f"train-step: {shape['num_layers']} layers, hidden {shape['hidden_size']}, vocab "
           f"{shape['vocab_size']}, {args.seqs}x{args.seq_len} tokens, {dtype}, {device}; "
           f"measured matmul peak {peak / 1e12:.1f} TFLOP/s")
-    head = f"{'impl':<24}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}" \
+    head = f"{'impl':<34}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}" \
            f"{'vs HF':>8}{'loss[0]':>10}"
     print(head)
     print("-" * len(head))
@@ -275,7 +291,7 @@ def main(argv=None) -> int:
         tps = n_tokens / sec
         tflops = tps * flops_tok / 1e12
         ratio = (hf[0] / sec) if hf else float("nan")
-        print(f"{name:<24}{sec * 1e3:>10.1f}{tps:>12.0f}{tflops:>10.1f}{tflops * 1e12 / peak:>8.1%}"
+        print(f"{name:<34}{sec * 1e3:>10.1f}{tps:>12.0f}{tflops:>10.1f}{tflops * 1e12 / peak:>8.1%}"
               f"{mem:>10.2f}{ratio:>8.2f}{float(losses[0]):>10.4f}")
         result["impls"][name] = {"ms_per_step": sec * 1e3, "tokens_per_s": tps,
                                  "model_tflops": tflops, "mfu": tflops * 1e12 / peak,

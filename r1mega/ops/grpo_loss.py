@@ -214,9 +214,9 @@ class _FusedGRPO(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if g_loss is None:
             return (None,) * 13
-        # Usually exactly 1 (the trainer sums normalised losses); rescaling costs a read + write.
-        if float(g_loss) != 1.0:
-            grad.mul_(g_loss.to(grad.dtype))
+        # Usually exactly 1 (the trainer sums normalised losses). Decided on the device: a host
+        # check (float(g_loss)) would stall the CPU until the loss kernel has finished.
+        _cuda_ext.get().scale_if_not_one(grad, g_loss.detach().float().reshape(1).contiguous())
         return (grad,) + (None,) * 12
 
 
