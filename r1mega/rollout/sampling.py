@@ -11,6 +11,9 @@ Sampling is Gumbel-max: ``argmax(z + g)`` with ``z = logits / T`` (truncated by 
   the ranks exchange a (max, index) pair and the log-sum-exp per row.
 - it is plain tensor code without host synchronisation, so it can live inside a CUDA graph.
 
+On CUDA the untruncated path (no top-k/top-p) runs as a fused Triton pass over the logits
+(:mod:`r1mega.rollout.triton_sampling`); the PyTorch code here is its reference and the CPU path.
+
 top-p needs the sorted distribution over the whole vocabulary; with TP > 1 (and only when some
 row asks for top_p < 1) the logits are all-gathered for that threshold. R1-style RL samples at
 temperature 1 without truncation, which takes the gather-free path.
@@ -21,6 +24,7 @@ temperature-1 untruncated one, the only informative choice.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,8 +74,10 @@ def step_keys(seq_keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(keys: torch.Tensor, vocab_ids_hashed: torch.Tensor) -> torch.Tensor:
     """(B, V_local) float32 Gumbel(0,1) noise from row keys (B,) and hashed global vocab ids (V_local,)."""
     h = hash32(keys[:, None] ^ vocab_ids_hashed[None, :])  # (B, V_local)
-    # 24 random bits fill a float32 mantissa; +0.5 keeps u strictly inside (0, 1).
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 24 random bits, centred in their float32 cell. For h >> 8 = 2^24 - 1 the + 0.5 rounds up
+    # to 2^24, u to 1 and g to +inf (a uniformly random token, NaN on -inf padding columns, once
+    # per 2^24 columns): the clamp keeps u strictly inside (0, 1) and changes no other draw.
+    u = (((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp(max=1.0 - 2.0**-24)
     return -torch.log(-torch.log(u))
 
 
@@ -194,7 +200,11 @@ def sample(
 
     logits (B, V_local) in any float dtype. Returns (tokens (B,) int64 global ids,
     logprobs (B,) float32 under the sampled distribution, logprobs_t1 (B,) or None).
+    On CUDA without top-k/top-p this runs the fused Triton kernel (R1MEGA_TRITON_SAMPLING=0
+    forces the PyTorch code below, the reference).
     """
+    if logits.is_cuda and params.top_k_max == 0 and not params.use_top_p and _triton_enabled():
+        return _sample_fused(logits, params, shard, vocab_ids_hashed)
     logits = logits.float()
     cols = torch.arange(shard.start, shard.start + shard.size, device=logits.device)
     pad = cols >= shard.true_vocab  # (V_local,)
@@ -235,3 +245,37 @@ def sample(
     if lp_t1 is not None:
         logprobs = torch.where(greedy, lp_t1, logprobs)
     return tokens, logprobs, (lp_t1 if params.want_logprobs_t1 else None)
+
+
+def _triton_enabled() -> bool:
+    from r1mega.rollout import triton_sampling
+
+    return triton_sampling.HAVE_TRITON and os.environ.get("R1MEGA_TRITON_SAMPLING", "1") != "0"
+
+
+def _sample_fused(logits, params: SamplingBatch, shard: VocabShard, vocab_ids_hashed, block=None):
+    """:func:`sample` without top-k/top-p through one read of the logits (triton_sampling);
+    the vocab-parallel reductions are the reference's, on per-row partials. No truncation makes
+    a greedy row's z its raw logits (T = 1), so its log-prob is already the temperature-1 one."""
+    from r1mega.rollout.triton_sampling import fused_sample
+
+    want_t1 = params.want_logprobs_t1
+    r = fused_sample(logits, params.temperature, params.keys, vocab_ids_hashed, shard.start,
+                     shard.true_vocab, want_t1, block=block)
+    if not shard.sharded:
+        return r.tokens, r.logprobs, (r.logprobs_t1 if want_t1 else None)
+    best = _all_reduce(r.best.clone(), dist.ReduceOp.MAX, shard)
+    big = torch.full_like(r.tokens, torch.iinfo(torch.int64).max)
+    tokens = _all_reduce(torch.where(r.best == best, r.tokens, big), dist.ReduceOp.MIN, shard)
+    mine = r.tokens == tokens  # only the rank holding the winner contributes its values
+
+    def token_value(v):
+        return _all_reduce(torch.where(mine, v, torch.zeros_like(v)), dist.ReduceOp.SUM, shard)
+
+    def lse(m, s):
+        m_all = _all_reduce(m.clone(), dist.ReduceOp.MAX, shard)
+        return m_all + torch.log(_all_reduce(s * torch.exp(m - m_all), dist.ReduceOp.SUM, shard))
+
+    logprobs = token_value(r.z_tok) - lse(r.m_z, r.s_z)
+    lp_t1 = token_value(r.raw_tok) - lse(r.m_raw, r.s_raw) if want_t1 else None
+    return tokens, logprobs, lp_t1
