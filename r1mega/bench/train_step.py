@@ -87,8 +87,11 @@ def _profile_step(step_fn, label: str) -> None:
         step_fn()
         torch.cuda.synchronize()
     print(f"---- profile: {label} (one step)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=_PROFILE["rows"],
-                                    max_name_column_width=60))
+    avg = prof.key_averages()
+    print(avg.table(sort_by="cuda_time_total", row_limit=_PROFILE["rows"], max_name_column_width=60))
+    # Host side: a step whose device time is below its wall time is waiting on these.
+    print(f"---- profile: {label}, top host (self CPU) ops")
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def _timed(step_fn, device, warmup: int, steps: int, label: str = "") -> tuple[float, list]:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from r1mega.config import ConfigError, ParallelConfig, PrecisionConfig, derive_data_parallel
+from r1mega.parallel import fused_fallbacks
 from r1mega.parallel.cpu_mode import enable_cpu_mode
 from r1mega.parallel.launch_env import LaunchEnv, read_launch_env
 
@@ -183,6 +184,7 @@ def init_parallel(
         sequence_parallel=parallel.sequence_parallel,
     )
     seed_everything(parallel.seed, rt.pp_rank)
+    fused_fallbacks.install()  # megatron's no-TE/no-apex fallbacks sync once per parameter
     return rt
 
 
