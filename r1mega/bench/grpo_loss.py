@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=152064)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds over the paths")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--skip-chunked", action="store_true", help="skip the (slow) PyTorch fallback path")
     ap.add_argument("--variants", type=int, default=5, help="fused kernel shapes to time alone")
@@ -136,12 +137,23 @@ def main(argv=None) -> int:
         extra = _extra_mb(fn, logits)
         if name == "cuda":
             kernel = last_kernel()
-        ms = _time_ms(fn, args.reps, args.warmup)
-        row = {"path": name, "ms": ms, "extra_mb": extra}
-        if name == "cuda":  # the same call started from an idle device each time
-            row["ms_idle_start"] = _time_ms(fn, args.reps, args.warmup, sync_each=True)
-        rows.append(row)
+        rows.append({"path": name, "ms_rounds": [], "extra_mb": extra})
         torch.cuda.empty_cache()
+    # Paths are timed in interleaved rounds and each reports the median of its round medians: a
+    # path timed once right after another can inherit its clock and allocator state (seen on the
+    # H200: the same fused call read 3.44 ms first and 3.30 ms later in one run).
+    for _ in range(args.rounds):
+        for row, (name, fn) in zip(rows, cases):
+            row["ms_rounds"].append(_time_ms(fn, args.reps, args.warmup))
+            if name == "cuda":  # the same call started from an idle device each time
+                row.setdefault("ms_idle_start_rounds", []).append(
+                    _time_ms(fn, args.reps, args.warmup, sync_each=True))
+            logits.grad = None
+            torch.cuda.empty_cache()
+    for row in rows:
+        row["ms"] = statistics.median(row["ms_rounds"])
+        if "ms_idle_start_rounds" in row:
+            row["ms_idle_start"] = statistics.median(row["ms_idle_start_rounds"])
     kernel_only = {}
     if have_ext:  # the fused kernel alone, without the Python around it (checks, weights, metrics)
         logits.grad = None
@@ -193,7 +205,8 @@ def main(argv=None) -> int:
     result = {"bench": "grpo_loss", "tokens": n_tok, "vocab": vocab, "dtype": "bfloat16",
               "device": torch.cuda.get_device_name(), "copy_bw_TBps": bw / 1e12, "floor_ms": floor_ms,
               "grad_mb": grad_mb, "plain_torch_ms": plain["ms"], "plain_torch_extra_mb": plain["extra_mb"],
-              "paths": {r["path"]: {"ms": r["ms"], "extra_mb": r["extra_mb"]} for r in rows},
+              "paths": {r["path"]: {"ms": r["ms"], "extra_mb": r["extra_mb"], "ms_rounds": r.get("ms_rounds")}
+                        for r in rows},
               "extension": have_ext, "cuda_kernel": kernel, "kernel_only": kernel_only}
     cuda = next((r for r in rows if r["path"] == "cuda"), None)
     if cuda is not None:
