@@ -246,6 +246,11 @@ class LoggingConfig:
     samples_every_steps: int = 10
     num_samples: int = 2
     progress_bar: bool = True
+    # Profile one GRPO step (1-based, as the console counts) with torch.profiler: rank 0 writes
+    # <run_dir>/profile/step<N>.txt (time per phase, top ops, device syncs) and a chrome trace
+    # step<N>.json.gz. 0: off (no profiler, no ranges). Step 1 includes warm-up (CUDA graph
+    # capture, allocator growth): profile step 2 or later for the steady state.
+    profile_step: int = 0
 
 
 @dataclass
@@ -492,6 +497,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     if cfg.train.time_budget_s < 0:
         raise ConfigError(f"train.time_budget_s must be >= 0 (0: no budget), got "
                           f"{cfg.train.time_budget_s}.")
+    if cfg.logging.profile_step < 0:
+        raise ConfigError(f"logging.profile_step must be >= 0 (0: off, N: profile GRPO step N), got "
+                          f"{cfg.logging.profile_step}.")
     _choice("parallel.backend", p.backend, {"auto", "nccl", "gloo"})
     _choice("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format,
             {"fully_reshardable", "dp_reshardable"})

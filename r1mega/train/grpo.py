@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 from r1mega.data.templates import encode_prompt
 from r1mega.models.gpt import count_parameters
-from r1mega.ops.grpo_loss import finalize_metrics, grpo_loss, local_normalizer
+from r1mega.ops.grpo_loss import finalize_metrics, grpo_loss
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.rewards.format import check_format
 from r1mega.rl.advantages import group_advantages
 from r1mega.rollout.types import GenerationRequest
+from r1mega.train.profiling import prange
 from r1mega.train.step import sft_sample
 
 # Components that say "the answer is right" (as opposed to format, length or language shaping).
@@ -64,9 +65,49 @@ def completion_sample(prompt_ids: Sequence[int], token_ids: Sequence[int], advan
 
 
 def seq_ids_of(mb) -> torch.Tensor:
-    """(T,) index of each packed token's sequence within the micro-batch."""
-    lengths = torch.tensor(mb.seq_lengths, device=mb.input_ids.device)
-    return torch.repeat_interleave(torch.arange(len(mb.seq_lengths), device=lengths.device), lengths)
+    """(T,) index of each packed token's sequence within the micro-batch.
+
+    Built on the host from the host-side lengths and copied without blocking: a
+    ``torch.tensor(..., device="cuda")`` is a blocking copy (a stream sync), and a device-side
+    ``repeat_interleave`` without ``output_size`` reads the total back (another one)."""
+    lengths = torch.tensor(mb.seq_lengths, dtype=torch.long)
+    ids = torch.repeat_interleave(torch.arange(len(mb.seq_lengths)), lengths)
+    return ids.to(mb.input_ids.device, non_blocking=True)
+
+
+def normalizer_count(mask: torch.Tensor, seq_ids: Optional[torch.Tensor], num_seqs: int, *,
+                     loss_agg: str, norm_tokens: int) -> torch.Tensor:
+    """``ops.grpo_loss.local_normalizer`` as an int32 0-d tensor on ``mask``'s device, without
+    reading anything back to the host: active tokens (token_mean), sequences with an active token
+    (seq_mean_token_mean), or those times ``norm_tokens`` (seq_mean_token_sum_norm). Integers
+    either way, so the value is the one ``local_normalizer`` gives."""
+    active = mask > 0
+    if loss_agg == "token_mean":
+        return active.sum().to(torch.int32)
+    if seq_ids is None:
+        raise ValueError(f"grpo.loss_agg={loss_agg!r} needs seq_ids to count sequences")
+    if loss_agg not in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        raise ValueError(f"unknown grpo.loss_agg {loss_agg!r}")
+    if loss_agg == "seq_mean_token_sum_norm" and norm_tokens <= 0:
+        raise ValueError("seq_mean_token_sum_norm needs norm_tokens > 0 (grpo.loss_norm_tokens or "
+                         "rollout.max_new_tokens)")
+    per_seq = torch.zeros(num_seqs, dtype=torch.long, device=mask.device)
+    per_seq.index_add_(0, seq_ids, active.long())
+    n_seq = (per_seq > 0).sum()
+    if loss_agg == "seq_mean_token_sum_norm":
+        n_seq = n_seq * int(norm_tokens)
+    return n_seq.to(torch.int32)
+
+
+def samples_to_host(values: Sequence) -> list:
+    """Per-sample device tensors -> host tensors through ONE device-to-host copy (``.cpu()`` on
+    each would be one blocking copy per sample). ``None`` entries stay ``None``."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return list(values)
+    flat = torch.cat([v.reshape(-1) for v in present]).cpu()
+    pieces = iter(torch.split(flat, [v.numel() for v in present]))
+    return [None if v is None else next(pieces).view(v.shape) for v in values]
 
 
 def token_logprob_fn(*, vocab_size: int, tp_group, temperature: float):
@@ -93,7 +134,8 @@ def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, nor
     def loss_fn(logits_shard, mb):
         f = mb.fields
         mask = f["loss_mask"]
-        seq_ids = seq_ids_of(mb)
+        # Only the seq-mean aggregations look at sequences (token_mean weighs tokens alone).
+        seq_ids = None if grpo_cfg.loss_agg == "token_mean" else seq_ids_of(mb)
         old = f.get("old_logprobs")
         if old is None:
             # On-policy, one update per batch: the policy that sampled these tokens is the one
@@ -109,10 +151,12 @@ def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, nor
             tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
             ref_logp=f.get("ref_logprobs"), rollout_logp=f.get("rollout_logprobs"),
             seq_ids=seq_ids, normalizer=1.0, impl=grpo_cfg.loss_impl)
-        count = local_normalizer(mask, loss_agg=grpo_cfg.loss_agg, seq_ids=seq_ids,
+        # An int32 device tensor, computed without a host read (local_normalizer's float() and
+        # a torch.tensor(..., device=) back were two blocking syncs per micro-batch).
+        count = normalizer_count(mask, seq_ids, len(mb.seq_lengths), loss_agg=grpo_cfg.loss_agg,
                                  norm_tokens=norm_tokens)
         sums = {k: v for k, v in metrics.items() if k.endswith("_sum") or k == "n_tokens"}
-        return loss, torch.tensor(int(count), dtype=torch.int32, device=logits_shard.device), sums
+        return loss, count, sums
 
     return loss_fn
 
@@ -218,52 +262,70 @@ class GRPOStep:
     def __call__(self, step: int) -> StepOutput:
         cfg, rt, G = self.cfg, self.rt, self.cfg.rollout.group_size
         t0 = self._sync()
-        # 1. prompts of this DP rank
-        records = self.sampler.next_batch(self.prompts_per_rank)
-        prompts = [encode_prompt(r.prompt, cfg.data.template, self.tok, cfg.data.max_prompt_tokens)
-                   for r in records]
-        # 2. G completions each, from the current weights; the KV cache is freed on return
-        requests = [GenerationRequest(p, n=G, seed=request_seed(cfg.rollout.seed, step, rt.dp_rank, i))
-                    for i, p in enumerate(prompts)]
-        completions = self.rollout.generate(requests)
-        t_rollout = self._sync()
-        # 3. rewards and group advantages
-        items = [{"kind": records[c.prompt_index].kind, "completion": c.text,
-                  "reference": records[c.prompt_index].reference,
-                  "truncated": c.finish_reason == "length", "num_tokens": len(c.token_ids)}
-                 for c in completions]
-        scored = self.scorer.score(items)
-        rewards = torch.tensor([s.total for s in scored], dtype=torch.float32)  # (N*G,)
-        adv, equal = group_advantages(rewards, G, scale_by_std=cfg.grpo.scale_rewards)
-        t_reward = self._sync()
-        keep = [i for i, c in enumerate(completions)
-                if not (cfg.grpo.drop_equal_groups and bool(equal[c.prompt_index]))]
+        with prange("rollout"):
+            # 1. prompts of this DP rank
+            records = self.sampler.next_batch(self.prompts_per_rank)
+            prompts = [encode_prompt(r.prompt, cfg.data.template, self.tok,
+                                     cfg.data.max_prompt_tokens) for r in records]
+            # 2. G completions each, from the current weights; the KV cache is freed on return
+            requests = [GenerationRequest(p, n=G, seed=request_seed(cfg.rollout.seed, step,
+                                                                    rt.dp_rank, i))
+                        for i, p in enumerate(prompts)]
+            completions = self.rollout.generate(requests)
+            t_rollout = self._sync()
+        with prange("reward"):
+            # 3. rewards and group advantages
+            items = [{"kind": records[c.prompt_index].kind, "completion": c.text,
+                      "reference": records[c.prompt_index].reference,
+                      "truncated": c.finish_reason == "length", "num_tokens": len(c.token_ids)}
+                     for c in completions]
+            scored = self.scorer.score(items)
+            rewards = torch.tensor([s.total for s in scored], dtype=torch.float32)  # (N*G,)
+            adv, equal = group_advantages(rewards, G, scale_by_std=cfg.grpo.scale_rewards)
+            t_reward = self._sync()
+        with prange("logprobs"):
+            samples = self._build_samples(completions, prompts, adv, equal)
+            # 4. reference and old log-probs (forward-only passes through the pipeline schedule)
+            if self.reference is not None and cfg.grpo.kl_beta:
+                lps = samples_to_host(self.reference.logprobs(samples, self.logprob_fn))
+                for s, lp in zip(samples, lps):
+                    s["ref_logprobs"] = lp
+            if cfg.grpo.inner_epochs > 1:
+                # The batch is reused, so the sampling policy must be pinned before the first
+                # update.
+                lps = samples_to_host(self.policy.forward_only(samples, self.logprob_fn))
+                for s, lp in zip(samples, lps):
+                    s["old_logprobs"] = lp
+            t_logprobs = self._sync()
+        with prange("train"):
+            # 5. policy update(s)
+            results = [self.policy.update(samples, self.loss_fn)
+                       for _ in range(cfg.grpo.inner_epochs)]
+            t_train = self._sync()
+        with prange("metrics"):
+            return StepOutput(
+                self._metrics(step, records, completions, scored, equal, samples, results,
+                              (t0, t_rollout, t_reward, t_logprobs, t_train)),
+                self._samples(records, completions, scored))
+
+    def _build_samples(self, completions, prompts, adv, equal) -> list:
+        """One packed-ready sample per kept completion (see :func:`completion_sample`)."""
+        cfg = self.cfg
+        drop = cfg.grpo.drop_equal_groups
+        keep = [i for i, c in enumerate(completions) if not (drop and bool(equal[c.prompt_index]))]
         if not keep:
-            # Every group of this rank is uninformative; one zero-advantage sample keeps this rank
-            # in the (collective) schedule and contributes exactly zero gradient.
+            # Every group of this rank is uninformative; one sample with its loss mask zeroed
+            # (below) keeps this rank in the (collective) schedule and contributes zero gradient.
             keep = [0]
         use_rollout_lp = bool(cfg.grpo.tis_cap)
+        adv_list = adv.tolist()  # one host list, not a float(adv[i]) per sample
         samples = [completion_sample(prompts[completions[i].prompt_index], completions[i].token_ids,
-                                     float(adv[i]) if i in keep else 0.0,
+                                     adv_list[i],
                                      completions[i].logprobs if use_rollout_lp else None)
                    for i in keep]
-        if cfg.grpo.drop_equal_groups and len(keep) == 1 and bool(equal[completions[0].prompt_index]):
+        if drop and len(keep) == 1 and bool(equal[completions[0].prompt_index]):
             samples[0]["loss_mask"].zero_()
-        # 4. reference and old log-probs (forward-only passes through the pipeline schedule)
-        if self.reference is not None and cfg.grpo.kl_beta:
-            for s, lp in zip(samples, self.reference.logprobs(samples, self.logprob_fn)):
-                s["ref_logprobs"] = lp.cpu()
-        if cfg.grpo.inner_epochs > 1:
-            # The batch is reused, so the sampling policy must be pinned before the first update.
-            for s, lp in zip(samples, self.policy.forward_only(samples, self.logprob_fn)):
-                s["old_logprobs"] = lp.cpu()
-        t_logprobs = self._sync()
-        # 5. policy update(s)
-        results = [self.policy.update(samples, self.loss_fn) for _ in range(cfg.grpo.inner_epochs)]
-        t_train = self._sync()
-        return StepOutput(self._metrics(step, records, completions, scored, equal, samples, results,
-                                        (t0, t_rollout, t_reward, t_logprobs, t_train)),
-                          self._samples(records, completions, scored))
+        return samples
 
     def _metrics(self, step, records, completions, scored, equal, samples, results, times) -> dict:
         cfg, rt = self.cfg, self.rt

@@ -16,6 +16,7 @@ whatever the packing. ``metrics`` are 0-d tensors, summed over micro-batches and
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -30,6 +31,7 @@ from r1mega.parallel.runtime import ParallelRuntime
 from r1mega.train.failures import guarded_optimizer_step
 from r1mega.train.batching import MicroBatch, make_micro_batches, unpack_per_sample
 from r1mega.train.optimizer import OptimizerBundle
+from r1mega.train.profiling import prange
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple]
 TokenFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
@@ -99,16 +101,18 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         seq, batch = _layout(mb, rt, batch_equal_lengths)
-        if batch > 1:
-            ids = mb.input_ids.view(batch, seq)  # (B, S)
-            out = model(input_ids=ids, position_ids=None, attention_mask=None)
-        else:
-            out = model(input_ids=mb.input_ids, position_ids=None, attention_mask=None,
-                        packed_seq_params=mb.packed)
+        with prange("model_forward"):
+            if batch > 1:
+                ids = mb.input_ids.view(batch, seq)  # (B, S)
+                out = model(input_ids=ids, position_ids=None, attention_mask=None)
+            else:
+                out = model(input_ids=mb.input_ids, position_ids=None, attention_mask=None,
+                            packed_seq_params=mb.packed)
 
         def loss_func(output):
             # (1, T, V/tp) or (B, S, V/tp) -> (T, V/tp), sequences end to end as packed
-            return on_logits(output.reshape(-1, output.shape[-1]), mb)
+            with prange("loss"):
+                return on_logits(output.reshape(-1, output.shape[-1]), mb)
 
         return out, loss_func
 
@@ -133,6 +137,11 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
 
 
 def _micro_batches(samples, rt: ParallelRuntime, micro_batch_tokens: int) -> list[MicroBatch]:
+    with prange("micro_batches"):
+        return _make_micro_batches(samples, rt, micro_batch_tokens)
+
+
+def _make_micro_batches(samples, rt: ParallelRuntime, micro_batch_tokens: int) -> list[MicroBatch]:
     interleaved = rt.vp_size > 1
     return make_micro_batches(
         samples, micro_batch_tokens, dp_group=rt.dp_group, device=rt.device,
@@ -197,6 +206,54 @@ class StepResult:
     metrics_sum: dict = field(default_factory=dict)  # global sums of the loss_fn metrics
 
 
+class MetricSums:
+    """Float64 sums over micro-batches of the loss function's 0-d metrics, on the device.
+
+    Each micro-batch's values go in as ONE vector (a stack per dtype, then one conversion), and
+    one add accumulates it: ~6 small kernels per micro-batch instead of a conversion and an add
+    per metric. Each entry is still ``0.0 + double(v_1) + double(v_2) + ...`` in micro-batch
+    order, so the sums are bit for bit what per-metric accumulation gives."""
+
+    def __init__(self):
+        self.keys: Optional[tuple] = None
+        self.vec: Optional[torch.Tensor] = None
+        # Per-metric sums, used only if micro-batches ever return different metrics.
+        self.by_key: Optional[dict] = None
+
+    @staticmethod
+    def _pack(values: dict) -> tuple:
+        groups: dict = {}
+        for k in sorted(values):
+            groups.setdefault(values[k].dtype, []).append(k)
+        keys = tuple(k for ks in groups.values() for k in ks)
+        parts = [torch.stack([values[k].detach().reshape(()) for k in ks]).double()
+                 for ks in groups.values()]
+        return keys, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def add(self, values: dict) -> None:
+        keys, vec = self._pack(values)
+        if self.by_key is None and self.keys is None:
+            self.keys, self.vec = keys, 0.0 + vec
+        elif self.by_key is None and keys == self.keys:
+            self.vec = self.vec + vec
+        else:
+            if self.by_key is None:
+                self.by_key, self.keys, self.vec = self.as_dict(), None, None
+            for k, v in zip(keys, vec.unbind()):
+                self.by_key[k] = self.by_key.get(k, 0.0) + v
+
+    def as_dict(self) -> dict:
+        if self.by_key is not None:
+            return dict(self.by_key)
+        return dict(zip(self.keys, self.vec.unbind())) if self.keys is not None else {}
+
+
+def _finalize_grads(*args, **kwargs):
+    """megatron's finalize_model_grads (DP reduce, 1/token-count scale), as a profiler range."""
+    with prange("finalize_grads"):
+        return finalize_model_grads(*args, **kwargs)
+
+
 class TrainStep:
     """Forward/backward over all micro-batches + one optimizer step, for DDP-wrapped chunks."""
 
@@ -212,18 +269,21 @@ class TrainStep:
         if model_chunks[0].ddp_config.overlap_grad_reduce:
             grad_sync = [c.start_grad_sync for c in model_chunks]
             config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = _finalize_grads
 
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> dict:
         """Gradients into the DDP buffers (finalised and scaled); returns global sums."""
+        with prange("forward_backward"):
+            return self._forward_backward(micro_batches, loss_fn)
+
+    def _forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> dict:
         rt = self.rt
-        sums: dict = {}
+        sums = MetricSums()
 
         def on_logits(logits_shard, mb):
             loss_sum, num_tokens, metrics = loss_fn(logits_shard, mb)
             num_tokens = torch.as_tensor(num_tokens, device=logits_shard.device).to(torch.int32)
-            for k, v in {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().double()
+            sums.add({"loss_sum": loss_sum, "num_tokens": num_tokens, **metrics})
             return loss_sum, num_tokens, {}
 
         for c in self.chunks:
@@ -231,7 +291,7 @@ class TrainStep:
         self.optim.optimizer.zero_grad()
         _schedule(self.chunks, rt, micro_batches, on_logits, forward_only=False,
                   batch_equal_lengths=self.batch_equal_lengths)
-        return self._global_sums(sums)
+        return self._global_sums(sums.as_dict())
 
     def _global_sums(self, sums: dict) -> dict:
         """Sum over DP on the last stage, then hand the dict to every pipeline stage."""
@@ -255,10 +315,14 @@ class TrainStep:
 
     def optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
         """Clip, step the lr schedule and the optimizer, after :meth:`forward_backward`."""
+        with prange("optimizer_step"):
+            return self._optimizer_step(sums, num_micro_batches)
+
+    def _optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
         sums = dict(sums)
         tokens = int(sums.pop("num_tokens"))
         loss = sums["loss_sum"] / max(tokens, 1)
-        if not torch.isfinite(torch.tensor(loss)):
+        if not math.isfinite(loss):
             # A non-finite loss would poison Adam's moments; the trainer decides whether to stop.
             return StepResult(loss, tokens, None, self.optim.lr, False, num_micro_batches, sums)
         self.optim.scheduler.step(increment=1)

@@ -232,6 +232,7 @@ def run_train(cfg: Config) -> int:
     from r1mega.train.grpo import GRPOStep
     from r1mega.train.metrics import MetricsLogger
     from r1mega.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+    from r1mega.train.profiling import StepProfiler
     from r1mega.train.phases import (CONTINUE_COLD_START, FRESH_COLD_START, RESUME_GRPO,
                                      WEIGHTS_THEN_GRPO, cold_start_checkpoint_config, phase_of,
                                      plan_start, trainer_meta)
@@ -349,8 +350,15 @@ def run_train(cfg: Config) -> int:
         ckpt.save(0, policy.chunks, None, state_fn(0))
     if resume_rng is not None:
         set_rng_state(resume_rng)
+    profile_step = cfg.logging.profile_step
+    if profile_step and not start < profile_step <= cfg.train.steps:
+        _log0(rt, f"WARNING: logging.profile_step={profile_step} is not among the GRPO steps this "
+                  f"run makes ({start + 1}..{cfg.train.steps}); nothing will be profiled.")
+    profiler = StepProfiler(profile_step, cfg.logging.run_dir, rank=rt.rank,
+                            log=lambda text: _log0(rt, text))
     try:
-        last, reason = _loop(cfg, rt, logger, ckpt, step_fn, start=start, total=cfg.train.steps,
+        last, reason = _loop(cfg, rt, logger, ckpt, profiler.wrap(step_fn), start=start,
+                             total=cfg.train.steps,
                              prefix="", state_fn=state_fn, policy=policy, on_step=on_step,
                              deadline=deadline)
         rl_s = time.perf_counter() - t0
