@@ -53,3 +53,15 @@ def test_install_replaces_only_megatron_fallbacks():
     assert clip_grads.l2_norm_impl is not mu.local_multi_tensor_l2_norm
     assert clip_grads.multi_tensor_scale_impl is not mu.local_multi_tensor_scale
     assert ff.install() == []  # idempotent: nothing of megatron's left to replace
+
+
+def test_host_label_check_names_the_problem():
+    import pytest
+
+    from r1mega.train.step import check_label_ids, sft_sample
+
+    ok = sft_sample(torch.tensor([1, 2, 3, 4]), prompt_tokens=1)
+    check_label_ids([ok], vocab_size=5)
+    bad = sft_sample(torch.tensor([1, 2, 9, 4]), prompt_tokens=1)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        check_label_ids([ok, bad], vocab_size=5)

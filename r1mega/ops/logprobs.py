@@ -209,20 +209,25 @@ def resolve_impl(impl: str, logits: torch.Tensor) -> bool:
 
 def vocab_parallel_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, *, tp_group=None,
                             vocab_size: int, temperature: float = 1.0, with_entropy: bool = False,
-                            impl: str = "auto", inplace_backward: bool = False):
+                            impl: str = "auto", inplace_backward: bool = False, check_range: bool = True):
     """log p(target) per token from a vocabulary shard; differentiable w.r.t. ``logits_shard``.
 
     logits_shard: (T, Vl) this rank's columns [rank*Vl, (rank+1)*Vl) of (T, V_padded).
     targets: (T,) global token ids in [0, vocab_size).  Returns (logp (T,), entropy (T,) | None),
     float32 (float64 for float64 logits), identical on every rank of ``tp_group``.
     SFT cross-entropy is ``-logp``. ``inplace_backward`` writes the gradient into ``logits_shard``.
+    ``check_range=False`` skips the id range check, which reads a flag back from the device (a
+    sync that drains the GPU's queue): only for targets already validated elsewhere.
     """
     if logits_shard.dim() != 2:
         raise ValueError(f"logits_shard must be (tokens, vocab/tp), got shape {tuple(logits_shard.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n_tok, local_cols = logits_shard.shape
-    check_targets(targets, n_tok, vocab_size)
+    if check_range:
+        check_targets(targets, n_tok, vocab_size)
+    else:
+        check_target_layout(targets, n_tok)
     tp_rank, tp_size = tp_rank_and_size(tp_group)
     vocab_start, valid_cols = shard_columns(vocab_size, local_cols, tp_rank, tp_size)
     use_cuda = resolve_impl(impl, logits_shard)

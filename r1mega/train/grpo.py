@@ -144,8 +144,10 @@ def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, nor
             # detached. Reading the logits once more is far cheaper than a model forward.
             with torch.no_grad():
                 labels = f["labels"] * (mask > 0)
+                # No range check (a device sync): grpo_loss below checks these labels.
                 old, _ = vocab_parallel_logprobs(logits_shard.detach(), labels, tp_group=tp_group,
-                                                 vocab_size=vocab_size, temperature=temperature)
+                                                 vocab_size=vocab_size, temperature=temperature,
+                                                 check_range=False)
         loss, metrics = grpo_loss(
             logits_shard, f["labels"], f["advantages"], old, mask, cfg=grpo_cfg,
             tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,

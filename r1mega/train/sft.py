@@ -21,7 +21,7 @@ import torch
 
 from r1mega.data.datasets import BadRowError, read_rows
 from r1mega.data.templates import encode_prompt
-from r1mega.train.step import sft_loss_fn, sft_sample
+from r1mega.train.step import check_label_ids, sft_loss_fn, sft_sample
 
 
 class SFTDataError(ValueError):
@@ -161,7 +161,7 @@ class SFTStep:
         self.per_rank = batch // rt.dp_size
         self.sampler = PromptSampler(source, rt.dp_rank, rt.dp_size, seed=cfg.data.seed + 17)
         tp_group = rt.tp_group if rt.tp_size > 1 else None
-        self.loss_fn = sft_loss_fn(cfg.model.vocab_size, tp_group)
+        self.loss_fn = sft_loss_fn(cfg.model.vocab_size, tp_group, host_checked=True)
 
     def __call__(self, step: int) -> dict:
         import time
@@ -170,6 +170,7 @@ class SFTStep:
         pairs = self.sampler.next_batch(self.per_rank)
         samples = [encode_pair(p, r, self.cfg.data, self.tok, self.cfg.data.micro_batch_tokens)
                    for p, r in pairs]
+        check_label_ids(samples, self.cfg.model.vocab_size)
         res = self.policy.update(samples, self.loss_fn)
         dt = time.perf_counter() - t0
         return {"sft/loss": res.loss, "loss": res.loss, "lr": res.lr,

@@ -41,21 +41,35 @@ TokenFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 
 
 def vocab_parallel_target_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, *,
-                                   vocab_size: int, tp_group=None) -> torch.Tensor:
+                                   vocab_size: int, tp_group=None, check_range: bool = True) -> torch.Tensor:
     """log p(target) (T,) from this rank's vocabulary shard (T, V/tp), identical on all TP ranks;
     columns >= vocab_size are padding. The GRPO objective's op: the fused kernel on GPU, a
     token-chunked fp32 path elsewhere, never a (T, V) float32 copy of the logits."""
-    logp, _ = vocab_parallel_logprobs(logits_shard, targets, tp_group=tp_group, vocab_size=vocab_size)
+    logp, _ = vocab_parallel_logprobs(logits_shard, targets, tp_group=tp_group, vocab_size=vocab_size,
+                                      check_range=check_range)
     return logp
 
 
-def sft_loss_fn(vocab_size: int, tp_group=None) -> LossFn:
-    """Cross-entropy on micro-batch fields ``labels`` (T,) and ``loss_mask`` (T,)."""
+def check_label_ids(samples: Sequence[dict], vocab_size: int) -> None:
+    """Host-side range check of the samples' labels (CPU tensors, no device sync); a loss built
+    with ``sft_loss_fn(..., host_checked=True)`` relies on it."""
+    for i, s in enumerate(samples):
+        labels = s["labels"][s["loss_mask"] > 0]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab_size):
+            raise ValueError(f"sample {i}: label ids in [{int(labels.min())}, {int(labels.max())}] are "
+                             f"outside the model's vocabulary [0, {vocab_size}): the tokenizer does "
+                             "not match model.vocab_size")
+
+
+def sft_loss_fn(vocab_size: int, tp_group=None, *, host_checked: bool = False) -> LossFn:
+    """Cross-entropy on micro-batch fields ``labels`` (T,) and ``loss_mask`` (T,).
+    ``host_checked``: the caller ran :func:`check_label_ids`, so no device range check (a sync)."""
 
     def loss_fn(logits_shard, mb: MicroBatch):
         labels, mask = mb.fields["labels"], mb.fields["loss_mask"].float()
         logp = vocab_parallel_target_logprobs(logits_shard, labels * (mask > 0),
-                                              vocab_size=vocab_size, tp_group=tp_group)
+                                              vocab_size=vocab_size, tp_group=tp_group,
+                                              check_range=not host_checked)
         nll_sum = -(logp * mask).sum()
         return nll_sum, mask.sum().to(torch.int32), {"nll_sum": nll_sum.detach()}
 
@@ -248,10 +262,28 @@ class MetricSums:
         return dict(zip(self.keys, self.vec.unbind())) if self.keys is not None else {}
 
 
-def _finalize_grads(*args, **kwargs):
-    """megatron's finalize_model_grads (DP reduce, 1/token-count scale), as a profiler range."""
+def _finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """megatron's finalize_model_grads (DP reduce), then the 1 / global-token-count scale.
+
+    megatron's own scaling tests ``if num_tokens > 0`` on the host: a device sync that drains
+    the GPU's queue right before the optimizer step. The same broadcast (from the last pipeline
+    stage), all-reduce (data x context parallel) and scale are done here with the zero case
+    decided on the device (scale 1, as megatron's skip leaves the gradients unchanged)."""
     with prange("finalize_grads"):
-        return finalize_model_grads(*args, **kwargs)
+        finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+        if num_tokens is None:
+            return
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+
+        pp_group = pg_collection.pp if pg_collection is not None else ps.get_pipeline_model_parallel_group()
+        dp_cp_group = (pg_collection.dp_cp if pg_collection is not None
+                       else ps.get_data_parallel_group(with_context_parallel=True))
+        dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+        dist.all_reduce(num_tokens, group=dp_cp_group)
+        scaling = torch.where(num_tokens > 0, 1.0 / num_tokens.clamp(min=1), torch.ones_like(num_tokens, dtype=torch.float32))
+        for chunk in model:
+            chunk.scale_gradients(scaling)
 
 
 class TrainStep:
