@@ -122,18 +122,11 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     model_cfg = ModelConfig(**shape, attention_backend=attention)
     chunks = build_model(model_cfg, rt, PrecisionConfig(), wrap=True, distributed_optimizer=True)
     if compile_mode == "layer":
-        # One compiled region per layer: without a larger cache, dynamo stops compiling after 8
-        # layer instances (each guards on its own module) and the rest silently run eager.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
-        torch._dynamo.config.accumulated_cache_size_limit = max(
-            torch._dynamo.config.accumulated_cache_size_limit, 1024)
-        # Each TransformerLayer as one compiled region (graph breaks at megatron's warnings and
-        # offloading context are tolerated); the first steps (warmup) pay the compile time.
-        from r1mega.models.gpt import unwrap
+        # Each TransformerLayer as one compiled region (r1mega.models.compile removes megatron's
+        # graph breaks); the first steps (warmup) pay the compile time.
+        from r1mega.models.compile import compile_layers
 
-        for chunk in chunks:
-            for layer in unwrap(chunk).decoder.layers:
-                layer.forward = torch.compile(layer.forward, dynamic=False)
+        compile_layers(chunks, dynamic=False)
     optim = build_optimizer(OptimizerConfig(lr=1e-5, clip_grad=1.0), chunks, rt, distributed=True)
     b, s = tokens.shape
     step = TrainStep(chunks, optim, rt, micro_batch_tokens=b * s, batch_equal_lengths=not thd)
