@@ -110,7 +110,7 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "") -> tuple[f
 
 
 def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
-               thd: bool = False, attention: str = "auto"):
+               thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
     from r1mega.models.gpt import build_model
@@ -120,7 +120,8 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     if compile_mode == "norm":
         spec_mod.RMSNorm.forward = torch.compile(spec_mod.RMSNorm.forward, dynamic=True)
     model_cfg = ModelConfig(**shape, attention_backend=attention)
-    chunks = build_model(model_cfg, rt, PrecisionConfig(), wrap=True, distributed_optimizer=True)
+    precision = PrecisionConfig(grad_reduce_in_fp32=grad_reduce_in_fp32)
+    chunks = build_model(model_cfg, rt, precision, wrap=True, distributed_optimizer=True)
     if compile_mode == "layer":
         # Each TransformerLayer as one compiled region (r1mega.models.compile removes megatron's
         # graph breaks); the first steps (warmup) pay the compile time.
@@ -154,7 +155,8 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
         return step(samples, loss_fn).loss
 
     sec, losses = _timed(one, rt.device, warmup, steps,
-                         f"r1mega[{loss_impl}] compile={compile_mode} attention={attention}")
+                         f"r1mega[{loss_impl}] compile={compile_mode} attention={attention} "
+                         f"grad_reduce_in_fp32={grad_reduce_in_fp32}")
     peak = _peak_gb(rt.device)
     del step, optim, chunks
     return sec, peak, losses
@@ -212,6 +214,9 @@ def main(argv=None) -> int:
                     help="model.attention_backend of the r1mega runs")
     ap.add_argument("--attention-too", default="", choices=["", "auto", "sdpa", "cudnn", "varlen", "flash"],
                     help="also time r1mega (with --compile's setting) under this attention backend")
+    ap.add_argument("--bf16-grads-too", action="store_true",
+                    help="also time r1mega with precision.grad_reduce_in_fp32=false (bf16 gradient "
+                         "buffers; fp32 master weights and Adam states either way)")
     ap.add_argument("--thd-too", action="store_true",
                     help="also time r1mega with the batch packed as THD (as RL batches are)")
     ap.add_argument("--skip-hf", action="store_true")
@@ -268,6 +273,14 @@ def main(argv=None) -> int:
             rows[f"r1mega[{impls[-1]},compiled,{args.attention_too}]"] = run_r1mega(
                 shape, tokens, rt, impls[-1], args.warmup, args.steps, "layer",
                 attention=args.attention_too)
+    if args.bf16_grads_too:
+        # With one micro-batch on one rank the buffer only receives the bf16 weight gradient once:
+        # fp32 and bf16 buffers hold the same values, the fp32 one costs an unvectorised
+        # mixed-dtype add per parameter.
+        _reset_memory(device)
+        rows[f"r1mega[{impls[-1]},bf16-grads]"] = run_r1mega(
+            shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
+            attention=args.attention, grad_reduce_in_fp32=False)
     if args.thd_too:
         _reset_memory(device)
         rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
