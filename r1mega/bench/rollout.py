@@ -12,12 +12,11 @@ bf16 mismatch between the rollout's log-probs and the training forward's for the
 
 ``--smoke`` runs a tiny shape on CPU (no peer) to check the script end to end.
 
-Measured on one H200 (torch 2.11, CUDA graphs + compiled decode step), side by side:
-256x128->256: 62,580 vs HF 3,529 tokens/s = 17.7x (21.7% of the decode roofline);
-64x128->512: 33,348 vs HF 1,066 tokens/s = 31.3x (29.5%); bf16 log-prob |diff| vs the
-training forward over 16 sequences: mean 1.8e-2, max 9.3e-2. Graph replay of one decode step:
-1.37 ms at 16 rows, 2.96 ms at 256 rows with 384-token contexts -- launch-bound, not
-bandwidth-bound, below ~128 rows.
+Measured on one H200 (torch 2.11, CUDA graphs + compiled decode step + fused Triton sampling,
+overlapped steps), side by side: 256x128->256: 89,288 vs HF 2,379 tokens/s = 37.5x (30.9% of the
+decode roofline); 64x128->512: 38,461 vs HF 915 tokens/s = 42.0x (34.0%); bf16 log-prob |diff|
+vs the training forward over 16 sequences: mean 1.8e-2, max 9.3e-2. Graph replay of one decode
+step at 256 rows: 2.46 ms (2.79 ms with the unfused PyTorch sampler).
 """
 from __future__ import annotations
 
