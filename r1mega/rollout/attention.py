@@ -65,12 +65,17 @@ def _pad_rows(x: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
 
 
 def _unpad_rows(out: torch.Tensor, q_index: torch.Tensor, total: int) -> torch.Tensor:
-    """(B, H, max_q, D) -> (T, H, D) keeping only real query rows."""
-    o = out.transpose(1, 2)  # (B, max_q, H, D)
-    valid = q_index >= 0
-    flat = torch.empty((total,) + o.shape[2:], dtype=o.dtype, device=o.device)
-    flat[q_index[valid]] = o[valid]
-    return flat
+    """(B, H, max_q, D) -> (T, H, D) keeping only real query rows.
+
+    No boolean-mask indexing: its output size is data-dependent, a device sync per call (60 per
+    SmolLM2 prefill step, one per layer and attention call). Each real row's padded position
+    is scattered into a (T + 1,) map instead; padding rows all land in the spare last slot."""
+    b, h, max_q, d = out.shape
+    o = out.transpose(1, 2).reshape(b * max_q, h, d)
+    dest = torch.where(q_index >= 0, q_index, total).reshape(-1)  # (B * max_q,)
+    src = torch.arange(b * max_q, device=out.device)
+    pos = torch.zeros(total + 1, dtype=torch.int64, device=out.device).scatter_(0, dest, src)
+    return o.index_select(0, pos[:total])
 
 
 def _sdpa(q, k, v, *, mask=None, is_causal=False, scale):
