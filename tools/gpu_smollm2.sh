@@ -11,7 +11,8 @@
 #   env: OUT (logs; default /tmp/r1mega-out), RUN_DIR (default /tmp/r1mega-smollm2),
 #        BUDGET_S (whole script, default 340), TRL_TOKENS_PER_S (default 1250)
 #
-# Files in $OUT (5): setup.log, train.log, metrics.jsonl, summary.txt, summary.json.
+# Files in $OUT (5): setup.log, train.log, metrics.jsonl, summary.txt, summary.json; with
+# logging.profile_step=N also stepN.txt and its chrome trace.
 # The summary is printed even when the run dies or is cut short: it covers the steps logged.
 set -uo pipefail
 t_script=$(date +%s)
@@ -83,6 +84,9 @@ timeout -s TERM -k 20 "$left" python3 -m r1mega.cli train configs/smollm2_grpo_g
 train_rc=${PIPESTATUS[0]}
 echo "train rc=$train_rc at $(elapsed) s"
 cp -f "$RUN_DIR/metrics.jsonl" "$OUT/metrics.jsonl" 2>/dev/null
+# logging.profile_step=N leaves a report and a chrome trace in $RUN_DIR/profile (trace if < 30 MB).
+cp -f "$RUN_DIR"/profile/*.txt "$OUT/" 2>/dev/null
+find "$RUN_DIR/profile" -name '*.json*' -size -30M -exec cp -f {} "$OUT/" \; 2>/dev/null
 
 # 4. The summary, last: a table, then one JSON line.
 echo
