@@ -90,6 +90,10 @@ find "$RUN_DIR/profile" -name '*.json*' -size -30M -exec cp -f {} "$OUT/" \; 2>/
 
 # 4. The summary, last: a table, then one JSON line.
 echo
-python3 tools/grpo_run_summary.py "$RUN_DIR/metrics.jsonl" --steps "$STEPS" --warmup 2 \
+exclude=()
+for kv in "$@"; do  # a profiled step is slower (profiler, trace written): not a timing sample
+  case "$kv" in logging.profile_step=*) exclude+=(--exclude-step "${kv#*=}") ;; esac
+done
+python3 tools/grpo_run_summary.py "$RUN_DIR/metrics.jsonl" --steps "$STEPS" --warmup 2 "${exclude[@]}" \
   --baseline-tokens-per-s "$TRL_TOKENS_PER_S" --train-rc "$train_rc" \
   --json-out "$OUT/summary.json" | tee "$OUT/summary.txt"

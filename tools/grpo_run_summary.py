@@ -44,7 +44,7 @@ def mean(xs) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
-def summarise(rows: list, warmup: int, baseline: float) -> dict:
+def summarise(rows: list, warmup: int, baseline: float, exclude=()) -> dict:
     steps = [r for r in rows if "time/step_s" in r]
     evals = [r for r in rows if "eval/accuracy" in r]
     before = evals[0] if evals and evals[0]["step"] < (steps[0]["step"] if steps else 1) else None
@@ -58,12 +58,15 @@ def summarise(rows: list, warmup: int, baseline: float) -> dict:
             tokens = row["response/length_mean"] * row["rollout/completions"]
         row["_tokens"] = tokens
     timed = steps[warmup:] if len(steps) > warmup else steps
+    n_warm = len(steps) - len(timed)
+    timed = [r for r in timed if r["step"] not in set(exclude)]  # e.g. a profiled step
     tps = [r["_tokens"] / r["_wall_s"] for r in timed if r["_tokens"] is not None and r["_wall_s"] > 0]
     tail = steps[-min(5, len(steps)):] if steps else []
     e2e = mean(tps)
     out = {
         "steps_done": len(steps),
-        "timed_steps": len(timed), "warmup_steps_excluded": len(steps) - len(timed),
+        "timed_steps": len(timed), "warmup_steps_excluded": n_warm,
+        "other_steps_excluded": sorted(set(exclude)),
         "eval_accuracy_before": before and before["eval/accuracy"],
         "eval_accuracy_after": after and after["eval/accuracy"],
         "eval_reward_before": before and before.get("eval/reward_mean"),
@@ -109,7 +112,8 @@ def print_table(s: dict, steps_requested: Optional[int], train_rc: Optional[int]
     print(f"train-batch accuracy  {fmt(s['train_accuracy_first_step'])} (step 1) -> "
           f"{fmt(s['train_accuracy_last5'])}")
     split = s["time_split_s"]
-    print(f"step time (mean of {s['timed_steps']} steps, {s['warmup_steps_excluded']} warm-up excluded)")
+    other = f", step(s) {s['other_steps_excluded']} excluded" if s["other_steps_excluded"] else ""
+    print(f"step time (mean of {s['timed_steps']} steps, {s['warmup_steps_excluded']} warm-up excluded{other})")
     print("  " + " | ".join(f"{k} {fmt(v, '{:.3f}')} s" for k, v in split.items()) +
           f" | step {fmt(s['step_s'], '{:.3f}')} s | wall {fmt(s['wall_s_per_step'], '{:.3f}')} s")
     print(f"completion tokens     {fmt(s['completion_tokens_per_step'], '{:.0f}')} per step "
@@ -129,9 +133,11 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-tokens-per-s", type=float, default=1250.0,
                    help="TRL GRPOTrainer completion tokens/s on the same settings")
     p.add_argument("--train-rc", type=int, default=None)
+    p.add_argument("--exclude-step", type=int, action="append", default=[],
+                   help="leave this step out of the timings (e.g. logging.profile_step); repeatable")
     p.add_argument("--json-out", default=None)
     a = p.parse_args(argv)
-    s = summarise(read_rows(a.metrics), a.warmup, a.baseline_tokens_per_s)
+    s = summarise(read_rows(a.metrics), a.warmup, a.baseline_tokens_per_s, exclude=a.exclude_step)
     s.update(steps_requested=a.steps, train_rc=a.train_rc,
              cut_short=bool(a.steps and s["steps_done"] < a.steps))
     print_table(s, a.steps, a.train_rc)
