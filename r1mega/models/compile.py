@@ -12,6 +12,12 @@ shape: 16 compiled regions per layer, the step CPU-bound at the breaks):
   by ``contextlib.nullcontext(x)``, the same behaviour, which dynamo traces.
 
 :func:`layer_graph_breaks` reports what is left (tests assert none on the local spec).
+
+Scope: unpacked (B, S) batches, as ``bench train-step`` and equal-length SFT batches run. Packed
+THD batches still break the graph inside the core attention (host-side sequence lengths), and
+a break inside megatron's ``with off_interface(...)`` block is one dynamo (torch 2.11-2.13)
+cannot resume with a ``nullcontext`` holding a tensor (InternalTorchDynamoError, seen on CPU),
+so the trainer does not compile its packed RL micro-batches this way.
 """
 from __future__ import annotations
 
