@@ -63,7 +63,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     # "auto": Transformer Engine spec when TE imports, else r1mega's local spec.
     spec: str = "auto"
-    # "auto" | "sdpa" | "varlen" | "flash" | "cudnn": how core attention runs packed sequences.
+    # "auto" | "sdpa" | "varlen" | "flash": how core attention runs packed sequences.
     attention_backend: str = "auto"
     # Load Hugging Face weights at start (a directory with config.json + safetensors).
     init_from_hf: Optional[str] = None
@@ -482,7 +482,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}.")
     _choice("model.family", m.family, {"llama", "qwen2", "qwen3"})
     _choice("model.spec", m.spec, {"auto", "local", "te"})
-    _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "varlen", "flash", "cudnn"})
+    _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "varlen", "flash"})
     _choice("model.recompute", m.recompute, {"none", "selective", "full"})
     _choice("precision.dtype", cfg.precision.dtype, {"auto", "fp32", "bf16", "fp16"})
     _choice("optimizer.decay_style", cfg.optimizer.decay_style, {"constant", "cosine", "linear"})

@@ -210,10 +210,8 @@ def main(argv=None) -> int:
                     help="r1mega's SFT loss: auto = chunked when r1mega.ops imports, else fp32")
     ap.add_argument("--compile", default="none", choices=["none", "norm", "layer"],
                     help="torch.compile RMSNorm.forward or every TransformerLayer.forward")
-    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "cudnn", "varlen", "flash"],
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "varlen", "flash"],
                     help="model.attention_backend of the r1mega runs")
-    ap.add_argument("--attention-too", default="", choices=["", "auto", "sdpa", "cudnn", "varlen", "flash"],
-                    help="also time r1mega (with --compile's setting) under this attention backend")
     ap.add_argument("--bf16-grads-too", action="store_true",
                     help="also time r1mega with precision.grad_reduce_in_fp32=false (bf16 gradient "
                          "buffers; fp32 master weights and Adam states either way)")
@@ -263,16 +261,6 @@ def main(argv=None) -> int:
         _reset_memory(device)
         rows[f"r1mega[{impls[-1]},compiled]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
                                                            args.steps, "layer", attention=args.attention)
-    if args.attention_too and args.attention_too != args.attention:
-        _reset_memory(device)
-        rows[f"r1mega[{impls[-1]},{args.attention_too}]"] = run_r1mega(
-            shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
-            attention=args.attention_too)
-        if args.compile_too and args.compile != "layer":
-            _reset_memory(device)
-            rows[f"r1mega[{impls[-1]},compiled,{args.attention_too}]"] = run_r1mega(
-                shape, tokens, rt, impls[-1], args.warmup, args.steps, "layer",
-                attention=args.attention_too)
     if args.bf16_grads_too:
         # With one micro-batch on one rank the buffer only receives the bf16 weight gradient once:
         # fp32 and bf16 buffers hold the same values, the fp32 one costs an unvectorised

@@ -14,11 +14,6 @@ Backends (``model.attention_backend``):
           (B, S) and SDPA runs with ``is_causal`` -- no mask, the fastest GPU path.
   varlen  ``torch.nn.attention.varlen.varlen_attn`` (flash kernels in torch, GPU only).
   flash   flash-attn's ``flash_attn_varlen_func`` when installed.
-  cudnn   equal lengths (and unpacked batches): SDPA restricted to cuDNN's fused attention;
-          other batches as ``auto``. GQA K/V heads are expanded when this cuDNN build does not
-          take ``enable_gqa``. On the H200 (torch 2.11) SDPA already picks cuDNN by itself for
-          the 852M training shape, and forcing it (with the expansion) measured 3% slower per
-          step; it is here for builds whose default order differs.
   auto    GPU: equal lengths -> SDPA causal, else flash if installed, else varlen; CPU: sdpa.
 """
 from __future__ import annotations
@@ -84,48 +79,7 @@ def block_causal_mask(seq_lengths, device) -> torch.Tensor:
     return same_seq & (pos[None, :] <= pos[:, None])
 
 
-_CUDNN = {"gqa": None}  # whether cuDNN SDPA takes enable_gqa here (probed once, on the GPU)
-
-
-def _probe_cudnn_gqa() -> bool:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    q = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    kv = torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).sum().backward()
-        return True
-    except RuntimeError:
-        return False
-
-
-def cudnn_available(device) -> bool:
-    """cuDNN fused attention can run here; settles the GQA question once (call outside compile)."""
-    if torch.device(device).type != "cuda" or not torch.backends.cudnn.is_available():
-        return False
-    if _CUDNN["gqa"] is None:
-        _CUDNN["gqa"] = _probe_cudnn_gqa()
-    return True
-
-
-def sdpa_cudnn(q, k, v, scale: Optional[float]) -> torch.Tensor:
-    """Causal SDPA through cuDNN only. q (B, Hq, S, D), k/v (B, Hkv, S, D) -> (B, Hq, S, D)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    b, hq, s, d = q.shape
-    hkv = k.shape[1]
-    gqa = hq != hkv
-    if gqa and not _CUDNN["gqa"]:
-        # (B, Hkv, S, D) -> (B, Hq, S, D) with query head h reading KV head h // (Hq / Hkv).
-        k = k[:, :, None].expand(b, hkv, hq // hkv, s, d).reshape(b, hq, s, d)
-        v = v[:, :, None].expand(b, hkv, hq // hkv, s, d).reshape(b, hq, s, d)
-        gqa = False
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-
-
-def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float], cudnn: bool = False) -> torch.Tensor:
+def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float]) -> torch.Tensor:
     """Reference packed attention. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
     hq, hkv = q.shape[1], k.shape[1]
     gqa = hq != hkv
@@ -136,8 +90,6 @@ def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float], cudnn: bool = Fals
         qb = q.view(b, s, hq, -1).transpose(1, 2)
         kb = k.view(b, s, hkv, -1).transpose(1, 2)
         vb = v.view(b, s, hkv, -1).transpose(1, 2)
-        if cudnn:
-            return sdpa_cudnn(qb, kb, vb, scale).transpose(1, 2).reshape(q.shape)
         out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
     mask = block_causal_mask(lengths, q.device)  # (T, T)
@@ -192,16 +144,8 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError(f"PackedCoreAttention is causal only, got {attn_mask_type}.")
         self.softmax_scale = softmax_scale
         self.backend = backend
-        if backend == "cudnn" and torch.cuda.is_available():
-            cudnn_available("cuda")  # probe now, not inside a compiled forward
 
     def _choose(self, device: torch.device, equal_lengths: bool) -> str:
-        if self.backend == "cudnn":
-            if device.type != "cuda":
-                return "sdpa"
-            if not equal_lengths:
-                return "flash" if _flash_varlen is not None else "varlen"
-            return "cudnn"
         if self.backend != "auto":
             return self.backend
         if device.type != "cuda" or equal_lengths:
@@ -215,10 +159,6 @@ class PackedCoreAttention(MegatronModule):
         if packed_seq_params is None:
             # (S, B, H, D) -> (B, H, S, D); plain causal batch.
             s, b, hq, d = query.shape
-            if self.backend == "cudnn" and query.is_cuda:
-                out = sdpa_cudnn(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
-                                 value.permute(1, 2, 0, 3), self.softmax_scale)
-                return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
             out = F.scaled_dot_product_attention(
                 query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
                 is_causal=True, scale=self.softmax_scale, enable_gqa=hq != key.shape[2],
@@ -234,12 +174,12 @@ class PackedCoreAttention(MegatronModule):
             seq_lengths = tuple((cu[1:] - cu[:-1]).tolist())
         equal = all(n == seq_lengths[0] for n in seq_lengths)
         backend = self._choose(query.device, equal)
-        if backend in ("sdpa", "cudnn"):
-            return sdpa_packed(query, key, value, seq_lengths, self.softmax_scale, cudnn=backend == "cudnn")
+        if backend == "sdpa":
+            return sdpa_packed(query, key, value, seq_lengths, self.softmax_scale)
         cu = packed_seq_params.cu_seqlens_q
         max_len = int(packed_seq_params.max_seqlen_q)
         if backend == "varlen":
             return varlen_packed(query, key, value, cu, max_len, self.softmax_scale)
         if backend == "flash":
             return flash_packed(query, key, value, cu, max_len, self.softmax_scale)
-        raise ValueError(f"model.attention_backend={backend!r} is not sdpa|varlen|flash|cudnn|auto.")
+        raise ValueError(f"model.attention_backend={backend!r} is not sdpa|varlen|flash|auto.")

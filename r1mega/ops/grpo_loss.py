@@ -122,20 +122,39 @@ def token_weights(loss_mask, *, loss_agg: str, normalizer: float, seq_ids=None, 
     return mask / (counts[inverse].clamp(min=1.0) * normalizer)
 
 
-def local_normalizer(loss_mask, *, loss_agg: str, seq_ids=None, norm_tokens: int = 0) -> float:
-    """This micro-batch's share of ``normalizer``; sum it over micro-batches and DP ranks first."""
+def local_normalizer_count(loss_mask, *, loss_agg: str, seq_ids=None, num_seqs: int = 0,
+                           norm_tokens: int = 0) -> torch.Tensor:
+    """This micro-batch's share of ``normalizer`` as an int32 0-d tensor on ``loss_mask``'s device,
+    with nothing read back to the host (the trainer's loss path): active tokens (token_mean),
+    sequences with an active token (seq_mean_token_mean), or those times ``norm_tokens``
+    (seq_mean_token_sum_norm). ``seq_ids`` (T,) must hold ids in [0, num_seqs)."""
     active = loss_mask > 0
     if loss_agg == "token_mean":
-        return float(active.sum())
+        return active.sum().to(torch.int32)
     if seq_ids is None:
         raise ValueError(f"grpo.loss_agg={loss_agg!r} needs seq_ids to count sequences")
-    n_seq = float(torch.unique(seq_ids[active]).numel())
-    if loss_agg == "seq_mean_token_mean":
-        return n_seq
-    if norm_tokens <= 0:
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"grpo.loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if loss_agg == "seq_mean_token_sum_norm" and norm_tokens <= 0:
         raise ValueError("seq_mean_token_sum_norm needs norm_tokens > 0 (grpo.loss_norm_tokens or "
                          "rollout.max_new_tokens)")
-    return n_seq * norm_tokens
+    per_seq = torch.zeros(num_seqs, dtype=torch.long, device=loss_mask.device)
+    per_seq.index_add_(0, seq_ids, active.long())
+    n_seq = (per_seq > 0).sum()
+    if loss_agg == "seq_mean_token_sum_norm":
+        n_seq = n_seq * int(norm_tokens)
+    return n_seq.to(torch.int32)
+
+
+def local_normalizer(loss_mask, *, loss_agg: str, seq_ids=None, norm_tokens: int = 0) -> float:
+    """:func:`local_normalizer_count` as a float, for any sequence ids (host read: not for hot
+    paths). Sum it over micro-batches and DP ranks to get ``normalizer``."""
+    num_seqs = 0
+    if seq_ids is not None and loss_agg != "token_mean":
+        _, seq_ids = torch.unique(seq_ids, return_inverse=True)
+        num_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
+    return float(local_normalizer_count(loss_mask, loss_agg=loss_agg, seq_ids=seq_ids,
+                                        num_seqs=num_seqs, norm_tokens=norm_tokens))
 
 
 @torch.no_grad()

@@ -151,6 +151,14 @@ def _all_reduce(t: torch.Tensor, op, shard: VocabShard) -> torch.Tensor:
     return t
 
 
+def _global_argmax(best_local: torch.Tensor, tok_local: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """(B,) global token of the best score over all ranks, from each rank's (best, token):
+    the lowest global id among ranks holding the max, so a tie between ranks is deterministic."""
+    best = _all_reduce(best_local.clone(), dist.ReduceOp.MAX, shard)
+    big = torch.full_like(tok_local, torch.iinfo(torch.int64).max)
+    return _all_reduce(torch.where(best_local == best, tok_local, big), dist.ReduceOp.MIN, shard)
+
+
 def _logsumexp(z: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """(B, V_local) -> (B,) log-sum-exp over the whole (sharded) vocabulary."""
     m = _all_reduce(z.amax(dim=-1).clone(), dist.ReduceOp.MAX, shard)  # (B,)
@@ -223,13 +231,7 @@ def sample(
     score = _noisy_scores(z.is_cuda)(z, params.keys, vocab_ids_hashed, greedy)  # (B, V_local)
     best_local, idx_local = score.max(dim=-1)  # (B,)
     tok_local = idx_local + shard.start
-    if shard.sharded:
-        best = _all_reduce(best_local.clone(), dist.ReduceOp.MAX, shard)
-        # The lowest global id among ranks holding the max: deterministic if two ranks tie.
-        big = torch.full_like(tok_local, torch.iinfo(torch.int64).max)
-        tokens = _all_reduce(torch.where(best_local == best, tok_local, big), dist.ReduceOp.MIN, shard)
-    else:
-        tokens = tok_local
+    tokens = _global_argmax(best_local, tok_local, shard) if shard.sharded else tok_local
 
     def token_value(x: torch.Tensor) -> torch.Tensor:  # (B, V_local) -> (B,) x[b, tokens[b]]
         local = tokens - shard.start
@@ -264,9 +266,7 @@ def _sample_fused(logits, params: SamplingBatch, shard: VocabShard, vocab_ids_ha
                      shard.true_vocab, want_t1, block=block)
     if not shard.sharded:
         return r.tokens, r.logprobs, (r.logprobs_t1 if want_t1 else None)
-    best = _all_reduce(r.best.clone(), dist.ReduceOp.MAX, shard)
-    big = torch.full_like(r.tokens, torch.iinfo(torch.int64).max)
-    tokens = _all_reduce(torch.where(r.best == best, r.tokens, big), dist.ReduceOp.MIN, shard)
+    tokens = _global_argmax(r.best, r.tokens, shard)
     mine = r.tokens == tokens  # only the rank holding the winner contributes its values
 
     def token_value(v):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from r1mega.data.templates import encode_prompt
 from r1mega.models.gpt import count_parameters
-from r1mega.ops.grpo_loss import finalize_metrics, grpo_loss
+from r1mega.ops.grpo_loss import finalize_metrics, grpo_loss, local_normalizer_count
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.rewards.format import check_format
 from r1mega.rl.advantages import group_advantages
@@ -73,30 +73,6 @@ def seq_ids_of(mb) -> torch.Tensor:
     lengths = torch.tensor(mb.seq_lengths, dtype=torch.long)
     ids = torch.repeat_interleave(torch.arange(len(mb.seq_lengths)), lengths)
     return ids.to(mb.input_ids.device, non_blocking=True)
-
-
-def normalizer_count(mask: torch.Tensor, seq_ids: Optional[torch.Tensor], num_seqs: int, *,
-                     loss_agg: str, norm_tokens: int) -> torch.Tensor:
-    """``ops.grpo_loss.local_normalizer`` as an int32 0-d tensor on ``mask``'s device, without
-    reading anything back to the host: active tokens (token_mean), sequences with an active token
-    (seq_mean_token_mean), or those times ``norm_tokens`` (seq_mean_token_sum_norm). Integers
-    either way, so the value is the one ``local_normalizer`` gives."""
-    active = mask > 0
-    if loss_agg == "token_mean":
-        return active.sum().to(torch.int32)
-    if seq_ids is None:
-        raise ValueError(f"grpo.loss_agg={loss_agg!r} needs seq_ids to count sequences")
-    if loss_agg not in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
-        raise ValueError(f"unknown grpo.loss_agg {loss_agg!r}")
-    if loss_agg == "seq_mean_token_sum_norm" and norm_tokens <= 0:
-        raise ValueError("seq_mean_token_sum_norm needs norm_tokens > 0 (grpo.loss_norm_tokens or "
-                         "rollout.max_new_tokens)")
-    per_seq = torch.zeros(num_seqs, dtype=torch.long, device=mask.device)
-    per_seq.index_add_(0, seq_ids, active.long())
-    n_seq = (per_seq > 0).sum()
-    if loss_agg == "seq_mean_token_sum_norm":
-        n_seq = n_seq * int(norm_tokens)
-    return n_seq.to(torch.int32)
 
 
 def samples_to_host(values: Sequence) -> list:
@@ -153,10 +129,10 @@ def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, nor
             tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
             ref_logp=f.get("ref_logprobs"), rollout_logp=f.get("rollout_logprobs"),
             seq_ids=seq_ids, normalizer=1.0, impl=grpo_cfg.loss_impl)
-        # An int32 device tensor, computed without a host read (local_normalizer's float() and
-        # a torch.tensor(..., device=) back were two blocking syncs per micro-batch).
-        count = normalizer_count(mask, seq_ids, len(mb.seq_lengths), loss_agg=grpo_cfg.loss_agg,
-                                 norm_tokens=norm_tokens)
+        # An int32 device tensor, computed without a host read (a float() and a
+        # torch.tensor(..., device=) back were two blocking syncs per micro-batch).
+        count = local_normalizer_count(mask, loss_agg=grpo_cfg.loss_agg, seq_ids=seq_ids,
+                                       num_seqs=len(mb.seq_lengths), norm_tokens=norm_tokens)
         sums = {k: v for k, v in metrics.items() if k.endswith("_sum") or k == "n_tokens"}
         return loss, count, sums
 

@@ -281,7 +281,8 @@ def _finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce
                        else ps.get_data_parallel_group(with_context_parallel=True))
         dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
         dist.all_reduce(num_tokens, group=dp_cp_group)
-        scaling = torch.where(num_tokens > 0, 1.0 / num_tokens.clamp(min=1), torch.ones_like(num_tokens, dtype=torch.float32))
+        one = torch.ones_like(num_tokens, dtype=torch.float32)
+        scaling = torch.where(num_tokens > 0, 1.0 / num_tokens.clamp(min=1), one)
         for chunk in model:
             chunk.scale_gradients(scaling)
 

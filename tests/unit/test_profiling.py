@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from r1mega.config import ConfigError, load_config, validate
-from r1mega.ops.grpo_loss import local_normalizer
+from r1mega.ops.grpo_loss import local_normalizer, local_normalizer_count
 from r1mega.rewards.registry import RewardResult, register_reward
 from r1mega.train import profiling
-from r1mega.train.grpo import normalizer_count, samples_to_host
+from r1mega.train.grpo import samples_to_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
@@ -109,16 +109,24 @@ def test_sync_sites_are_counted_by_call_site():
 
 @pytest.mark.parametrize("loss_agg",
                          ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
-def test_device_normalizer_equals_local_normalizer(loss_agg):
+def test_normalizer_count_against_a_plain_count(loss_agg):
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         lengths = torch.randint(1, 9, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
         seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         mask = (torch.rand(int(lengths.sum()), generator=g) > 0.6).float()
-        got = normalizer_count(mask, seq_ids, len(lengths), loss_agg=loss_agg, norm_tokens=7)
-        want = local_normalizer(mask, loss_agg=loss_agg, seq_ids=seq_ids, norm_tokens=7)
-        assert got.dtype == torch.int32 and got.dim() == 0
-        assert int(got) == int(want)
+        active = mask.tolist()
+        if loss_agg == "token_mean":
+            want = sum(a > 0 for a in active)
+        else:  # sequences with at least one active token, counted by hand
+            bounds = [0] + torch.cumsum(lengths, 0).tolist()
+            want = sum(any(a > 0 for a in active[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:]))
+            want *= 7 if loss_agg == "seq_mean_token_sum_norm" else 1
+        got = local_normalizer_count(mask, loss_agg=loss_agg, seq_ids=seq_ids, num_seqs=len(lengths),
+                                     norm_tokens=7)
+        assert got.dtype == torch.int32 and got.dim() == 0 and int(got) == want
+        # the float face takes any ids (here not 0..n-1)
+        assert local_normalizer(mask, loss_agg=loss_agg, seq_ids=seq_ids * 3 + 5, norm_tokens=7) == want
 
 
 def test_samples_to_host_is_one_copy_with_the_same_values():
