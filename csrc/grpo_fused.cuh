@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(THREADS, MINB) fused_grpo_kernel(
   if constexpr (std::is_same<D, BF16>::value) {
     // bf16 logits: t and the gradient are both bf16, so d = t * f is one packed multiply per two
     // logits (f rounded to bf16 once per thread: one more 2^-9 relative rounding) instead of
-    // unpack, multiply and repack per logit. This pass was ~35% of the kernel's instructions.
+    // unpack, multiply and repack per logit (H200, 16,384 x 152,064: kernel 3.39 -> 3.26 ms).
     const unsigned f2 = pack_bf16x2(f, f);
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {

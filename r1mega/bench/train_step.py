@@ -262,9 +262,8 @@ def main(argv=None) -> int:
         rows[f"r1mega[{impls[-1]},compiled]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
                                                            args.steps, "layer", attention=args.attention)
     if args.bf16_grads_too:
-        # With one micro-batch on one rank the buffer only receives the bf16 weight gradient once:
-        # fp32 and bf16 buffers hold the same values, the fp32 one costs an unvectorised
-        # mixed-dtype add per parameter.
+        # With one micro-batch on one rank the buffer only receives the bf16 weight gradient once,
+        # so fp32 and bf16 buffers hold the same values (H200: 185.0 vs 183.5 ms, 33.3 vs 35.0 GB).
         _reset_memory(device)
         rows[f"r1mega[{impls[-1]},bf16-grads]"] = run_r1mega(
             shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,

@@ -2,7 +2,7 @@
 
 megatron-core 0.16.1's layer forward stops dynamo in several places, each a graph break that
 splits the layer into separately compiled pieces with eager code between them (on the 852M
-shape: 16 compiled regions per layer, the step CPU-bound at the breaks):
+shape the H200 profile showed 16 compiled regions per layer):
 
 * ``warnings.warn`` inside ``get_tensor_model_parallel_group_if_none`` (a deprecation notice on
   every linear layer's forward when no explicit TP group is passed; dynamo cannot reorder it):

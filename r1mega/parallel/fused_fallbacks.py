@@ -3,7 +3,7 @@
 megatron-core's own fallbacks (``megatron.core.utils.local_multi_tensor_l2_norm`` / ``..._scale``)
 loop over the parameters in Python, and the l2 norm builds ``torch.tensor(list of device
 scalars)``: one device-to-host synchronisation PER PARAMETER in every gradient-norm computation.
-Each sync drains the GPU's queue, so the optimizer's kernels after it run launch-bound. The
+Each sync waits for the GPU to drain its queue. The
 replacements below are the same math as ``torch._foreach_*`` calls: a handful of fused kernels and
 no host synchronisation (megatron reads the final norm once, as with apex). They are installed only
 where megatron fell back to its local versions; TE's or apex's kernels are left alone.
