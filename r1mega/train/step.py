@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -28,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from r1mega.models.gpt import unwrap
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.parallel.runtime import ParallelRuntime
+from r1mega.train.device_step import Readback, device_optimizer_step, sync_free_supported
 from r1mega.train.failures import guarded_optimizer_step
 from r1mega.train.batching import MicroBatch, make_micro_batches, unpack_per_sample
 from r1mega.train.optimizer import OptimizerBundle
@@ -209,15 +209,53 @@ def forward_only(model_chunks: list, rt: ParallelRuntime, samples: Sequence[dict
     return unpack_per_sample(values, mbs, len(samples))
 
 
-@dataclass
 class StepResult:
-    loss: float  # global sum(loss_sum) / global sum(num_tokens)
-    num_tokens: int  # global (all DP ranks)
-    grad_norm: Optional[float]
-    lr: float
-    update_successful: bool
-    num_micro_batches: int
-    metrics_sum: dict = field(default_factory=dict)  # global sums of the loss_fn metrics
+    """What one optimizer step did. On the sync-free path (see device_step.py) the scalars live
+    on the device until first read: reading ``loss``, ``grad_norm`` ... waits for that step's
+    results only, never for work queued after it."""
+
+    def __init__(self, *, lr: float, num_micro_batches: int, loss: float = float("nan"),
+                 num_tokens: int = 0, grad_norm: Optional[float] = None,
+                 update_successful: bool = False, metrics_sum: Optional[dict] = None,
+                 readback=None, metric_keys: Sequence[str] = ()):
+        self.lr, self.num_micro_batches = lr, num_micro_batches
+        self._loss, self._num_tokens, self._grad_norm = loss, num_tokens, grad_norm
+        self._ok, self._metrics = update_successful, dict(metrics_sum or {})
+        self._readback, self._keys = readback, tuple(metric_keys)
+
+    def _resolve(self) -> None:
+        if self._readback is None:
+            return
+        ok, norm, tokens, loss, *rest = self._readback.get()
+        self._readback = None
+        self._ok, self._grad_norm = bool(ok), float(norm)
+        self._num_tokens, self._loss = int(tokens), float(loss)
+        self._metrics = dict(zip(self._keys, rest))
+
+    @property
+    def loss(self) -> float:  # global sum(loss_sum) / global sum(num_tokens)
+        self._resolve()
+        return self._loss
+
+    @property
+    def num_tokens(self) -> int:  # global (all DP ranks)
+        self._resolve()
+        return self._num_tokens
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        self._resolve()
+        return self._grad_norm
+
+    @property
+    def update_successful(self) -> bool:
+        self._resolve()
+        return self._ok
+
+    @property
+    def metrics_sum(self) -> dict:  # global sums of the loss_fn metrics (and loss_sum)
+        self._resolve()
+        return self._metrics
 
 
 class MetricSums:
@@ -303,6 +341,10 @@ class TrainStep:
             grad_sync = [c.start_grad_sync for c in model_chunks]
             config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
         config.finalize_model_grads_func = _finalize_grads
+        # Sync-free steps need fused Adam (GPU runs get it from build_optimizer); CPU runs keep
+        # the host path, whose results earlier runs were checked against bit for bit.
+        self.sync_free = sync_free_supported(optim.optimizer)
+        self._pending: Optional[StepResult] = None
 
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> dict:
         """Gradients into the DDP buffers (finalised and scaled); returns global sums."""
@@ -327,7 +369,10 @@ class TrainStep:
         return self._global_sums(sums.as_dict())
 
     def _global_sums(self, sums: dict) -> dict:
-        """Sum over DP on the last stage, then hand the dict to every pipeline stage."""
+        """Sum over DP on the last stage, then hand the dict to every pipeline stage.
+
+        Sync-free steps without pipelining keep the sums on the device (0-d tensors); otherwise
+        they come back as host floats (the pipeline broadcast is an object broadcast)."""
         rt = self.rt
         out = None
         if rt.is_last_stage:
@@ -335,6 +380,8 @@ class TrainStep:
             vec = torch.stack([torch.as_tensor(sums[k], device=rt.device).double() for k in keys])
             if rt.dp_size > 1:
                 dist.all_reduce(vec, group=rt.dp_group)
+            if self.sync_free and rt.pp_size == 1:
+                return dict(zip(keys, vec.unbind()))
             out = dict(zip(keys, vec.tolist()))
         if rt.pp_size > 1:
             box = [out]
@@ -352,17 +399,53 @@ class TrainStep:
             return self._optimizer_step(sums, num_micro_batches)
 
     def _optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
+        # A skipped update must not advance the schedule; the previous sync-free step says
+        # whether it was skipped only when read, so it is read (long finished) before stepping.
+        if self._pending is not None:
+            self._pending.update_successful  # noqa: B018 - resolves, and rolls back if skipped
+            self._pending = None
+        if self.sync_free:
+            result = self._device_step(dict(sums), num_micro_batches)
+            self._pending = result
+            return result
         sums = dict(sums)
         tokens = int(sums.pop("num_tokens"))
         loss = sums["loss_sum"] / max(tokens, 1)
         if not math.isfinite(loss):
             # A non-finite loss would poison Adam's moments; the trainer decides whether to stop.
-            return StepResult(loss, tokens, None, self.optim.lr, False, num_micro_batches, sums)
+            return StepResult(loss=loss, num_tokens=tokens, lr=self.optim.lr,
+                              update_successful=False, num_micro_batches=num_micro_batches,
+                              metrics_sum=sums)
         self.optim.scheduler.step(increment=1)
         # A finite loss can still come with a NaN/Inf gradient: the guarded step skips those too.
         ok, grad_norm = guarded_optimizer_step(self.optim.optimizer)
-        return StepResult(loss, tokens, grad_norm,
-                          self.optim.lr, bool(ok), num_micro_batches, sums)
+        lr = self.optim.lr
+        if not ok:
+            self.optim.scheduler.step(increment=-1)
+        return StepResult(loss=loss, num_tokens=tokens, grad_norm=grad_norm, lr=lr,
+                          update_successful=bool(ok), num_micro_batches=num_micro_batches,
+                          metrics_sum=sums)
+
+    def _device_step(self, sums: dict, num_micro_batches: int) -> StepResult:
+        """The same decisions as the host path, taken on the device (see device_step.py)."""
+        dev = self.rt.device
+        sums = {k: torch.as_tensor(v, dtype=torch.float64, device=dev) for k, v in sums.items()}
+        tokens = sums.pop("num_tokens")
+        loss = sums["loss_sum"] / tokens.clamp(min=1)
+        self.optim.scheduler.step(increment=1)
+        lr = self.optim.lr
+        ok, norm = device_optimizer_step(self.optim.optimizer, torch.isfinite(loss), dev)
+        keys = sorted(sums)
+        vec = torch.cat([ok.double(), norm.double(), tokens.reshape(1), loss.reshape(1)]
+                        + [sums[k].reshape(1) for k in keys])
+        scheduler = self.optim.scheduler
+
+        def roll_back_if_skipped(values):
+            if not values[0]:
+                scheduler.step(increment=-1)
+
+        return StepResult(lr=lr, num_micro_batches=num_micro_batches,
+                          readback=Readback(vec, roll_back_if_skipped), metric_keys=keys)
 
     def __call__(self, samples: Sequence[dict], loss_fn: LossFn) -> StepResult:
         """This rank's share of the global batch -> one optimizer step."""
