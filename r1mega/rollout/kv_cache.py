@@ -143,19 +143,40 @@ class PagedKVCache:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    @torch.compiler.disable  # in place, outside inductor: functionalised, it copied the whole cache
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values. slots (T,), k/v (T, kv_heads, head_dim)."""
-        s = self.shape
-        flat = (-1, s.kv_heads, s.head_dim)
-        self.k[layer].view(flat).index_copy_(0, slots, k.to(s.dtype))
-        self.v[layer].view(flat).index_copy_(0, slots, v.to(s.dtype))
+        torch.ops.r1mega.kv_cache_write(self.k[layer], self.v[layer], slots, k, v)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write of a partly filled prompt block for a new sample (every layer)."""
         for layer in range(self.shape.num_layers):
             self.k[layer][dst].copy_(self.k[layer][src])
             self.v[layer][dst].copy_(self.v[layer][src])
+
+
+def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor) -> None:
+    """caches (N, bs, Hkv, D) <- k/v (T, Hkv, D) at the flat token slots (T,), cast to the cache
+    dtype. Also the reference of the fused RoPE + write kernel (triton_rope_kv)."""
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    k_cache.view(-1, hkv, d).index_copy_(0, slots, k.reshape(-1, hkv, d).to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, slots, v.reshape(-1, hkv, d).to(v_cache.dtype))
+
+
+# The write as one opaque op for dynamo. It was a graph break (torch.compiler.disable, after a
+# traced index_copy_ had been functionalised into a copy of the whole cache), which cut the
+# compiled decode forward into a fragment per layer. A custom op with ``mutates_args`` stays in
+# the graph and inductor re-inplaces it: tests/unit/test_rollout_rope_kv_triton.py checks that
+# the compiled code hands the op the cache tensors themselves, not copies.
+@torch.library.custom_op("r1mega::kv_cache_write", mutates_args=("k_cache", "v_cache"))
+def _kv_cache_write_op(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor) -> None:
+    write_slots(k_cache, v_cache, slots, k, v)
+
+
+@_kv_cache_write_op.register_fake
+def _(k_cache, v_cache, slots, k, v) -> None:
+    return None
 
 
 def slots_for(block_table: list[int], start: int, stop: int, block_tokens: int) -> list[int]:

@@ -16,6 +16,12 @@ there ``input_layernorm`` is an identity and ``linear_qkv`` applies the fused no
 
 Tokens of all sequences of a step travel as one flat (T, 1, h) batch (megatron's [s, b, h] with
 b = 1): linear layers do not care where a sequence ends, only attention does.
+
+Decode steps on GPU take a shorter road between linear_qkv and linear_proj: one Triton kernel
+rotates q and k and writes K/V to the cache straight from the unsplit QKV projection
+(triton_rope_kv), then the paged decode kernel (triton_paged); both are custom ops, so the
+compiled decode forward is one graph. The module-by-module path above is its reference and the
+path everywhere else (CPU, prefill, Qwen3 q/k norms, interleaved or partial rotary).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 
 from r1mega.rollout.attention import AttentionBatch, attend_decode_gather, attend_fresh, attend_gather
 from r1mega.rollout.kv_cache import PagedKVCache
-from r1mega.rollout import triton_paged
+from r1mega.rollout import triton_paged, triton_rope_kv
 
 
 def unwrap_model(module):
@@ -109,6 +115,37 @@ class ModelRunner:
         self.vocab_local = w.shape[0]
         self.vocab_start = self.tp_rank * self.vocab_local
         self.cache: Optional[PagedKVCache] = None
+        on_gpu = self.device.type == "cuda"
+        pow2_heads = self.head_dim & (self.head_dim - 1) == 0
+        # Plain attributes (tests flip them): the decode kernels, as custom ops.
+        self.decode_kernel_enabled = on_gpu and triton_paged.HAVE_TRITON and pow2_heads
+        self.fused_rope_kv_enabled = (self.decode_kernel_enabled and triton_rope_kv.HAVE_TRITON
+                                      and self.fused_rope_kv_supported())
+        if on_gpu:
+            # The engine compiles the decode forward (rollout.compile_decode); without the shim,
+            # megatron's TP-group deprecation warning breaks the graph at every RowParallelLinear
+            # on rank 0. Idempotent; the same settings the training compile uses.
+            from r1mega.models.compile import prepare_dynamo
+
+            prepare_dynamo()
+
+    def fused_rope_kv_supported(self) -> bool:
+        """Whether triton_rope_kv covers this model: full-width rotate-half RoPE right after the
+        per-group split of linear_qkv's output, and that output holding whole KV groups."""
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        def absent(norm) -> bool:  # the local spec puts an IdentityOp where Qwen3 has a norm
+            return norm is None or isinstance(norm, IdentityOp)
+
+        no_qk_norm = all(absent(getattr(layer.self_attention, "q_layernorm", None))
+                         and absent(getattr(layer.self_attention, "k_layernorm", None))
+                         for layer in self.layers)
+        # With fewer KV groups than TP ranks megatron all-gathers the QKV output and slices this
+        # rank's q heads out of a group: not the layout the kernel reads.
+        whole_groups = (self.config.num_query_groups or self.config.num_attention_heads) >= self.tp_size
+        return (not self.rotary_interleaved and 2 * self.inv_freq.numel() == self.head_dim
+                and no_qk_norm and whole_groups
+                and not getattr(self.config, "attention_output_gate", False))
 
     # ------------------------------------------------------------------ pieces
 
@@ -140,12 +177,7 @@ class ModelRunner:
         """
         if cos_sin is None:
             return self._apply_rope(q, freqs), self._apply_rope(k, freqs)
-        cos, sin = cos_sin
-        hq = q.shape[2]
-        qk = torch.cat((q, k), dim=2)
-        x1, x2 = torch.chunk(qk, 2, dim=-1)
-        qk = (qk * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
-        return qk[:, :, :hq], qk[:, :, hq:]
+        return triton_rope_kv.rotate_qk(q, k, *cos_sin)
 
     def _rope_cos_sin(self, freqs: torch.Tensor, dtype: torch.dtype):
         if self.rotary_interleaved or freqs.shape[-1] != self.head_dim:
@@ -172,8 +204,8 @@ class ModelRunner:
         cache = self.cache
         if decode_tensors is not None:  # decode from device tensors only (graph-capturable)
             block_tables, ctx_lens = decode_tensors
-            if q.is_cuda and triton_paged.HAVE_TRITON:
-                return triton_paged.paged_decode_attention(
+            if self.decode_kernel_enabled:
+                return torch.ops.r1mega.paged_decode_attention(
                     q, cache.k[layer_idx], cache.v[layer_idx], block_tables, ctx_lens, self.scale
                 )
             return attend_decode_gather(q, cache.k[layer_idx], cache.v[layer_idx], block_tables,
@@ -198,19 +230,28 @@ class ModelRunner:
         """
         T = ids.shape[0]
         freqs = self.rope_freqs(positions)
+        fused = decode_tensors is not None and self.fused_rope_kv_enabled
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             residual = x
             h = layer.input_layernorm(x)
             attn = layer.self_attention
-            q, k, v = attn.get_query_key_value_tensors(h)  # (T, 1, Hq, D), (T, 1, Hkv, D) x2
-            if i == 0:
-                cos_sin = self._rope_cos_sin(freqs, q.dtype)
-            q, k = self._rope_qk(q, k, freqs, cos_sin)
-            q = q.reshape(T, -1, self.head_dim)
-            k = k.reshape(T, -1, self.head_dim)
-            v = v.reshape(T, -1, self.head_dim)
-            self.cache.write(i, slots, k, v)
+            if fused:
+                # (T, 1, Hkv, (G + 2) * D): each KV group's q heads, k, v, as linear_qkv wrote them
+                qkv, _ = attn.get_query_key_value_tensors(h, split_qkv=False)
+                if i == 0:
+                    cos_sin = self._rope_cos_sin(freqs, qkv.dtype)
+                q = torch.ops.r1mega.rope_kv_write(qkv, *cos_sin, slots, self.cache.k[i], self.cache.v[i])
+                k = v = None  # in the cache now; decode attention reads them there
+            else:
+                q, k, v = attn.get_query_key_value_tensors(h)  # (T, 1, Hq, D), (T, 1, Hkv, D) x2
+                if i == 0:
+                    cos_sin = self._rope_cos_sin(freqs, q.dtype)
+                q, k = self._rope_qk(q, k, freqs, cos_sin)
+                q = q.reshape(T, -1, self.head_dim)
+                k = k.reshape(T, -1, self.head_dim)
+                v = v.reshape(T, -1, self.head_dim)
+                self.cache.write(i, slots, k, v)
             o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)
             x = _bda(attn.linear_proj(o.reshape(T, 1, -1).to(h.dtype)), residual)
             residual = x

@@ -7,10 +7,16 @@ softmax. The loop bound is the sequence's length read on the device, so one comp
 serves every context length and the launch fits in a CUDA graph.
 
 The PyTorch reference is :func:`r1mega.rollout.attention.attend_gather`; tests/gpu compares them.
+
+:func:`decode_attention` is the launch as a custom op: one opaque node for dynamo, so the compiled
+decode forward is not cut into a fragment per layer around it (see triton_rope_kv for the other
+half of that, the RoPE + cache write).
 """
 from __future__ import annotations
 
 import torch
+
+from r1mega.rollout.attention import attend_decode_gather
 
 try:
     import triton
@@ -118,3 +124,18 @@ def paged_decode_attention(
         num_warps=4,
     )
     return out
+
+
+@torch.library.custom_op("r1mega::paged_decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention over the paged cache: the Triton kernel on CUDA, the gather reference
+    elsewhere. q (B, Hq, D) -> (B, Hq, D)."""
+    if q.is_cuda and HAVE_TRITON:
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale)
+    return attend_decode_gather(q, k_cache, v_cache, block_tables, ctx_lens, scale).contiguous()
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, block_tables, ctx_lens, scale):
+    return q.new_empty(q.shape)

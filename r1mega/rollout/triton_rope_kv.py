@@ -1,0 +1,204 @@
+"""RoPE on q and k, and the K/V cache write, as one Triton kernel per layer (decode, GPU only).
+
+The unfused decode path spends five kernels per layer between the QKV projection and attention:
+the RoPE elementwise kernel, two copies that make the split q/k/v contiguous, and two
+``index_copy_`` writes of K and V into the paged cache. A decode step is bound by kernel count
+(SmolLM2-135M at 64 rows: ~470 kernels, ~1.4 ms on an H200), so here one program per (token, KV
+group) reads the group's q heads, k and v straight from the ``linear_qkv`` output, rotates q and k,
+stores k and v at the token's cache slot and writes the rotated q heads for attention.
+
+Input layout: megatron's mixed QKV, ``(T, 1, Hkv, (G + 2) * D)`` with G = Hq / Hkv, each KV group
+holding its G query heads, then its key, then its value (``get_query_key_value_tensors`` with
+``split_qkv=False``). The group's q heads and its k are D-wide rows back to back, so the kernel
+rotates them as one (G + 1, D) tile.
+
+Rotation: megatron's non-interleaved rotate-half over the full head width,
+``y = x * cos + rotate_half(x) * sin`` with cos/sin in the activation dtype (what
+``ModelRunner._rope_cos_sin`` gives). Each product and the sum are rounded to the activation dtype
+as PyTorch's eager ops round them, so in bf16/fp16 the kernel is bit-identical to the eager
+reference :func:`rope_kv_write_reference` (a product of two bf16 values is exact in fp32, and the
+sum is rounded from fp32 in both; checked bit for bit under the interpreter and on GPU). In fp32
+the GPU compiler may contract a product and the sum into one FMA, skipping one rounding: the
+difference is of the order of 2^-24 |x| (tests/gpu allow 1e-6 relative + 1e-5 absolute). Against
+the torch.compile'd module path, whose inductor kernel keeps the products in fp32, it is up to
+about one ulp of the activation dtype of |x|.
+
+Interleaved or partial rotary and Qwen3's q/k norms (applied between the split and RoPE) are not
+covered: the runner keeps the unfused path for them.
+
+Both the kernel and :func:`r1mega.rollout.triton_paged.decode_attention` are custom ops, so a
+compiled decode forward is one graph, not one fragment per layer between graph breaks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from r1mega.rollout.kv_cache import write_slots
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs
+    HAVE_TRITON = False
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Full-width rotate-half RoPE on q (T, 1, Hq, D) and k (T, 1, Hkv, D); cos/sin (T, 1, 1, D)
+    in the activation dtype.
+
+    megatron's exact elementwise sequence, ``t * cos + rotate_half(t) * sin``, with q and k rotated
+    together in one set of kernels (the eager path and the reference of the Triton kernel)."""
+    hq = q.shape[2]
+    qk = torch.cat((q, k), dim=2)
+    x1, x2 = torch.chunk(qk, 2, dim=-1)
+    qk = (qk * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    return qk[:, :, :hq], qk[:, :, hq:]
+
+
+def _split(qkv: torch.Tensor, k_cache: torch.Tensor):
+    """(T, [1,] Hkv, (G + 2) * D) mixed QKV -> T, Hkv, G, D, checking it against the cache."""
+    t = qkv.shape[0]
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    group = qkv.shape[-1] // d - 2
+    if group < 1 or qkv.shape[-2] != hkv or qkv.shape[-1] != (group + 2) * d \
+            or qkv.numel() != t * hkv * (group + 2) * d:
+        raise ValueError(
+            f"rope_kv_write: mixed QKV of shape {tuple(qkv.shape)} is not (T, 1, Hkv={hkv}, "
+            f"(G + 2) * D) with D={d} (the KV cache's head layout); pass linear_qkv's output as "
+            f"get_query_key_value_tensors(..., split_qkv=False) returns it."
+        )
+    return t, hkv, group, d
+
+
+def rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache) -> torch.Tensor:
+    """The unfused path: megatron's per-group split, :func:`rotate_qk`, the cache write.
+
+    qkv (T, 1, Hkv, (G + 2) * D); cos/sin (T, 1, 1, D); slots (T,); caches (N, bs, Hkv, D)
+    (written in place). Returns the rotated q (T, Hq, D)."""
+    t, hkv, group, d = _split(qkv, k_cache)
+    x = qkv.reshape(t, 1, hkv, (group + 2) * d)
+    q, k, v = torch.split(x, [group * d, d, d], dim=3)  # what get_query_key_value_tensors does
+    q, k = rotate_qk(q.reshape(t, 1, hkv * group, d), k, cos, sin)
+    write_slots(k_cache, v_cache, slots, k, v)
+    return q.reshape(t, hkv * group, d).contiguous()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _to_act(y, dtype: tl.constexpr, RTNE_BITS: tl.constexpr):
+        # fp32 -> activation dtype. Triton's interpreter truncates fp32 -> bf16 where the GPU
+        # (and PyTorch) round to nearest even; RTNE_BITS (interpreter only) rounds by integer ops,
+        # as c10::BFloat16 does, so the CPU test checks the GPU's arithmetic bit for bit.
+        if RTNE_BITS:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return y.to(dtype)
+
+    @triton.jit
+    def _rope_kv_write_kernel(
+        QKV, COS, SIN, SLOTS, KC, VC, QO,
+        stride_xt, stride_ct, stride_s,
+        stride_kb, stride_kt, stride_kh,
+        stride_qt,
+        GROUP: tl.constexpr,
+        ROWS: tl.constexpr,  # next power of two >= GROUP + 1: the group's q heads and its k
+        D: tl.constexpr,
+        BS: tl.constexpr,
+        RTNE_BITS: tl.constexpr,
+    ):
+        tok = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        r = tl.arange(0, ROWS)
+        d = tl.arange(0, D)
+        half = D // 2
+        base = QKV + tok * stride_xt + g * ((GROUP + 2) * D)
+        row_ok = (r < GROUP + 1)[:, None]
+        x = tl.load(base + r[:, None] * D + d[None, :], mask=row_ok, other=0.0)  # (ROWS, D)
+        # rotate_half(x) = cat(-x2, x1): element d reads its partner d +- D/2.
+        partner = tl.load(base + r[:, None] * D + ((d + half) % D)[None, :], mask=row_ok, other=0.0)
+        partner = partner.to(tl.float32)  # negated in fp32, exact (the interpreter miscomputes bf16 -x)
+        rot = tl.where((d < half)[None, :], -partner, partner)
+        cos = tl.load(COS + tok * stride_ct + d).to(tl.float32)[None, :]
+        sin = tl.load(SIN + tok * stride_ct + d).to(tl.float32)[None, :]
+        # Round each product and the sum to the activation dtype, as the eager ops do.
+        a = _to_act(x.to(tl.float32) * cos, x.dtype, RTNE_BITS)
+        b = _to_act(rot * sin, x.dtype, RTNE_BITS)
+        y = _to_act(a.to(tl.float32) + b.to(tl.float32), x.dtype, RTNE_BITS)
+
+        q_ptr = QO + tok * stride_qt + (g * GROUP + r)[:, None] * D + d[None, :]
+        tl.store(q_ptr, y.to(QO.dtype.element_ty), mask=(r < GROUP)[:, None])
+
+        slot = tl.load(SLOTS + tok * stride_s).to(tl.int64)
+        off = (slot // BS) * stride_kb + (slot % BS) * stride_kt + g * stride_kh
+        # Every row points at the key's slot; only the key row (r == GROUP) is stored.
+        k_ptr = KC + off + r[:, None] * 0 + d[None, :]
+        tl.store(k_ptr, y.to(KC.dtype.element_ty), mask=(r == GROUP)[:, None])
+        v = tl.load(base + (GROUP + 1) * D + d)
+        tl.store(VC + off + d, v.to(VC.dtype.element_ty))
+
+
+def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None) -> torch.Tensor:
+    """The Triton kernel; same arguments and result as :func:`rope_kv_write_reference` (``out``:
+    a contiguous (T, Hq, D) tensor for the rotated q, else a new one)."""
+    if not HAVE_TRITON:
+        raise RuntimeError("rope_kv_write_triton needs Triton; use rope_kv_write_reference.")
+    t, hkv, group, d = _split(qkv, k_cache)
+    if d & (d - 1) or d < 2:
+        raise ValueError(f"rope_kv_write_triton needs a power-of-two head_dim, got {d}.")
+    x = qkv.reshape(t, hkv * (group + 2) * d)  # a view of linear_qkv's output: no copy
+    cos, sin = cos.reshape(t, d), sin.reshape(t, d)
+    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("rope_kv_write_triton: qkv rows and cos/sin rows must be contiguous.")
+    if cos.dtype != qkv.dtype or sin.dtype != qkv.dtype:
+        raise ValueError(f"rope_kv_write_triton: cos/sin must be in the activation dtype "
+                         f"{qkv.dtype} (the reference multiplies in it), got {cos.dtype}.")
+    if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
+        raise ValueError("rope_kv_write_triton: K and V caches must share one layout with D innermost.")
+    q = out if out is not None else torch.empty((t, hkv * group, d), dtype=qkv.dtype, device=qkv.device)
+    if q.shape != (t, hkv * group, d) or not q.is_contiguous():
+        raise ValueError(f"rope_kv_write_triton: out must be a contiguous {(t, hkv * group, d)} tensor.")
+    if t == 0:
+        return q
+    bs = k_cache.shape[1]
+    _rope_kv_write_kernel[(t, hkv)](
+        x, cos, sin, slots, k_cache, v_cache, q,
+        x.stride(0), cos.stride(0), slots.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0),
+        GROUP=group,
+        ROWS=triton.next_power_of_2(group + 1),
+        D=d,
+        BS=bs,
+        RTNE_BITS=interpreting() and qkv.dtype == torch.bfloat16,
+        num_warps=1 if (group + 1) * d <= 512 else 4,
+    )
+    return q
+
+
+# One opaque node for dynamo: inductor re-inplaces the cache mutation and fuses around it.
+@torch.library.custom_op("r1mega::rope_kv_write", mutates_args=("k_cache", "v_cache"))
+def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """RoPE + cache write of one layer: the Triton kernel on CUDA, the reference elsewhere."""
+    if qkv.is_cuda and HAVE_TRITON:
+        return rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache)
+    return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache)
+
+
+@rope_kv_write.register_fake
+def _(qkv, cos, sin, slots, k_cache, v_cache):
+    t = qkv.shape[0]
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    group = qkv.shape[-1] // d - 2  # the last dim is one group's (G + 2) * D
+    return qkv.new_empty((t, hkv * group, d))

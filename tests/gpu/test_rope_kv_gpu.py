@@ -1,0 +1,161 @@
+"""The fused RoPE + KV-cache write on GPU (skipped without CUDA): the Triton kernel against its
+PyTorch reference, the decode forward through it against the module-by-module path (eager,
+compiled, and whole rollouts with CUDA graphs), and the compiled decode forward as one graph.
+
+CPU counterparts (interpreter, custom-op registration, graph breaks on CPU):
+tests/unit/test_rollout_rope_kv_triton.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.unit.test_rollout_rope_kv_triton import SHAPES, make_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{s[0]}-kv{s[1]}-g{s[2]}-d{s[3]}-bs{s[4]}" for s in SHAPES])
+def test_fused_kernel_matches_reference(dtype, shape):
+    from r1mega.rollout.triton_rope_kv import rope_kv_write_reference, rope_kv_write_triton
+
+    qkv, cos, sin, slots, kc, vc = make_inputs(*shape, dtype, seed=0, device="cuda")
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q_ref = rope_kv_write_reference(qkv, cos, sin, slots, kc_ref, vc_ref)
+    q = torch.full_like(q_ref, float("nan"))  # poisoned: every row must be written
+    rope_kv_write_triton(qkv, cos, sin, slots, kc, vc, out=q)
+    assert torch.equal(vc, vc_ref)  # V is a copy
+    if dtype == torch.float32:
+        # fp32: the compiler may contract x*cos + rot*sin into an FMA (module docstring).
+        for got, ref in ((q, q_ref), (kc, kc_ref)):
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    else:  # each product and the sum rounded as the eager ops round them: bit for bit
+        assert torch.equal(q, q_ref) and torch.equal(kc, kc_ref)
+
+
+def _runner(single_rank_runtime, dtype: str, spec: str = "auto"):
+    from r1mega.config import ModelConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache
+    from r1mega.rollout.model_runner import ModelRunner
+
+    rt = single_rank_runtime(precision=PrecisionConfig(dtype=dtype))
+    torch.manual_seed(0)
+    # SmolLM2-135M's attention shape (9 q heads over 3 KV heads of 64), 2 layers.
+    model = build_model(ModelConfig(num_layers=2, hidden_size=576, num_attention_heads=9,
+                                    num_query_groups=3, ffn_hidden_size=1536, vocab_size=1000,
+                                    max_position_embeddings=256, spec=spec), rt, wrap=False)
+    r = ModelRunner(model, rt)
+    assert r.decode_kernel_enabled and r.fused_rope_kv_enabled
+    cache = PagedKVCache(KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, 16, r.param_dtype),
+                         r.device)
+    cache.allocate(64)
+    for t in cache.k + cache.v:
+        t.normal_()  # stands in for the prompts' K/V
+    r.cache = cache
+    return r
+
+
+def _decode_inputs(rows=8, bs=16, seed=0):
+    """Rows at scattered positions (block edges among them), each with its own 7 blocks."""
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, 7 * bs, (rows,), generator=g)
+    positions[:3] = torch.tensor([0, bs - 1, bs])
+    block_tables = (1 + torch.randperm(63, generator=g)[: rows * 7]).view(rows, 7)
+    slots = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
+    ids = torch.randint(0, 1000, (rows,), generator=g)
+    return [t.cuda() for t in (ids, positions, slots, block_tables, (positions + 1).int())]
+
+
+def _decode(r, inputs, fused: bool, fn=None):
+    """Logits and the caches after one decode step from the current cache state (restored)."""
+    ids, positions, slots, bt, ctx = inputs
+    start = [t.clone() for t in r.cache.k + r.cache.v]
+    r.fused_rope_kv_enabled = fused
+    fn = fn or (lambda *a: r.forward(a[0], a[1], a[2], None, decode_tensors=(a[3], a[4])))
+    with torch.no_grad():
+        logits = fn(ids, positions, slots, bt, ctx)
+    after = [t.clone() for t in r.cache.k + r.cache.v]
+    for t, t0 in zip(r.cache.k + r.cache.v, start):
+        t.copy_(t0)
+    return logits, after
+
+
+def test_fused_decode_step_equals_module_path(single_rank_runtime):
+    """bf16, eager: the fused kernel rounds as the module path does, so logits and the written
+    caches are identical bit for bit."""
+    r = _runner(single_rank_runtime, "bf16")
+    inputs = _decode_inputs()
+    ref, ref_cache = _decode(r, inputs, fused=False)
+    got, got_cache = _decode(r, inputs, fused=True)
+    assert torch.equal(got, ref)
+    assert all(torch.equal(a, b) for a, b in zip(got_cache, ref_cache))
+
+
+def test_compiled_decode_is_one_graph(single_rank_runtime):
+    """The decode forward as the engine compiles it (dynamic shapes): one graph, no break, the
+    fused ops inside it; its logits match eager and it writes the caches in place. Local spec:
+    what Transformer Engine's modules do under dynamo is TE's business, not this path's."""
+    r = _runner(single_rank_runtime, "bf16", spec="local")
+    inputs = _decode_inputs()
+
+    def forward(ids, positions, slots, bt, ctx):
+        return r.forward(ids, positions, slots, None, decode_tensors=(bt, ctx))
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(forward)(*inputs)
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, reasons
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"r1mega.rope_kv_write", "r1mega.paged_decode_attention"} <= ops, ops
+
+    eager, eager_cache = _decode(r, inputs, fused=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, dynamic=True)
+    got, got_cache = _decode(r, inputs, fused=True, fn=compiled)  # caches as the compiled step left them
+    # inductor keeps the norms' and residuals' intermediates in fp32: bf16-level differences
+    torch.testing.assert_close(got.float(), eager.float(), atol=5e-2, rtol=5e-2)
+    for a, b in zip(got_cache, eager_cache):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+    # a second batch size reuses the graph (dynamic=True), and writes the cache correctly too
+    got2, _ = _decode(r, _decode_inputs(rows=5, seed=1), fused=True, fn=compiled)
+    ref2, _ = _decode(r, _decode_inputs(rows=5, seed=1), fused=True)
+    torch.testing.assert_close(got2.float(), ref2.float(), atol=5e-2, rtol=5e-2)
+
+
+def _rollout(rt, model, fused: bool):
+    from r1mega.config import RolloutConfig
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    cfg = RolloutConfig(max_new_tokens=24, kv_block_tokens=16, max_batch_sequences=64,
+                        compile_decode=True, cuda_graphs=True, temperature=0.0)
+    eng = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=1000)
+    assert eng.runner.fused_rope_kv_enabled
+    eng.runner.fused_rope_kv_enabled = fused
+    prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
+    outs = eng.generate([GenerationRequest(p, n=2, seed=i) for i, p in enumerate(prompts)])
+    assert eng.graphs is not None
+    eng.release()
+    return [(c.token_ids, c.logprobs) for c in outs]
+
+
+def test_rollout_tokens_equal_with_and_without_fusion(single_rank_runtime):
+    """Whole greedy rollouts the way training runs them (compiled decode in CUDA graphs), fp32:
+    the same tokens; log-probs within fp32 rounding (the kernel may use FMAs)."""
+    from r1mega.config import ModelConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
+
+    rt = single_rank_runtime(precision=PrecisionConfig(dtype="fp32"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8,
+                                    num_query_groups=2, ffn_hidden_size=512, vocab_size=1000,
+                                    max_position_embeddings=256), rt, wrap=False)
+    torch._dynamo.reset()
+    fused = _rollout(rt, model, fused=True)
+    torch._dynamo.reset()
+    plain = _rollout(rt, model, fused=False)
+    for (ta, la), (tb, lb) in zip(fused, plain):
+        assert ta == tb
+        torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-4, rtol=0)

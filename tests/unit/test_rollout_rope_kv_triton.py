@@ -1,0 +1,203 @@
+"""The fused RoPE + KV-cache write (r1mega.rollout.triton_rope_kv) and the decode custom ops, on CPU.
+
+* The Triton kernel against the PyTorch reference under Triton's interpreter (TRITON_INTERPRET=1
+  is set before triton is imported, so the kernel runs in a spawned process): the rotated q and
+  both caches bit for bit in fp32, bf16 and fp16, slots untouched elsewhere.
+* The custom ops' registrations (schema, fake kernels, mutation declarations) via opcheck.
+* The decode forward of a tiny model through the ops (their CPU kernels are the references) equals
+  the module-by-module path bit for bit, and dynamo traces either as one graph with no break.
+* inductor re-inplaces the cache mutations: the compiled code hands the ops the cache tensors
+  themselves, not copies.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_ranks
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+# (tokens T, KV heads, q heads per KV head G, head dim D, block tokens, strided qkv rows and slots)
+SHAPES = [
+    (7, 3, 3, 64, 4, False),  # SmolLM2-135M's heads (9 q, 3 kv, D 64); slots across block edges
+    (64, 3, 3, 64, 16, False),  # its decode batch
+    (5, 4, 1, 32, 8, True),  # MHA (G = 1); qkv rows and slots strided (views of larger buffers)
+    (9, 1, 7, 16, 2, False),  # G + 1 = 8 rows, exactly a power of two; one KV head
+    (6, 2, 4, 128, 1, False),  # one token per block; D = 128
+]
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def make_inputs(T, hkv, G, D, bs, strided, dtype, seed, device="cpu"):
+    """Mixed QKV, cos/sin as ModelRunner builds them, distinct slots (block edges first), caches."""
+    gen = torch.Generator().manual_seed(seed)
+    width = hkv * (G + 2) * D
+    rows = torch.randn(T * (2 if strided else 1), 1, hkv, (G + 2) * D, generator=gen) * 2
+    qkv = rows.to(device, dtype)[:: 2 if strided else 1]  # sliced on the device: .to() would pack it
+    positions = torch.randint(0, 4096, (T,), generator=gen).float()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    freqs = positions[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+    cos, sin = torch.cos(emb).to(dtype), torch.sin(emb).to(dtype)
+    nb = 2 * (-(-T // bs)) + 3
+    edges = [s for b in range(1, nb) for s in (b * bs - 1, b * bs)][:T]  # last/first of a block
+    rest = [s for s in torch.randperm(nb * bs, generator=gen).tolist() if s not in edges]
+    slots = torch.tensor((edges + rest)[:T], dtype=torch.int64, device=device)
+    if strided:
+        slots = torch.stack((slots, slots), dim=1)[:, 0]  # a column of a packed buffer
+    k_cache = torch.randn(nb, bs, hkv, D, generator=gen).to(dtype)
+    v_cache = torch.randn(nb, bs, hkv, D, generator=gen).to(dtype)
+    assert qkv.reshape(T, width).stride(0) == width * (2 if strided else 1)
+    cos, sin, k_cache, v_cache = (t.to(device) for t in (cos, sin, k_cache, v_cache))
+    return qkv, cos, sin, slots, k_cache, v_cache
+
+
+def _interpreted(rank, world, shapes, dtypes):
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from r1mega.rollout import triton_rope_kv as R
+
+    assert R.HAVE_TRITON and R.interpreting()
+    out = []
+    for i, shape in enumerate(shapes):
+        for dtype_name in dtypes:
+            qkv, cos, sin, slots, kc, vc = make_inputs(*shape, getattr(torch, dtype_name), seed=i)
+            kc0, vc0 = kc.clone(), vc.clone()
+            q_ref = R.rope_kv_write_reference(qkv, cos, sin, slots, kc, vc)
+            kc_got, vc_got = kc0.clone(), vc0.clone()
+            q_got = torch.full_like(q_ref, float("nan"))  # poisoned: every row must be written
+            R.rope_kv_write_triton(qkv, cos, sin, slots, kc_got, vc_got, out=q_got)
+            out.append(((shape, dtype_name), slots, (q_ref, kc, vc), (q_got, kc_got, vc_got), (kc0, vc0)))
+    return out
+
+
+@needs_triton
+def test_fused_rope_kv_write_matches_reference_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned process
+    (results,) = run_ranks(_interpreted, 1, args=(SHAPES, DTYPES), timeout_s=300)
+    assert len(results) == len(SHAPES) * len(DTYPES)
+    for case, slots, ref, got, before in results:
+        # Bit for bit in every dtype: the kernel rounds as the eager ops do (module docstring).
+        for name, r, g in zip(("q", "k_cache", "v_cache"), ref, got):
+            assert torch.equal(r, g), f"{case}: {name} differs by {(r.float() - g.float()).abs().max()}"
+        for c, c0 in zip(got[1:], before):
+            flat, flat0 = c.view(-1, *c.shape[2:]), c0.view(-1, *c0.shape[2:])
+            untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+            untouched[slots] = False
+            assert torch.equal(flat[untouched], flat0[untouched]), f"{case}: wrote outside its slots"
+
+
+def test_custom_op_registrations():
+    """Schemas, fake kernels (shapes under dynamo) and declared mutations of the three ops."""
+    from r1mega.rollout import kv_cache, triton_paged, triton_rope_kv  # noqa: F401  (registers)
+
+    qkv, cos, sin, slots, kc, vc = make_inputs(7, 3, 3, 16, 4, False, torch.float32, seed=0)
+    torch.library.opcheck(torch.ops.r1mega.rope_kv_write.default, (qkv, cos, sin, slots, kc, vc))
+    k = torch.randn(7, 3, 16)
+    torch.library.opcheck(torch.ops.r1mega.kv_cache_write.default, (kc, vc, slots, k, k.clone()))
+    bt = torch.tensor([[1, 2], [3, 0], [4, 5]], dtype=torch.int32)
+    ctx = torch.tensor([6, 1, 8], dtype=torch.int32)
+    q = torch.randn(3, 9, 16)
+    torch.library.opcheck(torch.ops.r1mega.paged_decode_attention.default, (q, kc, vc, bt, ctx, 0.25))
+
+
+@pytest.fixture
+def runner(single_rank_runtime):
+    from r1mega.config import ModelConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache
+    from r1mega.rollout.model_runner import ModelRunner
+
+    rt = single_rank_runtime(precision=PrecisionConfig(dtype="fp32"))
+    torch.manual_seed(0)
+    # 6 q heads over 2 KV groups of 16: GQA like SmolLM2's 9 over 3.
+    model = build_model(ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=6,
+                                    num_query_groups=2), rt, wrap=False)
+    r = ModelRunner(model, rt)
+    assert r.fused_rope_kv_supported() and not r.fused_rope_kv_enabled  # supported; CPU: off
+    cache = PagedKVCache(KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, 4, r.param_dtype),
+                         r.device)
+    cache.allocate(12)
+    for t in cache.k + cache.v:
+        t.normal_()  # stands in for earlier tokens' K/V
+    r.cache = cache
+    return r
+
+
+def decode_inputs(bs=4):
+    positions = torch.tensor([0, 3, 4, 9])  # block edges: 3 is a block's last slot, 4 the next's first
+    block_tables = torch.tensor([[1, 0, 0], [2, 0, 0], [3, 4, 0], [5, 6, 7]], dtype=torch.int32)
+    slots = block_tables.long().gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
+    return torch.tensor([5, 7, 9, 11]), positions, slots, block_tables, (positions + 1).int()
+
+
+@pytest.mark.parametrize("path", ["modules", "ops"])
+def test_decode_forward_is_one_graph(runner, path):
+    """No graph break in the decode forward, module path or through the decode ops; the ops'
+    CPU kernels (the references) give the module path's logits and caches bit for bit."""
+    from r1mega.models.compile import prepare_dynamo
+
+    ids, positions, slots, bt, ctx = decode_inputs()
+    start = [t.clone() for t in runner.cache.k + runner.cache.v]
+
+    def forward(ids, positions, slots, bt, ctx):
+        return runner.forward(ids, positions, slots, None, decode_tensors=(bt, ctx))
+
+    with torch.no_grad():
+        ref = forward(ids, positions, slots, bt, ctx)
+        ref_cache = [t.clone() for t in runner.cache.k + runner.cache.v]
+        for t, t0 in zip(runner.cache.k + runner.cache.v, start):
+            t.copy_(t0)
+        runner.decode_kernel_enabled = runner.fused_rope_kv_enabled = path == "ops"
+        got = forward(ids, positions, slots, bt, ctx)
+        assert torch.equal(got, ref)
+        assert all(torch.equal(a, b) for a, b in zip(runner.cache.k + runner.cache.v, ref_cache))
+
+        prepare_dynamo()  # what the runner does on GPU, where the decode forward is compiled
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(forward)(ids, positions, slots, bt, ctx)
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, reasons
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    ours = {op for op in ops if op.startswith("r1mega.")}  # each op once per layer, in the graph
+    assert ours == ({"r1mega.rope_kv_write", "r1mega.paged_decode_attention"} if path == "ops"
+                    else {"r1mega.kv_cache_write"}), ours
+
+
+def test_inductor_writes_the_cache_in_place():
+    """A cache-sized copy per layer would cost more than the whole decode step: the compiled code
+    must call the ops on the cache inputs themselves (auto-functionalised, then re-inplaced)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from r1mega.rollout import triton_paged, triton_rope_kv  # noqa: F401  (registers)
+
+    qkv, cos, sin, slots, kc, vc = make_inputs(4, 2, 3, 16, 4, False, torch.float32, seed=1)
+    bt = torch.stack([slots // 4, torch.zeros_like(slots)], dim=1).int()
+    ctx = (slots % 4 + 1).int()
+
+    def step(qkv, cos, sin, slots, kc, vc, bt, ctx):
+        q = torch.ops.r1mega.rope_kv_write(qkv, cos, sin, slots, kc, vc)
+        o = torch.ops.r1mega.paged_decode_attention(q * 1.0, kc, vc, bt, ctx, 0.25)
+        torch.ops.r1mega.kv_cache_write(kc, vc, slots, o[:, :2], o[:, 2:4])
+        return o + 1
+
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    ref = step(qkv, cos, sin, slots, kc_ref, vc_ref, bt, ctx)
+    torch._dynamo.reset()
+    ptrs = kc.data_ptr(), vc.data_ptr()
+    got, codes = run_and_get_code(torch.compile(step), qkv, cos, sin, slots, kc, vc, bt, ctx)
+    torch.testing.assert_close(got, ref)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and (kc.data_ptr(), vc.data_ptr()) == ptrs
+    code = "\n".join(codes)
+    calls = re.findall(r"torch\.ops\.r1mega\.(\w+)\.default\(([^)]*)\)", code)
+    assert sorted(name for name, _ in calls) == ["kv_cache_write", "paged_decode_attention", "rope_kv_write"]
+    for name, args in calls:
+        args = [a.strip() for a in args.split(",")]
+        caches = {"rope_kv_write": args[4:6], "paged_decode_attention": args[1:3],
+                  "kv_cache_write": args[0:2]}[name]
+        assert all(re.fullmatch(r"arg\d+_1", a) for a in caches), f"{name} gets a cache copy: {args}"
