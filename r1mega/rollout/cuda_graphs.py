@@ -14,7 +14,10 @@ than half full: at most one capture per halving (e.g. 64 -> 32 -> 16), padding r
 Host work per step is the other half of decode speed: every per-row integer of a step (token,
 position, context length, RNG key, step, block table) travels in ONE pinned int64 buffer and one
 host-to-device copy, and the outputs come back as one (B, 2) tensor in one copy -- the step's
-only synchronisation.
+only synchronisation. The host buffer is packed with the step's own row width, so the rows sent
+are one contiguous range: a strided slice of a pinned tensor is staged by ``copy_`` through a
+pageable temporary, and a copy from pageable memory may wait for the stream, i.e. for the step
+still running, which is exactly what overlapped steps (overlap.py) must not do.
 """
 from __future__ import annotations
 
@@ -50,14 +53,19 @@ class DecodeGraphs:
         self.width = BT + max_blocks
         self.ints = torch.zeros(n, self.width, dtype=torch.int64, device=device)
         self.ints[:, CTX] = 1  # padding rows attend to one (scratch) token
+        # Rows [pad_from, n) of ``ints`` hold padding: a step rewrites only the rows that a
+        # bigger earlier batch left behind, not every padding row of its bucket every step.
+        self._pad_from = 0
+        # Device landing place of the packed host rows (flat, like them): one contiguous copy,
+        # then one device copy into the static (n, width) inputs the graphs read.
+        self.ints_in = torch.zeros(n * self.width, dtype=torch.int64, device=device)
         self.temperature = torch.ones(n, dtype=torch.float32, device=device)
         pin = torch.cuda.is_available()
         # Two sets of pinned host buffers: with overlapped steps the host fills one while the
         # copy from the other may still be queued behind the running step.
-        self.host_ints_slots = [torch.zeros(n, self.width, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.host_ints_slots = [torch.zeros(n * self.width, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.host_temp_slots = [torch.ones(n, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         self.host_out_slots = [torch.zeros(n, 2, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
-        self.host_ints, self.host_temp = self.host_ints_slots[0], self.host_temp_slots[0]
         self.graphs: dict = {}
         self.outputs: dict = {}
         self.pool = None
@@ -105,23 +113,37 @@ class DecodeGraphs:
                 self.pool = g.pool()
             self.graphs[b], self.outputs[b] = g, out
         self.captures += len(todo)
+        if self._pad_from <= todo[0]:
+            self._pad_from = 0  # rows 0..todo[0]-1 were reset above
 
-    def run(self, n: int, width: int, slot: int = 0, ids=None) -> torch.Tensor:
-        """Replay for the first ``n`` rows of ``host_ints_slots[slot][:, :width]`` and
-        ``host_temp_slots[slot]`` (filled by the caller); ``ids`` (n,) on the device replaces the
-        token column (the previous step's samples, never seen by the host). Returns the (n, 2)
+    def host_rows(self, slot: int, n: int, width: int) -> torch.Tensor:
+        """The (n, width) view of pinned host buffer ``slot`` that ``run(n, width, slot)`` sends:
+        row-major with the step's own width, so it is one contiguous range."""
+        return self.host_ints_slots[slot][: n * width].view(n, width)
+
+    def run(self, n: int, width: int, slot: int = 0, prev_tokens=None, gather: bool = False) -> torch.Tensor:
+        """Replay for the ``n`` rows of ``host_rows(slot, n, width)`` and ``host_temp_slots[slot]``
+        (filled by the caller). ``prev_tokens`` (m,) on the device, the previous step's samples
+        that the host has not seen, replaces the token column: row i takes ``prev_tokens[i]``, or
+        with ``gather`` ``prev_tokens[j]`` where j is what the host wrote in row i's token column
+        (the previous row of a sequence when finished rows left the batch). Returns the (n, 2)
         [token, log-prob] output, still on the device and valid until the next replay."""
         b = self.bucket_for(n)
         if self.capture_enabled and b not in self.graphs:
             self.capture([b])
-        self.ints[:n, :width].copy_(self.host_ints_slots[slot][:n, :width], non_blocking=True)
+        k = n * width
+        self.ints_in[:k].copy_(self.host_ints_slots[slot][:k], non_blocking=True)
+        self.ints[:n, :width].copy_(self.ints_in[:k].view(n, width))
         self.temperature[:n].copy_(self.host_temp_slots[slot][:n], non_blocking=True)
-        if ids is not None:
-            self.ints[:n, IDS].copy_(ids)
-        if b > n:
-            pad = self.ints[n:b]
+        if prev_tokens is not None:
+            # Stream order: this reads the previous replay's output before this replay rewrites it.
+            src = prev_tokens.index_select(0, self.ints[:n, IDS]) if gather else prev_tokens[:n]
+            self.ints[:n, IDS].copy_(src)
+        if self._pad_from > n:  # a bigger batch left real rows where this one pads
+            pad = self.ints[n:self._pad_from]
             pad.zero_()  # token 0 at position 0, block table -> scratch block
             pad[:, CTX] = 1
+        self._pad_from = n
         if not self.capture_enabled:
             return self.step_fn(self.ints[:b], self.temperature[:b])[:n]
         self.graphs[b].replay()

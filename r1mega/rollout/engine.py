@@ -184,8 +184,12 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, requests, progress: Optional[Callable[[int], None]] = None) -> list[Completion]:
-        """Sample every request's ``n`` completions. ``progress(k)`` is called as k finish."""
+    def generate(self, requests, progress: Optional[Callable[[int], None]] = None,
+                 on_finish: Optional[Callable[[list], None]] = None) -> list[Completion]:
+        """Sample every request's ``n`` completions. ``progress(k)`` is called as k finish;
+        ``on_finish(completions)`` with the :class:`Completion` of each as it finishes, while
+        the others still decode (the trainer scores them meanwhile). Returns every completion,
+        sorted by (prompt, sample), the same objects ``on_finish`` saw."""
         requests = list(requests)
         groups = self._groups(requests)
         self.allocate(self.blocks_needed(groups))
@@ -196,11 +200,8 @@ class RolloutEngine:
         )
         for g in groups:
             sched.add(g)
-        # Host mirror of every sequence's block table (row = seq_id), updated only when a
-        # sequence's blocks change; a decode step gathers its rows with one numpy index.
-        n_seqs = sum(len(g.samples) for g in groups)
-        self._bt_host = np.zeros((n_seqs, self.max_blocks_per_seq()), dtype=np.int64)
-        done: list[Sequence] = []
+        self._mirror_rows([s for g in groups for s in g.samples])
+        done: list[Completion] = []
         t0 = time.perf_counter()
         steps = {"prefill": 0, "decode": 0}
         seconds = {"prefill": 0.0, "decode": 0.0}
@@ -210,8 +211,7 @@ class RolloutEngine:
                 t_step = time.perf_counter()
                 if overlap and overlap.pending:
                     kind = "decode"
-                    launched = overlap.can_continue(sched)
-                    sampled = overlap.advance(sched)
+                    sampled, launched = overlap.advance(sched)
                     steps[kind] += int(launched)
                 else:
                     plan = sched.schedule()
@@ -227,18 +227,34 @@ class RolloutEngine:
                 # Each step ends in a host sync, so wall time per kind is device time + host time.
                 seconds[kind] += time.perf_counter() - t_step
                 finished = [s for s in sampled if self.stopper.check(s)]
+                if not finished:
+                    continue
                 sched.finish_many(finished)
-                done.extend(finished)
-                if progress and finished:
+                completions = [self._completion(s) for s in finished]
+                done.extend(completions)
+                if progress:
                     progress(len(finished))
+                if on_finish:
+                    on_finish(completions)
         elapsed = time.perf_counter() - t0
-        new_tokens = sum(s.num_generated for s in done)
+        new_tokens = sum(len(c.token_ids) for c in done)
         self.stats = {"seconds": elapsed, "new_tokens": new_tokens, "preemptions": sched.num_preemptions,
                       "tokens_per_s": new_tokens / max(elapsed, 1e-9), **steps,
                       "graph_captures": self.graphs.captures if self.graphs is not None else 0,
-                      "prefill_s": seconds["prefill"], "decode_s": seconds["decode"]}
-        done.sort(key=lambda s: (s.prompt_index, s.sample_index))
-        return [self._completion(s) for s in done]
+                      "prefill_s": seconds["prefill"], "decode_s": seconds["decode"],
+                      "overlap_drains": overlap.drains if overlap else 0}
+        done.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        return done
+
+    def _mirror_rows(self, seqs: list[Sequence]) -> None:
+        """Host arrays indexed by ``seq_id`` of what a decode step packs per row: the block
+        tables (rows rewritten only when a sequence's blocks change) and the per-sequence
+        constants, so a step gathers them with numpy indexing instead of Python per row."""
+        self._bt_host = np.zeros((len(seqs), self.max_blocks_per_seq()), dtype=np.int64)
+        self._key_host = np.array([s.key for s in seqs], dtype=np.int64)
+        self._prompt_len_host = np.array([s.prompt_len for s in seqs], dtype=np.int64)
+        self._temp_host = np.array([s.params.temperature for s in seqs], dtype=np.float32)
+        assert all(s.seq_id == i for i, s in enumerate(seqs)), "seq_id must index the mirrors"
 
     def _completion(self, s: Sequence) -> Completion:
         text = s.text
@@ -357,7 +373,7 @@ class RolloutEngine:
 
     def _decode_graph(self, seqs: list[Sequence]) -> list[Sequence]:
         """Decode step through the captured graphs: inputs packed on the host, one copy each way."""
-        width = self._fill_host(seqs, slot=0, with_ids=True)
+        width = self._fill_host(seqs, slot=0)
         out = self.graphs.run(len(seqs), BT + width, slot=0)
         for s in seqs:
             s.num_cached += 1
@@ -366,9 +382,11 @@ class RolloutEngine:
             s.logprobs.append(lp)
         return seqs
 
-    def _fill_host(self, seqs: list[Sequence], slot: int, with_ids: bool) -> int:
+    def _fill_host(self, seqs: list[Sequence], slot: int, with_ids: bool = True,
+                   src_rows: Optional[list] = None) -> int:
         """Pack the step's per-row inputs into pinned host buffer ``slot``; returns the block-table
-        width used. ``with_ids`` False leaves the token column for the device to fill."""
+        width used. ``with_ids`` False leaves the token column to the device, which copies the
+        previous step's row i, or with ``src_rows`` its row ``src_rows[i]``, written there."""
         if self.graphs is None:
             self._capture_graphs(len(seqs))
         g, n, bt = self.graphs, len(seqs), self._bt_host
@@ -378,18 +396,23 @@ class RolloutEngine:
             if s.bt_len != nb:
                 bt[s.seq_id, :nb] = s.blocks
                 s.bt_len = nb
-            width = max(width, nb)
-        host = g.host_ints_slots[slot].numpy()
+            if nb > width:
+                width = nb
+        rows = np.fromiter((s.seq_id for s in seqs), np.int64, n)
+        pos = np.fromiter((s.num_cached for s in seqs), np.int64, n)
+        host = g.host_rows(slot, n, BT + width).numpy()
         if with_ids:
-            host[:n, IDS] = [s.tokens[-1] for s in seqs]
-        host[:n, POS] = [s.num_cached for s in seqs]
-        host[:n, CTX] = host[:n, POS] + 1
-        host[:n, KEY] = [s.key for s in seqs]
+            host[:, IDS] = [s.tokens[-1] for s in seqs]
+        elif src_rows is not None:
+            host[:, IDS] = src_rows
+        host[:, POS] = pos
+        host[:, CTX] = pos + 1
+        host[:, KEY] = self._key_host[rows]
         # The step index is the number of tokens sampled before this one, including one the
         # host has not read yet when steps overlap (num_cached counts it already).
-        host[:n, STEP] = [s.num_cached - s.prompt_len + 1 for s in seqs]
-        host[:n, BT:BT + width] = bt[np.fromiter((s.seq_id for s in seqs), np.int64, n), :width]
-        g.host_temp_slots[slot].numpy()[:n] = [s.params.temperature for s in seqs]
+        host[:, STEP] = pos - self._prompt_len_host[rows] + 1
+        host[:, BT:] = bt[rows, :width]
+        g.host_temp_slots[slot].numpy()[:n] = self._temp_host[rows]
         return width
 
     def _decode_logits(self, ids, positions, slots, block_tables, ctx_lens):

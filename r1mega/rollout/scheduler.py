@@ -181,6 +181,19 @@ class Scheduler:
             return None
         return PrefillPlan(groups, resumed)
 
+    def prefill_ready(self) -> bool:
+        """Whether ``schedule`` would plan a prefill now: the first resumed sequence, or else the
+        first waiting prompt, has its seats and blocks (``_plan_prefill``'s first checks)."""
+        seats = self.max_batch - len(self.running)
+        if self.resumed:
+            need = blocks_needed(len(self.resumed[0].tokens), self.block_tokens)
+            return seats > 0 and need <= self.alloc.num_free
+        if self.waiting:
+            group = self.waiting[0]
+            return (len(group.samples) <= seats
+                    and self._group_blocks(group) + self.watermark <= self.alloc.num_free)
+        return False
+
     def _reserve_decode_slots(self) -> None:
         """Give every running sequence a cache slot for its next token, preempting if needed."""
         i = 0
@@ -202,6 +215,13 @@ class Scheduler:
                         f"rollout.kv_cpu_tokens (CPU), or lower rollout.max_new_tokens."
                     ) from None
                 self.preempt(victim)
+
+    def grow(self, seqs: list) -> None:
+        """A cache slot for each of ``seqs``' next tokens, from free blocks only: the caller
+        checked that they fit (an overlapped step is running, nobody may be preempted now)."""
+        for seq in seqs:
+            if seq.num_cached >= len(seq.blocks) * self.block_tokens:
+                seq.blocks.append(self.alloc.allocate())
 
     # ------------------------------------------------------------------ transitions
 
