@@ -169,9 +169,16 @@ class Rollout:
             self.engine = PipelineGenerator(policy, rollout_cfg, rt, eos_ids=eos_ids,
                                             decode_fn=decode_fn, vocab_size=vocab_size)
 
-    def generate(self, requests: list) -> list:
+    def generate(self, requests: list, on_finish: Optional[Callable[[list], None]] = None) -> list:
+        """``on_finish(completions)``: called as completions finish (see RolloutEngine.generate);
+        the pipeline generator finishes them all at once, at the end."""
         try:
-            return self.engine.generate(requests)
+            if isinstance(self.engine, PipelineGenerator):
+                outs = self.engine.generate(requests)
+                if on_finish is not None and outs:
+                    on_finish(outs)
+                return outs
+            return self.engine.generate(requests, on_finish=on_finish)
         finally:
             self.engine.end_phase()
 
