@@ -9,16 +9,21 @@ The pool is persistent (started once, workers stay warm with sympy and math-veri
 because the CPU demo scores ~100 completions per step and a per-batch pool start would cost
 seconds. Work units are (item, reward) pairs so a slow sandbox run does not hold up the cheap
 format checks of the same batch.
+
+:meth:`RewardScorer.stream` scores items as they arrive: the rollout hands over each completion
+when it finishes, a thread keeps the pool busy with them while decoding goes on, and
+``results()`` returns what ``score`` would have returned for all of them, in submission order.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -144,6 +149,7 @@ class RewardScorer:
                     raise ValueError(f"rewards.spec.{kind}.{name}: the weight must be a number, "
                                      f"got {weight!r}.")
         self._workers: list[_Worker] = []
+        self._stream: "ScoringStream | None" = None  # while open, its thread owns the pool
         self._counts = {"items": 0, "calls": 0, "timeouts": 0, "crashes": 0, "errors": 0,
                         "bad_items": 0, "worker_restarts": 0, "seconds": 0.0}
         # Spawned now, without waiting: their imports overlap the trainer's own start-up.
@@ -154,6 +160,7 @@ class RewardScorer:
 
     def score(self, items: list) -> list[ScoredItem]:
         """One :class:`ScoredItem` per item, in order; never raises (see the module doc)."""
+        self._check_no_stream("score")
         try:
             return self._score(items)
         except Exception as exc:  # noqa: BLE001 -- a scorer bug costs rewards, not the run
@@ -161,15 +168,34 @@ class RewardScorer:
             return [ScoredItem(0.0, error=f"reward scorer failed: {type(exc).__name__}: {exc}")
                     for _ in items]
 
+    def stream(self) -> "ScoringStream":
+        """Start scoring items as they come (see :class:`ScoringStream`); the pool is the
+        stream's until its ``results()`` or ``cancel()``."""
+        self._check_no_stream("stream")
+        self._stream = ScoringStream(self)
+        return self._stream
+
+    def _check_no_stream(self, what: str) -> None:
+        if self._stream is not None:
+            raise RuntimeError(f"RewardScorer.{what}() while a scoring stream is open; call its "
+                               "results() (or cancel()) first: the stream's thread owns the pool.")
+
     def _score(self, items: list) -> list[ScoredItem]:
         start = time.monotonic()
-        results: list[ScoredItem] = []
-        units = []  # (uid, item index, name, completion, reference, context)
-        for i, item in enumerate(items):
+        results, units = [], []
+        self._plan_into(items, results, units)
+        return self._assemble(items, results, units, self._run(units), start)
+
+    def _plan_into(self, items: list, results: list, units: list) -> None:
+        """Plan ``items``, appending their results and (uid, item index, name, ...) units to
+        ``results`` and ``units`` (uids and indices continue from what the lists hold)."""
+        for item in items:
             res, item_units = self._plan(item)
+            i = len(results)
             results.append(res)
             units += [(len(units) + j, i, *u) for j, u in enumerate(item_units)]
-        outcomes = self._run(units)
+
+    def _assemble(self, items, results, units, outcomes, start: float) -> list[ScoredItem]:
         for uid, i, name, *_ in units:
             score, reasons, error = outcomes.get(uid, (0.0, [], f"{name}: no result"))
             res = results[i]
@@ -191,6 +217,8 @@ class RewardScorer:
         return dict(self._counts, num_workers=len(self._workers))
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
         for w in self._workers:
             try:
                 w.conn.send(None)
@@ -244,9 +272,11 @@ class RewardScorer:
             return max(self.cfg.timeout_s, self.cfg.sandbox_timeout_s + 5.0)
         return self.cfg.timeout_s
 
-    def _run(self, units: list) -> dict:
+    def _run(self, units: list, feed: "ScoringStream | None" = None) -> dict:
+        """uid -> (score, reasons, error) for every unit; with ``feed``, also for the units it
+        hands over until it is closed (the stream's thread runs this)."""
         out: dict = {}
-        if not units:
+        if not units and feed is None:
             return out
         self._counts["calls"] += len(units)
         if self.num_workers <= 0:
@@ -255,14 +285,31 @@ class RewardScorer:
             self._workers.append(_Worker(self.cfg.modules))
         todo = deque(units)
         failed_starts = 0
-        while todo or any(w.unit for w in self._workers):
+        while True:
+            if feed is not None and feed.cancelled:
+                for w in self._workers:
+                    if w.unit:  # its late answer would reach the pool's next user
+                        self._replace(w)
+                break
+            # Closed is read before taking: whatever was submitted before the close is taken.
+            more = feed is not None and not feed.closed
+            if feed is not None:
+                new = feed.take()
+                self._counts["calls"] += len(new)
+                todo.extend(new)
+            if not (todo or more or any(w.unit for w in self._workers)):
+                break
             if failed_starts > 2 * self.num_workers:
                 # Workers die while starting (a broken rewards.modules, no memory): give every
                 # remaining call its error instead of looping forever.
                 for uid, _i, name, *_ in todo:
                     out[uid] = (0.0, [], f"{name}: reward workers fail to start")
                     self._counts["crashes"] += 1
-                break
+                todo.clear()
+                if not more:
+                    break
+                feed.wait_for_more()
+                continue
             for w in self._workers:
                 if w.ready and w.unit is None and todo:
                     uid, _i, name, completion, reference, context = todo.popleft()
@@ -279,11 +326,16 @@ class RewardScorer:
                         self._counts["errors"] += 1
             waiting = [w for w in self._workers if w.unit or not w.ready]
             if not waiting:
+                if more and not todo:
+                    feed.wait_for_more()  # every worker idle: sleep until items or the close
                 continue
             # A worker's clock starts when it is ready: its imports (sympy) are not the call's.
             deadlines = [w.unit[1] if w.unit else w.start_deadline for w in waiting]
             left = min(deadlines) - time.monotonic()
-            ready = wait([w.conn for w in waiting], timeout=max(0.0, left))
+            conns = [w.conn for w in waiting] + ([feed.wake] if more else [])
+            ready = wait(conns, timeout=max(0.0, left))
+            if more and feed.wake in ready:
+                feed.clear_wake()
             for w in waiting:
                 if not w.ready:
                     if w.conn in ready:
@@ -341,12 +393,125 @@ class RewardScorer:
             pass
 
 
+class ScoringStream:
+    """Items scored on the scorer's pool while the caller goes on (the rollout decodes the rest):
+
+        stream = scorer.stream()
+        stream.submit(items)       # as completions finish; returns at once
+        scored = stream.results()  # every submitted item's ScoredItem, in submission order
+
+    The results equal ``scorer.score(all items)``: the same plan per item, the same units, the
+    same time boxes and error handling, the same assembly; only the moment each unit is sent
+    differs. A thread dispatches the units: it waits in ``select`` (no GIL held) for a worker's
+    answer, a new submission or the close, so it costs the decoding thread only the moments it
+    handles a message. With ``rewards.num_workers`` 0 the items are scored in ``results()``,
+    as ``score`` would. Like ``score``, nothing here raises on a bad item or a scorer bug: the
+    items get a zero reward and the error.
+    """
+
+    def __init__(self, scorer: RewardScorer):
+        self._scorer = scorer
+        self._items: list = []
+        self._results: list = []
+        self._units: list = []  # every planned unit, in uid order
+        self._handed = 0  # units already taken by the thread
+        self._lock = threading.Lock()
+        self.wake, self._wake_w = socket.socketpair()
+        self.wake.setblocking(False)
+        self._wake_w.setblocking(False)  # a full buffer already means "wake up"
+        self.closed = False
+        self.cancelled = False
+        self._error: str | None = None
+        self._outcomes: dict = {}
+        self._thread: threading.Thread | None = None
+        self._start = time.monotonic()
+
+    def submit(self, items: list) -> None:
+        if self.closed:
+            raise RuntimeError("ScoringStream.submit() after results(): open a new stream.")
+        s = self._scorer
+        try:
+            with self._lock:
+                self._items += items
+                s._plan_into(items, self._results, self._units)
+            if s.num_workers > 0 and self._error is None:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._serve, name="reward-stream",
+                                                    daemon=True)
+                    self._thread.start()
+                self._poke()
+        except Exception as exc:  # noqa: BLE001 -- a scorer bug costs rewards, not the run
+            self._error = self._error or f"reward scorer failed: {type(exc).__name__}: {exc}"
+
+    def results(self) -> list[ScoredItem]:
+        """Wait for every submitted item; the pool is the scorer's again afterwards."""
+        s = self._scorer
+        self._stop()
+        try:
+            if self._error is None:
+                if s.num_workers <= 0:
+                    self._outcomes = s._run(self._units)
+                return s._assemble(self._items, self._results, self._units, self._outcomes,
+                                   self._start)
+        except Exception as exc:  # noqa: BLE001 -- as in score()
+            self._error = f"reward scorer failed: {type(exc).__name__}: {exc}"
+        s._counts["errors"] += 1
+        return [ScoredItem(0.0, error=self._error) for _ in self._items]
+
+    def cancel(self) -> None:
+        """Drop what is not scored yet (the rollout failed); workers still busy are replaced."""
+        self.cancelled = True
+        self._stop()
+
+    # -- the dispatch thread's side
+
+    def take(self) -> list:
+        with self._lock:
+            new = self._units[self._handed:]
+            self._handed = len(self._units)
+        return new
+
+    def wait_for_more(self) -> None:
+        wait([self.wake])
+        self.clear_wake()
+
+    def clear_wake(self) -> None:
+        try:
+            while self.wake.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _serve(self) -> None:
+        try:
+            self._outcomes = self._scorer._run([], feed=self)
+        except Exception as exc:  # noqa: BLE001 -- reported by results()
+            self._error = f"reward scorer failed: {type(exc).__name__}: {exc}"
+
+    def _poke(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _stop(self) -> None:
+        self.closed = True
+        self._poke()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._scorer._stream is self:
+            self._scorer._stream = None
+            self.wake.close()
+            self._wake_w.close()
+
+
 def worker_pids(scorer: RewardScorer) -> list[int]:
     """For tests and debugging: the live worker processes."""
     return [w.proc.pid for w in scorer._workers if w.is_alive()]
 
 
-__all__ = ["RewardScorer", "ScoredItem", "DEFAULT_SPECS", "worker_pids"]
+__all__ = ["RewardScorer", "ScoredItem", "ScoringStream", "DEFAULT_SPECS", "worker_pids"]
 
 
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":

@@ -1,7 +1,8 @@
 """One GRPO step, in the order of the algorithm:
 
     prompts (this DP rank's slice) ──► G completions each (colocated engine; KV cache released)
-        ──► rewards (rule-based scorer) ──► group advantages (optionally drop all-equal groups)
+        ──► rewards (rule-based scorer; each completion is scored while the longer ones still decode)
+        ──► group advantages (optionally drop all-equal groups)
         ──► reference log-probs (frozen copy; only when grpo.kl_beta > 0)
         ──► old log-probs (only when the batch is reused: grpo.inner_epochs > 1)
         ──► policy update(s): packed micro-batches, pipeline schedule, fused GRPO loss
@@ -139,6 +140,27 @@ def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, nor
     return loss_fn
 
 
+def reward_item(record, c) -> dict:
+    """What the scorer needs about one completion of ``record``'s prompt."""
+    return {"kind": record.kind, "completion": c.text, "reference": record.reference,
+            "truncated": c.finish_reason == "length", "num_tokens": len(c.token_ids)}
+
+
+# Engine stats -> metric names. This rank's rollout, not reduced over DP: the split between
+# prefill and decode, and how often overlapped decoding had to fall back to synchronous steps.
+ROLLOUT_STATS = {"decode": "rollout/decode_steps", "decode_s": "rollout/decode_s",
+                 "prefill": "rollout/prefill_steps", "prefill_s": "rollout/prefill_s",
+                 "overlap_drains": "rollout/overlap_drains", "preemptions": "rollout/preemptions",
+                 "graph_captures": "rollout/graph_captures"}
+
+
+def rollout_metrics(stats: dict) -> dict:
+    out = {name: float(stats[k]) for k, name in ROLLOUT_STATS.items() if k in stats}
+    if stats.get("decode"):
+        out["rollout/decode_ms_per_step"] = 1e3 * stats["decode_s"] / stats["decode"]
+    return out
+
+
 def has_reflection(text: str, phrases: Sequence[str]) -> bool:
     low = text.lower()
     return any(p.lower() in low for p in phrases)
@@ -249,15 +271,28 @@ class GRPOStep:
             requests = [GenerationRequest(p, n=G, seed=request_seed(cfg.rollout.seed, step,
                                                                     rt.dp_rank, i))
                         for i, p in enumerate(prompts)]
-            completions = self.rollout.generate(requests)
+            # 3a. each completion goes to the reward pool as it finishes, so scoring overlaps
+            # the decoding of the longer ones; the results equal scoring all of them afterwards.
+            stream = self.scorer.stream()
+            submitted: dict = {}  # (prompt, sample) -> submission index
+
+            def score_soon(done: list) -> None:
+                for c in done:
+                    submitted[(c.prompt_index, c.sample_index)] = len(submitted)
+                stream.submit([reward_item(records[c.prompt_index], c) for c in done])
+
+            try:
+                completions = self.rollout.generate(requests, on_finish=score_soon)
+            except BaseException:
+                stream.cancel()
+                raise
             t_rollout = self._sync()
+            rollout_stats = getattr(self.rollout, "stats", None)
         with prange("reward"):
-            # 3. rewards and group advantages
-            items = [{"kind": records[c.prompt_index].kind, "completion": c.text,
-                      "reference": records[c.prompt_index].reference,
-                      "truncated": c.finish_reason == "length", "num_tokens": len(c.token_ids)}
-                     for c in completions]
-            scored = self.scorer.score(items)
+            # 3b. rewards (what was not scored during the rollout) and group advantages
+            score_soon([c for c in completions if (c.prompt_index, c.sample_index) not in submitted])
+            streamed = stream.results()
+            scored = [streamed[submitted[(c.prompt_index, c.sample_index)]] for c in completions]
             rewards = torch.tensor([s.total for s in scored], dtype=torch.float32)  # (N*G,)
             adv, equal = group_advantages(rewards, G, scale_by_std=cfg.grpo.scale_rewards)
             t_reward = self._sync()
@@ -283,7 +318,7 @@ class GRPOStep:
         with prange("metrics"):
             return StepOutput(
                 self._metrics(step, records, completions, scored, equal, samples, results,
-                              (t0, t_rollout, t_reward, t_logprobs, t_train)),
+                              (t0, t_rollout, t_reward, t_logprobs, t_train), rollout_stats),
                 self._samples(records, completions, scored))
 
     def _build_samples(self, completions, prompts, adv, equal) -> list:
@@ -305,7 +340,8 @@ class GRPOStep:
             samples[0]["loss_mask"].zero_()
         return samples
 
-    def _metrics(self, step, records, completions, scored, equal, samples, results, times) -> dict:
+    def _metrics(self, step, records, completions, scored, equal, samples, results, times,
+                 rollout_stats: Optional[dict] = None) -> dict:
         cfg, rt = self.cfg, self.rt
         t0, t_rollout, t_reward, t_logprobs, t_train = times
         stats = completion_stats([c.text or "" for c in completions],
@@ -343,6 +379,7 @@ class GRPOStep:
         # 2·N FLOPs per token forward, 4·N backward; generation ~ one forward per token.
         flops = 2.0 * self.num_params * (seq_tokens * passes + seq_tokens)
         out.update({
+            # reward_s is the scoring the rollout did not hide (the last finishers, mostly).
             "time/rollout_s": t_rollout - t0, "time/reward_s": t_reward - t_rollout,
             "time/logprobs_s": t_logprobs - t_reward, "time/train_s": t_train - t_logprobs,
             "time/step_s": step_s,
@@ -352,6 +389,7 @@ class GRPOStep:
             "throughput/rollout_tokens_per_s": gen_tokens / max(t_rollout - t0, 1e-9),
             "throughput/tflops": flops / max(step_s, 1e-9) / 1e12 / max(rt.world_size, 1),
         })
+        out.update(rollout_metrics(rollout_stats or {}))
         peak = self._peak_flops()
         if peak:
             out["throughput/mfu"] = flops / max(step_s, 1e-9) / (peak * rt.world_size)

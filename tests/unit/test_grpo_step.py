@@ -67,9 +67,12 @@ def test_grpo_step_runs_and_changes_weights(single_rank_runtime):
                 "reward/test_digit_share_mean", "response/length_mean", "response/length_max",
                 "response/reflection_share", "kl", "entropy", "clip/low_frac", "clip/high_frac",
                 "grad_norm", "lr", "throughput/tokens_per_s", "time/rollout_s", "time/reward_s",
-                "time/logprobs_s", "time/train_s", "memory/host_rss_gb"):
+                "time/logprobs_s", "time/train_s", "memory/host_rss_gb",
+                "rollout/decode_steps", "rollout/decode_s", "rollout/prefill_steps",
+                "rollout/prefill_s", "rollout/decode_ms_per_step"):
         assert key in m and math.isfinite(m[key]), (key, m.get(key))
     assert m["update_skipped"] == 0.0
+    assert m["rollout/prefill_steps"] >= 1 and m["rollout/decode_steps"] >= 1
     assert m["reward/std"] > 0  # the test reward separates the samples
     assert 1 <= m["response/length_max"] <= cfg.rollout.max_new_tokens
     # On-policy, one update: the ratio is exactly 1, nothing can be clipped.
@@ -147,3 +150,51 @@ def test_loss_and_advantage_wiring_match_hand_computation(single_rank_runtime, l
             (n, (delta + p.grad).abs().max().item(), p.grad.abs().max().item())
         checked += 1
     assert checked > 5
+
+
+@register_reward("test_text_code")
+def _text_code(completion: str, reference: dict, **context) -> RewardResult:
+    """Differs between almost any two texts, so a reward put on the wrong completion shows."""
+    return RewardResult(sum((i + 1) * ord(ch) for i, ch in enumerate(completion)) % 9973 / 9973, [])
+
+
+class _ShuffledFinishes:
+    """The real rollout, except that ``on_finish`` sees only half of the completions, in
+    reverse order: the step must score the rest itself and give each reward to its own
+    completion."""
+
+    def __init__(self, inner):
+        self.inner, self.outs = inner, None
+
+    @property
+    def stats(self) -> dict:
+        return self.inner.stats
+
+    def generate(self, requests, on_finish=None):
+        self.outs = self.inner.generate(requests)
+        on_finish(self.outs[::-1][: len(self.outs) // 2])
+        return self.outs
+
+
+def test_streamed_rewards_reach_their_completions(single_rank_runtime):
+    from r1mega.data import PromptSampler, build_prompt_source, load_tokenizer
+    from r1mega.rewards.scorer import RewardScorer
+
+    cfg = tiny_cfg()
+    cfg.rewards.spec = {"arithmetic": {"test_text_code": 1.0}}
+    cfg.logging.num_samples = 8
+    rt = single_rank_runtime()
+    torch.manual_seed(0)
+    tok = load_tokenizer("char")
+    policy = Policy.build(cfg.model, cfg.precision, cfg.optimizer, rt, distributed_optimizer=False,
+                          micro_batch_tokens=cfg.data.micro_batch_tokens, total_steps=1)
+    rollout = _ShuffledFinishes(Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id],
+                                        decode_fn=tok.decode, vocab_size=tok.vocab_size))
+    sampler = PromptSampler(build_prompt_source(cfg.data), rt.dp_rank, rt.dp_size)
+    with RewardScorer(cfg.rewards, num_workers=0) as scorer:
+        out = GRPOStep(cfg, rt, policy, rollout, scorer, sampler, tok)(1)
+    want = [_text_code(c.text, {}).score for c in rollout.outs]
+    assert len(set(want)) == len(want)  # the check below can tell completions apart
+    G = cfg.rollout.group_size
+    assert [r for _, _, r in out.samples] == want[::G]  # first sample of each prompt
+    assert out.metrics["reward/mean"] == pytest.approx(sum(want) / len(want))
