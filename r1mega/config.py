@@ -65,6 +65,11 @@ class ModelConfig:
     spec: str = "auto"
     # "auto" | "sdpa" | "varlen" | "flash": how core attention runs packed sequences.
     attention_backend: str = "auto"
+    # torch.compile each decoder layer of the policy and reference (r1mega/models/compile.py):
+    # one compiled region per layer, one graph for packed micro-batches of any size, less host
+    # time per layer. Costs a compile on the first training and first log-prob pass. On CPU
+    # inductor needs a C++ compiler and the small demo models do not gain from it: off there.
+    compile_layers: bool = False
     # Load Hugging Face weights at start (a directory with config.json + safetensors).
     init_from_hf: Optional[str] = None
     # Activation recomputation: "none" | "selective" | "full".

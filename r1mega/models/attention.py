@@ -15,6 +15,14 @@ Backends (``model.attention_backend``):
   varlen  ``torch.nn.attention.varlen.varlen_attn`` (flash kernels in torch, GPU only).
   flash   flash-attn's ``flash_attn_varlen_func`` when installed.
   auto    GPU: equal lengths -> SDPA causal, else flash if installed, else varlen; CPU: sdpa.
+
+Under torch.compile (``torch.compiler.is_compiling()``, see r1mega/models/compile.py) the packed
+path reads tensors only: the host tuple ``seq_lengths`` would become a guard that changes every
+step (a recompile per micro-batch) and the ``.tolist()`` fallback a graph break. There the mask of
+``sdpa`` is built on the device from ``cu_seqlens`` (no equal-length shortcut), and ``auto`` on a
+GPU means torch's ``varlen`` (a torch custom op with autograd that dynamo keeps whole; flash-attn
+is traceable only where its version registers custom ops). ``max_seqlen`` stays the symbolic int
+the compiled layer receives (see :func:`compile_packed_seqs`), so one graph serves every step.
 """
 from __future__ import annotations
 
@@ -77,6 +85,56 @@ def block_causal_mask(seq_lengths, device) -> torch.Tensor:
     pos = torch.arange(int(lengths.sum()), device=device)  # (T,)
     same_seq = seq_id[:, None] == seq_id[None, :]
     return same_seq & (pos[None, :] <= pos[:, None])
+
+
+def block_causal_mask_from_cu(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T, T) bool like :func:`block_causal_mask`, from ``cu_seqlens`` on its device (no host read)."""
+    pos = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)  # (T,)
+    # Not cu_seqlens[1:]: dynamo guards the slice's contiguity on its length being >= 2, which
+    # a single-sequence batch breaks (a recompile).
+    seq_id = torch.searchsorted(cu_seqlens, pos, right=True) - 1  # (T,)
+    same_seq = seq_id[:, None] == seq_id[None, :]
+    return same_seq & (pos[None, :] <= pos[:, None])
+
+
+def sdpa_packed_cu(q, k, v, cu_seqlens, scale: Optional[float]) -> torch.Tensor:
+    """:func:`sdpa_packed` without host lengths (the traced path). q (T, Hq, D) -> (T, Hq, D)."""
+    mask = block_causal_mask_from_cu(cu_seqlens, q.shape[0])  # (T, T)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # (1, Hq, T, D)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def max_seqlen_bucket(max_seqlen: int) -> int:
+    """``max_seqlen`` rounded up to a multiple of 128 (flash varlen only needs an upper bound).
+
+    128 is the flash forward's query tile, so its grid does not grow. The bucket keeps the value
+    away from 0 and 1, which dynamo would specialise, and from the exact lengths of the batch.
+    """
+    return max(128, -(-int(max_seqlen) // 128) * 128)
+
+
+def compile_packed_seqs(params: PackedSeqParams) -> PackedSeqParams:
+    """The THD parameters a compiled layer receives: tensors and bucketed ints, no host tuple.
+
+    A plain ``PackedSeqParams`` (not :class:`PackedSeqs`): ``seq_lengths`` would be guarded on by
+    value. Made once per micro-batch (kept on ``params``), then shared by every layer.
+    """
+    made = getattr(params, "_r1mega_compiled", None)
+    if made is None:
+        made = PackedSeqParams(
+            qkv_format=params.qkv_format,
+            cu_seqlens_q=params.cu_seqlens_q, cu_seqlens_kv=params.cu_seqlens_kv,
+            cu_seqlens_q_padded=params.cu_seqlens_q_padded,
+            cu_seqlens_kv_padded=params.cu_seqlens_kv_padded,
+            max_seqlen_q=max_seqlen_bucket(params.max_seqlen_q),
+            max_seqlen_kv=max_seqlen_bucket(params.max_seqlen_kv),
+        )
+        params._r1mega_compiled = made
+    return made
 
 
 def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float]) -> torch.Tensor:
@@ -152,6 +210,27 @@ class PackedCoreAttention(MegatronModule):
             return "sdpa"
         return "flash" if _flash_varlen is not None else "varlen"
 
+    def _choose_traced(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if device.type != "cuda":
+            return "sdpa"
+        return "varlen" if _torch_varlen is not None else "flash"
+
+    def _forward_traced(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
+        """The packed path under dynamo: tensors and symbolic ints only (module docstring)."""
+        cu = params.cu_seqlens_q
+        backend = self._choose_traced(query.device)
+        if backend == "sdpa":
+            return sdpa_packed_cu(query, key, value, cu, self.softmax_scale)
+        # No int(): it would specialise the symbolic max_seqlen (a recompile per bucket).
+        max_len = params.max_seqlen_q
+        if backend == "varlen":
+            return varlen_packed(query, key, value, cu, max_len, self.softmax_scale)
+        if backend == "flash":
+            return flash_packed(query, key, value, cu, max_len, self.softmax_scale)
+        raise ValueError(f"model.attention_backend={backend!r} is not sdpa|varlen|flash|auto.")
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params: Optional[PackedSeqParams] = None):
         if attention_bias is not None:
@@ -167,6 +246,8 @@ class PackedCoreAttention(MegatronModule):
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"PackedCoreAttention expects qkv_format='thd', got "
                              f"{packed_seq_params.qkv_format!r}.")
+        if torch.compiler.is_compiling():
+            return self._forward_traced(query, key, value, packed_seq_params)
         seq_lengths = getattr(packed_seq_params, "seq_lengths", ())
         if not seq_lengths:
             # A plain PackedSeqParams: one device->host read of the lengths.

@@ -12,6 +12,11 @@ function: the same arithmetic, bit for bit.
 :func:`install` swaps the ``apply_rotary_pos_emb`` that megatron's attention module calls for a
 wrapper that takes this path for unfused, context-parallel-free THD calls and hands every other
 call (bshd, fused RoPE, context parallelism, MLA) to megatron unchanged.
+
+Under torch.compile the cache is skipped (a dict of weakrefs is opaque to dynamo): the gather is
+pure tensor code in the graph. A compiled layer from :func:`r1mega.models.compile.compile_layers`
+receives per-token frequencies instead (gathered here, eagerly, once per micro-batch), so inside
+the graph it takes the first branch of :func:`packed_freqs` and gathers nothing.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ _cache: dict = {}  # "key" -> (weakref(cu_seqlens), weakref(freqs), T, packed fr
 def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """(T,) position of each packed token inside its own sequence, computed on the device."""
     idx = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), idx, right=True)  # (T,) sequence id
+    # Not cu_seqlens[1:]: under dynamo its contiguity check guards on two or more sequences.
+    seq = torch.searchsorted(cu_seqlens, idx, right=True) - 1  # (T,) sequence id
     return (idx - cu_seqlens[seq]).long()
 
 
@@ -37,6 +43,8 @@ def packed_freqs(freqs: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> t
         # megatron's "exact mapping" case: sequence i takes freqs[cu[i] : cu[i] + len_i], which
         # for sequences laid end to end is freqs itself.
         return freqs
+    if torch.compiler.is_compiling():
+        return freqs[packed_positions(cu_seqlens, total)]
     hit = _cache.get("key")
     if hit is not None and hit[0]() is cu_seqlens and hit[1]() is freqs and hit[2] == total:
         return hit[3]

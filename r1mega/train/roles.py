@@ -27,6 +27,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _maybe_compile(chunks: list, model_cfg) -> None:
+    # Only layer.forward is compiled: the rollout engine calls the layers' submodules itself, so
+    # generation over these same modules is untouched.
+    if model_cfg.compile_layers:
+        from r1mega.models.compile import compile_layers
+
+        compile_layers(chunks)
+
+
 class Policy:
     """Model chunks + optimizer + schedule; ``update(samples, loss_fn)`` is one optimizer step."""
 
@@ -41,6 +50,7 @@ class Policy:
               distributed_optimizer: bool, micro_batch_tokens: int, total_steps: int) -> "Policy":
         chunks = build_model(model_cfg, rt, precision_cfg, wrap=True,
                              distributed_optimizer=distributed_optimizer)
+        _maybe_compile(chunks, model_cfg)
         optim = build_optimizer(optimizer_cfg, chunks, rt, distributed=distributed_optimizer,
                                 total_steps=total_steps)
         return cls(chunks, optim, rt, micro_batch_tokens=micro_batch_tokens)
@@ -90,6 +100,7 @@ class Reference:
             ref.load_state_dict(live.state_dict(), strict=True)
             ref.requires_grad_(False)
             ref.eval()
+        _maybe_compile(chunks, model_cfg)
         return cls(chunks, policy.rt, micro_batch_tokens=policy.micro_batch_tokens,
                    offload_enabled=offload_enabled)
 
