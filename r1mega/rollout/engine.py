@@ -329,11 +329,12 @@ class RolloutEngine:
             sched.resume(s)
         sampled: list[Sequence] = []
         row_of: list[int] = []
+        copies: list[tuple[int, int]] = []
         for gi, g in enumerate(plan.groups):
-            for src, dst in sched.admit_group(g):
-                self.cache.copy_block(src, dst)
+            copies += sched.admit_group(g)
             sampled += g.samples
             row_of += [gi] * len(g.samples)
+        self.cache.copy_blocks(copies)  # all groups' copy-on-write blocks in one batched copy
         if not sampled:
             return []
         logits = logits[self._tensor(row_of)]  # each sample of a prompt draws from its logits row

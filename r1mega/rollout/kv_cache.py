@@ -149,9 +149,23 @@ class PagedKVCache:
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write of a partly filled prompt block for a new sample (every layer)."""
-        for layer in range(self.shape.num_layers):
-            self.k[layer][dst].copy_(self.k[layer][src])
-            self.v[layer][dst].copy_(self.v[layer][src])
+        self.copy_blocks([(src, dst)])
+
+    def copy_blocks(self, pairs) -> None:
+        """Copy-on-write of many blocks at once: (src, dst) pairs, destinations distinct and not
+        sources. Two kernels per layer and K/V whatever the count: a block-by-block copy was
+        ~3,400 launches in each GRPO prefill of 8 prompts x 8 samples on SmolLM2 (56 blocks x 30
+        layers x K/V), seen in the step profile as the prefill's main cost."""
+        if not pairs:
+            return
+        idx = torch.tensor(pairs, dtype=torch.int64).t()  # (2, n): sources, destinations
+        if self.device.type == "cuda":
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        else:
+            idx = idx.to(self.device)
+        src, dst = idx[0], idx[1]
+        for cache in (*self.k, *self.v):
+            cache.index_copy_(0, dst, cache.index_select(0, src))
 
 
 def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

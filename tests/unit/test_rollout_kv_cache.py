@@ -80,3 +80,25 @@ def test_release_frees_tensors():
     assert cache.is_allocated and len(cache.k) == 2 and cache.k[0].shape == (8, 4, 1, 4)
     cache.release()
     assert not cache.is_allocated and cache.k == []
+
+
+def test_copy_blocks_equals_block_by_block_copies():
+    """The batched copy-on-write against one plain copy per block, layer and K/V (the reference):
+    destinations get their source's contents in every layer; nothing else changes."""
+    shape = KVCacheShape(3, 2, 4, 4, torch.float32)
+    cache = PagedKVCache(shape, torch.device("cpu"))
+    cache.allocate(12)
+    g = torch.Generator().manual_seed(0)
+    for t in cache.k + cache.v:
+        t.copy_(torch.randn(t.shape, generator=g))
+    pairs = [(1, 5), (1, 6), (2, 7), (3, 11)]  # one source shared by two samples, as in a group
+    want = [t.clone() for t in cache.k + cache.v]
+    for t in want:
+        for src, dst in pairs:
+            t[dst] = t[src].clone()
+    cache.copy_blocks(pairs)
+    for got, ref in zip(cache.k + cache.v, want):
+        assert torch.equal(got, ref)
+    cache.copy_blocks([])  # no copies: no error, no change
+    cache.copy_block(11, 4)
+    assert all(torch.equal(t[4], t[11]) for t in cache.k + cache.v)
