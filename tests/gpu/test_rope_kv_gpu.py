@@ -30,16 +30,21 @@ def test_fused_kernel_matches_reference(dtype, shape):
         for got, ref in ((q, q_ref), (kc, kc_ref)):
             torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
     else:
-        # The kernel rounds each product and the sum as the eager ops do, yet on the H200 a few
-        # elements came out one ulp away from eager (bf16 and fp16; the interpreter on CPU is
-        # bit-exact). So: within a rounding step of the reference everywhere (a layout or
-        # indexing error is off by O(1)), and identical on the vast majority of elements.
+        # On the H200 a quarter of the bf16/fp16 elements came out one ulp away from eager
+        # (the interpreter on CPU is bit-exact; the GPU build evidently rounds fewer times).
+        # So: against the exact rotation (float64, same inputs), the kernel is no less accurate
+        # than eager PyTorch, and within a rounding step of eager everywhere (a layout or
+        # indexing error is off by O(1)).
+        kc64, vc64 = kc_ref.double(), vc_ref.double()
+        q64 = rope_kv_write_reference(qkv.double(), cos.double(), sin.double(), slots, kc64, vc64)
         ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-        for got, ref in ((q, q_ref), (kc, kc_ref)):
+        for got, ref, exact in ((q, q_ref, q64), (kc, kc_ref, kc64)):
             torch.testing.assert_close(got.float(), ref.float(), rtol=2 * ulp,
                                        atol=2 * ulp * float(ref.float().abs().max()))
-            same = (got == ref).float().mean().item()
-            assert same >= 0.9, f"only {same:.1%} of the elements equal the reference"
+            err_kernel = (got.double() - exact).abs()
+            err_eager = (ref.double() - exact).abs()
+            assert err_kernel.max() <= err_eager.max() and err_kernel.mean() <= err_eager.mean(), (
+                float(err_kernel.max()), float(err_eager.max()))
 
 
 def _runner(single_rank_runtime, dtype: str, spec: str = "auto"):
