@@ -56,3 +56,15 @@ def rt_fp32():
                         env=LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
     yield ctx
     destroy_parallel()
+
+
+@pytest.fixture()
+def fresh_dynamo():
+    """Dynamo's caches and counters reset before and after the test (compile-count assertions)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

@@ -31,13 +31,6 @@ def _loss_and_grads(model, ids, packed):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.fixture()
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
 
 @pytest.mark.parametrize("backend", ["varlen", "auto"])
 def test_compiled_packed_layers_match_eager_on_gpu(single_rank_runtime, fresh_dynamo, backend):

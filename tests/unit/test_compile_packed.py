@@ -44,13 +44,6 @@ def _compiled_frames() -> int:
     return counters["frames"]["total"]
 
 
-@pytest.fixture()
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
 
 def _check_against_eager(eager, compiled, batches):
     """Train-mode fwd+bwd and no_grad forward of each batch; returns dynamo frames per batch."""
