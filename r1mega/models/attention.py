@@ -78,34 +78,42 @@ def make_packed_seqs(seq_lengths, device) -> PackedSeqs:
     )
 
 
-def block_causal_mask(seq_lengths, device) -> torch.Tensor:
-    """(T, T) bool, True where attention is allowed: causal inside each packed sequence."""
-    lengths = torch.tensor(list(seq_lengths), device=device)
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)  # (T,)
-    pos = torch.arange(int(lengths.sum()), device=device)  # (T,)
-    same_seq = seq_id[:, None] == seq_id[None, :]
-    return same_seq & (pos[None, :] <= pos[:, None])
+def packed_seq_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) index of each packed token's sequence, from ``cu_seqlens`` on its device (no host
+    read). Not ``cu_seqlens[1:]``: under dynamo the slice's contiguity check guards on two or
+    more sequences, which a single-sequence batch breaks (a recompile)."""
+    pos = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)  # (T,)
+    return torch.searchsorted(cu_seqlens, pos, right=True) - 1
 
 
 def block_causal_mask_from_cu(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(T, T) bool like :func:`block_causal_mask`, from ``cu_seqlens`` on its device (no host read)."""
-    pos = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)  # (T,)
-    # Not cu_seqlens[1:]: dynamo guards the slice's contiguity on its length being >= 2, which
-    # a single-sequence batch breaks (a recompile).
-    seq_id = torch.searchsorted(cu_seqlens, pos, right=True) - 1  # (T,)
-    same_seq = seq_id[:, None] == seq_id[None, :]
-    return same_seq & (pos[None, :] <= pos[:, None])
+    """(T, T) bool, True where attention is allowed: causal inside each packed sequence."""
+    seq_id = packed_seq_ids(cu_seqlens, total)  # (T,)
+    pos = torch.arange(total, device=cu_seqlens.device)
+    return (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
 
 
-def sdpa_packed_cu(q, k, v, cu_seqlens, scale: Optional[float]) -> torch.Tensor:
-    """:func:`sdpa_packed` without host lengths (the traced path). q (T, Hq, D) -> (T, Hq, D)."""
-    mask = block_causal_mask_from_cu(cu_seqlens, q.shape[0])  # (T, T)
+def block_causal_mask(seq_lengths, device) -> torch.Tensor:
+    """:func:`block_causal_mask_from_cu` for host-side sequence lengths."""
+    lengths = [int(n) for n in seq_lengths]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    return block_causal_mask_from_cu(cu.to(device), sum(lengths))
+
+
+def _sdpa_masked(q, k, v, mask, scale: Optional[float]) -> torch.Tensor:
+    """One SDPA call over all packed tokens with a (T, T) mask. q (T, Hq, D) -> (T, Hq, D)."""
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
         v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )  # (1, Hq, T, D)
     return out.squeeze(0).transpose(0, 1)
+
+
+def sdpa_packed_cu(q, k, v, cu_seqlens, scale: Optional[float]) -> torch.Tensor:
+    """:func:`sdpa_packed` without host lengths (the traced path). q (T, Hq, D) -> (T, Hq, D)."""
+    return _sdpa_masked(q, k, v, block_causal_mask_from_cu(cu_seqlens, q.shape[0]), scale)
 
 
 def max_seqlen_bucket(max_seqlen: int) -> int:
@@ -150,12 +158,7 @@ def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float]) -> torch.Tensor:
         vb = v.view(b, s, hkv, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
-    mask = block_causal_mask(lengths, q.device)  # (T, T)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=gqa,
-    )  # (1, Hq, T, D)
-    return out.squeeze(0).transpose(0, 1)
+    return _sdpa_masked(q, k, v, block_causal_mask(lengths, q.device), scale)
 
 
 def varlen_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) -> torch.Tensor:

@@ -25,6 +25,8 @@ import weakref
 import torch
 from megatron.core.models.common.embeddings import rope_utils
 
+from r1mega.models.attention import packed_seq_ids
+
 _original = rope_utils.apply_rotary_pos_emb
 _cache: dict = {}  # "key" -> (weakref(cu_seqlens), weakref(freqs), T, packed freqs)
 
@@ -32,9 +34,7 @@ _cache: dict = {}  # "key" -> (weakref(cu_seqlens), weakref(freqs), T, packed fr
 def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """(T,) position of each packed token inside its own sequence, computed on the device."""
     idx = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    # Not cu_seqlens[1:]: under dynamo its contiguity check guards on two or more sequences.
-    seq = torch.searchsorted(cu_seqlens, idx, right=True) - 1  # (T,) sequence id
-    return (idx - cu_seqlens[seq]).long()
+    return (idx - cu_seqlens[packed_seq_ids(cu_seqlens, total)]).long()
 
 
 def packed_freqs(freqs: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

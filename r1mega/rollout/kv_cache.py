@@ -153,9 +153,9 @@ class PagedKVCache:
 
     def copy_blocks(self, pairs) -> None:
         """Copy-on-write of many blocks at once: (src, dst) pairs, destinations distinct and not
-        sources. Two kernels per layer and K/V whatever the count: a block-by-block copy was
+        sources. Two kernels per layer and K/V whatever the count: a block-by-block copy is
         ~3,400 launches in each GRPO prefill of 8 prompts x 8 samples on SmolLM2 (56 blocks x 30
-        layers x K/V), seen in the step profile as the prefill's main cost."""
+        layers x K/V; the H200 step profile counted 3,362 device-to-device copies)."""
         if not pairs:
             return
         idx = torch.tensor(pairs, dtype=torch.int64).t()  # (2, n): sources, destinations

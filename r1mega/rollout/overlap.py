@@ -100,8 +100,7 @@ class OverlappedDecoder:
             alive += 1
             # len(tokens) counts what the host has read; the pending step adds one token.
             n_tokens = len(s.tokens)
-            if (n_tokens - s.prompt_len + 1 >= s.params.max_new_tokens
-                    or (limit and n_tokens + 1 >= limit)):
+            if s.num_generated + 1 >= s.params.max_new_tokens or (limit and n_tokens + 1 >= limit):
                 continue
             if limit and n_tokens + 2 >= limit:
                 return None

@@ -144,8 +144,7 @@ class Scheduler:
         while self.resumed and seats > 0:
             seq = self.resumed[0]
             n_tok = len(seq.tokens) - 1
-            need = blocks_needed(n_tok + 1, self.block_tokens)
-            if (tokens and tokens + n_tok > self.max_prefill_tokens) or need > self.alloc.num_free:
+            if (tokens and tokens + n_tok > self.max_prefill_tokens) or not self._resumed_fits(seq):
                 break
             self.resumed.popleft()
             seq.blocks = [self.alloc.allocate() for _ in range(blocks_needed(n_tok, self.block_tokens))]
@@ -155,12 +154,12 @@ class Scheduler:
         while self.waiting and not self.resumed:
             group = self.waiting[0]
             n_tok = len(group.prompt)
-            need = self._group_blocks(group)
             if len(group.samples) > seats:
                 break
             if tokens and tokens + n_tok > self.max_prefill_tokens:
                 break
-            if need + self.watermark > self.alloc.num_free:
+            if not self._group_fits(group, seats):
+                need = self._group_blocks(group)
                 if not self.running and not groups and not resumed and need > self.alloc.num_free:
                     raise RuntimeError(
                         f"The paged KV cache ({self.alloc.num_blocks} blocks of {self.block_tokens} "
@@ -181,17 +180,21 @@ class Scheduler:
             return None
         return PrefillPlan(groups, resumed)
 
+    def _resumed_fits(self, seq) -> bool:
+        return blocks_needed(len(seq.tokens), self.block_tokens) <= self.alloc.num_free
+
+    def _group_fits(self, group: PromptGroup, seats: int) -> bool:
+        return (len(group.samples) <= seats
+                and self._group_blocks(group) + self.watermark <= self.alloc.num_free)
+
     def prefill_ready(self) -> bool:
         """Whether ``schedule`` would plan a prefill now: the first resumed sequence, or else the
-        first waiting prompt, has its seats and blocks (``_plan_prefill``'s first checks)."""
+        first waiting prompt, has its seats and blocks (the first checks of ``_plan_prefill``)."""
         seats = self.max_batch - len(self.running)
         if self.resumed:
-            need = blocks_needed(len(self.resumed[0].tokens), self.block_tokens)
-            return seats > 0 and need <= self.alloc.num_free
+            return seats > 0 and self._resumed_fits(self.resumed[0])
         if self.waiting:
-            group = self.waiting[0]
-            return (len(group.samples) <= seats
-                    and self._group_blocks(group) + self.watermark <= self.alloc.num_free)
+            return self._group_fits(self.waiting[0], seats)
         return False
 
     def _reserve_decode_slots(self) -> None:

@@ -181,14 +181,8 @@ class Rollout:
                                             decode_fn=decode_fn, vocab_size=vocab_size)
 
     def generate(self, requests: list, on_finish: Optional[Callable[[list], None]] = None) -> list:
-        """``on_finish(completions)``: called as completions finish (see RolloutEngine.generate);
-        the pipeline generator finishes them all at once, at the end."""
+        """``on_finish(completions)``: called as completions finish (see RolloutEngine.generate)."""
         try:
-            if isinstance(self.engine, PipelineGenerator):
-                outs = self.engine.generate(requests)
-                if on_finish is not None and outs:
-                    on_finish(outs)
-                return outs
             return self.engine.generate(requests, on_finish=on_finish)
         finally:
             self.engine.end_phase()
@@ -235,7 +229,9 @@ class PipelineGenerator:
                 float(pick(req.top_p, c.top_p)), int(pick(req.max_new_tokens, c.max_new_tokens)))
 
     @torch.no_grad()
-    def generate(self, requests: list) -> list:
+    def generate(self, requests: list, on_finish: Optional[Callable[[list], None]] = None) -> list:
+        """Every request's completions; ``on_finish`` gets them all at once, at the end (each
+        recompute step runs the whole batch, so nothing finishes earlier to hand over)."""
         import time
 
         import torch.distributed as dist
@@ -303,7 +299,10 @@ class PipelineGenerator:
         new = sum(len(s["tokens"]) for s in seqs)
         dt = time.perf_counter() - t0
         self.stats = {"seconds": dt, "new_tokens": new, "tokens_per_s": new / max(dt, 1e-9)}
-        return [Completion(prompt_index=s["pi"], sample_index=s["si"], token_ids=s["tokens"],
+        outs = [Completion(prompt_index=s["pi"], sample_index=s["si"], token_ids=s["tokens"],
                            logprobs=s["lps"], finish_reason=s["done"],
                            text=self.decode_fn(s["tokens"]) if self.decode_fn else None)
                 for s in seqs]
+        if on_finish is not None and outs:
+            on_finish(outs)
+        return outs

@@ -232,30 +232,15 @@ class StepResult:
         self._num_tokens, self._loss = int(tokens), float(loss)
         self._metrics = dict(zip(self._keys, rest))
 
-    @property
-    def loss(self) -> float:  # global sum(loss_sum) / global sum(num_tokens)
-        self._resolve()
-        return self._loss
+    loss = property(lambda self: self._read("_loss"))  # global sum(loss_sum) / sum(num_tokens)
+    num_tokens = property(lambda self: self._read("_num_tokens"))  # global (all DP ranks)
+    grad_norm = property(lambda self: self._read("_grad_norm"))
+    update_successful = property(lambda self: self._read("_ok"))
+    metrics_sum = property(lambda self: self._read("_metrics"))  # global sums of loss_fn metrics
 
-    @property
-    def num_tokens(self) -> int:  # global (all DP ranks)
+    def _read(self, name: str):
         self._resolve()
-        return self._num_tokens
-
-    @property
-    def grad_norm(self) -> Optional[float]:
-        self._resolve()
-        return self._grad_norm
-
-    @property
-    def update_successful(self) -> bool:
-        self._resolve()
-        return self._ok
-
-    @property
-    def metrics_sum(self) -> dict:  # global sums of the loss_fn metrics (and loss_sum)
-        self._resolve()
-        return self._metrics
+        return getattr(self, name)
 
 
 class MetricSums:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.test_rollout_rope_kv_triton import SHAPES, make_inputs
+from tests.unit.test_rollout_rope_kv_triton import SHAPES, attach_random_cache, make_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -50,7 +50,6 @@ def test_fused_kernel_matches_reference(dtype, shape):
 def _runner(single_rank_runtime, dtype: str, spec: str = "auto"):
     from r1mega.config import ModelConfig, PrecisionConfig
     from r1mega.models.gpt import build_model
-    from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache
     from r1mega.rollout.model_runner import ModelRunner
 
     rt = single_rank_runtime(precision=PrecisionConfig(dtype=dtype))
@@ -61,12 +60,7 @@ def _runner(single_rank_runtime, dtype: str, spec: str = "auto"):
                                     max_position_embeddings=256, spec=spec), rt, wrap=False)
     r = ModelRunner(model, rt)
     assert r.decode_kernel_enabled and r.fused_rope_kv_enabled
-    cache = PagedKVCache(KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, 16, r.param_dtype),
-                         r.device)
-    cache.allocate(64)
-    for t in cache.k + cache.v:
-        t.normal_()  # stands in for the prompts' K/V
-    r.cache = cache
+    attach_random_cache(r, block_tokens=16, num_blocks=64)
     return r
 
 

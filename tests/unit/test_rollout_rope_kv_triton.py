@@ -110,7 +110,6 @@ def test_custom_op_registrations():
 def runner(single_rank_runtime):
     from r1mega.config import ModelConfig, PrecisionConfig
     from r1mega.models.gpt import build_model
-    from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache
     from r1mega.rollout.model_runner import ModelRunner
 
     rt = single_rank_runtime(precision=PrecisionConfig(dtype="fp32"))
@@ -120,13 +119,20 @@ def runner(single_rank_runtime):
                                     num_query_groups=2), rt, wrap=False)
     r = ModelRunner(model, rt)
     assert r.fused_rope_kv_supported() and not r.fused_rope_kv_enabled  # supported; CPU: off
-    cache = PagedKVCache(KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, 4, r.param_dtype),
-                         r.device)
-    cache.allocate(12)
-    for t in cache.k + cache.v:
-        t.normal_()  # stands in for earlier tokens' K/V
-    r.cache = cache
+    attach_random_cache(r, block_tokens=4, num_blocks=12)
     return r
+
+
+def attach_random_cache(r, block_tokens: int, num_blocks: int) -> None:
+    """A paged cache for runner ``r``, filled with noise that stands in for earlier tokens' K/V."""
+    from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache
+
+    cache = PagedKVCache(KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, block_tokens,
+                                      r.param_dtype), r.device)
+    cache.allocate(num_blocks)
+    for t in cache.k + cache.v:
+        t.normal_()
+    r.cache = cache
 
 
 def decode_inputs(bs=4):
