@@ -27,7 +27,8 @@ BUDGET_S=${BUDGET_S:-340}
 TRL_TOKENS_PER_S=${TRL_TOKENS_PER_S:-1250}
 HF_DIR=$RUN_DIR/hf
 mkdir -p "$OUT" "$RUN_DIR"
-rm -f "$RUN_DIR/metrics.jsonl"  # a rerun must not summarise the previous run's steps
+# A rerun must not summarise, or hand back the profile of, the previous run's steps.
+rm -rf "$RUN_DIR/metrics.jsonl" "$RUN_DIR/profile"
 
 # The caller normally installed the carried wheels already; do it here only if it did not.
 if ! python3 -c 'import megatron.core' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then

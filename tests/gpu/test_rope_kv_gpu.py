@@ -30,21 +30,49 @@ def test_fused_kernel_matches_reference(dtype, shape):
         for got, ref in ((q, q_ref), (kc, kc_ref)):
             torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
     else:
-        # On the H200 a quarter of the bf16/fp16 elements came out one ulp away from eager
-        # (the interpreter on CPU is bit-exact; the GPU build evidently rounds fewer times).
-        # So: against the exact rotation (float64, same inputs), the kernel is no less accurate
-        # than eager PyTorch, and within a rounding step of eager everywhere (a layout or
-        # indexing error is off by O(1)).
-        kc64, vc64 = kc_ref.double(), vc_ref.double()
-        q64 = rope_kv_write_reference(qkv.double(), cos.double(), sin.double(), slots, kc64, vc64)
-        ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-        for got, ref, exact in ((q, q_ref, q64), (kc, kc_ref, kc64)):
-            torch.testing.assert_close(got.float(), ref.float(), rtol=2 * ulp,
-                                       atol=2 * ulp * float(ref.float().abs().max()))
-            err_kernel = (got.double() - exact).abs()
-            err_eager = (ref.double() - exact).abs()
-            assert err_kernel.max() <= err_eager.max() and err_kernel.mean() <= err_eager.mean(), (
-                float(err_kernel.max()), float(err_eager.max()))
+        _assert_rounding_accurate(qkv, cos, sin, q, q_ref, kc, kc_ref, slots, dtype)
+
+
+def _assert_rounding_accurate(qkv, cos, sin, q, q_ref, kc, kc_ref, slots, dtype):
+    """bf16/fp16: the kernel's rounding against the exact (float64) rotation of the same inputs.
+
+    On the H200 a quarter of the elements came out one ulp away from eager (the interpreter on CPU
+    is bit-exact), and on one shape the kernel's largest error was 1.23x eager's. Neither is a
+    defect: which element is off by an ulp depends on the rounding order. What holds for any
+    correct order of at most three round-to-nearest steps (the two products, the sum; fewer when
+    the compiler fuses them) is the textbook bound |y - exact| <= (2u + u^2)(|x cos| + |rot sin|)
+    per element, u the unit roundoff. A layout or indexing error breaks it by O(1); rounding by
+    truncation breaks it (1.5-1.9x of the bound) and doubles the mean error (2.3-2.4x eager's);
+    both checked by simulation on CPU for these shapes. Fused orders were 0.5-0.96x of the bound
+    and 0.68-0.86x eager's mean error there.
+    """
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    tiny = 2.0 ** -24  # fp16 products may underflow into subnormals (bf16 has fp32's range)
+    t, d = qkv.shape[0], kc.shape[-1]
+    hkv = kc.shape[-2]
+    group = qkv.shape[-1] // d - 2
+    x = qkv.reshape(t, hkv, group + 2, d).double()
+    c, s = cos.reshape(t, 1, 1, d).double(), sin.reshape(t, 1, 1, d).double()
+    qk = x[:, :, : group + 1]  # each group's q heads, then its k
+    rot = torch.cat((-qk[..., d // 2:], qk[..., : d // 2]), dim=-1)
+    exact = qk * c + rot * s
+    bound = (2 * u + u * u) * ((qk * c).abs() + (rot * s).abs()) + tiny
+    idx = slots.long()
+    untouched = torch.ones(kc.shape[0] * kc.shape[1], dtype=torch.bool, device=kc.device)
+    untouched[idx] = False
+    assert torch.equal(kc.reshape(-1, hkv, d)[untouched], kc_ref.reshape(-1, hkv, d)[untouched])
+    for name, got, ref in (
+        ("q", q.reshape(t, hkv, group, d), q_ref.reshape(t, hkv, group, d)),
+        ("k", kc.reshape(-1, hkv, d)[idx][:, :, None], kc_ref.reshape(-1, hkv, d)[idx][:, :, None]),
+    ):
+        ex = exact[:, :, :group] if name == "q" else exact[:, :, group:]
+        bd = bound[:, :, :group] if name == "q" else bound[:, :, group:]
+        err, err_eager = (got.double() - ex).abs(), (ref.double() - ex).abs()
+        assert bool((err_eager <= bd).all()), f"{name}: the bound itself is wrong (eager breaks it)"
+        worst = float((err / bd).max())
+        assert worst <= 1.0, f"{name}: error {worst:.2f}x the rounding bound"
+        assert float(err.mean()) <= 1.25 * float(err_eager.mean()), (
+            f"{name}: mean error {float(err.mean()):.3g} vs eager {float(err_eager.mean()):.3g}")
 
 
 def _runner(single_rank_runtime, dtype: str, spec: str = "auto"):

@@ -44,9 +44,12 @@ def make_inputs(T, hkv, G, D, bs, strided, dtype, seed, device="cpu"):
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
     cos, sin = torch.cos(emb).to(dtype), torch.sin(emb).to(dtype)
     nb = 2 * (-(-T // bs)) + 3
-    edges = [s for b in range(1, nb) for s in (b * bs - 1, b * bs)][:T]  # last/first of a block
+    # Last/first slot of each block; with one token per block these repeat, and a repeated
+    # slot would make the result depend on which program writes last.
+    edges = list(dict.fromkeys(s for b in range(1, nb) for s in (b * bs - 1, b * bs)))[:T]
     rest = [s for s in torch.randperm(nb * bs, generator=gen).tolist() if s not in edges]
     slots = torch.tensor((edges + rest)[:T], dtype=torch.int64, device=device)
+    assert len(set(slots.tolist())) == T, "slots must be distinct"
     if strided:
         slots = torch.stack((slots, slots), dim=1)[:, 0]  # a column of a packed buffer
     k_cache = torch.randn(nb, bs, hkv, D, generator=gen).to(dtype)
