@@ -283,7 +283,8 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 0
     # Wall-clock budget of `r1mega train` in seconds (0: none), counted from the trainer's start.
     # GRPO ends early, as if `steps` were reached (final evaluation, final checkpoint), at the
-    # first step boundary where one more step plus the final evaluation would overrun it.
+    # first step boundary where one more step plus the final evaluation would overrun it (the
+    # final evaluation's time is predicted from the first one: r1mega/train/budget.py).
     time_budget_s: float = 0.0
 
 

@@ -21,6 +21,7 @@ still running, which is exactly what overlapped steps (overlap.py) must not do.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -70,6 +71,9 @@ class DecodeGraphs:
         self.outputs: dict = {}
         self.pool = None
         self.captures = 0  # graphs captured so far (stats)
+        # Host seconds spent capturing, warm-ups included: the first capture of a shape also
+        # compiles the decode step, a one-time cost (the trainer's time budget discounts it).
+        self.capture_s = 0.0
         # Without CUDA the same packed-input code runs eagerly (tests exercise it on CPU).
         self.capture_enabled = torch.device(device).type == "cuda"
         assert SCRATCH_BLOCK == 0, "padding rows are zeroed, which must point at the scratch block"
@@ -93,6 +97,7 @@ class DecodeGraphs:
         todo = sorted(set(buckets or self.buckets) - set(self.graphs), reverse=True)
         if not todo:
             return
+        t0 = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())  # after any step still reading the inputs
         with torch.cuda.stream(stream):
@@ -113,6 +118,7 @@ class DecodeGraphs:
                 self.pool = g.pool()
             self.graphs[b], self.outputs[b] = g, out
         self.captures += len(todo)
+        self.capture_s += time.perf_counter() - t0
         if self._pad_from <= todo[0]:
             self._pad_from = 0  # rows 0..todo[0]-1 were reset above
 

@@ -8,6 +8,7 @@ number measures generalisation, not memorisation.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence
 
 from r1mega.data.templates import encode_prompt
@@ -34,9 +35,12 @@ def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
              temperature: Optional[float] = None, samples_per_prompt: Optional[int] = None,
              seed: int = 0) -> dict:
     """{'eval/accuracy', 'eval/format_rate', 'eval/reward_mean', 'eval/length_mean', ...} over
-    all DP ranks (each evaluates its own slice of ``records``)."""
+    all DP ranks (each evaluates its own slice of ``records``); 'eval/seconds' and 'eval/capture_s'
+    are this rank's."""
     temperature = cfg.train.eval_temperature if temperature is None else temperature
     n = 1 if temperature <= 0 else (samples_per_prompt or cfg.train.eval_samples)
+    t0 = time.perf_counter()
+    capture_s = 0.0
     mine = list(records)[rt.dp_rank::rt.dp_size]
     stats = {"n": 0.0, "reward_sum": 0.0, "reward_sq_sum": 0.0, "accuracy_sum": 0.0,
              "format_sum": 0.0, "reflection_sum": 0.0, "length_sum": 0.0, "length_max": 0.0,
@@ -48,6 +52,7 @@ def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
                                       seed=request_seed(seed, 0, rt.dp_rank, i))
                     for i, p in enumerate(prompts)]
         completions = rollout.generate(requests)
+        capture_s = float(rollout.stats.get("capture_s", 0.0))
         items = [{"kind": mine[c.prompt_index].kind, "completion": c.text or "",
                   "reference": mine[c.prompt_index].reference,
                   "truncated": c.finish_reason == "length", "num_tokens": len(c.token_ids)}
@@ -62,4 +67,7 @@ def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
     return {"eval/accuracy": s["reward/accuracy"], "eval/format_rate": s["reward/format_rate"],
             "eval/reward_mean": s["reward/mean"], "eval/length_mean": s["response/length_mean"],
             "eval/num_prompts": float(len(records)), "eval/num_completions": stats["n"],
-            "eval/temperature": float(temperature)}
+            "eval/temperature": float(temperature),
+            # This rank's wall time (generation, scoring, the reduction) and how much of it
+            # went to CUDA-graph captures: the time budget predicts the final evaluation.
+            "eval/seconds": time.perf_counter() - t0, "eval/capture_s": capture_s}

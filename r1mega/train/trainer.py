@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -122,9 +122,11 @@ def _resume_path(cfg: Config, ckpt) -> Optional[str]:
 
 
 def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, prefix: str,
-          state_fn, policy, on_step=None, deadline: Optional[float] = None) -> tuple[int, str]:
+          state_fn, policy, on_step=None,
+          deadline: Optional[Callable[[dict], float]] = None) -> tuple[int, str]:
     """The step loop shared by SFT and GRPO: log, checkpoint, honour preemption signals and a
-    ``deadline`` (a ``time.perf_counter()`` value no step may end after).
+    ``deadline``: called after each step with its metrics, it returns the ``time.perf_counter()``
+    value no step may end after (:class:`r1mega.train.budget.TimeBudget`).
 
     Returns (last step, why it ended): "done", "time_budget" or "preempted"."""
     from r1mega.train.failures import NonFiniteGuard, PreemptionHandler, any_rank
@@ -158,7 +160,7 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
                 return step, "preempted"
             # The last step's duration predicts the next one's (the first is pessimistic: warm-up).
             now = time.perf_counter()
-            if deadline is not None and step < total and any_rank(2 * now - t_step > deadline):
+            if deadline is not None and step < total and any_rank(2 * now - t_step > deadline(metrics)):
                 _log0(rt, f"train.time_budget_s={cfg.train.time_budget_s:g}: stopping after step "
                           f"{step} of {total}, as one more step would overrun it.")
                 reason = "time_budget"
@@ -232,6 +234,7 @@ def run_train(cfg: Config) -> int:
     from r1mega.train.grpo import GRPOStep
     from r1mega.train.metrics import MetricsLogger
     from r1mega.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+    from r1mega.train.budget import TimeBudget
     from r1mega.train.profiling import StepProfiler
     from r1mega.train.phases import (CONTINUE_COLD_START, FRESH_COLD_START, RESUME_GRPO,
                                      WEIGHTS_THEN_GRPO, cold_start_checkpoint_config, phase_of,
@@ -332,7 +335,6 @@ def run_train(cfg: Config) -> int:
         return {"phase": "grpo", "step": step, "scheduler": policy.optim.scheduler.state_dict(),
                 "sampler": sampler.state_dict(), "before_eval": before}
 
-    t_eval = time.perf_counter()
     if before is not None and eval_records:
         show_eval(before, "before RL", " [measured when RL started, read from the checkpoint]")
     elif eval_records and start == 0:
@@ -343,8 +345,10 @@ def run_train(cfg: Config) -> int:
     t0 = time.perf_counter()
     deadline = None
     if cfg.train.time_budget_s:
-        # Keep room for the final evaluation: as long as the first one took, plus slack.
-        deadline = t_start + cfg.train.time_budget_s - 1.25 * (t0 - t_eval) - 5.0
+        # Keep room for the final evaluation (budget.py), predicted from the first one; one read
+        # from a checkpoint carries its own time.
+        deadline = TimeBudget(t_start, cfg.train.time_budget_s,
+                              before if eval_records else None).deadline
     if boundary_enabled:
         # SFT done, RL not begun. No optimizer state: RL's Adam starts empty either way.
         ckpt.save(0, policy.chunks, None, state_fn(0))

@@ -153,6 +153,9 @@ def test_cold_start_is_checkpointed_and_marks_the_boundary(uninterrupted):
     for meta in (boundary, trainer_meta(grpo[3])):
         assert meta["before_eval"]["eval/accuracy"] == before_row["eval/accuracy"]
         assert meta["before_eval"]["eval/reward_mean"] == before_row["eval/reward_mean"]
+        # Its time rides along, for a resumed run's time budget; on CPU nothing is captured.
+        assert meta["before_eval"]["eval/seconds"] == before_row["eval/seconds"] > 0
+        assert meta["before_eval"]["eval/capture_s"] == 0.0
     rows = _rows(run_dir)
     assert sorted(rows["sft"]) == list(range(1, SFT_STEPS + 1))
     # The comparisons in the tests below have teeth: RL really moves the weights.
@@ -221,7 +224,8 @@ def test_resumed_after_cold_start_does_not_rerun_it(uninterrupted, tmp_path, whe
     before = _lines(out, "held-out accuracy before RL")
     assert len(before) == 1 and before[0].startswith(ref_before[0])
     if where == "sft_finished":  # measured again on the same weights, and a boundary written
-        assert rows["eval"][0] == {**ref_rows["eval"][0], "time": rows["eval"][0]["time"]}
+        clock = ("time", "eval/seconds", "eval/capture_s")  # wall-clock readings differ
+        assert rows["eval"][0] == {**ref_rows["eval"][0], **{k: rows["eval"][0][k] for k in clock}}
         assert os.path.isdir(os.path.join(ckpt, "step_00000000"))
     else:  # read from the checkpoint, not re-measured on the resumed weights
         assert "read from the checkpoint" in before[0]

@@ -127,6 +127,7 @@ def test_overlap_pipelines_through_finishes_and_bucket_shrinks(single_rank_runti
     assert len({len(c.token_ids) for c in want}) > 5
     assert st["overlap_drains"] == 0
     assert st["graph_captures"] >= 2  # 64 rows, then fewer than 32: a smaller bucket
+    assert 0 < st["capture_s"] < st["seconds"]
     for a, b in zip(got, want):
         assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
