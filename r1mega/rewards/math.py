@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from fractions import Fraction
 
 from r1mega.rewards.registry import RewardResult, extract_answer, register_reward
@@ -55,7 +56,32 @@ def math_equal(predicted: str, gold: str, timeout_s: int = 5) -> tuple[bool, lis
                 + ("equal" if ok else "different")]
 
 
-@register_reward("math_accuracy")
+# What a worker parses and compares before it takes work (registry.warm_up): the constructs whose
+# first use in a process is slow (math-verify's LaTeX parser, sympy's radicals, logarithms, trig,
+# sets, intervals, matrices, ...). Each answer is compared with a number, a fraction and a set.
+# On a 2-core CPU these ~3 s cut the first scoring of 15 other answers from 1.8-2.4 s to 0.3-0.5 s.
+WARMUP_ANSWERS = (
+    "The answer is 42.", "3.75", "1,000", "50%", r"$\frac{3}{4}$", r"$2\frac{1}{2}$",
+    r"$x = \sqrt{2}+1$", r"$\sqrt[3]{8}$", r"\boxed{\{1,2,3\}}", r"$[1, 2)$", r"$(1,2)$",
+    r"$2x + 3 = 7$", r"$x^2-5x+6=0$", r"$x \le 5$", r"$|x-1|$", r"$\pi r^2$", r"$e^{i\pi}$",
+    r"$10^{3}$", r"$\log_2 8$", r"$\ln 2$", r"$\sin(30^\circ)$", r"$\cos x \tan y$",
+    r"$\angle ABC = 45^\circ$", r"$a^2+b^2=c^2$", r"$\begin{pmatrix}1\\2\end{pmatrix}$",
+    r"$\infty$", r"$\binom{5}{2}$", r"$5!$", r"$\sum_{i=1}^n i$", r"$\int_0^1 x\,dx$",
+    r"$\$5.00$", r"$3\text{ cm}$", r"$\overline{AB}$",
+)
+_WARMUP_GOLDS = ("2", r"\frac{1}{2}", r"\{1, 2\}")
+_WARMUP_BUDGET_S = 15.0  # a worker must report ready within the scorer's start timeout
+
+
+def warm_up_math() -> None:
+    t0 = time.monotonic()
+    for i, answer in enumerate(WARMUP_ANSWERS):
+        if time.monotonic() - t0 > _WARMUP_BUDGET_S:
+            return
+        math_equal(answer, _WARMUP_GOLDS[i % len(_WARMUP_GOLDS)])
+
+
+@register_reward("math_accuracy", warmup=warm_up_math)
 def math_accuracy(completion: str, reference: dict, **context) -> RewardResult:
     if "answer" not in reference:
         return RewardResult(0.0, ["reference has no 'answer' field"])

@@ -4,15 +4,23 @@ A reward is a plain function ``(completion: str, reference: dict, **context) -> 
 ``context`` carries what the scorer knows beyond the reference (``num_tokens``, ``truncated``,
 ``max_new_tokens`` and the reward options from ``cfg.rewards``); rewards take what they need and
 ignore the rest, so adding a context key never breaks an existing reward.
+
+A reward may also register a ``warmup``: a no-argument function that exercises its lazily
+initialised paths (math-verify builds its LaTeX parser and sympy its simplification machinery on
+first use: 50-1,200 ms per construct, once per process). Reward workers run the warm-ups of the
+rewards they may be asked for before they take work, so that cost is not paid on a step's clock.
 """
 from __future__ import annotations
 
 import re
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 RewardFn = Callable[..., "RewardResult"]
 _REGISTRY: dict[str, RewardFn] = {}
+_WARMUPS: dict[str, Callable[[], None]] = {}
 
 
 @dataclass
@@ -22,7 +30,8 @@ class RewardResult:
     reasons: list = field(default_factory=list)
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+def register_reward(name: str, warmup: Callable[[], None] | None = None
+                    ) -> Callable[[RewardFn], RewardFn]:
     def deco(fn: RewardFn) -> RewardFn:
         old = _REGISTRY.get(name)
         # The same function imported under two module names (a script run as __main__ and
@@ -33,9 +42,32 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
             raise ValueError(f"Reward '{name}' is registered twice ({_REGISTRY[name].__module__} "
                              f"and {fn.__module__}); pick another name.")
         _REGISTRY[name] = fn
+        if warmup is not None:
+            _WARMUPS[name] = warmup
         return fn
 
     return deco
+
+
+def warm_up(names, budget_s: float = 20.0) -> list[str]:
+    """Run the registered warm-ups of ``names`` (unknown names and rewards without one are
+    skipped), stopping once ``budget_s`` has passed. A failing warm-up is reported on stderr and
+    otherwise ignored: the reward reports its own errors when it scores. Returns the names warmed."""
+    _load_builtin()
+    t0, done = time.monotonic(), []
+    for name in dict.fromkeys(names):
+        fn = _WARMUPS.get(name)
+        if fn is None:
+            continue
+        if time.monotonic() - t0 > budget_s:
+            break
+        try:
+            fn()
+            done.append(name)
+        except Exception as exc:  # noqa: BLE001 -- a warm-up must never stop a worker
+            print(f"[r1mega] reward '{name}' warm-up failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+    return done
 
 
 def _load_builtin() -> None:

@@ -5,8 +5,8 @@ The trainer sees only :class:`RewardScorer`. A reward that raises, hangs past it
 kills its worker scores 0 for that component; the item carries the error, ``metrics()`` counts
 it, the worker is replaced, and ``score`` returns normally. Training never stops on a reward.
 
-The pool is persistent (started once, workers stay warm with sympy and math-verify imported)
-because the CPU demo scores ~100 completions per step and a per-batch pool start would cost
+The pool is persistent (started once, workers stay warm with sympy and math-verify imported,
+and each runs the warm-ups of the rewards in the specs before it reports ready) because the CPU demo scores ~100 completions per step and a per-batch pool start would cost
 seconds. Work units are (item, reward) pairs so a slow sandbox run does not hold up the cheap
 format checks of the same batch.
 
@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from r1mega.rewards.registry import get_reward
+from r1mega.rewards.registry import get_reward, warm_up
 
 # Used for a task kind that rewards.spec does not name; rewards.spec entries replace these.
 DEFAULT_SPECS = {
@@ -63,7 +63,7 @@ def _import_modules(modules) -> None:
                               "importable in a fresh Python process (on sys.path).") from None
 
 
-def _worker_main(conn, modules) -> None:
+def _worker_main(conn, modules, warm=()) -> None:
     # The trainer's Ctrl-C goes to the whole foreground group; the parent decides, not us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _import_modules(modules)
@@ -71,6 +71,9 @@ def _worker_main(conn, modules) -> None:
         import math_verify  # noqa: F401 -- warm import so the first call is not the slow one
     except ImportError:
         pass
+    # Before "ready": the parent starts a call's clock when it sends the call, and the workers
+    # start with the trainer, so this overlaps its model building.
+    warm_up(warm)
     conn.send("ready")
     while True:
         try:
@@ -96,13 +99,13 @@ class _Worker:
     start training again in each of them; a fresh interpreter imports only what rewards need.
     """
 
-    def __init__(self, modules):
+    def __init__(self, modules, warm=()):
         parent, child = socket.socketpair()
         # The workers see the modules the parent sees (a checkout not pip-installed, tests).
         path = os.pathsep.join(p for p in sys.path if p)
         env = dict(os.environ, PYTHONPATH=path)
         cmd = [sys.executable, "-m", "r1mega.rewards.scorer", "--worker", str(child.fileno()),
-               *modules]
+               ",".join(warm), *modules]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), env=env,
                                          stdin=subprocess.DEVNULL)
@@ -148,13 +151,15 @@ class RewardScorer:
                 if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                     raise ValueError(f"rewards.spec.{kind}.{name}: the weight must be a number, "
                                      f"got {weight!r}.")
+        # Every reward a spec names: a worker may be handed any of them.
+        self._warm = sorted({name for spec in self.specs.values() for name in spec})
         self._workers: list[_Worker] = []
         self._stream: "ScoringStream | None" = None  # while open, its thread owns the pool
         self._counts = {"items": 0, "calls": 0, "timeouts": 0, "crashes": 0, "errors": 0,
                         "bad_items": 0, "worker_restarts": 0, "seconds": 0.0}
         # Spawned now, without waiting: their imports overlap the trainer's own start-up.
         for _ in range(max(0, self.num_workers)):
-            self._workers.append(_Worker(rewards_cfg.modules))
+            self._workers.append(_Worker(rewards_cfg.modules, self._warm))
 
     # ------------------------------------------------------------------ public
 
@@ -282,7 +287,7 @@ class RewardScorer:
         if self.num_workers <= 0:
             return self._run_inline(units)
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self.cfg.modules))
+            self._workers.append(_Worker(self.cfg.modules, self._warm))
         todo = deque(units)
         failed_starts = 0
         while True:
@@ -371,7 +376,7 @@ class RewardScorer:
     def _replace(self, w: _Worker) -> None:
         w.kill()
         idx = self._workers.index(w)
-        self._workers[idx] = _Worker(self.cfg.modules)
+        self._workers[idx] = _Worker(self.cfg.modules, self._warm)
         self._counts["worker_restarts"] += 1
 
     def _run_inline(self, units: list) -> dict:
@@ -514,5 +519,5 @@ def worker_pids(scorer: RewardScorer) -> list[int]:
 __all__ = ["RewardScorer", "ScoredItem", "ScoringStream", "DEFAULT_SPECS", "worker_pids"]
 
 
-if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "--worker":
-    _worker_main(Connection(int(sys.argv[2])), sys.argv[3:])
+if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "--worker":
+    _worker_main(Connection(int(sys.argv[2])), sys.argv[4:], [n for n in sys.argv[3].split(",") if n])
