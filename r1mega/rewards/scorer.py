@@ -5,9 +5,9 @@ The trainer sees only :class:`RewardScorer`. A reward that raises, hangs past it
 kills its worker scores 0 for that component; the item carries the error, ``metrics()`` counts
 it, the worker is replaced, and ``score`` returns normally. Training never stops on a reward.
 
-The pool is persistent (started once, workers stay warm with sympy and math-verify imported,
-and each runs the warm-ups of the rewards in the specs before it reports ready) because the CPU demo scores ~100 completions per step and a per-batch pool start would cost
-seconds. Work units are (item, reward) pairs so a slow sandbox run does not hold up the cheap
+The pool is persistent (started once; workers stay warm with sympy and math-verify imported,
+and each runs the warm-ups of the rewards the specs name before it reports ready) because the
+CPU demo scores ~100 completions per step and a per-batch pool start would cost seconds. Work units are (item, reward) pairs so a slow sandbox run does not hold up the cheap
 format checks of the same batch.
 
 :meth:`RewardScorer.stream` scores items as they arrive: the rollout hands over each completion

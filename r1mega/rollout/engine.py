@@ -202,8 +202,7 @@ class RolloutEngine:
             sched.add(g)
         self._mirror_rows([s for g in groups for s in g.samples])
         done: list[Completion] = []
-        graphs0 = self.graphs
-        capture0 = graphs0.capture_s if graphs0 is not None else 0.0
+        capture0 = self._capture_s()
         t0 = time.perf_counter()
         steps = {"prefill": 0, "decode": 0}
         seconds = {"prefill": 0.0, "decode": 0.0}
@@ -243,12 +242,16 @@ class RolloutEngine:
         self.stats = {"seconds": elapsed, "new_tokens": new_tokens, "preemptions": sched.num_preemptions,
                       "tokens_per_s": new_tokens / max(elapsed, 1e-9), **steps,
                       "graph_captures": self.graphs.captures if self.graphs is not None else 0,
-                      "capture_s": (self.graphs.capture_s - (capture0 if self.graphs is graphs0 else 0.0)
-                                    if self.graphs is not None else 0.0),
+                      "capture_s": self._capture_s() - capture0,
                       "prefill_s": seconds["prefill"], "decode_s": seconds["decode"],
                       "overlap_drains": overlap.drains if overlap else 0}
         done.sort(key=lambda c: (c.prompt_index, c.sample_index))
         return done
+
+    def _capture_s(self) -> float:
+        # Within a call the graphs only go from None to new ones (allocate releases them before
+        # the first reading, end_phase after the call), so two readings differ by this call's.
+        return self.graphs.capture_s if self.graphs is not None else 0.0
 
     def _mirror_rows(self, seqs: list[Sequence]) -> None:
         """Host arrays indexed by ``seq_id`` of what a decode step packs per row: the block

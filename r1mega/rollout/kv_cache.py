@@ -147,10 +147,6 @@ class PagedKVCache:
         """Store new keys/values. slots (T,), k/v (T, kv_heads, head_dim)."""
         torch.ops.r1mega.kv_cache_write(self.k[layer], self.v[layer], slots, k, v)
 
-    def copy_block(self, src: int, dst: int) -> None:
-        """Copy-on-write of a partly filled prompt block for a new sample (every layer)."""
-        self.copy_blocks([(src, dst)])
-
     def copy_blocks(self, pairs) -> None:
         """Copy-on-write of many blocks at once: (src, dst) pairs, destinations distinct and not
         sources. Two kernels per layer and K/V whatever the count: a block-by-block copy is

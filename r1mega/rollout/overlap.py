@@ -90,7 +90,6 @@ class OverlappedDecoder:
         p = self.pending
         if p is None or sched.prefill_ready():
             return None
-        bs = self.engine.block_tokens
         limit = self.engine.runner.max_positions
         rows: list = []
         alive = new_blocks = 0
@@ -104,7 +103,7 @@ class OverlappedDecoder:
                 continue
             if limit and n_tokens + 2 >= limit:
                 return None
-            if s.num_cached >= len(s.blocks) * bs:
+            if sched.needs_block(s):
                 new_blocks += 1
             rows.append(i)
         # Every running sequence is in the pending step unless the batch changed (a bug guard:

@@ -202,7 +202,7 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            if seq.num_cached < len(seq.blocks) * self.block_tokens:
+            if not self.needs_block(seq):
                 i += 1
                 continue
             try:
@@ -219,11 +219,15 @@ class Scheduler:
                     ) from None
                 self.preempt(victim)
 
+    def needs_block(self, seq) -> bool:
+        """Whether ``seq``'s next token starts a new cache block (its blocks are all full)."""
+        return seq.num_cached >= len(seq.blocks) * self.block_tokens
+
     def grow(self, seqs: list) -> None:
         """A cache slot for each of ``seqs``' next tokens, from free blocks only: the caller
         checked that they fit (an overlapped step is running, nobody may be preempted now)."""
         for seq in seqs:
-            if seq.num_cached >= len(seq.blocks) * self.block_tokens:
+            if self.needs_block(seq):
                 seq.blocks.append(self.alloc.allocate())
 
     # ------------------------------------------------------------------ transitions

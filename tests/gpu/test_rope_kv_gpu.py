@@ -42,9 +42,9 @@ def _assert_rounding_accurate(qkv, cos, sin, q, q_ref, kc, kc_ref, slots, dtype)
     correct order of at most three round-to-nearest steps (the two products, the sum; fewer when
     the compiler fuses them) is the textbook bound |y - exact| <= (2u + u^2)(|x cos| + |rot sin|)
     per element, u the unit roundoff. A layout or indexing error breaks it by O(1); rounding by
-    truncation breaks it (1.5-1.9x of the bound) and doubles the mean error (2.3-2.4x eager's);
-    both checked by simulation on CPU for these shapes. Fused orders were 0.5-0.96x of the bound
-    and 0.68-0.86x eager's mean error there.
+    truncation breaks it (1.5-1.9x of the bound) and doubles the mean error (2.3-2.4x eager's),
+    as simulated on CPU for these shapes in bf16. Simulated fused or single-rounding orders were
+    0.45-0.96x of the bound and 0.68-0.86x eager's mean error there.
     """
     u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     tiny = 2.0 ** -24  # fp16 products may underflow into subnormals (bf16 has fp32's range)
