@@ -224,6 +224,9 @@ class RewardsConfig:
     # "keep": a completion cut by max_new_tokens is scored as it is; "zero": its total is 0.
     truncated: str = "keep"
     math_timeout_s: int = 5
+    # What a math answer must be (rewards/math.py): "auto" (a number when the reference is one,
+    # else symbolic equivalence), "number", or "expression" (symbolic equivalence always).
+    answer_form: str = "auto"
     sandbox_timeout_s: float = 5.0
     sandbox_memory_mb: int = 1024
     # Python modules that register extra rewards (@register_reward); imported in every worker.
@@ -499,6 +502,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"})
     _choice("grpo.loss_impl", cfg.grpo.loss_impl, {"auto", "cuda", "torch"})
     _choice("data.on_bad_row", cfg.data.on_bad_row, {"error", "skip"})
+    _choice("rewards.answer_form", cfg.rewards.answer_form, {"auto", "number", "expression"})
     _choice("train.mode", cfg.train.mode, {"grpo", "sft"})
     if cfg.train.time_budget_s < 0:
         raise ConfigError(f"train.time_budget_s must be >= 0 (0: no budget), got "

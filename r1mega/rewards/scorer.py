@@ -43,7 +43,7 @@ DEFAULT_SPECS = {
 }
 _START_TIMEOUT_S = 120.0
 _CONTEXT_KEYS = ("overlong_penalty_tokens", "target_language", "math_timeout_s",
-                 "sandbox_timeout_s", "sandbox_memory_mb")
+                 "sandbox_timeout_s", "sandbox_memory_mb", "answer_form")
 
 
 @dataclass
@@ -269,7 +269,8 @@ class RewardScorer:
                               {n: ["truncated: scored 0 (rewards.truncated=zero)"] for n in spec}), []
         context = {k: getattr(self.cfg, k) for k in _CONTEXT_KEYS}
         context.update(num_tokens=item.get("num_tokens"), truncated=bool(item.get("truncated")),
-                       max_new_tokens=item.get("max_new_tokens", self.max_new_tokens), kind=kind)
+                       max_new_tokens=item.get("max_new_tokens", self.max_new_tokens), kind=kind,
+                       prompt=item.get("prompt"))
         return ScoredItem(0.0), [(n, item["completion"], reference, context) for n in spec]
 
     def _timeout_for(self, name: str) -> float:

@@ -1,4 +1,6 @@
-"""Held-out accuracy through the same rollout engine and rewards the training uses.
+"""Held-out accuracy: the same rollout engine, graded by the strict grader (``rewards/strict.py``),
+independent of the training reward, which is reported beside it (``eval/reward_mean``,
+``eval/reward_accuracy``) so a reward that the policy games shows up as a gap.
 
 Protocol (``train.eval_temperature``, ``train.eval_samples``): temperature 0 is greedy decoding,
 one completion per prompt; a temperature > 0 draws ``eval_samples`` completions per prompt and
@@ -13,7 +15,8 @@ from typing import Optional, Sequence
 
 from r1mega.data.templates import encode_prompt
 from r1mega.rollout.types import GenerationRequest
-from r1mega.train.grpo import completion_stats, reduce_stats, request_seed, summarise
+from r1mega.train.batch_stats import completion_stats, empty_stats, reduce_stats, summarise
+from r1mega.train.grpo import reward_item, request_seed
 
 
 def heldout_records(eval_source, train_sources: Sequence) -> list:
@@ -34,7 +37,7 @@ def heldout_records(eval_source, train_sources: Sequence) -> list:
 def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
              temperature: Optional[float] = None, samples_per_prompt: Optional[int] = None,
              seed: int = 0) -> dict:
-    """{'eval/accuracy', 'eval/format_rate', 'eval/reward_mean', 'eval/length_mean', ...} over
+    """{'eval/accuracy' (strict), 'eval/reward_mean', 'eval/format_rate', ...} over
     all DP ranks (each evaluates its own slice of ``records``); 'eval/seconds' and 'eval/capture_s'
     are this rank's."""
     temperature = cfg.train.eval_temperature if temperature is None else temperature
@@ -42,9 +45,7 @@ def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
     t0 = time.perf_counter()
     capture_s = 0.0
     mine = list(records)[rt.dp_rank::rt.dp_size]
-    stats = {"n": 0.0, "reward_sum": 0.0, "reward_sq_sum": 0.0, "accuracy_sum": 0.0,
-             "format_sum": 0.0, "reflection_sum": 0.0, "length_sum": 0.0, "length_max": 0.0,
-             "truncated_sum": 0.0}
+    stats = empty_stats()
     if mine:
         prompts = [encode_prompt(r.prompt, cfg.data.template, tokenizer, cfg.data.max_prompt_tokens)
                    for r in mine]
@@ -53,19 +54,15 @@ def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
                     for i, p in enumerate(prompts)]
         completions = rollout.generate(requests)
         capture_s = float(rollout.stats.get("capture_s", 0.0))
-        items = [{"kind": mine[c.prompt_index].kind, "completion": c.text or "",
-                  "reference": mine[c.prompt_index].reference,
-                  "truncated": c.finish_reason == "length", "num_tokens": len(c.token_ids)}
-                 for c in completions]
-        scored = scorer.score(items)
-        stats = completion_stats([c.text or "" for c in completions],
-                                 [len(c.token_ids) for c in completions], scored,
-                                 [c.finish_reason == "length" for c in completions],
+        scored = scorer.score([reward_item(mine[c.prompt_index], c) for c in completions])
+        stats = completion_stats(completions, [mine[c.prompt_index] for c in completions], scored,
                                  cfg.rewards.reflection_phrases)
     stats = reduce_stats(stats, rt.dp_group if rt.dp_size > 1 else None)
     s = summarise(stats)
-    return {"eval/accuracy": s["reward/accuracy"], "eval/format_rate": s["reward/format_rate"],
+    return {"eval/accuracy": s["reward/strict_accuracy"],
+            "eval/reward_accuracy": s["reward/accuracy"], "eval/format_rate": s["reward/format_rate"],
             "eval/reward_mean": s["reward/mean"], "eval/length_mean": s["response/length_mean"],
+            **{f"eval/{k[5:]}": v for k, v in s.items() if k.startswith("hack/")},
             "eval/num_prompts": float(len(records)), "eval/num_completions": stats["n"],
             "eval/temperature": float(temperature),
             # This rank's wall time (generation, scoring, the reduction) and how much of it

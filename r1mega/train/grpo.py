@@ -19,21 +19,17 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from r1mega.data.templates import encode_prompt
 from r1mega.models.gpt import count_parameters
 from r1mega.ops.grpo_loss import finalize_metrics, grpo_loss, local_normalizer_count
 from r1mega.ops.logprobs import vocab_parallel_logprobs
-from r1mega.rewards.format import check_format
 from r1mega.rl.advantages import group_advantages
 from r1mega.rollout.types import GenerationRequest
+from r1mega.train.batch_stats import completion_stats, reduce_stats, summarise
 from r1mega.train.profiling import prange
 from r1mega.train.step import sft_sample
 
-# Components that say "the answer is right" (as opposed to format, length or language shaping).
-ACCURACY_REWARDS = ("math_accuracy", "exact_match", "countdown", "river_crossing", "code_tests",
-                    "reasoning_gym")
 # Dense bf16 peak of one accelerator, for the MFU estimate; unknown devices report no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 
@@ -143,7 +139,8 @@ def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, nor
 def reward_item(record, c) -> dict:
     """What the scorer needs about one completion of ``record``'s prompt."""
     return {"kind": record.kind, "completion": c.text, "reference": record.reference,
-            "truncated": c.finish_reason == "length", "num_tokens": len(c.token_ids)}
+            "prompt": record.prompt, "truncated": c.finish_reason == "length",
+            "num_tokens": len(c.token_ids)}
 
 
 # Engine stats -> metric names. This rank's rollout, not reduced over DP: the split between
@@ -158,66 +155,6 @@ def rollout_metrics(stats: dict) -> dict:
     out = {name: float(stats[k]) for k, name in ROLLOUT_STATS.items() if k in stats}
     if stats.get("decode"):
         out["rollout/decode_ms_per_step"] = 1e3 * stats["decode_s"] / stats["decode"]
-    return out
-
-
-def has_reflection(text: str, phrases: Sequence[str]) -> bool:
-    low = text.lower()
-    return any(p.lower() in low for p in phrases)
-
-
-def completion_stats(texts: Sequence[str], lengths: Sequence[int], scored: Sequence,
-                     truncated: Sequence[bool], phrases: Sequence[str]) -> dict:
-    """Sums over this rank's completions (reduced over DP by the caller, then divided)."""
-    out: dict = {"n": float(len(texts)), "reward_sum": 0.0, "reward_sq_sum": 0.0,
-                 "accuracy_sum": 0.0, "format_sum": 0.0, "reflection_sum": 0.0,
-                 "length_sum": 0.0, "length_max": 0.0, "truncated_sum": 0.0}
-    for text, n, s, trunc in zip(texts, lengths, scored, truncated):
-        out["reward_sum"] += s.total
-        out["reward_sq_sum"] += s.total * s.total
-        acc = [s.components[k] for k in ACCURACY_REWARDS if k in s.components]
-        out["accuracy_sum"] += float(max(acc) >= 1.0) if acc else 0.0
-        out["format_sum"] += check_format(text).score
-        out["reflection_sum"] += float(has_reflection(text, phrases))
-        out["length_sum"] += n
-        out["length_max"] = max(out["length_max"], float(n))
-        out["truncated_sum"] += float(trunc)
-        for name, value in s.components.items():
-            out[f"c/{name}_sum"] = out.get(f"c/{name}_sum", 0.0) + value
-            out[f"c/{name}_sq_sum"] = out.get(f"c/{name}_sq_sum", 0.0) + value * value
-    return out
-
-
-def reduce_stats(stats: dict, group) -> dict:
-    """Sum every key over ``group`` (``*_max`` keys: max). Keys may differ between ranks."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return dict(stats)
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, stats, group=group)
-    out: dict = {}
-    for part in gathered:
-        for k, v in part.items():
-            out[k] = max(out.get(k, v), v) if k.endswith("_max") else out.get(k, 0.0) + v
-    return out
-
-
-def summarise(stats: dict) -> dict:
-    n = max(stats["n"], 1.0)
-    mean = stats["reward_sum"] / n
-    out = {"reward/mean": mean,
-           "reward/std": max(stats["reward_sq_sum"] / n - mean * mean, 0.0) ** 0.5,
-           "reward/accuracy": stats["accuracy_sum"] / n,
-           "reward/format_rate": stats["format_sum"] / n,
-           "response/reflection_share": stats["reflection_sum"] / n,
-           "response/length_mean": stats["length_sum"] / n,
-           "response/length_max": stats["length_max"],
-           "response/truncated_share": stats["truncated_sum"] / n}
-    for k, v in stats.items():
-        if k.startswith("c/") and k.endswith("_sq_sum"):
-            name = k[2:-7]
-            m = stats[f"c/{name}_sum"] / n
-            out[f"reward/{name}_mean"] = m
-            out[f"reward/{name}_std"] = max(v / n - m * m, 0.0) ** 0.5
     return out
 
 
@@ -344,10 +281,8 @@ class GRPOStep:
                  rollout_stats: Optional[dict] = None) -> dict:
         cfg, rt = self.cfg, self.rt
         t0, t_rollout, t_reward, t_logprobs, t_train = times
-        stats = completion_stats([c.text or "" for c in completions],
-                                 [len(c.token_ids) for c in completions], scored,
-                                 [c.finish_reason == "length" for c in completions],
-                                 cfg.rewards.reflection_phrases)
+        stats = completion_stats(completions, [records[c.prompt_index] for c in completions],
+                                 scored, cfg.rewards.reflection_phrases)
         stats["equal_groups_sum"] = float(equal.sum())
         stats["groups"] = float(equal.numel())
         stats["seq_tokens_sum"] = float(sum(int(s["input_ids"].numel()) for s in samples))
@@ -405,7 +340,9 @@ class GRPOStep:
         return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
     def _samples(self, records, completions, scored) -> list:
-        """The first completion of the first few prompts, for tensorboard's text tab."""
-        n, G = max(0, int(self.cfg.logging.num_samples)), max(1, self.cfg.rollout.group_size)
-        return [(records[c.prompt_index].prompt, c.text or "", s.total)
-                for c, s in list(zip(completions, scored))[::G][:n]]
+        """The top-rewarded completions of the step, for tensorboard's text tab: a rising reward
+        is believed only after reading what it pays for."""
+        n = max(0, int(self.cfg.logging.num_samples))
+        order = sorted(range(len(completions)), key=lambda i: -scored[i].total)[:n]
+        return [(records[completions[i].prompt_index].prompt, completions[i].text or "",
+                 scored[i].total) for i in order]

@@ -16,6 +16,7 @@ from typing import Optional
 CONSOLE_KEYS = (
     ("reward/mean", "reward", "{:.3f}"),
     ("reward/accuracy", "acc", "{:.2f}"),
+    ("reward/strict_accuracy", "strict", "{:.2f}"),
     ("reward/format_rate", "fmt", "{:.2f}"),
     ("response/length_mean", "len", "{:.1f}"),
     ("loss", "loss", "{:.4f}"),

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from r1mega.config import Config, load_config, validate
+from r1mega.rewards.detectors import reward_strict_gap
 
 # The CPU demo's recipe, embedded so that `r1mega demo` works from any install; configs/demo.yaml
 # holds the same values (a unit test keeps the two equal). See that file for the measurements.
@@ -134,6 +135,7 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
     preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
     step, reason = start, "done"
+    warned_at = -(10 ** 9)
     try:
         for step in range(start + 1, total + 1):
             t_step = time.perf_counter()
@@ -143,6 +145,11 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
             if step % max(1, cfg.logging.log_every_steps) == 0 or step == total:
                 logger.log(step, metrics, prefix=prefix)
                 logger.console(step, metrics, total)
+            gap = reward_strict_gap(metrics.get("reward/mean", 0.0),
+                                    metrics.get("reward/strict_accuracy", 1.0))
+            if gap and step - warned_at >= 25:
+                warned_at = step
+                _log0(rt, f"WARNING at step {step}: {gap}")
             samples = getattr(out, "samples", None)
             every = cfg.logging.samples_every_steps
             if samples and every and (step % every == 0 or step == start + 1):
@@ -313,10 +320,15 @@ def run_train(cfg: Config) -> int:
                       "eval_source.")
 
     def show_eval(ev: dict, tag: str, note: str = "") -> None:
-        _log0(rt, f"held-out accuracy {tag}: {ev['eval/accuracy']:.3f} "
-                  f"(format {ev['eval/format_rate']:.3f}, {len(eval_records)} prompts, "
+        _log0(rt, f"held-out accuracy {tag}: {ev['eval/accuracy']:.3f} strict "
+                  f"(training reward {ev['eval/reward_mean']:.3f}, its accuracy "
+                  f"{ev.get('eval/reward_accuracy', float('nan')):.3f}; format "
+                  f"{ev['eval/format_rate']:.3f}; {len(eval_records)} prompts, "
                   f"{'greedy' if ev['eval/temperature'] <= 0 else 'T=%g' % ev['eval/temperature']})"
                   + note)
+        gap = reward_strict_gap(ev["eval/reward_mean"], ev["eval/accuracy"])
+        if gap:
+            _log0(rt, f"WARNING {tag}: {gap}")
 
     def run_eval(step: int, tag: str) -> dict:
         ev = evaluate(rollout, scorer, eval_records, tok, cfg, rt, seed=cfg.rollout.seed + 7)
@@ -371,7 +383,7 @@ def run_train(cfg: Config) -> int:
             if before is not None:
                 gain = after["eval/accuracy"] - before["eval/accuracy"]
                 logger.log(last, {"eval/accuracy_gain": gain})
-                _log0(rt, f"RL changed held-out accuracy by {100 * gain:+.1f} points "
+                _log0(rt, f"RL changed strict held-out accuracy by {100 * gain:+.1f} points "
                           f"({100 * before['eval/accuracy']:.1f}% -> "
                           f"{100 * after['eval/accuracy']:.1f}%) in {rl_s:.0f} s of GRPO")
     finally:

@@ -121,8 +121,8 @@ def _assert_same_end(got: dict, ref: dict, got_rows: dict, ref_rows: dict, sft_f
         assert torch.equal(got["params"][name], value), name
     # The demo's gain line, minus its wall time: same before, same after.
     strip = lambda line: line.split(" in ")[0]  # noqa: E731
-    assert [strip(x) for x in _lines(got["out"], "RL changed held-out accuracy")] == \
-        [strip(x) for x in _lines(ref["out"], "RL changed held-out accuracy")] != []
+    assert [strip(x) for x in _lines(got["out"], "RL changed strict held-out accuracy")] == \
+        [strip(x) for x in _lines(ref["out"], "RL changed strict held-out accuracy")] != []
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,88 @@
+"""Reward-hack detectors: per-completion flags whose batch shares are logged beside the reward.
+
+A reward that rises while these rise too is being gamed, whatever the curve says:
+
+* ``expression``: the final answer is an expression (``76 * 16``), not a value;
+* ``restates_prompt``: the final answer contains the prompt's own expression;
+* ``unreasoned``: the completion was rewarded but holds no reasoning text besides its answer.
+
+Nothing here changes a reward; the trainer logs the shares (``hack/*``) and warns when the
+training reward is high while the strict held-out grader disagrees.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from r1mega.rewards.answers import final_value_text, final_answer, is_expression, restates_prompt
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_ANSWER_BLOCK = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+_TAGS = re.compile(r"</?(?:think|answer)>")
+# Fewer than this many visible characters besides the answer is no reasoning at all.
+_MIN_REASONING_CHARS = 3
+
+
+@dataclass(frozen=True)
+class HackFlags:
+    expression: bool
+    restates_prompt: bool
+    has_reasoning: bool
+
+
+def reasoning_text(completion: str) -> str:
+    """The ``<think>`` blocks when there are any, else the completion without its answer."""
+    thinks = _THINK.findall(completion)
+    if thinks:
+        return " ".join(t.strip() for t in thinks)
+    rest = _ANSWER_BLOCK.sub(" ", completion)
+    if rest == completion:  # prose: its final number is the answer, the rest is reasoning
+        fa = final_answer(completion)
+        if fa.text is not None and fa.source == "last_number":
+            cut = completion.rfind(fa.text)
+            rest = completion[:cut] + completion[cut + len(fa.text):]
+    return _TAGS.sub(" ", rest).strip()
+
+
+def hack_flags(completion: str, prompt: Optional[str]) -> HackFlags:
+    fa = final_answer(completion)
+    value = final_value_text(fa.text) if fa.text is not None else ""
+    if fa.ends_with_expression:  # prose that ends "... 76 * 16": its last sentence is the answer
+        value = re.split(r"\n|(?<=[.!?:])\s", completion.strip())[-1]
+    expression = fa.ends_with_expression or (bool(value) and is_expression(value))
+    restated = bool(value) and restates_prompt(value, prompt)
+    visible = re.sub(r"[\s.,;:!?]", "", reasoning_text(completion))
+    return HackFlags(expression, restated, len(visible) >= _MIN_REASONING_CHARS)
+
+
+def hack_sums(completions, prompts, rewarded) -> dict:
+    """Counts over a batch (summed over ranks by the caller): ``hack/expression_sum``,
+    ``hack/restates_prompt_sum``, ``hack/rewarded_sum`` and ``hack/unreasoned_rewarded_sum``."""
+    out = {"hack/expression_sum": 0.0, "hack/restates_prompt_sum": 0.0,
+           "hack/rewarded_sum": 0.0, "hack/unreasoned_rewarded_sum": 0.0}
+    for text, prompt, ok in zip(completions, prompts, rewarded):
+        f = hack_flags(text, prompt)
+        out["hack/expression_sum"] += f.expression
+        out["hack/restates_prompt_sum"] += f.restates_prompt
+        if ok:
+            out["hack/rewarded_sum"] += 1.0
+            out["hack/unreasoned_rewarded_sum"] += not f.has_reasoning
+    return out
+
+
+def hack_shares(sums: dict, n: float) -> dict:
+    n = max(n, 1.0)
+    return {"hack/expression_share": sums.get("hack/expression_sum", 0.0) / n,
+            "hack/restates_prompt_share": sums.get("hack/restates_prompt_sum", 0.0) / n,
+            "hack/unreasoned_rewarded_share": sums.get("hack/unreasoned_rewarded_sum", 0.0)
+            / max(sums.get("hack/rewarded_sum", 0.0), 1.0)}
+
+
+def reward_strict_gap(reward_mean: float, strict_accuracy: float) -> Optional[str]:
+    """The console warning when the reward says "solved" and the strict grader does not."""
+    if reward_mean > 0.9 and strict_accuracy < 0.5 * reward_mean:
+        return (f"training reward {reward_mean:.2f} but strict accuracy {strict_accuracy:.2f}: "
+                "the policy may be gaming the reward; read the top-rewarded completions "
+                "(logging.samples_every_steps) and the hack/* metrics")
+    return None
