@@ -10,12 +10,16 @@ number measures generalisation, not memorisation.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Optional, Sequence
 
 from r1mega.data.templates import encode_prompt
 from r1mega.rollout.types import GenerationRequest
-from r1mega.train.batch_stats import completion_stats, empty_stats, reduce_stats, summarise
+from r1mega.rewards.strict import strict_grade
+from r1mega.train.batch_stats import (completion_stats, empty_stats, reduce_stats, summarise,
+                                      verifier_score)
 from r1mega.train.grpo import reward_item, request_seed
 
 
@@ -36,10 +40,11 @@ def heldout_records(eval_source, train_sources: Sequence) -> list:
 
 def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
              temperature: Optional[float] = None, samples_per_prompt: Optional[int] = None,
-             seed: int = 0) -> dict:
+             seed: int = 0, dump_path: Optional[str] = None) -> dict:
     """{'eval/accuracy' (strict), 'eval/reward_mean', 'eval/format_rate', ...} over
     all DP ranks (each evaluates its own slice of ``records``); 'eval/seconds' and 'eval/capture_s'
-    are this rank's."""
+    are this rank's. ``dump_path``: this rank's completions, one JSON line each (prompt,
+    completion, strict verdict and reason, training reward), to read what the numbers count."""
     temperature = cfg.train.eval_temperature if temperature is None else temperature
     n = 1 if temperature <= 0 else (samples_per_prompt or cfg.train.eval_samples)
     t0 = time.perf_counter()
@@ -57,6 +62,9 @@ def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
         scored = scorer.score([reward_item(mine[c.prompt_index], c) for c in completions])
         stats = completion_stats(completions, [mine[c.prompt_index] for c in completions], scored,
                                  cfg.rewards.reflection_phrases)
+        if dump_path:
+            dump_completions(dump_path, [mine[c.prompt_index] for c in completions], completions,
+                             scored)
     stats = reduce_stats(stats, rt.dp_group if rt.dp_size > 1 else None)
     s = summarise(stats)
     return {"eval/accuracy": s["reward/strict_accuracy"],
@@ -68,3 +76,18 @@ def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
             # This rank's wall time (generation, scoring, the reduction) and how much of it
             # went to CUDA-graph captures: the time budget predicts the final evaluation.
             "eval/seconds": time.perf_counter() - t0, "eval/capture_s": capture_s}
+
+
+def dump_completions(path: str, records, completions, scored) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r, c, s in zip(records, completions, scored):
+            try:
+                ok, why = strict_grade(c.text or "", r.reference, verifier_score(s))
+            except ValueError as exc:
+                ok, why = False, str(exc)
+            f.write(json.dumps({"prompt": r.prompt, "kind": r.kind, "reference": r.reference,
+                                "completion": c.text or "", "strict": ok, "strict_reason": why,
+                                "reward": s.total, "components": s.components,
+                                "error": s.error, "finish_reason": c.finish_reason},
+                               ensure_ascii=False) + "\n")

@@ -331,7 +331,12 @@ def run_train(cfg: Config) -> int:
             _log0(rt, f"WARNING {tag}: {gap}")
 
     def run_eval(step: int, tag: str) -> dict:
-        ev = evaluate(rollout, scorer, eval_records, tok, cfg, rt, seed=cfg.rollout.seed + 7)
+        # One file per DP rank (its slice of the prompts); TP/PP/CP peers hold the same texts.
+        first = rt.tp_rank == 0 and rt.pp_rank == 0 and rt.cp_rank == 0
+        dump = os.path.join(cfg.logging.run_dir, "eval",
+                            f"step_{step:08d}.dp{rt.dp_rank}.jsonl") if first else None
+        ev = evaluate(rollout, scorer, eval_records, tok, cfg, rt, seed=cfg.rollout.seed + 7,
+                      dump_path=dump)
         logger.log(step, ev)
         show_eval(ev, tag)
         return ev
