@@ -198,7 +198,7 @@ class RewardScorer:
         self._check_no_stream("self_check")
         names = set()
         for kind in sorted(self.specs) if kinds is None else sorted(set(kinds)):
-            spec = self._spec_for(kind)
+            spec = self.spec_for(kind)
             if spec is None:
                 raise RewardSetupError(self._no_spec_message(kind))
             names.update(spec)
@@ -297,7 +297,7 @@ class RewardScorer:
         for i, res in enumerate(results):
             if res.error and not res.components:
                 continue
-            spec = (self._spec_for(items[i].get("kind")) or {}) if isinstance(items[i], dict) \
+            spec = (self.spec_for(items[i].get("kind")) or {}) if isinstance(items[i], dict) \
                 else {}
             res.total = float(sum(w * res.components.get(n, 0.0) for n, w in spec.items()))
         self._counts["items"] += len(items)
@@ -335,7 +335,7 @@ class RewardScorer:
 
     # ------------------------------------------------------------------ internals
 
-    def _spec_for(self, kind) -> "dict | None":
+    def spec_for(self, kind) -> "dict | None":
         """The weighted spec of a task kind; a registered reward's name alone: that reward."""
         spec = self.specs.get(kind)
         if spec is None and isinstance(kind, str) and kind in list_rewards():
@@ -351,7 +351,7 @@ class RewardScorer:
             self._counts["bad_items"] += 1
             return ScoredItem(0.0, error="item must be a dict with a string 'completion'"), []
         kind = item.get("kind")
-        spec = self._spec_for(kind)
+        spec = self.spec_for(kind)
         if spec is None:
             self._counts["bad_items"] += 1
             return ScoredItem(0.0, error=self._no_spec_message(kind)), []

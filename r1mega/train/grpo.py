@@ -29,6 +29,7 @@ from r1mega.rewards.format import check_format
 from r1mega.rl.advantages import group_advantages
 from r1mega.rollout.types import GenerationRequest
 from r1mega.train.profiling import prange
+from r1mega.train.reward_errors import check_reward_errors, error_metrics, error_sums
 from r1mega.train.step import sft_sample
 
 # Components that say "the answer is right" (as opposed to format, length or language shaping).
@@ -262,6 +263,7 @@ class GRPOStep:
     def __call__(self, step: int) -> StepOutput:
         cfg, rt, G = self.cfg, self.rt, self.cfg.rollout.group_size
         t0 = self._sync()
+        reward_counts = self.scorer.metrics()
         with prange("rollout"):
             # 1. prompts of this DP rank
             records = self.sampler.next_batch(self.prompts_per_rank)
@@ -316,10 +318,13 @@ class GRPOStep:
                        for _ in range(cfg.grpo.inner_epochs)]
             t_train = self._sync()
         with prange("metrics"):
-            return StepOutput(
-                self._metrics(step, records, completions, scored, equal, samples, results,
-                              (t0, t_rollout, t_reward, t_logprobs, t_train), rollout_stats),
-                self._samples(records, completions, scored))
+            metrics = self._metrics(step, records, completions, scored, equal, samples, results,
+                                    (t0, t_rollout, t_reward, t_logprobs, t_train), rollout_stats,
+                                    reward_counts)
+            # After the update: the rate is known only once reduced over ranks, and the run
+            # stops before that update reaches a checkpoint.
+            check_reward_errors(step, metrics, scored, cfg.rewards.max_error_rate, rt.rank)
+            return StepOutput(metrics, self._samples(records, completions, scored))
 
     def _build_samples(self, completions, prompts, adv, equal) -> list:
         """One packed-ready sample per kept completion (see :func:`completion_sample`)."""
@@ -341,7 +346,8 @@ class GRPOStep:
         return samples
 
     def _metrics(self, step, records, completions, scored, equal, samples, results, times,
-                 rollout_stats: Optional[dict] = None) -> dict:
+                 rollout_stats: Optional[dict] = None, reward_counts: Optional[dict] = None
+                 ) -> dict:
         cfg, rt = self.cfg, self.rt
         t0, t_rollout, t_reward, t_logprobs, t_train = times
         stats = completion_stats([c.text or "" for c in completions],
@@ -351,8 +357,10 @@ class GRPOStep:
         stats["equal_groups_sum"] = float(equal.sum())
         stats["groups"] = float(equal.numel())
         stats["seq_tokens_sum"] = float(sum(int(s["input_ids"].numel()) for s in samples))
+        stats.update(error_sums(scored))
         stats = reduce_stats(stats, rt.dp_group if rt.dp_size > 1 else None)
         out = summarise(stats)
+        out.update(error_metrics(stats, reward_counts or {}, self.scorer.metrics()))
         out["groups/all_equal_share"] = stats["equal_groups_sum"] / max(stats["groups"], 1.0)
         last = results[-1]
         loss_metrics = finalize_metrics({k: torch.tensor(v) for k, v in last.metrics_sum.items()

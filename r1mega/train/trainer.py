@@ -229,6 +229,7 @@ def _cold_start(cfg: Config, rt, tok, logger, path: Optional[str]):
 def run_train(cfg: Config) -> int:
     """GRPO (``r1mega train``): returns the process exit code."""
     from r1mega.data import PromptSampler, build_prompt_source
+    from r1mega.data.source import source_kinds
     from r1mega.rewards.scorer import RewardScorer
     from r1mega.train.evaluate import evaluate, heldout_records
     from r1mega.train.grpo import GRPOStep
@@ -311,6 +312,10 @@ def run_train(cfg: Config) -> int:
             _log0(rt, "WARNING: every data.eval_source prompt also occurs in data.source; there "
                       "is nothing held out to evaluate. Lower data.num_examples or use another "
                       "eval_source.")
+    # Every reward the run will use must prove it can run (RewardSetupError names the cause)
+    # before its first score counts. On a thread: the workers' start-up overlaps the first
+    # rollout, and the first scoring waits for the verdict.
+    scorer.self_check(source_kinds(source) | source_kinds(eval_records), block=False)
 
     def show_eval(ev: dict, tag: str, note: str = "") -> None:
         _log0(rt, f"held-out accuracy {tag}: {ev['eval/accuracy']:.3f} "
