@@ -104,17 +104,24 @@ def _hold_masked_trees():
     return held
 
 
-def _bind_back(libc, held):
-    """Re-expose the held trees at their own paths inside the new tmpfs. Only those trees come
+def _bind_back(libc, held, writable_roots=()):
+    """Re-expose the held trees at their own paths on the fresh tmpfs. Only those trees come
     back (the rest of a checkout around a venv stays hidden), and ``_read_only_elsewhere`` then
-    makes them read-only like every other mount."""
+    makes them read-only like every other mount. Under a tmpfs that stays writable (/tmp, home
+    with the work dir) the directories leading to a tree sit on a small tmpfs of their own, which
+    is made read-only too: a candidate that keeps our uid cannot add files next to the tree."""
+    skeletons = set()
     for path, fd in held:
         cur = "/"
         for part in path.strip("/").split("/"):
-            cur = os.path.join(cur, part)
+            parent, cur = cur, os.path.join(cur, part)
             if not os.path.isdir(cur):
                 os.mkdir(cur)
                 os.chmod(cur, 0o755)  # reachable by nobody whatever the original modes were
+            if parent in writable_roots and cur != path and cur not in skeletons:
+                if libc.mount(b"tmpfs", cur.encode(), b"tmpfs", 0, b"size=1m,mode=0755") != 0:
+                    raise OSError(ctypes.get_errno(), f"mount tmpfs on {cur} failed")
+                skeletons.add(cur)
         src = f"/proc/self/fd/{fd}".encode()
         if libc.mount(src, path.encode(), None, _MS_BIND | _MS_REC, None) != 0:
             raise OSError(ctypes.get_errno(), f"bind back {path} over the tmpfs failed")
@@ -132,7 +139,7 @@ def _isolate_filesystem(uid):
             opts = b"size=64m,mode=0755"
             if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, opts) != 0:
                 raise OSError(ctypes.get_errno(), f"mount tmpfs on {path} failed")
-    _bind_back(libc, held)
+    _bind_back(libc, held, writable_roots=_MASKED_DIRS)
     if uid is not None:
         _expose_python(libc)
     _read_only_elsewhere(libc, keep=_MASKED_DIRS)
@@ -194,6 +201,35 @@ def _expose_python(libc):
         if libc.mount(b"tmpfs", top.encode(), b"tmpfs", 0, b"size=1m,mode=0755") != 0:
             raise OSError(ctypes.get_errno(), f"mount tmpfs on {top} failed")
         _bind_back(libc, held)
+
+
+def _drop_capability_bounding_set():
+    """Empty the bounding set (needs CAP_SETPCAP, so before any uid change): no later execve,
+    not even of a setuid binary or as root, can gain a capability back."""
+    PR_CAPBSET_DROP = 24
+    libc = _libc()
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == 22:
+            break  # EINVAL: past the kernel's last capability
+
+
+def _clear_capabilities():
+    """Without this a candidate that keeps uid 0 of a user namespace (non-root users, ``-r``)
+    holds every capability there: it could remount our read-only mounts writable again (the
+    mounts were made read-only in that same namespace) and write the user's files."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    libc = _libc()
+    PR_SET_NO_NEW_PRIVS = 38
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    data = (Data * 2)()  # all zero: no capability in any set
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:  # _LINUX_CAPABILITY_VERSION_3
+        raise OSError(ctypes.get_errno(), "capset: could not drop the candidate's capabilities")
 
 
 def _limit(which, value):
@@ -274,11 +310,13 @@ def _run_candidate(payload, to_judge, from_judge):
     _limit(resource.RLIMIT_NOFILE, 256)
     _limit(resource.RLIMIT_CORE, 0)
     uid = payload.get("drop_uid")
+    _drop_capability_bounding_set()
     if uid is not None:
         _limit(resource.RLIMIT_NPROC, lim["nproc"])  # counts per user: only real with its own uid
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
+    _clear_capabilities()
     PR_SET_PDEATHSIG = 1
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
     if os.getppid() == 1 and not payload.get("isolated"):

@@ -154,7 +154,8 @@ class RewardScorer:
         self.cfg = rewards_cfg
         self.max_new_tokens = int(max_new_tokens)
         self.num_workers = rewards_cfg.num_workers if num_workers is None else num_workers
-        self.specs = {**DEFAULT_SPECS, **{k: dict(v) for k, v in rewards_cfg.spec.items()}}
+        # Copies: the overlong penalty below is added per scorer, never into DEFAULT_SPECS.
+        self.specs = {k: dict(v) for k, v in {**DEFAULT_SPECS, **rewards_cfg.spec}.items()}
         if rewards_cfg.overlong_penalty_tokens > 0:
             for spec in self.specs.values():
                 spec.setdefault("overlong_penalty", 1.0)

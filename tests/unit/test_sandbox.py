@@ -272,12 +272,51 @@ def test_user_namespace_mode_keeps_the_filesystem_read_only(clean_run, monkeypat
         assert not os.path.exists(t)
     # /tmp is a private tmpfs there (tmp_path does not even exist); the repository is read-only,
     # unless it lives under /tmp itself (a CI clone may), where it is hidden like tmp_path.
+    # (A clone with its venv under /tmp: the directories leading to the venv are back, on a
+    # read-only tmpfs of their own.)
     hidden = os.path.realpath(os.getcwd()).startswith(("/tmp/", "/var/tmp/", "/dev/shm/"))
-    expected = "No such file or directory" if hidden else "Read-only file system"
-    assert expected in res.error, res
+    expected = ("No such file or directory", "Read-only file system") if hidden else \
+        ("Read-only file system",)
+    assert any(e in res.error for e in expected), res
     assert clean_run("open('scratch.txt', 'w').write('ok')\n" + FACTORIAL).passed
     assert not clean_run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n"
                          + FACTORIAL).passed
+
+
+@pytest.mark.parametrize("mode", ["as_configured", "user_namespace"])
+def test_candidate_cannot_remount_the_filesystem_writable(clean_run, monkeypatch, mode):
+    """uid 0 of a user namespace (non-root users) would hold every capability there, enough to
+    remount the read-only mounts writable again: the candidate must hold none."""
+    iso = sandbox.detect_isolation()
+    if not iso["prefix"]:
+        pytest.skip("no namespaces on this machine")
+    if mode == "user_namespace":
+        prefix = list(iso["prefix"])
+        if "-r" not in prefix:
+            prefix.insert(1, "-r")
+        monkeypatch.setattr(sandbox, "detect_isolation",
+                            lambda: dict(iso, prefix=prefix, drop_uid=None, mode="userns(test)"))
+    target = os.path.join(os.getcwd(), f"r1mega_pwned_{uuid.uuid4().hex}")
+    program = f"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+MS_REMOUNT, MS_BIND, MS_RELATIME = 32, 4096, 1 << 21
+results = [libc.mount(None, b"/", None, MS_REMOUNT | flags, None)
+           for flags in (MS_BIND, MS_BIND | MS_RELATIME, 0)]
+try:
+    open({target!r}, "w").write("x")
+    wrote = True
+except OSError:
+    wrote = False
+CAP_EFF = open("/proc/self/status").read().split("CapEff:")[1].split()[0]
+def report():
+    return results, wrote, CAP_EFF
+"""
+    res = clean_run(program, tests="r, w, cap = report()\n"
+                                   "assert r == [-1, -1, -1] and not w and int(cap, 16) == 0, "
+                                   "(r, w, cap)\n")
+    assert res.passed, res
+    assert not os.path.exists(target)
 
 
 def test_sandbox_cleans_up_after_its_caller_is_killed(tmp_path):
