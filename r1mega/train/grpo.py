@@ -29,7 +29,7 @@ from r1mega.rewards.format import check_format
 from r1mega.rl.advantages import group_advantages
 from r1mega.rollout.types import GenerationRequest
 from r1mega.train.profiling import prange
-from r1mega.train.reward_errors import check_reward_errors, error_metrics, error_sums
+from r1mega.train.reward_errors import error_metrics, error_sums, first_error
 from r1mega.train.step import sft_sample
 
 # Components that say "the answer is right" (as opposed to format, length or language shaping).
@@ -229,6 +229,8 @@ def summarise(stats: dict) -> dict:
 class StepOutput:
     metrics: dict
     samples: list = field(default_factory=list)  # (prompt text, completion text, reward)
+    # This rank's first reward error of the step (the loop shows it; see reward_errors.py).
+    reward_error: Optional[str] = None
 
 
 class GRPOStep:
@@ -321,10 +323,8 @@ class GRPOStep:
             metrics = self._metrics(step, records, completions, scored, equal, samples, results,
                                     (t0, t_rollout, t_reward, t_logprobs, t_train), rollout_stats,
                                     reward_counts)
-            # After the update: the rate is known only once reduced over ranks, and the run
-            # stops before that update reaches a checkpoint.
-            check_reward_errors(step, metrics, scored, cfg.rewards.max_error_rate, rt.rank)
-            return StepOutput(metrics, self._samples(records, completions, scored))
+            return StepOutput(metrics, self._samples(records, completions, scored),
+                              reward_error=first_error(scored))
 
     def _build_samples(self, completions, prompts, adv, equal) -> list:
         """One packed-ready sample per kept completion (see :func:`completion_sample`)."""

@@ -6,7 +6,8 @@ the advantages absorb; many mean the policy is trained on a broken signal while 
 looks merely flat. So each step logs how many completions had a reward error
 (``reward/errors``, ``reward/error_rate``, summed over data-parallel ranks), prints the first
 error on the console, and stops the run once the step's share exceeds
-``rewards.max_error_rate``.
+``rewards.max_error_rate``: the trainer's loop logs that step's metrics first, so the failure
+is in tensorboard too, and the step's update never reaches a checkpoint.
 """
 from __future__ import annotations
 
@@ -38,19 +39,28 @@ def error_metrics(stats: dict, counts_before: dict, counts_after: dict) -> dict:
     return out
 
 
-def check_reward_errors(step: int, metrics: dict, scored: Sequence, max_error_rate: float,
+def first_error(scored: Sequence) -> "str | None":
+    """The first completion's reward error on this rank, for the console (one line)."""
+    text = next((s.error for s in scored if s.error), None)
+    return " ".join(text.split())[:300] if text else None
+
+
+def over_limit(metrics: dict, max_error_rate: float) -> bool:
+    return metrics.get("reward/error_rate", 0.0) > max_error_rate
+
+
+def check_reward_errors(step: int, metrics: dict, first: "str | None", max_error_rate: float,
                         rank: int = 0) -> None:
     """Warn on rank 0 when a step had reward errors; raise past ``max_error_rate``. Every rank
-    sees the same reduced rate, so every rank raises together (none is left in a collective)."""
-    errors, rate = metrics["reward/errors"], metrics["reward/error_rate"]
+    sees the same reduced rate, so every rank raises together (none is left in a collective).
+    Metrics without reward counts (an SFT step) pass."""
+    errors, rate = metrics.get("reward/errors", 0.0), metrics.get("reward/error_rate", 0.0)
     if not errors:
         return
-    first = next((s.error for s in scored if s.error), None)
     total = errors / rate if rate else 0.0
     msg = (f"step {step}: a reward failed to run on {errors:.0f} of {total:.0f} completions "
-           f"({rate:.1%}; they score 0 on it)" + (f"; first: {' '.join(first.split())[:300]}"
-                                                   if first else ""))
-    if rate > max_error_rate:
+           f"({rate:.1%}; they score 0 on it)" + (f"; first: {first}" if first else ""))
+    if over_limit(metrics, max_error_rate):
         raise RewardErrorRateError(
             f"{msg}. That is over rewards.max_error_rate={max_error_rate:g}, so the run stops: "
             "fix the reward or the data (`r1mega reward --input FILE.jsonl` prints each line's "

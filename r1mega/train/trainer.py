@@ -130,6 +130,7 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
 
     Returns (last step, why it ended): "done", "time_budget" or "preempted"."""
     from r1mega.train.failures import NonFiniteGuard, PreemptionHandler, any_rank
+    from r1mega.train.reward_errors import check_reward_errors, over_limit
 
     preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
@@ -140,9 +141,14 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
             out = step_fn(step)
             metrics = out if isinstance(out, dict) else out.metrics
             guard.record(not metrics.get("update_skipped", 0.0), step)
-            if step % max(1, cfg.logging.log_every_steps) == 0 or step == total:
+            failing = over_limit(metrics, cfg.rewards.max_error_rate)
+            if step % max(1, cfg.logging.log_every_steps) == 0 or step == total or failing:
                 logger.log(step, metrics, prefix=prefix)
                 logger.console(step, metrics, total)
+            # Too many reward errors stop the run here, after the step's metrics are logged and
+            # before its update is checkpointed.
+            check_reward_errors(step, metrics, getattr(out, "reward_error", None),
+                                cfg.rewards.max_error_rate, rt.rank)
             samples = getattr(out, "samples", None)
             every = cfg.logging.samples_every_steps
             if samples and every and (step % every == 0 or step == start + 1):

@@ -10,7 +10,7 @@ from r1mega.config import Config, ConfigError, ModelConfig, OptimizerConfig, loa
 from r1mega.rewards.registry import RewardResult, register_reward
 from r1mega.rewards.scorer import ScoredItem
 from r1mega.train.reward_errors import (RewardErrorRateError, check_reward_errors, error_metrics,
-                                        error_sums)
+                                        error_sums, first_error)
 
 
 def _scored(n_ok: int, errors: list) -> list:
@@ -32,28 +32,29 @@ def test_counts_and_rate():
 
 def test_no_errors_is_silent(capsys):
     scored = _scored(8, [])
-    check_reward_errors(3, _metrics(scored), scored, 0.0)
+    check_reward_errors(3, _metrics(scored), first_error(scored), 0.0)
+    check_reward_errors(3, {"loss": 1.0}, None, 0.0)  # an SFT step: no reward counts
     assert capsys.readouterr().out == ""
 
 
 def test_below_the_limit_warns_with_the_first_error(capsys):
     scored = _scored(99, ["code_tests: the sandbox failed (crashed)\n  judge ended"])
-    check_reward_errors(7, _metrics(scored), scored, 0.05)
+    check_reward_errors(7, _metrics(scored), first_error(scored), 0.05)
     out = capsys.readouterr().out
     assert "WARNING" in out and "step 7" in out and "1 of 100" in out
     assert "the sandbox failed (crashed) judge ended" in out  # one line
-    check_reward_errors(7, _metrics(scored), scored, 0.05, rank=1)
+    check_reward_errors(7, _metrics(scored), first_error(scored), 0.05, rank=1)
     assert capsys.readouterr().out == ""  # rank 0 speaks for all
 
 
 def test_over_the_limit_stops_the_run():
     scored = _scored(9, ["countdown: the reference has no 'target' field"] * 3)
     with pytest.raises(RewardErrorRateError) as err:
-        check_reward_errors(2, _metrics(scored), scored, 0.05)
+        check_reward_errors(2, _metrics(scored), first_error(scored), 0.05)
     msg = str(err.value)
     assert "3 of 12" in msg and "rewards.max_error_rate=0.05" in msg and "'target'" in msg
     assert not isinstance(err.value, RuntimeError)  # the trainer's dead-peer exit ignores it
-    check_reward_errors(2, _metrics(scored), scored, 1.0)  # 1: never stop
+    check_reward_errors(2, _metrics(scored), first_error(scored), 1.0)  # 1: never stop
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])
@@ -92,29 +93,60 @@ def _tiny_cfg(max_error_rate: float) -> Config:
     return cfg
 
 
+class _Logger:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, step, metrics, prefix=""):
+        self.logged.append((step, metrics.get("reward/errors")))
+
+    def console(self, step, metrics, total=None):
+        pass
+
+    def text(self, step, tag, text):
+        pass
+
+
 @pytest.mark.parametrize("max_error_rate", [1.0, 0.05])
-def test_grpo_step_counts_reward_errors_and_stops(single_rank_runtime, capsys, max_error_rate):
+def test_grpo_steps_count_reward_errors_and_the_loop_stops(single_rank_runtime, capsys,
+                                                           max_error_rate):
+    """A real GRPO step on a tiny model whose reward always raises, driven by the trainer's
+    loop: every completion's error is counted; at the default limit the first step's metrics
+    are logged (even off the logging cadence) and then the run stops."""
     from r1mega.data import PromptSampler, build_prompt_source, load_tokenizer
     from r1mega.rewards.scorer import RewardScorer
     from r1mega.train.grpo import GRPOStep
     from r1mega.train.roles import Policy, Rollout
+    from r1mega.train.trainer import _loop
 
     cfg = _tiny_cfg(max_error_rate)
+    cfg.logging.log_every_steps = 10
     rt = single_rank_runtime()
     torch.manual_seed(0)
     tok = load_tokenizer("char")
     policy = Policy.build(cfg.model, cfg.precision, cfg.optimizer, rt, distributed_optimizer=False,
-                          micro_batch_tokens=cfg.data.micro_batch_tokens, total_steps=1)
+                          micro_batch_tokens=cfg.data.micro_batch_tokens, total_steps=2)
     rollout = Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id], decode_fn=tok.decode,
                       vocab_size=tok.vocab_size)
     sampler = PromptSampler(build_prompt_source(cfg.data), rt.dp_rank, rt.dp_size)
+    logger, n = _Logger(), cfg.data.global_batch_prompts * cfg.rollout.group_size
     with RewardScorer(cfg.rewards, num_workers=0) as scorer:
         step = GRPOStep(cfg, rt, policy, rollout, scorer, sampler, tok)
+
+        def run():
+            return _loop(cfg, rt, logger, None, step, start=0, total=2, prefix="",
+                         state_fn=None, policy=policy)
+
         if max_error_rate < 1.0:
-            with pytest.raises(RewardErrorRateError, match="4 of 4 completions.*a broken reward"):
-                step(1)
+            with pytest.raises(RewardErrorRateError, match=f"{n} of {n} completions.*a broken "
+                                                           "reward.*max_error_rate=0.05"):
+                run()
+            assert logger.logged == [(1, n)]
             return
         m = step(1).metrics
-    n = cfg.data.global_batch_prompts * cfg.rollout.group_size
+        assert run() == (2, "done")
     assert m["reward/errors"] == n and m["reward/error_rate"] == 1.0 and m["reward/raised"] == n
-    assert "test_always_raises raised ValueError: a broken reward" in capsys.readouterr().out
+    assert logger.logged == [(2, n)]  # the cadence: only the last step
+    out = capsys.readouterr().out
+    assert out.count("WARNING: step") == 2  # the loop warns, once per step; step(1) alone not
+    assert "test_always_raises raised ValueError: a broken reward" in out
