@@ -56,12 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     module_name, func_name, _ = COMMANDS[name]
     func = getattr(importlib.import_module(module_name), func_name)
     from r1mega.config import ConfigError
+    from r1mega.rewards.registry import RewardSetupError
+    from r1mega.train.reward_errors import RewardErrorRateError
 
     try:
         code = func(rest)
     except ConfigError as exc:
         print(f"r1mega {name}: config error: {exc}", file=sys.stderr)
         return 2
+    except (RewardSetupError, RewardErrorRateError) as exc:
+        # Each message names the reward and the cause; a traceback would only bury it.
+        print(f"r1mega {name}: reward error: {exc}", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 

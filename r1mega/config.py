@@ -231,6 +231,10 @@ class RewardsConfig:
     sandbox_memory_mb: int = 1024
     # Python modules that register extra rewards (@register_reward); imported in every worker.
     modules: list = field(default_factory=list)
+    # The share of a step's completions whose reward failed to run (raised, timed out, killed
+    # its worker, lacked a reference field) above which training stops: such completions score
+    # 0 through no fault of their own, and a policy trained on them learns from noise.
+    max_error_rate: float = 0.05
 
 
 @dataclass
@@ -503,6 +507,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _choice("grpo.loss_impl", cfg.grpo.loss_impl, {"auto", "cuda", "torch"})
     _choice("data.on_bad_row", cfg.data.on_bad_row, {"error", "skip"})
     _choice("rewards.answer_form", cfg.rewards.answer_form, {"auto", "number", "expression"})
+    if not 0.0 <= cfg.rewards.max_error_rate <= 1.0:
+        raise ConfigError(f"rewards.max_error_rate must be a share in [0, 1] (1: never stop on "
+                          f"reward errors), got {cfg.rewards.max_error_rate}.")
     _choice("train.mode", cfg.train.mode, {"grpo", "sft"})
     if cfg.train.time_budget_s < 0:
         raise ConfigError(f"train.time_budget_s must be >= 0 (0: no budget), got "

@@ -23,3 +23,14 @@ def build_prompt_source(data_cfg, eval: bool = False, stats: dict | None = None)
     if spec.startswith("reasoning_gym:"):
         return ReasoningGymSource(spec.split(":", 1)[1], size, seed, data_cfg.task_options)
     return load_prompt_file(spec, data_cfg.on_bad_row, stats)
+
+
+def source_kinds(source) -> set:
+    """The task kinds a prompt source holds: every record of a list (a loaded file); the first
+    record of a lazy source (a procedural or reasoning-gym task makes one kind only, and reading
+    all of its items would generate them)."""
+    if source is None or len(source) == 0:
+        return set()
+    if isinstance(source, list):
+        return {r.kind for r in source}
+    return {source[0].kind}

@@ -75,23 +75,84 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+# Every world-writable place: a fresh tmpfs over each, so writes outside the work dir fail and
+# nothing written survives the namespace.
+_MASKED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+_MS_BIND, _MS_REC = 4096, 16384
+
+
+def _python_trees():
+    """The directories the candidate's imports need: the interpreter's prefixes (a venv's own
+    site-packages, the stdlib of its base). Nested ones fold into their parent."""
+    paths = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
+                                                  sys.exec_prefix, sys.base_exec_prefix)})
+    return [p for p in paths if not any(p.startswith(q + os.sep) for q in paths if q != p)]
+
+
+def _under(path, parents):
+    return any(path == d or path.startswith(d + os.sep) for d in parents)
+
+
+def _hold_masked_trees():
+    """Open the Python trees that the tmpfs is about to cover (a venv or a checkout under /tmp)
+    while they are still reachable: a directory fd keeps its place in the covered mount, and
+    ``/proc/self/fd/N`` can then be bind-mounted back to the same path on top of the tmpfs."""
+    held = []
+    for path in _python_trees():
+        if _under(path, _MASKED_DIRS):
+            held.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)))
+    return held
+
+
+def _bind_back(libc, held, writable_roots=()):
+    """Re-expose the held trees at their own paths on the fresh tmpfs. Only those trees come
+    back (the rest of a checkout around a venv stays hidden), and ``_read_only_elsewhere`` then
+    makes them read-only like every other mount. Under a tmpfs that stays writable (/tmp, home
+    with the work dir) the directories leading to a tree sit on a small tmpfs of their own, which
+    is made read-only too: a candidate that keeps our uid cannot add files next to the tree."""
+    skeletons = set()
+    for path, fd in held:
+        cur = "/"
+        for part in path.strip("/").split("/"):
+            parent, cur = cur, os.path.join(cur, part)
+            if not os.path.isdir(cur):
+                os.mkdir(cur)
+                os.chmod(cur, 0o755)  # reachable by nobody whatever the original modes were
+            if parent in writable_roots and cur != path and cur not in skeletons:
+                if libc.mount(b"tmpfs", cur.encode(), b"tmpfs", 0, b"size=1m,mode=0755") != 0:
+                    raise OSError(ctypes.get_errno(), f"mount tmpfs on {cur} failed")
+                skeletons.add(cur)
+        src = f"/proc/self/fd/{fd}".encode()
+        if libc.mount(src, path.encode(), None, _MS_BIND | _MS_REC, None) != 0:
+            raise OSError(ctypes.get_errno(), f"bind back {path} over the tmpfs failed")
+        os.close(fd)
+
+
 def _isolate_filesystem(uid):
-    """Inside a private mount namespace: fresh tmpfs over every world-writable place, so writes
-    outside the work dir fail and nothing written survives the namespace."""
+    """Inside a private mount namespace: fresh tmpfs over every world-writable place, the Python
+    trees under those places bound back read-only, every other mount read-only. Returns the
+    work dir (the cwd), the only writable place."""
     libc = _libc()
-    for path, mode in (("/tmp", "0755"), ("/var/tmp", "0755"), ("/dev/shm", "0755")):
+    held = _hold_masked_trees()
+    for path in _MASKED_DIRS:
         if os.path.isdir(path):
-            opts = f"size=64m,mode={mode}".encode()
+            opts = b"size=64m,mode=0755"
             if libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, opts) != 0:
                 raise OSError(ctypes.get_errno(), f"mount tmpfs on {path} failed")
+    _bind_back(libc, held, writable_roots=_MASKED_DIRS)
     if uid is not None:
         _expose_python(libc)
-    _read_only_elsewhere(libc, keep=("/tmp", "/var/tmp", "/dev/shm"))
-    work = "/tmp/work"
+    _read_only_elsewhere(libc, keep=_MASKED_DIRS)
+    work, n = "/tmp/work", 0
+    while os.path.lexists(work):  # a Python tree bound back at /tmp/work: pick another name
+        n += 1
+        work = f"/tmp/work{n}"
     os.mkdir(work, 0o700)
     if uid is not None:
         os.chown(work, uid, uid)
     os.chdir(work)
+    os.environ["HOME"] = work
+    return work
 
 
 _MOUNT_FLAGS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
@@ -126,9 +187,8 @@ def _expose_python(libc):
     """The candidate runs as ``nobody``, but Python may live under a private directory (``/root``
     with pyenv). Lay a tmpfs over that directory and bind only the Python tree back: the
     candidate can import the stdlib and site-packages and sees nothing else of that home."""
-    MS_BIND, MS_REC, MNT_DETACH = 4096, 16384, 2
     by_top = {}
-    for path in {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
+    for path in _python_trees():
         top, cur = None, os.path.dirname(path)
         while cur not in ("/", ""):
             if not os.stat(cur).st_mode & 0o001:
@@ -136,22 +196,40 @@ def _expose_python(libc):
             cur = os.path.dirname(cur)
         if top is not None:
             by_top.setdefault(top, set()).add(path)
-    for i, (top, paths) in enumerate(sorted(by_top.items())):
-        staged = []
-        for j, path in enumerate(sorted(paths)):
-            stage = f"/dev/shm/.python{i}_{j}"
-            os.mkdir(stage)
-            if libc.mount(path.encode(), stage.encode(), None, MS_BIND | MS_REC, None) != 0:
-                raise OSError(ctypes.get_errno(), f"bind {path} failed")
-            staged.append((stage, path))
+    for top, paths in sorted(by_top.items()):
+        held = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for p in sorted(paths)]
         if libc.mount(b"tmpfs", top.encode(), b"tmpfs", 0, b"size=1m,mode=0755") != 0:
             raise OSError(ctypes.get_errno(), f"mount tmpfs on {top} failed")
-        for stage, path in staged:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            if libc.mount(stage.encode(), path.encode(), None, MS_BIND | MS_REC, None) != 0:
-                raise OSError(ctypes.get_errno(), f"bind back {path} failed")
-            libc.umount2(stage.encode(), MNT_DETACH)
-            os.rmdir(stage)
+        _bind_back(libc, held)
+
+
+def _drop_capability_bounding_set():
+    """Empty the bounding set (needs CAP_SETPCAP, so before any uid change): no later execve,
+    not even of a setuid binary or as root, can gain a capability back."""
+    PR_CAPBSET_DROP = 24
+    libc = _libc()
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == 22:
+            break  # EINVAL: past the kernel's last capability
+
+
+def _clear_capabilities():
+    """Without this a candidate that keeps uid 0 of a user namespace (non-root users, ``-r``)
+    holds every capability there: it could remount our read-only mounts writable again (the
+    mounts were made read-only in that same namespace) and write the user's files."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    libc = _libc()
+    PR_SET_NO_NEW_PRIVS = 38
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    data = (Data * 2)()  # all zero: no capability in any set
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:  # _LINUX_CAPABILITY_VERSION_3
+        raise OSError(ctypes.get_errno(), "capset: could not drop the candidate's capabilities")
 
 
 def _limit(which, value):
@@ -232,11 +310,13 @@ def _run_candidate(payload, to_judge, from_judge):
     _limit(resource.RLIMIT_NOFILE, 256)
     _limit(resource.RLIMIT_CORE, 0)
     uid = payload.get("drop_uid")
+    _drop_capability_bounding_set()
     if uid is not None:
         _limit(resource.RLIMIT_NPROC, lim["nproc"])  # counts per user: only real with its own uid
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
+    _clear_capabilities()
     PR_SET_PDEATHSIG = 1
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
     if os.getppid() == 1 and not payload.get("isolated"):

@@ -4,6 +4,11 @@ Each input line is ``{"kind": ..., "completion": ..., "reference": {...}}`` (opt
 ``truncated`` and ``num_tokens``); each output line is ``{"line": N, "score": total,
 "components": {...}, "reasons": {...}, "error": ...}``. A line that is not valid JSON, or not an
 object, gets ``{"line": N, "error": "..."}`` and the others are still scored.
+
+``kind`` is a task kind (its weighted spec) or any registered reward's name (that reward alone).
+Before the first line of a kind is scored, the rewards it uses run their self-checks; one that
+fails is reported on stderr, the lines are still scored (each carries its error) and the exit
+code is 1.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import os
 import sys
 
 from r1mega.config import load_config
+from r1mega.rewards.registry import RewardSetupError
 from r1mega.rewards.scorer import RewardScorer
 
 _BATCH_LINES = 256
@@ -30,6 +36,18 @@ def _parse_line(text: str, lineno: int, path: str):
     if "kind" not in item:
         return None, f"{path}:{lineno}: 'kind' is missing (e.g. \"math\", \"code\", \"countdown\")"
     return item, None
+
+
+def _self_check(scorer, batch, checked: set) -> bool:
+    """Self-check the rewards of the batch's kinds not seen yet; False when one cannot run."""
+    kinds = {item["kind"] for _, item in batch if isinstance(item["kind"], str)} - checked
+    checked |= kinds
+    try:
+        scorer.self_check({k for k in kinds if scorer.spec_for(k) is not None})
+    except RewardSetupError as exc:
+        print(f"r1mega reward: reward error: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _flush(scorer, batch, out) -> None:
@@ -54,6 +72,8 @@ def main(argv=None) -> int:
         return 2
     cfg = load_config(args.config, args.overrides)
     out = open(args.out, "w") if args.out else sys.stdout
+    checked: set = set()
+    setup_ok = True
     try:
         with RewardScorer(cfg.rewards, max_new_tokens=cfg.rollout.max_new_tokens) as scorer, \
                 open(args.input, encoding="utf-8") as f:
@@ -63,17 +83,20 @@ def main(argv=None) -> int:
                     continue
                 item, error = _parse_line(text, lineno, args.input)
                 if error:
+                    setup_ok &= _self_check(scorer, batch, checked)
                     _flush(scorer, batch, out)  # keep output in input order
                     out.write(json.dumps({"line": lineno, "score": None, "error": error}) + "\n")
                     continue
                 batch.append((lineno, item))
                 if len(batch) >= _BATCH_LINES:
+                    setup_ok &= _self_check(scorer, batch, checked)
                     _flush(scorer, batch, out)
+            setup_ok &= _self_check(scorer, batch, checked)
             _flush(scorer, batch, out)
     finally:
         if args.out:
             out.close()
-    return 0
+    return 0 if setup_ok else 1
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from fractions import Fraction
 
 from r1mega.rewards.answers import (ANSWER_FORMS, final_answer, judge_numeric, parse_number,
                                     restates_prompt)
-from r1mega.rewards.registry import RewardResult, extract_answer, register_reward
+from r1mega.rewards.registry import RewardResult, extract_answer, register_reward, require
 
 _BRACKETED = re.compile(r"\s*(\[|\(|\\\{)[^\n]*(\]|\)|\\\})\s*")
 
@@ -104,14 +104,9 @@ def warm_up_math() -> None:
         math_equal(answer, _WARMUP_GOLDS[i % len(_WARMUP_GOLDS)])
 
 
-class MissingReference(ValueError):
-    """A reference field the reward needs is absent: the data row is broken, not the answer."""
-
-
 @register_reward("math_accuracy", warmup=warm_up_math)
 def math_accuracy(completion: str, reference: dict, **context) -> RewardResult:
-    if "answer" not in reference:
-        raise MissingReference("reference has no 'answer' field")
+    require(reference, "answer", reward="math_accuracy")
     gold = str(reference["answer"])
     form = context.get("answer_form") or "auto"
     if form not in ANSWER_FORMS:
@@ -154,8 +149,7 @@ def exact_equal(predicted: str, gold: str) -> bool:
 
 @register_reward("exact_match")
 def exact_match(completion: str, reference: dict, **context) -> RewardResult:
-    if "answer" not in reference:
-        raise MissingReference("reference has no 'answer' field")
+    require(reference, "answer", reward="exact_match")
     answer = extract_answer(completion, reference.get("answer_pattern"))
     text = completion.strip() if answer is None else answer
     ok = exact_equal(text, str(reference["answer"]))

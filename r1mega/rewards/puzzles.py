@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from fractions import Fraction
 
-from r1mega.rewards.registry import RewardResult, extract_answer, register_reward
+from r1mega.rewards.registry import RewardResult, extract_answer, register_reward, require
 
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
         ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
@@ -73,14 +73,12 @@ def check_countdown(expression: str, numbers: list, target, require_all: bool = 
 
 @register_reward("countdown")
 def countdown_reward(completion: str, reference: dict, **context) -> RewardResult:
+    require(reference, "numbers", "target", reward="countdown")
     answer = extract_answer(completion, reference.get("answer_pattern"))
     if answer is None:
         return RewardResult(0.0, ["no <answer> block"])
-    try:
-        ok, why = check_countdown(answer, reference["numbers"], reference["target"],
-                                  bool(reference.get("require_all", False)))
-    except KeyError as exc:
-        return RewardResult(0.0, [f"reference lacks {exc}; countdown needs numbers and target"])
+    ok, why = check_countdown(answer, reference["numbers"], reference["target"],
+                              bool(reference.get("require_all", False)))
     return RewardResult(1.0 if ok else 0.0, [why])
 
 
@@ -143,11 +141,10 @@ def check_river_crossing(moves: list[list[str]], items: list, rowers: list | Non
 
 @register_reward("river_crossing")
 def river_crossing_reward(completion: str, reference: dict, **context) -> RewardResult:
+    require(reference, "items", reward="river_crossing")
     answer = extract_answer(completion, reference.get("answer_pattern"))
     if answer is None:
         return RewardResult(0.0, ["no <answer> block"])
-    if "items" not in reference:
-        return RewardResult(0.0, ["reference lacks 'items'"])
     ok, why = check_river_crossing(parse_moves(answer), reference["items"],
                                    reference.get("rowers"), reference.get("forbidden"),
                                    int(reference.get("capacity", 2)))

@@ -21,6 +21,26 @@ from typing import Callable
 RewardFn = Callable[..., "RewardResult"]
 _REGISTRY: dict[str, RewardFn] = {}
 _WARMUPS: dict[str, Callable[[], None]] = {}
+_SELF_CHECKS: dict[str, Callable[..., None]] = {}
+
+
+class MissingReference(ValueError):
+    """The reference lacks a field the reward needs (or holds it in a form it cannot use). A
+    data bug, not a wrong answer: the scorer reports it in the item's ``error``, not as a 0."""
+
+
+class RewardSetupError(Exception):
+    """A reward cannot run at all here (a missing package, a sandbox the kernel refuses). Not a
+    RuntimeError, so that nothing that handles runtime failures (the trainer's dead-peer exit)
+    mistakes it for one."""
+
+
+def require(reference: dict, *fields: str, reward: str) -> None:
+    """Raise :class:`MissingReference` naming every absent field of ``reference``."""
+    missing = [f for f in fields if reference.get(f) in (None, "")]
+    if missing:
+        raise MissingReference(f"{reward}: the reference has no {', '.join(map(repr, missing))} "
+                               f"field; fix the data row (fields present: {sorted(reference)})")
 
 
 @dataclass
@@ -30,8 +50,13 @@ class RewardResult:
     reasons: list = field(default_factory=list)
 
 
-def register_reward(name: str, warmup: Callable[[], None] | None = None
+def register_reward(name: str, warmup: Callable[[], None] | None = None,
+                    self_check: Callable[..., None] | None = None
                     ) -> Callable[[RewardFn], RewardFn]:
+    """``self_check(**context)`` proves the reward can run here (its packages, its sandbox) on
+    known cases and raises :class:`RewardSetupError` naming the cause when it cannot; the scorer
+    runs it once before scoring (:meth:`RewardScorer.self_check`)."""
+
     def deco(fn: RewardFn) -> RewardFn:
         old = _REGISTRY.get(name)
         # The same function imported under two module names (a script run as __main__ and
@@ -44,6 +69,8 @@ def register_reward(name: str, warmup: Callable[[], None] | None = None
         _REGISTRY[name] = fn
         if warmup is not None:
             _WARMUPS[name] = warmup
+        if self_check is not None:
+            _SELF_CHECKS[name] = self_check
         return fn
 
     return deco
@@ -70,10 +97,31 @@ def warm_up(names, budget_s: float = 20.0) -> list[str]:
     return done
 
 
+def register_self_check(name: str, fn: Callable[..., None]) -> None:
+    """Add the self-check of a reward registered elsewhere (see ``register_reward``)."""
+    _SELF_CHECKS[name] = fn
+
+
+def run_self_check(name: str, **context) -> bool:
+    """Run ``name``'s self-check; False when it has none. Raises :class:`RewardSetupError`."""
+    _load_builtin()
+    fn = _SELF_CHECKS.get(name)
+    if fn is None:
+        return False
+    try:
+        fn(**context)
+    except RewardSetupError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any failure of a check means the reward cannot run
+        raise RewardSetupError(f"{type(exc).__name__}: {exc}") from None
+    return True
+
+
 def _load_builtin() -> None:
     # Imported for their @register_reward side effect; kept here so a plain
     # ``get_reward("math_accuracy")`` works without the caller knowing module names.
     from r1mega.rewards import code, format, language, length, math, puzzles, reasoning_gym  # noqa: F401
+    from r1mega.rewards import self_checks  # noqa: F401 -- registers the built-in self-checks
 
 
 def get_reward(name: str) -> RewardFn:

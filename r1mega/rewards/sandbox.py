@@ -9,6 +9,9 @@ Layers, strongest first (chosen at run time by :func:`detect_isolation`):
   fresh 64 MB tmpfs over ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (the work dir lives there and
   vanishes with the namespace) and remounts every other mount read-only, so even a candidate
   that keeps our uid (non-root users, ``-r``) cannot touch the repository, checkpoints or home.
+  An interpreter tree under one of those places (a venv or a clone under ``/tmp``) is held open
+  before the tmpfs goes down and bound back, read-only, at its own path; the rest of the
+  directory around it stays hidden.
 * **Another user**: run as root, the candidate drops to ``nobody`` (so it cannot signal or ptrace
   the judge, and ``RLIMIT_NPROC`` stops a fork bomb). A Python under a private home (pyenv in
   ``/root``) is bound into reach; the rest of that home stays hidden. Without root, a fork bomb

@@ -2,8 +2,14 @@
 persistent pool of worker processes, each call time-boxed.
 
 The trainer sees only :class:`RewardScorer`. A reward that raises, hangs past its time box or
-kills its worker scores 0 for that component; the item carries the error, ``metrics()`` counts
-it, the worker is replaced, and ``score`` returns normally. Training never stops on a reward.
+kills its worker scores 0 for that component; the item carries the error (a reference without
+the fields a reward needs too), ``metrics()`` counts it, the worker is replaced, and ``score``
+returns normally: the trainer counts the errors of a step and stops the run past
+``rewards.max_error_rate``. A reward that cannot run at all is found before any scoring by
+:meth:`RewardScorer.self_check`, which raises :class:`RewardSetupError` naming the cause.
+
+A line's ``kind`` picks the weighted spec of that task kind; a kind that is no task kind but a
+registered reward's name scores that reward alone (``{"kind": "format"}`` in ``r1mega reward``).
 
 The pool is persistent (started once; workers stay warm with sympy and math-verify imported,
 and each runs the warm-ups of the rewards the specs name before it reports ready) because the
@@ -29,7 +35,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from r1mega.rewards.registry import get_reward, warm_up
+from r1mega.rewards.stream import ScoringStream
+from r1mega.rewards.registry import (MissingReference, RewardSetupError, get_reward,
+                                     list_rewards, run_self_check, warm_up)
 
 # Used for a task kind that rewards.spec does not name; rewards.spec entries replace these.
 DEFAULT_SPECS = {
@@ -44,6 +52,8 @@ DEFAULT_SPECS = {
 _START_TIMEOUT_S = 120.0
 _CONTEXT_KEYS = ("overlong_penalty_tokens", "target_language", "math_timeout_s",
                  "sandbox_timeout_s", "sandbox_memory_mb", "answer_form")
+# A unit named SELF_CHECK + reward runs that reward's self-check instead of scoring.
+_SELF_CHECK = "self_check:"
 
 
 @dataclass
@@ -83,12 +93,21 @@ def _worker_main(conn, modules, warm=()) -> None:
         if msg is None:
             return
         uid, name, completion, reference, context = msg
-        try:
-            res = get_reward(name)(completion, reference, **context)
-            out = (uid, float(res.score), list(res.reasons), None)
-        except Exception as exc:  # noqa: BLE001 -- reported as this component's error
-            out = (uid, 0.0, [], f"{name} raised {type(exc).__name__}: {exc}"[:500])
-        conn.send(out)
+        conn.send((uid, *_score_unit(name, completion, reference, context)))
+
+
+def _score_unit(name, completion, reference, context) -> tuple:
+    """(score, reasons, error) of one unit, in whichever process runs it."""
+    try:
+        if name.startswith(_SELF_CHECK):
+            checked = run_self_check(name[len(_SELF_CHECK):], **context)
+            return 1.0, ["self-check passed" if checked else "no self-check"], None
+        res = get_reward(name)(completion, reference, **context)
+        return float(res.score), list(res.reasons), None
+    except (MissingReference, RewardSetupError) as exc:  # their messages name the reward
+        return 0.0, [], str(exc)[:500]
+    except Exception as exc:  # noqa: BLE001 -- reported as this component's error
+        return 0.0, [], f"{name} raised {type(exc).__name__}: {exc}"[:500]
 
 
 class _Worker:
@@ -135,7 +154,8 @@ class RewardScorer:
         self.cfg = rewards_cfg
         self.max_new_tokens = int(max_new_tokens)
         self.num_workers = rewards_cfg.num_workers if num_workers is None else num_workers
-        self.specs = {**DEFAULT_SPECS, **{k: dict(v) for k, v in rewards_cfg.spec.items()}}
+        # Copies: the overlong penalty below is added per scorer, never into DEFAULT_SPECS.
+        self.specs = {k: dict(v) for k, v in {**DEFAULT_SPECS, **rewards_cfg.spec}.items()}
         if rewards_cfg.overlong_penalty_tokens > 0:
             for spec in self.specs.values():
                 spec.setdefault("overlong_penalty", 1.0)
@@ -153,6 +173,9 @@ class RewardScorer:
                                      f"got {weight!r}.")
         # Every reward a spec names: a worker may be handed any of them.
         self._warm = sorted({name for spec in self.specs.values() for name in spec})
+        self._checked: set = set()  # rewards whose self-check passed
+        self._check_thread: "threading.Thread | None" = None
+        self._check_error: "RewardSetupError | None" = None
         self._workers: list[_Worker] = []
         self._stream: "ScoringStream | None" = None  # while open, its thread owns the pool
         self._counts = {"items": 0, "calls": 0, "timeouts": 0, "crashes": 0, "errors": 0,
@@ -163,8 +186,71 @@ class RewardScorer:
 
     # ------------------------------------------------------------------ public
 
+    def self_check(self, kinds=None, block: bool = True) -> None:
+        """Prove that every reward the task ``kinds`` use (None: every kind with a spec) can run
+        here, each once per scorer, on the pool as scoring would: the sandbox passes a known-good
+        and fails a known-bad program, math-verify parses and compares a known pair, optional
+        packages import. Raises :class:`RewardSetupError` naming each reward that cannot run.
+
+        ``block=False`` runs the checks on a thread, so that the workers' start-up still overlaps
+        the caller's (the trainer's first rollout); the next ``score``, ``stream`` or
+        ``self_check`` waits for it and raises its error."""
+        self._join_self_check()
+        self._check_no_stream("self_check")
+        names = set()
+        for kind in sorted(self.specs) if kinds is None else sorted(set(kinds)):
+            spec = self.spec_for(kind)
+            if spec is None:
+                raise RewardSetupError(self._no_spec_message(kind))
+            names.update(spec)
+        todo = sorted(names - self._checked)
+        if not todo:
+            return
+        if block:
+            self._run_self_checks(todo)
+            return
+
+        def run():
+            try:
+                self._run_self_checks(todo)
+            except RewardSetupError as exc:
+                self._check_error = exc
+            except Exception as exc:  # noqa: BLE001 -- surfaced by the next pool user
+                self._check_error = RewardSetupError(
+                    f"reward self-check failed: {type(exc).__name__}: {exc}")
+
+        self._check_thread = threading.Thread(target=run, name="reward-self-check", daemon=True)
+        self._check_thread.start()
+
+    def _run_self_checks(self, names: list) -> None:
+        context = {k: getattr(self.cfg, k) for k in _CONTEXT_KEYS}
+        units = [(uid, -1, _SELF_CHECK + n, "", {}, context) for uid, n in enumerate(names)]
+        outcomes = self._run(units)
+        self._counts["calls"] -= len(units)  # not scoring calls
+        failed = []
+        for uid, name in enumerate(names):
+            _score, _reasons, error = outcomes.get(uid, (0.0, [], "no result"))
+            if error:
+                failed.append(f"{name}: {error}")
+            else:
+                self._checked.add(name)
+        if failed:
+            raise RewardSetupError(
+                "a reward cannot run here, so every completion would score 0 on it: "
+                + " | ".join(" ".join(f.split()) for f in failed))
+
+    def _join_self_check(self) -> None:
+        if self._check_thread is not None:
+            self._check_thread.join()
+            self._check_thread = None
+        if self._check_error is not None:
+            error, self._check_error = self._check_error, None
+            raise error
+
     def score(self, items: list) -> list[ScoredItem]:
-        """One :class:`ScoredItem` per item, in order; never raises (see the module doc)."""
+        """One :class:`ScoredItem` per item, in order; never raises (see the module doc) except
+        :class:`RewardSetupError` from a self-check started with ``block=False``."""
+        self._join_self_check()
         self._check_no_stream("score")
         try:
             return self._score(items)
@@ -176,6 +262,7 @@ class RewardScorer:
     def stream(self) -> "ScoringStream":
         """Start scoring items as they come (see :class:`ScoringStream`); the pool is the
         stream's until its ``results()`` or ``cancel()``."""
+        self._join_self_check()
         self._check_no_stream("stream")
         self._stream = ScoringStream(self)
         return self._stream
@@ -211,7 +298,8 @@ class RewardScorer:
         for i, res in enumerate(results):
             if res.error and not res.components:
                 continue
-            spec = self.specs.get(items[i].get("kind"), {}) if isinstance(items[i], dict) else {}
+            spec = (self.spec_for(items[i].get("kind")) or {}) if isinstance(items[i], dict) \
+                else {}
             res.total = float(sum(w * res.components.get(n, 0.0) for n, w in spec.items()))
         self._counts["items"] += len(items)
         self._counts["seconds"] += time.monotonic() - start
@@ -222,6 +310,9 @@ class RewardScorer:
         return dict(self._counts, num_workers=len(self._workers))
 
     def close(self) -> None:
+        if self._check_thread is not None:
+            self._check_thread.join()
+            self._check_thread = None
         if self._stream is not None:
             self._stream.cancel()
         for w in self._workers:
@@ -245,16 +336,26 @@ class RewardScorer:
 
     # ------------------------------------------------------------------ internals
 
+    def spec_for(self, kind) -> "dict | None":
+        """The weighted spec of a task kind; a registered reward's name alone: that reward."""
+        spec = self.specs.get(kind)
+        if spec is None and isinstance(kind, str) and kind in list_rewards():
+            spec = {kind: 1.0}
+        return spec
+
+    def _no_spec_message(self, kind) -> str:
+        return (f"no reward spec for kind {kind!r}; add rewards.spec.{kind}, or use a task kind "
+                f"{sorted(self.specs)} or a reward name {list_rewards()}")
+
     def _plan(self, item) -> tuple[ScoredItem, list]:
         if not isinstance(item, dict) or not isinstance(item.get("completion"), str):
             self._counts["bad_items"] += 1
             return ScoredItem(0.0, error="item must be a dict with a string 'completion'"), []
         kind = item.get("kind")
-        spec = self.specs.get(kind)
+        spec = self.spec_for(kind)
         if spec is None:
             self._counts["bad_items"] += 1
-            return ScoredItem(0.0, error=f"no reward spec for kind {kind!r}; add rewards.spec."
-                              f"{kind} or use one of {sorted(self.specs)}"), []
+            return ScoredItem(0.0, error=self._no_spec_message(kind)), []
         reference = item.get("reference") or {}
         if isinstance(reference, str):
             try:
@@ -274,9 +375,12 @@ class RewardScorer:
         return ScoredItem(0.0), [(n, item["completion"], reference, context) for n in spec]
 
     def _timeout_for(self, name: str) -> float:
+        runs = 1
+        if name.startswith(_SELF_CHECK):  # the sandbox's check runs two programs
+            name, runs = name[len(_SELF_CHECK):], 2
         if name == "code_tests":  # the sandbox keeps its own clock; leave it room to report
-            return max(self.cfg.timeout_s, self.cfg.sandbox_timeout_s + 5.0)
-        return self.cfg.timeout_s
+            return max(self.cfg.timeout_s, runs * (self.cfg.sandbox_timeout_s + 5.0))
+        return runs * self.cfg.timeout_s
 
     def _run(self, units: list, feed: "ScoringStream | None" = None) -> dict:
         """uid -> (score, reasons, error) for every unit; with ``feed``, also for the units it
@@ -384,12 +488,8 @@ class RewardScorer:
         """num_workers=0: same process, no hard time box (math-verify's own alarms only)."""
         out = {}
         for uid, _i, name, completion, reference, context in units:
-            try:
-                res = get_reward(name)(completion, reference, **context)
-                out[uid] = (float(res.score), list(res.reasons), None)
-            except Exception as exc:  # noqa: BLE001 -- a reward bug must not stop training
-                out[uid] = (0.0, [], f"{name} raised {type(exc).__name__}: {exc}"[:500])
-                self._counts["errors"] += 1
+            out[uid] = _score_unit(name, completion, reference, context)
+            self._counts["errors"] += out[uid][2] is not None
         return out
 
     def __del__(self):
@@ -399,125 +499,13 @@ class RewardScorer:
             pass
 
 
-class ScoringStream:
-    """Items scored on the scorer's pool while the caller goes on (the rollout decodes the rest):
-
-        stream = scorer.stream()
-        stream.submit(items)       # as completions finish; returns at once
-        scored = stream.results()  # every submitted item's ScoredItem, in submission order
-
-    The results equal ``scorer.score(all items)``: the same plan per item, the same units, the
-    same time boxes and error handling, the same assembly; only the moment each unit is sent
-    differs. A thread dispatches the units: it waits in ``select`` (no GIL held) for a worker's
-    answer, a new submission or the close, so it costs the decoding thread only the moments it
-    handles a message. With ``rewards.num_workers`` 0 the items are scored in ``results()``,
-    as ``score`` would. Like ``score``, nothing here raises on a bad item or a scorer bug: the
-    items get a zero reward and the error.
-    """
-
-    def __init__(self, scorer: RewardScorer):
-        self._scorer = scorer
-        self._items: list = []
-        self._results: list = []
-        self._units: list = []  # every planned unit, in uid order
-        self._handed = 0  # units already taken by the thread
-        self._lock = threading.Lock()
-        self.wake, self._wake_w = socket.socketpair()
-        self.wake.setblocking(False)
-        self._wake_w.setblocking(False)  # a full buffer already means "wake up"
-        self.closed = False
-        self.cancelled = False
-        self._error: str | None = None
-        self._outcomes: dict = {}
-        self._thread: threading.Thread | None = None
-        self._start = time.monotonic()
-
-    def submit(self, items: list) -> None:
-        if self.closed:
-            raise RuntimeError("ScoringStream.submit() after results(): open a new stream.")
-        s = self._scorer
-        try:
-            with self._lock:
-                self._items += items
-                s._plan_into(items, self._results, self._units)
-            if s.num_workers > 0 and self._error is None:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._serve, name="reward-stream",
-                                                    daemon=True)
-                    self._thread.start()
-                self._poke()
-        except Exception as exc:  # noqa: BLE001 -- a scorer bug costs rewards, not the run
-            self._error = self._error or f"reward scorer failed: {type(exc).__name__}: {exc}"
-
-    def results(self) -> list[ScoredItem]:
-        """Wait for every submitted item; the pool is the scorer's again afterwards."""
-        s = self._scorer
-        self._stop()
-        try:
-            if self._error is None:
-                if s.num_workers <= 0:
-                    self._outcomes = s._run(self._units)
-                return s._assemble(self._items, self._results, self._units, self._outcomes,
-                                   self._start)
-        except Exception as exc:  # noqa: BLE001 -- as in score()
-            self._error = f"reward scorer failed: {type(exc).__name__}: {exc}"
-        s._counts["errors"] += 1
-        return [ScoredItem(0.0, error=self._error) for _ in self._items]
-
-    def cancel(self) -> None:
-        """Drop what is not scored yet (the rollout failed); workers still busy are replaced."""
-        self.cancelled = True
-        self._stop()
-
-    # -- the dispatch thread's side
-
-    def take(self) -> list:
-        with self._lock:
-            new = self._units[self._handed:]
-            self._handed = len(self._units)
-        return new
-
-    def wait_for_more(self) -> None:
-        wait([self.wake])
-        self.clear_wake()
-
-    def clear_wake(self) -> None:
-        try:
-            while self.wake.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-    def _serve(self) -> None:
-        try:
-            self._outcomes = self._scorer._run([], feed=self)
-        except Exception as exc:  # noqa: BLE001 -- reported by results()
-            self._error = f"reward scorer failed: {type(exc).__name__}: {exc}"
-
-    def _poke(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-
-    def _stop(self) -> None:
-        self.closed = True
-        self._poke()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._scorer._stream is self:
-            self._scorer._stream = None
-            self.wake.close()
-            self._wake_w.close()
-
-
 def worker_pids(scorer: RewardScorer) -> list[int]:
     """For tests and debugging: the live worker processes."""
     return [w.proc.pid for w in scorer._workers if w.is_alive()]
 
 
-__all__ = ["RewardScorer", "ScoredItem", "ScoringStream", "DEFAULT_SPECS", "worker_pids"]
+__all__ = ["RewardScorer", "RewardSetupError", "ScoredItem", "ScoringStream", "DEFAULT_SPECS",
+           "worker_pids"]
 
 
 if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "--worker":

@@ -28,6 +28,7 @@ from r1mega.rl.advantages import group_advantages
 from r1mega.rollout.types import GenerationRequest
 from r1mega.train.batch_stats import completion_stats, reduce_stats, summarise
 from r1mega.train.profiling import prange
+from r1mega.train.reward_errors import error_metrics, error_sums, first_error
 from r1mega.train.step import sft_sample
 
 # Dense bf16 peak of one accelerator, for the MFU estimate; unknown devices report no MFU.
@@ -165,6 +166,8 @@ def rollout_metrics(stats: dict) -> dict:
 class StepOutput:
     metrics: dict
     samples: list = field(default_factory=list)  # (prompt text, completion text, reward)
+    # This rank's first reward error of the step (the loop shows it; see reward_errors.py).
+    reward_error: Optional[str] = None
 
 
 class GRPOStep:
@@ -199,6 +202,7 @@ class GRPOStep:
     def __call__(self, step: int) -> StepOutput:
         cfg, rt, G = self.cfg, self.rt, self.cfg.rollout.group_size
         t0 = self._sync()
+        reward_counts = self.scorer.metrics()
         with prange("rollout"):
             # 1. prompts of this DP rank
             records = self.sampler.next_batch(self.prompts_per_rank)
@@ -253,10 +257,11 @@ class GRPOStep:
                        for _ in range(cfg.grpo.inner_epochs)]
             t_train = self._sync()
         with prange("metrics"):
-            return StepOutput(
-                self._metrics(step, records, completions, scored, equal, samples, results,
-                              (t0, t_rollout, t_reward, t_logprobs, t_train), rollout_stats),
-                self._samples(records, completions, scored))
+            metrics = self._metrics(step, records, completions, scored, equal, samples, results,
+                                    (t0, t_rollout, t_reward, t_logprobs, t_train), rollout_stats,
+                                    reward_counts)
+            return StepOutput(metrics, self._samples(records, completions, scored),
+                              reward_error=first_error(scored))
 
     def _build_samples(self, completions, prompts, adv, equal) -> list:
         """One packed-ready sample per kept completion (see :func:`completion_sample`)."""
@@ -278,7 +283,8 @@ class GRPOStep:
         return samples
 
     def _metrics(self, step, records, completions, scored, equal, samples, results, times,
-                 rollout_stats: Optional[dict] = None) -> dict:
+                 rollout_stats: Optional[dict] = None, reward_counts: Optional[dict] = None
+                 ) -> dict:
         cfg, rt = self.cfg, self.rt
         t0, t_rollout, t_reward, t_logprobs, t_train = times
         stats = completion_stats(completions, [records[c.prompt_index] for c in completions],
@@ -286,8 +292,10 @@ class GRPOStep:
         stats["equal_groups_sum"] = float(equal.sum())
         stats["groups"] = float(equal.numel())
         stats["seq_tokens_sum"] = float(sum(int(s["input_ids"].numel()) for s in samples))
+        stats.update(error_sums(scored))
         stats = reduce_stats(stats, rt.dp_group if rt.dp_size > 1 else None)
         out = summarise(stats)
+        out.update(error_metrics(stats, reward_counts or {}, self.scorer.metrics()))
         out["groups/all_equal_share"] = stats["equal_groups_sum"] / max(stats["groups"], 1.0)
         last = results[-1]
         loss_metrics = finalize_metrics({k: torch.tensor(v) for k, v in last.metrics_sum.items()

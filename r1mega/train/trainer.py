@@ -131,6 +131,7 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
 
     Returns (last step, why it ended): "done", "time_budget" or "preempted"."""
     from r1mega.train.failures import NonFiniteGuard, PreemptionHandler, any_rank
+    from r1mega.train.reward_errors import check_reward_errors, over_limit
 
     preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
@@ -142,9 +143,14 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
             out = step_fn(step)
             metrics = out if isinstance(out, dict) else out.metrics
             guard.record(not metrics.get("update_skipped", 0.0), step)
-            if step % max(1, cfg.logging.log_every_steps) == 0 or step == total:
+            failing = over_limit(metrics, cfg.rewards.max_error_rate)
+            if step % max(1, cfg.logging.log_every_steps) == 0 or step == total or failing:
                 logger.log(step, metrics, prefix=prefix)
                 logger.console(step, metrics, total)
+            # Too many reward errors stop the run here, after the step's metrics are logged and
+            # before its update is checkpointed.
+            check_reward_errors(step, metrics, getattr(out, "reward_error", None),
+                                cfg.rewards.max_error_rate, rt.rank)
             gap = reward_strict_gap(metrics.get("reward/mean", 0.0),
                                     metrics.get("reward/strict_accuracy", 1.0))
             if gap and step - warned_at >= 25:
@@ -236,6 +242,7 @@ def _cold_start(cfg: Config, rt, tok, logger, path: Optional[str]):
 def run_train(cfg: Config) -> int:
     """GRPO (``r1mega train``): returns the process exit code."""
     from r1mega.data import PromptSampler, build_prompt_source
+    from r1mega.data.source import source_kinds
     from r1mega.rewards.scorer import RewardScorer
     from r1mega.train.evaluate import evaluate, heldout_records
     from r1mega.train.grpo import GRPOStep
@@ -318,6 +325,10 @@ def run_train(cfg: Config) -> int:
             _log0(rt, "WARNING: every data.eval_source prompt also occurs in data.source; there "
                       "is nothing held out to evaluate. Lower data.num_examples or use another "
                       "eval_source.")
+    # Every reward the run will use must prove it can run (RewardSetupError names the cause)
+    # before its first score counts. On a thread: the workers' start-up overlaps the first
+    # rollout, and the first scoring waits for the verdict.
+    scorer.self_check(source_kinds(source) | source_kinds(eval_records), block=False)
 
     def show_eval(ev: dict, tag: str, note: str = "") -> None:
         _log0(rt, f"held-out accuracy {tag}: {ev['eval/accuracy']:.3f} strict "

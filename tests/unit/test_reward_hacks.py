@@ -105,7 +105,7 @@ def test_answer_form_option():
 
 
 def test_missing_reference_raises():
-    from r1mega.rewards.math import MissingReference
+    from r1mega.rewards.registry import MissingReference
 
     with pytest.raises(MissingReference):
         math_accuracy("<answer>2</answer>", {})

@@ -3,6 +3,7 @@ versions fail; completions are read from fenced blocks inside <answer>."""
 import pytest
 
 from r1mega.rewards.code import code_tests, extract_program
+from r1mega.rewards.registry import MissingReference
 from r1mega.rewards.sandbox import SandboxLimits, run_tests
 
 # Every eighth problem, plus 38 whose tests call a helper from the prompt (encode_cyclic).
@@ -57,7 +58,9 @@ def test_code_reward_reads_the_answer_block():
     res = code_tests(wrong, ref)
     assert res.score == 0.0 and "failed" in res.reasons[0]
     assert code_tests("def add(a, b): return a + b", ref).score == 1.0  # no fences, no tags
-    assert code_tests("x", {}).score == 0.0
+    # A reference without tests is a data bug the scorer must report, not a wrong program.
+    with pytest.raises(MissingReference, match="neither 'tests' nor 'stdio'"):
+        code_tests("x", {})
 
 
 def test_prefix_continues_a_signature():
@@ -88,4 +91,5 @@ def test_stdio_tasks(program, passes):
 
 
 def test_stdio_reference_is_checked():
-    assert code_tests("print(1)", {"stdio": [{"input": "1"}]}).score == 0.0
+    with pytest.raises(MissingReference, match="list of {input, output}"):
+        code_tests("print(1)", {"stdio": [{"input": "1"}]})

@@ -60,7 +60,12 @@ def test_hedged_answers_get_no_credit():
 
 
 def test_unparsable_reference_says_so():
-    res = math_accuracy("<answer>1</answer>", {"answer": ""})
+    # An empty reference is a broken data row: an error (the scorer's ``error``), not a 0.
+    from r1mega.rewards.registry import MissingReference
+
+    with pytest.raises(MissingReference, match="answer"):
+        math_accuracy("<answer>1</answer>", {"answer": ""})
+    res = math_accuracy("<answer>1</answer>", {"answer": "\\frac{"})
     assert res.score == 0.0 and "reference" in res.reasons[0]
 
 

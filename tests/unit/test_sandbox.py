@@ -272,12 +272,51 @@ def test_user_namespace_mode_keeps_the_filesystem_read_only(clean_run, monkeypat
         assert not os.path.exists(t)
     # /tmp is a private tmpfs there (tmp_path does not even exist); the repository is read-only,
     # unless it lives under /tmp itself (a CI clone may), where it is hidden like tmp_path.
+    # (A clone with its venv under /tmp: the directories leading to the venv are back, on a
+    # read-only tmpfs of their own.)
     hidden = os.path.realpath(os.getcwd()).startswith(("/tmp/", "/var/tmp/", "/dev/shm/"))
-    expected = "No such file or directory" if hidden else "Read-only file system"
-    assert expected in res.error, res
+    expected = ("No such file or directory", "Read-only file system") if hidden else \
+        ("Read-only file system",)
+    assert any(e in res.error for e in expected), res
     assert clean_run("open('scratch.txt', 'w').write('ok')\n" + FACTORIAL).passed
     assert not clean_run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n"
                          + FACTORIAL).passed
+
+
+@pytest.mark.parametrize("mode", ["as_configured", "user_namespace"])
+def test_candidate_cannot_remount_the_filesystem_writable(clean_run, monkeypatch, mode):
+    """uid 0 of a user namespace (non-root users) would hold every capability there, enough to
+    remount the read-only mounts writable again: the candidate must hold none."""
+    iso = sandbox.detect_isolation()
+    if not iso["prefix"]:
+        pytest.skip("no namespaces on this machine")
+    if mode == "user_namespace":
+        prefix = list(iso["prefix"])
+        if "-r" not in prefix:
+            prefix.insert(1, "-r")
+        monkeypatch.setattr(sandbox, "detect_isolation",
+                            lambda: dict(iso, prefix=prefix, drop_uid=None, mode="userns(test)"))
+    target = os.path.join(os.getcwd(), f"r1mega_pwned_{uuid.uuid4().hex}")
+    program = f"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+MS_REMOUNT, MS_BIND, MS_RELATIME = 32, 4096, 1 << 21
+results = [libc.mount(None, b"/", None, MS_REMOUNT | flags, None)
+           for flags in (MS_BIND, MS_BIND | MS_RELATIME, 0)]
+try:
+    open({target!r}, "w").write("x")
+    wrote = True
+except OSError:
+    wrote = False
+CAP_EFF = open("/proc/self/status").read().split("CapEff:")[1].split()[0]
+def report():
+    return results, wrote, CAP_EFF
+"""
+    res = clean_run(program, tests="r, w, cap = report()\n"
+                                   "assert r == [-1, -1, -1] and not w and int(cap, 16) == 0, "
+                                   "(r, w, cap)\n")
+    assert res.passed, res
+    assert not os.path.exists(target)
 
 
 def test_sandbox_cleans_up_after_its_caller_is_killed(tmp_path):
@@ -309,3 +348,65 @@ def test_sandbox_cleans_up_after_its_caller_is_killed(tmp_path):
     assert not _processes_with(f"sleep {marker}"), "the sandbox outlived its caller"
     if sandbox.detect_isolation()["prefix"]:
         assert _sandbox_dirs() == dirs_before, "a work dir outlived the killed caller"
+
+
+_UNDER_TMP_PROBE = r'''
+import json, os, sys
+from r1mega.rewards import sandbox
+from r1mega.rewards.sandbox import SandboxLimits, run_tests
+clone = sys.argv[1]
+good = "import r1mega_probe_mod\ndef f(x):\n    return x + r1mega_probe_mod.VALUE\n"
+lim = SandboxLimits(timeout_s=10.0, memory_mb=512)
+out = {"prefix": sys.prefix, "cwd": os.getcwd(),
+       "isolated": bool(sandbox.detect_isolation()["prefix"]),
+       "good": run_tests(good, "assert f(1) == 42\n", None, lim).__dict__,
+       "bad": run_tests(good.replace("+", "-"), "assert f(1) == 42\n", None, lim).__dict__,
+       "listing": run_tests(good + "import os\nSEEN = sorted(os.listdir(%r))\n"
+                            "def seen():\n    return SEEN\n" % clone,
+                            "assert seen() == ['.venv'], seen()\n", None, lim).__dict__,
+       "write": run_tests(good + "open(%r, 'w').write('x')\n"
+                          % os.path.join(sys.prefix, "pwned"), "assert True\n", None, lim).__dict__}
+print(json.dumps(out))
+'''
+
+
+def test_python_and_checkout_under_tmp():
+    """A fresh clone with its virtual environment under /tmp (the README's new user): the tmpfs
+    the sandbox lays over /tmp must not hide the interpreter's own tree (its site-packages, here
+    a module only the venv has), yet the rest of the clone stays hidden and the venv read-only."""
+    import json
+    import shutil
+    import sys
+    import tempfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    base = tempfile.mkdtemp(prefix="r1mega_clone_", dir="/tmp")
+    try:
+        clone = os.path.join(base, "clone")
+        shutil.copytree(os.path.join(repo, "r1mega"), os.path.join(clone, "r1mega"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        venv = os.path.join(clone, ".venv")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
+                        venv], check=True, timeout=60)
+        py = os.path.join(venv, "bin", "python")
+        site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        with open(os.path.join(site, "r1mega_probe_mod.py"), "w") as f:
+            f.write("VALUE = 41\n")
+        # The clone's own code, not the worktree's: PYTHONPATH is the clone, cwd is the clone.
+        env = dict(os.environ, PYTHONPATH=clone)
+        proc = subprocess.run([py, "-c", _UNDER_TMP_PROBE, clone], cwd=clone, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = json.loads(proc.stdout.splitlines()[-1])
+        assert out["prefix"] == venv and out["cwd"] == clone
+        assert out["good"]["passed"], out["good"]
+        assert out["bad"]["status"] == "failed", out["bad"]
+        assert "AssertionError" in out["bad"]["error"], out["bad"]
+        assert not out["write"]["passed"]
+        assert not os.path.exists(os.path.join(venv, "pwned"))
+        if out["isolated"]:
+            assert out["listing"]["passed"], out["listing"]  # only .venv of the clone is there
+            assert "Read-only file system" in out["write"]["error"], out["write"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
