@@ -6,7 +6,7 @@
 #include <vector>
 
 std::vector<torch::Tensor> routing_metadata_cuda(const torch::Tensor& indices, int64_t num_experts,
-                                                 int64_t align, int64_t num_rows);
+                                                 int64_t align, int64_t num_rows, int64_t max_blocks);
 torch::Tensor permute_cuda(const torch::Tensor& x, const torch::Tensor& row_map, const torch::Tensor& src_entry);
 torch::Tensor unpermute_cuda(const torch::Tensor& y, const torch::Tensor& row_map,
                              const c10::optional<torch::Tensor>& weights);
@@ -46,7 +46,7 @@ void check_weights(const torch::Tensor& w, const torch::Tensor& row_map) {
 }
 
 std::vector<torch::Tensor> routing_metadata(const torch::Tensor& indices, int64_t num_experts, int64_t align,
-                                            int64_t num_rows) {
+                                            int64_t num_rows, int64_t max_blocks) {
   check_cuda_contig(indices, "indices");
   TORCH_CHECK(indices.dim() == 2, "r1mega_moe_cuda: indices must be (tokens, topk), got ", indices.sizes());
   TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
@@ -56,7 +56,7 @@ std::vector<torch::Tensor> routing_metadata(const torch::Tensor& indices, int64_
   TORCH_CHECK(align >= 1, "r1mega_moe_cuda: align=", align, " must be >= 1");
   TORCH_CHECK(num_rows >= indices.numel() && num_rows < ((int64_t)1 << 31),
               "r1mega_moe_cuda: num_rows=", num_rows, " must hold all ", indices.numel(), " routed rows");
-  return routing_metadata_cuda(indices, num_experts, align, num_rows);
+  return routing_metadata_cuda(indices, num_experts, align, num_rows, max_blocks);
 }
 
 torch::Tensor permute(const torch::Tensor& x, const torch::Tensor& row_map, const torch::Tensor& src_entry) {
@@ -97,7 +97,9 @@ std::vector<torch::Tensor> unpermute_backward(const torch::Tensor& grad_out, con
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "r1mega MoE token dispatch: routing metadata, permute, unpermute + combine (and backward)";
-  m.def("routing_metadata", &routing_metadata, "(indices, num_experts, align, num_rows) -> counts, offsets, row_map, src_entry");
+  m.def("routing_metadata", &routing_metadata,
+        "(indices, num_experts, align, num_rows, max_blocks=0 (auto)) -> counts, offsets, row_map, src_entry",
+        py::arg("indices"), py::arg("num_experts"), py::arg("align"), py::arg("num_rows"), py::arg("max_blocks") = 0);
   m.def("permute", &permute, "(x, row_map, src_entry) -> permuted rows");
   m.def("unpermute", &unpermute, "(y, row_map, src_entry, weights|None) -> combined tokens, float32 accumulation");
   m.def("unpermute_backward", &unpermute_backward, "(grad_out, y, row_map, weights, src_entry) -> grad_y, grad_w");

@@ -21,6 +21,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 namespace cg = cooperative_groups;
@@ -73,6 +76,7 @@ __global__ void __launch_bounds__(kMetaThreads) routing_metadata_kernel(
   // phase 2: totals over all blocks and the prefix over the blocks before this one.
   for (int e = tid; e < num_experts; e += kMetaThreads) {
     int before = 0, total = 0;
+#pragma unroll 8
     for (int b = 0; b < (int)gridDim.x; ++b) {
       const int c = block_counts[(int64_t)b * num_experts + e];
       before += (b < (int)blockIdx.x) ? c : 0;
@@ -302,30 +306,50 @@ int copy_grid(int64_t work) {
 
 }  // namespace
 
+// Blocks of the cooperative metadata launch that fit on the device at once, cached per
+// (device, num_experts, index type): the occupancy query costs host time on every call otherwise.
+template <typename index_t>
+int metadata_max_blocks(int dev, int64_t num_experts, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int64_t, size_t>, int> cache;  // the attribute is per kernel
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, num_experts, sizeof(index_t));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto kernel = routing_metadata_kernel<index_t>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMetaThreads, smem));
+  TORCH_CHECK(per_sm > 0, "r1mega_moe_cuda: routing metadata does not fit on device ", dev,
+              " with num_experts=", num_experts);
+  const int blocks = per_sm * sm_count();
+  cache[key] = blocks;
+  return blocks;
+}
+
 std::vector<at::Tensor> routing_metadata_cuda(const at::Tensor& indices, int64_t num_experts,
-                                              int64_t align, int64_t num_rows) {
+                                              int64_t align, int64_t num_rows, int64_t max_blocks) {
   const c10::cuda::CUDAGuard guard(indices.device());
-  auto iopt = indices.options().dtype(at::kInt);
   const int64_t num_entries = indices.numel();
-  auto counts = at::empty({num_experts}, iopt);
-  auto offsets = at::empty({num_experts + 1}, iopt);
-  auto row_map = at::empty(indices.sizes(), iopt);
-  auto src_entry = at::empty({num_rows}, iopt);
   const size_t smem = sizeof(int) * (size_t)num_experts * (3 + kMetaWarps);
   const int dev = indices.get_device();
-  const int sms = sm_count();
+  std::vector<at::Tensor> result;
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "routing_metadata_cuda", [&] {
     auto kernel = routing_metadata_kernel<index_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMetaThreads, smem));
-    TORCH_CHECK(per_sm > 0, "r1mega_moe_cuda: routing metadata does not fit on device ", dev,
-                " with num_experts=", num_experts);
     const int64_t tiles = (num_entries + kMetaThreads - 1) / kMetaThreads;
-    const int blocks = (int)std::max<int64_t>(1, std::min<int64_t>((int64_t)per_sm * sms, tiles));
-    auto workspace = at::empty({(int64_t)blocks * num_experts}, iopt);
+    int64_t blocks = std::min<int64_t>(metadata_max_blocks<index_t>(dev, num_experts, smem), tiles);
+    if (max_blocks > 0) blocks = std::min(blocks, max_blocks);
+    blocks = std::max<int64_t>(blocks, 1);
+    // One allocation for all outputs and the workspace: allocator calls dominate the host time.
+    const int64_t n_counts = num_experts, n_offsets = num_experts + 1;
+    const int64_t total = n_counts + n_offsets + num_entries + num_rows + blocks * num_experts;
+    auto buf = at::empty({total}, indices.options().dtype(at::kInt));
+    auto counts = buf.narrow(0, 0, n_counts);
+    auto offsets = buf.narrow(0, n_counts, n_offsets);
+    auto row_map = buf.narrow(0, n_counts + n_offsets, num_entries).view(indices.sizes());
+    auto src_entry = buf.narrow(0, n_counts + n_offsets + num_entries, num_rows);
+    int* ws = buf.data_ptr<int>() + n_counts + n_offsets + num_entries + num_rows;
     const index_t* idx_ptr = indices.data_ptr<index_t>();
-    int* ws = workspace.data_ptr<int>();
     int* c = counts.data_ptr<int>();
     int* o = offsets.data_ptr<int>();
     int* rm = row_map.data_ptr<int>();
@@ -334,10 +358,11 @@ std::vector<at::Tensor> routing_metadata_cuda(const at::Tensor& indices, int64_t
     int64_t n = num_entries, nr = num_rows;
     void* args[] = {(void*)&idx_ptr, (void*)&n, (void*)&ne, (void*)&al, (void*)&ws,
                     (void*)&c, (void*)&o, (void*)&rm, (void*)&se, (void*)&nr};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel((const void*)kernel, dim3(blocks), dim3(kMetaThreads), args,
-                                               smem, c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel((const void*)kernel, dim3((unsigned)blocks), dim3(kMetaThreads),
+                                               args, smem, c10::cuda::getCurrentCUDAStream()));
+    result = {counts, offsets, row_map, src_entry};
   });
-  return {counts, offsets, row_map, src_entry};
+  return result;
 }
 
 at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& row_map, const at::Tensor& src_entry) {
