@@ -110,3 +110,12 @@ def test_zero_tokens_and_out_of_range_entries(ext):
     x = torch.randn(2, 16, device="cuda")
     torch.testing.assert_close(unpermute_tokens(permute_tokens(x, got, impl="cuda"), None, got, impl="cuda"),
                                x * torch.tensor([[1.0], [2.0]], device="cuda"))
+
+
+def test_expert_counts_alternating_between_calls(ext):
+    """The kernel's shared-memory limit is per kernel, not per launch: a small expert count after a
+    large one must not break the next large one (it once did)."""
+    for num_experts in (1024, 4, 1024, 256, 4):
+        idx = _routes(300, 2, num_experts, seed=num_experts)
+        got = routing_metadata(idx, num_experts, impl="cuda")
+        assert torch.equal(got.row_map, reference_routing_metadata(idx, num_experts).row_map), num_experts
