@@ -12,6 +12,7 @@ BENCHMARKS = {
     "train-step": "r1mega.bench.train_step",
     "grpo-loss": "r1mega.bench.grpo_loss",
     "rollout": "r1mega.bench.rollout",
+    "moe-dispatch": "r1mega.bench.moe_dispatch",
 }
 
 

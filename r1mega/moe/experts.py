@@ -1,0 +1,112 @@
+"""Routed experts as one grouped GEMM over expert-contiguous rows, SwiGLU, and the shared expert.
+
+Weights use transformers' stacked layout (Qwen3-MoE / DeepSeek-V3 ``*Experts``): ``gate_up``
+(E, 2F, H) with the gate half first, ``down`` (E, H, F), so conversion is a copy.
+
+Two implementations of the same math over the permuted rows of r1mega/moe/dispatch.py:
+- ``grouped``: ``torch._grouped_mm`` (one kernel per projection for all experts; Hopper, bf16),
+  with the group ends taken from the routing offsets on the device, so nothing synchronises;
+- ``loop``: one pair of matmuls per expert (CPU, other dtypes), which needs the offsets on the host.
+Padding rows are zero, and SwiGLU(0) = 0, so they stay zero and cost only their FLOPs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1mega.moe.dispatch import RoutingMetadata, permute_tokens, routing_metadata, unpermute_tokens
+
+IMPLS = ("auto", "grouped", "loop")
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` runs bf16 on sm_90+; elsewhere the loop is used."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """(.., 2F) -> (.., F): silu(gate) * up, gate first as in transformers' chunk(2)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def grouped_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                           offsets: torch.Tensor) -> torch.Tensor:
+    """x (R, H) expert-contiguous rows, gate_up (E, 2F, H), down (E, H, F), offsets (E+1,) int32
+    -> (R, H). Rows past offsets[E] (the padding tail) are left as _grouped_mm leaves them:
+    nothing reads them, and their gradient is zero."""
+    ends = offsets[1:].to(torch.int32)                                   # (E,) cumulative row ends
+    h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=ends)      # (R, 2F)
+    return torch._grouped_mm(swiglu(h), down.transpose(-2, -1), offs=ends)  # (R, H)
+
+
+def loop_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                        offsets: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`grouped_swiglu_experts`, one expert at a time; the tail is zero."""
+    bounds = offsets.tolist()                                           # one host sync per layer
+    pieces = []
+    for e in range(gate_up.shape[0]):
+        rows = x[bounds[e]:bounds[e + 1]]                               # (n_e, H)
+        pieces.append(F.linear(swiglu(F.linear(rows, gate_up[e])), down[e]))
+    pieces.append(x.new_zeros(x.shape[0] - bounds[-1], down.shape[1]))
+    return torch.cat(pieces, dim=0)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts of width F over expert-contiguous rows."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, impl: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"GroupedExperts: impl={impl!r}, choose one of {IMPLS}")
+        self.impl = impl
+        self.num_experts = num_experts
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size, device=device, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        for w in (self.gate_up, self.down):
+            nn.init.normal_(w, std=std if std is not None else 1.0 / math.sqrt(w.shape[-1]))
+
+    def forward(self, x: torch.Tensor, meta: RoutingMetadata) -> torch.Tensor:
+        if meta.num_experts != self.num_experts:
+            raise ValueError(f"GroupedExperts: routing has {meta.num_experts} experts, the module "
+                             f"{self.num_experts}")
+        use_grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_available(x))
+        if self.impl == "grouped" and not grouped_mm_available(x):
+            raise RuntimeError("GroupedExperts: impl='grouped' needs torch._grouped_mm with bf16 on sm_90+; "
+                               "use impl='auto' to fall back to the per-expert loop")
+        fn = grouped_swiglu_experts if use_grouped else loop_swiglu_experts
+        return fn(x, self.gate_up.to(x.dtype), self.down.to(x.dtype), meta.offsets)
+
+
+class SwiGLUMLP(nn.Module):
+    """The shared expert (and the dense FFN): down(silu(gate(x)) * up(x)), same stacked layout."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, device=None, dtype=None):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(2 * ffn_size, hidden_size, device=device, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(hidden_size, ffn_size, device=device, dtype=dtype))
+        nn.init.normal_(self.gate_up, std=1.0 / math.sqrt(hidden_size))
+        nn.init.normal_(self.down, std=1.0 / math.sqrt(ffn_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(swiglu(F.linear(x, self.gate_up)), self.down)
+
+
+def moe_feed_forward(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: GroupedExperts,
+                     shared: nn.Module | None = None, align: int = 1, dispatch_impl: str = "auto",
+                     validate: bool = True) -> torch.Tensor:
+    """x (T, H), router weights (T, k) float32 and indices (T, k) -> (T, H):
+    sum_j weights[t, j] * expert_{indices[t, j]}(x[t]) (+ shared(x[t])), on one device (no
+    expert parallelism here: the all-to-all goes between permute and the experts)."""
+    meta = routing_metadata(indices, experts.num_experts, align=align, impl=dispatch_impl, validate=validate)
+    routed = experts(permute_tokens(x, meta, impl=dispatch_impl), meta)       # (R, H)
+    out = unpermute_tokens(routed, weights, meta, impl=dispatch_impl)         # (T, H)
+    return out if shared is None else out + shared(x)

@@ -1,0 +1,136 @@
+"""MoE routing as pure float32 functions: which experts each token goes to, and with what weight.
+
+Two families:
+- Qwen3-MoE: softmax over all experts, top-k, optionally renormalised over the k chosen.
+- DeepSeek-V3: sigmoid scores; experts are split into ``n_group`` groups, a group's score is the
+  sum of its two best (biased) expert scores, only the ``topk_group`` best groups stay eligible,
+  then top-k among their experts. The per-expert bias (auxiliary-loss-free balancing) is added
+  for the *selection* only: the weights come from the unbiased scores, renormalised over the k
+  chosen, times ``routed_scaling_factor``. The bias moves by ``rate * sign(mean_load - load)``
+  after each training step, so overloaded experts become less likely to be chosen.
+
+Balance losses: the sequence-level auxiliary loss of DeepSeek-V3 (eq. 17-20) and the router
+z-loss (ST-MoE). Everything is float32 whatever the activations are: top-k on bf16 scores ties
+and flips between otherwise identical runs, which breaks routing replay and parity tests.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(T, H) x (E, H) -> (T, E) float32 logits; the gate weight is read in float32 too."""
+    return torch.nn.functional.linear(hidden.float(), weight.float())
+
+
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-MoE routing. logits (T, E) -> weights (T, k) float32, indices (T, k) int64."""
+    _check_k(logits, k, "softmax_topk")
+    probs = torch.softmax(logits.float(), dim=-1)                     # (T, E)
+    weights, indices = torch.topk(probs, k, dim=-1)                  # (T, k)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def group_limited_topk(logits: torch.Tensor, k: int, n_group: int, topk_group: int,
+                       bias: torch.Tensor | None = None, renormalize: bool = True,
+                       routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing. logits (T, E) -> weights (T, k) float32, indices (T, k) int64.
+
+    ``bias`` (E,) shifts only which experts are chosen; gradients reach the router through the
+    unbiased sigmoid scores gathered at the chosen experts.
+    """
+    _check_k(logits, k, "group_limited_topk")
+    num_tokens, num_experts = logits.shape
+    if n_group < 1 or num_experts % n_group != 0:
+        raise ValueError(f"group_limited_topk: n_group={n_group} must divide num_experts={num_experts}")
+    per_group = num_experts // n_group
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"group_limited_topk: topk_group={topk_group} must be in [1, n_group={n_group}]")
+    if k > topk_group * per_group:
+        raise ValueError(f"group_limited_topk: k={k} exceeds the {topk_group * per_group} experts of the "
+                         f"{topk_group} selected groups; raise topk_group")
+    scores = torch.sigmoid(logits.float())                            # (T, E)
+    if bias is not None and bias.shape != (num_experts,):
+        raise ValueError(f"group_limited_topk: bias has shape {tuple(bias.shape)}, expected ({num_experts},)")
+    choice = scores if bias is None else scores + bias.float()        # selection only
+    # A group's strength is its best two experts (one for single-expert groups), as in DeepSeek-V3.
+    grouped = choice.view(num_tokens, n_group, per_group)             # (T, G, E/G)
+    group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # (T, G)
+    group_idx = group_scores.topk(topk_group, dim=-1).indices         # (T, topk_group)
+    group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+    expert_keep = group_keep.unsqueeze(-1).expand(-1, -1, per_group).reshape(num_tokens, num_experts)
+    masked = choice.masked_fill(~expert_keep, float("-inf"))          # (T, E)
+    indices = masked.topk(k, dim=-1).indices                          # (T, k)
+    weights = scores.gather(1, indices)                               # unbiased: (T, k)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, indices
+
+
+def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(T, k) expert indices -> (E,) float32 count of token slots per expert."""
+    return torch.bincount(indices.reshape(-1), minlength=num_experts).float()
+
+
+def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing step: bias (E,), load (E,) -> new bias (E,).
+
+    Experts above the mean load are pushed down by ``rate`` and those below pushed up; the sign
+    (not the size) of the imbalance is used, so one very hot batch cannot swing the bias. Call it
+    with the load summed over the step's micro-batches (and the data-parallel group) on training
+    passes only: forward-only passes (reference / old log-probs) must leave routing unchanged.
+    """
+    if bias.shape != load.shape:
+        raise ValueError(f"update_expert_bias: bias {tuple(bias.shape)} and load {tuple(load.shape)} differ")
+    load = load.float()
+    return bias + rate * torch.sign(load.mean() - load)
+
+
+def sequence_aux_loss(probs: torch.Tensor, indices: torch.Tensor, k: int,
+                      token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss (without its alpha), averaged over sequences.
+
+    probs (B, S, E): per-token affinities normalised over all experts (softmax probabilities, or
+    sigmoid scores divided by their sum). indices (B, S, k): the chosen experts. token_mask (B, S)
+    drops padding. Per sequence: f_i = E / (k * S) * #(tokens choosing i), P_i = mean_t probs,
+    loss = sum_i f_i * P_i, which is 1 under perfect balance. f carries no gradient (it is a count).
+    """
+    if probs.dim() != 3 or indices.dim() != 3 or indices.shape[:2] != probs.shape[:2]:
+        raise ValueError(f"sequence_aux_loss: probs (B, S, E) and indices (B, S, k) expected, got "
+                         f"{tuple(probs.shape)} and {tuple(indices.shape)}")
+    batch, seq, num_experts = probs.shape
+    mask = (torch.ones(batch, seq, device=probs.device) if token_mask is None
+            else token_mask.float())                                   # (B, S)
+    n_valid = mask.sum(dim=1).clamp_min(1.0)                           # (B,)
+    chosen = torch.zeros(batch, seq, num_experts, device=probs.device)
+    chosen.scatter_(2, indices, 1.0)                                   # (B, S, E) one-hot of k
+    counts = (chosen * mask.unsqueeze(-1)).sum(dim=1)                  # (B, E)
+    f = counts * num_experts / (k * n_valid.unsqueeze(-1))             # (B, E)
+    p = (probs.float() * mask.unsqueeze(-1)).sum(dim=1) / n_valid.unsqueeze(-1)  # (B, E)
+    return (f * p).sum(dim=-1).mean()
+
+
+def normalized_sigmoid_scores(logits: torch.Tensor) -> torch.Tensor:
+    """(.., E) logits -> sigmoid scores normalised to sum 1 per token, the affinities that
+    DeepSeek-V3's balance loss uses."""
+    s = torch.sigmoid(logits.float())
+    return s / s.sum(dim=-1, keepdim=True)
+
+
+def z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small so the
+    softmax does not saturate. logits (..., E), token_mask (...) optional."""
+    lse_sq = torch.logsumexp(logits.float(), dim=-1).square()         # (...)
+    if token_mask is None:
+        return lse_sq.mean()
+    mask = token_mask.float()
+    return (lse_sq * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _check_k(logits: torch.Tensor, k: int, name: str) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"{name}: logits must be (tokens, experts), got shape {tuple(logits.shape)}")
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"{name}: k={k} must be in [1, num_experts={logits.shape[1]}]")
