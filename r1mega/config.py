@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +18,10 @@ from typing import Any, Optional
 
 import yaml
 
+from r1mega.errors import UserValueError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserValueError):
     """A config problem, always naming the key at fault and the fix."""
 
 
@@ -359,13 +362,29 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where a float needs a dot (``1e-6`` is a string); users write YAML
+    1.2 numbers. This loader also reads ``1e-6``, ``3e4``, ``-2E+3`` as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(stream) -> Any:
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"Override '{text}' must look like key.sub=value (e.g. parallel.tensor=2).")
     key, raw = text.split("=", 1)
     # YAML parsing gives 2 -> int, 1e-6 -> float (with our tweak), true -> bool, [a,b] -> list.
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"Override '{text}': cannot parse value: {exc}") from None
     if isinstance(value, str):
@@ -386,21 +405,48 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def _dotted_keys(data: Any, prefix: str = "") -> set:
+    """{"model": {"rope_scaling": {"factor": 2}}} -> {"model", "model.rope_scaling", ...}."""
+    if not isinstance(data, dict):
+        return set()
+    out = set()
+    for key, value in data.items():
+        full = prefix + str(key)
+        out |= {full} | _dotted_keys(value, full + ".")
+    return out
+
+
+def _fill_from_hf(cfg: Config, explicit: set) -> None:
+    """``model.init_from_hf=DIR`` describes the model: its config.json fills ``model``, and
+    ``data.tokenizer`` defaults to DIR. Written ``model.*`` keys must agree with config.json."""
+    from r1mega.convert.hf_config import fill_model_from_hf
+
+    given = {k.split(".")[1] for k in explicit if k.startswith("model.")}
+    cfg.model = fill_model_from_hf(cfg.model, cfg.model.init_from_hf, given)
+    if "data.tokenizer" not in explicit:
+        cfg.data.tokenizer = cfg.model.init_from_hf
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """YAML file (optional) + dotted overrides -> validated :class:`Config`."""
     cfg = Config()
+    explicit: set = set()
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"Config file '{path}' does not exist.")
         with open(path) as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = _yaml_load(f) or {}
             except yaml.YAMLError as exc:
                 raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
         _merge(cfg, data)
+        explicit |= _dotted_keys(data)
     for text in overrides or []:
         key, value = _parse_override(text)
         _merge(cfg, _nest(key, value))
+        explicit |= _dotted_keys(_nest(key, value))
+    if cfg.model.init_from_hf:
+        _fill_from_hf(cfg, explicit)
     return cfg
 
 
