@@ -41,6 +41,8 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
     warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+    # megatron's TransformerConfig warns on its own default cuda_graph_scope, which r1mega does not use.
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,11 @@ line or directory and the fix; ``r1mega.cli`` catches it once, prints one line a
 ``R1MEGA_DEBUG=1`` re-raises it instead, traceback included.
 
 In a multi-rank run the message is printed once: ranks that share a process group agree through
-its store on who reports first; before a group exists every rank reads the same input, so rank 0
-speaks for all (unless the error concerns one rank's own environment). A reporting rank leaves
-with ``os._exit`` because background threads (checkpoint writers, the gloo watchdog) may wait on
-peers forever.
+its store on who reports first (and a rank whose collective then fails because the reporter left
+finds the count there and leaves quietly); before a group exists every rank reads the same input,
+so rank 0 speaks for all (unless the error concerns one rank's own environment). A reporting rank
+leaves with ``os._exit`` because background threads (checkpoint writers, the gloo watchdog) may
+wait on peers forever.
 """
 from __future__ import annotations
 
@@ -52,16 +53,24 @@ def _dist():
     return dist if dist.is_available() else None
 
 
-def _first_reporter() -> bool:
-    """True if this rank should print: the first to claim the process group's store, or rank 0
-    when there is no group. A store that cannot be reached (rank 0, its host, died) means print."""
-    try:
-        dist = _dist()
-        if dist is not None and dist.is_initialized():
-            from torch.distributed.distributed_c10d import _get_default_store
+def _store():
+    """The default process group's store, or None outside a process group."""
+    dist = _dist()
+    if dist is None or not dist.is_initialized():
+        return None
+    from torch.distributed.distributed_c10d import _get_default_store
 
-            store = _get_default_store()
-            store.set_timeout(timedelta(seconds=5))
+    store = _get_default_store()
+    store.set_timeout(timedelta(seconds=5))
+    return store
+
+
+def _first_reporter() -> bool:
+    """True if this rank should print: the first to count itself in the process group's store, or
+    rank 0 when there is no group. A store that cannot be reached means print."""
+    try:
+        store = _store()
+        if store is not None:
             return store.add(_STORE_KEY, 1) == 1
     except Exception:  # noqa: BLE001 - no store, no agreement: speak rather than stay silent
         return True
@@ -69,19 +78,32 @@ def _first_reporter() -> bool:
 
 
 def peer_reported_user_error() -> bool:
-    """Whether another rank already reported a user error (this rank's failed collective is then
-    a consequence, not news)."""
+    """Whether another rank already reported a user error: this rank's failed collective is then
+    a consequence, not news. Counts this rank in as leaving (see :func:`_linger`)."""
     try:
-        dist = _dist()
-        if dist is not None and dist.is_initialized():
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            store = _get_default_store()
-            store.set_timeout(timedelta(seconds=2))
-            return store.check([_STORE_KEY])
+        store = _store()
+        if store is not None and store.check([_STORE_KEY]):
+            store.add(_STORE_KEY, 1)
+            return True
     except Exception:  # noqa: BLE001
-        return False
+        pass
     return False
+
+
+def _linger(timeout_s: float = 5.0) -> None:
+    """Stay until every rank has counted itself out (or ``timeout_s``): without torchrun's agent
+    the store lives in rank 0's process, and peers still need it to learn that the error was
+    reported rather than print one of their own."""
+    import time
+
+    try:
+        store = _store()
+        world = _dist().get_world_size()
+        deadline = time.monotonic() + timeout_s
+        while store.add(_STORE_KEY, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store went away: nobody is left to wait for
+        pass
 
 
 def report_user_error(exc: UserError, prog: str) -> int:
@@ -94,5 +116,6 @@ def report_user_error(exc: UserError, prog: str) -> int:
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
     if in_group:
         sys.stdout.flush()
+        _linger()
         os._exit(EXIT_BAD_INPUT)
     return EXIT_BAD_INPUT
