@@ -75,3 +75,18 @@ def test_a_rank_that_loses_its_peer_says_which(tmp_path):
     lost = [ln for ln in err.splitlines() if "lost contact" in ln]
     assert len(lost) == 1 and "rank 0 lost contact with rank 1" in lost[0], err[-3000:]
     print(lost[0])
+
+
+def test_launch_script_reports_bad_input_in_two_lines(tmp_path):
+    """launch/torchrun.sh: the rank's one line, then the launcher's one line; torchrun's exit code
+    is the worker's (2), and no launcher traceback."""
+    env = dict(os.environ, PYTHONPATH=ROOT, NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+    env.pop("R1MEGA_DEBUG", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), DEMO, *TINY,
+                           f"data.source={tmp_path / 'nope.jsonl'}", f"logging.run_dir={tmp_path / 'run'}"],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
+    assert len([ln for ln in out.splitlines() if "does not exist" in ln]) == 1, out
+    assert "r1mega: torchrun: rank" in out and "exited with code 2" in out, out
