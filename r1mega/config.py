@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from r1mega.errors import UserValueError
+from r1mega.yaml_numbers import yaml_load as _yaml_load
 
 
 class ConfigError(UserValueError):
@@ -362,22 +362,6 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML reads YAML 1.1, where a float needs a dot (``1e-6`` is a string); users write YAML
-    1.2 numbers. This loader also reads ``1e-6``, ``3e4``, ``-2E+3`` as floats."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _yaml_load(stream) -> Any:
-    return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"Override '{text}' must look like key.sub=value (e.g. parallel.tensor=2).")
@@ -416,17 +400,6 @@ def _dotted_keys(data: Any, prefix: str = "") -> set:
     return out
 
 
-def _fill_from_hf(cfg: Config, explicit: set) -> None:
-    """``model.init_from_hf=DIR`` describes the model: its config.json fills ``model``, and
-    ``data.tokenizer`` defaults to DIR. Written ``model.*`` keys must agree with config.json."""
-    from r1mega.convert.hf_config import fill_model_from_hf
-
-    given = {k.split(".")[1] for k in explicit if k.startswith("model.")}
-    cfg.model = fill_model_from_hf(cfg.model, cfg.model.init_from_hf, given)
-    if "data.tokenizer" not in explicit:
-        cfg.data.tokenizer = cfg.model.init_from_hf
-
-
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """YAML file (optional) + dotted overrides -> validated :class:`Config`."""
     cfg = Config()
@@ -445,8 +418,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         key, value = _parse_override(text)
         _merge(cfg, _nest(key, value))
         explicit |= _dotted_keys(_nest(key, value))
-    if cfg.model.init_from_hf:
-        _fill_from_hf(cfg, explicit)
+    if cfg.model.init_from_hf:  # the HF directory describes the model (and its tokenizer)
+        from r1mega.convert.hf_config import apply_init_from_hf
+
+        apply_init_from_hf(cfg, explicit)
     return cfg
 
 

@@ -207,6 +207,15 @@ def model_config_from_hf_dir(hf_dir: str, base: Optional[ModelConfig] = None) ->
 USER_CHOOSABLE = ("max_position_embeddings", "init_method_std")
 
 
+def apply_init_from_hf(cfg, explicit: set) -> None:
+    """``model.init_from_hf=DIR`` describes the model: its config.json fills ``cfg.model`` and
+    ``data.tokenizer`` defaults to DIR. ``explicit``: the dotted keys the user wrote."""
+    given = {k.split(".")[1] for k in explicit if k.startswith("model.")}
+    cfg.model = fill_model_from_hf(cfg.model, cfg.model.init_from_hf, given)
+    if "data.tokenizer" not in explicit:
+        cfg.data.tokenizer = cfg.model.init_from_hf
+
+
 def fill_model_from_hf(model_cfg: ModelConfig, hf_dir: str, explicit: set) -> ModelConfig:
     """``model_cfg`` with every field config.json describes taken from ``hf_dir``.
 
