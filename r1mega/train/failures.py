@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -142,7 +143,9 @@ def exit_on_peer_failure(fn: Callable[[], int]) -> int:
         if peer_reported_user_error():
             os._exit(EXIT_BAD_INPUT)
         rank = int(dist.get_rank()) if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        # The backend's first sentence, without its source-file prefix ("[.../pair.cc:553] ").
+        first = (str(exc).strip().splitlines() or [""])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160] or type(exc).__name__
         print(f"r1mega: {lost_contact_message(rank)}; exiting ({type(exc).__name__}: {first}).",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
