@@ -38,8 +38,8 @@ DEMO_RECIPE: dict = {
     "rewards": {"spec": {"arithmetic": {"exact_match": 1.0, "format": 0.1}}, "num_workers": 0},
     "checkpoint": {"dir": None},
     "logging": {"run_dir": "runs/demo", "samples_every_steps": 20, "num_samples": 2},
-    "train": {"steps": 150, "sft_steps": 250, "sft_lr": 3.0e-3, "sft_decay_style": "constant",
-              "sft_batch_examples": 128, "eval_every_steps": 0, "eval_temperature": 0.0,
+    "train": {"steps": 250, "sft_steps": 250, "sft_lr": 3.0e-3, "sft_decay_style": "constant",
+              "sft_batch_examples": 128, "eval_every_steps": 50, "eval_temperature": 0.0,
               "eval_samples": 1},
 }
 
