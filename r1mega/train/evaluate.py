@@ -71,7 +71,7 @@ def evaluate(rollout, scorer, records: Sequence, tokenizer, cfg, rt, *,
             "eval/reward_accuracy": s["reward/accuracy"], "eval/format_rate": s["reward/format_rate"],
             "eval/reward_mean": s["reward/mean"], "eval/length_mean": s["response/length_mean"],
             "eval/reward_error_share": s["reward/error_share"],
-            **{f"eval/{k[5:]}": v for k, v in s.items() if k.startswith("hack/")},
+            **{f"eval/{k}": v for k, v in s.items() if k.startswith("hack/")},
             "eval/num_prompts": float(len(records)), "eval/num_completions": stats["n"],
             "eval/temperature": float(temperature),
             # This rank's wall time (generation, scoring, the reduction) and how much of it

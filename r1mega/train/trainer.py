@@ -338,6 +338,8 @@ def run_train(cfg: Config) -> int:
                   f"{ev['eval/format_rate']:.3f}; {len(eval_records)} prompts, "
                   f"{'greedy' if ev['eval/temperature'] <= 0 else 'T=%g' % ev['eval/temperature']})"
                   + note)
+        _log0(rt, "  hack detectors: " + ", ".join(
+            f"{k[len('eval/hack/'):]} {v:.3f}" for k, v in ev.items() if k.startswith("eval/hack/")))
         gap = reward_strict_gap(ev["eval/reward_mean"], ev["eval/accuracy"])
         if gap:
             _log0(rt, f"WARNING {tag}: {gap}")
