@@ -99,6 +99,9 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         recompute_granularity=recompute[0],
         recompute_method=recompute[1],
         recompute_num_layers=recompute[2],
+        # Dense and MoE layers hold different tensors, so checkpoints key them per layer rather
+        # than stacking one tensor over all layers (which would miss the dense layers' shards).
+        hetereogenous_dist_checkpoint=bool(model.num_experts and model.moe_first_k_dense),
     )
 
 
