@@ -13,6 +13,11 @@ The layer walk mirrors megatron's ``TransformerLayer`` forward, module by module
 
 Calling the modules rather than reading their weights also makes the TE spec work unchanged:
 there ``input_layernorm`` is an identity and ``linear_qkv`` applies the fused norm itself.
+The same holds for MoE models: ``layer.mlp`` is then r1mega's MoELayer (r1mega/moe/layer.py),
+called with the MLP contract like the dense MLP. The rollout runs under ``no_grad``, which is
+what makes that forward an inference one: the layer routes exactly as training does (same
+float32 router, same expert bias) but counts no expert loads and records no balance losses,
+so generating never moves the DeepSeek-V3 bias.
 
 Tokens of all sequences of a step travel as one flat (T, 1, h) batch (megatron's [s, b, h] with
 b = 1): linear layers do not care where a sequence ends, only attention does.
@@ -255,7 +260,7 @@ class ModelRunner:
             o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)
             x = _bda(attn.linear_proj(o.reshape(T, 1, -1).to(h.dtype)), residual)
             residual = x
-            x = _bda(layer.mlp(layer.pre_mlp_layernorm(x)), residual)
+            x = _bda(layer.mlp(layer.pre_mlp_layernorm(x)), residual)  # dense MLP or MoELayer
         if logit_rows is not None:
             x = x[logit_rows]
         x = self.model.decoder.final_layernorm(x)
