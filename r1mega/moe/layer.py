@@ -114,6 +114,17 @@ class MoELayer(MegatronModule):
             self.expert_bias = self.expert_load_accum = None
         self.dispatcher = make_dispatcher(s.num_experts, ep_group, impl=dispatch_impl)
 
+    def host_sync_free(self, dtype: torch.dtype) -> bool:
+        """Whether a forward on activations of ``dtype`` runs without reading anything back to
+        the host (what CUDA-graph capture needs): the grouped-GEMM experts (bf16, sm_90+) and the
+        local dispatcher's device-side counts. The per-expert loop and the all-to-all (split
+        sizes on the host) both synchronise."""
+        from r1mega.moe.experts import grouped_mm_available
+
+        probe = torch.empty(0, device=self.router_weight.device, dtype=dtype)
+        grouped = self.experts.impl == "grouped" or (self.experts.impl == "auto" and grouped_mm_available(probe))
+        return grouped and isinstance(self.dispatcher, LocalDispatcher)
+
     # ------------------------------------------------------------------ routing
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

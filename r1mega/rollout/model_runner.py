@@ -126,6 +126,10 @@ class ModelRunner:
         self.decode_kernel_enabled = on_gpu and triton_paged.HAVE_TRITON and pow2_heads
         self.fused_rope_kv_enabled = (self.decode_kernel_enabled and triton_rope_kv.HAVE_TRITON
                                       and self.fused_rope_kv_supported())
+        # MoE layers whose forward reads routing counts back to the host cannot be captured in
+        # a CUDA graph; the engine then decodes eagerly.
+        self.graph_capturable = all(getattr(layer.mlp, "host_sync_free", lambda dt: True)(self.param_dtype)
+                                    for layer in self.layers)
         if on_gpu:
             # The engine compiles the decode forward (rollout.compile_decode); without the shim,
             # megatron's TP-group deprecation warning breaks the graph at every RowParallelLinear
