@@ -119,11 +119,14 @@ class MoELayer(MegatronModule):
         the host (what CUDA-graph capture needs): the grouped-GEMM experts (bf16, sm_90+) and the
         local dispatcher's device-side counts. The per-expert loop and the all-to-all (split
         sizes on the host) both synchronise."""
+        from r1mega.moe import _cuda_ext
         from r1mega.moe.experts import grouped_mm_available
 
         probe = torch.empty(0, device=self.router_weight.device, dtype=dtype)
         grouped = self.experts.impl == "grouped" or (self.experts.impl == "auto" and grouped_mm_available(probe))
-        return grouped and isinstance(self.dispatcher, LocalDispatcher)
+        # The PyTorch reference of the routing metadata sizes its bincount on the host.
+        kernels = self.dispatcher.impl != "torch" and _cuda_ext.get() is not None
+        return grouped and kernels and isinstance(self.dispatcher, LocalDispatcher)
 
     # ------------------------------------------------------------------ routing
 
