@@ -125,8 +125,9 @@ class MoELayer(MegatronModule):
         probe = torch.empty(0, device=self.router_weight.device, dtype=dtype)
         grouped = self.experts.impl == "grouped" or (self.experts.impl == "auto" and grouped_mm_available(probe))
         # The PyTorch reference of the routing metadata sizes its bincount on the host.
-        kernels = self.dispatcher.impl != "torch" and _cuda_ext.get() is not None
-        return grouped and kernels and isinstance(self.dispatcher, LocalDispatcher)
+        if not grouped or not isinstance(self.dispatcher, LocalDispatcher):
+            return False
+        return self.dispatcher.impl != "torch" and _cuda_ext.get() is not None
 
     # ------------------------------------------------------------------ routing
 
