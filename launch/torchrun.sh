@@ -23,4 +23,6 @@ if [ "$NNODES" -gt 1 ]; then
 else
   args+=(--standalone)
 fi
-exec torchrun "${args[@]}" -m r1mega.cli "${R1MEGA_CMD:-train}" "$@"
+# r1mega.parallel.torchrun is torchrun whose failure report is one line (the failing rank has
+# already said why); R1MEGA_DEBUG=1 keeps the full report.
+exec python -m r1mega.parallel.torchrun "${args[@]}" -m r1mega.cli "${R1MEGA_CMD:-train}" "$@"

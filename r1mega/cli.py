@@ -2,6 +2,10 @@
 
 Each subcommand imports its module lazily: `r1mega reward` must not pay for megatron-core, and a
 broken optional dependency of one command must not take the others down.
+
+Bad input of any kind (r1mega.errors.UserError: config keys, data files and rows, HF directories,
+checkpoints, prompt files, the launch environment) is caught here, once, and printed as one line
+with exit code 2; R1MEGA_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
     warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+    # megatron's TransformerConfig warns on its own default cuda_graph_scope, which r1mega does not use.
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,17 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1mega: unknown command '{name}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     _quiet_known_warnings()
-    module_name, func_name, _ = COMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
     from r1mega.config import ConfigError
     from r1mega.rewards.registry import RewardSetupError
     from r1mega.train.reward_errors import RewardErrorRateError
+    from r1mega.errors import UserError, debug_enabled, report_user_error
 
+    module_name, func_name, _ = COMMANDS[name]
     try:
+        func = getattr(importlib.import_module(module_name), func_name)
         code = func(rest)
-    except ConfigError as exc:
-        print(f"r1mega {name}: config error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:
+        if debug_enabled():
+            raise
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
+        return report_user_error(exc, f"r1mega {name}: {kind}")
     except (RewardSetupError, RewardErrorRateError) as exc:
         # Each message names the reward and the cause; a traceback would only bury it.
         print(f"r1mega {name}: reward error: {exc}", file=sys.stderr)

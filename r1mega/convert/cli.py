@@ -175,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ConversionError as exc:
-        print(f"r1mega convert {args.direction}: error: {exc}", file=sys.stderr)
-        return 1
+        from r1mega.errors import debug_enabled, report_user_error
+
+        if debug_enabled():
+            raise
+        return report_user_error(exc, f"r1mega convert {args.direction}: error")
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from r1mega.errors import UserError
+
 COPY, QKV, GATE_UP, VOCAB = "copy", "qkv", "gate_up", "vocab"
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """A checkpoint cannot be converted; the message names the tensor/file at fault and the fix."""
 
 

@@ -108,7 +108,7 @@ def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx, optimizer=None) -> 
     """
     from r1mega.models.gpt import padded_vocab_size
 
-    ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir)
+    ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir, key="model.init_from_hf")
     tp_rank, tp_size = ctx.tp_rank, ctx.tp_size
     check_layout(model_cfg, tp_size)
     check_model_matches_hf(model_cfg, ckpt.config, os.path.join(ckpt.dir, "config.json"))

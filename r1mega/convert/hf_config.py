@@ -178,16 +178,62 @@ def hf_config_from_model_config(cfg: ModelConfig, original: Optional[dict] = Non
     return out
 
 
-def model_config_from_hf_dir(hf_dir: str, base: Optional[ModelConfig] = None) -> ModelConfig:
-    """ModelConfig read from ``hf_dir/config.json`` (for ``model.init_from_hf``)."""
+def read_hf_config(hf_dir: str, key: str = "model.init_from_hf") -> dict:
+    """``hf_dir/config.json`` as a dict; ``key`` names where ``hf_dir`` came from in errors."""
     import json
     import os
 
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise ConversionError(f"{path} does not exist: model.init_from_hf must be a Hugging Face model directory.")
+        raise ConversionError(f"{key}={hf_dir}: {path} does not exist; {key} must be a Hugging Face "
+                              f"model directory (config.json + safetensors).")
     with open(path) as f:
-        return model_config_from_hf(json.load(f), base)
+        try:
+            hf = json.load(f)
+        except ValueError as exc:
+            raise ConversionError(f"{key}={hf_dir}: {path} is not valid JSON ({exc}).") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{key}={hf_dir}: {path} holds {type(hf).__name__}, not an object.")
+    return hf
+
+
+def model_config_from_hf_dir(hf_dir: str, base: Optional[ModelConfig] = None) -> ModelConfig:
+    """ModelConfig read from ``hf_dir/config.json`` (for ``model.init_from_hf``)."""
+    return model_config_from_hf(read_hf_config(hf_dir), base)
+
+
+# Fields config.json also sets but a user may choose differently without changing the weights'
+# meaning: a shorter context to budget the KV cache, an init std nobody uses once weights load.
+USER_CHOOSABLE = ("max_position_embeddings", "init_method_std")
+
+
+def apply_init_from_hf(cfg, explicit: set) -> None:
+    """``model.init_from_hf=DIR`` describes the model: its config.json fills ``cfg.model`` and
+    ``data.tokenizer`` defaults to DIR. ``explicit``: the dotted keys the user wrote."""
+    given = {k.split(".")[1] for k in explicit if k.startswith("model.")}
+    cfg.model = fill_model_from_hf(cfg.model, cfg.model.init_from_hf, given)
+    if "data.tokenizer" not in explicit:
+        cfg.data.tokenizer = cfg.model.init_from_hf
+
+
+def fill_model_from_hf(model_cfg: ModelConfig, hf_dir: str, explicit: set) -> ModelConfig:
+    """``model_cfg`` with every field config.json describes taken from ``hf_dir``.
+
+    ``explicit`` holds the ``model.*`` field names the user wrote (YAML or override): those of
+    the architecture must agree with config.json (an error names both values), the user-choosable
+    ones win, and r1mega-only fields (spec, compile_layers, recompute ...) are kept."""
+    import os
+
+    hf = read_hf_config(hf_dir)
+    want = model_config_from_hf(hf, base=model_cfg)
+    for name in set(explicit) & set(USER_CHOOSABLE):
+        setattr(want, name, getattr(model_cfg, name))
+    stated = dataclasses.replace(want, **{n: getattr(model_cfg, n) for n in set(explicit) & set(ARCH_FIELDS)})
+    bad = arch_mismatches(stated, want, os.path.join(hf_dir, "config.json"))
+    if bad:
+        raise ConversionError("; ".join(bad) + ". Remove these model.* keys: model.init_from_hf "
+                              "takes the architecture from config.json.")
+    return want
 
 
 ARCH_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -197,7 +243,16 @@ ARCH_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "nu
 
 def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "config.json") -> None:
     """Refuse to load HF weights into a model whose architecture fields differ, naming them all."""
-    want = model_config_from_hf(hf)
+    bad = arch_mismatches(model_cfg, model_config_from_hf(hf), source)
+    if bad:
+        raise ConversionError(
+            "the model config does not match the HF checkpoint: " + "; ".join(bad) + ". Set these "
+            "model.* keys from the checkpoint (r1mega.convert.hf_config.model_config_from_hf_dir)."
+        )
+
+
+def arch_mismatches(model_cfg: ModelConfig, want: ModelConfig, source: str) -> list:
+    """'model.X=a but SOURCE gives b' for each architecture field where the two differ."""
     bad = []
     for name in ARCH_FIELDS:
         a, b = getattr(model_cfg, name), getattr(want, name)
@@ -209,8 +264,4 @@ def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "conf
         same = abs(a - b) <= 1e-6 * max(abs(a), abs(b)) if isinstance(a, float) else a == b
         if not same:
             bad.append(f"model.{name}={a!r} but {source} gives {b!r}")
-    if bad:
-        raise ConversionError(
-            "the model config does not match the HF checkpoint: " + "; ".join(bad) + ". Set these "
-            "model.* keys from the checkpoint (r1mega.convert.hf_config.model_config_from_hf_dir)."
-        )
+    return bad

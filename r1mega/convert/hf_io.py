@@ -37,13 +37,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 class HFCheckpoint:
     """Lazy reader of a HF model directory; every problem names the file or tensor."""
 
-    def __init__(self, hf_dir: str):
+    def __init__(self, hf_dir: str, key: str = "--hf"):
+        """``key`` names where ``hf_dir`` came from (a flag or a config key) in errors."""
         from safetensors import safe_open
 
         self.dir = hf_dir
         cfg_path = os.path.join(hf_dir, "config.json")
         if not os.path.isfile(cfg_path):
-            raise ConversionError(f"{cfg_path} does not exist: --hf must be a Hugging Face model directory.")
+            raise ConversionError(f"{key}={hf_dir}: {cfg_path} does not exist; {key} must be a "
+                                  f"Hugging Face model directory (config.json + safetensors).")
         with open(cfg_path) as f:
             self.config = json.load(f)
         index_path = os.path.join(hf_dir, INDEX_NAME)

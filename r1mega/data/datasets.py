@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from r1mega.errors import UserFileError, UserValueError
+
 
 @dataclass
 class PromptRecord:
@@ -22,8 +24,8 @@ class PromptRecord:
     metadata: dict = field(default_factory=dict)
 
 
-class BadRowError(ValueError):
-    pass
+class BadRowError(UserValueError):
+    """A malformed data row; the message names file and line."""
 
 
 # What each task kind's reward needs in the reference; checked at load time, so a broken row
@@ -92,16 +94,19 @@ def read_rows(path: str, key: str = "data.source"):
         return _rows_parquet(path)
     if path.endswith((".jsonl", ".json")):
         return _rows_jsonl(path)
-    raise ValueError(f"{key}='{path}': expected a .jsonl or .parquet file.")
+    raise UserValueError(f"{key}='{path}': expected a .jsonl or .parquet file (or .json, one object a line).")
 
 
-def load_prompt_file(path: str, on_bad_row: str = "error", stats: dict | None = None) -> list:
-    """All records of a .jsonl/.json (one object per line) or .parquet file."""
+def load_prompt_file(path: str, on_bad_row: str = "error", stats: dict | None = None,
+                     key: str = "data.source") -> list:
+    """All records of a .jsonl/.json (one object per line) or .parquet file; ``key`` names the
+    config key that gave ``path`` in errors."""
     if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"data.on_bad_row='{on_bad_row}': use 'error' or 'skip'.")
+        raise UserValueError(f"data.on_bad_row='{on_bad_row}': use 'error' or 'skip'.")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data.source='{path}' does not exist.")
-    rows = read_rows(path, key="data.source")
+        raise UserFileError(f"{key}='{path}' does not exist; give a .jsonl/.parquet path, "
+                            f"or builtin:<task> / reasoning_gym:<name> for generated prompts.")
+    rows = read_rows(path, key=key)
     stats = stats if stats is not None else {}
     stats.setdefault("bad_rows", 0)
     stats.setdefault("bad_row_errors", [])
@@ -119,6 +124,6 @@ def load_prompt_file(path: str, on_bad_row: str = "error", stats: dict | None = 
             if len(stats["bad_row_errors"]) < 20:
                 stats["bad_row_errors"].append(str(exc))
     if not records:
-        raise ValueError(f"data.source='{path}' holds no usable rows "
+        raise UserValueError(f"{key}='{path}' holds no usable rows "
                          f"({stats['bad_rows']} malformed).")
     return records

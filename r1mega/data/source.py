@@ -22,7 +22,8 @@ def build_prompt_source(data_cfg, eval: bool = False, stats: dict | None = None)
         return make_builtin(spec.split(":", 1)[1], size, seed, data_cfg.task_options)
     if spec.startswith("reasoning_gym:"):
         return ReasoningGymSource(spec.split(":", 1)[1], size, seed, data_cfg.task_options)
-    return load_prompt_file(spec, data_cfg.on_bad_row, stats)
+    return load_prompt_file(spec, data_cfg.on_bad_row, stats,
+                            key="data.eval_source" if eval else "data.source")
 
 
 def source_kinds(source) -> set:

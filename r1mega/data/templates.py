@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from r1mega.errors import UserValueError
+
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
     "solves it. The assistant first thinks about the reasoning process in the mind and then "
@@ -31,10 +33,10 @@ def render_prompt(prompt: str, template: str, tokenizer=None) -> str:
         return prompt
     if template == "chat":
         if tokenizer is None:
-            raise ValueError("data.template='chat' needs the tokenizer (its chat template).")
+            raise UserValueError("data.template='chat' needs the tokenizer (its chat template).")
         messages = [{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages)
-    raise ValueError(f"data.template='{template}' is not one of {list(TEMPLATES)}.")
+    raise UserValueError(f"data.template='{template}' is not one of {list(TEMPLATES)}.")
 
 
 def encode_prompt(prompt: str, template: str, tokenizer, max_prompt_tokens: int,
@@ -45,7 +47,7 @@ def encode_prompt(prompt: str, template: str, tokenizer, max_prompt_tokens: int,
     # Chat templates already spell out their BOS; adding one again would double it.
     ids = tokenizer.encode(text, add_bos=add_bos and template != "chat")
     if max_prompt_tokens and len(ids) > max_prompt_tokens:
-        raise ValueError(f"prompt of {len(ids)} tokens is over data.max_prompt_tokens="
+        raise UserValueError(f"prompt of {len(ids)} tokens is over data.max_prompt_tokens="
                          f"{max_prompt_tokens} (starts {prompt[:60]!r}); raise the limit or "
                          "filter the dataset.")
     return ids

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import string
 
+from r1mega.errors import UserFileError, UserValueError
+
 # Used when a tokenizer carries no chat template of its own (SentencePiece files, tokenizer.json,
 # the char vocabulary): plain role-prefixed turns, ending with the assistant's turn opened.
 _PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -167,7 +169,7 @@ def load_tokenizer(spec: str):
     if spec == "char":
         return CharTokenizer()
     if not os.path.exists(spec):
-        raise FileNotFoundError(f"data.tokenizer='{spec}' does not exist; use 'char', a "
+        raise UserFileError(f"data.tokenizer='{spec}' does not exist; use 'char', a "
                                 "SentencePiece .model file, a tokenizer.json, or an HF directory.")
     if os.path.isdir(spec):
         return HFTokenizer(spec)
@@ -175,5 +177,5 @@ def load_tokenizer(spec: str):
         return SentencePieceTokenizer(spec)
     if spec.endswith((".json", ".gguf")):
         return HFTokenizer(spec)
-    raise ValueError(f"data.tokenizer='{spec}': unknown file type; expected .model "
+    raise UserValueError(f"data.tokenizer='{spec}': unknown file type; expected .model "
                      "(SentencePiece), tokenizer.json, .gguf, or an HF directory.")

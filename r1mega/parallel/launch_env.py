@@ -11,9 +11,13 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from r1mega.errors import UserError
 
-class LaunchEnvError(RuntimeError):
+
+class LaunchEnvError(UserError, RuntimeError):
     """The environment does not describe a valid launch; the message names the variable."""
+
+    rank_specific = True  # each process reads its own variables: every rank that errs says so
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,16 @@ def _expand_one(pattern: str, whole: str) -> list[str]:
     return out
 
 
+def world_size_from_env(env: Optional[Mapping[str, str]] = None) -> int:
+    """The launch's world size (WORLD_SIZE, else SLURM_NTASKS, else 1) without reading the rest,
+    for checking a config's layout before any process group exists."""
+    env = os.environ if env is None else env
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if key in env:
+            return _int(env, key)
+    return 1
+
+
 def _int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])
@@ -137,7 +151,7 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None, default_port: int =
     else:
         # One process talks to nobody: any free port will do, and a fixed one would make two
         # single-process runs on one machine collide.
-        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
         return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
     if world < 1 or not 0 <= rank < world:
         raise LaunchEnvError(f"Rank {rank} is outside world size {world} ({launcher} environment).")

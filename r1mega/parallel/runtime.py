@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from r1mega.config import ConfigError, ParallelConfig, PrecisionConfig, derive_data_parallel
+from r1mega.parallel.peers import record_peers
 from r1mega.parallel import fused_fallbacks
 from r1mega.parallel.cpu_mode import enable_cpu_mode
 from r1mega.parallel.launch_env import LaunchEnv, read_launch_env
@@ -147,6 +148,7 @@ def init_parallel(
             backend=backend, init_method=env.init_method, rank=env.rank,
             world_size=env.world_size, timeout=timeout, **kwargs,
         )
+    record_peers()  # so that a rank that loses a peer can later say which one
     vp = parallel.virtual_stages if parallel.virtual_stages > 1 else None
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,

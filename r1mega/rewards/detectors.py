@@ -4,7 +4,10 @@ A reward that rises while these rise too is being gamed, whatever the curve says
 
 * ``expression``: the final answer is an expression (``76 * 16``), not a value;
 * ``restates_prompt``: the final answer contains the prompt's own expression;
-* ``unreasoned``: the completion was rewarded but holds no reasoning text besides its answer.
+* ``unreasoned``: the completion was rewarded but holds no reasoning text besides its answer;
+* ``false_step``: a rewarded completion whose reasoning states a false arithmetic step (right by
+  luck: the CPU demo at 5x its learning rate produced ``<think>8-5=8+5+4=3</think><answer>8</answer>``,
+  SmolLM2 ``12 + 17 = 18 ... The result of 29 + 28 is 57``).
 
 Nothing here changes a reward; the trainer logs the shares (``hack/*``) and warns when the
 training reward is high while the strict held-out grader disagrees.
@@ -29,6 +32,21 @@ class HackFlags:
     expression: bool
     restates_prompt: bool
     has_reasoning: bool
+    # Any "a op b = c" in the reasoning that is false; None when it holds none to check.
+    false_step: Optional[bool] = None
+
+
+_STEP = re.compile(r"(?<![\d.])(-?\d+)\s*([-+*×x])\s*(\d+)\s*=\s*(-?\d+)(?![\d.])")
+
+
+def false_arithmetic_step(text: str) -> Optional[bool]:
+    """Whether ``text`` states a false integer step such as ``8-5=8`` (None: no step to check)."""
+    steps = _STEP.findall(text)
+    if not steps:
+        return None
+    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+    return any(ops[{"×": "*", "x": "*"}.get(op, op)](int(x), int(y)) != int(z)
+               for x, op, y, z in steps)
 
 
 def reasoning_text(completion: str) -> str:
@@ -53,14 +71,17 @@ def hack_flags(completion: str, prompt: Optional[str]) -> HackFlags:
     expression = fa.ends_with_expression or (bool(value) and is_expression(value))
     restated = bool(value) and restates_prompt(value, prompt)
     visible = re.sub(r"[\s.,;:!?]", "", reasoning_text(completion))
-    return HackFlags(expression, restated, len(visible) >= _MIN_REASONING_CHARS)
+    return HackFlags(expression, restated, len(visible) >= _MIN_REASONING_CHARS,
+                     false_arithmetic_step(reasoning_text(completion)))
 
 
 def hack_sums(completions, prompts, rewarded) -> dict:
     """Counts over a batch (summed over ranks by the caller): ``hack/expression_sum``,
-    ``hack/restates_prompt_sum``, ``hack/rewarded_sum`` and ``hack/unreasoned_rewarded_sum``."""
+    ``hack/restates_prompt_sum``, ``hack/rewarded_sum``, ``hack/unreasoned_rewarded_sum``,
+    ``hack/rewarded_checkable_sum`` and ``hack/false_step_rewarded_sum``."""
     out = {"hack/expression_sum": 0.0, "hack/restates_prompt_sum": 0.0,
-           "hack/rewarded_sum": 0.0, "hack/unreasoned_rewarded_sum": 0.0}
+           "hack/rewarded_sum": 0.0, "hack/unreasoned_rewarded_sum": 0.0,
+           "hack/rewarded_checkable_sum": 0.0, "hack/false_step_rewarded_sum": 0.0}
     for text, prompt, ok in zip(completions, prompts, rewarded):
         f = hack_flags(text, prompt)
         out["hack/expression_sum"] += f.expression
@@ -68,6 +89,9 @@ def hack_sums(completions, prompts, rewarded) -> dict:
         if ok:
             out["hack/rewarded_sum"] += 1.0
             out["hack/unreasoned_rewarded_sum"] += not f.has_reasoning
+            if f.false_step is not None:
+                out["hack/rewarded_checkable_sum"] += 1.0
+                out["hack/false_step_rewarded_sum"] += f.false_step
     return out
 
 
@@ -76,7 +100,9 @@ def hack_shares(sums: dict, n: float) -> dict:
     return {"hack/expression_share": sums.get("hack/expression_sum", 0.0) / n,
             "hack/restates_prompt_share": sums.get("hack/restates_prompt_sum", 0.0) / n,
             "hack/unreasoned_rewarded_share": sums.get("hack/unreasoned_rewarded_sum", 0.0)
-            / max(sums.get("hack/rewarded_sum", 0.0), 1.0)}
+            / max(sums.get("hack/rewarded_sum", 0.0), 1.0),
+            "hack/false_step_rewarded_share": sums.get("hack/false_step_rewarded_sum", 0.0)
+            / max(sums.get("hack/rewarded_checkable_sum", 0.0), 1.0)}
 
 
 def reward_strict_gap(reward_mean: float, strict_accuracy: float) -> Optional[str]:

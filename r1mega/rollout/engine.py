@@ -102,7 +102,9 @@ class RolloutEngine:
 
     def blocks_needed(self, groups) -> int:
         """Upper bound on the blocks ``groups`` can hold at once (no prefix sharing assumed, +1
-        scratch block). A GRPO step of 64 short completions needs a few hundred MB, not the
+        scratch block), plus the scheduler's admission watermark: without it a prompt whose
+        completion ends in its own last block finds one block too few to be admitted, and nothing
+        else ever frees one. A GRPO step of 64 short completions needs a few hundred MB, not the
         configured share of the GPU (65 GB on the H200), which was zeroed and freed every step."""
         bs, limit = self.block_tokens, self.runner.max_positions or 0
         total = 1
@@ -112,7 +114,8 @@ class RolloutEngine:
                 if limit:
                     length = min(length, limit)
                 total += -(-length // bs)
-        return total
+        # The smallest reserve w with w >= admission_watermark(total + w).
+        return total + max(1, -(-total // 99))
 
     def end_phase(self) -> None:
         """After a rollout phase: free the cache (and its graphs) for training, unless it is small

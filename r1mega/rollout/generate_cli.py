@@ -21,6 +21,7 @@ import sys
 from typing import Optional
 
 from r1mega.config import ConfigError, load_config, validate
+from r1mega.errors import UserFileError, UserValueError
 
 _ROW_KEYS = {"prompt", "messages", "prompt_ids", "n", "seed", "max_new_tokens", "temperature",
              "top_p", "top_k", "stop", "id", "answer", "task"}
@@ -38,7 +39,8 @@ def _parse(argv) -> tuple[argparse.Namespace, list[str]]:
 def read_prompt_rows(path: str, tokenizer, on_bad_row: str = "error") -> tuple[list[dict], int]:
     """(rows with 'prompt_ids' filled in, number skipped). Errors name file:line and the fix."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--prompts {path} does not exist.")
+        raise UserFileError(f"--prompts {path} does not exist; give a JSONL file of "
+                            '{"prompt": ...}, {"messages": [...]} or {"prompt_ids": [...]} rows.')
     rows, skipped = [], 0
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -62,7 +64,7 @@ def read_prompt_rows(path: str, tokenizer, on_bad_row: str = "error") -> tuple[l
                 if on_bad_row == "skip":
                     skipped += 1
                     continue
-                raise ValueError(f"{path}:{lineno}: bad prompt row ({exc}). Fix the row or set "
+                raise UserValueError(f"{path}:{lineno}: bad prompt row ({exc}). Fix the row or set "
                                  f"data.on_bad_row=skip.") from None
             row["prompt_ids"] = ids
             rows.append(row)
@@ -78,8 +80,8 @@ def resolve_checkpoint(path: str) -> str:
     for _, step_dir in list_checkpoints(path):
         if os.path.isdir(os.path.join(step_dir, "model")):
             return step_dir
-    raise FileNotFoundError(f"checkpoint.load={path}: no model/ directory there nor in any "
-                            f"step_XXXXXXXX/ below it.")
+    raise UserFileError(f"checkpoint.load={path}: no model/ directory there nor in any "
+                        f"step_XXXXXXXX/ below it; give a checkpoint step directory or root.")
 
 
 def load_weights(model, cfg, rt) -> str:
@@ -136,8 +138,9 @@ def main(argv: Optional[list] = None) -> int:
     if bad:
         raise ConfigError(f"unexpected arguments {bad}; overrides look like key.sub=value.")
     cfg = load_config(args.config, overrides)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world_size=world)
+    from r1mega.parallel.launch_env import world_size_from_env
+
+    validate(cfg, world_size=world_size_from_env())
 
     import torch.distributed as dist
 

@@ -93,6 +93,11 @@ def blocks_needed(num_tokens: int, block_tokens: int) -> int:
     return -(-num_tokens // block_tokens)
 
 
+def admission_watermark(num_blocks: int) -> int:
+    """Blocks kept free at admission so that running sequences can grow before one is preempted."""
+    return max(1, num_blocks // 100)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -110,8 +115,7 @@ class Scheduler:
         self.resumed: deque = deque()
         self.running: list = []  # admission order: preemption takes from the end
         self.num_preemptions = 0
-        # Keep a few blocks free at admission so running sequences can grow before we preempt.
-        self.watermark = max(1, allocator.num_blocks // 100)
+        self.watermark = admission_watermark(allocator.num_blocks)
 
     # ------------------------------------------------------------------ queue
 

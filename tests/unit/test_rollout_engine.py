@@ -189,3 +189,17 @@ def test_overlapped_steps_equal_synchronous(tiny):
     for a, b in zip(got, want):
         assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_a_lone_prompt_is_admitted_whatever_its_length(tiny):
+    """The engine sizes its cache to the requests; a prompt whose completion ends inside the
+    prompt's last block once stalled (the scheduler's admission watermark was not in the size)."""
+    model, rt = tiny()
+    for n_new in (1, 2, 5):
+        eng = RolloutEngine(model, rollout_cfg(max_new_tokens=n_new, temperature=0.0), rt,
+                            eos_ids=[], vocab_size=VOCAB)
+        for prompt_len in range(1, 9):  # every offset in a 4-token block, twice
+            prompt = list(range(1, prompt_len + 1))
+            outs = eng.generate([GenerationRequest(prompt, n=1)])
+            assert outs[0].token_ids == greedy_reference(model, prompt, n_new), (prompt_len, n_new)
+            eng.release()

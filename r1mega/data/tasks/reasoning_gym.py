@@ -7,6 +7,11 @@ hands to that dataset's ``score_answer``.
 from __future__ import annotations
 
 from r1mega.data.datasets import PromptRecord
+from r1mega.errors import UserError, UserValueError
+
+
+class MissingPackageError(UserError, ImportError):
+    """An optional package a config asks for is not installed."""
 
 _ANSWER_HINT = ("\nShow your reasoning in <think> </think> and give only the final answer in "
                 "<answer> </answer>.")
@@ -17,12 +22,12 @@ class ReasoningGymSource:
         try:
             import reasoning_gym
         except ImportError:
-            raise ImportError(f"data.source='reasoning_gym:{name}' needs the reasoning-gym "
+            raise MissingPackageError(f"data.source='reasoning_gym:{name}' needs the reasoning-gym "
                               "package: pip install reasoning-gym") from None
         try:
             self._ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **(options or {}))
         except Exception as exc:  # noqa: BLE001 -- re-raised with the config key
-            raise ValueError(f"data.source='reasoning_gym:{name}': {exc}") from None
+            raise UserValueError(f"data.source='reasoning_gym:{name}': {exc}") from None
         self.name, self.size = name, size
 
     def __len__(self) -> int:
