@@ -73,6 +73,12 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         # activation and the gradient cross. The unbatched path splits directions over two groups.
         batch_p2p_comm=not (rt.pp_size == 2 and rt.vp_size > 1),
         expert_model_parallel_size=rt.ep_size,
+        # megatron refuses expert parallelism without an expert count. Its own MoE modules are
+        # not built (r1mega's MoELayer sits in the spec) and its router-bias and aux-loss hooks
+        # stay off (moe_router_enable_expert_bias, moe_aux_loss_coeff keep their defaults).
+        num_moe_experts=model.num_experts or None,
+        moe_router_topk=model.moe_router_topk if model.num_experts else 2,
+        moe_ffn_hidden_size=(model.moe_ffn_hidden_size or model.ffn_hidden_size) if model.num_experts else None,
         sequence_parallel=rt.sequence_parallel,
         # precision
         params_dtype=dtype,

@@ -99,6 +99,11 @@ class MoELayer(MegatronModule):
         self.experts = GroupedExperts(self.num_local_experts, hidden, s.ffn_hidden_size,
                                       impl=experts_impl, device=device, dtype=config.params_dtype)
         self.experts.reset_parameters(std=std)
+        if ep_size > 1:
+            # megatron DDP's mark for expert-parallel weights: their gradients are reduced over
+            # the expert-data-parallel group (ranks holding the SAME experts), not over DP.
+            for p in self.experts.parameters():
+                p.allreduce = False
         self.shared_expert = None
         if s.shared_ffn_hidden_size:
             self.shared_expert = SwiGLUMLP(hidden, s.shared_ffn_hidden_size, device=device,
