@@ -73,7 +73,8 @@ def make_dispatcher(num_experts: int, ep_group, impl: str = "auto"):
         return LocalDispatcher(num_experts, impl=impl)
     from r1mega.moe.token_dispatcher import AllToAllDispatcher
 
-    return AllToAllDispatcher(num_experts, ep_group=ep_group)
+    # A router cannot produce an out-of-range expert id: no validation (a host sync on CUDA).
+    return AllToAllDispatcher(num_experts, ep_group=ep_group, impl=impl, validate=False)
 
 
 class MoELayer(MegatronModule):

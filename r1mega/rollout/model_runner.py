@@ -99,6 +99,14 @@ class ModelRunner:
                 f"{m.position_embedding_type!r}."
             )
         self.layers = list(m.decoder.layers)
+        if any(getattr(getattr(layer.mlp, "dispatcher", None), "ep_size", 1) > 1 for layer in self.layers):
+            # Each MoE layer is a collective over the expert-parallel group, but every rank's
+            # engine schedules its own sequences: ranks would enter different layers' all-to-alls.
+            raise NotImplementedError(
+                "The rollout engine does not yet step the ranks of an expert-parallel group "
+                "together (parallel.expert > 1). Use parallel.expert=1 for generation, or "
+                "parallel.pipeline > 1, whose full-recompute generator runs every rank in lockstep."
+            )
         attn = self.layers[0].self_attention
         self.num_heads = attn.num_attention_heads_per_partition
         self.num_kv_heads = attn.num_query_groups_per_partition

@@ -74,6 +74,16 @@ def test_bad_moe_knobs_are_rejected_naming_the_key(model_kw, par_kw, needle):
         validate(cfg)
 
 
+def test_expert_parallel_size_must_divide_the_data_parallel_ranks():
+    cfg = Config()
+    cfg.model = moe_model()
+    cfg.data.global_batch_prompts = 12
+    cfg.parallel.expert = 2
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="parallel.expert=2 does not divide"):
+        validate(cfg, world_size=3)
+
+
 # ----------------------------------------------------------------------------- training
 
 
