@@ -74,8 +74,12 @@ class _CudaToCpuMode(TorchFunctionMode):
                 return _CUDA_TYPE_NAMES[tensor.dtype]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
-        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and args:
+        if func is torch.Tensor.to and args:
             args = tuple(_CPU if _is_cuda_device(a) and i > 0 else a for i, a in enumerate(args))
+        elif func in (torch.Tensor.new_empty, torch.Tensor.new_zeros) and args:
+            # Positional integers are sizes here (x.new_zeros(3, 4)), never device ordinals.
+            args = tuple(_CPU if isinstance(a, (str, torch.device)) and _is_cuda_device(a)
+                         and i > 0 else a for i, a in enumerate(args))
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
         return func(*args, **kwargs)

@@ -68,3 +68,11 @@ def test_rng_tracker_forks_cpu_states(cpu):
     torch.manual_seed(123)
     assert torch.equal(inside, torch.rand(2))  # the tracked stream
     assert torch.equal(after, outside)  # the default stream is untouched by the fork
+
+
+def test_new_tensor_sizes_are_not_read_as_devices(cpu):
+    # x.new_zeros(3, 4): positional integers are sizes; an integer is a device ordinal only for .to.
+    x = torch.ones(2)
+    assert x.new_zeros(3, 4).shape == (3, 4) and x.new_empty(5, 1).shape == (5, 1)
+    assert x.new_zeros(3, 4, device="cuda").device.type == "cpu"
+    assert x.to(0).device.type == "cpu"
