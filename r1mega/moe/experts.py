@@ -52,9 +52,7 @@ def loop_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
     for e in range(gate_up.shape[0]):
         rows = x[bounds[e]:bounds[e + 1]]                               # (n_e, H)
         pieces.append(F.linear(swiglu(F.linear(rows, gate_up[e])), down[e]))
-    # One size tuple: the CPU mode's TorchFunctionMode re-calls new_zeros with (*args), and
-    # new_zeros(int, int) does not survive that round trip.
-    pieces.append(x.new_zeros((x.shape[0] - bounds[-1], down.shape[1])))
+    pieces.append(x.new_zeros(x.shape[0] - bounds[-1], down.shape[1]))
     return torch.cat(pieces, dim=0)
 
 

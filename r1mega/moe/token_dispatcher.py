@@ -157,5 +157,5 @@ class AllToAllDispatcher:
             received = unpermute_tokens(expert_output, None, ctx.local_meta, impl=self.impl)  # (N, H)
             rows = _AllToAll.apply(received, ctx.send_splits, ctx.recv_splits, self.ep_group)  # (T*k, H)
             if rows.shape[0] < ctx.home_meta.num_rows:                                   # dropped entries
-                rows = torch.cat([rows, rows.new_zeros((ctx.home_meta.num_rows - rows.shape[0], rows.shape[1]))])
+                rows = torch.cat([rows, rows.new_zeros(ctx.home_meta.num_rows - rows.shape[0], rows.shape[1])])
         return unpermute_tokens(rows, ctx.top_w, ctx.home_meta, impl=self.impl)          # (T, H)

@@ -47,7 +47,7 @@ def test_local_dispatch_matches_loop(num_tokens, topk, num_experts, unused):
     assert counts.tolist() == [int((top_idx == e).sum()) for e in range(num_experts)]
     # grouped by expert, token order within an expert
     expected = [hidden[t] for e in range(num_experts) for t in range(num_tokens) if e in top_idx[t].tolist()]
-    assert torch.equal(expert_input, torch.stack(expected) if expected else hidden.new_zeros((0, HIDDEN)))
+    assert torch.equal(expert_input, torch.stack(expected) if expected else hidden.new_zeros(0, HIDDEN))
     expert_output = torch.cat([F.linear(p, W[e]) for e, p in enumerate(expert_input.split(counts.tolist()))])
     out = disp.combine(expert_output, ctx)
     (out * grad_out).sum().backward()
