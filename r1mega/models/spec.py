@@ -11,6 +11,8 @@ The family differences are config, not code: Qwen2 sets ``add_qkv_bias``, Qwen3 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -62,11 +64,27 @@ def dense_mlp_spec() -> ModuleSpec:
                                                            linear_fc2=RowParallelLinear))
 
 
+class _OwnMLPNotice(logging.Filter):
+    """megatron's TransformerLayer logs "Unknown MLP type ... Using default kwargs" once per
+    layer for any ``mlp`` it does not know; for r1mega's MoELayer that is the intended path (its
+    groups come through the spec's params), so only that notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+def _quiet_unknown_mlp_notice() -> None:
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _OwnMLPNotice) for f in log.filters):
+        log.addFilter(_OwnMLPNotice())
+
+
 def moe_mlp_spec(settings, collector=None, ep_group=None) -> ModuleSpec:
     """r1mega's MoELayer as the layer's ``mlp`` (see r1mega/moe/layer.py); ``collector`` is the
     chunk's AuxLossCollector, shared by the chunk's MoE layers."""
     from r1mega.moe.layer import MoELayer
 
+    _quiet_unknown_mlp_notice()
     return ModuleSpec(module=MoELayer, params={"settings": settings, "collector": collector,
                                                "ep_group": ep_group})
 
