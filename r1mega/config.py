@@ -77,8 +77,32 @@ class ModelConfig:
     init_from_hf: Optional[str] = None
     # Activation recomputation: "none" | "selective" | "full".
     recompute: str = "none"
-    # Mixture-of-experts layers arrive with the MoE work; the layout checks exist already.
+    # ---- Mixture of experts (0 experts: a dense model; the other moe_* keys must stay default).
+    # Checked by r1mega/moe/settings.py (validate_moe), which also turns them into the layer's
+    # settings. Qwen3-MoE: softmax router, norm_topk_prob. DeepSeek-V3: sigmoid_group router,
+    # groups, routed scaling, bias balancing, a shared expert and the first layers dense.
     num_experts: int = 0
+    moe_router_topk: int = 2
+    # Width of each routed expert's SwiGLU (0: ffn_hidden_size).
+    moe_ffn_hidden_size: int = 0
+    # Width of the shared expert every token also passes through (0: none).
+    moe_shared_expert_ffn_hidden_size: int = 0
+    # "softmax" (Qwen3-MoE) | "sigmoid_group" (DeepSeek-V3 group-limited top-k)
+    moe_router: str = "softmax"
+    # Renormalise the k chosen weights to sum 1 (Qwen3-MoE norm_topk_prob; DeepSeek-V3 does).
+    moe_norm_topk_prob: bool = True
+    # sigmoid_group only: experts fall into moe_num_groups groups, tokens pick moe_topk_groups.
+    moe_num_groups: int = 1
+    moe_topk_groups: int = 1
+    # Multiplies the routed output's weights (DeepSeek-V3: 2.5).
+    moe_routed_scaling_factor: float = 1.0
+    # Auxiliary-loss-free balancing: per-expert selection bias step per optimizer step (0: off).
+    moe_bias_update_rate: float = 0.0
+    # Sequence-level balance loss and router z-loss coefficients, added to the training loss.
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
+    # The first k layers keep a dense FFN of ffn_hidden_size (DeepSeek-V3: 3).
+    moe_first_k_dense: int = 0
 
     def __post_init__(self):
         # ModelConfig(**dataclasses.asdict(cfg)) (checkpoint meta.json) hands the section over
@@ -514,7 +538,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     for key in ("tensor", "pipeline", "virtual_stages", "context", "expert"):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}.")
-    _choice("model.family", m.family, {"llama", "qwen2", "qwen3"})
+    _choice("model.family", m.family, {"llama", "qwen2", "qwen3", "qwen3_moe"})
     _choice("model.spec", m.spec, {"auto", "local", "te"})
     _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "varlen", "flash"})
     _choice("model.recompute", m.recompute, {"none", "selective", "full"})
@@ -581,15 +605,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         )
     if p.virtual_stages > 1 and p.pipeline < 2:
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline >= 2.")
-    num_experts = m.num_experts
-    if num_experts and num_experts % p.expert != 0:
-        raise ConfigError(
-            f"model.num_experts={num_experts} is not divisible by parallel.expert={p.expert}."
-        )
-    if p.expert > 1 and not num_experts:
-        raise ConfigError(
-            f"parallel.expert={p.expert} but the model has no experts; set parallel.expert=1."
-        )
+    from r1mega.moe.settings import validate_moe
+
+    validate_moe(m, p, ConfigError)
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1.")
     if cfg.precision.fp8:
@@ -620,6 +638,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"optimizer.lr must be >= 0, got {cfg.optimizer.lr}.")
     if world_size is not None:
         dp = derive_data_parallel(p, world_size)
+        if (dp * p.context) % p.expert:
+            raise ConfigError(
+                f"parallel.expert={p.expert} does not divide the data x context parallel size "
+                f"{dp}x{p.context}: expert-parallel groups are carved out of the data-parallel "
+                f"ranks. Launch a multiple of {p.expert * p.tensor * p.pipeline} ranks or change "
+                f"parallel.expert."
+            )
         if cfg.data.global_batch_prompts % dp != 0:
             raise ConfigError(
                 f"data.global_batch_prompts={cfg.data.global_batch_prompts} is not divisible by the "

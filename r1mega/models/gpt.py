@@ -17,13 +17,16 @@ import torch.nn.functional as F
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from r1mega.config import ModelConfig, PrecisionConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from r1mega.models import packed_rope
 from r1mega.models.rope_scaling import apply_rope_scaling
-from r1mega.models.spec import RMSNorm, layer_spec
+from r1mega.models.spec import RMSNorm, layer_spec, moe_block_layer_specs
+from r1mega.moe.balancing import AuxLossCollector
+from r1mega.moe.settings import MoESettings
 from r1mega.parallel.runtime import ParallelRuntime
 
 
@@ -70,6 +73,12 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         # activation and the gradient cross. The unbatched path splits directions over two groups.
         batch_p2p_comm=not (rt.pp_size == 2 and rt.vp_size > 1),
         expert_model_parallel_size=rt.ep_size,
+        # megatron refuses expert parallelism without an expert count. Its own MoE modules are
+        # not built (r1mega's MoELayer sits in the spec) and its router-bias and aux-loss hooks
+        # stay off (moe_router_enable_expert_bias, moe_aux_loss_coeff keep their defaults).
+        num_moe_experts=model.num_experts or None,
+        moe_router_topk=model.moe_router_topk if model.num_experts else 2,
+        moe_ffn_hidden_size=(model.moe_ffn_hidden_size or model.ffn_hidden_size) if model.num_experts else None,
         sequence_parallel=rt.sequence_parallel,
         # precision
         params_dtype=dtype,
@@ -96,6 +105,9 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         recompute_granularity=recompute[0],
         recompute_method=recompute[1],
         recompute_num_layers=recompute[2],
+        # Dense and MoE layers hold different tensors, so checkpoints key them per layer rather
+        # than stacking one tensor over all layers (which would miss the dense layers' shards).
+        hetereogenous_dist_checkpoint=bool(model.num_experts and model.moe_first_k_dense),
     )
 
 
@@ -110,17 +122,29 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
                      precision: Optional[PrecisionConfig] = None) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage of this rank (a list of 1 without interleaving)."""
     config = make_transformer_config(model, rt, precision)
-    spec, impl = layer_spec(model.spec, model.qk_norm, model.attention_backend)
+    moe = MoESettings.from_model(model) if model.num_experts else None
+    # MoE layers exist in the local spec only (config validation rejects model.spec=te).
+    spec, impl = layer_spec("local" if moe else model.spec, model.qk_norm, model.attention_backend)
     packed_rope.install()  # packed (THD) RoPE without a host sync and loop per sequence
+    layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
     if impl == "local":
         # Our RMSNorm for the final norm too (megatron's fallback forbids sequence parallelism).
-        layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
         spec = TransformerBlockSubmodules(layer_specs=[spec] * layers_per_chunk, layer_norm=RMSNorm)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, rt.tp_size)
     theta = model.rope_theta
     chunks = []
     for vp_stage in range(rt.vp_size):
         pre, post = _stage_flags(rt, vp_stage)
+        collector = None
+        if moe is not None:
+            # Per-chunk specs: which layers are dense depends on the chunk's global layer range,
+            # and each chunk's MoE layers report their balance losses to the chunk's collector.
+            collector = AuxLossCollector(moe.aux_loss_coeff, moe.z_loss_coeff)
+            first = get_transformer_layer_offset(config, vp_stage=vp_stage if rt.vp_size > 1 else None,
+                                                 pp_rank=rt.pp_rank)
+            spec = TransformerBlockSubmodules(layer_specs=moe_block_layer_specs(
+                model, moe, first_layer=first, num_layers=layers_per_chunk, collector=collector,
+                ep_group=rt.ep_group if rt.ep_size > 1 else None), layer_norm=RMSNorm)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -138,6 +162,8 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
         # Not GPTModel(rope_scaling=True): megatron would keep Llama 3.1's low/high frequency
         # factors and original length whatever model.rope_scaling says (see rope_scaling.py).
         apply_rope_scaling(gpt.rotary_pos_emb, model.rope_scaling)
+        # The train step clears it before and adds it to the loss after each micro-batch forward.
+        gpt.moe_aux_losses = collector
         gpt.to(device=rt.device)
         chunks.append(gpt)
     return chunks
@@ -193,13 +219,22 @@ def unwrap(chunk: torch.nn.Module) -> GPTModel:
 
 
 def count_parameters(model: ModelConfig) -> int:
-    """Parameters of the whole (unsharded, vocab-padded to 1 TP rank) model; for FLOP counts."""
+    """Parameters of the whole (unsharded, vocab-padded to 1 TP rank) model; for FLOP counts.
+    For an MoE model: the parameters one token is computed with (k of the routed experts)."""
     h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
     d = model.kv_channels or h // model.num_attention_heads
     qkv = h * (model.num_attention_heads + 2 * model.num_query_groups) * d
     bias = (model.num_attention_heads + 2 * model.num_query_groups) * d if model.qkv_bias else 0
-    per_layer = qkv + bias + model.num_attention_heads * d * h + 3 * h * f + 2 * h
+    per_layer = qkv + bias + model.num_attention_heads * d * h + 2 * h
     if model.qk_norm:
         per_layer += 2 * d
     embed = model.vocab_size * h
-    return L * per_layer + embed * (1 if model.tied_embeddings else 2) + h
+    ffn = L * 3 * h * f
+    if model.num_experts:
+        # Active parameters: what one token's FLOPs scale with (router, k experts, shared expert).
+        from r1mega.moe.layer import num_active_parameters
+
+        moe = MoESettings.from_model(model)
+        n_moe = L - moe.first_k_dense
+        ffn = moe.first_k_dense * 3 * h * f + n_moe * num_active_parameters(moe, h)
+    return L * per_layer + ffn + embed * (1 if model.tied_embeddings else 2) + h

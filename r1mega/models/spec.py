@@ -1,4 +1,4 @@
-"""Layer specs for the dense Llama/Qwen family.
+"""Layer specs for the dense Llama/Qwen family, and its MoE layers (Qwen3-MoE, DeepSeek-V3 layout).
 
 Two implementations, swapped by spec (never by subclassing the model):
   te     megatron's Transformer Engine spec (fused norms+linears, TE attention incl. THD), used
@@ -10,6 +10,8 @@ The family differences are config, not code: Qwen2 sets ``add_qkv_bias``, Qwen3 
 (RMSNorm over each head's channels), Llama neither.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +59,40 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
-def local_layer_spec(qk_norm: bool, attention_backend: str = "auto") -> ModuleSpec:
-    """TransformerLayer spec built only from megatron-core modules + r1mega's norm/attention."""
+def dense_mlp_spec() -> ModuleSpec:
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                           linear_fc2=RowParallelLinear))
+
+
+class _OwnMLPNotice(logging.Filter):
+    """megatron's TransformerLayer logs "Unknown MLP type ... Using default kwargs" once per
+    layer for any ``mlp`` it does not know; for r1mega's MoELayer that is the intended path (its
+    groups come through the spec's params), so only that notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+def _quiet_unknown_mlp_notice() -> None:
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _OwnMLPNotice) for f in log.filters):
+        log.addFilter(_OwnMLPNotice())
+
+
+def moe_mlp_spec(settings, collector=None, ep_group=None) -> ModuleSpec:
+    """r1mega's MoELayer as the layer's ``mlp`` (see r1mega/moe/layer.py); ``collector`` is the
+    chunk's AuxLossCollector, shared by the chunk's MoE layers."""
+    from r1mega.moe.layer import MoELayer
+
+    _quiet_unknown_mlp_notice()
+    return ModuleSpec(module=MoELayer, params={"settings": settings, "collector": collector,
+                                               "ep_group": ep_group})
+
+
+def local_layer_spec(qk_norm: bool, attention_backend: str = "auto",
+                     mlp: ModuleSpec | None = None) -> ModuleSpec:
+    """TransformerLayer spec built only from megatron-core modules + r1mega's norm/attention;
+    ``mlp`` replaces the dense SwiGLU MLP (an MoE layer)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -78,11 +112,7 @@ def local_layer_spec(qk_norm: bool, attention_backend: str = "auto") -> ModuleSp
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                         linear_fc2=RowParallelLinear),
-            ),
+            mlp=mlp or dense_mlp_spec(),
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -92,6 +122,17 @@ def te_layer_spec(qk_norm: bool) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+
+
+def moe_block_layer_specs(model, settings, *, first_layer: int, num_layers: int, collector=None,
+                          ep_group=None) -> list[ModuleSpec]:
+    """Local layer specs of the layers [first_layer, first_layer + num_layers) of an MoE model:
+    the first ``settings.first_k_dense`` layers of the whole model keep the dense MLP."""
+    dense = local_layer_spec(model.qk_norm, model.attention_backend)
+    moe = local_layer_spec(model.qk_norm, model.attention_backend,
+                           mlp=moe_mlp_spec(settings, collector, ep_group))
+    return [moe if settings.is_moe_layer(i) else dense
+            for i in range(first_layer, first_layer + num_layers)]
 
 
 def layer_spec(spec: str, qk_norm: bool, attention_backend: str = "auto") -> tuple[ModuleSpec, str]:

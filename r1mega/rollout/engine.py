@@ -74,7 +74,7 @@ class RolloutEngine:
             on_gpu and triton_paged.HAVE_TRITON and attention_backend == "auto"
             and r.head_dim & (r.head_dim - 1) == 0
         )
-        self.use_graphs = bool(rollout_cfg.cuda_graphs) and self.use_triton
+        self.use_graphs = bool(rollout_cfg.cuda_graphs) and self.use_triton and r.graph_capturable
         self.overlap_steps = bool(rollout_cfg.overlap_steps if overlap_steps is None else overlap_steps)
         self.graphs: Optional[DecodeGraphs] = None
         self._compiled_decode = None

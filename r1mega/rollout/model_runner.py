@@ -13,6 +13,11 @@ The layer walk mirrors megatron's ``TransformerLayer`` forward, module by module
 
 Calling the modules rather than reading their weights also makes the TE spec work unchanged:
 there ``input_layernorm`` is an identity and ``linear_qkv`` applies the fused norm itself.
+The same holds for MoE models: ``layer.mlp`` is then r1mega's MoELayer (r1mega/moe/layer.py),
+called with the MLP contract like the dense MLP. The rollout runs under ``no_grad``, which is
+what makes that forward an inference one: the layer routes exactly as training does (same
+float32 router, same expert bias) but counts no expert loads and records no balance losses,
+so generating never moves the DeepSeek-V3 bias.
 
 Tokens of all sequences of a step travel as one flat (T, 1, h) batch (megatron's [s, b, h] with
 b = 1): linear layers do not care where a sequence ends, only attention does.
@@ -94,6 +99,14 @@ class ModelRunner:
                 f"{m.position_embedding_type!r}."
             )
         self.layers = list(m.decoder.layers)
+        if any(getattr(getattr(layer.mlp, "dispatcher", None), "ep_size", 1) > 1 for layer in self.layers):
+            # Each MoE layer is a collective over the expert-parallel group, but every rank's
+            # engine schedules its own sequences: ranks would enter different layers' all-to-alls.
+            raise NotImplementedError(
+                "The rollout engine does not yet step the ranks of an expert-parallel group "
+                "together (parallel.expert > 1). Use parallel.expert=1 for generation, or "
+                "parallel.pipeline > 1, whose full-recompute generator runs every rank in lockstep."
+            )
         attn = self.layers[0].self_attention
         self.num_heads = attn.num_attention_heads_per_partition
         self.num_kv_heads = attn.num_query_groups_per_partition
@@ -121,6 +134,10 @@ class ModelRunner:
         self.decode_kernel_enabled = on_gpu and triton_paged.HAVE_TRITON and pow2_heads
         self.fused_rope_kv_enabled = (self.decode_kernel_enabled and triton_rope_kv.HAVE_TRITON
                                       and self.fused_rope_kv_supported())
+        # MoE layers whose forward reads routing counts back to the host cannot be captured in
+        # a CUDA graph; the engine then decodes eagerly.
+        self.graph_capturable = all(getattr(layer.mlp, "host_sync_free", lambda dt: True)(self.param_dtype)
+                                    for layer in self.layers)
         if on_gpu:
             # The engine compiles the decode forward (rollout.compile_decode); without the shim,
             # megatron's TP-group deprecation warning breaks the graph at every RowParallelLinear
@@ -255,7 +272,7 @@ class ModelRunner:
             o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)
             x = _bda(attn.linear_proj(o.reshape(T, 1, -1).to(h.dtype)), residual)
             residual = x
-            x = _bda(layer.mlp(layer.pre_mlp_layernorm(x)), residual)
+            x = _bda(layer.mlp(layer.pre_mlp_layernorm(x)), residual)  # dense MLP or MoELayer
         if logit_rows is not None:
             x = x[logit_rows]
         x = self.model.decoder.final_layernorm(x)

@@ -6,6 +6,7 @@
             ──► finalize_model_grads: DP reduce(-scatter), TP norm grads, tied embeddings,
                 and the 1 / (global token count) scale
             ──► optimizer step (clip, distributed optimizer, lr schedule)
+            ──► MoE expert-bias step from the step's training loads (when enabled)
 
 The loss is pluggable: ``loss_fn(logits_shard, micro_batch) -> (loss_sum, num_tokens, metrics)``.
 ``loss_sum`` is a SUM over this micro-batch's tokens and ``num_tokens`` the count it is normalised
@@ -25,6 +26,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from r1mega.models.gpt import unwrap
+from r1mega.moe.balancing import moe_layers, update_expert_biases
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.parallel.runtime import ParallelRuntime
 from r1mega.train.device_step import Readback, device_optimizer_step, sync_free_supported
@@ -115,6 +117,11 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         seq, batch = _layout(mb, rt, batch_equal_lengths)
+        # MoE balance losses of this micro-batch's forward (None for dense models and for
+        # forward-only passes, which record nothing: see r1mega/moe/balancing.py).
+        collector = getattr(unwrap(model), "moe_aux_losses", None)
+        if collector is not None:
+            collector.begin()
         with prange("model_forward"):
             if batch > 1:
                 ids = mb.input_ids.view(batch, seq)  # (B, S)
@@ -123,10 +130,18 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
                 out = model(input_ids=mb.input_ids, position_ids=None, attention_mask=None,
                             packed_seq_params=mb.packed)
 
+        aux = collector.take() if collector is not None else None
+
         def loss_func(output):
             # (1, T, V/tp) or (B, S, V/tp) -> (T, V/tp), sequences end to end as packed
             with prange("loss"):
-                return on_logits(output.reshape(-1, output.shape[-1]), mb)
+                loss_sum, num_tokens, metrics = on_logits(output.reshape(-1, output.shape[-1]), mb)
+            if aux is not None:
+                # loss_sum is a sum normalised by the global sum of num_tokens, so the balance
+                # loss enters as the count-weighted mean of its per-micro-batch values. Added
+                # after on_logits: the reported loss stays the task loss alone.
+                loss_sum = loss_sum + aux * num_tokens
+            return loss_sum, num_tokens, metrics
 
         return out, loss_func
 
@@ -329,6 +344,7 @@ class TrainStep:
         # Sync-free steps need fused Adam (GPU runs get it from build_optimizer); CPU runs keep
         # the host path, whose results earlier runs were checked against bit for bit.
         self.sync_free = sync_free_supported(optim.optimizer)
+        self._biased_moe = any(m.expert_bias is not None for m in moe_layers(model_chunks))
         self._pending: Optional[StepResult] = None
 
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> dict:
@@ -397,6 +413,7 @@ class TrainStep:
         tokens = int(sums.pop("num_tokens"))
         loss = sums["loss_sum"] / max(tokens, 1)
         if not math.isfinite(loss):
+            self._balance_experts(False)
             # A non-finite loss would poison Adam's moments; the trainer decides whether to stop.
             return StepResult(loss=loss, num_tokens=tokens, lr=self.optim.lr,
                               update_successful=False, num_micro_batches=num_micro_batches,
@@ -407,6 +424,7 @@ class TrainStep:
         lr = self.optim.lr
         if not ok:
             self.optim.scheduler.step(increment=-1)
+        self._balance_experts(bool(ok))
         return StepResult(loss=loss, num_tokens=tokens, grad_norm=grad_norm, lr=lr,
                           update_successful=bool(ok), num_micro_batches=num_micro_batches,
                           metrics_sum=sums)
@@ -420,6 +438,7 @@ class TrainStep:
         self.optim.scheduler.step(increment=1)
         lr = self.optim.lr
         ok, norm = device_optimizer_step(self.optim.optimizer, torch.isfinite(loss), dev)
+        self._balance_experts(ok.bool())
         keys = sorted(sums)
         vec = torch.cat([ok.double(), norm.double(), tokens.reshape(1), loss.reshape(1)]
                         + [sums[k].reshape(1) for k in keys])
@@ -431,6 +450,14 @@ class TrainStep:
 
         return StepResult(lr=lr, num_micro_batches=num_micro_batches,
                           readback=Readback(vec, roll_back_if_skipped), metric_keys=keys)
+
+    def _balance_experts(self, applied) -> None:
+        """DeepSeek-V3's expert-bias step from this step's training loads (MoE models with
+        model.moe_bias_update_rate > 0; nothing otherwise). Once per optimizer step, here and
+        nowhere else: forward-only passes never count loads."""
+        if self._biased_moe:
+            update_expert_biases(self.chunks, self.rt.dp_group if self.rt.dp_size > 1 else None,
+                                 applied=applied)
 
     def __call__(self, samples: Sequence[dict], loss_fn: LossFn) -> StepResult:
         """This rank's share of the global batch -> one optimizer step."""
