@@ -7,6 +7,7 @@ rank starts talking to another.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -393,6 +394,40 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+def _apply_override(cfg: Any, key: str, value: Any) -> None:
+    """``a.b.c=value``: sections are walked; a key that reaches inside a mapping field
+    (``data.task_options.operators=+-``) changes that entry and keeps the others."""
+    parts = key.split(".")
+    obj, prefix = cfg, ""
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(obj)}
+        if part not in names:
+            raise ConfigError(f"Unknown config key '{prefix}{part}'.{_suggest(part, names, prefix)}")
+        current, full, rest = getattr(obj, part), prefix + part, parts[i + 1:]
+        if dataclasses.is_dataclass(current):
+            if not rest:
+                _merge(current, value, full + ".")
+                return
+            obj, prefix = current, full + "."
+            continue
+        if rest:
+            if not isinstance(current, dict):
+                raise ConfigError(f"Override '{key}': {full} is a value, not a section.")
+            value = _set_in(copy.deepcopy(current), rest, value, full)
+        setattr(obj, part, _coerce(value, typing.get_type_hints(type(obj))[part], full))
+        return
+
+
+def _set_in(mapping: dict, path: list, value: Any, where: str) -> dict:
+    node = mapping
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}.{p} is a value, not a mapping.")
+    node[path[-1]] = value
+    return mapping
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"Override '{text}' must look like key.sub=value (e.g. parallel.tensor=2).")
@@ -447,7 +482,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         explicit |= _dotted_keys(data)
     for text in overrides or []:
         key, value = _parse_override(text)
-        _merge(cfg, _nest(key, value))
+        _apply_override(cfg, key, value)
         explicit |= _dotted_keys(_nest(key, value))
     if cfg.model.init_from_hf:  # the HF directory describes the model (and its tokenizer)
         from r1mega.convert.hf_config import apply_init_from_hf
@@ -477,177 +512,6 @@ def save_resolved(cfg: Config, run_dir: str) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def _choice(key: str, value: str, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"{key}: '{value}' is not one of {sorted(allowed)}.{_suggest(value, allowed)}"
-        )
-
-
-def derive_data_parallel(par: ParallelConfig, world_size: int) -> int:
-    """DP size from the world size; raises naming the sizes when they do not divide."""
-    model_parallel = par.tensor * par.pipeline * par.context
-    if world_size % model_parallel != 0:
-        raise ConfigError(
-            f"World size {world_size} is not divisible by parallel.tensor × parallel.pipeline × "
-            f"parallel.context = {par.tensor}×{par.pipeline}×{par.context} = {model_parallel}. "
-            f"Launch a multiple of {model_parallel} ranks or change the parallel sizes."
-        )
-    dp = world_size // model_parallel
-    if par.data not in (0, dp):
-        raise ConfigError(
-            f"parallel.data={par.data} but world size {world_size} / (TP×PP×CP = {model_parallel}) "
-            f"= {dp}. Set parallel.data={dp} or 0 (derive), or launch "
-            f"{par.data * model_parallel} ranks."
-        )
-    return dp
-
-
-def validate_rope_scaling(rs: RopeScalingConfig, key: str = "model.rope_scaling") -> None:
-    """``key`` names where the values came from (the HF import passes its config.json key)."""
-    _choice(f"{key}.type", rs.type, {"none", "llama3"})
-    if rs.type == "none":
-        return
-    # transformers only warns about these; then a zero divides, the bands swap, or (factor < 1)
-    # the long wavelengths get shorter, none of which any checkpoint means.
-    if rs.factor < 1.0:
-        raise ConfigError(
-            f"{key}.factor must be >= 1 (how much longer than the original context the long "
-            f"wavelengths get), got {rs.factor}. Copy it from the checkpoint's config.json."
-        )
-    if rs.low_freq_factor <= 0:
-        raise ConfigError(
-            f"{key}.low_freq_factor must be > 0, got {rs.low_freq_factor} (Llama 3.1 uses 1.0)."
-        )
-    if rs.high_freq_factor <= rs.low_freq_factor:
-        raise ConfigError(
-            f"{key}.high_freq_factor={rs.high_freq_factor} must be greater than "
-            f"{key}.low_freq_factor={rs.low_freq_factor} (Llama 3.1: 4.0 and 1.0); "
-            f"the blend between the two bands divides by their difference."
-        )
-    if rs.original_max_position_embeddings < 1:
-        raise ConfigError(
-            f"{key}.original_max_position_embeddings must be >= 1, got "
-            f"{rs.original_max_position_embeddings} (Llama 3.1: 8192)."
-        )
-
-
-def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
-    """Every check that needs no process group. ``world_size`` None skips the layout check."""
-    m, p = cfg.model, cfg.parallel
-    for key in ("tensor", "pipeline", "virtual_stages", "context", "expert"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}.")
-    _choice("model.family", m.family, {"llama", "qwen2", "qwen3", "qwen3_moe"})
-    _choice("model.spec", m.spec, {"auto", "local", "te"})
-    _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "varlen", "flash"})
-    _choice("model.recompute", m.recompute, {"none", "selective", "full"})
-    _choice("precision.dtype", cfg.precision.dtype, {"auto", "fp32", "bf16", "fp16"})
-    _choice("optimizer.decay_style", cfg.optimizer.decay_style, {"constant", "cosine", "linear"})
-    if cfg.train.sft_decay_style is not None:
-        _choice("train.sft_decay_style", cfg.train.sft_decay_style, {"constant", "cosine", "linear"})
-    _choice("grpo.kl_estimator", cfg.grpo.kl_estimator, {"k1", "k2", "k3"})
-    _choice("grpo.loss_agg", cfg.grpo.loss_agg,
-            {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"})
-    _choice("grpo.loss_impl", cfg.grpo.loss_impl, {"auto", "cuda", "torch"})
-    _choice("data.on_bad_row", cfg.data.on_bad_row, {"error", "skip"})
-    _choice("rewards.answer_form", cfg.rewards.answer_form, {"auto", "number", "expression"})
-    if not 0.0 <= cfg.rewards.max_error_rate <= 1.0:
-        raise ConfigError(f"rewards.max_error_rate must be a share in [0, 1] (1: never stop on "
-                          f"reward errors), got {cfg.rewards.max_error_rate}.")
-    _choice("train.mode", cfg.train.mode, {"grpo", "sft"})
-    if cfg.train.time_budget_s < 0:
-        raise ConfigError(f"train.time_budget_s must be >= 0 (0: no budget), got "
-                          f"{cfg.train.time_budget_s}.")
-    if cfg.logging.profile_step < 0:
-        raise ConfigError(f"logging.profile_step must be >= 0 (0: off, N: profile GRPO step N), got "
-                          f"{cfg.logging.profile_step}.")
-    _choice("parallel.backend", p.backend, {"auto", "nccl", "gloo"})
-    _choice("checkpoint.optimizer_format", cfg.checkpoint.optimizer_format,
-            {"fully_reshardable", "dp_reshardable"})
-
-    if m.num_attention_heads % m.num_query_groups != 0:
-        raise ConfigError(
-            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-            f"model.num_query_groups={m.num_query_groups}; grouped-query attention needs whole groups."
-        )
-    if m.kv_channels < 0:
-        raise ConfigError(f"model.kv_channels must be >= 0 (0: hidden/heads), got {m.kv_channels}.")
-    if not m.kv_channels and m.hidden_size % m.num_attention_heads != 0:
-        raise ConfigError(
-            f"model.hidden_size={m.hidden_size} is not divisible by "
-            f"model.num_attention_heads={m.num_attention_heads}; set model.kv_channels to the "
-            f"head dimension if the model decouples them."
-        )
-    validate_rope_scaling(m.rope_scaling)
-    if m.num_attention_heads % p.tensor != 0:
-        raise ConfigError(
-            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-            f"parallel.tensor={p.tensor}: each TP rank needs whole heads. Use a parallel.tensor that "
-            f"divides {m.num_attention_heads}."
-        )
-    if m.num_query_groups % p.tensor != 0:
-        raise ConfigError(
-            f"model.num_query_groups={m.num_query_groups} (KV heads) is not divisible by "
-            f"parallel.tensor={p.tensor}: each TP rank needs whole KV groups. Use a parallel.tensor "
-            f"that divides {m.num_query_groups}."
-        )
-    if m.ffn_hidden_size % p.tensor != 0:
-        raise ConfigError(
-            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={p.tensor}."
-        )
-    stages = p.pipeline * p.virtual_stages
-    if m.num_layers % stages != 0:
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline × "
-            f"parallel.virtual_stages = {p.pipeline}×{p.virtual_stages} = {stages}; every "
-            f"pipeline stage needs the same number of layers."
-        )
-    if p.virtual_stages > 1 and p.pipeline < 2:
-        raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline >= 2.")
-    from r1mega.moe.settings import validate_moe
-
-    validate_moe(m, p, ConfigError)
-    if p.sequence_parallel and p.tensor == 1:
-        raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1.")
-    if cfg.precision.fp8:
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "precision.fp8=true needs Transformer Engine, which is not importable here "
-                "(megatron-core would silently run without FP8). Install transformer-engine or set "
-                "precision.fp8=false."
-            ) from None
-    if cfg.rollout.group_size < 1:
-        raise ConfigError(f"rollout.group_size must be >= 1, got {cfg.rollout.group_size}.")
-    if not 0.0 < cfg.rollout.top_p <= 1.0:
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}.")
-    if cfg.rollout.temperature < 0:
-        raise ConfigError(f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}.")
-    for key in ("kv_memory_fraction", "kv_keep_max_fraction"):
-        value = getattr(cfg.rollout, key)
-        if not 0.0 <= value <= 1.0 or (key == "kv_memory_fraction" and value == 0.0):
-            raise ConfigError(f"rollout.{key} must be a fraction of device memory in "
-                              f"{'(0' if key == 'kv_memory_fraction' else '[0'}, 1], got {value}.")
-    if cfg.grpo.eps_low < 0 or cfg.grpo.eps_high < 0:
-        raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0.")
-    if cfg.grpo.dual_clip and cfg.grpo.dual_clip <= 1.0:
-        raise ConfigError(f"grpo.dual_clip must be > 1 (or 0 to disable), got {cfg.grpo.dual_clip}.")
-    if cfg.optimizer.lr < 0:
-        raise ConfigError(f"optimizer.lr must be >= 0, got {cfg.optimizer.lr}.")
-    if world_size is not None:
-        dp = derive_data_parallel(p, world_size)
-        if (dp * p.context) % p.expert:
-            raise ConfigError(
-                f"parallel.expert={p.expert} does not divide the data x context parallel size "
-                f"{dp}x{p.context}: expert-parallel groups are carved out of the data-parallel "
-                f"ranks. Launch a multiple of {p.expert * p.tensor * p.pipeline} ranks or change "
-                f"parallel.expert."
-            )
-        if cfg.data.global_batch_prompts % dp != 0:
-            raise ConfigError(
-                f"data.global_batch_prompts={cfg.data.global_batch_prompts} is not divisible by the "
-                f"data-parallel size {dp}; every DP rank needs the same number of prompts."
-            )
-    return cfg
+# The checks live beside the tree (config_checks.py); imported last because they read its types.
+from r1mega.config_checks import (  # noqa: E402,F401 -- public here too
+    derive_data_parallel, validate, validate_rope_scaling)

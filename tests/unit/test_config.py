@@ -130,3 +130,17 @@ def test_rope_scaling_section_from_yaml_validates_and_survives_asdict(tmp_path):
     assert (rs.type, rs.factor, rs.high_freq_factor) == ("llama3", 32.0, 4.0)  # 4.0: the default
     assert ModelConfig(**dataclasses.asdict(m)) == m  # how checkpoint meta.json rebuilds it
     validate(load_config(None, ["model.rope_scaling.factor=0.5"]))  # type none: the fields are unused
+
+
+def test_override_inside_a_mapping_keeps_its_other_entries():
+    from r1mega.config import load_config
+
+    cfg = load_config("configs/demo.yaml", ["data.task_options.operators=+-*",
+                                            "rewards.spec.arithmetic.format=0.5"])
+    assert cfg.data.task_options == {"digits": 1, "terms": 3, "operators": "+-*"}
+    assert cfg.rewards.spec["arithmetic"] == {"exact_match": 1.0, "format": 0.5}
+    # A whole mapping given at once replaces it.
+    cfg = load_config("configs/demo.yaml", ["data.task_options={digits: 2}"])
+    assert cfg.data.task_options == {"digits": 2}
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(None, ["optimizer.lr.x=1"])
