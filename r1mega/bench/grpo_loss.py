@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from r1mega.bench.timing import copy_bandwidth, median_ms
 from r1mega.config import GRPOConfig
 from r1mega.ops import _cuda_ext
 from r1mega.ops.grpo_loss import grpo_loss, grpo_token_loss, last_kernel
@@ -27,27 +28,6 @@ from r1mega.ops.logprobs import vocab_parallel_logprobs
 
 BAR_MS = 3.5
 BAR_EXTRA_MB = 64
-
-
-def _time_ms(fn, reps: int, warmup: int, sync_each: bool = False):
-    """Median CUDA-event time of ``fn``. By default the calls are queued back to back, as in a
-    training step where the host runs ahead of the GPU: the time is the device's, and any host
-    synchronisation inside ``fn`` shows as idle device time. ``sync_each`` starts every call on an
-    idle device instead (adds the host's launch latency of the first kernel)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-        if sync_each:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def _extra_mb(fn, logits):
@@ -59,14 +39,6 @@ def _extra_mb(fn, logits):
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def _copy_bandwidth(nbytes: int, reps: int):
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), reps, 3)
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3)  # bytes read + written per second
 
 
 def main(argv=None) -> int:
@@ -122,7 +94,7 @@ def main(argv=None) -> int:
         token_loss, _ = grpo_token_loss(logp, adv, old, mask > 0, cfg=cfg)
         (token_loss.sum() / norm).backward()
 
-    bw = _copy_bandwidth(logit_bytes, args.reps)
+    bw = copy_bandwidth(logit_bytes, args.reps)
     floor_ms = 2 * logit_bytes / bw * 1e3
     rows = []
     ext = _cuda_ext.get()
@@ -144,10 +116,10 @@ def main(argv=None) -> int:
     # H200: the same fused call read 3.44 ms first and 3.30 ms later in one run).
     for _ in range(args.rounds):
         for row, (name, fn) in zip(rows, cases):
-            row["ms_rounds"].append(_time_ms(fn, args.reps, args.warmup))
+            row["ms_rounds"].append(median_ms(fn, args.reps, args.warmup))
             if name == "cuda":  # the same call started from an idle device each time
                 row.setdefault("ms_idle_start_rounds", []).append(
-                    _time_ms(fn, args.reps, args.warmup, sync_each=True))
+                    median_ms(fn, args.reps, args.warmup, sync_each=True))
             logits.grad = None
             torch.cuda.empty_cache()
     for row in rows:
@@ -170,7 +142,7 @@ def main(argv=None) -> int:
             call = lambda: ext.fused_grpo(logits.detach(), grad, tg, adv, old, None, None, weights,  # noqa: E731
                                           vocab, 1.0 / args.temperature, 0.8, 1.28, 0.0, 0.0, 3, 0.0)
             try:
-                kernel_only[f"fused_v{variant}"] = {"ms": _time_ms(call, args.reps, args.warmup),
+                kernel_only[f"fused_v{variant}"] = {"ms": median_ms(call, args.reps, args.warmup),
                                                     "plan": list(ext.fused_plan(logits))}
             except RuntimeError as exc:  # a cluster shape this GPU cannot co-schedule
                 kernel_only[f"fused_v{variant}"] = {"ms": float("nan"), "error": str(exc)[:200]}
@@ -182,7 +154,7 @@ def main(argv=None) -> int:
             os.environ["R1MEGA_GRPO_FUSED_VARIANT"] = vname.split("_v")[1]
             fn = step("cuda")
             extra = _extra_mb(fn, logits)
-            rows.append({"path": f"cuda[{vname}]", "ms": _time_ms(fn, args.reps, args.warmup),
+            rows.append({"path": f"cuda[{vname}]", "ms": median_ms(fn, args.reps, args.warmup),
                          "extra_mb": extra})
             torch.cuda.empty_cache()
         if prev is None:

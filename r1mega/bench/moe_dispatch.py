@@ -19,39 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
+from r1mega.bench.timing import copy_bandwidth, median_ms
 from r1mega.moe import _cuda_ext
 from r1mega.moe.dispatch import permute_tokens, routing_metadata, unpermute_tokens
 
 BAR_FLOOR_RATIO = 1.3
 BAR_METADATA_US = 30.0
-
-
-def _time_ms(fn, reps: int, warmup: int, cuda: bool) -> float:
-    for _ in range(warmup):
-        fn()
-    if not cuda:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    events = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def _graph_ms(fn, calls: int) -> float:
@@ -63,14 +40,7 @@ def _graph_ms(fn, calls: int) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    return _time_ms(graph.replay, 5, 2, True) / calls
-
-
-def _copy_bandwidth(nbytes: int, reps: int, cuda: bool, device) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), reps, 3, cuda)
-    return 2 * nbytes / (ms * 1e-3)  # bytes read + written per second
+    return median_ms(graph.replay, 5, 2, True) / calls
 
 
 def _megatron():
@@ -118,7 +88,7 @@ def main(argv=None) -> int:
 
     rows = []  # (name, r1mega ms, megatron ms | None, floor ms | None)
     results = {}
-    bw = _copy_bandwidth(max(T * H * elt, 1 << 20) * 2, reps, cuda, device)
+    bw = copy_bandwidth(max(T * H * elt, 1 << 20) * 2, reps, device)
     gb_per_s = bw / 1e9
 
     def floor_ms(nbytes):
@@ -128,20 +98,20 @@ def main(argv=None) -> int:
     impl = args.impl
     ext_loaded = cuda and _cuda_ext.get() is not None
     meta = routing_metadata(indices, E, align=args.align, impl=impl, validate=False)
-    t_meta = _time_ms(lambda: routing_metadata(indices, E, align=args.align, impl=impl, validate=False),
+    t_meta = median_ms(lambda: routing_metadata(indices, E, align=args.align, impl=impl, validate=False),
                       reps, warm, cuda)
     t_meta_graph = _graph_ms(lambda: routing_metadata(indices, E, align=args.align, impl=impl, validate=False),
                              reps) if ext_loaded and impl != "torch" else None
     xg = x.clone().requires_grad_(True)
     permuted = permute_tokens(xg, meta, impl=impl)
-    t_perm = _time_ms(lambda: permute_tokens(x, meta, impl=impl), reps, warm, cuda)
+    t_perm = median_ms(lambda: permute_tokens(x, meta, impl=impl), reps, warm, cuda)
     grad_perm = torch.randn_like(permuted)
-    t_perm_bwd = _time_ms(_grad_fn(permuted, [xg], grad_perm), reps, warm, cuda)
+    t_perm_bwd = median_ms(_grad_fn(permuted, [xg], grad_perm), reps, warm, cuda)
     y = torch.randn(meta.num_rows, H, device=device, dtype=dtype, generator=g).requires_grad_(True)
     wg = weights.clone().requires_grad_(True)
     combined = unpermute_tokens(y, wg, meta, impl=impl)
-    t_unperm = _time_ms(lambda: unpermute_tokens(y.detach(), weights, meta, impl=impl), reps, warm, cuda)
-    t_unperm_bwd = _time_ms(_grad_fn(combined, [y, wg], grad_tokens), reps, warm, cuda)
+    t_unperm = median_ms(lambda: unpermute_tokens(y.detach(), weights, meta, impl=impl), reps, warm, cuda)
+    t_unperm_bwd = median_ms(_grad_fn(combined, [y, wg], grad_tokens), reps, warm, cuda)
     N = T * k
     fl_copy = floor_ms((T + N) * H * elt)
     fl_unperm_bwd = floor_ms((T + 2 * N) * H * elt + N * 8)
@@ -159,18 +129,18 @@ def main(argv=None) -> int:
     if moe_utils is not None:
         routing_map = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, indices, True)
         probs = torch.zeros(T, E, device=device).scatter_(1, indices, weights)
-        mc["permute fwd"] = _time_ms(lambda: moe_utils.permute(x, routing_map, num_out_tokens=N), reps, warm, cuda)
+        mc["permute fwd"] = median_ms(lambda: moe_utils.permute(x, routing_map, num_out_tokens=N), reps, warm, cuda)
         mx = x.clone().requires_grad_(True)
         m_perm, _, sorted_idx = moe_utils.permute(mx, routing_map, num_out_tokens=N)
-        mc["permute bwd"] = _time_ms(_grad_fn(m_perm, [mx], grad_perm[:N] if args.align == 1 else
+        mc["permute bwd"] = median_ms(_grad_fn(m_perm, [mx], grad_perm[:N] if args.align == 1 else
                                               torch.randn_like(m_perm)), reps, warm, cuda)
         my = torch.randn(N, H, device=device, dtype=dtype, generator=g).requires_grad_(True)
         mp = probs.clone().requires_grad_(True)
-        mc["unpermute+combine fwd"] = _time_ms(
+        mc["unpermute+combine fwd"] = median_ms(
             lambda: moe_utils.unpermute(my.detach(), sorted_idx, x.shape, probs=probs, routing_map=routing_map),
             reps, warm, cuda)
         m_out = moe_utils.unpermute(my, sorted_idx, x.shape, probs=mp, routing_map=routing_map)
-        mc["unpermute+combine bwd"] = _time_ms(_grad_fn(m_out, [my, mp], grad_tokens), reps, warm, cuda)
+        mc["unpermute+combine bwd"] = median_ms(_grad_fn(m_out, [my, mp], grad_tokens), reps, warm, cuda)
         if args.align == 1:  # same row order as megatron: the outputs must agree
             max_diff["permute"] = float((permuted.detach() - m_perm.detach()).abs().max()) if N else 0.0
             ours = unpermute_tokens(my.detach(), weights, meta, impl=impl)
