@@ -13,7 +13,11 @@ The three layout facts other converters get wrong, each a pure function below:
   * Vocabulary: the embedding and output layer are padded with zero rows to ``padded_vocab_size``
     so every TP rank holds an equal slice; export drops the padding again.
 
-MoE families add their own table (expert keys) here when the MoE layers exist.
+MoE (Qwen3-MoE): r1mega's ``MoELayer`` holds the routed experts stacked, ``experts.gate_up``
+(E, 2F, H) with [gate; up] per expert and ``experts.down`` (E, H, F); released checkpoints (and
+transformers' save_pretrained) keep one module per expert, so one megatron tensor is made from
+all E experts' HF tensors (a "{e}" in a row's HF names). Which layers are dense and which MoE is
+a per-layer condition of the row (``when="dense_layer"`` / ``"moe_layer"``).
 """
 from __future__ import annotations
 
@@ -26,6 +30,10 @@ import torch
 from r1mega.errors import UserError
 
 COPY, QKV, GATE_UP, VOCAB = "copy", "qkv", "gate_up", "vocab"
+# Per-expert HF tensors <-> one stacked megatron tensor: [gate_e; up_e] and down_e over experts e.
+EXPERTS_GATE_UP, EXPERTS_STACK = "experts_gate_up", "experts_stack"
+# Row conditions that depend on the layer index, not only on the config.
+LAYER_CONDITIONS = ("dense_layer", "moe_layer")
 
 
 class ConversionError(UserError, RuntimeError):
@@ -36,8 +44,9 @@ class ConversionError(UserError, RuntimeError):
 class Rule:
     mcore: str                # megatron name; "{i}" is the GLOBAL layer index
     hf: tuple[str, ...]       # HF names, in the order the transform takes them
-    transform: str            # COPY | QKV | GATE_UP | VOCAB
-    # ModelConfig property the row depends on: "qkv_bias", "qk_norm", "untied" (None: always).
+    transform: str            # COPY | QKV | GATE_UP | VOCAB | EXPERTS_GATE_UP | EXPERTS_STACK
+    # ModelConfig property the row depends on: "qkv_bias", "qk_norm", "untied", or per layer
+    # "dense_layer" / "moe_layer" (None: always). HF names with "{e}" repeat over experts.
     when: Optional[str] = None
 
 
@@ -90,7 +99,31 @@ QWEN3_TABLE = (
     Rule("output_layer.weight", ("lm_head.weight",), VOCAB, when="untied"),
 )
 
-FAMILY_TABLES = {"llama": LLAMA_TABLE, "qwen2": QWEN2_TABLE, "qwen3": QWEN3_TABLE}
+# Qwen3-MoE: Qwen3 attention; dense SwiGLU in the first k layers (mlp_only_layers), else a
+# softmax router (float32 on our side) and E routed SwiGLU experts, no shared expert.
+QWEN3_MOE_TABLE = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB),
+    Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), COPY),
+    Rule(_L + "self_attention.linear_qkv.weight",
+         (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"), QKV),
+    Rule(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), COPY, when="qk_norm"),
+    Rule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), COPY, when="qk_norm"),
+    Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), COPY),
+    Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), COPY),
+    Rule(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), GATE_UP,
+         when="dense_layer"),
+    Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), COPY, when="dense_layer"),
+    Rule(_L + "mlp.router_weight", (_H + "mlp.gate.weight",), COPY, when="moe_layer"),
+    Rule(_L + "mlp.experts.gate_up",
+         (_H + "mlp.experts.{e}.gate_proj.weight", _H + "mlp.experts.{e}.up_proj.weight"), EXPERTS_GATE_UP,
+         when="moe_layer"),
+    Rule(_L + "mlp.experts.down", (_H + "mlp.experts.{e}.down_proj.weight",), EXPERTS_STACK, when="moe_layer"),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), COPY),
+    Rule("output_layer.weight", ("lm_head.weight",), VOCAB, when="untied"),
+)
+
+FAMILY_TABLES = {"llama": LLAMA_TABLE, "qwen2": QWEN2_TABLE, "qwen3": QWEN3_TABLE,
+                 "qwen3_moe": QWEN3_MOE_TABLE}
 
 # With the Transformer Engine spec the pre-attention / pre-MLP norms are fused into the next
 # linear (TELayerNormColumnParallelLinear) and their weight moves with it.
@@ -142,6 +175,16 @@ def split_gate_up(fc1: torch.Tensor):
     return gate.contiguous(), up.contiguous()
 
 
+def stack_experts_gate_up(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[gate_0 (F, H), up_0 (F, H), gate_1, up_1, ...] -> (E, 2F, H), [gate_e; up_e] per expert."""
+    return torch.stack([concat_gate_up(g, u) for g, u in zip(parts[0::2], parts[1::2])], dim=0)
+
+
+def split_experts_gate_up(full: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of :func:`stack_experts_gate_up`: (E, 2F, H) -> [gate_0, up_0, gate_1, up_1, ...]."""
+    return [t for e in full.unbind(0) for t in split_gate_up(e)]
+
+
 def pad_vocab(w: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
     """(V, H) -> (V_padded, H) with zero rows: the padded logits are exactly 0, and consumers
     (loss, sampling) must ignore columns >= V."""
@@ -173,12 +216,23 @@ def head_dim_of(model_cfg) -> int:
     return getattr(model_cfg, "kv_channels", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
 
 
-def _active(rule: Rule, model_cfg) -> bool:
+def _active(rule: Rule, model_cfg, layer: int = 0) -> bool:
     if rule.when is None:
         return True
     if rule.when == "untied":
         return not model_cfg.tied_embeddings
+    if rule.when in LAYER_CONDITIONS:
+        moe = bool(model_cfg.num_experts) and layer >= model_cfg.moe_first_k_dense
+        return moe == (rule.when == "moe_layer")
     return bool(getattr(model_cfg, rule.when))
+
+
+def _hf_names(rule: Rule, i: int, num_experts: int) -> tuple[str, ...]:
+    """The row's HF names for layer ``i``; a "{e}" row lists every expert, expert-major
+    (gate_0, up_0, gate_1, up_1, ...), which is the order the EXPERTS_* transforms take."""
+    if not any("{e}" in h for h in rule.hf):
+        return tuple(h.format(i=i) for h in rule.hf)
+    return tuple(h.format(i=i, e=e) for e in range(num_experts) for h in rule.hf)
 
 
 def family_table(model_cfg) -> tuple[Rule, ...]:
@@ -200,20 +254,18 @@ def family_table(model_cfg) -> tuple[Rule, ...]:
 def expand_table(model_cfg, te_names: bool = False) -> list[Entry]:
     """All rows for all layers of ``model_cfg``; ``te_names`` uses the Transformer Engine names."""
     out = []
+    num_experts = getattr(model_cfg, "num_experts", 0) or 0
     for rule in family_table(model_cfg):
-        if not _active(rule, model_cfg):
-            continue
-        # "{i}" expands over layers; "{e}" over experts (rows of MoE tables, when they exist).
-        layers = range(model_cfg.num_layers) if "{i}" in rule.mcore else [0]
-        experts = range(getattr(model_cfg, "num_experts", 0) or 0) if "{e}" in rule.mcore else [0]
-        for i in layers:
-            for e in experts:
-                mcore = rule.mcore.format(i=i, e=e)
-                if te_names:
-                    for old, new in TE_RENAMES.items():
-                        if mcore.endswith("." + old):
-                            mcore = mcore[: -len(old)] + new
-                out.append(Entry(mcore, tuple(h.format(i=i, e=e) for h in rule.hf), rule.transform))
+        # "{i}" expands over layers; "{e}" (HF side only) over experts within one row.
+        for i in range(model_cfg.num_layers) if "{i}" in rule.mcore else [0]:
+            if not _active(rule, model_cfg, i):
+                continue
+            mcore = rule.mcore.format(i=i)
+            if te_names:
+                for old, new in TE_RENAMES.items():
+                    if mcore.endswith("." + old):
+                        mcore = mcore[: -len(old)] + new
+            out.append(Entry(mcore, _hf_names(rule, i, num_experts), rule.transform))
     return out
 
 
@@ -229,12 +281,18 @@ def expected_hf_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
         "q_norm.weight": (d,), "k_norm.weight": (d,), "o_proj.weight": (h, nh * d),
         "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
     }
+    expert = {}  # one routed expert's tensors (the same suffixes, another width)
+    if getattr(model_cfg, "num_experts", 0):
+        fe = model_cfg.moe_ffn_hidden_size or f
+        by_suffix["mlp.gate.weight"] = (model_cfg.num_experts, h)
+        expert = {"gate_proj.weight": (fe, h), "up_proj.weight": (fe, h), "down_proj.weight": (h, fe)}
     shapes = {}
     for e in expand_table(model_cfg):
         for name in e.hf:
             # Longest suffix wins: "q_norm.weight" must not match "norm.weight".
             suffix = max((s for s in by_suffix if name.endswith(s)), key=len)
-            shapes[name] = by_suffix[suffix]
+            routed = e.transform in (EXPERTS_GATE_UP, EXPERTS_STACK)
+            shapes[name] = expert[suffix] if routed else by_suffix[suffix]
     return shapes
 
 
@@ -250,6 +308,10 @@ def hf_to_mcore_tensor(entry: Entry, hf_get: Callable[[str], torch.Tensor], mode
         return concat_gate_up(*parts)
     if entry.transform == VOCAB:
         return pad_vocab(parts[0], padded_vocab_size)
+    if entry.transform == EXPERTS_GATE_UP:
+        return stack_experts_gate_up(parts)
+    if entry.transform == EXPERTS_STACK:
+        return torch.stack(parts, dim=0)
     raise AssertionError(entry.transform)
 
 
@@ -263,6 +325,10 @@ def mcore_to_hf_tensors(entry: Entry, full: torch.Tensor, model_cfg) -> list[tup
         parts = split_gate_up(full)
     elif entry.transform == VOCAB:
         parts = [unpad_vocab(full, model_cfg.vocab_size)]
+    elif entry.transform == EXPERTS_GATE_UP:
+        parts = split_experts_gate_up(full)
+    elif entry.transform == EXPERTS_STACK:
+        parts = [t.contiguous() for t in full.unbind(0)]
     else:
         raise AssertionError(entry.transform)
     return list(zip(entry.hf, parts))

@@ -18,6 +18,7 @@ SUPPORTED = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 FAMILY_TO_HF = {fam: (mt, arch) for mt, (fam, arch) in SUPPORTED.items()}
 
@@ -95,7 +96,7 @@ def model_config_from_hf(hf: dict, base: Optional[ModelConfig] = None) -> ModelC
     if model_type == "llama":
         _refuse(hf, "attention_bias", True, "Llama with attention biases also biases o_proj")
         _refuse(hf, "mlp_bias", True, "MLP biases")
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "qwen3_moe"):
         _refuse(hf, "attention_bias", True, "Qwen3 with attention biases")
     if hf.get("use_sliding_window"):
         raise ConversionError("config.json: use_sliding_window=true is not supported (full attention only).")
@@ -116,12 +117,58 @@ def model_config_from_hf(hf: dict, base: Optional[ModelConfig] = None) -> ModelC
     cfg.rope_theta, cfg.rope_scaling = _rope_from_hf(hf)
     cfg.norm_epsilon = float(hf.get("rms_norm_eps", cfg.norm_epsilon))
     cfg.qkv_bias = model_type == "qwen2"  # Qwen2 hard-codes q/k/v biases
-    cfg.qk_norm = model_type == "qwen3"
+    cfg.qk_norm = model_type in ("qwen3", "qwen3_moe")
     cfg.tied_embeddings = bool(hf.get("tie_word_embeddings", False))
     cfg.init_method_std = float(hf.get("initializer_range", cfg.init_method_std))
-    if cfg.num_experts:
-        raise ConversionError("MoE checkpoints are not convertible yet (model.num_experts > 0).")
+    _moe_from_hf(hf, cfg, model_type == "qwen3_moe")
     return cfg
+
+
+# ModelConfig MoE keys that describe the architecture (the others, moe_aux_loss_coeff,
+# moe_z_loss_coeff, moe_bias_update_rate, are training choices a config.json does not fix).
+MOE_ARCH_FIELDS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob",
+                   "moe_first_k_dense", "moe_router", "moe_shared_expert_ffn_hidden_size",
+                   "moe_num_groups", "moe_topk_groups", "moe_routed_scaling_factor")
+
+
+def _moe_from_hf(hf: dict, cfg: ModelConfig, is_moe: bool) -> None:
+    """The MoE keys of ``cfg`` from a Qwen3-MoE config.json (``is_moe``), or their dense defaults."""
+    from r1mega.moe.settings import _MOE_DEFAULTS
+
+    for key in MOE_ARCH_FIELDS[1:]:
+        setattr(cfg, key, _MOE_DEFAULTS[key])
+    cfg.num_experts = 0
+    if not is_moe:
+        for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_bias_update_rate"):
+            setattr(cfg, key, _MOE_DEFAULTS[key])  # a dense model rejects them (validate_moe)
+        return
+    # transformers 5 writes num_local_experts (its attribute_map), released checkpoints num_experts.
+    experts = hf.get("num_experts")
+    if experts is None:
+        experts = hf.get("num_local_experts")
+    if not experts:
+        raise ConversionError(f"config.json: model_type=qwen3_moe with num_experts={experts!r}; "
+                              f"a Qwen3-MoE checkpoint needs num_experts > 0.")
+    step = int(hf.get("decoder_sparse_step", 1))
+    if step != 1:
+        raise ConversionError(
+            f"config.json: decoder_sparse_step={step} (an MoE block every {step} layers) is not "
+            f"implemented; r1mega's MoE models are dense in the first k layers and MoE after "
+            f"(model.moe_first_k_dense), which needs decoder_sparse_step=1.")
+    dense = sorted(int(i) for i in (hf.get("mlp_only_layers") or []))
+    if dense != list(range(len(dense))):
+        raise ConversionError(
+            f"config.json: mlp_only_layers={dense} is not implemented; r1mega keeps only the "
+            f"first k layers dense (model.moe_first_k_dense), i.e. mlp_only_layers=[0, ..., k-1].")
+    cfg.num_experts = int(experts)
+    cfg.moe_router_topk = int(hf.get("num_experts_per_tok", 8))
+    cfg.moe_ffn_hidden_size = int(hf.get("moe_intermediate_size", 768))
+    cfg.moe_norm_topk_prob = bool(hf.get("norm_topk_prob", False))
+    cfg.moe_first_k_dense = len(dense)
+    cfg.moe_router = "softmax"
+    # router_aux_loss_coef / output_router_logits are not read: transformers' loss is a
+    # batch-global load-balancing loss, r1mega's a per-sequence one (model.moe_aux_loss_coeff);
+    # the training objective is chosen in r1mega's config, the forward does not depend on it.
 
 
 def hf_config_from_model_config(cfg: ModelConfig, original: Optional[dict] = None,
@@ -170,12 +217,38 @@ def hf_config_from_model_config(cfg: ModelConfig, original: Optional[dict] = Non
         out.setdefault("mlp_bias", False)
     if model_type == "qwen3":
         out.setdefault("attention_bias", False)
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         out.setdefault("use_sliding_window", False)
+    if model_type == "qwen3_moe":
+        out.pop("num_local_experts", None)  # transformers 5's alias of num_experts
+        out.update(_moe_to_hf(cfg))
+    else:
+        for key in ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                    "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step"):
+            out.pop(key, None)
     if dtype_name is not None:
         out["torch_dtype"] = dtype_name
         out["dtype"] = dtype_name
     return out
+
+
+def _moe_to_hf(cfg: ModelConfig) -> dict:
+    """Qwen3-MoE config.json keys for ``cfg``; what the architecture cannot say is refused."""
+    unsupported = {"moe_router": "softmax", "moe_shared_expert_ffn_hidden_size": 0,
+                   "moe_num_groups": 1, "moe_topk_groups": 1, "moe_routed_scaling_factor": 1.0,
+                   "moe_bias_update_rate": 0.0}
+    for key, want in unsupported.items():
+        if getattr(cfg, key) != want:
+            raise ConversionError(f"model.{key}={getattr(cfg, key)!r} has no Qwen3-MoE equivalent "
+                                  f"(Qwen3MoeForCausalLM needs {want!r}); it cannot be exported.")
+    return {
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.moe_router_topk,
+        "moe_intermediate_size": cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+        "norm_topk_prob": cfg.moe_norm_topk_prob,
+        "mlp_only_layers": list(range(cfg.moe_first_k_dense)),
+        "decoder_sparse_step": 1,
+    }
 
 
 def read_hf_config(hf_dir: str, key: str = "model.init_from_hf") -> dict:
@@ -238,7 +311,7 @@ def fill_model_from_hf(model_cfg: ModelConfig, hf_dir: str, explicit: set) -> Mo
 
 ARCH_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                "ffn_hidden_size", "vocab_size", "qkv_bias", "qk_norm", "tied_embeddings",
-               "rope_theta", "rope_scaling", "norm_epsilon", "kv_channels")
+               "rope_theta", "rope_scaling", "norm_epsilon", "kv_channels") + MOE_ARCH_FIELDS
 
 
 def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "config.json") -> None:
@@ -259,6 +332,8 @@ def arch_mismatches(model_cfg: ModelConfig, want: ModelConfig, source: str) -> l
         if name == "kv_channels":  # 0 is shorthand for hidden/heads
             a = a or model_cfg.hidden_size // model_cfg.num_attention_heads
             b = b or want.hidden_size // want.num_attention_heads
+        if name == "moe_ffn_hidden_size" and model_cfg.num_experts:  # 0 is shorthand for ffn
+            a, b = a or model_cfg.ffn_hidden_size, b or want.ffn_hidden_size
         if name == "rope_scaling":  # type none ignores the other fields
             a, b = (x if x.type != "none" else RopeScalingConfig() for x in (a, b))
         same = abs(a - b) <= 1e-6 * max(abs(a), abs(b)) if isinstance(a, float) else a == b

@@ -17,6 +17,7 @@ FAMILY_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 
 
@@ -31,11 +32,12 @@ def make_tiny_hf_dir(out_dir: str, family: str = "llama", *, vocab_size: int = 9
                      intermediate_size: int = 80, tied: bool = False, dtype: torch.dtype = torch.float32,
                      seed: int = 0, max_shard_size: Optional[str] = None, std: float = 0.2,
                      with_tokenizer: bool = True, head_dim: Optional[int] = None,
-                     rope_scaling: Optional[dict] = None) -> str:
+                     rope_scaling: Optional[dict] = None, moe: Optional[dict] = None) -> str:
     """Save a random ``family`` model with transformers' ``save_pretrained`` into ``out_dir``.
 
     ``rope_scaling`` is HF's dict (e.g. ``{"rope_type": "llama3", "factor": ...}``); transformers
-    4.x and 5.x both take it under that name.
+    4.x and 5.x both take it under that name. ``moe``: Qwen3-MoE config keys (num_experts,
+    num_experts_per_tok, moe_intermediate_size, norm_topk_prob, mlp_only_layers, ...).
     """
     import transformers
 
@@ -46,8 +48,11 @@ def make_tiny_hf_dir(out_dir: str, family: str = "llama", *, vocab_size: int = 9
                   max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
     if rope_scaling is not None:
         kwargs["rope_scaling"] = dict(rope_scaling)
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         kwargs["head_dim"] = head_dim or hidden_size // num_attention_heads
+    if family == "qwen3_moe":
+        kwargs.update(dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                           norm_topk_prob=True), **(moe or {}))
     config = getattr(transformers, cfg_name)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config)
