@@ -8,7 +8,9 @@ from the family table; this file only decides which slice of it a rank holds:
     their ``partition_dim`` (rows for column-parallel, columns for row-parallel);
   * the gated ``linear_fc1`` is the exception: rank r holds [gate_r; up_r], not rows
     r*2F/tp..(r+1)*2F/tp of [gate; up], because megatron's SwiGLU halves the LOCAL output;
-  * everything else (norms, QK-norm) is replicated.
+  * routed experts (``mlp.experts.*``, stacked (E, ...)) are cut along the expert dim over the
+    expert-parallel group: EP rank r holds experts [r*E/ep, (r+1)*E/ep), as the dispatcher routes;
+  * everything else (norms, QK-norm, the router) is replicated.
 """
 from __future__ import annotations
 
@@ -76,6 +78,26 @@ def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, name: str, tp_rank: 
     return full.chunk(tp_size, dim)[tp_rank]
 
 
+def _is_routed_expert(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def _ep(ctx) -> tuple[int, int]:
+    """(EP rank, EP size) of this rank."""
+    size = getattr(ctx, "ep_size", 1) or 1
+    return (dist.get_rank(ctx.ep_group) if size > 1 else 0), size
+
+
+def ep_slice(full: torch.Tensor, name: str, ep_rank: int, ep_size: int) -> torch.Tensor:
+    """This EP rank's experts of the stacked (E, ...) tensor ``full`` (``name``)."""
+    if ep_size == 1 or not _is_routed_expert(name):
+        return full
+    if full.shape[0] % ep_size:
+        raise ConversionError(f"tensor '{name}' stacks {full.shape[0]} experts, not divisible by "
+                              f"the expert parallel size {ep_size} (parallel.expert).")
+    return full.chunk(ep_size, 0)[ep_rank]
+
+
 def tp_unslice(pieces: list[torch.Tensor], param: torch.nn.Parameter, name: str) -> torch.Tensor:
     """Inverse of :func:`tp_slice`: the full tensor from every TP rank's piece (rank order)."""
     if len(pieces) == 1 or not getattr(param, "tensor_model_parallel", False):
@@ -110,6 +132,7 @@ def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx, optimizer=None) -> 
 
     ckpt = hf_dir if isinstance(hf_dir, HFCheckpoint) else HFCheckpoint(hf_dir, key="model.init_from_hf")
     tp_rank, tp_size = ctx.tp_rank, ctx.tp_size
+    ep_rank, ep_size = _ep(ctx)
     check_layout(model_cfg, tp_size)
     check_model_matches_hf(model_cfg, ckpt.config, os.path.join(ckpt.dir, "config.json"))
     fam.check_hf_names(ckpt.names(), model_cfg)
@@ -138,7 +161,7 @@ def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx, optimizer=None) -> 
                         f"table (spec {'te' if te else 'local'}); the model and the table disagree."
                     )
                 full = fam.hf_to_mcore_tensor(entries[key], ckpt.get, model_cfg, vocab)
-                piece = tp_slice(full, p, gname, tp_rank, tp_size)
+                piece = tp_slice(ep_slice(full, gname, ep_rank, ep_size), p, gname, tp_rank, tp_size)
                 if tuple(piece.shape) != tuple(p.shape):
                     raise ConversionError(
                         f"tensor '{gname}' (from HF {list(entries[key].hf)}): TP rank {tp_rank} "
@@ -157,12 +180,23 @@ def gather_full_state(model_chunks, model_cfg, ctx) -> Optional[dict[str, torch.
     Collective over TP and PP groups of DP/CP rank 0; returns the dict on the one writer rank
     (tp=pp=dp=cp rank 0) and None elsewhere.
     """
+    # Routed experts first, on every rank: the expert-parallel group spans data-parallel ranks.
+    _, ep_size = _ep(ctx)
+    experts: dict[str, torch.Tensor] = {}
+    for chunk in model_chunks:
+        for _, (gname, p) in global_param_names(chunk).items():
+            if ep_size > 1 and _is_routed_expert(gname):
+                pieces = [torch.empty_like(p.detach()) for _ in range(ep_size)]
+                dist.all_gather(pieces, p.detach().contiguous(), group=ctx.ep_group)
+                experts[gname] = torch.cat([x.cpu() for x in pieces], dim=0)  # (E, ...) rank order
     if getattr(ctx, "dp_rank", 0) != 0 or getattr(ctx, "cp_rank", 0) != 0:
         return None
     tp_size = ctx.tp_size
-    mine: dict[str, torch.Tensor] = {}
+    mine: dict[str, torch.Tensor] = dict(experts)
     for chunk in model_chunks:
         for _, (gname, p) in global_param_names(chunk).items():
+            if gname in experts:
+                continue
             if gname == "output_layer.weight" and model_cfg.tied_embeddings:
                 continue  # the first stage's embedding is the one that is exported
             data = p.detach()
