@@ -135,7 +135,7 @@ def _moe_from_hf(hf: dict, cfg: ModelConfig, is_moe: bool) -> None:
     """The MoE keys of ``cfg`` from a Qwen3-MoE config.json (``is_moe``), or their dense defaults."""
     from r1mega.moe.settings import _MOE_DEFAULTS
 
-    for key in MOE_ARCH_FIELDS[1:]:
+    for key in (k for k in MOE_ARCH_FIELDS if k != "num_experts"):
         setattr(cfg, key, _MOE_DEFAULTS[key])
     cfg.num_experts = 0
     if not is_moe:
