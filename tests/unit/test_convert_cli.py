@@ -45,6 +45,19 @@ def test_round_trip_through_cli_is_bit_identical(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["back", "hf", "mcore"]
 
 
+def test_qwen3_moe_round_trip_through_cli_verifies_by_default(tmp_path, capsys):
+    hf = make_tiny_hf_dir(str(tmp_path / "hf"), "qwen3_moe", hidden_size=64, num_attention_heads=4,
+                          dtype=torch.bfloat16, moe=dict(mlp_only_layers=[0]))
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    assert main(["hf-to-mcore", "--hf", hf, "--out", mcore]) == 0
+    assert "verify PASS" in capsys.readouterr().out
+    assert main(["mcore-to-hf", "--ckpt", mcore, "--out", back]) == 0
+    assert "verify PASS" in capsys.readouterr().out
+    a, b = load_safetensors_dir(hf), load_safetensors_dir(back)
+    assert "model.layers.1.mlp.experts.7.up_proj.weight" in a
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_llama3_rope_scaling_survives_hf_to_mcore_to_hf(tmp_path, capsys):
     import transformers
 
