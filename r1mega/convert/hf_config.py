@@ -160,6 +160,9 @@ def _moe_from_hf(hf: dict, cfg: ModelConfig, is_moe: bool) -> None:
         raise ConversionError(
             f"config.json: mlp_only_layers={dense} is not implemented; r1mega keeps only the "
             f"first k layers dense (model.moe_first_k_dense), i.e. mlp_only_layers=[0, ..., k-1].")
+    if len(dense) >= cfg.num_layers:
+        raise ConversionError(f"config.json: mlp_only_layers lists all {cfg.num_layers} layers (no MoE "
+                              f"layer is left); convert it as a dense model (model_type qwen3).")
     cfg.num_experts = int(experts)
     cfg.moe_router_topk = int(hf.get("num_experts_per_tok", 8))
     cfg.moe_ffn_hidden_size = int(hf.get("moe_intermediate_size", 768))

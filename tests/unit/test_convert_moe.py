@@ -147,6 +147,7 @@ def _qwen3_moe_config(**kw) -> dict:
     (dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
     (dict(mlp_only_layers=[0, 2]), r"mlp_only_layers=\[0, 2\]"),
     (dict(num_experts=0), "num_experts=0"),
+    (dict(mlp_only_layers=[0, 1, 2, 3]), "mlp_only_layers lists all 4 layers"),
     (dict(attention_bias=True), "attention_bias=True"),
     (dict(use_sliding_window=True), "use_sliding_window"),
 ])
