@@ -21,6 +21,7 @@ a per-layer condition of the row (``when="dense_layer"`` / ``"moe_layer"``).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -101,26 +102,29 @@ QWEN3_TABLE = (
 
 # Qwen3-MoE: Qwen3 attention; dense SwiGLU in the first k layers (mlp_only_layers), else a
 # softmax router (float32 on our side) and E routed SwiGLU experts, no shared expert.
-QWEN3_MOE_TABLE = (
-    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB),
-    Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), COPY),
-    Rule(_L + "self_attention.linear_qkv.weight",
-         (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"), QKV),
-    Rule(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), COPY, when="qk_norm"),
-    Rule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), COPY, when="qk_norm"),
-    Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), COPY),
-    Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), COPY),
-    Rule(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), GATE_UP,
-         when="dense_layer"),
-    Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), COPY, when="dense_layer"),
+_MOE_ROWS = (
     Rule(_L + "mlp.router_weight", (_H + "mlp.gate.weight",), COPY, when="moe_layer"),
     Rule(_L + "mlp.experts.gate_up",
          (_H + "mlp.experts.{e}.gate_proj.weight", _H + "mlp.experts.{e}.up_proj.weight"), EXPERTS_GATE_UP,
          when="moe_layer"),
     Rule(_L + "mlp.experts.down", (_H + "mlp.experts.{e}.down_proj.weight",), EXPERTS_STACK, when="moe_layer"),
-    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), COPY),
-    Rule("output_layer.weight", ("lm_head.weight",), VOCAB, when="untied"),
 )
+
+
+def _with_moe_mlp(table: tuple) -> tuple:
+    """A dense table whose MLP rows hold in the dense layers only, the MoE rows in the others."""
+    out = []
+    for rule in table:
+        if rule.mcore.startswith(_L + "mlp."):
+            out.append(dataclasses.replace(rule, when="dense_layer"))
+            if rule.mcore.endswith("linear_fc2.weight"):
+                out += _MOE_ROWS
+        else:
+            out.append(rule)
+    return tuple(out)
+
+
+QWEN3_MOE_TABLE = _with_moe_mlp(QWEN3_TABLE)
 
 FAMILY_TABLES = {"llama": LLAMA_TABLE, "qwen2": QWEN2_TABLE, "qwen3": QWEN3_TABLE,
                  "qwen3_moe": QWEN3_MOE_TABLE}
