@@ -3,9 +3,9 @@ whether it merely restates the question.
 
 A policy optimises what the reward pays for. Handing a whole completion to a symbolic checker
 pays for ``76 * 16`` as if it were ``1216`` (the checker evaluates it), and a policy finds that
-within about 120 steps (SmolLM2, lr 1e-5). So a numeric reference is only matched by a *number*: a literal, a LaTeX
-number, with thousands separators, currency and unit words allowed around it, never an
-arithmetic expression. These are pure functions on strings; ``math.py`` and the hack detectors
+within about 120 steps (SmolLM2, lr 1e-5). So a numeric reference is only matched by a *number*:
+a literal, a LaTeX number, with thousands separators, currency and unit words allowed around it,
+never an arithmetic expression. These are pure functions on strings; ``math.py`` and the hack detectors
 use them, the strict evaluation grader (``strict.py``) deliberately does not.
 """
 from __future__ import annotations
