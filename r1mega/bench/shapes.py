@@ -1,0 +1,46 @@
+"""Named model shapes the benchmarks share (``r1mega bench NAME --model SHAPE``).
+
+Each is a dict of ``ModelConfig`` keys, so one shape builds r1mega's model and, through the
+bench's own translation, the transformers peer of the same shape. ``smoke`` variants are tiny
+CPU shapes that check a bench script end to end.
+"""
+from __future__ import annotations
+
+# The foundation issue's dense shape: 852M parameters, untied.
+DENSE_852M = dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=4,
+                  ffn_hidden_size=5632, vocab_size=32000, tied_embeddings=False,
+                  max_position_embeddings=4096, make_vocab_size_divisible_by=128)
+
+# The FP8 issue's GEMM-heavier shape (Llama-3-8B's layer width, 8 layers).
+GEMM_HEAVY = dict(num_layers=8, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                  ffn_hidden_size=14336, vocab_size=32000, tied_embeddings=False,
+                  max_position_embeddings=4096, make_vocab_size_divisible_by=128)
+
+# The MoE issue's benchmark shape: Qwen3-MoE layout (q/k norms, softmax top-k renormalised),
+# 12 layers, hidden 2048, 32 heads of 128, 4 KV heads, 64 experts top-8 of width 768.
+QWEN3_MOE_SMALL = dict(family="qwen3_moe", num_layers=12, hidden_size=2048, num_attention_heads=32,
+                       num_query_groups=4, kv_channels=128, ffn_hidden_size=6144, qk_norm=True,
+                       vocab_size=32000, tied_embeddings=False, max_position_embeddings=4096,
+                       make_vocab_size_divisible_by=128, rope_theta=1000000.0, norm_epsilon=1e-6,
+                       num_experts=64, moe_router_topk=8, moe_ffn_hidden_size=768,
+                       moe_norm_topk_prob=True)
+
+DENSE_SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                   ffn_hidden_size=128, vocab_size=256, tied_embeddings=False,
+                   max_position_embeddings=256, make_vocab_size_divisible_by=128)
+
+QWEN3_MOE_SMOKE = dict(family="qwen3_moe", num_layers=2, hidden_size=64, num_attention_heads=4,
+                       num_query_groups=2, kv_channels=16, ffn_hidden_size=128, qk_norm=True,
+                       vocab_size=256, tied_embeddings=False, max_position_embeddings=256,
+                       make_vocab_size_divisible_by=128, num_experts=8, moe_router_topk=2,
+                       moe_ffn_hidden_size=32, moe_norm_topk_prob=True)
+
+SHAPES = {"852m": DENSE_852M, "gemm-heavy": GEMM_HEAVY, "qwen3-moe-small": QWEN3_MOE_SMALL}
+SMOKE = {"852m": DENSE_SMOKE, "gemm-heavy": DENSE_SMOKE, "qwen3-moe-small": QWEN3_MOE_SMOKE}
+
+
+def get_shape(name: str, smoke: bool = False) -> dict:
+    table = SMOKE if smoke else SHAPES
+    if name not in table:
+        raise SystemExit(f"unknown --model {name!r}; choose one of {sorted(table)}")
+    return dict(table[name])
