@@ -43,9 +43,11 @@ fi
 specs=("$@")
 [ ${#specs[@]} -gt 0 ] || specs=(grpo-loss train-step rollout)
 names=()
+i=0
 for spec in "${specs[@]}"; do
   read -r -a words <<<"$spec"
-  name=${words[0]}
+  i=$((i + 1))
+  name=$i-${words[0]}   # one log per spec, also when a bench runs twice with other flags
   names+=("$name")
   echo "== bench $spec"
   t0=$(date +%s)
@@ -65,5 +67,5 @@ echo
 echo "================ summary"
 echo "build_ext rc=$build_rc   tests/gpu rc=$tests_rc ($( [ -f "$OUT/gpu_tests.log" ] && tail -1 "$OUT/gpu_tests.log"))   smollm2 rc=$smol_rc"
 for name in "${names[@]}"; do
-  printf '%-12s %s\n' "$name" "$(tail -1 "$OUT/bench_$name.log" | cut -c1-900)"
+  printf '%-16s %s\n' "$name" "$(tail -1 "$OUT/bench_$name.log" | cut -c1-900)"
 done
