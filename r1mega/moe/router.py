@@ -20,7 +20,31 @@ import torch
 
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(T, H) x (E, H) -> (T, E) float32 logits; the gate weight is read in float32 too."""
-    return torch.nn.functional.linear(hidden.float(), weight.float())
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.nn.functional.linear(hidden, weight)
+    return _Float32Logits.apply(hidden, weight)
+
+
+class _Float32Logits(torch.autograd.Function):
+    """The float32 router product, keeping for the backward the activations in their own dtype:
+    autograd over ``linear(hidden.float(), w)`` would hold a float32 copy of every MoE layer's
+    (T, H) input until the backward (twice a bf16 activation's bytes); a bf16 value widens to
+    float32 exactly, so re-widening it in the backward gives the same gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return torch.nn.functional.linear(hidden.float(), weight.float())   # (T, E)
+
+    @staticmethod
+    def backward(ctx, grad):                                                 # grad (T, E) float32
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad @ weight.float()).to(hidden.dtype)           # (T, H)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.t() @ hidden.float()).to(weight.dtype)       # (E, H)
+        return grad_hidden, grad_weight
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
