@@ -93,3 +93,29 @@ def test_moe_peer_has_the_shape_of_the_issue():
     n = total_parameters(model)
     assert round(n / 1e9, 2) == 3.98
     assert count_parameters(ModelConfig(**dict(shape, moe_router_topk=64))) == n
+
+
+def test_profile_breakdown_sums_cuda_kernels_by_kind():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from r1mega.bench.train_step import kernel_breakdown
+
+    def ev(name, us, device=DeviceType.CUDA):
+        return SimpleNamespace(key=name, self_device_time_total=us, device_type=device)
+
+    events = [
+        ev("void permute_kernel<__nv_bfloat16>(...)", 100.0),
+        ev("cutlass::device_kernel<GemmUniversal<GroupProblemShape<...>>>", 3000.0),
+        ev("sm90_xmma_gemm_bf16bf16_bf16f32", 2000.0),
+        ev("pytorch_flash::flash_fwd_kernel<...>", 500.0),
+        ev("void multi_tensor_apply_kernel<...AdamFunctor...>", 1500.0),
+        ev("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>", 250.0),
+        ev("some_custom_kernel", 50.0),
+        ev("aten::mm", 2000.0, DeviceType.CPU),  # the op, not its kernel: not counted twice
+    ]
+    kinds = kernel_breakdown(events)
+    want = {"moe dispatch": 0.1, "grouped gemm": 3.0, "gemm": 2.0, "attention": 0.5,
+            "optimizer": 1.5, "elementwise": 0.25, "other": 0.05, "total": 7.4}
+    assert kinds == pytest.approx(want)
