@@ -63,12 +63,21 @@ def build_hf_model(shape: dict, device: torch.device, dtype: torch.dtype,
         raise SystemExit(f"no transformers peer for model family {shape.get('family')!r} "
                          "(bench shapes with experts must be family qwen3_moe)")
     impl = None if experts_implementation in (None, "default") else experts_implementation
+    selectable = hasattr(transformers.PreTrainedModel, "set_experts_implementation")
+    if impl is not None and not selectable:
+        raise PeerUnavailable(f"transformers {transformers.__version__} has no "
+                              f"experts_implementation; only its default experts can be timed")
+    kwargs = {"experts_implementation": impl} if selectable else {}
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(
-            _qwen3_moe_config(shape), dtype=dtype, attn_implementation="sdpa",
-            experts_implementation=impl)
+            _qwen3_moe_config(shape), dtype=dtype, attn_implementation="sdpa", **kwargs)
     model.train()
-    return model, model.config._experts_implementation
+    # transformers 4.x loops over the experts (its only implementation).
+    return model, getattr(model.config, "_experts_implementation", None) or "eager"
+
+
+class PeerUnavailable(Exception):
+    """The installed transformers cannot build the requested peer variant."""
 
 
 def total_parameters(model: torch.nn.Module) -> int:

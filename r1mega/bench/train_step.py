@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from r1mega.bench.hf_peer import build_hf_model, is_moe_shape, total_parameters
+from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, total_parameters
 from r1mega.bench.shapes import SHAPES, get_shape
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
@@ -81,11 +81,15 @@ def model_flops_per_token(shape: dict, seq_len: int) -> float:
     return 6 * n + 6 * shape["num_layers"] * heads * head_dim * seq_len
 
 
-def _reset_memory(device):
+def _reset_memory(device) -> float:
+    """Frees what earlier runs left and restarts the peak count; -> GB still allocated (a run
+    that left its model behind would inflate every later run's peak by this much)."""
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 1e9
 
 
 def _peak_gb(device) -> float:
@@ -322,10 +326,11 @@ def main(argv=None) -> int:
     rows = {}  # name -> (sec, peak GB, losses)
     extra = {}  # name -> extra JSON fields
     for impl in impls:
-        _reset_memory(device)
+        base = _reset_memory(device)
         sec, mem, losses = run_r1mega(shape, tokens, rt, impl, args.warmup, args.steps,
                                       args.compile, attention=args.attention)
         rows[f"r1mega[{impl}]"] = (sec, mem, losses)
+        extra[f"r1mega[{impl}]"] = {"allocated_before_gb": base}
     if args.compile_too and args.compile != "layer":
         _reset_memory(device)
         rows[f"r1mega[{impls[-1]},compiled]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
@@ -343,21 +348,27 @@ def main(argv=None) -> int:
         rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
                                                       args.steps, args.compile, thd=True,
                                                       attention=args.attention)
-    hf_names = []
+    hf_names, skipped = [], {}
     if not args.skip_hf:
         seen = set()
         for want in hf_experts:
             if want in seen:
                 continue
-            _reset_memory(device)
-            sec, mem, losses, resolved, n_hf = run_hf(shape, tokens, device, dtype, args.warmup,
-                                                      args.steps, want)
+            base = _reset_memory(device)
+            try:
+                sec, mem, losses, resolved, n_hf = run_hf(shape, tokens, device, dtype,
+                                                          args.warmup, args.steps, want)
+            except PeerUnavailable as exc:
+                print(f"transformers[{want}]: not timed: {exc}")
+                skipped[want] = str(exc)
+                continue
             seen.update({want, resolved})
             name = "transformers" if not moe else f"transformers[{want}={resolved}]" \
                 if want == "default" else f"transformers[{resolved}]"
             rows[name] = (sec, mem, losses)
             extra[name] = {"experts_implementation": resolved, "requested": want,
-                           "bytes_per_param_static": 8, "total_parameters": n_hf}
+                           "bytes_per_param_static": 8, "total_parameters": n_hf,
+                           "allocated_before_gb": base}
             hf_names.append(name)
     destroy_parallel()
 
@@ -370,22 +381,34 @@ def main(argv=None) -> int:
         n_total = count_parameters(ModelConfig(**dict(shape, moe_router_topk=shape["num_experts"])))
     # The peer to beat: transformers' fastest run.
     hf = min((rows[n] for n in hf_names), key=lambda r: r[0]) if hf_names else None
+    result = {"model": args.model, "shape": shape, "tokens_per_step": n_tokens,
+              "device": str(device), "dtype": str(dtype), "matmul_peak_tflops": peak / 1e12,
+              "flops_per_token": flops_tok, "compile": args.compile, "impls": {}}
+    if moe:
+        from r1mega.moe import _cuda_ext
+        from r1mega.moe.experts import grouped_mm_available
+
+        probe = torch.empty(0, device=device, dtype=dtype)
+        ext_error = None if device.type != "cuda" or _cuda_ext.get() is not None else _cuda_ext.load_error()
+        # What the r1mega rows ran: a fallback here explains a slow row.
+        result.update(active_parameters=n_active, total_parameters=n_total,
+                      r1mega_experts="grouped_mm" if grouped_mm_available(probe) else "loop",
+                      r1mega_dispatch="cuda" if device.type == "cuda" and ext_error is None
+                      else "torch" + (f" ({ext_error})" if ext_error else ""))
+    if skipped:
+        result["hf_not_timed"] = skipped
     print(f"train-step --model {args.model}: {shape['num_layers']} layers, hidden "
           f"{shape['hidden_size']}, vocab {shape['vocab_size']}, {args.seqs}x{args.seq_len} tokens, "
           f"{dtype}, {device}; measured matmul peak {peak / 1e12:.1f} TFLOP/s")
     if moe:
         print(f"MoE: {shape['num_experts']} experts top-{shape['moe_router_topk']}, "
               f"{n_active / 1e9:.3f}B active / {n_total / 1e9:.3f}B total parameters; MFU is "
-              f"active-parameter MFU")
+              f"active-parameter MFU; r1mega ran experts {result['r1mega_experts']}, "
+              f"dispatch {result['r1mega_dispatch']}")
     head = f"{'impl':<40}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}" \
            f"{'vs HF':>8}{'loss[0]':>10}"
     print(head)
     print("-" * len(head))
-    result = {"model": args.model, "shape": shape, "tokens_per_step": n_tokens,
-              "device": str(device), "dtype": str(dtype), "matmul_peak_tflops": peak / 1e12,
-              "flops_per_token": flops_tok, "compile": args.compile, "impls": {}}
-    if moe:
-        result.update(active_parameters=n_active, total_parameters=n_total)
     for name, (sec, mem, losses) in rows.items():
         tps = n_tokens / sec
         tflops = tps * flops_tok / 1e12

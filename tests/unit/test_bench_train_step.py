@@ -38,6 +38,8 @@ def test_moe_smoke_runs_r1mega_beside_each_transformers_experts_implementation()
     assert out["total_parameters"] == impls[hf[0]]["total_parameters"]
     assert out["active_parameters"] < out["total_parameters"]
     assert out["speed_bar"] == 2.0 and out["best"].startswith("r1mega")
+    # On CPU the MoE layers run the per-expert loop and the PyTorch dispatch; the JSON says so.
+    assert (out["r1mega_experts"], out["r1mega_dispatch"]) == ("loop", "torch")
 
 
 def test_dense_smoke_keeps_its_shape_and_peer():
