@@ -405,6 +405,10 @@ def main(argv=None) -> int:
               f"{n_active / 1e9:.3f}B active / {n_total / 1e9:.3f}B total parameters; MFU is "
               f"active-parameter MFU; r1mega ran experts {result['r1mega_experts']}, "
               f"dispatch {result['r1mega_dispatch']}")
+        # Weights + gradients + optimizer state before any activation: the floor of each peak.
+        print(f"static memory: r1mega {_static_gb(n_total, 18):.1f} GB (18 B/param: bf16 weights, "
+              f"fp32 gradient buffer, fp32 masters and Adam moments); transformers "
+              f"{_static_gb(n_total, 8):.1f} GB (8 B/param: bf16 weights, gradients, AdamW moments)")
     head = f"{'impl':<40}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}" \
            f"{'vs HF':>8}{'loss[0]':>10}"
     print(head)
