@@ -363,8 +363,12 @@ def main(argv=None) -> int:
                 skipped[want] = str(exc)
                 continue
             seen.update({want, resolved})
-            name = "transformers" if not moe else f"transformers[{want}={resolved}]" \
-                if want == "default" else f"transformers[{resolved}]"
+            if not moe:
+                name = "transformers"
+            elif want == "default":
+                name = f"transformers[default={resolved}]"
+            else:
+                name = f"transformers[{resolved}]"
             rows[name] = (sec, mem, losses)
             extra[name] = {"experts_implementation": resolved, "requested": want,
                            "bytes_per_param_static": 8, "total_parameters": n_hf,
