@@ -42,6 +42,7 @@ import torch
 
 from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, total_parameters
 from r1mega.bench.shapes import SHAPES, get_shape
+from r1mega.bench.step_profile import OptimizerClock, kernel_breakdown
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
 DEFAULT_SEQS = {"qwen3-moe-small": 4}
@@ -100,37 +101,6 @@ def _peak_gb(device) -> float:
 
 _PROFILE = {"on": False, "rows": 25, "breakdowns": {}}
 
-# Device kernels by kind, first match wins (lower-case substrings of the kernel name). The MoE
-# dispatch kernels are csrc/moe_dispatch_kernel.cu's; torch._grouped_mm's CUTLASS kernels carry
-# "group" (GroupProblemShape / grouped) in their names.
-_KERNEL_KINDS = (
-    ("moe dispatch", ("routing_metadata_kernel", "permute_kernel")),
-    ("grouped gemm", ("group",)),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "sm90_", "sm80_")),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm")),
-    ("copy / cast", ("copy", "cast", "convert", "fill")),
-    ("softmax / loss / reduce", ("softmax", "nll", "cross_entropy", "reduce", "topk", "sort",
-                                 "scan", "cumsum", "bincount", "histogram")),
-    ("elementwise", ("elementwise", "vectorized", "silu", "mul", "add")),
-)
-
-
-def kernel_breakdown(events) -> dict:
-    """{kind: ms} of the CUDA kernels in ``events`` (profiler key averages), plus "total"."""
-    from torch.autograd import DeviceType
-
-    out: dict = {}
-    for e in events:
-        if e.device_type != DeviceType.CUDA:
-            continue
-        name = e.key.lower()
-        kind = next((k for k, subs in _KERNEL_KINDS if any(s in name for s in subs)), "other")
-        out[kind] = out.get(kind, 0.0) + e.self_device_time_total / 1e3
-    out["total"] = sum(out.values())
-    return out
-
-
 def _profile_step(step_fn, label: str) -> None:
     """Top device kernels of one step (``--profile``): where the milliseconds go."""
     from torch.profiler import ProfilerActivity, profile
@@ -158,16 +128,21 @@ def _profile_step(step_fn, label: str) -> None:
     _PROFILE["breakdowns"][label] = kinds
 
 
-def _timed(step_fn, device, warmup: int, steps: int, label: str = "") -> tuple[float, list]:
+def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
+           clock: OptimizerClock | None = None) -> tuple[float, list]:
     losses = []
     for _ in range(warmup):
         losses.append(step_fn())
     _sync(device)
+    if clock is not None:
+        clock.reset()  # the timed steps only
     t = time.perf_counter()
     for _ in range(steps):
         losses.append(step_fn())
     _sync(device)
     sec = (time.perf_counter() - t) / steps
+    if clock is not None:
+        clock.result_ms = clock.mean_ms()
     if _PROFILE["on"] and device.type == "cuda":
         _profile_step(step_fn, label)
     return sec, losses
@@ -215,6 +190,9 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     else:
         loss_fn = sft_loss_fn(model_cfg.vocab_size, rt.tp_group)
 
+    clock = OptimizerClock(rt.device)
+    step.optimizer_step = clock.wrap(step.optimizer_step)
+
     def one():
         # The StepResult itself: reading .loss here would wait for the step every time (the
         # sync-free step reads its results back only when asked); read after the timing.
@@ -222,30 +200,37 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
 
     sec, losses = _timed(one, rt.device, warmup, steps,
                          f"r1mega[{loss_impl}] compile={compile_mode} attention={attention} "
-                         f"grad_reduce_in_fp32={grad_reduce_in_fp32}")
+                         f"grad_reduce_in_fp32={grad_reduce_in_fp32}", clock)
     peak = _peak_gb(rt.device)
     losses = [r.loss for r in losses]
     del step, optim, chunks
-    return sec, peak, losses
+    return sec, peak, losses, clock.result_ms
 
 
 def run_hf(shape, tokens, device, dtype, warmup: int, steps: int, experts: str | None = None):
     model, experts_impl = build_hf_model(shape, device, dtype, experts)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
-    def one():
-        out = model(input_ids=tokens, labels=tokens)
-        out.loss.backward()
+    clock = OptimizerClock(device)
+
+    @clock.wrap
+    def update():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def one():
+        out = model(input_ids=tokens, labels=tokens)
+        out.loss.backward()
+        update()
         return out.loss.detach()
 
-    sec, losses = _timed(one, device, warmup, steps, f"transformers experts={experts_impl}")
+    sec, losses = _timed(one, device, warmup, steps, f"transformers experts={experts_impl}", clock)
     peak = _peak_gb(device)
     n_params = total_parameters(model)
     del model, opt
-    return sec, peak, [float(x) for x in losses], experts_impl, n_params
+    return (sec, peak, [float(x) for x in losses], experts_impl, n_params,
+            clock.result_ms)
 
 
 def _no_nan(x):
@@ -325,29 +310,33 @@ def main(argv=None) -> int:
             impls = ["fp32"]
     rows = {}  # name -> (sec, peak GB, losses)
     extra = {}  # name -> extra JSON fields
+    def add_r1mega(name, run, base, **more):
+        sec, mem, losses, opt_ms = run
+        rows[name] = (sec, mem, losses)
+        extra[name] = {"allocated_before_gb": base, "optimizer_ms": opt_ms, **more}
+
     for impl in impls:
         base = _reset_memory(device)
-        sec, mem, losses = run_r1mega(shape, tokens, rt, impl, args.warmup, args.steps,
-                                      args.compile, attention=args.attention)
-        rows[f"r1mega[{impl}]"] = (sec, mem, losses)
-        extra[f"r1mega[{impl}]"] = {"allocated_before_gb": base}
+        add_r1mega(f"r1mega[{impl}]", run_r1mega(shape, tokens, rt, impl, args.warmup, args.steps,
+                                                 args.compile, attention=args.attention), base)
     if args.compile_too and args.compile != "layer":
-        _reset_memory(device)
-        rows[f"r1mega[{impls[-1]},compiled]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
-                                                           args.steps, "layer", attention=args.attention)
+        base = _reset_memory(device)
+        add_r1mega(f"r1mega[{impls[-1]},compiled]",
+                   run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, "layer",
+                              attention=args.attention), base)
     if args.bf16_grads_too:
         # With one micro-batch on one rank the buffer only receives the bf16 weight gradient once,
         # so fp32 and bf16 buffers hold the same values.
-        _reset_memory(device)
-        name = f"r1mega[{impls[-1]},bf16-grads]"
-        rows[name] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
-                                attention=args.attention, grad_reduce_in_fp32=False)
-        extra[name] = {"bytes_per_param_static": 16}
+        base = _reset_memory(device)
+        add_r1mega(f"r1mega[{impls[-1]},bf16-grads]",
+                   run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
+                              attention=args.attention, grad_reduce_in_fp32=False), base,
+                   bytes_per_param_static=16)
     if args.thd_too:
-        _reset_memory(device)
-        rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
-                                                      args.steps, args.compile, thd=True,
-                                                      attention=args.attention)
+        base = _reset_memory(device)
+        add_r1mega(f"r1mega[{impls[-1]},thd]",
+                   run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
+                              thd=True, attention=args.attention), base)
     hf_names, skipped = [], {}
     if not args.skip_hf:
         seen = set()
@@ -356,8 +345,8 @@ def main(argv=None) -> int:
                 continue
             base = _reset_memory(device)
             try:
-                sec, mem, losses, resolved, n_hf = run_hf(shape, tokens, device, dtype,
-                                                          args.warmup, args.steps, want)
+                sec, mem, losses, resolved, n_hf, opt_ms = run_hf(shape, tokens, device, dtype,
+                                                                  args.warmup, args.steps, want)
             except PeerUnavailable as exc:
                 print(f"transformers[{want}]: not timed: {exc}")
                 skipped[want] = str(exc)
@@ -372,7 +361,7 @@ def main(argv=None) -> int:
             rows[name] = (sec, mem, losses)
             extra[name] = {"experts_implementation": resolved, "requested": want,
                            "bytes_per_param_static": 8, "total_parameters": n_hf,
-                           "allocated_before_gb": base}
+                           "allocated_before_gb": base, "optimizer_ms": opt_ms}
             hf_names.append(name)
     destroy_parallel()
 
@@ -413,16 +402,17 @@ def main(argv=None) -> int:
         print(f"static memory: r1mega {_static_gb(n_total, 18):.1f} GB (18 B/param: bf16 weights, "
               f"fp32 gradient buffer, fp32 masters and Adam moments); transformers "
               f"{_static_gb(n_total, 8):.1f} GB (8 B/param: bf16 weights, gradients, AdamW moments)")
-    head = f"{'impl':<40}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}" \
-           f"{'vs HF':>8}{'loss[0]':>10}"
+    head = f"{'impl':<40}{'ms/step':>10}{'optim ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}" \
+           f"{'peak GB':>10}{'vs HF':>8}{'loss[0]':>10}"
     print(head)
     print("-" * len(head))
     for name, (sec, mem, losses) in rows.items():
         tps = n_tokens / sec
         tflops = tps * flops_tok / 1e12
         ratio = (hf[0] / sec) if hf else float("nan")
-        print(f"{name:<40}{sec * 1e3:>10.1f}{tps:>12.0f}{tflops:>10.1f}{tflops * 1e12 / peak:>8.1%}"
-              f"{mem:>10.2f}{ratio:>8.2f}{float(losses[0]):>10.4f}")
+        opt_ms = extra.get(name, {}).get("optimizer_ms", float("nan"))
+        print(f"{name:<40}{sec * 1e3:>10.1f}{opt_ms:>10.1f}{tps:>12.0f}{tflops:>10.1f}"
+              f"{tflops * 1e12 / peak:>8.1%}{mem:>10.2f}{ratio:>8.2f}{float(losses[0]):>10.4f}")
         row = {"ms_per_step": sec * 1e3, "tokens_per_s": tps, "model_tflops": tflops,
                "mfu": tflops * 1e12 / peak, "peak_memory_gb": mem, "speedup_vs_hf": ratio,
                "first_loss": float(losses[0]), "last_loss": float(losses[-1])}

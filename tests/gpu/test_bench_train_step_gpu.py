@@ -33,6 +33,7 @@ def test_moe_smoke_on_cuda_runs_the_device_moe_path_beside_transformers():
     for name, row in out["impls"].items():
         assert abs(row["first_loss"] - math.log(256)) < 0.2, (name, row)
         assert row["peak_memory_gb"] > 0 and row["allocated_before_gb"] < 1.0, (name, row)
+        assert 0 < row["optimizer_ms"] < row["ms_per_step"], (name, row)
     kinds = out["profile_device_ms_by_kind"]
     r1 = next(v for k, v in kinds.items() if k.startswith("r1mega"))
     assert r1["total"] > 0 and r1.get("moe dispatch", 0) > 0

@@ -102,7 +102,7 @@ def test_profile_breakdown_sums_cuda_kernels_by_kind():
 
     from torch.autograd import DeviceType
 
-    from r1mega.bench.train_step import kernel_breakdown
+    from r1mega.bench.step_profile import kernel_breakdown
 
     def ev(name, us, device=DeviceType.CUDA):
         return SimpleNamespace(key=name, self_device_time_total=us, device_type=device)
