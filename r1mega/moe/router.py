@@ -20,8 +20,11 @@ import torch
 
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(T, H) x (E, H) -> (T, E) float32 logits; the gate weight is read in float32 too."""
-    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
-        return torch.nn.functional.linear(hidden, weight)
+    needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_graph or (hidden.dtype == torch.float32 and weight.dtype == torch.float32):
+        # Nothing is kept for a backward (rollout, log-prob passes): the plain ops, which
+        # torch.compile and CUDA-graph capture of the decode step see as before.
+        return torch.nn.functional.linear(hidden.float(), weight.float())
     return _Float32Logits.apply(hidden, weight)
 
 
