@@ -97,8 +97,14 @@ def group_limited_topk(logits: torch.Tensor, k: int, n_group: int, topk_group: i
 
 
 def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(T, k) expert indices -> (E,) float32 count of token slots per expert."""
-    return torch.bincount(indices.reshape(-1), minlength=num_experts).float()
+    """(T, k) expert indices -> (E,) float32 count of token slots per expert.
+
+    index_add_ rather than bincount: CUDA's bincount reads the largest index back to the host
+    to size its output, a synchronisation in every MoE layer's training forward. The counts are
+    integers below 2^24, exact in float32 whatever order the additions land in."""
+    flat = indices.reshape(-1)                                         # (T*k,)
+    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+    return torch.zeros(num_experts, dtype=torch.float32, device=flat.device).index_add_(0, flat, ones)
 
 
 def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:

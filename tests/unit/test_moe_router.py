@@ -213,3 +213,13 @@ def test_router_logits_keep_bf16_activations_and_match_the_float32_autograd():
     assert torch.equal(logits, ref)
     assert gh.dtype == torch.bfloat16 and torch.equal(gh, rh)
     assert gw.dtype == torch.float32 and torch.equal(gw, rw)
+
+
+def test_expert_load_counts_every_slot_including_idle_experts():
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, 6, (50, 3), generator=g)
+    idx[idx == 4] = 5  # expert 4 receives nothing
+    want = [sum(int(v) == e for v in idx.reshape(-1)) for e in range(7)]
+    load = router.expert_load(idx, 7)
+    assert load.dtype == torch.float32 and load.tolist() == [float(w) for w in want]
+    assert load[4] == 0 and load[6] == 0 and load.sum() == idx.numel()
