@@ -310,6 +310,7 @@ def main(argv=None) -> int:
             impls = ["fp32"]
     rows = {}  # name -> (sec, peak GB, losses)
     extra = {}  # name -> extra JSON fields
+
     def add_r1mega(name, run, base, **more):
         sec, mem, losses, opt_ms = run
         rows[name] = (sec, mem, losses)
