@@ -214,4 +214,4 @@ def test_moe_train_step_never_waits_for_the_device(single_rank_runtime, kw):
         torch.cuda.set_sync_debug_mode("default")
     assert all(r.update_successful for r in results)
     losses = [r.loss for r in results]
-    assert all(l == l for l in losses) and losses[-1] < losses[0]
+    assert all(x == x for x in losses) and losses[-1] < losses[0]
