@@ -180,7 +180,12 @@ class MoELayer(MegatronModule):
             if self.collector is not None and self.collector.enabled:
                 self._balance_losses(logits, idx, seq, batch, padding_mask)
         rows, counts, ctx = self.dispatcher.dispatch(x, idx, w)                 # (N, H)
-        groups = ExpertGroups.from_counts(counts, rows.device)
+        if isinstance(self.dispatcher, LocalDispatcher):
+            # The routing metadata already holds the offsets: no cumsum kernels per layer.
+            meta = ctx[0]
+            groups = ExpertGroups(meta.num_experts, meta.offsets)
+        else:
+            groups = ExpertGroups.from_counts(counts, rows.device)
         out = self.dispatcher.combine(self.experts(rows, groups), ctx)          # (T, H)
         out = out.to(x.dtype)
         if self.shared_expert is not None:

@@ -20,7 +20,34 @@ import torch
 
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(T, H) x (E, H) -> (T, E) float32 logits; the gate weight is read in float32 too."""
-    return torch.nn.functional.linear(hidden.float(), weight.float())
+    needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_graph or (hidden.dtype == torch.float32 and weight.dtype == torch.float32):
+        # Nothing is kept for a backward (rollout, log-prob passes): the plain ops, which
+        # torch.compile and CUDA-graph capture of the decode step see as before.
+        return torch.nn.functional.linear(hidden.float(), weight.float())
+    return _Float32Logits.apply(hidden, weight)
+
+
+class _Float32Logits(torch.autograd.Function):
+    """The float32 router product, keeping for the backward the activations in their own dtype:
+    autograd over ``linear(hidden.float(), w)`` would hold a float32 copy of every MoE layer's
+    (T, H) input until the backward (twice a bf16 activation's bytes); a bf16 value widens to
+    float32 exactly, so re-widening it in the backward gives the same gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return torch.nn.functional.linear(hidden.float(), weight.float())   # (T, E)
+
+    @staticmethod
+    def backward(ctx, grad):                                                 # grad (T, E) float32
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad @ weight.float()).to(hidden.dtype)           # (T, H)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.t() @ hidden.float()).to(weight.dtype)       # (E, H)
+        return grad_hidden, grad_weight
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +97,14 @@ def group_limited_topk(logits: torch.Tensor, k: int, n_group: int, topk_group: i
 
 
 def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(T, k) expert indices -> (E,) float32 count of token slots per expert."""
-    return torch.bincount(indices.reshape(-1), minlength=num_experts).float()
+    """(T, k) expert indices -> (E,) float32 count of token slots per expert.
+
+    index_add_ rather than bincount: CUDA's bincount reads the largest index back to the host
+    to size its output, a synchronisation in every MoE layer's training forward. The counts are
+    integers below 2^24, exact in float32 whatever order the additions land in."""
+    flat = indices.reshape(-1)                                         # (T*k,)
+    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+    return torch.zeros(num_experts, dtype=torch.float32, device=flat.device).index_add_(0, flat, ones)
 
 
 def update_expert_bias(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Tensor:

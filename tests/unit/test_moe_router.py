@@ -189,3 +189,37 @@ def test_bad_arguments_name_the_fix():
         router.group_limited_topk(logits, 5, 4, 2)
     with pytest.raises(ValueError, match="k=9"):
         router.softmax_topk(logits, 9, True)
+
+
+def test_router_logits_keep_bf16_activations_and_match_the_float32_autograd():
+    """bf16 hidden states: the float32 logits and both gradients equal plain autograd over
+    linear(hidden.float(), w) exactly, while the graph keeps the bf16 input, not a float32 copy."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(13, 24, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(6, 24, generator=g, dtype=torch.float32).requires_grad_()
+    grad = torch.randn(13, 6, generator=g)
+
+    logits = router.router_logits(hidden, weight)
+    assert logits.dtype == torch.float32
+    saved = [t for t in logits.grad_fn.saved_tensors]
+    assert {t.dtype for t in saved} == {torch.bfloat16, torch.float32}
+    assert all(t.numel() != hidden.numel() or t.dtype == torch.bfloat16 for t in saved)
+    gh, gw = torch.autograd.grad(logits, (hidden, weight), grad)
+
+    h2 = hidden.detach().clone().requires_grad_()
+    w2 = weight.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(h2.float(), w2)
+    rh, rw = torch.autograd.grad(ref, (h2, w2), grad)
+    assert torch.equal(logits, ref)
+    assert gh.dtype == torch.bfloat16 and torch.equal(gh, rh)
+    assert gw.dtype == torch.float32 and torch.equal(gw, rw)
+
+
+def test_expert_load_counts_every_slot_including_idle_experts():
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, 6, (50, 3), generator=g)
+    idx[idx == 4] = 5  # expert 4 receives nothing
+    want = [sum(int(v) == e for v in idx.reshape(-1)) for e in range(7)]
+    load = router.expert_load(idx, 7)
+    assert load.dtype == torch.float32 and load.tolist() == [float(w) for w in want]
+    assert load[4] == 0 and load[6] == 0 and load.sum() == idx.numel()
