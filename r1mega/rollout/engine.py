@@ -7,6 +7,20 @@
 Each data-parallel rank calls ``generate`` with its own prompts; TP ranks of one model call it
 with the same prompts and take the same scheduling decisions, because every sampled token is
 agreed on through the vocab-parallel reductions in :mod:`r1mega.rollout.sampling`.
+
+Expert parallelism (parallel.expert > 1): every MoE layer is an all-to-all over the EP group, so
+the group's ranks step together although each schedules its own prompts. Before each step one
+all-reduce (MAX) of a "still working" flag over the EP group decides whether anyone has work; a
+rank that has none runs an empty step (zero tokens through the MoE layers) until all are done.
+Ranks may be in different phases (one prefilling, one decoding): the all-to-alls only need each
+rank to run every MoE layer once per step, which every step does. That path is eager: the
+all-to-all's split sizes go to the host, so neither CUDA graphs nor the compiled decode apply.
+
+Routing replay (rollout.routing_replay): each step's forward records the experts every MoE layer
+chose per token (r1mega/moe/replay.py); each Completion carries them for the training forward.
+A preempted sequence's recompute replays its recorded routes, so its cache is rebuilt exactly
+as it was routed. Recording reads the routes back every step, which the captured decode graphs
+cannot do: they are off when recording.
 """
 from __future__ import annotations
 
@@ -17,6 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from r1mega.moe.replay import RoutingCapture, RoutingReplay, routing_context
 from r1mega.rollout import triton_paged
 from r1mega.rollout.attention import AttentionBatch, padded_query_index
 from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
@@ -74,7 +89,9 @@ class RolloutEngine:
             on_gpu and triton_paged.HAVE_TRITON and attention_backend == "auto"
             and r.head_dim & (r.head_dim - 1) == 0
         )
-        self.use_graphs = bool(rollout_cfg.cuda_graphs) and self.use_triton and r.graph_capturable
+        self.record_routes = bool(getattr(rollout_cfg, "routing_replay", False)) and bool(r.moe_layers)
+        self.use_graphs = (bool(rollout_cfg.cuda_graphs) and self.use_triton and r.graph_capturable
+                           and not self.record_routes)
         self.overlap_steps = bool(rollout_cfg.overlap_steps if overlap_steps is None else overlap_steps)
         self.graphs: Optional[DecodeGraphs] = None
         self._compiled_decode = None
@@ -207,12 +224,16 @@ class RolloutEngine:
         done: list[Completion] = []
         capture0 = self._capture_s()
         t0 = time.perf_counter()
-        steps = {"prefill": 0, "decode": 0}
+        steps = {"prefill": 0, "decode": 0, "empty": 0}
         seconds = {"prefill": 0.0, "decode": 0.0}
         overlap = OverlappedDecoder(self) if self.overlap_steps and self.use_graphs else None
         with torch.no_grad(), sequence_parallel_off(self.runner.model):
-            while sched.has_work or (overlap and overlap.pending):
+            while self._any_rank_working(sched.has_work or bool(overlap and overlap.pending)):
                 t_step = time.perf_counter()
+                if not (sched.has_work or (overlap and overlap.pending)):
+                    self.runner.empty_step()  # this rank is done; its EP peers are not
+                    steps["empty"] += 1
+                    continue
                 if overlap and overlap.pending:
                     kind = "decode"
                     sampled, launched = overlap.advance(sched)
@@ -251,6 +272,26 @@ class RolloutEngine:
         done.sort(key=lambda c: (c.prompt_index, c.sample_index))
         return done
 
+    def _any_rank_working(self, working: bool) -> bool:
+        """Whether any rank of the expert-parallel group still has work (``working``: this one).
+        One small all-reduce per step; without EP, just ``working``."""
+        if self.runner.ep_group is None:
+            return working
+        flag = torch.tensor([int(working)], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.runner.ep_group)
+        return bool(flag.item())
+
+    def _forward(self, *args, replay: Optional[torch.Tensor] = None, **kw):
+        """runner.forward, recording the routes when routing replay is on; ``replay`` (L, T, k)
+        forced experts (-1: free). Returns (logits, routes (L, T, k) on the host or None)."""
+        if not self.record_routes:
+            return self.runner.forward(*args, **kw), None
+        capture = RoutingCapture()
+        forced = None if replay is None else RoutingReplay(replay.to(self.device))
+        with routing_context(self.runner.model, replay=forced, capture=capture):
+            logits = self.runner.forward(*args, **kw)
+        return logits, capture.take().to("cpu", torch.int32)
+
     def _capture_s(self) -> float:
         # Within a call the graphs only go from None to new ones (allocate releases them before
         # the first reading, end_phase after the call), so two readings differ by this call's.
@@ -275,6 +316,7 @@ class RolloutEngine:
             logprobs=list(s.logprobs), finish_reason=s.finish_reason,
             logprobs_t1=list(s.logprobs_t1) if self.cfg.return_logprobs_t1 else None,
             text=text, stop_reason=s.stop_reason,
+            routes=torch.cat(s.routes, dim=1) if self.record_routes else None,
         )
 
     # ------------------------------------------------------------------ steps
@@ -333,8 +375,21 @@ class RolloutEngine:
             q_index=padded_query_index(q_lens, self.device),
         )
         rows = self._tensor(logit_rows) if logit_rows else None
-        logits = self.runner.forward(self._tensor(ids),
-                                     batch.positions, batch.slots, rows, batch)
+        replay = None
+        if self.record_routes and plan.resumed:
+            # Recompute after preemption: route the cached tokens as they were routed first.
+            fresh = t - sum(len(s.tokens) - 1 for s in plan.resumed)
+            first = next(r for s in plan.resumed for r in s.routes)
+            replay = torch.full((first.shape[0], fresh, first.shape[2]), -1, dtype=torch.int32)
+            replay = torch.cat([replay] + [c for s in plan.resumed for c in s.routes], dim=1)
+        logits, routes = self._forward(self._tensor(ids), batch.positions, batch.slots, rows, batch,
+                                       replay=replay)
+        if routes is not None:
+            start = 0
+            for g in plan.groups:  # every sample of a prompt shares its prompt's routes
+                for seq in g.samples:
+                    seq.routes = [routes[:, start:start + len(g.prompt)]]
+                start += len(g.prompt)
         for s in plan.resumed:
             sched.resume(s)
         sampled: list[Sequence] = []
@@ -371,14 +426,17 @@ class RolloutEngine:
         slots = self._tensor([blk[p // bs] * bs + p % bs for blk, p in
                               zip((s.blocks for s in seqs), pos_host)])
         if self.use_triton:
-            logits = self.runner.forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
+            logits, routes = self._forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
         else:
             batch = AttentionBatch(
                 slots=slots, positions=positions, q_lens=[1] * len(seqs), ctx_lens=ctx_lens,
                 ctx_lens_host=ctx_host, block_tables=block_tables, block_tokens=bs,
                 q_index=torch.arange(len(seqs), device=self.device)[:, None],
             )
-            logits = self.runner.forward(ids, positions, slots, None, batch)
+            logits, routes = self._forward(ids, positions, slots, None, batch)
+        if routes is not None:
+            for i, s in enumerate(seqs):  # row i fed s.tokens[-1]
+                s.routes.append(routes[:, i:i + 1])
         tokens, lps, lp1 = sample(logits, sb, self.shard, self.vocab_hashed)
         return self._record(seqs, tokens, lps, lp1)
 
