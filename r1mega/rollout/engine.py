@@ -211,7 +211,14 @@ class RolloutEngine:
         the others still decode (the trainer scores them meanwhile). Returns every completion,
         sorted by (prompt, sample), the same objects ``on_finish`` saw."""
         requests = list(requests)
-        groups = self._groups(requests)
+        try:
+            groups = self._groups(requests)
+        except ValueError:
+            self._all_ranks_ok(False)  # EP peers raise too rather than wait for this rank's steps
+            raise
+        if not self._all_ranks_ok(True):
+            raise RuntimeError("rollout: an expert-parallel peer rank rejected its requests (its error "
+                               "names the request); this rank stops with it instead of waiting.")
         self.allocate(self.blocks_needed(groups))
         sched = Scheduler(
             self.cache.allocator, self.block_tokens,
@@ -280,6 +287,10 @@ class RolloutEngine:
         flag = torch.tensor([int(working)], dtype=torch.int32, device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.runner.ep_group)
         return bool(flag.item())
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        """Whether every rank of the expert-parallel group accepted its requests."""
+        return not self._any_rank_working(not ok)
 
     def _forward(self, *args, replay: Optional[torch.Tensor] = None, **kw):
         """runner.forward, recording the routes when routing replay is on; ``replay`` (L, T, k)

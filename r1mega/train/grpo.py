@@ -154,7 +154,9 @@ def reward_item(record, c) -> dict:
 ROLLOUT_STATS = {"decode": "rollout/decode_steps", "decode_s": "rollout/decode_s",
                  "prefill": "rollout/prefill_steps", "prefill_s": "rollout/prefill_s",
                  "overlap_drains": "rollout/overlap_drains", "preemptions": "rollout/preemptions",
-                 "graph_captures": "rollout/graph_captures", "capture_s": "rollout/capture_s"}
+                 "graph_captures": "rollout/graph_captures", "capture_s": "rollout/capture_s",
+                 # steps an expert-parallel rank ran with no tokens, waiting for its peers
+                 "empty": "rollout/empty_steps"}
 
 
 def rollout_metrics(stats: dict) -> dict:

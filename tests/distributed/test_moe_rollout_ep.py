@@ -5,7 +5,8 @@ and lengths, so one finishes early and must keep joining the others' all-to-alls
 (a hang here fails the test through the harness's timeout). The reference is one rank holding
 every expert (EP=1), generating the same requests, from the same initial weights: greedy tokens
 must be equal, and so must the routes the rollout records (routing replay), which the EP run
-computes on the ranks that own the experts. A second round gives one rank no requests at all.
+computes on the ranks that own the experts. A second round gives one rank no requests at all;
+a third gives one rank a bad request, which must fail on both ranks rather than hang.
 """
 from __future__ import annotations
 
@@ -83,8 +84,18 @@ def run(rank, world, expert, init_state):
         comps = eng.generate(reqs)
         out.append({"completions": [(c.prompt_index, c.sample_index, c.token_ids, c.routes) for c in comps],
                     "empty_steps": eng.stats["empty"], "steps": eng.stats["prefill"] + eng.stats["decode"]})
+    errors = None
+    if world > 1:
+        # A bad request on one rank (an empty prompt): it raises, and its peer raises too
+        # instead of waiting in the next step's all-to-all.
+        from r1mega.rollout.types import GenerationRequest
+
+        try:
+            eng.generate([GenerationRequest([] if rank == 1 else [4, 5], n=1, temperature=0.0)])
+        except (ValueError, RuntimeError) as exc:
+            errors = (type(exc).__name__, str(exc))
     eng.release()
-    return {"init": init_state, "rounds": out}
+    return {"init": init_state, "rounds": out, "errors": errors}
 
 
 def test_ep2_rollout_with_an_early_finisher_equals_ep1():
@@ -108,3 +119,5 @@ def test_ep2_rollout_with_an_early_finisher_equals_ep1():
     second0, second1 = got[0]["rounds"][1], got[1]["rounds"][1]
     assert second1["completions"] == [] and second1["empty_steps"] == second0["steps"]
     assert [c[2] for c in second0["completions"]] == [c[2] for c in by_rank[0]]
+    assert got[1]["errors"][0] == "ValueError" and "empty prompt" in got[1]["errors"][1]
+    assert got[0]["errors"][0] == "RuntimeError" and "peer rank rejected" in got[0]["errors"][1]
