@@ -14,7 +14,8 @@ The layer walk mirrors megatron's ``TransformerLayer`` forward, module by module
 Calling the modules rather than reading their weights also makes the TE spec work unchanged:
 there ``input_layernorm`` is an identity and ``linear_qkv`` applies the fused norm itself.
 The same holds for MoE models: ``layer.mlp`` is then r1mega's MoELayer (r1mega/moe/layer.py),
-called with the MLP contract like the dense MLP. The rollout runs under ``no_grad``, which is
+called with the MLP contract like the dense MLP (with expert parallelism the engine keeps the EP
+ranks in step; ``empty_step`` is a rank's turn with nothing to generate). The rollout runs under ``no_grad``, which is
 what makes that forward an inference one: the layer routes exactly as training does (same
 float32 router, same expert bias) but counts no expert loads and records no balance losses,
 so generating never moves the DeepSeek-V3 bias.
@@ -101,12 +102,11 @@ class ModelRunner:
         self.layers = list(m.decoder.layers)
         # Expert parallelism: every MoE layer is an all-to-all over the EP group, so the engine
         # steps the group's ranks together and a rank without work runs empty_step.
+        # The group is the one the layers' dispatchers exchange over (None: no EP).
         self.moe_layers = [layer for layer in self.layers if hasattr(layer.mlp, "dispatcher")]
-        self.ep_size = max([getattr(l.mlp.dispatcher, "ep_size", 1) for l in self.moe_layers], default=1)
-        self.ep_group = getattr(ctx, "ep_group", None) if self.ep_size > 1 else None
-        if self.ep_size > 1 and self.ep_group is None:
-            raise ValueError("ModelRunner: the model's MoE layers are expert parallel "
-                             f"(size {self.ep_size}) but the runtime passed has no ep_group")
+        ep = [layer.mlp.dispatcher for layer in self.moe_layers
+              if getattr(layer.mlp.dispatcher, "ep_size", 1) > 1]
+        self.ep_group = ep[0].ep_group if ep else None
         attn = self.layers[0].self_attention
         self.num_heads = attn.num_attention_heads_per_partition
         self.num_kv_heads = attn.num_query_groups_per_partition
