@@ -10,6 +10,7 @@ a third gives one rank a bad request, which must fail on both ranks rather than 
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -98,6 +99,7 @@ def run(rank, world, expert, init_state):
     return {"init": init_state, "rounds": out, "errors": errors}
 
 
+@pytest.mark.slow  # three rank processes importing megatron: 20-40 s on 2 shared cores
 def test_ep2_rollout_with_an_early_finisher_equals_ep1():
     ref = run_ranks(run, 1, args=(1, None), timeout_s=300)[0]
     ref_comps = ref["rounds"][0]["completions"]

@@ -237,3 +237,17 @@ def test_routing_replay_config_is_validated():
     cfg.parallel.pipeline = 2
     with pytest.raises(ConfigError, match="parallel.pipeline"):
         validate(cfg)
+
+
+def test_a_rank_without_samples_packs_the_routes_field_with_its_row_shape(monkeypatch):
+    """A DP rank with no samples learns the fields from a peer (agree_count): the routes field
+    keeps its (T, L*k) row shape there, all zero (route freely)."""
+    from r1mega.train import batching
+
+    peer = [{"input_ids": torch.arange(4), ROUTES_FIELD: torch.ones(4, 6, dtype=torch.int32)}]
+    spec = batching._field_spec(peer)
+    monkeypatch.setattr(batching, "agree_count", lambda count, *a, **k: (2, spec))
+    mbs = make_micro_batches([], 8, pad_to_multiple=4)
+    assert len(mbs) == 2
+    for mb in mbs:
+        assert mb.fields[ROUTES_FIELD].shape == (mb.num_tokens, 6) and not mb.fields[ROUTES_FIELD].any()
