@@ -44,7 +44,7 @@ def _requests(rounds):
 
 
 def run(rank, world, expert, init_state):
-    from r1mega.config import Config, ParallelConfig, RolloutConfig, validate
+    from r1mega.config import Config, ParallelConfig, PrecisionConfig, RolloutConfig, validate
     from r1mega.models.gpt import build_model
     from r1mega.moe.balancing import moe_layers
     from r1mega.parallel.runtime import init_parallel
@@ -53,7 +53,8 @@ def run(rank, world, expert, init_state):
     cfg = Config(model=_model_cfg(), parallel=ParallelConfig(expert=expert))
     cfg.rollout.routing_replay = True
     validate(cfg, world_size=world)
-    rt = init_parallel(cfg.parallel)
+    # fp32 also where the ranks get GPUs (NCCL): bf16 rounding differs with the rows per expert.
+    rt = init_parallel(cfg.parallel, PrecisionConfig(dtype="fp32"))
     torch.manual_seed(0)
     chunks = build_model(cfg.model, rt, wrap=False)
     named = dict(chunks[0].named_parameters())
