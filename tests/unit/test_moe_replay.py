@@ -251,3 +251,69 @@ def test_a_rank_without_samples_packs_the_routes_field_with_its_row_shape(monkey
     assert len(mbs) == 2
     for mb in mbs:
         assert mb.fields[ROUTES_FIELD].shape == (mb.num_tokens, 6) and not mb.fields[ROUTES_FIELD].any()
+
+
+# ----------------------------------------------------------------------------- GRPO step
+
+def test_grpo_step_replays_the_rollouts_routes(single_rank_runtime):
+    """With rollout.routing_replay every MoE forward of the step's training side (reference,
+    old log-probs, two updates) replays the rollout's routes: summed over those forwards, the
+    forced (recorded) rows are exactly 4 passes x every MoE layer x every recorded token."""
+    from r1mega.data import PromptSampler, build_prompt_source, load_tokenizer
+    from r1mega.rewards.registry import RewardResult, register_reward
+    from r1mega.rewards.scorer import RewardScorer
+    from r1mega.train.grpo import GRPOStep
+    from r1mega.train.roles import Policy, Reference, Rollout
+
+    @register_reward("test_moe_replay_digits")
+    def _digits(completion: str, reference: dict, **context) -> RewardResult:
+        return RewardResult(sum(c.isdigit() for c in completion) / max(len(completion), 1), [])
+
+    cfg = Config()
+    cfg.model = moe_cfg(**DSV3)
+    cfg.data.source, cfg.data.template = "builtin:arithmetic", "raw"
+    cfg.data.num_examples, cfg.data.global_batch_prompts, cfg.data.micro_batch_tokens = 64, 2, 128
+    cfg.rollout.group_size, cfg.rollout.max_new_tokens = 3, 6
+    cfg.rollout.kv_cpu_tokens, cfg.rollout.kv_block_tokens, cfg.rollout.cuda_graphs = 2048, 4, False
+    cfg.rollout.routing_replay = True
+    cfg.grpo.kl_beta, cfg.grpo.inner_epochs = 0.05, 2
+    cfg.rewards.spec = {"arithmetic": {"test_moe_replay_digits": 1.0}}
+    cfg.rewards.num_workers = 0
+    validate(cfg)
+    rt = single_rank_runtime()
+    torch.manual_seed(0)
+    tok = load_tokenizer("char")
+    policy = Policy.build(cfg.model, cfg.precision, cfg.optimizer, rt, distributed_optimizer=True,
+                          micro_batch_tokens=cfg.data.micro_batch_tokens, total_steps=1)
+    reference = Reference.from_policy(policy, cfg.model, cfg.precision)
+    rollout = Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id], decode_fn=tok.decode,
+                      vocab_size=tok.vocab_size)
+    rolled, forced_rows, free_forwards, rolling = [], [0], [0], [False]
+    generate = rollout.generate
+
+    def recording_generate(*a, **k):
+        rolling[0] = True
+        try:
+            out = generate(*a, **k)
+        finally:
+            rolling[0] = False
+        rolled.extend(out)
+        return out
+
+    def hook(m, args):
+        if m.routing_replay is not None:
+            forced_rows[0] += int((m.routing_replay.indices[m.moe_index] >= 0).all(-1).sum())
+        elif args[0].shape[0] and not rolling[0]:
+            free_forwards[0] += 1  # a training-side forward that routed freely
+
+    rollout.generate = recording_generate
+    layers = moe_layers(policy.chunks + reference.chunks)
+    hooks = [m.register_forward_pre_hook(hook) for m in layers]
+    sampler = PromptSampler(build_prompt_source(cfg.data), rt.dp_rank, rt.dp_size)
+    with RewardScorer(cfg.rewards, num_workers=0) as scorer:
+        GRPOStep(cfg, rt, policy, rollout, scorer, sampler, tok, reference=reference)(1)
+    for h in hooks:
+        h.remove()
+    assert len(rolled) == 6 and free_forwards[0] == 0
+    n_moe = len(moe_layers(policy.chunks))
+    assert forced_rows[0] == 4 * n_moe * sum(c.routes.shape[1] for c in rolled)
