@@ -17,10 +17,9 @@ rank to run every MoE layer once per step, which every step does. That path is e
 all-to-all's split sizes go to the host, so neither CUDA graphs nor the compiled decode apply.
 
 Routing replay (rollout.routing_replay): each step's forward records the experts every MoE layer
-chose per token (r1mega/moe/replay.py); each Completion carries them for the training forward.
-A preempted sequence's recompute replays its recorded routes, so its cache is rebuilt exactly
-as it was routed. Recording reads the routes back every step, which the captured decode graphs
-cannot do: they are off when recording.
+chose per token (r1mega/rollout/routes.py); each Completion carries them for the training forward.
+Recording reads the routes back every step, which the captured decode graphs cannot do: they are
+off when recording.
 """
 from __future__ import annotations
 
@@ -31,13 +30,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from r1mega.moe.replay import RoutingCapture, RoutingReplay, routing_context
 from r1mega.rollout import triton_paged
 from r1mega.rollout.attention import AttentionBatch, padded_query_index
 from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget
 from r1mega.rollout.model_runner import ModelRunner, sequence_parallel_off
 from r1mega.rollout.overlap import OverlappedDecoder
+from r1mega.rollout.routes import RouteRecorder
 from r1mega.rollout.sampling import (
     SamplingBatch,
     VocabShard,
@@ -89,9 +88,10 @@ class RolloutEngine:
             on_gpu and triton_paged.HAVE_TRITON and attention_backend == "auto"
             and r.head_dim & (r.head_dim - 1) == 0
         )
-        self.record_routes = bool(getattr(rollout_cfg, "routing_replay", False)) and bool(r.moe_layers)
+        record = bool(getattr(rollout_cfg, "routing_replay", False)) and bool(r.moe_layers)
+        self.routes: Optional[RouteRecorder] = RouteRecorder(r.model, r.device) if record else None
         self.use_graphs = (bool(rollout_cfg.cuda_graphs) and self.use_triton and r.graph_capturable
-                           and not self.record_routes)
+                           and self.routes is None)
         self.overlap_steps = bool(rollout_cfg.overlap_steps if overlap_steps is None else overlap_steps)
         self.graphs: Optional[DecodeGraphs] = None
         self._compiled_decode = None
@@ -293,15 +293,10 @@ class RolloutEngine:
         return not self._any_rank_working(not ok)
 
     def _forward(self, *args, replay: Optional[torch.Tensor] = None, **kw):
-        """runner.forward, recording the routes when routing replay is on; ``replay`` (L, T, k)
-        forced experts (-1: free). Returns (logits, routes (L, T, k) on the host or None)."""
-        if not self.record_routes:
+        """runner.forward -> (logits, this step's routes on the host, or None when not recording)."""
+        if self.routes is None:
             return self.runner.forward(*args, **kw), None
-        capture = RoutingCapture()
-        forced = None if replay is None else RoutingReplay(replay.to(self.device))
-        with routing_context(self.runner.model, replay=forced, capture=capture):
-            logits = self.runner.forward(*args, **kw)
-        return logits, capture.take().to("cpu", torch.int32)
+        return self.routes.forward(self.runner.forward, *args, replay=replay, **kw)
 
     def _capture_s(self) -> float:
         # Within a call the graphs only go from None to new ones (allocate releases them before
@@ -327,7 +322,7 @@ class RolloutEngine:
             logprobs=list(s.logprobs), finish_reason=s.finish_reason,
             logprobs_t1=list(s.logprobs_t1) if self.cfg.return_logprobs_t1 else None,
             text=text, stop_reason=s.stop_reason,
-            routes=torch.cat(s.routes, dim=1) if self.record_routes else None,
+            routes=RouteRecorder.of(s) if self.routes is not None else None,
         )
 
     # ------------------------------------------------------------------ steps
@@ -386,21 +381,12 @@ class RolloutEngine:
             q_index=padded_query_index(q_lens, self.device),
         )
         rows = self._tensor(logit_rows) if logit_rows else None
-        replay = None
-        if self.record_routes and plan.resumed:
-            # Recompute after preemption: route the cached tokens as they were routed first.
-            fresh = t - sum(len(s.tokens) - 1 for s in plan.resumed)
-            first = next(r for s in plan.resumed for r in s.routes)
-            replay = torch.full((first.shape[0], fresh, first.shape[2]), -1, dtype=torch.int32)
-            replay = torch.cat([replay] + [c for s in plan.resumed for c in s.routes], dim=1)
+        # A recompute after preemption routes the cached tokens as they were routed first.
+        replay = RouteRecorder.prefill_replay(plan) if self.routes is not None else None
         logits, routes = self._forward(self._tensor(ids), batch.positions, batch.slots, rows, batch,
                                        replay=replay)
         if routes is not None:
-            start = 0
-            for g in plan.groups:  # every sample of a prompt shares its prompt's routes
-                for seq in g.samples:
-                    seq.routes = [routes[:, start:start + len(g.prompt)]]
-                start += len(g.prompt)
+            RouteRecorder.after_prefill(plan, routes)
         for s in plan.resumed:
             sched.resume(s)
         sampled: list[Sequence] = []
@@ -446,8 +432,7 @@ class RolloutEngine:
             )
             logits, routes = self._forward(ids, positions, slots, None, batch)
         if routes is not None:
-            for i, s in enumerate(seqs):  # row i fed s.tokens[-1]
-                s.routes.append(routes[:, i:i + 1])
+            RouteRecorder.after_decode(seqs, routes)
         tokens, lps, lp1 = sample(logits, sb, self.shard, self.vocab_hashed)
         return self._record(seqs, tokens, lps, lp1)
 
