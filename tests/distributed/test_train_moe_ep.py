@@ -8,6 +8,8 @@ import json
 import math
 import os
 
+import pytest
+
 from tests.distributed.harness import run_ranks
 
 from r1mega.rewards.registry import RewardResult, register_reward
@@ -36,6 +38,7 @@ def _train(rank, world_size, run_dir):
     return run_train(cfg)
 
 
+@pytest.mark.slow  # 15 s alone, 40 s on a loaded 2-core box
 def test_two_grpo_steps_with_expert_parallel_rollout_and_routing_replay(tmp_path):
     run_dir = str(tmp_path / "run")
     assert run_ranks(_train, world_size=2, args=(run_dir,), timeout_s=600) == [0, 0]
