@@ -117,14 +117,14 @@ def routing_context(chunks, *, replay=..., capture=...):
             m.routing_replay, m.routing_capture = r, c
 
 
-def routes_field(prompt_routes_and_generated: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def routes_field(routes: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """A completion's recorded routes (L_moe, n, k), n <= num_tokens, -> the ``moe_routes``
     field (num_tokens, L_moe * k) int32 holding expert id + 1; rows past n are 0 (route freely)."""
-    L, n, k = prompt_routes_and_generated.shape
+    L, n, k = routes.shape
     if n > num_tokens:
         raise ValueError(f"routes_field: {n} recorded tokens but the sample has only {num_tokens}")
     out = torch.zeros(num_tokens, L * k, dtype=torch.int32)
-    out[:n] = prompt_routes_and_generated.permute(1, 0, 2).reshape(n, L * k).to(torch.int32) + 1
+    out[:n] = routes.permute(1, 0, 2).reshape(n, L * k).to(torch.int32) + 1
     return out
 
 
