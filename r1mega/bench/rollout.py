@@ -171,8 +171,31 @@ def _replay_mismatch(model, rt, rcfg, reqs, prompts, vocab_size) -> dict:
                         vocab_size=vocab_size)
     outs = eng.generate(reqs)
     eng.release()
-    return {"replay_off": logprob_mismatch(model, outs, prompts),
-            "replay_on": logprob_mismatch(model, outs, prompts, replay=True)}
+    return ({"replay_off": logprob_mismatch(model, outs, prompts),
+             "replay_on": logprob_mismatch(model, outs, prompts, replay=True)},
+            route_flip_fraction(model, outs, prompts))
+
+
+def route_flip_fraction(model, completions, prompts) -> float:
+    """Share of (MoE layer, fed token) pairs whose expert set in the freely routed training
+    forward differs from the one the rollout recorded: what routing replay removes."""
+    from r1mega.models.attention import make_packed_seqs
+    from r1mega.moe.replay import RoutingCapture, routing_context
+
+    flips = total = 0
+    with torch.no_grad():
+        for c in completions:
+            full = prompts[c.prompt_index] + c.token_ids
+            ids = torch.tensor([full], device=next(model[0].parameters()).device)
+            cap = RoutingCapture()
+            with routing_context(model, capture=cap):
+                model[0](input_ids=ids, position_ids=None, attention_mask=None,
+                         packed_seq_params=make_packed_seqs([len(full)], ids.device))
+            free = cap.take()[:, :c.routes.shape[1]].sort(-1).values.cpu()      # (L, n, k)
+            rec = c.routes.long().sort(-1).values
+            flips += int((free != rec).any(-1).sum())
+            total += rec.shape[0] * rec.shape[1]
+    return flips / max(total, 1)
 
 
 def _finite(obj):
@@ -231,7 +254,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(device)
     rows, results = [], {}
     mism = (float("nan"), float("nan"))
-    replay_mism = {}
+    replay_mism, flip = {}, float("nan")
     modes = ["overlap" if args.overlap else "sync"] + (["overlap"] if args.overlap_too and not args.overlap else [])
     for prompts, plen, new in settings:
         g = torch.Generator().manual_seed(prompts)
@@ -275,8 +298,8 @@ def main(argv=None) -> int:
             if first and mode == modes[0] and args.mismatch_seqs:
                 mism = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
                 if is_moe:
-                    replay_mism = _replay_mismatch(model, rt, rcfg, reqs[: args.mismatch_seqs], ids,
-                                                   shape["vocab_size"])
+                    replay_mism, flip = _replay_mismatch(model, rt, rcfg, reqs[: args.mismatch_seqs], ids,
+                                                         shape["vocab_size"])
             if len(timed) and mode == "overlap":
                 # Same seeds, same weights: overlapping steps must not change a single token.
                 base = timed[modes[0]][2]
@@ -317,6 +340,9 @@ def main(argv=None) -> int:
     met = all(max(m["ratio"] for m in r.values()) >= bar for r in results.values())
     extra = {f"logprob_mismatch_{name}_{stat}": v for name, pair in replay_mism.items()
              for stat, v in zip(("mean", "max"), pair)}
+    if is_moe:
+        extra["route_flip_fraction"] = flip
+        print(f"  routes the free training forward chose differently: {flip:.2%} of (layer, token)")
     print(json.dumps(_finite({"bench": "rollout", "model": args.model, "params": n_params,
                       "dtype": str(rt.dtype), "copy_bandwidth_Bps": bw, "settings": results,
                       "logprob_mismatch_mean": mism[0], "logprob_mismatch_max": mism[1], **extra,
