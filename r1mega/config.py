@@ -212,6 +212,8 @@ class RolloutConfig:
     # wait is hidden: 71k -> 82k tokens/s at 256 x 256 there. CPU runs ignore it.
     overlap_steps: bool = True
     seed: int = 0
+    # MoE: record each token's experts in the rollout, replay them in training (r1mega/moe/replay.py).
+    routing_replay: bool = False
 
 
 @dataclass

@@ -160,6 +160,18 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         if not 0.0 <= value <= 1.0 or (key == "kv_memory_fraction" and value == 0.0):
             raise ConfigError(f"rollout.{key} must be a fraction of device memory in "
                               f"{'(0' if key == 'kv_memory_fraction' else '[0'}, 1], got {value}.")
+    if cfg.rollout.routing_replay:
+        if not m.num_experts:
+            raise ConfigError("rollout.routing_replay=true needs an MoE model (model.num_experts > 0): a "
+                              "dense model has no routes to replay. Set rollout.routing_replay=false.")
+        if p.pipeline > 1:
+            raise ConfigError("rollout.routing_replay=true is implemented by the rollout engine, which runs "
+                              "with parallel.pipeline=1 only (the pipeline generator records no routes). "
+                              "Set parallel.pipeline=1 or rollout.routing_replay=false.")
+        if m.recompute == "full":
+            raise ConfigError("rollout.routing_replay=true with model.recompute=full: the recomputed forward "
+                              "in the backward would route freely, not as replayed. Use model.recompute="
+                              "selective or none, or rollout.routing_replay=false.")
     if cfg.grpo.eps_low < 0 or cfg.grpo.eps_high < 0:
         raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0.")
     if cfg.grpo.dual_clip and cfg.grpo.dual_clip <= 1.0:

@@ -1,16 +1,21 @@
 """`r1mega bench rollout`: the rollout engine vs Hugging Face transformers ``generate()``.
 
-Shape: the 852M model (16 layers, hidden 2048, 16 heads, 4 KV groups, FFN 5632, vocab 32000),
-random weights, bf16, sampling at temperature 1, every sequence run to the token limit (no EOS).
-Settings (prompts x prompt tokens -> new tokens): 256 x 128 -> 256 and 64 x 128 -> 512.
+Shape: ``--model`` names one of r1mega/bench/shapes.py (default the dense 852M: 16 layers, hidden
+2048, 16 heads, 4 KV groups, FFN 5632, vocab 32000; ``qwen3-moe-small``: 12 layers, 64 experts
+top-8, against ``Qwen3MoeForCausalLM`` of the same shape), random weights, bf16, sampling at
+temperature 1, every sequence run to the token limit (no EOS). Settings (prompts x prompt tokens
+-> new tokens): 256 x 128 -> 256 and 64 x 128 -> 512.
 
-Reported per setting: tokens/s of both, the ratio (bar: >= 20x), and the decode roofline
-fraction: the bytes a decode step must read (all weights once + the KV cache of every running
-sequence), summed over the decode steps, at the device-copy bandwidth measured in this run,
-divided by the measured generation time (prefill included, so this is a lower bound). Also the
-bf16 mismatch between the rollout's log-probs and the training forward's for the same tokens.
+Reported per setting: tokens/s of both, the ratio (bar: >= 20x dense, >= 15x MoE), and the decode
+roofline fraction: the bytes a decode step must read (all weights once, which for an MoE decode
+batch of hundreds of rows is every expert too, + the KV cache of every running sequence), summed
+over the decode steps, at the device-copy bandwidth measured in this run, divided by the measured
+generation time (prefill included, so this is a lower bound). Also the bf16 mismatch between the
+rollout's log-probs and the training forward's for the same tokens; for MoE models also on a
+rollout that records its routes (rollout.routing_replay, eager decode), with the training
+forward routing freely and with the recorded routes replayed.
 
-``--smoke`` runs a tiny shape on CPU (no peer) to check the script end to end.
+``--smoke`` runs a tiny shape of the named model on CPU (no peer) to check the script end to end.
 
 Measured on one H200 (torch 2.11, CUDA graphs + compiled decode step + fused Triton sampling,
 overlapped steps), side by side: 256x128->256: 89,288 vs HF 2,379 tokens/s = 37.5x (30.9% of the
@@ -27,10 +32,10 @@ import time
 
 import torch
 
-SHAPE = dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=4,
-             ffn_hidden_size=5632, vocab_size=32000)
-SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-             ffn_hidden_size=128, vocab_size=256)
+from r1mega.bench.shapes import get_shape
+
+# The bar on the H200: tokens/s over transformers generate()'s (issue #1 dense, issue #16 MoE).
+BAR_DENSE, BAR_MOE = 20.0, 15.0
 
 
 def _sync():
@@ -61,15 +66,22 @@ def decode_bytes(weight_bytes: int, kv_bytes_per_token: int, prompts: int, promp
     return steps * weight_bytes + prompts * ctx_sum * kv_bytes_per_token
 
 
-def run_hf(shape, prompts: int, prompt_len: int, new: int, device) -> float:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def hf_peer(mcfg, experts_impl=None):
+    """transformers' model of ``mcfg``'s shape (LlamaForCausalLM, Qwen3MoeForCausalLM, ...) through
+    the converter's config.json mapping, random weights. ``experts_impl``: transformers 5's
+    ``experts_implementation`` for MoE models (None: its default)."""
+    import transformers
 
-    cfg = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                      intermediate_size=shape["ffn_hidden_size"], num_hidden_layers=shape["num_layers"],
-                      num_attention_heads=shape["num_attention_heads"],
-                      num_key_value_heads=shape["num_query_groups"], max_position_embeddings=2048,
-                      tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).eval()
+    from r1mega.convert.hf_config import hf_config_from_model_config
+
+    conf = transformers.AutoConfig.for_model(**hf_config_from_model_config(mcfg))
+    kw = {"experts_implementation": experts_impl} if experts_impl and mcfg.num_experts else {}
+    return transformers.AutoModelForCausalLM.from_config(conf, **kw)
+
+
+def run_hf(mcfg, prompts: int, prompt_len: int, new: int, device, experts_impl=None) -> float:
+    shape = {"vocab_size": mcfg.vocab_size}
+    model = hf_peer(mcfg, experts_impl).to(device=device, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, shape["vocab_size"], (prompts, prompt_len), device=device)
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
     with torch.no_grad():
@@ -87,17 +99,28 @@ def run_hf(shape, prompts: int, prompt_len: int, new: int, device) -> float:
     return n_new / dt
 
 
-def logprob_mismatch(model, completions, prompts) -> tuple[float, float]:
-    """Mean and max |rollout log-prob - training forward log-prob| over the given completions."""
+def logprob_mismatch(model, completions, prompts, replay: bool = False) -> tuple[float, float]:
+    """Mean and max |rollout log-prob - training forward log-prob| over the given completions.
+    ``replay``: the training forward routes each MoE layer as the rollout recorded it
+    (``Completion.routes``; the last token, never fed in the rollout, routes freely)."""
+    import contextlib
+
     from r1mega.models.attention import make_packed_seqs
+    from r1mega.moe.replay import RoutingReplay, routing_context
 
     diffs = []
     with torch.no_grad():
         for c in completions:
             full = prompts[c.prompt_index] + c.token_ids
             ids = torch.tensor([full], device=next(model[0].parameters()).device)
-            logits = model[0](input_ids=ids, position_ids=None, attention_mask=None,
-                              packed_seq_params=make_packed_seqs([len(full)], ids.device))[0]
+            ctx = contextlib.nullcontext()
+            if replay:
+                routes = c.routes.to(ids.device, torch.int64)                     # (L, n - 1, k)
+                free = routes.new_full((routes.shape[0], 1, routes.shape[2]), -1)
+                ctx = routing_context(model, replay=RoutingReplay(torch.cat([routes, free], dim=1)))
+            with ctx:
+                logits = model[0](input_ids=ids, position_ids=None, attention_mask=None,
+                                  packed_seq_params=make_packed_seqs([len(full)], ids.device))[0]
             lp = torch.log_softmax(logits.float(), dim=-1)
             L = len(prompts[c.prompt_index])
             tok = torch.tensor(c.token_ids, device=ids.device)
@@ -137,6 +160,44 @@ def _time_replays(eng, profile: bool = False) -> None:
               f"(padding rows: context 1)", flush=True)
 
 
+def _replay_mismatch(model, rt, rcfg, reqs, prompts, vocab_size) -> dict:
+    """MoE: rollout ``reqs`` recording routes (eager: recording turns the decode graphs off), then
+    the log-prob mismatch of the training forward routing freely and replaying the routes."""
+    import dataclasses
+
+    from r1mega.rollout.engine import RolloutEngine
+
+    eng = RolloutEngine(model, dataclasses.replace(rcfg, routing_replay=True), rt, eos_ids=[],
+                        vocab_size=vocab_size)
+    outs = eng.generate(reqs)
+    eng.release()
+    return ({"replay_off": logprob_mismatch(model, outs, prompts),
+             "replay_on": logprob_mismatch(model, outs, prompts, replay=True)},
+            route_flip_fraction(model, outs, prompts))
+
+
+def route_flip_fraction(model, completions, prompts) -> float:
+    """Share of (MoE layer, fed token) pairs whose expert set in the freely routed training
+    forward differs from the one the rollout recorded: what routing replay removes."""
+    from r1mega.models.attention import make_packed_seqs
+    from r1mega.moe.replay import RoutingCapture, routing_context
+
+    flips = total = 0
+    with torch.no_grad():
+        for c in completions:
+            full = prompts[c.prompt_index] + c.token_ids
+            ids = torch.tensor([full], device=next(model[0].parameters()).device)
+            cap = RoutingCapture()
+            with routing_context(model, capture=cap):
+                model[0](input_ids=ids, position_ids=None, attention_mask=None,
+                         packed_seq_params=make_packed_seqs([len(full)], ids.device))
+            free = cap.take()[:, :c.routes.shape[1]].sort(-1).values.cpu()      # (L, n, k)
+            rec = c.routes.long().sort(-1).values
+            flips += int((free != rec).any(-1).sum())
+            total += rec.shape[0] * rec.shape[1]
+    return flips / max(total, 1)
+
+
 def _finite(obj):
     """NaN (a peer not run, no GPU bandwidth) -> null, so the JSON line is strict JSON."""
     if isinstance(obj, dict):
@@ -148,6 +209,9 @@ def _finite(obj):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="r1mega bench rollout")
+    ap.add_argument("--model", default="852m", help="a shape of r1mega/bench/shapes.py")
+    ap.add_argument("--hf-experts-impl", default=None,
+                    help="transformers' experts_implementation for the MoE peer (default: its own)")
     ap.add_argument("--settings", default="256x128x256,64x128x512",
                     help="comma list of PROMPTSxPROMPT_TOKENSxNEW_TOKENS")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers generate()")
@@ -171,7 +235,7 @@ def main(argv=None) -> int:
     from r1mega.rollout.engine import RolloutEngine
     from r1mega.rollout.types import GenerationRequest
 
-    shape = SMOKE if args.smoke else SHAPE
+    shape = get_shape(args.model, smoke=args.smoke)
     settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
     if args.smoke:
         settings = [(4, 8, 8), (2, 8, 16)]
@@ -179,16 +243,18 @@ def main(argv=None) -> int:
     rt = init_parallel(ParallelConfig(), PrecisionConfig(), env=LaunchEnv(0, 1, 0, "127.0.0.1", port, "single"))
     device = rt.device
     max_len = max(p + n for _, p, n in settings) + 8
-    mcfg = ModelConfig(**shape, max_position_embeddings=max_len)
+    mcfg = ModelConfig(**{**shape, "max_position_embeddings": max_len})
+    is_moe = bool(mcfg.num_experts)
     model = build_model(mcfg, rt, wrap=False)
     n_params = sum(p.numel() for p in model[0].parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model[0].parameters())
     elem = torch.empty((), dtype=rt.dtype).element_size()
-    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    head_dim = shape.get("kv_channels") or shape["hidden_size"] // shape["num_attention_heads"]
     kv_per_token = 2 * shape["num_layers"] * shape["num_query_groups"] * head_dim * elem
     bw = copy_bandwidth(device)
     rows, results = [], {}
     mism = (float("nan"), float("nan"))
+    replay_mism, flip = {}, float("nan")
     modes = ["overlap" if args.overlap else "sync"] + (["overlap"] if args.overlap_too and not args.overlap else [])
     for prompts, plen, new in settings:
         g = torch.Generator().manual_seed(prompts)
@@ -231,6 +297,9 @@ def main(argv=None) -> int:
             assert n_new == prompts * new, f"expected every sequence to reach {new} tokens"
             if first and mode == modes[0] and args.mismatch_seqs:
                 mism = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
+                if is_moe:
+                    replay_mism, flip = _replay_mismatch(model, rt, rcfg, reqs[: args.mismatch_seqs], ids,
+                                                         shape["vocab_size"])
             if len(timed) and mode == "overlap":
                 # Same seeds, same weights: overlapping steps must not change a single token.
                 base = timed[modes[0]][2]
@@ -239,7 +308,8 @@ def main(argv=None) -> int:
             eng.release()
             timed[mode] = (dt, warm_s, outs, dict(eng.stats))
         del outs
-        peer = float("nan") if (args.no_peer or args.smoke) else run_hf(shape, prompts, plen, new, device)
+        peer = float("nan") if (args.no_peer or args.smoke) else run_hf(mcfg, prompts, plen, new, device,
+                                                                         args.hf_experts_impl)
         floor_s = decode_bytes(weight_bytes, kv_per_token, prompts, plen, new) / bw
         results[key] = {}
         for mode, (dt, warm_s, outs, st) in timed.items():
@@ -262,13 +332,21 @@ def main(argv=None) -> int:
     print(f"{'setting':<24}{'rollout tok/s':>15}{'HF tok/s':>12}{'ratio':>9}{'roofline':>10}{'time s':>9}")
     for key, ours, peer, ratio, roof, dt in rows:
         print(f"{key:<24}{ours:>15,.0f}{peer:>12,.0f}{ratio:>9.1f}{roof:>10.1%}{dt:>9.2f}")
-    print(f"bf16 rollout vs training log-prob |diff|: mean {mism[0]:.2e}, max {mism[1]:.2e} "
-          f"({args.mismatch_seqs} sequences)")
-    print(json.dumps(_finite({"bench": "rollout", "params": n_params, "dtype": str(rt.dtype),
-                      "copy_bandwidth_Bps": bw, "settings": results,
-                      "logprob_mismatch_mean": mism[0], "logprob_mismatch_max": mism[1],
-                      "bar_20x_met": all(max(m["ratio"] for m in r.values()) >= 20
-                                         for r in results.values())})))
+    print(f"{str(rt.dtype).replace('torch.', '')} rollout vs training log-prob |diff|: mean {mism[0]:.2e}, "
+          f"max {mism[1]:.2e} ({args.mismatch_seqs} sequences)")
+    for name, (mean, worst) in replay_mism.items():
+        print(f"  recording rollout, training forward {name.replace('_', ' ')}: mean {mean:.2e}, max {worst:.2e}")
+    bar = BAR_MOE if is_moe else BAR_DENSE
+    met = all(max(m["ratio"] for m in r.values()) >= bar for r in results.values())
+    extra = {f"logprob_mismatch_{name}_{stat}": v for name, pair in replay_mism.items()
+             for stat, v in zip(("mean", "max"), pair)}
+    if is_moe:
+        extra["route_flip_fraction"] = flip
+        print(f"  routes the free training forward chose differently: {flip:.2%} of (layer, token)")
+    print(json.dumps(_finite({"bench": "rollout", "model": args.model, "params": n_params,
+                      "dtype": str(rt.dtype), "copy_bandwidth_Bps": bw, "settings": results,
+                      "logprob_mismatch_mean": mism[0], "logprob_mismatch_max": mism[1], **extra,
+                      "bar_ratio": bar, "bar_met": met})))
     return 0
 
 

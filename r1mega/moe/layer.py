@@ -119,6 +119,16 @@ class MoELayer(MegatronModule):
         else:
             self.expert_bias = self.expert_load_accum = None
         self.dispatcher = make_dispatcher(s.num_experts, ep_group, impl=dispatch_impl)
+        # Routing replay (r1mega/moe/replay.py): per-forward objects set by routing_context.
+        # moe_index numbers the MoE layers of the whole model (set_layer_number; 0 if unset).
+        self.moe_index = 0
+        self.routing_replay = None
+        self.routing_capture = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """megatron's TransformerLayer hands its global 1-based layer number to its mlp: the
+        first ``first_k_dense`` layers are dense, so MoE layer i is model layer first_k_dense + i."""
+        self.moe_index = layer_number - 1 - self.settings.first_k_dense
 
     def host_sync_free(self, dtype: torch.dtype) -> bool:
         """Whether a forward on activations of ``dtype`` runs without reading anything back to
@@ -149,6 +159,16 @@ class MoELayer(MegatronModule):
             w, idx = R.group_limited_topk(logits, s.topk, s.num_groups, s.topk_groups,
                                           bias=self.expert_bias, renormalize=s.norm_topk_prob,
                                           routed_scaling_factor=s.routed_scaling_factor)
+        replay = self.routing_replay
+        if replay is not None:
+            forced = replay.forced(self.moe_index, x.shape[0], s.topk).to(idx.device)  # (T, k), -1 free
+            free = (forced < 0).any(dim=-1, keepdim=True)                          # (T, 1)
+            forced = torch.where(free, idx, forced)
+            w = torch.where(free, w, R.replayed_weights(logits, forced, s.router, s.norm_topk_prob,
+                                                        s.routed_scaling_factor))
+            idx = forced
+        if self.routing_capture is not None:
+            self.routing_capture.record(self.moe_index, idx)
         return logits, w, idx
 
     def _balance_losses(self, logits: torch.Tensor, idx: torch.Tensor, seq: int, batch: int,

@@ -96,6 +96,24 @@ def group_limited_topk(logits: torch.Tensor, k: int, n_group: int, topk_group: i
     return weights * routed_scaling_factor, indices
 
 
+def replayed_weights(logits: torch.Tensor, indices: torch.Tensor, router: str, renormalize: bool,
+                     routed_scaling_factor: float) -> torch.Tensor:
+    """The routing weights of given (e.g. replayed) experts: logits (T, E), indices (T, k) ->
+    (T, k) float32, by exactly the arithmetic ``softmax_topk`` / ``group_limited_topk`` apply to
+    the experts they choose, so a replay of a forward's own choice gives bit-identical weights.
+    The expert bias never enters (it only selects); gradients reach the logits through gather."""
+    if router == "softmax":
+        weights = torch.softmax(logits.float(), dim=-1).gather(1, indices)  # (T, k)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        # MoELayer.route scales softmax weights only when the factor is not 1.
+        return weights * routed_scaling_factor if routed_scaling_factor != 1.0 else weights
+    weights = torch.sigmoid(logits.float()).gather(1, indices)             # (T, k)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor
+
+
 def expert_load(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(T, k) expert indices -> (E,) float32 count of token slots per expert.
 

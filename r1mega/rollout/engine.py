@@ -7,6 +7,19 @@
 Each data-parallel rank calls ``generate`` with its own prompts; TP ranks of one model call it
 with the same prompts and take the same scheduling decisions, because every sampled token is
 agreed on through the vocab-parallel reductions in :mod:`r1mega.rollout.sampling`.
+
+Expert parallelism (parallel.expert > 1): every MoE layer is an all-to-all over the EP group, so
+the group's ranks step together although each schedules its own prompts. Before each step one
+all-reduce (MAX) of a "still working" flag over the EP group decides whether anyone has work; a
+rank that has none runs an empty step (zero tokens through the MoE layers) until all are done.
+Ranks may be in different phases (one prefilling, one decoding): the all-to-alls only need each
+rank to run every MoE layer once per step, which every step does. That path is eager: the
+all-to-all's split sizes go to the host, so neither CUDA graphs nor the compiled decode apply.
+
+Routing replay (rollout.routing_replay): each step's forward records the experts every MoE layer
+chose per token (r1mega/rollout/routes.py); each Completion carries them for the training forward.
+Recording reads the routes back every step, which the captured decode graphs cannot do: they are
+off when recording.
 """
 from __future__ import annotations
 
@@ -23,6 +36,7 @@ from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraph
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget
 from r1mega.rollout.model_runner import ModelRunner, sequence_parallel_off
 from r1mega.rollout.overlap import OverlappedDecoder
+from r1mega.rollout.routes import RouteRecorder
 from r1mega.rollout.sampling import (
     SamplingBatch,
     VocabShard,
@@ -74,7 +88,10 @@ class RolloutEngine:
             on_gpu and triton_paged.HAVE_TRITON and attention_backend == "auto"
             and r.head_dim & (r.head_dim - 1) == 0
         )
-        self.use_graphs = bool(rollout_cfg.cuda_graphs) and self.use_triton and r.graph_capturable
+        record = bool(getattr(rollout_cfg, "routing_replay", False)) and bool(r.moe_layers)
+        self.routes: Optional[RouteRecorder] = RouteRecorder(r.model, r.device) if record else None
+        self.use_graphs = (bool(rollout_cfg.cuda_graphs) and self.use_triton and r.graph_capturable
+                           and self.routes is None)
         self.overlap_steps = bool(rollout_cfg.overlap_steps if overlap_steps is None else overlap_steps)
         self.graphs: Optional[DecodeGraphs] = None
         self._compiled_decode = None
@@ -194,7 +211,14 @@ class RolloutEngine:
         the others still decode (the trainer scores them meanwhile). Returns every completion,
         sorted by (prompt, sample), the same objects ``on_finish`` saw."""
         requests = list(requests)
-        groups = self._groups(requests)
+        try:
+            groups = self._groups(requests)
+        except ValueError:
+            self._all_ranks_ok(False)  # EP peers raise too rather than wait for this rank's steps
+            raise
+        if not self._all_ranks_ok(True):
+            raise RuntimeError("rollout: an expert-parallel peer rank rejected its requests (its error "
+                               "names the request); this rank stops with it instead of waiting.")
         self.allocate(self.blocks_needed(groups))
         sched = Scheduler(
             self.cache.allocator, self.block_tokens,
@@ -207,12 +231,16 @@ class RolloutEngine:
         done: list[Completion] = []
         capture0 = self._capture_s()
         t0 = time.perf_counter()
-        steps = {"prefill": 0, "decode": 0}
+        steps = {"prefill": 0, "decode": 0, "empty": 0}
         seconds = {"prefill": 0.0, "decode": 0.0}
         overlap = OverlappedDecoder(self) if self.overlap_steps and self.use_graphs else None
         with torch.no_grad(), sequence_parallel_off(self.runner.model):
-            while sched.has_work or (overlap and overlap.pending):
+            while self._any_rank_working(sched.has_work or bool(overlap and overlap.pending)):
                 t_step = time.perf_counter()
+                if not (sched.has_work or (overlap and overlap.pending)):
+                    self.runner.empty_step()  # this rank is done; its EP peers are not
+                    steps["empty"] += 1
+                    continue
                 if overlap and overlap.pending:
                     kind = "decode"
                     sampled, launched = overlap.advance(sched)
@@ -251,6 +279,25 @@ class RolloutEngine:
         done.sort(key=lambda c: (c.prompt_index, c.sample_index))
         return done
 
+    def _any_rank_working(self, working: bool) -> bool:
+        """Whether any rank of the expert-parallel group still has work (``working``: this one).
+        One small all-reduce per step; without EP, just ``working``."""
+        if self.runner.ep_group is None:
+            return working
+        flag = torch.tensor([int(working)], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.runner.ep_group)
+        return bool(flag.item())
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        """Whether every rank of the expert-parallel group accepted its requests."""
+        return not self._any_rank_working(not ok)
+
+    def _forward(self, *args, replay: Optional[torch.Tensor] = None, **kw):
+        """runner.forward -> (logits, this step's routes on the host, or None when not recording)."""
+        if self.routes is None:
+            return self.runner.forward(*args, **kw), None
+        return self.routes.forward(self.runner.forward, *args, replay=replay, **kw)
+
     def _capture_s(self) -> float:
         # Within a call the graphs only go from None to new ones (allocate releases them before
         # the first reading, end_phase after the call), so two readings differ by this call's.
@@ -275,6 +322,7 @@ class RolloutEngine:
             logprobs=list(s.logprobs), finish_reason=s.finish_reason,
             logprobs_t1=list(s.logprobs_t1) if self.cfg.return_logprobs_t1 else None,
             text=text, stop_reason=s.stop_reason,
+            routes=RouteRecorder.of(s) if self.routes is not None else None,
         )
 
     # ------------------------------------------------------------------ steps
@@ -333,8 +381,12 @@ class RolloutEngine:
             q_index=padded_query_index(q_lens, self.device),
         )
         rows = self._tensor(logit_rows) if logit_rows else None
-        logits = self.runner.forward(self._tensor(ids),
-                                     batch.positions, batch.slots, rows, batch)
+        # A recompute after preemption routes the cached tokens as they were routed first.
+        replay = RouteRecorder.prefill_replay(plan) if self.routes is not None else None
+        logits, routes = self._forward(self._tensor(ids), batch.positions, batch.slots, rows, batch,
+                                       replay=replay)
+        if routes is not None:
+            RouteRecorder.after_prefill(plan, routes)
         for s in plan.resumed:
             sched.resume(s)
         sampled: list[Sequence] = []
@@ -371,14 +423,16 @@ class RolloutEngine:
         slots = self._tensor([blk[p // bs] * bs + p % bs for blk, p in
                               zip((s.blocks for s in seqs), pos_host)])
         if self.use_triton:
-            logits = self.runner.forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
+            logits, routes = self._forward(ids, positions, slots, None, decode_tensors=(block_tables, ctx_lens))
         else:
             batch = AttentionBatch(
                 slots=slots, positions=positions, q_lens=[1] * len(seqs), ctx_lens=ctx_lens,
                 ctx_lens_host=ctx_host, block_tables=block_tables, block_tokens=bs,
                 q_index=torch.arange(len(seqs), device=self.device)[:, None],
             )
-            logits = self.runner.forward(ids, positions, slots, None, batch)
+            logits, routes = self._forward(ids, positions, slots, None, batch)
+        if routes is not None:
+            RouteRecorder.after_decode(seqs, routes)
         tokens, lps, lp1 = sample(logits, sb, self.shard, self.vocab_hashed)
         return self._record(seqs, tokens, lps, lp1)
 

@@ -14,7 +14,8 @@ The layer walk mirrors megatron's ``TransformerLayer`` forward, module by module
 Calling the modules rather than reading their weights also makes the TE spec work unchanged:
 there ``input_layernorm`` is an identity and ``linear_qkv`` applies the fused norm itself.
 The same holds for MoE models: ``layer.mlp`` is then r1mega's MoELayer (r1mega/moe/layer.py),
-called with the MLP contract like the dense MLP. The rollout runs under ``no_grad``, which is
+called with the MLP contract like the dense MLP (with expert parallelism the engine keeps the EP
+ranks in step; ``empty_step`` is a rank's turn with nothing to generate). The rollout runs under ``no_grad``, which is
 what makes that forward an inference one: the layer routes exactly as training does (same
 float32 router, same expert bias) but counts no expert loads and records no balance losses,
 so generating never moves the DeepSeek-V3 bias.
@@ -99,14 +100,13 @@ class ModelRunner:
                 f"{m.position_embedding_type!r}."
             )
         self.layers = list(m.decoder.layers)
-        if any(getattr(getattr(layer.mlp, "dispatcher", None), "ep_size", 1) > 1 for layer in self.layers):
-            # Each MoE layer is a collective over the expert-parallel group, but every rank's
-            # engine schedules its own sequences: ranks would enter different layers' all-to-alls.
-            raise NotImplementedError(
-                "The rollout engine does not yet step the ranks of an expert-parallel group "
-                "together (parallel.expert > 1). Use parallel.expert=1 for generation, or "
-                "parallel.pipeline > 1, whose full-recompute generator runs every rank in lockstep."
-            )
+        # Expert parallelism: every MoE layer is an all-to-all over the EP group, so the engine
+        # steps the group's ranks together and a rank without work runs empty_step.
+        # The group is the one the layers' dispatchers exchange over (None: no EP).
+        self.moe_layers = [layer for layer in self.layers if hasattr(layer.mlp, "dispatcher")]
+        ep = [layer.mlp.dispatcher for layer in self.moe_layers
+              if getattr(layer.mlp.dispatcher, "ep_size", 1) > 1]
+        self.ep_group = ep[0].ep_group if ep else None
         attn = self.layers[0].self_attention
         self.num_heads = attn.num_attention_heads_per_partition
         self.num_kv_heads = attn.num_query_groups_per_partition
@@ -230,6 +230,15 @@ class ModelRunner:
         if batch.is_fresh_prefill and self.attention_backend != "gather":
             return attend_fresh(q, k, v, batch, self.scale)
         return attend_gather(q, cache.k[layer_idx], cache.v[layer_idx], batch, self.scale)
+
+    def empty_step(self) -> None:
+        """A step with zero tokens, for an expert-parallel rank that has nothing to generate
+        while its peers do: each MoE layer still takes part in its all-to-alls (with zero-sized
+        splits), in layer order, as a real step would. Nothing else of a layer talks to the EP
+        group, so attention and the dense layers are skipped."""
+        x = self.embed(torch.empty(0, dtype=torch.long, device=self.device))  # (0, 1, h)
+        for layer in self.moe_layers:
+            layer.mlp(layer.pre_mlp_layernorm(x))
 
     def forward(
         self,

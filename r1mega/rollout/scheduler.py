@@ -57,6 +57,9 @@ class Sequence:
     text: Optional[str] = None
     plain: bool = False  # params.is_plain, cached: checked for every row of every decode step
     bt_len: int = -1  # blocks already mirrored in the engine's host block table (-1: none)
+    # Routing replay: (L_moe, n, k) host chunks of the experts chosen for tokens[:num fed];
+    # kept through preemption, whose recompute replays them (see RolloutEngine._prefill).
+    routes: list = field(default_factory=list)
 
     @property
     def generated(self) -> list:

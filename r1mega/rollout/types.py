@@ -40,3 +40,6 @@ class Completion:
     logprobs_t1: Optional[list] = None
     text: Optional[str] = None
     stop_reason: Optional[object] = None  # the EOS id or stop string that ended the sample
+    # rollout.routing_replay: (L_moe, prompt_len + len(token_ids) - 1, k) int32 experts each MoE
+    # layer chose for every token fed through the model (the last sampled token never was).
+    routes: Optional[object] = None

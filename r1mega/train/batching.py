@@ -1,6 +1,7 @@
 """Micro-batches by token budget: sequences packed end to end (THD), same count on every DP rank.
 
-A *sample* is a dict of equal-length 1-D tensors, one entry per token; ``input_ids`` is required,
+A *sample* is a dict of tensors with one row per token (1-D, or (T, ...) such as the MoE routes
+of routing replay); ``input_ids`` (1-D) is required,
 everything else (``labels``, ``loss_mask``, ``advantages``, ``old_logprobs`` ...) rides along and
 reaches the loss function packed the same way. Packing is first-fit decreasing, so a micro-batch
 holds at most ``micro_batch_tokens`` real tokens (plus alignment padding).
@@ -24,7 +25,7 @@ from r1mega.models.attention import PackedSeqs, make_packed_seqs
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # (1, T) int64
-    fields: dict  # name -> (T,) tensor, packed like input_ids (padding: zeros)
+    fields: dict  # name -> (T, ...) tensor, packed like input_ids (padding: zeros)
     seq_lengths: tuple  # lengths of the packed sequences, padding sequence included
     # Position in the caller's sample list of each packed sequence; -1 for padding.
     sample_index: tuple
@@ -55,9 +56,9 @@ def check_samples(samples: Sequence[dict], micro_batch_tokens: int) -> None:
                 f"sample {i} has {n} tokens > data.micro_batch_tokens={micro_batch_tokens}; raise "
                 f"data.micro_batch_tokens to at least {n} or shorten the sequence.")
         for k, v in s.items():
-            if v.dim() != 1 or v.numel() != n:
+            if v.dim() < 1 or v.shape[0] != n or (k == "input_ids" and v.dim() != 1):
                 raise ValueError(f"sample {i}: field '{k}' has shape {tuple(v.shape)}, expected "
-                                 f"({n},) like input_ids.")
+                                 f"({n}, ...): one row per token of input_ids.")
 
 
 def pack_first_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -78,7 +79,7 @@ def pack_first_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def _pad_sample(template_fields: dict, n: int) -> dict:
-    return {k: torch.zeros(n, dtype=v.dtype) for k, v in template_fields.items()}
+    return {k: torch.zeros((n, *v.shape[1:]), dtype=v.dtype) for k, v in template_fields.items()}
 
 
 def collate(samples: Sequence[dict], indices: Sequence[int], pad_to_multiple: int,
@@ -109,7 +110,8 @@ def collate(samples: Sequence[dict], indices: Sequence[int], pad_to_multiple: in
 
 
 def _field_spec(samples: Sequence[dict]) -> Optional[dict]:
-    return {k: str(v.dtype).replace("torch.", "") for k, v in samples[0].items()} if samples else None
+    return ({k: (str(v.dtype).replace("torch.", ""), tuple(v.shape[1:])) for k, v in samples[0].items()}
+            if samples else None)
 
 
 def agree_count(count: int, dp_group, device, samples: Sequence[dict] = ()) -> tuple[int, Optional[dict]]:
@@ -143,7 +145,8 @@ def make_micro_batches(samples: Sequence[dict], micro_batch_tokens: int, *, dp_g
     count, spec = agree_count(max(len(bins), min_count), dp_group, device, samples)
     count = -(-count // count_multiple) * count_multiple
     template = samples[0] if samples else (
-        {k: torch.zeros(1, dtype=getattr(torch, d)) for k, d in spec.items()} if spec else None)
+        {k: torch.zeros((1, *rest), dtype=getattr(torch, d)) for k, (d, rest) in spec.items()}
+        if spec else None)
     bins += [[] for _ in range(count - len(bins))]
     exact = -(-micro_batch_tokens // pad_to_multiple) * pad_to_multiple if fixed_size else 0
     return [collate(samples, b, pad_to_multiple, template, exact).to(device) for b in bins]

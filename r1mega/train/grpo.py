@@ -22,6 +22,7 @@ import torch
 
 from r1mega.data.templates import encode_prompt
 from r1mega.models.gpt import count_parameters
+from r1mega.moe.replay import ROUTES_FIELD, routes_field
 from r1mega.ops.grpo_loss import finalize_metrics, grpo_loss, local_normalizer_count
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.rl.advantages import group_advantages
@@ -45,11 +46,13 @@ def request_seed(base: int, step: int, dp_rank: int, index: int) -> int:
 
 
 def completion_sample(prompt_ids: Sequence[int], token_ids: Sequence[int], advantage: float,
-                      rollout_logprobs: Optional[Sequence[float]] = None) -> dict:
+                      rollout_logprobs: Optional[Sequence[float]] = None,
+                      routes: Optional[torch.Tensor] = None) -> dict:
     """Prompt + completion as one training sequence; loss only on the completion's tokens.
 
     Position p predicts token p+1, so the completion (positions P..T-1) is predicted from
-    positions P-1..T-2: exactly ``sft_sample``'s mask.
+    positions P-1..T-2: exactly ``sft_sample``'s mask. ``routes`` (L_moe, n, k): the experts the
+    rollout chose for the first n tokens (routing replay), as the ``moe_routes`` field.
     """
     tokens = torch.tensor(list(prompt_ids) + list(token_ids), dtype=torch.long)  # (T,)
     sample = sft_sample(tokens, len(prompt_ids))
@@ -59,6 +62,8 @@ def completion_sample(prompt_ids: Sequence[int], token_ids: Sequence[int], advan
         p = len(prompt_ids)
         lp[p - 1:p - 1 + len(token_ids)] = torch.tensor(list(rollout_logprobs), dtype=torch.float32)
         sample["rollout_logprobs"] = lp
+    if routes is not None:
+        sample[ROUTES_FIELD] = routes_field(routes, tokens.numel())
     return sample
 
 
@@ -149,7 +154,9 @@ def reward_item(record, c) -> dict:
 ROLLOUT_STATS = {"decode": "rollout/decode_steps", "decode_s": "rollout/decode_s",
                  "prefill": "rollout/prefill_steps", "prefill_s": "rollout/prefill_s",
                  "overlap_drains": "rollout/overlap_drains", "preemptions": "rollout/preemptions",
-                 "graph_captures": "rollout/graph_captures", "capture_s": "rollout/capture_s"}
+                 "graph_captures": "rollout/graph_captures", "capture_s": "rollout/capture_s",
+                 # steps an expert-parallel rank ran with no tokens, waiting for its peers
+                 "empty": "rollout/empty_steps"}
 
 
 def rollout_metrics(stats: dict) -> dict:
@@ -274,9 +281,11 @@ class GRPOStep:
             keep = [0]
         use_rollout_lp = bool(cfg.grpo.tis_cap)
         adv_list = adv.tolist()  # one host list, not a float(adv[i]) per sample
+        # Routing replay: completions carry their routes only when the rollout recorded them.
         samples = [completion_sample(prompts[completions[i].prompt_index], completions[i].token_ids,
                                      adv_list[i],
-                                     completions[i].logprobs if use_rollout_lp else None)
+                                     completions[i].logprobs if use_rollout_lp else None,
+                                     getattr(completions[i], "routes", None))
                    for i in keep]
         if drop and len(keep) == 1 and bool(equal[completions[0].prompt_index]):
             samples[0]["loss_mask"].zero_()

@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from r1mega.models.gpt import unwrap
 from r1mega.moe.balancing import moe_layers, update_expert_biases
+from r1mega.moe.replay import ROUTES_FIELD, micro_batch_replay
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.parallel.runtime import ParallelRuntime
 from r1mega.train.device_step import Readback, device_optimizer_step, sync_free_supported
@@ -122,7 +123,12 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
         collector = getattr(unwrap(model), "moe_aux_losses", None)
         if collector is not None:
             collector.begin()
-        with prange("model_forward"):
+        # Routing replay: the MoE layers route this micro-batch as the rollout did (its
+        # moe_routes field; see r1mega/moe/replay.py). Sequence parallelism splits S over TP.
+        sp = rt.sequence_parallel and rt.tp_size > 1
+        replay = micro_batch_replay(model, mb.fields.get(ROUTES_FIELD), seq, batch,
+                                    rt.tp_rank if sp else 0, rt.tp_size if sp else 1)
+        with prange("model_forward"), replay:
             if batch > 1:
                 ids = mb.input_ids.view(batch, seq)  # (B, S)
                 out = model(input_ids=ids, position_ids=None, attention_mask=None)

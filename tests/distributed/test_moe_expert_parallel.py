@@ -79,17 +79,7 @@ def run(rank, world, expert, init_state):
             dist.all_gather(parts, t, group=rt.ep_group)
             t = torch.cat(parts)
         params[k] = t
-    rollout_refused = None
-    if rt.ep_size > 1:  # the engine cannot yet keep EP ranks in lockstep: refused, not hung
-        from r1mega.config import RolloutConfig
-        from r1mega.models.gpt import unwrap
-        from r1mega.rollout.engine import RolloutEngine
-
-        try:
-            RolloutEngine([unwrap(chunks[0])], RolloutConfig(cuda_graphs=False), rt, eos_ids=[])
-        except NotImplementedError as exc:
-            rollout_refused = str(exc)
-    return {"rollout_refused": rollout_refused, "losses": [r.loss for r in results], "init_logprobs": init_logprobs,
+    return {"losses": [r.loss for r in results], "init_logprobs": init_logprobs,
             "grad_norms": [r.grad_norm for r in results], "init": init_state, "params": params,
             "biases": [m.expert_bias.clone() for m in moe_layers(chunks)]}
 
@@ -101,7 +91,6 @@ def test_ep2_equals_single_rank():
     got = run_ranks(run, 2, args=(2, ref["init"]))
     samples = list(range(8))
     for rank, r in enumerate(got):
-        assert "parallel.expert" in r["rollout_refused"]
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]),
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.tensor(r["grad_norms"]), torch.tensor(ref["grad_norms"]),

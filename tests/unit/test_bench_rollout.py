@@ -1,0 +1,50 @@
+"""`r1mega bench rollout --smoke` runs end to end on CPU for a dense and the MoE shape and ends in
+one JSON line; for the MoE shape that line carries the log-prob mismatch with and without routing
+replay. The transformers peer of a named shape is the same model: same class family, same
+parameter count as r1mega's."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.distributed.harness import free_port
+
+
+@pytest.mark.slow  # ~10 s of CPU each; over 20 s of wall time on a loaded 2-core box
+@pytest.mark.parametrize("model", ["852m", "qwen3-moe-small"])
+def test_smoke_prints_one_json_line(model, capsys, monkeypatch):
+    from r1mega.bench import rollout
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert rollout.main(["--smoke", "--model", model]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["bench"] == "rollout" and out["model"] == model
+    assert set(out["settings"]) == {"4x8->8", "2x8->16"}
+    # fp32 on CPU: the rollout's log-probs are the training forward's up to summation order
+    assert out["logprob_mismatch_max"] < 1e-4
+    keys = {k for k in out if k.startswith("logprob_mismatch_replay")}
+    if model == "852m":
+        assert out["bar_ratio"] == 20.0 and not keys and "route_flip_fraction" not in out
+    else:
+        assert out["bar_ratio"] == 15.0
+        assert keys == {f"logprob_mismatch_replay_{s}_{m}" for s in ("on", "off") for m in ("mean", "max")}
+        assert out["logprob_mismatch_replay_on_max"] < 1e-4
+        assert 0.0 <= out["route_flip_fraction"] < 0.05  # fp32 on CPU: (almost) no flips
+
+
+@pytest.mark.parametrize("model,peer", [("852m", "LlamaForCausalLM"), ("qwen3-moe-small", "Qwen3MoeForCausalLM")])
+def test_peer_has_the_same_shape(model, peer, single_rank_runtime):
+    from r1mega.bench.rollout import hf_peer
+    from r1mega.bench.shapes import get_shape
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+
+    mcfg = ModelConfig(**get_shape(model, smoke=True))
+    hf = hf_peer(mcfg)
+    ours = build_model(mcfg, single_rank_runtime(), wrap=False)[0]
+    assert type(hf).__name__ == peer
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+    with torch.no_grad():
+        hf(torch.tensor([[1, 2, 3]]))  # it runs
