@@ -144,7 +144,10 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
                                                  pp_rank=rt.pp_rank)
             spec = TransformerBlockSubmodules(layer_specs=moe_block_layer_specs(
                 model, moe, first_layer=first, num_layers=layers_per_chunk, collector=collector,
-                ep_group=rt.ep_group if rt.ep_size > 1 else None), layer_norm=RMSNorm)
+                ep_group=rt.ep_group if rt.ep_size > 1 else None,
+                tp_group=rt.tp_group if rt.tp_size > 1 else None,
+                expert_dp_group=rt.pg_collection.expt_dp if rt.ep_size > 1 else None),
+                layer_norm=RMSNorm)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,
