@@ -180,12 +180,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"optimizer.lr must be >= 0, got {cfg.optimizer.lr}.")
     if world_size is not None:
         dp = derive_data_parallel(p, world_size)
-        if (dp * p.context) % p.expert:
+        # Experts are never split over TP (expert-TP = 1, r1mega/parallel/runtime.py), so the
+        # expert-parallel groups are carved out of the tensor x data x context ranks of a stage.
+        if (p.tensor * dp * p.context) % p.expert:
             raise ConfigError(
-                f"parallel.expert={p.expert} does not divide the data x context parallel size "
-                f"{dp}x{p.context}: expert-parallel groups are carved out of the data-parallel "
-                f"ranks. Launch a multiple of {p.expert * p.tensor * p.pipeline} ranks or change "
-                f"parallel.expert."
+                f"parallel.expert={p.expert} does not divide the tensor x data x context parallel "
+                f"size {p.tensor}x{dp}x{p.context}: expert-parallel groups are carved out of those "
+                f"ranks. Launch a multiple of {p.expert * p.pipeline} ranks or change parallel.expert."
             )
         if cfg.data.global_batch_prompts % dp != 0:
             raise ConfigError(

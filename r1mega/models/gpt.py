@@ -20,12 +20,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from r1mega.config import ModelConfig, PrecisionConfig
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from r1mega.models import packed_rope
 from r1mega.models.rope_scaling import apply_rope_scaling
-from r1mega.models.spec import RMSNorm, layer_spec, moe_block_layer_specs
-from r1mega.moe.balancing import AuxLossCollector
+from r1mega.models.families import block_spec
 from r1mega.moe.settings import MoESettings
 from r1mega.parallel.runtime import ParallelRuntime
 
@@ -122,29 +120,18 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
                      precision: Optional[PrecisionConfig] = None) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage of this rank (a list of 1 without interleaving)."""
     config = make_transformer_config(model, rt, precision)
-    moe = MoESettings.from_model(model) if model.num_experts else None
-    # MoE layers exist in the local spec only (config validation rejects model.spec=te).
-    spec, impl = layer_spec("local" if moe else model.spec, model.qk_norm, model.attention_backend)
     packed_rope.install()  # packed (THD) RoPE without a host sync and loop per sequence
     layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
-    if impl == "local":
-        # Our RMSNorm for the final norm too (megatron's fallback forbids sequence parallelism).
-        spec = TransformerBlockSubmodules(layer_specs=[spec] * layers_per_chunk, layer_norm=RMSNorm)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, rt.tp_size)
     theta = model.rope_theta
     chunks = []
     for vp_stage in range(rt.vp_size):
         pre, post = _stage_flags(rt, vp_stage)
-        collector = None
-        if moe is not None:
-            # Per-chunk specs: which layers are dense depends on the chunk's global layer range,
-            # and each chunk's MoE layers report their balance losses to the chunk's collector.
-            collector = AuxLossCollector(moe.aux_loss_coeff, moe.z_loss_coeff)
-            first = get_transformer_layer_offset(config, vp_stage=vp_stage if rt.vp_size > 1 else None,
-                                                 pp_rank=rt.pp_rank)
-            spec = TransformerBlockSubmodules(layer_specs=moe_block_layer_specs(
-                model, moe, first_layer=first, num_layers=layers_per_chunk, collector=collector,
-                ep_group=rt.ep_group if rt.ep_size > 1 else None), layer_norm=RMSNorm)
+        first = get_transformer_layer_offset(config, vp_stage=vp_stage if rt.vp_size > 1 else None,
+                                             pp_rank=rt.pp_rank)
+        # The family lays out the chunk's layers (r1mega/models/families.py).
+        block = block_spec(model, rt, first_layer=first, num_layers=layers_per_chunk)
+        spec, collector = block.spec, block.collector
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=spec,

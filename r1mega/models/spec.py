@@ -79,14 +79,16 @@ def _quiet_unknown_mlp_notice() -> None:
         log.addFilter(_OwnMLPNotice())
 
 
-def moe_mlp_spec(settings, collector=None, ep_group=None) -> ModuleSpec:
+def moe_mlp_spec(settings, collector=None, ep_group=None, tp_group=None,
+                 expert_dp_group=None) -> ModuleSpec:
     """r1mega's MoELayer as the layer's ``mlp`` (see r1mega/moe/layer.py); ``collector`` is the
-    chunk's AuxLossCollector, shared by the chunk's MoE layers."""
+    chunk's AuxLossCollector, shared by the chunk's MoE layers; the groups as MoELayer takes them."""
     from r1mega.moe.layer import MoELayer
 
     _quiet_unknown_mlp_notice()
     return ModuleSpec(module=MoELayer, params={"settings": settings, "collector": collector,
-                                               "ep_group": ep_group})
+                                               "ep_group": ep_group, "tp_group": tp_group,
+                                               "expert_dp_group": expert_dp_group})
 
 
 def local_layer_spec(qk_norm: bool, attention_backend: str = "auto",
@@ -125,12 +127,12 @@ def te_layer_spec(qk_norm: bool) -> ModuleSpec:
 
 
 def moe_block_layer_specs(model, settings, *, first_layer: int, num_layers: int, collector=None,
-                          ep_group=None) -> list[ModuleSpec]:
+                          ep_group=None, tp_group=None, expert_dp_group=None) -> list[ModuleSpec]:
     """Local layer specs of the layers [first_layer, first_layer + num_layers) of an MoE model:
     the first ``settings.first_k_dense`` layers of the whole model keep the dense MLP."""
     dense = local_layer_spec(model.qk_norm, model.attention_backend)
     moe = local_layer_spec(model.qk_norm, model.attention_backend,
-                           mlp=moe_mlp_spec(settings, collector, ep_group))
+                           mlp=moe_mlp_spec(settings, collector, ep_group, tp_group, expert_dp_group))
     return [moe if settings.is_moe_layer(i) else dense
             for i in range(first_layer, first_layer + num_layers)]
 

@@ -76,6 +76,11 @@ def update_expert_biases(chunks, dp_group=None, applied: Optional[object] = None
     loads = torch.stack([m.expert_load_accum for m in layers])                # (L, E)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(loads, group=dp_group)
+    # Under sequence parallelism each TP rank counted only its shard: sum over TP too, so every
+    # TP rank takes the same bias step (the same layer config everywhere: one group for all).
+    shard_group = getattr(layers[0], "load_shard_group", None)
+    if shard_group is not None:
+        dist.all_reduce(loads, group=shard_group)
     for m, load in zip(layers, loads):
         new = update_expert_bias(m.expert_bias, load, m.settings.bias_update_rate)
         if applied is None or applied is True:

@@ -28,6 +28,7 @@ from r1mega.moe.balancing import AuxLossCollector
 from r1mega.moe.dispatch import permute_tokens, routing_metadata, unpermute_tokens
 from r1mega.moe.experts import GroupedExperts, SwiGLUMLP
 from r1mega.moe.settings import MoESettings
+from r1mega.moe.tensor_parallel import gather_token_shares, mark_replicated_over_tp, token_share
 
 
 class LocalDispatcher:
@@ -81,12 +82,22 @@ class MoELayer(MegatronModule):
     """Router (float32) + dispatcher + grouped routed experts + optional shared expert."""
 
     def __init__(self, config, settings: MoESettings, collector: Optional[AuxLossCollector] = None,
-                 ep_group=None, experts_impl: str = "auto", dispatch_impl: str = "auto", **unused):
+                 ep_group=None, tp_group=None, expert_dp_group=None, experts_impl: str = "auto",
+                 dispatch_impl: str = "auto", **unused):
+        """``tp_group``: the dense TP group (None: TP = 1); ``expert_dp_group``: the ranks that
+        hold the same experts (megatron's expert-DP group), for checkpoint replica ids."""
         super().__init__(config)
         s = settings
         self.settings, self.collector = s, collector
         hidden = config.hidden_size
         ep_size = 1 if ep_group is None else torch.distributed.get_world_size(ep_group)
+        self.ep_group, self.ep_size, self.expert_dp_group = ep_group, ep_size, expert_dp_group
+        if tp_group is not None:
+            self.tp_group = tp_group  # MegatronModule.sharded_state_dict reads it too
+        self.tp_size = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+        self.tp_rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)
+        # Read at call time: the rollout switches it off (sequence_parallel_off) for decode steps.
+        self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1
         if s.num_experts % ep_size:
             raise ValueError(f"MoELayer: num_experts={s.num_experts} not divisible by the expert-parallel "
                              f"size {ep_size} (model.num_experts / parallel.expert)")
@@ -105,12 +116,16 @@ class MoELayer(MegatronModule):
             # the expert-data-parallel group (ranks holding the SAME experts), not over DP.
             for p in self.experts.parameters():
                 p.allreduce = False
+        else:
+            mark_replicated_over_tp(self.experts.parameters(), self.sequence_parallel)
         self.shared_expert = None
         if s.shared_ffn_hidden_size:
             self.shared_expert = SwiGLUMLP(hidden, s.shared_ffn_hidden_size, device=device,
                                            dtype=config.params_dtype)
             for w in (self.shared_expert.gate_up, self.shared_expert.down):
                 nn.init.normal_(w, std=std)
+            mark_replicated_over_tp(self.shared_expert.parameters(), self.sequence_parallel)
+        mark_replicated_over_tp([self.router_weight], self.sequence_parallel)
         if s.bias_enabled:
             # State, not a parameter: moved by update_expert_biases, saved with checkpoints.
             self.register_buffer("expert_bias", torch.zeros(s.num_experts, device=device))
@@ -129,6 +144,27 @@ class MoELayer(MegatronModule):
         """megatron's TransformerLayer hands its global 1-based layer number to its mlp: the
         first ``first_k_dense`` layers are dense, so MoE layer i is model layer first_k_dense + i."""
         self.moe_index = layer_number - 1 - self.settings.first_k_dense
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """megatron's default (every tensor replicated over TP, one copy per DP rank), except the
+        routed experts under EP > 1: each EP rank's (E/EP, ...) stack is the slice
+        [ep_rank * E/EP, (ep_rank + 1) * E/EP) of one (E, ...) tensor, and its copies are the
+        expert-DP ranks (with expert-TP = 1 a TP rank > 0 holds other experts, never a replica)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.ep_size == 1:
+            return sd
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        dist = torch.distributed
+        ep_rank = dist.get_rank(self.ep_group)
+        edp_rank = 0 if self.expert_dp_group is None else dist.get_rank(self.expert_dp_group)
+        axis = len(sharded_offsets)  # the expert axis, after any prepended (layer) axes
+        for name, param in self.experts.named_parameters():
+            key = f"{prefix}experts.{name}"
+            sd[key] = ShardedTensor.from_rank_offsets(
+                sd[key].key, param, *sharded_offsets, (axis, ep_rank, self.ep_size),
+                replica_id=(0, 0, edp_rank), prepend_axis_num=len(sharded_offsets))
+        return sd
 
     def host_sync_free(self, dtype: torch.dtype) -> bool:
         """Whether a forward on activations of ``dtype`` runs without reading anything back to
@@ -189,7 +225,32 @@ class MoELayer(MegatronModule):
 
     # ------------------------------------------------------------------ forward
 
+    @property
+    def load_shard_group(self):
+        """The group over which this layer's expert loads are partial (each TP rank counts only
+        its sequence shard under sequence parallelism), or None; update_expert_biases sums there."""
+        return self.tp_group if self.sequence_parallel else None
+
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **unused):
+        """hidden_states (S, B, H): this TP rank's sequence shard under sequence parallelism,
+        else every token (see r1mega/moe/tensor_parallel.py) -> ((S, B, H), None)."""
+        if self.tp_size > 1 and self.ep_size > 1 and not self.sequence_parallel:
+            return self._forward_token_share(hidden_states), None
+        return self._forward(hidden_states, padding_mask), None
+
+    def _forward_token_share(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Tokens replicated over TP, experts spread over EP: each TP rank routes a 1/TP share
+        (otherwise every token crosses the all-to-all TP times), then the shares are gathered."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("MoELayer: training with parallel.tensor > 1 and parallel.expert > 1 "
+                               "needs parallel.sequence_parallel=true (each TP rank then routes its "
+                               "own sequence shard); this path is for forward-only passes")
+        seq, batch, hidden = hidden_states.shape
+        mine, sizes = token_share(hidden_states.reshape(seq * batch, hidden), self.tp_rank, self.tp_size)
+        out = self._forward(mine.view(-1, 1, hidden), None).view(-1, hidden)  # (T_r, H)
+        return gather_token_shares(out, sizes, self.tp_group).view(seq, batch, hidden)
+
+    def _forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         seq, batch, hidden = hidden_states.shape
         x = hidden_states.reshape(seq * batch, hidden)                          # (T, H)
         logits, w, idx = self.route(x)
@@ -210,7 +271,7 @@ class MoELayer(MegatronModule):
         out = out.to(x.dtype)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
-        return out.view(seq, batch, hidden), None
+        return out.view(seq, batch, hidden)
 
 
 def num_active_parameters(settings: MoESettings, hidden: int) -> int:

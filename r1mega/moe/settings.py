@@ -113,9 +113,18 @@ def validate_moe(m, p, error) -> None:
     if m.spec == "te":
         raise error("model.spec=te has no MoE layer here (megatron's MoE router needs TE's GEMM and "
                     "the grouped_gemm package); set model.spec=local or auto for an MoE model.")
-    if p.tensor > 1:
-        raise error(f"parallel.tensor={p.tensor} with MoE layers is not implemented yet (the routed "
-                    "experts are not tensor-parallel); use parallel.tensor=1 and parallel.expert.")
+    # Tensor parallelism: experts whole on each rank (expert-TP = 1), tokens split by sequence
+    # parallelism (r1mega/moe/tensor_parallel.py).
+    if p.tensor > 1 and p.expert > 1 and not p.sequence_parallel:
+        raise error(f"parallel.tensor={p.tensor} with parallel.expert={p.expert} needs "
+                    "parallel.sequence_parallel=true: each TP rank then routes its own sequence "
+                    "shard (without it every token would cross the expert all-to-all once per TP "
+                    "rank). Set parallel.sequence_parallel=true, or parallel.expert=1.")
+    if p.tensor > 1 and p.sequence_parallel and (m.moe_aux_loss_coeff or m.moe_z_loss_coeff):
+        raise error("model.moe_aux_loss_coeff / moe_z_loss_coeff with parallel.sequence_parallel is "
+                    "not implemented: each TP rank sees only a shard of every sequence, and the "
+                    "sequence-level loss needs all of it. Use moe_bias_update_rate (aux-loss-free "
+                    "balancing) or parallel.sequence_parallel=false.")
     if m.recompute != "none":
         raise error(f"model.recompute={m.recompute} with MoE layers is not implemented: a recomputed "
                     "forward would count expert loads and balance losses twice. Set model.recompute=none.")

@@ -156,6 +156,10 @@ def init_parallel(
         virtual_pipeline_model_parallel_size=vp,
         context_parallel_size=parallel.context,
         expert_model_parallel_size=parallel.expert,
+        # r1mega's routed experts are never split over TP (each TP rank routes its own sequence
+        # shard, megatron's ETP=1 layout): the EP group is then carved from TP x DP, and an
+        # expert's gradient is reduced over the ranks holding the same experts (expert-DP).
+        expert_tensor_parallel_size=1,
         distributed_timeout_minutes=max(1, parallel.timeout_s // 60),
         # The distributed optimizer's checkpoint gathers run on gloo side-groups.
         create_gloo_process_groups=True,

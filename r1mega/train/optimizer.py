@@ -88,9 +88,24 @@ def build_optimizer(opt: OptimizerConfig, model_chunks: list, rt: ParallelRuntim
                 f"the same setting.")
     config = megatron_optimizer_config(opt, rt, distributed)
     optimizer = get_megatron_optimizer(config, model_chunks, pg_collection=pg_collection)
+    count_expert_grads_once(optimizer, rt)
     if rt.device.type == "cuda":
         use_fused_adam(optimizer)
     return OptimizerBundle(optimizer, build_scheduler(opt, optimizer, total_steps))
+
+
+def count_expert_grads_once(optimizer, rt: ParallelRuntime) -> None:
+    """Give the expert-parallel sub-optimizer the expert-TP group (size 1: experts are never
+    split over TP) for its grad-norm and zero counts. megatron hands every sub-optimizer the
+    dense TP group, so a TP rank > 0 would skip its experts as "TP duplicates"; with EP > 1 they
+    are other experts than TP rank 0's (and under the distributed optimizer each element is
+    owned by one expert-DP rank), so the clip norm would miss them."""
+    if rt.tp_size == 1 or rt.ep_size == 1:
+        return
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        groups = sub.optimizer.param_groups if sub.optimizer is not None else []
+        if groups and all(g.get("is_expert_parallel", False) for g in groups):
+            sub.tp_group = rt.pg_collection.expt_tp
 
 
 def use_fused_adam(optimizer) -> None:

@@ -61,7 +61,8 @@ def test_yaml_config_and_its_dsv3_overrides_validate():
     (dict(spec="te"), {}, "model.spec=te"),
     (dict(moe_aux_loss_coeff=-1.0), {}, "moe_aux_loss_coeff"),
     (dict(recompute="full"), {}, "model.recompute"),
-    (dict(), dict(tensor=2), "parallel.tensor"),
+    (dict(), dict(tensor=2, expert=2), "parallel.sequence_parallel=true"),
+    (dict(moe_aux_loss_coeff=0.01), dict(tensor=2, sequence_parallel=True), "parallel.sequence_parallel"),
     (dict(moe_aux_loss_coeff=0.01), dict(pipeline=3), "parallel.pipeline"),
     (dict(), dict(expert=3), "parallel.expert=3"),
 ])
@@ -255,3 +256,17 @@ def test_checkpoint_round_trip_keeps_weights_and_expert_biases(single_rank_runti
     assert any(k.endswith("mlp.expert_bias") for k in keys)
     for k in keys:
         assert torch.equal(saved[k], loaded[k]), k
+
+
+@pytest.mark.parametrize("par_kw,world", [
+    (dict(tensor=2), 2),                                  # TP alone: experts whole on both ranks
+    (dict(tensor=2, sequence_parallel=True, expert=2), 4),  # EP carved from TP x DP
+    (dict(tensor=2, sequence_parallel=True, expert=2), 2),  # the EP group is the TP group
+])
+def test_tensor_parallel_moe_layouts_validate(par_kw, world):
+    cfg = Config()
+    cfg.model = moe_model()
+    cfg.data.global_batch_prompts = 12
+    for k, v in par_kw.items():
+        setattr(cfg.parallel, k, v)
+    validate(cfg, world_size=world)
