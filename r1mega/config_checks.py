@@ -168,6 +168,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError("rollout.routing_replay=true is implemented by the rollout engine, which runs "
                               "with parallel.pipeline=1 only (the pipeline generator records no routes). "
                               "Set parallel.pipeline=1 or rollout.routing_replay=false.")
+        if p.tensor > 1 and p.expert > 1:
+            raise ConfigError("rollout.routing_replay=true with parallel.tensor > 1 and parallel.expert > 1 "
+                              "is not implemented: the rollout then routes a 1/TP share of the tokens on "
+                              "each rank and records only that share. Use parallel.tensor=1 or "
+                              "rollout.routing_replay=false.")
         if m.recompute == "full":
             raise ConfigError("rollout.routing_replay=true with model.recompute=full: the recomputed forward "
                               "in the backward would route freely, not as replayed. Use model.recompute="

@@ -7,9 +7,9 @@ the run crosses dense and MoE layers, the expert-bias step and a checkpoint of b
 Layouts:
   * TP=2 x DP=2 with sequence parallelism (experts whole on each TP rank; the rollout turns
     sequence parallelism off and every TP rank computes every token);
-  * TP=2 x EP=2 x DP=2 with sequence parallelism: needs a rollout engine that steps the ranks of
-    an expert-parallel group together, which is being built on another branch; skipped here
-    until that branch is merged (remove the skip mark then).
+  * TP=2 x EP=2 x DP=2 with sequence parallelism: the rollout steps the ranks of each
+    expert-parallel group together (empty steps for a rank that is done) and, with sequence
+    parallelism off there, each TP rank routes a 1/TP share of the tokens.
 """
 from __future__ import annotations
 
@@ -87,7 +87,5 @@ def test_moe_grpo_two_steps_tp2_dp2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="needs the rollout engine to step expert-parallel ranks together "
-                         "(parallel.expert > 1), built on the MoE rollout branch; enable after merging it")
 def test_moe_grpo_two_steps_tp2_ep2(tmp_path):
     _run(tmp_path, ["parallel.tensor=2", "parallel.expert=2", "parallel.sequence_parallel=true"])
