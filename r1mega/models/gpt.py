@@ -10,6 +10,7 @@ Model code stays plain megatron; parallelism comes from outside in a fixed order
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -28,6 +29,8 @@ from r1mega.models.spec import RMSNorm, layer_spec, moe_block_layer_specs
 from r1mega.moe.balancing import AuxLossCollector
 from r1mega.moe.settings import MoESettings
 from r1mega.parallel.runtime import ParallelRuntime
+from r1mega.precision.policy import resolve_fp8_policy, te_transformer_config_kwargs
+from r1mega.precision.spec import fp8_layer_specs
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -42,6 +45,9 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
     precision = precision or PrecisionConfig()
     on_gpu = rt.device.type == "cuda"
     dtype = rt.dtype
+    # Transformer Engine FP8: megatron's TransformerBlock enters fp8_autocast from these fields.
+    te_fp8 = te_transformer_config_kwargs(resolve_fp8_policy(precision, rt.device.type),
+                                          model.num_layers)
     recompute = {"none": (None, None, None), "selective": ("selective", None, None),
                  "full": ("full", "uniform", 1)}[model.recompute]
     return TransformerConfig(
@@ -108,6 +114,7 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         # Dense and MoE layers hold different tensors, so checkpoints key them per layer rather
         # than stacking one tensor over all layers (which would miss the dense layers' shards).
         hetereogenous_dist_checkpoint=bool(model.num_experts and model.moe_first_k_dense),
+        **te_fp8,
     )
 
 
@@ -122,9 +129,13 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
                      precision: Optional[PrecisionConfig] = None) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage of this rank (a list of 1 without interleaving)."""
     config = make_transformer_config(model, rt, precision)
+    fp8 = resolve_fp8_policy(precision or PrecisionConfig(), rt.device.type)
     moe = MoESettings.from_model(model) if model.num_experts else None
-    # MoE layers exist in the local spec only (config validation rejects model.spec=te).
-    spec, impl = layer_spec("local" if moe else model.spec, model.qk_norm, model.attention_backend)
+    # MoE layers exist in the local spec only (config validation rejects model.spec=te); TE's
+    # FP8 needs the TE spec, the native FP8 linears the local one.
+    want = "local" if moe or (fp8 and fp8.backend == "native") else model.spec
+    spec, impl = layer_spec("te" if fp8 and fp8.backend == "te" else want, model.qk_norm,
+                            model.attention_backend)
     packed_rope.install()  # packed (THD) RoPE without a host sync and loop per sequence
     layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
     if impl == "local":
@@ -145,9 +156,16 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
             spec = TransformerBlockSubmodules(layer_specs=moe_block_layer_specs(
                 model, moe, first_layer=first, num_layers=layers_per_chunk, collector=collector,
                 ep_group=rt.ep_group if rt.ep_size > 1 else None), layer_norm=RMSNorm)
+        if fp8 is not None and fp8.backend == "native":
+            first = get_transformer_layer_offset(config, vp_stage=vp_stage if rt.vp_size > 1 else None,
+                                                 pp_rank=rt.pp_rank)
+            chunk_spec = dataclasses.replace(spec, layer_specs=fp8_layer_specs(
+                spec.layer_specs, fp8, first_layer=first, num_layers=model.num_layers))
+        else:
+            chunk_spec = spec
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=chunk_spec,
             vocab_size=vocab,
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre,
