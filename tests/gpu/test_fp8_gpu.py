@@ -28,8 +28,10 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 GRANS = ["tensor", "row", "tile", "block"]
 
 
-def _bits(t):
-    return t.view(torch.uint8)
+def _same_bits(a, b):
+    """Bitwise equal, NaN matching NaN (a NaN's sign/payload is not the kernel's choice)."""
+    nan = torch.isnan(a.float()) & torch.isnan(b.float())
+    return bool(((a.view(torch.uint8) == b.view(torch.uint8)) | nan).all())
 
 
 @pytest.mark.skipif(not triton_quant.available(), reason="needs triton")
@@ -50,7 +52,7 @@ def test_triton_quantizer_equals_reference_bitwise(gran, fmt, power2, shape, tra
     for src in (x, x.float()):
         got = triton_quant.quantize_triton(src, gran, fmt, power2)
         ref = quantize_reference(src, gran, fmt, power2)
-        assert torch.equal(_bits(got.data), _bits(ref.data))
+        assert _same_bits(got.data, ref.data)
         assert torch.equal(got.scale.nan_to_num(-1.0), ref.scale.nan_to_num(-1.0))
         if gran == "tile":
             assert got.scale.stride() == (1, got.scale.shape[0])   # cuBLAS: strides (1, M)
@@ -66,7 +68,7 @@ def test_scaled_mm_layouts_accepted_and_equal_emulation(a_gran, b_gran, m, n, k)
         pytest.skip("blockwise scaled_mm runs on sm_90")
     a = quantize_reference(torch.randn(m, k, device="cuda"), a_gran)
     b = quantize_reference(torch.randn(n, k, device="cuda") * 0.1, b_gran, power2=True)
-    got = scaled_gemm(a, b, torch.float32 if a_gran != "tile" else torch.bfloat16)
+    got = scaled_gemm(a, b, torch.bfloat16)
     ref = emulated_gemm(a, b, torch.float32)
     torch.testing.assert_close(got.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
