@@ -110,7 +110,8 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "") -> tuple[f
 
 
 def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
-               thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True):
+               thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True,
+               precision=None):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
     from r1mega.models.gpt import build_model
@@ -120,7 +121,7 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     if compile_mode == "norm":
         spec_mod.RMSNorm.forward = torch.compile(spec_mod.RMSNorm.forward, dynamic=True)
     model_cfg = ModelConfig(**shape, attention_backend=attention)
-    precision = PrecisionConfig(grad_reduce_in_fp32=grad_reduce_in_fp32)
+    precision = precision or PrecisionConfig(grad_reduce_in_fp32=grad_reduce_in_fp32)
     chunks = build_model(model_cfg, rt, precision, wrap=True, distributed_optimizer=True)
     if compile_mode == "layer":
         # Each TransformerLayer as one compiled region (r1mega.models.compile removes megatron's
@@ -225,6 +226,9 @@ def main(argv=None) -> int:
                     help="after timing, print the top device kernels of one step of each run")
     ap.add_argument("--compile-too", action="store_true",
                     help="also time r1mega with --compile layer in the same run")
+    ap.add_argument("--fp8", default=None, choices=["tensorwise", "rowwise", "blockwise"],
+                    help="also time r1mega with native FP8 linears (precision.fp8_recipe); "
+                         "--smoke emulates FP8 on the CPU")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
     args = ap.parse_args(argv)
     _PROFILE["on"] = args.profile
@@ -276,6 +280,13 @@ def main(argv=None) -> int:
         rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
                                                       args.steps, args.compile, thd=True,
                                                       attention=args.attention)
+    if args.fp8:
+        _reset_memory(device)
+        fp8_prec = PrecisionConfig(fp8=True, fp8_backend="native", fp8_recipe=args.fp8,
+                                   fp8_emulate=device.type != "cuda")
+        rows[f"r1mega[{impls[-1]},fp8-{args.fp8}]"] = run_r1mega(
+            shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
+            attention=args.attention, precision=fp8_prec)
     if not args.skip_hf:
         _reset_memory(device)
         rows["transformers"] = run_hf(shape, tokens, device, dtype, args.warmup, args.steps)
@@ -302,6 +313,9 @@ def main(argv=None) -> int:
                                  "model_tflops": tflops, "mfu": tflops * 1e12 / peak,
                                  "peak_memory_gb": mem, "speedup_vs_hf": ratio,
                                  "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
+    if args.fp8:
+        # FP8's step speed-up over the bf16 row of the same loss implementation, same run.
+        result["fp8_speedup"] = rows[f"r1mega[{impls[-1]}]"][0] / rows[f"r1mega[{impls[-1]},fp8-{args.fp8}]"][0]
     best = max((k for k in rows if k != "transformers"), key=lambda k: -rows[k][0])
     if hf:
         result["best"] = best
