@@ -400,7 +400,10 @@ class TrainStep:
     def optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
         """Clip, step the lr schedule and the optimizer, after :meth:`forward_backward`."""
         with prange("optimizer_step"):
-            return self._optimizer_step(sums, num_micro_batches)
+            try:
+                return self._optimizer_step(sums, num_micro_batches)
+            finally:
+                new_weight_generation()  # FP8 weight copies (training, rollout) are stale now
 
     def _optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
         # A skipped update must not advance the schedule; the previous sync-free step says
