@@ -64,9 +64,12 @@ def validate_rope_scaling(rs: RopeScalingConfig, key: str = "model.rope_scaling"
 
 def validate_fp8(cfg: Config, device_type: Optional[str] = None) -> None:
     """FP8 recipe/backend/device checks (r1mega/precision/policy.py) and the layer counts."""
-    from r1mega.precision.policy import default_device_type, resolve_fp8_policy
+    from r1mega.precision.policy import (default_device_type, resolve_fp8_policy,
+                                         resolve_rollout_fp8_policy)
 
-    policy = resolve_fp8_policy(cfg.precision, device_type or default_device_type())
+    device_type = device_type or default_device_type()
+    resolve_rollout_fp8_policy(cfg.precision, device_type)
+    policy = resolve_fp8_policy(cfg.precision, device_type)
     if policy is None:
         return
     kept = policy.bf16_first_layers + policy.bf16_last_layers

@@ -107,9 +107,6 @@ def resolve_fp8_policy(precision: PrecisionConfig, device_type: str,
         if getattr(p, key) < 0:
             raise ConfigError(f"precision.{key} must be >= 0, got {getattr(p, key)}.")
     if not p.fp8:
-        if p.fp8_rollout:
-            raise ConfigError("precision.fp8_rollout=true needs precision.fp8=true (the rollout's "
-                              "FP8 weights come from the FP8 policy). Set both or neither.")
         return None
     te = transformer_engine_importable() if te_available is None else te_available
     backend = p.fp8_backend
@@ -147,6 +144,29 @@ def resolve_fp8_policy(precision: PrecisionConfig, device_type: str,
                      bf16_first_layers=p.fp8_bf16_first_layers,
                      bf16_last_layers=p.fp8_bf16_last_layers, emulate=p.fp8_emulate,
                      rollout=p.fp8_rollout)
+
+
+def resolve_rollout_fp8_policy(precision: PrecisionConfig, device_type: str) -> Optional[Fp8Policy]:
+    """The rollout's FP8 weight policy (``precision.fp8_rollout``; None when off).
+
+    Independent of FP8 training: with ``precision.fp8=false`` the training stays bf16 and only
+    the decode reads FP8 weight copies (r1mega/precision/rollout.py), in ``precision.fp8_recipe``
+    through the native path.
+    """
+    p = precision
+    if not p.fp8_rollout:
+        return None
+    if p.fp8 and p.fp8_backend == "te":
+        raise ConfigError("precision.fp8_rollout=true is implemented for the native backend "
+                          "only; set precision.fp8_backend=native or precision.fp8_rollout=false.")
+    if p.fp8_recipe not in NATIVE_RECIPES:
+        raise ConfigError(f"precision.fp8_rollout=true: precision.fp8_recipe '{p.fp8_recipe}' is "
+                          f"not a native FP8 recipe; use one of {list(NATIVE_RECIPES)}.")
+    if not p.fp8_emulate:
+        why = _native_support_error(p.fp8_recipe, device_type)
+        if why:
+            raise ConfigError(f"precision.fp8_rollout=true: {why}")
+    return Fp8Policy(recipe=p.fp8_recipe, backend="native", emulate=p.fp8_emulate, rollout=True)
 
 
 def default_device_type() -> str:

@@ -39,9 +39,16 @@ def test_bad_fp8_settings_name_the_key(kw, te, device, expected):
         pol.resolve_fp8_policy(_p(**kw), device, te_available=te)
 
 
-def test_fp8_rollout_needs_fp8():
-    with pytest.raises(ConfigError, match="precision.fp8_rollout=true needs precision.fp8=true"):
-        pol.resolve_fp8_policy(PrecisionConfig(fp8_rollout=True), "cpu", te_available=False)
+def test_fp8_rollout_alone_keeps_training_bf16():
+    prec = PrecisionConfig(fp8_rollout=True, fp8_recipe="tensorwise", fp8_emulate=True)
+    assert pol.resolve_fp8_policy(prec, "cpu", te_available=False) is None
+    r = pol.resolve_rollout_fp8_policy(prec, "cpu")
+    assert (r.recipe, r.backend, r.rollout) == ("tensorwise", "native", True)
+    with pytest.raises(ConfigError, match="precision.fp8_rollout=true: native FP8 needs a CUDA GPU"):
+        pol.resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True), "cpu")
+    with pytest.raises(ConfigError, match="'delayed' is not a native FP8 recipe"):
+        pol.resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="delayed"), "cpu")
+    assert pol.resolve_rollout_fp8_policy(PrecisionConfig(), "cpu") is None
 
 
 def test_native_needs_an_fp8_gpu(monkeypatch):

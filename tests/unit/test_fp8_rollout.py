@@ -107,3 +107,41 @@ def test_engine_generates_with_fp8_weights(model):
         outs = eng.generate(reqs)
     assert len(outs) == 4 and all(len(c.token_ids) == 6 for c in outs)
     assert all(torch.isfinite(torch.tensor(c.logprobs)).all() for c in outs)
+
+
+@pytest.mark.parametrize("extra", [["precision.fp8_rollout=true"],
+                                   ["precision.fp8=true", "precision.fp8_backend=native"]])
+def test_grpo_trains_with_fp8_rollout_or_fp8_training(tmp_path, monkeypatch, extra):
+    """Two GRPO steps of the demo config, FP8 emulated: the rollout decodes with FP8 weight
+    copies (training bf16), or the whole policy trains with FP8 linears."""
+    import os
+
+    from tests.conftest import ROOT, free_port
+    from r1mega.config import load_config
+    from r1mega.parallel.runtime import destroy_parallel
+    from r1mega.precision import rollout as fp8_rollout_mod
+    from r1mega.train.trainer import run_train
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    refreshes = []
+    real = fp8_rollout_mod.Fp8RolloutWeights.refresh
+
+    def counting_refresh(self):
+        refreshes.append(1)
+        return real(self)
+
+    monkeypatch.setattr(fp8_rollout_mod.Fp8RolloutWeights, "refresh", counting_refresh)
+    tiny = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+            "model.num_attention_heads=2", "model.num_query_groups=1", "data.num_examples=64",
+            "data.eval_source=null", "data.global_batch_prompts=4", "rollout.group_size=2",
+            "rollout.max_new_tokens=8", "train.sft_steps=0", "train.steps=2",
+            "logging.samples_every_steps=0", "logging.tensorboard=false",
+            "logging.progress_bar=false", "checkpoint.dir=null", "precision.fp8_emulate=true",
+            "precision.fp8_recipe=rowwise", f"logging.run_dir={tmp_path / 'run'}"]
+    cfg = load_config(os.path.join(ROOT, "configs/demo.yaml"), tiny + extra)
+    try:
+        assert run_train(cfg) == 0
+    finally:
+        destroy_parallel()
+    # FP8 rollout alone: the copies are quantised once per rollout (after each update)
+    assert len(refreshes) == (2 if "precision.fp8_rollout=true" in extra else 0)
