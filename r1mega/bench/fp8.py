@@ -12,6 +12,10 @@ give each row's fraction of the GEMM floor.
 FP8 from the same initial weights; the bar is |final FP8 loss / final bf16 loss - 1| <= 2 %
 (final = mean of the last 10 steps).
 
+``--rollout``: the 852m shape's rollout (256 x 128 -> 256 by default) with bf16 weights and
+with FP8 weight copies (``precision.fp8_rollout``), same requests, same run: tokens/s, the ratio
+(bar: >= 1.4x) and each one's log-prob mismatch against the (bf16) training forward.
+
 ``--smoke``: tiny shapes on the CPU with FP8 emulated, to check the script end to end.
 """
 from __future__ import annotations
@@ -164,6 +168,67 @@ def run_throughput(args, rt) -> dict:
     return result
 
 
+def run_rollout(args, rt) -> dict:
+    """bf16 vs FP8-weight rollout (``precision.fp8_rollout``) on the same model, same requests."""
+    from r1mega.bench.rollout import logprob_mismatch
+    from r1mega.bench.shapes import get_shape
+    from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.policy import resolve_rollout_fp8_policy
+    from r1mega.precision.rollout import Fp8RolloutWeights
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    device = rt.device
+    shape = get_shape("852m", smoke=args.smoke)
+    prompts, plen, new = (4, 8, 8) if args.smoke else tuple(int(v) for v in args.rollout_setting.split("x"))
+    shape["max_position_embeddings"] = plen + new + 8
+    model = build_model(ModelConfig(**shape), rt, wrap=False)
+    policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe=args.recipe,
+                                                        fp8_emulate=device.type != "cuda"), device.type)
+    g = torch.Generator().manual_seed(prompts)
+    ids = torch.randint(0, shape["vocab_size"], (prompts, plen), generator=g).tolist()
+    reqs = [GenerationRequest(p, n=1, seed=i) for i, p in enumerate(ids)]
+    rows = {}
+    for name in ("bf16", f"fp8-{args.recipe}"):
+        rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
+                             max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
+                             compile_decode=not args.no_compile,
+                             max_prefill_tokens=max(16384, prompts * plen // 4))
+        fp8 = Fp8RolloutWeights(model[0], policy) if name != "bf16" else None
+        eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
+
+        def generate(requests):
+            if fp8 is None:
+                return eng.generate(requests)
+            with fp8.decoding():
+                return eng.generate(requests)
+
+        t = time.perf_counter()
+        generate([GenerationRequest(p, n=1, seed=i + 7919) for i, p in enumerate(ids)])  # warm-up
+        _sync(device)
+        warm = time.perf_counter() - t
+        t = time.perf_counter()
+        outs = generate(reqs)
+        _sync(device)
+        dt = time.perf_counter() - t
+        n_new = sum(len(c.token_ids) for c in outs)
+        # Against the training forward, which stays bf16 (outside decoding()).
+        mean, mx = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
+        eng.release()
+        if fp8 is not None:
+            fp8.remove()
+        rows[name] = {"tokens_per_s": n_new / dt, "seconds": dt, "warmup_s": warm,
+                      "logprob_mismatch_mean": mean, "logprob_mismatch_max": mx}
+        print(f"{name:<18} {n_new / dt:>12,.0f} tok/s  ({dt:.2f} s, warm-up {warm:.1f} s)  "
+              f"log-prob |diff| vs training: mean {mean:.2e}, max {mx:.2e}", flush=True)
+    speedup = rows[f"fp8-{args.recipe}"]["tokens_per_s"] / rows["bf16"]["tokens_per_s"]
+    print(f"FP8 {args.recipe} rollout / bf16 rollout tokens/s = {speedup:.2f}x (bar 1.4x)")
+    return {"mode": "rollout", "recipe": args.recipe, "setting": f"{prompts}x{plen}->{new}",
+            "rows": rows, "fp8_speedup": speedup,
+            "bar_met": None if args.smoke else bool(speedup >= 1.4)}
+
+
 def _no_nan(x):
     if isinstance(x, float) and x != x:
         return None
@@ -182,6 +247,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--parity", action="store_true", help="loss parity (852m, fixed corpus)")
     ap.add_argument("--parity-steps", type=int, default=200)
+    ap.add_argument("--rollout", action="store_true",
+                    help="bf16 vs FP8-weight rollout tokens/s and log-prob mismatch (852m)")
+    ap.add_argument("--rollout-setting", default="256x128x256", help="PROMPTSxPROMPT_TOKENSxNEW")
+    ap.add_argument("--no-graphs", action="store_true", help="rollout: eager decode")
+    ap.add_argument("--no-compile", action="store_true", help="rollout: no torch.compile")
+    ap.add_argument("--mismatch-seqs", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, FP8 emulated")
     args = ap.parse_args(argv)
 
@@ -197,7 +268,8 @@ def main(argv=None) -> int:
     if rt.world_size != 1:
         raise SystemExit("bench fp8 runs on one process (no torchrun).")
     try:
-        result = run_parity(args, rt) if args.parity else run_throughput(args, rt)
+        run = run_parity if args.parity else run_rollout if args.rollout else run_throughput
+        result = run(args, rt)
     finally:
         destroy_parallel()
     result.update(device=str(rt.device), smoke=args.smoke)

@@ -42,3 +42,14 @@ def test_train_step_bench_fp8_flag_smoke(capsys):
     assert train_step.main(["--smoke", "--skip-hf", "--fp8", "rowwise"]) == 0
     out = _last_json(capsys)
     assert any("fp8-rowwise" in k for k in out["impls"]) and out["fp8_speedup"] > 0
+
+
+def test_bench_rollout_fp8_smoke(capsys):
+    from r1mega.bench import rollout
+
+    assert rollout.main(["--smoke", "--fp8", "tensorwise", "--mismatch-seqs", "2"]) == 0
+    out = _last_json(capsys)
+    assert out["mode"] == "rollout" and set(out["rows"]) == {"bf16", "fp8-tensorwise"}
+    fp8 = out["rows"]["fp8-tensorwise"]
+    # FP8 weights move the rollout's log-probs away from the (unchanged) training forward's
+    assert fp8["logprob_mismatch_mean"] > out["rows"]["bf16"]["logprob_mismatch_mean"]
