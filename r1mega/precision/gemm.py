@@ -82,9 +82,10 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
         scale_b, recipe_b = _colmajor(b.scale), st.BlockWise1x128
     else:
         raise ValueError(f"fp8 gemm: no cuBLAS kernel for scaling {pair}")
+    # No fast accumulation for blockwise: the per-128 scales are applied as partial sums are
+    # promoted, which is the point of the recipe (DeepSeek-V3 section 3.3.2).
     return F.scaled_mm(mat_a, mat_b, _colmajor(a.scale), st.BlockWise1x128, scale_b, recipe_b,
-                       swizzle_a=sw.NO_SWIZZLE, swizzle_b=sw.NO_SWIZZLE, output_dtype=out_dtype,
-                       use_fast_accum=fast_accum)
+                       swizzle_a=sw.NO_SWIZZLE, swizzle_b=sw.NO_SWIZZLE, output_dtype=out_dtype)
 
 
 def fp8_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype, *, emulate: bool,

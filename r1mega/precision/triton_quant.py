@@ -3,10 +3,10 @@
 The PyTorch reference is :func:`r1mega.precision.quantize.quantize_reference` (its docstring
 has the scale arithmetic); ``tests/gpu/test_fp8_gpu.py`` compares the two bit for bit.
 
-  _quant_rows_kernel    grid (R, n_tiles): tiles of one row (1x128, or a whole row for the
-                        rowwise recipe, read twice in chunks: amax, then scale and write), or a
-                        whole tensor's elements under a given amax (tensorwise: the amax comes
-                        from one reduction kernel before, the only second pass).
+  _quant_rows_kernel    grid (ceil(R/16), n_tiles): 16 rows x one tile per program, read in
+                        (16, 128) blocks: 1x128 tiles; whole rows for the rowwise recipe (read
+                        twice: amax, then scale and write); or every tile under a given amax
+                        (tensorwise: the amax comes from one reduction kernel before).
   _quant_blocks_kernel  grid (ceil(R/128), ceil(C/128)): one 128x128 weight block.
 
 Both take the input's strides (a transposed view is quantised without a copy: wgrad's
@@ -17,7 +17,8 @@ Bit-exactness with the reference: ``fmax / amax`` and ``1 / mult`` use IEEE divi
 (``div_rn``; Triton's ``/`` is the approximate ``div.full``); the power-of-2 rounding is the
 same mantissa-clearing bit operation; the clamp keeps NaN; fp32 -> fp8 rounds to nearest even
 in both (``cvt.rn.satfinite``, and the clamp makes saturation moot). ``tl.max`` may drop NaN,
-so a NaN count restores the reference's NaN propagation.
+so a NaN count restores the reference's NaN propagation. Triton's ``div_rn`` flushes denormal
+results, so a tile whose amax is below about 1e-36 (its scale 1/mult denormal) may differ.
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _multiplier(amax, FMAX: tl.constexpr, POWER2: tl.constexpr):
-        """The scale arithmetic of quantize.multiplier_from_amax, per tile (fp32 scalar)."""
-        mult = _div_rn(tl.full([], FMAX, tl.float32), amax)
+        """The scale arithmetic of quantize.multiplier_from_amax, per tile (fp32, any shape)."""
+        mult = _div_rn(tl.zeros_like(amax) + FMAX, amax)
         FLT_MAX: tl.constexpr = 3.4028234663852886e38
         mult = tl.where(mult > FLT_MAX, FLT_MAX, mult)
         if POWER2:
@@ -63,39 +64,45 @@ if _HAVE_TRITON:
         tl.store(q_ptr + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, C, TILE_C,
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, R, C, TILE_C,
                            sxr, sxc, sqr, ssr, sst,
-                           FMAX: tl.constexpr, POWER2: tl.constexpr, CHUNK: tl.constexpr,
-                           GIVEN_AMAX: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+                           FMAX: tl.constexpr, POWER2: tl.constexpr, RB: tl.constexpr,
+                           CHUNK: tl.constexpr, GIVEN_AMAX: tl.constexpr):
+        # RB rows x one tile of TILE_C columns per program, read as (RB, CHUNK) blocks: whichever
+        # of the two strides is 1, Triton's coalescing follows it (a transposed view included).
+        pr = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1).to(tl.int64)
+        rows = pr * RB + tl.arange(0, RB)                                  # (RB,)
+        rmask = rows < R
         start = tile * TILE_C
-        x_row = x_ptr + row * sxr
         if GIVEN_AMAX:
-            amax = tl.load(amax_ptr).to(tl.float32)
+            amax = tl.zeros([RB], tl.float32) + tl.load(amax_ptr).to(tl.float32)
         else:
-            amax = tl.zeros([], tl.float32)
-            nans = tl.zeros([], tl.int32)
+            amax = tl.zeros([RB], tl.float32)
+            nans = tl.zeros([RB], tl.int32)
             for c0 in range(0, TILE_C, CHUNK):
                 cols = start + c0 + tl.arange(0, CHUNK)
-                m = (cols < C) & (cols < start + TILE_C)
-                v = tl.abs(tl.load(x_row + cols * sxc, mask=m, other=0.0).to(tl.float32))
-                amax = tl.maximum(amax, tl.max(v, axis=0))
-                nans += tl.sum((v != v).to(tl.int32), axis=0)
+                m = rmask[:, None] & ((cols < C) & (cols < start + TILE_C))[None, :]
+                v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m, other=0.0)
+                v = tl.abs(v.to(tl.float32))                                 # (RB, CHUNK)
+                amax = tl.maximum(amax, tl.max(v, axis=1))
+                nans += tl.sum((v != v).to(tl.int32), axis=1)
             amax = tl.where(nans > 0, float("nan"), amax)
-        mult = _multiplier(amax, FMAX, POWER2)
+        mult = _multiplier(amax, FMAX, POWER2)                                # (RB,)
         for c0 in range(0, TILE_C, CHUNK):
             cols = start + c0 + tl.arange(0, CHUNK)
-            m = (cols < C) & (cols < start + TILE_C)
-            v = tl.load(x_row + cols * sxc, mask=m, other=0.0).to(tl.float32)
-            _store_q(q_ptr + row * sqr, cols, m, v, mult, FMAX)
-        scale = _div_rn(tl.full([], 1.0, tl.float32), mult)
+            m = rmask[:, None] & ((cols < C) & (cols < start + TILE_C))[None, :]
+            v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m, other=0.0)
+            _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v.to(tl.float32),
+                     mult[:, None], FMAX)
+        scale = _div_rn(tl.zeros_like(mult) + 1.0, mult)
         if GIVEN_AMAX:
-            # one scale for the tensor: every program computed it, one writes it
-            if (row == 0) & (tile == 0):
-                tl.store(s_ptr, scale)
+            # one scale for the tensor: every program computed it, one lane of one writes it
+            lane = tl.arange(0, RB)
+            if (pr == 0) & (tile == 0):
+                tl.store(s_ptr + lane * 0, scale, mask=lane == 0)
         else:
-            tl.store(s_ptr + row * ssr + tile * sst, scale)
+            tl.store(s_ptr + rows * ssr + tile * sst, scale, mask=rmask)
 
     @triton.jit
     def _quant_blocks_kernel(x_ptr, q_ptr, s_ptr, R, C, sxr, sxc, sqr, ssr, sst,
@@ -113,7 +120,10 @@ if _HAVE_TRITON:
         amax = tl.where(nans > 0, float("nan"), amax)
         mult = _multiplier(amax, FMAX, POWER2)
         _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v, mult, FMAX)
-        tl.store(s_ptr + br * ssr + bc * sst, _div_rn(tl.full([], 1.0, tl.float32), mult))
+        tl.store(s_ptr + br * ssr + bc * sst, _div_rn(tl.zeros_like(mult) + 1.0, mult))
+
+
+_ROWS_PER_PROGRAM = 16
 
 
 def new_scale(rows: int, cols: int, granularity: str, device) -> torch.Tensor:
@@ -143,15 +153,16 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
                                    num_warps=8)
         return Fp8Tensor(q, s, granularity, fmt)
     if granularity == "tensor":
-        # One reduction (no abs copy), then every row quantised under that amax. NaN propagates
+        # One reduction (no abs copy), then every tile quantised under that amax. NaN propagates
         # through the inf-norm as through the reference's amax.
         amax = torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1)
-        grid, tile_c, chunk, given = (r, 1), c, 1024, True
+        tiles, tile_c, given = triton.cdiv(c, BLOCK), BLOCK, True
     elif granularity == "row":
-        amax, grid, tile_c, chunk, given = s, (r, 1), c, 1024, False
+        amax, tiles, tile_c, given = s, 1, c, False
     else:
-        amax, grid, tile_c, chunk, given = s, (r, triton.cdiv(c, BLOCK)), BLOCK, BLOCK, False
-    _quant_rows_kernel[grid](x, q, s, amax, c, tile_c, x.stride(0), x.stride(1), q.stride(0),
-                             s.stride(0), s.stride(1), FMAX=fmax, POWER2=power2, CHUNK=chunk,
-                             GIVEN_AMAX=given, num_warps=4)
+        amax, tiles, tile_c, given = s, triton.cdiv(c, BLOCK), BLOCK, False
+    grid = (triton.cdiv(r, _ROWS_PER_PROGRAM), tiles)
+    _quant_rows_kernel[grid](x, q, s, amax, r, c, tile_c, x.stride(0), x.stride(1), q.stride(0),
+                             s.stride(0), s.stride(1), FMAX=fmax, POWER2=power2,
+                             RB=_ROWS_PER_PROGRAM, CHUNK=BLOCK, GIVEN_AMAX=given, num_warps=4)
     return Fp8Tensor(q, s, granularity, fmt)
