@@ -135,3 +135,28 @@ def test_fp8_model_close_to_fp32_model_and_trains(single_rank_runtime, recipe):
     samples = [sft_sample(ids[i]) for i in range(2)]
     losses = [step(samples, sft_loss_fn(cfg.vocab_size)).loss for _ in range(4)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_fp8_state_is_derived_never_saved(single_rank_runtime):
+    """Checkpoints stay bf16/fp32: an FP8 model (and FP8 rollout copies) has exactly the bf16
+    model's state-dict keys, dtypes and shapes; no FP8 tensor is ever part of it."""
+    from r1mega.config import ModelConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.rollout import Fp8RolloutWeights
+
+    prec = _fp8_precision(fp8_recipe="blockwise")
+    rt = single_rank_runtime(precision=prec)
+    cfg = ModelConfig(num_layers=2)
+    fp8_model = build_model(cfg, rt, prec, wrap=False)[0]
+    plain = build_model(cfg, rt, PrecisionConfig(dtype="fp32"), wrap=False)[0]
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    fp8_model(input_ids=ids, position_ids=None, attention_mask=None).sum().backward()  # fill caches
+    rollout = Fp8RolloutWeights(plain, Fp8Policy(recipe="rowwise", backend="native", emulate=True))
+    rollout.refresh()
+
+    def summary(m):
+        return {k: (v.dtype, tuple(v.shape)) for k, v in m.state_dict().items()
+                if isinstance(v, torch.Tensor)}
+
+    assert summary(fp8_model) == summary(plain)
+    assert not any(d in (torch.float8_e4m3fn, torch.float8_e5m2) for d, _ in summary(plain).values())
