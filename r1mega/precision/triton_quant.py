@@ -48,7 +48,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _multiplier(amax, FMAX: tl.constexpr, POWER2: tl.constexpr):
         """The scale arithmetic of quantize.multiplier_from_amax, per tile (fp32, any shape)."""
-        mult = _div_rn(tl.zeros_like(amax) + FMAX, amax)
+        mult = tl.math.div_rn(tl.zeros_like(amax) + FMAX, amax)
         FLT_MAX: tl.constexpr = 3.4028234663852886e38
         mult = tl.where(mult > FLT_MAX, FLT_MAX, mult)
         if POWER2:
@@ -64,7 +64,7 @@ if _HAVE_TRITON:
         tl.store(q_ptr + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, R, C, TILE_C,
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, R, C, TILE_C: tl.constexpr,
                            sxr, sxc, sqr, ssr, sst,
                            FMAX: tl.constexpr, POWER2: tl.constexpr, RB: tl.constexpr,
                            CHUNK: tl.constexpr, GIVEN_AMAX: tl.constexpr):
@@ -95,7 +95,7 @@ if _HAVE_TRITON:
             v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m, other=0.0)
             _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v.to(tl.float32),
                      mult[:, None], FMAX)
-        scale = _div_rn(tl.zeros_like(mult) + 1.0, mult)
+        scale = tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult)
         if GIVEN_AMAX:
             # one scale for the tensor: every program computed it, one lane of one writes it
             lane = tl.arange(0, RB)
@@ -120,7 +120,7 @@ if _HAVE_TRITON:
         amax = tl.where(nans > 0, float("nan"), amax)
         mult = _multiplier(amax, FMAX, POWER2)
         _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v, mult, FMAX)
-        tl.store(s_ptr + br * ssr + bc * sst, _div_rn(tl.zeros_like(mult) + 1.0, mult))
+        tl.store(s_ptr + br * ssr + bc * sst, tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult))
 
 
 _ROWS_PER_PROGRAM = 16
