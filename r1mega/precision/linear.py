@@ -13,8 +13,14 @@ layer's output reduction after it. The FP8 layers replace only that call, with
 
 The weight stays a bf16 parameter (megatron's optimizer keeps fp32 masters); its FP8 copies are
 derived state: :class:`Fp8WeightCache` quantises each weight once per pass over the micro-batches
-(``new_weight_generation`` is called at the start of each schedule run, after any update), so
-micro-batches and activation recomputation reuse them.
+(``new_weight_generation`` is called at the start of each schedule run and after each optimizer
+step), so micro-batches and activation recomputation reuse them; a refresh writes into the same
+tensors, so a CUDA graph captured over them (the rollout's decode) stays valid.
+
+Under tensor parallelism each rank quantises its own shard: blockwise with 128-aligned shards
+gives the same tiles and blocks as one rank (tests/distributed/test_fp8_tp.py), while tensorwise
+scales (and rowwise scales of a row-parallel weight) are per shard, so those recipes differ from
+TP=1 by FP8 rounding, not by more.
 """
 from __future__ import annotations
 
@@ -65,6 +71,12 @@ class Fp8WeightCache:
         gran = RECIPE_GRANULARITY[policy.recipe][1]
         with torch.no_grad():
             q = quantize(w if which == "fwd" else w.t(), gran, "e4m3", policy.power2_scales)
+            if hit is not None and hit[1].data.shape == q.data.shape:
+                # Refresh in place: a CUDA graph captured over the copy (the rollout's decode)
+                # then reads the new weights on its next replay.
+                hit[1].data.copy_(q.data)
+                hit[1].scale.copy_(q.scale)
+                q = hit[1]
         self._entries[which] = (key, q)
         self.quantizations += 1
         return q

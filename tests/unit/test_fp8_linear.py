@@ -74,8 +74,10 @@ def test_weight_quantised_once_per_pass_and_after_updates():
     assert ops.cache.quantizations == 4
     with torch.no_grad():
         w.mul_(2.0)                                            # an in-place update mid-pass
+    data = ops.cache._entries["fwd"][1].data
     y = fp8_linear(torch.ones(1, 48), w, None, ops)
     assert ops.cache.quantizations == 5
+    assert ops.cache._entries["fwd"][1].data is data             # refreshed in place
     ref = torch.ones(1, 48) @ w.detach().t()
     assert ((y - ref).abs() <= 0.13 * (w.detach().abs().sum(1)) + 1e-3).all()
 
