@@ -98,8 +98,10 @@ class Fp8LinearOps:
         self.policy = policy
         self.cache = Fp8WeightCache()
         self.act, self.wgt, self.grad = RECIPE_GRANULARITY[policy.recipe]
-        # cuBLAS's alignment of the contraction; the emulation takes any size.
-        self.token_multiple = 1 if policy.emulate else alignment(self.act, self.wgt)
+        # Tokens are the GEMM's M in forward/dgrad (16 keeps cuBLAS's FP8 kernels happy) and its
+        # contraction in wgrad (128 for blockwise tiles); the emulation takes any size.
+        self.token_multiple = 1 if policy.emulate else 16
+        self.wgrad_token_multiple = 1 if policy.emulate else alignment(self.act, self.wgt)
 
     def _q(self, x: torch.Tensor, gran: str, fmt: str = "e4m3") -> Fp8Tensor:
         return quantize(x, gran, fmt, self.policy.power2_scales)
@@ -122,7 +124,7 @@ class Fp8LinearOps:
 
     def wgrad(self, dy2: torch.Tensor, x2: torch.Tensor, out_dtype) -> torch.Tensor:
         """dy (T, out), x (T, in) -> (out, in); both quantised along the tokens."""
-        m = max(self.token_multiple, 16) if not self.policy.emulate else 1
+        m = self.wgrad_token_multiple
         dy_t = _pad_rows(dy2, m).t()                         # (out, T') view, no copy
         x_t = _pad_rows(x2, m).t()                           # (in, T')
         a = self._q(dy_t, self.grad, self.policy.grad_format)
