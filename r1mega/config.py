@@ -136,7 +136,19 @@ class PrecisionConfig:
     # "auto": bf16 on GPU, fp32 on CPU.
     dtype: str = "auto"
     fp8: bool = False
-    fp8_recipe: str = "delayed"
+    # native: tensorwise | rowwise | blockwise; te: delayed | current | blockwise | mxfp8.
+    fp8_recipe: str = "blockwise"
+    # auto: Transformer Engine when it imports, else r1mega's native scaled_mm path.
+    fp8_backend: str = "auto"
+    # Transformer blocks kept in bf16 at the start / end of the model (sensitive ends).
+    fp8_bf16_first_layers: int = 0
+    fp8_bf16_last_layers: int = 0
+    # FP8 format of activation/weight gradients in dgrad/wgrad (e4m3 | e5m2).
+    fp8_grad_format: str = "e4m3"
+    # Native path only: emulate FP8 GEMMs (quantise, dequantise, fp32 matmul) where no FP8 GPU is.
+    fp8_emulate: bool = False
+    # Rollout decodes with FP8 copies of the linear weights, refreshed after each update.
+    fp8_rollout: bool = False
     grad_reduce_in_fp32: bool = True
 
 

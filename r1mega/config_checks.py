@@ -62,6 +62,29 @@ def validate_rope_scaling(rs: RopeScalingConfig, key: str = "model.rope_scaling"
         )
 
 
+def validate_fp8(cfg: Config, device_type: Optional[str] = None) -> None:
+    """FP8 recipe/backend/device checks (r1mega/precision/policy.py) and the layer counts."""
+    from r1mega.precision.policy import (default_device_type, resolve_fp8_policy,
+                                         resolve_rollout_fp8_policy)
+
+    device_type = device_type or default_device_type()
+    resolve_rollout_fp8_policy(cfg.precision, device_type)
+    policy = resolve_fp8_policy(cfg.precision, device_type)
+    if policy is None:
+        return
+    if policy.backend == "te" and cfg.model.num_experts:
+        # The MoE layers are r1mega's own (local spec): TE's fp8_autocast would not reach them.
+        raise ConfigError("precision.fp8 with the Transformer Engine backend has no MoE layer here "
+                          "(model.num_experts > 0 builds r1mega's local-spec MoE layers, which TE's "
+                          "fp8_autocast does not reach); set precision.fp8_backend=native.")
+    kept = policy.bf16_first_layers + policy.bf16_last_layers
+    if kept >= cfg.model.num_layers:
+        raise ConfigError(
+            f"precision.fp8_bf16_first_layers + precision.fp8_bf16_last_layers = {kept} keeps "
+            f"every one of model.num_layers={cfg.model.num_layers} in bf16; lower them or set "
+            f"precision.fp8=false.")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Every check that needs no process group. ``world_size`` None skips the layout check."""
     m, p = cfg.model, cfg.parallel
@@ -140,15 +163,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     validate_moe(m, p, ConfigError)
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1.")
-    if cfg.precision.fp8:
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "precision.fp8=true needs Transformer Engine, which is not importable here "
-                "(megatron-core would silently run without FP8). Install transformer-engine or set "
-                "precision.fp8=false."
-            ) from None
+    validate_fp8(cfg)
     if cfg.rollout.group_size < 1:
         raise ConfigError(f"rollout.group_size must be >= 1, got {cfg.rollout.group_size}.")
     if not 0.0 < cfg.rollout.top_p <= 1.0:

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "grpo-loss": "r1mega.bench.grpo_loss",
     "rollout": "r1mega.bench.rollout",
     "moe-dispatch": "r1mega.bench.moe_dispatch",
+    "fp8": "r1mega.bench.fp8",
 }
 
 

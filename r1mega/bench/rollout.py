@@ -226,7 +226,17 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the first setting's run")
     ap.add_argument("--profile-kernels", action="store_true",
                     help="after timing, the top kernels of the largest decode graph's replay")
+    ap.add_argument("--fp8", default=None, choices=["tensorwise", "rowwise", "blockwise"],
+                    help="bf16 vs FP8-weight rollout in one run (= r1mega bench fp8 --rollout)")
     args = ap.parse_args(argv)
+    if args.fp8:
+        from r1mega.bench import fp8
+
+        setting = args.settings.split(",")[0]
+        return fp8.main(["--rollout", "--recipe", args.fp8, "--rollout-setting", setting,
+                         "--mismatch-seqs", str(args.mismatch_seqs)]
+                        + ["--smoke"] * args.smoke + ["--no-graphs"] * args.no_graphs
+                        + ["--no-compile"] * args.no_compile)
 
     from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model

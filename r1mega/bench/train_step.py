@@ -149,7 +149,8 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
 
 
 def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
-               thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True):
+               thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True,
+               precision=None):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
     from r1mega.models.gpt import build_model
@@ -159,7 +160,7 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     if compile_mode == "norm":
         spec_mod.RMSNorm.forward = torch.compile(spec_mod.RMSNorm.forward, dynamic=True)
     model_cfg = ModelConfig(**shape, attention_backend=attention)
-    precision = PrecisionConfig(grad_reduce_in_fp32=grad_reduce_in_fp32)
+    precision = precision or PrecisionConfig(grad_reduce_in_fp32=grad_reduce_in_fp32)
     chunks = build_model(model_cfg, rt, precision, wrap=True, distributed_optimizer=True)
     if compile_mode == "layer":
         # Each TransformerLayer as one compiled region (r1mega.models.compile removes megatron's
@@ -275,6 +276,9 @@ def main(argv=None) -> int:
                     help="after timing, print the top device kernels of one step of each run")
     ap.add_argument("--compile-too", action="store_true",
                     help="also time r1mega with --compile layer in the same run")
+    ap.add_argument("--fp8", default=None, choices=["tensorwise", "rowwise", "blockwise"],
+                    help="also time r1mega with native FP8 linears (precision.fp8_recipe); "
+                         "--smoke emulates FP8 on the CPU")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
     args = ap.parse_args(argv)
     _PROFILE["on"] = args.profile
@@ -338,6 +342,13 @@ def main(argv=None) -> int:
         add_r1mega(f"r1mega[{impls[-1]},thd]",
                    run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
                               thd=True, attention=args.attention), base)
+    if args.fp8:
+        base = _reset_memory(device)
+        fp8_prec = PrecisionConfig(fp8=True, fp8_backend="native", fp8_recipe=args.fp8,
+                                   fp8_emulate=device.type != "cuda")
+        add_r1mega(f"r1mega[{impls[-1]},fp8-{args.fp8}]",
+                   run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
+                              attention=args.attention, precision=fp8_prec), base)
     hf_names, skipped = [], {}
     if not args.skip_hf:
         seen = set()
@@ -424,7 +435,11 @@ def main(argv=None) -> int:
         if n_total and "bytes_per_param_static" in row:
             row["static_memory_gb_estimate"] = _static_gb(n_total, row["bytes_per_param_static"])
         result["impls"][name] = row
-    best = min((k for k in rows if k not in hf_names), key=lambda k: rows[k][0])
+    if args.fp8:
+        # FP8's step speed-up over the bf16 row of the same loss implementation, same run.
+        result["fp8_speedup"] = rows[f"r1mega[{impls[-1]}]"][0] / rows[f"r1mega[{impls[-1]},fp8-{args.fp8}]"][0]
+    # The bar against transformers is a bf16 one: FP8 rows do not count for it.
+    best = min((k for k in rows if k not in hf_names and ",fp8-" not in k), key=lambda k: rows[k][0])
     if hf:
         bar = SPEED_BAR.get(args.model, 1.25)
         result["best"] = best

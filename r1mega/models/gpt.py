@@ -10,6 +10,7 @@ Model code stays plain megatron; parallelism comes from outside in a fixed order
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -26,6 +27,8 @@ from r1mega.models.rope_scaling import apply_rope_scaling
 from r1mega.models.families import block_spec
 from r1mega.moe.settings import MoESettings
 from r1mega.parallel.runtime import ParallelRuntime
+from r1mega.precision.policy import resolve_fp8_policy, te_transformer_config_kwargs
+from r1mega.precision.spec import fp8_layer_specs
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -40,6 +43,9 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
     precision = precision or PrecisionConfig()
     on_gpu = rt.device.type == "cuda"
     dtype = rt.dtype
+    # Transformer Engine FP8: megatron's TransformerBlock enters fp8_autocast from these fields.
+    te_fp8 = te_transformer_config_kwargs(resolve_fp8_policy(precision, rt.device.type),
+                                          model.num_layers)
     recompute = {"none": (None, None, None), "selective": ("selective", None, None),
                  "full": ("full", "uniform", 1)}[model.recompute]
     return TransformerConfig(
@@ -106,6 +112,7 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         # Dense and MoE layers hold different tensors, so checkpoints key them per layer rather
         # than stacking one tensor over all layers (which would miss the dense layers' shards).
         hetereogenous_dist_checkpoint=bool(model.num_experts and model.moe_first_k_dense),
+        **te_fp8,
     )
 
 
@@ -120,6 +127,10 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
                      precision: Optional[PrecisionConfig] = None) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage of this rank (a list of 1 without interleaving)."""
     config = make_transformer_config(model, rt, precision)
+    fp8 = resolve_fp8_policy(precision or PrecisionConfig(), rt.device.type)
+    if fp8 is not None:
+        # TE's FP8 needs the TE spec, the native FP8 linears the local one.
+        model = dataclasses.replace(model, spec="te" if fp8.backend == "te" else "local")
     packed_rope.install()  # packed (THD) RoPE without a host sync and loop per sequence
     layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, rt.tp_size)
@@ -131,10 +142,13 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
                                              pp_rank=rt.pp_rank)
         # The family lays out the chunk's layers (r1mega/models/families.py).
         block = block_spec(model, rt, first_layer=first, num_layers=layers_per_chunk)
-        spec, collector = block.spec, block.collector
+        chunk_spec, collector = block.spec, block.collector
+        if fp8 is not None and fp8.backend == "native":
+            chunk_spec = dataclasses.replace(chunk_spec, layer_specs=fp8_layer_specs(
+                chunk_spec.layer_specs, fp8, first_layer=first, num_layers=model.num_layers))
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=chunk_spec,
             vocab_size=vocab,
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre,

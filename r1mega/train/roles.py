@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -169,21 +171,33 @@ class Rollout:
     """
 
     def __init__(self, policy: Policy, rollout_cfg, rt: ParallelRuntime, *, eos_ids: list,
-                 decode_fn: Callable, vocab_size: int):
+                 decode_fn: Callable, vocab_size: int, fp8_policy=None):
         self.cfg, self.rt = rollout_cfg, rt
+        # precision.fp8_rollout: FP8 weight copies for the decode (r1mega/precision/rollout.py).
+        self.fp8_weights = None
         if rt.pp_size == 1 and len(policy.chunks) == 1:
             from r1mega.rollout.engine import RolloutEngine
 
             self.engine = RolloutEngine(policy.chunks, rollout_cfg, rt, eos_ids=eos_ids,
                                         decode_fn=decode_fn, vocab_size=vocab_size)
+            if fp8_policy is not None:
+                from r1mega.precision.rollout import Fp8RolloutWeights
+
+                self.fp8_weights = Fp8RolloutWeights(policy.chunks[0], fp8_policy)
         else:
+            if fp8_policy is not None:
+                raise ValueError("precision.fp8_rollout=true needs the rollout engine, which runs "
+                                 "with parallel.pipeline=1 and parallel.virtual_stages=1; set "
+                                 "precision.fp8_rollout=false for pipeline-parallel runs.")
             self.engine = PipelineGenerator(policy, rollout_cfg, rt, eos_ids=eos_ids,
                                             decode_fn=decode_fn, vocab_size=vocab_size)
 
     def generate(self, requests: list, on_finish: Optional[Callable[[list], None]] = None) -> list:
         """``on_finish(completions)``: called as completions finish (see RolloutEngine.generate)."""
+        fp8 = self.fp8_weights.decoding() if self.fp8_weights is not None else contextlib.nullcontext()
         try:
-            return self.engine.generate(requests, on_finish=on_finish)
+            with fp8:
+                return self.engine.generate(requests, on_finish=on_finish)
         finally:
             self.engine.end_phase()
 

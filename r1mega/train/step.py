@@ -30,6 +30,7 @@ from r1mega.moe.balancing import moe_layers, update_expert_biases
 from r1mega.moe.replay import ROUTES_FIELD, micro_batch_replay
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.parallel.runtime import ParallelRuntime
+from r1mega.precision.linear import new_weight_generation
 from r1mega.train.device_step import Readback, device_optimizer_step, sync_free_supported
 from r1mega.train.failures import guarded_optimizer_step
 from r1mega.train.batching import MicroBatch, make_micro_batches, unpack_per_sample
@@ -114,6 +115,8 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
     """
     fwd_bwd = get_forward_backward_func(pp_size=rt.pp_size,
                                         vp_size=rt.vp_size if rt.vp_size > 1 else None)
+    # Weights may have changed since the last pass: FP8 layers re-quantise them once, here.
+    new_weight_generation()
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -403,7 +406,10 @@ class TrainStep:
     def optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
         """Clip, step the lr schedule and the optimizer, after :meth:`forward_backward`."""
         with prange("optimizer_step"):
-            return self._optimizer_step(sums, num_micro_batches)
+            try:
+                return self._optimizer_step(sums, num_micro_batches)
+            finally:
+                new_weight_generation()  # FP8 weight copies (training, rollout) are stale now
 
     def _optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
         # A skipped update must not advance the schedule; the previous sync-free step says

@@ -315,8 +315,11 @@ def run_train(cfg: Config) -> int:
             reference.offload_enabled = rt.device.type != "cpu"
             if reference.offload_enabled:
                 reference._move(torch.device("cpu"))
+    from r1mega.precision.policy import resolve_rollout_fp8_policy
+
     rollout = Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id], decode_fn=tok.decode,
-                      vocab_size=tok.vocab_size)
+                      vocab_size=tok.vocab_size,
+                      fp8_policy=resolve_rollout_fp8_policy(cfg.precision, rt.device.type))
     scorer = RewardScorer(cfg.rewards, max_new_tokens=cfg.rollout.max_new_tokens)
     step_fn = GRPOStep(cfg, rt, policy, rollout, scorer, sampler, tok, reference=reference)
     eval_records = []

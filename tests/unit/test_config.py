@@ -71,15 +71,15 @@ def test_each_check_names_key_and_fix(overrides, world, expected):
         assert text in str(err.value), f"{text!r} not in {err.value}"
 
 
-def test_fp8_without_transformer_engine_fails_loudly():
+def test_fp8_on_cpu_without_transformer_engine_fails_loudly():
+    # Without TE, precision.fp8 picks r1mega's native FP8 path, which needs an FP8 GPU; on the
+    # CPU it is refused by key (the other FP8 checks: tests/unit/test_fp8_policy.py).
     pytest.importorskip("torch")
-    try:
-        import transformer_engine  # noqa: F401
-        pytest.skip("Transformer Engine is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(ConfigError, match="precision.fp8=true needs Transformer Engine"):
-        validate(load_config(None, ["precision.fp8=true"]))
+    from r1mega.config_checks import validate_fp8
+
+    with pytest.raises(ConfigError, match="precision.fp8=true: native FP8 needs a CUDA GPU"):
+        validate_fp8(load_config(None, ["precision.fp8=true", "precision.fp8_backend=native"]),
+                     device_type="cpu")
 
 
 @pytest.mark.parametrize("override,expected", [

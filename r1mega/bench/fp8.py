@@ -1,0 +1,282 @@
+"""`r1mega bench fp8`: native FP8 training vs bf16 in the same run: step throughput and loss parity.
+
+Throughput (default): for each shape of ``--models`` (r1mega/bench/shapes.py; default the
+foundation issue's 852m and the GEMM-heavier gemm-heavy), r1mega's train step (the same code as
+``r1mega bench train-step``) in bf16 and with ``precision.fp8_recipe=RECIPE``, 8 x 2048 tokens,
+reporting ms/step, tokens/s and the FP8/bf16 ratio. Bar (issue 17, H200): gemm-heavy FP8 >= 1.3x
+bf16 with blockwise, >= 1.4x with tensorwise. The measured bf16 and FP8 matmul rates (8192^3)
+give each row's fraction of the GEMM floor.
+
+``--parity``: the 852m shape trains ``--parity-steps`` (200) steps on a fixed synthetic corpus
+(a random bigram chain over 4096 tokens, 4 successors each: entropy floor ln 4) in bf16 and in
+FP8 from the same initial weights; the bar is |final FP8 loss / final bf16 loss - 1| <= 2 %
+(final = mean of the last 10 steps).
+
+``--rollout``: the 852m shape's rollout (256 x 128 -> 256 by default) with bf16 weights and
+with FP8 weight copies (``precision.fp8_rollout``), same requests, same run: tokens/s, the ratio
+(bar: >= 1.4x) and each one's log-prob mismatch against the (bf16) training forward.
+
+``--smoke``: tiny shapes on the CPU with FP8 emulated, to check the script end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+BARS = {"blockwise": 1.3, "tensorwise": 1.4, "rowwise": None}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fp8_matmul_flops(device, n: int = 8192) -> float:
+    """Measured FLOP/s of an n^3 tensorwise ``torch._scaled_mm`` (the FP8 GEMM floor)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+    f = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    for _ in range(3):
+        f()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        f()
+    _sync(device)
+    return 2 * n ** 3 * 20 / (time.perf_counter() - t)
+
+
+class BigramCorpus:
+    """Fixed synthetic language: token t is followed by one of 4 fixed successors, uniformly."""
+
+    def __init__(self, vocab: int, states: int = 4096, fanout: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.states = min(states, vocab)
+        self.next = torch.randint(0, self.states, (self.states, fanout), generator=g)
+        self.g = torch.Generator().manual_seed(seed + 1)
+
+    def batch(self, seqs: int, seq_len: int) -> torch.Tensor:
+        out = torch.empty(seqs, seq_len, dtype=torch.long)
+        out[:, 0] = torch.randint(0, self.states, (seqs,), generator=self.g)
+        pick = torch.randint(0, self.next.shape[1], (seqs, seq_len), generator=self.g)
+        for t in range(1, seq_len):
+            out[:, t] = self.next[out[:, t - 1], pick[:, t]]
+        return out
+
+
+def train_losses(shape: dict, precision, batches: list, rt, init_state=None, lr: float = 3e-4):
+    """Per-step losses of r1mega's train step on ``batches``; returns (losses, initial state)."""
+    from r1mega.config import ModelConfig, OptimizerConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.parallel.sharding import gather_full, load_full_state, named_global_parameters
+    from r1mega.train.optimizer import build_optimizer
+    from r1mega.train.step import TrainStep, sft_loss_fn, sft_sample
+
+    cfg = ModelConfig(**shape)
+    chunks = build_model(cfg, rt, precision, wrap=True, distributed_optimizer=True)
+    named = dict(named_global_parameters(chunks))
+    if init_state is None:
+        init_state = {k: v.cpu() for k, v in gather_full(
+            {k: p.data for k, p in named.items()}, named, rt.tp_rank, rt.tp_size).items()}
+    else:
+        load_full_state(chunks, {k: v.to(rt.device) for k, v in init_state.items()},
+                        rt.tp_rank, rt.tp_size, cfg.tied_embeddings)
+    optim = build_optimizer(OptimizerConfig(lr=lr, warmup_steps=min(20, len(batches) // 4),
+                                            clip_grad=1.0), chunks, rt, distributed=True,
+                            total_steps=len(batches))
+    b, s = batches[0].shape
+    step = TrainStep(chunks, optim, rt, micro_batch_tokens=b * s)
+    loss_fn = sft_loss_fn(cfg.vocab_size, rt.tp_group)
+    results = [step([sft_sample(t) for t in tokens.to(rt.device)], loss_fn) for tokens in batches]
+    losses = [float(r.loss) for r in results]
+    del step, optim, chunks
+    return losses, init_state
+
+
+def _precisions(recipe: str, device):
+    from r1mega.config import PrecisionConfig
+
+    return {"bf16": PrecisionConfig(),
+            f"fp8-{recipe}": PrecisionConfig(fp8=True, fp8_backend="native", fp8_recipe=recipe,
+                                             fp8_emulate=device.type != "cuda")}
+
+
+def run_parity(args, rt) -> dict:
+    from r1mega.bench.shapes import get_shape
+
+    shape = get_shape("852m", smoke=args.smoke)
+    corpus = BigramCorpus(shape["vocab_size"])
+    # one pass over positions for every step's sequences at once (a loop per batch is slow)
+    batches = list(corpus.batch(args.seqs * args.parity_steps, args.seq_len).split(args.seqs))
+    curves, init = {}, None
+    for name, prec in _precisions(args.recipe, rt.device).items():
+        t = time.perf_counter()
+        curves[name], init = train_losses(shape, prec, batches, rt, init)
+        print(f"{name:<18} first loss {curves[name][0]:.4f}  final {sum(curves[name][-10:]) / len(curves[name][-10:]):.4f}"
+              f"  ({time.perf_counter() - t:.0f} s)")
+    final = {k: sum(v[-10:]) / len(v[-10:]) for k, v in curves.items()}
+    fp8_key = f"fp8-{args.recipe}"
+    rel = final[fp8_key] / final["bf16"] - 1.0
+    return {"mode": "parity", "recipe": args.recipe, "steps": args.parity_steps,
+            "final_loss": final, "first_loss": {k: v[0] for k, v in curves.items()},
+            "relative_difference": rel,
+            "bar_met": None if args.smoke else bool(abs(rel) <= 0.02),
+            "curves_every_10": {k: v[::10] for k, v in curves.items()}}
+
+
+def run_throughput(args, rt) -> dict:
+    from r1mega.bench.shapes import get_shape
+    from r1mega.bench.train_step import _reset_memory, matmul_peak_flops, model_flops_per_token, run_r1mega
+
+    device = rt.device
+    bf16_peak = matmul_peak_flops(device, rt.dtype, 8192 if device.type == "cuda" else 256)
+    fp8_peak = fp8_matmul_flops(device)
+    result = {"mode": "throughput", "recipe": args.recipe, "tokens_per_step": args.seqs * args.seq_len,
+              "bf16_matmul_tflops": bf16_peak / 1e12, "fp8_matmul_tflops": fp8_peak / 1e12,
+              "models": {}}
+    print(f"{'model':<12}{'precision':<18}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}"
+          f"{'of peak':>9}{'loss[0]':>10}")
+    for model in args.models.split(","):
+        shape = get_shape(model, smoke=args.smoke)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, shape["vocab_size"], (args.seqs, args.seq_len), generator=g).to(device)
+        flops_tok = model_flops_per_token(shape, args.seq_len)
+        rows = {}
+        for name, prec in _precisions(args.recipe, device).items():
+            _reset_memory(device)
+            sec, mem, losses = run_r1mega(shape, tokens, rt, "chunked", args.warmup, args.steps,
+                                          "none", precision=prec)
+            tflops = args.seqs * args.seq_len / sec * flops_tok / 1e12
+            peak = fp8_peak if name != "bf16" else bf16_peak
+            rows[name] = {"ms_per_step": sec * 1e3, "tokens_per_s": args.seqs * args.seq_len / sec,
+                          "model_tflops": tflops, "fraction_of_matmul_peak": tflops * 1e12 / peak,
+                          "peak_memory_gb": mem, "first_loss": float(losses[0])}
+            print(f"{model:<12}{name:<18}{sec * 1e3:>10.1f}{rows[name]['tokens_per_s']:>12.0f}"
+                  f"{tflops:>10.1f}{tflops * 1e12 / peak:>9.1%}{float(losses[0]):>10.4f}")
+        speedup = rows["bf16"]["ms_per_step"] / rows[f"fp8-{args.recipe}"]["ms_per_step"]
+        bar = BARS[args.recipe] if model == "gemm-heavy" and not args.smoke else None
+        result["models"][model] = {"rows": rows, "fp8_speedup": speedup, "bar": bar,
+                                   "bar_met": None if bar is None else bool(speedup >= bar)}
+        print(f"{model}: FP8 {args.recipe} / bf16 step throughput = {speedup:.2f}x"
+              + (f" (bar {bar}x)" if bar else ""))
+    return result
+
+
+def run_rollout(args, rt) -> dict:
+    """bf16 vs FP8-weight rollout (``precision.fp8_rollout``) on the same model, same requests."""
+    from r1mega.bench.rollout import logprob_mismatch
+    from r1mega.bench.shapes import get_shape
+    from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.policy import resolve_rollout_fp8_policy
+    from r1mega.precision.rollout import Fp8RolloutWeights
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    device = rt.device
+    shape = get_shape("852m", smoke=args.smoke)
+    prompts, plen, new = (4, 8, 8) if args.smoke else tuple(int(v) for v in args.rollout_setting.split("x"))
+    shape["max_position_embeddings"] = plen + new + 8
+    model = build_model(ModelConfig(**shape), rt, wrap=False)
+    policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe=args.recipe,
+                                                        fp8_emulate=device.type != "cuda"), device.type)
+    g = torch.Generator().manual_seed(prompts)
+    ids = torch.randint(0, shape["vocab_size"], (prompts, plen), generator=g).tolist()
+    reqs = [GenerationRequest(p, n=1, seed=i) for i, p in enumerate(ids)]
+    rows = {}
+    for name in ("bf16", f"fp8-{args.recipe}"):
+        rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
+                             max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
+                             compile_decode=not args.no_compile,
+                             max_prefill_tokens=max(16384, prompts * plen // 4))
+        fp8 = Fp8RolloutWeights(model[0], policy) if name != "bf16" else None
+        eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
+
+        def generate(requests):
+            if fp8 is None:
+                return eng.generate(requests)
+            with fp8.decoding():
+                return eng.generate(requests)
+
+        t = time.perf_counter()
+        generate([GenerationRequest(p, n=1, seed=i + 7919) for i, p in enumerate(ids)])  # warm-up
+        _sync(device)
+        warm = time.perf_counter() - t
+        t = time.perf_counter()
+        outs = generate(reqs)
+        _sync(device)
+        dt = time.perf_counter() - t
+        n_new = sum(len(c.token_ids) for c in outs)
+        # Against the training forward, which stays bf16 (outside decoding()).
+        mean, mx = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
+        eng.release()
+        if fp8 is not None:
+            fp8.remove()
+        rows[name] = {"tokens_per_s": n_new / dt, "seconds": dt, "warmup_s": warm,
+                      "logprob_mismatch_mean": mean, "logprob_mismatch_max": mx}
+        print(f"{name:<18} {n_new / dt:>12,.0f} tok/s  ({dt:.2f} s, warm-up {warm:.1f} s)  "
+              f"log-prob |diff| vs training: mean {mean:.2e}, max {mx:.2e}", flush=True)
+    speedup = rows[f"fp8-{args.recipe}"]["tokens_per_s"] / rows["bf16"]["tokens_per_s"]
+    print(f"FP8 {args.recipe} rollout / bf16 rollout tokens/s = {speedup:.2f}x (bar 1.4x)")
+    return {"mode": "rollout", "recipe": args.recipe, "setting": f"{prompts}x{plen}->{new}",
+            "rows": rows, "fp8_speedup": speedup,
+            "bar_met": None if args.smoke else bool(speedup >= 1.4)}
+
+
+def _no_nan(x):
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    return x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="r1mega bench fp8", description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", default="blockwise", choices=["tensorwise", "rowwise", "blockwise"])
+    ap.add_argument("--models", default="852m,gemm-heavy")
+    ap.add_argument("--seqs", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--parity", action="store_true", help="loss parity (852m, fixed corpus)")
+    ap.add_argument("--parity-steps", type=int, default=200)
+    ap.add_argument("--rollout", action="store_true",
+                    help="bf16 vs FP8-weight rollout tokens/s and log-prob mismatch (852m)")
+    ap.add_argument("--rollout-setting", default="256x128x256", help="PROMPTSxPROMPT_TOKENSxNEW")
+    ap.add_argument("--no-graphs", action="store_true", help="rollout: eager decode")
+    ap.add_argument("--no-compile", action="store_true", help="rollout: no torch.compile")
+    ap.add_argument("--mismatch-seqs", type=int, default=16)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, FP8 emulated")
+    args = ap.parse_args(argv)
+
+    from r1mega.config import ParallelConfig, PrecisionConfig
+    from r1mega.parallel.launch_env import read_launch_env
+    from r1mega.parallel.runtime import destroy_parallel, init_parallel
+
+    if args.smoke:
+        args.seqs, args.seq_len, args.steps, args.warmup = 2, 64, 2, 1
+        args.parity_steps = min(args.parity_steps, 8)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    rt = init_parallel(ParallelConfig(), PrecisionConfig(), env=read_launch_env())
+    if rt.world_size != 1:
+        raise SystemExit("bench fp8 runs on one process (no torchrun).")
+    try:
+        run = run_parity if args.parity else run_rollout if args.rollout else run_throughput
+        result = run(args, rt)
+    finally:
+        destroy_parallel()
+    result.update(device=str(rt.device), smoke=args.smoke)
+    print(json.dumps(_no_nan(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""The FP8 GEMM ``out = a @ b.T`` on quantised operands: cuBLAS through torch, or emulated.
+
+Both operands are row-major (rows, K) matrices quantised along K (r1mega/precision/quantize.py),
+so every GEMM of a linear layer has this one form:
+  forward  y  = x  @ w.T      a = x (tokens, in),   b = w (out, in)
+  dgrad    dx = dy @ w        a = dy (tokens, out), b = w.T (in, out)
+  wgrad    dw = dy.T @ x      a = dy.T (out, tokens), b = x.T (in, tokens)
+
+cuBLAS wants ``mat_b`` column-major, which ``b.data.t()`` of a row-major (N, K) matrix is, and
+the blockwise scales in the layouts torch's ``scaled_mm`` checks (torch/_meta_registrations.py,
+``meta_scaled_mm_v2``):
+  1x128  x 128x128  scale_a (M, K/128) strides (1, M); scale_b (L4, N/128) strides (1, L4),
+                    L4 = K/128 rounded up to 4 (the padding rows are never read)
+  1x128  x 1x128    scale_a (M, K/128) strides (1, M); scale_b (N, K/128) strides (1, N)
+  rowwise           scale_a (M, 1), scale_b (1, N), contiguous
+  tensorwise        one float32 each
+Blockwise needs K and (128x128) N to be multiples of 128, the others multiples of 16; the FP8
+linear pads the token dimension and checks the layer sizes at build time.
+
+``emulate``: dequantise both to float32 and multiply: the CPU path, and the reference the GPU
+tests hold cuBLAS to (same quantised inputs, so the only difference is accumulation order).
+"""
+from __future__ import annotations
+
+import torch
+
+from r1mega.precision.quantize import BLOCK, Fp8Tensor, dequantize
+
+
+def _colmajor(s: torch.Tensor) -> torch.Tensor:
+    """(R, T) scales with strides (1, R) (what the Triton quantiser already writes)."""
+    r, t = s.shape
+    if s.stride(0) == 1 and (s.stride(1) == r or t == 1):
+        return s
+    return s.t().contiguous().t()
+
+
+def _block_scale_b(s: torch.Tensor) -> torch.Tensor:
+    """128x128 scales of b, logical (N/128, K/128) -> (L4, N/128) with strides (1, L4)."""
+    nb, kb = s.shape
+    l4 = -(-kb // 4) * 4
+    buf = torch.ones(nb, l4, dtype=torch.float32, device=s.device)
+    buf[:, :kb] = s
+    return buf.t()
+
+
+def alignment(a_gran: str, b_gran: str) -> int:
+    """Multiple of which K (and N) must be for cuBLAS's kernels of this scaling pair."""
+    return BLOCK if "tile" in (a_gran, b_gran) or "block" in (a_gran, b_gran) else 16
+
+
+def emulated_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(M, K) x (N, K) -> (M, N): float32 matmul of the dequantised operands."""
+    return (dequantize(a) @ dequantize(b).t()).to(out_dtype)
+
+
+def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
+                fast_accum: bool = False) -> torch.Tensor:
+    """(M, K) x (N, K) -> (M, N) through torch's FP8 scaled matmul (cuBLAS)."""
+    (m, k), (n, k2) = a.shape, b.shape
+    if k != k2:
+        raise ValueError(f"fp8 gemm: contraction sizes differ, a {tuple(a.shape)} b {tuple(b.shape)}")
+    align = alignment(a.granularity, b.granularity)
+    if k % align or (b.granularity == "block" and n % BLOCK) or (align == 16 and n % 16):
+        raise ValueError(f"fp8 gemm ({a.granularity} x {b.granularity}): K={k} and N={n} must be "
+                         f"multiples of {align} for cuBLAS; pad the operands (the FP8 linear "
+                         f"pads tokens) or use sizes that divide.")
+    pair = (a.granularity, b.granularity)
+    mat_a, mat_b = a.data, b.data.t()
+    if pair == ("tensor", "tensor"):
+        return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(()), scale_b=b.scale.reshape(()),
+                                out_dtype=out_dtype, use_fast_accum=fast_accum)
+    if pair == ("row", "row"):
+        return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(m, 1).contiguous(),
+                                scale_b=b.scale.reshape(1, n).contiguous(), out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+    F = torch.nn.functional
+    st, sw = F.ScalingType, F.SwizzleType
+    if pair == ("tile", "block"):
+        scale_b, recipe_b = _block_scale_b(b.scale), st.BlockWise128x128
+    elif pair == ("tile", "tile"):
+        scale_b, recipe_b = _colmajor(b.scale), st.BlockWise1x128
+    else:
+        raise ValueError(f"fp8 gemm: no cuBLAS kernel for scaling {pair}")
+    # No fast accumulation for blockwise: the per-128 scales are applied as partial sums are
+    # promoted, which is the point of the recipe (DeepSeek-V3 section 3.3.2).
+    return F.scaled_mm(mat_a, mat_b, _colmajor(a.scale), st.BlockWise1x128, scale_b, recipe_b,
+                       swizzle_a=sw.NO_SWIZZLE, swizzle_b=sw.NO_SWIZZLE, output_dtype=out_dtype)
+
+
+def fp8_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype, *, emulate: bool,
+             fast_accum: bool = False) -> torch.Tensor:
+    if emulate:
+        return emulated_gemm(a, b, out_dtype)
+    return scaled_gemm(a, b, out_dtype, fast_accum)

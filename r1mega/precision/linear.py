@@ -1,0 +1,211 @@
+"""r1mega's native FP8 linear inside megatron's ColumnParallelLinear / RowParallelLinear.
+
+megatron's parallel linears do their tensor-parallel communication around one call,
+``self._forward_impl(input, weight, bias, ..., allreduce_dgrad, sequence_parallel, tp_group)``
+(``linear_with_grad_accumulation_and_async_allreduce``): the column layer's sequence-parallel
+all-gather of the input and its dgrad reduce-scatter / all-reduce happen inside it, the row
+layer's output reduction after it. The FP8 layers replace only that call, with
+:class:`_Fp8LinearFn`, which keeps those collectives and swaps the three GEMMs for FP8 ones:
+
+  forward  y  = x  @ w.T     x: activation recipe, w: weight recipe (cached per pass)
+  dgrad    dx = dy @ w       dy: gradient recipe in ``grad_format``, w.T: weight recipe (cached)
+  wgrad    dw = dy.T @ x     both quantised along the tokens (activation/gradient recipe)
+
+The weight stays a bf16 parameter (megatron's optimizer keeps fp32 masters); its FP8 copies are
+derived state: :class:`Fp8WeightCache` quantises each weight once per pass over the micro-batches
+(``new_weight_generation`` is called at the start of each schedule run and after each optimizer
+step), so micro-batches and activation recomputation reuse them; a refresh writes into the same
+tensors, so a CUDA graph captured over them (the rollout's decode) stays valid.
+
+Under tensor parallelism each rank quantises its own shard: blockwise with 128-aligned shards
+gives the same tiles and blocks as one rank (tests/distributed/test_fp8_tp.py), while tensorwise
+scales (and rowwise scales of a row-parallel weight) are per shard, so those recipes differ from
+TP=1 by FP8 rounding, not by more.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    _gather_along_first_dim,
+    _reduce_scatter_along_first_dim,
+)
+
+from r1mega.precision.gemm import alignment, fp8_gemm
+from r1mega.precision.policy import Fp8Policy
+from r1mega.precision.quantize import Fp8Tensor, quantize
+
+# recipe -> (activation, weight, gradient) granularity, all along the GEMM's contraction.
+RECIPE_GRANULARITY = {
+    "tensorwise": ("tensor", "tensor", "tensor"),
+    "rowwise": ("row", "row", "row"),
+    "blockwise": ("tile", "block", "tile"),
+}
+
+_GENERATION = itertools.count(1)
+_current = [0]
+
+
+def new_weight_generation() -> None:
+    """Invalidate every cached FP8 weight (weights may have changed since the last pass)."""
+    _current[0] = next(_GENERATION)
+
+
+class Fp8WeightCache:
+    """One layer's FP8 weight copies, for the forward (w) and dgrad (w.T) GEMMs."""
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, Fp8Tensor]] = {}
+        self.quantizations = 0  # how many times a weight was quantised (tests count it)
+
+    def get(self, weight: torch.Tensor, which: str, policy: Fp8Policy) -> Fp8Tensor:
+        # data_ptr: megatron may re-point .data (buffers); _version: plain in-place updates.
+        key = (_current[0], weight.data_ptr(), weight._version, tuple(weight.shape))
+        hit = self._entries.get(which)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        w = weight.detach()
+        gran = RECIPE_GRANULARITY[policy.recipe][1]
+        with torch.no_grad():
+            q = quantize(w if which == "fwd" else w.t(), gran, "e4m3", policy.power2_scales)
+            if hit is not None and hit[1].data.shape == q.data.shape:
+                # Refresh in place: a CUDA graph captured over the copy (the rollout's decode)
+                # then reads the new weights on its next replay.
+                hit[1].data.copy_(q.data)
+                hit[1].scale.copy_(q.scale)
+                q = hit[1]
+        self._entries[which] = (key, q)
+        self.quantizations += 1
+        return q
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(T, C) -> (ceil(T/multiple)*multiple, C) with zero rows (they add nothing to any GEMM)."""
+    pad = -x.shape[0] % multiple
+    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+class Fp8LinearOps:
+    """The three FP8 GEMMs of one linear layer under ``policy``."""
+
+    def __init__(self, policy: Fp8Policy):
+        self.policy = policy
+        self.cache = Fp8WeightCache()
+        self.act, self.wgt, self.grad = RECIPE_GRANULARITY[policy.recipe]
+        # Tokens are the GEMM's M in forward/dgrad (16 keeps cuBLAS's FP8 kernels happy) and its
+        # contraction in wgrad (128 for blockwise tiles); the emulation takes any size.
+        self.token_multiple = 1 if policy.emulate else 16
+        self.wgrad_token_multiple = 1 if policy.emulate else alignment(self.act, self.wgt)
+
+    def _q(self, x: torch.Tensor, gran: str, fmt: str = "e4m3") -> Fp8Tensor:
+        return quantize(x, gran, fmt, self.policy.power2_scales)
+
+    def forward(self, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(T, in) x (out, in) -> (T, out) in x's dtype."""
+        t = x2.shape[0]
+        a = self._q(_pad_rows(x2, self.token_multiple), self.act)
+        b = self.cache.get(weight, "fwd", self.policy)
+        # Fast accumulation in the forward only, as torchao does: the backward GEMMs sum over
+        # more terms of wider range.
+        return fp8_gemm(a, b, x2.dtype, emulate=self.policy.emulate, fast_accum=True)[:t]
+
+    def dgrad(self, dy2: torch.Tensor, weight: torch.Tensor, out_dtype) -> torch.Tensor:
+        """(T, out) x (out, in) -> (T, in)."""
+        t = dy2.shape[0]
+        a = self._q(_pad_rows(dy2, self.token_multiple), self.grad, self.policy.grad_format)
+        b = self.cache.get(weight, "dgrad", self.policy)
+        return fp8_gemm(a, b, out_dtype, emulate=self.policy.emulate)[:t]
+
+    def wgrad(self, dy2: torch.Tensor, x2: torch.Tensor, out_dtype) -> torch.Tensor:
+        """dy (T, out), x (T, in) -> (out, in); both quantised along the tokens."""
+        m = self.wgrad_token_multiple
+        dy_t = _pad_rows(dy2, m).t()                         # (out, T') view, no copy
+        x_t = _pad_rows(x2, m).t()                           # (in, T')
+        a = self._q(dy_t, self.grad, self.policy.grad_format)
+        # wgrad's x is quantised per token run like a gradient tile (1x128 along tokens) for
+        # blockwise; a 128x128 block of x.T would be a second weight-style recipe for no gain.
+        b = self._q(x_t, self.grad if self.grad == "tile" else self.act)
+        return fp8_gemm(a, b, out_dtype, emulate=self.policy.emulate)
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    """megatron's linear_with_grad_accumulation_and_async_allreduce with FP8 GEMMs (no
+    asynchronous overlap of the collectives; gradient accumulation fusion is refused)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ops: Fp8LinearOps, sequence_parallel: bool,
+                allreduce_dgrad: bool, tp_group):
+        ctx.ops, ctx.sp, ctx.allreduce_dgrad, ctx.tp_group = ops, sequence_parallel, allreduce_dgrad, tp_group
+        ctx.use_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        total = _gather_along_first_dim(x, tp_group) if sequence_parallel else x   # (S, B, in)
+        y = ops.forward(total.reshape(-1, total.shape[-1]), weight)                # (S*B, out)
+        y = y.view(*total.shape[:-1], weight.shape[0])
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        ops = ctx.ops
+        # megatron re-gathers the sequence-parallel input for wgrad rather than keeping it.
+        total = _gather_along_first_dim(x, ctx.tp_group) if ctx.sp else x
+        dy2 = dy.reshape(-1, dy.shape[-1])                                         # (T, out)
+        x2 = total.reshape(-1, total.shape[-1])                                    # (T, in)
+        dx = ops.dgrad(dy2, weight, x.dtype).view(total.shape)
+        if ctx.sp:
+            dx = _reduce_scatter_along_first_dim(dx, ctx.tp_group)
+        elif ctx.allreduce_dgrad:
+            torch.distributed.all_reduce(dx, group=ctx.tp_group)
+        dw = ops.wgrad(dy2, x2, weight.dtype) if weight.requires_grad else None
+        db = dy2.sum(dim=0) if ctx.use_bias else None
+        return dx, dw, db, None, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               ops: Fp8LinearOps, *, sequence_parallel: bool = False,
+               allreduce_dgrad: bool = False, tp_group=None) -> torch.Tensor:
+    """y = x @ weight.T (+ bias) with FP8 GEMMs; x (..., in), weight (out, in)."""
+    return _Fp8LinearFn.apply(x, weight, bias, ops, sequence_parallel, allreduce_dgrad, tp_group)
+
+
+class _Fp8ForwardImpl:
+    """Replaces megatron's ``_forward_impl`` (the GEMM and its TP collectives) with FP8."""
+
+    def _init_fp8(self, fp8_policy: Fp8Policy) -> None:
+        out_size, in_size = self.weight.shape
+        align = 1 if fp8_policy.emulate else 128 if fp8_policy.recipe == "blockwise" else 16
+        if out_size % align or in_size % align:
+            raise ValueError(
+                f"{type(self).__name__}: the FP8 {fp8_policy.recipe} GEMM needs this rank's weight "
+                f"sizes to be multiples of {align}, got (out={out_size}, in={in_size}). Keep the "
+                f"layer in bf16 (precision.fp8_bf16_first_layers/last_layers), change the model "
+                f"or parallel.tensor, or use precision.fp8_recipe=tensorwise.")
+        self.fp8_ops = Fp8LinearOps(fp8_policy)
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
+                      allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None,
+                      wgrad_deferral_limit=None, tp_group=None, **unused):
+        if gradient_accumulation_fusion or grad_output_buffer is not None:
+            raise NotImplementedError(
+                "r1mega's FP8 linear does not implement gradient_accumulation_fusion or deferred "
+                "embedding wgrad (both off in r1mega's TransformerConfig).")
+        return fp8_linear(input, weight, bias, self.fp8_ops, sequence_parallel=sequence_parallel,
+                          allreduce_dgrad=allreduce_dgrad, tp_group=tp_group)
+
+
+class Fp8ColumnParallelLinear(_Fp8ForwardImpl, ColumnParallelLinear):
+    def __init__(self, *args, fp8_policy: Fp8Policy, **kwargs):
+        ColumnParallelLinear.__init__(self, *args, **kwargs)
+        self._init_fp8(fp8_policy)
+
+
+class Fp8RowParallelLinear(_Fp8ForwardImpl, RowParallelLinear):
+    def __init__(self, *args, fp8_policy: Fp8Policy, **kwargs):
+        RowParallelLinear.__init__(self, *args, **kwargs)
+        self._init_fp8(fp8_policy)

@@ -1,0 +1,119 @@
+"""FP8 weight copies for the rollout's decode; training keeps its bf16 weights and numerics.
+
+A decode step reads every weight once for a few hundred tokens, so it is bound by weight bytes;
+FP8 copies halve them. :class:`Fp8RolloutWeights` keeps one persistent FP8 copy (data + scales,
+the policy's weight recipe) of each linear weight of the transformer blocks and, while
+:meth:`decoding` is active, routes those layers' GEMMs through them: the activation is quantised
+per call (the recipe's activation granularity), the GEMM is ``fp8_gemm``. Outside ``decoding``
+-- the training step, the old/reference log-prob passes -- the layers run as before.
+
+The copies are refreshed in place, once per weight generation (``new_weight_generation`` runs
+after every optimizer step and before every pass), at the start of ``decoding``: the same
+tensors every time, so CUDA graphs captured over them stay valid after an update.
+
+The hook is an instance attribute ``_forward_impl`` on each megatron linear (the call its
+forward makes for the GEMM and its TP collectives, see r1mega/precision/linear.py); layers that
+already run FP8 for training are left alone (they quantise their own weights).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from r1mega.precision import linear as fp8_linear_mod
+from r1mega.precision.gemm import alignment, fp8_gemm
+from r1mega.precision.linear import RECIPE_GRANULARITY, _Fp8ForwardImpl, _pad_rows
+from r1mega.precision.policy import Fp8Policy
+from r1mega.precision.quantize import Fp8Tensor, quantize
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+class Fp8RolloutWeights:
+    """Persistent FP8 copies of one model chunk's block linears, used only while decoding."""
+
+    def __init__(self, model, policy: Fp8Policy):
+        m = _unwrap(model)
+        self.policy = policy
+        self.act, self.wgt, _ = RECIPE_GRANULARITY[policy.recipe]
+        self.token_multiple = 1 if policy.emulate else 16   # the decode batch is the GEMM's M
+        self.active = False
+        self.refreshes = 0
+        self._generation = None
+        self.linears = [mod for mod in m.decoder.modules()
+                        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear))
+                        and not isinstance(mod, _Fp8ForwardImpl)]
+        align = 1 if policy.emulate else alignment(self.act, self.wgt)
+        for mod in self.linears:
+            out_size, in_size = mod.weight.shape
+            if out_size % align or in_size % align:
+                raise ValueError(
+                    f"precision.fp8_rollout: a {type(mod).__name__} weight of this rank is "
+                    f"({out_size}, {in_size}); the {policy.recipe} FP8 GEMM needs multiples of "
+                    f"{align}. Use precision.fp8_recipe=tensorwise or precision.fp8_rollout=false.")
+            mod._fp8_rollout_weight = None
+            mod._forward_impl = self._make_impl(mod)
+
+    def _quantize_weight(self, weight: torch.Tensor) -> Fp8Tensor:
+        return quantize(weight.detach(), self.wgt, "e4m3", self.policy.power2_scales)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-quantise every weight into its persistent copy (in place after the first time)."""
+        for mod in self.linears:
+            q = self._quantize_weight(mod.weight)
+            old = mod._fp8_rollout_weight
+            if old is None or old.scale.shape != q.scale.shape:
+                mod._fp8_rollout_weight = q
+            else:
+                old.data.copy_(q.data)
+                old.scale.copy_(q.scale)
+        self._generation = fp8_linear_mod._current[0]
+        self.refreshes += 1
+
+    @contextlib.contextmanager
+    def decoding(self):
+        """Route the block linears through the FP8 copies (refreshed if the weights moved on)."""
+        if self._generation != fp8_linear_mod._current[0]:
+            self.refresh()
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def _make_impl(self, mod):
+        bf16_impl = type(mod)._forward_impl.__get__(mod)
+
+        def forward_impl(input, weight, bias=None, gradient_accumulation_fusion=False,
+                         allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None,
+                         wgrad_deferral_limit=None, tp_group=None, **unused):
+            q = mod._fp8_rollout_weight
+            if (not self.active or torch.is_grad_enabled() or sequence_parallel or q is None
+                    or weight is not mod.weight):
+                return bf16_impl(input, weight, bias=bias,
+                                 gradient_accumulation_fusion=gradient_accumulation_fusion,
+                                 allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+                                 grad_output_buffer=grad_output_buffer,
+                                 wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group)
+            x2 = input.reshape(-1, input.shape[-1])                                # (T, in)
+            t = x2.shape[0]
+            a = quantize(_pad_rows(x2, self.token_multiple), self.act, "e4m3",
+                         self.policy.power2_scales)
+            y = fp8_gemm(a, q, input.dtype, emulate=self.policy.emulate, fast_accum=True)[:t]
+            y = y.view(*input.shape[:-1], weight.shape[0])                         # (..., out)
+            return y + bias if bias is not None else y
+
+        return forward_impl
+
+    def remove(self) -> None:
+        """Uninstall the hooks and drop the copies (the layers are plain megatron again)."""
+        for mod in self.linears:
+            mod.__dict__.pop("_forward_impl", None)
+            mod._fp8_rollout_weight = None

@@ -1,0 +1,168 @@
+"""Fused Triton FP8 quantisers: one kernel reads each tile, computes its scale, writes FP8.
+
+The PyTorch reference is :func:`r1mega.precision.quantize.quantize_reference` (its docstring
+has the scale arithmetic); ``tests/gpu/test_fp8_gpu.py`` compares the two bit for bit.
+
+  _quant_rows_kernel    grid (ceil(R/16), n_tiles): 16 rows x one tile per program, read in
+                        (16, 128) blocks: 1x128 tiles; whole rows for the rowwise recipe (read
+                        twice: amax, then scale and write); or every tile under a given amax
+                        (tensorwise: the amax comes from one reduction kernel before).
+  _quant_blocks_kernel  grid (ceil(R/128), ceil(C/128)): one 128x128 weight block.
+
+Both take the input's strides (a transposed view is quantised without a copy: wgrad's
+operands are dy.T and x.T) and the scale tensor's strides, so the scales are written straight
+into the column-major layout cuBLAS wants (r1mega/precision/gemm.py allocates it).
+
+Bit-exactness with the reference: ``fmax / amax`` and ``1 / mult`` use IEEE division
+(``div_rn``; Triton's ``/`` is the approximate ``div.full``); the power-of-2 rounding is the
+same mantissa-clearing bit operation; the clamp keeps NaN; fp32 -> fp8 rounds to nearest even
+in both (``cvt.rn.satfinite``, and the clamp makes saturation moot). ``tl.max`` may drop NaN,
+so a NaN count restores the reference's NaN propagation. Triton's ``div_rn`` flushes denormal
+results, so a tile whose amax is below about 1e-36 (its scale 1/mult denormal) may differ.
+"""
+from __future__ import annotations
+
+import torch
+
+from r1mega.precision.quantize import BLOCK, FP8_DTYPES, FP8_MAX, Fp8Tensor, scale_shape
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # pragma: no cover - CPU machines without Triton
+    _HAVE_TRITON = False
+
+
+def available() -> bool:
+    return _HAVE_TRITON and torch.cuda.is_available()
+
+
+if _HAVE_TRITON:
+    try:
+        _div_rn = tl.math.div_rn
+    except AttributeError:  # pragma: no cover - older Triton keeps it in libdevice
+        from triton.language.extra.cuda.libdevice import div_rn as _div_rn
+
+    @triton.jit
+    def _multiplier(amax, FMAX: tl.constexpr, POWER2: tl.constexpr):
+        """The scale arithmetic of quantize.multiplier_from_amax, per tile (fp32, any shape)."""
+        mult = tl.math.div_rn(tl.zeros_like(amax) + FMAX, amax)
+        FLT_MAX: tl.constexpr = 3.4028234663852886e38
+        mult = tl.where(mult > FLT_MAX, FLT_MAX, mult)
+        if POWER2:
+            bits = mult.to(tl.int32, bitcast=True) & 0x7F800000
+            mult = tl.where(mult == mult, bits.to(tl.float32, bitcast=True), mult)
+        return tl.where(amax == 0.0, 1.0, mult)
+
+    @triton.jit
+    def _store_q(q_ptr, offs, mask, v, mult, FMAX: tl.constexpr):
+        v = v * mult
+        v = tl.where(v > FMAX, FMAX, v)
+        v = tl.where(v < -FMAX, -FMAX, v)
+        tl.store(q_ptr + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, R, C, TILE_C: tl.constexpr,
+                           sxr, sxc, sqr, ssr, sst,
+                           FMAX: tl.constexpr, POWER2: tl.constexpr, RB: tl.constexpr,
+                           CHUNK: tl.constexpr, GIVEN_AMAX: tl.constexpr):
+        # RB rows x one tile of TILE_C columns per program, read as (RB, CHUNK) blocks: whichever
+        # of the two strides is 1, Triton's coalescing follows it (a transposed view included).
+        pr = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1).to(tl.int64)
+        rows = pr * RB + tl.arange(0, RB)                                  # (RB,)
+        rmask = rows < R
+        start = tile * TILE_C
+        if GIVEN_AMAX:
+            amax = tl.zeros([RB], tl.float32) + tl.load(amax_ptr).to(tl.float32)
+        else:
+            amax = tl.zeros([RB], tl.float32)
+            nans = tl.zeros([RB], tl.int32)
+            for c0 in range(0, TILE_C, CHUNK):
+                cols = start + c0 + tl.arange(0, CHUNK)
+                m = rmask[:, None] & ((cols < C) & (cols < start + TILE_C))[None, :]
+                v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m, other=0.0)
+                v = tl.abs(v.to(tl.float32))                                 # (RB, CHUNK)
+                amax = tl.maximum(amax, tl.max(v, axis=1))
+                nans += tl.sum((v != v).to(tl.int32), axis=1)
+            amax = tl.where(nans > 0, float("nan"), amax)
+        mult = _multiplier(amax, FMAX, POWER2)                                # (RB,)
+        for c0 in range(0, TILE_C, CHUNK):
+            cols = start + c0 + tl.arange(0, CHUNK)
+            m = rmask[:, None] & ((cols < C) & (cols < start + TILE_C))[None, :]
+            v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m, other=0.0)
+            _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v.to(tl.float32),
+                     mult[:, None], FMAX)
+        scale = tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult)
+        if GIVEN_AMAX:
+            # one scale for the tensor: every program computed it, one lane of one writes it
+            lane = tl.arange(0, RB)
+            if (pr == 0) & (tile == 0):
+                tl.store(s_ptr + lane * 0, scale, mask=lane == 0)
+        else:
+            tl.store(s_ptr + rows * ssr + tile * sst, scale, mask=rmask)
+
+    @triton.jit
+    def _quant_blocks_kernel(x_ptr, q_ptr, s_ptr, R, C, sxr, sxc, sqr, ssr, sst,
+                             FMAX: tl.constexpr, POWER2: tl.constexpr, B: tl.constexpr):
+        br = tl.program_id(0).to(tl.int64)
+        bc = tl.program_id(1).to(tl.int64)
+        rows = br * B + tl.arange(0, B)
+        cols = bc * B + tl.arange(0, B)
+        m = (rows[:, None] < R) & (cols[None, :] < C)
+        v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m,
+                    other=0.0).to(tl.float32)                                  # (B, B)
+        a = tl.abs(v)
+        amax = tl.max(tl.max(a, axis=1), axis=0)
+        nans = tl.sum(tl.sum((a != a).to(tl.int32), axis=1), axis=0)
+        amax = tl.where(nans > 0, float("nan"), amax)
+        mult = _multiplier(amax, FMAX, POWER2)
+        _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v, mult, FMAX)
+        tl.store(s_ptr + br * ssr + bc * sst, tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult))
+
+
+_ROWS_PER_PROGRAM = 16
+
+
+def new_scale(rows: int, cols: int, granularity: str, device) -> torch.Tensor:
+    """Scale tensor of ``scale_shape``, column-major for tiles (cuBLAS: "strides (1, M)")."""
+    r, c = scale_shape(rows, cols, granularity)
+    if granularity == "tile":
+        return torch.empty(c, r, dtype=torch.float32, device=device).t()   # (R, nt), strides (1, R)
+    return torch.empty(r, c, dtype=torch.float32, device=device)
+
+
+def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
+                    power2: bool = False) -> Fp8Tensor:
+    """The fused quantiser: same result as ``quantize_reference``, bit for bit."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize: expected a 2-D (rows, contraction) matrix, got {tuple(x.shape)}")
+    r, c = x.shape
+    q = torch.empty(r, c, dtype=FP8_DTYPES[fmt], device=x.device)
+    s = new_scale(r, c, granularity, x.device)
+    if r == 0 or c == 0:
+        s.fill_(1.0)
+        return Fp8Tensor(q, s, granularity, fmt)
+    fmax = FP8_MAX[fmt]
+    if granularity == "block":
+        grid = (triton.cdiv(r, BLOCK), triton.cdiv(c, BLOCK))
+        _quant_blocks_kernel[grid](x, q, s, r, c, x.stride(0), x.stride(1), q.stride(0),
+                                   s.stride(0), s.stride(1), FMAX=fmax, POWER2=power2, B=BLOCK,
+                                   num_warps=8)
+        return Fp8Tensor(q, s, granularity, fmt)
+    if granularity == "tensor":
+        # One reduction (no abs copy), then every tile quantised under that amax. NaN propagates
+        # through the inf-norm as through the reference's amax.
+        amax = torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1)
+        tiles, tile_c, given = triton.cdiv(c, BLOCK), BLOCK, True
+    elif granularity == "row":
+        amax, tiles, tile_c, given = s, 1, c, False
+    else:
+        amax, tiles, tile_c, given = s, triton.cdiv(c, BLOCK), BLOCK, False
+    grid = (triton.cdiv(r, _ROWS_PER_PROGRAM), tiles)
+    _quant_rows_kernel[grid](x, q, s, amax, r, c, tile_c, x.stride(0), x.stride(1), q.stride(0),
+                             s.stride(0), s.stride(1), FMAX=fmax, POWER2=power2,
+                             RB=_ROWS_PER_PROGRAM, CHUNK=BLOCK, GIVEN_AMAX=given, num_warps=4)
+    return Fp8Tensor(q, s, granularity, fmt)

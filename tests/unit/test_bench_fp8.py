@@ -1,0 +1,55 @@
+"""`r1mega bench fp8 --smoke` and `r1mega bench train-step --smoke --fp8` run end to end on the
+CPU (FP8 emulated) and end with one JSON line holding the figures the GPU run reports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_fp8_smoke_throughput_and_parity(capsys):
+    from r1mega.bench import fp8
+
+    assert fp8.main(["--smoke", "--models", "852m", "--recipe", "tensorwise"]) == 0
+    out = _last_json(capsys)
+    row = out["models"]["852m"]
+    assert set(row["rows"]) == {"bf16", "fp8-tensorwise"} and row["fp8_speedup"] > 0
+    assert fp8.main(["--smoke", "--parity"]) == 0
+    out = _last_json(capsys)
+    assert out["mode"] == "parity" and set(out["final_loss"]) == {"bf16", "fp8-blockwise"}
+    # the two runs start from the same weights on the same corpus
+    assert out["first_loss"]["bf16"] == pytest.approx(out["first_loss"]["fp8-blockwise"], rel=1e-2)
+
+
+def test_bigram_corpus_is_fixed_and_follows_its_table():
+    from r1mega.bench.fp8 import BigramCorpus
+
+    a, b = BigramCorpus(300, seed=3), BigramCorpus(300, seed=3)
+    x, y = a.batch(2, 50), b.batch(2, 50)
+    assert (x == y).all() and x.max() < 300
+    for s in x:
+        for t in range(1, 50):
+            assert int(s[t]) in a.next[s[t - 1]].tolist()
+
+
+def test_train_step_bench_fp8_flag_smoke(capsys):
+    from r1mega.bench import train_step
+
+    assert train_step.main(["--smoke", "--skip-hf", "--fp8", "rowwise"]) == 0
+    out = _last_json(capsys)
+    assert any("fp8-rowwise" in k for k in out["impls"]) and out["fp8_speedup"] > 0
+
+
+def test_bench_rollout_fp8_smoke(capsys):
+    from r1mega.bench import rollout
+
+    assert rollout.main(["--smoke", "--fp8", "tensorwise", "--mismatch-seqs", "2"]) == 0
+    out = _last_json(capsys)
+    assert out["mode"] == "rollout" and set(out["rows"]) == {"bf16", "fp8-tensorwise"}
+    fp8 = out["rows"]["fp8-tensorwise"]
+    # FP8 weights move the rollout's log-probs away from the (unchanged) training forward's
+    assert fp8["logprob_mismatch_mean"] > out["rows"]["bf16"]["logprob_mismatch_mean"]

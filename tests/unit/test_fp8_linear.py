@@ -1,0 +1,164 @@
+"""The emulated FP8 linear (r1mega/precision/linear.py) against float64 math, and in the model.
+
+The reference is the exact float64 product. FP8 rounding bounds the difference element by
+element: each operand is off by at most u (relative; u = 2^-4 for e4m3, 2^-3 for e5m2) plus a
+subnormal floor, so |fp8(a) . fp8(b) - a . b| <= (u_a + u_b + u_a u_b) (|a| . |b|) + floor.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1mega.precision.linear import Fp8LinearOps, fp8_linear, new_weight_generation
+from r1mega.precision.policy import Fp8Policy
+
+U = {"e4m3": 2.0 ** -4, "e5m2": 2.0 ** -3}
+RECIPES = ["tensorwise", "rowwise", "blockwise"]
+
+
+def _bound(a_abs, b_abs, ua, ub):
+    return (ua + ub + ua * ub) * (a_abs @ b_abs) + 1e-3
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("grad_format", ["e4m3", "e5m2"])
+def test_fp8_linear_forward_backward_within_format_error(recipe, grad_format):
+    g = torch.Generator().manual_seed(1)
+    T, K, N = 150, 260, 136                                   # ragged for every tile size
+    x = torch.randn(T, K, generator=g, dtype=torch.float64)
+    w = torch.randn(N, K, generator=g, dtype=torch.float64) * 0.05
+    dy = torch.randn(T, N, generator=g, dtype=torch.float64)
+    ops = Fp8LinearOps(Fp8Policy(recipe=recipe, backend="native", grad_format=grad_format,
+                                 emulate=True))
+    xr = x.float().requires_grad_()
+    wr = w.float().requires_grad_()
+    y = fp8_linear(xr, wr, None, ops)                          # (T, N)
+    y.backward(dy.float())
+    ue, ug = U["e4m3"], U[grad_format]
+    y_ref = x @ w.t()
+    err = (y.double() - y_ref).abs()
+    assert bool((err <= _bound(x.abs(), w.abs().t(), ue, ue)).all())
+    # not bf16 in disguise: FP8 rounding is visible, and of the format's size
+    rel = (err.norm() / y_ref.norm()).item()
+    assert 1e-3 < rel < 0.06
+    dx_ref, dw_ref = dy @ w, dy.t() @ x
+    assert bool(((xr.grad.double() - dx_ref).abs() <= _bound(dy.abs(), w.abs(), ug, ue)).all())
+    assert bool(((wr.grad.double() - dw_ref).abs() <= _bound(dy.abs().t(), x.abs(), ug, ue)).all())
+    for got, ref in ((xr.grad, dx_ref), (wr.grad, dw_ref)):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 0.12
+
+
+def test_fp8_linear_3d_input_and_bias():
+    ops = Fp8LinearOps(Fp8Policy(recipe="blockwise", backend="native", emulate=True))
+    x = torch.randn(5, 3, 128, requires_grad=True)             # (S, B, in) as megatron passes it
+    w = torch.randn(256, 128, requires_grad=True)
+    b = torch.randn(256, requires_grad=True)
+    y = fp8_linear(x, w, b, ops)
+    assert y.shape == (5, 3, 256)
+    flat = fp8_linear(x.detach().reshape(15, 128), w.detach(), None, ops)
+    torch.testing.assert_close(y.detach().reshape(15, 256), flat + b.detach())
+    y.sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((256,), 15.0))
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+def test_weight_quantised_once_per_pass_and_after_updates():
+    ops = Fp8LinearOps(Fp8Policy(recipe="rowwise", backend="native", emulate=True))
+    w = torch.randn(64, 48, requires_grad=True)
+    new_weight_generation()
+    for _ in range(3):                                         # three micro-batches
+        fp8_linear(torch.randn(10, 48), w, None, ops).sum().backward()
+    assert ops.cache.quantizations == 2                        # forward copy + dgrad copy
+    new_weight_generation()                                    # the next pass (after an update)
+    fp8_linear(torch.randn(10, 48), w, None, ops).sum().backward()
+    assert ops.cache.quantizations == 4
+    with torch.no_grad():
+        w.mul_(2.0)                                            # an in-place update mid-pass
+    data = ops.cache._entries["fwd"][1].data
+    y = fp8_linear(torch.ones(1, 48), w, None, ops)
+    assert ops.cache.quantizations == 5
+    assert ops.cache._entries["fwd"][1].data is data             # refreshed in place
+    ref = torch.ones(1, 48) @ w.detach().t()
+    assert ((y - ref).abs() <= 0.13 * (w.detach().abs().sum(1)) + 1e-3).all()
+
+
+# ----------------------------------------------------------------------------- in the model
+
+def _fp8_precision(**kw):
+    from r1mega.config import PrecisionConfig
+
+    return PrecisionConfig(dtype="fp32", fp8=True, fp8_emulate=True, fp8_backend="native", **kw)
+
+
+def test_model_uses_fp8_linears_where_the_policy_says(single_rank_runtime):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.linear import Fp8ColumnParallelLinear, Fp8RowParallelLinear
+
+    prec = _fp8_precision(fp8_recipe="tensorwise", fp8_bf16_first_layers=1, fp8_bf16_last_layers=1)
+    rt = single_rank_runtime(precision=prec)
+    cfg = ModelConfig(num_layers=4)
+    model = build_model(cfg, rt, prec, wrap=False)[0]
+    kinds = []
+    for layer in model.decoder.layers:
+        lin = [m for m in layer.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+        assert len(lin) == 4                                   # qkv, proj, fc1, fc2
+        kinds.append({isinstance(m, (Fp8ColumnParallelLinear, Fp8RowParallelLinear)) for m in lin})
+    assert kinds == [{False}, {True}, {True}, {False}]
+    assert not isinstance(model.output_layer, Fp8ColumnParallelLinear)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fp8_model_close_to_fp32_model_and_trains(single_rank_runtime, recipe):
+    from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.train.optimizer import build_optimizer
+    from r1mega.train.step import TrainStep, sft_loss_fn, sft_sample
+
+    prec = _fp8_precision(fp8_recipe=recipe)
+    rt = single_rank_runtime(precision=prec)
+    cfg = ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=256, vocab_size=128)
+    torch.manual_seed(0)
+    fp8_chunks = build_model(cfg, rt, prec, wrap=True)
+    ref = build_model(cfg, rt, PrecisionConfig(dtype="fp32"), wrap=False)[0]
+    ref.load_state_dict(fp8_chunks[0].module.state_dict(), strict=False)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = fp8_chunks[0](input_ids=ids, position_ids=None, attention_mask=None)
+        b = ref(input_ids=ids, position_ids=None, attention_mask=None)
+    rel = ((a - b).norm() / b.norm()).item()
+    assert 0 < rel < 0.05, rel
+
+    optim = build_optimizer(OptimizerConfig(lr=3e-3), fp8_chunks, rt, distributed=True)
+    step = TrainStep(fp8_chunks, optim, rt, micro_batch_tokens=64)
+    samples = [sft_sample(ids[i]) for i in range(2)]
+    losses = [step(samples, sft_loss_fn(cfg.vocab_size)).loss for _ in range(4)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_fp8_state_is_derived_never_saved(single_rank_runtime):
+    """Checkpoints stay bf16/fp32: an FP8 model (and FP8 rollout copies) has exactly the bf16
+    model's state-dict keys, dtypes and shapes; no FP8 tensor is ever part of it."""
+    from r1mega.config import ModelConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.rollout import Fp8RolloutWeights
+
+    prec = _fp8_precision(fp8_recipe="blockwise")
+    rt = single_rank_runtime(precision=prec)
+    cfg = ModelConfig(num_layers=2)
+    fp8_model = build_model(cfg, rt, prec, wrap=False)[0]
+    plain = build_model(cfg, rt, PrecisionConfig(dtype="fp32"), wrap=False)[0]
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    fp8_model(input_ids=ids, position_ids=None, attention_mask=None).sum().backward()  # fill caches
+    rollout = Fp8RolloutWeights(plain, Fp8Policy(recipe="rowwise", backend="native", emulate=True))
+    rollout.refresh()
+
+    def summary(m):
+        return {k: (v.dtype, tuple(v.shape)) for k, v in m.state_dict().items()
+                if isinstance(v, torch.Tensor)}
+
+    assert summary(fp8_model) == summary(plain)
+    assert not any(d in (torch.float8_e4m3fn, torch.float8_e5m2) for d, _ in summary(plain).values())

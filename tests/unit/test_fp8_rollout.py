@@ -1,0 +1,147 @@
+"""FP8 rollout weights (r1mega/precision/rollout.py), FP8 emulated on the CPU.
+
+References: the layer's own bf16/fp32 path (outside ``decoding`` nothing may change) and the
+explicit quantise -> dequantise -> matmul of the same recipe (inside it).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1mega.precision.linear import new_weight_generation
+from r1mega.precision.policy import Fp8Policy
+from r1mega.precision.quantize import dequantize, quantize_reference
+from r1mega.precision.rollout import Fp8RolloutWeights
+
+POLICY = Fp8Policy(recipe="blockwise", backend="native", emulate=True, rollout=True)
+
+
+@pytest.fixture
+def model(single_rank_runtime):
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+
+    rt = single_rank_runtime()
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=256, vocab_size=128, max_position_embeddings=128)
+    chunks = _Chunks(build_model(cfg, rt, wrap=False))
+    chunks.rt = rt
+    return chunks
+
+
+class _Chunks(list):
+    pass
+
+
+def _logits(m, ids):
+    return m(input_ids=ids, position_ids=None, attention_mask=None)
+
+
+def test_decode_uses_fp8_copies_and_training_is_untouched(model):
+    m = model[0]
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = _logits(m, ids)
+    fp8 = Fp8RolloutWeights(m, POLICY)
+    assert len(fp8.linears) == 8                                  # 4 per layer
+    with torch.no_grad():
+        outside = _logits(m, ids)
+        with fp8.decoding():
+            inside = _logits(m, ids)
+    torch.testing.assert_close(outside, before, rtol=0, atol=0)
+    rel = ((inside - before).norm() / before.norm()).item()
+    assert 1e-4 < rel < 0.05, rel
+    with fp8.decoding():                                          # grad on: a training forward
+        torch.testing.assert_close(_logits(m, ids).detach(), before, rtol=0, atol=0)
+    fp8.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(m, ids), before, rtol=0, atol=0)
+
+
+def test_fp8_linear_call_equals_explicit_quantised_matmul(model):
+    lin = model[0].decoder.layers[0].mlp.linear_fc2              # RowParallelLinear (128 <- 256)
+    fp8 = Fp8RolloutWeights(model[0], POLICY)
+    x = torch.randn(7, 1, 256)
+    with torch.no_grad(), fp8.decoding():
+        y, _ = lin(x)
+    a = quantize_reference(x.reshape(7, 256), "tile", power2=True)
+    w = quantize_reference(lin.weight.detach(), "block", power2=True)
+    ref = dequantize(a) @ dequantize(w).t()
+    torch.testing.assert_close(y.reshape(7, 128), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_copies_refreshed_once_per_update_in_place(model):
+    m = model[0]
+    fp8 = Fp8RolloutWeights(m, POLICY)
+    new_weight_generation()
+    with fp8.decoding():
+        pass
+    with fp8.decoding():
+        pass
+    assert fp8.refreshes == 1                                    # same weights: quantised once
+    lin = fp8.linears[0]
+    data = lin._fp8_rollout_weight.data
+    with torch.no_grad():
+        lin.weight.mul_(-0.5)                                    # "the update"
+    new_weight_generation()                                      # TrainStep.optimizer_step does this
+    with fp8.decoding():
+        pass
+    assert fp8.refreshes == 2
+    assert lin._fp8_rollout_weight.data is data                  # the same tensor: graphs stay valid
+    want = quantize_reference(lin.weight.detach(), "block", power2=True)
+    assert torch.equal(data.view(torch.uint8), want.data.view(torch.uint8))
+
+
+def test_engine_generates_with_fp8_weights(model):
+    from r1mega.config import RolloutConfig
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    cfg = RolloutConfig(kv_block_tokens=4, kv_cpu_tokens=4096, max_new_tokens=6,
+                        max_batch_sequences=8, temperature=1.0, cuda_graphs=False)
+    fp8 = Fp8RolloutWeights(model[0], POLICY)
+    eng = RolloutEngine(list(model), cfg, model.rt, eos_ids=[], vocab_size=128)
+    reqs = [GenerationRequest([1, 2, 3, 4, 5], n=2, seed=i) for i in range(2)]
+    with fp8.decoding():
+        outs = eng.generate(reqs)
+    assert len(outs) == 4 and all(len(c.token_ids) == 6 for c in outs)
+    assert all(torch.isfinite(torch.tensor(c.logprobs)).all() for c in outs)
+
+
+@pytest.mark.parametrize("extra", [["precision.fp8_rollout=true"],
+                                   ["precision.fp8=true", "precision.fp8_backend=native"]])
+def test_grpo_trains_with_fp8_rollout_or_fp8_training(tmp_path, monkeypatch, extra):
+    """Two GRPO steps of the demo config, FP8 emulated: the rollout decodes with FP8 weight
+    copies (training bf16), or the whole policy trains with FP8 linears."""
+    import os
+
+    from tests.conftest import ROOT, free_port
+    from r1mega.config import load_config
+    from r1mega.parallel.runtime import destroy_parallel
+    from r1mega.precision import rollout as fp8_rollout_mod
+    from r1mega.train.trainer import run_train
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    refreshes = []
+    real = fp8_rollout_mod.Fp8RolloutWeights.refresh
+
+    def counting_refresh(self):
+        refreshes.append(1)
+        return real(self)
+
+    monkeypatch.setattr(fp8_rollout_mod.Fp8RolloutWeights, "refresh", counting_refresh)
+    tiny = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+            "model.num_attention_heads=2", "model.num_query_groups=1", "data.num_examples=64",
+            "data.eval_source=null", "data.global_batch_prompts=4", "rollout.group_size=2",
+            "rollout.max_new_tokens=8", "train.sft_steps=0", "train.steps=2",
+            "logging.samples_every_steps=0", "logging.tensorboard=false",
+            "logging.progress_bar=false", "checkpoint.dir=null", "precision.fp8_emulate=true",
+            "precision.fp8_recipe=rowwise", f"logging.run_dir={tmp_path / 'run'}"]
+    cfg = load_config(os.path.join(ROOT, "configs/demo.yaml"), tiny + extra)
+    try:
+        assert run_train(cfg) == 0
+    finally:
+        destroy_parallel()
+    # FP8 rollout alone: the copies are quantised once per rollout (after each update)
+    assert len(refreshes) == (2 if "precision.fp8_rollout=true" in extra else 0)
