@@ -78,7 +78,7 @@ def assert_bitwise(model, completions, prompts, temperature, order=None):
 def test_decode_batch_sizes_bitwise_equal_training(tiny, batch):
     model, rt = tiny()
     eng = RolloutEngine(model, exact_cfg(max_batch_sequences=batch), rt, eos_ids=[], vocab_size=VOCAB)
-    reqs = [GenerationRequest(p, n=1, seed=5 + i) for i, p in enumerate(PROMPTS)]
+    reqs = [GenerationRequest(p, n=1, seed=5 + i, max_new_tokens=6) for i, p in enumerate(PROMPTS)]
     outs = eng.generate(reqs)
     assert eng.stats["decode"] > 0
     assert_bitwise(model, outs, PROMPTS, 1.0)
@@ -86,9 +86,10 @@ def test_decode_batch_sizes_bitwise_equal_training(tiny, batch):
 
 def test_preemption_and_packing_compositions(tiny):
     model, rt = tiny(family="qwen3", qk_norm=True, rope_theta=1e6)
-    reqs = [GenerationRequest(p, n=3, seed=11 + i, max_new_tokens=5 + 2 * i)
+    reqs = [GenerationRequest(p, n=3, seed=11 + i, max_new_tokens=6 + 3 * i)
             for i, p in enumerate(PROMPTS[:5])]
-    eng = RolloutEngine(model, exact_cfg(max_batch_sequences=5, kv_cpu_tokens=64), rt,
+    # 5 sequences at most and a 12-block cache: decode steps preempt and recompute sequences.
+    eng = RolloutEngine(model, exact_cfg(max_batch_sequences=5, kv_cpu_tokens=48), rt,
                         eos_ids=[], vocab_size=VOCAB)
     outs = eng.generate(reqs)
     assert eng.stats["preemptions"] > 0
@@ -109,7 +110,7 @@ def test_temperature_and_greedy_rows(tiny):
     assert_bitwise(model, outs, PROMPTS, 0.7)
     greedy = RolloutEngine(model, exact_cfg(temperature=0.0), rt, eos_ids=[], vocab_size=VOCAB)
     outs = greedy.generate([GenerationRequest(p) for p in PROMPTS[3:6]])
-    assert_bitwise(model, outs, PROMPTS, 1.0)  # greedy rows report temperature-1 log-probs
+    assert_bitwise(model, outs, PROMPTS[3:6], 1.0)  # greedy rows report temperature-1 log-probs
 
 
 def test_default_mode_is_not_bitwise_here(tiny):
