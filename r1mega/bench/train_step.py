@@ -110,7 +110,8 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "") -> tuple[f
 
 
 def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
-               thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True):
+               thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True,
+               exact: bool = False):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
     from r1mega.models.gpt import build_model
@@ -122,6 +123,10 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     model_cfg = ModelConfig(**shape, attention_backend=attention)
     precision = PrecisionConfig(grad_reduce_in_fp32=grad_reduce_in_fp32)
     chunks = build_model(model_cfg, rt, precision, wrap=True, distributed_optimizer=True)
+    if exact:  # rollout.exact's training forward: batch-invariant ops (r1mega/ops/batch_invariant.py)
+        from r1mega.ops.batch_invariant import install_exact_forward
+
+        install_exact_forward(chunks)
     if compile_mode == "layer":
         # Each TransformerLayer as one compiled region (r1mega.models.compile removes megatron's
         # graph breaks); the first steps (warmup) pay the compile time.
@@ -226,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-too", action="store_true",
                     help="also time r1mega with --compile layer in the same run")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
+    ap.add_argument("--exact", action="store_true",
+                    help="also time the rollout.exact training forward (a fresh model), same run")
     args = ap.parse_args(argv)
     _PROFILE["on"] = args.profile
 
@@ -276,6 +283,11 @@ def main(argv=None) -> int:
         rows[f"r1mega[{impls[-1]},thd]"] = run_r1mega(shape, tokens, rt, impls[-1], args.warmup,
                                                       args.steps, args.compile, thd=True,
                                                       attention=args.attention)
+    if args.exact:
+        _reset_memory(device)
+        rows[f"r1mega[{impls[-1]},exact]"] = run_r1mega(
+            shape, tokens, rt, impls[-1], args.warmup, args.steps, "none",
+            attention=args.attention, exact=True)
     if not args.skip_hf:
         _reset_memory(device)
         rows["transformers"] = run_hf(shape, tokens, device, dtype, args.warmup, args.steps)
@@ -302,7 +314,11 @@ def main(argv=None) -> int:
                                  "model_tflops": tflops, "mfu": tflops * 1e12 / peak,
                                  "peak_memory_gb": mem, "speedup_vs_hf": ratio,
                                  "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
-    best = max((k for k in rows if k != "transformers"), key=lambda k: -rows[k][0])
+    if args.exact:  # against the default forward of the same loss in this run (bar: >= 0.8)
+        base = rows[f"r1mega[{impls[-1]}]"][0]
+        result["exact_vs_default"] = base / rows[f"r1mega[{impls[-1]},exact]"][0]
+    best = max((k for k in rows if k != "transformers" and not k.endswith(",exact]")),
+               key=lambda k: -rows[k][0])
     if hf:
         result["best"] = best
         result["speedup_vs_hf"] = hf[0] / rows[best][0]
