@@ -14,7 +14,9 @@ its own q and its sequence's K/V up to its position:
   batch sized by its longest context, a micro-batch by its longest sequence) is harmless.
 
 This is plain tensor code (elementwise products and tree sums), hence batch-invariant on CPU and
-CUDA alike; it materialises q*k per key block, so it is a correctness path, not a fast one.
+CUDA alike; it materialises q*k per key block, so it is a correctness path, not a fast one. On
+CUDA with power-of-two head sizes both entry points run one Triton kernel instead
+(r1mega/ops/triton_exact_attention.py: the same walk, the same kernel in training and rollout).
 Backward recomputes through the native packed SDPA (gradients need no bitwise match).
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from r1mega.ops import triton_exact_attention as tea
 from r1mega.ops.batch_invariant import det_exp, tree_max, tree_sum
 
 KEY_BLOCK = 16  # keys per online-softmax step; fixed, so every path splits keys the same way
@@ -74,6 +77,10 @@ def _attend_chunk(q, k_seq, v_seq, q_seq, q_pos, scale: float, nb: int) -> torch
     return (acc / l[..., None]).reshape(n, hq, d)
 
 
+def _d_contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _round_up(n: int) -> int:
     return -(-max(int(n), 1) // KEY_BLOCK) * KEY_BLOCK
 
@@ -92,6 +99,9 @@ class _PackedExact(torch.autograd.Function):
         q_seq = torch.repeat_interleave(torch.arange(len(seq_lengths), device=q.device), lengths,
                                         output_size=t)
         q_pos = torch.arange(t, device=q.device) - starts[q_seq]
+        if tea.supported(q):  # the CUDA kernel, on the packed rows directly
+            return tea.exact_attention_slots(_d_contig(q), _d_contig(k), _d_contig(v), rows,
+                                             q_seq, q_pos, scale)
         return exact_attention(q, k[rows], v[rows], q_seq, q_pos, scale)
 
     @staticmethod
@@ -115,6 +125,9 @@ def exact_cache_attention(q, k_cache, v_cache, slots: torch.Tensor, q_seq: torch
     """The rollout's attention over the paged cache. q (T, Hq, D); caches (N, bs, Hkv, D);
     slots (B, L) cache slot of sequence b's j-th token (junk past its context) -> (T, Hq, D)."""
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    if tea.supported(q):  # the kernel training runs too, reading the cache through the slots
+        return tea.exact_attention_slots(_d_contig(q), k_cache.view(-1, hkv, d),
+                                         v_cache.view(-1, hkv, d), slots, q_seq, q_pos, scale)
     L = slots.shape[1]
     pad = _round_up(L) - L
     if pad:

@@ -38,13 +38,14 @@ def test_triton_gemm_matches_mm_and_is_batch_invariant(dtype, k, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_exact_attention_packed_equals_paged(dtype):
+@pytest.mark.parametrize("d", [128, 64, 80])  # 80: not a power of two, the PyTorch path
+def test_exact_attention_packed_equals_paged(dtype, d):
     from r1mega.models.attention import sdpa_packed
     from r1mega.ops.exact_attention import exact_cache_attention, exact_packed_attention
 
     torch.manual_seed(1)
     lengths = [5, 190, 1, 333]
-    t, hq, hkv, d, bs = sum(lengths), 16, 4, 128, 16
+    t, hq, hkv, bs = sum(lengths), 16, 4, 16
     q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
     k = torch.randn(t, hkv, d, device="cuda", dtype=dtype)
     v = torch.randn(t, hkv, d, device="cuda", dtype=dtype)
@@ -65,6 +66,29 @@ def test_exact_attention_packed_equals_paged(dtype):
                                     torch.tensor([0], device="cuda"),
                                     torch.tensor([pos], device="cuda"), scale)
         assert torch.equal(dec[0], out[196 + pos]), pos
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_exact_attention_matches_reference(dtype):
+    """The kernel against the PyTorch walk it implements (same blocks, other rounding)."""
+    from r1mega.ops import triton_exact_attention as tea
+    from r1mega.ops.exact_attention import exact_attention
+
+    if not tea.HAVE_TRITON:
+        pytest.skip("no triton")
+    torch.manual_seed(2)
+    b, L, hq, hkv, d = 3, 96, 12, 4, 64
+    k_rows = torch.randn(b * L, hkv, d, device="cuda", dtype=dtype)
+    v_rows = torch.randn_like(k_rows)
+    slots = torch.randperm(b * L, device="cuda").view(b, L)
+    q_seq = torch.tensor([0, 0, 1, 2, 2, 2], device="cuda")
+    q_pos = torch.tensor([0, 95, 17, 15, 16, 64], device="cuda")
+    q = torch.randn(6, hq, d, device="cuda", dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    out.copy_(tea.exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, 0.125))
+    ref = exact_attention(q, k_rows[slots], v_rows[slots], q_seq, q_pos, 0.125)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
 def _model(single_rank_runtime, **kw):
