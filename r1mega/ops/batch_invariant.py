@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional
 
 import torch
@@ -179,9 +180,11 @@ def bi_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         from r1mega.ops import triton_batch_invariant as tbi
 
-        if tbi.HAVE_TRITON and a.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if tbi.HAVE_TRITON and a.dtype in (torch.bfloat16, torch.float16, torch.float32) \
+                and os.environ.get("R1MEGA_EXACT_TRITON", "1") != "0":
             return tbi.matmul(a, b)
     m, k = a.shape
+    # R1MEGA_EXACT_TRITON=0 on CUDA: fixed 16-row cuBLAS calls (one shape, slow), for bisecting.
     blocks = -(-m // ROW_BLOCK)
     padded = a.new_zeros(blocks * ROW_BLOCK, k)
     padded[:m] = a
@@ -349,6 +352,11 @@ def install_exact_forward(model_chunks) -> None:
         if getattr(m, "_r1mega_exact", False):
             continue
         check_exact_supported(m)
+        # megatron's GPU fusions of SwiGLU and bias-dropout-add are torch.compile'd: inductor
+        # kernels outside this mode. The unfused modules (the CPU path) are read at call time.
+        saved = (m.config.bias_activation_fusion, m.config.bias_dropout_fusion)
+        m.config.bias_activation_fusion = False
+        m.config.bias_dropout_fusion = False
         stack = []
 
         def enter(module, args, kwargs, stack=stack):
@@ -359,9 +367,25 @@ def install_exact_forward(model_chunks) -> None:
         def leave(module, args, kwargs, output, stack=stack):
             stack.pop().__exit__(None, None, None)
 
-        m.register_forward_pre_hook(enter, with_kwargs=True)
-        m.register_forward_hook(leave, with_kwargs=True, always_call=True)
-        m._r1mega_exact = True
+        hooks = (m.register_forward_pre_hook(enter, with_kwargs=True),
+                 m.register_forward_hook(leave, with_kwargs=True, always_call=True))
+        m._r1mega_exact = (hooks, saved)
+
+
+def remove_exact_forward(model_chunks) -> None:
+    """Undo :func:`install_exact_forward` (benchmarks time both modes on one model)."""
+    for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
+        m = chunk
+        while hasattr(m, "module") and not hasattr(m, "decoder"):
+            m = m.module
+        state = getattr(m, "_r1mega_exact", None)
+        if not state:
+            continue
+        hooks, (act, bda) = state
+        for h in hooks:
+            h.remove()
+        m.config.bias_activation_fusion, m.config.bias_dropout_fusion = act, bda
+        m._r1mega_exact = None
 
 
 def check_exact_supported(model) -> None:

@@ -237,7 +237,9 @@ def _sample_reference(logits, params: SamplingBatch, shard: VocabShard, vocab_id
     if params.use_top_p:
         z = torch.where(z < _top_p_threshold(z, params.top_p, shard)[:, None], neg_inf, z)
 
-    score = _noisy_scores(z.is_cuda)(z, params.keys, vocab_ids_hashed, greedy)  # (B, V_local)
+    # Eager under rollout.exact: a compiled function would have dynamo trace the exact mode.
+    score = _noisy_scores(z.is_cuda and not exact_active())(z, params.keys, vocab_ids_hashed,
+                                                             greedy)  # (B, V_local)
     best_local, idx_local = score.max(dim=-1)  # (B,)
     tok_local = idx_local + shard.start
     tokens = _global_argmax(best_local, tok_local, shard) if shard.sharded else tok_local
