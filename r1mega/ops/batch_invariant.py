@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -40,12 +41,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 ROW_BLOCK = 16  # rows per torch.mm call on the blocked path (one fixed GEMM shape)
-_state = {"depth": 0}
+# Per thread, like torch's mode stack: a reward worker thread never sees the rollout's mode.
+_state = threading.local()
 
 
 def exact_active() -> bool:
     """Whether an :func:`exact_numerics` context is active (the rollout and core attention ask)."""
-    return _state["depth"] > 0
+    return getattr(_state, "depth", 0) > 0
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -334,12 +336,12 @@ def exact_numerics(enabled: bool = True):
     if not enabled:
         yield
         return
-    _state["depth"] += 1
+    _state.depth = getattr(_state, "depth", 0) + 1
     try:
         with ExactNumerics():
             yield
     finally:
-        _state["depth"] -= 1
+        _state.depth -= 1
 
 
 def install_exact_forward(model_chunks) -> None:
