@@ -46,7 +46,11 @@ _state = threading.local()
 
 
 def exact_active() -> bool:
-    """Whether an :func:`exact_numerics` context is active (the rollout and core attention ask)."""
+    """Whether an :func:`exact_numerics` context is active (the rollout and core attention ask).
+    False while dynamo traces (the exact mode never compiles, validation sees to it), so the
+    default path's compiled regions do not trace the thread-local read (a graph break)."""
+    if torch.compiler.is_compiling():
+        return False
     return getattr(_state, "depth", 0) > 0
 
 
