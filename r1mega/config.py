@@ -223,6 +223,9 @@ class RolloutConfig:
     # r1mega/rollout/overlap.py); the tokens are identical (checked on the H200), only the host's
     # wait is hidden: 71k -> 82k tokens/s at 256 x 256 there. CPU runs ignore it.
     overlap_steps: bool = True
+    # Batch-invariant numerics in the rollout and the policy's forward: rollout log-probs equal
+    # the trainer's bit for bit (r1mega/ops/batch_invariant.py; checks in validate_exact).
+    exact: bool = False
     seed: int = 0
     # MoE: record each token's experts in the rollout, replay them in training (r1mega/moe/replay.py).
     routing_replay: bool = False

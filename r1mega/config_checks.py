@@ -192,6 +192,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError("rollout.routing_replay=true with model.recompute=full: the recomputed forward "
                               "in the backward would route freely, not as replayed. Use model.recompute="
                               "selective or none, or rollout.routing_replay=false.")
+    validate_exact(cfg)
     if cfg.grpo.eps_low < 0 or cfg.grpo.eps_high < 0:
         raise ConfigError("grpo.eps_low and grpo.eps_high must be >= 0.")
     if cfg.grpo.dual_clip and cfg.grpo.dual_clip <= 1.0:
@@ -214,3 +215,41 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
                 f"data-parallel size {dp}; every DP rank needs the same number of prompts."
             )
     return cfg
+
+
+def validate_exact(cfg: Config) -> None:
+    """``rollout.exact`` promises bitwise-equal rollout and training log-probs; every setting
+    under which the code could not keep that promise is refused here, with the key to change."""
+    r, m, p = cfg.rollout, cfg.model, cfg.parallel
+    if not r.exact:
+        return
+    refuse = [
+        (cfg.precision.fp8, "precision.fp8=true",
+         "FP8 GEMMs are not batch-invariant kernels here (and TE's FP8 weights would differ from "
+         "the rollout's); set precision.fp8=false"),
+        (cfg.precision.fp8_rollout, "precision.fp8_rollout=true",
+         "the rollout would decode with FP8 copies of the weights the training forward reads in "
+         "bf16; set precision.fp8_rollout=false"),
+        (m.spec == "te", "model.spec=te",
+         "Transformer Engine's fused layers bypass the batch-invariant ops; set model.spec=local"),
+        (m.num_experts > 0, f"model.num_experts={m.num_experts}",
+         "the exact mode covers dense models (MoE routing/dispatch kernels are not covered)"),
+        (m.compile_layers, "model.compile_layers=true",
+         "inductor would lower the matmuls to its own kernels; set model.compile_layers=false"),
+        (r.compile_decode, "rollout.compile_decode=true",
+         "inductor would lower the decode matmuls to its own kernels; set rollout.compile_decode=false"),
+        (r.top_k > 0, f"rollout.top_k={r.top_k}",
+         "the trainer recomputes untruncated log-probs; set rollout.top_k=0"),
+        (r.top_p < 1.0, f"rollout.top_p={r.top_p}",
+         "the trainer recomputes untruncated log-probs; set rollout.top_p=1.0"),
+        (p.pipeline > 1, f"parallel.pipeline={p.pipeline}",
+         "the pipeline generator's sampler is not covered; use parallel.pipeline=1"),
+        (p.context > 1, f"parallel.context={p.context}",
+         "context-parallel attention splits keys over ranks; use parallel.context=1"),
+        (p.tensor > 2, f"parallel.tensor={p.tensor}",
+         "an all-reduce over more than two ranks may order its sum by message size; use "
+         "parallel.tensor <= 2 (a sum of two partials has one order)"),
+    ]
+    for bad, what, why in refuse:
+        if bad:
+            raise ConfigError(f"rollout.exact=true with {what}: {why}, or set rollout.exact=false.")

@@ -207,6 +207,15 @@ def _finite(obj):
     return obj
 
 
+def _exact_summary(results: dict, gap: dict) -> dict:
+    """Exact-mode tokens/s over the default mode's (same setting, same run) and the gap."""
+    ratios = {k: r["exact"]["rollout_tokens_per_s"] / r[next(iter(r))]["rollout_tokens_per_s"]
+              for k, r in results.items() if "exact" in r}
+    return {"throughput_vs_default": ratios, "logprob_gap": gap,
+            "bar_met": bool(gap) and gap["max_abs_diff"] == 0.0 and gap["tokens"] >= 10_000
+            and all(v >= 0.75 for v in ratios.values())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="r1mega bench rollout")
     ap.add_argument("--model", default="852m", help="a shape of r1mega/bench/shapes.py")
@@ -223,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap-too", action="store_true",
                     help="time synchronous and overlapped decoding in the same run (same peer)")
     ap.add_argument("--mismatch-seqs", type=int, default=16)
+    ap.add_argument("--exact", action="store_true", help="also time rollout.exact in the same "
+                    "run, and its log-prob gap to the training forward (r1mega/bench/exact.py)")
+    ap.add_argument("--exact-tokens", type=int, default=10_000)
     ap.add_argument("--profile", action="store_true", help="cProfile the first setting's run")
     ap.add_argument("--profile-kernels", action="store_true",
                     help="after timing, the top kernels of the largest decode graph's replay")
@@ -266,6 +278,8 @@ def main(argv=None) -> int:
     mism = (float("nan"), float("nan"))
     replay_mism, flip = {}, float("nan")
     modes = ["overlap" if args.overlap else "sync"] + (["overlap"] if args.overlap_too and not args.overlap else [])
+    modes += ["exact"] if args.exact else []
+    exact_gap = {}
     for prompts, plen, new in settings:
         g = torch.Generator().manual_seed(prompts)
         ids = torch.randint(0, shape["vocab_size"], (prompts, plen), generator=g).tolist()
@@ -276,9 +290,9 @@ def main(argv=None) -> int:
         for mode in modes:
             rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
                                  max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
-                                 compile_decode=not args.no_compile,
+                                 compile_decode=not args.no_compile and mode != "exact",
                                  max_prefill_tokens=max(16384, prompts * plen // 4),
-                                 overlap_steps=mode == "overlap")
+                                 overlap_steps=mode == "overlap", exact=mode == "exact")
             eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
             t = time.perf_counter()
             # Warm-up with the timed requests' shape: compiles kernels, sizes the KV cache and captures
@@ -315,7 +329,17 @@ def main(argv=None) -> int:
                 base = timed[modes[0]][2]
                 same = all(a.token_ids == b.token_ids for a, b in zip(base, outs))
                 print(f"[{key}] overlap tokens identical to sync: {same}", flush=True)
+            if mode == "exact" and not exact_gap:
+                from r1mega.bench.exact import exact_logprob_gap
+
+                exact_gap = exact_logprob_gap(model, outs, ids, min_tokens=args.exact_tokens)
+                print(f"[{key} exact] log-prob gap to the training forward: max |diff| "
+                      f"{exact_gap['max_abs_diff']:.3e} over {exact_gap['tokens']} tokens", flush=True)
             eng.release()
+            if mode == "exact":  # the next setting's default mode runs the model as it was
+                from r1mega.ops.batch_invariant import remove_exact_forward
+
+                remove_exact_forward(model)
             timed[mode] = (dt, warm_s, outs, dict(eng.stats))
         del outs
         peer = float("nan") if (args.no_peer or args.smoke) else run_hf(mcfg, prompts, plen, new, device,
@@ -356,6 +380,7 @@ def main(argv=None) -> int:
     print(json.dumps(_finite({"bench": "rollout", "model": args.model, "params": n_params,
                       "dtype": str(rt.dtype), "copy_bandwidth_Bps": bw, "settings": results,
                       "logprob_mismatch_mean": mism[0], "logprob_mismatch_max": mism[1], **extra,
+                      "exact": _exact_summary(results, exact_gap) if args.exact else None,
                       "bar_ratio": bar, "bar_met": met})))
     return 0
 

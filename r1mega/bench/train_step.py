@@ -150,7 +150,7 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
 
 def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
                thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True,
-               precision=None):
+               precision=None, exact: bool = False):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
     from r1mega.models.gpt import build_model
@@ -162,6 +162,10 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
     model_cfg = ModelConfig(**shape, attention_backend=attention)
     precision = precision or PrecisionConfig(grad_reduce_in_fp32=grad_reduce_in_fp32)
     chunks = build_model(model_cfg, rt, precision, wrap=True, distributed_optimizer=True)
+    if exact:  # rollout.exact's training forward: batch-invariant ops (r1mega/ops/batch_invariant.py)
+        from r1mega.ops.batch_invariant import install_exact_forward
+
+        install_exact_forward(chunks)
     if compile_mode == "layer":
         # Each TransformerLayer as one compiled region (r1mega.models.compile removes megatron's
         # graph breaks); the first steps (warmup) pay the compile time.
@@ -280,6 +284,8 @@ def main(argv=None) -> int:
                     help="also time r1mega with native FP8 linears (precision.fp8_recipe); "
                          "--smoke emulates FP8 on the CPU")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
+    ap.add_argument("--exact", action="store_true",
+                    help="also time the rollout.exact training forward (a fresh model), same run")
     args = ap.parse_args(argv)
     _PROFILE["on"] = args.profile
 
@@ -349,6 +355,11 @@ def main(argv=None) -> int:
         add_r1mega(f"r1mega[{impls[-1]},fp8-{args.fp8}]",
                    run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
                               attention=args.attention, precision=fp8_prec), base)
+    if args.exact:
+        base = _reset_memory(device)
+        add_r1mega(f"r1mega[{impls[-1]},exact]",
+                   run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, "none",
+                              attention=args.attention, exact=True), base)
     hf_names, skipped = [], {}
     if not args.skip_hf:
         seen = set()
@@ -438,8 +449,11 @@ def main(argv=None) -> int:
     if args.fp8:
         # FP8's step speed-up over the bf16 row of the same loss implementation, same run.
         result["fp8_speedup"] = rows[f"r1mega[{impls[-1]}]"][0] / rows[f"r1mega[{impls[-1]},fp8-{args.fp8}]"][0]
-    # The bar against transformers is a bf16 one: FP8 rows do not count for it.
-    best = min((k for k in rows if k not in hf_names and ",fp8-" not in k), key=lambda k: rows[k][0])
+    if args.exact:  # against the default forward of the same loss in this run (bar: >= 0.8)
+        result["exact_vs_default"] = rows[f"r1mega[{impls[-1]}]"][0] / rows[f"r1mega[{impls[-1]},exact]"][0]
+    # The bar against transformers is the default bf16 path's: FP8 and exact rows do not count.
+    best = min((k for k in rows if k not in hf_names and ",fp8-" not in k and ",exact]" not in k),
+               key=lambda k: rows[k][0])
     if hf:
         bar = SPEED_BAR.get(args.model, 1.25)
         result["best"] = best

@@ -27,6 +27,7 @@ the compiled layer receives (see :func:`compile_packed_seqs`), so one graph serv
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from r1mega.ops.batch_invariant import exact_active
 
 try:  # optional, GPU clusters only
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -234,10 +237,26 @@ class PackedCoreAttention(MegatronModule):
             return flash_packed(query, key, value, cu, max_len, self.softmax_scale)
         raise ValueError(f"model.attention_backend={backend!r} is not sdpa|varlen|flash|auto.")
 
+    def _forward_exact(self, query, key, value, params: Optional[PackedSeqParams]) -> torch.Tensor:
+        """r1mega/ops/exact_attention.py, the function the rollout's cache attention calls."""
+        from r1mega.ops.exact_attention import exact_packed_attention
+
+        scale = self.softmax_scale or 1.0 / math.sqrt(query.shape[-1])
+        if params is None:  # (S, B, H, D): B sequences of S tokens
+            s, b, hq, d = query.shape
+            flat = [x.transpose(0, 1).reshape(b * s, x.shape[2], d) for x in (query, key, value)]
+            out = exact_packed_attention(*flat, [s] * b, scale)  # (B*S, Hq, D)
+            return out.view(b, s, hq * d).transpose(0, 1)
+        lengths = getattr(params, "seq_lengths", ()) or tuple(
+            (params.cu_seqlens_q[1:] - params.cu_seqlens_q[:-1]).tolist())
+        return exact_packed_attention(query, key, value, lengths, scale)
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params: Optional[PackedSeqParams] = None):
         if attention_bias is not None:
             raise ValueError("PackedCoreAttention does not take an attention_bias.")
+        if exact_active():  # rollout.exact: the rollout's own per-query attention function
+            return self._forward_exact(query, key, value, packed_seq_params)
         if packed_seq_params is None:
             # (S, B, H, D) -> (B, H, S, D); plain causal batch.
             s, b, hq, d = query.shape

@@ -34,6 +34,8 @@ from r1mega.rollout import triton_paged
 from r1mega.rollout.attention import AttentionBatch, padded_query_index
 from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget
+from r1mega.ops.batch_invariant import exact_numerics
+from r1mega.rollout.exact import enable_exact
 from r1mega.rollout.model_runner import ModelRunner, sequence_parallel_off
 from r1mega.rollout.overlap import OverlappedDecoder
 from r1mega.rollout.routes import RouteRecorder
@@ -96,6 +98,9 @@ class RolloutEngine:
         self.graphs: Optional[DecodeGraphs] = None
         self._compiled_decode = None
         self.stats: dict = {}
+        self.exact = False  # rollout.exact: batch-invariant numerics (r1mega/rollout/exact.py)
+        if getattr(rollout_cfg, "exact", False):
+            enable_exact(self)
 
     # ------------------------------------------------------------------ cache lifetime
 
@@ -234,7 +239,7 @@ class RolloutEngine:
         steps = {"prefill": 0, "decode": 0, "empty": 0}
         seconds = {"prefill": 0.0, "decode": 0.0}
         overlap = OverlappedDecoder(self) if self.overlap_steps and self.use_graphs else None
-        with torch.no_grad(), sequence_parallel_off(self.runner.model):
+        with torch.no_grad(), sequence_parallel_off(self.runner.model), exact_numerics(self.exact):
             while self._any_rank_working(sched.has_work or bool(overlap and overlap.pending)):
                 t_step = time.perf_counter()
                 if not (sched.has_work or (overlap and overlap.pending)):
@@ -490,7 +495,8 @@ class RolloutEngine:
         1.95 -> 1.37 ms). The compiled code is then captured in the CUDA graphs."""
         if self._compiled_decode is None:
             fn = self._decode_logits
-            if getattr(self.cfg, "compile_decode", False) and self.device.type == "cuda":
+            if getattr(self.cfg, "compile_decode", False) and self.device.type == "cuda" \
+                    and not self.exact:
                 fn = torch.compile(self._decode_logits, dynamic=True)
             self._compiled_decode = fn
         return self._compiled_decode

@@ -39,6 +39,8 @@ import torch
 
 from r1mega.rollout.attention import AttentionBatch, attend_decode_gather, attend_fresh, attend_gather
 from r1mega.rollout.kv_cache import PagedKVCache
+from r1mega.ops.batch_invariant import exact_active
+from r1mega.rollout.exact import exact_runner_attention
 from r1mega.rollout import triton_paged, triton_rope_kv
 
 
@@ -219,6 +221,9 @@ class ModelRunner:
 
     def _attention(self, layer_idx, q, k, v, batch: Optional[AttentionBatch], decode_tensors):
         cache = self.cache
+        if exact_active():  # rollout.exact: the training forward's per-query attention function
+            return exact_runner_attention(q, cache.k[layer_idx], cache.v[layer_idx], batch,
+                                          decode_tensors, self.scale)
         if decode_tensors is not None:  # decode from device tensors only (graph-capturable)
             block_tables, ctx_lens = decode_tensors
             if self.decode_kernel_enabled:

@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from r1mega.ops.batch_invariant import exact_active
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -211,8 +213,15 @@ def sample(
     On CUDA without top-k/top-p this runs the fused Triton kernel (R1MEGA_TRITON_SAMPLING=0
     forces the PyTorch code below, the reference).
     """
+    if exact_active():
+        return _sample_exact(logits, params, shard, vocab_ids_hashed)
     if logits.is_cuda and params.top_k_max == 0 and not params.use_top_p and _triton_enabled():
         return _sample_fused(logits, params, shard, vocab_ids_hashed)
+    return _sample_reference(logits, params, shard, vocab_ids_hashed)
+
+
+def _sample_reference(logits, params: SamplingBatch, shard: VocabShard, vocab_ids_hashed):
+    """:func:`sample` in plain PyTorch (the CPU path and the reference of the fused kernel)."""
     logits = logits.float()
     cols = torch.arange(shard.start, shard.start + shard.size, device=logits.device)
     pad = cols >= shard.true_vocab  # (V_local,)
@@ -228,7 +237,9 @@ def sample(
     if params.use_top_p:
         z = torch.where(z < _top_p_threshold(z, params.top_p, shard)[:, None], neg_inf, z)
 
-    score = _noisy_scores(z.is_cuda)(z, params.keys, vocab_ids_hashed, greedy)  # (B, V_local)
+    # Eager under rollout.exact: a compiled function would have dynamo trace the exact mode.
+    score = _noisy_scores(z.is_cuda and not exact_active())(z, params.keys, vocab_ids_hashed,
+                                                             greedy)  # (B, V_local)
     best_local, idx_local = score.max(dim=-1)  # (B,)
     tok_local = idx_local + shard.start
     tokens = _global_argmax(best_local, tok_local, shard) if shard.sharded else tok_local
@@ -247,6 +258,23 @@ def sample(
     if lp_t1 is not None:
         logprobs = torch.where(greedy, lp_t1, logprobs)
     return tokens, logprobs, (lp_t1 if params.want_logprobs_t1 else None)
+
+
+def _sample_exact(logits, params: SamplingBatch, shard: VocabShard, vocab_ids_hashed):
+    """``rollout.exact``: the tokens of the reference path, and their log-probs from the function
+    the trainer recomputes them with (r1mega/ops/exact_logprobs.py), bit for bit. Untruncated:
+    config validation refuses top-k/top-p with the exact mode."""
+    from r1mega.ops.exact_logprobs import exact_token_logprobs
+
+    tokens, _, _ = _sample_reference(logits, params, shard, vocab_ids_hashed)
+    lp = exact_token_logprobs(logits, tokens, params.temperature, vocab_start=shard.start,
+                              valid_cols=shard.true_vocab - shard.start, group=shard.group)
+    lp_t1 = None
+    if params.want_logprobs_t1:
+        lp_t1 = exact_token_logprobs(logits, tokens, torch.ones_like(params.temperature),
+                                     vocab_start=shard.start,
+                                     valid_cols=shard.true_vocab - shard.start, group=shard.group)
+    return tokens, lp, lp_t1
 
 
 def _triton_enabled() -> bool:

@@ -26,6 +26,7 @@ from r1mega.moe.replay import ROUTES_FIELD, routes_field
 from r1mega.ops.grpo_loss import finalize_metrics, grpo_loss, local_normalizer_count
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.rl.advantages import group_advantages
+from r1mega.rl.logprob_check import LogprobCheck
 from r1mega.rollout.types import GenerationRequest
 from r1mega.train.batch_stats import completion_stats, reduce_stats, summarise
 from r1mega.train.profiling import prange
@@ -89,11 +90,15 @@ def samples_to_host(values: Sequence) -> list:
     return [None if v is None else next(pieces).view(v.shape) for v in values]
 
 
-def token_logprob_fn(*, vocab_size: int, tp_group, temperature: float):
-    """``fn(logits_shard, mb) -> (T,)`` log p(label) at the sampling temperature (forward only)."""
+def token_logprob_fn(*, vocab_size: int, tp_group, temperature: float, exact: bool = False):
+    """``fn(logits_shard, mb) -> (T,)`` log p(label) at the sampling temperature (forward only).
+    ``exact`` (rollout.exact): the sampler's own function, so the values match it bit for bit."""
 
     def fn(logits_shard, mb):
         labels = mb.fields["labels"] * (mb.fields["loss_mask"] > 0)
+        if exact:
+            return exact_shard_logprobs(logits_shard, labels, tp_group=tp_group,
+                                        vocab_size=vocab_size, temperature=temperature)
         logp, _ = vocab_parallel_logprobs(logits_shard, labels, tp_group=tp_group,
                                           vocab_size=vocab_size, temperature=temperature)
         return logp
@@ -101,14 +106,31 @@ def token_logprob_fn(*, vocab_size: int, tp_group, temperature: float):
     return fn
 
 
-def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, norm_tokens: int):
+def exact_shard_logprobs(logits_shard, labels, *, tp_group, vocab_size: int, temperature: float):
+    """:func:`r1mega.ops.exact_logprobs.exact_token_logprobs` on a training vocabulary shard."""
+    from r1mega.ops.exact_logprobs import exact_token_logprobs
+    from r1mega.ops.logprobs import shard_columns, tp_rank_and_size
+
+    rank, size = tp_rank_and_size(tp_group)
+    start, valid = shard_columns(vocab_size, logits_shard.shape[1], rank, size)
+    temp = torch.full((logits_shard.shape[0],), float(temperature), dtype=torch.float32,
+                      device=logits_shard.device)
+    return exact_token_logprobs(logits_shard.detach(), labels, temp, vocab_start=start,
+                                valid_cols=valid, group=tp_group)
+
+
+def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, norm_tokens: int,
+                 lp_check: Optional[LogprobCheck] = None):
     """The ``loss_fn(logits_shard, mb) -> (loss_sum, count, metric sums)`` of the train step.
 
     The GRPO loss is computed with ``normalizer=1`` and the step's schedule divides the summed
     gradient by the global sum of ``count``; ``count`` is this micro-batch's share of the
     aggregation's normaliser (tokens for token_mean, sequences for the seq-mean modes), so the
     result is the aggregate over ALL ranks and micro-batches, whatever the packing.
+    ``lp_check`` sees the recomputed (or pinned old) log-probs next to the rollout's; with
+    ``lp_check.exact`` the recomputation is the sampler's own function (rollout.exact).
     """
+    exact = lp_check is not None and lp_check.exact
 
     def loss_fn(logits_shard, mb):
         f = mb.fields
@@ -123,14 +145,22 @@ def grpo_loss_fn(grpo_cfg, *, vocab_size: int, tp_group, temperature: float, nor
             # detached. Reading the logits once more is far cheaper than a model forward.
             with torch.no_grad():
                 labels = f["labels"] * (mask > 0)
-                # No range check (a device sync): grpo_loss below checks these labels.
-                old, _ = vocab_parallel_logprobs(logits_shard.detach(), labels, tp_group=tp_group,
-                                                 vocab_size=vocab_size, temperature=temperature,
-                                                 check_range=False)
+                if exact:
+                    old = exact_shard_logprobs(logits_shard, labels, tp_group=tp_group,
+                                               vocab_size=vocab_size, temperature=temperature)
+                else:
+                    # No range check (a device sync): grpo_loss below checks these labels.
+                    old, _ = vocab_parallel_logprobs(logits_shard.detach(), labels,
+                                                     tp_group=tp_group, vocab_size=vocab_size,
+                                                     temperature=temperature, check_range=False)
+        rollout_lp = f.get("rollout_logprobs")
+        if lp_check is not None and rollout_lp is not None:
+            lp_check.observe(old, rollout_lp, mask)
         loss, metrics = grpo_loss(
             logits_shard, f["labels"], f["advantages"], old, mask, cfg=grpo_cfg,
             tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
-            ref_logp=f.get("ref_logprobs"), rollout_logp=f.get("rollout_logprobs"),
+            ref_logp=f.get("ref_logprobs"),
+            rollout_logp=rollout_lp if grpo_cfg.tis_cap else None,
             seq_ids=seq_ids, normalizer=1.0, impl=grpo_cfg.loss_impl)
         # An int32 device tensor, computed without a host read (a float() and a
         # torch.tensor(..., device=) back were two blocking syncs per micro-batch).
@@ -194,11 +224,14 @@ class GRPOStep:
         self.vocab_size = cfg.model.vocab_size
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         tp_group = rt.tp_group if rt.tp_size > 1 else None
+        exact = bool(getattr(cfg.rollout, "exact", False))
         self.logprob_fn = token_logprob_fn(vocab_size=self.vocab_size, tp_group=tp_group,
-                                           temperature=self.temperature)
+                                           temperature=self.temperature, exact=exact)
+        self.lp_check = LogprobCheck(exact)
         self.loss_fn = grpo_loss_fn(
             cfg.grpo, vocab_size=self.vocab_size, tp_group=tp_group, temperature=self.temperature,
-            norm_tokens=cfg.grpo.loss_norm_tokens or cfg.rollout.max_new_tokens)
+            norm_tokens=cfg.grpo.loss_norm_tokens or cfg.rollout.max_new_tokens,
+            lp_check=self.lp_check)
         self.num_params = count_parameters(cfg.model)
 
     def _sync(self):
@@ -259,7 +292,8 @@ class GRPOStep:
                     s["old_logprobs"] = lp
             t_logprobs = self._sync()
         with prange("train"):
-            # 5. policy update(s)
+            # 5. policy update(s); the first one's log-probs are checked against the rollout's
+            self.lp_check.start_step()
             results = [self.policy.update(samples, self.loss_fn)
                        for _ in range(cfg.grpo.inner_epochs)]
             t_train = self._sync()
@@ -279,7 +313,8 @@ class GRPOStep:
             # Every group of this rank is uninformative; one sample with its loss mask zeroed
             # (below) keeps this rank in the (collective) schedule and contributes zero gradient.
             keep = [0]
-        use_rollout_lp = bool(cfg.grpo.tis_cap)
+        # Always carried: rollout/logprob_max_abs_diff compares them with the recomputed ones.
+        use_rollout_lp = True
         adv_list = adv.tolist()  # one host list, not a float(adv[i]) per sample
         # Routing replay: completions carry their routes only when the rollout recorded them.
         samples = [completion_sample(prompts[completions[i].prompt_index], completions[i].token_ids,
@@ -342,6 +377,8 @@ class GRPOStep:
             "throughput/tflops": flops / max(step_s, 1e-9) / 1e12 / max(rt.world_size, 1),
         })
         out.update(rollout_metrics(rollout_stats or {}))
+        out["rollout/logprob_max_abs_diff"] = self.lp_check.finish_step(
+            rt.dp_group if rt.dp_size > 1 else None, rt.device)
         peak = self._peak_flops()
         if peak:
             out["throughput/mfu"] = flops / max(step_s, 1e-9) / (peak * rt.world_size)

@@ -1,0 +1,187 @@
+"""rollout.exact on CUDA (skipped without it): the Triton batch-invariant GEMM, the exact
+attention's packed and paged paths, and the engine in bf16 with CUDA graphs (several buckets)
+against the training forward, bit for bit; a GRPO step's recomputed log-probs equal the
+rollout's. Self-contained: every reference is computed here."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+VOCAB = 512
+PROMPTS = [[5, 17, 3], list(range(20, 57)), [9], [(7 * i) % VOCAB for i in range(45)],
+           [1, 2, 3, 4, 5, 6, 7, 8], [40, 41], [(3 * i + 1) % VOCAB for i in range(19)], [77] * 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k,n", [(2048, 3072), (2048, 5632 * 2), (5632, 2048), (64, 200)])
+def test_triton_gemm_matches_mm_and_is_batch_invariant(dtype, k, n):
+    from r1mega.ops import triton_batch_invariant as tbi
+
+    if not tbi.HAVE_TRITON:
+        pytest.skip("no triton")
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
+    x = torch.randn(1200, k, device="cuda", dtype=dtype)
+    full = tbi.matmul(x, w.t())
+    ref = (x.double() @ w.double().t())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(full.double(), ref, rtol=tol, atol=tol)
+    for m in (1, 3, 8, 17, 64, 129, 513):
+        assert torch.equal(tbi.matmul(x[:m], w.t()), full[:m]), m
+        other = torch.cat([torch.randn(m, k, device="cuda", dtype=dtype), x[5:6]])
+        assert torch.equal(tbi.matmul(other, w.t())[-1], full[5]), m
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d", [128, 64, 80])  # 80: not a power of two, the PyTorch path
+def test_exact_attention_packed_equals_paged(dtype, d):
+    from r1mega.models.attention import sdpa_packed
+    from r1mega.ops.exact_attention import exact_cache_attention, exact_packed_attention
+
+    torch.manual_seed(1)
+    lengths = [5, 190, 1, 333]
+    t, hq, hkv, bs = sum(lengths), 16, 4, 16
+    q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
+    k = torch.randn(t, hkv, d, device="cuda", dtype=dtype)
+    v = torch.randn(t, hkv, d, device="cuda", dtype=dtype)
+    scale = 1 / math.sqrt(d)
+    out = exact_packed_attention(q, k, v, lengths, scale)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), sdpa_packed(q, k, v, lengths, scale).float(), rtol=tol, atol=tol)
+    s3 = slice(196, 529)
+    n_blocks = 40
+    cache_k = torch.full((n_blocks, bs, hkv, d), float("nan"), device="cuda", dtype=dtype)
+    cache_v = torch.full_like(cache_k, float("nan"))
+    blocks = torch.randperm(n_blocks, device="cuda")[:21]  # 21 * 16 >= 333
+    slots = (blocks[:, None] * bs + torch.arange(bs, device="cuda")).reshape(1, -1)
+    cache_k.view(-1, hkv, d)[slots[0, :333]] = k[s3]
+    cache_v.view(-1, hkv, d)[slots[0, :333]] = v[s3]
+    for pos in (0, 16, 100, 332):
+        dec = exact_cache_attention(q[196 + pos:197 + pos], cache_k, cache_v, slots,
+                                    torch.tensor([0], device="cuda"),
+                                    torch.tensor([pos], device="cuda"), scale)
+        assert torch.equal(dec[0], out[196 + pos]), pos
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_exact_attention_matches_reference(dtype):
+    """The kernel against the PyTorch walk it implements (same blocks, other rounding)."""
+    from r1mega.ops import triton_exact_attention as tea
+    from r1mega.ops.exact_attention import exact_attention
+
+    if not tea.HAVE_TRITON:
+        pytest.skip("no triton")
+    torch.manual_seed(2)
+    b, L, hq, hkv, d = 3, 96, 12, 4, 64
+    k_rows = torch.randn(b * L, hkv, d, device="cuda", dtype=dtype)
+    v_rows = torch.randn_like(k_rows)
+    slots = torch.randperm(b * L, device="cuda").view(b, L)
+    q_seq = torch.tensor([0, 0, 1, 2, 2, 2], device="cuda")
+    q_pos = torch.tensor([0, 95, 17, 15, 16, 64], device="cuda")
+    q = torch.randn(6, hq, d, device="cuda", dtype=dtype)
+    out = torch.full_like(q, float("nan"))
+    out.copy_(tea.exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, 0.125))
+    ref = exact_attention(q, k_rows[slots], v_rows[slots], q_seq, q_pos, 0.125)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def _model(single_rank_runtime, **kw):
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+
+    rt = single_rank_runtime()  # bf16 on CUDA
+    torch.manual_seed(0)
+    base = dict(num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=2,
+                ffn_hidden_size=1408, vocab_size=VOCAB, max_position_embeddings=256, spec="local")
+    base.update(kw)
+    model = build_model(ModelConfig(**base), rt, wrap=False)
+    with torch.no_grad():
+        for p in model[0].parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model, rt
+
+
+def _train_logprobs(model, seqs, temperature):
+    from r1mega.models.attention import make_packed_seqs
+    from r1mega.ops.exact_logprobs import exact_token_logprobs
+
+    tokens = [p + c for p, c in seqs]
+    ids = torch.tensor([sum(tokens, [])], device="cuda")
+    with torch.no_grad():
+        logits = model[0](input_ids=ids, position_ids=None, attention_mask=None,
+                          packed_seq_params=make_packed_seqs([len(t) for t in tokens], "cuda"))[0]
+    out, start = [], 0
+    for (p, c), t in zip(seqs, tokens):
+        rows = logits[start + len(p) - 1:start + len(t) - 1]
+        temp = torch.full((len(c),), temperature, dtype=torch.float32, device="cuda")
+        out.append(exact_token_logprobs(rows, torch.tensor(c, device="cuda"), temp,
+                                        valid_cols=VOCAB).cpu())
+        start += len(t)
+    return out
+
+
+def _assert_bitwise(model, outs, prompts, temperature, order):
+    seqs = [(prompts[c.prompt_index], c.token_ids) for c in outs]
+    got = _train_logprobs(model, [seqs[i] for i in order], temperature)
+    for i, lp in zip(order, got):
+        roll = torch.tensor(outs[i].logprobs, dtype=torch.float32)
+        assert torch.equal(roll, lp), f"completion {i}: max |diff| {float((roll - lp).abs().max()):.3e}"
+
+
+def _cfg(**kw):
+    from r1mega.config import RolloutConfig
+
+    base = dict(kv_block_tokens=16, kv_memory_fraction=0.05, max_new_tokens=24, temperature=1.0,
+                cuda_graphs=True, compile_decode=False, exact=True)
+    base.update(kw)
+    return RolloutConfig(**base)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_bf16_engine_bitwise_equal_training_across_graph_buckets(single_rank_runtime, batch):
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    model, rt = _model(single_rank_runtime)
+    eng = RolloutEngine(model, _cfg(max_batch_sequences=batch), rt, eos_ids=[], vocab_size=VOCAB)
+    # Different lengths: the batch shrinks as sequences finish, so several buckets replay.
+    reqs = [GenerationRequest(p, n=1, seed=5 + i, max_new_tokens=8 + 3 * i) for i, p in enumerate(PROMPTS)]
+    outs = eng.generate(reqs)
+    assert eng.use_graphs and eng.graphs is not None and eng.graphs.captures >= (1 if batch == 1 else 2)
+    n = len(outs)
+    _assert_bitwise(model, outs, PROMPTS, 1.0, list(range(n)))
+    _assert_bitwise(model, outs, PROMPTS, 1.0, list(reversed(range(n))))
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    for i in range(0, n, 3):
+        _assert_bitwise(model, outs, PROMPTS, 1.0, order[i:i + 3])
+
+
+def test_bf16_engine_with_preemption_and_temperature(single_rank_runtime):
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    model, rt = _model(single_rank_runtime, family="qwen3", qk_norm=True, rope_theta=1e6)
+    reqs = [GenerationRequest(p, n=3, seed=11 + i, max_new_tokens=10 + 6 * i)
+            for i, p in enumerate(PROMPTS[:4])]
+    eng = RolloutEngine(model, _cfg(max_batch_sequences=6, temperature=0.7), rt, eos_ids=[],
+                        vocab_size=VOCAB)
+    eng.blocks_needed = lambda groups: 14  # a 14-block cache: decode steps must preempt
+    outs = eng.generate(reqs)
+    assert eng.stats["preemptions"] > 0
+    _assert_bitwise(model, outs, PROMPTS, 0.7, list(range(len(outs))))
+    _assert_bitwise(model, outs, PROMPTS, 0.7, list(reversed(range(len(outs)))))
+
+
+def test_grpo_step_exact_on_gpu(single_rank_runtime):
+    from tests.unit.test_exact_grpo import run_step
+
+    for m in run_step(single_rank_runtime, exact=True):
+        assert m["rollout/logprob_max_abs_diff"] == 0.0
