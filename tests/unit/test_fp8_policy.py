@@ -99,7 +99,7 @@ def test_te_fp8_reaches_transformer_config_and_te_spec(monkeypatch, single_rank_
     carries fp8/fp8_recipe (megatron's block wraps its forward in TE's fp8_autocast from them)
     and the layer spec requested is TE's."""
     from r1mega.config import ModelConfig
-    from r1mega.models import gpt
+    from r1mega.models import families, gpt
 
     monkeypatch.setattr(pol, "transformer_engine_importable", lambda: True)
     rt = single_rank_runtime()
@@ -114,7 +114,7 @@ def test_te_fp8_reaches_transformer_config_and_te_spec(monkeypatch, single_rank_
         asked.append(spec)
         raise RuntimeError("stop: TE is not installed here")
 
-    monkeypatch.setattr(gpt, "layer_spec", fake_layer_spec)
+    monkeypatch.setattr(families, "layer_spec", fake_layer_spec)
     with pytest.raises(RuntimeError, match="stop"):
         gpt.build_gpt_chunks(ModelConfig(num_layers=4, spec="local"), rt, prec)
     assert asked == ["te"]
