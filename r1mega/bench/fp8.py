@@ -151,7 +151,7 @@ def run_throughput(args, rt) -> dict:
         rows = {}
         for name, prec in _precisions(args.recipe, device).items():
             _reset_memory(device)
-            sec, mem, losses = run_r1mega(shape, tokens, rt, "chunked", args.warmup, args.steps,
+            sec, mem, losses, _ = run_r1mega(shape, tokens, rt, "chunked", args.warmup, args.steps,
                                           "none", precision=prec)
             tflops = args.seqs * args.seq_len / sec * flops_tok / 1e12
             peak = fp8_peak if name != "bf16" else bf16_peak
