@@ -34,10 +34,10 @@ fi
 tests_rc=skipped
 if [ "${GPU_SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
-  timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+  timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest ${GPU_TESTS:-tests/gpu} -v -rfE -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
   tests_rc=$?
   echo "tests/gpu rc=$tests_rc in $(( $(date +%s) - t0 )) s"
-  grep -E "passed|failed|error|FAILED|Error" "$OUT/gpu_tests.log" | tail -15
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -15
 fi
 
 specs=("$@")
