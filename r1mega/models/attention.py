@@ -157,7 +157,7 @@ def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float]) -> torch.Tensor:
         kb = k.view(b, s, hkv, -1).transpose(1, 2)
         vb = v.view(b, s, hkv, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2).reshape(q.shape)
+        return out.transpose(1, 2).reshape(*q.shape[:2], v.shape[-1])  # (T, Hq, Dv)
     return _sdpa_masked(q, k, v, block_causal_mask(lengths, q.device), scale)
 
 
@@ -192,7 +192,8 @@ class PackedCoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection=None, backend: str = "auto"):
+                 pg_collection=None, backend: str = "auto", k_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
             raise NotImplementedError("PackedCoreAttention has no context parallelism; "
@@ -240,12 +241,13 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError("PackedCoreAttention does not take an attention_bias.")
         if packed_seq_params is None:
             # (S, B, H, D) -> (B, H, S, D); plain causal batch.
-            s, b, hq, d = query.shape
+            # MLA: q/k are D wide, v Dv (SDPA takes the two widths).
+            s, b, hq, _ = query.shape
             out = F.scaled_dot_product_attention(
                 query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
                 is_causal=True, scale=self.softmax_scale, enable_gqa=hq != key.shape[2],
-            )  # (B, Hq, S, D)
-            return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
+            )  # (B, Hq, S, Dv)
+            return out.permute(2, 0, 1, 3).reshape(s, b, hq * value.shape[-1])
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"PackedCoreAttention expects qkv_format='thd', got "
                              f"{packed_seq_params.qkv_format!r}.")

@@ -44,13 +44,26 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
     dtype = rt.dtype
     recompute = {"none": (None, None, None), "selective": ("selective", None, None),
                  "full": ("full", "uniform", 1)}[model.recompute]
-    return TransformerConfig(
+    config_class, extra = TransformerConfig, {}
+    if model.family == "deepseek_v3":
+        from megatron.core.transformer import MLATransformerConfig
+
+        from r1mega.models.deepseek_v3.spec import mla_config_kwargs
+
+        config_class, extra = MLATransformerConfig, mla_config_kwargs(model)
+    elif model.rope_scaling.type == "yarn":
+        # YaRN's attention factor multiplies cos and sin, i.e. every q.k by its square.
+        from r1mega.models.yarn import yarn_attention_factor
+
+        head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+        extra["softmax_scale"] = yarn_attention_factor(model.rope_scaling) ** 2 / head_dim ** 0.5
+    return config_class(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
+        kv_channels=extra.pop("kv_channels", None) or model.kv_channels or model.hidden_size // model.num_attention_heads,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         add_bias_linear=False,
@@ -108,6 +121,7 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         # Dense and MoE layers hold different tensors, so checkpoints key them per layer rather
         # than stacking one tensor over all layers (which would miss the dense layers' shards).
         hetereogenous_dist_checkpoint=bool(model.num_experts and model.moe_first_k_dense),
+        **extra,
     )
 
 
@@ -123,8 +137,9 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
     """One GPTModel per virtual pipeline stage of this rank (a list of 1 without interleaving)."""
     config = make_transformer_config(model, rt, precision)
     moe = MoESettings.from_model(model) if model.num_experts else None
-    # MoE layers exist in the local spec only (config validation rejects model.spec=te).
-    spec, impl = layer_spec("local" if moe else model.spec, model.qk_norm, model.attention_backend)
+    mla = model.family == "deepseek_v3"
+    # MoE and MLA layers exist in the local spec only (config validation rejects model.spec=te).
+    spec, impl = layer_spec("local" if moe or mla else model.spec, model.qk_norm, model.attention_backend)
     packed_rope.install()  # packed (THD) RoPE without a host sync and loop per sequence
     layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
     if impl == "local":
@@ -136,7 +151,16 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
     for vp_stage in range(rt.vp_size):
         pre, post = _stage_flags(rt, vp_stage)
         collector = None
-        if moe is not None:
+        if mla:
+            from r1mega.models.deepseek_v3.spec import mla_block_layer_specs
+
+            collector = AuxLossCollector(moe.aux_loss_coeff, moe.z_loss_coeff) if moe else None
+            first = get_transformer_layer_offset(config, vp_stage=vp_stage if rt.vp_size > 1 else None,
+                                                 pp_rank=rt.pp_rank)
+            spec = TransformerBlockSubmodules(layer_specs=mla_block_layer_specs(
+                model, moe, first_layer=first, num_layers=layers_per_chunk, collector=collector,
+                ep_group=rt.ep_group if rt.ep_size > 1 else None), layer_norm=RMSNorm)
+        elif moe is not None:
             # Per-chunk specs: which layers are dense depends on the chunk's global layer range,
             # and each chunk's MoE layers report their balance losses to the chunk's collector.
             collector = AuxLossCollector(moe.aux_loss_coeff, moe.z_loss_coeff)
@@ -161,7 +185,12 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
         )
         # Not GPTModel(rope_scaling=True): megatron would keep Llama 3.1's low/high frequency
         # factors and original length whatever model.rope_scaling says (see rope_scaling.py).
-        apply_rope_scaling(gpt.rotary_pos_emb, model.rope_scaling)
+        if mla:
+            from r1mega.models.deepseek_v3.spec import apply_mla_rope
+
+            apply_mla_rope(gpt, model)  # each MLA layer owns its rotary embedding
+        else:
+            apply_rope_scaling(gpt.rotary_pos_emb, model.rope_scaling, model.rope_theta)
         # The train step clears it before and adds it to the loss after each micro-batch forward.
         gpt.moe_aux_losses = collector
         gpt.to(device=rt.device)
