@@ -126,8 +126,10 @@ def _with_moe_mlp(table: tuple) -> tuple:
 
 QWEN3_MOE_TABLE = _with_moe_mlp(QWEN3_TABLE)
 
+from r1mega.convert.deepseek_v3 import DEEPSEEK_V3_TABLE  # noqa: E402 (uses Rule and the names above)
+
 FAMILY_TABLES = {"llama": LLAMA_TABLE, "qwen2": QWEN2_TABLE, "qwen3": QWEN3_TABLE,
-                 "qwen3_moe": QWEN3_MOE_TABLE}
+                 "qwen3_moe": QWEN3_MOE_TABLE, "deepseek_v3": DEEPSEEK_V3_TABLE}
 
 # With the Transformer Engine spec the pre-attention / pre-MLP norms are fused into the next
 # linear (TELayerNormColumnParallelLinear) and their weight moves with it.
@@ -228,6 +230,8 @@ def _active(rule: Rule, model_cfg, layer: int = 0) -> bool:
     if rule.when in LAYER_CONDITIONS:
         moe = bool(model_cfg.num_experts) and layer >= model_cfg.moe_first_k_dense
         return moe == (rule.when == "moe_layer")
+    if rule.when in ("q_lora", "no_q_lora"):  # DeepSeek: low-rank or plain query projection
+        return bool(model_cfg.mla.q_lora_rank) == (rule.when == "q_lora")
     return bool(getattr(model_cfg, rule.when))
 
 
@@ -290,6 +294,10 @@ def expected_hf_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
         fe = model_cfg.moe_ffn_hidden_size or f
         by_suffix["mlp.gate.weight"] = (model_cfg.num_experts, h)
         expert = {"gate_proj.weight": (fe, h), "up_proj.weight": (fe, h), "down_proj.weight": (h, fe)}
+    if model_cfg.family == "deepseek_v3":
+        from r1mega.convert.deepseek_v3 import mla_hf_shapes
+
+        by_suffix.update(mla_hf_shapes(model_cfg))
     shapes = {}
     for e in expand_table(model_cfg):
         for name in e.hf:
@@ -342,6 +350,10 @@ def check_hf_names(hf_names, model_cfg) -> None:
     """Every HF tensor must be read by the table (else it is a feature we would silently drop)."""
     wanted = {n for e in expand_table(model_cfg) for n in e.hf}
     names = set(hf_names)
+    if model_cfg.family == "deepseek_v3":
+        from r1mega.convert.deepseek_v3 import drop_unconverted
+
+        names = drop_unconverted(names, model_cfg)
     # A tied checkpoint may still carry lm_head.weight (an identical copy); it is not needed.
     extra = sorted(n for n in names - wanted if not HF_IGNORED.match(n)
                    and not (model_cfg.tied_embeddings and n == "lm_head.weight"))

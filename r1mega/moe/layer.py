@@ -111,7 +111,8 @@ class MoELayer(MegatronModule):
                                            dtype=config.params_dtype)
             for w in (self.shared_expert.gate_up, self.shared_expert.down):
                 nn.init.normal_(w, std=std)
-        if s.bias_enabled:
+        if s.bias_enabled or s.selection_bias:
+            # (With bias_update_rate 0 the balancing step adds 0: the bias stays as loaded.)
             # State, not a parameter: moved by update_expert_biases, saved with checkpoints.
             self.register_buffer("expert_bias", torch.zeros(s.num_experts, device=device))
             self.register_buffer("expert_load_accum", torch.zeros(s.num_experts, device=device),
