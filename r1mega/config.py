@@ -113,6 +113,10 @@ class ModelConfig:
     moe_first_k_dense: int = 0
     # Latent attention sizes of family deepseek_v3 (r1mega/models/deepseek_v3/config.py).
     mla: MLAConfig = field(default_factory=MLAConfig)
+    # Multi-token prediction modules (deepseek_v3; r1mega/models/deepseek_v3/mtp.py) and the
+    # weight of their loss in SFT/pre-training (DeepSeek-V3: 1 module, 0.3 then 0.1).
+    mtp_num_layers: int = 0
+    mtp_loss_weight: float = 0.1
 
     def __post_init__(self):
         # ModelConfig(**dataclasses.asdict(cfg)) (checkpoint meta.json) hands the section over

@@ -191,6 +191,13 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
             apply_mla_rope(gpt, model)  # each MLA layer owns its rotary embedding
         else:
             apply_rope_scaling(gpt.rotary_pos_emb, model.rope_scaling, model.rope_theta)
+        if mla and model.mtp_num_layers and post:
+            from r1mega.models.deepseek_v3.mtp import attach_mtp
+
+            attach_mtp(gpt, config, mla_block_layer_specs(
+                model, moe, first_layer=model.num_layers, num_layers=model.mtp_num_layers,
+                collector=collector, ep_group=rt.ep_group if rt.ep_size > 1 else None),
+                model.num_layers, rt.pg_collection)
         # The train step clears it before and adds it to the loss after each micro-batch forward.
         gpt.moe_aux_losses = collector
         gpt.to(device=rt.device)

@@ -29,8 +29,26 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+def validate_mtp(m, p, error) -> None:
+    """``model.mtp_num_layers`` / ``mtp_loss_weight``: deepseek_v3 only, one pipeline stage."""
+    if m.mtp_num_layers < 0:
+        raise error(f"model.mtp_num_layers must be >= 0 (0: no multi-token prediction), got {m.mtp_num_layers}.")
+    if m.mtp_loss_weight < 0:
+        raise error(f"model.mtp_loss_weight must be >= 0, got {m.mtp_loss_weight}.")
+    if not m.mtp_num_layers:
+        return
+    if m.family != "deepseek_v3":
+        raise error(f"model.mtp_num_layers={m.mtp_num_layers}: multi-token prediction is built for "
+                    f"model.family=deepseek_v3 only (its modules are MLA layers); set it to 0.")
+    if p.pipeline > 1:
+        raise error(f"model.mtp_num_layers with parallel.pipeline={p.pipeline} is not implemented: the "
+                    f"MTP modules need the embedding, which only the first stage holds. Use "
+                    f"parallel.pipeline=1 or model.mtp_num_layers=0.")
+
+
 def validate_mla(m, p, error) -> None:
     """Checks of ``model.mla`` against the family and ``parallel``; raises ``error`` naming the key."""
+    validate_mtp(m, p, error)
     if m.family != "deepseek_v3":
         if m.mla != MLAConfig():
             changed = next(f.name for f in dataclasses.fields(MLAConfig)
