@@ -138,7 +138,7 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
         if collector is not None:
             collector.begin()
         # Multi-token prediction runs only for losses that train it (SFT), never in log-prob passes.
-        mtp, mtp_loss = getattr(unwrap(model), "mtp", None), getattr(on_logits, "mtp_loss", None)
+        mtp, mtp_loss = getattr(unwrap(model), "mtp_heads", None), getattr(on_logits, "mtp_loss", None)
         if mtp is not None:
             mtp.active = mtp_loss is not None and not forward_only
         with prange("model_forward"):

@@ -27,7 +27,7 @@ def _decoder_output(gpt, ids):
     """The main model's hidden states after its final norm for one sequence (1, n) -> (n, H)."""
     seen = {}
     h = gpt.decoder.register_forward_hook(lambda m, a, out: seen.setdefault("h", out))
-    gpt.mtp.active = False
+    gpt.mtp_heads.active = False
     gpt(ids, None, attention_mask=None)
     h.remove()
     return seen["h"][:, 0]
@@ -39,7 +39,7 @@ def _reference(gpt, ids_1d: torch.Tensor, mask_1d: torch.Tensor, weight: float):
     n = ids_1d.numel()
     h = _decoder_output(gpt, ids_1d.view(1, n))                      # (n, H)
     logits, loss = [], torch.zeros(())
-    for k, mod in enumerate(gpt.mtp.layers, start=1):
+    for k, mod in enumerate(gpt.mtp_heads.layers, start=1):
         m = n - k
         emb = gpt.embedding(input_ids=ids_1d[k:].view(1, m), position_ids=None)[:, 0]    # (m, H)
         x = F.linear(torch.cat([mod.enorm(emb), mod.hnorm(h[:m])], -1), mod.eh_proj.weight)
@@ -50,7 +50,7 @@ def _reference(gpt, ids_1d: torch.Tensor, mask_1d: torch.Tensor, weight: float):
         # position i predicts t_{i+k+1}, trained where the main loss trains token i+k
         tgt, msk = ids_1d[k + 1:], mask_1d[k:n - 1]
         loss = loss + (F.cross_entropy(lg[: m - 1], tgt, reduction="none") * msk).sum()
-    return logits, loss * weight / len(gpt.mtp.layers)
+    return logits, loss * weight / len(gpt.mtp_heads.layers)
 
 
 def test_shift_stays_inside_each_sequence():
@@ -73,13 +73,13 @@ def test_mtp_logits_and_loss_equal_a_per_sequence_reference(rt_fp32, packed):
     labels = torch.cat([torch.cat([s[1:], s[:1] * 0]) for s in seqs])
     mask = torch.cat(masks)
     with torch.no_grad():
-        gpt.mtp.active = True
+        gpt.mtp_heads.active = True
         if packed:
             gpt(ids.view(1, -1), None, attention_mask=None, packed_seq_params=make_packed_seqs(lengths, "cpu"))
         else:
             gpt(ids.view(len(lengths), -1), None, attention_mask=None)
-        got = gpt.mtp.take()
-        assert gpt.mtp.take() is None  # handed over once
+        got = gpt.mtp_heads.take()
+        assert gpt.mtp_heads.take() is None  # handed over once
         seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
 
         def target_logprobs(lg, tgt):
@@ -108,18 +108,18 @@ def test_mtp_trains_in_sft_only_and_leaves_the_causal_lm_alone(rt_fp32):
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():  # inactive (log-probs, rollout): same logits, nothing run or kept
         assert torch.equal(gpt(ids, None, attention_mask=None), plain(ids, None, attention_mask=None))
-        assert gpt.mtp.take() is None
+        assert gpt.mtp_heads.take() is None
     assert not hasattr(sft_loss_fn(VOCAB), "mtp_loss")
     assert hasattr(sft_loss_fn(VOCAB, mtp_weight=0.1), "mtp_loss")
     # The MTP loss reaches the MTP parameters (and the shared head) through backward.
-    gpt.mtp.active = True
+    gpt.mtp_heads.active = True
     gpt(ids, None, attention_mask=None)
-    logits = gpt.mtp.take()
+    logits = gpt.mtp_heads.take()
     labels = torch.cat([ids[0, 1:], ids[0, :1]])
     loss = mtp_loss_sum(logits, labels, torch.ones(12), torch.zeros(12, dtype=torch.long), 0.1,
                         lambda lg, t: torch.log_softmax(lg[:, :VOCAB], -1).gather(-1, t[:, None])[:, 0])
     loss.backward()
-    assert gpt.mtp.layers[0].eh_proj.weight.grad.abs().sum() > 0
+    assert gpt.mtp_heads.layers[0].eh_proj.weight.grad.abs().sum() > 0
     assert gpt.output_layer.weight.grad.abs().sum() > 0
 
 

@@ -111,9 +111,10 @@ class MTPHeads(torch.nn.Module):
 
 def attach_mtp(gpt, config, layer_specs: list, num_layers: int, pg_collection) -> MTPHeads:
     """Hang :class:`MTPHeads` on ``gpt`` (last pipeline stage, which holds the head) as
-    ``gpt.mtp``; the hooks fill it during ``gpt``'s forward."""
+    ``gpt.mtp_heads``; the hooks fill it during ``gpt``'s forward."""
     heads = MTPHeads(config, layer_specs, num_layers, pg_collection)
-    gpt.mtp = heads
+    # Not ``gpt.mtp``: megatron's schedules treat that attribute as its own MTP block.
+    gpt.mtp_heads = heads
 
     def capture_inputs(module, args, kwargs):
         if heads.active:
