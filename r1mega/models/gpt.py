@@ -264,6 +264,10 @@ def count_parameters(model: ModelConfig) -> int:
     per_layer = qkv + bias + model.num_attention_heads * d * h + 2 * h
     if model.qk_norm:
         per_layer += 2 * d
+    if model.family == "deepseek_v3":
+        from r1mega.models.deepseek_v3.config import mla_parameters
+
+        per_layer = mla_parameters(model) + 2 * h
     embed = model.vocab_size * h
     ffn = L * 3 * h * f
     if model.num_experts:

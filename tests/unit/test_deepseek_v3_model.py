@@ -104,3 +104,14 @@ def test_sft_smoke_on_cpu(tmp_path):
     losses = [float(line.split("loss=")[1].split()[0]) for line in out.stdout.splitlines()
               if line.startswith("step ")]
     assert len(losses) == 5 and losses[-1] < losses[0], out.stdout
+
+
+@pytest.mark.parametrize("name,world", [("deepseek_v3_small_gpu.yaml", 1), ("deepseek_v3_671b.yaml", 64)])
+def test_gpu_and_paper_scale_configs_validate(name, world):
+    from r1mega.models.gpt import count_parameters
+
+    cfg = load_config(os.path.join(ROOT, "configs", name))
+    validate(cfg, world_size=world)
+    if name == "deepseek_v3_671b.yaml":
+        # 37B activated parameters per token (DeepSeek-V3 report), MTP module not counted.
+        assert 36.5e9 < count_parameters(cfg.model) < 38e9

@@ -29,6 +29,16 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+def mla_parameters(m) -> int:
+    """Parameters of one MLA block (projections and latent norms), for FLOP counts."""
+    a, h, n = m.mla, m.hidden_size, m.num_attention_heads
+    q = h * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * n * a.q_head_dim if a.q_lora_rank \
+        else h * n * a.q_head_dim
+    kv = h * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank \
+        + a.kv_lora_rank * n * (a.qk_nope_head_dim + a.v_head_dim)
+    return q + kv + n * a.v_head_dim * h
+
+
 def validate_mtp(m, p, error) -> None:
     """``model.mtp_num_layers`` / ``mtp_loss_weight``: deepseek_v3 only, one pipeline stage."""
     if m.mtp_num_layers < 0:

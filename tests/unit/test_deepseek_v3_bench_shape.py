@@ -1,0 +1,45 @@
+"""The `dsv3-small` benchmark shape: r1mega's model and the transformers peer built from the same
+shape dict agree (config round trip, parameter count), and the smoke variant runs both on CPU."""
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from r1mega.bench.shapes import get_shape  # noqa: E402
+from r1mega.config import Config, ModelConfig, PrecisionConfig, validate  # noqa: E402
+from r1mega.convert.hf_config import model_config_from_hf  # noqa: E402
+from r1mega.models.deepseek_v3.hf_peer import hf_config_dict, hf_deepseek_v3  # noqa: E402
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_shape_validates_and_its_peer_config_reads_back(smoke):
+    shape = get_shape("dsv3-small", smoke=smoke)
+    cfg = Config()
+    cfg.model = ModelConfig(**shape)
+    cfg.model.spec = "local"
+    validate(cfg, world_size=1)
+    back = model_config_from_hf(hf_config_dict(shape))
+    ours = ModelConfig(**shape)
+    for f in ("num_layers", "hidden_size", "num_attention_heads", "mla", "rope_scaling", "num_experts",
+              "moe_router_topk", "moe_num_groups", "moe_topk_groups", "moe_ffn_hidden_size",
+              "moe_shared_expert_ffn_hidden_size", "moe_first_k_dense", "moe_routed_scaling_factor"):
+        assert getattr(back, f) == getattr(ours, f), f
+
+
+def test_smoke_peer_and_model_have_the_same_parameters(rt_fp32):
+    from r1mega.models.gpt import build_model, count_parameters
+
+    shape = get_shape("dsv3-small", smoke=True)
+    peer = hf_deepseek_v3(shape)
+    ids = torch.randint(0, shape["vocab_size"], (2, 16))
+    assert peer(input_ids=ids).logits.shape == (2, 16, shape["vocab_size"])
+    m = dataclasses.replace(ModelConfig(**shape), spec="local", make_vocab_size_divisible_by=1)
+    ours = build_model(m, rt_fp32, PrecisionConfig(dtype="fp32"), wrap=False)[0]
+    n_peer = sum(p.numel() for p in peer.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == n_peer
+    # count_parameters counts what one token uses: k of the routed experts.
+    experts = sum(p.numel() for n, p in peer.named_parameters() if ".experts." in n)
+    active = n_peer - experts + experts * shape["moe_router_topk"] // shape["num_experts"]
+    assert count_parameters(m) == active
