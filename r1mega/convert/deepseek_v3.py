@@ -10,16 +10,19 @@ The router's ``e_score_correction_bias`` is r1mega's ``expert_bias`` (float32, r
 routed experts stack as in Qwen3-MoE; the shared expert (n_shared_experts x moe_intermediate_size
 wide) is one SwiGLU.
 
-The multi-token-prediction layer that released checkpoints append as ``model.layers.{L}``
-(L = num_hidden_layers) is not part of the causal LM: transformers ignores it on load and so does
-this import (see :func:`drop_unconverted`).
+Released checkpoints append the multi-token-prediction module as ``model.layers.{L}`` (L =
+num_hidden_layers): a full decoder layer plus ``enorm``, ``hnorm``, ``eh_proj``,
+``shared_head.norm`` and copies of the embedding and head (``embed_tokens``,
+``shared_head.head``). With ``model.mtp_num_layers`` = D the first D of them become r1mega's
+``mtp_heads.layers.{k}`` (:func:`with_mtp_entries`); with 0 they are skipped, as transformers'
+causal LM skips them (:func:`drop_unconverted`).
 """
 from __future__ import annotations
 
 import re
 
-from r1mega.convert.families import (COPY, EXPERTS_GATE_UP, EXPERTS_STACK, GATE_UP, VOCAB, Rule,
-                                     _H, _L)
+from r1mega.convert.families import (COPY, EXPERTS_GATE_UP, EXPERTS_STACK, GATE_UP, VOCAB,
+                                     VOCAB_SHARED, Rule, _H, _L)
 
 _A, _HA = _L + "self_attention.", _H + "self_attn."
 
@@ -70,14 +73,38 @@ def mla_hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
     }
 
 
+def with_mtp_entries(entries: list, cfg, num_experts: int) -> list:
+    """``entries`` (the causal LM's) plus the rows of ``cfg.mtp_num_layers`` MTP modules; the
+    embedding / head rows also name the modules' copies (VOCAB_SHARED)."""
+    from r1mega.convert.families import Entry, _active, _hf_names  # defined after this import
+
+    n, out = cfg.num_layers, []
+    copies = {"embedding.word_embeddings.weight": [], "output_layer.weight": []}
+    head = "embedding.word_embeddings.weight" if cfg.tied_embeddings else "output_layer.weight"
+    for k in range(cfg.mtp_num_layers):
+        i, mine, theirs = n + k, f"mtp_heads.layers.{k}.", f"model.layers.{n + k}."
+        for rule in DEEPSEEK_V3_TABLE:
+            if rule.mcore.startswith(_L) and _active(rule, cfg, i):
+                out.append(Entry(rule.mcore.format(i=i).replace(f"decoder.layers.{i}.", mine + "layer."),
+                                 _hf_names(rule, i, num_experts), rule.transform))
+        for ours, hf in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                         ("final_norm", "shared_head.norm")):
+            out.append(Entry(f"{mine}{ours}.weight", (f"{theirs}{hf}.weight",), COPY))
+        copies["embedding.word_embeddings.weight"].append(theirs + "embed_tokens.weight")
+        copies[head].append(theirs + "shared_head.head.weight")
+    main = [Entry(e.mcore, e.hf + tuple(copies[e.mcore]), VOCAB_SHARED) if copies.get(e.mcore) else e
+            for e in entries]
+    return main + out
+
+
 def drop_unconverted(names: set, cfg) -> set:
-    """``names`` without the MTP layers past the last decoder layer (module docstring) and the
+    """``names`` without the MTP layers r1mega's model does not hold (module docstring) and the
     FP8 block scales (``weight_scale_inv``), which the loader folds into their weights."""
     mtp = re.compile(rf"^model\.layers\.(\d+)\.")
     keep = set()
     for name in names:
         m = mtp.match(name)
-        if m and int(m.group(1)) >= cfg.num_layers:
+        if m and int(m.group(1)) >= cfg.num_layers + cfg.mtp_num_layers:
             continue
         if name.endswith(".weight_scale_inv"):
             continue

@@ -69,6 +69,7 @@ def deepseek_to_hf(cfg: ModelConfig) -> dict:
         "v_head_dim": a.v_head_dim, "head_dim": a.qk_rope_head_dim,
         "qk_head_dim": a.q_head_dim, "rope_interleave": True, "attention_bias": False,
         "num_key_value_heads": cfg.num_attention_heads,
+        "num_nextn_predict_layers": cfg.mtp_num_layers,
     }
     if not cfg.num_experts:
         # transformers has no flag for "no MoE": every layer below first_k_dense_replace is dense.

@@ -245,3 +245,49 @@ def test_config_json_of_the_full_v3_layout():
     cfg.model = dataclasses.replace(m, spec="local")
     cfg.parallel.expert = 8
     validate(cfg, world_size=8)
+
+
+def test_mtp_module_converts_both_ways(tmp_path, rt):
+    """r1mega's MTP module <-> the released layout (model.layers.{L}: a decoder layer, enorm,
+    hnorm, eh_proj, shared_head.norm and copies of embedding and head): export, re-import into a
+    fresh model bit-identically, and transformers still reads the causal LM."""
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+
+    cfg = dataclasses.replace(ModelConfig(**TINY), spec="local", mtp_num_layers=1)
+    torch.manual_seed(0)
+    a = build_model(cfg, rt, PrecisionConfig(dtype="fp32"), wrap=False)
+    out = str(tmp_path / "hf")
+    export_hf(a, cfg, rt, out, dtype=torch.float32)
+    names = set(load_safetensors_dir(out))
+    for n in ("model.layers.3.eh_proj.weight", "model.layers.3.enorm.weight", "model.layers.3.hnorm.weight",
+              "model.layers.3.shared_head.norm.weight", "model.layers.3.shared_head.head.weight",
+              "model.layers.3.embed_tokens.weight", "model.layers.3.self_attn.kv_b_proj.weight",
+              "model.layers.3.mlp.experts.7.down_proj.weight", "model.layers.3.mlp.gate.e_score_correction_bias"):
+        assert n in names, n
+    assert json.load(open(os.path.join(out, "config.json")))["num_nextn_predict_layers"] == 1
+    torch.manual_seed(1)
+    b = build_model(cfg, rt, PrecisionConfig(dtype="fp32"), wrap=False)
+    load_hf_into_model(b, out, cfg, rt)
+    sa, sb = a[0].state_dict(), b[0].state_dict()
+    assert any(k.startswith("mtp_heads.layers.0.layer.") for k in sa)
+    for k, v in sa.items():
+        if k in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            v, sb[k] = v[:VOCAB], sb[k][:VOCAB]  # random padding rows are not exported
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state"):
+            assert torch.equal(v, sb[k]), k
+    assert _logits_report(out, b, rt, seq_len=8).max_abs_diff <= 1e-4  # transformers skips layer 3
+    # Without MTP modules the same checkpoint loads as the plain causal LM.
+    plain = dataclasses.replace(cfg, mtp_num_layers=0)
+    load_hf_into_model(build_model(plain, rt, PrecisionConfig(dtype="fp32"), wrap=False), out, plain, rt)
+    # An MTP embedding that is not the model's own is refused by name.
+    full = load_safetensors_dir(out)
+    full["model.layers.3.embed_tokens.weight"] = full["model.layers.3.embed_tokens.weight"] + 1
+    bad = str(tmp_path / "bad")
+    os.makedirs(bad)
+    write_safetensors(iter(full.items()), bad, 5 * 2**30)
+    import shutil
+
+    shutil.copy(os.path.join(out, "config.json"), bad)
+    with pytest.raises(ConversionError, match="model.layers.3.embed_tokens.weight' differs"):
+        load_hf_into_model(b, bad, cfg, rt)
