@@ -93,6 +93,11 @@ class ModelRunner:
         if not hasattr(m, "decoder") or not hasattr(m, "embedding"):
             raise TypeError(f"Expected a megatron GPTModel, got {type(m).__name__}.")
         self.config = m.config
+        if getattr(self.config, "multi_latent_attention", False):
+            raise NotImplementedError(
+                "The rollout engine has no multi-head latent attention (model.family=deepseek_v3) "
+                "path yet: train such a model with `r1mega sft`; GRPO and `r1mega generate` need the "
+                "MLA rollout adapter (issue 19, step 4).")
         if getattr(m, "position_embedding_type", "rope") != "rope":
             raise NotImplementedError(
                 f"The rollout engine implements RoPE only; model has position_embedding_type="
