@@ -75,19 +75,27 @@ def _full_recompute(gpt, vocab, prompt):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("absorbed", [True, False])
-def test_greedy_tokens_equal_recomputation_and_transformers(converted, absorbed):
+@pytest.fixture(scope="module")
+def references(converted):
+    """Greedy continuations by full recomputation of our model and by transformers' generate()."""
     import transformers
 
     hf_dir, cfg, gpt = converted
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    theirs = [hf.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    return [_full_recompute(gpt, cfg.vocab_size, p) for p in PROMPTS], theirs
+
+
+@pytest.mark.slow  # its references: 3 x 10 full recomputations and transformers' generate()
+@pytest.mark.parametrize("absorbed", [True, False])
+def test_greedy_tokens_equal_recomputation_and_transformers(converted, references, absorbed):
+    _, cfg, gpt = converted
     # block_tokens 4: prompts and continuations cross block boundaries.
     got = MLAGenerator(gpt, cfg.vocab_size, block_tokens=4, absorbed=absorbed).generate(PROMPTS, NEW)
-    assert got == [_full_recompute(gpt, cfg.vocab_size, p) for p in PROMPTS]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    for prompt, ours in zip(PROMPTS, got):
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-        assert out[0, len(prompt):].tolist() == ours
+    recomputed, transformers_tokens = references
+    assert got == recomputed
+    assert got == transformers_tokens
     assert len({t for seq in got for t in seq}) > 3  # not a degenerate repetition
 
 
