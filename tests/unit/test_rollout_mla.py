@@ -105,3 +105,44 @@ def test_cache_is_smaller_than_the_keys_and_values_it_replaces(converted):
     a = cfg.mla
     full = cfg.num_layers * cfg.num_attention_heads * (a.q_head_dim + a.v_head_dim) * 4
     assert gen.cache.bytes_per_token == cfg.num_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4 < full
+
+
+def _engine(gpt, rt, **kw):
+    from r1mega.config import RolloutConfig
+    from r1mega.rollout.engine import RolloutEngine
+
+    base = dict(kv_block_tokens=4, kv_cpu_tokens=4096, max_new_tokens=NEW, max_batch_sequences=64,
+                temperature=0.0, cuda_graphs=False)
+    base.update(kw)
+    return RolloutEngine([gpt], RolloutConfig(**base), rt, eos_ids=[], vocab_size=VOCAB_OF(gpt))
+
+
+def VOCAB_OF(gpt):  # noqa: N802 - the converted checkpoint's vocabulary, not the padded rows
+    return 97
+
+
+@pytest.mark.slow  # shares the module's references (see above)
+def test_rollout_engine_on_the_latent_cache_equals_recomputation(converted, references, rt_fp32):
+    """The engine (continuous batching, paged cache, fresh prefill + decode steps) with the MLA
+    adapter: greedy tokens equal the full recomputation and transformers' generate()."""
+    from r1mega.rollout.types import GenerationRequest
+
+    _, cfg, gpt = converted
+    eng = _engine(gpt, rt_fp32)
+    assert eng.runner.mla is not None and (eng.cache.shape.kv_heads, eng.cache.shape.head_dim) == (1, 40)
+    outs = eng.generate([GenerationRequest(p, n=1) for p in PROMPTS])
+    recomputed, transformers_tokens = references
+    assert [c.token_ids for c in outs] == recomputed == transformers_tokens
+
+
+def test_rollout_engine_prefill_over_a_cached_prefix(converted, rt_fp32):
+    """Tight cache: sequences are preempted and re-prefilled on top of cached blocks (the gather
+    path), and the samples of one prompt share its blocks; greedy output is unchanged."""
+    from r1mega.rollout.types import GenerationRequest
+
+    _, cfg, gpt = converted
+    roomy = _engine(gpt, rt_fp32).generate([GenerationRequest(p, n=2) for p in PROMPTS])
+    tight = _engine(gpt, rt_fp32, kv_cpu_tokens=48, max_batch_sequences=3).generate(
+        [GenerationRequest(p, n=2) for p in PROMPTS])
+    assert [c.token_ids for c in tight] == [c.token_ids for c in roomy]
+    assert all(c.token_ids == roomy[2 * (i // 2)].token_ids for i, c in enumerate(roomy))

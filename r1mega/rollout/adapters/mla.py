@@ -184,3 +184,60 @@ class MLAGenerator:
             self.cache.release(seq)
             outs.append(new)
         return outs
+
+
+class MLARolloutAttention:
+    """The rollout engine's attention for MLA layers (``ModelRunner.mla``).
+
+    The engine's paged cache is used as multi-query attention with ONE key/value head per token
+    of width r + d_r: the key row is [c; k_pe], and the same row serves as the value (only the
+    latent part of the output is kept). Absorbed queries [W_uk^T q_nope; q_pe] (n heads) attend
+    it through the engine's own kernels (fresh prefill, gather, decode), so the cache layout,
+    paging, copy-on-write and preemption are the GQA path's. The value cache the engine also
+    allocates is never written or read.
+    """
+
+    def __init__(self, layers, config, device):
+        attn = layers[0].self_attention
+        self.latent_dim, self.rope_dim = config.kv_lora_rank, config.qk_pos_emb_head_dim
+        self.nope_dim, self.v_dim = config.qk_head_dim, config.v_head_dim
+        self.q_lora = bool(config.q_lora_rank)
+        self.num_heads = attn.num_attention_heads_per_partition
+        self.cache_width = self.latent_dim + self.rope_dim
+        self.scale = attn.softmax_scale
+        self.inv_freq = attn.rotary_pos_emb.inv_freq.detach().to(device, torch.float32)
+
+    def _rope(self, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """t (T, h, d_r) rotated at ``positions`` as megatron's MLA does (de-interleave, rotate)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], -1)[:, None, None, :]                       # (T, 1, 1, d_r)
+        return _apply_rotary_pos_emb_bshd(t.unsqueeze(1), emb, rotary_interleaved=False,
+                                          multi_latent_attention=True).squeeze(1)
+
+    def attention(self, cache, layer_idx: int, attn, h: torch.Tensor, positions, slots, batch,
+                  decode_tensors) -> torch.Tensor:
+        """h (T, 1, H) normed hidden -> (T, n, d_v), input of ``attn.linear_proj``."""
+        from r1mega.rollout.attention import attend_decode_gather, attend_fresh, attend_gather
+
+        t, n = h.shape[0], self.num_heads
+        if self.q_lora:
+            q, _ = attn.linear_q_up_proj(attn.q_layernorm(attn.linear_q_down_proj(h)[0]))
+        else:
+            q, _ = attn.linear_q_proj(h)
+        q_nope, q_pe = q.view(t, n, -1).split([self.nope_dim, self.rope_dim], -1)
+        kv, _ = attn.linear_kv_down_proj(h)
+        latent, k_pe = kv.view(t, -1).split([self.latent_dim, self.rope_dim], -1)
+        row = torch.cat([attn.kv_layernorm(latent), self._rope(k_pe[:, None, :], positions)[:, 0]], -1)
+        k_cache = cache.k[layer_idx]                                                # (N, bs, 1, r + d_r)
+        k_cache.view(-1, self.cache_width).index_copy_(0, slots, row.to(k_cache.dtype))
+        w_uk, w_uv = split_kv_up(attn.linear_kv_up_proj.weight, n, self.nope_dim, self.v_dim)
+        q_lat = torch.einsum("tnd,ndr->tnr", q_nope, w_uk)                          # (T, n, r)
+        query = torch.cat([q_lat, self._rope(q_pe, positions).to(q_lat.dtype)], -1)  # (T, n, r + d_r)
+        if decode_tensors is not None:
+            o = attend_decode_gather(query, k_cache, k_cache, *decode_tensors, self.scale)
+        elif batch.is_fresh_prefill:
+            key = row[:, None, :].to(query.dtype)
+            o = attend_fresh(query, key, key, batch, self.scale)
+        else:
+            o = attend_gather(query, k_cache, k_cache, batch, self.scale)
+        return torch.einsum("tnr,nvr->tnv", o[..., : self.latent_dim], w_uv)        # (T, n, d_v)
