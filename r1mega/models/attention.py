@@ -161,6 +161,23 @@ def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float]) -> torch.Tensor:
     return _sdpa_masked(q, k, v, block_causal_mask(lengths, q.device), scale)
 
 
+def _v_padded(fn):
+    """MLA's values are narrower than its queries/keys (128 vs 192 for V3); flash kernels take one
+    head size, so v is zero-padded to it and the padding columns of the output dropped (zero
+    value columns contribute exactly zero)."""
+
+    def wrapped(q, k, v, *args, **kwargs):
+        dv = v.shape[-1]
+        if dv == q.shape[-1]:
+            return fn(q, k, v, *args, **kwargs)
+        out = fn(q, k, F.pad(v, (0, q.shape[-1] - dv)), *args, **kwargs)
+        return out[..., :dv]
+
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@_v_padded
 def varlen_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) -> torch.Tensor:
     """torch's varlen flash attention, causal via window (-1, 0). q (T, Hq, D) -> (T, Hq, D)."""
     if _torch_varlen is None:
@@ -178,6 +195,7 @@ def varlen_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) 
                          scale=scale, window_size=(-1, 0), **kwargs)
 
 
+@_v_padded
 def flash_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) -> torch.Tensor:
     if _flash_varlen is None:
         raise RuntimeError("model.attention_backend=flash but flash-attn is not importable; "

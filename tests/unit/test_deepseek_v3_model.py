@@ -115,3 +115,22 @@ def test_gpu_and_paper_scale_configs_validate(name, world):
     if name == "deepseek_v3_671b.yaml":
         # 37B activated parameters per token (DeepSeek-V3 report), MTP module not counted.
         assert 36.5e9 < count_parameters(cfg.model) < 38e9
+
+
+def test_flash_style_backends_get_values_padded_to_the_query_width(monkeypatch):
+    """MLA's v (128) is narrower than q/k (192): the varlen/flash paths, which take one head size,
+    see v zero-padded and return the v-wide output, equal to SDPA's (which takes both widths)."""
+    from r1mega.models import attention as A
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, **kw):
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1]  # what the flash kernels demand
+        lengths = (cu_q[1:] - cu_q[:-1]).tolist()
+        return A.sdpa_packed(q, k, v, lengths, scale)
+
+    monkeypatch.setattr(A, "_torch_varlen", fake_varlen)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(10, 4, 24, generator=g), torch.randn(10, 4, 24, generator=g), torch.randn(10, 4, 16, generator=g)
+    params = make_packed_seqs([3, 7], "cpu")
+    got = A.varlen_packed(q, k, v, params.cu_seqlens_q, 7, 0.2)
+    assert got.shape == (10, 4, 16)
+    torch.testing.assert_close(got, A.sdpa_packed(q, k, v, [3, 7], 0.2))
