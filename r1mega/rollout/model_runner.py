@@ -117,7 +117,8 @@ class ModelRunner:
             # DeepSeek-V3: the cache holds one latent row per token (r1mega/rollout/adapters/mla.py).
             from r1mega.rollout.adapters.mla import MLARolloutAttention
 
-            self.mla = MLARolloutAttention(self.layers, self.config, next(m.parameters()).device)
+            tp_group = getattr(ctx, "tp_group", None) if getattr(ctx, "tp_size", 1) > 1 else None
+            self.mla = MLARolloutAttention(self.layers, self.config, next(m.parameters()).device, tp_group)
             self.num_kv_heads, self.head_dim, self.scale = 1, self.mla.cache_width, self.mla.scale
         self.tp_group = getattr(ctx, "tp_group", None)
         self.tp_rank = getattr(ctx, "tp_rank", 0)

@@ -186,6 +186,16 @@ class MLAGenerator:
         return outs
 
 
+def _whole(x: torch.Tensor, tp_group) -> torch.Tensor:
+    """A latent down projection's output, gathered over the TP group (None: TP=1): megatron's
+    local MLA spec makes the down projections column-parallel, each rank a slice of the latent."""
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    if tp_group is None:
+        return x
+    return gather_from_tensor_model_parallel_region(x, group=tp_group)
+
+
 class MLARolloutAttention:
     """The rollout engine's attention for MLA layers (``ModelRunner.mla``).
 
@@ -197,8 +207,10 @@ class MLARolloutAttention:
     allocates is never written or read.
     """
 
-    def __init__(self, layers, config, device):
+    def __init__(self, layers, config, device, tp_group=None):
+        """``tp_group``: the tensor-parallel group when TP > 1 (heads split over it), else None."""
         attn = layers[0].self_attention
+        self.tp_group = tp_group
         self.latent_dim, self.rope_dim = config.kv_lora_rank, config.qk_pos_emb_head_dim
         self.nope_dim, self.v_dim = config.qk_head_dim, config.v_head_dim
         self.q_lora = bool(config.q_lora_rank)
@@ -221,11 +233,11 @@ class MLARolloutAttention:
 
         t, n = h.shape[0], self.num_heads
         if self.q_lora:
-            q, _ = attn.linear_q_up_proj(attn.q_layernorm(attn.linear_q_down_proj(h)[0]))
+            q, _ = attn.linear_q_up_proj(attn.q_layernorm(_whole(attn.linear_q_down_proj(h)[0], self.tp_group)))
         else:
             q, _ = attn.linear_q_proj(h)
         q_nope, q_pe = q.view(t, n, -1).split([self.nope_dim, self.rope_dim], -1)
-        kv, _ = attn.linear_kv_down_proj(h)
+        kv = _whole(attn.linear_kv_down_proj(h)[0], self.tp_group)
         latent, k_pe = kv.view(t, -1).split([self.latent_dim, self.rope_dim], -1)
         row = torch.cat([attn.kv_layernorm(latent), self._rope(k_pe[:, None, :], positions)[:, 0]], -1)
         k_cache = cache.k[layer_idx]                                                # (N, bs, 1, r + d_r)
