@@ -134,3 +134,20 @@ def test_flash_style_backends_get_values_padded_to_the_query_width(monkeypatch):
     got = A.varlen_packed(q, k, v, params.cu_seqlens_q, 7, 0.2)
     assert got.shape == (10, 4, 16)
     torch.testing.assert_close(got, A.sdpa_packed(q, k, v, [3, 7], 0.2))
+
+
+@pytest.mark.slow  # a GRPO step's rollout on CPU (~15 s) plus start-up
+def test_grpo_smoke_on_cpu(tmp_path):
+    """`r1mega train` (GRPO: rollout on the latent cache, rewards, log-probs without MTP, update)
+    runs end to end on the tiny DeepSeek-V3."""
+    from r1mega.convert.testing import free_port
+
+    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(free_port()))
+    out = subprocess.run([sys.executable, "-m", "r1mega.cli", "train", CONFIG, "train.mode=grpo",
+                          "train.steps=2", "rollout.max_new_tokens=12", "rollout.group_size=4",
+                          "data.global_batch_prompts=4", "rewards.num_workers=0",
+                          f"logging.run_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2 and all("reward=" in s for s in steps), out.stdout
