@@ -87,7 +87,6 @@ def references(converted):
     return [_full_recompute(gpt, cfg.vocab_size, p) for p in PROMPTS], theirs
 
 
-@pytest.mark.slow  # its references: 3 x 10 full recomputations and transformers' generate()
 @pytest.mark.parametrize("absorbed", [True, False])
 def test_greedy_tokens_equal_recomputation_and_transformers(converted, references, absorbed):
     _, cfg, gpt = converted
@@ -121,7 +120,6 @@ def VOCAB_OF(gpt):  # noqa: N802 - the converted checkpoint's vocabulary, not th
     return 97
 
 
-@pytest.mark.slow  # shares the module's references (see above)
 def test_rollout_engine_on_the_latent_cache_equals_recomputation(converted, references, rt_fp32):
     """The engine (continuous batching, paged cache, fresh prefill + decode steps) with the MLA
     adapter: greedy tokens equal the full recomputation and transformers' generate()."""
@@ -130,6 +128,8 @@ def test_rollout_engine_on_the_latent_cache_equals_recomputation(converted, refe
     _, cfg, gpt = converted
     eng = _engine(gpt, rt_fp32)
     assert eng.runner.mla is not None and (eng.cache.shape.kv_heads, eng.cache.shape.head_dim) == (1, 40)
+    # One latent row per token and layer, nothing else: 3 layers x (32 + 8) float32.
+    assert eng.cache.shape.bytes_per_block == 3 * 40 * 4 * eng.block_tokens
     outs = eng.generate([GenerationRequest(p, n=1) for p in PROMPTS])
     recomputed, transformers_tokens = references
     assert [c.token_ids for c in outs] == recomputed == transformers_tokens

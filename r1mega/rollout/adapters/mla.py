@@ -240,8 +240,10 @@ class MLARolloutAttention:
         kv = _whole(attn.linear_kv_down_proj(h)[0], self.tp_group)
         latent, k_pe = kv.view(t, -1).split([self.latent_dim, self.rope_dim], -1)
         row = torch.cat([attn.kv_layernorm(latent), self._rope(k_pe[:, None, :], positions)[:, 0]], -1)
+        # The engine's cache op (opaque to dynamo, so a compiled decode writes in place); the
+        # cache is keys-only (v aliases k), the second write lands on the same rows.
+        cache.write(layer_idx, slots, row[:, None, :], row[:, None, :])
         k_cache = cache.k[layer_idx]                                                # (N, bs, 1, r + d_r)
-        k_cache.view(-1, self.cache_width).index_copy_(0, slots, row.to(k_cache.dtype))
         w_uk, w_uv = split_kv_up(attn.linear_kv_up_proj.weight, n, self.nope_dim, self.v_dim)
         q_lat = torch.einsum("tnd,ndr->tnr", q_nope, w_uk)                          # (T, n, r)
         query = torch.cat([q_lat, self._rope(q_pe, positions).to(q_lat.dtype)], -1)  # (T, n, r + d_r)
