@@ -291,3 +291,20 @@ def test_mtp_module_converts_both_ways(tmp_path, rt):
     shutil.copy(os.path.join(out, "config.json"), bad)
     with pytest.raises(ConversionError, match="model.layers.3.embed_tokens.weight' differs"):
         load_hf_into_model(b, bad, cfg, rt)
+
+
+def test_init_from_hf_builds_and_loads_deepseek_v3(tmp_path, rt):
+    from r1mega.config import load_config
+    from r1mega.convert.verify import verify_against_hf
+    from r1mega.models.gpt import build_model
+
+    hf_dir = make_tiny_deepseek_v3_dir(str(tmp_path / "hf"))
+    cfg = load_config(None, [f"model.init_from_hf={hf_dir}", "model.spec=local"])
+    m = cfg.model
+    assert (m.family, m.mla.q_lora_rank, m.rope_scaling.type, m.num_experts) == ("deepseek_v3", 24, "yarn", 8)
+    assert m.mtp_num_layers == 0  # a training choice: transformers' checkpoint holds no MTP weights
+    chunks = build_model(m, rt, PrecisionConfig(dtype="fp32"), wrap=False)
+    load_hf_into_model(chunks, m.init_from_hf, m, rt)
+    assert verify_against_hf(chunks, hf_dir, m, rt).max_abs_diff <= 1e-4
+    with pytest.raises(ConversionError, match=r"model.mla=.* but .*config.json gives"):
+        load_config(None, [f"model.init_from_hf={hf_dir}", "model.mla.kv_lora_rank=16"])

@@ -13,10 +13,13 @@ so a query is first moved into latent space (q_lat = W_uk^T q_nope, (n, r)), att
 cached latents directly, and its latent output is lifted by W_uv once (:func:`absorbed_attention`).
 :func:`expanded_attention` is the textbook form (keys and values rebuilt) it is tested against.
 
-:class:`MLAGenerator` runs a megatron deepseek_v3 model token by token on this cache (greedy), one
-sequence at a time, TP=1: the reference the rollout engine's MLA path is to be built on. It is not
-yet wired into the engine (continuous batching, sampling, CUDA graphs): the engine refuses MLA
-models (r1mega/rollout/model_runner.py).
+Two users:
+  :class:`MLARolloutAttention`  the rollout engine's attention for MLA models (``ModelRunner.mla``):
+                                the engine's paged cache, batching, sampling and kernels, with the
+                                latent row as a single key/value head (see the class);
+  :class:`MLAGenerator`         a small standalone greedy generator on its own paged latent cache
+                                (:class:`MLAPagedCache`), one sequence at a time, TP=1: the
+                                step-by-step reference the engine path is tested beside.
 """
 from __future__ import annotations
 
