@@ -13,6 +13,7 @@ BENCHMARKS = {
     "grpo-loss": "r1mega.bench.grpo_loss",
     "rollout": "r1mega.bench.rollout",
     "moe-dispatch": "r1mega.bench.moe_dispatch",
+    "dsv3-train-step": "r1mega.bench.dsv3_train_step",
 }
 
 

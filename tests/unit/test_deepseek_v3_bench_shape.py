@@ -43,3 +43,24 @@ def test_smoke_peer_and_model_have_the_same_parameters(rt_fp32):
     experts = sum(p.numel() for n, p in peer.named_parameters() if ".experts." in n)
     active = n_peer - experts + experts * shape["moe_router_topk"] // shape["num_experts"]
     assert count_parameters(m) == active
+
+
+def test_dsv3_train_step_bench_smoke(tmp_path):
+    """`r1mega bench dsv3-train-step --smoke`: both sides train on CPU, last line one JSON object."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from r1mega.convert.testing import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root, MASTER_PORT=str(free_port()))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-m", "r1mega.cli", "bench", "dsv3-train-step", "--smoke"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["impls"]) == {"r1mega", "transformers"} and result["speedup_vs_hf"] > 0
+    assert all(r["first_loss"] == r["first_loss"] for r in result["impls"].values())  # finite

@@ -23,8 +23,11 @@ def hf_config_dict(shape: dict) -> dict:
     return hf_config_from_model_config(cfg)
 
 
-def hf_deepseek_v3(shape: dict, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
-    """A randomly initialised ``DeepseekV3ForCausalLM`` of ``shape``."""
+def hf_deepseek_v3(shape: dict, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
+                   **from_config):
+    """A randomly initialised ``DeepseekV3ForCausalLM`` of ``shape``; ``from_config`` goes to
+    transformers' ``_from_config`` (e.g. ``attn_implementation="sdpa"``,
+    ``experts_implementation="grouped_mm"`` for its fastest peer)."""
     import transformers
 
     hf = hf_config_dict(shape)
@@ -33,7 +36,7 @@ def hf_deepseek_v3(shape: dict, dtype: torch.dtype = torch.float32, device="cpu"
     config = transformers.DeepseekV3Config(**hf)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = transformers.DeepseekV3ForCausalLM(config)
+        model = transformers.DeepseekV3ForCausalLM._from_config(config, **from_config)
     return model.to(dtype)
 
 
