@@ -14,6 +14,7 @@ BENCHMARKS = {
     "rollout": "r1mega.bench.rollout",
     "moe-dispatch": "r1mega.bench.moe_dispatch",
     "dsv3-train-step": "r1mega.bench.dsv3_train_step",
+    "dsv3-rollout": "r1mega.bench.dsv3_rollout",
 }
 
 

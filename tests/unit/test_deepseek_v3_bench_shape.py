@@ -64,3 +64,27 @@ def test_dsv3_train_step_bench_smoke(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result["impls"]) == {"r1mega", "transformers"} and result["speedup_vs_hf"] > 0
     assert all(r["first_loss"] == r["first_loss"] for r in result["impls"].values())  # finite
+
+
+def test_dsv3_rollout_bench_smoke():
+    """`r1mega bench dsv3-rollout --smoke`: engine and transformers' generate() on CPU, the latent
+    cache's bytes per token reported beside the per-head keys and values it replaces."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from r1mega.convert.testing import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root, MASTER_PORT=str(free_port()))
+    out = subprocess.run([sys.executable, "-m", "r1mega.cli", "bench", "dsv3-rollout", "--smoke"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    shape = get_shape("dsv3-small", smoke=True)
+    a = shape["mla"]
+    assert result["kv_bytes_per_token"] == shape["num_layers"] * (a["kv_lora_rank"] + a["qk_rope_head_dim"]) * 4
+    assert result["kv_bytes_per_token"] < result["expanded_kv_bytes_per_token"]
+    (setting,) = result["settings"].values()
+    assert setting["rollout_tokens_per_s"] > 0 and setting["hf_tokens_per_s"] > 0
