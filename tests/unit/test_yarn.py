@@ -105,3 +105,35 @@ def test_bad_yarn_configs_are_refused_by_key(overrides, needle):
     cfg.model.rope_scaling = RopeScalingConfig(**overrides)
     with pytest.raises(ConfigError, match=needle):
         validate(cfg)
+
+
+def test_rollout_engine_applies_yarn(tmp_path, rt_fp32):
+    """The engine's own RoPE and softmax scale follow YaRN (frequencies and attention factor):
+    greedy tokens equal transformers' greedy by full forward passes on a yarn-scaled Qwen2 past
+    the original length. (Not its generate(): with this config transformers 5.24's cached
+    generation picks other tokens than its own cache-free forward, from the third token on.)"""
+    from r1mega.config import PrecisionConfig, RolloutConfig
+    from r1mega.convert.hf_bridge import load_hf_into_model
+    from r1mega.convert.hf_config import model_config_from_hf
+    from r1mega.convert.hf_io import HFCheckpoint
+    from r1mega.convert.testing import make_tiny_hf_dir
+    from r1mega.models.gpt import build_model
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    hf_dir = make_tiny_hf_dir(str(tmp_path / "hf"), "qwen2", std=0.1, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})
+    cfg = dataclasses.replace(model_config_from_hf(HFCheckpoint(hf_dir).config), spec="local")
+    chunks = build_model(cfg, rt_fp32, PrecisionConfig(dtype="fp32"), wrap=False)
+    load_hf_into_model(chunks, hf_dir, cfg, rt_fp32)
+    prompt = [(11 * j) % 97 for j in range(12)]
+    eng = RolloutEngine(chunks, RolloutConfig(kv_block_tokens=4, kv_cpu_tokens=1024, temperature=0.0,
+                                              max_new_tokens=8, cuda_graphs=False),
+                        rt_fp32, eos_ids=[], vocab_size=97)
+    ours = eng.generate([GenerationRequest(prompt, n=1)])[0].token_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(hf(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+    assert ours == seq[len(prompt):]
