@@ -104,7 +104,7 @@ def test_mtp_trains_in_sft_only_and_leaves_the_causal_lm_alone(rt_fp32):
     _, plain = _model(rt_fp32, depth=0)
     _, gpt = _model(rt_fp32, depth=1)
     missing, unexpected = gpt.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("mtp.") for k in missing)
+    assert not unexpected and missing and all(k.startswith("mtp_heads.") for k in missing)
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():  # inactive (log-probs, rollout): same logits, nothing run or kept
         assert torch.equal(gpt(ids, None, attention_mask=None), plain(ids, None, attention_mask=None))
