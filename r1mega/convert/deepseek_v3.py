@@ -100,7 +100,7 @@ def with_mtp_entries(entries: list, cfg, num_experts: int) -> list:
 def drop_unconverted(names: set, cfg) -> set:
     """``names`` without the MTP layers r1mega's model does not hold (module docstring) and the
     FP8 block scales (``weight_scale_inv``), which the loader folds into their weights."""
-    mtp = re.compile(rf"^model\.layers\.(\d+)\.")
+    mtp = re.compile(r"^model\.layers\.(\d+)\.")
     keep = set()
     for name in names:
         m = mtp.match(name)
