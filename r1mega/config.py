@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from r1mega.errors import UserValueError
+from r1mega.models.deepseek_v3.config import MLAConfig
 from r1mega.yaml_numbers import yaml_load as _yaml_load
 
 
@@ -40,11 +41,17 @@ class RopeScalingConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # "yarn" only (r1mega/models/yarn.py; DeepSeek-V3: factor 40, original 4096, 32, 1, 1, 1):
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
 
 
 @dataclass
 class ModelConfig:
-    # Llama 2/3, SmolLM2, Qwen2/2.5 (qkv_bias), Qwen3 (qk_norm) are all this one family.
+    # Llama 2/3, SmolLM2, Qwen2/2.5 (qkv_bias), Qwen3 (qk_norm) are all this one family;
+    # qwen3_moe and deepseek_v3 (MLA, model.mla) are the others.
     family: str = "llama"
     num_layers: int = 2
     hidden_size: int = 64
@@ -104,12 +111,20 @@ class ModelConfig:
     moe_z_loss_coeff: float = 0.0
     # The first k layers keep a dense FFN of ffn_hidden_size (DeepSeek-V3: 3).
     moe_first_k_dense: int = 0
+    # Latent attention sizes of family deepseek_v3 (r1mega/models/deepseek_v3/config.py).
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    # Multi-token prediction modules (deepseek_v3; r1mega/models/deepseek_v3/mtp.py) and the
+    # weight of their loss in SFT/pre-training (DeepSeek-V3: 1 module, 0.3 then 0.1).
+    mtp_num_layers: int = 0
+    mtp_loss_weight: float = 0.1
 
     def __post_init__(self):
         # ModelConfig(**dataclasses.asdict(cfg)) (checkpoint meta.json) hands the section over
         # as a dict.
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
 
 
 @dataclass

@@ -35,7 +35,7 @@ def derive_data_parallel(par: ParallelConfig, world_size: int) -> int:
 
 def validate_rope_scaling(rs: RopeScalingConfig, key: str = "model.rope_scaling") -> None:
     """``key`` names where the values came from (the HF import passes its config.json key)."""
-    _choice(f"{key}.type", rs.type, {"none", "llama3"})
+    _choice(f"{key}.type", rs.type, {"none", "llama3", "yarn"})
     if rs.type == "none":
         return
     # transformers only warns about these; then a zero divides, the bands swap, or (factor < 1)
@@ -45,6 +45,17 @@ def validate_rope_scaling(rs: RopeScalingConfig, key: str = "model.rope_scaling"
             f"{key}.factor must be >= 1 (how much longer than the original context the long "
             f"wavelengths get), got {rs.factor}. Copy it from the checkpoint's config.json."
         )
+    if rs.original_max_position_embeddings < 1:
+        raise ConfigError(
+            f"{key}.original_max_position_embeddings must be >= 1, got "
+            f"{rs.original_max_position_embeddings} (Llama 3.1: 8192, DeepSeek-V3: 4096)."
+        )
+    if rs.type == "yarn":
+        # The ramp between the two correction dimensions divides by their difference.
+        if not rs.beta_fast > rs.beta_slow > 0:
+            raise ConfigError(f"{key}.beta_fast={rs.beta_fast} must exceed {key}.beta_slow="
+                              f"{rs.beta_slow} > 0 (DeepSeek-V3: 32 and 1).")
+        return
     if rs.low_freq_factor <= 0:
         raise ConfigError(
             f"{key}.low_freq_factor must be > 0, got {rs.low_freq_factor} (Llama 3.1 uses 1.0)."
@@ -54,11 +65,6 @@ def validate_rope_scaling(rs: RopeScalingConfig, key: str = "model.rope_scaling"
             f"{key}.high_freq_factor={rs.high_freq_factor} must be greater than "
             f"{key}.low_freq_factor={rs.low_freq_factor} (Llama 3.1: 4.0 and 1.0); "
             f"the blend between the two bands divides by their difference."
-        )
-    if rs.original_max_position_embeddings < 1:
-        raise ConfigError(
-            f"{key}.original_max_position_embeddings must be >= 1, got "
-            f"{rs.original_max_position_embeddings} (Llama 3.1: 8192)."
         )
 
 
@@ -91,7 +97,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     for key in ("tensor", "pipeline", "virtual_stages", "context", "expert"):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}.")
-    _choice("model.family", m.family, {"llama", "qwen2", "qwen3", "qwen3_moe"})
+    _choice("model.family", m.family, {"llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3"})
     _choice("model.spec", m.spec, {"auto", "local", "te"})
     _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "varlen", "flash"})
     _choice("model.recompute", m.recompute, {"none", "selective", "full"})
@@ -126,7 +132,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         )
     if m.kv_channels < 0:
         raise ConfigError(f"model.kv_channels must be >= 0 (0: hidden/heads), got {m.kv_channels}.")
-    if not m.kv_channels and m.hidden_size % m.num_attention_heads != 0:
+    if not m.kv_channels and m.family != "deepseek_v3" and m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "
             f"model.num_attention_heads={m.num_attention_heads}; set model.kv_channels to the "
@@ -161,6 +167,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     from r1mega.moe.settings import validate_moe
 
     validate_moe(m, p, ConfigError)
+    from r1mega.models.deepseek_v3.config import validate_mla
+
+    validate_mla(m, p, ConfigError)
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1.")
     validate_fp8(cfg)

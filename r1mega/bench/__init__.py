@@ -14,6 +14,8 @@ BENCHMARKS = {
     "rollout": "r1mega.bench.rollout",
     "moe-dispatch": "r1mega.bench.moe_dispatch",
     "fp8": "r1mega.bench.fp8",
+    "dsv3-train-step": "r1mega.bench.dsv3_train_step",
+    "dsv3-rollout": "r1mega.bench.dsv3_rollout",
 }
 
 

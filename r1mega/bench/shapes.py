@@ -25,6 +25,21 @@ QWEN3_MOE_SMALL = dict(family="qwen3_moe", num_layers=12, hidden_size=2048, num_
                        num_experts=64, moe_router_topk=8, moe_ffn_hidden_size=768,
                        moe_norm_topk_prob=True)
 
+# The DeepSeek-V3 issue's benchmark shape: V3's layout (MLA with V3's latent and head sizes, YaRN,
+# the first layer dense, group-limited sigmoid routing with routed scaling and one shared expert)
+# at 12 layers, hidden 2048, 16 heads, 64 experts top-8 in 8 groups (4 chosen) of width 768.
+# Without MTP: the transformers peer has none. Peer: r1mega.models.deepseek_v3.hf_peer.
+DSV3_SMALL = dict(family="deepseek_v3", num_layers=12, hidden_size=2048, num_attention_heads=16,
+                  num_query_groups=16, ffn_hidden_size=5632, vocab_size=32000, tied_embeddings=False,
+                  max_position_embeddings=4096, make_vocab_size_divisible_by=128, norm_epsilon=1e-6,
+                  mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                           qk_rope_head_dim=64, v_head_dim=128),
+                  rope_scaling=dict(type="yarn", factor=40.0, original_max_position_embeddings=4096,
+                                    beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+                  num_experts=64, moe_router="sigmoid_group", moe_router_topk=8,
+                  moe_ffn_hidden_size=768, moe_shared_expert_ffn_hidden_size=768, moe_num_groups=8,
+                  moe_topk_groups=4, moe_routed_scaling_factor=2.5, moe_first_k_dense=1)
+
 DENSE_SMOKE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                    ffn_hidden_size=128, vocab_size=256, tied_embeddings=False,
                    max_position_embeddings=256, make_vocab_size_divisible_by=128)
@@ -35,12 +50,27 @@ QWEN3_MOE_SMOKE = dict(family="qwen3_moe", num_layers=2, hidden_size=64, num_att
                        make_vocab_size_divisible_by=128, num_experts=8, moe_router_topk=2,
                        moe_ffn_hidden_size=32, moe_norm_topk_prob=True)
 
-SHAPES = {"852m": DENSE_852M, "gemm-heavy": GEMM_HEAVY, "qwen3-moe-small": QWEN3_MOE_SMALL}
-SMOKE = {"852m": DENSE_SMOKE, "gemm-heavy": DENSE_SMOKE, "qwen3-moe-small": QWEN3_MOE_SMOKE}
+DSV3_SMOKE = dict(family="deepseek_v3", num_layers=2, hidden_size=64, num_attention_heads=4,
+                  num_query_groups=4, ffn_hidden_size=128, vocab_size=256, tied_embeddings=False,
+                  max_position_embeddings=256, make_vocab_size_divisible_by=128, norm_epsilon=1e-6,
+                  mla=dict(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                           v_head_dim=16),
+                  rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                    beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+                  num_experts=8, moe_router="sigmoid_group", moe_router_topk=2, moe_ffn_hidden_size=32,
+                  moe_shared_expert_ffn_hidden_size=32, moe_num_groups=4, moe_topk_groups=2,
+                  moe_routed_scaling_factor=2.5, moe_first_k_dense=1)
+
+SHAPES = {"852m": DENSE_852M, "gemm-heavy": GEMM_HEAVY, "qwen3-moe-small": QWEN3_MOE_SMALL,
+          "dsv3-small": DSV3_SMALL}
+SMOKE = {"852m": DENSE_SMOKE, "gemm-heavy": DENSE_SMOKE, "qwen3-moe-small": QWEN3_MOE_SMOKE,
+         "dsv3-small": DSV3_SMOKE}
 
 
 def get_shape(name: str, smoke: bool = False) -> dict:
     table = SMOKE if smoke else SHAPES
     if name not in table:
         raise SystemExit(f"unknown --model {name!r}; choose one of {sorted(table)}")
-    return dict(table[name])
+    import copy
+
+    return copy.deepcopy(table[name])  # nested sections (mla, rope_scaling) are dicts too

@@ -33,6 +33,9 @@ from r1mega.errors import UserError
 COPY, QKV, GATE_UP, VOCAB = "copy", "qkv", "gate_up", "vocab"
 # Per-expert HF tensors <-> one stacked megatron tensor: [gate_e; up_e] and down_e over experts e.
 EXPERTS_GATE_UP, EXPERTS_STACK = "experts_gate_up", "experts_stack"
+# One megatron tensor that a checkpoint also stores as identical copies (DeepSeek-V3's MTP layer
+# repeats the embedding and the output head): read from the first, the copies checked equal.
+VOCAB_SHARED = "vocab_shared"
 # Row conditions that depend on the layer index, not only on the config.
 LAYER_CONDITIONS = ("dense_layer", "moe_layer")
 
@@ -126,8 +129,10 @@ def _with_moe_mlp(table: tuple) -> tuple:
 
 QWEN3_MOE_TABLE = _with_moe_mlp(QWEN3_TABLE)
 
+from r1mega.convert.deepseek_v3 import DEEPSEEK_V3_TABLE  # noqa: E402 (uses Rule and the names above)
+
 FAMILY_TABLES = {"llama": LLAMA_TABLE, "qwen2": QWEN2_TABLE, "qwen3": QWEN3_TABLE,
-                 "qwen3_moe": QWEN3_MOE_TABLE}
+                 "qwen3_moe": QWEN3_MOE_TABLE, "deepseek_v3": DEEPSEEK_V3_TABLE}
 
 # With the Transformer Engine spec the pre-attention / pre-MLP norms are fused into the next
 # linear (TELayerNormColumnParallelLinear) and their weight moves with it.
@@ -228,6 +233,8 @@ def _active(rule: Rule, model_cfg, layer: int = 0) -> bool:
     if rule.when in LAYER_CONDITIONS:
         moe = bool(model_cfg.num_experts) and layer >= model_cfg.moe_first_k_dense
         return moe == (rule.when == "moe_layer")
+    if rule.when in ("q_lora", "no_q_lora"):  # DeepSeek: low-rank or plain query projection
+        return bool(model_cfg.mla.q_lora_rank) == (rule.when == "q_lora")
     return bool(getattr(model_cfg, rule.when))
 
 
@@ -270,6 +277,10 @@ def expand_table(model_cfg, te_names: bool = False) -> list[Entry]:
                     if mcore.endswith("." + old):
                         mcore = mcore[: -len(old)] + new
             out.append(Entry(mcore, _hf_names(rule, i, num_experts), rule.transform))
+    if getattr(model_cfg, "mtp_num_layers", 0):
+        from r1mega.convert.deepseek_v3 import with_mtp_entries
+
+        out = with_mtp_entries(out, model_cfg, num_experts)
     return out
 
 
@@ -284,12 +295,19 @@ def expected_hf_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
         "q_proj.bias": (nh * d,), "k_proj.bias": (ng * d,), "v_proj.bias": (ng * d,),
         "q_norm.weight": (d,), "k_norm.weight": (d,), "o_proj.weight": (h, nh * d),
         "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
+        # DeepSeek-V3's MTP layer
+        "enorm.weight": (h,), "hnorm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+        "shared_head.head.weight": (v, h),
     }
     expert = {}  # one routed expert's tensors (the same suffixes, another width)
     if getattr(model_cfg, "num_experts", 0):
         fe = model_cfg.moe_ffn_hidden_size or f
         by_suffix["mlp.gate.weight"] = (model_cfg.num_experts, h)
         expert = {"gate_proj.weight": (fe, h), "up_proj.weight": (fe, h), "down_proj.weight": (h, fe)}
+    if model_cfg.family == "deepseek_v3":
+        from r1mega.convert.deepseek_v3 import mla_hf_shapes
+
+        by_suffix.update(mla_hf_shapes(model_cfg))
     shapes = {}
     for e in expand_table(model_cfg):
         for name in e.hf:
@@ -312,6 +330,12 @@ def hf_to_mcore_tensor(entry: Entry, hf_get: Callable[[str], torch.Tensor], mode
         return concat_gate_up(*parts)
     if entry.transform == VOCAB:
         return pad_vocab(parts[0], padded_vocab_size)
+    if entry.transform == VOCAB_SHARED:
+        for name, part in zip(entry.hf[1:], parts[1:]):
+            if not torch.equal(part, parts[0]):
+                raise ConversionError(f"HF tensor '{name}' differs from '{entry.hf[0]}'; r1mega's MTP "
+                                      f"shares the model's embedding and head, so they must be equal.")
+        return pad_vocab(parts[0], padded_vocab_size)
     if entry.transform == EXPERTS_GATE_UP:
         return stack_experts_gate_up(parts)
     if entry.transform == EXPERTS_STACK:
@@ -329,6 +353,8 @@ def mcore_to_hf_tensors(entry: Entry, full: torch.Tensor, model_cfg) -> list[tup
         parts = split_gate_up(full)
     elif entry.transform == VOCAB:
         parts = [unpad_vocab(full, model_cfg.vocab_size)]
+    elif entry.transform == VOCAB_SHARED:
+        parts = [unpad_vocab(full, model_cfg.vocab_size).clone() for _ in entry.hf]  # own storage each
     elif entry.transform == EXPERTS_GATE_UP:
         parts = split_experts_gate_up(full)
     elif entry.transform == EXPERTS_STACK:
@@ -342,6 +368,10 @@ def check_hf_names(hf_names, model_cfg) -> None:
     """Every HF tensor must be read by the table (else it is a feature we would silently drop)."""
     wanted = {n for e in expand_table(model_cfg) for n in e.hf}
     names = set(hf_names)
+    if model_cfg.family == "deepseek_v3":
+        from r1mega.convert.deepseek_v3 import drop_unconverted
+
+        names = drop_unconverted(names, model_cfg)
     # A tied checkpoint may still carry lm_head.weight (an identical copy); it is not needed.
     extra = sorted(n for n in names - wanted if not HF_IGNORED.match(n)
                    and not (model_cfg.tied_embeddings and n == "lm_head.weight"))

@@ -49,7 +49,10 @@ def global_param_names(chunk) -> dict[str, tuple[str, torch.nn.Parameter]]:
     if getattr(gpt, "decoder", None) is not None:
         offsets = {j: layer.layer_number - 1 for j, layer in enumerate(gpt.decoder.layers)}
     out = {}
-    for name, p in gpt.named_parameters():
+    # The router's selection bias is a buffer (state, not trained by the optimizer) but a weight
+    # of the checkpoint (DeepSeek-V3's e_score_correction_bias).
+    bias = ((n, b) for n, b in gpt.named_buffers() if n.endswith("mlp.expert_bias"))
+    for name, p in list(gpt.named_parameters()) + list(bias):
         m = _LAYER.match(name)
         gname = f"decoder.layers.{offsets[int(m.group(1))]}.{m.group(2)}" if m else name
         out[name] = (gname, p)

@@ -12,6 +12,7 @@ from typing import Optional
 
 from r1mega.config import ConfigError, ModelConfig, RopeScalingConfig, validate_rope_scaling
 from r1mega.convert.families import ConversionError
+from r1mega.models.deepseek_v3.config import MLAConfig
 
 # model_type -> (family, architectures entry)
 SUPPORTED = {
@@ -19,6 +20,7 @@ SUPPORTED = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 FAMILY_TO_HF = {fam: (mt, arch) for mt, (fam, arch) in SUPPORTED.items()}
 
@@ -36,10 +38,12 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScalingConfig]:
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     if rope_type == "default":
         return theta, RopeScalingConfig()
+    if rope_type == "yarn":
+        return theta, _yarn_from_hf(hf, scaling)
     if rope_type != "llama3":
         raise ConversionError(
             f"config.json: rope type '{rope_type}' (rope_scaling / rope_parameters) is not "
-            f"implemented by r1mega's model; plain RoPE and 'llama3' (Llama 3.1/3.2) convert."
+            f"implemented by r1mega's model; plain RoPE, 'llama3' (Llama 3.1/3.2) and 'yarn' convert."
         )
     # As in transformers: a top-level original_max_position_embeddings wins, and without any the
     # model's own max_position_embeddings is the original length.
@@ -64,6 +68,39 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScalingConfig]:
     return theta, rs
 
 
+def _yarn_from_hf(hf: dict, scaling: dict) -> RopeScalingConfig:
+    """transformers' yarn parameters (``_compute_yarn_parameters``) as a RopeScalingConfig."""
+    from r1mega.models.yarn import yarn_attention_factor
+
+    old = scaling.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if old is None:
+        raise ConversionError("config.json: rope type 'yarn' without original_max_position_embeddings.")
+    factor = scaling.get("factor")
+    if factor is None:  # transformers' rule for DeepSeek-style configs
+        factor = hf["max_position_embeddings"] / old
+    if scaling.get("truncate", True) is not True:
+        raise ConversionError("config.json: yarn with truncate=false is not implemented (r1mega rounds "
+                              "the correction range as DeepSeek and transformers' default do).")
+    if scaling.get("mscale") is None and scaling.get("mscale_all_dim"):
+        raise ConversionError("config.json: yarn with mscale_all_dim but no mscale; transformers then "
+                              "ignores mscale_all_dim for the RoPE factor but not the softmax scale. "
+                              "Write mscale explicitly.")
+    rs = RopeScalingConfig(type="yarn", factor=float(factor), original_max_position_embeddings=int(old),
+                           beta_fast=float(scaling.get("beta_fast") or 32),
+                           beta_slow=float(scaling.get("beta_slow") or 1),
+                           mscale=float(scaling.get("mscale") or 1.0),
+                           mscale_all_dim=float(scaling.get("mscale_all_dim") or 0.0))
+    given = scaling.get("attention_factor")
+    if given is not None and abs(float(given) - yarn_attention_factor(rs)) > 1e-9:
+        raise ConversionError(f"config.json: yarn attention_factor={given} differs from the one its "
+                              f"factor/mscale give ({yarn_attention_factor(rs)}); not implemented.")
+    try:
+        validate_rope_scaling(rs, key="config.json rope_scaling")
+    except ConfigError as exc:
+        raise ConversionError(str(exc)) from None
+    return rs
+
+
 def _rope_to_hf(cfg: ModelConfig) -> dict:
     """transformers 5 ``rope_parameters`` for ``cfg``."""
     out = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
@@ -72,6 +109,11 @@ def _rope_to_hf(cfg: ModelConfig) -> dict:
         out.update(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
                    high_freq_factor=rs.high_freq_factor,
                    original_max_position_embeddings=rs.original_max_position_embeddings)
+    if rs.type == "yarn":
+        out.update(rope_type="yarn", factor=rs.factor, beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
+                   original_max_position_embeddings=rs.original_max_position_embeddings)
+        if rs.mscale_all_dim:  # without it transformers ignores mscale (r1mega does too)
+            out.update(mscale=rs.mscale, mscale_all_dim=rs.mscale_all_dim)
     return out
 
 
@@ -121,6 +163,11 @@ def model_config_from_hf(hf: dict, base: Optional[ModelConfig] = None) -> ModelC
     cfg.tied_embeddings = bool(hf.get("tie_word_embeddings", False))
     cfg.init_method_std = float(hf.get("initializer_range", cfg.init_method_std))
     _moe_from_hf(hf, cfg, model_type == "qwen3_moe")
+    cfg.mla = MLAConfig()
+    if model_type == "deepseek_v3":
+        from r1mega.convert.hf_config_deepseek import deepseek_from_hf
+
+        deepseek_from_hf(hf, cfg)
     return cfg
 
 
@@ -229,6 +276,10 @@ def hf_config_from_model_config(cfg: ModelConfig, original: Optional[dict] = Non
         for key in ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
                     "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step"):
             out.pop(key, None)
+    if model_type == "deepseek_v3":
+        from r1mega.convert.hf_config_deepseek import deepseek_to_hf
+
+        out.update(deepseek_to_hf(cfg))
     if dtype_name is not None:
         out["torch_dtype"] = dtype_name
         out["dtype"] = dtype_name
@@ -314,7 +365,7 @@ def fill_model_from_hf(model_cfg: ModelConfig, hf_dir: str, explicit: set) -> Mo
 
 ARCH_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                "ffn_hidden_size", "vocab_size", "qkv_bias", "qk_norm", "tied_embeddings",
-               "rope_theta", "rope_scaling", "norm_epsilon", "kv_channels") + MOE_ARCH_FIELDS
+               "rope_theta", "rope_scaling", "norm_epsilon", "kv_channels", "mla") + MOE_ARCH_FIELDS
 
 
 def check_model_matches_hf(model_cfg: ModelConfig, hf: dict, source: str = "config.json") -> None:

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from r1mega.convert import fp8_blocks
 from r1mega.convert.families import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -86,14 +87,32 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise ConversionError(f"tensor '{name}' is not in the HF checkpoint {self.dir}.")
-        return self._handles[self.weight_map[name]].get_tensor(name)
+        t = self._handles[self.weight_map[name]].get_tensor(name)
+        if t.dtype in fp8_blocks.FP8_DTYPES:
+            # Released DeepSeek-V3 weights: FP8 with 128x128 block scales, dequantised here.
+            scales = fp8_blocks.scale_name(name)
+            if scales not in self.weight_map:
+                raise ConversionError(f"HF tensor '{name}' is {t.dtype} without '{scales}' in {self.dir}; "
+                                      f"only block-scaled FP8 (DeepSeek-V3's format) converts.")
+            try:
+                t = fp8_blocks.dequantize_blockwise(t, self.get(scales), name=name)
+            except ValueError as exc:
+                raise ConversionError(f"{self.dir}: {exc}") from None
+        return t
 
     def dtype(self) -> torch.dtype:
-        """The one floating dtype of the weights (a mixed checkpoint is refused by name)."""
+        """The one floating dtype of the weights (a mixed checkpoint is refused by name).
+
+        Not counted: tensors transformers keeps in float32 whatever the model dtype (the MoE router
+        and its selection bias) and FP8 block scales; FP8 weights count as bfloat16, the dtype
+        DeepSeek-V3 keeps its unquantised tensors in."""
         seen = {}
         for shard, h in self._handles.items():
             for name in h.keys():
-                seen.setdefault(h.get_slice(name).get_dtype(), name)
+                st = h.get_slice(name).get_dtype()
+                if name.endswith(("weight_scale_inv", "e_score_correction_bias", "mlp.gate.weight")):
+                    continue
+                seen.setdefault("BF16" if st.startswith("F8") else st, name)
         if len(seen) != 1:
             raise ConversionError(f"HF checkpoint {self.dir} mixes dtypes {dict(seen)} (dtype: first "
                                   f"tensor); convert it to one dtype first.")

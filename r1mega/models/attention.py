@@ -160,10 +160,27 @@ def sdpa_packed(q, k, v, seq_lengths, scale: Optional[float]) -> torch.Tensor:
         kb = k.view(b, s, hkv, -1).transpose(1, 2)
         vb = v.view(b, s, hkv, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2).reshape(q.shape)
+        return out.transpose(1, 2).reshape(*q.shape[:2], v.shape[-1])  # (T, Hq, Dv)
     return _sdpa_masked(q, k, v, block_causal_mask(lengths, q.device), scale)
 
 
+def _v_padded(fn):
+    """MLA's values are narrower than its queries/keys (128 vs 192 for V3); flash kernels take one
+    head size, so v is zero-padded to it and the padding columns of the output dropped (zero
+    value columns contribute exactly zero)."""
+
+    def wrapped(q, k, v, *args, **kwargs):
+        dv = v.shape[-1]
+        if dv == q.shape[-1]:
+            return fn(q, k, v, *args, **kwargs)
+        out = fn(q, k, F.pad(v, (0, q.shape[-1] - dv)), *args, **kwargs)
+        return out[..., :dv]
+
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@_v_padded
 def varlen_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) -> torch.Tensor:
     """torch's varlen flash attention, causal via window (-1, 0). q (T, Hq, D) -> (T, Hq, D)."""
     if _torch_varlen is None:
@@ -181,6 +198,7 @@ def varlen_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) 
                          scale=scale, window_size=(-1, 0), **kwargs)
 
 
+@_v_padded
 def flash_packed(q, k, v, cu_seqlens, max_seqlen: int, scale: Optional[float]) -> torch.Tensor:
     if _flash_varlen is None:
         raise RuntimeError("model.attention_backend=flash but flash-attn is not importable; "
@@ -195,7 +213,8 @@ class PackedCoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection=None, backend: str = "auto"):
+                 pg_collection=None, backend: str = "auto", k_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
             raise NotImplementedError("PackedCoreAttention has no context parallelism; "
@@ -259,12 +278,13 @@ class PackedCoreAttention(MegatronModule):
             return self._forward_exact(query, key, value, packed_seq_params)
         if packed_seq_params is None:
             # (S, B, H, D) -> (B, H, S, D); plain causal batch.
-            s, b, hq, d = query.shape
+            # MLA: q/k are D wide, v Dv (SDPA takes the two widths).
+            s, b, hq, _ = query.shape
             out = F.scaled_dot_product_attention(
                 query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
                 is_causal=True, scale=self.softmax_scale, enable_gqa=hq != key.shape[2],
-            )  # (B, Hq, S, D)
-            return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
+            )  # (B, Hq, S, Dv)
+            return out.permute(2, 0, 1, 3).reshape(s, b, hq * value.shape[-1])
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"PackedCoreAttention expects qkv_format='thd', got "
                              f"{packed_seq_params.qkv_format!r}.")

@@ -28,6 +28,8 @@ class BlockSpec:
     spec: object                           # ModuleSpec (one for every layer) or TransformerBlockSubmodules
     impl: str                              # "te" | "local"
     collector: Optional[AuxLossCollector]  # the chunk's MoE balance-loss collector, or None
+    # Multi-token-prediction layers (DeepSeek-V3), attached to the last pipeline stage only.
+    mtp_layer_specs: Optional[list] = None
 
 
 # (model (cfg.model), rt, first_layer: the chunk's first global layer, num_layers) -> BlockSpec
@@ -71,9 +73,32 @@ def decoder_block(model, rt, *, first_layer: int, num_layers: int) -> BlockSpec:
     # layers report their balance losses to the chunk's collector.
     moe = MoESettings.from_model(model)
     collector = AuxLossCollector(moe.aux_loss_coeff, moe.z_loss_coeff)
-    layers = moe_block_layer_specs(
-        model, moe, first_layer=first_layer, num_layers=num_layers, collector=collector,
-        ep_group=rt.ep_group if rt.ep_size > 1 else None,
-        tp_group=rt.tp_group if rt.tp_size > 1 else None,
-        expert_dp_group=rt.pg_collection.expt_dp if rt.ep_size > 1 else None)
+    layers = moe_block_layer_specs(model, moe, first_layer=first_layer, num_layers=num_layers,
+                                   collector=collector, **_moe_groups(rt))
     return BlockSpec(TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm), "local", collector)
+
+
+@register_block_builder("deepseek_v3")
+def deepseek_v3_block(model, rt, *, first_layer: int, num_layers: int) -> BlockSpec:
+    """Multi-head latent attention layers (r1mega/models/deepseek_v3/spec.py): a dense MLP in the
+    first model.moe_first_k_dense layers, the MoE layer after; plus the MTP modules' layers."""
+    from r1mega.models.deepseek_v3.spec import mla_block_layer_specs
+
+    moe = MoESettings.from_model(model) if model.num_experts else None
+    collector = AuxLossCollector(moe.aux_loss_coeff, moe.z_loss_coeff) if moe else None
+    groups = _moe_groups(rt) if moe else {}
+    layers = mla_block_layer_specs(model, moe, first_layer=first_layer, num_layers=num_layers,
+                                   collector=collector, **groups)
+    mtp = None
+    if model.mtp_num_layers:
+        mtp = mla_block_layer_specs(model, moe, first_layer=model.num_layers,
+                                    num_layers=model.mtp_num_layers, collector=collector, **groups)
+    return BlockSpec(TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm), "local",
+                     collector, mtp)
+
+
+def _moe_groups(rt) -> dict:
+    """The process groups an MoE layer exchanges over (None: size 1)."""
+    return dict(ep_group=rt.ep_group if rt.ep_size > 1 else None,
+                tp_group=rt.tp_group if rt.tp_size > 1 else None,
+                expert_dp_group=rt.pg_collection.expt_dp if rt.ep_size > 1 else None)

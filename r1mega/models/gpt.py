@@ -48,13 +48,26 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
                                           model.num_layers)
     recompute = {"none": (None, None, None), "selective": ("selective", None, None),
                  "full": ("full", "uniform", 1)}[model.recompute]
-    return TransformerConfig(
+    config_class, extra = TransformerConfig, {}
+    if model.family == "deepseek_v3":
+        from megatron.core.transformer import MLATransformerConfig
+
+        from r1mega.models.deepseek_v3.spec import mla_config_kwargs
+
+        config_class, extra = MLATransformerConfig, mla_config_kwargs(model)
+    elif model.rope_scaling.type == "yarn":
+        # YaRN's attention factor multiplies cos and sin, i.e. every q.k by its square.
+        from r1mega.models.yarn import yarn_attention_factor
+
+        head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+        extra["softmax_scale"] = yarn_attention_factor(model.rope_scaling) ** 2 / head_dim ** 0.5
+    return config_class(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
+        kv_channels=extra.pop("kv_channels", None) or model.kv_channels or model.hidden_size // model.num_attention_heads,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         add_bias_linear=False,
@@ -113,6 +126,7 @@ def make_transformer_config(model: ModelConfig, rt: ParallelRuntime,
         # than stacking one tensor over all layers (which would miss the dense layers' shards).
         hetereogenous_dist_checkpoint=bool(model.num_experts and model.moe_first_k_dense),
         **te_fp8,
+        **extra,
     )
 
 
@@ -162,7 +176,16 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
         )
         # Not GPTModel(rope_scaling=True): megatron would keep Llama 3.1's low/high frequency
         # factors and original length whatever model.rope_scaling says (see rope_scaling.py).
-        apply_rope_scaling(gpt.rotary_pos_emb, model.rope_scaling)
+        if model.family == "deepseek_v3":
+            from r1mega.models.deepseek_v3.spec import apply_mla_rope
+
+            apply_mla_rope(gpt, model)  # each MLA layer owns its rotary embedding
+        else:
+            apply_rope_scaling(gpt.rotary_pos_emb, model.rope_scaling, model.rope_theta)
+        if block.mtp_layer_specs and post:
+            from r1mega.models.deepseek_v3.mtp import attach_mtp
+
+            attach_mtp(gpt, config, block.mtp_layer_specs, model.num_layers, rt.pg_collection)
         # The train step clears it before and adds it to the loss after each micro-batch forward.
         gpt.moe_aux_losses = collector
         gpt.to(device=rt.device)
@@ -229,6 +252,10 @@ def count_parameters(model: ModelConfig) -> int:
     per_layer = qkv + bias + model.num_attention_heads * d * h + 2 * h
     if model.qk_norm:
         per_layer += 2 * d
+    if model.family == "deepseek_v3":
+        from r1mega.models.deepseek_v3.config import mla_parameters
+
+        per_layer = mla_parameters(model) + 2 * h
     embed = model.vocab_size * h
     ffn = L * 3 * h * f
     if model.num_experts:

@@ -1,4 +1,5 @@
-"""Llama 3.1/3.2 RoPE scaling ("llama3") applied to megatron's rotary embedding.
+"""RoPE scaling applied to megatron's rotary embedding: Llama 3.1/3.2's "llama3" and YaRN ("yarn",
+r1mega/models/yarn.py).
 
 megatron-core 0.16.1's ``RotaryEmbedding(rope_scaling=True, rope_scaling_factor=f)`` forwards only
 the factor: ``low_freq_factor``, ``high_freq_factor`` and ``original_max_position_embeddings`` stay
@@ -31,14 +32,23 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScalingConfig) -> torch
     return torch.where(is_medium, smoothed, scaled)
 
 
-def apply_rope_scaling(rotary: torch.nn.Module, scaling: RopeScalingConfig) -> None:
-    """Replace ``rotary.inv_freq`` (a megatron ``RotaryEmbedding`` built without scaling) by its
-    ``scaling`` version; a no-op for ``type: none``."""
+def apply_rope_scaling(rotary: torch.nn.Module, scaling: RopeScalingConfig,
+                       theta: float = 10000.0) -> None:
+    """Replace ``rotary.inv_freq`` (a megatron ``RotaryEmbedding`` built without scaling, RoPE base
+    ``theta``) by its ``scaling`` version; a no-op for ``type: none``. YaRN's attention factor is
+    not in the frequencies: the caller puts it into the softmax scale (see gpt.py)."""
     if scaling.type == "none":
         return
-    if scaling.type != "llama3":
-        raise ValueError(f"model.rope_scaling.type={scaling.type!r}: only 'none' and 'llama3' exist.")
-    rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, scaling)
+    if scaling.type == "llama3":
+        new = llama3_inv_freq(rotary.inv_freq, scaling)
+    elif scaling.type == "yarn":
+        from r1mega.models.yarn import yarn_inv_freq
+
+        new = yarn_inv_freq(2 * rotary.inv_freq.numel(), theta, scaling)
+    else:
+        raise ValueError(f"model.rope_scaling.type={scaling.type!r}: only 'none', 'llama3' and "
+                         f"'yarn' exist.")
+    rotary.inv_freq = new.to(device=rotary.inv_freq.device, dtype=rotary.inv_freq.dtype)
     # megatron lru-caches the embedding per (module, length): drop any built from the old table.
     cache_clear = getattr(type(rotary).forward, "cache_clear", None)
     if cache_clear is not None:

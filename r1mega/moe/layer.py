@@ -126,7 +126,8 @@ class MoELayer(MegatronModule):
                 nn.init.normal_(w, std=std)
             mark_replicated_over_tp(self.shared_expert.parameters(), self.sequence_parallel)
         mark_replicated_over_tp([self.router_weight], self.sequence_parallel)
-        if s.bias_enabled:
+        if s.bias_enabled or s.selection_bias:
+            # (With bias_update_rate 0 the balancing step adds 0: the bias stays as loaded.)
             # State, not a parameter: moved by update_expert_biases, saved with checkpoints.
             self.register_buffer("expert_bias", torch.zeros(s.num_experts, device=device))
             self.register_buffer("expert_load_accum", torch.zeros(s.num_experts, device=device),

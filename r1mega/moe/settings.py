@@ -37,6 +37,9 @@ class MoESettings:
     aux_loss_coeff: float
     z_loss_coeff: float
     first_k_dense: int
+    # DeepSeek-V3's router always carries its selection bias (e_score_correction_bias), frozen
+    # when bias_update_rate is 0; other models have one only while balancing moves it.
+    selection_bias: bool = False
 
     @classmethod
     def from_model(cls, m) -> "MoESettings":
@@ -47,7 +50,8 @@ class MoESettings:
                    num_groups=m.moe_num_groups, topk_groups=m.moe_topk_groups,
                    routed_scaling_factor=m.moe_routed_scaling_factor,
                    bias_update_rate=m.moe_bias_update_rate, aux_loss_coeff=m.moe_aux_loss_coeff,
-                   z_loss_coeff=m.moe_z_loss_coeff, first_k_dense=m.moe_first_k_dense)
+                   z_loss_coeff=m.moe_z_loss_coeff, first_k_dense=m.moe_first_k_dense,
+                   selection_bias=m.family == "deepseek_v3")
 
     def with_(self, **changes) -> "MoESettings":
         return dataclasses.replace(self, **changes)

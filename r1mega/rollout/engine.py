@@ -75,7 +75,8 @@ class RolloutEngine:
         self.device = r.device
         self.block_tokens = int(rollout_cfg.kv_block_tokens)
         self.cache = PagedKVCache(
-            KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, self.block_tokens, r.param_dtype),
+            KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, self.block_tokens, r.param_dtype,
+                         keys_only=r.mla is not None),
             r.device,
         )
         r.cache = self.cache

@@ -81,12 +81,16 @@ class KVCacheShape:
     head_dim: int
     block_tokens: int
     dtype: torch.dtype
+    # The values are the keys themselves (MLA's latent rows, r1mega/rollout/adapters/mla.py):
+    # one tensor per layer, ``v`` aliases ``k``.
+    keys_only: bool = False
 
     @property
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        # K and V, every layer.
-        return 2 * self.num_layers * self.block_tokens * self.kv_heads * self.head_dim * elem
+        # K and V (or K alone), every layer.
+        tensors = 1 if self.keys_only else 2
+        return tensors * self.num_layers * self.block_tokens * self.kv_heads * self.head_dim * elem
 
 
 def blocks_for_budget(
@@ -133,7 +137,8 @@ class PagedKVCache:
         # One tensor per layer (not one big one) so each layer's cache is a plain contiguous
         # buffer the attention kernels can index with a single base pointer.
         self.k = [torch.zeros(dims, dtype=s.dtype, device=self.device) for _ in range(s.num_layers)]
-        self.v = [torch.zeros(dims, dtype=s.dtype, device=self.device) for _ in range(s.num_layers)]
+        self.v = self.k if s.keys_only else [torch.zeros(dims, dtype=s.dtype, device=self.device)
+                                             for _ in range(s.num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     def release(self) -> None:
@@ -160,7 +165,7 @@ class PagedKVCache:
         else:
             idx = idx.to(self.device)
         src, dst = idx[0], idx[1]
-        for cache in (*self.k, *self.v):
+        for cache in self.k if self.shape.keys_only else (*self.k, *self.v):
             cache.index_copy_(0, dst, cache.index_select(0, src))
 
 

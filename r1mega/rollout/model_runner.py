@@ -114,13 +114,21 @@ class ModelRunner:
         self.num_kv_heads = attn.num_query_groups_per_partition
         self.head_dim = attn.hidden_size_per_attention_head
         self.scale = self.config.softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.mla = None
+        if getattr(self.config, "multi_latent_attention", False):
+            # DeepSeek-V3: the cache holds one latent row per token (r1mega/rollout/adapters/mla.py).
+            from r1mega.rollout.adapters.mla import MLARolloutAttention
+
+            tp_group = getattr(ctx, "tp_group", None) if getattr(ctx, "tp_size", 1) > 1 else None
+            self.mla = MLARolloutAttention(self.layers, self.config, next(m.parameters()).device, tp_group)
+            self.num_kv_heads, self.head_dim, self.scale = 1, self.mla.cache_width, self.mla.scale
         self.tp_group = getattr(ctx, "tp_group", None)
         self.tp_rank = getattr(ctx, "tp_rank", 0)
         self.tp_size = getattr(ctx, "tp_size", 1)
         self.device = next(m.parameters()).device
         self.param_dtype = next(m.parameters()).dtype
         self.attention_backend = attention_backend
-        rope = m.rotary_pos_emb
+        rope = m.rotary_pos_emb if self.mla is None else self.layers[0].self_attention.rotary_pos_emb
         self.inv_freq = rope.inv_freq.detach().to(self.device, torch.float32)
         self.rope_interp = rope.seq_len_interpolation_factor
         self.rotary_interleaved = bool(self.config.rotary_interleaved)
@@ -133,7 +141,7 @@ class ModelRunner:
         on_gpu = self.device.type == "cuda"
         pow2_heads = self.head_dim & (self.head_dim - 1) == 0
         # Plain attributes (tests flip them): the decode kernels, as custom ops.
-        self.decode_kernel_enabled = on_gpu and triton_paged.HAVE_TRITON and pow2_heads
+        self.decode_kernel_enabled = on_gpu and triton_paged.HAVE_TRITON and pow2_heads and self.mla is None
         self.fused_rope_kv_enabled = (self.decode_kernel_enabled and triton_rope_kv.HAVE_TRITON
                                       and self.fused_rope_kv_supported())
         # MoE layers whose forward reads routing counts back to the host cannot be captured in
@@ -267,7 +275,9 @@ class ModelRunner:
             residual = x
             h = layer.input_layernorm(x)
             attn = layer.self_attention
-            if fused:
+            if self.mla is not None:
+                o = self.mla.attention(self.cache, i, attn, h, positions, slots, batch, decode_tensors)
+            elif fused:
                 # (T, 1, Hkv, (G + 2) * D): each KV group's q heads, k, v, as linear_qkv wrote them
                 qkv, _ = attn.get_query_key_value_tensors(h, split_qkv=False)
                 if i == 0:
@@ -283,7 +293,8 @@ class ModelRunner:
                 k = k.reshape(T, -1, self.head_dim)
                 v = v.reshape(T, -1, self.head_dim)
                 self.cache.write(i, slots, k, v)
-            o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)
+            if self.mla is None:
+                o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)
             x = _bda(attn.linear_proj(o.reshape(T, 1, -1).to(h.dtype)), residual)
             residual = x
             x = _bda(layer.mlp(layer.pre_mlp_layernorm(x)), residual)  # dense MLP or MoELayer

@@ -161,7 +161,8 @@ class SFTStep:
         self.per_rank = batch // rt.dp_size
         self.sampler = PromptSampler(source, rt.dp_rank, rt.dp_size, seed=cfg.data.seed + 17)
         tp_group = rt.tp_group if rt.tp_size > 1 else None
-        self.loss_fn = sft_loss_fn(cfg.model.vocab_size, tp_group, host_checked=True)
+        self.loss_fn = sft_loss_fn(cfg.model.vocab_size, tp_group, host_checked=True,
+                                   mtp_weight=cfg.model.mtp_loss_weight if cfg.model.mtp_num_layers else 0.0)
 
     def __call__(self, step: int) -> dict:
         import time

@@ -65,18 +65,33 @@ def check_label_ids(samples: Sequence[dict], vocab_size: int) -> None:
                              "not match model.vocab_size")
 
 
-def sft_loss_fn(vocab_size: int, tp_group=None, *, host_checked: bool = False) -> LossFn:
+def sft_loss_fn(vocab_size: int, tp_group=None, *, host_checked: bool = False,
+                mtp_weight: float = 0.0) -> LossFn:
     """Cross-entropy on micro-batch fields ``labels`` (T,) and ``loss_mask`` (T,).
-    ``host_checked``: the caller ran :func:`check_label_ids`, so no device range check (a sync)."""
+    ``host_checked``: the caller ran :func:`check_label_ids`, so no device range check (a sync).
+    ``mtp_weight`` > 0: the model's multi-token-prediction depths train on the same tokens
+    (``loss_fn.mtp_loss``, added by the schedule; r1mega/models/deepseek_v3/mtp.py)."""
+
+    def target_logprobs(logits_shard, labels):
+        return vocab_parallel_target_logprobs(logits_shard, labels, vocab_size=vocab_size,
+                                              tp_group=tp_group, check_range=not host_checked)
 
     def loss_fn(logits_shard, mb: MicroBatch):
         labels, mask = mb.fields["labels"], mb.fields["loss_mask"].float()
-        logp = vocab_parallel_target_logprobs(logits_shard, labels * (mask > 0),
-                                              vocab_size=vocab_size, tp_group=tp_group,
-                                              check_range=not host_checked)
+        logp = target_logprobs(logits_shard, labels * (mask > 0))
         nll_sum = -(logp * mask).sum()
         return nll_sum, mask.sum().to(torch.int32), {"nll_sum": nll_sum.detach()}
 
+    def mtp_loss(mtp_logits, mb: MicroBatch):
+        from r1mega.models.deepseek_v3.mtp import mtp_loss_sum
+
+        lengths = torch.tensor(mb.seq_lengths, device=mb.fields["labels"].device)
+        seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        return mtp_loss_sum(mtp_logits, mb.fields["labels"], mb.fields["loss_mask"], seq_ids,
+                            mtp_weight, target_logprobs)
+
+    if mtp_weight > 0:
+        loss_fn.mtp_loss = mtp_loss
     return loss_fn
 
 
@@ -126,6 +141,10 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
         collector = getattr(unwrap(model), "moe_aux_losses", None)
         if collector is not None:
             collector.begin()
+        # Multi-token prediction runs only for losses that train it (SFT), never in log-prob passes.
+        mtp, mtp_loss = getattr(unwrap(model), "mtp_heads", None), getattr(on_logits, "mtp_loss", None)
+        if mtp is not None:
+            mtp.active = mtp_loss is not None and not forward_only
         # Routing replay: the MoE layers route this micro-batch as the rollout did (its
         # moe_routes field; see r1mega/moe/replay.py). Sequence parallelism splits S over TP.
         sp = rt.sequence_parallel and rt.tp_size > 1
@@ -140,6 +159,7 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
                             packed_seq_params=mb.packed)
 
         aux = collector.take() if collector is not None else None
+        mtp_logits = mtp.take() if mtp is not None else None
 
         def loss_func(output):
             # (1, T, V/tp) or (B, S, V/tp) -> (T, V/tp), sequences end to end as packed
@@ -150,6 +170,8 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
                 # loss enters as the count-weighted mean of its per-micro-batch values. Added
                 # after on_logits: the reported loss stays the task loss alone.
                 loss_sum = loss_sum + aux * num_tokens
+            if mtp_logits:
+                loss_sum = loss_sum + mtp_loss(mtp_logits, mb)
             return loss_sum, num_tokens, metrics
 
         return out, loss_func
@@ -371,6 +393,8 @@ class TrainStep:
             sums.add({"loss_sum": loss_sum, "num_tokens": num_tokens, **metrics})
             return loss_sum, num_tokens, {}
 
+        if getattr(loss_fn, "mtp_loss", None) is not None:
+            on_logits.mtp_loss = loss_fn.mtp_loss  # the schedule adds it after the task loss
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optim.optimizer.zero_grad()

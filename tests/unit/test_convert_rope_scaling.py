@@ -88,11 +88,11 @@ def test_wrong_scaling_fails_the_parity_check(llama3_dir, rt, monkeypatch, wrong
     with its fixed 1 / 4 / 8192, moves the logits far past the verification threshold."""
     import r1mega.models.gpt as gpt_mod
 
-    def megatron_constants(rotary, scaling):
+    def megatron_constants(rotary, scaling, theta=None):
         rotary.inv_freq = rotary._apply_scaling(rotary.inv_freq, factor=scaling.factor)
 
     monkeypatch.setattr(gpt_mod, "apply_rope_scaling",
-                        (lambda rotary, scaling: None) if wrong == "ignored" else megatron_constants)
+                        (lambda rotary, scaling, theta=None: None) if wrong == "ignored" else megatron_constants)
     ids = probe_tokens(97, batch=2, seq_len=SEQ_LEN, seed=1)
     _, ours = _converted_logits(llama3_dir, rt, ids)
     report = compare_logits(hf_reference_logits(llama3_dir, ids), ours)
