@@ -263,6 +263,8 @@ class RewardsConfig:
     # its worker, lacked a reference field) above which training stops: such completions score
     # 0 through no fault of their own, and a policy trained on them learns from noise.
     max_error_rate: float = 0.05
+    # reward_model reward: an r1mega checkpoint directory of the judge (rewards/reward_model.py).
+    reward_model_dir: Optional[str] = None
 
 
 @dataclass
@@ -336,6 +338,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # `r1mega pipeline`: the phase list, each entry checked by r1mega/pipeline/config.py.
+    phases: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- loading
