@@ -80,6 +80,24 @@ def _typed(cls, data, where: str):
     return obj
 
 
+# train.* keys of the single-run trainer that a phase list replaces (phases[k].steps, its
+# optimizer section) or that the pipeline does not run (intermediate evaluations).
+REPLACED_TRAIN_KEYS = ("mode", "steps", "sft_steps", "sft_lr", "sft_decay_style",
+                        "eval_every_steps")
+
+
+def _check_replaced_keys(train, where: str) -> None:
+    from r1mega.config import TrainConfig
+
+    default = TrainConfig()
+    for key in REPLACED_TRAIN_KEYS:
+        if getattr(train, key) != getattr(default, key):
+            raise ConfigError(f"{where}train.{key}={getattr(train, key)!r} has no effect in a "
+                              "pipeline: each phase's steps are phases[k].steps, its lr and "
+                              "schedule phases[k].optimizer, and the per-phase table is the "
+                              f"evaluation. Remove {where}train.{key}.")
+
+
 def parse_phases(cfg: Config) -> list[PhaseSpec]:
     """``cfg.phases`` -> one :class:`PhaseSpec` per entry, every reference checked."""
     from r1mega.config_checks import validate
@@ -87,6 +105,7 @@ def parse_phases(cfg: Config) -> list[PhaseSpec]:
     if not isinstance(cfg.phases, list) or not cfg.phases:
         raise ConfigError("phases: expected a non-empty list of phase entries (see "
                           "configs/r1_demo.yaml).")
+    _check_replaced_keys(cfg.train, "")
     base = copy.deepcopy(cfg)
     base.phases = []
     specs: list[PhaseSpec] = []
@@ -115,6 +134,7 @@ def parse_phases(cfg: Config) -> list[PhaseSpec]:
         for section in OVERRIDABLE:
             if section in entry:
                 _merge(getattr(pcfg, section), entry[section], f"{where}.{section}.")
+        _check_replaced_keys(pcfg.train, where + ".")
         try:
             validate(pcfg)
         except ConfigError as exc:

@@ -16,8 +16,8 @@ import copy
 import os
 import time
 
-from r1mega.config import Config, ConfigError, save_resolved, validate
-from r1mega.pipeline.config import legacy_phases, parse_phases
+from r1mega.config import Config, ConfigError, TrainConfig, save_resolved, validate
+from r1mega.pipeline.config import REPLACED_TRAIN_KEYS, legacy_phases, parse_phases
 from r1mega.pipeline.phases import PHASES
 from r1mega.pipeline.report import format_table, phase_eval
 from r1mega.pipeline.session import (DONE_FILE, Session, barrier, phase_dir, read_done,
@@ -35,6 +35,10 @@ def pipeline_config(cfg: Config) -> Config:
         return cfg
     cfg = copy.deepcopy(cfg)
     cfg.phases = legacy_phases(cfg)
+    # Those phases now carry what these keys said.
+    fresh = TrainConfig()
+    for key in REPLACED_TRAIN_KEYS:
+        setattr(cfg.train, key, getattr(fresh, key))
     return cfg
 
 

@@ -21,6 +21,8 @@ from r1mega.rewards.format import check_format
 from r1mega.rewards.language import script_units
 
 _WS = re.compile(r"\s+")
+# The format's own tags are Latin words in every language; they are markup, not the response.
+_TAGS = re.compile(r"</?(?:think|answer)>")
 
 
 def prompt_script(prompt: str, default: str = "LATIN") -> str:
@@ -32,7 +34,7 @@ def prompt_script(prompt: str, default: str = "LATIN") -> str:
 def language_share(response: str, prompt: str) -> float:
     """Share of the response's word units in the prompt's script; 1.0 with no letters at all
     (digits and symbols mix no language)."""
-    units = script_units(response)
+    units = script_units(_TAGS.sub(" ", response))
     if not units:
         return 1.0
     script = prompt_script(prompt)

@@ -104,7 +104,7 @@ def _pipeline(rank, world_size, run_dir, phases, stop):
         return gen(self, step, *a, **k)
 
     phase_mod.GeneratePhase._generate = generate
-    cfg = load_config(os.path.join(ROOT, "configs/demo.yaml"),
+    cfg = load_config(os.path.join(ROOT, "configs/r1_demo.yaml"),
                       TINY + [f"logging.run_dir={run_dir}"])
     cfg.rewards.spec = {"arithmetic": {"exact_match": 1.0, "test_digit_share_pipe": 0.5}}
     cfg.phases = phases
