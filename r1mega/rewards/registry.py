@@ -121,6 +121,7 @@ def _load_builtin() -> None:
     # Imported for their @register_reward side effect; kept here so a plain
     # ``get_reward("math_accuracy")`` works without the caller knowing module names.
     from r1mega.rewards import code, format, language, length, math, puzzles, reasoning_gym  # noqa: F401
+    from r1mega.rewards import reward_model  # noqa: F401
     from r1mega.rewards import self_checks  # noqa: F401 -- registers the built-in self-checks
 
 
