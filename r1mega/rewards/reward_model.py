@@ -117,8 +117,8 @@ def judge_for(directory: str) -> Judge:
 
 def _warmup() -> None:
     # The imports are most of a judge's start-up; the model itself is tiny next to them.
-    import megatron.core  # noqa: F401
-    import r1mega.models.gpt  # noqa: F401
+    import megatron.core  # noqa: F401 -- imported for its start-up cost only
+    import r1mega.models.gpt  # noqa: F401 -- likewise
 
 
 def _self_check(**context) -> None:
