@@ -204,12 +204,12 @@ class RolloutConfig:
     # Upper bound on sequences decoded together (continuous batching).
     max_batch_sequences: int = 256
     cuda_graphs: bool = True
-    # GPU: torch.compile the decode forward (fuses its elementwise kernels; ~45 s once per process,
-    # then +20-35% decode speed); falls back to eager if compiling fails.
+    # GPU: torch.compile the decode forward (fuses its elementwise kernels at a one-time compile
+    # cost per process); falls back to eager if compiling fails.
     compile_decode: bool = True
     # GPU with CUDA graphs: launch decode step k+1 before the host reads step k (see
-    # r1mega/rollout/overlap.py); the tokens are identical (checked on the H200), only the host's
-    # wait is hidden: 71k -> 82k tokens/s at 256 x 256 there. CPU runs ignore it.
+    # r1mega/rollout/overlap.py); the tokens are identical, only the host's wait is hidden.
+    # CPU runs ignore it.
     overlap_steps: bool = True
     seed: int = 0
 
