@@ -129,6 +129,7 @@ class DistillPhase(SFTPhase):
 class GRPOPhase(Phase):
     def run(self) -> PhaseResult:
         from r1mega.data import PromptSampler, build_prompt_source
+        from r1mega.data.source import source_kinds
         from r1mega.train.grpo import GRPOStep
         from r1mega.train.roles import Reference, Rollout
 
@@ -152,6 +153,9 @@ class GRPOPhase(Phase):
         rollout = Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id], decode_fn=tok.decode,
                           vocab_size=tok.vocab_size)
         scorer = self.s.scorer(cfg)
+        # Every reward the phase uses must prove it can run before its first score counts; on a
+        # thread, so the workers' start-up overlaps the first rollout.
+        scorer.self_check(source_kinds(sampler.source), block=False)
         step_fn = GRPOStep(cfg, rt, policy, rollout, scorer, sampler, tok, reference=reference)
         return self._train(policy, step_fn, sampler)
 
@@ -168,6 +172,8 @@ class GeneratePhase(Phase):
 
     def run(self) -> PhaseResult:
         from r1mega.data import build_prompt_source
+        from r1mega.data.source import source_kinds
+        from r1mega.train.failures import PreemptionHandler, any_rank
         from r1mega.train.roles import Rollout
 
         cfg, rt, g = self.cfg, self.s.rt, self.spec.generate
@@ -187,7 +193,7 @@ class GeneratePhase(Phase):
         rollout = Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id], decode_fn=tok.decode,
                           vocab_size=tok.vocab_size)
         scorer = self.s.scorer(cfg)
-        from r1mega.train.failures import PreemptionHandler, any_rank
+        scorer.self_check(source_kinds(source), block=False)
 
         preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
         try:
