@@ -98,6 +98,18 @@ def _check_replaced_keys(train, where: str) -> None:
                               f"evaluation. Remove {where}train.{key}.")
 
 
+# Keys the loop reads once for the whole pipeline: a phase may not set its own.
+PIPELINE_WIDE = (("train", "time_budget_s"), ("data", "eval_source"), ("data", "eval_examples"))
+
+
+def _check_pipeline_wide(pcfg: Config, base: Config, where: str) -> None:
+    for section, key in PIPELINE_WIDE:
+        if getattr(getattr(pcfg, section), key) != getattr(getattr(base, section), key):
+            raise ConfigError(f"{where}.{section}.{key}: the pipeline has one (the time budget "
+                              "counts from its start; every phase is measured on the same "
+                              f"held-out prompts); set {section}.{key} at the top level.")
+
+
 def parse_phases(cfg: Config) -> list[PhaseSpec]:
     """``cfg.phases`` -> one :class:`PhaseSpec` per entry, every reference checked."""
     from r1mega.config_checks import validate
@@ -135,6 +147,7 @@ def parse_phases(cfg: Config) -> list[PhaseSpec]:
             if section in entry:
                 _merge(getattr(pcfg, section), entry[section], f"{where}.{section}.")
         _check_replaced_keys(pcfg.train, where + ".")
+        _check_pipeline_wide(pcfg, base, where)
         try:
             validate(pcfg)
         except ConfigError as exc:

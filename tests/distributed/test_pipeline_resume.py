@@ -48,7 +48,7 @@ def _digit_share(completion: str, reference: dict, **context) -> RewardResult:
     return RewardResult(sum(c.isdigit() for c in completion) / max(len(completion), 1), [])
 
 
-def _pipeline(rank, world_size, run_dir, phases, stop):
+def _pipeline(rank, world_size, run_dir, phases, stop, overrides=()):
     """run_pipeline on the tiny config; ``stop``: None or (phase name, step) to SIGTERM in.
     Returns the console, the parameters each phase started from / ended with (this process's
     phases only) and which (phase, step) calls ran."""
@@ -105,7 +105,7 @@ def _pipeline(rank, world_size, run_dir, phases, stop):
 
     phase_mod.GeneratePhase._generate = generate
     cfg = load_config(os.path.join(ROOT, "configs/r1_demo.yaml"),
-                      TINY + [f"logging.run_dir={run_dir}"])
+                      TINY + [f"logging.run_dir={run_dir}", *overrides])
     cfg.rewards.spec = {"arithmetic": {"exact_match": 1.0, "test_digit_share_pipe": 0.5}}
     cfg.phases = phases
     out = io.StringIO()
@@ -188,6 +188,21 @@ def test_killed_pipeline_resumes_bit_identical(reference, tmp_path, stop):
         assert torch.equal(second["ends"]["again"][k], v), k
     assert open(os.path.join(run_dir, "phases.txt")).read() == \
         open(os.path.join(ref_dir, "phases.txt")).read()
+
+
+@pytest.mark.slow
+def test_time_budget_stops_at_a_step_boundary_and_the_rerun_continues(reference, tmp_path):
+    ref_dir, ref = reference
+    run_dir = str(tmp_path / "run")
+    # A budget already spent: the loop stops after the first step (it always makes one).
+    first = run_ranks(_pipeline, world_size=1,
+                      args=(run_dir, PHASES, None, ["train.time_budget_s=0.001"]))[0]
+    assert first["code"] == 0 and "stopped (time_budget)" in first["out"]
+    assert first["calls"] == [("cold", 1)]
+    second = run_ranks(_pipeline, world_size=1, args=(run_dir, PHASES, None))[0]
+    assert second["calls"][0] == ("cold", 2)
+    for k, v in ref["ends"]["again"].items():
+        assert torch.equal(second["ends"]["again"][k], v), k
 
 
 def test_three_phases_on_two_ranks(tmp_path):

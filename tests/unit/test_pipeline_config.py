@@ -55,6 +55,8 @@ def test_each_phase_gets_the_top_level_tree_with_its_own_overrides():
     ([{"name": "s", "kind": "sft", "steps": 1},
       {"kind": "grpo", "steps": 1, "init": "s", "model": {"num_layers": 1}}], "phases[1].init"),
     ([{"kind": "sft", "steps": 1, "optimizer": {"decay_style": "cosin"}}], "phases[0]"),
+    ([{"kind": "sft", "steps": 1, "train": {"time_budget_s": 60}}], "phases[0].train.time_budget_s"),
+    ([{"kind": "grpo", "steps": 1, "data": {"eval_examples": 5}}], "phases[0].data.eval_examples"),
 ])
 def test_bad_phase_lists_name_the_key(phases, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
