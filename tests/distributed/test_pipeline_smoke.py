@@ -81,56 +81,67 @@ def test_r1_demo_smoke(tmp_path):
     assert os.listdir(os.path.join(run_dir, "tensorboard"))  # one run directory for all phases
 
 
-@pytest.mark.slow  # five one-phase pipelines, each in a fresh process: ~80 s on 2 cores
-def test_each_phase_kind_alone(tmp_path):
+STUDENT = {"num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "num_query_groups": 1,
+           "ffn_hidden_size": 32}
+SPM = os.path.join(ROOT, "tests/assets/botchan_en_unigram_1000.model")
+CASES = {
+    "sft": ([{"name": "a", "kind": "sft", "steps": 2}], None),
+    "grpo": ([{"name": "a", "kind": "grpo", "steps": 2}], None),
+    "generate": ([{"name": "a", "kind": "generate", "generate": {
+        "samples_per_prompt": 2, "num_prompts": 3, "prompts_per_step": 2}}], None),
+    # filter and distill read an earlier phase's output: that phase is marked finished with
+    # hand-made files, so only the phase under test runs.
+    "filter": ([{"name": "g", "kind": "generate"},
+                {"name": "a", "kind": "filter", "input": "g"}], "g"),
+    "distill": ([{"name": "g", "kind": "generate"},
+                 {"name": "f", "kind": "filter", "input": "g"},
+                 {"name": "a", "kind": "distill", "steps": 2, "input": "f", "model": STUDENT}], "f"),
+    # The student may read the teacher's text with a tokenizer of its own.
+    "distill_own_tokenizer": (
+        [{"name": "g", "kind": "generate"},
+         {"name": "f", "kind": "filter", "input": "g"},
+         {"name": "a", "kind": "distill", "steps": 2, "input": "f",
+          "model": {**STUDENT, "vocab_size": 1024}, "data": {"tokenizer": SPM}}], "f"),
+}
+
+
+@pytest.mark.slow  # a one-phase pipeline in a fresh process each: ~15 s on 2 cores
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_phase_kind_alone(tmp_path, case):
     row = {"prompt": "1+2+3=", "response": "<think>1+2=3,3+3=6</think><answer>6</answer>"}
     gen_row = {"phase": "g", "step": 1, "prompt_id": "x#0", "prompt": "1+2+3=", "kind": "arithmetic",
                "reference": {"answer": 6}, "completion": row["response"], "sample_index": 0,
                "finish_reason": "stop", "num_tokens": 40, "reward": 1.1, "components": {},
                "correct": True}
-    cases = {
-        "sft": ([{"name": "a", "kind": "sft", "steps": 2}], None),
-        "grpo": ([{"name": "a", "kind": "grpo", "steps": 2}], None),
-        "generate": ([{"name": "a", "kind": "generate", "generate": {
-            "samples_per_prompt": 2, "num_prompts": 3, "prompts_per_step": 2}}], None),
-        # filter and distill read an earlier phase's output: that phase is marked finished with
-        # hand-made files, so only the phase under test runs.
-        "filter": ([{"name": "g", "kind": "generate"},
-                    {"name": "a", "kind": "filter", "input": "g"}], "g"),
-        "distill": ([{"name": "g", "kind": "generate"},
-                     {"name": "f", "kind": "filter", "input": "g"},
-                     {"name": "a", "kind": "distill", "steps": 2, "input": "f",
-                      "model": {"num_layers": 1, "hidden_size": 16, "num_attention_heads": 2,
-                                "num_query_groups": 1, "ffn_hidden_size": 32}}], "f"),
-    }
-    for kind, (phases, fake) in cases.items():
-        run_dir = str(tmp_path / kind)
-        prepare = {}
-        if fake:
-            rows = os.path.join(run_dir, "phase_0", "generated", "step_000001.dp000.jsonl")
-            sft = os.path.join(run_dir, "phase_1", "sft.jsonl")
-            prepare = {rows: json.dumps(gen_row) + "\n",
-                       os.path.join(run_dir, "phase_0", "done.json"): json.dumps(
-                           {"name": "g", "kind": "generate", "checkpoint": None, "eval": None,
-                            "outputs": {"rows": rows}})}
-            if fake == "f":
-                prepare[sft] = (json.dumps(row) + "\n") * 4
-                prepare[os.path.join(run_dir, "phase_1", "done.json")] = json.dumps(
-                    {"name": "f", "kind": "filter", "checkpoint": None, "eval": None,
-                     "outputs": {"data": sft}})
-        res = run_ranks(_run, world_size=1, args=(run_dir, TINY_MODEL, phases, prepare))[0]
-        assert res["code"] == 0, kind
-        k = len(phases) - 1
-        done = _done(run_dir, k)
-        assert done["kind"] == kind and f"'a' ({kind}) starts" in res["out"]
-        if kind in ("sft", "grpo", "distill"):
-            assert os.path.basename(done["checkpoint"]) == "step_00000002"
-            assert done["eval"]["num_prompts"] > 0
-        if kind == "generate":
-            rows = [json.loads(line) for name in ("step_000001.dp000.jsonl", "step_000002.dp000.jsonl")
-                    for line in open(os.path.join(run_dir, "phase_0", "generated", name))]
-            assert len(rows) == 6 and {r["prompt_id"] for r in rows} == {
-                "builtin:arithmetic#0", "builtin:arithmetic#1", "builtin:arithmetic#2"}
-        if kind == "filter":
-            (out,) = [json.loads(line) for line in open(done["outputs"]["data"])]
-            assert out["response"] == row["response"] and out["provenance"]["prompt_id"] == "x#0"
+    phases, fake = CASES[case]
+    kind = phases[-1]["kind"]
+    run_dir = str(tmp_path / case)
+    prepare = {}
+    if fake:
+        rows = os.path.join(run_dir, "phase_0", "generated", "step_000001.dp000.jsonl")
+        sft = os.path.join(run_dir, "phase_1", "sft.jsonl")
+        prepare = {rows: json.dumps(gen_row) + "\n",
+                   os.path.join(run_dir, "phase_0", "done.json"): json.dumps(
+                       {"name": "g", "kind": "generate", "checkpoint": None, "eval": None,
+                        "outputs": {"rows": rows}})}
+        if fake == "f":
+            prepare[sft] = (json.dumps(row) + "\n") * 4
+            prepare[os.path.join(run_dir, "phase_1", "done.json")] = json.dumps(
+                {"name": "f", "kind": "filter", "checkpoint": None, "eval": None,
+                 "outputs": {"data": sft}})
+    res = run_ranks(_run, world_size=1, args=(run_dir, TINY_MODEL, phases, prepare))[0]
+    assert res["code"] == 0, kind
+    k = len(phases) - 1
+    done = _done(run_dir, k)
+    assert done["kind"] == kind and f"'a' ({kind}) starts" in res["out"]
+    if kind in ("sft", "grpo", "distill"):
+        assert os.path.basename(done["checkpoint"]) == "step_00000002"
+        assert done["eval"]["num_prompts"] > 0
+    if kind == "generate":
+        rows = [json.loads(line) for name in ("step_000001.dp000.jsonl", "step_000002.dp000.jsonl")
+                for line in open(os.path.join(run_dir, "phase_0", "generated", name))]
+        assert len(rows) == 6 and {r["prompt_id"] for r in rows} == {
+            "builtin:arithmetic#0", "builtin:arithmetic#1", "builtin:arithmetic#2"}
+    if kind == "filter":
+        (out,) = [json.loads(line) for line in open(done["outputs"]["data"])]
+        assert out["response"] == row["response"] and out["provenance"]["prompt_id"] == "x#0"
