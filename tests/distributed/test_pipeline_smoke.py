@@ -105,7 +105,6 @@ CASES = {
 }
 
 
-@pytest.mark.slow  # a one-phase pipeline in a fresh process each: ~15 s on 2 cores
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_phase_kind_alone(tmp_path, case):
     row = {"prompt": "1+2+3=", "response": "<think>1+2=3,3+3=6</think><answer>6</answer>"}
