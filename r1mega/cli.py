@@ -16,6 +16,7 @@ import sys
 COMMANDS = {
     "demo": ("r1mega.train.entry", "demo_main", "the embedded default: SFT cold start, then GRPO, on CPU"),
     "train": ("r1mega.train.entry", "train_main", "GRPO training: r1mega train CONFIG [key=value ...]"),
+    "pipeline": ("r1mega.train.entry", "pipeline_main", "the phase-based trainer: r1mega pipeline CONFIG [key=value ...]"),
     "sft": ("r1mega.train.entry", "sft_main", "supervised fine-tuning: r1mega sft CONFIG [key=value ...]"),
     "generate": ("r1mega.rollout.generate_cli", "main", "sample completions: r1mega generate CONFIG --prompts F --out F"),
     "reward": ("r1mega.rewards.cli", "main", "score completions: r1mega reward --input FILE.jsonl"),

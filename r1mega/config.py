@@ -231,12 +231,12 @@ class RolloutConfig:
     # Upper bound on sequences decoded together (continuous batching).
     max_batch_sequences: int = 256
     cuda_graphs: bool = True
-    # GPU: torch.compile the decode forward (fuses its elementwise kernels; ~45 s once per process,
-    # then +20-35% decode speed); falls back to eager if compiling fails.
+    # GPU: torch.compile the decode forward (fuses its elementwise kernels at a one-time compile
+    # cost per process); falls back to eager if compiling fails.
     compile_decode: bool = True
     # GPU with CUDA graphs: launch decode step k+1 before the host reads step k (see
-    # r1mega/rollout/overlap.py); the tokens are identical (checked on the H200), only the host's
-    # wait is hidden: 71k -> 82k tokens/s at 256 x 256 there. CPU runs ignore it.
+    # r1mega/rollout/overlap.py); the tokens are identical, only the host's wait is hidden.
+    # CPU runs ignore it.
     overlap_steps: bool = True
     # Batch-invariant numerics in the rollout and the policy's forward: rollout log-probs equal
     # the trainer's bit for bit (r1mega/ops/batch_invariant.py; checks in validate_exact).
@@ -295,6 +295,8 @@ class RewardsConfig:
     # its worker, lacked a reference field) above which training stops: such completions score
     # 0 through no fault of their own, and a policy trained on them learns from noise.
     max_error_rate: float = 0.05
+    # reward_model reward: an r1mega checkpoint directory of the judge (rewards/reward_model.py).
+    reward_model_dir: Optional[str] = None
 
 
 @dataclass
@@ -368,6 +370,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # `r1mega pipeline`: the phase list, each entry checked by r1mega/pipeline/config.py.
+    phases: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- loading

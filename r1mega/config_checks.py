@@ -223,6 +223,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
                 f"data.global_batch_prompts={cfg.data.global_batch_prompts} is not divisible by the "
                 f"data-parallel size {dp}; every DP rank needs the same number of prompts."
             )
+    _validate_reward_model(cfg)
+    if cfg.phases:  # each phase's section overrides are checked against the whole tree
+        from r1mega.pipeline.config import parse_phases
+
+        parse_phases(cfg)
     return cfg
 
 
@@ -262,3 +267,14 @@ def validate_exact(cfg: Config) -> None:
     for bad, what, why in refuse:
         if bad:
             raise ConfigError(f"rollout.exact=true with {what}: {why}, or set rollout.exact=false.")
+
+
+def _validate_reward_model(cfg: Config) -> None:
+    uses = any("reward_model" in (spec or {}) for spec in cfg.rewards.spec.values()
+               if isinstance(spec, dict))
+    if uses and not cfg.rewards.reward_model_dir:
+        raise ConfigError("rewards.spec names reward_model but rewards.reward_model_dir is not "
+                          "set; give the judge's directory (r1mega/rewards/reward_model.py).")
+    if uses and cfg.rewards.num_workers < 1:
+        raise ConfigError("rewards.spec names reward_model, which runs its judge model in the "
+                          "reward workers; set rewards.num_workers >= 1.")

@@ -7,8 +7,8 @@ ignore the rest, so adding a context key never breaks an existing reward.
 
 A reward may also register a ``warmup``: a no-argument function that exercises its lazily
 initialised paths (math-verify builds its LaTeX parser and sympy its simplification machinery on
-first use: 50-1,200 ms per construct on a 2-core CPU, once per process). Reward workers run the warm-ups of the
-rewards they may be asked for before they take work, so that cost is not paid on a step's clock.
+first use, once per process). Reward workers run the warm-ups of the rewards they may be asked
+for before they take work, so that cost is not paid on a step's clock.
 """
 from __future__ import annotations
 
@@ -121,6 +121,7 @@ def _load_builtin() -> None:
     # Imported for their @register_reward side effect; kept here so a plain
     # ``get_reward("math_accuracy")`` works without the caller knowing module names.
     from r1mega.rewards import code, format, language, length, math, puzzles, reasoning_gym  # noqa: F401
+    from r1mega.rewards import reward_model  # noqa: F401
     from r1mega.rewards import self_checks  # noqa: F401 -- registers the built-in self-checks
 
 

@@ -51,7 +51,7 @@ DEFAULT_SPECS = {
 }
 _START_TIMEOUT_S = 120.0
 _CONTEXT_KEYS = ("overlong_penalty_tokens", "target_language", "math_timeout_s",
-                 "sandbox_timeout_s", "sandbox_memory_mb", "answer_form")
+                 "sandbox_timeout_s", "sandbox_memory_mb", "answer_form", "reward_model_dir")
 # A unit named SELF_CHECK + reward runs that reward's self-check instead of scoring.
 _SELF_CHECK = "self_check:"
 

@@ -4,8 +4,8 @@ The final evaluation is predicted from the first one: its wall time, less what i
 CUDA graphs, plus what one rollout phase's captures cost now (the final evaluation captures
 again), with 25 % slack and 5 s. The discount matters on a cold GPU machine: the first capture of
 a decode shape also compiles the decode step, which a later phase of the same process does not pay
-again. SmolLM2 on fresh H200 machines: first evaluations of 119.1 s (113.4 s capturing) and 60.5 s
-(53.9 s; fewer prompts), final evaluations of 0.3-0.4 s.
+again, so a first evaluation can be mostly capture time and a final one a tiny fraction of it
+(r1mega/bench/RECORDS.md has the figures).
 Until a training rollout reports its capture time, the first evaluation's is assumed, i.e. the
 whole first evaluation is reserved. Other one-time costs of the first evaluation (Triton kernels
 of the prefill, cuBLAS heuristics, the reward pool's imports) stay in the estimate: it errs late.

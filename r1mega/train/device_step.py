@@ -3,9 +3,7 @@
 megatron's step reads the global gradient norm on the host (``get_grad_norm_fp32`` ends in
 ``.item()``) to decide on clipping, and a skip-on-NaN guard has to read it too. Each read waits
 for the GPU to drain its queue; after it the GPU idles while the host launches the clip, the
-Adam update and the next step's first kernels. On the H200 bench shape (852M, 8 x 2048 tokens)
-removing the reads took the step from 183.5 to 179.3 ms; in the one-step profiles the device's
-idle time went from 11.8 ms (174.7 of 186.5 busy) to 7.4 ms (171.9 of 179.3).
+Adam update and the next step's first kernels (the figures: r1mega/bench/RECORDS.md).
 
 torch's fused Adam/AdamW kernel takes two device tensors that remove the need to read anything:
 ``grad_scale`` (every gradient is divided by it) and ``found_inf`` (non-zero: the kernel leaves

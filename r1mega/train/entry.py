@@ -35,6 +35,14 @@ def sft_main(argv: list[str]) -> int:
     return exit_on_peer_failure(lambda: run_sft(cfg))
 
 
+def pipeline_main(argv: list[str]) -> int:
+    from r1mega.pipeline.loop import run_pipeline
+    from r1mega.train.failures import exit_on_peer_failure
+
+    cfg = _parse("pipeline", argv)
+    return exit_on_peer_failure(lambda: run_pipeline(cfg))
+
+
 def demo_main(argv: list[str]) -> int:
     from r1mega.train.trainer import run_demo
 

@@ -15,7 +15,6 @@ import os
 import time
 from typing import Callable, Optional
 
-import torch
 
 from r1mega.config import Config, ConfigError, load_config, validate
 from r1mega.rewards.detectors import reward_strict_gap
@@ -257,6 +256,10 @@ def run_train(cfg: Config) -> int:
     from r1mega.train.roles import Reference, Rollout
     from r1mega.config import save_resolved
 
+    if cfg.phases:  # a phase list is a pipeline, whichever command was given it
+        from r1mega.pipeline.loop import run_pipeline
+
+        return run_pipeline(cfg)
     if cfg.train.mode == "sft":
         return run_sft(cfg)
     t_start = time.perf_counter()
@@ -303,7 +306,8 @@ def run_train(cfg: Config) -> int:
         # The reference is the policy as RL starts (after the cold start or HF init). With
         # checkpointing it is saved once next to the checkpoints, so a resumed run keeps it.
         ref_dir = os.path.join(cfg.checkpoint.dir, "reference") if ckpt is not None else None
-        reference = Reference.from_policy(policy, cfg.model, cfg.precision)
+        reference = Reference.from_policy(policy, cfg.model, cfg.precision,
+                                          offload_enabled=cfg.grpo.offload_reference)
         if ref_dir and start > 0 and os.path.isdir(ref_dir):
             reference.load(ref_dir)
         elif ref_dir and start > 0:
@@ -311,10 +315,6 @@ def run_train(cfg: Config) -> int:
                       "from the resumed weights.")
         elif ref_dir:
             reference.save(ref_dir)
-        if cfg.grpo.offload_reference:
-            reference.offload_enabled = rt.device.type != "cpu"
-            if reference.offload_enabled:
-                reference._move(torch.device("cpu"))
     from r1mega.precision.policy import resolve_rollout_fp8_policy
 
     rollout = Rollout(policy, cfg.rollout, rt, eos_ids=[tok.eos_id], decode_fn=tok.decode,
@@ -437,6 +437,10 @@ def _resume(cfg: Config, rt, ckpt, path: str, policy, sampler, *, phase: str) ->
 
 def run_sft(cfg: Config) -> int:
     """``r1mega sft``: supervised fine-tuning with checkpoints and exact resume."""
+    if cfg.phases:
+        from r1mega.pipeline.loop import run_pipeline
+
+        return run_pipeline(cfg)
     from r1mega.train.metrics import MetricsLogger
     from r1mega.train.sft import SFTStep, build_sft_source
     from r1mega.config import save_resolved
