@@ -230,14 +230,6 @@ def run_rollout(args, rt) -> dict:
             "bar_met": None if args.smoke else bool(speedup >= 1.4)}
 
 
-def _no_nan(x):
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    return x
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="r1mega bench fp8", description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="blockwise", choices=["tensorwise", "rowwise", "blockwise"])
@@ -274,6 +266,8 @@ def main(argv=None) -> int:
     finally:
         destroy_parallel()
     result.update(device=str(rt.device), smoke=args.smoke)
+    from r1mega.bench.train_step import _no_nan
+
     print(json.dumps(_no_nan(result)))
     return 0
 
