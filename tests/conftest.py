@@ -23,6 +23,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _launch_env_restored():
+    """An in-process world (init_parallel, a bench's main()) leaves MASTER_PORT in os.environ;
+    a later test's subprocess would inherit it and find the port still held by this process."""
+    saved = {k: os.environ.get(k) for k in _LAUNCH_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def single_rank_runtime():
     """Yields a factory ``make(parallel_cfg=None, precision_cfg=None)`` -> ParallelRuntime of a

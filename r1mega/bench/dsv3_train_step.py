@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
@@ -81,7 +80,6 @@ def main(argv=None) -> int:
     shape = get_shape(args.model, smoke=args.smoke)
     if args.smoke:
         args.seqs, args.seq_len, args.steps, args.warmup = 2, 64, 2, 1
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     rt = init_parallel(ParallelConfig(), PrecisionConfig(), env=read_launch_env())
     device, dtype = rt.device, rt.dtype
     g = torch.Generator().manual_seed(0)
@@ -91,8 +89,8 @@ def main(argv=None) -> int:
     peak = ts.matmul_peak_flops(device, dtype, 8192 if device.type == "cuda" else 512)
     rows = {}
     ts._reset_memory(device)
-    sec, mem, losses = ts.run_r1mega(shape, tokens, rt, "fp32" if device.type != "cuda" else "chunked",
-                                     args.warmup, args.steps, "none", attention=args.attention)
+    sec, mem, losses, _ = ts.run_r1mega(shape, tokens, rt, "fp32" if device.type != "cuda" else "chunked",
+                                        args.warmup, args.steps, "none", attention=args.attention)
     rows["r1mega"] = (sec, mem, [float(x) for x in losses])
     experts = None
     if not args.skip_hf:

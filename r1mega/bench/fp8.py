@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -256,7 +255,6 @@ def main(argv=None) -> int:
     if args.smoke:
         args.seqs, args.seq_len, args.steps, args.warmup = 2, 64, 2, 1
         args.parity_steps = min(args.parity_steps, 8)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     rt = init_parallel(ParallelConfig(), PrecisionConfig(), env=read_launch_env())
     if rt.world_size != 1:
         raise SystemExit("bench fp8 runs on one process (no torchrun).")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 
 import torch
@@ -300,7 +299,6 @@ def main(argv=None) -> int:
     if args.smoke:
         args.seqs, args.seq_len, args.steps, args.warmup = 2, 64, 2, 1
     hf_experts = [e.strip() for e in args.hf_experts.split(",") if e.strip()] if moe else ["default"]
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     rt = init_parallel(ParallelConfig(), PrecisionConfig(), env=read_launch_env())
     device, dtype = rt.device, rt.dtype
     if rt.world_size != 1:
