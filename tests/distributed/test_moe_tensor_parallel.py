@@ -27,21 +27,11 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.harness import run_ranks
+from tests.distributed.test_moe_expert_parallel import _model_cfg  # the same small DeepSeek-V3-routed MoE
 
 STEPS = 2
 MICRO_BATCH_TOKENS = 24
 LENGTHS = [6, 10, 4, 12, 8, 4, 10, 6]
-
-
-def _model_cfg():
-    from r1mega.config import ModelConfig
-
-    return ModelConfig(family="qwen3_moe", num_layers=2, hidden_size=32, num_attention_heads=4,
-                       num_query_groups=2, ffn_hidden_size=48, vocab_size=100, qk_norm=True,
-                       spec="local", num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=24,
-                       moe_router="sigmoid_group", moe_num_groups=4, moe_topk_groups=2,
-                       moe_routed_scaling_factor=2.5, moe_bias_update_rate=0.01,
-                       moe_shared_expert_ffn_hidden_size=16)
 
 
 def _samples():
