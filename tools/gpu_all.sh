@@ -12,6 +12,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/r1mega-out}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/summary.log") 2>&1   # kept in $OUT too: a call that runs out of time loses its stdout
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -29,12 +30,16 @@ if [ "${GPU_SKIP_BUILD:-0}" != 1 ]; then
   MAX_JOBS=16 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1
   build_rc=$?
   echo "build_ext rc=$build_rc in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/build.log"
+  # the built extensions come back so that a later cold call can carry them (GPU_SKIP_BUILD=1)
+  mkdir -p "$OUT/so" && cp r1mega_*.so "$OUT/so/" 2>/dev/null
 fi
 
 tests_rc=skipped
 if [ "${GPU_SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
-  timeout ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest ${GPU_TESTS:-tests/gpu} -v -rfE -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+  # SIGINT, not SIGTERM: pytest then still prints the failures' tracebacks and its summary.
+  timeout -s INT -k 20 ${GPU_TESTS_TIMEOUT:-420} python3 -m pytest ${GPU_TESTS:-tests/gpu} -v -rfE --tb=short \
+    -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
   tests_rc=$?
   echo "tests/gpu rc=$tests_rc in $(( $(date +%s) - t0 )) s"
   grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -15

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _run(*args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # prepend: the GPU machine brings megatron-core on PYTHONPATH (tools/gpu_all.sh)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, "-m", "r1mega.cli", "bench", "train-step", "--smoke", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

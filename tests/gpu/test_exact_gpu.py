@@ -145,9 +145,14 @@ def _cfg(**kw):
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
-def test_bf16_engine_bitwise_equal_training_across_graph_buckets(single_rank_runtime, batch):
+def test_bf16_engine_bitwise_equal_training_across_graph_buckets(single_rank_runtime, batch, monkeypatch):
+    from r1mega.rollout import cuda_graphs
     from r1mega.rollout.engine import RolloutEngine
     from r1mega.rollout.types import GenerationRequest
+
+    # Batches under MIN_SHRINK rows replay the first captured graph; at 1 every shrink of the
+    # batch past half its bucket captures a smaller one, so several buckets are compared.
+    monkeypatch.setattr(cuda_graphs, "MIN_SHRINK", 1)
 
     model, rt = _model(single_rank_runtime)
     eng = RolloutEngine(model, _cfg(max_batch_sequences=batch), rt, eos_ids=[], vocab_size=VOCAB)
