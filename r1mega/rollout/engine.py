@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from r1mega.rollout import triton_paged
+from r1mega.rollout import triton_mla, triton_paged
 from r1mega.rollout.attention import AttentionBatch, padded_query_index
 from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget
@@ -87,10 +87,11 @@ class RolloutEngine:
         self.stopper = StopChecker(eos_ids, decode_fn, r.max_positions)
         self.decode_fn = decode_fn
         on_gpu = r.device.type == "cuda"
-        self.use_triton = (
-            on_gpu and triton_paged.HAVE_TRITON and attention_backend == "auto"
-            and r.head_dim & (r.head_dim - 1) == 0
-        )
+        # Decode from device tensors only (Triton kernels, CUDA graphs): GQA kernels need a
+        # power-of-two head size; MLA's latent rows (r + d_r) have their own kernel.
+        kernel_ok = (r.head_dim & (r.head_dim - 1) == 0 if r.mla is None
+                     else triton_mla.kernel_supports(r.mla.latent_dim, r.mla.rope_dim))
+        self.use_triton = on_gpu and triton_paged.HAVE_TRITON and attention_backend == "auto" and kernel_ok
         record = bool(getattr(rollout_cfg, "routing_replay", False)) and bool(r.moe_layers)
         self.routes: Optional[RouteRecorder] = RouteRecorder(r.model, r.device) if record else None
         self.use_graphs = (bool(rollout_cfg.cuda_graphs) and self.use_triton and r.graph_capturable

@@ -232,7 +232,8 @@ class MLARolloutAttention:
     def attention(self, cache, layer_idx: int, attn, h: torch.Tensor, positions, slots, batch,
                   decode_tensors) -> torch.Tensor:
         """h (T, 1, H) normed hidden -> (T, n, d_v), input of ``attn.linear_proj``."""
-        from r1mega.rollout.attention import attend_decode_gather, attend_fresh, attend_gather
+        from r1mega.rollout import triton_mla
+        from r1mega.rollout.attention import attend_fresh, attend_gather
 
         t, n = h.shape[0], self.num_heads
         if self.q_lora:
@@ -250,8 +251,9 @@ class MLARolloutAttention:
         w_uk, w_uv = split_kv_up(attn.linear_kv_up_proj.weight, n, self.nope_dim, self.v_dim)
         q_lat = torch.einsum("tnd,ndr->tnr", q_nope, w_uk)                          # (T, n, r)
         query = torch.cat([q_lat, self._rope(q_pe, positions).to(q_lat.dtype)], -1)  # (T, n, r + d_r)
-        if decode_tensors is not None:
-            o = attend_decode_gather(query, k_cache, k_cache, *decode_tensors, self.scale)
+        if decode_tensors is not None:  # device tensors only: Triton kernel on CUDA, CUDA graphs
+            o = triton_mla.mla_decode_attention(query, k_cache, *decode_tensors, self.scale,
+                                                self.latent_dim)               # (T, n, r)
         elif batch.is_fresh_prefill:
             key = row[:, None, :].to(query.dtype)
             o = attend_fresh(query, key, key, batch, self.scale)
