@@ -73,13 +73,17 @@ def _optimizers(optimizer) -> list:
 
 
 def sync_free_supported(optimizer) -> bool:
-    """True when every (chained) optimizer is a fused torch Adam/AdamW with no loss scaler and
+    """True when every (chained) optimizer is a fused torch Adam/AdamW (or r1mega's LeanAdamW) with no loss scaler and
     all of them reduce gradient statistics over one group (megatron's default)."""
     opts = _optimizers(optimizer)
     if not opts:
         return False
+    from r1mega.train.lean_adam import LeanAdamW
+
     for o in opts:
         inner = getattr(o, "optimizer", None)
+        if isinstance(inner, LeanAdamW):  # takes grad_scale/found_inf on every device
+            continue
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             return False
         if not all(g.get("fused") for g in inner.param_groups):
