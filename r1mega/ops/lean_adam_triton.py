@@ -129,10 +129,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
-def lean_adamw_cuda(params: list, states: list, h: AdamHyper, master_weights: str, *,
+def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                     seeds: list) -> None:
-    """The update of ``params`` (already stepped counters in ``states``), one launch each.
+    """The update of ``params`` (already stepped counters in ``states``; ``modes[i]`` the
+    master mode of params[i], see LeanAdamW.mode_of), one launch each.
 
     All counters of a group advance together, so the first one's bias corrections serve all."""
     if not available():
@@ -140,7 +141,7 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, master_weights: st
     scal = bias_scalars(states[0]["step"], h)
     w1, beta2 = 1 - h.beta1, h.beta2
     decay = 1 - h.lr * h.weight_decay
-    for p, st, seed in zip(params, states, seeds):
+    for p, st, master_weights, seed in zip(params, states, modes, seeds):
         for name, t in (("param", p), ("grad", p.grad), ("exp_avg", st["exp_avg"]),
                         ("exp_avg_sq", st["exp_avg_sq"])):
             if not t.is_contiguous():

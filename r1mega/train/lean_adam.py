@@ -47,19 +47,26 @@ class LeanAdamW(torch.optim.Optimizer):
             raise ValueError(f"optimizer.moments_dtype={moments_dtype!r}: use one of {sorted(MOMENT_DTYPES)}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.master_weights, self.moments_dtype, self.seed = master_weights, moments_dtype, seed
-        want = torch.float32 if master_weights == "fp32" else torch.bfloat16
+        # fp32 parameters (an fp32 master's, or those a bf16 model keeps in fp32 on purpose, such
+        # as MoE routers) are their own master; the lean master modes are for bf16 ones.
+        allowed = {torch.float32} if master_weights == "fp32" else {torch.float32, torch.bfloat16}
         for i, p in enumerate(self._params()):
-            if p.dtype != want:
+            if p.dtype not in allowed:
                 raise ValueError(
-                    f"optimizer.master_weights={master_weights} needs {want} parameters, but "
-                    f"parameter {i} of shape {tuple(p.shape)} is {p.dtype}; set precision.dtype="
-                    f"{'bf16' if want == torch.bfloat16 else 'fp32'} or optimizer.master_weights=fp32.")
+                    f"optimizer.master_weights={master_weights} steps "
+                    f"{'/'.join(sorted(str(d) for d in allowed))} parameters, but parameter {i} of "
+                    f"shape {tuple(p.shape)} is {p.dtype}; set precision.dtype=bf16 (lean master) "
+                    f"or optimizer.master_weights=fp32.")
         # Set around a step by device_optimizer_step / the host clip; None: no scale, no skip.
         self.grad_scale: Optional[torch.Tensor] = None
         self.found_inf: Optional[torch.Tensor] = None
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
+
+    def mode_of(self, p: torch.Tensor) -> str:
+        """The master mode of one parameter: fp32 parameters are their own master."""
+        return "fp32" if p.dtype == torch.float32 else self.master_weights
 
     def init_state(self) -> None:
         """Zero moments, step 0 and (remainder mode) a zero remainder: the master starts as the
@@ -72,7 +79,7 @@ class LeanAdamW(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=mdt, memory_format=torch.preserve_format)
-            if self.master_weights == "bf16_remainder":
+            if self.mode_of(p) == "bf16_remainder":
                 state["remainder"] = torch.zeros_like(p, dtype=torch.int16)
 
     @torch.no_grad()
@@ -98,7 +105,8 @@ class LeanAdamW(torch.optim.Optimizer):
             if live[0].is_cuda:
                 from r1mega.ops.lean_adam_triton import lean_adamw_cuda
 
-                lean_adamw_cuda(live, [self.state[p] for p in live], h, self.master_weights,
+                lean_adamw_cuda(live, [self.state[p] for p in live], h,
+                                [self.mode_of(p) for p in live],
                                 grad_scale=self.grad_scale, found_inf=self.found_inf,
                                 seeds=[_mix_seed(self.seed, index_of[id(p)], 0) for p in live])
                 continue
@@ -111,7 +119,7 @@ class LeanAdamW(torch.optim.Optimizer):
         step = int(state["step"].item())  # host read: free on the CPU path this serves
         gen = torch.Generator(device=p.device).manual_seed(_mix_seed(self.seed, index, step))
         out = lean_step_reference(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                  state.get("remainder"), max(step, 1), h, self.master_weights,
+                                  state.get("remainder"), max(step, 1), h, self.mode_of(p),
                                   grad_scale=self.grad_scale, found_inf=self.found_inf,
                                   generator=gen)
         p.copy_(out["param"])
@@ -125,7 +133,7 @@ class LeanAdamW(torch.optim.Optimizer):
         from r1mega.train.lean_adam_math import join_master
 
         self.init_state()
-        return [join_master(p, self.state[p]["remainder"]) if self.master_weights == "bf16_remainder"
+        return [join_master(p, self.state[p]["remainder"]) if self.mode_of(p) == "bf16_remainder"
                 else p.detach().float() for p in self._params()]
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -141,7 +149,7 @@ class LeanAdamW(torch.optim.Optimizer):
                 continue
             s = saved[pid]
             has_rem = "remainder" in s
-            if has_rem != (self.master_weights == "bf16_remainder") or s["exp_avg"].dtype != mdt:
+            if has_rem != (self.mode_of(p) == "bf16_remainder") or s["exp_avg"].dtype != mdt:
                 raise ValueError(
                     f"optimizer checkpoint state of parameter {pid} has keys {sorted(s)} and "
                     f"{s['exp_avg'].dtype} moments, not the state of optimizer.master_weights="

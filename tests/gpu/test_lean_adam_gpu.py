@@ -36,7 +36,7 @@ def _run_kernel(param, grad, m, v, rem, step, h, mode, grad_scale=None, found_in
           "exp_avg_sq": v.clone()}
     if rem is not None:
         st["remainder"] = rem.clone()
-    lean_adamw_cuda([p], [st], h, mode, grad_scale=grad_scale, found_inf=found_inf, seeds=[7])
+    lean_adamw_cuda([p], [st], h, [mode], grad_scale=grad_scale, found_inf=found_inf, seeds=[7])
     torch.cuda.synchronize()
     return p.data, st
 

@@ -134,6 +134,9 @@ def test_grad_scale_clip_matches_megatron_clip(single_rank_runtime):
 
 def test_wrong_parameter_dtype_is_named():
     with pytest.raises(ValueError, match="precision.dtype=bf16"):
-        LeanAdamW([torch.nn.Parameter(torch.zeros(3))], master_weights="bf16_remainder")
+        LeanAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))],
+                  master_weights="bf16_remainder")
+    with pytest.raises(ValueError, match="parameter 0 of shape"):
+        LeanAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))], master_weights="fp32")
     with pytest.raises(ValueError, match="optimizer.moments_dtype"):
         LeanAdamW([torch.nn.Parameter(torch.zeros(3))], master_weights="fp32", moments_dtype="fp16")
