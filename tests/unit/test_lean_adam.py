@@ -140,3 +140,44 @@ def test_wrong_parameter_dtype_is_named():
         LeanAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))], master_weights="fp32")
     with pytest.raises(ValueError, match="optimizer.moments_dtype"):
         LeanAdamW([torch.nn.Parameter(torch.zeros(3))], master_weights="fp32", moments_dtype="fp16")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(master_weights="bf16"), "optimizer.master_weights: 'bf16' is not one of"),
+    (dict(moments_dtype="fp16"), "optimizer.moments_dtype: 'fp16' is not one of"),
+    (dict(master_weights="bf16_remainder"), "parallel.distributed_optimizer=false"),
+    (dict(master_weights="bf16_remainder", distributed=False, dtype="fp32"), "precision.dtype=bf16"),
+    (dict(master_weights="bf16_stochastic", distributed=False, dtype="bf16"),
+     "precision.grad_reduce_in_fp32=false"),
+    (dict(moments_dtype="bf16", name="sgd", distributed=False), "optimizer.name=sgd"),
+    (dict(master_weights="bf16_remainder", distributed=False, dtype="bf16", fp32_grads=False,
+          fp8=True), "bf16_remainder with precision.fp8=true"),
+])
+def test_config_validation_names_the_key(overrides, match):
+    from r1mega.config import Config, ConfigError
+    from r1mega.config_checks import validate
+
+    cfg = Config()
+    cfg.optimizer.master_weights = overrides.get("master_weights", "fp32")
+    cfg.optimizer.moments_dtype = overrides.get("moments_dtype", "fp32")
+    cfg.optimizer.name = overrides.get("name", "adam")
+    cfg.parallel.distributed_optimizer = overrides.get("distributed", True)
+    cfg.precision.dtype = overrides.get("dtype", "auto")
+    cfg.precision.grad_reduce_in_fp32 = overrides.get("fp32_grads", True)
+    cfg.precision.fp8 = cfg.precision.fp8_emulate = overrides.get("fp8", False)
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+
+
+def test_config_accepts_the_lean_settings():
+    from r1mega.config import Config
+    from r1mega.config_checks import validate
+
+    cfg = Config()
+    cfg.optimizer.master_weights, cfg.optimizer.moments_dtype = "bf16_remainder", "bf16"
+    cfg.parallel.distributed_optimizer = False
+    cfg.precision.dtype, cfg.precision.grad_reduce_in_fp32 = "bf16", False
+    validate(cfg)
+    cfg.optimizer.master_weights = "fp32"  # bf16 moments beside fp32 masters keep fp32 grads
+    cfg.precision.grad_reduce_in_fp32 = True
+    validate(cfg)
