@@ -3,15 +3,15 @@
 Per element: read grad, param (+ int16 remainder), both moments; divide by ``grad_scale``;
 decoupled weight decay; Adam moments; bias-corrected update; write param (+ remainder) and
 moments. ``found_inf`` (device, non-zero) masks every load and store, so a skipped step writes
-nothing; the step counters and the bias corrections are device tensors: no host read anywhere.
+nothing; the step counters and the bias corrections are device tensors: no host read in a step
+(one probe at the first step of a process, :func:`torch_cuda_rounding`).
 The reference is :func:`r1mega.train.lean_adam_math.lean_step_reference`; tests/gpu/test_lean_adam_gpu.py
 compares the two.
 
 Arithmetic follows the reference *as torch computes it on CUDA* (the reference replays torch's
-single-tensor AdamW): ``addcmul``/``addcdiv`` are ``fma(value, t1 op t2, self)`` in torch's CUDA
-kernels and ``lerp``'s ``self + w * (end - self)`` is contracted by nvcc, so those are ``tl.fma``
-here; a division by a python
-scalar is a multiplication by its float reciprocal on CUDA; every other operation rounds on its
+single-tensor AdamW): whether torch's CUDA ``lerp``/``addcmul``/``addcdiv`` contract into an FMA,
+and whether a division by a python scalar is a multiplication by its reciprocal, is found once
+per process by :func:`torch_cuda_rounding` and compiled in; every other operation rounds on its
 own (``enable_fp_fusion=False`` stops Triton contracting them), divisions are IEEE (``div_rn``;
 Triton's ``/`` is the approximate ``div.full``) and the square root is ``sqrt_rn``.
 
@@ -58,7 +58,9 @@ if HAVE_TRITON:
                            MASTER: tl.constexpr, BF16_MOMENTS: tl.constexpr,
                            HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
                            HAS_DECAY: tl.constexpr, SMALL_W1: tl.constexpr,
-                           NEED_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+                           NEED_NOISE: tl.constexpr, LERP_FMA: tl.constexpr,
+                           ADDCMUL: tl.constexpr, ADDCDIV: tl.constexpr,
+                           DIV_RECIP: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         if HAS_INF:  # a skipped step: every element masked off, nothing read or written
@@ -66,6 +68,7 @@ if HAVE_TRITON:
         mask = offs < n
         neg_step_size = tl.load(scal_ptr)      # float(-(lr / bias_correction1))
         inv_bc2 = tl.load(scal_ptr + 1)        # 1 / float(sqrt(bias_correction2))
+        bc2 = tl.load(scal_ptr + 2)            # float(sqrt(bias_correction2))
 
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
@@ -84,15 +87,37 @@ if HAVE_TRITON:
 
         if HAS_DECAY:
             p = p * decay
+        # The roundings of torch's CUDA lerp / addcmul / addcdiv / scalar division in this build
+        # (torch_cuda_rounding).
         if SMALL_W1:  # torch's lerp for weight < 0.5: self + w * (end - self)
-            m = tl.fma(w1, g - m, m)
+            if LERP_FMA:
+                m = tl.fma(w1, g - m, m)
+            else:
+                m = m + w1 * (g - m)
         else:         # end - (end - self) * (1 - w)
-            m = tl.fma(-(g - m), 1.0 - w1, g)
+            if LERP_FMA:
+                m = tl.fma(-(g - m), 1.0 - w1, g)
+            else:
+                m = g - (g - m) * (1.0 - w1)
         v = v * beta2
-        v = tl.fma(c2, g * g, v)               # addcmul: fma(value, g * g, v)
-        denom = tl.math.sqrt_rn(v) * inv_bc2
+        if ADDCMUL == 0:
+            v = tl.fma(c2, g * g, v)
+        elif ADDCMUL == 1:
+            v = tl.fma(c2 * g, g, v)
+        else:
+            v = v + (c2 * g) * g
+        sq = tl.math.sqrt_rn(v)
+        if DIV_RECIP:
+            denom = sq * inv_bc2
+        else:
+            denom = tl.math.div_rn(sq, bc2)
         denom = denom + eps
-        p = tl.fma(neg_step_size, tl.math.div_rn(m, denom), p)   # addcdiv: p + s * (m / denom)
+        if ADDCDIV == 0:
+            p = tl.fma(neg_step_size, tl.math.div_rn(m, denom), p)
+        elif ADDCDIV == 1:
+            p = p + tl.math.div_rn(neg_step_size * m, denom)
+        else:
+            p = p + neg_step_size * tl.math.div_rn(m, denom)
 
         if NEED_NOISE:
             step_i = tl.load(step_ptr).to(tl.int64)
@@ -117,12 +142,53 @@ if HAVE_TRITON:
 
 
 def bias_scalars(step: torch.Tensor, h: AdamHyper) -> torch.Tensor:
-    """(2,) fp32 on the step's device: [-(lr / bc1), 1 / float(sqrt(bc2))], from the 0-d step
-    counter without reading it (fp64 as the reference's python floats)."""
+    """(3,) fp32 on the step's device: [-(lr / bc1), 1 / float(sqrt(bc2)), float(sqrt(bc2))],
+    from the 0-d step counter without reading it (fp64 as the reference's python floats)."""
     s = step.double()
     step_size = h.lr / (1 - h.beta1 ** s)
     bc2_sqrt = ((1 - h.beta2 ** s) ** 0.5).float()
-    return torch.stack([(-step_size).float(), 1.0 / bc2_sqrt])
+    return torch.stack([(-step_size).float(), 1.0 / bc2_sqrt, bc2_sqrt])
+
+
+_ROUNDING: dict = {}
+
+
+def torch_cuda_rounding(device) -> dict:
+    """How torch's CUDA kernels round ``lerp``, ``addcmul``, ``addcdiv`` and a division by a
+    python scalar in this build: whether an FMA contracts the multiply-add is the source's and
+    nvcc's choice, and has changed between releases. Each op is compared once with every
+    candidate (single roundings composed from separate torch ops; an FMA as fp64 arithmetic
+    rounded once) on 2^20 random elements and the matching one is kept, so the kernel replays
+    the reference's roundings. One host read, at the first step of the process."""
+    key = str(device)
+    if key in _ROUNDING:
+        return _ROUNDING[key]
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b, c = (torch.randn(1 << 20, device=device, generator=g) for _ in range(3))
+    c = c.abs() + 0.5
+
+    def f32(x):
+        return torch.tensor(x, dtype=torch.float32, device=device)
+
+    def fma(x, y, z):  # fp32 fma: the fp64 product is exact, one rounding of the fp64 sum
+        return (x.double() * y.double() + z.double()).float()
+
+    def pick(ref, cands):
+        misses = [int((x != ref).sum()) for x in cands]
+        return misses.index(min(misses))
+
+    w, alpha, sv, d = 0.1, 0.05, -0.0123, 0.7
+    rounding = {
+        "LERP_FMA": pick(a.lerp(b, w), [a + f32(w) * (b - a), fma(f32(w), b - a, a)]),
+        "ADDCMUL": pick(a.addcmul(b, b, value=alpha),
+                        [fma(f32(alpha), b * b, a), fma(f32(alpha) * b, b, a),
+                         a + (f32(alpha) * b) * b]),
+        "ADDCDIV": pick(a.addcdiv(b, c, value=sv),
+                        [fma(f32(sv), b / c, a), a + (f32(sv) * b) / c, a + f32(sv) * (b / c)]),
+        "DIV_RECIP": pick(b / d, [b / f32(d), b * (1.0 / f32(d))]),
+    }
+    _ROUNDING[key] = rounding
+    return rounding
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -139,6 +205,7 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
     if not available():
         raise RuntimeError("lean AdamW on CUDA needs Triton; install triton or run on CPU")
     scal = bias_scalars(states[0]["step"], h)
+    rounding = torch_cuda_rounding(params[0].device)
     w1, beta2 = 1 - h.beta1, h.beta2
     decay = 1 - h.lr * h.weight_decay
     for p, st, master_weights, seed in zip(params, states, modes, seeds):
@@ -160,5 +227,5 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             HAS_DECAY=h.weight_decay != 0, SMALL_W1=w1 < 0.5,
             NEED_NOISE=master_weights == "bf16_stochastic" or st["exp_avg"].dtype == torch.bfloat16,
-            BLOCK=BLOCK,
+            BLOCK=BLOCK, **rounding,
             num_warps=NUM_WARPS, enable_fp_fusion=False)
