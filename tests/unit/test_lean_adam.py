@@ -181,3 +181,15 @@ def test_config_accepts_the_lean_settings():
     cfg.optimizer.master_weights = "fp32"  # bf16 moments beside fp32 masters keep fp32 grads
     cfg.precision.grad_reduce_in_fp32 = True
     validate(cfg)
+
+
+def test_grad_norm_of_bf16_grads_is_an_fp32_norm():
+    """The clip factor of a bf16 grad buffer: per-tensor norms are not rounded to bf16."""
+    from r1mega.parallel.fused_fallbacks import foreach_l2_norm
+
+    g = torch.Generator().manual_seed(3)
+    grads = [(torch.randn(n, generator=g) * s).to(torch.bfloat16) for n, s in ((999, 3.0), (77, 0.1))]
+    norm, _ = foreach_l2_norm(None, torch.zeros(1, dtype=torch.int), [grads], False)
+    want = torch.cat([t.double() for t in grads]).norm()
+    assert norm.dtype == torch.float32
+    assert abs(norm.item() - want.item()) < 1e-6 * want.item()
