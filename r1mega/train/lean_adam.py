@@ -60,9 +60,19 @@ class LeanAdamW(torch.optim.Optimizer):
         # Set around a step by device_optimizer_step / the host clip; None: no scale, no skip.
         self.grad_scale: Optional[torch.Tensor] = None
         self.found_inf: Optional[torch.Tensor] = None
+        # Take the step's 1/token-count scale inside grad_scale instead of a pass over the grad
+        # buffer (TrainStep, device_step.DeferredGradScale). None: on CUDA only, where the pass
+        # costs time; the CPU path keeps megatron's scale and stays bit-identical to its
+        # fp32-master optimizer.
+        self.fold_token_scale: Optional[bool] = None
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
+
+    def folds_token_scale(self) -> bool:
+        if self.fold_token_scale is not None:
+            return self.fold_token_scale
+        return all(p.is_cuda for p in self._params())
 
     def mode_of(self, p: torch.Tensor) -> str:
         """The master mode of one parameter: fp32 parameters are their own master."""

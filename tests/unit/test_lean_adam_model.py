@@ -8,7 +8,8 @@ import torch
 from r1mega.train.lean_adam_math import join_master
 
 
-def _setup(single_rank_runtime, master_weights="fp32", moments="fp32", clip=0.0, lr=1e-2):
+def _setup(single_rank_runtime, master_weights="fp32", moments="fp32", clip=0.0, lr=1e-2,
+           fold=None):
     from r1mega.config import ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
     from r1mega.models.gpt import build_model
     from r1mega.train.optimizer import build_optimizer
@@ -23,10 +24,20 @@ def _setup(single_rank_runtime, master_weights="fp32", moments="fp32", clip=0.0,
     opt = OptimizerConfig(lr=lr, weight_decay=0.01, clip_grad=clip, master_weights=master_weights,
                           moments_dtype=moments)
     bundle = build_optimizer(opt, chunks, rt, distributed=False)
+    from r1mega.train.lean_adam import lean_optimizers
+
+    for lean in lean_optimizers(bundle.optimizer):
+        lean.fold_token_scale = fold
     step = TrainStep(chunks, bundle, rt, micro_batch_tokens=64)
+    bundle.token_scale_folded = step._token_scale is not None
     g = torch.Generator().manual_seed(2)
     samples = [sft_sample(torch.randint(0, 64, (24,), generator=g)) for _ in range(2)]
-    return chunks, bundle, lambda: step(samples, sft_loss_fn(cfg.vocab_size)).loss
+    def one():
+        result = step(samples, sft_loss_fn(cfg.vocab_size))
+        bundle.grad_norms = getattr(bundle, "grad_norms", []) + [float(result.grad_norm)]
+        return result.loss
+
+    return chunks, bundle, one
 
 
 def _run(single_rank_runtime, steps, **kw):
@@ -88,3 +99,21 @@ def test_stochastic_mode_trains(single_rank_runtime, moments):
     lean = bundle.optimizer.chained_optimizers[0].optimizer
     assert all("remainder" not in s for s in lean.state.values())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_token_scale_folded_into_the_update_matches_the_scaled_buffer(single_rank_runtime):
+    """The CUDA default (fold_token_scale): 1/tokens goes into grad_scale, the buffer is never
+    scaled; same training to bf16 rounding of the (no longer rounded) scaled gradients."""
+    ref_losses, ref_params, ref_bundle = _run(single_rank_runtime, 4, clip=0.5,
+                                              master_weights="bf16_remainder", fold=False)
+    losses, params, bundle = _run(single_rank_runtime, 4, clip=0.5, master_weights="bf16_remainder",
+                                  fold=True)
+    assert bundle.token_scale_folded and not ref_bundle.token_scale_folded
+    # The clip saw the scaled gradients' norm (1/tokens applied), not the raw sums'.
+    assert bundle.grad_norms == pytest.approx(ref_bundle.grad_norms, rel=1e-2)
+    assert min(ref_bundle.grad_norms) > 0.5, ref_bundle.grad_norms  # the clip was active
+    assert losses[0] == ref_losses[0]
+    assert losses == pytest.approx(ref_losses, rel=1e-3)
+    diff = sum((a.float() - b.float()).norm() ** 2 for a, b in zip(params, ref_params)) ** 0.5
+    size = sum(b.float().norm() ** 2 for b in ref_params) ** 0.5
+    assert diff / size < 2e-3, diff / size
