@@ -138,6 +138,14 @@ class LeanAdamW(torch.optim.Optimizer):
         if out["remainder"] is not None:
             state["remainder"].copy_(out["remainder"])
 
+    @torch.no_grad()
+    def reset_remainders(self) -> None:
+        """The weights were replaced from outside (a weights-only load): each master becomes
+        its new bf16 weight exactly, as megatron's reload_model_params re-copies fp32 masters."""
+        for state in self.state.values():
+            if "remainder" in state:
+                state["remainder"].zero_()
+
     def masters(self) -> list[torch.Tensor]:
         """fp32 copies of the weights this optimizer steps (exact masters in remainder mode)."""
         from r1mega.train.lean_adam_math import join_master
@@ -197,6 +205,8 @@ def replace_inner_adam(megatron_opt, master_weights: str, moments_dtype: str, se
                                   weight_decay=d["weight_decay"], master_weights=master_weights,
                                   moments_dtype=moments_dtype, seed=seed)
         sub.init_state_fn = lean_state_fn
+        if master_weights != "fp32":  # FP32Optimizer's own reload is a no-op
+            sub.reload_model_params = lambda state_dict=None, o=sub.optimizer: o.reset_remainders()
 
 
 def lean_optimizers(megatron_opt) -> list[LeanAdamW]:

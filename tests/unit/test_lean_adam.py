@@ -193,3 +193,13 @@ def test_grad_norm_of_bf16_grads_is_an_fp32_norm():
     want = torch.cat([t.double() for t in grads]).norm()
     assert norm.dtype == torch.float32
     assert abs(norm.item() - want.item()) < 1e-6 * want.item()
+
+
+def test_reset_remainders_makes_the_master_the_new_weight():
+    lean_p, _, lean, _ = _pair()
+    lean_p.grad = torch.randn(lean_p.shape).to(torch.bfloat16)
+    lean.step()
+    assert lean.state[lean_p]["remainder"].abs().sum() > 0
+    lean_p.data.copy_(torch.randn(lean_p.shape).to(torch.bfloat16))  # a weights-only load
+    lean.reset_remainders()
+    assert torch.equal(lean.masters()[0], lean_p.data.float())
