@@ -73,8 +73,9 @@ def _optimizers(optimizer) -> list:
 
 
 def sync_free_supported(optimizer) -> bool:
-    """True when every (chained) optimizer is a fused torch Adam/AdamW (or r1mega's LeanAdamW) with no loss scaler and
-    all of them reduce gradient statistics over one group (megatron's default)."""
+    """True when every (chained) optimizer is a fused torch Adam/AdamW or r1mega's LeanAdamW, with
+    no loss scaler, and all of them reduce gradient statistics over one group (megatron's
+    default)."""
     opts = _optimizers(optimizer)
     if not opts:
         return False
