@@ -181,6 +181,10 @@ class OptimizerConfig:
     # "constant" | "cosine" | "linear"
     decay_style: str = "constant"
     decay_steps: int = 0
+    # "fp32" | "bf16_remainder" (bf16 + int16 low bits, exact) | "bf16_stochastic" (no master).
+    master_weights: str = "fp32"
+    # Adam moments' storage dtype, "fp32" | "bf16" (computed in fp32 either way).
+    moments_dtype: str = "fp32"
 
 
 @dataclass

@@ -91,6 +91,43 @@ def validate_fp8(cfg: Config, device_type: Optional[str] = None) -> None:
             f"precision.fp8=false.")
 
 
+def validate_lean_optimizer(cfg: Config, device_type: Optional[str] = None) -> None:
+    """optimizer.master_weights / optimizer.moments_dtype (r1mega/train/lean_adam.py): the
+    combinations that are implemented, and the precision settings they need."""
+    o = cfg.optimizer
+    _choice("optimizer.master_weights", o.master_weights, {"fp32", "bf16_remainder", "bf16_stochastic"})
+    _choice("optimizer.moments_dtype", o.moments_dtype, {"fp32", "bf16"})
+    if o.master_weights == "fp32" and o.moments_dtype == "fp32":
+        return
+    what = f"optimizer.master_weights={o.master_weights}, optimizer.moments_dtype={o.moments_dtype}"
+    if o.name == "sgd":
+        raise ConfigError(f"{what} is an AdamW state; optimizer.name=sgd has no moments. Set both "
+                          f"back to fp32 or use optimizer.name=adam.")
+    if cfg.parallel.distributed_optimizer:
+        raise ConfigError(f"{what} is implemented for the non-distributed optimizer only (megatron's "
+                          f"distributed optimizer shards fp32 masters); set "
+                          f"parallel.distributed_optimizer=false.")
+    if o.master_weights == "fp32":
+        return
+    dtype = cfg.precision.dtype
+    if dtype == "auto":
+        from r1mega.precision.policy import default_device_type
+
+        dtype = "bf16" if (device_type or default_device_type()) == "cuda" else "fp32"
+    if dtype != "bf16":
+        raise ConfigError(f"optimizer.master_weights={o.master_weights} keeps the master in (or "
+                          f"beside) bf16 parameters, but precision.dtype={cfg.precision.dtype} gives "
+                          f"{dtype} ones; set precision.dtype=bf16 or optimizer.master_weights=fp32.")
+    if cfg.precision.grad_reduce_in_fp32:
+        raise ConfigError(f"optimizer.master_weights={o.master_weights} steps from a bf16 gradient "
+                          f"buffer (no fp32 grad buffer is the point of it); set "
+                          f"precision.grad_reduce_in_fp32=false.")
+    if cfg.precision.fp8:
+        raise ConfigError(f"optimizer.master_weights={o.master_weights} with precision.fp8=true is not "
+                          f"implemented (FP8 weight copies follow the fp32 master); set "
+                          f"optimizer.master_weights=fp32 or precision.fp8=false.")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Every check that needs no process group. ``world_size`` None skips the layout check."""
     m, p = cfg.model, cfg.parallel
@@ -173,6 +210,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1.")
     validate_fp8(cfg)
+    validate_lean_optimizer(cfg)
     if cfg.rollout.group_size < 1:
         raise ConfigError(f"rollout.group_size must be >= 1, got {cfg.rollout.group_size}.")
     if not 0.0 < cfg.rollout.top_p <= 1.0:

@@ -33,6 +33,7 @@ JSON line reports both so a memory comparison can be read against it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -149,7 +150,8 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
 
 def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compile_mode: str,
                thd: bool = False, attention: str = "auto", grad_reduce_in_fp32: bool = True,
-               precision=None, exact: bool = False):
+               precision=None, exact: bool = False, master_weights: str = "fp32",
+               moments_dtype: str = "fp32"):
     from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
     from r1mega.models import spec as spec_mod
     from r1mega.models.gpt import build_model
@@ -160,7 +162,13 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
         spec_mod.RMSNorm.forward = torch.compile(spec_mod.RMSNorm.forward, dynamic=True)
     model_cfg = ModelConfig(**shape, attention_backend=attention)
     precision = precision or PrecisionConfig(grad_reduce_in_fp32=grad_reduce_in_fp32)
-    chunks = build_model(model_cfg, rt, precision, wrap=True, distributed_optimizer=True)
+    # The lean optimizer state (r1mega/train/lean_adam.py) runs without the distributed
+    # optimizer; a lean master needs bf16 weights (CPU smoke runs are fp32 otherwise).
+    lean = master_weights != "fp32" or moments_dtype != "fp32"
+    if master_weights != "fp32" and rt.dtype != torch.bfloat16:
+        rt = dataclasses.replace(rt, dtype=torch.bfloat16)
+    distributed = not lean
+    chunks = build_model(model_cfg, rt, precision, wrap=True, distributed_optimizer=distributed)
     if exact:  # rollout.exact's training forward: batch-invariant ops (r1mega/ops/batch_invariant.py)
         from r1mega.ops.batch_invariant import install_exact_forward
 
@@ -171,7 +179,9 @@ def run_r1mega(shape, tokens, rt, loss_impl: str, warmup: int, steps: int, compi
         from r1mega.models.compile import compile_layers
 
         compile_layers(chunks, dynamic=False)
-    optim = build_optimizer(OptimizerConfig(lr=1e-5, clip_grad=1.0), chunks, rt, distributed=True)
+    optim = build_optimizer(OptimizerConfig(lr=1e-5, clip_grad=1.0, master_weights=master_weights,
+                                            moments_dtype=moments_dtype),
+                            chunks, rt, distributed=distributed)
     b, s = tokens.shape
     step = TrainStep(chunks, optim, rt, micro_batch_tokens=b * s, batch_equal_lengths=not thd)
     samples = [sft_sample(tokens[i].cpu()) for i in range(b)]
@@ -246,6 +256,13 @@ def _no_nan(x):
     return x
 
 
+def lean_bytes_per_param(master_weights: str, moments_dtype: str) -> int:
+    """Weights + gradient buffer + master + moments per parameter of a lean-optimizer row: a
+    lean master steps from a bf16 grad buffer; an fp32 master keeps the fp32 buffer."""
+    master = {"fp32": 4 + 4, "bf16_remainder": 2 + 2, "bf16_stochastic": 2}[master_weights]
+    return 2 + master + (8 if moments_dtype == "fp32" else 4)
+
+
 def _static_gb(n_params: int, bytes_per_param: int) -> float:
     return n_params * bytes_per_param / 1e9
 
@@ -283,6 +300,11 @@ def main(argv=None) -> int:
                     help="also time r1mega with native FP8 linears (precision.fp8_recipe); "
                          "--smoke emulates FP8 on the CPU")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
+    ap.add_argument("--master-weights", default="fp32",
+                    choices=["fp32", "bf16_remainder", "bf16_stochastic"],
+                    help="also time a row with this optimizer.master_weights (lean optimizer state)")
+    ap.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="the Adam moments' dtype of that row (optimizer.moments_dtype)")
     ap.add_argument("--exact", action="store_true",
                     help="also time the rollout.exact training forward (a fresh model), same run")
     args = ap.parse_args(argv)
@@ -353,6 +375,18 @@ def main(argv=None) -> int:
         add_r1mega(f"r1mega[{impls[-1]},fp8-{args.fp8}]",
                    run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
                               attention=args.attention, precision=fp8_prec), base)
+    lean_name = None
+    if args.master_weights != "fp32" or args.moments_dtype != "fp32":
+        lean_name = f"r1mega[{impls[-1]},{args.master_weights},m{args.moments_dtype}]"
+        base = _reset_memory(device)
+        add_r1mega(lean_name,
+                   run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
+                              attention=args.attention,
+                              grad_reduce_in_fp32=args.master_weights == "fp32",
+                              master_weights=args.master_weights,
+                              moments_dtype=args.moments_dtype), base,
+                   bytes_per_param_static=lean_bytes_per_param(args.master_weights,
+                                                               args.moments_dtype))
     if args.exact:
         base = _reset_memory(device)
         add_r1mega(f"r1mega[{impls[-1]},exact]",
@@ -438,7 +472,8 @@ def main(argv=None) -> int:
                "mfu": tflops * 1e12 / peak, "peak_memory_gb": mem, "speedup_vs_hf": ratio,
                "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
         if name.startswith("r1mega"):
-            # bf16 weight + fp32 gradient buffer + fp32 master + two fp32 Adam moments.
+            # bf16 weight + fp32 gradient buffer + fp32 master + two fp32 Adam moments
+            # (lean rows override it from their extra fields).
             row["bytes_per_param_static"] = 18
         row.update(extra.get(name, {}))
         if n_total and "bytes_per_param_static" in row:

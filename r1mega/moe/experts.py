@@ -34,6 +34,56 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _RecomputedSwiGLU(torch.autograd.Function):
+    """:func:`swiglu` that keeps only its input for backward. Autograd would also keep
+    silu(gate) (.., F); here the backward recomputes it (elementwise, cheap) and applies the
+    same ops autograd would (mul's two products, silu_backward), so gradients are identical."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return swiglu(gate_up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return torch.cat([d_gate, grad * F.silu(gate)], dim=-1)
+
+
+def swiglu_into(linear, gate_up: torch.Tensor) -> torch.Tensor:
+    """``linear(swiglu(gate_up))`` keeping only ``gate_up`` for backward: (rows, 2F) -> the
+    linear's output. The linear's own saved input, swiglu(gate_up) (rows, F), is rebuilt from
+    ``gate_up`` when backward unpacks it. Per routed row that leaves (H + 2F) saved values of
+    the expert MLP instead of (H + 4F)."""
+    if not (torch.is_grad_enabled() and gate_up.requires_grad):
+        return linear(swiglu(gate_up))
+    act = _RecomputedSwiGLU.apply(gate_up)
+    key = (act.data_ptr(), act.shape, act.dtype)
+
+    def pack(t):
+        if (t.data_ptr(), t.shape, t.dtype) == key:
+            return _Rebuild(gate_up)  # gate_up is saved by the swiglu already: no new memory
+        return t
+
+    def unpack(obj):
+        if isinstance(obj, _Rebuild):
+            with torch.no_grad():
+                return swiglu(obj.gate_up)
+        return obj
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return linear(act)
+
+
+class _Rebuild:
+    __slots__ = ("gate_up",)
+
+    def __init__(self, gate_up: torch.Tensor):
+        self.gate_up = gate_up
+
+
 def grouped_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                            offsets: torch.Tensor) -> torch.Tensor:
     """x (R, H) expert-contiguous rows, gate_up (E, 2F, H), down (E, H, F), offsets (E+1,) int32
@@ -41,7 +91,7 @@ def grouped_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.T
     nothing reads them, and their gradient is zero."""
     ends = offsets[1:].to(torch.int32)                                   # (E,) cumulative row ends
     h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=ends)      # (R, 2F)
-    return torch._grouped_mm(swiglu(h), down.transpose(-2, -1), offs=ends)  # (R, H)
+    return swiglu_into(lambda a: torch._grouped_mm(a, down.transpose(-2, -1), offs=ends), h)  # (R, H)
 
 
 def loop_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -51,7 +101,7 @@ def loop_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
     pieces = []
     for e in range(gate_up.shape[0]):
         rows = x[bounds[e]:bounds[e + 1]]                               # (n_e, H)
-        pieces.append(F.linear(swiglu(F.linear(rows, gate_up[e])), down[e]))
+        pieces.append(swiglu_into(lambda a, w=down[e]: F.linear(a, w), F.linear(rows, gate_up[e])))
     pieces.append(x.new_zeros(x.shape[0] - bounds[-1], down.shape[1]))
     return torch.cat(pieces, dim=0)
 
@@ -97,7 +147,7 @@ class SwiGLUMLP(nn.Module):
         nn.init.normal_(self.down, std=1.0 / math.sqrt(ffn_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(swiglu(F.linear(x, self.gate_up)), self.down)
+        return swiglu_into(lambda a: F.linear(a, self.down), F.linear(x, self.gate_up))
 
 
 def moe_feed_forward(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts: GroupedExperts,

@@ -287,7 +287,13 @@ class CheckpointManager:
             model_sd = model_sharded_state_dict(model_chunks)
             optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                     metadata=self._optim_meta())
-            optimizer.load_state_dict(dist_checkpointing.load(optim_sd, os.path.join(path, "optimizer")))
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            try:
+                optimizer.load_state_dict(dist_checkpointing.load(optim_sd, os.path.join(path, "optimizer")))
+            except (Exception, CheckpointException) as exc:  # the latter is a BaseException
+                _explain_lean_mismatch(path, optimizer, exc)
+                raise
             _unshare_adam_steps(optimizer)
         rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
         if meta.get("layout") == self.layout and os.path.exists(rank_file):
@@ -298,6 +304,25 @@ class CheckpointManager:
                   f"streams are re-seeded.", flush=True)
         _barrier()
         return LoadedState(step=int(meta["step"]), path=path, trainer_state=meta.get("trainer", {}))
+
+
+def _explain_lean_mismatch(path: str, optimizer, exc: BaseException) -> None:
+    """A lean optimizer (r1mega/train/lean_adam.py) whose state keys the checkpoint lacks (a
+    bf16_remainder run resuming a checkpoint without remainders) fails deep inside
+    torch.distributed.checkpoint; say which settings to resume with instead. Moment dtypes
+    convert on load, and a checkpoint's extra remainders are dropped (its bf16 weights are the
+    rounded masters), so those resumes work."""
+    from r1mega.train.lean_adam import lean_optimizers
+
+    lean = lean_optimizers(optimizer)
+    if not lean or isinstance(exc, CheckpointError):
+        return
+    raise CheckpointError(
+        f"{path}/optimizer does not hold the state of optimizer.master_weights="
+        f"{lean[0].master_weights}, optimizer.moments_dtype={lean[0].moments_dtype} (a "
+        f"bf16_remainder optimizer needs the int16 remainders only a bf16_remainder run saves); "
+        f"resume with the optimizer settings it was saved under. ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:200]})") from exc
 
 
 def _fix_adam_step_on_reshardable_load() -> None:

@@ -73,13 +73,18 @@ def _optimizers(optimizer) -> list:
 
 
 def sync_free_supported(optimizer) -> bool:
-    """True when every (chained) optimizer is a fused torch Adam/AdamW with no loss scaler and
-    all of them reduce gradient statistics over one group (megatron's default)."""
+    """True when every (chained) optimizer is a fused torch Adam/AdamW or r1mega's LeanAdamW, with
+    no loss scaler, and all of them reduce gradient statistics over one group (megatron's
+    default)."""
     opts = _optimizers(optimizer)
     if not opts:
         return False
+    from r1mega.train.lean_adam import LeanAdamW
+
     for o in opts:
         inner = getattr(o, "optimizer", None)
+        if isinstance(inner, LeanAdamW):  # takes grad_scale/found_inf on every device
+            continue
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             return False
         if not all(g.get("fused") for g in inner.param_groups):
@@ -92,6 +97,28 @@ def sync_free_supported(optimizer) -> bool:
     if chained and len(chained) > 1 and not optimizer.grads_states_parallel_group_is_shared():
         return False
     return True
+
+
+class DeferredGradScale:
+    """The step's 1/global-token-count gradient scale, kept for the optimizer instead of applied
+    to the grad buffer (one read and write of every gradient fewer). Only for optimizers that
+    divide by a device ``grad_scale`` inside their update anyway (:func:`folds_token_scale`)."""
+
+    def __init__(self):
+        self.scale: Optional[torch.Tensor] = None
+
+    def take(self) -> Optional[torch.Tensor]:
+        scale, self.scale = self.scale, None
+        return scale
+
+
+def folds_token_scale(optimizer) -> bool:
+    """True when every (chained) optimizer is a LeanAdamW that takes the token scale."""
+    from r1mega.train.lean_adam import LeanAdamW
+
+    opts = _optimizers(optimizer)
+    return bool(opts) and all(isinstance(getattr(o, "optimizer", None), LeanAdamW)
+                              and o.optimizer.folds_token_scale() for o in opts)
 
 
 @torch.no_grad()
@@ -111,12 +138,18 @@ def global_grad_norm(optimizer, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def device_optimizer_step(optimizer, loss_finite: torch.Tensor, device: torch.device):
+def device_optimizer_step(optimizer, loss_finite: torch.Tensor, device: torch.device,
+                          grad_prescale: Optional[torch.Tensor] = None):
     """Clip + Adam + copy-back with no host read. Returns device tensors (ok (1,) bool,
-    grad_norm (1,) float32). ``loss_finite``: 0-d/1-elem bool tensor, the global loss's check."""
+    grad_norm (1,) float32). ``loss_finite``: 0-d/1-elem bool tensor, the global loss's check.
+    ``grad_prescale``: a multiplier the gradients have not had yet (DeferredGradScale); the norm
+    is the scaled gradients', and the update divides by clip / prescale."""
     if optimizer.prepare_grads():  # only an fp16 loss scaler answers True; excluded above
         raise RuntimeError("device_optimizer_step needs an optimizer without a loss scaler")
     norm = global_grad_norm(optimizer, device)
+    if grad_prescale is not None:
+        grad_prescale = grad_prescale.reshape(1).to(device=device, dtype=torch.float32)
+        norm = norm * grad_prescale
     ok = torch.isfinite(norm) & loss_finite.reshape(1).to(device=device, dtype=torch.bool)
     # 0-d: torch subtracts found_inf from the 0-d step counters in place.
     found_inf = (~ok).float().reshape(())
@@ -125,6 +158,8 @@ def device_optimizer_step(optimizer, loss_finite: torch.Tensor, device: torch.de
     for o in opts:
         clip = float(o.config.clip_grad)
         scale = ((norm + 1.0e-6) / clip).clamp(min=1.0) if clip > 0.0 else one
+        if grad_prescale is not None:
+            scale = scale / grad_prescale
         # A NaN norm must not reach the kernel's division; the step is skipped anyway.
         o.optimizer.grad_scale = torch.where(ok, scale, one).reshape(())
         o.optimizer.found_inf = found_inf

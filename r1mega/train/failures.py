@@ -93,6 +93,8 @@ def guarded_optimizer_step(optimizer) -> tuple[bool, float]:
     over the grad-stats group, so every rank takes the same branch."""
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
+    from r1mega.train.lean_adam import LeanAdamW
+
     if optimizer.prepare_grads():  # fp16 loss scaler found inf: megatron already backs off
         return False, float("nan")
     grad_norm = float(optimizer.get_grad_norm())
@@ -102,11 +104,21 @@ def guarded_optimizer_step(optimizer) -> tuple[bool, float]:
         if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
             continue
         params = opt.get_parameters()
-        if params:
+        if isinstance(opt.optimizer, LeanAdamW):
+            # LeanAdamW divides by the clip factor inside its update (in fp32, on bf16 grads
+            # that an in-place scale would round), as on the sync-free path.
+            scale = max(1.0, (grad_norm + 1.0e-6) / opt.config.clip_grad)
+            opt.optimizer.grad_scale = torch.tensor(scale, dtype=torch.float32, device=params[0].device)
+        elif params:
             clip_grad_by_total_norm_fp32(
                 params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
                 use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-    return bool(optimizer.step_with_ready_grads()), grad_norm
+    try:
+        return bool(optimizer.step_with_ready_grads()), grad_norm
+    finally:
+        for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+            if isinstance(getattr(opt, "optimizer", None), LeanAdamW):
+                opt.optimizer.grad_scale = None
 
 
 _PEER_MARKERS = ("Connection closed by peer", "Connection reset", "timed out", "Timeout",

@@ -86,12 +86,45 @@ def build_optimizer(opt: OptimizerConfig, model_chunks: list, rt: ParallelRuntim
                 f"parallel.distributed_optimizer={distributed} but the model was wrapped with "
                 f"use_distributed_optimizer={ddp_cfg.use_distributed_optimizer}; build both from "
                 f"the same setting.")
+    lean = opt.master_weights != "fp32" or opt.moments_dtype != "fp32"
+    if lean:
+        check_lean_setup(opt, model_chunks, rt, distributed)
     config = megatron_optimizer_config(opt, rt, distributed)
+    if opt.master_weights != "fp32":
+        # No fp32 copy: megatron's FP32Optimizer hands the bf16 params (and their bf16 DDP
+        # grads) straight to LeanAdamW, which keeps the master's low bits itself (or none).
+        config.bf16 = config.fp16 = False
     optimizer = get_megatron_optimizer(config, model_chunks, pg_collection=pg_collection)
     count_expert_grads_once(optimizer, rt)
-    if rt.device.type == "cuda":
+    if lean:
+        from r1mega.train.lean_adam import replace_inner_adam
+
+        # One seed on every rank: data-parallel replicas draw the same stochastic roundings.
+        replace_inner_adam(optimizer, opt.master_weights, opt.moments_dtype, seed=0)
+    elif rt.device.type == "cuda":
         use_fused_adam(optimizer)
     return OptimizerBundle(optimizer, build_scheduler(opt, optimizer, total_steps))
+
+
+def check_lean_setup(opt: OptimizerConfig, model_chunks: list, rt: ParallelRuntime,
+                     distributed: bool) -> None:
+    """The build-time half of config_checks.validate_lean_optimizer (the runtime's dtype and the
+    DDP wrapping are only known here)."""
+    if distributed:
+        raise ValueError(
+            f"optimizer.master_weights={opt.master_weights}, optimizer.moments_dtype="
+            f"{opt.moments_dtype} is implemented for the non-distributed optimizer only (megatron's "
+            f"distributed optimizer shards fp32 masters); set parallel.distributed_optimizer=false.")
+    if opt.master_weights == "fp32":
+        return
+    if rt.dtype != torch.bfloat16:
+        raise ValueError(f"optimizer.master_weights={opt.master_weights} needs bf16 parameters, the "
+                         f"runtime's dtype is {rt.dtype}; set precision.dtype=bf16.")
+    for chunk in model_chunks:
+        if chunk.ddp_config.grad_reduce_in_fp32:
+            raise ValueError(f"optimizer.master_weights={opt.master_weights} steps from the bf16 "
+                             f"grad buffer, but the model was wrapped with grad_reduce_in_fp32=True; "
+                             f"set precision.grad_reduce_in_fp32=false.")
 
 
 def count_expert_grads_once(optimizer, rt: ParallelRuntime) -> None:

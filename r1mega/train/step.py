@@ -17,6 +17,7 @@ whatever the packing. ``metrics`` are 0-d tensors, summed over micro-batches and
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -31,7 +32,8 @@ from r1mega.moe.replay import ROUTES_FIELD, micro_batch_replay
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.parallel.runtime import ParallelRuntime
 from r1mega.precision.linear import new_weight_generation
-from r1mega.train.device_step import Readback, device_optimizer_step, sync_free_supported
+from r1mega.train.device_step import (DeferredGradScale, Readback, device_optimizer_step,
+                                      folds_token_scale, sync_free_supported)
 from r1mega.train.failures import guarded_optimizer_step
 from r1mega.train.batching import MicroBatch, make_micro_batches, unpack_per_sample
 from r1mega.train.optimizer import OptimizerBundle
@@ -331,7 +333,8 @@ class MetricSums:
         return dict(zip(self.keys, self.vec.unbind())) if self.keys is not None else {}
 
 
-def _finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+def _finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False,
+                    defer_scale: Optional[DeferredGradScale] = None):
     """megatron's finalize_model_grads (DP reduce), then the 1 / global-token-count scale.
 
     megatron's own scaling tests ``if num_tokens > 0`` on the host: a device sync that drains
@@ -352,6 +355,9 @@ def _finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce
         dist.all_reduce(num_tokens, group=dp_cp_group)
         one = torch.ones_like(num_tokens, dtype=torch.float32)
         scaling = torch.where(num_tokens > 0, 1.0 / num_tokens.clamp(min=1), one)
+        if defer_scale is not None:  # the lean optimizer divides by it in its update
+            defer_scale.scale = scaling
+            return
         for chunk in model:
             chunk.scale_gradients(scaling)
 
@@ -371,10 +377,14 @@ class TrainStep:
         if model_chunks[0].ddp_config.overlap_grad_reduce:
             grad_sync = [c.start_grad_sync for c in model_chunks]
             config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
-        config.finalize_model_grads_func = _finalize_grads
         # Sync-free steps need fused Adam (GPU runs get it from build_optimizer); CPU runs keep
         # the host path, whose results earlier runs were checked against bit for bit.
         self.sync_free = sync_free_supported(optim.optimizer)
+        self._token_scale = (DeferredGradScale() if self.sync_free and folds_token_scale(optim.optimizer)
+                             else None)
+        config.finalize_model_grads_func = (
+            functools.partial(_finalize_grads, defer_scale=self._token_scale)
+            if self._token_scale is not None else _finalize_grads)
         self._biased_moe = any(m.expert_bias is not None for m in moe_layers(model_chunks))
         self._pending: Optional[StepResult] = None
 
@@ -473,7 +483,8 @@ class TrainStep:
         loss = sums["loss_sum"] / tokens.clamp(min=1)
         self.optim.scheduler.step(increment=1)
         lr = self.optim.lr
-        ok, norm = device_optimizer_step(self.optim.optimizer, torch.isfinite(loss), dev)
+        prescale = self._token_scale.take() if self._token_scale is not None else None
+        ok, norm = device_optimizer_step(self.optim.optimizer, torch.isfinite(loss), dev, prescale)
         self._balance_experts(ok.bool())
         keys = sorted(sums)
         vec = torch.cat([ok.double(), norm.double(), tokens.reshape(1), loss.reshape(1)]

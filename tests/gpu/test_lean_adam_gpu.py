@@ -1,0 +1,153 @@
+"""The lean AdamW Triton kernel (r1mega/ops/lean_adam_triton.py) against its PyTorch reference
+(r1mega/train/lean_adam_math.py) run on the same GPU, with outputs poisoned first."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+N = 3 * 1024 * 1024 + 517  # several blocks and a ragged tail
+
+
+def _state(n, moments, mode, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    master = torch.randn(n, generator=g, device=dev) * 0.05
+    if mode == "bf16_remainder":
+        from r1mega.train.lean_adam_math import split_master
+
+        param, rem = split_master(master)
+    else:
+        param, rem = master.to(torch.bfloat16), None
+    mdt = torch.float32 if moments == "fp32" else torch.bfloat16
+    m = (torch.randn(n, generator=g, device=dev) * 1e-2).to(mdt)
+    v = (torch.rand(n, generator=g, device=dev) * 1e-4).to(mdt)
+    grad = (torch.randn(n, generator=g, device=dev) * 0.3).to(torch.bfloat16)
+    return param, grad, m, v, rem
+
+
+def _run_kernel(param, grad, m, v, rem, step, h, mode, grad_scale=None, found_inf=None):
+    from r1mega.ops.lean_adam_triton import lean_adamw_cuda
+
+    p = torch.nn.Parameter(param.clone())
+    p.grad = grad.clone()
+    st = {"step": torch.full((), float(step), device="cuda"), "exp_avg": m.clone(),
+          "exp_avg_sq": v.clone()}
+    if rem is not None:
+        st["remainder"] = rem.clone()
+    lean_adamw_cuda([p], [st], h, [mode], grad_scale=grad_scale, found_inf=found_inf, seeds=[7])
+    torch.cuda.synchronize()
+    return p.data, st
+
+
+def _hyper(wd=0.1):
+    from r1mega.train.lean_adam_math import AdamHyper
+
+    return AdamHyper(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=wd)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_remainder_fp32_moments_bitwise_equal_to_reference(scaled):
+    from r1mega.train.lean_adam_math import join_master, lean_step_reference
+
+    param, grad, m, v, rem = _state(N, "fp32", "bf16_remainder", 0)
+    h = _hyper()
+    scale = torch.tensor(2.75, device="cuda") if scaled else None
+    for step in (1, 7):
+        p_k, st = _run_kernel(param, grad, m, v, rem, step, h, "bf16_remainder", grad_scale=scale)
+        ref = lean_step_reference(param, grad, m, v, rem, step, h, "bf16_remainder", grad_scale=scale)
+        mk = join_master(p_k, st["remainder"])
+        mr = join_master(ref["param"], ref["remainder"])
+        bad = (mk.view(torch.int32) != mr.view(torch.int32))
+        assert not bad.any(), (f"step {step}: {int(bad.sum())} of {N} masters differ, max |diff| "
+                               f"{(mk - mr).abs().max().item():.3e}")
+        assert torch.equal(st["exp_avg"], ref["exp_avg"])
+        assert torch.equal(st["exp_avg_sq"], ref["exp_avg_sq"])
+        assert torch.equal(p_k, ref["param"]) and torch.equal(st["remainder"], ref["remainder"])
+
+
+def test_fp32_master_with_bf16_moments_matches_reference():
+    from r1mega.train.lean_adam_math import lean_step_reference
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    param = torch.randn(N, generator=g, device="cuda") * 0.05
+    grad = torch.randn(N, generator=g, device="cuda") * 0.3
+    m = (torch.randn(N, generator=g, device="cuda") * 1e-2).to(torch.bfloat16)
+    v = (torch.rand(N, generator=g, device="cuda") * 1e-4).to(torch.bfloat16)
+    h = _hyper()
+    p_k, st = _run_kernel(param, grad, m, v, None, 3, h, "fp32")
+    ref = lean_step_reference(param, grad, m, v, None, 3, h, "fp32",
+                              generator=torch.Generator(device="cuda").manual_seed(0))
+    assert torch.equal(p_k, ref["param"])      # the update reads the stored moments exactly
+    assert torch.equal(st["exp_avg"], ref["exp_avg"])  # round-to-nearest on both sides
+    # exp_avg_sq: stochastic on both sides, different random bits: within one bf16 step.
+    diff = (st["exp_avg_sq"].float() - ref["exp_avg_sq"].float()).abs()
+    assert (diff <= ref["exp_avg_sq"].float().abs() * 2 ** -7 + 1e-30).all()
+
+
+@pytest.mark.parametrize("mode", ["bf16_remainder", "bf16_stochastic"])
+def test_found_inf_writes_nothing(mode):
+    param, grad, m, v, rem = _state(4099, "bf16", mode, 2)
+    p_k, st = _run_kernel(param, grad, m, v, rem, 2, _hyper(), mode,
+                          grad_scale=torch.tensor(float("nan"), device="cuda"),
+                          found_inf=torch.tensor(1.0, device="cuda"))
+    assert torch.equal(p_k, param) and torch.equal(st["exp_avg"], m)
+    assert torch.equal(st["exp_avg_sq"], v)
+    if rem is not None:
+        assert torch.equal(st["remainder"], rem)
+
+
+def test_kernel_stochastic_rounding_is_unbiased():
+    """Step 1 from zero moments moves every weight by lr * sign(-g) (times 1 + O(2^-23) from the
+    bias-correction roundings): 1.0 + 2^-10 lies a quarter of the way to the next bf16 (1 + 2^-7),
+    so the stochastic write must land there a quarter of the time."""
+    from r1mega.train.lean_adam_math import AdamHyper
+
+    n = 1 << 22
+    target = 1.0 + 2 ** -10
+    param = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+    grad = torch.full((n,), -1.0, device="cuda", dtype=torch.bfloat16)
+    m = torch.zeros(n, device="cuda")
+    v = torch.zeros(n, device="cuda")
+    h = AdamHyper(lr=2 ** -10, beta1=0.9, beta2=0.95, eps=0.0, weight_decay=0.0)
+    p_k, _ = _run_kernel(param, grad, m, v, None, 1, h, "bf16_stochastic")
+    vals = p_k.float()
+    assert set(vals.unique().tolist()) <= {1.0, 1.0 + 2 ** -7}
+    mean = vals.double().mean().item()
+    assert abs(mean - target) < 6 * 2 ** -7 * 0.5 / n ** 0.5 + 2 ** -22, mean
+    again, _ = _run_kernel(param, grad, m, v, None, 1, h, "bf16_stochastic")
+    assert torch.equal(again, p_k)  # same (seed, step): same noise
+
+
+def test_optimizer_on_cuda_matches_cpu_reference_loop():
+    """LeanAdamW's CUDA path (kernel) over several steps equals its reference applied step by
+    step on the same GPU, with per-step found_inf and grad_scale tensors (the sync-free step)."""
+    from r1mega.train.lean_adam import LeanAdamW
+    from r1mega.train.lean_adam_math import join_master, lean_step_reference
+
+    h = _hyper(wd=0.01)
+    param, _, _, _, _ = _state(70_001, "fp32", "bf16_remainder", 3)
+    p = torch.nn.Parameter(param.clone())
+    opt = LeanAdamW([p], lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps, weight_decay=h.weight_decay,
+                    master_weights="bf16_remainder", moments_dtype="fp32")
+    ref = {"param": param.clone(), "exp_avg": torch.zeros(param.shape, device="cuda"),
+           "exp_avg_sq": torch.zeros(param.shape, device="cuda"),
+           "remainder": torch.zeros(param.shape, dtype=torch.int16, device="cuda")}
+    g = torch.Generator(device="cuda").manual_seed(4)
+    step = 0
+    for i in range(5):
+        grad = (torch.randn(param.shape, generator=g, device="cuda")).to(torch.bfloat16)
+        skip = i == 2
+        opt.found_inf = torch.tensor(1.0 if skip else 0.0, device="cuda")
+        opt.grad_scale = torch.tensor(1.5, device="cuda")
+        p.grad = grad
+        opt.step()
+        if not skip:
+            step += 1
+            ref = lean_step_reference(ref["param"], grad, ref["exp_avg"], ref["exp_avg_sq"],
+                                      ref["remainder"], step, h, "bf16_remainder",
+                                      grad_scale=opt.grad_scale)
+    assert opt.state[p]["step"].item() == step == 4
+    assert torch.equal(join_master(p.data, opt.state[p]["remainder"]),
+                       join_master(ref["param"], ref["remainder"]))
