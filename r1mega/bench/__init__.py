@@ -16,6 +16,7 @@ BENCHMARKS = {
     "fp8": "r1mega.bench.fp8",
     "dsv3-train-step": "r1mega.bench.dsv3_train_step",
     "dsv3-rollout": "r1mega.bench.dsv3_rollout",
+    "train-scale": "r1mega.bench.train_scale",
 }
 
 
