@@ -150,7 +150,9 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 600.0) -
                               + (f"; stacks when it hung:\n{stack}" if stack else ""))
                 results.append(None)
                 continue
-            rec = torch.load(path, weights_only=False)
+            # On CPU: GPU ranks' tensors come back as CPU tensors, so that a test can pass one run's
+            # result (an initial state) to the next ranks without CUDA IPC between processes.
+            rec = torch.load(path, weights_only=False, map_location="cpu")
             if not rec["ok"]:
                 errors.append(f"rank {r} raised:\n{rec['error']}")
             results.append(rec.get("result"))
