@@ -141,14 +141,17 @@ for part in $PARTS; do
   rollout)
     for tp in $(sizes "$NGPU" 1 2 4); do
       run rollout "tp$tp" 120 "${TORCHRUN[@]}" "$tp" -m r1mega.cli bench rollout-tp --model 852m \
-        --label "tp$tp" "${SMOKE[@]}"
+        --label "tp$tp" "${SMOKE[@]}" ||
+      # CUDA graphs with NCCL collectives inside are new on several GPUs: a figure either way
+      run rollout "tp$tp-eager" 120 "${TORCHRUN[@]}" "$tp" -m r1mega.cli bench rollout-tp --model 852m \
+        --label "tp$tp-eager" --no-graphs "${SMOKE[@]}"
     done
     ;;
   grpo)
     rd=$(mktemp -d /tmp/r1mega_grpo_multi.XXXX)
     if [ $DRY = 1 ]; then
       size=(model.num_layers=2 model.hidden_size=32 model.ffn_hidden_size=64 model.num_attention_heads=2
-            model.num_query_groups=1 data.global_batch_prompts=4 rollout.group_size=2
+            model.num_query_groups=2 data.global_batch_prompts=4 rollout.group_size=2
             rollout.max_new_tokens=8 train.steps=3 parallel.tensor=2)
     else  # ~150M parameters on the char vocabulary of the demo task; DP = NGPU / 2
       size=(model.num_layers=12 model.hidden_size=1024 model.ffn_hidden_size=2816
