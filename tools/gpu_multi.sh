@@ -115,7 +115,7 @@ for part in $PARTS; do
       run equiv tests 240 python3 -m pytest -q -x -p no:cacheprovider -rfE --tb=short \
         tests/distributed/test_parallel_equivalence.py -k "reference or tp2 and not pp and not sequence"
     else
-      run equiv tests 200 python3 -m pytest -v -p no:cacheprovider -rfE --tb=short -m "slow or not slow" \
+      run equiv tests 200 python3 -m pytest -v -p no:cacheprovider -rfE --tb=short \
         tests/distributed/test_parallel_equivalence.py tests/distributed/test_moe_expert_parallel.py
     fi
     ;;

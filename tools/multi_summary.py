@@ -47,7 +47,8 @@ def pytest_counts(path: str) -> dict:
 
     if not os.path.exists(path):
         return {}
-    tail = [ln for ln in open(path, errors="replace").read().splitlines() if " in " in ln and "=" in ln]
+    tail = [ln for ln in open(path, errors="replace").read().splitlines()
+            if re.search(r"\d+ (passed|failed|error)", ln) and " in " in ln]
     out = {}
     for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", tail[-1] if tail else ""):
         out[word.rstrip("s") if word.startswith("error") else word] = int(n)
