@@ -115,6 +115,7 @@ def test_ep_equals_single_rank(expert):
             # summation-order noise (the two runs sum an expert's rows in different orders)
             # shows up as ~1e-5 in a few weights; 1e-4 is 1% of one step (lr 1e-2).
             torch.testing.assert_close(r["params"][k], p, rtol=1e-4, atol=1e-4, msg=f"param {k}")
+        _compare_bf16(r, ref, mine, rank)  # fp32 agreement implies it: checks the GPU path's code
 
 
 def _compare_bf16(r, ref, mine, rank):

@@ -143,6 +143,13 @@ def test_reference_trains(reference):
     # warmup 1 step to 1e-3, then cosine to 1e-4 at step 3
     assert reference["lrs"][0] == pytest.approx(1e-3)
     assert reference["lrs"][-1] == pytest.approx(1e-4)
+    # The bf16 comparison (GPUs) passes the reference against itself and catches a wrong gradient.
+    _compare_bf16(reference, reference, "self")
+    wrong = dict(reference, grads=dict(reference["grads"]))
+    k = next(iter(wrong["grads"]))
+    wrong["grads"][k] = wrong["grads"][k] * 1.2
+    with pytest.raises(AssertionError, match=f"grad {k}"):
+        _compare_bf16(wrong, reference, "wrong grad")
 
 
 @pytest.mark.parametrize("name", [k for k in LAYOUTS if k != "single"])
@@ -163,6 +170,7 @@ def test_layout_matches_single_rank(reference, name):
         torch.testing.assert_close(got["grads"][k], g, atol=1e-6, rtol=1e-4, msg=f"grad {k} ({name})")
     for k, p in reference["params"].items():
         torch.testing.assert_close(got["params"][k], p, atol=1e-5, rtol=1e-4, msg=f"param {k} ({name})")
+    _compare_bf16(got, reference, name)  # fp32 agreement implies it: checks the GPU path's code
 
 
 def _compare_bf16(got, ref, name):
