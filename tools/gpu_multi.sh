@@ -166,7 +166,7 @@ for part in $PARTS; do
     rm -rf "$rd"
     ;;
   fail)
-    run fail "drills" 200 python3 tools/multi_failures.py --nproc "$NGPU" --out "$OUT" \
+    run fail "drills" 260 python3 tools/multi_failures.py --nproc "$NGPU" --out "$OUT" \
       --timeout-s 60 $( [ $DRY = 1 ] && echo --cpu --timeout-s 30 )
     ;;
   8b)
