@@ -13,21 +13,25 @@
 #            timeout); launch/torchrun.sh MAX_RESTARTS=1 resumes from the last checkpoint
 #   8b       bench train-scale, Llama-3-8B shape (145 GB of weights + fp32 optimizer state: more
 #            than one H200), TP = NGPU, distributed optimizer, sequence parallel: MFU
-# Full logs go to $OUT; the summary table (tools/multi_summary.py) is printed LAST.
+# Per-run logs go to $GPU_MULTI_LOGDIR, packed into $OUT/logs.tar.gz after every run (the device
+# tool returns at most 8 files from $OUT); $OUT also gets summary.log, summary.json, build.log and
+# the built extensions (so/). The summary table (tools/multi_summary.py) is printed LAST.
 #
 #   tools/gpu_multi.sh                 all parts on the GPUs `nvidia-smi -L` lists
 #   tools/gpu_multi.sh --dry-run       the same code paths on 2 CPU ranks (gloo, tiny shapes)
 #   env: GPU_MULTI_PARTS="equiv dp ..." (default: all, in the order above),
 #        GPU_MULTI_DEADLINE_S=530 (whole script), GPU_SKIP_BUILD=1 (csrc/ built already),
-#        GPU_MULTI_STEPS=5 (timed steps per train-scale run)
+#        GPU_MULTI_STEPS=5 (timed steps per train-scale run),
+#        GPU_MULTI_LOGDIR=DIR (per-run logs and runs.tsv; default a new /tmp/r1mega-multi.XXXX)
 # NVLink multicast stays as the machine set it: this script sets no NCCL_* variable.
 set -u
 export PYTHONUNBUFFERED=1
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT=${OUT:-/tmp/r1mega-out}
-mkdir -p "$OUT"
-: >"$OUT/runs.tsv"
+LOGS=${GPU_MULTI_LOGDIR:-$(mktemp -d /tmp/r1mega-multi.XXXX)}
+mkdir -p "$OUT" "$LOGS"
+: >"$LOGS/runs.tsv"
 exec > >(tee "$OUT/summary.log") 2>&1   # kept in $OUT too: a call that runs out of time loses its stdout
 T_START=$(date +%s)
 DEADLINE=${GPU_MULTI_DEADLINE_S:-530}
@@ -37,7 +41,7 @@ STEPS=${GPU_MULTI_STEPS:-5}
 if ls .whl/*.whl >/dev/null 2>&1 && [ $DRY = 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}   # the machine's own path kept
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -53,7 +57,7 @@ else
   SMOKE=()
   export R1MEGA_TEST_BACKEND=nccl
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
-  nvidia-smi topo -m 2>/dev/null | head -$((NGPU + 1)) >"$OUT/topo.txt"
+  nvidia-smi topo -m 2>/dev/null | head -$((NGPU + 1)) >"$LOGS/topo.txt"
   python3 -c 'import torch, megatron.core; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)'
   if [ "${GPU_SKIP_BUILD:-0}" != 1 ]; then
     t0=$(date +%s)
@@ -64,27 +68,30 @@ else
 fi
 echo "GPUs (ranks): $NGPU; parts: $PARTS; deadline ${DEADLINE} s"
 
+pack() { tar czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null; }   # a cut-off call keeps what ran
+
 left() { echo $(( DEADLINE - ($(date +%s) - T_START) )); }
 
-# run PART LABEL BUDGET_S CMD...: one run, its log in $OUT, a row in runs.tsv. The budget is cut
+# run PART LABEL BUDGET_S CMD...: one run, its log in $LOGS, a row in runs.tsv. The budget is cut
 # to the time left; SIGINT first (pytest/torchrun then still report), SIGKILL 15 s later.
 run() {
   local part=$1 label=$2 budget=$3; shift 3
   local rest; rest=$(left)
   local log="${part}_${label}.log"
   if [ "$rest" -lt 30 ]; then
-    printf '%s\t%s\tskipped\t0\t%s\n' "$part" "$label" "$log" >>"$OUT/runs.tsv"
+    printf '%s\t%s\tskipped\t0\t%s\n' "$part" "$label" "$log" >>"$LOGS/runs.tsv"
     echo "== $part $label: skipped (${rest} s left)"
     return 1
   fi
   [ "$budget" -gt $((rest - 15)) ] && budget=$((rest - 15))
   echo "== $part $label (budget ${budget} s): $*"
   local t0; t0=$(date +%s)
-  timeout -s INT -k 15 "$budget" "$@" >"$OUT/$log" 2>&1
+  timeout -s INT -k 15 "$budget" "$@" >"$LOGS/$log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - t0 ))
-  printf '%s\t%s\t%s\t%s\t%s\n' "$part" "$label" "$rc" "$dt" "$log" >>"$OUT/runs.tsv"
-  echo "   rc=$rc in ${dt} s: $(grep -E '^\{' "$OUT/$log" | tail -1 | cut -c1-300)"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$part" "$label" "$rc" "$dt" "$log" >>"$LOGS/runs.tsv"
+  echo "   rc=$rc in ${dt} s: $(grep -E '^\{' "$LOGS/$log" | tail -1 | cut -c1-300)"
+  pack
   return $rc
 }
 
@@ -92,7 +99,7 @@ run() {
 TORCHRUN=(python3 -m torch.distributed.run --standalone --nproc-per-node)
 
 json_field() {  # json_field LOG KEY: KEY of the log's last JSON line ("" if none)
-  python3 - "$OUT/$1" "$2" <<'EOF'
+  python3 - "$LOGS/$1" "$2" <<'EOF'
 import json, sys
 lines = [l for l in open(sys.argv[1], errors="replace").read().splitlines() if l.startswith("{")]
 try:
@@ -162,11 +169,11 @@ for part in $PARTS; do
     run grpo "dp$((NGPU / 2))xtp2" 150 "${TORCHRUN[@]}" "$NGPU" -m r1mega.cli train configs/demo.yaml \
       train.sft_steps=0 data.eval_source=null logging.samples_every_steps=0 \
       "logging.run_dir=$rd" "${size[@]}"
-    python3 tools/grpo_run_summary.py "$rd/metrics.jsonl" --warmup 2 >>"$OUT/grpo_dp$((NGPU / 2))xtp2.log" 2>&1
+    python3 tools/grpo_run_summary.py "$rd/metrics.jsonl" --warmup 2 >>"$LOGS/grpo_dp$((NGPU / 2))xtp2.log" 2>&1
     rm -rf "$rd"
     ;;
   fail)
-    run fail "drills" 260 python3 tools/multi_failures.py --nproc "$NGPU" --out "$OUT" \
+    run fail "drills" 260 python3 tools/multi_failures.py --nproc "$NGPU" --out "$LOGS" \
       --timeout-s 60 $( [ $DRY = 1 ] && echo --cpu --timeout-s 30 )
     ;;
   8b)
@@ -181,4 +188,6 @@ done
 
 echo
 echo "================ summary ($(( $(date +%s) - T_START )) s, $NGPU ranks$( [ $DRY = 1 ] && echo ', DRY RUN on CPU'))"
-python3 tools/multi_summary.py "$OUT"
+python3 tools/multi_summary.py "$LOGS"
+cp "$LOGS/summary.json" "$OUT/" 2>/dev/null
+pack

@@ -17,8 +17,9 @@ SCRIPT = os.path.join(ROOT, "tools", "gpu_multi.sh")
 
 
 def _dry_run(tmp_path, parts: str, timeout: int = 600):
-    env = dict(os.environ, OUT=str(tmp_path), GPU_MULTI_PARTS=parts, PYTHONPATH=ROOT,
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_MULTI_LOGDIR=str(tmp_path / "logs"),
+               GPU_MULTI_PARTS=parts,
+               PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("R1MEGA_TEST_BACKEND", None)
     return subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -68,15 +69,22 @@ def test_dry_run_dp_and_ep_scaling(tmp_path):
     table = lines[head + 2:]
     assert [ln.split()[:3] for ln in table] == [["dp", "dp1", "0"], ["dp", "dp2", "0"],
                                                 ["ep", "ep1", "0"], ["ep", "ep2", "0"]], table
-    dp1, dp2 = _last_json(tmp_path / "dp_dp1.log"), _last_json(tmp_path / "dp_dp2.log")
+    logs = tmp_path / "logs"
+    dp1, dp2 = _last_json(logs / "dp_dp1.log"), _last_json(logs / "dp_dp2.log")
     assert (dp1["world_size"], dp1["dp"], dp2["world_size"], dp2["dp"]) == (1, 1, 2, 2)
     assert dp2["tokens_per_step"] == 2 * dp1["tokens_per_step"]  # same per-GPU batch
     # dp2's efficiency is against dp1's per-GPU rate of the same call
     assert dp2["ref_tokens_per_s_per_gpu"] == pytest.approx(dp1["tokens_per_s_per_gpu"])
     assert dp2["efficiency_vs_ref"] == pytest.approx(dp2["tokens_per_s_per_gpu"] / dp1["tokens_per_s_per_gpu"])
-    ep2 = _last_json(tmp_path / "ep_ep2.log")
+    ep2 = _last_json(logs / "ep_ep2.log")
     assert ep2["ep"] == 2 and ep2["all_to_all_calls_per_step"] > 0 and ep2["all_to_all_ms_per_step"] > 0
-    assert _last_json(tmp_path / "ep_ep1.log")["all_to_all_calls_per_step"] == 0  # EP=1: no exchange
-    assert all(_last_json(tmp_path / f)["losses_finite"] for f in ("dp_dp1.log", "dp_dp2.log"))
-    summary = json.load(open(tmp_path / "summary.json"))
+    assert _last_json(logs / "ep_ep1.log")["all_to_all_calls_per_step"] == 0  # EP=1: no exchange
+    assert all(_last_json(logs / f)["losses_finite"] for f in ("dp_dp1.log", "dp_dp2.log"))
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert [r["rc"] for r in summary] == ["0"] * 4
+    # What the device tool returns (at most 8 files): the summary and one archive of the logs.
+    assert sorted(os.listdir(tmp_path / "out")) == ["logs.tar.gz", "summary.json", "summary.log"]
+    import tarfile
+
+    names = tarfile.open(tmp_path / "out" / "logs.tar.gz").getnames()
+    assert {"./dp_dp1.log", "./ep_ep2.log", "./runs.tsv"} <= set(names)
