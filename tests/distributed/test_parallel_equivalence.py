@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.harness import assert_rel_close, on_gpus, run_ranks
+from tests.distributed.harness import assert_rel_close, assert_update_close, on_gpus, run_ranks
 
 LAYOUTS = {
     "single": dict(tensor=1, pipeline=1, virtual_stages=1, world=1),
@@ -150,6 +150,10 @@ def test_reference_trains(reference):
     wrong["grads"][k] = wrong["grads"][k] * 1.2
     with pytest.raises(AssertionError, match=f"grad {k}"):
         _compare_bf16(wrong, reference, "wrong grad")
+    k = next(k for k in reference["params"] if "linear_fc1" in k)
+    missed = dict(reference, params=dict(reference["params"], **{k: reference["init"][k]}))
+    with pytest.raises(AssertionError, match=f"param {k} .*update"):
+        _compare_bf16(missed, reference, "missed update")
 
 
 @pytest.mark.parametrize("name", [k for k in LAYOUTS if k != "single"])
@@ -185,7 +189,7 @@ def _compare_bf16(got, ref, name):
     for k, g in ref["grads"].items():
         assert_rel_close(got["grads"][k].float(), g.float(), "grad", f"grad {k} ({name})")
     for k, p in ref["params"].items():
-        assert_rel_close(got["params"][k].float(), p.float(), "param", f"param {k} ({name})")
+        assert_update_close(got["params"][k], p, ref["init"][k], sum(ref["lrs"]), f"param {k} ({name})")
 
 
 def uneven_batches(rank, world):
