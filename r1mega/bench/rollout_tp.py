@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     from r1mega.bench.rollout import copy_bandwidth, decode_bytes
     from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
+    from r1mega.parallel.cpu_mode import cpu_mode_enabled
     from r1mega.parallel.launch_env import read_launch_env
     from r1mega.parallel.runtime import destroy_parallel, init_parallel
     from r1mega.rollout.engine import RolloutEngine
@@ -96,7 +97,9 @@ def main(argv=None) -> int:
               "kv_bytes_per_token_per_rank": kv_per_token, "copy_bandwidth_Bps": bw,
               "decode_steps": stats.get("decode"), "decode_s": stats.get("decode_s"),
               "prefill_s": stats.get("prefill_s"), "ranks_agree": bool(lo.item() == hi.item()),
-              "all_tokens": n_new == prompts * new}
+              "all_tokens": n_new == prompts * new,
+              # megatron's CUDA calls redirected to the CPU: must be false on GPU ranks
+              "cpu_mode": cpu_mode_enabled()}
     if rt.rank == 0:
         print(f"rollout-tp --model {args.model}: TP {rt.tp_size}, {prompts}x{plen}->{new}, "
               f"{rt.dtype}, {device}: {n_new / dt:,.0f} tok/s in {dt:.2f} s (warm-up {warm_s:.1f} s), "

@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     from r1mega.bench.train_step import matmul_peak_flops, model_flops_per_token
     from r1mega.config import ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
     from r1mega.models.gpt import build_model, count_parameters
+    from r1mega.parallel.cpu_mode import cpu_mode_enabled
     from r1mega.parallel.launch_env import read_launch_env
     from r1mega.parallel.runtime import destroy_parallel, init_parallel
     from r1mega.train.optimizer import build_optimizer
@@ -170,7 +171,9 @@ def main(argv=None) -> int:
               "mfu": tflops_gpu * 1e12 / peak, "matmul_peak_tflops": peak / 1e12,
               "active_parameters": n_active, "peak_memory_gb_max_rank": peak_gb,
               "first_loss": float(loss_vals[0]), "last_loss": float(loss_vals[-1]),
-              "overlap_grad_reduce": not args.no_overlap}
+              "overlap_grad_reduce": not args.no_overlap,
+              # megatron's CUDA calls redirected to the CPU: must be false on GPU ranks
+              "cpu_mode": cpu_mode_enabled()}
     if moe:
         result.update(all_to_all_ms_per_step=a2a_ms, all_to_all_calls_per_step=a2a_calls,
                       all_to_all_fraction=a2a_ms / (sec * 1e3))

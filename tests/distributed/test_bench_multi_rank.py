@@ -35,6 +35,7 @@ def test_rollout_tp2_smoke():
     r = _json(out0)
     assert r["bench"] == "rollout-tp" and r["tp"] == 2 and r["ranks_agree"] and r["all_tokens"]
     assert r["new_tokens"] == 4 * 8 and r["tokens_per_s"] > 0
+    assert r["cpu_mode"] is True and r["device"] == "cpu"  # gloo ranks; on GPUs it reads false
 
 
 @pytest.mark.slow
