@@ -23,6 +23,13 @@ if [ "$NNODES" -gt 1 ]; then
 else
   args+=(--standalone)
 fi
+if [ "${MAX_RESTARTS:-0}" != 0 ]; then
+  # A restarted round must not meet the last round's keys: torchrun's agent shares one TCP store
+  # across rounds, where the new ranks can read the dead rank 0's address ("Gloo connectFullMesh
+  # failed ... Connection refused" on restart). With the store not shared, each round's rank 0
+  # hosts a fresh one.
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 # r1mega.parallel.torchrun is torchrun whose failure report is one line (the failing rank has
 # already said why); R1MEGA_DEBUG=1 keeps the full report.
 exec python -m r1mega.parallel.torchrun "${args[@]}" -m r1mega.cli "${R1MEGA_CMD:-train}" "$@"

@@ -17,6 +17,8 @@ BENCHMARKS = {
     "dsv3-train-step": "r1mega.bench.dsv3_train_step",
     "dsv3-rollout": "r1mega.bench.dsv3_rollout",
     "saved-activations": "r1mega.bench.saved_activations",
+    "train-scale": "r1mega.bench.train_scale",
+    "rollout-tp": "r1mega.bench.rollout_tp",
 }
 
 

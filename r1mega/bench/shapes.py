@@ -16,6 +16,13 @@ GEMM_HEAVY = dict(num_layers=8, hidden_size=4096, num_attention_heads=32, num_qu
                   ffn_hidden_size=14336, vocab_size=32000, tied_embeddings=False,
                   max_position_embeddings=4096, make_vocab_size_divisible_by=128)
 
+# The multi-GPU issue's too-large-for-one-GPU shape: Llama-3-8B (8.0B parameters, untied, GQA 8),
+# 18 bytes per parameter with the fp32 master weights: 145 GB, above one H200's 141 GB.
+LLAMA3_8B = dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                 ffn_hidden_size=14336, vocab_size=128256, tied_embeddings=False,
+                 max_position_embeddings=8192, make_vocab_size_divisible_by=128,
+                 rope_theta=500000.0, norm_epsilon=1e-5)
+
 # The MoE issue's benchmark shape: Qwen3-MoE layout (q/k norms, softmax top-k renormalised),
 # 12 layers, hidden 2048, 32 heads of 128, 4 KV heads, 64 experts top-8 of width 768.
 QWEN3_MOE_SMALL = dict(family="qwen3_moe", num_layers=12, hidden_size=2048, num_attention_heads=32,
@@ -62,8 +69,8 @@ DSV3_SMOKE = dict(family="deepseek_v3", num_layers=2, hidden_size=64, num_attent
                   moe_routed_scaling_factor=2.5, moe_first_k_dense=1)
 
 SHAPES = {"852m": DENSE_852M, "gemm-heavy": GEMM_HEAVY, "qwen3-moe-small": QWEN3_MOE_SMALL,
-          "dsv3-small": DSV3_SMALL}
-SMOKE = {"852m": DENSE_SMOKE, "gemm-heavy": DENSE_SMOKE, "qwen3-moe-small": QWEN3_MOE_SMOKE,
+          "dsv3-small": DSV3_SMALL, "llama3-8b": LLAMA3_8B}
+SMOKE = {"852m": DENSE_SMOKE, "llama3-8b": DENSE_SMOKE, "gemm-heavy": DENSE_SMOKE, "qwen3-moe-small": QWEN3_MOE_SMOKE,
          "dsv3-small": DSV3_SMOKE}
 
 

@@ -324,7 +324,8 @@ def main(argv=None) -> int:
     rt = init_parallel(ParallelConfig(), PrecisionConfig(), env=read_launch_env())
     device, dtype = rt.device, rt.dtype
     if rt.world_size != 1:
-        raise SystemExit("bench train-step runs on one process (no torchrun).")
+        raise SystemExit("bench train-step runs on one process (no torchrun); for several ranks "
+                         "use `r1mega bench train-scale` (DP x TP x PP x EP, under torchrun).")
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, shape["vocab_size"], (args.seqs, args.seq_len), generator=g).to(device)
     n_tokens = args.seqs * args.seq_len
