@@ -89,6 +89,7 @@ def _series(rows, key):
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
+@pytest.mark.slow  # two tiny training runs in one spawned process (15-30 s on 2 shared cores)
 def test_demo_phases_as_a_pipeline_match_r1mega_train(tmp_path):
     got = run_ranks(_both, world_size=1, args=(str(tmp_path),))[0]
     train, pipe = got["train"], got["pipeline"]
