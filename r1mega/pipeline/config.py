@@ -38,6 +38,8 @@ class GenerateSettings:
 class FilterSettings:
     # A completion is kept only if the strict grader calls it correct.
     require_correct: bool = True
+    # Drop a completion whose reasoning states a false "a op b = c" step (right by luck).
+    require_valid_steps: bool = True
     # Minimum strict-format score (rewards/format.py: 0 or 1).
     min_format: float = 1.0
     # Minimum share of the response's letters in the prompt's script (pipeline/rejection.py).

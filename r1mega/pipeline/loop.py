@@ -68,6 +68,7 @@ def run_pipeline(cfg: Config) -> int:
         save_resolved(cfg, cfg.logging.run_dir)
     logger = MetricsLogger(cfg.logging, rank=rt.rank)
     session = Session(cfg, rt, logger, root)
+    session.specs = specs
     budget = cfg.train.time_budget_s
     deadline = (lambda _metrics: t_start + budget) if budget else None
     rows = []

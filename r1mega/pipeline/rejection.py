@@ -5,7 +5,9 @@ A generated row (written by the generate phase, one per completion)::
     {"prompt_id", "prompt", "kind", "reference", "completion", "sample_index", "step",
      "finish_reason", "num_tokens", "reward", "components", "correct"}
 
-A completion is kept when it is correct (strict grader), well formatted, written in the prompt's
+A completion is kept when it is correct (strict grader), its reasoning states no false
+arithmetic step (a right answer reached through ``6+5=15`` is a lucky guess, and SFT on it teaches
+the false step), well formatted, written in the prompt's
 script, and not cut by the token limit; duplicates of one prompt are dropped; the best ``best_k``
 per prompt survive. The output rows are SFT rows with their provenance, so a trained model's
 behaviour can be traced back to the sampling phase, step and scores that produced its data.
@@ -17,6 +19,7 @@ import re
 from collections import Counter
 from typing import Iterable, Optional, Sequence
 
+from r1mega.rewards.detectors import false_arithmetic_step, reasoning_text
 from r1mega.rewards.format import check_format
 from r1mega.rewards.language import script_units
 
@@ -48,6 +51,8 @@ def rejection_reasons(row: dict, settings) -> list[str]:
     out = [] if text.strip() else ["empty"]
     if settings.require_correct and not row.get("correct"):
         out.append("wrong")
+    if settings.require_valid_steps and false_arithmetic_step(reasoning_text(text)):
+        out.append("false_step")
     if check_format(text).score < settings.min_format:
         out.append("format")
     if language_share(text, row.get("prompt") or "") < settings.min_language_share:

@@ -52,6 +52,7 @@ class Session:
         self._tokenizers: dict = {}
         self._scorers: dict = {}
         self._eval_records = None
+        self.specs: list = []  # the phase list (set by the loop), for the held-out set
 
     def log(self, *args) -> None:
         if self.rt.rank == 0:
@@ -81,16 +82,48 @@ class Session:
         return self._scorers[key]
 
     def eval_records(self) -> list:
-        """Held-out prompts of the top-level data section (every phase is measured on the same)."""
+        """Held-out prompts of the top-level data section (every phase is measured on the same),
+        minus every prompt any phase trains or samples on (:meth:`training_sources`)."""
         from r1mega.data import build_prompt_source
         from r1mega.train.evaluate import heldout_records
 
         if self._eval_records is None:
             data = self.cfg.data
             self._eval_records = (heldout_records(build_prompt_source(data, eval=True),
-                                                  [build_prompt_source(data)])
+                                                  self.training_sources())
                                   if data.eval_source else [])
         return self._eval_records
+
+    def training_sources(self) -> list:
+        """The top-level data source and each phase's own: a phase may train on more prompts, or
+        other ones (its ``data`` section, ``train.sft_source``, a filter's ``mix_source``), and
+        a held-out prompt must be one no phase has seen."""
+        from r1mega.data import build_prompt_source
+        from r1mega.train.sft import build_sft_source
+
+        out, seen = [build_prompt_source(self.cfg.data)], set()
+        for spec in self.specs:
+            cfg, key = spec.cfg, None
+            if spec.kind in ("grpo", "generate"):
+                key = ("prompts", json.dumps(dataclasses.asdict(cfg.data), sort_keys=True,
+                                             default=str))
+                make = lambda cfg=cfg: build_prompt_source(cfg.data)
+            elif spec.kind in ("sft", "distill") and not spec.input:
+                key = ("sft", cfg.train.sft_source, json.dumps(dataclasses.asdict(cfg.data),
+                                                               sort_keys=True, default=str))
+                make = lambda cfg=cfg: build_sft_source(cfg.train, cfg.data)
+            elif spec.kind == "filter" and spec.filter.mix_share and spec.filter.mix_source:
+                mix = spec.filter.mix_source
+                data = (dataclasses.replace(cfg.data, source=mix) if mix.startswith("builtin:")
+                        else cfg.data)
+                train = dataclasses.replace(cfg.train, sft_source=mix)
+                key = ("sft", mix, json.dumps(dataclasses.asdict(data), sort_keys=True,
+                                              default=str))
+                make = lambda train=train, data=data: build_sft_source(train, data)
+            if key is not None and key not in seen:
+                seen.add(key)
+                out.append(make())
+        return out
 
     def close(self) -> None:
         for s in self._scorers.values():

@@ -31,7 +31,8 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64"
         "logging.samples_every_steps=0", "logging.tensorboard=false",
         "logging.progress_bar=false"]
 WALL_CLOCK = ("time", "throughput", "memory", "eval/seconds")
-LOOSE = {"require_correct": False, "min_format": 0.0, "drop_truncated": False, "best_k": 2}
+LOOSE = {"require_correct": False, "require_valid_steps": False, "min_format": 0.0,
+         "drop_truncated": False, "best_k": 2}
 PHASES = [
     {"name": "cold", "kind": "sft", "steps": 4, "optimizer": {"lr": 3e-3}},
     {"name": "rl", "kind": "grpo", "steps": 3, "init": "cold"},

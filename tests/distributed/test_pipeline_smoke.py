@@ -16,7 +16,8 @@ SMALL = ["data.num_examples=48", "data.eval_examples=12", "data.global_batch_pro
          "logging.samples_every_steps=0", "logging.tensorboard=true", "logging.progress_bar=false"]
 TINY_MODEL = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
               "model.num_attention_heads=2", "model.num_query_groups=1"]
-LOOSE = {"require_correct": False, "min_format": 0.0, "drop_truncated": False}
+LOOSE = {"require_correct": False, "require_valid_steps": False, "min_format": 0.0,
+         "drop_truncated": False}
 
 
 def smoke_phases(phases: list) -> list:
@@ -27,6 +28,8 @@ def smoke_phases(phases: list) -> list:
             p["steps"] = 2
         if "train" in p:
             p["train"]["sft_batch_examples"] = 4
+        if "num_examples" in p.get("data", {}):  # a subset of the 48 training prompts
+            p["data"]["num_examples"] = 16
         if p["kind"] == "generate":
             p["generate"].update(num_prompts=6, prompts_per_step=4)
         if p["kind"] == "filter":
