@@ -43,8 +43,8 @@ def test_packed_mla_forward_backends_equal_sdpa(single_rank_runtime, backend):
     ids = torch.randint(0, 1000, (1, sum(lengths)), device="cuda")
     out, weights = {}, None
     for b in ("sdpa", backend):
-        # Dense FFN: a bf16 difference of the attention backends must not flip MoE routes (on the
-        # H200 the MoE model differed in 0.6 % of logits, whole tokens rerouted)
+        # Dense FFN: a bf16 difference of the attention backends could flip MoE routes, and a
+        # rerouted token differs by far more than the attention tolerance
         gpt = build_model(dataclasses.replace(dsv3_model(attention_backend=b), **DENSE), rt, wrap=False)[0]
         # the same weights: megatron's CUDA RNG tracker is not reset by torch.manual_seed
         weights = weights or gpt.state_dict()
