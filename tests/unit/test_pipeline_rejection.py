@@ -28,8 +28,7 @@ def test_each_rule_rejects_its_case_alone():
     mixed = "<think>сначала 7-3=4, then 4+5=9 готово</think><answer>9</answer>"
     assert rejection_reasons(_row(mixed, prompt="What is 7-3+5?"), s) == ["language"]
     assert rejection_reasons(_row("   "), s) == ["empty", "format"]
-    # The right answer through a false step (a lucky guess, as phase 1 of the CPU demo's first
-    # pipeline run produced for 398 of 404 kept rows): the reasoning would teach 6+5=15.
+    # The right answer through a false step (a lucky guess): SFT on it would teach 6+5=15.
     lucky = "<think>6+5=15,16-3=7</think><answer>9</answer>"
     assert rejection_reasons(_row(lucky), s) == ["false_step"]
     # Nothing to check (no "a op b = c" in the reasoning) is no reason to drop.
