@@ -71,12 +71,15 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "varlen", "flash"])
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, print the device time of one step of each run by kernel kind")
     ap.add_argument("--master-weights", default="fp32",
                     choices=["fp32", "bf16_remainder", "bf16_stochastic"],
                     help="also time a row with this optimizer.master_weights (lean optimizer state)")
     ap.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="the Adam moments' dtype of that row (optimizer.moments_dtype)")
     args = ap.parse_args(argv)
+    ts._PROFILE["on"] = args.profile
 
     from r1mega.config import ParallelConfig, PrecisionConfig
     from r1mega.parallel.launch_env import read_launch_env

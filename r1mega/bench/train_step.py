@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import time
 
@@ -85,10 +84,11 @@ def model_flops_per_token(shape: dict, seq_len: int) -> float:
 def _reset_memory(device) -> float:
     """Frees what earlier runs left and restarts the peak count; -> GB still allocated (a run
     that left its model behind would inflate every later run's peak by this much)."""
-    gc.collect()
+    from r1mega.train.roles import free_dropped_models
+
+    free_dropped_models(device)
     if device.type != "cuda":
         return float("nan")
-    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device) / 1e9
 

@@ -22,6 +22,7 @@ from r1mega.pipeline.phases import PHASES
 from r1mega.pipeline.report import format_table, phase_eval
 from r1mega.pipeline.session import (DONE_FILE, Session, barrier, phase_dir, read_done,
                                      write_json_atomic)
+from r1mega.train.roles import free_dropped_models
 
 
 def pipeline_config(cfg: Config) -> Config:
@@ -103,6 +104,7 @@ def run_pipeline(cfg: Config) -> int:
                     write_json_atomic(os.path.join(pdir, DONE_FILE), done)
                 barrier()
                 del result
+                free_dropped_models(rt.device)  # this phase's model, before the next is built
             session.done[spec.name] = done
             rows.append((spec.name, spec.kind, done.get("eval")))
     finally:

@@ -38,6 +38,23 @@ def _maybe_compile(chunks: list, model_cfg) -> None:
         compile_layers(chunks)
 
 
+def free_dropped_models(device: torch.device) -> None:
+    """Frees models the caller has dropped, before the next one is built.
+
+    A trained DDP model sits in reference cycles (megatron's backward hooks close over the DDP;
+    trainers point back at their owners), so only the garbage collector frees it, and one pass
+    is not always enough: a pass can free tensors whose owners only the next pass sees as
+    garbage (on CPU, an fp32 model with the distributed optimizer needs two). Collecting until
+    nothing is left, then returning the cached blocks, keeps two models from sharing a GPU.
+    """
+    import gc
+
+    while gc.collect():
+        pass
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class Policy:
     """Model chunks + optimizer + schedule; ``update(samples, loss_fn)`` is one optimizer step."""
 
