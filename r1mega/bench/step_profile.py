@@ -26,7 +26,9 @@ def kernel_breakdown(events) -> dict:
 
     out: dict = {}
     for e in events:
-        if e.device_type != DeviceType.CUDA:
+        # record_function ranges (Optimizer.step#...) also carry device time: the kernels
+        # inside them, counted already.
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
             continue
         name = e.key.lower()
         kind = next((k for k, subs in _KERNEL_KINDS if any(s in name for s in subs)), "other")

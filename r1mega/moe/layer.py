@@ -27,6 +27,7 @@ from r1mega.moe import router as R
 from r1mega.moe.balancing import AuxLossCollector
 from r1mega.moe.dispatch import permute_tokens, routing_metadata, unpermute_tokens
 from r1mega.moe.experts import GroupedExperts, SwiGLUMLP
+from r1mega.moe.recompute import rebuild_when_saved
 from r1mega.moe.settings import MoESettings
 from r1mega.moe.tensor_parallel import gather_token_shares, mark_replicated_over_tp, token_share
 
@@ -266,9 +267,15 @@ class MoELayer(MegatronModule):
             # The routing metadata already holds the offsets: no cumsum kernels per layer.
             meta = ctx[0]
             groups = ExpertGroups(meta.num_experts, meta.offsets)
+            # The rows are a gather of x (which the router keeps): backward gathers them again
+            # rather than keeping k copies of x. After an all-to-all they are other ranks' rows.
+            regather = lambda: permute_tokens(x, meta, impl=self.dispatcher.impl)  # noqa: E731
+            with rebuild_when_saved(rows, regather, source=x):
+                routed = self.experts(rows, groups)                              # (N, H)
         else:
             groups = ExpertGroups.from_counts(counts, rows.device)
-        out = self.dispatcher.combine(self.experts(rows, groups), ctx)          # (T, H)
+            routed = self.experts(rows, groups)
+        out = self.dispatcher.combine(routed, ctx)                               # (T, H)
         out = out.to(x.dtype)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)

@@ -104,8 +104,9 @@ def test_profile_breakdown_sums_cuda_kernels_by_kind():
 
     from r1mega.bench.step_profile import kernel_breakdown
 
-    def ev(name, us, device=DeviceType.CUDA):
-        return SimpleNamespace(key=name, self_device_time_total=us, device_type=device)
+    def ev(name, us, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(key=name, self_device_time_total=us, device_type=device,
+                               is_user_annotation=annotation)
 
     events = [
         ev("void permute_kernel<__nv_bfloat16>(...)", 100.0),
@@ -116,6 +117,8 @@ def test_profile_breakdown_sums_cuda_kernels_by_kind():
         ev("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>", 250.0),
         ev("some_custom_kernel", 50.0),
         ev("aten::mm", 2000.0, DeviceType.CPU),  # the op, not its kernel: not counted twice
+        # a record_function range on the device: its kernels are listed on their own
+        ev("Optimizer.step#LeanAdamW.step", 1500.0, annotation=True),
     ]
     kinds = kernel_breakdown(events)
     want = {"moe dispatch": 0.1, "grouped gemm": 3.0, "gemm": 2.0, "attention": 0.5,
