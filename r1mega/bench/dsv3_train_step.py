@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "varlen", "flash"])
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
+    ap.add_argument("--compile", default="none", choices=["none", "layer"],
+                    help="layer: torch.compile every TransformerLayer.forward of the r1mega rows")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, print the device time of one step of each run by kernel kind")
     ap.add_argument("--master-weights", default="fp32",
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     rows = {}
     ts._reset_memory(device)
     sec, mem, losses, _ = ts.run_r1mega(shape, tokens, rt, "fp32" if device.type != "cuda" else "chunked",
-                                        args.warmup, args.steps, "none", attention=args.attention)
+                                        args.warmup, args.steps, args.compile, attention=args.attention)
     rows["r1mega"] = (sec, mem, [float(x) for x in losses])
     lean = None
     if args.master_weights != "fp32" or args.moments_dtype != "fp32":
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
         ts._reset_memory(device)
         sec, mem, losses, _ = ts.run_r1mega(
             shape, tokens, rt, "fp32" if device.type != "cuda" else "chunked", args.warmup,
-            args.steps, "none", attention=args.attention,
+            args.steps, args.compile, attention=args.attention,
             grad_reduce_in_fp32=args.master_weights == "fp32", master_weights=args.master_weights,
             moments_dtype=args.moments_dtype)
         rows[lean] = (sec, mem, [float(x) for x in losses])
