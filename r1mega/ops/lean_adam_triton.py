@@ -120,10 +120,14 @@ if HAVE_TRITON:
             p = p + neg_step_size * tl.math.div_rn(m, denom)
 
         if NEED_NOISE:
+            # One Philox draw (four 32-bit words) serves four elements, 16 bits for the weight and
+            # 16 for exp_avg_sq each: the draw costs more integer work than the rest of the update.
             step_i = tl.load(step_ptr).to(tl.int64)
-            r0, r1, _, _ = tl.randint4x((step_i << 32) + seed_lo, offs.to(tl.int32))
-            noise_p = (r0 & 0xFFFF).to(tl.int32)
-            noise_v = (r1 & 0xFFFF).to(tl.int32)
+            draw = (pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int32)
+            r0, r1, r2, r3 = tl.randint4x((step_i << 32) + seed_lo, draw)
+            words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK,))
+            noise_p = (words & 0xFFFF).to(tl.int32)
+            noise_v = ((words >> 16) & 0xFFFF).to(tl.int32)
         if MASTER == 1:
             bits = p.to(tl.int32, bitcast=True)
             hi = (bits + 0x8000) >> 16         # nearest, ties away from zero (see lean_adam_math)
