@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1mega.moe import _cuda_ext
+from r1mega.moe import _cuda_ext, dispatch_ops
 
 IMPLS = ("auto", "cuda", "torch")
 
@@ -52,6 +52,12 @@ class RoutingMetadata:
 def num_permuted_rows(num_tokens: int, topk: int, num_experts: int, align: int = 1) -> int:
     """Rows of the permuted buffer: every entry plus the worst-case padding of every expert."""
     return num_tokens * topk + num_experts * (align - 1)
+
+
+def _kernels():
+    """The CUDA kernels: the extension's functions, or under torch.compile the same kernels as
+    custom ops (r1mega/moe/dispatch_ops.py), which the compiler traces instead of breaking at."""
+    return dispatch_ops if torch.compiler.is_compiling() else _cuda_ext.get()
 
 
 def _use_cuda(t: torch.Tensor, impl: str, what: str) -> bool:
@@ -89,7 +95,7 @@ def routing_metadata(indices: torch.Tensor, num_experts: int, align: int = 1, im
                          f"num_experts and the dispatcher's disagree")
     num_rows = num_permuted_rows(indices.shape[0], indices.shape[1], num_experts, align)
     if _use_cuda(indices, impl, "routing_metadata"):
-        counts, offsets, row_map, src_entry = _cuda_ext.get().routing_metadata(
+        counts, offsets, row_map, src_entry = _kernels().routing_metadata(
             indices.contiguous(), num_experts, align, num_rows)
         return RoutingMetadata(counts, offsets, row_map, src_entry, num_experts, align)
     return reference_routing_metadata(indices, num_experts, align)
@@ -173,7 +179,7 @@ class _Permute(torch.autograd.Function):
         ctx.save_for_backward(row_map, src_entry)
         ctx.use_cuda = use_cuda
         if use_cuda:
-            return _cuda_ext.get().permute(x.contiguous(), row_map, src_entry)
+            return _kernels().permute(x.contiguous(), row_map, src_entry)
         return reference_permute(x, row_map, src_entry)
 
     @staticmethod
@@ -181,7 +187,7 @@ class _Permute(torch.autograd.Function):
         row_map, src_entry = ctx.saved_tensors
         # Each token was copied to k rows: its gradient is the sum of theirs (padding rows drop out).
         if ctx.use_cuda:
-            grad_x = _cuda_ext.get().unpermute(grad_out.contiguous(), row_map, src_entry, None)
+            grad_x = _kernels().unpermute(grad_out.contiguous(), row_map, src_entry, None)
         else:
             grad_x = reference_unpermute(grad_out, row_map, None)
         return grad_x, None, None, None
@@ -193,14 +199,14 @@ class _Unpermute(torch.autograd.Function):
         ctx.save_for_backward(y, weights, row_map, src_entry)
         ctx.use_cuda = use_cuda
         if use_cuda:
-            return _cuda_ext.get().unpermute(y.contiguous(), row_map, src_entry, weights)
+            return _kernels().unpermute(y.contiguous(), row_map, src_entry, weights)
         return reference_unpermute(y, row_map, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
         y, weights, row_map, src_entry = ctx.saved_tensors
         if ctx.use_cuda:
-            grad_y, grad_w = _cuda_ext.get().unpermute_backward(grad_out.contiguous(), y.contiguous(), row_map,
+            grad_y, grad_w = _kernels().unpermute_backward(grad_out.contiguous(), y.contiguous(), row_map,
                                                                 weights, src_entry)
         else:
             grad_y, grad_w = reference_unpermute_backward(grad_out, y, row_map, weights, src_entry)
@@ -238,12 +244,12 @@ class _PermuteTranspose(torch.autograd.Function):
         ctx.save_for_backward(row_map, src_entry)
         ctx.use_cuda = use_cuda
         if use_cuda:
-            return _cuda_ext.get().unpermute(y.contiguous(), row_map, src_entry, None)
+            return _kernels().unpermute(y.contiguous(), row_map, src_entry, None)
         return reference_unpermute(y, row_map, None)
 
     @staticmethod
     def backward(ctx, grad_out):
         row_map, src_entry = ctx.saved_tensors
         if ctx.use_cuda:
-            return _cuda_ext.get().permute(grad_out.contiguous(), row_map, src_entry), None, None, None
+            return _kernels().permute(grad_out.contiguous(), row_map, src_entry), None, None, None
         return reference_permute(grad_out, row_map, src_entry), None, None, None
