@@ -315,7 +315,7 @@ def main(argv=None) -> int:
 
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-            if first and mode == modes[0]:
+            if first and (mode == modes[0] or (mode == "exact" and args.profile_kernels)):
                 _time_replays(eng, profile=args.profile_kernels)
             n_new = sum(len(c.token_ids) for c in outs)
             assert n_new == prompts * new, f"expected every sequence to reach {new} tokens"

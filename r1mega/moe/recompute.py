@@ -29,7 +29,9 @@ def rebuild_when_saved(t: torch.Tensor, rebuild: Callable[[], torch.Tensor],
     gets ``rebuild()`` (which must equal ``t`` bitwise, computed from ``source``) viewed the same
     way. ``source`` changed in place before the backward is an error, as it would be for a
     tensor autograd saved itself."""
-    if not torch.is_grad_enabled():
+    # Under torch.compile the partitioner chooses what the backward keeps (dynamo cannot trace
+    # the storage pointer these hooks key on), so the compiled layer stays one graph.
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
     # Plain values only: the hooks live as long as the graph, and must not keep t alive.

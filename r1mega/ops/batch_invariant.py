@@ -200,6 +200,10 @@ def bi_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def bi_rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, in float32 for 16-bit inputs (as ``F.rms_norm`` does)."""
+    from r1mega.ops import triton_rows
+
+    if triton_rows.supported(x) and os.environ.get("R1MEGA_EXACT_TRITON", "1") != "0":
+        return triton_rows.rms_norm(x, weight, eps)
     xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
     ms = tree_sum(xf * xf, -1) / xf.shape[-1]
     y = (xf * (1.0 / torch.sqrt(ms + eps))[..., None]).to(x.dtype)
@@ -287,8 +291,9 @@ def _last_dim(fn, native):
 
 def _unary(fn, native):
     def route(x, *args, **kwargs):
+        # CUDA's elementwise kernels compute each element alike at any size: native there.
         if args or kwargs.get("out") is not None or kwargs.get("inplace") or \
-                not isinstance(x, torch.Tensor):
+                not isinstance(x, torch.Tensor) or x.is_cuda:
             return None
         return _apply(fn, native, x)
     return route

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from r1mega.ops import triton_rows
 from r1mega.ops.batch_invariant import det_exp, det_log, tree_max, tree_sum
 
 
@@ -30,20 +31,30 @@ def exact_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperatur
     temperature (N,) float32 -> (N,) float32 log-softmax(logits / T)[target], no truncation.
     Columns at and past ``valid_cols`` (embedding padding) are excluded."""
     n, v_local = logits.shape
-    x = logits.float() * inverse_temperature(temperature)[:, None]  # (N, V_local)
-    if valid_cols is not None and valid_cols < v_local:
-        cols = torch.arange(v_local, device=logits.device)
-        x = torch.where(cols[None, :] < valid_cols, x, float("-inf"))
+    inv_t = inverse_temperature(temperature)  # (N,)
+    valid = v_local if valid_cols is None else min(int(valid_cols), v_local)
     sharded = group is not None and dist.get_world_size(group) > 1
-    m = tree_max(x, -1)  # (N,)
-    if sharded:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    s = tree_sum(det_exp(x - m[:, None]), -1)  # (N,)
-    if sharded:
-        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
     local = targets.long() - vocab_start
     mine = (local >= 0) & (local < v_local)
-    xt = x.gather(1, local.clamp(0, v_local - 1)[:, None]).squeeze(1)
+    if triton_rows.supported(logits):  # one kernel per reduction (r1mega/ops/triton_rows.py)
+        m = triton_rows.row_max(logits, inv_t, valid)  # (N,)
+        if sharded:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        s = triton_rows.row_sumexp(logits, inv_t, m, valid)  # (N,)
+        xt = logits.gather(1, local.clamp(0, v_local - 1)[:, None]).squeeze(1).float() * inv_t
+        xt = torch.where(local < valid, xt, float("-inf"))  # as the masked columns below
+    else:
+        x = logits.float() * inv_t[:, None]  # (N, V_local)
+        if valid < v_local:
+            cols = torch.arange(v_local, device=logits.device)
+            x = torch.where(cols[None, :] < valid, x, float("-inf"))
+        m = tree_max(x, -1)  # (N,)
+        if sharded:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        s = tree_sum(det_exp(x - m[:, None]), -1)  # (N,)
+        xt = x.gather(1, local.clamp(0, v_local - 1)[:, None]).squeeze(1)
+    if sharded:
+        dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
     xt = torch.where(mine, xt, torch.zeros_like(xt))
     if sharded:
         dist.all_reduce(xt, op=dist.ReduceOp.SUM, group=group)

@@ -12,6 +12,8 @@ for all M (no autotuning keyed by M) and never split K.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -24,6 +26,26 @@ except ImportError:  # CPU-only installs
 
 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M = 64, 128, 64, 8
 NUM_WARPS, NUM_STAGES = 4, 3
+# "BM,BN,BK,WARPS,STAGES": one process-wide tile configuration (tools/exact_gemm_sweep.py
+# measures candidates); the rollout and the trainer of a run share it, so exactness holds.
+_TILES_ENV = "R1MEGA_EXACT_GEMM_TILES"
+
+
+def set_tiles(spec: str) -> None:
+    """Set the process-wide tile configuration from "BM,BN,BK,WARPS,STAGES"."""
+    global BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES
+    try:
+        bm, bn, bk, w, st = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"{_TILES_ENV}={spec!r}: expected five integers BM,BN,BK,WARPS,STAGES") from None
+    if any(v & (v - 1) or v < 16 for v in (bm, bn, bk)) or w not in (1, 2, 4, 8, 16) or st < 1:
+        raise ValueError(f"{_TILES_ENV}={spec!r}: tile sizes must be powers of two >= 16, "
+                         f"warps a power of two <= 16, stages >= 1")
+    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = bm, bn, bk, w, st
+
+
+if os.environ.get(_TILES_ENV):
+    set_tiles(os.environ[_TILES_ENV])
 
 
 if HAVE_TRITON:

@@ -1,12 +1,22 @@
-"""The CUDA kernel of :mod:`r1mega.ops.exact_attention`: one program per (query, KV head).
+"""The CUDA kernel of :mod:`r1mega.ops.exact_attention`: one program per (query tile, KV head).
 
-Each program reads its query's sequence through a slot table (``slots[b, j]`` = the row of
+A tile is up to ``BQ`` consecutive rows of one sequence (a training micro-batch packs a
+sequence's queries together; a decode step has one query per sequence, so its tiles hold one).
+The program reads the sequence's keys through a slot table (``slots[b, j]`` = the row of
 sequence b's j-th key in K/V: a packed row in training, a paged cache slot in the rollout) and
-walks keys 0..pos in blocks of KEY_BLOCK with an online softmax. Training and the rollout launch
-this same compiled kernel (the same HEAD_DIM / group / block constants), and a query walks the
-same blocks in both, so its result is the same bits whatever else the launch holds. The PyTorch
-code in exact_attention.py is the reference (and the path off CUDA or for head sizes that are
-not a power of two); tests/gpu/test_exact_gpu.py compares them.
+walks keys 0..(the tile's last position) in blocks of KEY_BLOCK with an online softmax, every
+row on its own. A query's result is the same bits in any tile and at any row of it:
+
+- rows never mix: each output row of both dots reads only its own row of q and of p, and the
+  softmax state is per row; the kernel's constants (tile rows, key block, warps) depend on the
+  head layout only, so training and the rollout launch the same compiled kernel;
+- keys past a row's position are masked to -inf (p = 0 exactly); a key block wholly past it
+  leaves the row's state unchanged bit for bit (its max is -inf, the rescale is exp(0) = 1 and
+  it adds exact zeros), so a tile walking further than one of its rows needs changes nothing.
+
+The PyTorch code in exact_attention.py is the reference (and the path off CUDA or for head sizes
+that are not a power of two); tests/gpu/test_exact_gpu.py compares them and checks that a query
+gets the same bits decoded alone as inside a packed training tile.
 """
 from __future__ import annotations
 
@@ -24,54 +34,61 @@ except ImportError:  # CPU-only installs
 if HAVE_TRITON:
 
     @triton.jit
-    def _exact_attn_kernel(Q, K, V, SLOTS, QSEQ, QPOS, O, scale,
+    def _exact_attn_kernel(Q, K, V, SLOTS, QSEQ, QPOS, TILE_N, O, scale,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                            stride_ot, stride_oh, stride_sb,
-                           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                           KB: tl.constexpr, IEEE: tl.constexpr):
-        t = tl.program_id(0)
+                           G: tl.constexpr, G_PAD: tl.constexpr, BQ: tl.constexpr,
+                           D: tl.constexpr, KB: tl.constexpr, IEEE: tl.constexpr):
+        t0 = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)  # KV head; its G query heads share the program
-        seq = tl.load(QSEQ + t).to(tl.int64)
-        pos = tl.load(QPOS + t).to(tl.int64)
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D)
-        kk = tl.arange(0, KB)
-        qmask = g < G
-        q = tl.load(Q + t * stride_qt + (h * G + g)[:, None] * stride_qh + d[None, :],
-                    mask=qmask[:, None], other=0.0)  # (G_PAD, D)
-        m = tl.full([G_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, D], tl.float32)
-        n_blocks = (pos + KB) // KB  # blocks holding keys 0..pos
-        for j in range(0, n_blocks):
-            idx = j * KB + kk
-            valid = idx <= pos
-            slot = tl.load(SLOTS + seq * stride_sb + idx, mask=valid, other=0).to(tl.int64)
-            k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
-                        mask=valid[:, None], other=0.0)  # (KB, D)
-            v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :],
-                        mask=valid[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid[None, :], s * scale, float("-inf"))  # (G_PAD, KB)
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-        out = acc / l[:, None]
-        tl.store(O + t * stride_ot + (h * G + g)[:, None] * stride_oh + d[None, :],
-                 out.to(O.dtype.element_ty), mask=qmask[:, None])
+        n = tl.load(TILE_N + t0)  # rows in the tile starting at t0 (0: no tile starts here)
+        if n > 0:
+            seq = tl.load(QSEQ + t0).to(tl.int64)
+            r = tl.arange(0, BQ * G_PAD)
+            qi = r // G_PAD  # the tile's query of row r
+            gi = r % G_PAD  # its query head within the group
+            in_tile = qi < n
+            rmask = in_tile & (gi < G)
+            row = t0 + qi
+            pos = tl.load(QPOS + row, mask=in_tile, other=0).to(tl.int64)  # (M,)
+            last = tl.max(pos, axis=0)
+            d = tl.arange(0, D)
+            kk = tl.arange(0, KB)
+            q = tl.load(Q + row[:, None] * stride_qt + (h * G + gi)[:, None] * stride_qh + d[None, :],
+                        mask=rmask[:, None], other=0.0)  # (M, D)
+            m = tl.full([BQ * G_PAD], float("-inf"), tl.float32)
+            l = tl.zeros([BQ * G_PAD], tl.float32)
+            acc = tl.zeros([BQ * G_PAD, D], tl.float32)
+            for j in range(0, (last + KB) // KB):  # blocks holding keys 0..last
+                idx = j * KB + kk
+                kvalid = idx <= last
+                slot = tl.load(SLOTS + seq * stride_sb + idx, mask=kvalid, other=0).to(tl.int64)
+                k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
+                            mask=kvalid[:, None], other=0.0)  # (KB, D)
+                v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :],
+                            mask=kvalid[:, None], other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(idx[None, :] <= pos[:, None], s * scale, float("-inf"))  # (M, KB)
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                if IEEE:
+                    pv = tl.dot(p, v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + pv
+                m = m_new
+            out = acc / l[:, None]
+            tl.store(O + row[:, None] * stride_ot + (h * G + gi)[:, None] * stride_oh + d[None, :],
+                     out.to(O.dtype.element_ty), mask=rmask[:, None])
 
 
-KEY_BLOCK = 16
+KEY_BLOCK = 64  # keys per online-softmax step, in training and decode alike
+TILE_ROWS = 64  # rows (queries x heads of a group) per program: BQ = TILE_ROWS // G_PAD queries
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -79,6 +96,23 @@ def supported(q: torch.Tensor) -> bool:
     the rollout of one model always take the same path."""
     d = q.shape[-1]
     return HAVE_TRITON and q.is_cuda and d >= 16 and d & (d - 1) == 0 and d <= 256
+
+
+def tile_sizes(q_seq: torch.Tensor, bq: int) -> torch.Tensor:
+    """(T,) each row's sequence -> (T,) int32: at the first row of every tile the tile's row
+    count, 0 elsewhere. A tile is up to ``bq`` consecutive rows of one run of equal ``q_seq``
+    (tiles restart at every run). Device ops only (no host sync: decode steps are graphed)."""
+    t = q_seq.shape[0]
+    i = torch.arange(t, device=q_seq.device)
+    new = torch.ones(t, dtype=torch.bool, device=q_seq.device)
+    new[1:] = q_seq[1:] != q_seq[:-1]
+    run_start = torch.cummax(torch.where(new, i, 0), 0).values
+    starts = torch.where(new, i, t)
+    # run end (exclusive) of row i: the first run start after i
+    suffix = torch.flip(torch.cummin(torch.flip(starts, (0,)), 0).values, (0,))
+    end = torch.cat([suffix[1:], suffix.new_full((1,), t)])
+    first = (i - run_start) % bq == 0
+    return torch.where(first, torch.clamp(end - i, max=bq), 0).to(torch.int32)
 
 
 def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float) -> torch.Tensor:
@@ -90,12 +124,17 @@ def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float) 
     out = torch.empty_like(q)
     if t == 0:
         return out
+    g_pad = triton.next_power_of_2(g)
+    bq = max(1, TILE_ROWS // g_pad)
+    if bq * g_pad < 16:  # tl.dot's smallest M
+        bq = 16 // g_pad
+    q_seq = q_seq.to(torch.int64).contiguous()
     slots = slots.to(torch.int64).contiguous()
     _exact_attn_kernel[(t, hkv)](
-        q, k_rows, v_rows, slots, q_seq.to(torch.int64).contiguous(),
-        q_pos.to(torch.int64).contiguous(), out, float(scale),
+        q, k_rows, v_rows, slots, q_seq, q_pos.to(torch.int64).contiguous(),
+        tile_sizes(q_seq, bq), out, float(scale),
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
         v_rows.stride(0), v_rows.stride(1), out.stride(0), out.stride(1), slots.stride(0),
-        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, KB=KEY_BLOCK,
+        G=g, G_PAD=g_pad, BQ=bq, D=d, KB=KEY_BLOCK,
         IEEE=q.dtype == torch.float32, num_warps=4)
     return out

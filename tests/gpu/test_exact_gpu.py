@@ -38,14 +38,59 @@ def test_triton_gemm_matches_mm_and_is_batch_invariant(dtype, k, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("d", [128, 64, 80])  # 80: not a power of two, the PyTorch path
-def test_exact_attention_packed_equals_paged(dtype, d):
+@pytest.mark.parametrize("n", [2048, 896, 7168])
+def test_triton_rms_norm_matches_and_is_batch_invariant(dtype, n):
+    import torch.nn.functional as F
+
+    from r1mega.ops import triton_rows
+
+    torch.manual_seed(3)
+    x = torch.randn(700, n, device="cuda", dtype=dtype) * 3
+    w = torch.randn(n, device="cuda")
+    full = triton_rows.rms_norm(x, w, 1e-6)
+    ref = F.rms_norm(x.float(), (n,), None, 1e-6).to(dtype) * w.to(dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(full.float(), ref.float(), rtol=tol, atol=tol)
+    for m in (1, 3, 64, 257):
+        assert torch.equal(triton_rows.rms_norm(x[:m], w, 1e-6), full[:m]), m
+        assert torch.equal(triton_rows.rms_norm(x[-m:].clone(), w, 1e-6), full[-m:]), m
+    x3 = x.view(7, 100, n)[:, ::2]  # strided rows: copied, same bits
+    assert torch.equal(triton_rows.rms_norm(x3, w, 1e-6), full.view(7, 100, n)[:, ::2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_exact_logprobs_match_and_are_batch_invariant(dtype):
+    from r1mega.ops.exact_logprobs import exact_token_logprobs
+
+    torch.manual_seed(4)
+    n, v, valid = 300, 32128, 32000
+    logits = (torch.randn(n, v, device="cuda") * 5).to(dtype)
+    logits[:, valid:] = 1e4  # padding columns must not count
+    tgt = torch.randint(0, valid, (n,), device="cuda")
+    temp = torch.rand(n, device="cuda") + 0.3
+    temp[:5] = 0.0  # greedy rows: temperature 1
+    got = exact_token_logprobs(logits, tgt, temp, valid_cols=valid)
+    t_eff = torch.where(temp > 0, temp, torch.ones_like(temp))
+    ref = torch.log_softmax(logits[:, :valid].double() / t_eff.double()[:, None], -1)
+    ref = ref.gather(1, tgt[:, None]).squeeze(1)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+    for rows in (slice(0, 1), slice(7, 10), slice(100, 300)):
+        part = exact_token_logprobs(logits[rows], tgt[rows], temp[rows], valid_cols=valid)
+        assert torch.equal(part, got[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,hq,hkv", [(128, 16, 4), (64, 16, 4), (80, 16, 4),  # 80: the PyTorch path
+                                      (64, 12, 4), (64, 8, 8), (64, 32, 1)])
+def test_exact_attention_packed_equals_paged(dtype, d, hq, hkv):
+    """A query decoded alone from the paged cache gets the bits it gets inside a packed training
+    tile, at every row of a tile (tiles hold several queries of one sequence)."""
     from r1mega.models.attention import sdpa_packed
     from r1mega.ops.exact_attention import exact_cache_attention, exact_packed_attention
 
     torch.manual_seed(1)
     lengths = [5, 190, 1, 333]
-    t, hq, hkv, bs = sum(lengths), 16, 4, 16
+    t, bs = sum(lengths), 16
     q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
     k = torch.randn(t, hkv, d, device="cuda", dtype=dtype)
     v = torch.randn(t, hkv, d, device="cuda", dtype=dtype)
@@ -61,7 +106,7 @@ def test_exact_attention_packed_equals_paged(dtype, d):
     slots = (blocks[:, None] * bs + torch.arange(bs, device="cuda")).reshape(1, -1)
     cache_k.view(-1, hkv, d)[slots[0, :333]] = k[s3]
     cache_v.view(-1, hkv, d)[slots[0, :333]] = v[s3]
-    for pos in (0, 16, 100, 332):
+    for pos in sorted(set(range(0, 333, 5)) | {63, 64, 65, 127, 128, 332}):
         dec = exact_cache_attention(q[196 + pos:197 + pos], cache_k, cache_v, slots,
                                     torch.tensor([0], device="cuda"),
                                     torch.tensor([pos], device="cuda"), scale)
