@@ -116,14 +116,31 @@ if HAVE_TRITON:
             return y.to(dtype)
 
     @triton.jit
+    def _round_e4m3(y):
+        # float32 |y| <= 448 -> the nearest e4m3 value (ties to even), still float32. Rounding
+        # here, not in the conversion, makes the stored byte independent of how a Triton build
+        # lowers fp32 -> fp8 (its interpreter mis-rounds values that carry into the next binade).
+        bits = y.to(tl.uint32, bitcast=True)
+        # Normal range: keep 3 of the 23 mantissa bits, round to nearest even (a carry moves
+        # into the exponent, which is right).
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        # Subnormal range (|y| < 2^-6): multiples of 2^-9. Adding 1.5 * 2^14 (whose float32 ulp
+        # is 2^-9) rounds |y| to that grid, ties to even; the sign goes back on after, so a
+        # negative value that rounds to zero is -0 as in torch's cast.
+        a = tl.abs(y)
+        sub = (a + 24576.0) - 24576.0
+        sub = tl.where((bits >> 31) != 0, -sub, sub)
+        return tl.where(a < 0.015625, sub, normal)
+
+    @triton.jit
     def _fp8_rows(x, FP8_MAX: tl.constexpr):
         # (R, D) float32 rows -> (e4m3 rows, (R,) scales), as kv_cache.quantize_rows: div_rn is
         # the correctly rounded division torch does (Triton's "/" is an approximate one).
         amax = tl.max(tl.abs(x), 1)
         scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)), 1.0)
         y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne"), scale
+        y = _round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+        return y.to(tl.float8e4nv), scale  # exact: y is on the e4m3 grid
 
     @triton.jit
     def _rope_kv_write_kernel(
