@@ -124,10 +124,9 @@ def kv_cache_dtype(setting: str, model_dtype: torch.dtype, device: torch.device,
         raise ValueError("rollout.kv_cache_dtype=fp8 is not implemented for MLA's latent cache "
                          "(r1mega/rollout/adapters/mla.py); set rollout.kv_cache_dtype=auto.")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"rollout.kv_cache_dtype=fp8 needs e4m3 conversions in hardware (sm_89 "
-                         f"or newer), but {device} is sm_{cap.replace('.', '')}; set "
-                         f"rollout.kv_cache_dtype=auto.")
+                         f"or newer), but {device} is sm_{major}{minor}; set rollout.kv_cache_dtype=auto.")
     return FP8_DTYPE
 
 

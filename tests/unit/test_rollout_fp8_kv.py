@@ -535,3 +535,19 @@ def test_engine_refuses_fp8_it_cannot_serve(tiny):
         RolloutEngine(model, rollout_cfg(exact=True, compile_decode=False), rt, eos_ids=[], vocab_size=VOCAB)
     with pytest.raises(ValueError, match="rollout.kv_cache_dtype='fp16'"):
         RolloutEngine(model, rollout_cfg(kv_cache_dtype="fp16"), rt, eos_ids=[], vocab_size=VOCAB)
+
+
+def test_cache_dtype_refuses_gpus_without_fp8(monkeypatch):
+    """sm_80 (A100) has no e4m3 conversions: refused at engine build, naming the key; sm_89/90 pass."""
+    from r1mega.rollout.kv_cache import kv_cache_dtype
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"rollout.kv_cache_dtype=fp8 needs .*sm_89.* is sm_80; set rollout.kv_cache_dtype=auto"):
+        kv_cache_dtype("fp8", torch.bfloat16, cuda)
+    assert kv_cache_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
+    for cap in ((8, 9), (9, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
+        assert kv_cache_dtype("fp8", torch.bfloat16, cuda) == FP8_DTYPE
+    with pytest.raises(ValueError, match="MLA"):
+        kv_cache_dtype("fp8", torch.bfloat16, torch.device("cpu"), keys_only=True)
