@@ -121,9 +121,12 @@ def gather_kv(q, k_cache, v_cache, slots, k_scale=None, v_scale=None):
     """K and V of the (B, L) cache slots as (B, Hkv, L, D) in q's dtype: an FP8 cache's rows are
     dequantised with their scales (N, bs, Hkv)."""
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
-    k = k_cache.view(-1, hkv, d)[slots]  # (B, L, Hkv, D)
-    v = v_cache.view(-1, hkv, d)[slots]
-    if k_scale is not None:
+    if k_scale is None:
+        k = k_cache.view(-1, hkv, d)[slots]  # (B, L, Hkv, D)
+        v = v_cache.view(-1, hkv, d)[slots]
+    else:  # e4m3 rows gathered as their bytes: indexing kernels need not cover float8 dtypes
+        k = k_cache.view(torch.uint8).view(-1, hkv, d)[slots].view(k_cache.dtype)
+        v = v_cache.view(torch.uint8).view(-1, hkv, d)[slots].view(v_cache.dtype)
         k = dequantize_rows(k, k_scale.view(-1, hkv)[slots], q.dtype)
         v = dequantize_rows(v, v_scale.view(-1, hkv)[slots], q.dtype)
     return k.transpose(1, 2), v.transpose(1, 2)
