@@ -11,6 +11,9 @@ contiguous (unpaged) bf16 cache padded to the longest context, the same call the
 forward's attention makes. The ratio bf16 / FP8 time is what ``rollout.kv_cache_dtype=fp8``
 can take off the attention share of a decode step.
 
+``--block-n 32,64,128`` (GPU): also time the Triton kernel directly at each keys-per-tile size,
+for both caches (the rows above use the kernel's default).
+
 ``--smoke``: a tiny shape on the CPU, where the custom op runs its PyTorch reference.
 """
 from __future__ import annotations
@@ -49,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--block-n", default="", help="GPU: comma list of keys-per-tile sizes to sweep")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -87,6 +91,15 @@ def main(argv=None) -> int:
         ms = median_ms(call, args.reps, 3, cuda)
         rows[name] = {"us": ms * 1e3, "bytes": read_bytes(name),
                       "bytes_floor_fraction": read_bytes(name) / bw / (ms * 1e-3)}
+    sweep = {}
+    if cuda and args.block_n:
+        from r1mega.rollout.triton_paged import paged_decode_attention
+
+        for n in (int(x) for x in args.block_n.split(",")):
+            for name, (kc, vc, sk, sv) in caches.items():
+                ms = median_ms(lambda n=n, kc=kc, vc=vc, sk=sk, sv=sv: paged_decode_attention(
+                    q, kc, vc, bt, ctx_t, scale, k_scale=sk, v_scale=sv, block_n=n), args.reps, 3, cuda)
+                sweep[f"{name}@{n}"] = ms * 1e3
     # Accuracy of the FP8 kernel: against float64 on its own (dequantised) K/V, and on the
     # unquantised K/V it stands in for.
     out = torch.ops.r1mega.paged_decode_attention(q, k8, v8, bt, ctx_t, scale, ks, vs).double()
@@ -110,6 +123,8 @@ def main(argv=None) -> int:
     print(f"{'cache':<8}{'us/call':>10}{'MB read':>10}{'bytes floor':>13}")
     for name, r in rows.items():
         print(f"{name:<8}{r['us']:>10.1f}{r['bytes'] / 1e6:>10.1f}{r['bytes_floor_fraction']:>13.1%}")
+    for key, us in sweep.items():
+        print(f"{key:<8}{us:>10.1f}   (block_n sweep)")
     print(f"{'SDPA':<8}{peer_ms * 1e3:>10.1f}   (contiguous {str(dtype).replace('torch.', '')} cache, padded)")
     f = rows["fp8"]
     print(f"{base} / fp8 time = {ratio:.2f}x; fp8 max |err| vs float64 on its dequantised K/V "
@@ -117,7 +132,7 @@ def main(argv=None) -> int:
           f"(mean {f['mean_err_vs_unquantised']:.2e})")
     print(json.dumps(_no_nan({"bench": "decode-attention", "device": str(dev), "smoke": args.smoke,
                               "seqs": b, "context_tokens": tokens, "rows": rows,
-                              "sdpa_peer_us": peer_ms * 1e3, "fp8_speedup": ratio,
+                              "sdpa_peer_us": peer_ms * 1e3, "fp8_speedup": ratio, "block_n_us": sweep,
                               "copy_bandwidth_Bps": bw})))
     return 0
 

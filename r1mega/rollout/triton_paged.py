@@ -116,9 +116,11 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, D); caches (N, bs, Hkv, D); block_tables (B, max_blocks) int32; ctx_lens (B,) int32;
-    ``k_scale``/``v_scale`` (N, bs, Hkv) float32: an FP8 (e4m3) cache's scales.
+    ``k_scale``/``v_scale`` (N, bs, Hkv) float32: an FP8 (e4m3) cache's scales; ``block_n``: keys
+    per tile (a power of two >= 16; None: the default below; `r1mega bench decode-attention` sweeps it).
 
     Every row must have ctx_len >= 1 (padded CUDA-graph rows point at the scratch block).
     """
@@ -141,7 +143,10 @@ def paged_decode_attention(
                              f"(PagedKVCache.layer(i) gives them).")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    block_n = max(16, min(64, 4 * bs))
+    if block_n is None:
+        block_n = max(16, min(64, 4 * bs))
+    elif block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"paged_decode_attention: block_n={block_n} must be a power of two >= 16.")
     ks, vs = (k_scale, v_scale) if fp8 else (k_cache, v_cache)  # unused pointers without FP8
     _paged_decode_kernel[(bsz, hkv)](
         q, k_cache, v_cache, block_tables, ctx_lens, out, ks, vs,
