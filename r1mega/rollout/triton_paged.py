@@ -90,15 +90,20 @@ if HAVE_TRITON:
             l = l * alpha + tl.sum(p, 1)
             v = tl.load(V + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
             if FP8:
-                # p's sum l stays unscaled: the scales weight values, not probabilities.
+                # The scales weight values, not probabilities: p's sum l stays unscaled. They
+                # enter relative to the tile's largest (>0: every tile has a real key), so the
+                # 16-bit dot operand stays <= 1 and a small-valued V cannot underflow fp16.
                 v = v.to(q.dtype)
-                pv_w = p * v_sc[None, :]
+                v_max = tl.max(v_sc, 0)
+                pv_w = p * (v_sc / v_max)[None, :]
             else:
                 pv_w = p
             if IEEE:
                 pv = tl.dot(pv_w.to(v.dtype), v, input_precision="ieee")
             else:
                 pv = tl.dot(pv_w.to(v.dtype), v)
+            if FP8:
+                pv = pv * v_max
             acc = acc * alpha[:, None] + pv
             m = m_new
         out = acc / l[:, None]
