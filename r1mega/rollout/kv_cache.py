@@ -204,8 +204,7 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values. slots (T,), k/v (T, kv_heads, head_dim)."""
-        kc, vc, ks, vs = self.layer(layer)
-        torch.ops.r1mega.kv_cache_write(kc, vc, slots, k, v, ks, vs)
+        cache_write(*self.layer(layer)[:2], slots, k, v, *self.layer(layer)[2:])
 
     def copy_blocks(self, pairs) -> None:
         """Copy-on-write of many blocks at once: (src, dst) pairs, destinations distinct and not
@@ -275,18 +274,39 @@ def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tenso
 # compiled decode forward into a fragment per layer. A custom op with ``mutates_args`` stays in
 # the graph and inductor re-inplaces it: tests/unit/test_rollout_rope_kv_triton.py checks that
 # the compiled code hands the op the cache tensors themselves, not copies.
-# The FP8 cache's scales ride along as optional mutated arguments (None for a bf16 cache).
-@torch.library.custom_op("r1mega::kv_cache_write",
-                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+# The FP8 cache's scales are mutated too: a second op with them as required arguments (torch
+# 2.11 drops trailing None arguments before bumping the versions of mutated ones: an optional
+# mutated argument raised IndexError in every bf16 write on the H200).
+@torch.library.custom_op("r1mega::kv_cache_write", mutates_args=("k_cache", "v_cache"))
 def _kv_cache_write_op(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                       k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
-                       v_scale: Optional[torch.Tensor] = None) -> None:
-    write_slots(k_cache, v_cache, slots, k, v, k_scale, v_scale)
+                       k: torch.Tensor, v: torch.Tensor) -> None:
+    write_slots(k_cache, v_cache, slots, k, v)
 
 
 @_kv_cache_write_op.register_fake
-def _(k_cache, v_cache, slots, k, v, k_scale=None, v_scale=None) -> None:
+def _(k_cache, v_cache, slots, k, v) -> None:
     return None
+
+
+@torch.library.custom_op("r1mega::kv_cache_write_fp8",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def _kv_cache_write_fp8_op(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                           k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor,
+                           v_scale: torch.Tensor) -> None:
+    write_slots(k_cache, v_cache, slots, k, v, k_scale, v_scale)
+
+
+@_kv_cache_write_fp8_op.register_fake
+def _(k_cache, v_cache, slots, k, v, k_scale, v_scale) -> None:
+    return None
+
+
+def cache_write(k_cache, v_cache, slots, k, v, k_scale=None, v_scale=None) -> None:
+    """The write op for this cache: bf16 (no scales) or FP8 (with its scales)."""
+    if k_scale is None:
+        torch.ops.r1mega.kv_cache_write(k_cache, v_cache, slots, k, v)
+    else:
+        torch.ops.r1mega.kv_cache_write_fp8(k_cache, v_cache, slots, k, v, k_scale, v_scale)
 
 
 def slots_for(block_table: list[int], start: int, stop: int, block_tokens: int) -> list[int]:

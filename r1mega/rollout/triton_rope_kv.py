@@ -248,23 +248,43 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_sca
     return q
 
 
-# One opaque node for dynamo: inductor re-inplaces the cache mutation and fuses around it.
-# An FP8 cache's scales are optional mutated arguments (None for a bf16 cache).
-@torch.library.custom_op("r1mega::rope_kv_write",
-                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+# One opaque node for dynamo: inductor re-inplaces the cache mutation and fuses around it. The
+# FP8 cache's variant takes its scales as required mutated arguments (see kv_cache.py: torch
+# 2.11 mishandles optional mutated ones).
+@torch.library.custom_op("r1mega::rope_kv_write", mutates_args=("k_cache", "v_cache"))
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
-                  v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """RoPE + cache write of one layer: the Triton kernel on CUDA, the reference elsewhere."""
+    if qkv.is_cuda and HAVE_TRITON:
+        return rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache)
+    return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache)
+
+
+@torch.library.custom_op("r1mega::rope_kv_write_fp8",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def rope_kv_write_fp8(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+                      v_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`rope_kv_write` into an FP8 cache with its per-(token, head) scales."""
     if qkv.is_cuda and HAVE_TRITON:
         return rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, k_scale=k_scale,
                                     v_scale=v_scale)
     return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale)
 
 
-@rope_kv_write.register_fake
-def _(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None):
+def _rope_kv_write_fake(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None):
     t = qkv.shape[0]
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     group = qkv.shape[-1] // d - 2  # the last dim is one group's (G + 2) * D
     return qkv.new_empty((t, hkv * group, d))
+
+
+rope_kv_write.register_fake(_rope_kv_write_fake)
+rope_kv_write_fp8.register_fake(_rope_kv_write_fake)
+
+
+def rope_kv_write_op(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None):
+    """The op for this cache: bf16 (no scales) or FP8 (with its scales)."""
+    if k_scale is None:
+        return torch.ops.r1mega.rope_kv_write(qkv, cos, sin, slots, k_cache, v_cache)
+    return torch.ops.r1mega.rope_kv_write_fp8(qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale)

@@ -182,19 +182,21 @@ def test_custom_ops_with_scales():
     slots = torch.tensor([1, 5, 9])
     k, v = torch.randn(3, 2, 16, generator=g), torch.randn(3, 2, 16, generator=g)
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.r1mega.kv_cache_write.default, (kc, vc, slots, k, v, ks, vs),
+    torch.library.opcheck(torch.ops.r1mega.kv_cache_write_fp8.default, (kc, vc, slots, k, v, ks, vs),
                           test_utils=utils)
     qkv = torch.randn(3, 1, 2, 4 * 16, generator=g)
     cos, sin = torch.randn(3, 1, 1, 16, generator=g), torch.randn(3, 1, 1, 16, generator=g)
-    torch.library.opcheck(torch.ops.r1mega.rope_kv_write.default, (qkv, cos, sin, slots, kc, vc, ks, vs),
+    torch.library.opcheck(torch.ops.r1mega.rope_kv_write_fp8.default, (qkv, cos, sin, slots, kc, vc, ks, vs),
                           test_utils=utils)
     bt = torch.tensor([[1, 2], [3, 0]], dtype=torch.int32)
     ctx = torch.tensor([6, 2], dtype=torch.int32)
     q = torch.randn(2, 4, 16, generator=g)
     torch.library.opcheck(torch.ops.r1mega.paged_decode_attention.default, (q, kc, vc, bt, ctx, 0.25, ks, vs),
                           test_utils=utils)
-    for op, mutated in ((torch.ops.r1mega.kv_cache_write, {"k_cache", "v_cache", "k_scale", "v_scale"}),
-                        (torch.ops.r1mega.rope_kv_write, {"k_cache", "v_cache", "k_scale", "v_scale"}),
+    for op, mutated in ((torch.ops.r1mega.kv_cache_write_fp8, {"k_cache", "v_cache", "k_scale", "v_scale"}),
+                        (torch.ops.r1mega.rope_kv_write_fp8, {"k_cache", "v_cache", "k_scale", "v_scale"}),
+                        (torch.ops.r1mega.kv_cache_write, {"k_cache", "v_cache"}),
+                        (torch.ops.r1mega.rope_kv_write, {"k_cache", "v_cache"}),
                         (torch.ops.r1mega.paged_decode_attention, set())):
         writes = {a.name for a in op.default._schema.arguments if a.alias_info and a.alias_info.is_write}
         assert writes == mutated, (op, writes)
@@ -272,9 +274,9 @@ def test_inductor_writes_the_fp8_cache_and_scales_in_place():
     ctx = (slots % 4 + 1).int()
 
     def step(qkv, cos, sin, slots, kc, vc, ks, vs, bt, ctx):
-        q = torch.ops.r1mega.rope_kv_write(qkv, cos, sin, slots, kc, vc, ks, vs)
+        q = torch.ops.r1mega.rope_kv_write_fp8(qkv, cos, sin, slots, kc, vc, ks, vs)
         o = torch.ops.r1mega.paged_decode_attention(q * 1.0, kc, vc, bt, ctx, 0.25, ks, vs)
-        torch.ops.r1mega.kv_cache_write(kc, vc, slots, o[:, :2], o[:, 2:4], ks, vs)
+        torch.ops.r1mega.kv_cache_write_fp8(kc, vc, slots, o[:, :2], o[:, 2:4], ks, vs)
         return o + 1
 
     copies = [t.clone() for t in (kc, vc, ks, vs)]
@@ -287,13 +289,14 @@ def test_inductor_writes_the_fp8_cache_and_scales_in_place():
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     assert [t.data_ptr() for t in (kc, vc, ks, vs)] == ptrs
     calls = re.findall(r"torch\.ops\.r1mega\.(\w+)\.default\((.*)\)\s*$", "\n".join(codes), re.M)
-    assert sorted(name for name, _ in calls) == ["kv_cache_write", "paged_decode_attention", "rope_kv_write"]
+    assert sorted(name for name, _ in calls) == ["kv_cache_write_fp8", "paged_decode_attention",
+                                                 "rope_kv_write_fp8"]
     for name, call in calls:
         while re.search(r"\([^()]*\)", call):  # drop nested argument lists: view(buf, (..), ..)
             call = re.sub(r"\([^()]*\)", "", call)
         call = [a.strip() for a in call.split(",")]
-        state = {"rope_kv_write": call[4:8], "paged_decode_attention": call[1:3] + call[6:8],
-                 "kv_cache_write": call[0:2] + call[5:7]}[name]
+        state = {"rope_kv_write_fp8": call[4:8], "paged_decode_attention": call[1:3] + call[6:8],
+                 "kv_cache_write_fp8": call[0:2] + call[5:7]}[name]
         assert all(re.fullmatch(r"arg\d+_1", a) for a in state), f"{name} gets a copy: {call}"
 
 
