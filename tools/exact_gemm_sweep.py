@@ -13,8 +13,7 @@ import torch
 from r1mega.ops import triton_batch_invariant as tbi
 from r1mega.ops.batch_invariant import bi_mm
 
-CANDIDATES = ["cublas:256", "cublas:128", "triton 64,128,64,4,3", "triton 128,128,64,8,3",
-              "triton 128,256,64,8,3", "triton 128,128,64,4,4"]
+CANDIDATES = ["cublas:256", "cublas:128", "triton 64,128,64,4,3", "triton 128,128,64,8,3"]
 # (K, N) of the 852M layer's GEMMs (qkv, fc1, fc2, proj) and the output layer
 SHAPES = [(2048, 3072), (2048, 11264), (5632, 2048), (2048, 2048), (2048, 32000)]
 WEIGHT = [16, 16, 16, 16, 1]  # calls per forward
