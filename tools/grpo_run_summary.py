@@ -89,6 +89,17 @@ def summarise(rows: list, warmup: int, baseline: float, exclude=()) -> dict:
         "baseline_trl_tokens_per_s": baseline,
         "ratio_vs_trl": e2e / baseline if e2e and baseline else None,
         "gpu_peak_gb": max((r.get("memory/gpu_peak_gb", 0.0) for r in steps), default=None) or None,
+        # on-policy gap: rollout vs training log-probs and the importance weights, every step
+        "reward_curve": [r.get("reward/mean") for r in steps],
+        "logprob_max_abs_diff_max": max((r["rollout/logprob_max_abs_diff"] for r in steps
+                                         if r.get("rollout/logprob_max_abs_diff") is not None),
+                                        default=None),
+        "logprob_mean_abs_diff": mean(r.get("rollout/logprob_mean_abs_diff") for r in steps),
+        "is_weight_mean": mean(r.get("rollout/is_weight_mean") for r in steps),
+        "is_weight_min": min((r["rollout/is_weight_min"] for r in steps
+                              if r.get("rollout/is_weight_min") is not None), default=None),
+        "is_weight_max": max((r["rollout/is_weight_max"] for r in steps
+                              if r.get("rollout/is_weight_max") is not None), default=None),
     }
     return out
 
@@ -121,6 +132,12 @@ def print_table(s: dict, steps_requested: Optional[int], train_rc: Optional[int]
     print(f"completion tokens/s   {fmt(s['completion_tokens_per_s'], '{:.0f}')} end-to-end "
           f"(aggregate {fmt(s['completion_tokens_per_s_aggregate'], '{:.0f}')}, "
           f"rollout only {fmt(s['rollout_tokens_per_s'], '{:.0f}')})")
+    curve = s.get("reward_curve") or []
+    print("reward per step       " + " ".join(fmt(r, "{:.2f}") for r in curve))
+    print(f"rollout vs training   max |dlogp| {fmt(s.get('logprob_max_abs_diff_max'), '{:.3e}')}, "
+          f"mean {fmt(s.get('logprob_mean_abs_diff'), '{:.3e}')}; importance weights mean "
+          f"{fmt(s.get('is_weight_mean'), '{:.6f}')}, min {fmt(s.get('is_weight_min'), '{:.4f}')}, "
+          f"max {fmt(s.get('is_weight_max'), '{:.4f}')}")
     print(f"vs TRL GRPOTrainer    {fmt(s['ratio_vs_trl'], '{:.2f}x')} of "
           f"{s['baseline_trl_tokens_per_s']:.0f} completion tokens/s")
 

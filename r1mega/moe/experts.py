@@ -59,6 +59,9 @@ def swiglu_into(linear, gate_up: torch.Tensor) -> torch.Tensor:
     the expert MLP instead of (H + 4F)."""
     if not (torch.is_grad_enabled() and gate_up.requires_grad):
         return linear(swiglu(gate_up))
+    if torch.compiler.is_compiling():
+        # dynamo does not trace saved-tensor hooks; the partitioner picks what backward keeps
+        return linear(swiglu(gate_up))
     act = _RecomputedSwiGLU.apply(gate_up)
     key = (act.data_ptr(), act.shape, act.dtype)
 

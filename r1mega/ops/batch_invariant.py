@@ -181,21 +181,49 @@ def det_silu(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- row-wise ops
 
 
+def _cuda_gemm_mode() -> tuple[str, int]:
+    """R1MEGA_EXACT_GEMM: "triton" (default: the fixed-tile Triton GEMM) or "cublas:R" (cuBLAS
+    on blocks of exactly R rows, the last one zero-padded: every call has one shape, so cuBLAS
+    picks one kernel and a row's bits do not depend on the batch). Process-wide, so the rollout
+    and the trainer of a run agree; tools/exact_gemm_sweep.py times and checks both."""
+    spec = os.environ.get("R1MEGA_EXACT_GEMM", "triton")
+    if os.environ.get("R1MEGA_EXACT_TRITON", "1") == "0":
+        return "cublas", ROW_BLOCK
+    if spec == "triton":
+        return "triton", 0
+    if spec.startswith("cublas:") and spec[7:].isdigit() and int(spec[7:]) > 0:
+        return "cublas", int(spec[7:])
+    raise ValueError(f"R1MEGA_EXACT_GEMM={spec!r}: expected 'triton' or 'cublas:ROWS' (e.g. cublas:256)")
+
+
+def _blocked_mm(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
+    """(M, K) @ (K, N) as torch.mm calls of exactly ``rows`` rows each (last block padded)."""
+    m, k = a.shape
+    out = torch.empty(m, b.shape[1], dtype=a.dtype, device=a.device)
+    full = m - m % rows
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    for i in range(0, full, rows):
+        torch.mm(a[i:i + rows], b, out=out[i:i + rows])
+    if full < m:
+        padded = a.new_zeros(rows, k)
+        padded[:m - full] = a[full:]
+        out[full:] = torch.mm(padded, b)[:m - full]
+    return out
+
+
 def bi_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M, K) @ (K, N) -> (M, N); row i's result does not depend on M or on the other rows."""
     if a.is_cuda:
-        from r1mega.ops import triton_batch_invariant as tbi
+        mode, rows = _cuda_gemm_mode()
+        if mode == "triton":
+            from r1mega.ops import triton_batch_invariant as tbi
 
-        if tbi.HAVE_TRITON and a.dtype in (torch.bfloat16, torch.float16, torch.float32) \
-                and os.environ.get("R1MEGA_EXACT_TRITON", "1") != "0":
-            return tbi.matmul(a, b)
-    m, k = a.shape
-    # R1MEGA_EXACT_TRITON=0 on CUDA: fixed 16-row cuBLAS calls (one shape, slow), for bisecting.
-    blocks = -(-m // ROW_BLOCK)
-    padded = a.new_zeros(blocks * ROW_BLOCK, k)
-    padded[:m] = a
-    out = torch.cat([torch.mm(padded[i * ROW_BLOCK:(i + 1) * ROW_BLOCK], b) for i in range(blocks)])
-    return out[:m]
+            if tbi.HAVE_TRITON and a.dtype in (torch.bfloat16, torch.float16, torch.float32):
+                return tbi.matmul(a, b)
+        else:
+            return _blocked_mm(a, b.to(a.dtype), rows)
+    # CPU BLAS picks its kernel and K blocking by M: fixed 16-row blocks, one shape.
+    return _blocked_mm(a, b, ROW_BLOCK)
 
 
 def bi_rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:

@@ -24,8 +24,8 @@ try:
 except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
-BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M = 64, 128, 64, 8
-NUM_WARPS, NUM_STAGES = 4, 3
+BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M = 128, 128, 64, 8
+NUM_WARPS, NUM_STAGES = 8, 3
 # "BM,BN,BK,WARPS,STAGES": one process-wide tile configuration (tools/exact_gemm_sweep.py
 # measures candidates); the rollout and the trainer of a run share it, so exactness holds.
 _TILES_ENV = "R1MEGA_EXACT_GEMM_TILES"

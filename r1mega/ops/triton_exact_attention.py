@@ -115,9 +115,18 @@ def tile_sizes(q_seq: torch.Tensor, bq: int) -> torch.Tensor:
     return torch.where(first, torch.clamp(end - i, max=bq), 0).to(torch.int32)
 
 
-def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float) -> torch.Tensor:
+def queries_per_tile(hq: int, hkv: int) -> int:
+    """BQ: queries per program, a function of the head layout only."""
+    g_pad = triton.next_power_of_2(hq // hkv)
+    return max(1, TILE_ROWS // g_pad, 16 // g_pad)  # 16: tl.dot's smallest M
+
+
+def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
+                          tiles=None) -> torch.Tensor:
     """q (T, Hq, D); k_rows/v_rows (N, Hkv, D) with stride 1 on D; slots (B, L) int rows of
-    each sequence's keys; q_seq/q_pos (T,) -> (T, Hq, D) in q's dtype."""
+    each sequence's keys; q_seq/q_pos (T,) -> (T, Hq, D) in q's dtype. ``tiles``: the
+    :func:`tile_sizes` of q_seq for :func:`queries_per_tile` when the caller has them (every
+    layer of a step shares them)."""
     t, hq, d = q.shape
     hkv = k_rows.shape[1]
     g = hq // hkv
@@ -125,14 +134,12 @@ def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float) 
     if t == 0:
         return out
     g_pad = triton.next_power_of_2(g)
-    bq = max(1, TILE_ROWS // g_pad)
-    if bq * g_pad < 16:  # tl.dot's smallest M
-        bq = 16 // g_pad
+    bq = queries_per_tile(hq, hkv)
     q_seq = q_seq.to(torch.int64).contiguous()
     slots = slots.to(torch.int64).contiguous()
     _exact_attn_kernel[(t, hkv)](
         q, k_rows, v_rows, slots, q_seq, q_pos.to(torch.int64).contiguous(),
-        tile_sizes(q_seq, bq), out, float(scale),
+        tile_sizes(q_seq, bq) if tiles is None else tiles, out, float(scale),
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
         v_rows.stride(0), v_rows.stride(1), out.stride(0), out.stride(1), slots.stride(0),
         G=g, G_PAD=g_pad, BQ=bq, D=d, KB=KEY_BLOCK,

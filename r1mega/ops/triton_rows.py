@@ -4,7 +4,8 @@ A program reduces its own row with a tree fixed by the row length (``BLOCK``, th
 never by the number of rows, so a token's RMSNorm or log-softmax sum is the same bits in a
 decode step and in a packed training micro-batch. These replace the elementwise tree sums of
 r1mega/ops/batch_invariant.py on CUDA (one kernel instead of a dozen per call); the tree
-versions stay the CPU path and the reference (tests/gpu/test_exact_gpu.py compares them).
+versions stay the CPU path. tests/gpu/test_exact_gpu.py checks the kernels against torch's
+``F.rms_norm`` and a float64 ``log_softmax``, and their bits over subsets of rows.
 """
 from __future__ import annotations
 

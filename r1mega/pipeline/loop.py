@@ -8,7 +8,8 @@ its name) and the per-phase table.
 
 A phase is finished when its ``done.json`` exists: the next run reads its outputs (final
 checkpoint, data files, evaluation) from there and never recomputes them. An unfinished phase
-resumes from its own checkpoints (training) or step markers (generation).
+resumes from its own checkpoints (training) or step markers (generation). Either happens only if
+the phase's settings are those it was computed under (``pipeline/reuse.py``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from r1mega.config import Config, ConfigError, TrainConfig, save_resolved, valid
 from r1mega.pipeline.config import REPLACED_TRAIN_KEYS, legacy_phases, parse_phases
 from r1mega.pipeline.phases import PHASES
 from r1mega.pipeline.report import format_table, phase_eval
+from r1mega.pipeline.reuse import (check_settings, done_for_disk, done_from_disk, eval_set_id,
+                                   fingerprint, phase_settings, record_settings)
 from r1mega.pipeline.session import (DONE_FILE, Session, barrier, phase_dir, read_done,
                                      write_json_atomic)
 from r1mega.train.roles import free_dropped_models
@@ -55,6 +58,29 @@ def _evaluate(session: Session, result) -> dict:
                       session.rt)
 
 
+def _eval_set(session: Session) -> str:
+    return eval_set_id(session.eval_records(), session.cfg.rewards)
+
+
+def _reevaluate(session: Session, spec, pdir: str, done: dict, root: str) -> dict:
+    """A finished phase evaluated on other held-out prompts (the phase list changed which
+    prompts some phase trains on): its final weights on this run's held-out set."""
+    from r1mega.pipeline.phases import PhaseResult
+
+    session.log(f"{spec.key} '{spec.name}': evaluated on another held-out set; evaluating "
+                f"its final weights ({done['checkpoint']}) on this one")
+    policy = session.build_policy(spec.cfg, total_steps=1)
+    session.load_weights(spec.cfg, done["checkpoint"], policy)
+    ev = _evaluate(session, PhaseResult("done", policy=policy, cfg=spec.cfg))
+    done = {**done, "eval": ev, "eval_set": _eval_set(session)}
+    if session.rt.rank == 0:
+        write_json_atomic(os.path.join(pdir, DONE_FILE), done_for_disk(done, root))
+    barrier()
+    del policy
+    free_dropped_models(session.rt.device)
+    return done
+
+
 def run_pipeline(cfg: Config) -> int:
     from r1mega.parallel.runtime import init_parallel
     from r1mega.train.metrics import MetricsLogger
@@ -73,6 +99,7 @@ def run_pipeline(cfg: Config) -> int:
     budget = cfg.train.time_budget_s
     deadline = (lambda _metrics: t_start + budget) if budget else None
     rows = []
+    fingerprints: dict = {}  # phase name -> its settings fingerprint, for the phases after it
     try:
         for spec in specs:
             pdir = phase_dir(root, spec.index)
@@ -82,10 +109,20 @@ def run_pipeline(cfg: Config) -> int:
                                   f"({done.get('kind')}), but {spec.key} is '{spec.name}' "
                                   f"({spec.kind}); use a new run directory for a changed "
                                   "phase list.")
+            settings = phase_settings(spec, fingerprints)
+            fingerprints[spec.name] = fingerprint(settings)
+            warning = check_settings(pdir, spec, settings)
+            if warning:
+                session.log(warning)
             if done is not None:
+                done = done_from_disk(done, root)
                 session.log(f"{spec.key} '{spec.name}' ({spec.kind}): finished earlier, "
                             f"reusing {pdir}")
+                if done.get("eval") is not None and done.get("eval_set") != _eval_set(session):
+                    done = _reevaluate(session, spec, pdir, done, root)
             else:
+                if rt.rank == 0 and warning is None:
+                    record_settings(pdir, settings)
                 session.log(f"{spec.key} '{spec.name}' ({spec.kind}) starts"
                             + (f": {spec.steps} steps" if spec.steps else ""))
                 result = PHASES[spec.kind](session, spec, pdir, deadline).run()
@@ -99,9 +136,10 @@ def run_pipeline(cfg: Config) -> int:
                     logger.log(spec.index, ev, prefix="phases/")  # x axis: the phase index
                     logger.log(spec.steps, ev, prefix=f"{spec.name}/eval/")
                 done = {"name": spec.name, "kind": spec.kind, "checkpoint": result.checkpoint,
-                        "outputs": result.outputs, "eval": ev}
+                        "outputs": result.outputs, "eval": ev,
+                        "eval_set": _eval_set(session) if ev is not None else None}
                 if rt.rank == 0:
-                    write_json_atomic(os.path.join(pdir, DONE_FILE), done)
+                    write_json_atomic(os.path.join(pdir, DONE_FILE), done_for_disk(done, root))
                 barrier()
                 del result
                 free_dropped_models(rt.device)  # this phase's model, before the next is built

@@ -154,11 +154,16 @@ class Session:
                               "no checkpoint); rerun the pipeline from that phase.")
         return done["checkpoint"]
 
+    def load_weights(self, cfg: Config, path: str, policy) -> None:
+        """A phase's checkpoint's weights into ``policy`` (its optimizer state is not loaded)."""
+        from r1mega.train.checkpoint import CheckpointManager
+
+        CheckpointManager(cfg.checkpoint, self.layout()).load(
+            path, policy.chunks, policy.optim.optimizer, load_optimizer=False)
+
     def init_weights(self, spec, policy) -> None:
         """Load ``spec.init`` into ``policy``: base (random init or model.init_from_hf), an
         earlier phase's final checkpoint, or ``hf:DIR``; the optimizer always starts empty."""
-        from r1mega.train.checkpoint import CheckpointManager
-
         init = spec.init
         if init == "base":
             hf = spec.cfg.model.init_from_hf
@@ -166,8 +171,7 @@ class Session:
             hf = init[3:]
         else:
             path = self.weights_of(init)
-            CheckpointManager(spec.cfg.checkpoint, self.layout()).load(
-                path, policy.chunks, policy.optim.optimizer, load_optimizer=False)
+            self.load_weights(spec.cfg, path, policy)
             self.log(f"{spec.key} '{spec.name}': weights from phase '{init}' ({path})")
             return
         if hf:

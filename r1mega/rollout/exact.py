@@ -7,8 +7,34 @@ from typing import Optional
 import torch
 
 from r1mega.ops.batch_invariant import install_exact_forward
+from r1mega.ops import triton_exact_attention as tea
 from r1mega.ops.exact_attention import exact_cache_attention
 from r1mega.rollout.attention import AttentionBatch, gather_slots
+
+
+# The decode step's slot and tile tables, made by its first layer and read by the others: keyed
+# on the step's input tensors and their versions (an engine refills its static graph inputs in
+# place), and holding them, so a key never matches another step's tensors.
+_decode_tables: list = [None, None]
+
+
+def _decode_step_tables(block_tables, ctx_lens, bs: int, q: torch.Tensor, hkv: int):
+    key = (block_tables, block_tables._version, ctx_lens, ctx_lens._version, bs, q.shape[1], hkv,
+           torch.cuda.is_current_stream_capturing() if q.is_cuda else False)
+    old = _decode_tables[0]
+    if old is not None and len(old) == len(key) and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                                          for a, b in zip(old, key)):
+        return _decode_tables[1]
+    b = block_tables.shape[0]
+    j = torch.arange(block_tables.shape[1] * bs, device=q.device)
+    slots = block_tables.long().gather(1, (j // bs)[None, :].expand(b, -1)) * bs + j % bs
+    q_seq = torch.arange(b, device=q.device)
+    tiles = None
+    if tea.supported(q):
+        tiles = tea.tile_sizes(q_seq, tea.queries_per_tile(q.shape[1], hkv))
+    tables = (slots, q_seq, ctx_lens.long() - 1, tiles)
+    _decode_tables[0], _decode_tables[1] = key, tables
+    return tables
 
 
 def exact_runner_attention(q, k_cache, v_cache, batch: Optional[AttentionBatch], decode_tensors,
@@ -16,12 +42,9 @@ def exact_runner_attention(q, k_cache, v_cache, batch: Optional[AttentionBatch],
     """q (T, Hq, D) of this step's new tokens (their K/V already in the cache) -> (T, Hq, D)."""
     if decode_tensors is not None:  # one query per row, device tensors only (graph-capturable)
         block_tables, ctx_lens = decode_tensors
-        bs = k_cache.shape[1]
-        b = block_tables.shape[0]
-        j = torch.arange(block_tables.shape[1] * bs, device=q.device)
-        slots = block_tables.long().gather(1, (j // bs)[None, :].expand(b, -1)) * bs + j % bs
-        return exact_cache_attention(q, k_cache, v_cache, slots, torch.arange(b, device=q.device),
-                                     ctx_lens.long() - 1, scale)
+        slots, q_seq, q_pos, tiles = _decode_step_tables(block_tables, ctx_lens, k_cache.shape[1],
+                                                         q, k_cache.shape[-2])
+        return exact_cache_attention(q, k_cache, v_cache, slots, q_seq, q_pos, scale, tiles=tiles)
     max_ctx = max(batch.ctx_lens_host)
     slots = gather_slots(batch, max_ctx)  # (B, max_ctx)
     lens = torch.tensor(batch.q_lens, dtype=torch.int64)

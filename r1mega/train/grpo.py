@@ -314,6 +314,7 @@ class GRPOStep:
                            num_params=self.num_params)
         out["rollout/logprob_max_abs_diff"] = self.lp_check.finish_step(
             self.rt.dp_group if self.rt.dp_size > 1 else None, self.rt.device)
+        out.update({f"rollout/{k}": v for k, v in self.lp_check.stats.items()})
         return out
 
     def _samples(self, records, completions, scored) -> list:

@@ -77,8 +77,10 @@ def test_r1_demo_smoke(tmp_path):
     for k in (0, 1, 4, 5, 6):  # the weight-training phases are evaluated
         ev = _done(run_dir, k)["eval"]
         assert 0.0 <= ev["accuracy"] <= 1.0 and 0.0 <= ev["language"] <= 1.0 and ev["num_prompts"] > 0
-    # The student is the smaller model, trained on the filtered rows.
-    assert _done(run_dir, 6)["checkpoint"].startswith(os.path.join(run_dir, "phase_6"))
+    # The student is the smaller model, trained on the filtered rows; done.json paths are
+    # relative to the run directory (so that it can move).
+    ckpt = _done(run_dir, 6)["checkpoint"]
+    assert ckpt.startswith("phase_6") and os.path.isdir(os.path.join(run_dir, ckpt))
     meta = json.load(open(os.path.join(run_dir, "phase_3", "filter_stats.json")))
     assert meta["generated"] == 6 * 4 and meta["mixed"] > 0
     assert os.listdir(os.path.join(run_dir, "tensorboard"))  # one run directory for all phases
@@ -145,5 +147,5 @@ def test_each_phase_kind_alone(tmp_path, case):
         assert len(rows) == 6 and {r["prompt_id"] for r in rows} == {
             "builtin:arithmetic#0", "builtin:arithmetic#1", "builtin:arithmetic#2"}
     if kind == "filter":
-        (out,) = [json.loads(line) for line in open(done["outputs"]["data"])]
+        (out,) = [json.loads(line) for line in open(os.path.join(run_dir, done["outputs"]["data"]))]
         assert out["response"] == row["response"] and out["provenance"]["prompt_id"] == "x#0"

@@ -74,3 +74,16 @@ def test_heldout_prompts_exclude_every_phases_training_prompts():
     # Against the top-level source alone, some of phase b's prompts would count as held out.
     alone = Session(cfg, rt=None, logger=None, root="").eval_records()
     assert len(alone) > len(held) and {r.prompt for r in alone} & wide
+
+
+def test_every_config_holds_out_the_same_several_hundred_prompts():
+    """The bar compares configs on one held-out set: the same prompts, none trained on by any
+    phase of any of them, and enough that a 5-point gap is more than noise."""
+    held = {}
+    for name in ("r1_demo.yaml", "r1_demo_zero.yaml", "r1_demo_student_sft.yaml"):
+        cfg = _load(name)
+        session = Session(cfg, rt=None, logger=None, root="")
+        session.specs = parse_phases(cfg)
+        held[name] = [r.prompt for r in session.eval_records()]
+    assert len(held["r1_demo.yaml"]) >= 500
+    assert all(h == held["r1_demo.yaml"] for h in held.values())
