@@ -238,7 +238,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     are float32 (what the Triton write does too, with div_rn)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # 448 as a tensor, not a Python scalar: on CUDA, ATen divides by a CPU scalar as a multiply by
+    # its float32 reciprocal (div_true_kernel_cuda), which is not the correctly rounded quotient
+    # the CPU and the Triton write compute; the scales would then depend on the device.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     # The clamp only guards a quotient that rounds a hair past 448 (e4m3fn has no infinity).
     return (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 

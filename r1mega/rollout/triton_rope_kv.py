@@ -125,12 +125,18 @@ if HAVE_TRITON:
         # into the exponent, which is right).
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
         # Subnormal range (|y| < 2^-6): multiples of 2^-9. Adding 1.5 * 2^14 (whose float32 ulp
-        # is 2^-9) rounds |y| to that grid, ties to even; the sign goes back on after, so a
-        # negative value that rounds to zero is -0 as in torch's cast.
+        # is 2^-9) rounds |y| to that grid, ties to even; y's sign bit goes back on after, so a
+        # negative value that rounds to zero is -0 as in torch's cast (a bit op: see _negate).
         a = tl.abs(y)
-        sub = (a + 24576.0) - 24576.0
-        sub = tl.where((bits >> 31) != 0, -sub, sub)
-        return tl.where(a < 0.015625, sub, normal)
+        sub = ((a + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+        return tl.where(a < 0.015625, sub.to(tl.float32, bitcast=True), normal)
+
+    @triton.jit
+    def _negate(x):
+        # float32 -x as a sign-bit flip. Triton releases before triton-lang/triton#10270 lower
+        # unary minus on floats to 0 - x, which gives +0 for +0 where torch gives -0, and the
+        # sign of a zero reaches the cache (e4m3 byte 0x80, not 0x00).
+        return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _fp8_rows(x, FP8_MAX: tl.constexpr):
@@ -168,7 +174,7 @@ if HAVE_TRITON:
         # rotate_half(x) = cat(-x2, x1): element d reads its partner d +- D/2.
         partner = tl.load(base + r[:, None] * D + ((d + half) % D)[None, :], mask=row_ok, other=0.0)
         partner = partner.to(tl.float32)  # negated in fp32, exact (the interpreter miscomputes bf16 -x)
-        rot = tl.where((d < half)[None, :], -partner, partner)
+        rot = tl.where((d < half)[None, :], _negate(partner), partner)
         cos = tl.load(COS + tok * stride_ct + d).to(tl.float32)[None, :]
         sin = tl.load(SIN + tok * stride_ct + d).to(tl.float32)[None, :]
         # Round each product and the sum to the activation dtype, as the eager ops do (the H200
