@@ -123,15 +123,16 @@ def test_paged_decode_on_fp8_cache(dtype, shape):
     k8, ks = quantize_rows(k)
     v8, vs = quantize_rows(v)
     scale = 1 / math.sqrt(shape[2])
-    out = torch.full_like(q, float("nan"))
-    paged_decode_attention(q, k8, v8, bt, ctx, scale, out=out, k_scale=ks, v_scale=vs)
     ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
                                dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
-    tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     exact, sigma = decode_error_model(q, k, v, bt, ctx, scale)
-    worst, rms = error_against_model(out, exact, sigma, kernel_tol=tol)
-    assert worst <= 1 and RMS_BAND[0] <= rms <= RMS_BAND[1], (worst, rms)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
+    for block_n in (None, 16):  # the default tile (64 keys here) and the smallest
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, k8, v8, bt, ctx, scale, out=out, k_scale=ks, v_scale=vs, block_n=block_n)
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=f"block_n={block_n}")
+        worst, rms = error_against_model(out, exact, sigma, kernel_tol=tol)
+        assert worst <= 1 and RMS_BAND[0] <= rms <= RMS_BAND[1], (block_n, worst, rms)
 
 
 def _model(rt):
