@@ -226,6 +226,8 @@ class RolloutConfig:
     # before every training phase. 0: always free.
     kv_keep_max_fraction: float = 0.02
     kv_block_tokens: int = 16
+    # "auto" (the model dtype) | "fp8": e4m3 K/V with per-(token, head) scales (r1mega/rollout/kv_cache.py).
+    kv_cache_dtype: str = "auto"
     # Without a GPU there is no free memory to take a fraction of: the cache holds this many tokens.
     kv_cpu_tokens: int = 65536
     # Token budget of one prefill step (new prompts are batched up to it).

@@ -217,6 +217,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}.")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}.")
+    _validate_kv_cache_dtype(cfg)
     for key in ("kv_memory_fraction", "kv_keep_max_fraction"):
         value = getattr(cfg.rollout, key)
         if not 0.0 <= value <= 1.0 or (key == "kv_memory_fraction" and value == 0.0):
@@ -267,6 +268,27 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
 
         parse_phases(cfg)
     return cfg
+
+
+def _validate_kv_cache_dtype(cfg: Config) -> None:
+    """``rollout.kv_cache_dtype=fp8`` is implemented by the rollout engine's GQA cache only (the
+    device's sm_89 check happens when the engine is built: r1mega/rollout/kv_cache.py)."""
+    r, m, p = cfg.rollout, cfg.model, cfg.parallel
+    _choice("rollout.kv_cache_dtype", r.kv_cache_dtype, ("auto", "fp8"))
+    if r.kv_cache_dtype != "fp8":
+        return
+    refuse = [
+        (r.exact, "rollout.exact=true",
+         "exact log-probs need the training forward's K/V numerics, not FP8 copies"),
+        (m.family == "deepseek_v3", "model.family=deepseek_v3",
+         "MLA's latent cache (r1mega/rollout/adapters/mla.py) has no FP8 layout"),
+        (p.pipeline > 1 or p.virtual_stages > 1, f"parallel.pipeline={p.pipeline}",
+         "pipeline-parallel rollouts decode by full recompute, with no KV cache to store in FP8"),
+    ]
+    for bad, what, why in refuse:
+        if bad:
+            raise ConfigError(f"rollout.kv_cache_dtype=fp8 with {what}: {why}; set "
+                              f"rollout.kv_cache_dtype=auto.")
 
 
 def validate_exact(cfg: Config) -> None:

@@ -15,6 +15,11 @@ rollout's log-probs and the training forward's for the same tokens; for MoE mode
 rollout that records its routes (rollout.routing_replay, eager decode), with the training
 forward routing freely and with the recorded routes replayed.
 
+``--kv-fp8`` adds an ``fp8kv`` mode in the same run: the default mode with
+``rollout.kv_cache_dtype=fp8`` (e4m3 K/V + per-(token, head) scales, r1mega/rollout/kv_cache.py),
+its tokens/s and ratio to the default, its roofline with the KV bytes it really reads (1 byte per
+element + 4 per token and head), and its log-prob mismatch against the training forward.
+
 ``--smoke`` runs a tiny shape of the named model on CPU (no peer) to check the script end to end.
 
 Measured on one H200 (torch 2.11, CUDA graphs + compiled decode step + fused Triton sampling,
@@ -238,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the first setting's run")
     ap.add_argument("--profile-kernels", action="store_true",
                     help="after timing, the top kernels of the largest decode graph's replay")
+    ap.add_argument("--kv-fp8", action="store_true",
+                    help="also time rollout.kv_cache_dtype=fp8 (mode fp8kv) in the same run")
     ap.add_argument("--fp8", default=None, choices=["tensorwise", "rowwise", "blockwise"],
                     help="bf16 vs FP8-weight rollout in one run (= r1mega bench fp8 --rollout)")
     args = ap.parse_args(argv)
@@ -273,12 +280,16 @@ def main(argv=None) -> int:
     elem = torch.empty((), dtype=rt.dtype).element_size()
     head_dim = shape.get("kv_channels") or shape["hidden_size"] // shape["num_attention_heads"]
     kv_per_token = 2 * shape["num_layers"] * shape["num_query_groups"] * head_dim * elem
+    # FP8 cache: one byte per element plus a float32 scale per token and KV head, for K and V.
+    kv_per_token_fp8 = 2 * shape["num_layers"] * shape["num_query_groups"] * (head_dim + 4)
     bw = copy_bandwidth(device)
     rows, results = [], {}
     mism = (float("nan"), float("nan"))
     replay_mism, flip = {}, float("nan")
     modes = ["overlap" if args.overlap else "sync"] + (["overlap"] if args.overlap_too and not args.overlap else [])
     modes += ["exact"] if args.exact else []
+    modes += ["fp8kv"] if args.kv_fp8 else []
+    mism_fp8kv = (float("nan"), float("nan"))
     exact_gap = {}
     for prompts, plen, new in settings:
         g = torch.Generator().manual_seed(prompts)
@@ -292,7 +303,8 @@ def main(argv=None) -> int:
                                  max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
                                  compile_decode=not args.no_compile and mode != "exact",
                                  max_prefill_tokens=max(16384, prompts * plen // 4),
-                                 overlap_steps=mode == "overlap", exact=mode == "exact")
+                                 overlap_steps=mode == "overlap" or (mode == "fp8kv" and modes[0] == "overlap"),
+                                 exact=mode == "exact", kv_cache_dtype="fp8" if mode == "fp8kv" else "auto")
             eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
             t = time.perf_counter()
             # Warm-up with the timed requests' shape: compiles kernels, sizes the KV cache and captures
@@ -315,7 +327,9 @@ def main(argv=None) -> int:
 
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-            if first and (mode == modes[0] or (mode == "exact" and args.profile_kernels)):
+            if first and (mode in (modes[0], "fp8kv") or (mode == "exact" and args.profile_kernels)):
+                if mode != modes[0]:
+                    print(f"---- {mode} mode", flush=True)
                 _time_replays(eng, profile=args.profile_kernels)
             n_new = sum(len(c.token_ids) for c in outs)
             assert n_new == prompts * new, f"expected every sequence to reach {new} tokens"
@@ -324,6 +338,8 @@ def main(argv=None) -> int:
                 if is_moe:
                     replay_mism, flip = _replay_mismatch(model, rt, rcfg, reqs[: args.mismatch_seqs], ids,
                                                          shape["vocab_size"])
+            if first and mode == "fp8kv" and args.mismatch_seqs:
+                mism_fp8kv = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
             if len(timed) and mode == "overlap":
                 # Same seeds, same weights: overlapping steps must not change a single token.
                 base = timed[modes[0]][2]
@@ -344,9 +360,10 @@ def main(argv=None) -> int:
         del outs
         peer = float("nan") if (args.no_peer or args.smoke) else run_hf(mcfg, prompts, plen, new, device,
                                                                          args.hf_experts_impl)
-        floor_s = decode_bytes(weight_bytes, kv_per_token, prompts, plen, new) / bw
         results[key] = {}
         for mode, (dt, warm_s, outs, st) in timed.items():
+            kv_bytes = kv_per_token_fp8 if mode == "fp8kv" else kv_per_token
+            floor_s = decode_bytes(weight_bytes, kv_bytes, prompts, plen, new) / bw
             n_new = prompts * new
             ours = n_new / dt
             results[key][mode] = dict(
@@ -362,18 +379,28 @@ def main(argv=None) -> int:
     destroy_parallel()
 
     print(f"rollout bench: {n_params / 1e6:.0f}M params, {str(rt.dtype).replace('torch.', '')}, "
-          f"device copy {bw / 1e12:.2f} TB/s, KV {kv_per_token} B/token")
+          f"device copy {bw / 1e12:.2f} TB/s, KV {kv_per_token} B/token"
+          + (f" ({kv_per_token_fp8} B/token with the FP8 cache)" if args.kv_fp8 else ""))
     print(f"{'setting':<24}{'rollout tok/s':>15}{'HF tok/s':>12}{'ratio':>9}{'roofline':>10}{'time s':>9}")
     for key, ours, peer, ratio, roof, dt in rows:
         print(f"{key:<24}{ours:>15,.0f}{peer:>12,.0f}{ratio:>9.1f}{roof:>10.1%}{dt:>9.2f}")
     print(f"{str(rt.dtype).replace('torch.', '')} rollout vs training log-prob |diff|: mean {mism[0]:.2e}, "
           f"max {mism[1]:.2e} ({args.mismatch_seqs} sequences)")
+    if args.kv_fp8:
+        print(f"fp8kv rollout vs training log-prob |diff|: mean {mism_fp8kv[0]:.2e}, max {mism_fp8kv[1]:.2e}")
+        for key, r in results.items():
+            print(f"[{key}] fp8kv / {modes[0]} tokens/s = "
+                  f"{r['fp8kv']['rollout_tokens_per_s'] / r[modes[0]]['rollout_tokens_per_s']:.2f}x")
     for name, (mean, worst) in replay_mism.items():
         print(f"  recording rollout, training forward {name.replace('_', ' ')}: mean {mean:.2e}, max {worst:.2e}")
     bar = BAR_MOE if is_moe else BAR_DENSE
     met = all(max(m["ratio"] for m in r.values()) >= bar for r in results.values())
     extra = {f"logprob_mismatch_{name}_{stat}": v for name, pair in replay_mism.items()
              for stat, v in zip(("mean", "max"), pair)}
+    if args.kv_fp8:
+        extra["logprob_mismatch_fp8kv_mean"], extra["logprob_mismatch_fp8kv_max"] = mism_fp8kv
+        extra["fp8kv_speedup"] = {k: r["fp8kv"]["rollout_tokens_per_s"] / r[modes[0]]["rollout_tokens_per_s"]
+                                  for k, r in results.items()}
     if is_moe:
         extra["route_flip_fraction"] = flip
         print(f"  routes the free training forward chose differently: {flip:.2%} of (layer, token)")

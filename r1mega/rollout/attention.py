@@ -15,6 +15,11 @@ Three implementations, all exact and interchangeable (tests compare them):
   read at all, only right-padded causal SDPA on the new q/k/v (flash kernels on GPU).
 - the Triton kernel in :mod:`r1mega.rollout.triton_paged` reads the paged cache directly for
   decode steps on GPU, without a gather copy, and fits in a CUDA graph.
+
+With an FP8 cache (kv_cache.py) the readers take its per-(token, head) scales too; the gather
+paths dequantise what they gathered into q's dtype. :func:`attend_fresh` never reads the cache:
+a fresh prefill attends over the unquantised K/V of its own tokens, and only later reads (decode,
+a prefill on top of a cached prefix) see the FP8 copies.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from r1mega.rollout.kv_cache import dequantize_rows
 
 
 @dataclass
@@ -110,13 +117,28 @@ def gather_slots(batch: AttentionBatch, max_ctx: int) -> torch.Tensor:
     return blocks * batch.block_tokens + (j % batch.block_tokens)[None, :]
 
 
-def attend_gather(q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """Any batch, reading K/V from the cache. q (T, Hq, D); caches (N, bs, Hkv, D) -> (T, Hq, D)."""
+def gather_kv(q, k_cache, v_cache, slots, k_scale=None, v_scale=None):
+    """K and V of the (B, L) cache slots as (B, Hkv, L, D) in q's dtype: an FP8 cache's rows are
+    dequantised with their scales (N, bs, Hkv)."""
+    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
+    if k_scale is None:
+        k = k_cache.view(-1, hkv, d)[slots]  # (B, L, Hkv, D)
+        v = v_cache.view(-1, hkv, d)[slots]
+    else:  # e4m3 rows gathered as their bytes: indexing kernels need not cover float8 dtypes
+        k = k_cache.view(torch.uint8).view(-1, hkv, d)[slots].view(k_cache.dtype)
+        v = v_cache.view(torch.uint8).view(-1, hkv, d)[slots].view(v_cache.dtype)
+        k = dequantize_rows(k, k_scale.view(-1, hkv)[slots], q.dtype)
+        v = dequantize_rows(v, v_scale.view(-1, hkv)[slots], q.dtype)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def attend_gather(q, k_cache, v_cache, batch: AttentionBatch, scale: float,
+                  k_scale=None, v_scale=None) -> torch.Tensor:
+    """Any batch, reading K/V from the cache. q (T, Hq, D); caches (N, bs, Hkv, D) -> (T, Hq, D);
+    ``k_scale``/``v_scale`` (N, bs, Hkv): an FP8 cache's scales."""
     max_ctx = max(batch.ctx_lens_host)
     slots = gather_slots(batch, max_ctx)  # (B, max_ctx)
-    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
-    k = k_cache.view(-1, hkv, d)[slots].transpose(1, 2)  # (B, Hkv, max_ctx, D)
-    v = v_cache.view(-1, hkv, d)[slots].transpose(1, 2)
+    k, v = gather_kv(q, k_cache, v_cache, slots, k_scale, v_scale)  # (B, Hkv, max_ctx, D)
     qi = batch.q_index
     q_lens = torch.tensor(batch.q_lens, device=q.device)
     i = torch.arange(qi.shape[1], device=q.device)
@@ -130,17 +152,16 @@ def attend_gather(q, k_cache, v_cache, batch: AttentionBatch, scale: float) -> t
     return _unpad_rows(out, qi, q.shape[0])
 
 
-def attend_decode_gather(q, k_cache, v_cache, block_tables, ctx_lens, scale: float) -> torch.Tensor:
+def attend_decode_gather(q, k_cache, v_cache, block_tables, ctx_lens, scale: float,
+                         k_scale=None, v_scale=None) -> torch.Tensor:
     """Decode (one query per row) from device tensors only: the whole block-table width is
     gathered, so no host value sizes anything (the CPU stand-in of the Triton kernel, and what
-    runs the packed graph-step code on CPU). q (B, Hq, D) -> (B, Hq, D)."""
+    runs the packed graph-step code on CPU). q (B, Hq, D) -> (B, Hq, D); scales as attend_gather."""
     bs = k_cache.shape[1]
-    hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     max_ctx = block_tables.shape[1] * bs
     j = torch.arange(max_ctx, device=q.device)
     slots = block_tables.long().gather(1, (j // bs)[None, :].expand(block_tables.shape[0], -1)) * bs + j % bs
-    k = k_cache.view(-1, hkv, d)[slots].transpose(1, 2)  # (B, Hkv, max_ctx, D)
-    v = v_cache.view(-1, hkv, d)[slots].transpose(1, 2)
+    k, v = gather_kv(q, k_cache, v_cache, slots, k_scale, v_scale)  # (B, Hkv, max_ctx, D)
     mask = j[None, :] < ctx_lens.long()[:, None]  # (B, max_ctx)
     out = _sdpa(q[:, :, None, :], k, v, mask=mask[:, None, None, :], scale=scale)
     return out[:, :, 0, :]

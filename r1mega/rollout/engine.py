@@ -33,7 +33,7 @@ import torch
 from r1mega.rollout import triton_mla, triton_paged
 from r1mega.rollout.attention import AttentionBatch, padded_query_index
 from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
-from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget
+from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget, kv_cache_dtype
 from r1mega.ops.batch_invariant import exact_numerics
 from r1mega.rollout.exact import enable_exact
 from r1mega.rollout.model_runner import ModelRunner, sequence_parallel_off
@@ -74,8 +74,11 @@ class RolloutEngine:
         self.runner = r = ModelRunner(model_chunks, ctx, attention_backend=attention_backend)
         self.device = r.device
         self.block_tokens = int(rollout_cfg.kv_block_tokens)
+        cache_dtype = kv_cache_dtype(getattr(rollout_cfg, "kv_cache_dtype", "auto"), r.param_dtype,
+                                     r.device, keys_only=r.mla is not None,
+                                     exact=bool(getattr(rollout_cfg, "exact", False)))
         self.cache = PagedKVCache(
-            KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, self.block_tokens, r.param_dtype,
+            KVCacheShape(len(r.layers), r.num_kv_heads, r.head_dim, self.block_tokens, cache_dtype,
                          keys_only=r.mla is not None),
             r.device,
         )

@@ -11,6 +11,14 @@ point at the same prompt blocks (prefix sharing through reference counts).
 
 Block 0 is reserved as a scratch block: padded rows of a CUDA-graph batch write their K/V there,
 so a graph replay never touches a live sequence's cache.
+
+FP8 cache (``rollout.kv_cache_dtype=fp8``): K and V are stored as float8_e4m3fn with one float32
+scale per (token, KV head) beside them, ``(num_blocks, block_tokens, kv_heads)`` per layer. A
+decode step reads the whole cache of every running sequence, so halving its bytes halves the
+attention's share of the step. The scale is the row's amax / 448 (e4m3's largest finite value):
+each head's row uses the whole format range, and an outlier token or head costs precision only in
+its own row. Readers factor the scales out of their dot products (r1mega/rollout/triton_paged.py)
+or dequantise (:func:`dequantize_rows`, the references).
 """
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ from typing import Optional
 import torch
 
 SCRATCH_BLOCK = 0
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
 
 
 class OutOfBlocks(RuntimeError):
@@ -86,11 +96,38 @@ class KVCacheShape:
     keys_only: bool = False
 
     @property
+    def quantized(self) -> bool:
+        """FP8 storage with per-(token, KV head) scales (module docstring)."""
+        return self.dtype == FP8_DTYPE
+
+    @property
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        # K and V (or K alone), every layer.
+        # K and V (or K alone), every layer; plus a float32 scale per token and head of each.
         tensors = 1 if self.keys_only else 2
-        return tensors * self.num_layers * self.block_tokens * self.kv_heads * self.head_dim * elem
+        row = self.head_dim * elem + (4 if self.quantized else 0)
+        return tensors * self.num_layers * self.block_tokens * self.kv_heads * row
+
+
+def kv_cache_dtype(setting: str, model_dtype: torch.dtype, device: torch.device, *,
+                   keys_only: bool = False, exact: bool = False) -> torch.dtype:
+    """The cache dtype for ``rollout.kv_cache_dtype``: "auto" = the model's, "fp8" = e4m3 with
+    scales; refuses what the FP8 cache cannot serve (config_checks refuses those up front too)."""
+    if setting == "auto":
+        return model_dtype
+    if setting != "fp8":
+        raise ValueError(f"rollout.kv_cache_dtype={setting!r} is not one of 'auto', 'fp8'.")
+    if exact:
+        raise ValueError("rollout.kv_cache_dtype=fp8 with rollout.exact=true: exact log-probs need "
+                         "the training forward's K/V numerics; set rollout.kv_cache_dtype=auto.")
+    if keys_only:
+        raise ValueError("rollout.kv_cache_dtype=fp8 is not implemented for MLA's latent cache "
+                         "(r1mega/rollout/adapters/mla.py); set rollout.kv_cache_dtype=auto.")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"rollout.kv_cache_dtype=fp8 needs e4m3 conversions in hardware (sm_89 "
+                         f"or newer), but {device} is sm_{major}{minor}; set rollout.kv_cache_dtype=auto.")
+    return FP8_DTYPE
 
 
 def blocks_for_budget(
@@ -120,6 +157,9 @@ class PagedKVCache:
         self.device = device
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        # FP8 cache only: float32 (num_blocks, block_tokens, kv_heads) per layer; else empty.
+        self.k_scale: list[torch.Tensor] = []
+        self.v_scale: list[torch.Tensor] = []
         self.allocator: Optional[BlockAllocator] = None
 
     @property
@@ -132,6 +172,9 @@ class PagedKVCache:
 
     def allocate(self, num_blocks: int) -> None:
         s = self.shape
+        if s.quantized and s.keys_only:
+            raise NotImplementedError("An FP8 KV cache of keys-only (MLA latent) rows is not "
+                                      "implemented; set rollout.kv_cache_dtype=auto.")
         self.release()
         dims = (num_blocks, s.block_tokens, s.kv_heads, s.head_dim)
         # One tensor per layer (not one big one) so each layer's cache is a plain contiguous
@@ -139,18 +182,29 @@ class PagedKVCache:
         self.k = [torch.zeros(dims, dtype=s.dtype, device=self.device) for _ in range(s.num_layers)]
         self.v = self.k if s.keys_only else [torch.zeros(dims, dtype=s.dtype, device=self.device)
                                              for _ in range(s.num_layers)]
+        if s.quantized:
+            # Ones, not zeros: a never-written slot dequantises to 0 either way, and a scale of 1
+            # is what a written zero row gets too.
+            self.k_scale, self.v_scale = ([torch.ones(dims[:3], dtype=torch.float32, device=self.device)
+                                           for _ in range(s.num_layers)] for _ in range(2))
         self.allocator = BlockAllocator(num_blocks)
+
+    def layer(self, i: int) -> tuple:
+        """(k, v, k_scale, v_scale) of layer ``i``; the scales are None unless FP8."""
+        if self.shape.quantized:
+            return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
+        return self.k[i], self.v[i], None, None
 
     def release(self) -> None:
         """Free the cache tensors (before the training phase)."""
-        self.k, self.v = [], []
+        self.k, self.v, self.k_scale, self.v_scale = [], [], [], []
         self.allocator = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values. slots (T,), k/v (T, kv_heads, head_dim)."""
-        torch.ops.r1mega.kv_cache_write(self.k[layer], self.v[layer], slots, k, v)
+        cache_write(*self.layer(layer)[:2], slots, k, v, *self.layer(layer)[2:])
 
     def copy_blocks(self, pairs) -> None:
         """Copy-on-write of many blocks at once: (src, dst) pairs, destinations distinct and not
@@ -165,17 +219,57 @@ class PagedKVCache:
         else:
             idx = idx.to(self.device)
         src, dst = idx[0], idx[1]
-        for cache in self.k if self.shape.keys_only else (*self.k, *self.v):
-            cache.index_copy_(0, dst, cache.index_select(0, src))
+        tensors = self.k if self.shape.keys_only else (*self.k, *self.v)
+        for cache in (*tensors, *self.k_scale, *self.v_scale):
+            c = _as_bytes(cache)
+            c.index_copy_(0, dst, c.index_select(0, src))
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as uint8 (same bytes): CPU torch has no index_copy_ for float8 dtypes."""
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) -> (e4m3 (..., D), float32 scale (...,)) with x ~= e4m3 * scale.
+
+    scale = amax(|row|) / 448, so the row's largest element lands on e4m3's largest finite value;
+    an all-zero row gets scale 1 (no division by zero). Division and the round to nearest even
+    are float32 (what the Triton write does too, with div_rn)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    # 448 as a tensor, not a Python scalar: on CUDA, ATen divides by a CPU scalar as a multiply by
+    # its float32 reciprocal (div_true_kernel_cuda), which is not the correctly rounded quotient
+    # the CPU and the Triton write compute; the scales would then depend on the device.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
+    # The clamp only guards a quotient that rounds a hair past 448 (e4m3fn has no infinity).
+    return (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def dequantize_rows(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """e4m3 (..., D) * float32 scale (...,) -> (..., D) in ``dtype`` (the product in float32)."""
+    return (x8.float() * scale[..., None]).to(dtype)
 
 
 def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                k: torch.Tensor, v: torch.Tensor) -> None:
+                k: torch.Tensor, v: torch.Tensor,
+                k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
     """caches (N, bs, Hkv, D) <- k/v (T, Hkv, D) at the flat token slots (T,), cast to the cache
-    dtype. Also the reference of the fused RoPE + write kernel (triton_rope_kv)."""
+    dtype, or quantised (:func:`quantize_rows`) into an FP8 cache with its scales (N, bs, Hkv).
+    Also the reference of the fused RoPE + write kernel (triton_rope_kv)."""
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
-    k_cache.view(-1, hkv, d).index_copy_(0, slots, k.reshape(-1, hkv, d).to(k_cache.dtype))
-    v_cache.view(-1, hkv, d).index_copy_(0, slots, v.reshape(-1, hkv, d).to(v_cache.dtype))
+    k, v = k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)
+    if k_cache.dtype != FP8_DTYPE:
+        k_cache.view(-1, hkv, d).index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.view(-1, hkv, d).index_copy_(0, slots, v.to(v_cache.dtype))
+        return
+    if k_scale is None or v_scale is None:
+        raise ValueError("write_slots: an FP8 KV cache needs its k_scale and v_scale tensors "
+                         "(PagedKVCache.layer(i) gives all four).")
+    for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        x8, s = quantize_rows(x)  # (T, Hkv, D), (T, Hkv)
+        _as_bytes(cache).view(-1, hkv, d).index_copy_(0, slots, _as_bytes(x8))
+        scales.view(-1, hkv).index_copy_(0, slots, s)
 
 
 # The write as one opaque op for dynamo. It was a graph break (torch.compiler.disable, after a
@@ -183,6 +277,9 @@ def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tenso
 # compiled decode forward into a fragment per layer. A custom op with ``mutates_args`` stays in
 # the graph and inductor re-inplaces it: tests/unit/test_rollout_rope_kv_triton.py checks that
 # the compiled code hands the op the cache tensors themselves, not copies.
+# The FP8 cache's scales are mutated too: a second op with them as required arguments (torch
+# 2.11 drops trailing None arguments before bumping the versions of mutated ones: an optional
+# mutated argument raised IndexError in every bf16 write on the H200).
 @torch.library.custom_op("r1mega::kv_cache_write", mutates_args=("k_cache", "v_cache"))
 def _kv_cache_write_op(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor) -> None:
@@ -192,6 +289,27 @@ def _kv_cache_write_op(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torc
 @_kv_cache_write_op.register_fake
 def _(k_cache, v_cache, slots, k, v) -> None:
     return None
+
+
+@torch.library.custom_op("r1mega::kv_cache_write_fp8",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def _kv_cache_write_fp8_op(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                           k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor,
+                           v_scale: torch.Tensor) -> None:
+    write_slots(k_cache, v_cache, slots, k, v, k_scale, v_scale)
+
+
+@_kv_cache_write_fp8_op.register_fake
+def _(k_cache, v_cache, slots, k, v, k_scale, v_scale) -> None:
+    return None
+
+
+def cache_write(k_cache, v_cache, slots, k, v, k_scale=None, v_scale=None) -> None:
+    """The write op for this cache: bf16 (no scales) or FP8 (with its scales)."""
+    if k_scale is None:
+        torch.ops.r1mega.kv_cache_write(k_cache, v_cache, slots, k, v)
+    else:
+        torch.ops.r1mega.kv_cache_write_fp8(k_cache, v_cache, slots, k, v, k_scale, v_scale)
 
 
 def slots_for(block_table: list[int], start: int, stop: int, block_tokens: int) -> list[int]:

@@ -228,21 +228,18 @@ class ModelRunner:
     # ------------------------------------------------------------------ forward
 
     def _attention(self, layer_idx, q, k, v, batch: Optional[AttentionBatch], decode_tensors):
-        cache = self.cache
+        kc, vc, ks, vs = self.cache.layer(layer_idx)  # scales: None unless an FP8 cache
         if exact_active():  # rollout.exact: the training forward's per-query attention function
-            return exact_runner_attention(q, cache.k[layer_idx], cache.v[layer_idx], batch,
-                                          decode_tensors, self.scale)
+            return exact_runner_attention(q, kc, vc, batch, decode_tensors, self.scale)
         if decode_tensors is not None:  # decode from device tensors only (graph-capturable)
             block_tables, ctx_lens = decode_tensors
             if self.decode_kernel_enabled:
-                return torch.ops.r1mega.paged_decode_attention(
-                    q, cache.k[layer_idx], cache.v[layer_idx], block_tables, ctx_lens, self.scale
-                )
-            return attend_decode_gather(q, cache.k[layer_idx], cache.v[layer_idx], block_tables,
-                                        ctx_lens, self.scale)
+                return torch.ops.r1mega.paged_decode_attention(q, kc, vc, block_tables, ctx_lens,
+                                                               self.scale, ks, vs)
+            return attend_decode_gather(q, kc, vc, block_tables, ctx_lens, self.scale, ks, vs)
         if batch.is_fresh_prefill and self.attention_backend != "gather":
             return attend_fresh(q, k, v, batch, self.scale)
-        return attend_gather(q, cache.k[layer_idx], cache.v[layer_idx], batch, self.scale)
+        return attend_gather(q, kc, vc, batch, self.scale, ks, vs)
 
     def empty_step(self) -> None:
         """A step with zero tokens, for an expert-parallel rank that has nothing to generate
@@ -282,7 +279,7 @@ class ModelRunner:
                 qkv, _ = attn.get_query_key_value_tensors(h, split_qkv=False)
                 if i == 0:
                     cos_sin = self._rope_cos_sin(freqs, qkv.dtype)
-                q = torch.ops.r1mega.rope_kv_write(qkv, *cos_sin, slots, self.cache.k[i], self.cache.v[i])
+                q = triton_rope_kv.rope_kv_write_op(qkv, *cos_sin, slots, *self.cache.layer(i))
                 k = v = None  # in the cache now; decode attention reads them there
             else:
                 q, k, v = attn.get_query_key_value_tensors(h)  # (T, 1, Hq, D), (T, 1, Hkv, D) x2

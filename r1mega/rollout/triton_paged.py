@@ -8,11 +8,19 @@ serves every context length and the launch fits in a CUDA graph.
 
 The PyTorch reference is :func:`r1mega.rollout.attention.attend_gather`; tests/gpu compares them.
 
+FP8 cache (``FP8`` constexpr, r1mega/rollout/kv_cache.py): the e4m3 tiles are converted to q's
+dtype (exact: e4m3 is a subset of bf16/fp16/fp32) and the per-(token, head) scales factor out of
+the dots, s_j = scale * k_scale_j * (q . k8_j) and acc += (p_j * v_scale_j) . v8_j, so the tile
+products stay tensor-core dots and only a (BLOCK_N,) vector of scales is read per tile. With
+``FP8`` false the kernel compiles to exactly the bf16 kernel.
+
 :func:`decode_attention` is the launch as a custom op: one opaque node for dynamo, so the compiled
 decode forward is not cut into a fragment per layer around it (see triton_rope_kv for the other
 half of that, the RoPE + cache write).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -31,9 +39,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        Q, K, V, BT, CTX, O,
+        Q, K, V, BT, CTX, O, KS, VS,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
+        stride_sb, stride_st,
         stride_btb,
         stride_ob, stride_oh,
         SCALE: tl.constexpr,  # constexpr: under torch.compile a float argument would turn fp64
@@ -43,6 +52,7 @@ if HAVE_TRITON:
         BS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         IEEE: tl.constexpr,
+        FP8: tl.constexpr,  # K/V in e4m3 with float32 scales KS/VS (N, bs, Hkv); else unused
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -62,20 +72,38 @@ if HAVE_TRITON:
             blk = tl.load(BT + b * stride_btb + n // BS, mask=n_ok, other=0).to(tl.int64)
             off = blk * stride_kb + (n % BS) * stride_kt + h * stride_kh  # (BN,)
             k = tl.load(K + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # (BN, D)
+            if FP8:
+                k = k.to(q.dtype)
+                s_off = blk * stride_sb + (n % BS) * stride_st + h  # (BN,)
+                k_sc = tl.load(KS + s_off, mask=n_ok, other=0.0)
+                v_sc = tl.load(VS + s_off, mask=n_ok, other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
+            if FP8:
+                s = s * k_sc[None, :]
             s = tl.where(n_ok[None, :], s * SCALE, float("-inf"))  # (GP, BN)
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
             v = tl.load(V + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            if FP8:
+                # The scales weight values, not probabilities: p's sum l stays unscaled. They
+                # enter relative to the tile's largest (>0: every tile has a real key), so the
+                # 16-bit dot operand stays <= 1 and a small-valued V cannot underflow fp16.
+                v = v.to(q.dtype)
+                v_max = tl.max(v_sc, 0)
+                pv_w = p * (v_sc / v_max)[None, :]
             else:
-                pv = tl.dot(p.to(v.dtype), v)
+                pv_w = p
+            if IEEE:
+                pv = tl.dot(pv_w.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(pv_w.to(v.dtype), v)
+            if FP8:
+                pv = pv * v_max
             acc = acc * alpha[:, None] + pv
             m = m_new
         out = acc / l[:, None]
@@ -91,8 +119,13 @@ def paged_decode_attention(
     ctx_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
-    """q (B, Hq, D); caches (N, bs, Hkv, D); block_tables (B, max_blocks) int32; ctx_lens (B,) int32.
+    """q (B, Hq, D); caches (N, bs, Hkv, D); block_tables (B, max_blocks) int32; ctx_lens (B,) int32;
+    ``k_scale``/``v_scale`` (N, bs, Hkv) float32: an FP8 (e4m3) cache's scales; ``block_n``: keys
+    per tile (a power of two >= 16; None: the default below; `r1mega bench decode-attention` sweeps it).
 
     Every row must have ctx_len >= 1 (padded CUDA-graph rows point at the scratch block).
     """
@@ -105,13 +138,26 @@ def paged_decode_attention(
         raise ValueError(f"Triton paged decode needs a power-of-two head_dim, got {d}.")
     if q.stride(-1) != 1:
         q = q.contiguous()  # rows and heads may be strided (a slice of the rotated q|k), D may not
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8:
+        if k_scale is None or v_scale is None or k_scale.shape != k_cache.shape[:3] \
+                or k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1 \
+                or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32:
+            raise ValueError(f"paged_decode_attention: an FP8 cache {tuple(k_cache.shape)} needs float32 "
+                             f"k_scale/v_scale of shape {tuple(k_cache.shape[:3])} sharing one layout "
+                             f"(PagedKVCache.layer(i) gives them).")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    block_n = max(16, min(64, 4 * bs))
+    if block_n is None:
+        block_n = max(16, min(64, 4 * bs))
+    elif block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"paged_decode_attention: block_n={block_n} must be a power of two >= 16.")
+    ks, vs = (k_scale, v_scale) if fp8 else (k_cache, v_cache)  # unused pointers without FP8
     _paged_decode_kernel[(bsz, hkv)](
-        q, k_cache, v_cache, block_tables, ctx_lens, out,
+        q, k_cache, v_cache, block_tables, ctx_lens, out, ks, vs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        ks.stride(0), ks.stride(1),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         SCALE=float(scale),
@@ -121,6 +167,7 @@ def paged_decode_attention(
         BS=bs,
         BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32,
+        FP8=fp8,
         num_warps=4,
     )
     return out
@@ -128,14 +175,18 @@ def paged_decode_attention(
 
 @torch.library.custom_op("r1mega::paged_decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                     k_scale: Optional[torch.Tensor] = None,
+                     v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decode attention over the paged cache: the Triton kernel on CUDA, the gather reference
-    elsewhere. q (B, Hq, D) -> (B, Hq, D)."""
+    elsewhere. q (B, Hq, D) -> (B, Hq, D); the scales: an FP8 cache's (None otherwise)."""
     if q.is_cuda and HAVE_TRITON:
-        return paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale)
-    return attend_decode_gather(q, k_cache, v_cache, block_tables, ctx_lens, scale).contiguous()
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale,
+                                      k_scale=k_scale, v_scale=v_scale)
+    return attend_decode_gather(q, k_cache, v_cache, block_tables, ctx_lens, scale,
+                                k_scale, v_scale).contiguous()
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, ctx_lens, scale):
+def _(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale=None, v_scale=None):
     return q.new_empty(q.shape)

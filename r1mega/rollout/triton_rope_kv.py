@@ -26,6 +26,11 @@ element against the rounding-error bound of the exact float64 rotation and the m
 against eager's. The torch.compile'd module path differs from eager too (its inductor kernel
 keeps the products in fp32).
 
+FP8 cache (r1mega/rollout/kv_cache.py): the kernel quantises the rotated k row and the v row as
+:func:`r1mega.rollout.kv_cache.quantize_rows` does (amax / 448 scale, float32 division rounded to
+nearest, round to nearest even into e4m3) and stores the two scales at the token's slot; the
+rotation and the q output are unchanged.
+
 Interleaved or partial rotary and Qwen3's q/k norms (applied between the split and RoPE) are not
 covered: the runner keeps the unfused path for them.
 
@@ -35,10 +40,11 @@ compiled decode forward is one graph, not one fragment per layer between graph b
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
-from r1mega.rollout.kv_cache import write_slots
+from r1mega.rollout.kv_cache import FP8_DTYPE, FP8_MAX, write_slots
 
 try:
     import triton
@@ -77,16 +83,17 @@ def _split(qkv: torch.Tensor, k_cache: torch.Tensor):
     return t, hkv, group, d
 
 
-def rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache) -> torch.Tensor:
+def rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None,
+                            v_scale=None) -> torch.Tensor:
     """The unfused path: megatron's per-group split, :func:`rotate_qk`, the cache write.
 
     qkv (T, 1, Hkv, (G + 2) * D); cos/sin (T, 1, 1, D); slots (T,); caches (N, bs, Hkv, D)
-    (written in place). Returns the rotated q (T, Hq, D)."""
+    (written in place; an FP8 cache with its scales (N, bs, Hkv)). Returns the rotated q (T, Hq, D)."""
     t, hkv, group, d = _split(qkv, k_cache)
     x = qkv.reshape(t, 1, hkv, (group + 2) * d)
     q, k, v = torch.split(x, [group * d, d, d], dim=3)  # what get_query_key_value_tensors does
     q, k = rotate_qk(q.reshape(t, 1, hkv * group, d), k, cos, sin)
-    write_slots(k_cache, v_cache, slots, k, v)
+    write_slots(k_cache, v_cache, slots, k, v, k_scale, v_scale)
     return q.reshape(t, hkv * group, d).contiguous()
 
 
@@ -109,16 +116,52 @@ if HAVE_TRITON:
             return y.to(dtype)
 
     @triton.jit
+    def _round_e4m3(y):
+        # float32 |y| <= 448 -> the nearest e4m3 value (ties to even), still float32. Rounding
+        # here, not in the conversion, makes the stored byte independent of how a Triton build
+        # lowers fp32 -> fp8 (its interpreter mis-rounds values that carry into the next binade).
+        bits = y.to(tl.uint32, bitcast=True)
+        # Normal range: keep 3 of the 23 mantissa bits, round to nearest even (a carry moves
+        # into the exponent, which is right).
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        # Subnormal range (|y| < 2^-6): multiples of 2^-9. Adding 1.5 * 2^14 (whose float32 ulp
+        # is 2^-9) rounds |y| to that grid, ties to even; y's sign bit goes back on after, so a
+        # negative value that rounds to zero is -0 as in torch's cast (a bit op: see _negate).
+        a = tl.abs(y)
+        sub = ((a + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+        return tl.where(a < 0.015625, sub.to(tl.float32, bitcast=True), normal)
+
+    @triton.jit
+    def _negate(x):
+        # float32 -x as a sign-bit flip. Triton releases before triton-lang/triton#10270 lower
+        # unary minus on floats to 0 - x, which gives +0 for +0 where torch gives -0, and the
+        # sign of a zero reaches the cache (e4m3 byte 0x80, not 0x00).
+        return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp8_rows(x, FP8_MAX: tl.constexpr):
+        # (R, D) float32 rows -> (e4m3 rows, (R,) scales), as kv_cache.quantize_rows: div_rn is
+        # the correctly rounded division torch does (Triton's "/" is an approximate one).
+        amax = tl.max(tl.abs(x), 1)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)), 1.0)
+        y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+        y = _round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+        return y.to(tl.float8e4nv), scale  # exact: y is on the e4m3 grid
+
+    @triton.jit
     def _rope_kv_write_kernel(
-        QKV, COS, SIN, SLOTS, KC, VC, QO,
+        QKV, COS, SIN, SLOTS, KC, VC, QO, KS, VS,
         stride_xt, stride_ct, stride_s,
         stride_kb, stride_kt, stride_kh,
+        stride_sb, stride_st,
         stride_qt,
         GROUP: tl.constexpr,
         ROWS: tl.constexpr,  # next power of two >= GROUP + 1: the group's q heads and its k
         D: tl.constexpr,
         BS: tl.constexpr,
         RTNE_BITS: tl.constexpr,
+        FP8: tl.constexpr,  # e4m3 caches with float32 scales KS/VS (N, bs, Hkv); else unused
+        FP8_MAX: tl.constexpr,
     ):
         tok = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
@@ -131,7 +174,7 @@ if HAVE_TRITON:
         # rotate_half(x) = cat(-x2, x1): element d reads its partner d +- D/2.
         partner = tl.load(base + r[:, None] * D + ((d + half) % D)[None, :], mask=row_ok, other=0.0)
         partner = partner.to(tl.float32)  # negated in fp32, exact (the interpreter miscomputes bf16 -x)
-        rot = tl.where((d < half)[None, :], -partner, partner)
+        rot = tl.where((d < half)[None, :], _negate(partner), partner)
         cos = tl.load(COS + tok * stride_ct + d).to(tl.float32)[None, :]
         sin = tl.load(SIN + tok * stride_ct + d).to(tl.float32)[None, :]
         # Round each product and the sum to the activation dtype, as the eager ops do (the H200
@@ -147,12 +190,22 @@ if HAVE_TRITON:
         off = (slot // BS) * stride_kb + (slot % BS) * stride_kt + g * stride_kh
         # Every row points at the key's slot; only the key row (r == GROUP) is stored.
         k_ptr = KC + off + r[:, None] * 0 + d[None, :]
-        tl.store(k_ptr, y.to(KC.dtype.element_ty), mask=(r == GROUP)[:, None])
         v = tl.load(base + (GROUP + 1) * D + d)
-        tl.store(VC + off + d, v.to(VC.dtype.element_ty))
+        if FP8:
+            s_off = (slot // BS) * stride_sb + (slot % BS) * stride_st + g
+            k8, k_sc = _fp8_rows(y.to(tl.float32), FP8_MAX)  # every row; the key row is kept
+            tl.store(k_ptr, k8, mask=(r == GROUP)[:, None])
+            tl.store(KS + s_off + r * 0, k_sc, mask=r == GROUP)
+            v8, v_sc = _fp8_rows(v.to(tl.float32)[None, :], FP8_MAX)  # (1, D), (1,)
+            tl.store(VC + off + d[None, :], v8)
+            tl.store(VS + s_off, tl.max(v_sc, 0))  # the one row's scale, as a scalar
+        else:
+            tl.store(k_ptr, y.to(KC.dtype.element_ty), mask=(r == GROUP)[:, None])
+            tl.store(VC + off + d, v.to(VC.dtype.element_ty))
 
 
-def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None) -> torch.Tensor:
+def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_scale=None,
+                         v_scale=None) -> torch.Tensor:
     """The Triton kernel; same arguments and result as :func:`rope_kv_write_reference` (``out``:
     a contiguous (T, Hq, D) tensor for the rotated q, else a new one)."""
     if not HAVE_TRITON:
@@ -169,6 +222,14 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None) -> to
                          f"{qkv.dtype} (the reference multiplies in it), got {cos.dtype}.")
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("rope_kv_write_triton: K and V caches must share one layout with D innermost.")
+    fp8 = k_cache.dtype == FP8_DTYPE
+    if fp8 and (k_scale is None or v_scale is None or k_scale.shape != k_cache.shape[:3]
+                or k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1
+                or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32):
+        raise ValueError(f"rope_kv_write_triton: an FP8 cache {tuple(k_cache.shape)} needs float32 "
+                         f"k_scale/v_scale of shape {tuple(k_cache.shape[:3])} sharing one layout "
+                         f"(PagedKVCache.layer(i) gives them).")
+    ks, vs = (k_scale, v_scale) if fp8 else (k_cache, v_cache)  # unused pointers without FP8
     q = out if out is not None else torch.empty((t, hkv * group, d), dtype=qkv.dtype, device=qkv.device)
     if q.shape != (t, hkv * group, d) or not q.is_contiguous():
         raise ValueError(f"rope_kv_write_triton: out must be a contiguous {(t, hkv * group, d)} tensor.")
@@ -176,21 +237,26 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None) -> to
         return q
     bs = k_cache.shape[1]
     _rope_kv_write_kernel[(t, hkv)](
-        x, cos, sin, slots, k_cache, v_cache, q,
+        x, cos, sin, slots, k_cache, v_cache, q, ks, vs,
         x.stride(0), cos.stride(0), slots.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        ks.stride(0), ks.stride(1),
         q.stride(0),
         GROUP=group,
         ROWS=triton.next_power_of_2(group + 1),
         D=d,
         BS=bs,
         RTNE_BITS=interpreting() and qkv.dtype == torch.bfloat16,
+        FP8=fp8,
+        FP8_MAX=FP8_MAX,
         num_warps=1 if (group + 1) * d <= 512 else 4,
     )
     return q
 
 
-# One opaque node for dynamo: inductor re-inplaces the cache mutation and fuses around it.
+# One opaque node for dynamo: inductor re-inplaces the cache mutation and fuses around it. The
+# FP8 cache's variant takes its scales as required mutated arguments (see kv_cache.py: torch
+# 2.11 mishandles optional mutated ones).
 @torch.library.custom_op("r1mega::rope_kv_write", mutates_args=("k_cache", "v_cache"))
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -200,9 +266,31 @@ def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots
     return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache)
 
 
-@rope_kv_write.register_fake
-def _(qkv, cos, sin, slots, k_cache, v_cache):
+@torch.library.custom_op("r1mega::rope_kv_write_fp8",
+                         mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def rope_kv_write_fp8(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+                      v_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`rope_kv_write` into an FP8 cache with its per-(token, head) scales."""
+    if qkv.is_cuda and HAVE_TRITON:
+        return rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, k_scale=k_scale,
+                                    v_scale=v_scale)
+    return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale)
+
+
+def _rope_kv_write_fake(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None):
     t = qkv.shape[0]
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     group = qkv.shape[-1] // d - 2  # the last dim is one group's (G + 2) * D
     return qkv.new_empty((t, hkv * group, d))
+
+
+rope_kv_write.register_fake(_rope_kv_write_fake)
+rope_kv_write_fp8.register_fake(_rope_kv_write_fake)
+
+
+def rope_kv_write_op(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None):
+    """The op for this cache: bf16 (no scales) or FP8 (with its scales)."""
+    if k_scale is None:
+        return torch.ops.r1mega.rope_kv_write(qkv, cos, sin, slots, k_cache, v_cache)
+    return torch.ops.r1mega.rope_kv_write_fp8(qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale)

@@ -49,7 +49,10 @@ def test_bench_rollout_fp8_smoke(capsys):
 
     assert rollout.main(["--smoke", "--fp8", "tensorwise", "--mismatch-seqs", "2"]) == 0
     out = _last_json(capsys)
-    assert out["mode"] == "rollout" and set(out["rows"]) == {"bf16", "fp8-tensorwise"}
+    assert out["mode"] == "rollout"
+    assert set(out["rows"]) == {"bf16", "fp8-tensorwise", "fp8-tensorwise+fp8kv"}
     fp8 = out["rows"]["fp8-tensorwise"]
     # FP8 weights move the rollout's log-probs away from the (unchanged) training forward's
     assert fp8["logprob_mismatch_mean"] > out["rows"]["bf16"]["logprob_mismatch_mean"]
+    assert out["fp8_kv_speedup"] > 0 and out["bar_met_with_fp8_kv"] is None  # smoke: no bar
+    assert out["rows"]["fp8-tensorwise+fp8kv"]["logprob_mismatch_mean"] > out["rows"]["bf16"]["logprob_mismatch_mean"]

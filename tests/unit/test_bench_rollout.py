@@ -34,6 +34,22 @@ def test_smoke_prints_one_json_line(model, capsys, monkeypatch):
         assert 0.0 <= out["route_flip_fraction"] < 0.05  # fp32 on CPU: (almost) no flips
 
 
+@pytest.mark.slow  # two modes of the smoke: ~20 s on a loaded 2-core box
+def test_smoke_with_fp8_kv_mode(capsys, monkeypatch):
+    """--kv-fp8: the fp8kv mode beside the default in the same run, with its own roofline bytes,
+    speed ratio and log-prob mismatch (e4m3 K/V: above the fp32 default's, still small)."""
+    from r1mega.bench import rollout
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert rollout.main(["--smoke", "--kv-fp8", "--mismatch-seqs", "4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for setting in ("4x8->8", "2x8->16"):
+        assert set(out["settings"][setting]) == {"sync", "fp8kv"}
+        assert out["fp8kv_speedup"][setting] > 0
+    assert out["logprob_mismatch_max"] < 1e-4
+    assert out["logprob_mismatch_max"] < out["logprob_mismatch_fp8kv_max"] < 0.1
+
+
 @pytest.mark.parametrize("model,peer", [("852m", "LlamaForCausalLM"), ("qwen3-moe-small", "Qwen3MoeForCausalLM")])
 def test_peer_has_the_same_shape(model, peer, single_rank_runtime):
     from r1mega.bench.rollout import hf_peer

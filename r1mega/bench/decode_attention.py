@@ -1,0 +1,141 @@
+"""`r1mega bench decode-attention`: the paged decode kernel on a bf16 cache vs an FP8 cache.
+
+One layer of decode attention at the rollout bench's shape (852M: 16 query heads over 4 KV heads
+of 128, 16-token blocks), ``--seqs`` sequences whose contexts spread evenly over
+``--min-ctx..--max-ctx`` (default 128..384: the contexts of a 128 -> 256 rollout), blocks
+scattered over the cache. Reported per cache dtype: microseconds per call, the bytes the call
+must read (K/V rows of every context token, the FP8 cache's scales, q, block tables) and that
+over the measured device-copy bandwidth (the bytes floor), and the FP8 kernel's error against
+float64 attention on the dequantised K/V and on the unquantised K/V. The peer is SDPA on a
+contiguous (unpaged) bf16 cache padded to the longest context, the same call the training
+forward's attention makes. The ratio bf16 / FP8 time is what ``rollout.kv_cache_dtype=fp8``
+can take off the attention share of a decode step.
+
+``--block-n 32,64,128`` (GPU): also time the Triton kernel directly at each keys-per-tile size,
+for both caches (the rows above use the kernel's default).
+
+``--smoke``: a tiny shape on the CPU, where the custom op runs its PyTorch reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+
+def _tables(ctx: list[int], bs: int, gen: torch.Generator) -> tuple[list[list[int]], int]:
+    n_blocks = sum(-(-c // bs) for c in ctx) + 1
+    perm = (torch.randperm(n_blocks - 1, generator=gen) + 1).tolist()  # never the scratch block
+    tables, i = [], 0
+    for c in ctx:
+        n = -(-c // bs)
+        tables.append(perm[i:i + n])
+        i += n
+    return tables, n_blocks
+
+
+def main(argv=None) -> int:
+    from r1mega.bench.timing import copy_bandwidth, median_ms
+    from r1mega.bench.train_step import _no_nan
+    from r1mega.rollout.attention import attend_decode_gather
+    from r1mega.rollout.kv_cache import dequantize_rows, quantize_rows
+    from r1mega.rollout import triton_paged  # noqa: F401  (registers the op)
+
+    ap = argparse.ArgumentParser(prog="r1mega bench decode-attention", description=__doc__.split("\n")[0])
+    ap.add_argument("--seqs", type=int, default=256)
+    ap.add_argument("--min-ctx", type=int, default=128)
+    ap.add_argument("--max-ctx", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--block-n", default="", help="GPU: comma list of keys-per-tile sizes to sweep")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.seqs, args.min_ctx, args.max_ctx, args.heads, args.kv_heads, args.head_dim = 4, 3, 40, 4, 2, 16
+        args.block_tokens, args.reps = 4, 3
+    cuda = torch.cuda.is_available() and not args.smoke
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    b, hq, hkv, d, bs = args.seqs, args.heads, args.kv_heads, args.head_dim, args.block_tokens
+    ctx = [args.min_ctx + (args.max_ctx - args.min_ctx) * i // max(1, b - 1) for i in range(b)]
+    tables, n_blocks = _tables(ctx, bs, gen)
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).to(dev)
+    ctx_t = torch.tensor(ctx, dtype=torch.int32).to(dev)
+    k = torch.randn(n_blocks, bs, hkv, d, generator=gen).to(dev)
+    v = torch.randn(n_blocks, bs, hkv, d, generator=gen).to(dev)
+    q = torch.randn(b, hq, d, generator=gen).to(dev, dtype)
+    scale = 1 / math.sqrt(d)
+    k8, ks = quantize_rows(k)
+    v8, vs = quantize_rows(v)
+    caches = {"bf16" if cuda else "fp32": (k.to(dtype), v.to(dtype), None, None), "fp8": (k8, v8, ks, vs)}
+    tokens = sum(ctx)
+    meta = q.numel() * q.element_size() * 2 + bt.numel() * 4 + b * 4  # q in, out, tables, lengths
+    bw = copy_bandwidth(1 << 30, 10) if cuda else float("nan")
+
+    def read_bytes(name: str) -> int:
+        elem = 1 if name == "fp8" else torch.empty((), dtype=dtype).element_size()
+        return 2 * tokens * hkv * (d * elem + (4 if name == "fp8" else 0)) + meta
+
+    rows = {}
+    for name, (kc, vc, sk, sv) in caches.items():
+        def call(kc=kc, vc=vc, sk=sk, sv=sv):
+            return torch.ops.r1mega.paged_decode_attention(q, kc, vc, bt, ctx_t, scale, sk, sv)
+
+        ms = median_ms(call, args.reps, 3, cuda)
+        rows[name] = {"us": ms * 1e3, "bytes": read_bytes(name),
+                      "bytes_floor_fraction": read_bytes(name) / bw / (ms * 1e-3)}
+    sweep = {}
+    if cuda and args.block_n:
+        from r1mega.rollout.triton_paged import paged_decode_attention
+
+        for n in (int(x) for x in args.block_n.split(",")):
+            for name, (kc, vc, sk, sv) in caches.items():
+                ms = median_ms(lambda n=n, kc=kc, vc=vc, sk=sk, sv=sv: paged_decode_attention(
+                    q, kc, vc, bt, ctx_t, scale, k_scale=sk, v_scale=sv, block_n=n), args.reps, 3, cuda)
+                sweep[f"{name}@{n}"] = ms * 1e3
+    # Accuracy of the FP8 kernel: against float64 on its own (dequantised) K/V, and on the
+    # unquantised K/V it stands in for.
+    out = torch.ops.r1mega.paged_decode_attention(q, k8, v8, bt, ctx_t, scale, ks, vs).double()
+    ref_deq = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
+                                   dequantize_rows(v8, vs, torch.float64), bt, ctx_t, scale)
+    ref = attend_decode_gather(q.double(), k.double(), v.double(), bt, ctx_t, scale)
+    rows["fp8"].update(max_err_vs_dequantised=float((out - ref_deq).abs().max()),
+                       max_err_vs_unquantised=float((out - ref).abs().max()),
+                       mean_err_vs_unquantised=float((out - ref).abs().mean()))
+    # Peer: SDPA over a contiguous cache padded to the longest context (masked).
+    kd = torch.randn(b, hkv, max(ctx), d, generator=gen).to(dev, dtype)
+    vd = torch.randn(b, hkv, max(ctx), d, generator=gen).to(dev, dtype)
+    mask = (torch.arange(max(ctx), device=dev)[None, :] < ctx_t[:, None].long())[:, None, None, :]
+    peer_ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], kd, vd, attn_mask=mask, scale=scale, enable_gqa=True), args.reps, 3, cuda)
+    base = next(iter(rows))
+    ratio = rows[base]["us"] / rows["fp8"]["us"]
+
+    print(f"decode attention: {b} sequences, contexts {args.min_ctx}..{args.max_ctx}, {hq} q / {hkv} kv "
+          f"heads x {d}, {bs}-token blocks, device copy {bw / 1e12:.2f} TB/s")
+    print(f"{'cache':<8}{'us/call':>10}{'MB read':>10}{'bytes floor':>13}")
+    for name, r in rows.items():
+        print(f"{name:<8}{r['us']:>10.1f}{r['bytes'] / 1e6:>10.1f}{r['bytes_floor_fraction']:>13.1%}")
+    for key, us in sweep.items():
+        print(f"{key:<8}{us:>10.1f}   (block_n sweep)")
+    print(f"{'SDPA':<8}{peer_ms * 1e3:>10.1f}   (contiguous {str(dtype).replace('torch.', '')} cache, padded)")
+    f = rows["fp8"]
+    print(f"{base} / fp8 time = {ratio:.2f}x; fp8 max |err| vs float64 on its dequantised K/V "
+          f"{f['max_err_vs_dequantised']:.2e}, vs the unquantised K/V {f['max_err_vs_unquantised']:.2e} "
+          f"(mean {f['mean_err_vs_unquantised']:.2e})")
+    print(json.dumps(_no_nan({"bench": "decode-attention", "device": str(dev), "smoke": args.smoke,
+                              "seqs": b, "context_tokens": tokens, "rows": rows,
+                              "sdpa_peer_us": peer_ms * 1e3, "fp8_speedup": ratio, "block_n_us": sweep,
+                              "copy_bandwidth_Bps": bw})))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
