@@ -20,6 +20,9 @@ no shape-dependent split):
   size. Here they are float64 polynomials made of correctly rounded ``+ - * /`` only, rounded to
   the input dtype: the same bits at any position. CUDA's elementwise kernels already compute
   each element the same way, so on CUDA the native functions run.
+- **SwiGLU on CUDA**: the dense MLPs call fused Triton kernels (r1mega/ops/triton_swiglu.py)
+  instead of megatron's compiled fusion or its five-kernel unfused path
+  (:func:`install_exact_forward` wires them, r1mega/ops/exact_mlp.py).
 
 :class:`ExactNumerics` is a ``TorchFunctionMode`` that routes the model's calls (``matmul``,
 ``F.linear``, ``F.rms_norm``, ``F.silu``, ``torch.cos`` ...) to these while it is active; it is
