@@ -253,12 +253,14 @@ def test_triton_swiglu_matches_float64_and_is_batch_invariant():
 
 def test_exact_mlp_calls_fused_swiglu_in_decode_and_training(single_rank_runtime, monkeypatch):
     """rollout.exact on CUDA: every dense MLP calls the fused kernel, in each eager decode step
-    (one call per layer, one row per sequence) and in the training forward, and the log-probs
-    stay bitwise equal; the MLP's gradients match the default mode's compiled SwiGLU."""
+    (one call per layer, one row per sequence) and in the training forward, each decode layer
+    calls the exact variant of the fused RoPE + KV write, and the log-probs stay bitwise equal;
+    the MLP's gradients match the default mode's compiled SwiGLU."""
     import torch.nn.functional as F
 
     from r1mega.ops import exact_mlp, triton_swiglu
     from r1mega.ops.batch_invariant import remove_exact_forward
+    from r1mega.rollout import triton_rope_kv
     from r1mega.rollout.engine import RolloutEngine
     from r1mega.rollout.types import GenerationRequest
 
@@ -290,6 +292,13 @@ def test_exact_mlp_calls_fused_swiglu_in_decode_and_training(single_rank_runtime
         return kernel(y)
 
     monkeypatch.setattr(triton_swiglu, "swiglu", counting)
+    rope_calls, rope_kernel = [], triton_rope_kv.rope_kv_write_triton
+
+    def rope_counting(*args, **kwargs):
+        rope_calls.append((phase[0], kwargs.get("exact", False)))
+        return rope_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(triton_rope_kv, "rope_kv_write_triton", rope_counting)
     eng = RolloutEngine(model, _cfg(max_batch_sequences=4, cuda_graphs=False), rt, eos_ids=[],
                         vocab_size=VOCAB)
     assert all(m.activation_func is exact_mlp.exact_swiglu for m in mlps)
@@ -309,6 +318,9 @@ def test_exact_mlp_calls_fused_swiglu_in_decode_and_training(single_rank_runtime
     in_decode = [c for c in calls if c[0] is not None]
     assert steps and len(in_decode) == len(mlps) * len(steps)
     assert all(rows == step_rows and fused for step_rows, rows, fused in in_decode)
+    # The decode's RoPE + KV write: the fused kernel in its eager-rounding variant, every layer.
+    assert eng.runner.fused_rope_kv_enabled
+    assert rope_calls == [(step_rows, True) for step_rows in steps for _ in mlps]
     calls.clear()
     _assert_bitwise(model, outs, PROMPTS, 1.0, list(range(len(outs))))
     assert len(calls) == len(mlps) and all(fused for _, _, fused in calls)
@@ -319,3 +331,25 @@ def test_exact_mlp_calls_fused_swiglu_in_decode_and_training(single_rank_runtime
                                    atol=2e-2 * float(b.float().abs().max()), msg=name)
     remove_exact_forward(model)
     assert all(m.activation_func is F.silu and m.config is model[0].config for m in mlps)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_rope_kv_write_equals_eager_bitwise(dtype):
+    """The fused RoPE + KV write with exact=True (rollout.exact's decode) gives the eager ops'
+    bits on this GPU: q and both caches equal the reference, which rounds each product and the
+    sum as the training forward's RoPE does."""
+    from r1mega.rollout import triton_rope_kv as R
+    from tests.unit.test_rollout_rope_kv_triton import SHAPES, make_inputs
+
+    if not R.HAVE_TRITON:
+        pytest.skip("no triton")
+    # + the 852M shape's decode: 16 q heads over 4 KV groups of 128, 256 rows.
+    for i, shape in enumerate(SHAPES + [(256, 4, 4, 128, 16, False)]):
+        qkv, cos, sin, slots, kc, vc = make_inputs(*shape, dtype, seed=i, device="cuda")
+        kc_got, vc_got = kc.clone(), vc.clone()
+        q_ref = R.rope_kv_write_reference(qkv, cos, sin, slots, kc, vc)
+        q_got = torch.full_like(q_ref, float("nan"))
+        R.rope_kv_write_triton(qkv, cos, sin, slots, kc_got, vc_got, out=q_got, exact=True)
+        for name, got, ref in (("q", q_got, q_ref), ("k_cache", kc_got, kc), ("v_cache", vc_got, vc)):
+            assert torch.equal(got, ref), \
+                f"{shape}: {name} max |diff| {float((got.float() - ref.float()).abs().max()):.3e}"
