@@ -19,6 +19,7 @@ BENCHMARKS = {
     "saved-activations": "r1mega.bench.saved_activations",
     "train-scale": "r1mega.bench.train_scale",
     "rollout-tp": "r1mega.bench.rollout_tp",
+    "exact-swiglu": "r1mega.bench.exact_swiglu",
 }
 
 
