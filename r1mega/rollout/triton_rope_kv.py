@@ -203,7 +203,7 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None,
         BS=bs,
         RTNE_BITS=(exact or interpreting()) and qkv.dtype == torch.bfloat16,
         num_warps=1 if (group + 1) * d <= 512 else 4,
-        enable_fp_fusion=not exact,
+        **({"enable_fp_fusion": False} if exact else {}),  # the default variant: Triton's default
     )
     return q
 
