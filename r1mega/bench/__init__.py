@@ -20,6 +20,7 @@ BENCHMARKS = {
     "train-scale": "r1mega.bench.train_scale",
     "rollout-tp": "r1mega.bench.rollout_tp",
     "decode-attention": "r1mega.bench.decode_attention",
+    "exact-swiglu": "r1mega.bench.exact_swiglu",
 }
 
 

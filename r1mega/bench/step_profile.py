@@ -16,7 +16,7 @@ _KERNEL_KINDS = (
     ("copy / cast", ("copy", "cast", "convert", "fill")),
     ("softmax / loss / reduce", ("softmax", "nll", "cross_entropy", "reduce", "topk", "sort",
                                  "scan", "cumsum", "bincount", "histogram")),
-    ("elementwise", ("elementwise", "vectorized", "silu", "mul", "add")),
+    ("elementwise", ("elementwise", "vectorized", "silu", "swiglu", "mul", "add")),
 )
 
 

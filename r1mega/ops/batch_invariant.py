@@ -20,6 +20,9 @@ no shape-dependent split):
   size. Here they are float64 polynomials made of correctly rounded ``+ - * /`` only, rounded to
   the input dtype: the same bits at any position. CUDA's elementwise kernels already compute
   each element the same way, so on CUDA the native functions run.
+- **SwiGLU on CUDA**: the dense MLPs call fused Triton kernels (r1mega/ops/triton_swiglu.py)
+  instead of megatron's compiled fusion or its five-kernel unfused path
+  (:func:`install_exact_forward` wires them, r1mega/ops/exact_mlp.py).
 
 :class:`ExactNumerics` is a ``TorchFunctionMode`` that routes the model's calls (``matmul``,
 ``F.linear``, ``F.rms_norm``, ``F.silu``, ``torch.cos`` ...) to these while it is active; it is
@@ -384,6 +387,8 @@ def exact_numerics(enabled: bool = True):
 def install_exact_forward(model_chunks) -> None:
     """Every forward of these GPTModels (training, log-prob passes) runs in :func:`exact_numerics`;
     idempotent. The rollout engine calls it, so the policy it generates from trains exactly."""
+    from r1mega.ops.exact_mlp import route_swiglu  # megatron import: not at this module's load
+
     for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
         m = chunk
         while hasattr(m, "module") and not hasattr(m, "decoder"):
@@ -393,9 +398,13 @@ def install_exact_forward(model_chunks) -> None:
         check_exact_supported(m)
         # megatron's GPU fusions of SwiGLU and bias-dropout-add are torch.compile'd: inductor
         # kernels outside this mode. The unfused modules (the CPU path) are read at call time.
+        # On CUDA the MLPs call our fused batch-invariant SwiGLU instead (r1mega/ops/exact_mlp.py).
+        # Bias-dropout-add stays unfused: with no bias and hidden_dropout 0 it is one add
+        # (dropout returns its input), all the compiled fusion would do too.
         saved = (m.config.bias_activation_fusion, m.config.bias_dropout_fusion)
         m.config.bias_activation_fusion = False
         m.config.bias_dropout_fusion = False
+        mlps = route_swiglu(m)
         stack = []
 
         def enter(module, args, kwargs, stack=stack):
@@ -408,11 +417,13 @@ def install_exact_forward(model_chunks) -> None:
 
         hooks = (m.register_forward_pre_hook(enter, with_kwargs=True),
                  m.register_forward_hook(leave, with_kwargs=True, always_call=True))
-        m._r1mega_exact = (hooks, saved)
+        m._r1mega_exact = (hooks, saved, mlps)
 
 
 def remove_exact_forward(model_chunks) -> None:
     """Undo :func:`install_exact_forward` (benchmarks time both modes on one model)."""
+    from r1mega.ops.exact_mlp import restore_swiglu
+
     for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
         m = chunk
         while hasattr(m, "module") and not hasattr(m, "decoder"):
@@ -420,9 +431,10 @@ def remove_exact_forward(model_chunks) -> None:
         state = getattr(m, "_r1mega_exact", None)
         if not state:
             continue
-        hooks, (act, bda) = state
+        hooks, (act, bda), mlps = state
         for h in hooks:
             h.remove()
+        restore_swiglu(mlps)
         m.config.bias_activation_fusion, m.config.bias_dropout_fusion = act, bda
         m._r1mega_exact = None
 

@@ -9,6 +9,7 @@ import torch
 from r1mega.ops.batch_invariant import install_exact_forward
 from r1mega.ops import triton_exact_attention as tea
 from r1mega.ops.exact_attention import exact_cache_attention
+from r1mega.rollout import triton_rope_kv
 from r1mega.rollout.attention import AttentionBatch, gather_slots
 
 
@@ -55,10 +56,12 @@ def exact_runner_attention(q, k_cache, v_cache, batch: Optional[AttentionBatch],
 def enable_exact(engine) -> None:
     """Switch an engine (and the policy model it reads) to exact numerics: the training forward
     of the model runs batch-invariant from now on, and the rollout drops the decode paths whose
-    reduction order is their own (the Triton paged decode kernel, the fused RoPE+KV write, the
-    compiled decode forward: inductor would lower the matmuls to its own kernels)."""
+    reduction order is their own (the Triton paged decode kernel, the compiled decode forward:
+    inductor would lower the matmuls to its own kernels). The fused RoPE + KV write stays where
+    its ``exact=True`` variant rounds as the training forward's eager RoPE does (bf16, fp32)."""
     r = engine.runner
     install_exact_forward(r.model)
     r.decode_kernel_enabled = False
-    r.fused_rope_kv_enabled = False
+    r.fused_rope_kv_enabled = (r.fused_rope_kv_enabled
+                               and triton_rope_kv.exact_rounding_supported(r.param_dtype))
     engine.exact = True

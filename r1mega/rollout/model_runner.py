@@ -279,7 +279,11 @@ class ModelRunner:
                 qkv, _ = attn.get_query_key_value_tensors(h, split_qkv=False)
                 if i == 0:
                     cos_sin = self._rope_cos_sin(freqs, qkv.dtype)
-                q = triton_rope_kv.rope_kv_write_op(qkv, *cos_sin, slots, *self.cache.layer(i))
+                if exact_active():  # rollout.exact: the variant with the eager (training) bits
+                    q = triton_rope_kv.rope_kv_write_triton(qkv, *cos_sin, slots, self.cache.k[i],
+                                                            self.cache.v[i], exact=True)
+                else:
+                    q = triton_rope_kv.rope_kv_write_op(qkv, *cos_sin, slots, *self.cache.layer(i))
                 k = v = None  # in the cache now; decode attention reads them there
             else:
                 q, k, v = attn.get_query_key_value_tensors(h)  # (T, 1, Hq, D), (T, 1, Hkv, D) x2

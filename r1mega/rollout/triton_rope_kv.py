@@ -31,6 +31,12 @@ FP8 cache (r1mega/rollout/kv_cache.py): the kernel quantises the rotated k row a
 nearest, round to nearest even into e4m3) and stores the two scales at the token's slot; the
 rotation and the q output are unchanged.
 
+``rollout.exact`` needs the eager bits (its training forward rotates with the eager ops), so
+its decode launches the kernel with ``exact=True``: bf16 rounding by the integer ops of
+``RTNE_BITS`` (no compiler can drop a rounding written that way) and FP contraction off
+(``enable_fp_fusion=False``), for bf16 and fp32 activations (:func:`exact_rounding_supported`).
+tests/gpu checks that variant against :func:`rope_kv_write_reference` bit for bit.
+
 Interleaved or partial rotary and Qwen3's q/k norms (applied between the split and RoPE) are not
 covered: the runner keeps the unfused path for them.
 
@@ -204,12 +210,22 @@ if HAVE_TRITON:
             tl.store(VC + off + d, v.to(VC.dtype.element_ty))
 
 
+def exact_rounding_supported(dtype: torch.dtype) -> bool:
+    """Activation dtypes whose ``exact=True`` kernel rounds as the eager ops do (fp16 would need
+    its own integer rounding)."""
+    return dtype in (torch.bfloat16, torch.float32)
+
+
 def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_scale=None,
-                         v_scale=None) -> torch.Tensor:
+                         v_scale=None, exact: bool = False) -> torch.Tensor:
     """The Triton kernel; same arguments and result as :func:`rope_kv_write_reference` (``out``:
-    a contiguous (T, Hq, D) tensor for the rotated q, else a new one)."""
+    a contiguous (T, Hq, D) tensor for the rotated q, else a new one). ``exact``: round as the
+    eager reference does, bit for bit (module docstring; bf16 and fp32 only)."""
     if not HAVE_TRITON:
         raise RuntimeError("rope_kv_write_triton needs Triton; use rope_kv_write_reference.")
+    if exact and not exact_rounding_supported(qkv.dtype):
+        raise ValueError(f"rope_kv_write_triton(exact=True) rounds bf16 and fp32 activations, not "
+                         f"{qkv.dtype}; use rope_kv_write_reference for it.")
     t, hkv, group, d = _split(qkv, k_cache)
     if d & (d - 1) or d < 2:
         raise ValueError(f"rope_kv_write_triton needs a power-of-two head_dim, got {d}.")
@@ -246,10 +262,11 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_sca
         ROWS=triton.next_power_of_2(group + 1),
         D=d,
         BS=bs,
-        RTNE_BITS=interpreting() and qkv.dtype == torch.bfloat16,
+        RTNE_BITS=(exact or interpreting()) and qkv.dtype == torch.bfloat16,
         FP8=fp8,
         FP8_MAX=FP8_MAX,
         num_warps=1 if (group + 1) * d <= 512 else 4,
+        **({"enable_fp_fusion": False} if exact else {}),  # the default variant: Triton's default
     )
     return q
 

@@ -235,3 +235,121 @@ def test_grpo_step_exact_on_gpu(single_rank_runtime):
 
     for m in run_step(single_rank_runtime, exact=True):
         assert m["rollout/logprob_max_abs_diff"] == 0.0
+
+
+def test_triton_swiglu_matches_float64_and_is_batch_invariant():
+    """The fused SwiGLU kernels (r1mega/ops/triton_swiglu.py), compiled for this GPU: forward and
+    backward within the dtype's rounding of float64 autograd, output buffers poisoned first; a
+    row's bits alone, in a slice, among other rows and in a strided (s, b, 2F) view; the autograd
+    Function saves only its input. The same checks as the CPU interpreter test, on real shapes."""
+    from r1mega.ops import triton_swiglu
+    from tests.unit.test_triton_swiglu import SHAPES, assert_checks, run_checks
+
+    if not triton_swiglu.HAVE_TRITON:
+        pytest.skip("no triton")
+    shapes = SHAPES + [(700, 5632), (3, 1408), (130, 2816)]  # 852M's F, this file's model's, TP=2
+    assert_checks(run_checks("cuda", shapes), shapes)
+
+
+def test_exact_mlp_calls_fused_swiglu_in_decode_and_training(single_rank_runtime, monkeypatch):
+    """rollout.exact on CUDA: every dense MLP calls the fused kernel, in each eager decode step
+    (one call per layer, one row per sequence) and in the training forward, each decode layer
+    calls the exact variant of the fused RoPE + KV write, and the log-probs stay bitwise equal;
+    the MLP's gradients match the default mode's compiled SwiGLU."""
+    import torch.nn.functional as F
+
+    from r1mega.ops import exact_mlp, triton_swiglu
+    from r1mega.ops.batch_invariant import remove_exact_forward
+    from r1mega.rollout import triton_rope_kv
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    if not triton_swiglu.HAVE_TRITON:
+        pytest.skip("no triton")
+    model, rt = _model(single_rank_runtime)
+    mlps = [layer.mlp for layer in model[0].decoder.layers]
+    assert all(m.activation_func is F.silu and m.config.bias_activation_fusion for m in mlps)
+
+    # The default mode's MLP (megatron's compiled bias_swiglu_impl), forward and backward.
+    x = torch.randn(37, 1, 512, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(37, 1, 512, device="cuda", dtype=torch.bfloat16)
+
+    def mlp_grads(mlp):
+        xi = x.clone().requires_grad_(True)
+        for p in mlp.parameters():
+            p.grad = None
+        out = mlp(xi)[0]
+        out.backward(dout)
+        return [out.detach(), xi.grad] + [p.grad.clone() for p in mlp.parameters()]
+
+    default = mlp_grads(mlps[0])
+
+    calls, phase = [], [None]
+    kernel = triton_swiglu.swiglu
+
+    def counting(y):
+        calls.append((phase[0], y.reshape(-1, y.shape[-1]).shape[0], triton_swiglu.supported(y)))
+        return kernel(y)
+
+    monkeypatch.setattr(triton_swiglu, "swiglu", counting)
+    rope_calls, rope_kernel = [], triton_rope_kv.rope_kv_write_triton
+
+    def rope_counting(*args, **kwargs):
+        rope_calls.append((phase[0], kwargs.get("exact", False)))
+        return rope_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(triton_rope_kv, "rope_kv_write_triton", rope_counting)
+    eng = RolloutEngine(model, _cfg(max_batch_sequences=4, cuda_graphs=False), rt, eos_ids=[],
+                        vocab_size=VOCAB)
+    assert all(m.activation_func is exact_mlp.exact_swiglu for m in mlps)
+    decode, steps = eng._decode, []
+
+    def spy(seqs):
+        phase[0] = len(seqs)
+        steps.append(len(seqs))
+        try:
+            return decode(seqs)
+        finally:
+            phase[0] = None
+
+    eng._decode = spy
+    outs = eng.generate([GenerationRequest(p, n=1, seed=3 + i, max_new_tokens=6)
+                         for i, p in enumerate(PROMPTS[:5])])
+    in_decode = [c for c in calls if c[0] is not None]
+    assert steps and len(in_decode) == len(mlps) * len(steps)
+    assert all(rows == step_rows and fused for step_rows, rows, fused in in_decode)
+    # The decode's RoPE + KV write: the fused kernel in its eager-rounding variant, every layer.
+    assert eng.runner.fused_rope_kv_enabled
+    assert rope_calls == [(step_rows, True) for step_rows in steps for _ in mlps]
+    calls.clear()
+    _assert_bitwise(model, outs, PROMPTS, 1.0, list(range(len(outs))))
+    assert len(calls) == len(mlps) and all(fused for _, _, fused in calls)
+
+    exact = mlp_grads(mlps[0])  # outside the mode: only the activation differs from default
+    for name, a, b in zip(["out", "d_x"] + [n for n, _ in mlps[0].named_parameters()], exact, default):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2,
+                                   atol=2e-2 * float(b.float().abs().max()), msg=name)
+    remove_exact_forward(model)
+    assert all(m.activation_func is F.silu and m.config is model[0].config for m in mlps)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_rope_kv_write_equals_eager_bitwise(dtype):
+    """The fused RoPE + KV write with exact=True (rollout.exact's decode) gives the eager ops'
+    bits on this GPU: q and both caches equal the reference, which rounds each product and the
+    sum as the training forward's RoPE does."""
+    from r1mega.rollout import triton_rope_kv as R
+    from tests.unit.test_rollout_rope_kv_triton import SHAPES, make_inputs
+
+    if not R.HAVE_TRITON:
+        pytest.skip("no triton")
+    # + the 852M shape's decode: 16 q heads over 4 KV groups of 128, 256 rows.
+    for i, shape in enumerate(SHAPES + [(256, 4, 4, 128, 16, False)]):
+        qkv, cos, sin, slots, kc, vc = make_inputs(*shape, dtype, seed=i, device="cuda")
+        kc_got, vc_got = kc.clone(), vc.clone()
+        q_ref = R.rope_kv_write_reference(qkv, cos, sin, slots, kc, vc)
+        q_got = torch.full_like(q_ref, float("nan"))
+        R.rope_kv_write_triton(qkv, cos, sin, slots, kc_got, vc_got, out=q_got, exact=True)
+        for name, got, ref in (("q", q_got, q_ref), ("k_cache", kc_got, kc), ("v_cache", vc_got, vc)):
+            assert torch.equal(got, ref), \
+                f"{shape}: {name} max |diff| {float((got.float() - ref.float()).abs().max()):.3e}"

@@ -38,3 +38,18 @@ def test_train_step_bench_exact_smoke():
     res = run_bench("r1mega.bench.train_step", "--exact", "--skip-hf")
     assert res["exact_vs_default"] > 0
     assert any(k.endswith(",exact]") for k in res["impls"])
+
+
+def test_exact_swiglu_bench_smoke(capsys):
+    """`r1mega bench exact-swiglu --smoke`: both CPU rows timed, the JSON line last, and the two
+    paths agree with the float64 value to within bf16 rounding of the largest output."""
+    from r1mega.bench import exact_swiglu
+
+    assert exact_swiglu.main(["--smoke"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bench"] == "exact-swiglu" and res["device"] == "cpu"
+    assert set(res["impls"]) == {"r1mega fused", "megatron unfused"}
+    for row in res["impls"].values():
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["fwd_x_floor"] > 0
+        assert row["max_abs_diff_vs_float64"] < 0.5  # |out| < 128 here: half a bf16 ulp <= 0.25
+    assert res["speedup_vs_unfused_fwd_bwd"] > 0

@@ -135,3 +135,68 @@ def test_graph_step_code_bitwise_equal_training(tiny):
     outs = eng.generate([GenerationRequest(p, n=2, seed=9 + i) for i, p in enumerate(PROMPTS[:3])])
     assert eng.graphs is not None
     assert_bitwise(model, outs, PROMPTS, 1.0)
+
+
+def test_decode_steps_call_the_exact_swiglu(tiny, monkeypatch):
+    """With the fused SwiGLU wired into the MLPs (on CPU: the device check forced, the reference
+    standing in for the kernel), each decode step's layers call it, once per layer with one row
+    per sequence, and the training forward calls the same function; the log-probs stay bitwise
+    equal. (On CUDA the wiring is on by itself: tests/gpu/test_exact_gpu.py.)"""
+    from r1mega.ops import exact_mlp, triton_swiglu
+
+    monkeypatch.setattr(exact_mlp, "fused_swiglu_wanted", lambda device: True)
+    calls, phase = [], [None]
+
+    def counting(y):
+        calls.append((phase[0], y.reshape(-1, y.shape[-1]).shape[0]))
+        return triton_swiglu.swiglu_reference(y)
+
+    monkeypatch.setattr(triton_swiglu, "swiglu", counting)
+    model, rt = tiny()
+    eng = RolloutEngine(model, exact_cfg(max_batch_sequences=3), rt, eos_ids=[], vocab_size=VOCAB)
+    decode, steps = eng._decode, []
+
+    def spy(seqs):
+        phase[0] = len(seqs)  # this decode step's rows
+        steps.append(len(seqs))
+        try:
+            return decode(seqs)
+        finally:
+            phase[0] = None
+
+    eng._decode = spy
+    outs = eng.generate([GenerationRequest(p, n=1, seed=5 + i, max_new_tokens=5)
+                         for i, p in enumerate(PROMPTS[:4])])
+    layers = len(model[0].decoder.layers)
+    in_decode = [c for c in calls if c[0] is not None]
+    assert steps and len(in_decode) == layers * len(steps)
+    assert all(rows == step_rows for step_rows, rows in in_decode)
+    calls.clear()
+    assert_bitwise(model, outs, PROMPTS, 1.0)
+    assert len(calls) == layers  # the packed training forward: one call per layer
+
+
+def test_decode_steps_use_the_exact_fused_rope(tiny, monkeypatch):
+    """On CUDA the exact decode keeps the fused RoPE + KV write, in its ``exact=True`` variant
+    (eager rounding). Here that path is forced on CPU with the eager reference standing in for
+    the kernel: each decode step's layers call it with exact=True and the log-probs stay bitwise
+    equal to training. (The kernel's own bits: the interpreter test and tests/gpu.)"""
+    from r1mega.rollout import triton_rope_kv
+
+    calls = []
+
+    def stand_in(qkv, cos, sin, slots, k_cache, v_cache, out=None, exact=False):
+        calls.append(exact)
+        return triton_rope_kv.rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache)
+
+    monkeypatch.setattr(triton_rope_kv, "rope_kv_write_triton", stand_in)
+    model, rt = tiny()
+    eng = RolloutEngine(model, exact_cfg(max_batch_sequences=3), rt, eos_ids=[], vocab_size=VOCAB)
+    assert eng.runner.fused_rope_kv_supported()
+    eng.runner.fused_rope_kv_enabled = True  # what enable_exact keeps on CUDA for fp32 and bf16
+    eng.use_triton = True  # decode from device tensors (block tables), as on CUDA
+    outs = eng.generate([GenerationRequest(p, n=1, seed=2 + i, max_new_tokens=5)
+                         for i, p in enumerate(PROMPTS[:4])])
+    assert calls and all(calls)
+    assert len(calls) % len(model[0].decoder.layers) == 0
+    assert_bitwise(model, outs, PROMPTS, 1.0)

@@ -69,13 +69,15 @@ def _interpreted(rank, world, shapes, dtypes):
     out = []
     for i, shape in enumerate(shapes):
         for dtype_name in dtypes:
-            qkv, cos, sin, slots, kc, vc = make_inputs(*shape, getattr(torch, dtype_name), seed=i)
-            kc0, vc0 = kc.clone(), vc.clone()
-            q_ref = R.rope_kv_write_reference(qkv, cos, sin, slots, kc, vc)
-            kc_got, vc_got = kc0.clone(), vc0.clone()
-            q_got = torch.full_like(q_ref, float("nan"))  # poisoned: every row must be written
-            R.rope_kv_write_triton(qkv, cos, sin, slots, kc_got, vc_got, out=q_got)
-            out.append(((shape, dtype_name), slots, (q_ref, kc, vc), (q_got, kc_got, vc_got), (kc0, vc0)))
+            for exact in (False, True) if R.exact_rounding_supported(getattr(torch, dtype_name)) else (False,):
+                qkv, cos, sin, slots, kc, vc = make_inputs(*shape, getattr(torch, dtype_name), seed=i)
+                kc0, vc0 = kc.clone(), vc.clone()
+                q_ref = R.rope_kv_write_reference(qkv, cos, sin, slots, kc, vc)
+                kc_got, vc_got = kc0.clone(), vc0.clone()
+                q_got = torch.full_like(q_ref, float("nan"))  # poisoned: every row must be written
+                R.rope_kv_write_triton(qkv, cos, sin, slots, kc_got, vc_got, out=q_got, exact=exact)
+                out.append(((shape, dtype_name, exact), slots, (q_ref, kc, vc), (q_got, kc_got, vc_got),
+                            (kc0, vc0)))
     return out
 
 
@@ -83,7 +85,8 @@ def _interpreted(rank, world, shapes, dtypes):
 def test_fused_rope_kv_write_matches_reference_under_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned process
     (results,) = run_ranks(_interpreted, 1, args=(SHAPES, DTYPES), timeout_s=300)
-    assert len(results) == len(SHAPES) * len(DTYPES)
+    # Each shape in each dtype, and again with exact=True (rollout.exact's variant) in bf16 and fp32.
+    assert len(results) == len(SHAPES) * (len(DTYPES) + 2)
     for case, slots, ref, got, before in results:
         # Bit for bit in every dtype: the kernel rounds as the eager ops do (module docstring).
         for name, r, g in zip(("q", "k_cache", "v_cache"), ref, got):
