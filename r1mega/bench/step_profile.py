@@ -37,6 +37,47 @@ def kernel_breakdown(events) -> dict:
     return out
 
 
+def device_idle_gaps(events, min_gap_us: float = 20.0, top: int = 8) -> dict:
+    """Where the device waits for the host within one profiled step: the gaps between CUDA
+    kernels (``events``: the profiler's FunctionEvents, µs clock shared by host and device) of at
+    least ``min_gap_us``, with the host ops open when the kernel after each gap started (the
+    host was still launching it: the innermost names, outermost first).
+
+    -> {"busy_ms", "idle_ms", "gaps": [(gap_ms, "outer > ... > inner"), ...] largest first}."""
+    from torch.autograd import DeviceType
+
+    kernels, host = [], []
+    for e in events:
+        if getattr(e, "is_user_annotation", False) and e.device_type != DeviceType.CPU:
+            continue
+        r = (e.time_range.start, e.time_range.end)
+        (kernels if e.device_type == DeviceType.CUDA else host).append((r, e.name))
+    if not kernels:
+        return {"busy_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    kernels.sort()
+    busy = idle = 0.0
+    gaps = []
+    (cur_start, cur_end), _ = kernels[0]
+    for (start, end), _ in kernels[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gap = start - cur_end
+            idle += gap
+            if gap >= min_gap_us:
+                gaps.append((gap, start))
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    gaps.sort(reverse=True)
+    out = []
+    for gap, t in gaps[:top]:
+        open_ops = sorted((r for r in host if r[0][0] <= t <= r[0][1]), key=lambda r: r[0][0])
+        names = [n for _, n in open_ops if not n.startswith(("cuda", "cuLaunch"))]
+        out.append((gap / 1e3, " > ".join(names[:2] + (["..."] if len(names) > 4 else []) + names[2:][-2:])))
+    return {"busy_ms": busy / 1e3, "idle_ms": idle / 1e3, "gaps": out}
+
+
 class OptimizerClock:
     """Device time of the optimizer part of each step (clip, Adam, weight copies), from CUDA
     events around it: recording an event does not wait, so the timed loop stays sync-free. The

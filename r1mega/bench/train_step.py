@@ -41,7 +41,7 @@ import torch
 
 from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, total_parameters
 from r1mega.bench.shapes import SHAPES, get_shape
-from r1mega.bench.step_profile import OptimizerClock, kernel_breakdown
+from r1mega.bench.step_profile import device_idle_gaps, OptimizerClock, kernel_breakdown
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
 DEFAULT_SEQS = {"qwen3-moe-small": 4}
@@ -105,6 +105,9 @@ def _profile_step(step_fn, label: str) -> None:
     """Top device kernels of one step (``--profile``): where the milliseconds go."""
     from torch.profiler import ProfilerActivity, profile
 
+    # Two steps queued back to back, the second recorded: a step started from an idle device
+    # shows the host's launch latency as idle time that a training loop never sees.
+    step_fn()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step_fn()
         torch.cuda.synchronize()
@@ -126,6 +129,15 @@ def _profile_step(step_fn, label: str) -> None:
             print(f"  {kind:<26}{ms:>10.2f} ms{ms / total:>8.1%}")
     print(f"  {'total':<26}{kinds['total']:>10.2f} ms")
     _PROFILE["breakdowns"][label] = kinds
+    try:
+        gaps = device_idle_gaps(prof.events())
+    except Exception as exc:  # a diagnostic only
+        print(f"---- profile: {label}: no idle-gap analysis ({type(exc).__name__}: {exc})")
+        return
+    print(f"---- profile: {label}, device busy {gaps['busy_ms']:.2f} ms, idle between kernels "
+          f"{gaps['idle_ms']:.2f} ms; largest gaps and the host ops open when the next kernel started:")
+    for ms, where in gaps["gaps"]:
+        print(f"  {ms:>8.3f} ms  {where}")
 
 
 def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
