@@ -262,6 +262,22 @@ class MoELayer(MegatronModule):
                 self.expert_load_accum += R.expert_load(idx, self.settings.num_experts)
             if self.collector is not None and self.collector.enabled:
                 self._balance_losses(logits, idx, seq, batch, padding_mask)
+        if torch.is_grad_enabled() and torch.compiler.is_compiling():
+            # Compiled, the partitioner would keep the permuted rows for backward (k copies of
+            # x: 3.2 GB on the qwen3-moe-small benchmark) that rebuild_when_saved's hooks gather
+            # again; dynamo cannot trace those hooks, so a training forward runs this part
+            # eagerly. Forward-only passes (log-probs, compiled or graph-captured decode) trace
+            # the whole layer as one graph.
+            out = self._routed_eager(x, idx, w)
+        else:
+            out = self._routed(x, idx, w)
+        out = out.to(x.dtype)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return out.view(seq, batch, hidden)
+
+    def _routed(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (T, H), top-k indices and weights (T, k) -> (T, H): dispatch, experts, combine."""
         rows, counts, ctx = self.dispatcher.dispatch(x, idx, w)                 # (N, H)
         if isinstance(self.dispatcher, LocalDispatcher):
             # The routing metadata already holds the offsets: no cumsum kernels per layer.
@@ -275,11 +291,11 @@ class MoELayer(MegatronModule):
         else:
             groups = ExpertGroups.from_counts(counts, rows.device)
             routed = self.experts(rows, groups)
-        out = self.dispatcher.combine(routed, ctx)                               # (T, H)
-        out = out.to(x.dtype)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
-        return out.view(seq, batch, hidden)
+        return self.dispatcher.combine(routed, ctx)                              # (T, H)
+
+    @torch.compiler.disable
+    def _routed_eager(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._routed(x, idx, w)
 
 
 def num_active_parameters(settings: MoESettings, hidden: int) -> int:
