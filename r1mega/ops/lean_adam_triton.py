@@ -40,13 +40,7 @@ _MASTER_CODE = {"fp32": 0, "bf16_remainder": 1, "bf16_stochastic": 2}
 
 
 def available() -> bool:
-    return HAVE_TRITON and (torch.cuda.is_available() or _interpreting())
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+    return HAVE_TRITON and torch.cuda.is_available()
 
 
 if HAVE_TRITON:
@@ -59,45 +53,16 @@ if HAVE_TRITON:
         return tl.where(finite, hi, x.to(tl.bfloat16).to(tl.int16, bitcast=True))
 
     @triton.jit
-    def _lean_adamw_kernel(table_ptr, starts_ptr, step_ptr, scal_ptr, gs_ptr, fi_ptr,
-                           decay, w1, beta2, c2, eps,
-                           SEARCH_STEPS: tl.constexpr,
-                           MASTER: tl.constexpr, BF16_MOMENTS: tl.constexpr, BF16_GRADS: tl.constexpr,
+    def _lean_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, step_ptr, scal_ptr, gs_ptr, fi_ptr,
+                           n, decay, w1, beta2, c2, eps, seed_lo,
+                           MASTER: tl.constexpr, BF16_MOMENTS: tl.constexpr,
                            HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
                            HAS_DECAY: tl.constexpr, SMALL_W1: tl.constexpr,
                            NEED_NOISE: tl.constexpr, LERP_FMA: tl.constexpr,
                            ADDCMUL: tl.constexpr, ADDCDIV: tl.constexpr,
                            DIV_RECIP: tl.constexpr, BLOCK: tl.constexpr):
-        # Every tensor of the launch is cut into BLOCK-element blocks; starts_ptr holds each
-        # tensor's first program id (T + 1 entries). Program -> (tensor, block) by bisection.
         pid = tl.program_id(0)
-        lo = 0
-        hi = 1 << SEARCH_STEPS   # starts is padded to 2**SEARCH_STEPS + 1 entries with the total
-        for _ in tl.static_range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            go = tl.load(starts_ptr + mid) <= pid
-            lo = tl.where(go, mid, lo)
-            hi = tl.where(go, hi, mid)
-        blk = pid - tl.load(starts_ptr + lo)
-        row = table_ptr + lo.to(tl.int64) * 7   # [param, grad, exp_avg, exp_avg_sq, remainder, n, seed]
-        if MASTER == 0:
-            p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
-        else:
-            p_ptr = tl.load(row + 0).to(tl.pointer_type(tl.int16))
-        if BF16_GRADS:
-            g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.bfloat16))
-        else:
-            g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-        if BF16_MOMENTS:
-            m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.bfloat16))
-            v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.bfloat16))
-        else:
-            m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-            v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-        r_ptr = tl.load(row + 4).to(tl.pointer_type(tl.int16))
-        n = tl.load(row + 5)
-        seed_lo = tl.load(row + 6)
-        offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         if HAS_INF:  # a skipped step: every element masked off, nothing read or written
             n = tl.where(tl.load(fi_ptr) == 0, n, 0)
         mask = offs < n
@@ -158,7 +123,7 @@ if HAVE_TRITON:
             # One Philox draw (four 32-bit words) serves four elements, 16 bits for the weight and
             # 16 for exp_avg_sq each: the draw costs more integer work than the rest of the update.
             step_i = tl.load(step_ptr).to(tl.int64)
-            draw = (blk.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int32)
+            draw = (pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int32)
             r0, r1, r2, r3 = tl.randint4x((step_i << 32) + seed_lo, draw)
             words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK,))
             noise_p = (words & 0xFFFF).to(tl.int32)
@@ -171,7 +136,7 @@ if HAVE_TRITON:
         elif MASTER == 2:
             tl.store(p_ptr + offs, _sr_bf16_bits(p, noise_p), mask=mask)
         else:
-            tl.store(p_ptr + offs, p, mask=mask)
+            tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
         if BF16_MOMENTS:  # exp_avg to nearest, exp_avg_sq stochastically (lean_adam_math.store_moments)
             tl.store(m_ptr + offs, m.to(tl.bfloat16), mask=mask)
             tl.store(v_ptr + offs, _sr_bf16_bits(v, noise_v).to(tl.bfloat16, bitcast=True), mask=mask)
@@ -230,41 +195,15 @@ def torch_cuda_rounding(device) -> dict:
     return rounding
 
 
-class _Launch:
-    """One kernel launch's device tables for a fixed list of tensors: rows of raw addresses
-    [param, grad, exp_avg, exp_avg_sq, remainder, numel, seed] and each tensor's first program id.
-    Built once and reused while every address is unchanged (megatron's parameter and gradient
-    buffers do not move), so a step costs one launch per kind of tensor, not one per tensor."""
-
-    def __init__(self, rows: list, device):
-        starts = [0]
-        for r in rows:
-            starts.append(starts[-1] + triton.cdiv(r[5], BLOCK))
-        self.programs = starts[-1]
-        self.search_steps = max(1, (len(rows) - 1).bit_length())
-        starts += [self.programs] * ((1 << self.search_steps) + 1 - len(starts))
-        self.table = torch.tensor(rows, dtype=torch.int64).to(device)
-        self.starts = torch.tensor(starts, dtype=torch.int32).to(device)
-
-
-_LAUNCHES: dict = {}
-
-
-def _launch_for(key: tuple, rows_fn, device) -> "_Launch":
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        if len(_LAUNCHES) > 64:  # parameters re-created (tests, reloads): drop the stale tables
-            _LAUNCHES.clear()
-        launch = _LAUNCHES[key] = _Launch(rows_fn(), device)
-    return launch
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
                     seeds: list) -> None:
     """The update of ``params`` (already stepped counters in ``states``; ``modes[i]`` the
-    master mode of params[i], see LeanAdamW.mode_of), one launch per kind of tensor (master
-    mode, gradient and moment dtypes) over all tensors of that kind.
+    master mode of params[i], see LeanAdamW.mode_of), one launch each.
 
     All counters of a group advance together, so the first one's bias corrections serve all."""
     if not available():
@@ -273,54 +212,24 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
     rounding = torch_cuda_rounding(params[0].device)
     w1, beta2 = 1 - h.beta1, h.beta2
     decay = 1 - h.lr * h.weight_decay
-    kinds: dict = {}
-    for i, p in enumerate(params):
-        if p.numel() == 0:
-            continue
-        st = states[i]
-        kinds.setdefault((modes[i], p.grad.dtype, st["exp_avg"].dtype), []).append(i)
-    for (master_weights, grad_dtype, moments_dtype), idx in kinds.items():
-        members = [(params[i], states[i], seeds[i]) for i in idx]
-        if (grad_dtype not in (torch.bfloat16, torch.float32)
-                or moments_dtype not in (torch.bfloat16, torch.float32)
-                or any(p.dtype != (torch.float32 if master_weights == "fp32" else torch.bfloat16)
-                       for p, _, _ in members)):
-            raise ValueError(f"lean AdamW kernel: {master_weights} master with {grad_dtype} "
-                             f"gradients and {moments_dtype} moments is not a supported kind")
-        key = tuple((p.data_ptr(), p.grad.data_ptr(), st["exp_avg"].data_ptr(),
-                     st["exp_avg_sq"].data_ptr(),
-                     st["remainder"].data_ptr() if "remainder" in st else 0, p.numel(), seed)
-                    for p, st, seed in members)
-
-        def rows(members=members, master_weights=master_weights):
-            out = []
-            for p, st, seed in members:
-                for name, t in (("param", p), ("grad", p.grad), ("exp_avg", st["exp_avg"]),
-                                ("exp_avg_sq", st["exp_avg_sq"])):
-                    if not t.is_contiguous():
-                        raise ValueError(f"lean AdamW kernel: {name} of shape {tuple(t.shape)} is "
-                                         f"not contiguous")
-                rem = st.get("remainder")
-                if (master_weights == "bf16_remainder") != (rem is not None):
-                    raise ValueError("lean AdamW kernel: a remainder exists exactly in "
-                                     "bf16_remainder mode")
-                out.append([p.data_ptr(), p.grad.data_ptr(), st["exp_avg"].data_ptr(),
-                            st["exp_avg_sq"].data_ptr(), rem.data_ptr() if rem is not None else 0,
-                            p.numel(), seed % (2 ** 31)])
-            return out
-
-        launch = _launch_for(key, rows, params[0].device)
-        _lean_adamw_kernel[(launch.programs,)](
-            launch.table, launch.starts, states[idx[0]]["step"], scal,
+    for p, st, master_weights, seed in zip(params, states, modes, seeds):
+        for name, t in (("param", p), ("grad", p.grad), ("exp_avg", st["exp_avg"]),
+                        ("exp_avg_sq", st["exp_avg_sq"])):
+            if not t.is_contiguous():
+                raise ValueError(f"lean AdamW kernel: {name} of shape {tuple(t.shape)} is not "
+                                 f"contiguous")
+        rem = st.get("remainder")
+        n = p.numel()
+        _lean_adamw_kernel[(triton.cdiv(n, BLOCK),)](
+            _bits(p.data), p.grad, st["exp_avg"], st["exp_avg_sq"],
+            rem if rem is not None else st["exp_avg"], st["step"], scal,
             grad_scale if grad_scale is not None else scal,
             found_inf if found_inf is not None else scal,
-            decay, w1, beta2, 1 - beta2, h.eps,
-            SEARCH_STEPS=launch.search_steps,
+            n, decay, w1, beta2, 1 - beta2, h.eps, seed % (2 ** 31),
             MASTER=_MASTER_CODE[master_weights],
-            BF16_MOMENTS=moments_dtype == torch.bfloat16,
-            BF16_GRADS=grad_dtype == torch.bfloat16,
+            BF16_MOMENTS=st["exp_avg"].dtype == torch.bfloat16,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             HAS_DECAY=h.weight_decay != 0, SMALL_W1=w1 < 0.5,
-            NEED_NOISE=master_weights == "bf16_stochastic" or moments_dtype == torch.bfloat16,
+            NEED_NOISE=master_weights == "bf16_stochastic" or st["exp_avg"].dtype == torch.bfloat16,
             BLOCK=BLOCK, **rounding,
             num_warps=NUM_WARPS, enable_fp_fusion=False)

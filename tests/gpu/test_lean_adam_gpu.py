@@ -153,30 +153,3 @@ def test_optimizer_on_cuda_matches_cpu_reference_loop():
     assert opt.state[p]["step"].item() == step == 4
     assert torch.equal(join_master(p.data, opt.state[p]["remainder"]),
                        join_master(ref["param"], ref["remainder"]))
-
-
-@pytest.mark.parametrize("mode,moments", [("bf16_remainder", torch.float32),
-                                          ("bf16_stochastic", torch.bfloat16)])
-def test_one_launch_over_many_tensors_equals_one_launch_each(mode, moments):
-    """The multi-tensor launch (tables of addresses, program -> tensor by bisection) writes each
-    tensor bit for bit as a launch over that tensor alone, stochastic rounding included (the
-    Philox counters are per tensor and block), for sizes around the block and mixed kinds."""
-    from r1mega.ops.lean_adam_triton import lean_adamw_cuda
-    from tests.unit.test_lean_adam_multi_tensor import _clone, _tensors
-
-    items = [(torch.nn.Parameter(p.detach().cuda()), {k: v.cuda() for k, v in st.items()}, m)
-             for p, st, m in _tensors(0, mode, moments)]
-    for (p, _, _), (q, _, _) in zip(items, _tensors(0, mode, moments)):
-        p.grad = q.grad.cuda()
-    alone, together = _clone(items), _clone(items)
-    seeds = [11 * i + 5 for i in range(len(items))]
-    for (p, st, m), seed in zip(alone, seeds):
-        lean_adamw_cuda([p], [st], _hyper(), [m], grad_scale=None, found_inf=None, seeds=[seed])
-    lean_adamw_cuda([p for p, _, _ in together], [st for _, st, _ in together], _hyper(),
-                    [m for _, _, m in together], grad_scale=None, found_inf=None, seeds=seeds)
-    torch.cuda.synchronize()
-    for (a, sa, _), (b, sb, _), (p0, _, _) in zip(alone, together, items):
-        assert torch.equal(a.data.view(-1), b.data.view(-1))
-        assert not torch.equal(a.data, p0.data)
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), k
