@@ -13,7 +13,7 @@ unfused path: ``chunk``, ``silu``, ``+ offset``, ``mul`` forward and autograd's 
 Each output element is a fixed formula of its own inputs: the program grid (rows x column
 blocks) decides which program computes an element, never how. So a token's bits are the same
 in a one-row decode step and in a packed training micro-batch, and the rollout and the trainer
-share the kernel through the same MLP modules (r1mega/ops/batch_invariant.py wires it). FP
+share the kernel through the same MLP modules (r1mega/ops/exact_mlp.py wires it). FP
 contraction is off (``enable_fp_fusion=False``) and the one division is ``div_rn``, so the
 compiler cannot change the rounding between builds of the two sides; ``tl.exp`` is the
 hardware approximation, the same instruction wherever this kernel runs.

@@ -204,7 +204,8 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values. slots (T,), k/v (T, kv_heads, head_dim)."""
-        cache_write(*self.layer(layer)[:2], slots, k, v, *self.layer(layer)[2:])
+        kc, vc, *scales = self.layer(layer)  # scales: (k_scale, v_scale) of an FP8 cache
+        cache_write(kc, vc, slots, k, v, *scales)
 
     def copy_blocks(self, pairs) -> None:
         """Copy-on-write of many blocks at once: (src, dst) pairs, destinations distinct and not
