@@ -21,6 +21,7 @@ BENCHMARKS = {
     "rollout-tp": "r1mega.bench.rollout_tp",
     "decode-attention": "r1mega.bench.decode_attention",
     "exact-swiglu": "r1mega.bench.exact_swiglu",
+    "exact-gemm": "r1mega.bench.exact_gemm",
 }
 
 

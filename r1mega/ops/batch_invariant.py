@@ -188,7 +188,7 @@ def _cuda_gemm_mode() -> tuple[str, int]:
     """R1MEGA_EXACT_GEMM: "triton" (default: the fixed-tile Triton GEMM) or "cublas:R" (cuBLAS
     on blocks of exactly R rows, the last one zero-padded: every call has one shape, so cuBLAS
     picks one kernel and a row's bits do not depend on the batch). Process-wide, so the rollout
-    and the trainer of a run agree; tools/exact_gemm_sweep.py times and checks both."""
+    and the trainer of a run agree; ``r1mega bench exact-gemm`` times the Triton tile configurations."""
     spec = os.environ.get("R1MEGA_EXACT_GEMM", "triton")
     if os.environ.get("R1MEGA_EXACT_TRITON", "1") == "0":
         return "cublas", ROW_BLOCK

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from r1mega.ops.batch_invariant import install_exact_forward
+from r1mega.ops import triton_batch_invariant as tbi
 from r1mega.ops import triton_exact_attention as tea
 from r1mega.ops.exact_attention import exact_cache_attention
 from r1mega.rollout import triton_rope_kv
@@ -61,6 +62,8 @@ def enable_exact(engine) -> None:
     its ``exact=True`` variant rounds as the training forward's eager RoPE does (bf16, fp32)."""
     r = engine.runner
     install_exact_forward(r.model)
+    if r.device.type == "cuda" and tbi.HAVE_TRITON:
+        tbi.small_tiles_usable(r.device)  # now, eagerly: a check inside graph capture cannot run
     r.decode_kernel_enabled = False
     r.fused_rope_kv_enabled = (r.fused_rope_kv_enabled
                                and triton_rope_kv.exact_rounding_supported(r.param_dtype))

@@ -38,6 +38,26 @@ def test_triton_gemm_matches_mm_and_is_batch_invariant(dtype, k, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_small_m_tiles_give_the_large_m_tiles_bits(dtype):
+    """Decode-sized calls use other output tiles than training's; on this GPU that must change no
+    bit at the model's shapes (ragged ones too), and the device check must agree."""
+    from r1mega.ops import triton_batch_invariant as tbi
+
+    if not tbi.HAVE_TRITON or tbi.SMALL is None:
+        pytest.skip("no triton, or no small-M tiles configured")
+    torch.manual_seed(0)
+    for k, n in [(2048, 3072), (2048, 11264), (5632, 2048), (2048, 32000), (576, 1000), (64, 200)]:
+        w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
+        for m in (1, 37, 256, 1024):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            assert torch.equal(tbi.matmul(x, w.t(), tiles=tbi.SMALL),
+                               tbi.matmul(x, w.t(), tiles=tbi.LARGE)), (k, n, m)
+    assert tbi.small_tiles_usable(torch.device("cuda"))
+    assert tbi.tiles_for(256, torch.device("cuda")) == tbi.SMALL
+    assert tbi.tiles_for(tbi.SMALL_M_MAX + 1, torch.device("cuda")) == tbi.LARGE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [2048, 896, 7168])
 def test_triton_rms_norm_matches_and_is_batch_invariant(dtype, n):
     import torch.nn.functional as F

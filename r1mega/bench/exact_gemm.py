@@ -1,0 +1,99 @@
+"""`r1mega bench exact-gemm`: the exact mode's batch-invariant GEMM, tile configurations side by side.
+
+For every candidate tile configuration "BM,BN,BK,WARPS,STAGES" of the Triton GEMM
+(r1mega/ops/triton_batch_invariant.py) and every row count M of ``--rows`` it times the forward
+GEMMs of one 852M layer stack (qkv, fc1, fc2, proj, 16 each, and the output layer), beside
+cuBLAS (``torch.mm``, the default mode's GEMM, not batch-invariant) in the same run, and checks
+each candidate's bits against the reference configuration's on the same inputs. A candidate whose
+bits equal the reference's at every shape and M computes every output element the same way, so
+it may serve some row counts while the reference (or another equal one) serves others without
+breaking batch invariance. The last line names the fastest bit-equal candidate at the smallest
+and at the largest M.
+
+``--smoke``: tiny shapes under the Triton interpreter or with cuBLAS-free torch on CPU (the
+harness and the JSON line, not the numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from r1mega.bench.timing import median_ms
+
+REFERENCE = "128,128,64,8,3"
+CANDIDATES = [REFERENCE, "128,256,64,8,3", "256,128,64,8,3", "128,128,128,8,3", "128,64,64,4,4",
+              "64,128,64,4,4", "64,64,64,4,4", "64,32,64,4,4", "64,64,128,4,3", "64,128,64,4,3"]
+# (K, N) of the 852M layer's GEMMs (qkv, fc1, fc2, proj) and the output layer; calls per forward
+SHAPES = [(2048, 3072), (2048, 11264), (5632, 2048), (2048, 2048), (2048, 32000)]
+CALLS = [16, 16, 16, 16, 1]
+
+
+def _run(tiles: str, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from r1mega.ops import triton_batch_invariant as tbi
+
+    return tbi.matmul(a, w.t(), tiles=tbi.parse_tiles(tiles))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="r1mega bench exact-gemm", description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="256,1024,4096,16384", help="comma list of M")
+    ap.add_argument("--tiles", default=";".join(CANDIDATES),
+                    help="candidates 'BM,BN,BK,W,S;...'; the first is the reference")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU harness check)")
+    args = ap.parse_args(argv)
+    from r1mega.ops import triton_batch_invariant as tbi
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        print("exact-gemm needs CUDA (or --smoke)", file=sys.stderr)
+        return 2
+    if not tbi.HAVE_TRITON:
+        print("exact-gemm needs Triton", file=sys.stderr)
+        return 2
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes, ms = (SHAPES, [int(x) for x in args.rows.split(",")]) if not args.smoke else \
+        ([(40, 24), (72, 16)], [3, 17])
+    cands = [c.strip() for c in args.tiles.split(";") if c.strip()]
+    gen = torch.Generator(device=device).manual_seed(0)
+    ws = [torch.randn(n, k, device=device, dtype=dtype, generator=gen) / k ** 0.5 for k, n in shapes]
+    xs = {m: [torch.randn(m, k, device=device, dtype=dtype, generator=gen) for k, _ in shapes] for m in ms}
+    ref = {m: [_run(cands[0], x, w) for x, w in zip(xs[m], ws)] for m in ms}
+    reps, warm = (args.reps, 2) if cuda else (1, 0)
+
+    def total_ms(fn, m):
+        return sum(c * median_ms(lambda x=x, w=w: fn(x, w), reps, warm, cuda)
+                   for x, w, c in zip(xs[m], ws, CALLS[:len(shapes)]))
+
+    rows = {"torch.mm": {"ms": {m: total_ms(lambda x, w: x @ w.t(), m) for m in ms},
+                         "bit_equal": None}}
+    print(f"{'candidate':<20}" + "".join(f"{'M=' + str(m):>12}" for m in ms) + "   bits = reference")
+    for cand in ["torch.mm"] + cands:
+        if cand != "torch.mm":
+            try:
+                equal = all(torch.equal(_run(cand, x, w), r)
+                            for m in ms for x, w, r in zip(xs[m], ws, ref[m]))
+                rows[cand] = {"ms": {m: total_ms(lambda x, w, c=cand: _run(c, x, w), m) for m in ms},
+                              "bit_equal": equal}
+            except Exception as exc:  # a configuration the compiler refuses: reported, not fatal
+                rows[cand] = {"ms": {}, "bit_equal": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
+        r = rows[cand]
+        print(f"{cand:<20}" + "".join(f"{r['ms'].get(m, float('nan')):>12.3f}" for m in ms)
+              + f"   {r['bit_equal']}" + (f"  {r['error']}" if "error" in r else ""), flush=True)
+    equal = {c: r for c, r in rows.items() if r["bit_equal"]}
+    best = {m: min(equal, key=lambda c: equal[c]["ms"][m]) for m in (ms[0], ms[-1])}
+    out = {"rows": {c: {"ms": {str(m): v for m, v in r["ms"].items()}, "bit_equal": r["bit_equal"],
+                        **({"error": r["error"]} if "error" in r else {})} for c, r in rows.items()},
+           "reference": cands[0], "best_small_m": best[ms[0]], "best_large_m": best[ms[-1]],
+           "all_bit_equal": all(r["bit_equal"] for c, r in rows.items() if c != "torch.mm"),
+           "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
