@@ -8,7 +8,10 @@
 # warm machine leaves part00 in /tmp/gguf (`mkdir -p /tmp/gguf; cp .gguf/smollm2.gguf.part00
 # /tmp/gguf/`), this one carries .gguf/smollm2.gguf.part01 and part02 (and .whl, the built .so).
 #
-#   tools/gpu_exact_smollm2.sh            env: STEPS (300), EACH_S (budget per mode, 260)
+#   tools/gpu_exact_smollm2.sh   env: STEPS (300), EACH_S (budget per mode, 260), MODES ("default
+#     exact"), DEFAULT_OVERRIDES (extra key=value words for the default mode, e.g. the exact
+#     mode's "model.compile_layers=false rollout.compile_decode=false" for a like-for-like run:
+#     the compiled decode's capture alone took 121 s of a 265 s budget on a cold machine)
 # Files in $OUT (5): {default,exact}-summary.json, {default,exact}-metrics.jsonl, compare.txt.
 set -uo pipefail
 t0=$(date +%s)
@@ -26,8 +29,8 @@ cat /tmp/gguf/smollm2.gguf.part00 .gguf/smollm2.gguf.part01 .gguf/smollm2.gguf.p
 sha256sum "$GGUF" | grep -q '^b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53' \
   || { echo "GGUF sha256 mismatch: part00 missing from /tmp/gguf (a fresh machine?)"; exit 3; }
 
-for mode in default exact; do
-  extra=()
+for mode in ${MODES:-default exact}; do
+  read -r -a extra <<<"${DEFAULT_OVERRIDES:-}"
   # what validation requires of the exact mode (inductor would lower its matmuls to other kernels)
   [ "$mode" = exact ] && extra=(rollout.exact=true model.compile_layers=false rollout.compile_decode=false)
   run=/tmp/r1mega-smollm2-$mode

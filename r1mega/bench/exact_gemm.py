@@ -2,7 +2,8 @@
 
 For every candidate tile configuration "BM,BN,BK,WARPS,STAGES" of the Triton GEMM
 (r1mega/ops/triton_batch_invariant.py) and every row count M of ``--rows`` it times the forward
-GEMMs of one 852M layer stack (qkv, fc1, fc2, proj, 16 each, and the output layer), beside
+GEMMs of one 852M layer stack (qkv, fc1, fc2, proj, 16 each, and the output layer; on CUDA one
+graph replay of them all, as a decode step runs them), beside
 cuBLAS (``torch.mm``, the default mode's GEMM, not batch-invariant) in the same run, and checks
 each candidate's bits against the reference configuration's on the same inputs. A candidate whose
 bits equal the reference's at every shape and M computes every output element the same way, so
@@ -65,9 +66,26 @@ def main(argv=None) -> int:
     ref = {m: [_run(cands[0], x, w) for x, w in zip(xs[m], ws)] for m in ms}
     reps, warm = (args.reps, 2) if cuda else (1, 0)
 
+    def forward(fn, m):
+        for x, w, c in zip(xs[m], ws, CALLS[:len(shapes)]):
+            for _ in range(c):
+                fn(x, w)
+
     def total_ms(fn, m):
-        return sum(c * median_ms(lambda x=x, w=w: fn(x, w), reps, warm, cuda)
-                   for x, w, c in zip(xs[m], ws, CALLS[:len(shapes)]))
+        """One forward's GEMMs at M rows: on CUDA replayed from one CUDA graph, as the rollout's
+        decode runs them (per-call launch latency would hide the small-M kernels' times)."""
+        if not cuda:
+            return sum(c * median_ms(lambda x=x, w=w: fn(x, w), reps, warm, cuda)
+                       for x, w, c in zip(xs[m], ws, CALLS[:len(shapes)]))
+        forward(fn, m)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward(fn, m)
+        ms_ = median_ms(graph.replay, reps, warm, cuda)
+        del graph
+        torch.cuda.empty_cache()
+        return ms_
 
     rows = {"torch.mm": {"ms": {m: total_ms(lambda x, w: x @ w.t(), m) for m in ms},
                          "bit_equal": None}}

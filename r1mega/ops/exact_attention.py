@@ -101,7 +101,8 @@ class _PackedExact(torch.autograd.Function):
         q_pos = torch.arange(t, device=q.device) - starts[q_seq]
         if tea.supported(q):  # the CUDA kernel, on the packed rows directly
             return tea.exact_attention_slots(_d_contig(q), _d_contig(k), _d_contig(v), rows,
-                                             q_seq, q_pos, scale)
+                                             q_seq, q_pos, scale,
+                                             train_tiles=tea.train_tiles_usable(q, k.shape[1]))
         return exact_attention(q, k[rows], v[rows], q_seq, q_pos, scale)
 
     @staticmethod

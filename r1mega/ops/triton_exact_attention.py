@@ -8,8 +8,9 @@ walks keys 0..(the tile's last position) in blocks of KEY_BLOCK with an online s
 row on its own. A query's result is the same bits in any tile and at any row of it:
 
 - rows never mix: each output row of both dots reads only its own row of q and of p, and the
-  softmax state is per row; the kernel's constants (tile rows, key block, warps) depend on the
-  head layout only, so training and the rollout launch the same compiled kernel;
+  softmax state is per row; the key block is one constant for training and the rollout. The
+  rollout's tiles (TILE_ROWS rows, WARPS warps) also serve training unless the device check
+  :func:`train_tiles_usable` finds that bigger ones give the same bits for the model's heads;
 - keys past a row's position are masked to -inf (p = 0 exactly); a key block wholly past it
   leaves the row's state unchanged bit for bit (its max is -inf, the rescale is exp(0) = 1 and
   it adds exact zeros), so a tile walking further than one of its rows needs changes nothing.
@@ -89,6 +90,12 @@ if HAVE_TRITON:
 
 KEY_BLOCK = 64  # keys per online-softmax step, in training and decode alike
 TILE_ROWS = 64  # rows (queries x heads of a group) per program: BQ = TILE_ROWS // G_PAD queries
+WARPS = 4
+# Training's packed rows may go through bigger tiles (fewer programs, K/V read once per 32
+# queries instead of 16) where that changes no bit on the device: checked once per device, head
+# layout and dtype by :func:`train_tiles_usable` (the same property as the GEMM's tiles).
+TRAIN_TILE_ROWS, TRAIN_WARPS = 128, 8
+_train_ok: dict = {}
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -115,18 +122,48 @@ def tile_sizes(q_seq: torch.Tensor, bq: int) -> torch.Tensor:
     return torch.where(first, torch.clamp(end - i, max=bq), 0).to(torch.int32)
 
 
-def queries_per_tile(hq: int, hkv: int) -> int:
-    """BQ: queries per program, a function of the head layout only."""
+def queries_per_tile(hq: int, hkv: int, tile_rows: int = TILE_ROWS) -> int:
+    """BQ: queries per program, a function of the head layout (and the tile's rows) only."""
     g_pad = triton.next_power_of_2(hq // hkv)
-    return max(1, TILE_ROWS // g_pad, 16 // g_pad)  # 16: tl.dot's smallest M
+    return max(1, tile_rows // g_pad, 16 // g_pad)  # 16: tl.dot's smallest M
+
+
+def train_tiles_usable(q: torch.Tensor, hkv: int) -> bool:
+    """Whether (TRAIN_TILE_ROWS, TRAIN_WARPS) computes every row with the bits of (TILE_ROWS,
+    WARPS) on q's device, for q's head layout and dtype: both run once on the same random packed
+    sequences (ragged lengths). One host read per key; never inside CUDA graph capture."""
+    if (TRAIN_TILE_ROWS, TRAIN_WARPS) == (TILE_ROWS, WARPS):
+        return False
+    hq, d = q.shape[1], q.shape[2]
+    key = (str(q.device), q.dtype, hq, hkv, d, TRAIN_TILE_ROWS, TRAIN_WARPS, TILE_ROWS, WARPS)
+    if key not in _train_ok:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        lengths = [197, 3, 330]
+        t = sum(lengths)
+        qq = torch.randn(t, hq, d, device=q.device, dtype=q.dtype, generator=gen)
+        kk, vv = (torch.randn(t, hkv, d, device=q.device, dtype=q.dtype, generator=gen) for _ in range(2))
+        starts = torch.tensor([0, 197, 200], device=q.device)
+        lens = torch.tensor(lengths, device=q.device)
+        j = torch.arange(max(lengths) + KEY_BLOCK, device=q.device)
+        slots = (starts[:, None] + j[None, :]).clamp(max=t - 1)
+        q_seq = torch.repeat_interleave(torch.arange(3, device=q.device), lens)
+        q_pos = torch.arange(t, device=q.device) - starts[q_seq]
+        scale = d ** -0.5
+        a = exact_attention_slots(qq, kk, vv, slots, q_seq, q_pos, scale)
+        b = exact_attention_slots(qq, kk, vv, slots, q_seq, q_pos, scale, train_tiles=True)
+        _train_ok[key] = bool(torch.equal(a, b))
+    return _train_ok[key]
 
 
 def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
-                          tiles=None) -> torch.Tensor:
+                          tiles=None, train_tiles: bool = False) -> torch.Tensor:
     """q (T, Hq, D); k_rows/v_rows (N, Hkv, D) with stride 1 on D; slots (B, L) int rows of
     each sequence's keys; q_seq/q_pos (T,) -> (T, Hq, D) in q's dtype. ``tiles``: the
     :func:`tile_sizes` of q_seq for :func:`queries_per_tile` when the caller has them (every
-    layer of a step shares them)."""
+    layer of a step shares them). ``train_tiles``: (TRAIN_TILE_ROWS, TRAIN_WARPS) programs,
+    for callers that checked :func:`train_tiles_usable`."""
     t, hq, d = q.shape
     hkv = k_rows.shape[1]
     g = hq // hkv
@@ -134,7 +171,10 @@ def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
     if t == 0:
         return out
     g_pad = triton.next_power_of_2(g)
-    bq = queries_per_tile(hq, hkv)
+    rows, warps = (TRAIN_TILE_ROWS, TRAIN_WARPS) if train_tiles else (TILE_ROWS, WARPS)
+    bq = queries_per_tile(hq, hkv, rows)
+    if train_tiles:
+        tiles = None  # a caller's table is for the default tiles
     q_seq = q_seq.to(torch.int64).contiguous()
     slots = slots.to(torch.int64).contiguous()
     _exact_attn_kernel[(t, hkv)](
@@ -143,5 +183,5 @@ def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
         v_rows.stride(0), v_rows.stride(1), out.stride(0), out.stride(1), slots.stride(0),
         G=g, G_PAD=g_pad, BQ=bq, D=d, KB=KEY_BLOCK,
-        IEEE=q.dtype == torch.float32, num_warps=4)
+        IEEE=q.dtype == torch.float32, num_warps=warps)
     return out

@@ -263,10 +263,16 @@ def _sample_reference(logits, params: SamplingBatch, shard: VocabShard, vocab_id
 def _sample_exact(logits, params: SamplingBatch, shard: VocabShard, vocab_ids_hashed):
     """``rollout.exact``: the tokens of the reference path, and their log-probs from the function
     the trainer recomputes them with (r1mega/ops/exact_logprobs.py), bit for bit. Untruncated:
-    config validation refuses top-k/top-p with the exact mode."""
+    config validation refuses top-k/top-p with the exact mode. Only the log-probs must be the
+    trainer's bits; the token is the same draw either way (the fused kernel reproduces the
+    reference's), so on CUDA it comes from one read of the logits instead of a dozen
+    vocabulary-wide kernels."""
     from r1mega.ops.exact_logprobs import exact_token_logprobs
 
-    tokens, _, _ = _sample_reference(logits, params, shard, vocab_ids_hashed)
+    if logits.is_cuda and params.top_k_max == 0 and not params.use_top_p and _triton_enabled():
+        tokens = _sample_fused(logits, params, shard, vocab_ids_hashed)[0]
+    else:
+        tokens, _, _ = _sample_reference(logits, params, shard, vocab_ids_hashed)
     lp = exact_token_logprobs(logits, tokens, params.temperature, vocab_start=shard.start,
                               valid_cols=shard.true_vocab - shard.start, group=shard.group)
     lp_t1 = None

@@ -210,3 +210,23 @@ def test_fused_is_faster_than_reference(monkeypatch):
     ref = _graph_time(lambda: S.sample(logits, sb, shard, vh))
     print(f"\nsample() {B}x{V} bf16 in a CUDA graph: fused {fused * 1e6:.1f} us, reference {ref * 1e6:.1f} us")
     assert fused < ref
+
+
+@pytest.mark.parametrize("B,V,true_vocab", [(7, 1000, 1000), (256, 32000, 32000), (64, 49280, 49155)])
+def test_exact_mode_draws_the_reference_tokens_and_reports_the_trainers_logprobs(monkeypatch, B, V,
+                                                                                  true_vocab):
+    """rollout.exact takes its tokens from the fused kernel: the reference's draws, and log-probs
+    bit-identical to what the trainer recomputes for those tokens (exact_token_logprobs)."""
+    from r1mega.ops.batch_invariant import exact_numerics
+    from r1mega.ops.exact_logprobs import exact_token_logprobs
+
+    logits, temperature, keys = _inputs(B, V, true_vocab, torch.bfloat16, seed=3 * B + V)
+    shard, vh = S.VocabShard(0, V, true_vocab), S.hashed_vocab_ids(0, V, "cuda")
+    sb = _batch(temperature, keys, want_t1=True)
+    ref = _reference(monkeypatch, logits, sb, shard, vh)
+    with exact_numerics():
+        got = S.sample(logits, sb, shard, vh)
+    _assert_tokens(got[0], ref[0], _reference_scores(logits, temperature, keys, vh, shard))
+    assert torch.equal(got[1], exact_token_logprobs(logits, got[0], temperature, valid_cols=true_vocab))
+    assert torch.equal(got[2], exact_token_logprobs(logits, got[0], torch.ones_like(temperature),
+                                                    valid_cols=true_vocab))
