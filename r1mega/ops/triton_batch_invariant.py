@@ -42,7 +42,7 @@ class Tiles(NamedTuple):
 
 GROUP_M = 8
 LARGE = Tiles(128, 128, 64, 8, 3)  # every M, unless SMALL serves it
-SMALL: Optional[Tiles] = Tiles(64, 64, 128, 4, 3)  # M <= SMALL_M_MAX, where small_tiles_usable()
+SMALL: Optional[Tiles] = Tiles(64, 64, 128, 4, 3)  # M <= SMALL_M_MAX if small_tiles_usable()
 SMALL_M_MAX = 1024
 # "BM,BN,BK,WARPS,STAGES": process-wide, so the rollout and the trainer of a run share them;
 # R1MEGA_EXACT_GEMM_SMALL_TILES=none turns the small-M configuration off.
