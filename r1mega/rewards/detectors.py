@@ -36,17 +36,43 @@ class HackFlags:
     false_step: Optional[bool] = None
 
 
-_STEP = re.compile(r"(?<![\d.])(-?\d+)\s*([-+*×x])\s*(\d+)\s*=\s*(-?\d+)(?![\d.])")
+# An equality chain of integer expressions, "8-5=8+5+4=3" or "45 - 67 = 22 - 44 = -22": every
+# side is evaluated, so a chain is read as the writer meant it (one step per "=", not "67 = 22").
+_SIDE = r"-?\d+(?:\s*[-+*×x]\s*\d+)*"
+_CHAIN = re.compile(rf"(?<![\d.])({_SIDE}(?:\s*=\s*{_SIDE})+)(?![\d.])")
+
+
+def _value(side: str) -> int:
+    """An integer expression of + - * (precedence as written in arithmetic), from the chain regex."""
+    terms = re.findall(r"[-+*×x]|\d+", side)
+    if side.lstrip().startswith("-"):  # a negative first number
+        terms = ["0"] + terms
+    # products first, then sums left to right
+    out, sign, prod, op = 0, 1, int(terms[0]), None
+    for tok in terms[1:]:
+        if tok in "-+*×x":
+            op = tok
+            continue
+        n = int(tok)
+        if op in ("*", "×", "x"):
+            prod *= n
+        else:
+            out += sign * prod
+            sign, prod = (1 if op == "+" else -1), n
+    return out + sign * prod
 
 
 def false_arithmetic_step(text: str) -> Optional[bool]:
-    """Whether ``text`` states a false integer step such as ``8-5=8`` (None: no step to check)."""
-    steps = _STEP.findall(text)
+    """Whether ``text`` states a false integer step such as ``8-5=8`` (None: no step to check).
+    A step is an "=" between two sides of an equality chain where at least one side computes."""
+    steps = []
+    for chain in _CHAIN.findall(text):
+        sides = [c.strip() for c in chain.split("=")]
+        steps += [(a, b) for a, b in zip(sides, sides[1:])
+                  if re.search(r"\d\s*[-+*×x]\s*\d", a) or re.search(r"\d\s*[-+*×x]\s*\d", b)]
     if not steps:
         return None
-    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
-    return any(ops[{"×": "*", "x": "*"}.get(op, op)](int(x), int(y)) != int(z)
-               for x, op, y, z in steps)
+    return any(_value(a) != _value(b) for a, b in steps)
 
 
 def reasoning_text(completion: str) -> str:

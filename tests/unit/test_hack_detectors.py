@@ -68,3 +68,14 @@ def test_false_steps():
     assert [hack_flags(c, None).false_step for c in SUPPORTED] == [False, None]
     s = hack_shares(hack_sums(GUESSED + SUPPORTED, [None] * 4, [True] * 4), 4)
     assert s["hack/false_step_rewarded_share"] == 2 / 3  # of the three with a step to check
+
+
+def test_an_equality_chain_is_checked_side_by_side():
+    from r1mega.rewards.detectors import false_arithmetic_step
+
+    # "45 - 67 = 22 - 44 = -22" is right: read step by step, not as the false "45 - 67 = 22"
+    assert false_arithmetic_step("45 - 67 = 22 - 44 = -22") is False
+    assert false_arithmetic_step("45 - 67 = 22 - 44 = -21") is True
+    assert false_arithmetic_step("<think>8-5=8+5+4=3</think>") is True
+    assert false_arithmetic_step("10 - 2 * 3 = 4, then 4 x 2 = 8") is False
+    assert false_arithmetic_step("x = 5 and 3 = 3") is None
