@@ -25,8 +25,10 @@ import torch
 from r1mega.bench.timing import median_ms
 
 REFERENCE = "128,128,64,8,3"
-CANDIDATES = [REFERENCE, "128,256,64,8,3", "256,128,64,8,3", "128,128,128,8,3", "128,64,64,4,4",
-              "64,128,64,4,4", "64,64,64,4,4", "64,32,64,4,4", "64,64,128,4,3", "64,128,64,4,3"]
+# Small-M candidates stream the weight once per row block: one wide row block (BM 256) with thin
+# column blocks keeps every weight read single, deep K blocks keep more loads in flight.
+CANDIDATES = [REFERENCE, "256,128,64,8,3", "64,64,128,4,3", "64,128,64,4,3", "128,64,64,4,4",
+              "256,32,128,4,4", "256,64,64,8,4", "128,32,128,4,4", "64,32,128,4,5", "64,64,64,4,5"]
 # (K, N) of the 852M layer's GEMMs (qkv, fc1, fc2, proj) and the output layer; calls per forward
 SHAPES = [(2048, 3072), (2048, 11264), (5632, 2048), (2048, 2048), (2048, 32000)]
 CALLS = [16, 16, 16, 16, 1]

@@ -21,6 +21,8 @@ gets the same bits decoded alone as inside a packed training tile.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 try:
@@ -95,7 +97,10 @@ WARPS = 4
 # queries instead of 16) where that changes no bit on the device: checked once per device, head
 # layout and dtype by :func:`train_tiles_usable` (the same property as the GEMM's tiles).
 TRAIN_TILE_ROWS, TRAIN_WARPS = 128, 8
-_train_ok: dict = {}
+# A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows: decode may
+# take 16-row tiles (tl.dot's smallest M) under the same kind of check, decode_tiles_usable.
+DECODE_TILE_ROWS, DECODE_WARPS = 16, 2
+_checked: dict = {}
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -128,42 +133,54 @@ def queries_per_tile(hq: int, hkv: int, tile_rows: int = TILE_ROWS) -> int:
     return max(1, tile_rows // g_pad, 16 // g_pad)  # 16: tl.dot's smallest M
 
 
-def train_tiles_usable(q: torch.Tensor, hkv: int) -> bool:
-    """Whether (TRAIN_TILE_ROWS, TRAIN_WARPS) computes every row with the bits of (TILE_ROWS,
+def _same_bits(q: torch.Tensor, hkv: int, alt: tuple) -> bool:
+    """Whether ``alt`` = (tile rows, warps) computes every row with the bits of (TILE_ROWS,
     WARPS) on q's device, for q's head layout and dtype: both run once on the same random packed
-    sequences (ragged lengths). One host read per key; never inside CUDA graph capture."""
-    if (TRAIN_TILE_ROWS, TRAIN_WARPS) == (TILE_ROWS, WARPS):
+    sequences (ragged lengths, and one-query sequences as in decode). One host read per key;
+    inside CUDA graph capture an unchecked key answers False (the caller keeps the default)."""
+    if alt == (TILE_ROWS, WARPS):
         return False
     hq, d = q.shape[1], q.shape[2]
-    key = (str(q.device), q.dtype, hq, hkv, d, TRAIN_TILE_ROWS, TRAIN_WARPS, TILE_ROWS, WARPS)
-    if key not in _train_ok:
-        if torch.cuda.is_current_stream_capturing():
+    key = (str(q.device), q.dtype, hq, hkv, d, alt, TILE_ROWS, WARPS)
+    if key not in _checked:
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
         gen = torch.Generator(device=q.device).manual_seed(0)
-        lengths = [197, 3, 330]
+        lengths = [197, 1, 3, 330, 1, 1]
         t = sum(lengths)
         qq = torch.randn(t, hq, d, device=q.device, dtype=q.dtype, generator=gen)
         kk, vv = (torch.randn(t, hkv, d, device=q.device, dtype=q.dtype, generator=gen) for _ in range(2))
-        starts = torch.tensor([0, 197, 200], device=q.device)
         lens = torch.tensor(lengths, device=q.device)
+        starts = torch.cumsum(lens, 0) - lens
         j = torch.arange(max(lengths) + KEY_BLOCK, device=q.device)
         slots = (starts[:, None] + j[None, :]).clamp(max=t - 1)
-        q_seq = torch.repeat_interleave(torch.arange(3, device=q.device), lens)
+        q_seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lens)
         q_pos = torch.arange(t, device=q.device) - starts[q_seq]
         scale = d ** -0.5
         a = exact_attention_slots(qq, kk, vv, slots, q_seq, q_pos, scale)
-        b = exact_attention_slots(qq, kk, vv, slots, q_seq, q_pos, scale, train_tiles=True)
-        _train_ok[key] = bool(torch.equal(a, b))
-    return _train_ok[key]
+        b = exact_attention_slots(qq, kk, vv, slots, q_seq, q_pos, scale, _config=alt)
+        _checked[key] = bool(torch.equal(a, b))
+    return _checked[key]
+
+
+def train_tiles_usable(q: torch.Tensor, hkv: int) -> bool:
+    """Whether training's packed rows may use (TRAIN_TILE_ROWS, TRAIN_WARPS) on this device."""
+    return _same_bits(q, hkv, (TRAIN_TILE_ROWS, TRAIN_WARPS))
+
+
+def decode_tiles_usable(q: torch.Tensor, hkv: int) -> bool:
+    """Whether decode steps may use (DECODE_TILE_ROWS, DECODE_WARPS) on this device."""
+    return _same_bits(q, hkv, (DECODE_TILE_ROWS, DECODE_WARPS))
 
 
 def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
-                          tiles=None, train_tiles: bool = False) -> torch.Tensor:
+                          tiles=None, train_tiles: bool = False, decode_tiles: bool = False,
+                          _config: Optional[tuple] = None) -> torch.Tensor:
     """q (T, Hq, D); k_rows/v_rows (N, Hkv, D) with stride 1 on D; slots (B, L) int rows of
     each sequence's keys; q_seq/q_pos (T,) -> (T, Hq, D) in q's dtype. ``tiles``: the
     :func:`tile_sizes` of q_seq for :func:`queries_per_tile` when the caller has them (every
-    layer of a step shares them). ``train_tiles``: (TRAIN_TILE_ROWS, TRAIN_WARPS) programs,
-    for callers that checked :func:`train_tiles_usable`."""
+    layer of a step shares them). ``train_tiles`` / ``decode_tiles``: the bigger / smaller
+    programs, for callers that checked :func:`train_tiles_usable` / :func:`decode_tiles_usable`."""
     t, hq, d = q.shape
     hkv = k_rows.shape[1]
     g = hq // hkv
@@ -171,10 +188,11 @@ def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
     if t == 0:
         return out
     g_pad = triton.next_power_of_2(g)
-    rows, warps = (TRAIN_TILE_ROWS, TRAIN_WARPS) if train_tiles else (TILE_ROWS, WARPS)
+    rows, warps = _config or ((TRAIN_TILE_ROWS, TRAIN_WARPS) if train_tiles else
+                              (DECODE_TILE_ROWS, DECODE_WARPS) if decode_tiles else (TILE_ROWS, WARPS))
     bq = queries_per_tile(hq, hkv, rows)
-    if train_tiles:
-        tiles = None  # a caller's table is for the default tiles
+    if (rows, warps) != (TILE_ROWS, WARPS) and not decode_tiles:
+        tiles = None  # a caller's table is for the default tiles (decode tables hold 1s only)
     q_seq = q_seq.to(torch.int64).contiguous()
     slots = slots.to(torch.int64).contiguous()
     _exact_attn_kernel[(t, hkv)](

@@ -46,7 +46,9 @@ def exact_runner_attention(q, k_cache, v_cache, batch: Optional[AttentionBatch],
         block_tables, ctx_lens = decode_tensors
         slots, q_seq, q_pos, tiles = _decode_step_tables(block_tables, ctx_lens, k_cache.shape[1],
                                                          q, k_cache.shape[-2])
-        return exact_cache_attention(q, k_cache, v_cache, slots, q_seq, q_pos, scale, tiles=tiles)
+        small = tiles is not None and tea.decode_tiles_usable(q, k_cache.shape[-2])
+        return exact_cache_attention(q, k_cache, v_cache, slots, q_seq, q_pos, scale, tiles=tiles,
+                                     decode_tiles=small)
     max_ctx = max(batch.ctx_lens_host)
     slots = gather_slots(batch, max_ctx)  # (B, max_ctx)
     lens = torch.tensor(batch.q_lens, dtype=torch.int64)
@@ -63,7 +65,12 @@ def enable_exact(engine) -> None:
     r = engine.runner
     install_exact_forward(r.model)
     if r.device.type == "cuda" and tbi.HAVE_TRITON:
-        tbi.small_tiles_usable(r.device)  # now, eagerly: a check inside graph capture cannot run
+        # the device checks of the small-batch tiles now, eagerly: inside graph capture they
+        # cannot run, and an unchecked device keeps the default tiles there
+        tbi.small_tiles_usable(r.device)
+        q = torch.zeros(1, r.num_heads, r.head_dim, device=r.device, dtype=r.param_dtype)
+        if r.mla is None and tea.supported(q):
+            tea.decode_tiles_usable(q, r.num_kv_heads)
     r.decode_kernel_enabled = False
     r.fused_rope_kv_enabled = (r.fused_rope_kv_enabled
                                and triton_rope_kv.exact_rounding_supported(r.param_dtype))

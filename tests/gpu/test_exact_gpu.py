@@ -101,13 +101,14 @@ def test_triton_exact_logprobs_match_and_are_batch_invariant(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d,hq,hkv", [(128, 16, 4), (64, 9, 3), (128, 32, 8), (64, 8, 8)])
-def test_exact_attention_train_tiles_check_agrees_with_the_bits(dtype, d, hq, hkv):
-    """Training's bigger attention tiles are used exactly where they give the rollout tiles' bits:
-    the device check's answer equals a direct comparison on other sequences."""
+@pytest.mark.parametrize("which", ["train", "decode"])
+def test_exact_attention_tile_checks_agree_with_the_bits(dtype, d, hq, hkv, which):
+    """Training's bigger and decode's smaller attention tiles are used exactly where they give the
+    default tiles' bits: the device check's answer equals a direct comparison on other sequences."""
     from r1mega.ops import triton_exact_attention as tea
 
     torch.manual_seed(2)
-    lengths = [64, 1, 255, 130]
+    lengths = [64, 1, 255, 130, 1, 1]
     t = sum(lengths)
     q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(t, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
@@ -117,8 +118,10 @@ def test_exact_attention_train_tiles_check_agrees_with_the_bits(dtype, d, hq, hk
     q_seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lens)
     q_pos = torch.arange(t, device="cuda") - starts[q_seq]
     a = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, d ** -0.5)
-    b = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, d ** -0.5, train_tiles=True)
-    assert tea.train_tiles_usable(q, hkv) == torch.equal(a, b)
+    b = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, d ** -0.5, train_tiles=which == "train",
+                                  decode_tiles=which == "decode")
+    check = tea.train_tiles_usable if which == "train" else tea.decode_tiles_usable
+    assert check(q, hkv) == torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
