@@ -21,6 +21,7 @@ gets the same bits decoded alone as inside a packed training tile.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -98,8 +99,11 @@ WARPS = 4
 # layout and dtype by :func:`train_tiles_usable` (the same property as the GEMM's tiles).
 TRAIN_TILE_ROWS, TRAIN_WARPS = 128, 8
 # A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows: decode may
-# take 16-row tiles (tl.dot's smallest M) under the same kind of check, decode_tiles_usable.
-DECODE_TILE_ROWS, DECODE_WARPS = 16, 2
+# take smaller tiles (16 rows: tl.dot's smallest M) under the same kind of check,
+# decode_tiles_usable. Off (the default tiles) until timed on a GPU: R1MEGA_EXACT_DECODE_TILES=16,2
+# ("rows,warps") turns them on, for the rollout and `bench rollout --exact` alike.
+DECODE_TILE_ROWS, DECODE_WARPS = (int(v) for v in os.environ.get("R1MEGA_EXACT_DECODE_TILES",
+                                                                 f"{TILE_ROWS},{WARPS}").split(","))
 _checked: dict = {}
 
 
