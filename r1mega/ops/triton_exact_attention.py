@@ -102,9 +102,22 @@ TRAIN_TILE_ROWS, TRAIN_WARPS = 128, 8
 # take smaller tiles (16 rows: tl.dot's smallest M) under the same kind of check,
 # decode_tiles_usable. Off (the default tiles) until timed on a GPU: R1MEGA_EXACT_DECODE_TILES=16,2
 # ("rows,warps") turns them on, for the rollout and `bench rollout --exact` alike.
-DECODE_TILE_ROWS, DECODE_WARPS = (int(v) for v in os.environ.get("R1MEGA_EXACT_DECODE_TILES",
-                                                                 f"{TILE_ROWS},{WARPS}").split(","))
 _checked: dict = {}
+
+
+def _decode_tiles_env(spec: str) -> tuple[int, int]:
+    try:
+        rows, warps = (int(v) for v in spec.split(","))
+    except ValueError:
+        rows = warps = 0
+    if rows < 16 or rows & (rows - 1) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"R1MEGA_EXACT_DECODE_TILES={spec!r}: expected 'rows,warps', rows a power "
+                         f"of two >= 16 and warps 1, 2, 4 or 8 (e.g. 16,2)")
+    return rows, warps
+
+
+DECODE_TILE_ROWS, DECODE_WARPS = _decode_tiles_env(os.environ.get("R1MEGA_EXACT_DECODE_TILES",
+                                                                  f"{TILE_ROWS},{WARPS}"))
 
 
 def supported(q: torch.Tensor) -> bool:
