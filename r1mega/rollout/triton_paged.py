@@ -149,7 +149,9 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if block_n is None:
-        block_n = max(16, min(64, 4 * bs))
+        # An FP8 tile also loads and applies a scale per key: longer tiles amortise that (the
+        # block_n sweep of `r1mega bench decode-attention` is where the two defaults come from).
+        block_n = max(16, min(128, 8 * bs)) if fp8 else max(16, min(64, 4 * bs))
     elif block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"paged_decode_attention: block_n={block_n} must be a power of two >= 16.")
     ks, vs = (k_scale, v_scale) if fp8 else (k_cache, v_cache)  # unused pointers without FP8
