@@ -68,9 +68,10 @@ def enable_exact(engine) -> None:
         # the device checks of the small-batch tiles now, eagerly: inside graph capture they
         # cannot run, and an unchecked device keeps the default tiles there
         tbi.small_tiles_usable(r.device)
-        q = torch.zeros(1, r.num_heads, r.head_dim, device=r.device, dtype=r.param_dtype)
-        if r.mla is None and tea.supported(q):
-            tea.decode_tiles_usable(q, r.num_kv_heads)
+        if r.mla is None:  # (validation refuses MLA models with the exact mode)
+            q = torch.zeros(1, r.num_heads, r.head_dim, device=r.device, dtype=r.param_dtype)
+            if tea.supported(q):
+                tea.decode_tiles_usable(q, r.num_kv_heads)
     r.decode_kernel_enabled = False
     r.fused_rope_kv_enabled = (r.fused_rope_kv_enabled
                                and triton_rope_kv.exact_rounding_supported(r.param_dtype))
