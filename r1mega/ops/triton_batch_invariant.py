@@ -48,7 +48,7 @@ SMALL_M_MAX = 1024
 # R1MEGA_EXACT_GEMM_SMALL_TILES=none turns the small-M configuration off.
 _TILES_ENV = "R1MEGA_EXACT_GEMM_TILES"
 _SMALL_ENV = "R1MEGA_EXACT_GEMM_SMALL_TILES"
-_small_ok: dict = {}  # device -> whether SMALL gives LARGE's bits there
+_small_ok: dict = {}  # (device, SMALL, LARGE) -> whether SMALL gives LARGE's bits there
 
 
 def parse_tiles(spec: str, what: str = _TILES_ENV) -> Tiles:
