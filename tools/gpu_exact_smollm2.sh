@@ -12,7 +12,8 @@
 #     exact"), DEFAULT_OVERRIDES (extra key=value words for the default mode, e.g. the exact
 #     mode's "model.compile_layers=false rollout.compile_decode=false" for a like-for-like run:
 #     the compiled decode's capture alone took 121 s of a 265 s budget on a cold machine)
-# Files in $OUT (5): {default,exact}-summary.json, {default,exact}-metrics.jsonl, compare.txt.
+# Files in $OUT (7): {default,exact}-summary.json, -metrics.jsonl and -eval-last.jsonl (the last
+# held-out evaluation's completions), compare.txt.
 set -uo pipefail
 t0=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -44,6 +45,9 @@ for mode in ${MODES:-default exact}; do
   sed -n '/================ GRPO/,$p' "/tmp/smol-$mode.log" | grep -v '^{' | cut -c1-300
   cp -f /tmp/smol-out-$mode/summary.json "$OUT/$mode-summary.json" 2>/dev/null
   cp -f "$run/metrics.jsonl" "$OUT/$mode-metrics.jsonl" 2>/dev/null
+  # the last held-out evaluation's completions, to read the top-rewarded ones
+  last_eval=$(ls "$run"/eval/step_*.jsonl 2>/dev/null | tail -1)
+  [ -n "$last_eval" ] && cp -f "$last_eval" "$OUT/$mode-eval-last.jsonl"
 done
 
 python3 - "$OUT" <<'PY' | tee "$OUT/compare.txt"
