@@ -11,7 +11,7 @@ it may serve some row counts while the reference (or another equal one) serves o
 breaking batch invariance. The last line names the fastest bit-equal candidate at the smallest
 and at the largest M.
 
-``--smoke``: tiny shapes under the Triton interpreter or with cuBLAS-free torch on CPU (the
+``--smoke``: tiny shapes on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``; the
 harness and the JSON line, not the numbers).
 """
 from __future__ import annotations

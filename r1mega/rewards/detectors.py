@@ -40,6 +40,7 @@ class HackFlags:
 # side is evaluated, so a chain is read as the writer meant it (one step per "=", not "67 = 22").
 _SIDE = r"-?\d+(?:\s*[-+*×x]\s*\d+)*"
 _CHAIN = re.compile(rf"(?<![\d.])({_SIDE}(?:\s*=\s*{_SIDE})+)(?![\d.])")
+_COMPUTES = re.compile(r"\d\s*[-+*×x]\s*\d")  # a side with an operation (not a bare number)
 
 
 def _value(side: str) -> int:
@@ -69,7 +70,7 @@ def false_arithmetic_step(text: str) -> Optional[bool]:
     for chain in _CHAIN.findall(text):
         sides = [c.strip() for c in chain.split("=")]
         steps += [(a, b) for a, b in zip(sides, sides[1:])
-                  if re.search(r"\d\s*[-+*×x]\s*\d", a) or re.search(r"\d\s*[-+*×x]\s*\d", b)]
+                  if _COMPUTES.search(a) or _COMPUTES.search(b)]
     if not steps:
         return None
     return any(_value(a) != _value(b) for a, b in steps)

@@ -215,7 +215,7 @@ def sample(
     """
     if exact_active():
         return _sample_exact(logits, params, shard, vocab_ids_hashed)
-    if logits.is_cuda and params.top_k_max == 0 and not params.use_top_p and _triton_enabled():
+    if _fused_eligible(logits, params):
         return _sample_fused(logits, params, shard, vocab_ids_hashed)
     return _sample_reference(logits, params, shard, vocab_ids_hashed)
 
@@ -264,12 +264,12 @@ def _sample_exact(logits, params: SamplingBatch, shard: VocabShard, vocab_ids_ha
     """``rollout.exact``: the tokens of the reference path, and their log-probs from the function
     the trainer recomputes them with (r1mega/ops/exact_logprobs.py), bit for bit. Untruncated:
     config validation refuses top-k/top-p with the exact mode. Only the log-probs must be the
-    trainer's bits; the token is the same draw either way (the fused kernel reproduces the
-    reference's), so on CUDA it comes from one read of the logits instead of a dozen
-    vocabulary-wide kernels."""
+    trainer's bits; the token is the reference's draw either way (the fused kernel's scores are
+    the reference's but for a last-ulp log difference, which can flip only a near-tie), so on
+    CUDA it comes from one read of the logits instead of a dozen vocabulary-wide kernels."""
     from r1mega.ops.exact_logprobs import exact_token_logprobs
 
-    if logits.is_cuda and params.top_k_max == 0 and not params.use_top_p and _triton_enabled():
+    if _fused_eligible(logits, params):
         tokens = _sample_fused(logits, params, shard, vocab_ids_hashed)[0]
     else:
         tokens, _, _ = _sample_reference(logits, params, shard, vocab_ids_hashed)
@@ -281,6 +281,11 @@ def _sample_exact(logits, params: SamplingBatch, shard: VocabShard, vocab_ids_ha
                                      vocab_start=shard.start,
                                      valid_cols=shard.true_vocab - shard.start, group=shard.group)
     return tokens, lp, lp_t1
+
+
+def _fused_eligible(logits: torch.Tensor, params: SamplingBatch) -> bool:
+    """Whether the fused Triton kernel serves this call (CUDA, no top-k/top-p, not switched off)."""
+    return logits.is_cuda and params.top_k_max == 0 and not params.use_top_p and _triton_enabled()
 
 
 def _triton_enabled() -> bool:
