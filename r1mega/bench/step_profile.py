@@ -37,6 +37,33 @@ def kernel_breakdown(events) -> dict:
     return out
 
 
+def top_kernels(events, top: int = 45) -> list[tuple[float, int, str]]:
+    """The ``top`` CUDA kernels by self device time: [(ms, calls, name), ...] largest first."""
+    from torch.autograd import DeviceType
+
+    rows = [(e.self_device_time_total / 1e3, e.count, e.key) for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    return sorted(rows, reverse=True)[:top]
+
+
+def sync_sites(events) -> list[tuple[float, str]]:
+    """Each host wait for the device (cuda*Synchronize) in a profiled step, with the host ops
+    open around it (outermost first): [(ms waited, "outer > ... > inner"), ...]."""
+    from torch.autograd import DeviceType
+
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    out = []
+    for e in host:
+        if "Synchronize" not in e.name:
+            continue
+        s, t = e.time_range.start, e.time_range.end
+        around = sorted((o for o in host if o is not e and o.time_range.start <= s
+                         and t <= o.time_range.end), key=lambda o: o.time_range.start)
+        names = [o.name for o in around]
+        out.append((e.time_range.elapsed_us() / 1e3, " > ".join(names[:3] + names[3:][-3:])))
+    return out
+
+
 def device_idle_gaps(events, min_gap_us: float = 20.0, top: int = 8) -> dict:
     """Where the device waits for the host within one profiled step: the gaps between CUDA
     kernels (``events``: the profiler's FunctionEvents, µs clock shared by host and device) of at

@@ -41,7 +41,8 @@ import torch
 
 from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, total_parameters
 from r1mega.bench.shapes import SHAPES, get_shape
-from r1mega.bench.step_profile import device_idle_gaps, OptimizerClock, kernel_breakdown
+from r1mega.bench.step_profile import (device_idle_gaps, OptimizerClock, kernel_breakdown,
+                                       sync_sites, top_kernels)
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
 DEFAULT_SEQS = {"qwen3-moe-small": 4}
@@ -116,7 +117,12 @@ def _profile_step(step_fn, label: str) -> None:
     print(avg.table(sort_by="cuda_time_total", row_limit=_PROFILE["rows"], max_name_column_width=60))
     # Host side: a step whose device time is below its wall time is waiting on these.
     print(f"---- profile: {label}, top host (self CPU) ops")
-    print(avg.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    try:
+        for ms, where in sync_sites(prof.events()):
+            print(f"---- profile: {label}, host waited {ms:.2f} ms for the device in: {where}")
+    except Exception as exc:  # a diagnostic only
+        print(f"---- profile: {label}: no sync sites ({type(exc).__name__}: {exc})")
     try:
         kinds = kernel_breakdown(avg)
     except Exception as exc:  # a profiler API change must not lose the timings above
@@ -129,6 +135,9 @@ def _profile_step(step_fn, label: str) -> None:
             print(f"  {kind:<26}{ms:>10.2f} ms{ms / total:>8.1%}")
     print(f"  {'total':<26}{kinds['total']:>10.2f} ms")
     _PROFILE["breakdowns"][label] = kinds
+    print(f"---- profile: {label}, top kernels by device time (ms, calls, name)")
+    for ms, calls, name in top_kernels(avg):
+        print(f"  {ms:>8.2f} {calls:>5}  {name[:150]}")
     try:
         gaps = device_idle_gaps(prof.events())
     except Exception as exc:  # a diagnostic only

@@ -15,12 +15,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from r1mega.config import ModelConfig, PrecisionConfig
+from r1mega.models.ddp import FirstWriteDDP
 
 from r1mega.models import packed_rope
 from r1mega.models.rope_scaling import apply_rope_scaling
@@ -209,10 +210,10 @@ def make_ddp_config(precision: Optional[PrecisionConfig], distributed_optimizer:
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], rt: ParallelRuntime,
-             ddp_config: DistributedDataParallelConfig) -> list[DistributedDataParallel]:
+             ddp_config: DistributedDataParallelConfig) -> list[FirstWriteDDP]:
     wrapped = []
     for i, chunk in enumerate(chunks):
-        wrapped.append(DistributedDataParallel(
+        wrapped.append(FirstWriteDDP(
             config=chunk.config, ddp_config=ddp_config, module=chunk,
             # Only the first chunk's bucket can start early in interleaved schedules.
             disable_bucketing=i > 0,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1mega.ops import triton_swiglu
 from r1mega.moe.dispatch import RoutingMetadata, permute_tokens, routing_metadata, unpermute_tokens
 
 IMPLS = ("auto", "grouped", "loop")
@@ -28,8 +29,17 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
+def _fused(gate_up: torch.Tensor) -> bool:
+    """The one-pass Triton kernels (r1mega/ops/triton_swiglu.py) serve CUDA tensors outside a
+    compiled region (inductor fuses the eager formula there itself)."""
+    return triton_swiglu.supported(gate_up) and not torch.compiler.is_compiling()
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """(.., 2F) -> (.., F): silu(gate) * up, gate first as in transformers' chunk(2)."""
+    """(.., 2F) -> (.., F): silu(gate) * up, gate first as in transformers' chunk(2). On CUDA
+    one kernel computes it in float32 and rounds once (eager rounds silu(gate) first)."""
+    if _fused(gate_up):
+        return triton_swiglu.swiglu(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -37,7 +47,8 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 class _RecomputedSwiGLU(torch.autograd.Function):
     """:func:`swiglu` that keeps only its input for backward. Autograd would also keep
     silu(gate) (.., F); here the backward recomputes it (elementwise, cheap) and applies the
-    same ops autograd would (mul's two products, silu_backward), so gradients are identical."""
+    same ops autograd would (mul's two products, silu_backward), so gradients are identical
+    off CUDA; on CUDA both directions are the fused kernels (float32 inside, one rounding)."""
 
     @staticmethod
     def forward(ctx, gate_up):
@@ -47,6 +58,8 @@ class _RecomputedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (gate_up,) = ctx.saved_tensors
+        if _fused(gate_up):  # one pass writing both halves, where eager takes five and a cat
+            return triton_swiglu.swiglu_backward(grad, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         d_gate = torch.ops.aten.silu_backward(grad * up, gate)
         return torch.cat([d_gate, grad * F.silu(gate)], dim=-1)
