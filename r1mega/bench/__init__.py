@@ -22,6 +22,7 @@ BENCHMARKS = {
     "decode-attention": "r1mega.bench.decode_attention",
     "exact-swiglu": "r1mega.bench.exact_swiglu",
     "exact-gemm": "r1mega.bench.exact_gemm",
+    "lean-adam": "r1mega.bench.lean_adam",
 }
 
 

@@ -46,6 +46,21 @@ def top_kernels(events, top: int = 45) -> list[tuple[float, int, str]]:
     return sorted(rows, reverse=True)[:top]
 
 
+def kernel_owners(events) -> dict:
+    """{kernel name: the host op that launched most of its time} (the profiler links each kernel
+    to the innermost op open at its launch)."""
+    from torch.autograd import DeviceType
+
+    owners: dict = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue
+        for k in getattr(e, "kernels", ()):
+            by_op = owners.setdefault(k.name, {})
+            by_op[e.name] = by_op.get(e.name, 0.0) + k.duration
+    return {k: max(v, key=v.get) for k, v in owners.items()}
+
+
 def sync_sites(events) -> list[tuple[float, str]]:
     """Each host wait for the device (cuda*Synchronize) in a profiled step, with the host ops
     open around it (outermost first): [(ms waited, "outer > ... > inner"), ...]."""

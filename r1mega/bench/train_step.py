@@ -42,7 +42,7 @@ import torch
 from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, total_parameters
 from r1mega.bench.shapes import SHAPES, get_shape
 from r1mega.bench.step_profile import (device_idle_gaps, OptimizerClock, kernel_breakdown,
-                                       sync_sites, top_kernels)
+                                       kernel_owners, sync_sites, top_kernels)
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
 DEFAULT_SEQS = {"qwen3-moe-small": 4}
@@ -136,8 +136,12 @@ def _profile_step(step_fn, label: str) -> None:
     print(f"  {'total':<26}{kinds['total']:>10.2f} ms")
     _PROFILE["breakdowns"][label] = kinds
     print(f"---- profile: {label}, top kernels by device time (ms, calls, name)")
+    try:
+        owners = kernel_owners(prof.events())
+    except Exception:  # a diagnostic only
+        owners = {}
     for ms, calls, name in top_kernels(avg):
-        print(f"  {ms:>8.2f} {calls:>5}  {name[:150]}")
+        print(f"  {ms:>8.2f} {calls:>5}  {owners.get(name, '?')[:40]:<40}  {name[:110]}")
     try:
         gaps = device_idle_gaps(prof.events())
     except Exception as exc:  # a diagnostic only

@@ -21,6 +21,7 @@ the stochastic mode does not need; its test checks the kernel's rounding is unbi
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -35,7 +36,24 @@ try:
 except Exception:  # pragma: no cover - CPU-only installs
     HAVE_TRITON = False
 
-BLOCK, NUM_WARPS = 1024, 4
+BLOCK, NUM_WARPS = 1024, 4  # elements per program, warps; any choice gives the same bits
+
+
+def launch_config() -> tuple[int, int]:
+    """(BLOCK, NUM_WARPS), or ``R1MEGA_LEAN_ADAM_TILES=BLOCK,WARPS`` (``r1mega bench lean-adam``
+    times the candidates). The Philox counter of an element is its index / 4, so the stochastic
+    rounding draws are the same whatever the block."""
+    env = os.environ.get("R1MEGA_LEAN_ADAM_TILES")
+    if not env:
+        return BLOCK, NUM_WARPS
+    try:
+        block, warps = (int(v) for v in env.split(","))
+    except ValueError:
+        block = warps = 0
+    if block < 4 or block & (block - 1) or warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"R1MEGA_LEAN_ADAM_TILES={env!r}: expected BLOCK,WARPS with BLOCK a power "
+                         f"of two >= 4 and WARPS one of 1, 2, 4, 8, 16")
+    return block, warps
 _MASTER_CODE = {"fp32": 0, "bf16_remainder": 1, "bf16_stochastic": 2}
 
 
@@ -201,17 +219,19 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                    seeds: list) -> None:
+                    seeds: list, tiles: Optional[tuple[int, int]] = None) -> None:
     """The update of ``params`` (already stepped counters in ``states``; ``modes[i]`` the
     master mode of params[i], see LeanAdamW.mode_of), one launch each.
 
-    All counters of a group advance together, so the first one's bias corrections serve all."""
+    All counters of a group advance together, so the first one's bias corrections serve all.
+    ``tiles``: (BLOCK, NUM_WARPS) instead of :func:`launch_config`'s."""
     if not available():
         raise RuntimeError("lean AdamW on CUDA needs Triton; install triton or run on CPU")
     scal = bias_scalars(states[0]["step"], h)
     rounding = torch_cuda_rounding(params[0].device)
     w1, beta2 = 1 - h.beta1, h.beta2
     decay = 1 - h.lr * h.weight_decay
+    block, num_warps = tiles or launch_config()
     for p, st, master_weights, seed in zip(params, states, modes, seeds):
         for name, t in (("param", p), ("grad", p.grad), ("exp_avg", st["exp_avg"]),
                         ("exp_avg_sq", st["exp_avg_sq"])):
@@ -220,7 +240,7 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
                                  f"contiguous")
         rem = st.get("remainder")
         n = p.numel()
-        _lean_adamw_kernel[(triton.cdiv(n, BLOCK),)](
+        _lean_adamw_kernel[(triton.cdiv(n, block),)](
             _bits(p.data), p.grad, st["exp_avg"], st["exp_avg_sq"],
             rem if rem is not None else st["exp_avg"], st["step"], scal,
             grad_scale if grad_scale is not None else scal,
@@ -231,5 +251,5 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             HAS_DECAY=h.weight_decay != 0, SMALL_W1=w1 < 0.5,
             NEED_NOISE=master_weights == "bf16_stochastic" or st["exp_avg"].dtype == torch.bfloat16,
-            BLOCK=BLOCK, **rounding,
-            num_warps=NUM_WARPS, enable_fp_fusion=False)
+            BLOCK=block, **rounding,
+            num_warps=num_warps, enable_fp_fusion=False)

@@ -104,9 +104,11 @@ class LeanAdamW(torch.optim.Optimizer):
             if not live:
                 continue
             steps = [self.state[p]["step"] for p in live]
-            # Every counter advances unless found_inf: one foreach launch, no host read.
+            # Every counter advances unless found_inf: one foreach launch, no host read (a list
+            # of tensors: with one tensor as the scalar, _foreach_add_ reads it with .item()).
             if self.found_inf is not None:
-                torch._foreach_add_(steps, 1.0 - self.found_inf.reshape(()).float())
+                inc = 1.0 - self.found_inf.reshape(()).float()
+                torch._foreach_add_(steps, [inc] * len(steps))
             else:
                 torch._foreach_add_(steps, 1.0)
             beta1, beta2 = group["betas"]

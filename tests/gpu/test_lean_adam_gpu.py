@@ -153,3 +153,28 @@ def test_optimizer_on_cuda_matches_cpu_reference_loop():
     assert opt.state[p]["step"].item() == step == 4
     assert torch.equal(join_master(p.data, opt.state[p]["remainder"]),
                        join_master(ref["param"], ref["remainder"]))
+
+
+def test_step_with_device_scale_and_found_inf_never_waits_for_the_device():
+    """The sync-free training step hands LeanAdamW device tensors (grad_scale, found_inf); a
+    host read inside step() (an .item(), also one hidden in a torch op) would stall the device
+    queue every step. CUDA's sync debug mode raises on any such read."""
+    from r1mega.train.lean_adam import LeanAdamW
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(1000, device="cuda").bfloat16()) for _ in range(4)]
+    opt = LeanAdamW([{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}],
+                    lr=1e-3, master_weights="bf16_stochastic", moments_dtype="bf16")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.grad_scale = torch.tensor(2.0, device="cuda")
+    opt.found_inf = torch.tensor(0.0, device="cuda")
+    opt.step()  # the first step of a process probes torch's rounding once (host reads)
+    before = [p.detach().clone() for p in ps]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(not torch.equal(a, p) for a, p in zip(before, ps))
+    assert all(float(opt.state[p]["step"]) == 2.0 for p in ps)
