@@ -21,6 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from r1mega.config import ModelConfig, PrecisionConfig
+from r1mega.models.batch_first_logits import batch_first_logits
 from r1mega.models.ddp import FirstWriteDDP
 
 from r1mega.models import packed_rope
@@ -187,6 +188,8 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
             from r1mega.models.deepseek_v3.mtp import attach_mtp
 
             attach_mtp(gpt, config, block.mtp_layer_specs, model.num_layers, rt.pg_collection)
+        if post:
+            batch_first_logits(gpt.output_layer)  # megatron's logits transpose becomes free
         # The train step clears it before and adds it to the loss after each micro-batch forward.
         gpt.moe_aux_losses = collector
         gpt.to(device=rt.device)

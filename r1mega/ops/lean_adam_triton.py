@@ -15,6 +15,12 @@ per process by :func:`torch_cuda_rounding` and compiled in; every other operatio
 own (``enable_fp_fusion=False`` stops Triton contracting them), divisions are IEEE (``div_rn``;
 Triton's ``/`` is the approximate ``div.full``) and the square root is ``sqrt_rn``.
 
+The stochastic mode (bf16_stochastic) is the exception: its writes are random by design, so it
+takes the fast instructions instead (multiplication by the reciprocal of ``grad_scale``, the
+approximate square root and division, FMA contraction): each is within 2 ulp of float32, some
+2^-15 of the bf16 spacing its rounding draws from (the IEEE sequences cost several
+instructions per element each, beside the Philox draw).
+
 Stochastic rounding draws from Philox (``tl.randint4x``) keyed by (per-tensor seed, step) and
 counted by element: reproducible, but not the CPU reference's bits (torch's CPU generator), which
 the stochastic mode does not need; its test checks the kernel's rounding is unbiased instead.
@@ -54,6 +60,8 @@ def launch_config() -> tuple[int, int]:
         raise ValueError(f"R1MEGA_LEAN_ADAM_TILES={env!r}: expected BLOCK,WARPS with BLOCK a power "
                          f"of two >= 4 and WARPS one of 1, 2, 4, 8, 16")
     return block, warps
+
+
 _MASTER_CODE = {"fp32": 0, "bf16_remainder": 1, "bf16_stochastic": 2}
 
 
@@ -71,6 +79,25 @@ if HAVE_TRITON:
         return tl.where(finite, hi, x.to(tl.bfloat16).to(tl.int16, bitcast=True))
 
     @triton.jit
+    def _exact_update(p, m, v, neg_step_size, inv_bc2, bc2, eps, DIV_RECIP: tl.constexpr,
+                      ADDCDIV: tl.constexpr):
+        """p - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) with torch's roundings: IEEE sqrt and
+        divisions, and the FMA contraction of its addcdiv (torch_cuda_rounding)."""
+        sq = tl.math.sqrt_rn(v)
+        if DIV_RECIP:
+            denom = sq * inv_bc2
+        else:
+            denom = tl.math.div_rn(sq, bc2)
+        denom = denom + eps
+        if ADDCDIV == 0:
+            p = tl.fma(neg_step_size, tl.math.div_rn(m, denom), p)
+        elif ADDCDIV == 1:
+            p = p + tl.math.div_rn(neg_step_size * m, denom)
+        else:
+            p = p + neg_step_size * tl.math.div_rn(m, denom)
+        return p
+
+    @triton.jit
     def _lean_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, step_ptr, scal_ptr, gs_ptr, fi_ptr,
                            n, decay, w1, beta2, c2, eps, seed_lo,
                            MASTER: tl.constexpr, BF16_MOMENTS: tl.constexpr,
@@ -78,7 +105,8 @@ if HAVE_TRITON:
                            HAS_DECAY: tl.constexpr, SMALL_W1: tl.constexpr,
                            NEED_NOISE: tl.constexpr, LERP_FMA: tl.constexpr,
                            ADDCMUL: tl.constexpr, ADDCDIV: tl.constexpr,
-                           DIV_RECIP: tl.constexpr, BLOCK: tl.constexpr):
+                           DIV_RECIP: tl.constexpr, FAST_MATH: tl.constexpr,
+                           BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         if HAS_INF:  # a skipped step: every element masked off, nothing read or written
@@ -90,7 +118,10 @@ if HAVE_TRITON:
 
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
-            g = tl.math.div_rn(g, tl.load(gs_ptr))
+            if FAST_MATH:
+                g = g * (1.0 / tl.load(gs_ptr))
+            else:
+                g = tl.math.div_rn(g, tl.load(gs_ptr))
         if MASTER == 1:  # exact fp32 master from bf16 bits (int16 view) and the remainder
             hi = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.int32)
             lo = tl.load(r_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -124,18 +155,10 @@ if HAVE_TRITON:
             v = tl.fma(c2 * g, g, v)
         else:
             v = v + (c2 * g) * g
-        sq = tl.math.sqrt_rn(v)
-        if DIV_RECIP:
-            denom = sq * inv_bc2
+        if FAST_MATH:
+            p = p + neg_step_size * (m / (tl.sqrt(v) * inv_bc2 + eps))
         else:
-            denom = tl.math.div_rn(sq, bc2)
-        denom = denom + eps
-        if ADDCDIV == 0:
-            p = tl.fma(neg_step_size, tl.math.div_rn(m, denom), p)
-        elif ADDCDIV == 1:
-            p = p + tl.math.div_rn(neg_step_size * m, denom)
-        else:
-            p = p + neg_step_size * tl.math.div_rn(m, denom)
+            p = _exact_update(p, m, v, neg_step_size, inv_bc2, bc2, eps, DIV_RECIP, ADDCDIV)
 
         if NEED_NOISE:
             # One Philox draw (four 32-bit words) serves four elements, 16 bits for the weight and
@@ -240,6 +263,7 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
                                  f"contiguous")
         rem = st.get("remainder")
         n = p.numel()
+        fast = master_weights == "bf16_stochastic"
         _lean_adamw_kernel[(triton.cdiv(n, block),)](
             _bits(p.data), p.grad, st["exp_avg"], st["exp_avg_sq"],
             rem if rem is not None else st["exp_avg"], st["step"], scal,
@@ -251,5 +275,5 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             HAS_DECAY=h.weight_decay != 0, SMALL_W1=w1 < 0.5,
             NEED_NOISE=master_weights == "bf16_stochastic" or st["exp_avg"].dtype == torch.bfloat16,
-            BLOCK=block, **rounding,
-            num_warps=num_warps, enable_fp_fusion=False)
+            FAST_MATH=fast, BLOCK=block, **rounding,
+            num_warps=num_warps, enable_fp_fusion=fast)

@@ -178,3 +178,23 @@ def test_step_with_device_scale_and_found_inf_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     assert all(not torch.equal(a, p) for a, p in zip(before, ps))
     assert all(float(opt.state[p]["step"]) == 2.0 for p in ps)
+
+
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_stochastic_mode_lands_next_to_the_float64_update(moments):
+    """The stochastic mode's fast arithmetic (approximate division and square root) against the
+    AdamW update in float64 from the same inputs: stochastic rounding picks one of the two bf16
+    neighbours of the exact value, so every weight is within one bf16 spacing of it."""
+    n = 1 << 20
+    param, grad, m, v, _ = _state(n, moments, "bf16_stochastic", 5)
+    h = _hyper(wd=0.1)
+    scale = torch.tensor(1.7, device="cuda")
+    p_k, st = _run_kernel(param, grad, m, v, None, 3, h, "bf16_stochastic", grad_scale=scale)
+    g = grad.double() / 1.7
+    m2 = h.beta1 * m.double() + (1 - h.beta1) * g
+    v2 = h.beta2 * v.double() + (1 - h.beta2) * g * g
+    bc1, bc2 = 1 - h.beta1 ** 3, 1 - h.beta2 ** 3
+    exact = param.double() * (1 - h.lr * h.weight_decay) - h.lr / bc1 * m2 / (v2.sqrt() / bc2 ** 0.5 + h.eps)
+    spacing = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+    assert ((p_k.double() - exact).abs() <= spacing + 1e-6 * exact.abs()).all()
+    torch.testing.assert_close(st["exp_avg"].double(), m2, rtol=2 ** -7, atol=1e-12)
