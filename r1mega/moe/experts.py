@@ -100,6 +100,27 @@ class _Rebuild:
         self.gate_up = gate_up
 
 
+class _GroupedSwiGLUDown(torch.autograd.Function):
+    """down(swiglu(h)) over expert groups, keeping only h: the backward's one fused SwiGLU pass
+    gives both dh and the activation the down projection's weight gradient needs (swiglu_into's
+    autograd path recomputes the activation in a pass of its own)."""
+
+    @staticmethod
+    def forward(ctx, h, down, ends):
+        ctx.save_for_backward(h, down, ends)
+        a = triton_swiglu.swiglu_forward(h)                               # (R, F)
+        return torch._grouped_mm(a, down.transpose(-2, -1), offs=ends)   # (R, H)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, down, ends = ctx.saved_tensors
+        dy = dy.contiguous()
+        da = torch._grouped_mm(dy, down, offs=ends)                       # (R, F)
+        dh, a = triton_swiglu.swiglu_backward_with_output(da, h)          # (R, 2F), (R, F)
+        d_down = torch._grouped_mm(dy.t(), a, offs=ends) if ctx.needs_input_grad[1] else None
+        return dh, d_down, None                                           # d_down (E, H, F)
+
+
 def grouped_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                            offsets: torch.Tensor) -> torch.Tensor:
     """x (R, H) expert-contiguous rows, gate_up (E, 2F, H), down (E, H, F), offsets (E+1,) int32
@@ -107,6 +128,8 @@ def grouped_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.T
     nothing reads them, and their gradient is zero."""
     ends = offsets[1:].to(torch.int32)                                   # (E,) cumulative row ends
     h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=ends)      # (R, 2F)
+    if torch.is_grad_enabled() and _fused(h):
+        return _GroupedSwiGLUDown.apply(h, down, ends)
     return swiglu_into(lambda a: torch._grouped_mm(a, down.transpose(-2, -1), offs=ends), h)  # (R, H)
 
 

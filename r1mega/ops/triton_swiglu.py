@@ -71,8 +71,8 @@ if HAVE_TRITON:
         tl.store(OUT + row * stride_o + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(DOUT, Y, DY, F_HALF, stride_do, stride_y, stride_dy,
-                           BLOCK: tl.constexpr):
+    def _swiglu_bwd_kernel(DOUT, Y, DY, ACT, F_HALF, stride_do, stride_y, stride_dy, stride_act,
+                           BLOCK: tl.constexpr, WRITE_ACT: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < F_HALF
@@ -86,6 +86,9 @@ if HAVE_TRITON:
         base = DY + row * stride_dy
         tl.store(base + cols, d_gate.to(DY.dtype.element_ty), mask=mask)
         tl.store(base + F_HALF + cols, d_up.to(DY.dtype.element_ty), mask=mask)
+        if WRITE_ACT:  # the forward's output too, the forward kernel's formula: the same bits
+            tl.store(ACT + row * stride_act + cols, ((g * s) * u).to(ACT.dtype.element_ty),
+                     mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -133,9 +136,28 @@ def swiglu_backward(dout: torch.Tensor, y: torch.Tensor,
     dy = _out(out, tuple(y2.shape), y)
     if dy.numel():
         _swiglu_bwd_kernel[_grid(y2.shape[0], f_half)](
-            do2, y2, dy, f_half, do2.stride(0), y2.stride(0), dy.stride(0), BLOCK=BLOCK_F,
-            num_warps=NUM_WARPS, enable_fp_fusion=False)
+            do2, y2, dy, dy, f_half, do2.stride(0), y2.stride(0), dy.stride(0), 0, BLOCK=BLOCK_F,
+            WRITE_ACT=False, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return dy.view(y.shape)
+
+
+def swiglu_backward_with_output(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`swiglu_backward` that also returns the forward's output (..., F), bit for bit
+    :func:`swiglu_forward`'s, from the same pass: for a backward that needs both (the MoE
+    experts' down projection takes the output for its weight gradient)."""
+    f_half = y.shape[-1] // 2
+    if dout.shape[-1] != f_half or dout.numel() * 2 != y.numel():
+        raise ValueError(f"swiglu backward: gradient of shape {tuple(dout.shape)} does not match "
+                         f"the saved input {tuple(y.shape)} (expected (..., {f_half}))")
+    y2 = _rows(y)
+    do2 = _rows(dout)
+    dy = torch.empty(tuple(y2.shape), dtype=y.dtype, device=y.device)
+    act = torch.empty((y2.shape[0], f_half), dtype=y.dtype, device=y.device)
+    if dy.numel():
+        _swiglu_bwd_kernel[_grid(y2.shape[0], f_half)](
+            do2, y2, dy, act, f_half, do2.stride(0), y2.stride(0), dy.stride(0), act.stride(0),
+            BLOCK=BLOCK_F, WRITE_ACT=True, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return dy.view(y.shape), act.view(*y.shape[:-1], f_half)
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -3,7 +3,8 @@
 * The two Triton kernels under Triton's interpreter (TRITON_INTERPRET=1 is set before triton is
   imported, so they run in a spawned process), output buffers poisoned first: forward and
   backward within the dtype's rounding of float64 autograd on ``F.silu(g) * u``; a row's bits the
-  same alone, inside a larger batch and inside a batch of other rows; only the input is saved.
+  same alone, inside a larger batch and inside a batch of other rows; only the input is saved;
+  the backward that also writes the output gives both kernels' bits.
 * Off CUDA ``swiglu`` is the reference path.
 * The wiring, on the tiny CPU model with the device check forced on and the kernel replaced by a
   counting reference: every dense MLP calls it, the model's shared config is untouched, the
@@ -78,9 +79,11 @@ def run_checks(device: str = "cpu", shapes=SHAPES) -> list:
             dy = torch.full((rows, 2 * f), float("nan"), dtype=dtype, device=device)
             S.swiglu_backward(dout, y, out=dy)
             ratios = swiglu_error_ratios(y.cpu(), dout.cpu(), out.cpu(), dy.cpu())
+            # The backward that also writes the output (the MoE experts'): both bit for bit.
+            dy2, out2 = S.swiglu_backward_with_output(dout, y)
+            same = torch.equal(dy2, dy) and torch.equal(out2, out)
             # Row invariance: a row alone, a slice, the same rows among other rows, and a
             # (s, b, 2F) view of a wider buffer (row stride != 2F).
-            same = True
             for sl in (slice(0, 1), slice(rows // 3, rows // 2 + 1), slice(rows - 1, rows)):
                 if rows == 0:
                     break
