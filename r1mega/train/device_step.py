@@ -121,11 +121,32 @@ def folds_token_scale(optimizer) -> bool:
                               and o.optimizer.folds_token_scale() for o in opts)
 
 
+def whole_buffers(grads: list, buffers) -> list:
+    """``grads`` with the members of each DDP grad buffer whose every parameter's ``main_grad`` is
+    among them replaced by the buffer's flat ``grad_data``: one reduction instead of one per
+    parameter. The padding between parameters holds zeros (never written), so the sum of
+    squares is the same; a buffer holding a gradient the norm leaves out (a tensor-parallel
+    duplicate, a tied copy) keeps its members one by one."""
+    if not buffers or not grads:
+        return grads
+    index = {(g.data_ptr(), g.numel(), g.dtype): i for i, g in enumerate(grads)}
+    flat, used = [], set()
+    for buf in buffers:
+        members = [index.get((p.main_grad.data_ptr(), p.main_grad.numel(), p.main_grad.dtype))
+                   for p in buf.params]
+        if members and None not in members:
+            flat.append(buf.grad_data)
+            used.update(members)
+    return flat + [g for i, g in enumerate(grads) if i not in used]
+
+
 @torch.no_grad()
-def global_grad_norm(optimizer, device: torch.device) -> torch.Tensor:
+def global_grad_norm(optimizer, device: torch.device, buffers=None) -> torch.Tensor:
     """(1,) float32 global L2 norm of the main gradients, on the device: megatron's
-    ``get_grad_norm_fp32`` (same gradients, same group, same sum of squares) minus its read."""
-    grads = [g for o in _optimizers(optimizer) for g in o.get_main_grads_for_grad_norm()]
+    ``get_grad_norm_fp32`` (same gradients, same group, same sum of squares) minus its read.
+    ``buffers``: the model chunks' DDP grad buffers (:func:`whole_buffers`)."""
+    grads = whole_buffers([g for o in _optimizers(optimizer) for g in o.get_main_grads_for_grad_norm()],
+                          buffers)
     if grads:
         norm, _ = foreach_l2_norm(None, torch.zeros(1, dtype=torch.int, device=device), [grads], False)
         sq = norm.float() ** 2
@@ -139,14 +160,14 @@ def global_grad_norm(optimizer, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def device_optimizer_step(optimizer, loss_finite: torch.Tensor, device: torch.device,
-                          grad_prescale: Optional[torch.Tensor] = None):
+                          grad_prescale: Optional[torch.Tensor] = None, buffers=None):
     """Clip + Adam + copy-back with no host read. Returns device tensors (ok (1,) bool,
     grad_norm (1,) float32). ``loss_finite``: 0-d/1-elem bool tensor, the global loss's check.
     ``grad_prescale``: a multiplier the gradients have not had yet (DeferredGradScale); the norm
     is the scaled gradients', and the update divides by clip / prescale."""
     if optimizer.prepare_grads():  # only an fp16 loss scaler answers True; excluded above
         raise RuntimeError("device_optimizer_step needs an optimizer without a loss scaler")
-    norm = global_grad_norm(optimizer, device)
+    norm = global_grad_norm(optimizer, device, buffers)
     if grad_prescale is not None:
         grad_prescale = grad_prescale.reshape(1).to(device=device, dtype=torch.float32)
         norm = norm * grad_prescale

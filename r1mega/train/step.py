@@ -484,7 +484,10 @@ class TrainStep:
         self.optim.scheduler.step(increment=1)
         lr = self.optim.lr
         prescale = self._token_scale.take() if self._token_scale is not None else None
-        ok, norm = device_optimizer_step(self.optim.optimizer, torch.isfinite(loss), dev, prescale)
+        buffers = [b for c in self.chunks for b in (getattr(c, "buffers", []) +
+                                                    getattr(c, "expert_parallel_buffers", []))]
+        ok, norm = device_optimizer_step(self.optim.optimizer, torch.isfinite(loss), dev, prescale,
+                                         buffers)
         self._balance_experts(ok.bool())
         keys = sorted(sums)
         vec = torch.cat([ok.double(), norm.double(), tokens.reshape(1), loss.reshape(1)]

@@ -108,3 +108,25 @@ def test_fused_accumulation_keeps_megatron_zeroing(single_rank_runtime):
     ddp.zero_grad_buffer()
     assert not ddp.first_write
     assert all(not p.main_grad.any() for p in ddp.module.parameters())
+
+
+def test_grad_norm_over_whole_buffers(single_rank_runtime):
+    """device_step.whole_buffers: a buffer whose every gradient counts becomes one flat tensor
+    (same norm: its padding is zero); one holding a gradient the norm leaves out does not."""
+    from r1mega.models.ddp import FirstWriteDDP
+    from r1mega.parallel.fused_fallbacks import foreach_l2_norm
+    from r1mega.train.device_step import whole_buffers
+
+    rt = single_rank_runtime()
+    ddp = _wrap(FirstWriteDDP, _module(), rt, False)
+    _step(ddp, [torch.randn(8, 16, generator=torch.Generator().manual_seed(4))], True)
+    grads = [p.main_grad for p in ddp.module.parameters()]
+    flag = torch.zeros(1, dtype=torch.int)
+    want = foreach_l2_norm(None, flag, [grads], False)[0]
+    merged = whole_buffers(grads, ddp.buffers)
+    assert len(merged) == len(ddp.buffers) and merged[0] is ddp.buffers[0].grad_data
+    assert merged[0].numel() >= sum(g.numel() for g in grads)  # padding included
+    torch.testing.assert_close(foreach_l2_norm(None, flag, [merged], False)[0], want, rtol=1e-6, atol=0)
+    partial = grads[1:]  # e.g. a tensor-parallel duplicate the norm skips
+    assert whole_buffers(partial, ddp.buffers) == partial
+    assert whole_buffers(grads, None) is grads
