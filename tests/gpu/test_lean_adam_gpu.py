@@ -200,4 +200,6 @@ def test_stochastic_mode_lands_next_to_the_float64_update(moments):
     spacing = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
     # float32 arithmetic errs relative to its operands, not to the (possibly cancelled) result
     assert ((p_k.double() - exact).abs() <= spacing + 1e-6 * (decayed.abs() + update.abs())).all()
-    torch.testing.assert_close(st["exp_avg"].double(), m2, rtol=2 ** -7, atol=1e-12)
+    # exp_avg rounds to nearest; where b1 m and (1 - b1) g cancel, float32 errs on the operands
+    cancel = 1e-6 * (h.beta1 * m.double().abs() + (1 - h.beta1) * g.abs())
+    assert ((st["exp_avg"].double() - m2).abs() <= 2 ** -8 * m2.abs() + cancel).all()
