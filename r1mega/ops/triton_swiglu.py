@@ -123,10 +123,8 @@ def swiglu_forward(y: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch
     return out.view(*y.shape[:-1], f_half)
 
 
-def swiglu_backward(dout: torch.Tensor, y: torch.Tensor,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dout (..., F), y (..., 2F) -> d y (..., 2F) in y's dtype, both halves in one pass;
-    ``out`` as in :func:`swiglu_forward`, (rows, 2F)."""
+def _backward(dout: torch.Tensor, y: torch.Tensor, out: Optional[torch.Tensor],
+              with_output: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     f_half = y.shape[-1] // 2
     if dout.shape[-1] != f_half or dout.numel() * 2 != y.numel():
         raise ValueError(f"swiglu backward: gradient of shape {tuple(dout.shape)} does not match "
@@ -134,30 +132,27 @@ def swiglu_backward(dout: torch.Tensor, y: torch.Tensor,
     y2 = _rows(y)
     do2 = _rows(dout)
     dy = _out(out, tuple(y2.shape), y)
+    act = torch.empty((y2.shape[0], f_half), dtype=y.dtype, device=y.device) if with_output else None
     if dy.numel():
         _swiglu_bwd_kernel[_grid(y2.shape[0], f_half)](
-            do2, y2, dy, dy, f_half, do2.stride(0), y2.stride(0), dy.stride(0), 0, BLOCK=BLOCK_F,
-            WRITE_ACT=False, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    return dy.view(y.shape)
+            do2, y2, dy, dy if act is None else act, f_half, do2.stride(0), y2.stride(0),
+            dy.stride(0), 0 if act is None else act.stride(0), BLOCK=BLOCK_F,
+            WRITE_ACT=with_output, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return dy.view(y.shape), None if act is None else act.view(*y.shape[:-1], f_half)
+
+
+def swiglu_backward(dout: torch.Tensor, y: torch.Tensor,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dout (..., F), y (..., 2F) -> d y (..., 2F) in y's dtype, both halves in one pass;
+    ``out`` as in :func:`swiglu_forward`, (rows, 2F)."""
+    return _backward(dout, y, out, with_output=False)[0]
 
 
 def swiglu_backward_with_output(dout: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`swiglu_backward` that also returns the forward's output (..., F), bit for bit
     :func:`swiglu_forward`'s, from the same pass: for a backward that needs both (the MoE
     experts' down projection takes the output for its weight gradient)."""
-    f_half = y.shape[-1] // 2
-    if dout.shape[-1] != f_half or dout.numel() * 2 != y.numel():
-        raise ValueError(f"swiglu backward: gradient of shape {tuple(dout.shape)} does not match "
-                         f"the saved input {tuple(y.shape)} (expected (..., {f_half}))")
-    y2 = _rows(y)
-    do2 = _rows(dout)
-    dy = torch.empty(tuple(y2.shape), dtype=y.dtype, device=y.device)
-    act = torch.empty((y2.shape[0], f_half), dtype=y.dtype, device=y.device)
-    if dy.numel():
-        _swiglu_bwd_kernel[_grid(y2.shape[0], f_half)](
-            do2, y2, dy, act, f_half, do2.stride(0), y2.stride(0), dy.stride(0), act.stride(0),
-            BLOCK=BLOCK_F, WRITE_ACT=True, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    return dy.view(y.shape), act.view(*y.shape[:-1], f_half)
+    return _backward(dout, y, None, with_output=True)
 
 
 class SwiGLUFunction(torch.autograd.Function):
