@@ -34,11 +34,15 @@ class FirstWriteDDP(DistributedDataParallel):
         accumulate = super()._make_backward_post_hook(param)
 
         def hook(*unused):
-            if param not in self._fresh:
-                return accumulate(*unused)
+            if param not in self._fresh or param.grad is None or is_graph_capturing():
+                return accumulate(*unused)  # no gradient yet: still fresh, zeroed at the sync
+            if param.grad_added_to_main_grad:
+                raise RuntimeError(
+                    f"FirstWriteDDP: a module added into main_grad of a parameter of shape "
+                    f"{tuple(param.shape)} before its first gradient of the step, on top of the "
+                    f"last step's values; such modules need megatron's zeroed buffers "
+                    f"(config.gradient_accumulation_fusion=True selects them)")
             self._fresh.discard(param)
-            if param.grad is None or param.grad_added_to_main_grad or is_graph_capturing():
-                return accumulate(*unused)
             param.main_grad.copy_(param.grad.data)
             # megatron's hook then skips its add and does the rest (releases the grad, marks the
             # bucket ready); later micro-batches of the step add as before. zero_out_wgrad (the

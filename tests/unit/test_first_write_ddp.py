@@ -130,3 +130,17 @@ def test_grad_norm_over_whole_buffers(single_rank_runtime):
     partial = grads[1:]  # e.g. a tensor-parallel duplicate the norm skips
     assert whole_buffers(partial, ddp.buffers) == partial
     assert whole_buffers(grads, None) is grads
+
+
+def test_a_module_adding_into_main_grad_first_is_refused(single_rank_runtime):
+    """A module that accumulates into main_grad itself would add onto the last step's values:
+    refused with a clear error instead of a silently wrong gradient."""
+    from r1mega.models.ddp import FirstWriteDDP
+
+    rt = single_rank_runtime()
+    ddp = _wrap(FirstWriteDDP, _module(), rt, False)
+    ddp.zero_grad_buffer()
+    w = ddp.module["a"].weight
+    w.register_hook(lambda g: setattr(w, "grad_added_to_main_grad", True))
+    with pytest.raises(RuntimeError, match="gradient_accumulation_fusion"):
+        _forward(ddp.module, torch.randn(8, 16), True).backward()
