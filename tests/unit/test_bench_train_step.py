@@ -125,3 +125,35 @@ def test_profile_breakdown_sums_cuda_kernels_by_kind():
     want = {"moe dispatch": 0.1, "grouped gemm": 3.0, "gemm": 2.0, "attention": 0.5,
             "optimizer": 1.5, "elementwise": 0.28, "other": 0.05, "total": 7.43}
     assert kinds == pytest.approx(want)
+
+
+def test_profile_top_kernels_owners_and_sync_sites():
+    """The profile's kernel list (largest first, device kernels only), each kernel's launching
+    op (the one with most of its time), and each host wait with the ops open around it."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from r1mega.bench.step_profile import kernel_owners, sync_sites, top_kernels
+
+    def ev(name, us, count=1, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(key=name, self_device_time_total=us, count=count,
+                               device_type=device, is_user_annotation=annotation)
+
+    avg = [ev("gemm_kernel", 3000.0, 4), ev("copy_kernel", 500.0, 2), ev("adam", 9000.0, 111),
+           ev("aten::mm", 3000.0, 4, DeviceType.CPU), ev("Optimizer.step", 9000.0, annotation=True)]
+    assert top_kernels(avg, top=2) == [(9.0, 111, "adam"), (3.0, 4, "gemm_kernel")]
+
+    def host(name, start, end, kernels=()):
+        return SimpleNamespace(name=name, device_type=DeviceType.CPU,
+                               time_range=SimpleNamespace(start=start, end=end,
+                                                          elapsed_us=lambda: end - start),
+                               kernels=[SimpleNamespace(name=k, duration=d) for k, d in kernels])
+
+    events = [host("aten::mm", 0, 10, [("gemm_kernel", 700.0)]),
+              host("aten::addmm", 20, 30, [("gemm_kernel", 300.0)]),
+              host("Optimizer.step", 100, 400),
+              host("aten::item", 110, 390),
+              host("cudaStreamSynchronize", 120, 380)]
+    assert kernel_owners(events) == {"gemm_kernel": "aten::mm"}
+    assert sync_sites(events) == [(0.26, "Optimizer.step > aten::item")]
