@@ -39,7 +39,9 @@ def _state(sizes, master: str, moments: str, seed: int = 0):
         if master == "bf16_remainder":
             w, st["remainder"] = split_master(w)
         p = torch.nn.Parameter(w if master == "fp32" else w.to(torch.bfloat16), requires_grad=False)
-        p.grad = (torch.randn(n, generator=g, device="cuda") * 1e-2).to(torch.bfloat16)
+        # an fp32 master steps from megatron's fp32 main grads; the lean masters from bf16 ones
+        p.grad = (torch.randn(n, generator=g, device="cuda") * 1e-2).to(
+            torch.float32 if master == "fp32" else torch.bfloat16)
         params.append(p)
         states.append(st)
     return params, states
