@@ -6,7 +6,7 @@ the MoE train step's). For each candidate "BLOCK,WARPS" it times one optimizer s
 of qwen3-moe-small's sizes (a layer's stacked experts, its attention projections, a norm), beside
 a device copy of the same bytes in the same run (the floor), and checks that every candidate
 writes the reference configuration's bits (the stochastic rounding draws are keyed by element
-index, not by block). ``R1MEGA_LEAN_ADAM_TILES=BLOCK,WARPS`` selects one for training.
+index, not by block). The module's BLOCK, NUM_WARPS are the training's choice.
 """
 from __future__ import annotations
 

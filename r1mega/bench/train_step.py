@@ -113,13 +113,13 @@ def _profile_step(step_fn, label: str) -> None:
         step_fn()
         torch.cuda.synchronize()
     print(f"---- profile: {label} (one step)")
-    avg = prof.key_averages()
+    avg, events = prof.key_averages(), prof.events()
     print(avg.table(sort_by="cuda_time_total", row_limit=_PROFILE["rows"], max_name_column_width=60))
     # Host side: a step whose device time is below its wall time is waiting on these.
     print(f"---- profile: {label}, top host (self CPU) ops")
     print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
     try:
-        for ms, where in sync_sites(prof.events()):
+        for ms, where in sync_sites(events):
             print(f"---- profile: {label}, host waited {ms:.2f} ms for the device in: {where}")
     except Exception as exc:  # a diagnostic only
         print(f"---- profile: {label}: no sync sites ({type(exc).__name__}: {exc})")
@@ -137,13 +137,13 @@ def _profile_step(step_fn, label: str) -> None:
     _PROFILE["breakdowns"][label] = kinds
     print(f"---- profile: {label}, top kernels by device time (ms, calls, name)")
     try:
-        owners = kernel_owners(prof.events())
+        owners = kernel_owners(events)
     except Exception:  # a diagnostic only
         owners = {}
     for ms, calls, name in top_kernels(avg):
         print(f"  {ms:>8.2f} {calls:>5}  {owners.get(name, '?')[:40]:<40}  {name[:110]}")
     try:
-        gaps = device_idle_gaps(prof.events())
+        gaps = device_idle_gaps(events)
     except Exception as exc:  # a diagnostic only
         print(f"---- profile: {label}: no idle-gap analysis ({type(exc).__name__}: {exc})")
         return

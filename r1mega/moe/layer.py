@@ -265,8 +265,9 @@ class MoELayer(MegatronModule):
         if torch.is_grad_enabled() and torch.compiler.is_compiling():
             # Compiled, the partitioner would keep the permuted rows for backward (k copies of
             # x, the layer's largest activation) that rebuild_when_saved's hooks gather again;
-            # dynamo cannot trace those hooks, so a training forward runs this part eagerly. Forward-only passes (log-probs, compiled or graph-captured decode) trace
-            # the whole layer as one graph.
+            # dynamo cannot trace those hooks, so a training forward runs this part eagerly.
+            # Forward-only passes (log-probs, compiled or graph-captured decode) trace the whole
+            # layer as one graph.
             out = self._routed_eager(x, idx, w)
         else:
             out = self._routed(x, idx, w)

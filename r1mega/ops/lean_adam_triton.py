@@ -27,7 +27,6 @@ the stochastic mode does not need; its test checks the kernel's rounding is unbi
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -42,24 +41,9 @@ try:
 except Exception:  # pragma: no cover - CPU-only installs
     HAVE_TRITON = False
 
-BLOCK, NUM_WARPS = 1024, 4  # elements per program, warps; any choice gives the same bits
-
-
-def launch_config() -> tuple[int, int]:
-    """(BLOCK, NUM_WARPS), or ``R1MEGA_LEAN_ADAM_TILES=BLOCK,WARPS`` (``r1mega bench lean-adam``
-    times the candidates). The Philox counter of an element is its index / 4, so the stochastic
-    rounding draws are the same whatever the block."""
-    env = os.environ.get("R1MEGA_LEAN_ADAM_TILES")
-    if not env:
-        return BLOCK, NUM_WARPS
-    try:
-        block, warps = (int(v) for v in env.split(","))
-    except ValueError:
-        block = warps = 0
-    if block < 4 or block & (block - 1) or warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"R1MEGA_LEAN_ADAM_TILES={env!r}: expected BLOCK,WARPS with BLOCK a power "
-                         f"of two >= 4 and WARPS one of 1, 2, 4, 8, 16")
-    return block, warps
+# Elements per program and warps (`r1mega bench lean-adam` times other choices). The Philox counter
+# of an element is its index / 4, so any choice gives the same bits.
+BLOCK, NUM_WARPS = 1024, 4
 
 
 _MASTER_CODE = {"fp32": 0, "bf16_remainder": 1, "bf16_stochastic": 2}
@@ -247,14 +231,14 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
     master mode of params[i], see LeanAdamW.mode_of), one launch each.
 
     All counters of a group advance together, so the first one's bias corrections serve all.
-    ``tiles``: (BLOCK, NUM_WARPS) instead of :func:`launch_config`'s."""
+    ``tiles``: (BLOCK, NUM_WARPS) instead of the module's (the benchmark's candidates)."""
     if not available():
         raise RuntimeError("lean AdamW on CUDA needs Triton; install triton or run on CPU")
     scal = bias_scalars(states[0]["step"], h)
     rounding = torch_cuda_rounding(params[0].device)
     w1, beta2 = 1 - h.beta1, h.beta2
     decay = 1 - h.lr * h.weight_decay
-    block, num_warps = tiles or launch_config()
+    block, num_warps = tiles or (BLOCK, NUM_WARPS)
     for p, st, master_weights, seed in zip(params, states, modes, seeds):
         for name, t in (("param", p), ("grad", p.grad), ("exp_avg", st["exp_avg"]),
                         ("exp_avg_sq", st["exp_avg_sq"])):

@@ -386,6 +386,9 @@ class TrainStep:
             functools.partial(_finalize_grads, defer_scale=self._token_scale)
             if self._token_scale is not None else _finalize_grads)
         self._biased_moe = any(m.expert_bias is not None for m in moe_layers(model_chunks))
+        # The DDP grad buffers, for the clip's norm (device_step.whole_buffers).
+        self._grad_buffers = [b for c in model_chunks for b in
+                              getattr(c, "buffers", []) + getattr(c, "expert_parallel_buffers", [])]
         self._pending: Optional[StepResult] = None
 
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> dict:
@@ -484,10 +487,8 @@ class TrainStep:
         self.optim.scheduler.step(increment=1)
         lr = self.optim.lr
         prescale = self._token_scale.take() if self._token_scale is not None else None
-        buffers = [b for c in self.chunks for b in (getattr(c, "buffers", []) +
-                                                    getattr(c, "expert_parallel_buffers", []))]
         ok, norm = device_optimizer_step(self.optim.optimizer, torch.isfinite(loss), dev, prescale,
-                                         buffers)
+                                         self._grad_buffers)
         self._balance_experts(ok.bool())
         keys = sorted(sums)
         vec = torch.cat([ok.double(), norm.double(), tokens.reshape(1), loss.reshape(1)]
