@@ -152,3 +152,31 @@ class OptimizerClock:
             return float("nan")
         torch.cuda.synchronize()
         return sum(s.elapsed_time(e) for s, e in self.pairs) / len(self.pairs)
+
+
+class StepClock:
+    """Each timed step's device interval and host time, for the spread behind a mean ms/step.
+
+    An event is recorded after every step (recording does not wait): consecutive events bound one
+    step's device time plus any idle time inside it. The host time is between the returns of
+    consecutive steps. Where the host time per step reaches the device interval, the loop is
+    host-bound; one long interval among short ones is a stall, not a slower kernel."""
+
+    def __init__(self, device):
+        self.on = device.type == "cuda"
+        self.events: list = []
+        self.host: list = []
+
+    def mark(self, host_time: float) -> None:
+        self.host.append(host_time)
+        if self.on:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+
+    def summary(self) -> dict:
+        """After a device sync: per-step device and host ms (``steps`` = marks - 1)."""
+        host_ms = [(b - a) * 1e3 for a, b in zip(self.host, self.host[1:])]
+        dev_ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
+        return {"device_ms": dev_ms, "host_ms": host_ms}
+

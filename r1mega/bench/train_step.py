@@ -41,8 +41,8 @@ import torch
 
 from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, total_parameters
 from r1mega.bench.shapes import SHAPES, get_shape
-from r1mega.bench.step_profile import (device_idle_gaps, OptimizerClock, kernel_breakdown,
-                                       kernel_owners, sync_sites, top_kernels)
+from r1mega.bench.step_profile import (device_idle_gaps, OptimizerClock, StepClock,
+                                       kernel_breakdown, kernel_owners, sync_sites, top_kernels)
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
 DEFAULT_SEQS = {"qwen3-moe-small": 4}
@@ -101,6 +101,7 @@ def _peak_gb(device) -> float:
 
 
 _PROFILE = {"on": False, "rows": 25, "breakdowns": {}}
+_SPREAD: dict = {}  # _timed's label -> StepClock.summary() of its timed steps
 
 def _profile_step(step_fn, label: str) -> None:
     """Top device kernels of one step (``--profile``): where the milliseconds go."""
@@ -161,13 +162,22 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
     _sync(device)
     if clock is not None:
         clock.reset()  # the timed steps only
+    spread = StepClock(device)
     t = time.perf_counter()
+    spread.mark(t)
     for _ in range(steps):
         losses.append(step_fn())
+        spread.mark(time.perf_counter())
     _sync(device)
     sec = (time.perf_counter() - t) / steps
     if clock is not None:
         clock.result_ms = clock.mean_ms()
+    per_step = spread.summary()
+    _SPREAD[label] = per_step
+    if per_step["device_ms"]:
+        print(f"---- steps: {label}: device ms per step "
+              + " ".join(f"{ms:.1f}" for ms in per_step["device_ms"])
+              + "; host ms per step " + " ".join(f"{ms:.1f}" for ms in per_step["host_ms"]))
     if _PROFILE["on"] and device.type == "cuda":
         _profile_step(step_fn, label)
     return sec, losses
@@ -522,6 +532,9 @@ def main(argv=None) -> int:
         result["speed_bar"] = bar
         result["bar_met"] = bool(result["speedup_vs_hf"] >= bar and
                                  (hf[1] != hf[1] or rows[best][1] <= hf[1]))
+    if any(v["device_ms"] for v in _SPREAD.values()):
+        result["device_ms_per_step"] = {k: [round(x, 2) for x in v["device_ms"]]
+                                        for k, v in _SPREAD.items()}
     if _PROFILE["breakdowns"]:
         result["profile_device_ms_by_kind"] = _PROFILE["breakdowns"]
     print(json.dumps(_no_nan(result)))

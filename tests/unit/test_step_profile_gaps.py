@@ -2,6 +2,8 @@
 each gap, on hand-made profiler events (times in µs)."""
 from types import SimpleNamespace
 
+import torch
+
 from torch.autograd import DeviceType
 
 from r1mega.bench.step_profile import device_idle_gaps
@@ -30,3 +32,14 @@ def test_gaps_are_the_uncovered_time_between_kernels_with_the_open_host_ops():
 
 def test_no_kernels_no_gaps():
     assert device_idle_gaps([_ev("aten::mm", 0, 5, DeviceType.CPU)]) == {"busy_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+
+
+def test_step_clock_reports_host_time_per_step_between_marks():
+    from r1mega.bench.step_profile import StepClock
+
+    clock = StepClock(torch.device("cpu"))
+    for t in (10.0, 10.1, 10.35, 10.4):
+        clock.mark(t)
+    out = clock.summary()
+    assert out["device_ms"] == []  # no events on CPU
+    assert [round(x, 6) for x in out["host_ms"]] == [100.0, 250.0, 50.0]
