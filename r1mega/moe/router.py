@@ -17,10 +17,19 @@ from __future__ import annotations
 
 import torch
 
+from r1mega.moe.router_gemm import SplitLogits, logits_split, use_split
+from r1mega.ops.batch_invariant import exact_active
+
 
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(T, H) x (E, H) -> (T, E) float32 logits; the gate weight is read in float32 too."""
+    """(T, H) x (E, H) -> (T, E) float32 logits; the gate weight is read in float32 too.
+
+    bf16 activations on CUDA take the float32 product on bf16 tensor cores (r1mega/moe/
+    router_gemm.py), in training and forward-only passes alike, so both route the same tokens
+    the same way; ``rollout.exact`` keeps the plain float32 GEMM its batch-invariant mode owns."""
     needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if use_split(hidden, weight) and not exact_active():
+        return SplitLogits.apply(hidden, weight) if needs_graph else logits_split(hidden, weight)
     if not needs_graph or (hidden.dtype == torch.float32 and weight.dtype == torch.float32):
         # Nothing is kept for a backward (rollout, log-prob passes): the plain ops, which
         # torch.compile and CUDA-graph capture of the decode step see as before.
