@@ -5,7 +5,7 @@ and the gradients through them, are float32. On a GPU a float32 GEMM runs on the
 far below the bf16 tensor-core rate, and the bf16 activations must first be widened to a float32
 copy. Instead each float32 operand is written as a sum of bf16 parts, ``x = x_1 + x_2 + x_3``
 (three parts hold a float32 value exactly: each takes the next 8 significant bits of the
-remainder), and the product is a sum of bf16 x bf16 products. A product of two bf16 values is
+remainder, cut by a bit mask), and the product is a sum of bf16 x bf16 products. A product of two bf16 values is
 exact in float32, and the tensor cores accumulate in float32, so the result is a float32 GEMM's
 up to the order of the additions:
 
@@ -25,13 +25,18 @@ PARTS = 3  # bf16 parts of a float32 value: 3 x 8 significant bits hold its 24 e
 
 
 def split_bf16(x: torch.Tensor, parts: int = PARTS) -> list[torch.Tensor]:
-    """float32 x -> ``parts`` bf16 tensors of x's shape whose float32 sum is x (exactly for 3)."""
+    """float32 x -> ``parts`` bf16 tensors of x's shape whose float32 sum is x (exactly for 3).
+
+    Each part is the remainder's top 16 bits (sign, exponent, 7 mantissa bits), cut with an
+    integer mask: a bf16 value, so its conversion to bf16 and ``rest - head`` are exact. Rounding
+    with ``.to(bfloat16)`` instead breaks under inductor, which keeps the unrounded float32 inside
+    a fused kernel (``emulate_precision_casts`` is off) and so computes a zero remainder."""
     out, rest = [], x.float()
     for i in range(parts):
-        part = rest.to(torch.bfloat16)
-        out.append(part)
+        head = (rest.view(torch.int32) & -65536).view(torch.float32)   # low 16 bits cleared
+        out.append(head.to(torch.bfloat16))
         if i + 1 < parts:
-            rest = rest - part.float()
+            rest = rest - head
     return out
 
 
