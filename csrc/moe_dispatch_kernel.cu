@@ -218,36 +218,37 @@ __global__ void unpermute_kernel(const T* __restrict__ y, const int* __restrict_
   }
 }
 
-// Backward of unpermute + combine, one pass per token: grad_y[row] = w * g[t] and
-// grad_w[t, j] = <g[t], y[row]> (block reduction in acc_t); padding rows of grad_y are zeroed.
-// The k rows of a token are taken kUnpermuteUnroll at a time: each thread issues all their loads
-// before using any (one row at a time left a thread one load in flight, 1.5x the bytes floor),
-// and their k dot products share one block reduction.
-constexpr int kUnpermuteUnroll = 8;
+// Backward of unpermute + combine, one warp per token: grad_y[row] = w * g[t] and
+// grad_w[t, j] = <g[t], y[row]> (warp reduction in acc_t); padding rows of grad_y are zeroed.
+// The k rows of a token are taken kUnpermuteUnroll at a time: each lane issues all their loads
+// before using any, and their dot products are reduced together by shuffles, with no block
+// barrier (a row of hidden 2048 is only eight 16-byte loads a lane).
+constexpr int kUnpermuteUnroll = 4;
 
 template <typename T, typename W, int VEC>
-__global__ void unpermute_backward_kernel(const T* __restrict__ g, const T* __restrict__ y,
+__global__ void __launch_bounds__(kCopyThreads, 3) unpermute_backward_kernel(const T* __restrict__ g, const T* __restrict__ y,
                                           const int* __restrict__ row_map, const W* __restrict__ w,
                                           const int* __restrict__ src_entry, T* __restrict__ grad_y,
                                           W* __restrict__ grad_w, int64_t num_tokens, int topk,
                                           int64_t hidden, int64_t num_rows) {
   using acc_t = typename Acc<T>::type;
   constexpr int U = kUnpermuteUnroll;
-  __shared__ acc_t s_red[kCopyThreads / 32][U];
   const int64_t nvec = hidden / VEC;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int64_t t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_per_block = blockDim.x >> 5;
+  const int64_t first = (int64_t)blockIdx.x * warps_per_block + (threadIdx.x >> 5);
+  for (int64_t t = first; t < num_tokens; t += (int64_t)gridDim.x * warps_per_block) {
     for (int j0 = 0; j0 < topk; j0 += U) {
       const int nj = min(U, topk - j0);
       int rows[U];
       acc_t scale[U], dot[U];
 #pragma unroll
       for (int q = 0; q < U; ++q) {
-        rows[q] = q < nj ? row_map[t * topk + j0 + q] : -1;  // uniform across the block
+        rows[q] = q < nj ? row_map[t * topk + j0 + q] : -1;  // uniform across the warp
         scale[q] = rows[q] >= 0 ? static_cast<acc_t>(w[t * topk + j0 + q]) : acc_t(0);
         dot[q] = acc_t(0);
       }
-      for (int64_t c = threadIdx.x; c < nvec; c += blockDim.x) {
+      for (int64_t c = lane; c < nvec; c += 32) {
         const Pack<T, VEC> gv = reinterpret_cast<const Pack<T, VEC>*>(g + t * hidden)[c];
         Pack<T, VEC> yv[U];
 #pragma unroll
@@ -266,20 +267,13 @@ __global__ void unpermute_backward_kernel(const T* __restrict__ g, const T* __re
           reinterpret_cast<Pack<T, VEC>*>(grad_y + (int64_t)rows[q] * hidden)[c] = o;
         }
       }
+      acc_t mine = acc_t(0);
 #pragma unroll
       for (int q = 0; q < U; ++q) {
         for (int off = 16; off > 0; off >>= 1) dot[q] += __shfl_xor_sync(0xffffffffu, dot[q], off);
-        if (lane == 0) s_red[warp][q] = dot[q];
+        if (q == lane) mine = rows[q] >= 0 ? dot[q] : acc_t(0);  // a static index: no local memory
       }
-      __syncthreads();
-      if (threadIdx.x < nj) {
-        const int q = threadIdx.x;
-        acc_t total = acc_t(0);
-        for (int wq = 0; wq < (int)(blockDim.x / 32); ++wq) total += s_red[wq][q];
-        const bool routed = row_map[t * topk + j0 + q] >= 0;
-        grad_w[t * topk + j0 + q] = routed ? static_cast<W>(total) : W(0);
-      }
-      __syncthreads();
+      if (lane < nj) grad_w[t * topk + j0 + lane] = static_cast<W>(mine);
     }
   }
   Pack<T, VEC> zero;
