@@ -2,6 +2,9 @@
 the optimizer part of each step (from CUDA events), for ``r1mega bench train-step``."""
 from __future__ import annotations
 
+import gc
+import time
+
 import torch
 
 # Device kernels by kind, first match wins (lower-case substrings of the kernel name). The MoE
@@ -180,3 +183,33 @@ class StepClock:
         dev_ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
         return {"device_ms": dev_ms, "host_ms": host_ms}
 
+
+
+class GcClock:
+    """Host time spent in Python's garbage collector per step (``gc.callbacks``), and how many of
+    those collections were full (generation 2) ones: a host pause the GPU may feel."""
+
+    def __init__(self):
+        self.per_step_ms: list = []
+        self.full_per_step: list = []
+        self._ms, self._full, self._t0 = 0.0, 0, None
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self._ms += (time.perf_counter() - self._t0) * 1e3
+            self._full += info.get("generation") == 2
+            self._t0 = None
+
+    def mark(self) -> None:
+        self.per_step_ms.append(self._ms)
+        self.full_per_step.append(self._full)
+        self._ms, self._full = 0.0, 0
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
