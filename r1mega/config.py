@@ -361,10 +361,6 @@ class TrainConfig:
     # first step boundary where one more step plus the final evaluation would overrun it (the
     # final evaluation's time is predicted from the first one: r1mega/train/budget.py).
     time_budget_s: float = 0.0
-    # After the first step, freeze the objects alive then out of Python's garbage collection
-    # (r1mega/train/gc_policy.py): a full collection over them pauses the host long enough to
-    # idle the GPU.
-    gc_freeze: bool = True
 
 
 @dataclass

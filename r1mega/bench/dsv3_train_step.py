@@ -80,11 +80,8 @@ def main(argv=None) -> int:
                     help="also time a row with this optimizer.master_weights (lean optimizer state)")
     ap.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="the Adam moments' dtype of that row (optimizer.moments_dtype)")
-    ap.add_argument("--gc", default="freeze", choices=["freeze", "auto"],
-                    help="Python's collector during the timed steps (see bench train-step --gc)")
     args = ap.parse_args(argv)
     ts._PROFILE["on"] = args.profile
-    ts._GC["freeze"] = args.gc == "freeze"
 
     from r1mega.config import ParallelConfig, PrecisionConfig
     from r1mega.parallel.launch_env import read_launch_env

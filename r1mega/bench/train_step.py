@@ -43,7 +43,6 @@ from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, 
 from r1mega.bench.shapes import SHAPES, get_shape
 from r1mega.bench.step_profile import (device_idle_gaps, GcClock, OptimizerClock, StepClock,
                                        kernel_breakdown, kernel_owners, sync_sites, top_kernels)
-from r1mega.train.gc_policy import GcFreeze
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
 DEFAULT_SEQS = {"qwen3-moe-small": 4}
@@ -103,7 +102,6 @@ def _peak_gb(device) -> float:
 
 _PROFILE = {"on": False, "rows": 25, "breakdowns": {}}
 _SPREAD: dict = {}  # _timed's label -> StepClock.summary() of its timed steps
-_GC = {"freeze": True}
 
 def _profile_step(step_fn, label: str) -> None:
     """Top device kernels of one step (``--profile``): where the milliseconds go."""
@@ -164,9 +162,6 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
     _sync(device)
     if clock is not None:
         clock.reset()  # the timed steps only
-    # The trainer's collector policy (train.gc_freeze), applied after the warm-up steps.
-    gc_policy = GcFreeze(_GC["freeze"])
-    gc_policy.after_step()
     spread = StepClock(device)
     gc_clock = GcClock()
     t = time.perf_counter()
@@ -178,14 +173,12 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
             gc_clock.mark()
     _sync(device)
     sec = (time.perf_counter() - t) / steps
-    gc_policy.close()
     if clock is not None:
         clock.result_ms = clock.mean_ms()
     per_step = dict(spread.summary(), gc_ms=gc_clock.per_step_ms, gc_full=gc_clock.full_per_step)
     _SPREAD[label] = per_step
     if per_step["device_ms"]:
-        print(f"---- steps: {label} (gc {'frozen' if _GC['freeze'] else 'automatic'}): device ms "
-              "per step " + " ".join(f"{ms:.1f}" for ms in per_step["device_ms"])
+        print(f"---- steps: {label}: device ms per step " + " ".join(f"{ms:.1f}" for ms in per_step["device_ms"])
               + "; host ms per step " + " ".join(f"{ms:.1f}" for ms in per_step["host_ms"])
               + "; host ms in Python's gc per step " + " ".join(f"{ms:.1f}" for ms in per_step["gc_ms"])
               + f"; full collections {sum(per_step['gc_full'])}")
@@ -353,12 +346,8 @@ def main(argv=None) -> int:
                     help="the Adam moments' dtype of that row (optimizer.moments_dtype)")
     ap.add_argument("--exact", action="store_true",
                     help="also time the rollout.exact training forward (a fresh model), same run")
-    ap.add_argument("--gc", default="freeze", choices=["freeze", "auto"],
-                    help="Python's collector during the timed steps of every row (peer included): "
-                         "freeze = the trainer's default (train.gc_freeze), auto = untouched")
     args = ap.parse_args(argv)
     _PROFILE["on"] = args.profile
-    _GC["freeze"] = args.gc == "freeze"
 
     from r1mega.config import ParallelConfig, PrecisionConfig
     from r1mega.parallel.launch_env import read_launch_env
@@ -551,7 +540,6 @@ def main(argv=None) -> int:
         result["device_ms_per_step"] = {k: [round(x, 2) for x in v["device_ms"]]
                                         for k, v in _SPREAD.items()}
         result["gc_ms_per_step"] = {k: [round(x, 2) for x in v["gc_ms"]] for k, v in _SPREAD.items()}
-    result["gc"] = "freeze" if _GC["freeze"] else "auto"
     if _PROFILE["breakdowns"]:
         result["profile_device_ms_by_kind"] = _PROFILE["breakdowns"]
     print(json.dumps(_no_nan(result)))

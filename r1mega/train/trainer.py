@@ -18,7 +18,6 @@ from typing import Callable, Optional
 
 from r1mega.config import Config, ConfigError, load_config, validate
 from r1mega.rewards.detectors import reward_strict_gap
-from r1mega.train.gc_policy import GcFreeze
 
 # The CPU demo's recipe, embedded so that `r1mega demo` works from any install; configs/demo.yaml
 # holds the same values (a unit test keeps the two equal). See that file for the measurements.
@@ -136,14 +135,12 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
 
     preempt = PreemptionHandler(enabled=cfg.checkpoint.save_on_signal)
     guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
-    gc_policy = GcFreeze(cfg.train.gc_freeze)
     step, reason = start, "done"
     warned_at = -(10 ** 9)
     try:
         for step in range(start + 1, total + 1):
             t_step = time.perf_counter()
             out = step_fn(step)
-            gc_policy.after_step()
             metrics = out if isinstance(out, dict) else out.metrics
             guard.record(not metrics.get("update_skipped", 0.0), step)
             failing = over_limit(metrics, cfg.rewards.max_error_rate)
@@ -183,7 +180,6 @@ def _loop(cfg: Config, rt, logger, ckpt, step_fn, *, start: int, total: int, pre
                 break
     finally:
         preempt.restore()
-        gc_policy.close()
     if ckpt is not None and step > start and not (
             cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0):
         ckpt.save(step, policy.chunks, policy.optim.optimizer, state_fn(step))
