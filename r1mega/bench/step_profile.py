@@ -150,11 +150,16 @@ class OptimizerClock:
     def reset(self) -> None:
         self.pairs.clear()
 
-    def mean_ms(self) -> float:
+    def per_step_ms(self) -> list:
+        """Each timed step's optimizer device time: whether a slow step was slow there."""
         if not self.pairs:
-            return float("nan")
+            return []
         torch.cuda.synchronize()
-        return sum(s.elapsed_time(e) for s, e in self.pairs) / len(self.pairs)
+        return [s.elapsed_time(e) for s, e in self.pairs]
+
+    def mean_ms(self) -> float:
+        times = self.per_step_ms()
+        return sum(times) / len(times) if times else float("nan")
 
 
 class StepClock:

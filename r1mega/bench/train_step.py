@@ -175,10 +175,12 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
     sec = (time.perf_counter() - t) / steps
     if clock is not None:
         clock.result_ms = clock.mean_ms()
-    per_step = dict(spread.summary(), gc_ms=gc_clock.per_step_ms, gc_full=gc_clock.full_per_step)
+    per_step = dict(spread.summary(), gc_ms=gc_clock.per_step_ms, gc_full=gc_clock.full_per_step,
+                    optimizer_ms=clock.per_step_ms() if clock is not None else [])
     _SPREAD[label] = per_step
     if per_step["device_ms"]:
         print(f"---- steps: {label}: device ms per step " + " ".join(f"{ms:.1f}" for ms in per_step["device_ms"])
+              + "; of it the optimizer " + " ".join(f"{ms:.1f}" for ms in per_step["optimizer_ms"])
               + "; host ms per step " + " ".join(f"{ms:.1f}" for ms in per_step["host_ms"])
               + "; host ms in Python's gc per step " + " ".join(f"{ms:.1f}" for ms in per_step["gc_ms"])
               + f"; full collections {sum(per_step['gc_full'])}")
