@@ -129,7 +129,10 @@ def test_grad_scale_clip_matches_megatron_clip(single_rank_runtime):
     ref.step()
     torch.testing.assert_close(lean.state[lean_p]["exp_avg"], ref.state[ref_p]["exp_avg"],
                                rtol=2e-6, atol=0)
-    torch.testing.assert_close(lean.masters()[0], ref_p.data, rtol=2e-6, atol=1e-9)
+    # The step moves each weight by about lr (a first Adam step is ~lr * sign(g)), so a weight
+    # near lr lands near 0 by cancellation: its rounding error is the step's (~1e-7 * lr), not a
+    # small multiple of its own ulp; how it rounds depends on the CPU's vector kernels.
+    torch.testing.assert_close(lean.masters()[0], ref_p.data, rtol=2e-6, atol=2e-6 * 1e-2)
 
 
 def test_wrong_parameter_dtype_is_named():
