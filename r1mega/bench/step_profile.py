@@ -167,8 +167,8 @@ class StepClock:
 
     An event is recorded after every step (recording does not wait): consecutive events bound one
     step's device time plus any idle time inside it. The host time is between the returns of
-    consecutive steps. Where the host time per step reaches the device interval, the loop is
-    host-bound; one long interval among short ones is a stall, not a slower kernel."""
+    consecutive steps: once the launch queue is full it is paced by the device and equals the
+    interval, so the first steps' host times (queue not yet full) say what the host needs."""
 
     def __init__(self, device):
         self.on = device.type == "cuda"
@@ -187,7 +187,6 @@ class StepClock:
         host_ms = [(b - a) * 1e3 for a, b in zip(self.host, self.host[1:])]
         dev_ms = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
         return {"device_ms": dev_ms, "host_ms": host_ms}
-
 
 
 class GcClock:

@@ -179,11 +179,11 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
                     optimizer_ms=clock.per_step_ms() if clock is not None else [])
     _SPREAD[label] = per_step
     if per_step["device_ms"]:
-        print(f"---- steps: {label}: device ms per step " + " ".join(f"{ms:.1f}" for ms in per_step["device_ms"])
-              + "; of it the optimizer " + " ".join(f"{ms:.1f}" for ms in per_step["optimizer_ms"])
-              + "; host ms per step " + " ".join(f"{ms:.1f}" for ms in per_step["host_ms"])
-              + "; host ms in Python's gc per step " + " ".join(f"{ms:.1f}" for ms in per_step["gc_ms"])
-              + f"; full collections {sum(per_step['gc_full'])}")
+        ms = {k: " ".join(f"{x:.1f}" for x in per_step[k])
+              for k in ("device_ms", "optimizer_ms", "host_ms", "gc_ms")}
+        print(f"---- steps: {label}: device ms per step {ms['device_ms']}; of it the optimizer "
+              f"{ms['optimizer_ms']}; host ms per step {ms['host_ms']}; host ms in Python's gc per "
+              f"step {ms['gc_ms']}; full collections {sum(per_step['gc_full'])}")
     if _PROFILE["on"] and device.type == "cuda":
         _profile_step(step_fn, label)
     return sec, losses

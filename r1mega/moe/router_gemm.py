@@ -5,9 +5,10 @@ and the gradients through them, are float32. On a GPU a float32 GEMM runs on the
 far below the bf16 tensor-core rate, and the bf16 activations must first be widened to a float32
 copy. Instead each float32 operand is written as a sum of bf16 parts, ``x = x_1 + x_2 + x_3``
 (three parts hold a float32 value exactly: each takes the next 8 significant bits of the
-remainder, cut by a bit mask), and the product is a sum of bf16 x bf16 products. A product of two bf16 values is
-exact in float32, and the tensor cores accumulate in float32, so the result is a float32 GEMM's
-up to the order of the additions:
+remainder, cut by a bit mask), and the product is a sum of bf16 x bf16 products. A product of
+two bf16 values is exact in float32 and the tensor cores accumulate in float32, so the result is
+a float32 GEMM's up to the order and rounding of the accumulation (tests/gpu checks it against
+float64 with a float32-accumulation bound):
 
   logits      = x W^T          x bf16 (one part), W float32 (three): one GEMM of 3E outputs
   grad_hidden = g W            g, W float32: the six part products with i + j < 3 (the dropped
