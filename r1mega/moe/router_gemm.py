@@ -54,8 +54,7 @@ def logits_split(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(T, H) bf16 x (E, H) float32 -> (T, E) float32 logits."""
     num_experts = weight.shape[0]
     w = torch.cat(split_bf16(weight), dim=0)                         # (3E, H) bf16
-    out = mm_f32(hidden, w.t())                                      # (T, 3E) float32
-    return (out[:, :num_experts] + out[:, num_experts:2 * num_experts]) + out[:, 2 * num_experts:]
+    return _sum_parts(mm_f32(hidden, w.t()), num_experts, dim=1)      # (T, 3E) -> (T, E)
 
 
 def grad_hidden_split(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -71,8 +70,16 @@ def grad_weight_split(grad: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """(T, E) float32 ^T @ (T, H) bf16 -> (E, H) float32."""
     num_experts = grad.shape[1]
     g = torch.cat(split_bf16(grad), dim=1)                           # (T, 3E)
-    out = mm_f32(g.t(), hidden)                                      # (3E, H) float32
-    return (out[:num_experts] + out[num_experts:2 * num_experts]) + out[2 * num_experts:]
+    return _sum_parts(mm_f32(g.t(), hidden), num_experts, dim=0)      # (3E, H) -> (E, H)
+
+
+def _sum_parts(out: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """The PARTS products stacked along ``dim`` (n each), summed in float32, first to last."""
+    parts = out.split(n, dim=dim)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 class SplitLogits(torch.autograd.Function):
