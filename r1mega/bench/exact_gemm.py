@@ -28,7 +28,8 @@ REFERENCE = "128,128,64,8,3"
 # Small-M candidates stream the weight once per row block: one wide row block (BM 256) with thin
 # column blocks keeps every weight read single, deep K blocks keep more loads in flight.
 CANDIDATES = [REFERENCE, "256,128,64,8,3", "64,64,128,4,3", "64,128,64,4,3", "128,64,64,4,4",
-              "256,32,128,4,4", "256,64,64,8,4", "128,32,128,4,4", "64,32,128,4,5", "64,64,64,4,5"]
+              "256,32,128,4,4", "256,64,64,8,4", "128,32,128,4,4", "64,32,128,4,5", "64,64,64,4,5",
+              "128,256,64,8,3", "64,256,64,4,3", "64,128,128,4,3", "128,64,128,4,3"]
 # (K, N) of the 852M layer's GEMMs (qkv, fc1, fc2, proj) and the output layer; calls per forward
 SHAPES = [(2048, 3072), (2048, 11264), (5632, 2048), (2048, 2048), (2048, 32000)]
 CALLS = [16, 16, 16, 16, 1]
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiles", default=";".join(CANDIDATES),
                     help="candidates 'BM,BN,BK,W,S;...'; the first is the reference")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--per-shape", action="store_true",
+                    help="also time each (K, N) shape alone at each M: which tiles serve which shape")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU harness check)")
     args = ap.parse_args(argv)
     from r1mega.ops import triton_batch_invariant as tbi
@@ -68,22 +71,23 @@ def main(argv=None) -> int:
     ref = {m: [_run(cands[0], x, w) for x, w in zip(xs[m], ws)] for m in ms}
     reps, warm = (args.reps, 2) if cuda else (1, 0)
 
-    def forward(fn, m):
-        for x, w, c in zip(xs[m], ws, CALLS[:len(shapes)]):
-            for _ in range(c):
+    def forward(fn, m, only=None):
+        for i, (x, w, c) in enumerate(zip(xs[m], ws, CALLS[:len(shapes)])):
+            for _ in range(c if only is None or only == i else 0):
                 fn(x, w)
 
-    def total_ms(fn, m):
+    def total_ms(fn, m, only=None):
         """One forward's GEMMs at M rows: on CUDA replayed from one CUDA graph, as the rollout's
         decode runs them (per-call launch latency would hide the small-M kernels' times)."""
         if not cuda:
             return sum(c * median_ms(lambda x=x, w=w: fn(x, w), reps, warm, cuda)
-                       for x, w, c in zip(xs[m], ws, CALLS[:len(shapes)]))
-        forward(fn, m)  # compile outside the capture
+                       for i, (x, w, c) in enumerate(zip(xs[m], ws, CALLS[:len(shapes)]))
+                       if only is None or only == i)
+        forward(fn, m, only)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            forward(fn, m)
+            forward(fn, m, only)
         ms_ = median_ms(graph.replay, reps, warm, cuda)
         del graph
         torch.cuda.empty_cache()
@@ -105,10 +109,27 @@ def main(argv=None) -> int:
         print(f"{cand:<20}" + "".join(f"{r['ms'].get(m, float('nan')):>12.3f}" for m in ms)
               + f"   {r['bit_equal']}" + (f"  {r['error']}" if "error" in r else ""), flush=True)
     equal = {c: r for c, r in rows.items() if r["bit_equal"]}
+    per_shape = {}
+    if args.per_shape:
+        for m in ms:
+            print(f"-- M={m}, ms per shape (K,N) x calls: " + "  ".join(
+                f"{k},{n}x{c}" for (k, n), c in zip(shapes, CALLS)))
+            per_shape[str(m)] = {}
+            for cand in ["torch.mm"] + list(c for c in equal if c != "torch.mm"):
+                fn = (lambda x, w: x @ w.t()) if cand == "torch.mm" else \
+                    (lambda x, w, c=cand: _run(c, x, w))
+                t = [total_ms(fn, m, only=i) for i in range(len(shapes))]
+                per_shape[str(m)][cand] = t
+                print(f"{cand:<20}" + "".join(f"{v:>12.3f}" for v in t), flush=True)
+            best = [min((c for c in per_shape[str(m)] if c != "torch.mm"),
+                        key=lambda c: per_shape[str(m)][c][i]) for i in range(len(shapes))]
+            print(f"best bit-equal per shape at M={m}: {best}; their sum "
+                  f"{sum(per_shape[str(m)][c][i] for i, c in enumerate(best)):.3f} ms")
     best = {m: min(equal, key=lambda c: equal[c]["ms"][m]) for m in (ms[0], ms[-1])}
     out = {"rows": {c: {"ms": {str(m): v for m, v in r["ms"].items()}, "bit_equal": r["bit_equal"],
                         **({"error": r["error"]} if "error" in r else {})} for c, r in rows.items()},
            "reference": cands[0], "best_small_m": best[ms[0]], "best_large_m": best[ms[-1]],
+           **({"per_shape_ms": per_shape} if per_shape else {}),
            "all_bit_equal": all(r["bit_equal"] for c, r in rows.items() if c != "torch.mm"),
            "device": torch.cuda.get_device_name() if cuda else "cpu"}
     print(json.dumps(out))

@@ -217,3 +217,61 @@ class GcClock:
 
     def __exit__(self, *exc):
         gc.callbacks.remove(self._callback)
+
+
+def _kind(name: str) -> str:
+    name = name.lower()
+    return next((k for k, subs in _KERNEL_KINDS if any(s in name for s in subs)), "other")
+
+
+def per_step_kernels(events, prefix: str) -> list[dict]:
+    """Several profiled steps, each inside ``record_function(f"{prefix}{i}")``, taken apart: the
+    device range of each step (the profiler's GPU annotation of that range) and the kernels that
+    ran in it. -> [{"name", "span_ms", "busy_ms", "idle_ms", "kinds": {kind: ms},
+    "kernels": {name: ms}}, ...] in step order; [] when the trace has no GPU annotations."""
+    from torch.autograd import DeviceType
+
+    marks, kernels = [], []
+    for e in events:
+        if e.device_type != DeviceType.CUDA:
+            continue
+        r = (e.time_range.start, e.time_range.end)
+        if getattr(e, "is_user_annotation", False):
+            if e.name.startswith(prefix):
+                marks.append((r, e.name))
+        else:
+            kernels.append((r, e.name))
+    kernels.sort()
+    out = []
+    for (lo, hi), name in sorted(marks):
+        inside = [(r, n) for r, n in kernels if lo <= r[0] < hi]
+        busy, end, kinds, per_name = 0.0, lo, {}, {}
+        for (s, t), n in inside:
+            busy += max(0.0, t - max(s, end))
+            end = max(end, t)
+            kinds[_kind(n)] = kinds.get(_kind(n), 0.0) + (t - s) / 1e3
+            per_name[n] = per_name.get(n, 0.0) + (t - s) / 1e3
+        out.append({"name": name, "span_ms": (hi - lo) / 1e3, "busy_ms": busy / 1e3,
+                    "idle_ms": (hi - lo - busy) / 1e3, "kinds": kinds, "kernels": per_name})
+    return out
+
+
+def slow_step_report(steps: list[dict], top: int = 10) -> list[str]:
+    """Lines comparing the slowest profiled step with the fastest: span, idle and the kernels
+    whose time grew most (what a slow step spends its extra milliseconds on)."""
+    if len(steps) < 2:
+        return []
+    fast = min(steps, key=lambda s: s["span_ms"])
+    slow = max(steps, key=lambda s: s["span_ms"])
+    lines = [f"slowest {slow['name']} {slow['span_ms']:.2f} ms (idle {slow['idle_ms']:.2f}) vs "
+             f"fastest {fast['name']} {fast['span_ms']:.2f} ms (idle {fast['idle_ms']:.2f})"]
+    kinds = sorted(set(slow["kinds"]) | set(fast["kinds"]))
+    lines.append("  by kind, slow - fast (ms): " + ", ".join(
+        f"{k} {slow['kinds'].get(k, 0.0) - fast['kinds'].get(k, 0.0):+.2f}" for k in kinds))
+    names = set(slow["kernels"]) | set(fast["kernels"])
+    delta = sorted(((slow["kernels"].get(n, 0.0) - fast["kernels"].get(n, 0.0), n) for n in names),
+                   reverse=True)
+    for d, n in delta[:top]:
+        lines.append(f"  {d:+8.3f} ms  {fast['kernels'].get(n, 0.0):8.3f} -> "
+                     f"{slow['kernels'].get(n, 0.0):8.3f}  {n[:100]}")
+    return lines

@@ -41,7 +41,8 @@ import torch
 
 from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, total_parameters
 from r1mega.bench.shapes import SHAPES, get_shape
-from r1mega.bench.step_profile import (device_idle_gaps, GcClock, OptimizerClock, StepClock,
+from r1mega.bench.step_profile import (device_idle_gaps, GcClock, OptimizerClock, per_step_kernels,
+                                       slow_step_report, StepClock,
                                        kernel_breakdown, kernel_owners, sync_sites, top_kernels)
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
@@ -100,7 +101,7 @@ def _peak_gb(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
-_PROFILE = {"on": False, "rows": 25, "breakdowns": {}}
+_PROFILE = {"on": False, "rows": 25, "breakdowns": {}, "steps": 0}
 _SPREAD: dict = {}  # _timed's label -> StepClock.summary() of its timed steps
 
 def _profile_step(step_fn, label: str) -> None:
@@ -154,6 +155,31 @@ def _profile_step(step_fn, label: str) -> None:
         print(f"  {ms:>8.3f} ms  {where}")
 
 
+def _profile_steps(step_fn, label: str, n: int) -> None:
+    """``--profile-steps N``: N steps queued back to back under the profiler, each taken apart
+    (span, idle, kernels by kind), and the slowest set against the fastest: what a slow step of
+    the timed loop spends its extra time on."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    step_fn()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            with record_function(f"bench.step.{i:03d}"):
+                step_fn()
+        torch.cuda.synchronize()
+    steps = per_step_kernels(prof.events(), "bench.step.")
+    if not steps:
+        print(f"---- profile steps: {label}: the trace has no GPU annotations of the steps")
+        return
+    print(f"---- profile steps: {label}: span / busy / idle ms, then the largest kinds")
+    for s in steps:
+        kinds = sorted(s["kinds"].items(), key=lambda kv: -kv[1])[:5]
+        print(f"  {s['name']}  {s['span_ms']:7.2f} {s['busy_ms']:7.2f} {s['idle_ms']:6.2f}  "
+              + "  ".join(f"{k} {v:.2f}" for k, v in kinds))
+    for line in slow_step_report(steps):
+        print("  " + line)
+
+
 def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
            clock: OptimizerClock | None = None) -> tuple[float, list]:
     losses = []
@@ -186,6 +212,8 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
               f"step {ms['gc_ms']}; full collections {sum(per_step['gc_full'])}")
     if _PROFILE["on"] and device.type == "cuda":
         _profile_step(step_fn, label)
+    if _PROFILE["steps"] and device.type == "cuda":
+        _profile_steps(step_fn, label, _PROFILE["steps"])
     return sec, losses
 
 
@@ -335,6 +363,9 @@ def main(argv=None) -> int:
                          "a value equal to the resolved default is not timed twice; e.g. eager)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, print the top device kernels of one step of each run")
+    ap.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                    help="after timing, profile N consecutive steps of each run and compare the "
+                         "slowest with the fastest")
     ap.add_argument("--compile-too", action="store_true",
                     help="also time r1mega with --compile layer in the same run")
     ap.add_argument("--fp8", default=None, choices=["tensorwise", "rowwise", "blockwise"],
@@ -350,6 +381,7 @@ def main(argv=None) -> int:
                     help="also time the rollout.exact training forward (a fresh model), same run")
     args = ap.parse_args(argv)
     _PROFILE["on"] = args.profile
+    _PROFILE["steps"] = max(0, args.profile_steps)
 
     from r1mega.config import ParallelConfig, PrecisionConfig
     from r1mega.parallel.launch_env import read_launch_env

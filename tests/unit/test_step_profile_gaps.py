@@ -59,3 +59,37 @@ def test_gc_clock_counts_collections_per_step():
     assert clock.full_per_step == [1, 0] and clock.per_step_ms[1] == 0.0
     assert clock.per_step_ms[0] > 0.0
 
+
+
+def test_per_step_kernels_splits_the_trace_by_the_steps_gpu_annotations():
+    from r1mega.bench.step_profile import per_step_kernels, slow_step_report
+
+    def mark(name, start, end):
+        e = _ev(name, start, end)
+        e.is_user_annotation = True
+        return e
+
+    events = [
+        mark("bench.step.000", 0, 1000), mark("bench.step.001", 1000, 3000),
+        mark("other.range", 0, 3000),                      # not a step
+        _ev("ampere_gemm", 0, 600), _ev("adam_kernel", 700, 1000),          # step 0: 100 µs idle
+        _ev("ampere_gemm", 1000, 1600), _ev("adam_kernel", 1600, 1900),
+        _ev("elementwise_add", 2500, 3000),                 # step 1: 600 µs idle before it
+        _ev("aten::mm", 0, 5, DeviceType.CPU),
+    ]
+    steps = per_step_kernels(events, "bench.step.")
+    assert [s["name"] for s in steps] == ["bench.step.000", "bench.step.001"]
+    s0, s1 = steps
+    assert (s0["span_ms"], s0["busy_ms"], s0["idle_ms"]) == (1.0, 0.9, 0.1)
+    assert (s1["span_ms"], s1["busy_ms"]) == (2.0, 1.4)
+    assert abs(s1["idle_ms"] - 0.6) < 1e-12
+    assert s1["kinds"] == {"gemm": 0.6, "optimizer": 0.3, "elementwise": 0.5}
+    lines = slow_step_report(steps)
+    assert lines[0].startswith("slowest bench.step.001 2.00 ms (idle 0.60) vs fastest bench.step.000")
+    assert "elementwise_add" in lines[2] and "+0.500" in lines[2]
+
+
+def test_per_step_kernels_without_annotations_is_empty():
+    from r1mega.bench.step_profile import per_step_kernels
+
+    assert per_step_kernels([_ev("k", 0, 1)], "bench.step.") == []
