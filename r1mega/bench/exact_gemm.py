@@ -8,7 +8,8 @@ cuBLAS (``torch.mm``, the default mode's GEMM, not batch-invariant) in the same 
 each candidate's bits against the reference configuration's on the same inputs. A candidate whose
 bits equal the reference's at every shape and M computes every output element the same way, so
 it may serve some row counts while the reference (or another equal one) serves others without
-breaking batch invariance. The last line names the fastest bit-equal candidate at the smallest
+breaking batch invariance. The row ``auto`` is what the exact mode runs (each shape's fastest
+bit-checked small-M candidate, timed on first use). The last line names the fastest bit-equal candidate at the smallest
 and at the largest M.
 
 ``--smoke``: tiny shapes on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``; the
@@ -29,7 +30,9 @@ REFERENCE = "128,128,64,8,3"
 # column blocks keeps every weight read single, deep K blocks keep more loads in flight.
 CANDIDATES = [REFERENCE, "256,128,64,8,3", "64,64,128,4,3", "64,128,64,4,3", "128,64,64,4,4",
               "256,32,128,4,4", "256,64,64,8,4", "128,32,128,4,4", "64,32,128,4,5", "64,64,64,4,5",
-              "128,256,64,8,3", "64,256,64,4,3", "64,128,128,4,3", "128,64,128,4,3"]
+              "128,256,64,8,3", "64,256,64,4,3", "64,128,128,4,3", "128,64,128,4,3", "auto"]
+# what the exact mode runs: per shape and row bucket the fastest bit-checked candidate
+AUTO = "auto"
 # (K, N) of the 852M layer's GEMMs (qkv, fc1, fc2, proj) and the output layer; calls per forward
 SHAPES = [(2048, 3072), (2048, 11264), (5632, 2048), (2048, 2048), (2048, 32000)]
 CALLS = [16, 16, 16, 16, 1]
@@ -38,14 +41,15 @@ CALLS = [16, 16, 16, 16, 1]
 def _run(tiles: str, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     from r1mega.ops import triton_batch_invariant as tbi
 
-    return tbi.matmul(a, w.t(), tiles=tbi.parse_tiles(tiles))
+    return tbi.matmul(a, w.t(), tiles=None if tiles == AUTO else tbi.parse_tiles(tiles))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="r1mega bench exact-gemm", description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="256,1024,4096,16384", help="comma list of M")
     ap.add_argument("--tiles", default=";".join(CANDIDATES),
-                    help="candidates 'BM,BN,BK,W,S;...'; the first is the reference")
+                    help="candidates 'BM,BN,BK,W,S;...' or 'auto' (the exact mode's own per-shape choice); "
+                         "the first is the reference")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--per-shape", action="store_true",
                     help="also time each (K, N) shape alone at each M: which tiles serve which shape")

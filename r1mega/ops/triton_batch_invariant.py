@@ -10,10 +10,10 @@ test compares the two and checks invariance over M (tests/gpu/test_exact_gpu.py)
 Never split K. The output tile (BLOCK_M, BLOCK_N) may differ between row counts only where it
 does not change a single bit: each output element is one chain of MMA steps over K in order, so
 the tile decides which program computes an element, not how. That is a property of the GPU's MMA
-unit and of the compiler, so it is checked, not assumed: the first GEMM on a device runs both
-configurations on the same random operands (:func:`small_tiles_usable`) and uses the small-M
-tiles only where the bits agree (``r1mega bench exact-gemm`` checks every candidate at the model's
-shapes and times them).
+unit and of the compiler, so it is checked, not assumed: a small-M candidate runs once beside
+LARGE on the same random operands (:func:`tiles_usable`) and serves only where the bits agree;
+among those that do, each GEMM shape gets the fastest, timed on the device
+(:func:`tiles_for`; ``r1mega bench exact-gemm --per-shape`` times every candidate per shape).
 """
 from __future__ import annotations
 
@@ -41,14 +41,19 @@ class Tiles(NamedTuple):
 
 
 GROUP_M = 8
-LARGE = Tiles(128, 128, 64, 8, 3)  # every M, unless SMALL serves it
-SMALL: Optional[Tiles] = Tiles(64, 64, 128, 4, 3)  # M <= SMALL_M_MAX if small_tiles_usable()
+LARGE = Tiles(128, 128, 64, 8, 3)  # every M, and the bits every other configuration must give
+# Candidates for M <= SMALL_M_MAX, each used only where the device gave LARGE's bits with it
+# (small_tiles_usable). Which one serves a call is timed per device, dtype, row bucket and weight
+# shape (tiles_for): at M = 256 on the H200 a wide-N fc1 wanted 64x128 blocks, the square
+# projections 64x64, the vocabulary projection LARGE (bench exact-gemm --per-shape).
+SMALL: tuple = (Tiles(64, 64, 128, 4, 3), Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3))
 SMALL_M_MAX = 1024
 # "BM,BN,BK,WARPS,STAGES": process-wide, so the rollout and the trainer of a run share them;
-# R1MEGA_EXACT_GEMM_SMALL_TILES=none turns the small-M configuration off.
+# R1MEGA_EXACT_GEMM_SMALL_TILES takes ";"-separated candidates, or "none" for LARGE everywhere.
 _TILES_ENV = "R1MEGA_EXACT_GEMM_TILES"
 _SMALL_ENV = "R1MEGA_EXACT_GEMM_SMALL_TILES"
-_small_ok: dict = {}  # (device, SMALL, LARGE) -> whether SMALL gives LARGE's bits there
+_small_ok: dict = {}  # (device, tiles, LARGE) -> whether tiles give LARGE's bits there
+_choice: dict = {}  # (device, dtype, row bucket, N, K, SMALL, LARGE) -> the timed fastest
 
 
 def parse_tiles(spec: str, what: str = _TILES_ENV) -> Tiles:
@@ -68,13 +73,16 @@ def set_tiles(spec: str) -> None:
     global LARGE
     LARGE = parse_tiles(spec)
     _small_ok.clear()
+    _choice.clear()
 
 
 def set_small_tiles(spec: Optional[str]) -> None:
-    """Set (or with None / "none" drop) the small-M configuration."""
+    """Set the small-M candidates from "BM,BN,BK,W,S;..." (or with None / "none" drop them)."""
     global SMALL
-    SMALL = None if spec in (None, "", "none") else parse_tiles(spec, _SMALL_ENV)
+    SMALL = () if spec in (None, "", "none") else tuple(
+        parse_tiles(s.strip(), _SMALL_ENV) for s in spec.split(";") if s.strip())
     _small_ok.clear()
+    _choice.clear()
 
 
 if os.environ.get(_TILES_ENV):
@@ -117,41 +125,81 @@ if HAVE_TRITON:
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def small_tiles_usable(device) -> bool:
-    """Whether SMALL computes LARGE's bits on ``device``: both run once on the same random
+def tiles_usable(tiles: Tiles, device) -> bool:
+    """Whether ``tiles`` compute LARGE's bits on ``device``: both run once on the same random
     operands (ragged M, N and K, so the masked edges are covered too). One host read per device
-    and configuration pair; never inside CUDA graph capture (the caller falls back to LARGE)."""
-    if SMALL is None or SMALL == LARGE:
-        return False
-    key = (str(device), SMALL, LARGE)
+    and configuration; never inside CUDA graph capture (the caller falls back to LARGE)."""
+    if tiles == LARGE:
+        return True
+    key = (str(device), tiles, LARGE)
     if key not in _small_ok:
         gen = torch.Generator(device=device).manual_seed(0)
         ok = True
         for dtype in (torch.bfloat16, torch.float32):
             a = torch.randn(301, 1000, device=device, dtype=dtype, generator=gen)
             b = torch.randn(1000, 777, device=device, dtype=dtype, generator=gen)
-            ok = ok and torch.equal(matmul(a, b, tiles=SMALL), matmul(a, b, tiles=LARGE))
+            ok = ok and torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
         if not ok:
-            warnings.warn(f"exact GEMM: the small-M tiles {tuple(SMALL)} do not give the bits of "
-                          f"{tuple(LARGE)} on {device}; every M uses the latter (slower decode)")
+            warnings.warn(f"exact GEMM: the small-M tiles {tuple(tiles)} do not give the bits of "
+                          f"{tuple(LARGE)} on {device}; they are not used there")
         _small_ok[key] = ok
     return _small_ok[key]
 
 
-def tiles_for(m: int, device) -> Tiles:
-    """The configuration of an (m, K) @ (K, N) call: SMALL for small m where the device checked
-    out, else LARGE. Inside CUDA graph capture an unchecked device gets LARGE (no host read)."""
-    if SMALL is None or m > SMALL_M_MAX:
-        return LARGE
-    key = (str(device), SMALL, LARGE)
-    if key not in _small_ok and torch.cuda.is_current_stream_capturing():
-        return LARGE
-    return SMALL if small_tiles_usable(device) else LARGE
+def small_tiles_usable(device) -> bool:
+    """Whether any small-M candidate gives LARGE's bits on ``device`` (checks them all, eagerly:
+    what a caller runs before CUDA graph capture)."""
+    return sum(tiles_usable(t, device) for t in SMALL if t != LARGE) > 0
+
+
+def row_bucket(m: int) -> int:
+    """Calls are timed per power-of-two row count (at least 16, tl.dot's smallest M)."""
+    return max(16, 1 << max(0, m - 1).bit_length())
+
+
+def fastest(candidates: list, time_ms) -> Tiles:
+    """The candidate with the least ``time_ms(tiles)``; the first of equals."""
+    times = [time_ms(t) for t in candidates]
+    return candidates[times.index(min(times))]
+
+
+def _time_ms(tiles: Tiles, a: torch.Tensor, b: torch.Tensor, reps: int = 5) -> float:
+    matmul(a, b, tiles=tiles)  # compile
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(reps):
+        start.record()
+        matmul(a, b, tiles=tiles)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
+    """The configuration of the call a (M, K) @ b (K, N): LARGE above SMALL_M_MAX rows, else the
+    fastest of the bit-checked candidates for this device, dtype, row bucket and (N, K), timed on
+    the call's own operands the first time such a call runs. Inside CUDA graph capture an
+    untimed call gets LARGE (no host read): callers time their shapes eagerly first, as the
+    rollout's graph warm-up does. ``time_ms(tiles)``: the timer (tests)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if not SMALL or m > SMALL_M_MAX or (time_ms is None and not a.is_cuda):
+        return LARGE  # (off CUDA: Triton's interpreter, nothing to time)
+    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE)
+    if key not in _choice:
+        capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            return LARGE
+        cands = [t for t in dict.fromkeys(SMALL + (LARGE,)) if tiles_usable(t, a.device)]
+        _choice[key] = cands[0] if len(cands) == 1 else fastest(
+            cands, time_ms or (lambda t: _time_ms(t, a, b)))
+    return _choice[key]
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Optional[Tiles] = None) -> torch.Tensor:
     """(M, K) @ (K, N) -> (M, N) in a's dtype, float32 accumulation; any strides. ``tiles``:
-    force a configuration (the benchmark and the check); by default :func:`tiles_for`."""
+    force a configuration (the benchmark and the checks); by default :func:`tiles_for`."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"batch-invariant matmul: shapes {tuple(a.shape)} @ {tuple(b.shape)}")
     if b.dtype != a.dtype:
@@ -161,7 +209,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Optional[Tiles] = None) -> t
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    t = tiles if tiles is not None else tiles_for(m, a.device)
+    t = tiles if tiles is not None else tiles_for(a, b)
     grid = (triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn),)
     _bi_mm_kernel[grid](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                         c.stride(0), c.stride(1), BLOCK_M=t.bm, BLOCK_N=t.bn,

@@ -98,10 +98,10 @@ WARPS = 4
 # queries instead of 16) where that changes no bit on the device: checked once per device, head
 # layout and dtype by :func:`train_tiles_usable` (the same property as the GEMM's tiles).
 TRAIN_TILE_ROWS, TRAIN_WARPS = 128, 8
-# A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows: decode may
-# take smaller tiles (16 rows: tl.dot's smallest M) under the same kind of check,
-# decode_tiles_usable. Off (the default tiles) until timed on a GPU: R1MEGA_EXACT_DECODE_TILES=16,2
-# ("rows,warps") turns them on, for the rollout and `bench rollout --exact` alike.
+# A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows: decode
+# takes 16-row tiles (tl.dot's smallest M) on 2 warps where decode_tiles_usable finds they give
+# the default tiles' bits. R1MEGA_EXACT_DECODE_TILES="rows,warps" sets them ("64,4": the default
+# tiles, no check).
 _checked: dict = {}
 
 
@@ -116,8 +116,7 @@ def _decode_tiles_env(spec: str) -> tuple[int, int]:
     return rows, warps
 
 
-DECODE_TILE_ROWS, DECODE_WARPS = _decode_tiles_env(os.environ.get("R1MEGA_EXACT_DECODE_TILES",
-                                                                  f"{TILE_ROWS},{WARPS}"))
+DECODE_TILE_ROWS, DECODE_WARPS = _decode_tiles_env(os.environ.get("R1MEGA_EXACT_DECODE_TILES", "16,2"))
 
 
 def supported(q: torch.Tensor) -> bool:

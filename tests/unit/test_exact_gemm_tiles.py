@@ -15,29 +15,78 @@ def test_parse_tiles_accepts_five_powers_of_two_and_refuses_the_rest():
             tbi.parse_tiles(bad)
 
 
-def test_small_tiles_serve_small_m_only_where_the_device_check_passed(monkeypatch):
+class _Fake:
+    """What tiles_for reads of an operand: shape, device, dtype (no GPU needed)."""
+    def __init__(self, *shape, device="cuda:7", dtype="bf16"):
+        self.shape, self.device, self.dtype, self.is_cuda = shape, device, dtype, False
+
+
+def _fresh(monkeypatch, small):
     monkeypatch.setattr(tbi, "LARGE", tbi.Tiles(128, 128, 64, 8, 3))
-    monkeypatch.setattr(tbi, "SMALL", tbi.Tiles(64, 64, 64, 4, 4))
+    monkeypatch.setattr(tbi, "SMALL", small)
     monkeypatch.setattr(tbi, "_small_ok", {})
+    monkeypatch.setattr(tbi, "_choice", {})
+
+
+def test_small_m_calls_get_the_fastest_bit_checked_candidate_per_shape(monkeypatch):
+    a, b = tbi.Tiles(64, 64, 128, 4, 3), tbi.Tiles(64, 128, 64, 4, 3)
+    _fresh(monkeypatch, (a, b))
     dev = "cuda:7"
-    key = (dev, tbi.SMALL, tbi.LARGE)
-    tbi._small_ok[key] = True
-    assert tbi.tiles_for(256, dev) == tbi.SMALL
-    assert tbi.tiles_for(tbi.SMALL_M_MAX, dev) == tbi.SMALL
-    assert tbi.tiles_for(tbi.SMALL_M_MAX + 1, dev) == tbi.LARGE
-    tbi._small_ok[key] = False  # the device gave other bits: LARGE everywhere
-    assert tbi.tiles_for(256, dev) == tbi.LARGE
-    monkeypatch.setattr(tbi, "SMALL", None)
-    assert tbi.tiles_for(256, dev) == tbi.LARGE
+    tbi._small_ok[(dev, a, tbi.LARGE)] = True
+    tbi._small_ok[(dev, b, tbi.LARGE)] = True
+    speed = {(2048, a): 1.0, (2048, b): 2.0, (2048, tbi.LARGE): 3.0,   # N=2048: a wins
+             (11264, a): 3.0, (11264, b): 1.0, (11264, tbi.LARGE): 2.0,  # N=11264: b wins
+             (32000, a): 3.0, (32000, b): 2.0, (32000, tbi.LARGE): 1.0}  # N=32000: LARGE wins
+    timed = []
+
+    def timer(n):
+        return lambda t: (timed.append((n, t)), speed[(n, t)])[1]
+
+    for n, want in ((2048, a), (11264, b), (32000, tbi.LARGE)):
+        assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, n), timer(n)) == want
+    assert len(timed) == 9
+    # the same row bucket and shape reuse the choice untimed; another bucket is timed anew
+    assert tbi.tiles_for(_Fake(200, 2048), _Fake(2048, 11264), timer(11264)) == b
+    assert len(timed) == 9
+    tbi.tiles_for(_Fake(16, 2048), _Fake(2048, 11264), timer(11264))
+    assert len(timed) == 12
+    # above SMALL_M_MAX rows: LARGE, nothing timed
+    assert tbi.tiles_for(_Fake(tbi.SMALL_M_MAX + 1, 2048), _Fake(2048, 2048), timer(2048)) == tbi.LARGE
+    assert tbi.tiles_for(_Fake(tbi.SMALL_M_MAX, 2048), _Fake(2048, 2048), timer(2048)) == a
+    assert len(timed) == 15
 
 
-def test_setting_a_configuration_forgets_the_device_checks(monkeypatch):
+def test_a_candidate_the_device_check_refused_is_never_timed_nor_used(monkeypatch):
+    a, b = tbi.Tiles(64, 64, 128, 4, 3), tbi.Tiles(64, 128, 64, 4, 3)
+    _fresh(monkeypatch, (a, b))
+    dev = "cuda:7"
+    tbi._small_ok[(dev, a, tbi.LARGE)] = False  # other bits on this device
+    tbi._small_ok[(dev, b, tbi.LARGE)] = True
+    timed = []
+    pick = tbi.tiles_for(_Fake(64, 512), _Fake(512, 512), lambda t: (timed.append(t), 0.0)[1])
+    assert a not in timed and pick == b  # b and LARGE tie: the first (the small one)
+    tbi._small_ok[(dev, b, tbi.LARGE)] = False
+    monkeypatch.setattr(tbi, "_choice", {})
+    assert tbi.tiles_for(_Fake(64, 512), _Fake(512, 512), lambda t: 1 / 0) == tbi.LARGE
+    monkeypatch.setattr(tbi, "SMALL", ())
+    assert tbi.tiles_for(_Fake(64, 512), _Fake(512, 512), lambda t: 1 / 0) == tbi.LARGE
+
+
+def test_row_buckets_are_powers_of_two_from_16():
+    assert [tbi.row_bucket(m) for m in (1, 16, 17, 256, 257, 1024)] == [16, 16, 32, 256, 512, 1024]
+
+
+def test_setting_a_configuration_forgets_the_device_checks_and_choices(monkeypatch):
     monkeypatch.setattr(tbi, "LARGE", tbi.LARGE)
     monkeypatch.setattr(tbi, "SMALL", tbi.SMALL)
     monkeypatch.setattr(tbi, "_small_ok", {("cuda:0", None, None): True})
-    tbi.set_small_tiles("64,64,64,4,4")
-    assert tbi._small_ok == {} and tbi.SMALL == tbi.Tiles(64, 64, 64, 4, 4)
+    monkeypatch.setattr(tbi, "_choice", {("cuda:0",): None})
+    tbi.set_small_tiles("64,64,64,4,4; 64,128,64,4,3")
+    assert tbi._small_ok == {} and tbi._choice == {}
+    assert tbi.SMALL == (tbi.Tiles(64, 64, 64, 4, 4), tbi.Tiles(64, 128, 64, 4, 3))
     tbi.set_small_tiles("none")
-    assert tbi.SMALL is None
+    assert tbi.SMALL == ()
     tbi.set_tiles("128,256,64,8,3")
     assert tbi.LARGE == tbi.Tiles(128, 256, 64, 8, 3)
+    with pytest.raises(ValueError, match="R1MEGA_EXACT_GEMM_SMALL_TILES"):
+        tbi.set_small_tiles("64,64,64,4,4;64,48,64,4,4")
