@@ -44,9 +44,10 @@ GROUP_M = 8
 LARGE = Tiles(128, 128, 64, 8, 3)  # every M, and the bits every other configuration must give
 # Candidates for M <= SMALL_M_MAX, each used only where the device gave LARGE's bits with it
 # (small_tiles_usable). Which one serves a call is timed per device, dtype, row bucket and weight
-# shape (tiles_for): at M = 256 on the H200 a wide-N fc1 wanted 64x128 blocks, the square
-# projections 64x64, the vocabulary projection LARGE (bench exact-gemm --per-shape).
-SMALL: tuple = (Tiles(64, 64, 128, 4, 3), Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3))
+# shape (tiles_for): no one configuration is fastest at every shape and row count (bench
+# exact-gemm --per-shape).
+SMALL: tuple = (Tiles(64, 64, 128, 4, 3), Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3),
+                 Tiles(64, 32, 128, 4, 5))
 SMALL_M_MAX = 1024
 # "BM,BN,BK,WARPS,STAGES": process-wide, so the rollout and the trainer of a run share them;
 # R1MEGA_EXACT_GEMM_SMALL_TILES takes ";"-separated candidates, or "none" for LARGE everywhere.
@@ -163,17 +164,33 @@ def fastest(candidates: list, time_ms) -> Tiles:
     return candidates[times.index(min(times))]
 
 
-def _time_ms(tiles: Tiles, a: torch.Tensor, b: torch.Tensor, reps: int = 5) -> float:
-    matmul(a, b, tiles=tiles)  # compile
+def _time_ms(tiles: Tiles, a: torch.Tensor, b: torch.Tensor, calls: int = 8, reps: int = 3) -> float:
+    """ms per call of ``calls`` back-to-back calls replayed from one CUDA graph (as a decode step
+    runs them; launched one by one from Python, launch latency would hide the small kernels'
+    times), the least of ``reps`` replays."""
+    matmul(a, b, tiles=tiles)  # compile outside the capture
+    dev = a.device
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:
+            for _ in range(calls):
+                matmul(a, b, tiles=tiles)
+        finally:
+            graph.capture_end()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
-    for _ in range(reps):
-        start.record()
-        matmul(a, b, tiles=tiles)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
+    with torch.cuda.stream(side):
+        for _ in range(reps):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+    torch.cuda.current_stream(dev).wait_stream(side)
+    return best / calls
 
 
 def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
