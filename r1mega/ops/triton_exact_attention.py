@@ -22,6 +22,7 @@ gets the same bits decoded alone as inside a packed training tile.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -98,10 +99,12 @@ WARPS = 4
 # queries instead of 16) where that changes no bit on the device: checked once per device, head
 # layout and dtype by :func:`train_tiles_usable` (the same property as the GEMM's tiles).
 TRAIN_TILE_ROWS, TRAIN_WARPS = 128, 8
-# A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows: decode
-# takes 16-row tiles (tl.dot's smallest M) on 2 warps where decode_tiles_usable finds they give
-# the default tiles' bits. R1MEGA_EXACT_DECODE_TILES="rows,warps" sets them ("64,4": the default
-# tiles, no check).
+# A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows; smaller
+# decode tiles (R1MEGA_EXACT_DECODE_TILES="rows,warps", e.g. 16,2; used where
+# decode_tiles_usable's check passes) are an experiment, not a default: on the H200, 16-row
+# tiles passed that check for 8 query and 8 KV heads of 64 (bf16) and still gave other bits than
+# the default tiles on other sequences (tests/gpu/test_exact_gpu.py), so the check does not make
+# them safe.
 _checked: dict = {}
 
 
@@ -116,7 +119,12 @@ def _decode_tiles_env(spec: str) -> tuple[int, int]:
     return rows, warps
 
 
-DECODE_TILE_ROWS, DECODE_WARPS = _decode_tiles_env(os.environ.get("R1MEGA_EXACT_DECODE_TILES", "16,2"))
+DECODE_TILE_ROWS, DECODE_WARPS = _decode_tiles_env(os.environ.get("R1MEGA_EXACT_DECODE_TILES",
+                                                                  f"{TILE_ROWS},{WARPS}"))
+if (DECODE_TILE_ROWS, DECODE_WARPS) != (TILE_ROWS, WARPS):
+    warnings.warn(f"R1MEGA_EXACT_DECODE_TILES={DECODE_TILE_ROWS},{DECODE_WARPS}: experimental decode "
+                  f"tiles; their device check is known to miss bit differences, so rollout.exact "
+                  f"may no longer match the training forward bit for bit")
 
 
 def supported(q: torch.Tensor) -> bool:
