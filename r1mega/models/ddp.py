@@ -14,6 +14,14 @@ finalize step and the optimizer start reading the buffers. Padding between param
 bucket is never written by a hook, so it keeps the zeros it was allocated with. Modules that
 accumulate into ``main_grad`` themselves (Transformer Engine's fused weight-gradient GEMMs under
 ``gradient_accumulation_fusion``) need the zeroed buffer, and get megatron's behaviour.
+
+Routed-expert weights whose gradients no collective reads (their reduction group has one rank:
+one GPU, or expert parallelism as wide as data parallelism) stay out of the buffers altogether:
+autograd's first gradient of a step becomes ``param.grad`` as it is (the grouped GEMM's output,
+no copy) and the optimizer reads it there, as megatron's optimizers do for a parameter without
+``main_grad``. The first-write copy would otherwise move every expert gradient once more (3.2 B
+of qwen3-moe-small's parameters). The token-count scale and the zero gradient of a parameter
+missing from a step's forward are applied to them as to the buffers.
 """
 from __future__ import annotations
 
@@ -22,13 +30,53 @@ from megatron.core.distributed import DistributedDataParallel
 from megatron.core.transformer.cuda_graphs import is_graph_capturing
 
 
-class FirstWriteDDP(DistributedDataParallel):
-    """:class:`DistributedDataParallel` with first-write gradient buffers (module docstring)."""
+def _group_size(group) -> int:
+    if group is None or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
 
-    def __init__(self, config, ddp_config, module, **kwargs):
+
+def unbuffered_expert_params(config, ddp_config, module, pg_collection) -> list:
+    """The routed-expert weights of ``module`` that may keep their gradient outside megatron's
+    buffers: nothing reduces it (its data-parallel group, or the expert-data-parallel group for
+    expert-parallel weights, has one rank), finalize_model_grads reads nothing of it (no
+    tensor-parallel sum), the buffer would not change its dtype or scale it, and the optimizer
+    is not megatron's distributed one (which addresses the buffers)."""
+    from r1mega.moe.experts import GroupedExperts
+
+    if (getattr(config, "gradient_accumulation_fusion", False) or ddp_config.use_distributed_optimizer
+            or not getattr(config, "calculate_per_token_loss", False) or pg_collection is None):
+        return []
+    out = []
+    for m in module.modules():
+        if not isinstance(m, GroupedExperts):
+            continue
+        for p in m.parameters():
+            group = pg_collection.dp_cp if getattr(p, "allreduce", True) else pg_collection.expt_dp
+            if (p.requires_grad and _group_size(group) == 1
+                    and not getattr(p, "sequence_parallel", False)
+                    and not getattr(p, "average_gradients_across_tp_domain", False)
+                    and (not ddp_config.grad_reduce_in_fp32 or p.dtype == torch.float32)):
+                out.append(p)
+    return out
+
+
+class FirstWriteDDP(DistributedDataParallel):
+    """:class:`DistributedDataParallel` with first-write gradient buffers and unbuffered routed
+    experts where nothing reduces their gradients (module docstring)."""
+
+    def __init__(self, config, ddp_config, module, unbuffered_experts: bool = True, **kwargs):
         self._fresh: set = set()  # parameters whose buffer still holds the previous step's grad
         self.first_write = not getattr(config, "gradient_accumulation_fusion", False)
-        super().__init__(config=config, ddp_config=ddp_config, module=module, **kwargs)
+        self.unbuffered = (unbuffered_expert_params(config, ddp_config, module, kwargs.get("pg_collection"))
+                           if unbuffered_experts else [])
+        for p in self.unbuffered:  # megatron builds buffers and hooks for trainable ones only
+            p.requires_grad_(False)
+        try:
+            super().__init__(config=config, ddp_config=ddp_config, module=module, **kwargs)
+        finally:
+            for p in self.unbuffered:
+                p.requires_grad_(True)
 
     def _make_backward_post_hook(self, param: torch.nn.Parameter):
         accumulate = super()._make_backward_post_hook(param)
@@ -74,6 +122,15 @@ class FirstWriteDDP(DistributedDataParallel):
         for param in self._fresh:
             param.main_grad.zero_()
         self._fresh = set()
+        for param in self.unbuffered:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+
+    def scale_gradients(self, scaling_factor) -> None:
+        super().scale_gradients(scaling_factor)
+        for param in self.unbuffered:
+            if param.grad is not None:
+                param.grad *= scaling_factor
 
     def start_grad_sync(self, *unused):
         self._zero_unwritten()
