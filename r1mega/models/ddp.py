@@ -61,6 +61,12 @@ def unbuffered_expert_params(config, ddp_config, module, pg_collection) -> list:
     return out
 
 
+def step_grad(param: torch.nn.Parameter):
+    """A parameter's gradient of the step wherever :class:`FirstWriteDDP` keeps it: megatron's
+    buffer (``main_grad``), or ``grad`` for an unbuffered expert weight."""
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
 class FirstWriteDDP(DistributedDataParallel):
     """:class:`DistributedDataParallel` with first-write gradient buffers and unbuffered routed
     experts where nothing reduces their gradients (module docstring)."""

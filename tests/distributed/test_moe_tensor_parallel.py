@@ -56,6 +56,7 @@ def _gather_experts(tensors: dict, rt) -> dict:
 
 def run(rank, world, par_kw, init_state):
     from r1mega.config import Config, OptimizerConfig, ParallelConfig, PrecisionConfig, validate
+    from r1mega.models.ddp import step_grad
     from r1mega.models.gpt import build_model
     from r1mega.moe.balancing import moe_layers
     from r1mega.parallel.runtime import init_parallel
@@ -95,7 +96,7 @@ def run(rank, world, par_kw, init_state):
                                              distributed=False, total_steps=STEPS + 1),
                      rt, micro_batch_tokens=MICRO_BATCH_TOKENS)
     sums = step.forward_backward(step.micro_batches(mine), loss_fn)
-    grads = {k: p.main_grad.detach().clone() for k, p in named.items()}
+    grads = {k: step_grad(p).detach().clone() for k, p in named.items()}
     first = step.optimizer_step(sums, len(step.micro_batches(mine)))
     results = [first] + [step(mine, loss_fn) for _ in range(STEPS - 1)]
     params = {k: p.detach() for k, p in named.items()}
