@@ -43,7 +43,7 @@ class Tiles(NamedTuple):
 GROUP_M = 8
 LARGE = Tiles(128, 128, 64, 8, 3)  # every M, and the bits every other configuration must give
 # Candidates for M <= SMALL_M_MAX, each used only where the device gave LARGE's bits with it
-# (small_tiles_usable). Which one serves a call is timed per device, dtype, row bucket and weight
+# (tiles_usable). Which one serves a call is timed per device, dtype, row bucket and weight
 # shape (tiles_for): no one configuration is fastest at every shape and row count (bench
 # exact-gemm --per-shape).
 SMALL: tuple = (Tiles(64, 64, 128, 4, 3), Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3),
