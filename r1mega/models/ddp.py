@@ -5,7 +5,7 @@ megatron zeroes every grad buffer before the forward (``zero_grad_buffer``) and 
 adds each gradient in (``main_grad.add_(grad)``): per parameter, one write to zero, then two
 reads and a write. The first gradient of a step can be copied instead: one read and one write,
 and no pass over the buffer at all before the forward. On a model with many more parameters
-than the step's activations (a mixture of experts: 3.2 B of qwen3-moe-small's 4.0 B parameters
+than the step's activations (a mixture of experts: 3.6 B of qwen3-moe-small's 4.0 B parameters
 are routed experts), those passes are a visible share of the step.
 
 Nothing downstream can tell: a parameter whose hook did not run this step (no gradient) has its
@@ -19,7 +19,7 @@ Routed-expert weights whose gradients no collective reads (their reduction group
 one GPU, or expert parallelism as wide as data parallelism) stay out of the buffers altogether:
 autograd's first gradient of a step becomes ``param.grad`` as it is (the grouped GEMM's output,
 no copy) and the optimizer reads it there, as megatron's optimizers do for a parameter without
-``main_grad``. The first-write copy would otherwise move every expert gradient once more (3.2 B
+``main_grad``. The first-write copy would otherwise move every expert gradient once more (3.6 B
 of qwen3-moe-small's parameters). The token-count scale and the zero gradient of a parameter
 missing from a step's forward are applied to them as to the buffers.
 """
