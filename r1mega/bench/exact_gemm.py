@@ -9,7 +9,8 @@ each candidate's bits against the reference configuration's on the same inputs. 
 bits equal the reference's at every shape and M computes every output element the same way, so
 it may serve some row counts while the reference (or another equal one) serves others without
 breaking batch invariance. The row ``auto`` is what the exact mode runs (each shape's fastest
-bit-checked small-M candidate, timed on first use). The last line names the fastest bit-equal candidate at the smallest
+bit-checked small-M candidate, timed on first use). The last line names the fastest bit-equal
+candidate at the smallest
 and at the largest M.
 
 ``--smoke``: tiny shapes on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``; the

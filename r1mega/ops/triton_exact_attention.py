@@ -101,10 +101,8 @@ WARPS = 4
 TRAIN_TILE_ROWS, TRAIN_WARPS = 128, 8
 # A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows; smaller
 # decode tiles (R1MEGA_EXACT_DECODE_TILES="rows,warps", e.g. 16,2; used where
-# decode_tiles_usable's check passes) are an experiment, not a default: on the H200, 16-row
-# tiles passed that check for 8 query and 8 KV heads of 64 (bf16) and still gave other bits than
-# the default tiles on other sequences (tests/gpu/test_exact_gpu.py), so the check does not make
-# them safe.
+# decode_tiles_usable's check passes) stay an experiment: that check has missed bit differences
+# (r1mega/bench/RECORDS.md, exact mode), so it does not make them safe.
 _checked: dict = {}
 
 
