@@ -10,8 +10,7 @@ bits equal the reference's at every shape and M computes every output element th
 it may serve some row counts while the reference (or another equal one) serves others without
 breaking batch invariance. The row ``auto`` is what the exact mode runs (each shape's fastest
 bit-checked small-M candidate, timed on first use). The last line names the fastest bit-equal
-candidate at the smallest
-and at the largest M.
+candidate at the smallest and at the largest M.
 
 ``--smoke``: tiny shapes on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``; the
 harness and the JSON line, not the numbers).
