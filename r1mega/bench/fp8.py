@@ -139,7 +139,8 @@ def run_throughput(args, rt) -> dict:
     device = rt.device
     bf16_peak = matmul_peak_flops(device, rt.dtype, 8192 if device.type == "cuda" else 256)
     fp8_peak = fp8_matmul_flops(device)
-    result = {"mode": "throughput", "recipe": args.recipe, "tokens_per_step": args.seqs * args.seq_len,
+    result = {"mode": "throughput", "recipe": args.recipe, "compile": args.compile,
+              "tokens_per_step": args.seqs * args.seq_len,
               "bf16_matmul_tflops": bf16_peak / 1e12, "fp8_matmul_tflops": fp8_peak / 1e12,
               "models": {}}
     print(f"{'model':<12}{'precision':<18}{'ms/step':>10}{'tokens/s':>12}{'TFLOP/s':>10}"
@@ -153,7 +154,7 @@ def run_throughput(args, rt) -> dict:
         for name, prec in _precisions(args.recipe, device).items():
             _reset_memory(device)
             sec, mem, losses, _ = run_r1mega(shape, tokens, rt, "chunked", args.warmup, args.steps,
-                                          "none", precision=prec)
+                                             args.compile, precision=prec)
             tflops = args.seqs * args.seq_len / sec * flops_tok / 1e12
             peak = fp8_peak if name != "bf16" else bf16_peak
             rows[name] = {"ms_per_step": sec * 1e3, "tokens_per_s": args.seqs * args.seq_len / sec,
@@ -244,6 +245,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", default="none", choices=["none", "layer"],
+                    help="throughput: both rows with each transformer layer through torch.compile "
+                         "(the FP8 linears stay eager between the compiled pieces)")
+    ap.add_argument("--profile", action="store_true",
+                    help="throughput: after timing, the top device kernels of one step of each row")
     ap.add_argument("--parity", action="store_true", help="loss parity (852m, fixed corpus)")
     ap.add_argument("--parity-steps", type=int, default=200)
     ap.add_argument("--rollout", action="store_true",
@@ -265,6 +271,9 @@ def main(argv=None) -> int:
     rt = init_parallel(ParallelConfig(), PrecisionConfig(), env=read_launch_env())
     if rt.world_size != 1:
         raise SystemExit("bench fp8 runs on one process (no torchrun).")
+    from r1mega.bench import train_step
+
+    train_step._PROFILE["on"] = args.profile
     try:
         run = run_parity if args.parity else run_rollout if args.rollout else run_throughput
         result = run(args, rt)

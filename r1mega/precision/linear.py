@@ -11,6 +11,9 @@ layer's output reduction after it. The FP8 layers replace only that call, with
   dgrad    dx = dy @ w       dy: gradient recipe in ``grad_format``, w.T: weight recipe (cached)
   wgrad    dw = dy.T @ x     both quantised along the tokens (activation/gradient recipe)
 
+Tensorwise and blockwise quantise x and dy for both layouts in one read each (quantize_dual):
+the forward keeps x.T in FP8 for wgrad rather than x in bf16, and dy is quantised once.
+
 The weight stays a bf16 parameter (megatron's optimizer keeps fp32 masters); its FP8 copies are
 derived state: :class:`Fp8WeightCache` quantises each weight once per pass over the micro-batches
 (``new_weight_generation`` is called at the start of each schedule run and after each optimizer
@@ -35,8 +38,8 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from r1mega.precision.gemm import alignment, fp8_gemm
-from r1mega.precision.policy import Fp8Policy
-from r1mega.precision.quantize import Fp8Tensor, quantize
+from r1mega.precision.policy import BLOCKWISE_E4M3_ONLY, Fp8Policy
+from r1mega.precision.quantize import Fp8Tensor, quantize, quantize_dual
 
 # recipe -> (activation, weight, gradient) granularity, all along the GEMM's contraction.
 RECIPE_GRANULARITY = {
@@ -95,6 +98,8 @@ class Fp8LinearOps:
     """The three FP8 GEMMs of one linear layer under ``policy``."""
 
     def __init__(self, policy: Fp8Policy):
+        if policy.recipe == "blockwise" and policy.grad_format != "e4m3" and not policy.emulate:
+            raise ValueError(f"FP8 blockwise with {policy.grad_format} gradients: {BLOCKWISE_E4M3_ONLY}")
         self.policy = policy
         self.cache = Fp8WeightCache()
         self.act, self.wgt, self.grad = RECIPE_GRANULARITY[policy.recipe]
@@ -102,6 +107,11 @@ class Fp8LinearOps:
         # contraction in wgrad (128 for blockwise tiles); the emulation takes any size.
         self.token_multiple = 1 if policy.emulate else 16
         self.wgrad_token_multiple = 1 if policy.emulate else alignment(self.act, self.wgt)
+        # Tensorwise and blockwise quantise an operand the same way along features and along
+        # tokens, so one read of x (and of dy) can write both FP8 copies (quantize_dual): the
+        # forward keeps x.T in FP8 for wgrad instead of x in bf16, and backward quantises dy
+        # once. Rowwise scales along tokens need whole columns: it keeps the separate passes.
+        self.dual = self.act == self.grad and self.act in ("tensor", "tile")
 
     def _q(self, x: torch.Tensor, gran: str, fmt: str = "e4m3") -> Fp8Tensor:
         return quantize(x, gran, fmt, self.policy.power2_scales)
@@ -114,6 +124,30 @@ class Fp8LinearOps:
         # Fast accumulation in the forward only, as torchao does: the backward GEMMs sum over
         # more terms of wider range.
         return fp8_gemm(a, b, x2.dtype, emulate=self.policy.emulate, fast_accum=True)[:t]
+
+    def forward_keep_xt(self, x2: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, Fp8Tensor]:
+        """:meth:`forward`, also returning x.T quantised for :meth:`backward_from_xt`'s wgrad:
+        (T, in) -> (T, out), and (in, T') with T' the tokens padded to the wgrad multiple."""
+        t = x2.shape[0]
+        a, at = quantize_dual(_pad_rows(x2, self.wgrad_token_multiple), self.act, "e4m3",
+                              self.policy.power2_scales)
+        b = self.cache.get(weight, "fwd", self.policy)
+        return fp8_gemm(a, b, x2.dtype, emulate=self.policy.emulate, fast_accum=True)[:t], at
+
+    def backward_from_xt(self, dy2: torch.Tensor, weight: torch.Tensor, xt: Fp8Tensor,
+                         need_wgrad: bool, out_dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """dgrad and wgrad from one quantisation of dy (T, out): dx (T, in), dw (out, in)."""
+        t = dy2.shape[0]
+        dyp = _pad_rows(dy2, self.wgrad_token_multiple)
+        fmt, p2 = self.policy.grad_format, self.policy.power2_scales
+        if need_wgrad:
+            g, gt = quantize_dual(dyp, self.grad, fmt, p2)
+        else:
+            g, gt = quantize(dyp, self.grad, fmt, p2), None
+        b = self.cache.get(weight, "dgrad", self.policy)
+        dx = fp8_gemm(g, b, out_dtype, emulate=self.policy.emulate)[:t]
+        dw = fp8_gemm(gt, xt, weight.dtype, emulate=self.policy.emulate) if need_wgrad else None
+        return dx, dw
 
     def dgrad(self, dy2: torch.Tensor, weight: torch.Tensor, out_dtype) -> torch.Tensor:
         """(T, out) x (out, in) -> (T, in)."""
@@ -140,19 +174,37 @@ class _Fp8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, ops: Fp8LinearOps, sequence_parallel: bool,
-                allreduce_dgrad: bool, tp_group):
+                allreduce_dgrad: bool, tp_group, keep_xt: bool):
         ctx.ops, ctx.sp, ctx.allreduce_dgrad, ctx.tp_group = ops, sequence_parallel, allreduce_dgrad, tp_group
         ctx.use_bias = bias is not None
-        ctx.save_for_backward(x, weight)
+        ctx.x_shape, ctx.x_dtype, ctx.keep_xt = x.shape, x.dtype, keep_xt
         total = _gather_along_first_dim(x, tp_group) if sequence_parallel else x   # (S, B, in)
-        y = ops.forward(total.reshape(-1, total.shape[-1]), weight)                # (S*B, out)
+        x2 = total.reshape(-1, total.shape[-1])
+        if keep_xt:
+            # x.T in FP8 (1 byte an element) is what wgrad reads; x itself is not kept.
+            y, xt = ops.forward_keep_xt(x2, weight)                                # (S*B, out)
+            ctx.xt_meta = (xt.granularity, xt.fmt)
+            ctx.save_for_backward(weight, xt.data, xt.scale)
+        else:
+            ctx.save_for_backward(x, weight)
+            y = ops.forward(x2, weight)                                            # (S*B, out)
         y = y.view(*total.shape[:-1], weight.shape[0])
         return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
         ops = ctx.ops
+        if ctx.keep_xt:
+            weight, xt_data, xt_scale = ctx.saved_tensors
+            xt = Fp8Tensor(xt_data, xt_scale, *ctx.xt_meta)
+            dy2 = dy.reshape(-1, dy.shape[-1])                                     # (T, out)
+            dx, dw = ops.backward_from_xt(dy2, weight, xt, weight.requires_grad, ctx.x_dtype)
+            dx = dx.view(ctx.x_shape)
+            if ctx.allreduce_dgrad:
+                torch.distributed.all_reduce(dx, group=ctx.tp_group)
+            db = dy2.sum(dim=0) if ctx.use_bias else None
+            return dx, dw, db, None, None, None, None, None
+        x, weight = ctx.saved_tensors
         # megatron re-gathers the sequence-parallel input for wgrad rather than keeping it.
         total = _gather_along_first_dim(x, ctx.tp_group) if ctx.sp else x
         dy2 = dy.reshape(-1, dy.shape[-1])                                         # (T, out)
@@ -164,14 +216,19 @@ class _Fp8LinearFn(torch.autograd.Function):
             torch.distributed.all_reduce(dx, group=ctx.tp_group)
         dw = ops.wgrad(dy2, x2, weight.dtype) if weight.requires_grad else None
         db = dy2.sum(dim=0) if ctx.use_bias else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                ops: Fp8LinearOps, *, sequence_parallel: bool = False,
                allreduce_dgrad: bool = False, tp_group=None) -> torch.Tensor:
     """y = x @ weight.T (+ bias) with FP8 GEMMs; x (..., in), weight (out, in)."""
-    return _Fp8LinearFn.apply(x, weight, bias, ops, sequence_parallel, allreduce_dgrad, tp_group)
+    # The sequence-parallel path keeps megatron's re-gather of x in backward (x.T of the gathered
+    # tokens would cost tp times the local shard's bytes).
+    keep_xt = (ops.dual and not sequence_parallel and torch.is_grad_enabled()
+               and weight.requires_grad)
+    return _Fp8LinearFn.apply(x, weight, bias, ops, sequence_parallel, allreduce_dgrad, tp_group,
+                              keep_xt)
 
 
 class _Fp8ForwardImpl:

@@ -28,6 +28,9 @@ from r1mega.config import ConfigError, PrecisionConfig
 NATIVE_RECIPES = ("tensorwise", "rowwise", "blockwise")
 TE_RECIPES = ("delayed", "current", "blockwise", "mxfp8")
 GRAD_FORMATS = ("e4m3", "e5m2")
+BLOCKWISE_E4M3_ONLY = ("torch's blockwise scaled_mm (cuBLAS's DeepSeek-V3 kernels) multiplies e4m3 "
+                       "operands only; set precision.fp8_grad_format=e4m3 (DeepSeek-V3's choice) or "
+                       "use precision.fp8_recipe=tensorwise or rowwise for e5m2 gradients.")
 # r1mega's TE recipe names -> megatron's Fp8Recipe values (megatron calls "current" tensorwise).
 TE_RECIPE_TO_MEGATRON = {"delayed": "delayed", "current": "tensorwise", "blockwise": "blockwise",
                          "mxfp8": "mxfp8"}
@@ -140,6 +143,9 @@ def resolve_fp8_policy(precision: PrecisionConfig, device_type: str,
             why = _native_support_error(p.fp8_recipe, device_type)
             if why:
                 raise ConfigError(f"precision.fp8=true: {why}")
+            if p.fp8_recipe == "blockwise" and p.fp8_grad_format != "e4m3":
+                raise ConfigError(f"precision.fp8_recipe=blockwise with precision.fp8_grad_format="
+                                  f"{p.fp8_grad_format}: {BLOCKWISE_E4M3_ONLY}")
     return Fp8Policy(recipe=p.fp8_recipe, backend=backend, grad_format=p.fp8_grad_format,
                      bf16_first_layers=p.fp8_bf16_first_layers,
                      bf16_last_layers=p.fp8_bf16_last_layers, emulate=p.fp8_emulate,

@@ -134,3 +134,17 @@ def quantize(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool 
         if impl == "triton":
             raise RuntimeError("quantize(impl='triton'): Triton is not importable here.")
     return quantize_reference(x, granularity, fmt, power2)
+
+
+def quantize_dual(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
+                  *, impl: str = "auto") -> tuple[Fp8Tensor, Fp8Tensor]:
+    """``(quantize(x), quantize(x.t()))``; on CUDA one fused read (tensor or tile granularity)."""
+    if impl == "triton" or (impl == "auto" and x.is_cuda):
+        from r1mega.precision import triton_quant
+
+        if triton_quant.available():
+            return triton_quant.quantize_dual_triton(x, granularity, fmt, power2)
+        if impl == "triton":
+            raise RuntimeError("quantize_dual(impl='triton'): Triton is not importable here.")
+    return (quantize_reference(x, granularity, fmt, power2),
+            quantize_reference(x.t(), granularity, fmt, power2))

@@ -8,6 +8,9 @@ has the scale arithmetic); ``tests/gpu/test_fp8_gpu.py`` compares the two bit fo
                         twice: amax, then scale and write); or every tile under a given amax
                         (tensorwise: the amax comes from one reduction kernel before).
   _quant_blocks_kernel  grid (ceil(R/128), ceil(C/128)): one 128x128 weight block.
+  _quant_dual_kernel    grid (ceil(R/128), ceil(C/128)): x and x.T from one read of a block
+                        (the FP8 linear's activation and gradient: forward/dgrad want them
+                        quantised along features, wgrad along tokens).
 
 Both take the input's strides (a transposed view is quantised without a copy: wgrad's
 operands are dy.T and x.T) and the scale tensor's strides, so the scales are written straight
@@ -123,6 +126,44 @@ if _HAVE_TRITON:
         tl.store(s_ptr + br * ssr + bc * sst, tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult))
 
 
+    @triton.jit
+    def _quant_dual_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, R, C, sxr, sxc, sqr,
+                           sqtr, ssr, sst, stsr, stst, FMAX: tl.constexpr, POWER2: tl.constexpr,
+                           B: tl.constexpr, TENSOR: tl.constexpr):
+        # One (B, B) block read once, written twice: q = x quantised along its rows (1xB tiles,
+        # or under the tensor's amax) and qt = x.T quantised along its rows, i.e. x's columns.
+        br = tl.program_id(0).to(tl.int64)
+        bc = tl.program_id(1).to(tl.int64)
+        rows = br * B + tl.arange(0, B)
+        cols = bc * B + tl.arange(0, B)
+        m = (rows[:, None] < R) & (cols[None, :] < C)
+        v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m,
+                    other=0.0).to(tl.float32)                                  # (B rows, B cols)
+        if TENSOR:
+            amax_r = tl.zeros([B], tl.float32) + tl.load(amax_ptr).to(tl.float32)
+            amax_c = amax_r
+        else:
+            a = tl.abs(v)
+            nan = (a != a).to(tl.int32)
+            amax_r = tl.where(tl.sum(nan, axis=1) > 0, float("nan"), tl.max(a, axis=1))
+            amax_c = tl.where(tl.sum(nan, axis=0) > 0, float("nan"), tl.max(a, axis=0))
+        mult_r = _multiplier(amax_r, FMAX, POWER2)                             # per row of x
+        mult_c = _multiplier(amax_c, FMAX, POWER2)                             # per column of x
+        _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v, mult_r[:, None], FMAX)
+        _store_q(qt_ptr, cols[:, None] * sqtr + rows[None, :], tl.trans(m), tl.trans(v),
+                 mult_c[:, None], FMAX)
+        scale_r = tl.math.div_rn(tl.zeros_like(mult_r) + 1.0, mult_r)
+        scale_c = tl.math.div_rn(tl.zeros_like(mult_c) + 1.0, mult_c)
+        if TENSOR:
+            lane = tl.arange(0, B)
+            if (br == 0) & (bc == 0):
+                tl.store(s_ptr + lane * 0, scale_r, mask=lane == 0)
+                tl.store(st_ptr + lane * 0, scale_c, mask=lane == 0)
+        else:
+            tl.store(s_ptr + rows * ssr + bc * sst, scale_r, mask=rows < R)
+            tl.store(st_ptr + cols * stsr + br * stst, scale_c, mask=cols < C)
+
+
 _ROWS_PER_PROGRAM = 16
 
 
@@ -166,3 +207,30 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
                              s.stride(0), s.stride(1), FMAX=fmax, POWER2=power2,
                              RB=_ROWS_PER_PROGRAM, CHUNK=BLOCK, GIVEN_AMAX=given, num_warps=4)
     return Fp8Tensor(q, s, granularity, fmt)
+
+
+def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
+                         power2: bool = False) -> tuple[Fp8Tensor, Fp8Tensor]:
+    """``(quantize(x), quantize(x.t()))`` from one read of ``x``, bit for bit the reference's;
+    tensor or tile granularity (a row scale of x.T would need whole columns of x)."""
+    if granularity not in ("tensor", "tile"):
+        raise ValueError(f"quantize_dual: granularity {granularity!r} is not tensor or tile")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_dual: expected a 2-D matrix, got {tuple(x.shape)}")
+    r, c = x.shape
+    dt = FP8_DTYPES[fmt]
+    q = torch.empty(r, c, dtype=dt, device=x.device)
+    qt = torch.empty(c, r, dtype=dt, device=x.device)
+    s, st = new_scale(r, c, granularity, x.device), new_scale(c, r, granularity, x.device)
+    if r == 0 or c == 0:
+        s.fill_(1.0)
+        st.fill_(1.0)
+        return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
+    tensor = granularity == "tensor"
+    amax = (torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1) if tensor else s)
+    grid = (triton.cdiv(r, BLOCK), triton.cdiv(c, BLOCK))
+    _quant_dual_kernel[grid](x, q, qt, s, st, amax, r, c, x.stride(0), x.stride(1), q.stride(0),
+                             qt.stride(0), s.stride(0), s.stride(1), st.stride(0), st.stride(1),
+                             FMAX=FP8_MAX[fmt], POWER2=power2, B=BLOCK, TENSOR=tensor,
+                             num_warps=8)
+    return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)

@@ -82,6 +82,47 @@ def test_weight_quantised_once_per_pass_and_after_updates():
     assert ((y - ref).abs() <= 0.13 * (w.detach().abs().sum(1)) + 1e-3).all()
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+@pytest.mark.parametrize("pad", [1, 128])
+def test_dual_quantisation_path_equals_separate_passes(recipe, pad):
+    """The path that quantises x and dy once for both layouts (ops.dual: x.T kept in FP8 for
+    wgrad) against the separate quantisations of each GEMM's operands, same inputs. pad=128 is
+    the GPU's blockwise token padding: zero rows, which change no scale and no product."""
+    g = torch.Generator().manual_seed(3)
+    T, K, N = 150, 260, 136
+    x = torch.randn(T, K, generator=g)
+    w = torch.randn(N, K, generator=g) * 0.05
+    dy = torch.randn(T, N, generator=g)
+    grads = {}
+    for dual in (True, False):
+        ops = Fp8LinearOps(Fp8Policy(recipe=recipe, backend="native", emulate=True))
+        assert ops.dual
+        ops.dual = dual
+        ops.wgrad_token_multiple = pad
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_linear(xr, wr, None, ops)
+        y.backward(dy)
+        grads[dual] = (y.detach(), xr.grad, wr.grad)
+    for got, ref in zip(grads[True], grads[False]):
+        if pad == 1:
+            assert torch.equal(got, ref)
+        else:   # the padded wgrad contraction may sum in another order
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dual_path_keeps_fp8_xt_not_x():
+    ops = Fp8LinearOps(Fp8Policy(recipe="tensorwise", backend="native", emulate=True))
+    x = torch.randn(32, 64, requires_grad=True)
+    w = torch.randn(48, 64, requires_grad=True)
+    y = fp8_linear(x, w, None, ops)
+    saved = y.grad_fn.saved_tensors
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+    assert any(t.dtype == torch.float8_e4m3fn and t.shape == (64, 32) for t in saved)
+    with torch.no_grad():                                      # rollout: nothing kept for wgrad
+        assert fp8_linear(x, w, None, ops).grad_fn is None
+    assert not Fp8LinearOps(Fp8Policy(recipe="rowwise", backend="native", emulate=True)).dual
+
+
 # ----------------------------------------------------------------------------- in the model
 
 def _fp8_precision(**kw):

@@ -62,6 +62,18 @@ def test_native_needs_an_fp8_gpu(monkeypatch):
     ok = pol.resolve_fp8_policy(_p(fp8_backend="native", fp8_recipe="rowwise"), "cuda",
                                 te_available=False)
     assert ok.backend == "native" and ok.recipe == "rowwise" and not ok.power2_scales
+    monkeypatch.setattr(pol.torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    with pytest.raises(ConfigError, match="fp8_grad_format=e5m2.*e4m3 operands only"):
+        pol.resolve_fp8_policy(_p(fp8_backend="native", fp8_recipe="blockwise",
+                                  fp8_grad_format="e5m2"), "cuda", te_available=False)
+    for recipe in ("tensorwise", "blockwise"):   # e5m2 elsewhere, and blockwise with e4m3
+        fmt = "e5m2" if recipe == "tensorwise" else "e4m3"
+        assert pol.resolve_fp8_policy(_p(fp8_backend="native", fp8_recipe=recipe,
+                                         fp8_grad_format=fmt), "cuda", te_available=False)
+    # the CPU emulation computes any pair
+    assert pol.resolve_fp8_policy(_p(fp8_backend="native", fp8_recipe="blockwise",
+                                     fp8_grad_format="e5m2", fp8_emulate=True), "cpu",
+                                  te_available=False)
 
 
 def test_auto_backend_and_emulation():
