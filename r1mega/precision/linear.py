@@ -28,14 +28,11 @@ TP=1 by FP8 rounding, not by more.
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import (
-    _gather_along_first_dim,
-    _reduce_scatter_along_first_dim,
-)
 
 from r1mega.precision.gemm import alignment, fp8_gemm
 from r1mega.precision.policy import BLOCKWISE_E4M3_ONLY, Fp8Policy
@@ -97,7 +94,10 @@ def _pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
 class Fp8LinearOps:
     """The three FP8 GEMMs of one linear layer under ``policy``."""
 
-    def __init__(self, policy: Fp8Policy):
+    def __init__(self, policy: Fp8Policy, tp_group=None):
+        self.tp_group = tp_group
+        self.op_id = next(_IDS)
+        _REGISTRY[self.op_id] = weakref.ref(self, lambda _, i=self.op_id: _REGISTRY.pop(i, None))
         if policy.recipe == "blockwise" and policy.grad_format != "e4m3" and not policy.emulate:
             raise ValueError(f"FP8 blockwise with {policy.grad_format} gradients: {BLOCKWISE_E4M3_ONLY}")
         self.policy = policy
@@ -168,67 +168,153 @@ class Fp8LinearOps:
         return fp8_gemm(a, b, out_dtype, emulate=self.policy.emulate)
 
 
-class _Fp8LinearFn(torch.autograd.Function):
-    """megatron's linear_with_grad_accumulation_and_async_allreduce with FP8 GEMMs (no
-    asynchronous overlap of the collectives; gradient accumulation fusion is refused)."""
+# The linear is a pair of custom ops (forward, backward) so that torch.compile keeps a layer
+# whole around it: dynamo would otherwise trace into the weight cache (its keys change every
+# step) and break the graph inside megatron's attention, which it cannot resume. The ops find
+# their layer's Fp8LinearOps (policy, weight cache, TP group) through an integer id.
+_REGISTRY: dict[int, "weakref.ref[Fp8LinearOps]"] = {}
+_IDS = itertools.count()
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, ops: Fp8LinearOps, sequence_parallel: bool,
-                allreduce_dgrad: bool, tp_group, keep_xt: bool):
-        ctx.ops, ctx.sp, ctx.allreduce_dgrad, ctx.tp_group = ops, sequence_parallel, allreduce_dgrad, tp_group
-        ctx.use_bias = bias is not None
-        ctx.x_shape, ctx.x_dtype, ctx.keep_xt = x.shape, x.dtype, keep_xt
-        total = _gather_along_first_dim(x, tp_group) if sequence_parallel else x   # (S, B, in)
-        x2 = total.reshape(-1, total.shape[-1])
-        if keep_xt:
-            # x.T in FP8 (1 byte an element) is what wgrad reads; x itself is not kept.
-            y, xt = ops.forward_keep_xt(x2, weight)                                # (S*B, out)
-            ctx.xt_meta = (xt.granularity, xt.fmt)
-            ctx.save_for_backward(weight, xt.data, xt.scale)
-        else:
-            ctx.save_for_backward(x, weight)
-            y = ops.forward(x2, weight)                                            # (S*B, out)
-        y = y.view(*total.shape[:-1], weight.shape[0])
-        return y + bias if bias is not None else y
 
-    @staticmethod
-    def backward(ctx, dy):
-        ops = ctx.ops
-        if ctx.keep_xt:
-            weight, xt_data, xt_scale = ctx.saved_tensors
-            xt = Fp8Tensor(xt_data, xt_scale, *ctx.xt_meta)
-            dy2 = dy.reshape(-1, dy.shape[-1])                                     # (T, out)
-            dx, dw = ops.backward_from_xt(dy2, weight, xt, weight.requires_grad, ctx.x_dtype)
-            dx = dx.view(ctx.x_shape)
-            if ctx.allreduce_dgrad:
-                torch.distributed.all_reduce(dx, group=ctx.tp_group)
-            db = dy2.sum(dim=0) if ctx.use_bias else None
-            return dx, dw, db, None, None, None, None, None
-        x, weight = ctx.saved_tensors
+def _registered(op_id: int) -> Fp8LinearOps:
+    ops = _REGISTRY.get(op_id, lambda: None)()
+    if ops is None:
+        raise RuntimeError(f"FP8 linear {op_id}: its layer no longer exists")
+    return ops
+
+
+def _gather_along_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """megatron's sequence-parallel all-gather, allocated on x's device: inside a custom op the
+    CPU mode's redirection of megatron's ``torch.cuda.current_device()`` does not apply."""
+    n = 1 if group is None else group.size()
+    if n == 1:
+        return x
+    out = x.new_empty(x.shape[0] * n, *x.shape[1:])
+    torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_along_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    n = 1 if group is None else group.size()
+    if n == 1:
+        return x
+    out = x.new_empty(x.shape[0] // n, *x.shape[1:])
+    torch.distributed.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _tp_size(ops: Fp8LinearOps) -> int:
+    return 1 if ops.tp_group is None else ops.tp_group.size()
+
+
+def _xt_empty(x: torch.Tensor, ops: Fp8LinearOps, tokens, n_in: int):
+    """Empty tensors laid out as forward_keep_xt's x.T and its scales (for the fake op)."""
+    m = ops.wgrad_token_multiple
+    tp = -(-tokens // m) * m
+    data = x.new_empty(n_in, tp, dtype=torch.float8_e4m3fn)
+    if ops.act == "tensor":
+        return data, x.new_empty(1, 1, dtype=torch.float32)
+    nt = -(-tp // 128)
+    if ops.policy.emulate:                       # the reference's contiguous scales
+        return data, x.new_empty(n_in, nt, dtype=torch.float32)
+    return data, x.new_empty(nt, n_in, dtype=torch.float32).t()   # new_scale's (1, R) strides
+
+
+@torch.library.custom_op("r1mega::fp8_linear", mutates_args=())
+def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, op_id: int, sp: bool,
+                   allreduce_dgrad: bool, keep_xt: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    """x (S, ..., in) -> y (S * tp if sp, ..., out), and x.T in FP8 for wgrad when keep_xt."""
+    ops = _registered(op_id)
+    total = _gather_along_first_dim(x, ops.tp_group) if sp else x
+    x2 = total.reshape(-1, total.shape[-1])
+    if keep_xt:
+        # x.T in FP8 (1 byte an element) is what wgrad reads; x itself is not kept.
+        y, xt = ops.forward_keep_xt(x2, weight)
+        data, scale = xt.data, xt.scale
+    else:
+        y = ops.forward(x2, weight)
+        data = x.new_empty(0, dtype=torch.float8_e4m3fn)
+        scale = x.new_empty(0, dtype=torch.float32)
+    return y.view(*total.shape[:-1], weight.shape[0]), data, scale
+
+
+@_fp8_linear_op.register_fake
+def _(x, weight, op_id, sp, allreduce_dgrad, keep_xt):
+    ops = _registered(op_id)
+    s0 = x.shape[0] * (_tp_size(ops) if sp else 1)
+    y = x.new_empty(s0, *x.shape[1:-1], weight.shape[0])
+    if not keep_xt:
+        return y, x.new_empty(0, dtype=torch.float8_e4m3fn), x.new_empty(0, dtype=torch.float32)
+    tokens = s0
+    for d in x.shape[1:-1]:
+        tokens = tokens * d
+    return (y, *_xt_empty(x, ops, tokens, x.shape[-1]))
+
+
+@torch.library.custom_op("r1mega::fp8_linear_backward", mutates_args=())
+def _fp8_linear_backward_op(dy: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
+                            xt_scale: torch.Tensor, op_id: int, sp: bool, allreduce_dgrad: bool,
+                            keep_xt: bool, need_wgrad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx like x, dw like weight or empty); ``saved`` is x.T in FP8 (keep_xt) or x."""
+    ops = _registered(op_id)
+    dy2 = dy.reshape(-1, dy.shape[-1])                                             # (T, out)
+    if keep_xt:
+        xt = Fp8Tensor(saved, xt_scale, ops.act, "e4m3")
+        dx, dw = ops.backward_from_xt(dy2, weight, xt, need_wgrad, dy.dtype)
+        dx = dx.view(*dy.shape[:-1], weight.shape[1])
+    else:
         # megatron re-gathers the sequence-parallel input for wgrad rather than keeping it.
-        total = _gather_along_first_dim(x, ctx.tp_group) if ctx.sp else x
-        dy2 = dy.reshape(-1, dy.shape[-1])                                         # (T, out)
-        x2 = total.reshape(-1, total.shape[-1])                                    # (T, in)
-        dx = ops.dgrad(dy2, weight, x.dtype).view(total.shape)
-        if ctx.sp:
-            dx = _reduce_scatter_along_first_dim(dx, ctx.tp_group)
-        elif ctx.allreduce_dgrad:
-            torch.distributed.all_reduce(dx, group=ctx.tp_group)
-        dw = ops.wgrad(dy2, x2, weight.dtype) if weight.requires_grad else None
-        db = dy2.sum(dim=0) if ctx.use_bias else None
-        return dx, dw, db, None, None, None, None, None
+        total = _gather_along_first_dim(saved, ops.tp_group) if sp else saved
+        dx = ops.dgrad(dy2, weight, saved.dtype).view(total.shape)
+        dw = ops.wgrad(dy2, total.reshape(-1, total.shape[-1]), weight.dtype) if need_wgrad else None
+    if sp:
+        dx = _reduce_scatter_along_first_dim(dx, ops.tp_group)
+    elif allreduce_dgrad:
+        torch.distributed.all_reduce(dx, group=ops.tp_group)
+    return dx, (dw if dw is not None else weight.new_empty(0))
+
+
+@_fp8_linear_backward_op.register_fake
+def _(dy, weight, saved, xt_scale, op_id, sp, allreduce_dgrad, keep_xt, need_wgrad):
+    dx = dy.new_empty(*dy.shape[:-1], weight.shape[1]) if keep_xt else torch.empty_like(saved)
+    return dx, (torch.empty_like(weight) if need_wgrad else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, op_id, sp, allreduce_dgrad, keep_xt = inputs
+    _, data, scale = output
+    ctx.meta = (op_id, sp, allreduce_dgrad, keep_xt, weight.requires_grad)
+    ctx.mark_non_differentiable(data, scale)
+    ctx.save_for_backward(weight, data if keep_xt else x, scale)
+
+
+def _backward(ctx, dy, _ddata, _dscale):
+    weight, saved, scale = ctx.saved_tensors
+    op_id, sp, allreduce_dgrad, keep_xt, need_wgrad = ctx.meta
+    dx, dw = _fp8_linear_backward_op(dy, weight, saved, scale, op_id, sp, allreduce_dgrad,
+                                     keep_xt, need_wgrad)
+    return dx, (dw if need_wgrad else None), None, None, None, None
+
+
+_fp8_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                ops: Fp8LinearOps, *, sequence_parallel: bool = False,
                allreduce_dgrad: bool = False, tp_group=None) -> torch.Tensor:
-    """y = x @ weight.T (+ bias) with FP8 GEMMs; x (..., in), weight (out, in)."""
+    """y = x @ weight.T (+ bias) with FP8 GEMMs; x (..., in), weight (out, in). megatron's
+    linear_with_grad_accumulation_and_async_allreduce with FP8 GEMMs (no asynchronous overlap
+    of the collectives; gradient accumulation fusion is refused)."""
+    if (sequence_parallel or allreduce_dgrad) and tp_group is not ops.tp_group:
+        raise ValueError("fp8_linear: tp_group differs from the one its Fp8LinearOps was built "
+                         "with (Fp8LinearOps(policy, tp_group=...))")
     # The sequence-parallel path keeps megatron's re-gather of x in backward (x.T of the gathered
     # tokens would cost tp times the local shard's bytes).
     keep_xt = (ops.dual and not sequence_parallel and torch.is_grad_enabled()
                and weight.requires_grad)
-    return _Fp8LinearFn.apply(x, weight, bias, ops, sequence_parallel, allreduce_dgrad, tp_group,
-                              keep_xt)
+    y, _, _ = _fp8_linear_op(x, weight, ops.op_id, sequence_parallel, allreduce_dgrad, keep_xt)
+    return y + bias if bias is not None else y
 
 
 class _Fp8ForwardImpl:
@@ -243,7 +329,7 @@ class _Fp8ForwardImpl:
                 f"sizes to be multiples of {align}, got (out={out_size}, in={in_size}). Keep the "
                 f"layer in bf16 (precision.fp8_bf16_first_layers/last_layers), change the model "
                 f"or parallel.tensor, or use precision.fp8_recipe=tensorwise.")
-        self.fp8_ops = Fp8LinearOps(fp8_policy)
+        self.fp8_ops = Fp8LinearOps(fp8_policy, tp_group=self.tp_group)
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
                       allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None,

@@ -203,3 +203,37 @@ def test_fp8_state_is_derived_never_saved(single_rank_runtime):
 
     assert summary(fp8_model) == summary(plain)
     assert not any(d in (torch.float8_e4m3fn, torch.float8_e5m2) for d, _ in summary(plain).values())
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+def test_fp8_linear_compiles_whole_and_steps_without_recompiling(recipe):
+    """torch.compile sees the FP8 linear as two custom ops: one graph (no break), the same
+    numbers as eager, and no recompile when the weight changes between steps (the weight
+    cache's keys stay out of dynamo's guards)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    ops = Fp8LinearOps(Fp8Policy(recipe=recipe, backend="native", emulate=True))
+
+    def block(x, w):
+        return torch.nn.functional.silu(fp8_linear(x * 0.5, w, None, ops)).sum()
+
+    explain = torch._dynamo.explain(block)(torch.randn(16, 256), torch.randn(128, 256))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(128, 256, generator=g, requires_grad=True)
+    w_ref = w.detach().clone().requires_grad_()
+    for _ in range(3):
+        x = torch.randn(16, 256, generator=g)
+        new_weight_generation()
+        out, ref = compiled(x, w), block(x, w_ref)
+        out.backward()
+        ref.backward()
+        assert torch.equal(out, ref) and torch.equal(w.grad, w_ref.grad)
+        with torch.no_grad():                                  # an optimizer step
+            for p in (w, w_ref):
+                p.sub_(0.1 * p.grad)
+                p.grad = None
+    assert counter.frame_count == 1
