@@ -207,22 +207,30 @@ def _tp_size(ops: Fp8LinearOps) -> int:
     return 1 if ops.tp_group is None else ops.tp_group.size()
 
 
-def _xt_empty(x: torch.Tensor, ops: Fp8LinearOps, tokens, n_in: int):
+def _layout(ops: Fp8LinearOps, sp: bool) -> str:
+    """Everything that decides the op's output shapes and strides, as an argument of the op: a
+    compiled graph (and inductor's on-disk cache of it) then differs wherever they differ."""
+    return (f"{ops.act}:{ops.wgrad_token_multiple}:{'emulated' if ops.policy.emulate else 'cuda'}"
+            f":{_tp_size(ops) if sp else 1}")
+
+
+def _xt_empty(x: torch.Tensor, layout: str, tokens, n_in: int):
     """Empty tensors laid out as forward_keep_xt's x.T and its scales (for the fake op)."""
-    m = ops.wgrad_token_multiple
+    gran, multiple, where, _ = layout.split(":")
+    m = int(multiple)
     tp = -(-tokens // m) * m
     data = x.new_empty(n_in, tp, dtype=torch.float8_e4m3fn)
-    if ops.act == "tensor":
+    if gran == "tensor":
         return data, x.new_empty(1, 1, dtype=torch.float32)
     nt = -(-tp // 128)
-    if ops.policy.emulate:                       # the reference's contiguous scales
+    if where == "emulated":                      # the reference's contiguous scales
         return data, x.new_empty(n_in, nt, dtype=torch.float32)
     return data, x.new_empty(nt, n_in, dtype=torch.float32).t()   # new_scale's (1, R) strides
 
 
 @torch.library.custom_op("r1mega::fp8_linear", mutates_args=())
 def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, op_id: int, sp: bool,
-                   allreduce_dgrad: bool, keep_xt: bool) -> tuple[torch.Tensor, torch.Tensor,
+                   allreduce_dgrad: bool, keep_xt: bool, layout: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                    torch.Tensor]:
     """x (S, ..., in) -> y (S * tp if sp, ..., out), and x.T in FP8 for wgrad when keep_xt."""
     ops = _registered(op_id)
@@ -240,16 +248,15 @@ def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, op_id: int, sp: bool,
 
 
 @_fp8_linear_op.register_fake
-def _(x, weight, op_id, sp, allreduce_dgrad, keep_xt):
-    ops = _registered(op_id)
-    s0 = x.shape[0] * (_tp_size(ops) if sp else 1)
+def _(x, weight, op_id, sp, allreduce_dgrad, keep_xt, layout):
+    s0 = x.shape[0] * int(layout.split(":")[3])
     y = x.new_empty(s0, *x.shape[1:-1], weight.shape[0])
     if not keep_xt:
         return y, x.new_empty(0, dtype=torch.float8_e4m3fn), x.new_empty(0, dtype=torch.float32)
     tokens = s0
     for d in x.shape[1:-1]:
         tokens = tokens * d
-    return (y, *_xt_empty(x, ops, tokens, x.shape[-1]))
+    return (y, *_xt_empty(x, layout, tokens, x.shape[-1]))
 
 
 @torch.library.custom_op("r1mega::fp8_linear_backward", mutates_args=())
@@ -282,7 +289,7 @@ def _(dy, weight, saved, xt_scale, op_id, sp, allreduce_dgrad, keep_xt, need_wgr
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, op_id, sp, allreduce_dgrad, keep_xt = inputs
+    x, weight, op_id, sp, allreduce_dgrad, keep_xt, _ = inputs
     _, data, scale = output
     ctx.meta = (op_id, sp, allreduce_dgrad, keep_xt, weight.requires_grad)
     ctx.mark_non_differentiable(data, scale)
@@ -294,7 +301,7 @@ def _backward(ctx, dy, _ddata, _dscale):
     op_id, sp, allreduce_dgrad, keep_xt, need_wgrad = ctx.meta
     dx, dw = _fp8_linear_backward_op(dy, weight, saved, scale, op_id, sp, allreduce_dgrad,
                                      keep_xt, need_wgrad)
-    return dx, (dw if need_wgrad else None), None, None, None, None
+    return dx, (dw if need_wgrad else None), None, None, None, None, None
 
 
 _fp8_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -313,7 +320,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     # tokens would cost tp times the local shard's bytes).
     keep_xt = (ops.dual and not sequence_parallel and torch.is_grad_enabled()
                and weight.requires_grad)
-    y, _, _ = _fp8_linear_op(x, weight, ops.op_id, sequence_parallel, allreduce_dgrad, keep_xt)
+    y, _, _ = _fp8_linear_op(x, weight, ops.op_id, sequence_parallel, allreduce_dgrad, keep_xt,
+                             _layout(ops, sequence_parallel))
     return y + bias if bias is not None else y
 
 

@@ -237,3 +237,16 @@ def test_fp8_linear_compiles_whole_and_steps_without_recompiling(recipe):
                 p.sub_(0.1 * p.grad)
                 p.grad = None
     assert counter.frame_count == 1
+
+
+def test_op_layout_argument_tells_recipes_apart():
+    """Inductor caches compiled graphs on disk by their text; the op's outputs are laid out by
+    the recipe, so the recipe's layout must be in the graph (a blockwise run once reused a
+    tensorwise graph's stride checks from the cache and failed)."""
+    from r1mega.precision.linear import _layout
+
+    lay = {r: _layout(Fp8LinearOps(Fp8Policy(recipe=r, backend="native")), False)
+           for r in ("tensorwise", "blockwise")}
+    assert lay["tensorwise"] != lay["blockwise"]
+    emu = _layout(Fp8LinearOps(Fp8Policy(recipe="blockwise", backend="native", emulate=True)), False)
+    assert emu != lay["blockwise"]
