@@ -177,3 +177,17 @@ def test_native_fp8_model_trains_on_gpu(single_rank_runtime):
     samples = [sft_sample(torch.randint(0, 256, (100,), generator=g)) for _ in range(4)]
     losses = [step(samples, sft_loss_fn(cfg.vocab_size)).loss for _ in range(6)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+def test_custom_op_fake_kernels_match_cuda_layouts(recipe):
+    """The fake kernels' column-major tile scales against the Triton quantiser's real ones."""
+    if recipe == "blockwise" and not HOPPER:
+        pytest.skip("blockwise scaled_mm runs on sm_90")
+    from r1mega.precision.linear import _fp8_linear_op, _layout
+
+    ops = Fp8LinearOps(Fp8Policy(recipe=recipe, backend="native"))
+    x = torch.randn(3, 100, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    args = (x, w, ops.op_id, False, False, True, _layout(ops, False))
+    torch.library.opcheck(_fp8_linear_op, args, test_utils=("test_schema", "test_faketensor"))

@@ -250,3 +250,26 @@ def test_op_layout_argument_tells_recipes_apart():
     assert lay["tensorwise"] != lay["blockwise"]
     emu = _layout(Fp8LinearOps(Fp8Policy(recipe="blockwise", backend="native", emulate=True)), False)
     assert emu != lay["blockwise"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_custom_ops_fake_kernels_match_the_real_ones(recipe):
+    """torch.library.opcheck: schema, autograd registration, and the fake (meta) kernels'
+    shapes and strides against the real outputs, forward and backward, with x.T kept and not.
+    (Its aot_dispatch test would sum the FP8 outputs, which torch cannot do on the CPU.)"""
+    from r1mega.precision.linear import _fp8_linear_backward_op, _fp8_linear_op, _layout
+
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    ops = Fp8LinearOps(Fp8Policy(recipe=recipe, backend="native", emulate=True))
+    x = torch.randn(3, 5, 256, requires_grad=True)            # (S, B, in), 15 tokens
+    w = torch.randn(128, 256, requires_grad=True)
+    for keep in ((True, False) if ops.dual else (False,)):
+        args = (x, w, ops.op_id, False, False, keep, _layout(ops, False))
+        torch.library.opcheck(_fp8_linear_op, args, test_utils=checks)
+        _, data, scale = _fp8_linear_op(*args)
+        dy = torch.randn(3, 5, 128)
+        for need_wgrad in (True, False):
+            bargs = (dy, w.detach(), data if keep else x.detach(), scale, ops.op_id, False, False,
+                     keep, need_wgrad)
+            # (test_schema compares inputs by arithmetic, which float8 has none of on the CPU)
+            torch.library.opcheck(_fp8_linear_backward_op, bargs, test_utils=("test_faketensor",))
