@@ -125,7 +125,6 @@ if _HAVE_TRITON:
         _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v, mult, FMAX)
         tl.store(s_ptr + br * ssr + bc * sst, tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult))
 
-
     @triton.jit
     def _quant_dual_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, R, C, sxr, sxc, sqr,
                            sqtr, ssr, sst, stsr, stst, FMAX: tl.constexpr, POWER2: tl.constexpr,
