@@ -122,10 +122,6 @@ def validate_lean_optimizer(cfg: Config, device_type: Optional[str] = None) -> N
         raise ConfigError(f"optimizer.master_weights={o.master_weights} steps from a bf16 gradient "
                           f"buffer (no fp32 grad buffer is the point of it); set "
                           f"precision.grad_reduce_in_fp32=false.")
-    if cfg.precision.fp8:
-        raise ConfigError(f"optimizer.master_weights={o.master_weights} with precision.fp8=true is not "
-                          f"implemented (FP8 weight copies follow the fp32 master); set "
-                          f"optimizer.master_weights=fp32 or precision.fp8=false.")
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:

@@ -101,12 +101,13 @@ def train_losses(shape: dict, precision, batches: list, rt, init_state=None, lr:
     return losses, init_state
 
 
-def _precisions(recipe: str, device):
+def _precisions(recipe: str, device, fp32_grads: bool = True):
     from r1mega.config import PrecisionConfig
 
-    return {"bf16": PrecisionConfig(),
+    return {"bf16": PrecisionConfig(grad_reduce_in_fp32=fp32_grads),
             f"fp8-{recipe}": PrecisionConfig(fp8=True, fp8_backend="native", fp8_recipe=recipe,
-                                             fp8_emulate=device.type != "cuda")}
+                                             fp8_emulate=device.type != "cuda",
+                                             grad_reduce_in_fp32=fp32_grads)}
 
 
 def run_parity(args, rt) -> dict:
@@ -140,6 +141,7 @@ def run_throughput(args, rt) -> dict:
     bf16_peak = matmul_peak_flops(device, rt.dtype, 8192 if device.type == "cuda" else 256)
     fp8_peak = fp8_matmul_flops(device)
     result = {"mode": "throughput", "recipe": args.recipe, "compile": args.compile,
+              "master_weights": args.master_weights, "moments_dtype": args.moments_dtype,
               "tokens_per_step": args.seqs * args.seq_len,
               "bf16_matmul_tflops": bf16_peak / 1e12, "fp8_matmul_tflops": fp8_peak / 1e12,
               "models": {}}
@@ -151,10 +153,13 @@ def run_throughput(args, rt) -> dict:
         tokens = torch.randint(0, shape["vocab_size"], (args.seqs, args.seq_len), generator=g).to(device)
         flops_tok = model_flops_per_token(shape, args.seq_len)
         rows = {}
-        for name, prec in _precisions(args.recipe, device).items():
+        # a bf16 master steps from a bf16 gradient buffer
+        for name, prec in _precisions(args.recipe, device, args.master_weights == "fp32").items():
             _reset_memory(device)
             sec, mem, losses, _ = run_r1mega(shape, tokens, rt, "chunked", args.warmup, args.steps,
-                                             args.compile, precision=prec)
+                                             args.compile, precision=prec,
+                                             master_weights=args.master_weights,
+                                             moments_dtype=args.moments_dtype)
             tflops = args.seqs * args.seq_len / sec * flops_tok / 1e12
             peak = fp8_peak if name != "bf16" else bf16_peak
             rows[name] = {"ms_per_step": sec * 1e3, "tokens_per_s": args.seqs * args.seq_len / sec,
@@ -250,6 +255,11 @@ def main(argv=None) -> int:
                          "(the FP8 linears stay eager between the compiled pieces)")
     ap.add_argument("--profile", action="store_true",
                     help="throughput: after timing, the top device kernels of one step of each row")
+    ap.add_argument("--master-weights", default="fp32",
+                    choices=["fp32", "bf16_remainder", "bf16_stochastic"],
+                    help="throughput: optimizer.master_weights of both rows")
+    ap.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="throughput: optimizer.moments_dtype of both rows")
     ap.add_argument("--parity", action="store_true", help="loss parity (852m, fixed corpus)")
     ap.add_argument("--parity-steps", type=int, default=200)
     ap.add_argument("--rollout", action="store_true",

@@ -153,8 +153,6 @@ def test_wrong_parameter_dtype_is_named():
     (dict(master_weights="bf16_stochastic", distributed=False, dtype="bf16"),
      "precision.grad_reduce_in_fp32=false"),
     (dict(moments_dtype="bf16", name="sgd", distributed=False), "optimizer.name=sgd"),
-    (dict(master_weights="bf16_remainder", distributed=False, dtype="bf16", fp32_grads=False,
-          fp8=True), "bf16_remainder with precision.fp8=true"),
 ])
 def test_config_validation_names_the_key(overrides, match):
     from r1mega.config import Config, ConfigError
@@ -181,6 +179,9 @@ def test_config_accepts_the_lean_settings():
     cfg.parallel.distributed_optimizer = False
     cfg.precision.dtype, cfg.precision.grad_reduce_in_fp32 = "bf16", False
     validate(cfg)
+    cfg.precision.fp8 = cfg.precision.fp8_emulate = True   # FP8 linears with bf16 masters
+    validate(cfg)
+    cfg.precision.fp8 = cfg.precision.fp8_emulate = False
     cfg.optimizer.master_weights = "fp32"  # bf16 moments beside fp32 masters keep fp32 grads
     cfg.precision.grad_reduce_in_fp32 = True
     validate(cfg)

@@ -9,13 +9,16 @@ from r1mega.train.lean_adam_math import join_master
 
 
 def _setup(single_rank_runtime, master_weights="fp32", moments="fp32", clip=0.0, lr=1e-2,
-           fold=None):
+           fold=None, fp8_recipe=None):
     from r1mega.config import ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
     from r1mega.models.gpt import build_model
     from r1mega.train.optimizer import build_optimizer
     from r1mega.train.step import TrainStep, sft_loss_fn, sft_sample
 
     prec = PrecisionConfig(dtype="bf16", grad_reduce_in_fp32=False)
+    if fp8_recipe:   # native FP8 linears, emulated on the CPU
+        prec = PrecisionConfig(dtype="bf16", grad_reduce_in_fp32=False, fp8=True, fp8_emulate=True,
+                               fp8_backend="native", fp8_recipe=fp8_recipe)
     rt = single_rank_runtime(parallel=ParallelConfig(distributed_optimizer=False), precision=prec)
     cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                       ffn_hidden_size=64, vocab_size=64)
@@ -117,3 +120,40 @@ def test_token_scale_folded_into_the_update_matches_the_scaled_buffer(single_ran
     diff = sum((a.float() - b.float()).norm() ** 2 for a, b in zip(params, ref_params)) ** 0.5
     size = sum(b.float().norm() ** 2 for b in ref_params) ** 0.5
     assert diff / size < 2e-3, diff / size
+
+
+def _trajectory(single_rank_runtime, steps, **kw):
+    """Per step: the loss, the parameters after the update, and the reference's bf16 ties."""
+    from r1mega.parallel.runtime import destroy_parallel
+
+    chunks, bundle, one = _setup(single_rank_runtime, **kw)
+    losses, params, ties = [], [], []
+    for _ in range(steps):
+        losses.append(float(one()))
+        params.append([p.detach().clone() for p in chunks[0].parameters()])
+        if kw.get("master_weights", "fp32") == "fp32":
+            ties.append(sum(int(((m.view(torch.int32) & 0xFFFF) == 0x8000).sum())
+                            for m in _masters(bundle)))
+    destroy_parallel()
+    return losses, params, ties
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
+def test_fp8_with_bf16_masters_equals_fp8_with_fp32_masters(single_rank_runtime, recipe):
+    """bf16 master weights (the remainder mode) under FP8 linears: the FP8 copies are re-derived
+    from the bf16 weights after every update, so the run equals the fp32-master FP8 run bit for
+    bit, as it does without FP8, up to the first update that leaves a master on an exact bf16
+    tie (there the remainder mode rounds away from zero, lean_adam_math.py says why)."""
+    ref_losses, ref_params, ties = _trajectory(single_rank_runtime, 4, fp8_recipe=recipe)
+    losses, params, _ = _trajectory(single_rank_runtime, 4, master_weights="bf16_remainder",
+                                    fp8_recipe=recipe)
+    clean = next((k for k, t in enumerate(ties) if t), len(ties))   # updates before the first tie
+    assert clean >= 2, f"ties after the updates: {ties}; pick other data"
+    for k in range(clean):
+        for a, b in zip(params[k], ref_params[k]):
+            assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    n = min(clean + 1, len(losses))              # a loss reads the weights of the update before
+    assert losses[:n] == ref_losses[:n] and losses[-1] < losses[0]
+    # FP8 really ran: the same run without FP8 gives other losses
+    bf16_losses, _, _ = _trajectory(single_rank_runtime, 2, master_weights="bf16_remainder")
+    assert bf16_losses != losses[:2]
