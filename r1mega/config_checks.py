@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from r1mega.config import Config, ConfigError, ParallelConfig, RopeScalingConfig, _suggest
+from r1mega.train.lean_adam_math import MASTER_MODES, MOMENT_DTYPES
 
 
 def _choice(key: str, value: str, allowed) -> None:
@@ -95,8 +96,8 @@ def validate_lean_optimizer(cfg: Config, device_type: Optional[str] = None) -> N
     """optimizer.master_weights / optimizer.moments_dtype (r1mega/train/lean_adam.py): the
     combinations that are implemented, and the precision settings they need."""
     o = cfg.optimizer
-    _choice("optimizer.master_weights", o.master_weights, {"fp32", "bf16_remainder", "bf16_stochastic"})
-    _choice("optimizer.moments_dtype", o.moments_dtype, {"fp32", "bf16"})
+    _choice("optimizer.master_weights", o.master_weights, set(MASTER_MODES))
+    _choice("optimizer.moments_dtype", o.moments_dtype, set(MOMENT_DTYPES))
     if o.master_weights == "fp32" and o.moments_dtype == "fp32":
         return
     what = f"optimizer.master_weights={o.master_weights}, optimizer.moments_dtype={o.moments_dtype}"

@@ -75,11 +75,9 @@ def main(argv=None) -> int:
                     help="layer: torch.compile every TransformerLayer.forward of the r1mega rows")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, print the device time of one step of each run by kernel kind")
-    ap.add_argument("--master-weights", default="fp32",
-                    choices=["fp32", "bf16_remainder", "bf16_stochastic"],
-                    help="also time a row with this optimizer.master_weights (lean optimizer state)")
-    ap.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="the Adam moments' dtype of that row (optimizer.moments_dtype)")
+    ts.add_optimizer_state_args(
+        ap, master_help="also time a row with this optimizer.master_weights (lean optimizer state)",
+        moments_help="the Adam moments' dtype of that row (optimizer.moments_dtype)")
     args = ap.parse_args(argv)
     ts._PROFILE["on"] = args.profile
 

@@ -243,6 +243,8 @@ def run_rollout(args, rt) -> dict:
 
 
 def main(argv=None) -> int:
+    from r1mega.bench.train_step import add_optimizer_state_args
+
     ap = argparse.ArgumentParser(prog="r1mega bench fp8", description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="blockwise", choices=["tensorwise", "rowwise", "blockwise"])
     ap.add_argument("--models", default="852m,gemm-heavy")
@@ -252,14 +254,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", default="none", choices=["none", "layer"],
                     help="throughput: both rows with each transformer layer through torch.compile "
-                         "(the FP8 linears stay eager between the compiled pieces)")
+                         "(one graph a layer: the FP8 linears are custom ops in it)")
     ap.add_argument("--profile", action="store_true",
                     help="throughput: after timing, the top device kernels of one step of each row")
-    ap.add_argument("--master-weights", default="fp32",
-                    choices=["fp32", "bf16_remainder", "bf16_stochastic"],
-                    help="throughput: optimizer.master_weights of both rows")
-    ap.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="throughput: optimizer.moments_dtype of both rows")
+    add_optimizer_state_args(ap, master_help="throughput: optimizer.master_weights of both rows",
+                             moments_help="throughput: optimizer.moments_dtype of both rows")
     ap.add_argument("--parity", action="store_true", help="loss parity (852m, fixed corpus)")
     ap.add_argument("--parity-steps", type=int, default=200)
     ap.add_argument("--rollout", action="store_true",

@@ -48,12 +48,12 @@ def _state(sizes, master: str, moments: str, seed: int = 0):
 
 
 def main(argv=None) -> int:
+    from r1mega.bench.train_step import add_optimizer_state_args
+
     ap = argparse.ArgumentParser(prog="r1mega bench lean-adam", description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", default=";".join(CANDIDATES),
                     help="candidates 'BLOCK,WARPS;...'; the first is the reference")
-    ap.add_argument("--master-weights", default="bf16_stochastic",
-                    choices=["fp32", "bf16_remainder", "bf16_stochastic"])
-    ap.add_argument("--moments-dtype", default="bf16", choices=["fp32", "bf16"])
+    add_optimizer_state_args(ap, master="bf16_stochastic", moments="bf16")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
     from r1mega.ops import lean_adam_triton as lat

@@ -336,6 +336,16 @@ def _static_gb(n_params: int, bytes_per_param: int) -> float:
     return n_params * bytes_per_param / 1e9
 
 
+def add_optimizer_state_args(ap, *, master_help: str = None, moments_help: str = None,
+                             master: str = "fp32", moments: str = "fp32") -> None:
+    """``--master-weights`` / ``--moments-dtype``: the choices of optimizer.master_weights and
+    optimizer.moments_dtype (r1mega/train/lean_adam_math.py), for every bench that offers them."""
+    from r1mega.train.lean_adam_math import MASTER_MODES, MOMENT_DTYPES
+
+    ap.add_argument("--master-weights", default=master, choices=list(MASTER_MODES), help=master_help)
+    ap.add_argument("--moments-dtype", default=moments, choices=list(MOMENT_DTYPES), help=moments_help)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="r1mega bench train-step", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="852m", choices=sorted(SHAPES),
@@ -372,11 +382,9 @@ def main(argv=None) -> int:
                     help="also time r1mega with native FP8 linears (precision.fp8_recipe); "
                          "--smoke emulates FP8 on the CPU")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
-    ap.add_argument("--master-weights", default="fp32",
-                    choices=["fp32", "bf16_remainder", "bf16_stochastic"],
-                    help="also time a row with this optimizer.master_weights (lean optimizer state)")
-    ap.add_argument("--moments-dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="the Adam moments' dtype of that row (optimizer.moments_dtype)")
+    add_optimizer_state_args(
+        ap, master_help="also time a row with this optimizer.master_weights (lean optimizer state)",
+        moments_help="the Adam moments' dtype of that row (optimizer.moments_dtype)")
     ap.add_argument("--exact", action="store_true",
                     help="also time the rollout.exact training forward (a fresh model), same run")
     args = ap.parse_args(argv)

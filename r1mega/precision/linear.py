@@ -5,7 +5,8 @@ megatron's parallel linears do their tensor-parallel communication around one ca
 (``linear_with_grad_accumulation_and_async_allreduce``): the column layer's sequence-parallel
 all-gather of the input and its dgrad reduce-scatter / all-reduce happen inside it, the row
 layer's output reduction after it. The FP8 layers replace only that call, with
-:class:`_Fp8LinearFn`, which keeps those collectives and swaps the three GEMMs for FP8 ones:
+:func:`fp8_linear` (a forward and a backward custom op), which keeps those collectives and swaps
+the three GEMMs for FP8 ones:
 
   forward  y  = x  @ w.T     x: activation recipe, w: weight recipe (cached per pass)
   dgrad    dx = dy @ w       dy: gradient recipe in ``grad_format``, w.T: weight recipe (cached)
