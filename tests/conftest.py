@@ -1,6 +1,7 @@
 """Shared pytest fixtures: a single-rank megatron runtime on CPU (gloo) for in-process tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -26,17 +27,25 @@ def free_port() -> int:
 _LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-@pytest.fixture(autouse=True)
-def _launch_env_restored():
+@contextlib.contextmanager
+def _launch_env_kept():
     """An in-process world (init_parallel, a bench's main()) leaves MASTER_PORT in os.environ;
     a later test's subprocess would inherit it and find the port still held by this process."""
     saved = {k: os.environ.get(k) for k in _LAUNCH_VARS}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _launch_env_restored():
+    with _launch_env_kept():
+        yield
 
 
 @pytest.fixture
@@ -68,10 +77,12 @@ def rt_fp32():
     from r1mega.parallel.launch_env import LaunchEnv
     from r1mega.parallel.runtime import destroy_parallel, init_parallel
 
-    ctx = init_parallel(ParallelConfig(), PrecisionConfig(dtype="fp32"),
-                        env=LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
-    yield ctx
-    destroy_parallel()
+    # module-scoped: set up before the per-test autouse fixture looks, so it restores on its own
+    with _launch_env_kept():
+        ctx = init_parallel(ParallelConfig(), PrecisionConfig(dtype="fp32"),
+                            env=LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
+        yield ctx
+        destroy_parallel()
 
 
 @pytest.fixture()
