@@ -175,9 +175,27 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+    # A child the judge forked is orphaned (re-parented to init, out of `seen`) when the judge
+    # exits first; it is still in the judge's process group, so the group being empty is the end.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not all(_gone(k) for k in seen.values()):
+    while time.monotonic() < deadline and (_group_alive(proc.pid)
+                                           or not all(_gone(k) for k in seen.values())):
         time.sleep(0.01)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is still in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.Error, OSError):
+            continue
+    return False
 
 
 def run_tests(program: str, tests: str, entry_point: str | None = None,
