@@ -60,11 +60,26 @@ class Fp8WeightCache:
 
     def __init__(self):
         self._entries: dict[str, tuple[tuple, Fp8Tensor]] = {}
-        self.quantizations = 0  # how many times a weight was quantised (tests count it)
+        self.quantizations = 0  # how many times the bf16 weight was read to quantise (tests count)
+
+    @staticmethod
+    def _key(weight: torch.Tensor) -> tuple:
+        # data_ptr: megatron may re-point .data (buffers); _version: plain in-place updates.
+        return (_current[0], weight.data_ptr(), weight._version, tuple(weight.shape))
+
+    def _store(self, which: str, key: tuple, q: Fp8Tensor) -> Fp8Tensor:
+        hit = self._entries.get(which)
+        if hit is not None and hit[1].data.shape == q.data.shape:
+            # Refresh in place: a CUDA graph captured over the copy (the rollout's decode) then
+            # reads the new weights on its next replay.
+            hit[1].data.copy_(q.data)
+            hit[1].scale.copy_(q.scale)
+            q = hit[1]
+        self._entries[which] = (key, q)
+        return q
 
     def get(self, weight: torch.Tensor, which: str, policy: Fp8Policy) -> Fp8Tensor:
-        # data_ptr: megatron may re-point .data (buffers); _version: plain in-place updates.
-        key = (_current[0], weight.data_ptr(), weight._version, tuple(weight.shape))
+        key = self._key(weight)
         hit = self._entries.get(which)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -72,15 +87,32 @@ class Fp8WeightCache:
         gran = RECIPE_GRANULARITY[policy.recipe][1]
         with torch.no_grad():
             q = quantize(w if which == "fwd" else w.t(), gran, "e4m3", policy.power2_scales)
-            if hit is not None and hit[1].data.shape == q.data.shape:
-                # Refresh in place: a CUDA graph captured over the copy (the rollout's decode)
-                # then reads the new weights on its next replay.
-                hit[1].data.copy_(q.data)
-                hit[1].scale.copy_(q.scale)
-                q = hit[1]
-        self._entries[which] = (key, q)
         self.quantizations += 1
-        return q
+        return self._store(which, key, q)
+
+    def get_pair(self, weight: torch.Tensor, policy: Fp8Policy) -> Fp8Tensor:
+        """The forward copy, with the dgrad copy made from the same read of the weight (a
+        training forward needs both): tensorwise through quantize_dual; a 128x128 block of w.T
+        is the transpose of w's block under the same amax, so blockwise transposes the FP8
+        bytes. Both are bit for bit what two :meth:`get` calls give (tests/unit)."""
+        key = self._key(weight)
+        fwd, dgrad = self._entries.get("fwd"), self._entries.get("dgrad")
+        if fwd is not None and dgrad is not None and fwd[0] == key and dgrad[0] == key:
+            return fwd[1]
+        gran = RECIPE_GRANULARITY[policy.recipe][1]
+        if gran not in ("tensor", "block"):
+            self.get(weight, "dgrad", policy)
+            return self.get(weight, "fwd", policy)
+        w = weight.detach()
+        with torch.no_grad():
+            if gran == "tensor":
+                q, qt = quantize_dual(w, gran, "e4m3", policy.power2_scales)
+            else:
+                q = quantize(w, gran, "e4m3", policy.power2_scales)
+                qt = Fp8Tensor(q.data.t().contiguous(), q.scale.t().contiguous(), gran, "e4m3")
+        self.quantizations += 1
+        self._store("dgrad", key, qt)
+        return self._store("fwd", key, q)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -132,7 +164,7 @@ class Fp8LinearOps:
         t = x2.shape[0]
         a, at = quantize_dual(_pad_rows(x2, self.wgrad_token_multiple), self.act, "e4m3",
                               self.policy.power2_scales)
-        b = self.cache.get(weight, "fwd", self.policy)
+        b = self.cache.get_pair(weight, self.policy)
         return fp8_gemm(a, b, x2.dtype, emulate=self.policy.emulate, fast_accum=True)[:t], at
 
     def backward_from_xt(self, dy2: torch.Tensor, weight: torch.Tensor, xt: Fp8Tensor,

@@ -11,6 +11,9 @@ has the scale arithmetic); ``tests/gpu/test_fp8_gpu.py`` compares the two bit fo
   _quant_dual_kernel    grid (ceil(R/128), ceil(C/128)): x and x.T from one read of a block
                         (the FP8 linear's activation and gradient: forward/dgrad want them
                         quantised along features, wgrad along tokens).
+  _amax_kernel          the tensorwise recipe's amax: one read of a dense tensor, each program
+                        folds its chunks into one integer atomic max (a non-negative float's bits
+                        order like the float, and a NaN's above inf, so NaN propagates).
 
 Both take the input's strides (a transposed view is quantised without a copy: wgrad's
 operands are dy.T and x.T) and the scale tensor's strides, so the scales are written straight
@@ -163,7 +166,35 @@ if _HAVE_TRITON:
             tl.store(st_ptr + cols * stsr + br * stst, scale_c, mask=cols < C)
 
 
+    @triton.jit
+    def _amax_kernel(x_ptr, out_ptr, n, iters, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        base = pid * iters * BLOCK_N
+        acc = tl.zeros([BLOCK_N], tl.int32)
+        for i in range(0, iters):
+            offs = base + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            v = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        tl.atomic_max(out_ptr, tl.max(acc, axis=0))
+
+
 _ROWS_PER_PROGRAM = 16
+_AMAX_BLOCK = 4096
+_AMAX_PROGRAMS = 2048   # enough to fill the GPU many times over; few enough that the one
+                        # address's atomics stay negligible
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a float32 (1,) tensor on x's device, NaN if x holds one, no host sync."""
+    flat = x if x.is_contiguous() else x.t() if x.dim() == 2 and x.t().is_contiguous() else None
+    if flat is None or x.numel() == 0:
+        return torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1)
+    n = flat.numel()
+    iters = triton.cdiv(triton.cdiv(n, _AMAX_BLOCK), _AMAX_PROGRAMS)
+    out = torch.zeros(1, dtype=torch.int32, device=x.device)
+    _amax_kernel[(triton.cdiv(n, _AMAX_BLOCK * iters),)](flat, out, n, iters, BLOCK_N=_AMAX_BLOCK,
+                                                          num_warps=8)
+    return out.view(torch.float32)
 
 
 def new_scale(rows: int, cols: int, granularity: str, device) -> torch.Tensor:
@@ -193,9 +224,8 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
                                    num_warps=8)
         return Fp8Tensor(q, s, granularity, fmt)
     if granularity == "tensor":
-        # One reduction (no abs copy), then every tile quantised under that amax. NaN propagates
-        # through the inf-norm as through the reference's amax.
-        amax = torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1)
+        # One reduction, then every tile quantised under that amax.
+        amax = tensor_amax(x)
         tiles, tile_c, given = triton.cdiv(c, BLOCK), BLOCK, True
     elif granularity == "row":
         amax, tiles, tile_c, given = s, 1, c, False
@@ -226,7 +256,7 @@ def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
         st.fill_(1.0)
         return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
     tensor = granularity == "tensor"
-    amax = (torch.linalg.vector_norm(x, ord=float("inf")).float().reshape(1) if tensor else s)
+    amax = tensor_amax(x) if tensor else s
     grid = (triton.cdiv(r, BLOCK), triton.cdiv(c, BLOCK))
     _quant_dual_kernel[grid](x, q, qt, s, st, amax, r, c, x.stride(0), x.stride(1), q.stride(0),
                              qt.stride(0), s.stride(0), s.stride(1), st.stride(0), st.stride(1),

@@ -83,6 +83,29 @@ def test_dual_quantizer_equals_reference_of_x_and_xt_bitwise(gran, fmt, power2, 
             assert got.scale.stride() == (1, got.scale.shape[0])
 
 
+@pytest.mark.skipif(not triton_quant.available(), reason="needs triton")
+@pytest.mark.parametrize("shape", [(1,), (3, 128), (257, 1000), (4096, 14336), (8191, 4097)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tensor_amax_equals_torch(shape, dtype):
+    """The tensorwise amax kernel against torch's max |x|: exact (a max), over sizes that leave
+    ragged chunks and use several chunks per program; NaN and inf propagate, -0 and zeros."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = (torch.randn(shape, device="cuda", generator=g) * 3).to(dtype)
+    for case in ("plain", "transposed", "inf", "nan", "zeros"):
+        y = x.t() if case == "transposed" and x.dim() == 2 else x.clone()
+        flat = y.view(-1) if y.is_contiguous() else y.t().reshape(-1)
+        if case == "inf":
+            flat[-1] = -float("inf")
+        elif case == "nan":
+            flat[flat.numel() // 2] = float("nan")
+        elif case == "zeros":
+            y = torch.full_like(x, -0.0)
+        got = triton_quant.tensor_amax(y)
+        ref = y.float().abs().amax().reshape(1)
+        assert got.dtype == torch.float32 and got.shape == (1,)
+        assert torch.equal(got.nan_to_num(-1.0), ref.nan_to_num(-1.0)), (case, got, ref)
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
 def test_fp8_linear_dual_path_equals_separate_passes_on_gpu(recipe):
     if recipe == "blockwise" and not HOPPER:

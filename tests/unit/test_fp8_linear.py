@@ -82,6 +82,38 @@ def test_weight_quantised_once_per_pass_and_after_updates():
     assert ((y - ref).abs() <= 0.13 * (w.detach().abs().sum(1)) + 1e-3).all()
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_weight_pair_from_one_read_equals_separate_quantisations(recipe):
+    """get_pair (the training forward's w and w.T copies from one read of w: quantize_dual for
+    tensorwise, the FP8 bytes of w's 128x128 blocks transposed for blockwise) against the
+    reference quantiser run on w and on w.t() separately, bit for bit; ragged block edges."""
+    from r1mega.precision.linear import RECIPE_GRANULARITY
+    from r1mega.precision.quantize import quantize_reference
+
+    gran = RECIPE_GRANULARITY[recipe][1]
+    w = torch.randn(200, 330, generator=torch.Generator().manual_seed(4)) * 0.05
+    w[:128, :128] *= 40.0                                      # blocks of different scales
+    ops = Fp8LinearOps(Fp8Policy(recipe=recipe, backend="native", emulate=True))
+    new_weight_generation()
+    fwd = ops.cache.get_pair(w, ops.policy)
+    assert ops.cache.quantizations == (1 if gran in ("tensor", "block") else 2)
+    dgrad = ops.cache.get(w, "dgrad", ops.policy)              # a hit: no second read
+    assert ops.cache.get_pair(w, ops.policy) is fwd
+    assert ops.cache.quantizations == (1 if gran in ("tensor", "block") else 2)
+    for got, src in ((fwd, w), (dgrad, w.t())):
+        ref = quantize_reference(src, gran, "e4m3", ops.policy.power2_scales)
+        assert got.data.shape == ref.data.shape and got.data.is_contiguous()
+        assert torch.equal(got.data.view(torch.uint8), ref.data.view(torch.uint8))
+        assert torch.equal(got.scale, ref.scale)
+    with torch.no_grad():
+        w.mul_(0.5)                                            # an update: both refreshed in place
+    data = (fwd.data, dgrad.data)
+    assert ops.cache.get_pair(w, ops.policy).data is data[0]
+    assert ops.cache.get(w, "dgrad", ops.policy).data is data[1]
+    ref = quantize_reference(w.t(), gran, "e4m3", ops.policy.power2_scales)
+    assert torch.equal(data[1].view(torch.uint8), ref.data.view(torch.uint8))
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
 @pytest.mark.parametrize("pad", [1, 128])
 def test_dual_quantisation_path_equals_separate_passes(recipe, pad):
