@@ -92,9 +92,9 @@ class Fp8WeightCache:
 
     def get_pair(self, weight: torch.Tensor, policy: Fp8Policy) -> Fp8Tensor:
         """The forward copy, with the dgrad copy made from the same read of the weight (a
-        training forward needs both): tensorwise through quantize_dual; a 128x128 block of w.T
-        is the transpose of w's block under the same amax, so blockwise transposes the FP8
-        bytes. Both are bit for bit what two :meth:`get` calls give (tests/unit)."""
+        training forward needs both; quantize_dual: tensorwise, or blockwise, where w.T's
+        128x128 block is w's block transposed under the same amax). Bit for bit what two
+        :meth:`get` calls give (tests/unit, tests/gpu)."""
         key = self._key(weight)
         fwd, dgrad = self._entries.get("fwd"), self._entries.get("dgrad")
         if fwd is not None and dgrad is not None and fwd[0] == key and dgrad[0] == key:
@@ -105,11 +105,7 @@ class Fp8WeightCache:
             return self.get(weight, "fwd", policy)
         w = weight.detach()
         with torch.no_grad():
-            if gran == "tensor":
-                q, qt = quantize_dual(w, gran, "e4m3", policy.power2_scales)
-            else:
-                q = quantize(w, gran, "e4m3", policy.power2_scales)
-                qt = Fp8Tensor(q.data.t().contiguous(), q.scale.t().contiguous(), gran, "e4m3")
+            q, qt = quantize_dual(w, gran, "e4m3", policy.power2_scales)
         self.quantizations += 1
         self._store("dgrad", key, qt)
         return self._store("fwd", key, q)

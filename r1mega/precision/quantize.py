@@ -138,7 +138,7 @@ def quantize(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool 
 
 def quantize_dual(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
                   *, impl: str = "auto") -> tuple[Fp8Tensor, Fp8Tensor]:
-    """``(quantize(x), quantize(x.t()))``; on CUDA one fused read (tensor or tile granularity)."""
+    """``(quantize(x), quantize(x.t()))``; on CUDA one fused read (tensor, tile or block)."""
     if impl == "triton" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import triton_quant
 

@@ -7,7 +7,8 @@ has the scale arithmetic); ``tests/gpu/test_fp8_gpu.py`` compares the two bit fo
                         (16, 128) blocks: 1x128 tiles; whole rows for the rowwise recipe (read
                         twice: amax, then scale and write); or every tile under a given amax
                         (tensorwise: the amax comes from one reduction kernel before).
-  _quant_blocks_kernel  grid (ceil(R/128), ceil(C/128)): one 128x128 weight block.
+  _quant_blocks_kernel  grid (ceil(R/128), ceil(C/128)): one 128x128 weight block (and, for
+                        quantize_dual, the same block of w.T: the dgrad copy from one read).
   _quant_dual_kernel    grid (ceil(R/128), ceil(C/128)): x and x.T from one read of a block
                         (the FP8 linear's activation and gradient: forward/dgrad want them
                         quantised along features, wgrad along tokens).
@@ -22,8 +23,8 @@ into the column-major layout cuBLAS wants (r1mega/precision/gemm.py allocates it
 Bit-exactness with the reference: ``fmax / amax`` and ``1 / mult`` use IEEE division
 (``div_rn``; Triton's ``/`` is the approximate ``div.full``); the power-of-2 rounding is the
 same mantissa-clearing bit operation; the clamp keeps NaN; fp32 -> fp8 rounds to nearest even
-in both (``cvt.rn.satfinite``, and the clamp makes saturation moot). ``tl.max`` may drop NaN,
-so a NaN count restores the reference's NaN propagation. Triton's ``div_rn`` flushes denormal
+in both (``cvt.rn.satfinite``, and the clamp makes saturation moot). ``tl.max`` on floats may
+drop NaN, so amaxes are integer maxima of |x|'s bits (``_abs_bits``), which keep it. Triton's ``div_rn`` flushes denormal
 results, so a tile whose amax is below about 1e-36 (its scale 1/mult denormal) may differ.
 """
 from __future__ import annotations
@@ -63,6 +64,12 @@ if _HAVE_TRITON:
         return tl.where(amax == 0.0, 1.0, mult)
 
     @triton.jit
+    def _abs_bits(v):
+        """|v| (fp32) as int32 bits: they order like the floats, a NaN's above inf, so an integer
+        max is the amax with NaN propagated (tl.max on floats may drop NaN)."""
+        return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+    @triton.jit
     def _store_q(q_ptr, offs, mask, v, mult, FMAX: tl.constexpr):
         v = v * mult
         v = tl.where(v > FMAX, FMAX, v)
@@ -84,16 +91,13 @@ if _HAVE_TRITON:
         if GIVEN_AMAX:
             amax = tl.zeros([RB], tl.float32) + tl.load(amax_ptr).to(tl.float32)
         else:
-            amax = tl.zeros([RB], tl.float32)
-            nans = tl.zeros([RB], tl.int32)
+            bits = tl.zeros([RB], tl.int32)
             for c0 in range(0, TILE_C, CHUNK):
                 cols = start + c0 + tl.arange(0, CHUNK)
                 m = rmask[:, None] & ((cols < C) & (cols < start + TILE_C))[None, :]
                 v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m, other=0.0)
-                v = tl.abs(v.to(tl.float32))                                 # (RB, CHUNK)
-                amax = tl.maximum(amax, tl.max(v, axis=1))
-                nans += tl.sum((v != v).to(tl.int32), axis=1)
-            amax = tl.where(nans > 0, float("nan"), amax)
+                bits = tl.maximum(bits, tl.max(_abs_bits(v.to(tl.float32)), axis=1))
+            amax = bits.to(tl.float32, bitcast=True)
         mult = _multiplier(amax, FMAX, POWER2)                                # (RB,)
         for c0 in range(0, TILE_C, CHUNK):
             cols = start + c0 + tl.arange(0, CHUNK)
@@ -111,8 +115,10 @@ if _HAVE_TRITON:
             tl.store(s_ptr + rows * ssr + tile * sst, scale, mask=rmask)
 
     @triton.jit
-    def _quant_blocks_kernel(x_ptr, q_ptr, s_ptr, R, C, sxr, sxc, sqr, ssr, sst,
-                             FMAX: tl.constexpr, POWER2: tl.constexpr, B: tl.constexpr):
+    def _quant_blocks_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, sqr, sqtr, ssr,
+                             sst, stsr, stst, FMAX: tl.constexpr, POWER2: tl.constexpr,
+                             B: tl.constexpr, DUAL: tl.constexpr):
+        # DUAL: also x.T, whose (c, r) block is the (r, c) block transposed, same amax.
         br = tl.program_id(0).to(tl.int64)
         bc = tl.program_id(1).to(tl.int64)
         rows = br * B + tl.arange(0, B)
@@ -120,13 +126,15 @@ if _HAVE_TRITON:
         m = (rows[:, None] < R) & (cols[None, :] < C)
         v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m,
                     other=0.0).to(tl.float32)                                  # (B, B)
-        a = tl.abs(v)
-        amax = tl.max(tl.max(a, axis=1), axis=0)
-        nans = tl.sum(tl.sum((a != a).to(tl.int32), axis=1), axis=0)
-        amax = tl.where(nans > 0, float("nan"), amax)
+        amax = tl.max(tl.max(_abs_bits(v), axis=1), axis=0).to(tl.float32, bitcast=True)
         mult = _multiplier(amax, FMAX, POWER2)
+        scale = tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult)
         _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v, mult, FMAX)
-        tl.store(s_ptr + br * ssr + bc * sst, tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult))
+        tl.store(s_ptr + br * ssr + bc * sst, scale)
+        if DUAL:
+            _store_q(qt_ptr, cols[:, None] * sqtr + rows[None, :], tl.trans(m), tl.trans(v),
+                     mult, FMAX)
+            tl.store(st_ptr + bc * stsr + br * stst, scale)
 
     @triton.jit
     def _quant_dual_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, R, C, sxr, sxc, sqr,
@@ -145,10 +153,9 @@ if _HAVE_TRITON:
             amax_r = tl.zeros([B], tl.float32) + tl.load(amax_ptr).to(tl.float32)
             amax_c = amax_r
         else:
-            a = tl.abs(v)
-            nan = (a != a).to(tl.int32)
-            amax_r = tl.where(tl.sum(nan, axis=1) > 0, float("nan"), tl.max(a, axis=1))
-            amax_c = tl.where(tl.sum(nan, axis=0) > 0, float("nan"), tl.max(a, axis=0))
+            bits = _abs_bits(v)
+            amax_r = tl.max(bits, axis=1).to(tl.float32, bitcast=True)
+            amax_c = tl.max(bits, axis=0).to(tl.float32, bitcast=True)
         mult_r = _multiplier(amax_r, FMAX, POWER2)                             # per row of x
         mult_c = _multiplier(amax_c, FMAX, POWER2)                             # per column of x
         _store_q(q_ptr, rows[:, None] * sqr + cols[None, :], m, v, mult_r[:, None], FMAX)
@@ -179,6 +186,7 @@ if _HAVE_TRITON:
 
 
 _ROWS_PER_PROGRAM = 16
+_DUAL_WARPS = {"tensor": 8, "tile": 8, "block": 8}   # tools/fp8_quant_sweep.py times others
 _AMAX_BLOCK = 4096
 _AMAX_PROGRAMS = 2048   # enough to fill the GPU many times over; few enough that the one
                         # address's atomics stay negligible
@@ -219,9 +227,9 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
     fmax = FP8_MAX[fmt]
     if granularity == "block":
         grid = (triton.cdiv(r, BLOCK), triton.cdiv(c, BLOCK))
-        _quant_blocks_kernel[grid](x, q, s, r, c, x.stride(0), x.stride(1), q.stride(0),
-                                   s.stride(0), s.stride(1), FMAX=fmax, POWER2=power2, B=BLOCK,
-                                   num_warps=8)
+        _quant_blocks_kernel[grid](x, q, q, s, s, r, c, x.stride(0), x.stride(1), q.stride(0),
+                                   q.stride(0), s.stride(0), s.stride(1), s.stride(0), s.stride(1),
+                                   FMAX=fmax, POWER2=power2, B=BLOCK, DUAL=False, num_warps=8)
         return Fp8Tensor(q, s, granularity, fmt)
     if granularity == "tensor":
         # One reduction, then every tile quantised under that amax.
@@ -241,9 +249,9 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
 def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
                          power2: bool = False) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``(quantize(x), quantize(x.t()))`` from one read of ``x``, bit for bit the reference's;
-    tensor or tile granularity (a row scale of x.T would need whole columns of x)."""
-    if granularity not in ("tensor", "tile"):
-        raise ValueError(f"quantize_dual: granularity {granularity!r} is not tensor or tile")
+    tensor, tile or block granularity (a row scale of x.T would need whole columns of x)."""
+    if granularity not in ("tensor", "tile", "block"):
+        raise ValueError(f"quantize_dual: granularity {granularity!r} is not tensor, tile or block")
     if x.dim() != 2:
         raise ValueError(f"quantize_dual: expected a 2-D matrix, got {tuple(x.shape)}")
     r, c = x.shape
@@ -255,11 +263,17 @@ def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
         s.fill_(1.0)
         st.fill_(1.0)
         return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
+    grid = (triton.cdiv(r, BLOCK), triton.cdiv(c, BLOCK))
+    if granularity == "block":
+        _quant_blocks_kernel[grid](x, q, qt, s, st, r, c, x.stride(0), x.stride(1), q.stride(0),
+                                   qt.stride(0), s.stride(0), s.stride(1), st.stride(0),
+                                   st.stride(1), FMAX=FP8_MAX[fmt], POWER2=power2, B=BLOCK,
+                                   DUAL=True, num_warps=_DUAL_WARPS["block"])
+        return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
     tensor = granularity == "tensor"
     amax = tensor_amax(x) if tensor else s
-    grid = (triton.cdiv(r, BLOCK), triton.cdiv(c, BLOCK))
     _quant_dual_kernel[grid](x, q, qt, s, st, amax, r, c, x.stride(0), x.stride(1), q.stride(0),
                              qt.stride(0), s.stride(0), s.stride(1), st.stride(0), st.stride(1),
                              FMAX=FP8_MAX[fmt], POWER2=power2, B=BLOCK, TENSOR=tensor,
-                             num_warps=8)
+                             num_warps=_DUAL_WARPS[granularity])
     return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)

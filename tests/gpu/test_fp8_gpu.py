@@ -59,7 +59,7 @@ def test_triton_quantizer_equals_reference_bitwise(gran, fmt, power2, shape, tra
 
 
 @pytest.mark.skipif(not triton_quant.available(), reason="needs triton")
-@pytest.mark.parametrize("gran", ["tensor", "tile"])
+@pytest.mark.parametrize("gran", ["tensor", "tile", "block"])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("power2", [False, True])
 @pytest.mark.parametrize("shape,transpose", [((3, 128), False), ((257, 1000), False),
