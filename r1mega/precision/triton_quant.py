@@ -198,7 +198,7 @@ if _HAVE_TRITON:
 
 
 _ROWS_PER_PROGRAM = 16
-_DUAL_WARPS = {"tensor": 4, "tile": 4, "block": 4}   # per 128x128 block; tools/fp8_quant_sweep.py
+_DUAL_WARPS = {"tensor": 4, "tile": 4, "block": 8}   # per 128x128 block; tools/fp8_quant_sweep.py
 _AMAX_BLOCK = 4096
 _AMAX_PROGRAMS = 2048   # enough to fill the GPU many times over; few enough that the one
                         # address's atomics stay negligible
