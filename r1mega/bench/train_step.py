@@ -381,6 +381,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8", default=None, choices=["tensorwise", "rowwise", "blockwise"],
                     help="also time r1mega with native FP8 linears (precision.fp8_recipe); "
                          "--smoke emulates FP8 on the CPU")
+    ap.add_argument("--fp8-experts", action="store_true",
+                    help="with --fp8 on an MoE model: the experts in FP8 too (precision.fp8_experts)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, end-to-end check")
     add_optimizer_state_args(
         ap, master_help="also time a row with this optimizer.master_weights (lean optimizer state)",
@@ -388,6 +390,8 @@ def main(argv=None) -> int:
     ap.add_argument("--exact", action="store_true",
                     help="also time the rollout.exact training forward (a fresh model), same run")
     args = ap.parse_args(argv)
+    if args.fp8_experts and not args.fp8:
+        ap.error("--fp8-experts needs --fp8 RECIPE")
     _PROFILE["on"] = args.profile
     _PROFILE["steps"] = max(0, args.profile_steps)
 
@@ -452,9 +456,11 @@ def main(argv=None) -> int:
                               thd=True, attention=args.attention), base)
     if args.fp8:
         base = _reset_memory(device)
+        fp8_name = f"r1mega[{impls[-1]},fp8-{args.fp8}{'+experts' if args.fp8_experts else ''}]"
         fp8_prec = PrecisionConfig(fp8=True, fp8_backend="native", fp8_recipe=args.fp8,
-                                   fp8_emulate=device.type != "cuda")
-        add_r1mega(f"r1mega[{impls[-1]},fp8-{args.fp8}]",
+                                   fp8_emulate=device.type != "cuda",
+                                   fp8_experts=args.fp8_experts)
+        add_r1mega(fp8_name,
                    run_r1mega(shape, tokens, rt, impls[-1], args.warmup, args.steps, args.compile,
                               attention=args.attention, precision=fp8_prec), base)
     lean_name = None
@@ -563,7 +569,7 @@ def main(argv=None) -> int:
         result["impls"][name] = row
     if args.fp8:
         # FP8's step speed-up over the bf16 row of the same loss implementation, same run.
-        result["fp8_speedup"] = rows[f"r1mega[{impls[-1]}]"][0] / rows[f"r1mega[{impls[-1]},fp8-{args.fp8}]"][0]
+        result["fp8_speedup"] = rows[f"r1mega[{impls[-1]}]"][0] / rows[fp8_name][0]
     if args.exact:  # against the default forward of the same loss in this run (bar: >= 0.8)
         result["exact_vs_default"] = rows[f"r1mega[{impls[-1]}]"][0] / rows[f"r1mega[{impls[-1]},exact]"][0]
     # The bar against transformers is the default bf16 path's: FP8 and exact rows do not count.

@@ -148,10 +148,10 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
     if fp8 is not None:
         # TE's FP8 needs the TE spec, the native FP8 linears the local one.
         model = dataclasses.replace(model, spec="te" if fp8.backend == "te" else "local")
-        if model.num_experts and rt.rank == 0:
-            warnings.warn("precision.fp8: the attention and dense/shared-expert linears run in FP8; "
-                          "the routed experts' grouped GEMM stays bf16 (no FP8 grouped GEMM here "
-                          "yet).", stacklevel=2)
+        if model.num_experts and not fp8.experts and rt.rank == 0:
+            warnings.warn("precision.fp8: the attention and dense linears run in FP8; the MoE "
+                          "experts (routed grouped GEMM and shared expert) stay bf16 unless "
+                          "precision.fp8_experts=true.", stacklevel=2)
     packed_rope.install()  # packed (THD) RoPE without a host sync and loop per sequence
     layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, rt.tp_size)

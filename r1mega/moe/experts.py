@@ -145,11 +145,23 @@ def loop_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tens
     return torch.cat(pieces, dim=0)
 
 
+def fp8_swiglu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                       offsets: torch.Tensor, ops: tuple) -> torch.Tensor:
+    """:func:`grouped_swiglu_experts` with both projections' forward and dgrad GEMMs in FP8
+    (r1mega/precision/grouped.py); ``ops`` = (gate_up's, down's Fp8GroupedOps)."""
+    from r1mega.precision.grouped import fp8_grouped_linear
+
+    ends = offsets[1:].to(torch.int32)
+    h = fp8_grouped_linear(x, gate_up, ends, ops[0])                                # (R, 2F)
+    return swiglu_into(lambda a: fp8_grouped_linear(a, down, ends, ops[1]), h)      # (R, H)
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts of width F over expert-contiguous rows."""
+    """E SwiGLU experts of width F over expert-contiguous rows; ``fp8``: an Fp8Policy whose
+    ``experts`` flag puts both projections in FP8."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, impl: str = "auto",
-                 device=None, dtype=None):
+                 device=None, dtype=None, fp8=None):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"GroupedExperts: impl={impl!r}, choose one of {IMPLS}")
@@ -158,6 +170,14 @@ class GroupedExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_size, hidden_size, device=device, dtype=dtype))
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, device=device, dtype=dtype))
         self.reset_parameters()
+        self.fp8_ops = None
+        if fp8 is not None and fp8.experts:
+            from r1mega.precision.grouped import Fp8GroupedOps, check_expert_sizes
+
+            why = check_expert_sizes(hidden_size, ffn_size, fp8.emulate)
+            if why:
+                raise ValueError(why)
+            self.fp8_ops = (Fp8GroupedOps(fp8), Fp8GroupedOps(fp8))
 
     def reset_parameters(self, std: float | None = None) -> None:
         for w in (self.gate_up, self.down):
@@ -171,21 +191,42 @@ class GroupedExperts(nn.Module):
         if self.impl == "grouped" and not grouped_mm_available(x):
             raise RuntimeError("GroupedExperts: impl='grouped' needs torch._grouped_mm with bf16 on sm_90+; "
                                "use impl='auto' to fall back to the per-expert loop")
+        if self.fp8_ops is not None:
+            # the parameters themselves: the FP8 copies are cached by their identity and version
+            return fp8_swiglu_experts(x, self.gate_up, self.down, meta.offsets, self.fp8_ops)
         fn = grouped_swiglu_experts if use_grouped else loop_swiglu_experts
         return fn(x, self.gate_up.to(x.dtype), self.down.to(x.dtype), meta.offsets)
 
 
 class SwiGLUMLP(nn.Module):
-    """The shared expert (and the dense FFN): down(silu(gate(x)) * up(x)), same stacked layout."""
+    """The shared expert (and the dense FFN): down(silu(gate(x)) * up(x)), same stacked layout;
+    ``fp8``: an Fp8Policy whose ``experts`` flag runs both linears as the FP8 dense linear."""
 
-    def __init__(self, hidden_size: int, ffn_size: int, device=None, dtype=None):
+    def __init__(self, hidden_size: int, ffn_size: int, device=None, dtype=None, fp8=None):
         super().__init__()
         self.gate_up = nn.Parameter(torch.empty(2 * ffn_size, hidden_size, device=device, dtype=dtype))
         self.down = nn.Parameter(torch.empty(hidden_size, ffn_size, device=device, dtype=dtype))
         nn.init.normal_(self.gate_up, std=1.0 / math.sqrt(hidden_size))
         nn.init.normal_(self.down, std=1.0 / math.sqrt(ffn_size))
+        self.fp8_ops = None
+        if fp8 is not None and fp8.experts:
+            from r1mega.precision.linear import Fp8LinearOps, weight_alignment
+
+            align = weight_alignment(fp8)
+            if hidden_size % align or ffn_size % align:
+                raise ValueError(f"precision.fp8_experts: the shared expert's FP8 {fp8.recipe} GEMMs "
+                                 f"need hidden ({hidden_size}) and FFN ({ffn_size}) sizes that are "
+                                 f"multiples of {align}; set precision.fp8_experts=false, use "
+                                 f"precision.fp8_recipe=tensorwise, or change the model.")
+            self.fp8_ops = (Fp8LinearOps(fp8), Fp8LinearOps(fp8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_ops is not None:
+            from r1mega.precision.linear import fp8_linear
+
+            gu, dn = self.fp8_ops
+            return swiglu_into(lambda a: fp8_linear(a, self.down, None, dn),
+                               fp8_linear(x, self.gate_up, None, gu))
         return swiglu_into(lambda a: F.linear(a, self.down), F.linear(x, self.gate_up))
 
 

@@ -84,7 +84,7 @@ class MoELayer(MegatronModule):
 
     def __init__(self, config, settings: MoESettings, collector: Optional[AuxLossCollector] = None,
                  ep_group=None, tp_group=None, expert_dp_group=None, experts_impl: str = "auto",
-                 dispatch_impl: str = "auto", **unused):
+                 dispatch_impl: str = "auto", fp8_policy=None, **unused):
         """``tp_group``: the dense TP group (None: TP = 1); ``expert_dp_group``: the ranks that
         hold the same experts (megatron's expert-DP group), for checkpoint replica ids."""
         super().__init__(config)
@@ -109,8 +109,10 @@ class MoELayer(MegatronModule):
         self.router_weight = nn.Parameter(torch.empty(s.num_experts, hidden, device=device,
                                                       dtype=torch.float32))
         nn.init.normal_(self.router_weight, std=std)
+        # fp8_policy: set by r1mega/precision/spec.py when precision.fp8_experts is on
         self.experts = GroupedExperts(self.num_local_experts, hidden, s.ffn_hidden_size,
-                                      impl=experts_impl, device=device, dtype=config.params_dtype)
+                                      impl=experts_impl, device=device, dtype=config.params_dtype,
+                                      fp8=fp8_policy)
         self.experts.reset_parameters(std=std)
         if ep_size > 1:
             # megatron DDP's mark for expert-parallel weights: their gradients are reduced over
@@ -122,7 +124,7 @@ class MoELayer(MegatronModule):
         self.shared_expert = None
         if s.shared_ffn_hidden_size:
             self.shared_expert = SwiGLUMLP(hidden, s.shared_ffn_hidden_size, device=device,
-                                           dtype=config.params_dtype)
+                                           dtype=config.params_dtype, fp8=fp8_policy)
             for w in (self.shared_expert.gate_up, self.shared_expert.down):
                 nn.init.normal_(w, std=std)
             mark_replicated_over_tp(self.shared_expert.parameters(), self.sequence_parallel)

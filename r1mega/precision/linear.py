@@ -79,14 +79,19 @@ class Fp8WeightCache:
         return q
 
     def get(self, weight: torch.Tensor, which: str, policy: Fp8Policy) -> Fp8Tensor:
+        gran = RECIPE_GRANULARITY[policy.recipe][1]
+        w = weight.detach()
+        return self.get_with(weight, which, lambda: quantize(w if which == "fwd" else w.t(), gran,
+                                                             "e4m3", policy.power2_scales))
+
+    def get_with(self, weight: torch.Tensor, which: str, make) -> Fp8Tensor:
+        """The cached copy ``which`` of ``weight``, made by ``make()`` when stale."""
         key = self._key(weight)
         hit = self._entries.get(which)
         if hit is not None and hit[0] == key:
             return hit[1]
-        w = weight.detach()
-        gran = RECIPE_GRANULARITY[policy.recipe][1]
         with torch.no_grad():
-            q = quantize(w if which == "fwd" else w.t(), gran, "e4m3", policy.power2_scales)
+            q = make()
         self.quantizations += 1
         return self._store(which, key, q)
 
@@ -354,12 +359,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y + bias if bias is not None else y
 
 
+def weight_alignment(policy: Fp8Policy) -> int:
+    """Multiple of which a layer's weight sizes must be for ``policy``'s GEMMs."""
+    return 1 if policy.emulate else 128 if policy.recipe == "blockwise" else 16
+
+
 class _Fp8ForwardImpl:
     """Replaces megatron's ``_forward_impl`` (the GEMM and its TP collectives) with FP8."""
 
     def _init_fp8(self, fp8_policy: Fp8Policy) -> None:
         out_size, in_size = self.weight.shape
-        align = 1 if fp8_policy.emulate else 128 if fp8_policy.recipe == "blockwise" else 16
+        align = weight_alignment(fp8_policy)
         if out_size % align or in_size % align:
             raise ValueError(
                 f"{type(self).__name__}: the FP8 {fp8_policy.recipe} GEMM needs this rank's weight "

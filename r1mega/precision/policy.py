@@ -31,6 +31,8 @@ GRAD_FORMATS = ("e4m3", "e5m2")
 BLOCKWISE_E4M3_ONLY = ("torch's blockwise scaled_mm (cuBLAS's DeepSeek-V3 kernels) multiplies e4m3 "
                        "operands only; set precision.fp8_grad_format=e4m3 (DeepSeek-V3's choice) or "
                        "use precision.fp8_recipe=tensorwise or rowwise for e5m2 gradients.")
+GROUPED_E4M3_ONLY = ("torch's scaled grouped GEMM (the FP8 experts) multiplies e4m3 operands "
+                     "only; set precision.fp8_grad_format=e4m3 or precision.fp8_experts=false.")
 # r1mega's TE recipe names -> megatron's Fp8Recipe values (megatron calls "current" tensorwise).
 TE_RECIPE_TO_MEGATRON = {"delayed": "delayed", "current": "tensorwise", "blockwise": "blockwise",
                          "mxfp8": "mxfp8"}
@@ -55,6 +57,7 @@ class Fp8Policy:
     bf16_last_layers: int = 0
     emulate: bool = False       # native only: quantise -> dequantise -> fp32 matmul
     rollout: bool = False       # FP8 weight copies for the rollout's decode
+    experts: bool = False       # native only: MoE experts in FP8 (r1mega/precision/grouped.py)
 
     @property
     def power2_scales(self) -> bool:
@@ -93,6 +96,18 @@ def _native_support_error(recipe: str, device_type: str) -> Optional[str]:
     return None
 
 
+def _grouped_support_error() -> Optional[str]:
+    """Why this machine cannot run the FP8 experts (None when it can); CUDA is checked before."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return (f"torch {torch.__version__} has no torch._scaled_grouped_mm (torch >= 2.9); "
+                f"upgrade torch or set precision.fp8_experts=false.")
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return (f"torch's scaled grouped GEMM runs on sm_90 (Hopper); this GPU is sm_{major}{minor}. "
+                f"Set precision.fp8_experts=false.")
+    return None
+
+
 def resolve_fp8_policy(precision: PrecisionConfig, device_type: str,
                        te_available: Optional[bool] = None) -> Optional[Fp8Policy]:
     """The policy for ``precision`` on ``device_type`` ("cuda"/"cpu"); None when FP8 is off.
@@ -109,6 +124,8 @@ def resolve_fp8_policy(precision: PrecisionConfig, device_type: str,
     for key in ("fp8_bf16_first_layers", "fp8_bf16_last_layers"):
         if getattr(p, key) < 0:
             raise ConfigError(f"precision.{key} must be >= 0, got {getattr(p, key)}.")
+    if p.fp8_experts and not p.fp8:
+        raise ConfigError("precision.fp8_experts=true needs precision.fp8=true.")
     if not p.fp8:
         return None
     te = transformer_engine_importable() if te_available is None else te_available
@@ -134,6 +151,9 @@ def resolve_fp8_policy(precision: PrecisionConfig, device_type: str,
         if p.fp8_rollout:
             raise ConfigError("precision.fp8_rollout=true is implemented for the native backend "
                               "only; set precision.fp8_backend=native or precision.fp8_rollout=false.")
+        if p.fp8_experts:
+            raise ConfigError("precision.fp8_experts=true is implemented for the native backend "
+                              "only; set precision.fp8_backend=native or precision.fp8_experts=false.")
     else:
         if p.fp8_recipe not in NATIVE_RECIPES:
             raise ConfigError(f"precision.fp8_recipe: '{p.fp8_recipe}' is not a native FP8 recipe; "
@@ -146,10 +166,17 @@ def resolve_fp8_policy(precision: PrecisionConfig, device_type: str,
             if p.fp8_recipe == "blockwise" and p.fp8_grad_format != "e4m3":
                 raise ConfigError(f"precision.fp8_recipe=blockwise with precision.fp8_grad_format="
                                   f"{p.fp8_grad_format}: {BLOCKWISE_E4M3_ONLY}")
+            if p.fp8_experts:
+                why = _grouped_support_error()
+                if why:
+                    raise ConfigError(f"precision.fp8_experts=true: {why}")
+        if p.fp8_experts and p.fp8_grad_format != "e4m3":
+            raise ConfigError(f"precision.fp8_experts=true with precision.fp8_grad_format="
+                              f"{p.fp8_grad_format}: {GROUPED_E4M3_ONLY}")
     return Fp8Policy(recipe=p.fp8_recipe, backend=backend, grad_format=p.fp8_grad_format,
                      bf16_first_layers=p.fp8_bf16_first_layers,
                      bf16_last_layers=p.fp8_bf16_last_layers, emulate=p.fp8_emulate,
-                     rollout=p.fp8_rollout)
+                     rollout=p.fp8_rollout, experts=p.fp8_experts)
 
 
 def resolve_rollout_fp8_policy(precision: PrecisionConfig, device_type: str) -> Optional[Fp8Policy]:

@@ -3,8 +3,9 @@
 A spec rewrite rather than new spec builders: whatever layer spec a family builds (dense, MoE,
 with or without q/k norms), its ColumnParallelLinear / RowParallelLinear entries become
 :class:`Fp8ColumnParallelLinear` / :class:`Fp8RowParallelLinear` with the policy as a param.
-Layers the policy keeps in bf16 (first/last N) keep their spec untouched. Modules that are not
-megatron linears (r1mega's grouped MoE experts, the output layer outside the blocks) stay bf16.
+Layers the policy keeps in bf16 (first/last N) keep their spec untouched. r1mega's MoE layer gets
+the policy as a param when ``precision.fp8_experts`` is on (its routed and shared experts are not
+megatron linears); the output layer outside the blocks stays bf16.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def with_fp8_linears(spec, policy: Fp8Policy):
         if spec.module in _SWAP:
             return dataclasses.replace(spec, module=_SWAP[spec.module],
                                        params={**spec.params, "fp8_policy": policy})
+        if policy.experts and _is_moe_layer(spec.module):
+            return dataclasses.replace(spec, params={**spec.params, "fp8_policy": policy})
         if spec.submodules is None:
             return spec
         return dataclasses.replace(spec, submodules=with_fp8_linears(spec.submodules, policy))
@@ -35,6 +38,12 @@ def with_fp8_linears(spec, policy: Fp8Policy):
                    for f in dataclasses.fields(spec)}
         return dataclasses.replace(spec, **changes)
     return spec
+
+
+def _is_moe_layer(module) -> bool:
+    from r1mega.moe.layer import MoELayer
+
+    return isinstance(module, type) and issubclass(module, MoELayer)
 
 
 def fp8_layer_specs(layer_specs: list, policy: Fp8Policy, *, first_layer: int,

@@ -157,3 +157,14 @@ def test_profile_top_kernels_owners_and_sync_sites():
               host("cudaStreamSynchronize", 120, 380)]
     assert kernel_owners(events) == {"gemm_kernel": "aten::mm"}
     assert sync_sites(events) == [(0.26, "Optimizer.step > aten::item")]
+
+
+def test_moe_smoke_times_fp8_experts_row():
+    """--fp8 RECIPE --fp8-experts on the MoE shape: an emulated FP8 row with the experts in FP8
+    too, named so, beside the bf16 row, and its speed-up computed against that row."""
+    out = _run_smoke("--model", "qwen3-moe-small", "--hf-experts", "eager", "--fp8", "tensorwise",
+                     "--fp8-experts")
+    fp8 = [k for k in out["impls"] if ",fp8-tensorwise+experts]" in k]
+    assert len(fp8) == 1 and out["fp8_speedup"] > 0
+    assert abs(out["impls"][fp8[0]]["first_loss"] - math.log(256)) < 0.2
+    assert not out["best"].endswith("+experts]")       # FP8 rows are not candidates for "best"

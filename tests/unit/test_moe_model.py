@@ -272,9 +272,9 @@ def test_tensor_parallel_moe_layouts_validate(par_kw, world):
     validate(cfg, world_size=world)
 
 
-def test_fp8_moe_model_says_its_routed_experts_stay_bf16(single_rank_runtime):
-    """Native FP8 swaps megatron's parallel linears; the routed experts' grouped GEMM is not one
-    of them, and the build says so rather than leaving it to be found."""
+def test_fp8_moe_model_says_its_experts_stay_bf16(single_rank_runtime):
+    """Native FP8 swaps megatron's parallel linears; the MoE experts are not among them unless
+    precision.fp8_experts is on, and the build says so rather than leaving it to be found."""
     from r1mega.config import PrecisionConfig
     from r1mega.models.gpt import build_model
     from r1mega.precision.linear import Fp8ColumnParallelLinear
@@ -282,7 +282,8 @@ def test_fp8_moe_model_says_its_routed_experts_stay_bf16(single_rank_runtime):
     prec = PrecisionConfig(dtype="fp32", fp8=True, fp8_emulate=True, fp8_backend="native",
                            fp8_recipe="tensorwise")
     rt = single_rank_runtime(precision=prec)
-    with pytest.warns(UserWarning, match="routed experts' grouped GEMM stays bf16"):
+    with pytest.warns(UserWarning, match=r"MoE experts \(routed grouped GEMM and shared expert\) stay "
+                                         r"bf16 unless precision.fp8_experts=true"):
         chunks = build_model(moe_model(), rt, prec, wrap=False)
     kinds = {type(m).__name__ for m in chunks[0].modules()}
     assert "GroupedExperts" in kinds
