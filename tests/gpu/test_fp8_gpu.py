@@ -182,24 +182,30 @@ def test_fp8_linear_vs_bf16_forward_backward(recipe, grad_format):
         assert rel8 < (0.05 if name == "y" or grad_format == "e4m3" else 0.1), name
 
 
-def test_native_fp8_model_trains_on_gpu(single_rank_runtime):
-    from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
-    from r1mega.models.gpt import build_model
+def _assert_trains(chunks, rt, vocab_size: int) -> None:
+    """Six SFT steps on random tokens: the loss stays finite and falls."""
+    from r1mega.config import OptimizerConfig
     from r1mega.train.optimizer import build_optimizer
     from r1mega.train.step import TrainStep, sft_loss_fn, sft_sample
+
+    optim = build_optimizer(OptimizerConfig(lr=3e-3), chunks, rt, distributed=True)
+    step = TrainStep(chunks, optim, rt, micro_batch_tokens=200)
+    g = torch.Generator().manual_seed(0)
+    samples = [sft_sample(torch.randint(0, 256, (100,), generator=g)) for _ in range(4)]
+    losses = [step(samples, sft_loss_fn(vocab_size)).loss for _ in range(6)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_native_fp8_model_trains_on_gpu(single_rank_runtime):
+    from r1mega.config import ModelConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
 
     recipe = "blockwise" if HOPPER else "tensorwise"
     prec = PrecisionConfig(fp8=True, fp8_backend="native", fp8_recipe=recipe)
     rt = single_rank_runtime(precision=prec)
     cfg = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=2, num_query_groups=2,
                       ffn_hidden_size=512, vocab_size=256)
-    chunks = build_model(cfg, rt, prec, wrap=True)
-    optim = build_optimizer(OptimizerConfig(lr=3e-3), chunks, rt, distributed=True)
-    step = TrainStep(chunks, optim, rt, micro_batch_tokens=200)
-    g = torch.Generator().manual_seed(0)
-    samples = [sft_sample(torch.randint(0, 256, (100,), generator=g)) for _ in range(4)]
-    losses = [step(samples, sft_loss_fn(cfg.vocab_size)).loss for _ in range(6)]
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    _assert_trains(build_model(cfg, rt, prec, wrap=True), rt, cfg.vocab_size)
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise"])
@@ -260,10 +266,8 @@ def test_fp8_grouped_experts_equal_emulation_and_near_bf16(counts):
 def test_fp8_experts_moe_model_trains_on_gpu(single_rank_runtime):
     """A small MoE model (routed experts + shared expert) with precision.fp8_experts trains:
     the loss falls and stays finite, as the bf16-experts FP8 model does."""
-    from r1mega.config import ModelConfig, OptimizerConfig, PrecisionConfig
+    from r1mega.config import ModelConfig, PrecisionConfig
     from r1mega.models.gpt import build_model
-    from r1mega.train.optimizer import build_optimizer
-    from r1mega.train.step import TrainStep, sft_loss_fn, sft_sample
 
     prec = PrecisionConfig(fp8=True, fp8_backend="native", fp8_recipe="blockwise", fp8_experts=True)
     rt = single_rank_runtime(precision=prec)
@@ -274,9 +278,4 @@ def test_fp8_experts_moe_model_trains_on_gpu(single_rank_runtime):
     chunks = build_model(cfg, rt, prec, wrap=True)
     experts = [m for m in chunks[0].modules() if type(m).__name__ == "GroupedExperts"]
     assert experts and all(m.fp8_ops is not None for m in experts)
-    optim = build_optimizer(OptimizerConfig(lr=3e-3), chunks, rt, distributed=True)
-    step = TrainStep(chunks, optim, rt, micro_batch_tokens=200)
-    g = torch.Generator().manual_seed(0)
-    samples = [sft_sample(torch.randint(0, 256, (100,), generator=g)) for _ in range(4)]
-    losses = [step(samples, sft_loss_fn(cfg.vocab_size)).loss for _ in range(6)]
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    _assert_trains(chunks, rt, cfg.vocab_size)
