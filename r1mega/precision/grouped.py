@@ -50,8 +50,9 @@ def grouped_scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, ends: torch.Tensor, out_dtyp
             out[start:end] = av[start:end] @ bv[g].t()
             start = end
         return out.to(out_dtype)
+    # the kernel writes bf16 only (an fp32 model gets its output cast)
     return torch._scaled_grouped_mm(a.data, b.data.transpose(-2, -1), a.scale.reshape(-1),
-                                    b.scale, offs=ends, out_dtype=out_dtype)
+                                    b.scale, offs=ends, out_dtype=torch.bfloat16).to(out_dtype)
 
 
 def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, ends: torch.Tensor,
