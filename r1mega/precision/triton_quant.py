@@ -119,17 +119,23 @@ if _HAVE_TRITON:
             tl.store(s_ptr + rows * ssr + tile * sst, scale, mask=rmask)
 
     @triton.jit
+    def _load_block(x_ptr, R, C, sxr, sxc, B: tl.constexpr):
+        """Block (program_id(0), program_id(1)) of B x B: its rows, cols, mask, float32 values."""
+        rows = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+        cols = tl.program_id(1).to(tl.int64) * B + tl.arange(0, B)
+        m = (rows[:, None] < R) & (cols[None, :] < C)
+        v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m,
+                    other=0.0).to(tl.float32)
+        return rows, cols, m, v
+
+    @triton.jit
     def _quant_blocks_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, sqr, sqtr, ssr,
                              sst, stsr, stst, FMAX: tl.constexpr, POWER2: tl.constexpr,
                              B: tl.constexpr, DUAL: tl.constexpr):
         # DUAL: also x.T, whose (c, r) block is the (r, c) block transposed, same amax.
         br = tl.program_id(0).to(tl.int64)
         bc = tl.program_id(1).to(tl.int64)
-        rows = br * B + tl.arange(0, B)
-        cols = bc * B + tl.arange(0, B)
-        m = (rows[:, None] < R) & (cols[None, :] < C)
-        v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m,
-                    other=0.0).to(tl.float32)                                  # (B, B)
+        rows, cols, m, v = _load_block(x_ptr, R, C, sxr, sxc, B)              # v (B, B)
         amax = tl.max(tl.max(_abs_bits(v), axis=1), axis=0).to(tl.float32, bitcast=True)
         mult = _multiplier(amax, FMAX, POWER2)
         scale = tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult)
@@ -149,11 +155,7 @@ if _HAVE_TRITON:
         # or under the tensor's amax) and qt = x.T quantised along its rows, i.e. x's columns.
         br = tl.program_id(0).to(tl.int64)
         bc = tl.program_id(1).to(tl.int64)
-        rows = br * B + tl.arange(0, B)
-        cols = bc * B + tl.arange(0, B)
-        m = (rows[:, None] < R) & (cols[None, :] < C)
-        v = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=m,
-                    other=0.0).to(tl.float32)                                  # (B rows, B cols)
+        rows, cols, m, v = _load_block(x_ptr, R, C, sxr, sxc, B)              # v (B rows, B cols)
         if TENSOR:
             amax_r = tl.load(amax_ptr).to(tl.float32)                           # one scalar
             amax_c = amax_r
