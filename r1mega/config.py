@@ -164,7 +164,7 @@ class PrecisionConfig:
     fp8_emulate: bool = False
     # Rollout decodes with FP8 copies of the linear weights, refreshed after each update.
     fp8_rollout: bool = False
-    # Native path: the MoE experts (routed grouped GEMM, shared expert) in FP8 too (rowwise).
+    # Native path: the MoE experts in FP8 too (routed: rowwise grouped GEMM; shared: the recipe).
     fp8_experts: bool = False
     grad_reduce_in_fp32: bool = True
 

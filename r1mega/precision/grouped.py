@@ -35,6 +35,14 @@ def quantize_rows_3d(w: torch.Tensor, power2: bool) -> Fp8Tensor:
     return Fp8Tensor(q.data.view(e, n, k), q.scale.reshape(e, n), "row", "e4m3")
 
 
+def _group_rows(ends: torch.Tensor):
+    """(group, slice of its rows) for cumulative ends (a host read: the emulated paths only)."""
+    start = 0
+    for g, end in enumerate(ends.tolist()):
+        yield g, slice(start, end)
+        start = end
+
+
 def grouped_scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, ends: torch.Tensor, out_dtype: torch.dtype,
                         emulate: bool) -> torch.Tensor:
     """a (R, K) rows scaled (R, 1); b (E, N, K) scaled (E, N); ends (E,) int32 cumulative ->
@@ -45,10 +53,8 @@ def grouped_scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, ends: torch.Tensor, out_dtyp
         out = torch.zeros(r, n, dtype=torch.float32, device=a.data.device)
         av = a.data.float() * a.scale.reshape(-1, 1)
         bv = b.data.float() * b.scale.unsqueeze(-1)
-        start = 0
-        for g, end in enumerate(ends.tolist()):
-            out[start:end] = av[start:end] @ bv[g].t()
-            start = end
+        for g, rows in _group_rows(ends):
+            out[rows] = av[rows] @ bv[g].t()
         return out.to(out_dtype)
     # the kernel writes bf16 only (an fp32 model gets its output cast)
     return torch._scaled_grouped_mm(a.data, b.data.transpose(-2, -1), a.scale.reshape(-1),
@@ -61,10 +67,8 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, ends: torch.Tensor,
     if dy.is_cuda and dy.dtype == torch.bfloat16:
         return torch._grouped_mm(dy.t(), x, offs=ends)
     out = dy.new_zeros(num_groups, dy.shape[1], x.shape[1])
-    start = 0
-    for g, end in enumerate(ends.tolist()):
-        out[g] = dy[start:end].t() @ x[start:end]
-        start = end
+    for g, rows in _group_rows(ends):
+        out[g] = dy[rows].t() @ x[rows]
     return out
 
 
