@@ -14,6 +14,11 @@ can take off the attention share of a decode step.
 ``--block-n 32,64,128`` (GPU): also time the Triton kernel directly at each keys-per-tile size,
 for both caches (the rows above use the kernel's default).
 
+``--exact R,W,S;...`` (GPU): also time the exact mode's attention kernel
+(r1mega/ops/triton_exact_attention.py) on the bf16 cache through its slot table, at its default
+launch and at each ``rows,warps,stages`` given, each checked bit for bit against the default
+(the exact mode may only use launches that change no bit).
+
 ``--smoke``: a tiny shape on the CPU, where the custom op runs its PyTorch reference.
 """
 from __future__ import annotations
@@ -37,7 +42,7 @@ def _tables(ctx: list[int], bs: int, gen: torch.Generator) -> tuple[list[list[in
 
 
 def main(argv=None) -> int:
-    from r1mega.bench.timing import copy_bandwidth, median_ms
+    from r1mega.bench.timing import copy_bandwidth, graph_ms, median_ms
     from r1mega.bench.train_step import _no_nan
     from r1mega.rollout.attention import attend_decode_gather
     from r1mega.rollout.kv_cache import dequantize_rows, quantize_rows
@@ -53,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--block-n", default="", help="GPU: comma list of keys-per-tile sizes to sweep")
+    ap.add_argument("--exact", default="", help="GPU: ';'-separated rows,warps,stages launches "
+                    "of the exact-mode kernel to time beside its default (e.g. '64,4,2;64,8,3')")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -79,6 +86,11 @@ def main(argv=None) -> int:
     meta = q.numel() * q.element_size() * 2 + bt.numel() * 4 + b * 4  # q in, out, tables, lengths
     bw = copy_bandwidth(1 << 30, 10) if cuda else float("nan")
 
+    def timed_ms(fn) -> float:
+        # on the GPU a CUDA graph of 20 calls (the rollout replays decode steps from graphs; the
+        # host's launch time, often longer than one of these kernels, stays out)
+        return graph_ms(fn, 20) if cuda else median_ms(fn, args.reps, 3, False)
+
     def read_bytes(name: str) -> int:
         elem = 1 if name == "fp8" else torch.empty((), dtype=dtype).element_size()
         return 2 * tokens * hkv * (d * elem + (4 if name == "fp8" else 0)) + meta
@@ -88,7 +100,7 @@ def main(argv=None) -> int:
         def call(kc=kc, vc=vc, sk=sk, sv=sv):
             return torch.ops.r1mega.paged_decode_attention(q, kc, vc, bt, ctx_t, scale, sk, sv)
 
-        ms = median_ms(call, args.reps, 3, cuda)
+        ms = timed_ms(call)
         rows[name] = {"us": ms * 1e3, "bytes": read_bytes(name),
                       "bytes_floor_fraction": read_bytes(name) / bw / (ms * 1e-3)}
     sweep = {}
@@ -97,9 +109,10 @@ def main(argv=None) -> int:
 
         for n in (int(x) for x in args.block_n.split(",")):
             for name, (kc, vc, sk, sv) in caches.items():
-                ms = median_ms(lambda n=n, kc=kc, vc=vc, sk=sk, sv=sv: paged_decode_attention(
-                    q, kc, vc, bt, ctx_t, scale, k_scale=sk, v_scale=sv, block_n=n), args.reps, 3, cuda)
+                ms = timed_ms(lambda n=n, kc=kc, vc=vc, sk=sk, sv=sv: paged_decode_attention(
+                    q, kc, vc, bt, ctx_t, scale, k_scale=sk, v_scale=sv, block_n=n))
                 sweep[f"{name}@{n}"] = ms * 1e3
+    exact = _time_exact(q, caches[next(iter(caches))], bt, ctx_t, scale, args) if cuda and args.exact else {}
     # Accuracy of the FP8 kernel: against float64 on its own (dequantised) K/V, and on the
     # unquantised K/V it stands in for.
     out = torch.ops.r1mega.paged_decode_attention(q, k8, v8, bt, ctx_t, scale, ks, vs).double()
@@ -113,8 +126,8 @@ def main(argv=None) -> int:
     kd = torch.randn(b, hkv, max(ctx), d, generator=gen).to(dev, dtype)
     vd = torch.randn(b, hkv, max(ctx), d, generator=gen).to(dev, dtype)
     mask = (torch.arange(max(ctx), device=dev)[None, :] < ctx_t[:, None].long())[:, None, None, :]
-    peer_ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None, :], kd, vd, attn_mask=mask, scale=scale, enable_gqa=True), args.reps, 3, cuda)
+    peer_ms = timed_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None, :], kd, vd, attn_mask=mask, scale=scale, enable_gqa=True))
     base = next(iter(rows))
     ratio = rows[base]["us"] / rows["fp8"]["us"]
 
@@ -125,6 +138,11 @@ def main(argv=None) -> int:
         print(f"{name:<8}{r['us']:>10.1f}{r['bytes'] / 1e6:>10.1f}{r['bytes_floor_fraction']:>13.1%}")
     for key, us in sweep.items():
         print(f"{key:<8}{us:>10.1f}   (block_n sweep)")
+    for key, r in exact.items():
+        print(f"exact {key:<12}{r['us']:>8.1f} us  bits {'= default' if r['bit_equal'] else 'differ'}"
+              f"  training 8x2048: {r.get('train_us', float('nan')):.0f} us"
+              f"  decode = training: {r.get('decode_equals_training', '-')}"
+              f" (split {r.get('decode_split_equals_training', '-')})  {r.get('error', '')}")
     print(f"{'SDPA':<8}{peer_ms * 1e3:>10.1f}   (contiguous {str(dtype).replace('torch.', '')} cache, padded)")
     f = rows["fp8"]
     print(f"{base} / fp8 time = {ratio:.2f}x; fp8 max |err| vs float64 on its dequantised K/V "
@@ -132,9 +150,78 @@ def main(argv=None) -> int:
           f"(mean {f['mean_err_vs_unquantised']:.2e})")
     print(json.dumps(_no_nan({"bench": "decode-attention", "device": str(dev), "smoke": args.smoke,
                               "seqs": b, "context_tokens": tokens, "rows": rows,
-                              "sdpa_peer_us": peer_ms * 1e3, "fp8_speedup": ratio, "block_n_us": sweep,
+                              "sdpa_peer_us": peer_ms * 1e3, "fp8_speedup": ratio, "block_n_us": sweep, "exact": exact,
                               "copy_bandwidth_Bps": bw})))
     return 0
+
+
+def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:
+    """The exact-mode kernel at its default launch and each ``--exact`` one: us per call and
+    whether the output has the default's bits."""
+    from r1mega.bench.timing import graph_ms
+    from r1mega.ops import triton_exact_attention as tea
+
+    kc, vc = cache[0], cache[1]
+    hkv, d, bs = kc.shape[-2], kc.shape[-1], kc.shape[1]
+    j = torch.arange(bt.shape[1] * bs, device=q.device)
+    slots = bt.long().gather(1, (j // bs)[None, :].expand(bt.shape[0], -1)) * bs + j % bs
+    q_seq = torch.arange(q.shape[0], device=q.device)
+    q_pos = ctx_t.long() - 1
+    tiles = tea.tile_sizes(q_seq, tea.queries_per_tile(q.shape[1], hkv))
+    kf, vf = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
+
+    def run(config=None, split=False):
+        return tea.exact_attention_slots(q, kf, vf, slots, q_seq, q_pos, scale, tiles=tiles,
+                                         split_keys=split, _config=config)
+
+    # a training micro-batch's packed rows (8 x 2,048) through the training tiles, to see what a
+    # launch (or key block) costs the training forward
+    lens = torch.full((8,), 2048, device=q.device)
+    t = int(lens.sum())
+    gen = torch.Generator(device=q.device).manual_seed(1)
+    tq = torch.randn(t, q.shape[1], d, device=q.device, dtype=q.dtype, generator=gen)
+    tk, tv = (torch.randn(t, hkv, d, device=q.device, dtype=q.dtype, generator=gen) for _ in range(2))
+    starts = torch.cumsum(lens, 0) - lens
+    tslots = starts[:, None] + torch.arange(2048 + 128, device=q.device)[None, :]
+    tslots = tslots.clamp(max=t - 1)
+    tseq = torch.repeat_interleave(torch.arange(8, device=q.device), lens)
+    tpos = torch.arange(t, device=q.device) - starts[tseq]
+
+    def run(config=None, split=False):
+        return tea.exact_attention_slots(q, kf, vf, slots, q_seq, q_pos, scale, tiles=tiles,
+                                         split_keys=split, _config=config)
+
+    def train(config=None):
+        return tea.exact_attention_slots(tq, tk, tv, tslots, tseq, tpos, scale, _config=config)
+
+    ref = run()
+    base_train = (tea.TRAIN_TILE_ROWS, tea.TRAIN_WARPS)
+    out = {}
+    for spec in ["default"] + list(filter(None, args.exact.split(";"))):
+        config = None if spec == "default" else tuple(int(x) for x in spec.split(","))
+        for split in (False, True):
+            name = spec + (" split" if split else "")
+            try:
+                same = bool(torch.equal(run(config, split), ref))
+                row = {"us": graph_ms(lambda c=config, sp=split: run(c, sp), 20) * 1e3, "bit_equal": same}
+                if not split:
+                    # the training tiles under the same key block and chunk: their cost, and
+                    # the decoded query against training (the exact mode's invariant)
+                    tc = base_train + (config[2:] if config else ())
+                    row["train_us"] = graph_ms(lambda: train(tc), 3) * 1e3
+                    one = train(tc)[tpos == 777]  # the query at position 777 of each sequence
+                    n8 = torch.arange(8, device=q.device)
+                    dslots = tslots[:, :778 + 128].contiguous()
+                    for sp in (False, True):
+                        alone = tea.exact_attention_slots(tq[tpos == 777], tk, tv, dslots, n8,
+                                                          torch.full_like(n8, 777), scale,
+                                                          split_keys=sp, _config=config)
+                        row["decode_split_equals_training" if sp else "decode_equals_training"] = \
+                            bool(torch.equal(alone, one))
+                out[name] = row
+            except Exception as e:  # a launch the device cannot compile (shared memory): say so
+                out[name] = {"us": float("nan"), "bit_equal": False, "error": str(e)[:200]}
+    return out
 
 
 if __name__ == "__main__":

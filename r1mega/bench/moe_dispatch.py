@@ -23,24 +23,12 @@ import sys
 
 import torch
 
-from r1mega.bench.timing import copy_bandwidth, median_ms
+from r1mega.bench.timing import copy_bandwidth, graph_ms, median_ms
 from r1mega.moe import _cuda_ext
 from r1mega.moe.dispatch import permute_tokens, routing_metadata, unpermute_tokens
 
 BAR_FLOOR_RATIO = 1.3
 BAR_METADATA_US = 30.0
-
-
-def _graph_ms(fn, calls: int) -> float:
-    """Device time per call: ``calls`` calls captured in one CUDA graph and replayed, so the
-    host's Python and launch time (which a training step overlaps with earlier GPU work) is out."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return median_ms(graph.replay, 5, 2, True) / calls
 
 
 def _megatron():
@@ -100,7 +88,7 @@ def main(argv=None) -> int:
     meta = routing_metadata(indices, E, align=args.align, impl=impl, validate=False)
     t_meta = median_ms(lambda: routing_metadata(indices, E, align=args.align, impl=impl, validate=False),
                       reps, warm, cuda)
-    t_meta_graph = _graph_ms(lambda: routing_metadata(indices, E, align=args.align, impl=impl, validate=False),
+    t_meta_graph = graph_ms(lambda: routing_metadata(indices, E, align=args.align, impl=impl, validate=False),
                              reps) if ext_loaded and impl != "torch" else None
     xg = x.clone().requires_grad_(True)
     permuted = permute_tokens(xg, meta, impl=impl)

@@ -38,6 +38,18 @@ def median_ms(fn, reps: int, warmup: int, cuda: Optional[bool] = None, *,
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+def graph_ms(fn, calls: int) -> float:
+    """Device time per call: ``calls`` calls captured in one CUDA graph and replayed, so the
+    host's Python and launch time (which a training step overlaps with earlier GPU work) is out."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay, 5, 2, True) / calls
+
+
 def copy_bandwidth(nbytes: int, reps: int, device="cuda") -> float:
     """Measured device-copy bandwidth in bytes/s (bytes read + written): the bytes floor of a
     memory-bound kernel is the bytes it must move divided by this."""
