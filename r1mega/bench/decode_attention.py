@@ -14,10 +14,12 @@ can take off the attention share of a decode step.
 ``--block-n 32,64,128`` (GPU): also time the Triton kernel directly at each keys-per-tile size,
 for both caches (the rows above use the kernel's default).
 
-``--exact R,W,S;...`` (GPU): also time the exact mode's attention kernel
+``--exact R,W,S[,KB];...`` (GPU): also time the exact mode's attention kernel
 (r1mega/ops/triton_exact_attention.py) on the bf16 cache through its slot table, at its default
-launch and at each ``rows,warps,stages`` given, each checked bit for bit against the default
-(the exact mode may only use launches that change no bit).
+launch and at each ``rows,warps,stages[,key block]`` given: each checked bit for bit against the
+default (the exact mode may only use launches that change no bit), with the training tiles'
+time on 8 x 2,048 packed tokens and whether a query decoded alone gets its training bits under
+that launch.
 
 ``--smoke``: a tiny shape on the CPU, where the custom op runs its PyTorch reference.
 """
@@ -141,8 +143,7 @@ def main(argv=None) -> int:
     for key, r in exact.items():
         print(f"exact {key:<12}{r['us']:>8.1f} us  bits {'= default' if r['bit_equal'] else 'differ'}"
               f"  training 8x2048: {r.get('train_us', float('nan')):.0f} us"
-              f"  decode = training: {r.get('decode_equals_training', '-')}"
-              f" (split {r.get('decode_split_equals_training', '-')})  {r.get('error', '')}")
+              f"  decode = training: {r.get('decode_equals_training', '-')}  {r.get('error', '')}")
     print(f"{'SDPA':<8}{peer_ms * 1e3:>10.1f}   (contiguous {str(dtype).replace('torch.', '')} cache, padded)")
     f = rows["fp8"]
     print(f"{base} / fp8 time = {ratio:.2f}x; fp8 max |err| vs float64 on its dequantised K/V "
@@ -170,9 +171,9 @@ def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:
     tiles = tea.tile_sizes(q_seq, tea.queries_per_tile(q.shape[1], hkv))
     kf, vf = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
 
-    def run(config=None, split=False):
+    def run(config=None):
         return tea.exact_attention_slots(q, kf, vf, slots, q_seq, q_pos, scale, tiles=tiles,
-                                         split_keys=split, _config=config)
+                                         _config=config)
 
     # a training micro-batch's packed rows (8 x 2,048) through the training tiles, to see what a
     # launch (or key block) costs the training forward
@@ -187,9 +188,9 @@ def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:
     tseq = torch.repeat_interleave(torch.arange(8, device=q.device), lens)
     tpos = torch.arange(t, device=q.device) - starts[tseq]
 
-    def run(config=None, split=False):
+    def run(config=None):
         return tea.exact_attention_slots(q, kf, vf, slots, q_seq, q_pos, scale, tiles=tiles,
-                                         split_keys=split, _config=config)
+                                         _config=config)
 
     def train(config=None):
         return tea.exact_attention_slots(tq, tk, tv, tslots, tseq, tpos, scale, _config=config)
@@ -199,28 +200,21 @@ def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:
     out = {}
     for spec in ["default"] + list(filter(None, args.exact.split(";"))):
         config = None if spec == "default" else tuple(int(x) for x in spec.split(","))
-        for split in (False, True):
-            name = spec + (" split" if split else "")
-            try:
-                same = bool(torch.equal(run(config, split), ref))
-                row = {"us": graph_ms(lambda c=config, sp=split: run(c, sp), 20) * 1e3, "bit_equal": same}
-                if not split:
-                    # the training tiles under the same key block and chunk: their cost, and
-                    # the decoded query against training (the exact mode's invariant)
-                    tc = base_train + (config[2:] if config else ())
-                    row["train_us"] = graph_ms(lambda: train(tc), 3) * 1e3
-                    one = train(tc)[tpos == 777]  # the query at position 777 of each sequence
-                    n8 = torch.arange(8, device=q.device)
-                    dslots = tslots[:, :778 + 128].contiguous()
-                    for sp in (False, True):
-                        alone = tea.exact_attention_slots(tq[tpos == 777], tk, tv, dslots, n8,
-                                                          torch.full_like(n8, 777), scale,
-                                                          split_keys=sp, _config=config)
-                        row["decode_split_equals_training" if sp else "decode_equals_training"] = \
-                            bool(torch.equal(alone, one))
-                out[name] = row
-            except Exception as e:  # a launch the device cannot compile (shared memory): say so
-                out[name] = {"us": float("nan"), "bit_equal": False, "error": str(e)[:200]}
+        try:
+            row = {"us": graph_ms(lambda c=config: run(c), 20) * 1e3,
+                   "bit_equal": bool(torch.equal(run(config), ref))}
+            # the training tiles under the same key block: their cost, and the decoded query
+            # against training (the exact mode's invariant)
+            tc = base_train + (config[2:] if config else ())
+            row["train_us"] = graph_ms(lambda: train(tc), 3) * 1e3
+            one = train(tc)[tpos == 777]  # the query at position 777 of each sequence
+            n8 = torch.arange(8, device=q.device)
+            alone = tea.exact_attention_slots(tq[tpos == 777], tk, tv, tslots[:, :778 + 128].contiguous(),
+                                              n8, torch.full_like(n8, 777), scale, _config=config)
+            row["decode_equals_training"] = bool(torch.equal(alone, one))
+            out[spec] = row
+        except Exception as e:  # a launch the device cannot compile (shared memory): say so
+            out[spec] = {"us": float("nan"), "bit_equal": False, "error": str(e)[:200]}
     return out
 
 

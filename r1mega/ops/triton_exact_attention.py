@@ -13,11 +13,7 @@ row on its own. A query's result is the same bits in any tile and at any row of 
   :func:`train_tiles_usable` finds that bigger ones give the same bits for the model's heads;
 - keys past a row's position are masked to -inf (p = 0 exactly); a key block wholly past it
   leaves the row's state unchanged bit for bit (its max is -inf, the rescale is exp(0) = 1 and
-  it adds exact zeros), so a tile walking further than one of its rows needs changes nothing;
-- the keys fall into chunks of CHUNK_KEYS; each chunk's state starts fresh and the states merge
-  in chunk order through one helper, skipping chunks that start past the row. Training walks the
-  chunks in one program; a decode step gives each chunk its own program and merges them in a
-  second kernel, with the same bits.
+  it adds exact zeros), so a tile walking further than one of its rows needs changes nothing.
 
 The PyTorch code in exact_attention.py is the reference (and the path off CUDA or for head sizes
 that are not a power of two); tests/gpu/test_exact_gpu.py compares them and checks that a query
@@ -43,63 +39,11 @@ except ImportError:  # CPU-only installs
 if HAVE_TRITON:
 
     @triton.jit
-    def _merge(m, l, acc, m_c, l_c, acc_c, ok):
-        """Fold one key chunk's softmax state (m_c, l_c, acc_c) into the running one, rows where
-        ``ok``. The one merge both kernels call: explicit FMAs, so no compiler contracts the
-        two products differently in the training kernel and the decode combine."""
-        m_new = tl.maximum(m, m_c)
-        a = tl.exp(m - m_new)
-        b = tl.exp(m_c - m_new)
-        l_new = tl.fma(l, a, l_c * b)
-        acc_new = tl.fma(acc, a[:, None], acc_c * b[:, None])
-        return (tl.where(ok, m_new, m), tl.where(ok, l_new, l), tl.where(ok[:, None], acc_new, acc))
-
-    @triton.jit
-    def _chunk_state(q, K, V, SLOTS, seq, h, pos, last, c, scale,
-                     stride_kt, stride_kh, stride_vt, stride_vh, stride_sb,
-                     M: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, CHUNK: tl.constexpr,
-                     IEEE: tl.constexpr):
-        """Online softmax over chunk c's keys (c*CHUNK ... up to ``last``), from a fresh state:
-        (M,) max, (M,) sum, (M, D) weighted values. A row whose position precedes the chunk
-        gets NaN here; the caller's merge leaves it out."""
-        d = tl.arange(0, D)
-        kk = tl.arange(0, KB)
-        m = tl.full([M], float("-inf"), tl.float32)
-        l = tl.zeros([M], tl.float32)
-        acc = tl.zeros([M, D], tl.float32)
-        j_end = tl.minimum((c + 1) * (CHUNK // KB), (last + KB) // KB)
-        for j in range(c * (CHUNK // KB), j_end):  # blocks holding the chunk's keys up to last
-            idx = j * KB + kk
-            kvalid = idx <= last
-            slot = tl.load(SLOTS + seq * stride_sb + idx, mask=kvalid, other=0).to(tl.int64)
-            k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
-                        mask=kvalid[:, None], other=0.0)  # (KB, D)
-            v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :],
-                        mask=kvalid[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(idx[None, :] <= pos[:, None], s * scale, float("-inf"))  # (M, KB)
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-        return m, l, acc
-
-    @triton.jit
-    def _exact_attn_kernel(Q, K, V, SLOTS, QSEQ, QPOS, TILE_N, O, MS, LS, AS, scale,
+    def _exact_attn_kernel(Q, K, V, SLOTS, QSEQ, QPOS, TILE_N, O, scale,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                           stride_ot, stride_oh, stride_sb, n_chunks, hq,
+                           stride_ot, stride_oh, stride_sb,
                            G: tl.constexpr, G_PAD: tl.constexpr, BQ: tl.constexpr,
-                           D: tl.constexpr, KB: tl.constexpr, CHUNK: tl.constexpr,
-                           SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                           D: tl.constexpr, KB: tl.constexpr, IEEE: tl.constexpr):
         t0 = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)  # KV head; its G query heads share the program
         n = tl.load(TILE_N + t0)  # rows in the tile starting at t0 (0: no tile starts here)
@@ -114,62 +58,41 @@ if HAVE_TRITON:
             pos = tl.load(QPOS + row, mask=in_tile, other=0).to(tl.int64)  # (M,)
             last = tl.max(pos, axis=0)
             d = tl.arange(0, D)
+            kk = tl.arange(0, KB)
             q = tl.load(Q + row[:, None] * stride_qt + (h * G + gi)[:, None] * stride_qh + d[None, :],
                         mask=rmask[:, None], other=0.0)  # (M, D)
-            if SPLIT:  # this program: one chunk; _exact_combine_kernel merges them in order
-                c = tl.program_id(2)
-                if c * CHUNK <= last:
-                    m_c, l_c, acc_c = _chunk_state(q, K, V, SLOTS, seq, h, pos, last, c, scale,
-                                                   stride_kt, stride_kh, stride_vt, stride_vh,
-                                                   stride_sb, BQ * G_PAD, D, KB, CHUNK, IEEE)
-                    at = (row * n_chunks + c) * hq + h * G + gi  # (M,) state rows
-                    tl.store(MS + at, m_c, mask=rmask)
-                    tl.store(LS + at, l_c, mask=rmask)
-                    tl.store(AS + at[:, None] * D + d[None, :], acc_c, mask=rmask[:, None])
-            else:
-                m = tl.full([BQ * G_PAD], float("-inf"), tl.float32)
-                l = tl.zeros([BQ * G_PAD], tl.float32)
-                acc = tl.zeros([BQ * G_PAD, D], tl.float32)
-                for c in range(0, last // CHUNK + 1):
-                    m_c, l_c, acc_c = _chunk_state(q, K, V, SLOTS, seq, h, pos, last, c, scale,
-                                                   stride_kt, stride_kh, stride_vt, stride_vh,
-                                                   stride_sb, BQ * G_PAD, D, KB, CHUNK, IEEE)
-                    m, l, acc = _merge(m, l, acc, m_c, l_c, acc_c, pos >= c * CHUNK)
-                out = acc / l[:, None]
-                tl.store(O + row[:, None] * stride_ot + (h * G + gi)[:, None] * stride_oh + d[None, :],
-                         out.to(O.dtype.element_ty), mask=rmask[:, None])
-
-    @triton.jit
-    def _exact_combine_kernel(MS, LS, AS, QPOS, O, stride_ot, stride_oh, n_chunks, hq,
-                              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                              CHUNK: tl.constexpr):
-        """Row t's G heads of KV head h: its chunks' states merged in chunk order, as the
-        training kernel merges them."""
-        t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        pos = tl.load(QPOS + t)
-        gi = tl.arange(0, G_PAD)
-        hmask = gi < G
-        d = tl.arange(0, D)
-        m = tl.full([G_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, D], tl.float32)
-        for c in range(0, pos // CHUNK + 1):
-            at = (t * n_chunks + c) * hq + h * G + gi
-            m_c = tl.load(MS + at, mask=hmask, other=0.0)
-            l_c = tl.load(LS + at, mask=hmask, other=1.0)
-            acc_c = tl.load(AS + at[:, None] * D + d[None, :], mask=hmask[:, None], other=0.0)
-            m, l, acc = _merge(m, l, acc, m_c, l_c, acc_c, gi >= 0)
-        out = acc / l[:, None]
-        tl.store(O + t * stride_ot + (h * G + gi)[:, None] * stride_oh + d[None, :],
-                 out.to(O.dtype.element_ty), mask=hmask[:, None])
+            m = tl.full([BQ * G_PAD], float("-inf"), tl.float32)
+            l = tl.zeros([BQ * G_PAD], tl.float32)
+            acc = tl.zeros([BQ * G_PAD, D], tl.float32)
+            for j in range(0, (last + KB) // KB):  # blocks holding keys 0..last
+                idx = j * KB + kk
+                kvalid = idx <= last
+                slot = tl.load(SLOTS + seq * stride_sb + idx, mask=kvalid, other=0).to(tl.int64)
+                k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
+                            mask=kvalid[:, None], other=0.0)  # (KB, D)
+                v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :],
+                            mask=kvalid[:, None], other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(idx[None, :] <= pos[:, None], s * scale, float("-inf"))  # (M, KB)
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                if IEEE:
+                    pv = tl.dot(p, v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + pv
+                m = m_new
+            out = acc / l[:, None]
+            tl.store(O + row[:, None] * stride_ot + (h * G + gi)[:, None] * stride_oh + d[None, :],
+                     out.to(O.dtype.element_ty), mask=rmask[:, None])
 
 
 KEY_BLOCK = 64  # keys per online-softmax step, in training and decode alike
-# Keys per chunk: each chunk's softmax state starts fresh and the states merge in chunk order, in
-# training and decode alike. A decode step (one query per sequence, too few programs to fill the
-# GPU) then computes its chunks in parallel programs and merges them in a second kernel.
-CHUNK_KEYS = 128
 TILE_ROWS = 64  # rows (queries x heads of a group) per program: BQ = TILE_ROWS // G_PAD queries
 WARPS = 4
 # Training's packed rows may go through bigger tiles (fewer programs, K/V read once per 32
@@ -274,14 +197,12 @@ def decode_tiles_usable(q: torch.Tensor, hkv: int) -> bool:
 
 def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
                           tiles=None, train_tiles: bool = False, decode_tiles: bool = False,
-                          split_keys: bool = False, _config: Optional[tuple] = None) -> torch.Tensor:
+                          _config: Optional[tuple] = None) -> torch.Tensor:
     """q (T, Hq, D); k_rows/v_rows (N, Hkv, D) with stride 1 on D; slots (B, L) int rows of
     each sequence's keys; q_seq/q_pos (T,) -> (T, Hq, D) in q's dtype. ``tiles``: the
     :func:`tile_sizes` of q_seq for :func:`queries_per_tile` when the caller has them (every
     layer of a step shares them). ``train_tiles`` / ``decode_tiles``: the bigger / smaller
-    programs, for callers that checked :func:`train_tiles_usable` / :func:`decode_tiles_usable`.
-    ``split_keys``: one program per key chunk and a second kernel merging them (the same bits;
-    for decode steps, whose one query per sequence leaves most of the GPU idle otherwise)."""
+    programs, for callers that checked :func:`train_tiles_usable` / :func:`decode_tiles_usable`."""
     t, hq, d = q.shape
     hkv = k_rows.shape[1]
     g = hq // hkv
@@ -289,36 +210,23 @@ def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
     if t == 0:
         return out
     g_pad = triton.next_power_of_2(g)
-    rows, warps, *stages = _config or ((TRAIN_TILE_ROWS, TRAIN_WARPS) if train_tiles else
-                                       (DECODE_TILE_ROWS, DECODE_WARPS) if decode_tiles else
-                                       (TILE_ROWS, WARPS))
-    # (rows, warps, stages[, key block, chunk keys]): pipelining depth changes no bit; another key
-    # block or chunk changes the softmax's order, so only a measurement tool passes one (it
-    # compares like with like)
-    launch = {"num_stages": stages[0]} if stages else {}
-    kb = stages[1] if len(stages) > 1 else KEY_BLOCK
-    chunk = stages[2] if len(stages) > 2 else CHUNK_KEYS
+    rows, warps, *more = _config or ((TRAIN_TILE_ROWS, TRAIN_WARPS) if train_tiles else
+                                     (DECODE_TILE_ROWS, DECODE_WARPS) if decode_tiles else
+                                     (TILE_ROWS, WARPS))
+    # (rows, warps[, stages[, key block]]): pipelining depth changes no bit; another key block
+    # changes the softmax's order, so only a measurement tool passes one (it compares like with like)
+    launch = {"num_stages": more[0]} if more else {}
+    kb = more[1] if len(more) > 1 else KEY_BLOCK
     bq = queries_per_tile(hq, hkv, rows)
     if (rows, warps) != (TILE_ROWS, WARPS) and not decode_tiles:
         tiles = None  # a caller's table is for the default tiles (decode tables hold 1s only)
     q_seq = q_seq.to(torch.int64).contiguous()
     slots = slots.to(torch.int64).contiguous()
-    q_pos = q_pos.to(torch.int64).contiguous()
-    n_chunks = -(-slots.shape[1] // chunk) if split_keys else 1
-    if split_keys:  # (T, chunks, Hq) max and sum, (T, chunks, Hq, D) values: float32
-        ms, ls = (torch.empty(t, n_chunks, hq, device=q.device, dtype=torch.float32) for _ in range(2))
-        acs = torch.empty(t, n_chunks, hq, d, device=q.device, dtype=torch.float32)
-    else:
-        ms = ls = acs = out  # unused
-    _exact_attn_kernel[(t, hkv, n_chunks)](
-        q, k_rows, v_rows, slots, q_seq, q_pos,
-        tile_sizes(q_seq, bq) if tiles is None else tiles, out, ms, ls, acs, float(scale),
+    _exact_attn_kernel[(t, hkv)](
+        q, k_rows, v_rows, slots, q_seq, q_pos.to(torch.int64).contiguous(),
+        tile_sizes(q_seq, bq) if tiles is None else tiles, out, float(scale),
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
         v_rows.stride(0), v_rows.stride(1), out.stride(0), out.stride(1), slots.stride(0),
-        n_chunks, hq, G=g, G_PAD=g_pad, BQ=bq, D=d, KB=kb, CHUNK=chunk, SPLIT=split_keys,
+        G=g, G_PAD=g_pad, BQ=bq, D=d, KB=kb,
         IEEE=q.dtype == torch.float32, num_warps=warps, **launch)
-    if split_keys:
-        _exact_combine_kernel[(t, hkv)](ms, ls, acs, q_pos, out, out.stride(0), out.stride(1),
-                                        n_chunks, hq, G=g, G_PAD=g_pad, D=d, CHUNK=chunk,
-                                        num_warps=4)
     return out

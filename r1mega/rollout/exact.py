@@ -48,7 +48,7 @@ def exact_runner_attention(q, k_cache, v_cache, batch: Optional[AttentionBatch],
                                                          q, k_cache.shape[-2])
         small = tiles is not None and tea.decode_tiles_usable(q, k_cache.shape[-2])
         return exact_cache_attention(q, k_cache, v_cache, slots, q_seq, q_pos, scale, tiles=tiles,
-                                     decode_tiles=small, split_keys=True)
+                                     decode_tiles=small)
     max_ctx = max(batch.ctx_lens_host)
     slots = gather_slots(batch, max_ctx)  # (B, max_ctx)
     lens = torch.tensor(batch.q_lens, dtype=torch.int64)
