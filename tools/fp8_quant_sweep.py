@@ -42,24 +42,16 @@ def main() -> None:
         floor_ms = r * c * 4 / 4.0e9          # read 2 B + write 2 x 1 B at 4.0 TB/s
         for gran in ("tensor", "tile", "block"):
             refs = (quantize_reference(x, gran, "e4m3"), quantize_reference(x.t(), gran, "e4m3"))
-            default = tq._DUAL_WARPS[gran], tq._DUAL_CHUNK_ROWS.get(gran)
-            # (chunk rows, warps): 0 rows = the one-block kernel; the chunked one for tensor/tile
-            variants = [(0, 4), (0, 8)]
-            if gran in tq._DUAL_CHUNK_ROWS:
-                variants += [(16, 4), (16, 8), (32, 8), (64, 8)]
-            for rc, warps in variants:
+            default = tq._DUAL_WARPS[gran]
+            for warps in (4, 8):
                 tq._DUAL_WARPS[gran] = warps
-                if gran in tq._DUAL_CHUNK_ROWS:
-                    tq._DUAL_CHUNK_ROWS[gran] = rc
                 q, qt = tq.quantize_dual_triton(x, gran, "e4m3")
                 ok = _same(q, refs[0]) and _same(qt, refs[1])
                 ms = _time(lambda: tq.quantize_dual_triton(x, gran, "e4m3"))
-                var = f"dual {gran} w{warps}" + (f" rows{rc}" if rc else "")
+                var = f"dual {gran} w{warps}"
                 rows.append((name, var, ms, floor_ms, ok))
                 results[f"{name}|{var}"] = {"ms": ms, "bit_equal": ok}
-            tq._DUAL_WARPS[gran] = default[0]
-            if default[1] is not None:
-                tq._DUAL_CHUNK_ROWS[gran] = default[1]
+            tq._DUAL_WARPS[gran] = default
             del refs
         ms = _time(lambda: tq.tensor_amax(x))
         rows.append((name, "amax", ms, r * c * 2 / 4.0e9, True))

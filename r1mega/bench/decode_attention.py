@@ -171,10 +171,6 @@ def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:
     tiles = tea.tile_sizes(q_seq, tea.queries_per_tile(q.shape[1], hkv))
     kf, vf = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
 
-    def run(config=None):
-        return tea.exact_attention_slots(q, kf, vf, slots, q_seq, q_pos, scale, tiles=tiles,
-                                         _config=config)
-
     # a training micro-batch's packed rows (8 x 2,048) through the training tiles, to see what a
     # launch (or key block) costs the training forward
     lens = torch.full((8,), 2048, device=q.device)

@@ -205,60 +205,8 @@ if _HAVE_TRITON:
         tl.atomic_max(out_ptr, tl.max(acc, axis=0))
 
 
-    @triton.jit
-    def _quant_dual_chunked_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, R, C, sxr, sxc,
-                                   sqr, sqtr, ssr, sst, stsr, stst, FMAX: tl.constexpr,
-                                   POWER2: tl.constexpr, B: tl.constexpr, RC: tl.constexpr,
-                                   TENSOR: tl.constexpr):
-        # _quant_dual_kernel's result, the (B, B) block walked RC rows at a time: a whole block
-        # in registers spills (offline compile for sm_90: 255 registers and 848 bytes of stack a
-        # thread for tiles at 4 warps). Tiles take two walks: rows quantised and column amaxes
-        # gathered, then x.T's values from a second read of the block (an L2 hit).
-        br = tl.program_id(0).to(tl.int64)
-        bc = tl.program_id(1).to(tl.int64)
-        cols = bc * B + tl.arange(0, B)
-        if TENSOR:
-            mult = _multiplier(tl.load(amax_ptr).to(tl.float32), FMAX, POWER2)
-            for r0 in range(0, B, RC):
-                rows = br * B + r0 + tl.arange(0, RC)
-                m, v = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc)            # (RC, B)
-                q_vals = _q_vals(v, mult, FMAX, q_ptr.dtype.element_ty)
-                tl.store(q_ptr + rows[:, None] * sqr + cols[None, :], q_vals, mask=m)
-                tl.store(qt_ptr + cols[:, None] * sqtr + rows[None, :], tl.trans(q_vals),
-                         mask=tl.trans(m))
-            if (br == 0) & (bc == 0):
-                scale = tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult)
-                tl.store(s_ptr, scale)
-                tl.store(st_ptr, scale)
-        else:
-            col_bits = tl.zeros([B], tl.int32)
-            for r0 in range(0, B, RC):
-                rows = br * B + r0 + tl.arange(0, RC)
-                m, v = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc)            # (RC, B)
-                bits = _abs_bits(v)
-                mult_r = _multiplier(tl.max(bits, axis=1).to(tl.float32, bitcast=True), FMAX,
-                                     POWER2)                                   # per row of x
-                tl.store(q_ptr + rows[:, None] * sqr + cols[None, :],
-                         _q_vals(v, mult_r[:, None], FMAX, q_ptr.dtype.element_ty), mask=m)
-                tl.store(s_ptr + rows * ssr + bc * sst,
-                         tl.math.div_rn(tl.zeros_like(mult_r) + 1.0, mult_r), mask=rows < R)
-                col_bits = tl.maximum(col_bits, tl.max(bits, axis=0))
-            mult_c = _multiplier(col_bits.to(tl.float32, bitcast=True), FMAX, POWER2)
-            for r0 in range(0, B, RC):
-                rows = br * B + r0 + tl.arange(0, RC)
-                m, v = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc)            # (RC, B)
-                qt_vals = _q_vals(v, mult_c[None, :], FMAX, qt_ptr.dtype.element_ty)
-                tl.store(qt_ptr + cols[:, None] * sqtr + rows[None, :], tl.trans(qt_vals),
-                         mask=tl.trans(m))
-            tl.store(st_ptr + cols * stsr + br * stst,
-                     tl.math.div_rn(tl.zeros_like(mult_c) + 1.0, mult_c), mask=cols < C)
-
-
 _ROWS_PER_PROGRAM = 16
 _DUAL_WARPS = {"tensor": 4, "tile": 4, "block": 8}   # per 128x128 block; tools/fp8_quant_sweep.py
-# rows per step of the chunked dual kernel; 0: the one-block kernel (the one timed on the GPU so
-# far; the chunked one is bit-equal in Triton's interpreter and not yet timed)
-_DUAL_CHUNK_ROWS = {"tensor": 0, "tile": 0}
 _AMAX_BLOCK = 4096
 _AMAX_PROGRAMS = 2048   # enough to fill the GPU many times over; few enough that the one
                         # address's atomics stay negligible
@@ -344,13 +292,6 @@ def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
         return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
     tensor = granularity == "tensor"
     amax = tensor_amax(x) if tensor else s
-    rc = _DUAL_CHUNK_ROWS[granularity]
-    if rc:
-        _quant_dual_chunked_kernel[grid](
-            x, q, qt, s, st, amax, r, c, x.stride(0), x.stride(1), q.stride(0), qt.stride(0),
-            s.stride(0), s.stride(1), st.stride(0), st.stride(1), FMAX=FP8_MAX[fmt],
-            POWER2=power2, B=BLOCK, RC=rc, TENSOR=tensor, num_warps=_DUAL_WARPS[granularity])
-        return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
     _quant_dual_kernel[grid](x, q, qt, s, st, amax, r, c, x.stride(0), x.stride(1), q.stride(0),
                              qt.stride(0), s.stride(0), s.stride(1), st.stride(0), st.stride(1),
                              FMAX=FP8_MAX[fmt], POWER2=power2, B=BLOCK, TENSOR=tensor,
