@@ -8,8 +8,9 @@ serves every context length and the launch fits in a CUDA graph.
 
 The PyTorch reference is :func:`r1mega.rollout.attention.attend_gather`; tests/gpu compares them.
 
-FP8 cache (``FP8`` constexpr, r1mega/rollout/kv_cache.py): the e4m3 tiles are converted to q's
-dtype (exact: e4m3 is a subset of bf16/fp16/fp32) and the per-(token, head) scales factor out of
+FP8 cache (``FP8`` constexpr, r1mega/rollout/kv_cache.py): the e4m3 tiles are converted to fp16
+(exact: e4m3 is a subset of fp16; q, when 16-bit, is scaled into fp16 by a power of two; a float32
+q keeps float32 dots) and the per-(token, head) scales factor out of
 the dots, s_j = scale * k_scale_j * (q . k8_j) and acc += (p_j * v_scale_j) . v8_j, so the tile
 products stay tensor-core dots and only a (BLOCK_N,) vector of scales is read per tile. With
 ``FP8`` false the kernel compiles to exactly the bf16 kernel.
@@ -53,6 +54,7 @@ if HAVE_TRITON:
         BLOCK_N: tl.constexpr,
         IEEE: tl.constexpr,
         FP8: tl.constexpr,  # K/V in e4m3 with float32 scales KS/VS (N, bs, Hkv); else unused
+        F16_DOTS: tl.constexpr,  # FP8 with a 16-bit q: the dots take fp16 operands
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -62,6 +64,16 @@ if HAVE_TRITON:
         g_ok = g < GROUP
         q_ptr = Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :]
         q = tl.load(q_ptr, mask=g_ok[:, None], other=0.0)  # (GP, D)
+        q_pow = 1.0
+        if F16_DOTS:
+            # e4m3 converts to fp16 in one instruction (to bf16 only by a detour through wider
+            # types), so the dots take fp16: q is scaled by a power of two that puts its largest
+            # entry in [2^8, 2^9), exact for a bf16 q (fp16 has more mantissa bits) down to
+            # entries 2^-22 of that largest one, and the power goes back into the logits' scale
+            qf = q.to(tl.float32)
+            e = tl.maximum((tl.max(tl.max(qf.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1), 0) >> 23) - 8, 1)
+            q = (qf * ((254 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+            q_pow = (e << 23).to(tl.float32, bitcast=True)
 
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((GROUP_PAD,), tl.float32)
@@ -82,7 +94,7 @@ if HAVE_TRITON:
             else:
                 s = tl.dot(q, tl.trans(k))
             if FP8:
-                s = s * k_sc[None, :]
+                s = s * (k_sc * q_pow)[None, :]
             s = tl.where(n_ok[None, :], s * SCALE, float("-inf"))  # (GP, BN)
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
@@ -122,10 +134,12 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     block_n: int | None = None,
+    f16_dots: bool = True,
 ) -> torch.Tensor:
     """q (B, Hq, D); caches (N, bs, Hkv, D); block_tables (B, max_blocks) int32; ctx_lens (B,) int32;
     ``k_scale``/``v_scale`` (N, bs, Hkv) float32: an FP8 (e4m3) cache's scales; ``block_n``: keys
-    per tile (a power of two >= 16; None: the default below; `r1mega bench decode-attention` sweeps it).
+    per tile (a power of two >= 16; None: the default below; `r1mega bench decode-attention` sweeps it);
+    ``f16_dots``: an FP8 cache's dots in fp16 (False: in q's dtype; the bench times both).
 
     Every row must have ctx_len >= 1 (padded CUDA-graph rows point at the scratch block).
     """
@@ -170,6 +184,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32,
         FP8=fp8,
+        F16_DOTS=fp8 and f16_dots and q.dtype != torch.float32,
         num_warps=4,
     )
     return out
