@@ -8,9 +8,9 @@ serves every context length and the launch fits in a CUDA graph.
 
 The PyTorch reference is :func:`r1mega.rollout.attention.attend_gather`; tests/gpu compares them.
 
-FP8 cache (``FP8`` constexpr, r1mega/rollout/kv_cache.py): the e4m3 tiles are converted to fp16
-(exact: e4m3 is a subset of fp16; q, when 16-bit, is scaled into fp16 by a power of two; a float32
-q keeps float32 dots) and the per-(token, head) scales factor out of
+FP8 cache (``FP8`` constexpr, r1mega/rollout/kv_cache.py): the e4m3 tiles are converted to q's
+dtype (exact: e4m3 is a subset of bf16/fp16/fp32), or with ``F16_DOTS`` to fp16 with q scaled
+into fp16 by a power of two, and the per-(token, head) scales factor out of
 the dots, s_j = scale * k_scale_j * (q . k8_j) and acc += (p_j * v_scale_j) . v8_j, so the tile
 products stay tensor-core dots and only a (BLOCK_N,) vector of scales is read per tile. With
 ``FP8`` false the kernel compiles to exactly the bf16 kernel.
@@ -134,12 +134,13 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     block_n: int | None = None,
-    f16_dots: bool = True,
+    f16_dots: bool = False,
 ) -> torch.Tensor:
     """q (B, Hq, D); caches (N, bs, Hkv, D); block_tables (B, max_blocks) int32; ctx_lens (B,) int32;
     ``k_scale``/``v_scale`` (N, bs, Hkv) float32: an FP8 (e4m3) cache's scales; ``block_n``: keys
     per tile (a power of two >= 16; None: the default below; `r1mega bench decode-attention` sweeps it);
-    ``f16_dots``: an FP8 cache's dots in fp16 (False: in q's dtype; the bench times both).
+    ``f16_dots``: an FP8 cache's dots in fp16 rather than q's dtype (not yet timed on a GPU, so
+    not the default; `r1mega bench decode-attention` times both).
 
     Every row must have ctx_len >= 1 (padded CUDA-graph rows point at the scratch block).
     """

@@ -127,12 +127,16 @@ def test_paged_decode_on_fp8_cache(dtype, shape):
                                dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
     exact, sigma = decode_error_model(q, k, v, bt, ctx, scale)
     tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
-    for block_n in (None, 16):  # the default tile (64 keys here) and the smallest
+    # the default tile (64 keys here) and the smallest; f16_dots: fp16 operands (16-bit q only)
+    for block_n, f16 in ((None, False), (16, False), (None, True), (16, True)):
+        if f16 and dtype == torch.float32:
+            continue
         out = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, k8, v8, bt, ctx, scale, out=out, k_scale=ks, v_scale=vs, block_n=block_n)
-        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=f"block_n={block_n}")
+        paged_decode_attention(q, k8, v8, bt, ctx, scale, out=out, k_scale=ks, v_scale=vs,
+                               block_n=block_n, f16_dots=f16)
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=f"block_n={block_n} f16={f16}")
         worst, rms = error_against_model(out, exact, sigma, kernel_tol=tol)
-        assert worst <= 1 and RMS_BAND[0] <= rms <= RMS_BAND[1], (block_n, worst, rms)
+        assert worst <= 1 and RMS_BAND[0] <= rms <= RMS_BAND[1], (block_n, f16, worst, rms)
 
 
 def _model(rt):

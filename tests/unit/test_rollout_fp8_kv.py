@@ -379,9 +379,9 @@ def _interpreted_kernels(rank, world):
         R.rope_kv_write_reference(qkv, cos, sin, slots, *ref)
         R.rope_kv_write_triton(qkv, cos, sin, slots, got[0], got[1], k_scale=got[2], v_scale=got[3])
         edges.append((lowering, as_bits(ref), as_bits(got)))
-    # Decode attention: fp32 runs the IEEE dots; fp16 and bf16 q the fp16 dots (q scaled into
-    # fp16 by a power of two: large, plain and tiny q), which the interpreter runs correctly
-    # (its bf16 dot is wrong, so the bf16 cache's kernel is left to tests/gpu).
+    # Decode attention: fp32 runs the IEEE dots, fp16 the low-precision ones; f16_dots (q scaled
+    # into fp16 by a power of two: large, plain and tiny q) for fp16 and bf16 q. The interpreter's
+    # bf16 dot is wrong, so bf16 dots (the bf16 cache's too) are left to tests/gpu.
     g = torch.Generator().manual_seed(9)
     nb, bs, hkv, hd, group = 12, 4, 2, 32, 3
     k8, ks = quantize_rows(torch.randn(nb, bs, hkv, hd, generator=g) * 3)
@@ -389,14 +389,16 @@ def _interpreted_kernels(rank, world):
     bt = torch.tensor([[3, 1, 7], [2, 0, 0], [4, 5, 6]], dtype=torch.int32)
     ctx = torch.tensor([10, 1, 12], dtype=torch.int32)
     decodes = []
-    for dtype, q_mult in ((torch.float32, 1.0), (torch.float16, 1.0), (torch.bfloat16, 1.0),
-                          (torch.bfloat16, 3e3), (torch.bfloat16, 1e-6), (torch.float16, 1e-3)):
+    for dtype, q_mult, f16 in ((torch.float32, 1.0, False), (torch.float16, 1.0, False),
+                               (torch.float16, 1.0, True), (torch.bfloat16, 1.0, True),
+                               (torch.bfloat16, 3e3, True), (torch.bfloat16, 1e-6, True),
+                               (torch.float16, 1e-3, True)):
         q = (torch.randn(3, hkv * group, hd, generator=g) * q_mult).to(dtype)
         scale = 0.2 / q_mult  # logits of the same spread whatever q's size
-        out = paged_decode_attention(q, k8, v8, bt, ctx, scale, k_scale=ks, v_scale=vs)
+        out = paged_decode_attention(q, k8, v8, bt, ctx, scale, k_scale=ks, v_scale=vs, f16_dots=f16)
         ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
                                    dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
-        decodes.append((f"{dtype} q x {q_mult:g}", out.double(), ref))
+        decodes.append((f"{dtype} q x {q_mult:g}, f16_dots={f16}", out.double(), ref))
     # fp16 with small values (|v| ~ 1e-4, scales ~ 2e-7): the scales enter the value dot relative
     # to the tile's largest, so nothing underflows fp16's 6e-5 normal range.
     v8s, vss = quantize_rows(torch.randn(nb, bs, hkv, hd, generator=g) * 1e-4)
