@@ -92,13 +92,83 @@ if HAVE_TRITON:
                      out.to(O.dtype.element_ty), mask=rmask[:, None])
 
 
+    @triton.jit
+    def _exact_attn_keys_kernel(Q, K, V, SLOTS, QSEQ, QPOS, TILE_N, O, scale,
+                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                stride_ot, stride_oh, stride_sb,
+                                G: tl.constexpr, G_PAD: tl.constexpr, BQ: tl.constexpr,
+                                D: tl.constexpr, KB: tl.constexpr, IEEE: tl.constexpr):
+        # _exact_attn_kernel with keys on the dots' M axis: s.T = k @ q.T (KB, N) and
+        # acc.T += v.T @ p.T (D, N), the tile's N = BQ * G_PAD (query, head) columns. Hopper's
+        # MMA takes 64 rows at least, while a decode tile has G_PAD real (query, head) pairs:
+        # as columns they fill a 16-wide N instead of 4 of 64 rows. The softmax reduces along
+        # keys (axis 0), one column each.
+        t0 = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        n = tl.load(TILE_N + t0)
+        if n > 0:
+            seq = tl.load(QSEQ + t0).to(tl.int64)
+            r = tl.arange(0, BQ * G_PAD)
+            qi = r // G_PAD
+            gi = r % G_PAD
+            in_tile = qi < n
+            cmask = in_tile & (gi < G)
+            row = t0 + qi
+            pos = tl.load(QPOS + row, mask=in_tile, other=0).to(tl.int64)  # (N,)
+            last = tl.max(pos, axis=0)
+            d = tl.arange(0, D)
+            kk = tl.arange(0, KB)
+            qt = tl.load(Q + row[None, :] * stride_qt + (h * G + gi)[None, :] * stride_qh + d[:, None],
+                         mask=cmask[None, :], other=0.0)  # (D, N)
+            m = tl.full([BQ * G_PAD], float("-inf"), tl.float32)
+            l = tl.zeros([BQ * G_PAD], tl.float32)
+            acc = tl.zeros([D, BQ * G_PAD], tl.float32)
+            for j in range(0, (last + KB) // KB):
+                idx = j * KB + kk
+                kvalid = idx <= last
+                slot = tl.load(SLOTS + seq * stride_sb + idx, mask=kvalid, other=0).to(tl.int64)
+                k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
+                            mask=kvalid[:, None], other=0.0)  # (KB, D)
+                v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :],
+                            mask=kvalid[:, None], other=0.0)
+                if IEEE:
+                    s = tl.dot(k, qt, input_precision="ieee")
+                else:
+                    s = tl.dot(k, qt)
+                s = tl.where(idx[:, None] <= pos[None, :], s * scale, float("-inf"))  # (KB, N)
+                m_new = tl.maximum(m, tl.max(s, axis=0))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[None, :])
+                l = l * alpha + tl.sum(p, axis=0)
+                if IEEE:
+                    pv = tl.dot(tl.trans(v), p, input_precision="ieee")
+                else:
+                    pv = tl.dot(tl.trans(v), p.to(v.dtype))  # (D, N)
+                acc = acc * alpha[None, :] + pv
+                m = m_new
+            out = acc / l[None, :]
+            tl.store(O + row[None, :] * stride_ot + (h * G + gi)[None, :] * stride_oh + d[:, None],
+                     out.to(O.dtype.element_ty), mask=cmask[None, :])
+
 KEY_BLOCK = 64  # keys per online-softmax step, in training and decode alike
-TILE_ROWS = 64  # rows (queries x heads of a group) per program: BQ = TILE_ROWS // G_PAD queries
+# R1MEGA_EXACT_ATTENTION=keys: the keys-major kernel (_exact_attn_keys_kernel) for training and
+# the rollout alike, with 16-column tiles by default. An experiment until a GPU run shows its
+# decode bits equal training's (tests/gpu/test_exact_gpu.py) and times it (bench decode-attention
+# --exact); its bits differ from the default kernel's, so both sides of a run must use it.
+KEYS_MAJOR = os.environ.get("R1MEGA_EXACT_ATTENTION", "rows") == "keys"
+if os.environ.get("R1MEGA_EXACT_ATTENTION", "rows") not in ("rows", "keys"):
+    raise ValueError(f"R1MEGA_EXACT_ATTENTION={os.environ['R1MEGA_EXACT_ATTENTION']!r}: expected "
+                     f"'rows' (the default kernel) or 'keys' (the keys-major experiment)")
+# rows (queries x heads of a group) per program: BQ = TILE_ROWS // G_PAD queries
+TILE_ROWS = 16 if KEYS_MAJOR else 64
 WARPS = 4
 # Training's packed rows may go through bigger tiles (fewer programs, K/V read once per 32
 # queries instead of 16) where that changes no bit on the device: checked once per device, head
 # layout and dtype by :func:`train_tiles_usable` (the same property as the GEMM's tiles).
-TRAIN_TILE_ROWS, TRAIN_WARPS = 128, 8
+# (keys-major: 64 columns at 8 warps, where an offline sm_90 compile spills no register; 128
+# columns spill)
+TRAIN_TILES = {"rows": (128, 8), "keys": (64, 8)}
+TRAIN_TILE_ROWS, TRAIN_WARPS = TRAIN_TILES["keys" if KEYS_MAJOR else "rows"]
 # A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows; smaller
 # decode tiles (R1MEGA_EXACT_DECODE_TILES="rows,warps", e.g. 16,2; used where
 # decode_tiles_usable's check passes) stay an experiment: that check has missed bit differences
@@ -213,16 +283,18 @@ def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
     rows, warps, *more = _config or ((TRAIN_TILE_ROWS, TRAIN_WARPS) if train_tiles else
                                      (DECODE_TILE_ROWS, DECODE_WARPS) if decode_tiles else
                                      (TILE_ROWS, WARPS))
-    # (rows, warps[, stages[, key block]]): pipelining depth changes no bit; another key block
-    # changes the softmax's order, so only a measurement tool passes one (it compares like with like)
-    launch = {"num_stages": more[0]} if more else {}
+    # (rows, warps[, stages[, key block[, keys-major]]]): pipelining depth changes no bit; another
+    # key block or kernel changes the softmax's order, so only a measurement tool passes one (it
+    # compares like with like)
+    launch = {"num_stages": more[0]} if more and more[0] else {}
     kb = more[1] if len(more) > 1 else KEY_BLOCK
+    kernel = _exact_attn_keys_kernel if (more[2] if len(more) > 2 else KEYS_MAJOR) else _exact_attn_kernel
     bq = queries_per_tile(hq, hkv, rows)
     if (rows, warps) != (TILE_ROWS, WARPS) and not decode_tiles:
         tiles = None  # a caller's table is for the default tiles (decode tables hold 1s only)
     q_seq = q_seq.to(torch.int64).contiguous()
     slots = slots.to(torch.int64).contiguous()
-    _exact_attn_kernel[(t, hkv)](
+    kernel[(t, hkv)](
         q, k_rows, v_rows, slots, q_seq, q_pos.to(torch.int64).contiguous(),
         tile_sizes(q_seq, bq) if tiles is None else tiles, out, float(scale),
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),

@@ -166,6 +166,38 @@ def test_exact_attention_packed_equals_paged(dtype, d, hq, hkv):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,hq,hkv", [(128, 16, 4), (64, 9, 3), (128, 32, 8), (64, 8, 8)])
+def test_keys_major_kernel_decode_equals_training(dtype, d, hq, hkv):
+    """The keys-major experiment (R1MEGA_EXACT_ATTENTION=keys): a query decoded alone through
+    16-column tiles gets the bits its packed training tile (64 columns, 8 warps) gives it, and
+    both are near the PyTorch reference."""
+    from r1mega.ops import triton_exact_attention as tea
+    from r1mega.ops.exact_attention import exact_attention
+
+    torch.manual_seed(4)
+    lengths = [64, 1, 255, 130, 1, 400]
+    t = sum(lengths)
+    q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(t, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
+    lens = torch.tensor(lengths, device="cuda")
+    starts = torch.cumsum(lens, 0) - lens
+    slots = (starts[:, None] + torch.arange(448, device="cuda")[None, :]).clamp(max=t - 1)
+    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lens)
+    q_pos = torch.arange(t, device="cuda") - starts[q_seq]
+    scale = d ** -0.5
+    train = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, scale,
+                                      _config=tea.TRAIN_TILES["keys"] + (0, tea.KEY_BLOCK, 1))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    ref = exact_attention(q, k[slots], v[slots], q_seq, q_pos, scale)
+    torch.testing.assert_close(train.float(), ref.float(), rtol=tol, atol=tol)
+    dec = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, scale, _config=(16, 4, 0, tea.KEY_BLOCK, 1),
+                                    tiles=torch.ones(t, dtype=torch.int32, device="cuda"),
+                                    decode_tiles=True)  # every query a tile of its own, as decoded
+    bad = (dec != train).flatten(1).any(1)
+    assert not bad.any(), f"{int(bad.sum())} of {t} queries differ, e.g. position {int(q_pos[bad][0])}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_exact_attention_matches_reference(dtype):
     """The kernel against the PyTorch walk it implements (same blocks, other rounding)."""
     from r1mega.ops import triton_exact_attention as tea
