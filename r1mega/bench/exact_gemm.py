@@ -30,7 +30,10 @@ REFERENCE = "128,128,64,8,3"
 # column blocks keeps every weight read single, deep K blocks keep more loads in flight.
 CANDIDATES = [REFERENCE, "256,128,64,8,3", "64,64,128,4,3", "64,128,64,4,3", "128,64,64,4,4",
               "256,32,128,4,4", "256,64,64,8,4", "128,32,128,4,4", "64,32,128,4,5", "64,64,64,4,5",
-              "128,256,64,8,3", "64,256,64,4,3", "64,128,128,4,3", "128,64,128,4,3", "auto"]
+              "128,256,64,8,3", "64,256,64,4,3", "64,128,128,4,3", "128,64,128,4,3",
+              # TMA variants (a sixth field 1: Hopper's tensor memory accelerator loads the tiles)
+              "128,128,64,8,3,1", "64,64,128,4,3,1", "64,128,64,4,3,1", "64,128,128,4,3,1",
+              "64,32,128,4,5,1", "auto"]
 # what the exact mode runs: per shape and row bucket the fastest bit-checked candidate
 AUTO = "auto"
 # (K, N) of the 852M layer's GEMMs (qkv, fc1, fc2, proj) and the output layer; calls per forward

@@ -14,6 +14,9 @@ unit and of the compiler, so it is checked, not assumed: a small-M candidate run
 LARGE on the same random operands (:func:`tiles_usable`) and serves only where the bits agree;
 among those that do, each GEMM shape gets the fastest, timed on the device
 (:func:`tiles_for`; ``r1mega bench exact-gemm --per-shape`` times every candidate per shape).
+On Hopper, where the operands allow it (a row-major, b a transposed row-major weight), each
+candidate, LARGE included, also runs as a TMA variant (:func:`_bi_mm_tma_kernel`: the tiles
+brought in by the tensor memory accelerator, the same MMAs) under the same check and timing.
 """
 from __future__ import annotations
 
@@ -30,14 +33,21 @@ try:
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs
     HAVE_TRITON = False
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 class Tiles(NamedTuple):
-    """One compiled configuration of the GEMM kernel."""
+    """One compiled configuration of the GEMM kernel; ``tma``: operand tiles loaded by the
+    Hopper tensor memory accelerator (another load path, the same MMAs: it serves only where the
+    device check finds LARGE's bits with it, like any other candidate)."""
     bm: int
     bn: int
     bk: int
     warps: int
     stages: int
+    tma: int = 0
 
 
 GROUP_M = 8
@@ -59,13 +69,17 @@ _choice: dict = {}  # (device, dtype, row bucket, N, K, SMALL, LARGE) -> the tim
 
 def parse_tiles(spec: str, what: str = _TILES_ENV) -> Tiles:
     try:
-        t = Tiles(*(int(v) for v in spec.split(",")))
+        vals = [int(v) for v in spec.split(",")]
+        if len(vals) not in (5, 6):
+            raise ValueError
+        t = Tiles(*vals)
     except (TypeError, ValueError):
-        raise ValueError(f"{what}={spec!r}: expected five integers BM,BN,BK,WARPS,STAGES") from None
+        raise ValueError(f"{what}={spec!r}: expected five integers BM,BN,BK,WARPS,STAGES "
+                         f"(and optionally TMA 0/1)") from None
     if any(v & (v - 1) or v < 16 for v in (t.bm, t.bn, t.bk)) or t.warps not in (1, 2, 4, 8, 16) \
-            or t.stages < 1:
+            or t.stages < 1 or t.tma not in (0, 1):
         raise ValueError(f"{what}={spec!r}: tile sizes must be powers of two >= 16, "
-                         f"warps a power of two <= 16, stages >= 1")
+                         f"warps a power of two <= 16, stages >= 1, TMA 0 or 1")
     return t
 
 
@@ -95,9 +109,7 @@ if os.environ.get(_SMALL_ENV) is not None:
 if HAVE_TRITON:
 
     @triton.jit
-    def _bi_mm_kernel(A, B, C, M, N, K, sam, sak, sbk, sbn, scm, scn,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, IEEE: tl.constexpr):
+    def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -106,8 +118,33 @@ if HAVE_TRITON:
         per_group = GROUP_M * num_n
         first_m = (pid // per_group) * GROUP_M
         group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_size
-        pid_n = (pid % per_group) // group_size
+        return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+    @triton.jit
+    def _bi_mm_tma_kernel(a_desc, w_desc, C, M, N, K, scm, scn,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, IEEE: tl.constexpr):
+        # _bi_mm_kernel with the tiles brought in by TMA: a (M, K) and the weight w = b.T (N, K),
+        # both row-major; out-of-range elements arrive as zeros, as the masked loads' are
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+            if IEEE:
+                acc = tl.dot(a, w.T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w.T, acc)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        tl.store(C + rm[:, None] * scm + rn[None, :] * scn, acc.to(C.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
+    def _bi_mm_kernel(A, B, C, M, N, K, sam, sak, sbk, sbn, scm, scn,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, IEEE: tl.constexpr):
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         rk = tl.arange(0, BLOCK_K)
@@ -128,23 +165,52 @@ if HAVE_TRITON:
 
 def tiles_usable(tiles: Tiles, device) -> bool:
     """Whether ``tiles`` compute LARGE's bits on ``device``: both run once on the same random
-    operands (ragged M, N and K, so the masked edges are covered too). One host read per device
-    and configuration; never inside CUDA graph capture (the caller falls back to LARGE)."""
+    operands (ragged M, N and K, so the masked edges are covered too; b a transposed row-major
+    weight, as the linear layers pass it). One host read per device and configuration; never
+    inside CUDA graph capture (the caller falls back to LARGE). A TMA configuration that fails
+    to compile or launch (an older Triton) is unusable, with a warning."""
     if tiles == LARGE:
         return True
     key = (str(device), tiles, LARGE)
     if key not in _small_ok:
         gen = torch.Generator(device=device).manual_seed(0)
         ok = True
-        for dtype in (torch.bfloat16, torch.float32):
-            a = torch.randn(301, 1000, device=device, dtype=dtype, generator=gen)
-            b = torch.randn(1000, 777, device=device, dtype=dtype, generator=gen)
-            ok = ok and torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
-        if not ok:
-            warnings.warn(f"exact GEMM: the small-M tiles {tuple(tiles)} do not give the bits of "
+        try:
+            for dtype in (torch.bfloat16, torch.float32):
+                a = torch.randn(301, 1000, device=device, dtype=dtype, generator=gen)
+                b = torch.randn(777, 1000, device=device, dtype=dtype, generator=gen).t()
+                ok = ok and torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
+        except Exception as exc:
+            if not tiles.tma:
+                raise
+            warnings.warn(f"exact GEMM: the TMA tiles {tuple(tiles)} failed on {device} "
+                          f"({type(exc).__name__}: {exc}); they are not used")
+            ok = None
+        if ok is False:
+            warnings.warn(f"exact GEMM: the tiles {tuple(tiles)} do not give the bits of "
                           f"{tuple(LARGE)} on {device}; they are not used there")
-        _small_ok[key] = ok
+        _small_ok[key] = bool(ok)
     return _small_ok[key]
+
+
+_tma_device: dict = {}
+
+
+def tma_eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the TMA kernel can take a (M, K) @ b (K, N): Triton's host descriptors, a GPU of
+    compute capability 9 or more, a and b.T row-major with 16-byte aligned rows and bases."""
+    if TensorDescriptor is None or not getattr(a, "is_cuda", False):
+        return False
+    dev = str(a.device)
+    if dev not in _tma_device:
+        _tma_device[dev] = torch.cuda.get_device_capability(a.device)[0] >= 9
+    return _tma_device[dev] and _tma_layout_ok(a, b)
+
+
+def _tma_layout_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    e = a.element_size()
+    return (a.stride(1) == 1 and b.stride(0) == 1 and (a.stride(0) * e) % 16 == 0
+            and (b.stride(1) * e) % 16 == 0 and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
 
 def small_tiles_usable(device) -> bool:
@@ -201,14 +267,17 @@ def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
     rollout's graph warm-up does. ``time_ms(tiles)``: the timer (tests)."""
     m, k = a.shape
     n = b.shape[1]
-    if not SMALL or m > SMALL_M_MAX or (time_ms is None and not a.is_cuda):
+    base = (LARGE,) if m > SMALL_M_MAX else SMALL + (LARGE,)
+    tma = tma_eligible(a, b)
+    every = base + (tuple(t._replace(tma=1) for t in base) if tma else ())
+    if len(every) == 1 or (time_ms is None and not a.is_cuda):
         return LARGE  # (off CUDA: Triton's interpreter, nothing to time)
-    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE)
+    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE, tma)
     if key not in _choice:
         capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
             return LARGE
-        cands = [t for t in dict.fromkeys(SMALL + (LARGE,)) if tiles_usable(t, a.device)]
+        cands = [t for t in dict.fromkeys(every) if tiles_usable(t, a.device)]
         _choice[key] = cands[0] if len(cands) == 1 else fastest(
             cands, time_ms or (lambda t: _time_ms(t, a, b)))
     return _choice[key]
@@ -227,7 +296,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Optional[Tiles] = None) -> t
     if m == 0 or n == 0:
         return c
     t = tiles if tiles is not None else tiles_for(a, b)
+    if t.tma and (TensorDescriptor is None or not _tma_layout_ok(a, b)):
+        raise ValueError(f"batch-invariant matmul: TMA tiles need Triton's tensor descriptors and a "
+                         f"and b.T row-major with 16-byte aligned rows (strides {a.stride()} and "
+                         f"{b.stride()})")
     grid = (triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn),)
+    if t.tma:
+        _bi_mm_tma_kernel[grid](TensorDescriptor.from_tensor(a, [t.bm, t.bk]),
+                                TensorDescriptor.from_tensor(b.t(), [t.bn, t.bk]), c, m, n, k,
+                                c.stride(0), c.stride(1), BLOCK_M=t.bm, BLOCK_N=t.bn,
+                                BLOCK_K=t.bk, GROUP_M=GROUP_M, IEEE=a.dtype == torch.float32,
+                                num_warps=t.warps, num_stages=t.stages)
+        return c
     _bi_mm_kernel[grid](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                         c.stride(0), c.stride(1), BLOCK_M=t.bm, BLOCK_N=t.bn,
                         BLOCK_K=t.bk, GROUP_M=GROUP_M, IEEE=a.dtype == torch.float32,

@@ -4,13 +4,16 @@ themselves are checked on CUDA (tests/gpu/test_exact_gpu.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 tbi = pytest.importorskip("r1mega.ops.triton_batch_invariant")
 
 
 def test_parse_tiles_accepts_five_powers_of_two_and_refuses_the_rest():
     assert tbi.parse_tiles("64,32,64,4,4") == tbi.Tiles(64, 32, 64, 4, 4)
-    for bad in ("64,32,64,4", "64,48,64,4,4", "8,64,64,4,4", "64,64,64,3,4", "64,64,64,4,0", "a,b,c,d,e"):
+    assert tbi.parse_tiles("64,32,64,4,4,1") == tbi.Tiles(64, 32, 64, 4, 4, tma=1)
+    for bad in ("64,32,64,4", "64,48,64,4,4", "8,64,64,4,4", "64,64,64,3,4", "64,64,64,4,0", "a,b,c,d,e",
+                "64,32,64,4,4,2", "64,32,64,4,4,1,1"):
         with pytest.raises(ValueError, match="BM,BN,BK|powers of two"):
             tbi.parse_tiles(bad)
 
@@ -90,3 +93,39 @@ def test_setting_a_configuration_forgets_the_device_checks_and_choices(monkeypat
     assert tbi.LARGE == tbi.Tiles(128, 256, 64, 8, 3)
     with pytest.raises(ValueError, match="R1MEGA_EXACT_GEMM_SMALL_TILES"):
         tbi.set_small_tiles("64,64,64,4,4;64,48,64,4,4")
+
+
+def test_tma_variants_are_candidates_only_for_eligible_operands_and_only_where_checked(monkeypatch):
+    """With TMA-eligible operands each candidate (LARGE too, above SMALL_M_MAX rows) also runs as
+    its TMA variant; a variant serves only where the device check found LARGE's bits, and the
+    timing picks among the checked ones."""
+    a = tbi.Tiles(64, 64, 128, 4, 3)
+    _fresh(monkeypatch, (a,))
+    dev = "cuda:7"
+    large_tma, a_tma = tbi.LARGE._replace(tma=1), a._replace(tma=1)
+    for t, ok in ((a, True), (a_tma, True), (large_tma, False)):
+        tbi._small_ok[(dev, t, tbi.LARGE)] = ok
+    monkeypatch.setattr(tbi, "tma_eligible", lambda x, y: True)
+    timed = []
+    speed = {a: 3.0, a_tma: 1.0, tbi.LARGE: 2.0, large_tma: 0.5}
+    pick = tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), lambda t: (timed.append(t), speed[t])[1])
+    assert pick == a_tma and set(timed) == {a, a_tma, tbi.LARGE}  # the refused LARGE-TMA: never timed
+    # above SMALL_M_MAX: LARGE and its TMA variant only; refused there too, so LARGE untimed
+    assert tbi.tiles_for(_Fake(4096, 2048), _Fake(2048, 2048), lambda t: 1 / 0) == tbi.LARGE
+    tbi._small_ok[(dev, large_tma, tbi.LARGE)] = True
+    assert tbi.tiles_for(_Fake(8192, 2048), _Fake(2048, 2048), lambda t: speed[t]) == large_tma
+    # operands TMA cannot take: the plain candidates only
+    monkeypatch.setattr(tbi, "tma_eligible", lambda x, y: False)
+    monkeypatch.setattr(tbi, "_choice", {})
+    assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), lambda t: speed[t]) == tbi.LARGE
+    assert tbi.tiles_for(_Fake(8192, 2048), _Fake(2048, 2048), lambda t: 1 / 0) == tbi.LARGE
+
+
+def test_tma_eligibility_reads_layout_alignment_and_device():
+    x = torch.zeros(64, 1000)
+    assert not tbi.tma_eligible(x, torch.zeros(777, 1000).t())  # a CPU tensor: never
+    assert tbi._tma_layout_ok(x, torch.zeros(777, 1000).t())
+    assert not tbi._tma_layout_ok(x, torch.zeros(1000, 777))  # b row-major: b.T is not
+    assert not tbi._tma_layout_ok(torch.zeros(64, 1001)[:, :1000], torch.zeros(777, 1000).t())  # rows not 16-B aligned
+    with pytest.raises(ValueError, match="TMA tiles need"):
+        tbi.matmul(torch.zeros(8, 16), torch.zeros(16, 8), tiles=tbi.Tiles(16, 16, 16, 4, 3, 1))
