@@ -14,9 +14,10 @@ unit and of the compiler, so it is checked, not assumed: a small-M candidate run
 LARGE on the same random operands (:func:`tiles_usable`) and serves only where the bits agree;
 among those that do, each GEMM shape gets the fastest, timed on the device
 (:func:`tiles_for`; ``r1mega bench exact-gemm --per-shape`` times every candidate per shape).
-On Hopper, where the operands allow it (a row-major, b a transposed row-major weight), each
-candidate, LARGE included, also runs as a TMA variant (:func:`_bi_mm_tma_kernel`: the tiles
-brought in by the tensor memory accelerator, the same MMAs) under the same check and timing.
+With ``R1MEGA_EXACT_GEMM_TMA=1`` on Hopper, where the operands allow it (a row-major, b a
+transposed row-major weight), each candidate, LARGE included, also runs as a TMA variant
+(:func:`_bi_mm_tma_kernel`: the tiles brought in by the tensor memory accelerator, the same MMAs)
+under the same check and timing.
 """
 from __future__ import annotations
 
@@ -194,6 +195,9 @@ def tiles_usable(tiles: Tiles, device) -> bool:
 
 
 _tma_device: dict = {}
+# R1MEGA_EXACT_GEMM_TMA=1 adds the TMA variants to the candidates; off by default until a GPU run
+# has timed them (tests/gpu/test_exact_gpu.py, bench exact-gemm)
+TMA_CANDIDATES = os.environ.get("R1MEGA_EXACT_GEMM_TMA", "0") == "1"
 
 
 def tma_eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -268,7 +272,7 @@ def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
     m, k = a.shape
     n = b.shape[1]
     base = (LARGE,) if m > SMALL_M_MAX else SMALL + (LARGE,)
-    tma = tma_eligible(a, b)
+    tma = TMA_CANDIDATES and tma_eligible(a, b)
     every = base + (tuple(t._replace(tma=1) for t in base) if tma else ())
     if len(every) == 1 or (time_ms is None and not a.is_cuda):
         return LARGE  # (off CUDA: Triton's interpreter, nothing to time)

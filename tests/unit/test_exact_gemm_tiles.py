@@ -96,8 +96,8 @@ def test_setting_a_configuration_forgets_the_device_checks_and_choices(monkeypat
 
 
 def test_tma_variants_are_candidates_only_for_eligible_operands_and_only_where_checked(monkeypatch):
-    """With TMA-eligible operands each candidate (LARGE too, above SMALL_M_MAX rows) also runs as
-    its TMA variant; a variant serves only where the device check found LARGE's bits, and the
+    """With R1MEGA_EXACT_GEMM_TMA=1 and TMA-eligible operands each candidate (LARGE too, above
+    SMALL_M_MAX rows) also runs as its TMA variant; a variant serves only where the device check found LARGE's bits, and the
     timing picks among the checked ones."""
     a = tbi.Tiles(64, 64, 128, 4, 3)
     _fresh(monkeypatch, (a,))
@@ -106,6 +106,7 @@ def test_tma_variants_are_candidates_only_for_eligible_operands_and_only_where_c
     for t, ok in ((a, True), (a_tma, True), (large_tma, False)):
         tbi._small_ok[(dev, t, tbi.LARGE)] = ok
     monkeypatch.setattr(tbi, "tma_eligible", lambda x, y: True)
+    monkeypatch.setattr(tbi, "TMA_CANDIDATES", True)
     timed = []
     speed = {a: 3.0, a_tma: 1.0, tbi.LARGE: 2.0, large_tma: 0.5}
     pick = tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), lambda t: (timed.append(t), speed[t])[1])
