@@ -39,6 +39,34 @@ except ImportError:  # CPU-only installs
 if HAVE_TRITON:
 
     @triton.jit
+    def _tile(t0, n, QSEQ, QPOS, G: tl.constexpr, G_PAD: tl.constexpr, BQ: tl.constexpr):
+        """The tile at row t0 (n queries): its sequence, each of its BQ * G_PAD (query, head)
+        slots' row, head in the group, validity and position, and the tile's last position."""
+        seq = tl.load(QSEQ + t0).to(tl.int64)
+        r = tl.arange(0, BQ * G_PAD)
+        qi = r // G_PAD  # the tile's query of slot r
+        gi = r % G_PAD  # its query head within the group
+        in_tile = qi < n
+        row = t0 + qi
+        pos = tl.load(QPOS + row, mask=in_tile, other=0).to(tl.int64)
+        return seq, row, gi, in_tile & (gi < G), pos, tl.max(pos, axis=0)
+
+    @triton.jit
+    def _kv_block(K, V, SLOTS, seq, h, j, last, stride_kt, stride_kh, stride_vt, stride_vh,
+                  stride_sb, D: tl.constexpr, KB: tl.constexpr):
+        """Key block j of the sequence (keys past ``last`` masked to zero): positions (KB,),
+        k and v (KB, D)."""
+        d = tl.arange(0, D)
+        idx = j * KB + tl.arange(0, KB)
+        kvalid = idx <= last
+        slot = tl.load(SLOTS + seq * stride_sb + idx, mask=kvalid, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
+                    mask=kvalid[:, None], other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :],
+                    mask=kvalid[:, None], other=0.0)
+        return idx, k, v
+
+    @triton.jit
     def _exact_attn_kernel(Q, K, V, SLOTS, QSEQ, QPOS, TILE_N, O, scale,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                            stride_ot, stride_oh, stride_sb,
@@ -48,30 +76,16 @@ if HAVE_TRITON:
         h = tl.program_id(1)  # KV head; its G query heads share the program
         n = tl.load(TILE_N + t0)  # rows in the tile starting at t0 (0: no tile starts here)
         if n > 0:
-            seq = tl.load(QSEQ + t0).to(tl.int64)
-            r = tl.arange(0, BQ * G_PAD)
-            qi = r // G_PAD  # the tile's query of row r
-            gi = r % G_PAD  # its query head within the group
-            in_tile = qi < n
-            rmask = in_tile & (gi < G)
-            row = t0 + qi
-            pos = tl.load(QPOS + row, mask=in_tile, other=0).to(tl.int64)  # (M,)
-            last = tl.max(pos, axis=0)
+            seq, row, gi, rmask, pos, last = _tile(t0, n, QSEQ, QPOS, G, G_PAD, BQ)  # (M,) each
             d = tl.arange(0, D)
-            kk = tl.arange(0, KB)
             q = tl.load(Q + row[:, None] * stride_qt + (h * G + gi)[:, None] * stride_qh + d[None, :],
                         mask=rmask[:, None], other=0.0)  # (M, D)
             m = tl.full([BQ * G_PAD], float("-inf"), tl.float32)
             l = tl.zeros([BQ * G_PAD], tl.float32)
             acc = tl.zeros([BQ * G_PAD, D], tl.float32)
             for j in range(0, (last + KB) // KB):  # blocks holding keys 0..last
-                idx = j * KB + kk
-                kvalid = idx <= last
-                slot = tl.load(SLOTS + seq * stride_sb + idx, mask=kvalid, other=0).to(tl.int64)
-                k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
-                            mask=kvalid[:, None], other=0.0)  # (KB, D)
-                v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :],
-                            mask=kvalid[:, None], other=0.0)
+                idx, k, v = _kv_block(K, V, SLOTS, seq, h, j, last, stride_kt, stride_kh,
+                                      stride_vt, stride_vh, stride_sb, D, KB)  # k, v (KB, D)
                 if IEEE:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
@@ -107,30 +121,16 @@ if HAVE_TRITON:
         h = tl.program_id(1)
         n = tl.load(TILE_N + t0)
         if n > 0:
-            seq = tl.load(QSEQ + t0).to(tl.int64)
-            r = tl.arange(0, BQ * G_PAD)
-            qi = r // G_PAD
-            gi = r % G_PAD
-            in_tile = qi < n
-            cmask = in_tile & (gi < G)
-            row = t0 + qi
-            pos = tl.load(QPOS + row, mask=in_tile, other=0).to(tl.int64)  # (N,)
-            last = tl.max(pos, axis=0)
+            seq, row, gi, cmask, pos, last = _tile(t0, n, QSEQ, QPOS, G, G_PAD, BQ)  # (N,) each
             d = tl.arange(0, D)
-            kk = tl.arange(0, KB)
             qt = tl.load(Q + row[None, :] * stride_qt + (h * G + gi)[None, :] * stride_qh + d[:, None],
                          mask=cmask[None, :], other=0.0)  # (D, N)
             m = tl.full([BQ * G_PAD], float("-inf"), tl.float32)
             l = tl.zeros([BQ * G_PAD], tl.float32)
             acc = tl.zeros([D, BQ * G_PAD], tl.float32)
             for j in range(0, (last + KB) // KB):
-                idx = j * KB + kk
-                kvalid = idx <= last
-                slot = tl.load(SLOTS + seq * stride_sb + idx, mask=kvalid, other=0).to(tl.int64)
-                k = tl.load(K + slot[:, None] * stride_kt + h * stride_kh + d[None, :],
-                            mask=kvalid[:, None], other=0.0)  # (KB, D)
-                v = tl.load(V + slot[:, None] * stride_vt + h * stride_vh + d[None, :],
-                            mask=kvalid[:, None], other=0.0)
+                idx, k, v = _kv_block(K, V, SLOTS, seq, h, j, last, stride_kt, stride_kh,
+                                      stride_vt, stride_vh, stride_sb, D, KB)
                 if IEEE:
                     s = tl.dot(k, qt, input_precision="ieee")
                 else:
