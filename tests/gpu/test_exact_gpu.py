@@ -133,6 +133,19 @@ def test_triton_exact_logprobs_match_and_are_batch_invariant(dtype):
         assert torch.equal(part, got[rows])
 
 
+def _packed_case(lengths, hq, hkv, d, dtype, width):
+    """Random packed sequences on CUDA: q (T, Hq, D), k and v (T, Hkv, D), each sequence's slot
+    table (width columns, clamped past its end), and every row's sequence and position."""
+    t = sum(lengths)
+    q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(t, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
+    lens = torch.tensor(lengths, device="cuda")
+    starts = torch.cumsum(lens, 0) - lens
+    slots = (starts[:, None] + torch.arange(width, device="cuda")[None, :]).clamp(max=t - 1)
+    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lens)
+    return q, k, v, slots, q_seq, torch.arange(t, device="cuda") - starts[q_seq]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d,hq,hkv", [(128, 16, 4), (64, 9, 3), (128, 32, 8), (64, 8, 8)])
 @pytest.mark.parametrize("which", ["train", "decode"])
@@ -145,15 +158,7 @@ def test_exact_attention_tile_checks_agree_with_the_bits(dtype, d, hq, hkv, whic
     if alt[which] == (tea.TILE_ROWS, tea.WARPS):
         pytest.skip(f"{which} tiles are the default ones (R1MEGA_EXACT_DECODE_TILES sets experimental ones)")
     torch.manual_seed(2)
-    lengths = [64, 1, 255, 130, 1, 1]
-    t = sum(lengths)
-    q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
-    k, v = (torch.randn(t, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
-    lens = torch.tensor(lengths, device="cuda")
-    starts = torch.cumsum(lens, 0) - lens
-    slots = (starts[:, None] + torch.arange(320, device="cuda")[None, :]).clamp(max=t - 1)
-    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lens)
-    q_pos = torch.arange(t, device="cuda") - starts[q_seq]
+    q, k, v, slots, q_seq, q_pos = _packed_case([64, 1, 255, 130, 1, 1], hq, hkv, d, dtype, 320)
     a = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, d ** -0.5)
     b = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, d ** -0.5, train_tiles=which == "train",
                                   decode_tiles=which == "decode")
@@ -205,15 +210,8 @@ def test_keys_major_kernel_decode_equals_training(dtype, d, hq, hkv):
     from r1mega.ops.exact_attention import exact_attention
 
     torch.manual_seed(4)
-    lengths = [64, 1, 255, 130, 1, 400]
-    t = sum(lengths)
-    q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
-    k, v = (torch.randn(t, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
-    lens = torch.tensor(lengths, device="cuda")
-    starts = torch.cumsum(lens, 0) - lens
-    slots = (starts[:, None] + torch.arange(448, device="cuda")[None, :]).clamp(max=t - 1)
-    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lens)
-    q_pos = torch.arange(t, device="cuda") - starts[q_seq]
+    q, k, v, slots, q_seq, q_pos = _packed_case([64, 1, 255, 130, 1, 400], hq, hkv, d, dtype, 448)
+    t = q.shape[0]
     scale = d ** -0.5
     train = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, scale,
                                       _config=tea.TRAIN_TILES["keys"] + (0, tea.KEY_BLOCK, 1))
