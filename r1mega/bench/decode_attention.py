@@ -173,8 +173,9 @@ def main(argv=None) -> int:
 
 
 def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:
-    """The exact-mode kernel at its default launch and each ``--exact`` one: us per call and
-    whether the output has the default's bits."""
+    """The exact-mode kernel at its default launch and each ``--exact`` one: decode us per call,
+    whether the output has the default's bits, the training tiles' us on 8 x 2,048 packed tokens
+    under the same launch, and whether a query decoded alone gets its training bits."""
     from r1mega.bench.timing import graph_ms
     from r1mega.ops import triton_exact_attention as tea
 
@@ -189,16 +190,11 @@ def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:
 
     # a training micro-batch's packed rows (8 x 2,048) through the training tiles, to see what a
     # launch (or key block) costs the training forward
-    lens = torch.full((8,), 2048, device=q.device)
-    t = int(lens.sum())
+    t = 8 * 2048
     gen = torch.Generator(device=q.device).manual_seed(1)
     tq = torch.randn(t, q.shape[1], d, device=q.device, dtype=q.dtype, generator=gen)
     tk, tv = (torch.randn(t, hkv, d, device=q.device, dtype=q.dtype, generator=gen) for _ in range(2))
-    starts = torch.cumsum(lens, 0) - lens
-    tslots = starts[:, None] + torch.arange(2048 + 128, device=q.device)[None, :]
-    tslots = tslots.clamp(max=t - 1)
-    tseq = torch.repeat_interleave(torch.arange(8, device=q.device), lens)
-    tpos = torch.arange(t, device=q.device) - starts[tseq]
+    tslots, tseq, tpos = tea.packed_tables([2048] * 8, 2048 + 128, q.device)
 
     def run(config=None):
         return tea.exact_attention_slots(q, kf, vf, slots, q_seq, q_pos, scale, tiles=tiles,

@@ -90,15 +90,8 @@ class _PackedExact(torch.autograd.Function):
     def forward(ctx, q, k, v, seq_lengths, scale):
         ctx.seq_lengths, ctx.scale = seq_lengths, scale
         ctx.save_for_backward(q, k, v)
-        t = q.shape[0]
-        lengths = torch.tensor(seq_lengths, dtype=torch.int64, device=q.device)
-        starts = torch.cumsum(lengths, 0) - lengths
-        L = _round_up(max(seq_lengths))
-        j = torch.arange(L, device=q.device)
-        rows = (starts[:, None] + j[None, :]).clamp(max=t - 1)  # (B, L); rows past a sequence: masked
-        q_seq = torch.repeat_interleave(torch.arange(len(seq_lengths), device=q.device), lengths,
-                                        output_size=t)
-        q_pos = torch.arange(t, device=q.device) - starts[q_seq]
+        # rows (B, L): rows past a sequence are masked by position
+        rows, q_seq, q_pos = tea.packed_tables(list(seq_lengths), _round_up(max(seq_lengths)), q.device)
         if tea.supported(q):  # the CUDA kernel, on the packed rows directly
             return tea.exact_attention_slots(_d_contig(q), _d_contig(k), _d_contig(v), rows,
                                              q_seq, q_pos, scale,

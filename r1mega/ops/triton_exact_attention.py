@@ -155,10 +155,11 @@ KEY_BLOCK = 64  # keys per online-softmax step, in training and decode alike
 # the rollout alike, with 16-column tiles by default. An experiment until a GPU run shows its
 # decode bits equal training's (tests/gpu/test_exact_gpu.py) and times it (bench decode-attention
 # --exact); its bits differ from the default kernel's, so both sides of a run must use it.
-KEYS_MAJOR = os.environ.get("R1MEGA_EXACT_ATTENTION", "rows") == "keys"
-if os.environ.get("R1MEGA_EXACT_ATTENTION", "rows") not in ("rows", "keys"):
-    raise ValueError(f"R1MEGA_EXACT_ATTENTION={os.environ['R1MEGA_EXACT_ATTENTION']!r}: expected "
-                     f"'rows' (the default kernel) or 'keys' (the keys-major experiment)")
+_ATTENTION = os.environ.get("R1MEGA_EXACT_ATTENTION", "rows")
+if _ATTENTION not in ("rows", "keys"):
+    raise ValueError(f"R1MEGA_EXACT_ATTENTION={_ATTENTION!r}: expected 'rows' (the default kernel) "
+                     f"or 'keys' (the keys-major experiment)")
+KEYS_MAJOR = _ATTENTION == "keys"
 # rows (queries x heads of a group) per program: BQ = TILE_ROWS // G_PAD queries
 TILE_ROWS = 16 if KEYS_MAJOR else 64
 WARPS = 4
@@ -193,6 +194,18 @@ if (DECODE_TILE_ROWS, DECODE_WARPS) != (TILE_ROWS, WARPS):
     warnings.warn(f"R1MEGA_EXACT_DECODE_TILES={DECODE_TILE_ROWS},{DECODE_WARPS}: experimental decode "
                   f"tiles; their device check is known to miss bit differences, so rollout.exact "
                   f"may no longer match the training forward bit for bit")
+
+
+def packed_tables(lengths: list, width: int, device) -> tuple:
+    """Packed sequences of these lengths (rows back to back) -> slots (B, width): sequence b's
+    j-th row, clamped to the last row past its end (masked by position); q_seq (T,) each row's
+    sequence; q_pos (T,) its position. Device ops only, one host value (T) known up front."""
+    t = sum(lengths)
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    starts = torch.cumsum(lens, 0) - lens
+    slots = (starts[:, None] + torch.arange(width, device=device)[None, :]).clamp(max=t - 1)
+    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens, output_size=t)
+    return slots, q_seq, torch.arange(t, device=device) - starts[q_seq]
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -242,12 +255,7 @@ def _same_bits(q: torch.Tensor, hkv: int, alt: tuple) -> bool:
         t = sum(lengths)
         qq = torch.randn(t, hq, d, device=q.device, dtype=q.dtype, generator=gen)
         kk, vv = (torch.randn(t, hkv, d, device=q.device, dtype=q.dtype, generator=gen) for _ in range(2))
-        lens = torch.tensor(lengths, device=q.device)
-        starts = torch.cumsum(lens, 0) - lens
-        j = torch.arange(max(lengths) + KEY_BLOCK, device=q.device)
-        slots = (starts[:, None] + j[None, :]).clamp(max=t - 1)
-        q_seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lens)
-        q_pos = torch.arange(t, device=q.device) - starts[q_seq]
+        slots, q_seq, q_pos = packed_tables(lengths, max(lengths) + KEY_BLOCK, q.device)
         scale = d ** -0.5
         a = exact_attention_slots(qq, kk, vv, slots, q_seq, q_pos, scale)
         b = exact_attention_slots(qq, kk, vv, slots, q_seq, q_pos, scale, _config=alt)

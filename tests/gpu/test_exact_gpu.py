@@ -136,14 +136,12 @@ def test_triton_exact_logprobs_match_and_are_batch_invariant(dtype):
 def _packed_case(lengths, hq, hkv, d, dtype, width):
     """Random packed sequences on CUDA: q (T, Hq, D), k and v (T, Hkv, D), each sequence's slot
     table (width columns, clamped past its end), and every row's sequence and position."""
+    from r1mega.ops.triton_exact_attention import packed_tables
+
     t = sum(lengths)
     q = torch.randn(t, hq, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(t, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
-    lens = torch.tensor(lengths, device="cuda")
-    starts = torch.cumsum(lens, 0) - lens
-    slots = (starts[:, None] + torch.arange(width, device="cuda")[None, :]).clamp(max=t - 1)
-    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), lens)
-    return q, k, v, slots, q_seq, torch.arange(t, device="cuda") - starts[q_seq]
+    return (q, k, v) + packed_tables(lengths, width, "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

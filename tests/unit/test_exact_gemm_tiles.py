@@ -97,8 +97,8 @@ def test_setting_a_configuration_forgets_the_device_checks_and_choices(monkeypat
 
 def test_tma_variants_are_candidates_only_for_eligible_operands_and_only_where_checked(monkeypatch):
     """With R1MEGA_EXACT_GEMM_TMA=1 and TMA-eligible operands each candidate (LARGE too, above
-    SMALL_M_MAX rows) also runs as its TMA variant; a variant serves only where the device check found LARGE's bits, and the
-    timing picks among the checked ones."""
+    SMALL_M_MAX rows) also runs as its TMA variant; a variant serves only where the device check
+    found LARGE's bits, and the timing picks among the checked ones."""
     a = tbi.Tiles(64, 64, 128, 4, 3)
     _fresh(monkeypatch, (a,))
     dev = "cuda:7"
