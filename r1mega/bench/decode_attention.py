@@ -14,12 +14,13 @@ can take off the attention share of a decode step.
 ``--block-n 32,64,128`` (GPU): also time the Triton kernel directly at each keys-per-tile size,
 for both caches (the rows above use the kernel's default).
 
-``--exact R,W,S[,KB[,KEYS]];...`` (GPU): also time the exact mode's attention kernel
+``--exact R,W,S[,KB[,KEYS[,TR,TW]]];...`` (GPU): also time the exact mode's attention kernel
 (r1mega/ops/triton_exact_attention.py) on the bf16 cache through its slot table, at its default
-launch and at each ``rows,warps,stages[,key block[,keys-major 0/1]]`` given (stages 0: Triton's
-default): each checked bit for bit against the default (the exact mode may only use launches
-that change no bit), with the training tiles' time on 8 x 2,048 packed tokens and whether a
-query decoded alone gets its training bits under that launch.
+launch and at each ``rows,warps,stages[,key block[,keys-major 0/1[,training rows,warps]]]``
+given (stages 0: Triton's default): each checked bit for bit against the default (the exact mode
+may only use launches that change no bit), with the training tiles' time on 8 x 2,048 packed
+tokens (the kernel's training tiles, or TR,TW) and whether a query decoded alone gets its
+training bits under that launch.
 
 ``--smoke``: a tiny shape on the CPU, where the custom op runs its PyTorch reference.
 """
@@ -214,7 +215,8 @@ def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:
             # the training tiles under the same key block: their cost, and the decoded query
             # against training (the exact mode's invariant)
             keys = bool(config[4]) if config and len(config) > 4 else tea.KEYS_MAJOR
-            tc = (tea.TRAIN_TILES["keys" if keys else "rows"] + config[2:]) if config else base_train
+            train_tiles = config[5:7] if config and len(config) > 6 else tea.TRAIN_TILES["keys" if keys else "rows"]
+            tc = (tuple(train_tiles) + config[2:5]) if config else base_train
             row["train_us"] = graph_ms(lambda: train(tc), 3) * 1e3
             one = train(tc)[tpos == 777]  # the query at position 777 of each sequence
             n8 = torch.arange(8, device=q.device)

@@ -64,7 +64,7 @@ SMALL_M_MAX = 1024
 # R1MEGA_EXACT_GEMM_SMALL_TILES takes ";"-separated candidates, or "none" for LARGE everywhere.
 _TILES_ENV = "R1MEGA_EXACT_GEMM_TILES"
 _SMALL_ENV = "R1MEGA_EXACT_GEMM_SMALL_TILES"
-_small_ok: dict = {}  # (device, tiles, LARGE) -> whether tiles give LARGE's bits there
+_small_ok: dict = {}  # (device, dtype, tiles, LARGE) -> whether tiles give LARGE's bits there
 _choice: dict = {}  # (device, dtype, row bucket, N, K, SMALL, LARGE) -> the timed fastest
 
 
@@ -164,32 +164,32 @@ if HAVE_TRITON:
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def tiles_usable(tiles: Tiles, device) -> bool:
-    """Whether ``tiles`` compute LARGE's bits on ``device``: both run once on the same random
-    operands (ragged M, N and K, so the masked edges are covered too; b a transposed row-major
-    weight, as the linear layers pass it). One host read per device and configuration; never
-    inside CUDA graph capture (the caller falls back to LARGE). A TMA configuration that fails
-    to compile or launch (an older Triton) is unusable, with a warning."""
+def tiles_usable(tiles: Tiles, device, dtype: torch.dtype) -> bool:
+    """Whether ``tiles`` compute LARGE's bits on ``device`` in ``dtype``: both run once on the
+    same random operands (ragged M, N and K, so the masked edges are covered too; b a transposed
+    row-major weight, as the linear layers pass it). Per dtype, since what fits a multiprocessor
+    depends on it (a float32 TMA tile can exceed the shared memory its bf16 twin fits in). One
+    host read per device, dtype and configuration; never inside CUDA graph capture (the caller
+    falls back to LARGE). A TMA configuration that fails to compile or launch (an older Triton,
+    too little shared memory) is unusable, with a warning."""
     if tiles == LARGE:
         return True
-    key = (str(device), tiles, LARGE)
+    key = (str(device), dtype, tiles, LARGE)
     if key not in _small_ok:
         gen = torch.Generator(device=device).manual_seed(0)
-        ok = True
         try:
-            for dtype in (torch.bfloat16, torch.float32):
-                a = torch.randn(301, 1000, device=device, dtype=dtype, generator=gen)
-                b = torch.randn(777, 1000, device=device, dtype=dtype, generator=gen).t()
-                ok = ok and torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
+            a = torch.randn(301, 1000, device=device, dtype=dtype, generator=gen)
+            b = torch.randn(777, 1000, device=device, dtype=dtype, generator=gen).t()
+            ok = torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
         except Exception as exc:
             if not tiles.tma:
                 raise
-            warnings.warn(f"exact GEMM: the TMA tiles {tuple(tiles)} failed on {device} "
+            warnings.warn(f"exact GEMM: the TMA tiles {tuple(tiles)} failed on {device} in {dtype} "
                           f"({type(exc).__name__}: {exc}); they are not used")
             ok = None
         if ok is False:
             warnings.warn(f"exact GEMM: the tiles {tuple(tiles)} do not give the bits of "
-                          f"{tuple(LARGE)} on {device}; they are not used there")
+                          f"{tuple(LARGE)} on {device} in {dtype}; they are not used there")
         _small_ok[key] = bool(ok)
     return _small_ok[key]
 
@@ -217,10 +217,10 @@ def _tma_layout_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
             and (b.stride(1) * e) % 16 == 0 and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
 
 
-def small_tiles_usable(device) -> bool:
-    """Whether any small-M candidate gives LARGE's bits on ``device`` (checks them all, eagerly:
-    what a caller runs before CUDA graph capture)."""
-    return sum(tiles_usable(t, device) for t in SMALL if t != LARGE) > 0
+def small_tiles_usable(device, dtype: torch.dtype) -> bool:
+    """Whether any small-M candidate gives LARGE's bits on ``device`` in ``dtype`` (checks them
+    all, eagerly: what a caller runs before CUDA graph capture)."""
+    return sum(tiles_usable(t, device, dtype) for t in SMALL if t != LARGE) > 0
 
 
 def row_bucket(m: int) -> int:
@@ -281,7 +281,7 @@ def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
         capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
             return LARGE
-        cands = [t for t in dict.fromkeys(every) if tiles_usable(t, a.device)]
+        cands = [t for t in dict.fromkeys(every) if tiles_usable(t, a.device, a.dtype)]
         _choice[key] = cands[0] if len(cands) == 1 else fastest(
             cands, time_ms or (lambda t: _time_ms(t, a, b)))
     return _choice[key]

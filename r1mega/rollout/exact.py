@@ -67,7 +67,7 @@ def enable_exact(engine) -> None:
     if r.device.type == "cuda" and tbi.HAVE_TRITON:
         # the device checks of the small-batch tiles now, eagerly: inside graph capture they
         # cannot run, and an unchecked device keeps the default tiles there
-        tbi.small_tiles_usable(r.device)
+        tbi.small_tiles_usable(r.device, r.param_dtype)
         if r.mla is None:  # (validation refuses MLA models with the exact mode)
             q = torch.zeros(1, r.num_heads, r.head_dim, device=r.device, dtype=r.param_dtype)
             if tea.supported(q):

@@ -60,7 +60,7 @@ def test_tma_tiles_serve_exactly_where_they_give_the_large_tiles_bits(dtype, mon
                        for x, w in cases)
         except Exception:
             same = False
-        assert tbi.tiles_usable(tma, dev) == same, tma
+        assert tbi.tiles_usable(tma, dev, dtype) == same, tma
     monkeypatch.setattr(tbi, "TMA_CANDIDATES", True)
     monkeypatch.setattr(tbi, "_choice", {})
     for x, w in cases:
@@ -86,7 +86,7 @@ def test_small_m_tiles_give_the_large_m_tiles_bits(dtype):
             # the timed per-shape choice (whichever candidate it is) gives the same bits
             assert torch.equal(tbi.matmul(x, w.t()), large), (k, n, m)
     dev = torch.device("cuda")
-    assert all(tbi.tiles_usable(t, dev) for t in tbi.SMALL)
+    assert all(tbi.tiles_usable(t, dev, dtype) for t in tbi.SMALL)
     x = torch.randn(tbi.SMALL_M_MAX + 1, 64, device="cuda", dtype=dtype)
     assert tbi.tiles_for(x, x.new_empty(64, 64)) == tbi.LARGE
 
@@ -200,23 +200,34 @@ def test_exact_attention_packed_equals_paged(dtype, d, hq, hkv):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d,hq,hkv", [(128, 16, 4), (64, 9, 3), (128, 32, 8), (64, 8, 8)])
-def test_keys_major_kernel_decode_equals_training(dtype, d, hq, hkv):
-    """The keys-major experiment (R1MEGA_EXACT_ATTENTION=keys): a query decoded alone through
-    16-column tiles gets the bits its packed training tile (64 columns, 8 warps) gives it, and
-    both are near the PyTorch reference."""
+def test_keys_major_kernel_decode_equals_training(dtype, d, hq, hkv, monkeypatch):
+    """The keys-major kernel (R1MEGA_EXACT_ATTENTION=keys): a query decoded alone through
+    16-column tiles gets the bits its packed training tile gives it, the training tile being the
+    bigger one (64 columns, 8 warps) where the device check admits it and the decode tile
+    elsewhere; in bf16 (wgmma on Hopper: the key axis sits the same way in both) the check must
+    admit it. Both near the PyTorch reference."""
     from r1mega.ops import triton_exact_attention as tea
     from r1mega.ops.exact_attention import exact_attention
 
+    monkeypatch.setattr(tea, "KEYS_MAJOR", True)
+    monkeypatch.setattr(tea, "TILE_ROWS", 16)
+    monkeypatch.setattr(tea, "DECODE_TILE_ROWS", 16)
+    monkeypatch.setattr(tea, "DECODE_WARPS", tea.WARPS)
+    monkeypatch.setattr(tea, "TRAIN_TILE_ROWS", tea.TRAIN_TILES["keys"][0])
+    monkeypatch.setattr(tea, "TRAIN_WARPS", tea.TRAIN_TILES["keys"][1])
+    monkeypatch.setattr(tea, "_checked", {})
     torch.manual_seed(4)
     q, k, v, slots, q_seq, q_pos = _packed_case([64, 1, 255, 130, 1, 400], hq, hkv, d, dtype, 448)
     t = q.shape[0]
     scale = d ** -0.5
-    train = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, scale,
-                                      _config=tea.TRAIN_TILES["keys"] + (0, tea.KEY_BLOCK, 1))
+    big = tea.train_tiles_usable(q, hkv)
+    if dtype == torch.bfloat16:
+        assert big
+    train = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, scale, train_tiles=big)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     ref = exact_attention(q, k[slots], v[slots], q_seq, q_pos, scale)
     torch.testing.assert_close(train.float(), ref.float(), rtol=tol, atol=tol)
-    dec = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, scale, _config=(16, 4, 0, tea.KEY_BLOCK, 1),
+    dec = tea.exact_attention_slots(q, k, v, slots, q_seq, q_pos, scale,
                                     tiles=torch.ones(t, dtype=torch.int32, device="cuda"),
                                     decode_tiles=True)  # every query a tile of its own, as decoded
     bad = (dec != train).flatten(1).any(1)

@@ -35,8 +35,8 @@ def test_small_m_calls_get_the_fastest_bit_checked_candidate_per_shape(monkeypat
     a, b = tbi.Tiles(64, 64, 128, 4, 3), tbi.Tiles(64, 128, 64, 4, 3)
     _fresh(monkeypatch, (a, b))
     dev = "cuda:7"
-    tbi._small_ok[(dev, a, tbi.LARGE)] = True
-    tbi._small_ok[(dev, b, tbi.LARGE)] = True
+    tbi._small_ok[(dev, "bf16", a, tbi.LARGE)] = True
+    tbi._small_ok[(dev, "bf16", b, tbi.LARGE)] = True
     speed = {(2048, a): 1.0, (2048, b): 2.0, (2048, tbi.LARGE): 3.0,   # N=2048: a wins
              (11264, a): 3.0, (11264, b): 1.0, (11264, tbi.LARGE): 2.0,  # N=11264: b wins
              (32000, a): 3.0, (32000, b): 2.0, (32000, tbi.LARGE): 1.0}  # N=32000: LARGE wins
@@ -63,12 +63,12 @@ def test_a_candidate_the_device_check_refused_is_never_timed_nor_used(monkeypatc
     a, b = tbi.Tiles(64, 64, 128, 4, 3), tbi.Tiles(64, 128, 64, 4, 3)
     _fresh(monkeypatch, (a, b))
     dev = "cuda:7"
-    tbi._small_ok[(dev, a, tbi.LARGE)] = False  # other bits on this device
-    tbi._small_ok[(dev, b, tbi.LARGE)] = True
+    tbi._small_ok[(dev, "bf16", a, tbi.LARGE)] = False  # other bits on this device
+    tbi._small_ok[(dev, "bf16", b, tbi.LARGE)] = True
     timed = []
     pick = tbi.tiles_for(_Fake(64, 512), _Fake(512, 512), lambda t: (timed.append(t), 0.0)[1])
     assert a not in timed and pick == b  # b and LARGE tie: the first (the small one)
-    tbi._small_ok[(dev, b, tbi.LARGE)] = False
+    tbi._small_ok[(dev, "bf16", b, tbi.LARGE)] = False
     monkeypatch.setattr(tbi, "_choice", {})
     assert tbi.tiles_for(_Fake(64, 512), _Fake(512, 512), lambda t: 1 / 0) == tbi.LARGE
     monkeypatch.setattr(tbi, "SMALL", ())
@@ -104,7 +104,7 @@ def test_tma_variants_are_candidates_only_for_eligible_operands_and_only_where_c
     dev = "cuda:7"
     large_tma, a_tma = tbi.LARGE._replace(tma=1), a._replace(tma=1)
     for t, ok in ((a, True), (a_tma, True), (large_tma, False)):
-        tbi._small_ok[(dev, t, tbi.LARGE)] = ok
+        tbi._small_ok[(dev, "bf16", t, tbi.LARGE)] = ok
     monkeypatch.setattr(tbi, "tma_eligible", lambda x, y: True)
     monkeypatch.setattr(tbi, "TMA_CANDIDATES", True)
     timed = []
@@ -113,7 +113,7 @@ def test_tma_variants_are_candidates_only_for_eligible_operands_and_only_where_c
     assert pick == a_tma and set(timed) == {a, a_tma, tbi.LARGE}  # the refused LARGE-TMA: never timed
     # above SMALL_M_MAX: LARGE and its TMA variant only; refused there too, so LARGE untimed
     assert tbi.tiles_for(_Fake(4096, 2048), _Fake(2048, 2048), lambda t: 1 / 0) == tbi.LARGE
-    tbi._small_ok[(dev, large_tma, tbi.LARGE)] = True
+    tbi._small_ok[(dev, "bf16", large_tma, tbi.LARGE)] = True
     assert tbi.tiles_for(_Fake(8192, 2048), _Fake(2048, 2048), lambda t: speed[t]) == large_tma
     # operands TMA cannot take: the plain candidates only
     monkeypatch.setattr(tbi, "tma_eligible", lambda x, y: False)
