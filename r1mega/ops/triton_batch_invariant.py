@@ -14,7 +14,7 @@ unit and of the compiler, so it is checked, not assumed: a small-M candidate run
 LARGE on the same random operands (:func:`tiles_usable`) and serves only where the bits agree;
 among those that do, each GEMM shape gets the fastest, timed on the device
 (:func:`tiles_for`; ``r1mega bench exact-gemm --per-shape`` times every candidate per shape).
-With ``R1MEGA_EXACT_GEMM_TMA=1`` on Hopper, where the operands allow it (a row-major, b a
+On Hopper (unless ``R1MEGA_EXACT_GEMM_TMA=0``), where the operands allow it (a row-major, b a
 transposed row-major weight), each candidate, LARGE included, also runs as a TMA variant
 (:func:`_bi_mm_tma_kernel`: the tiles brought in by the tensor memory accelerator, the same MMAs)
 under the same check and timing.
@@ -195,9 +195,12 @@ def tiles_usable(tiles: Tiles, device, dtype: torch.dtype) -> bool:
 
 
 _tma_device: dict = {}
-# R1MEGA_EXACT_GEMM_TMA=1 adds the TMA variants to the candidates; off by default until a GPU run
-# has timed them (tests/gpu/test_exact_gpu.py, bench exact-gemm)
-TMA_CANDIDATES = os.environ.get("R1MEGA_EXACT_GEMM_TMA", "0") == "1"
+# The TMA variants join the candidates (R1MEGA_EXACT_GEMM_TMA=0 leaves them out)
+_TMA_ENV = os.environ.get("R1MEGA_EXACT_GEMM_TMA", "1")
+if _TMA_ENV not in ("0", "1"):
+    raise ValueError(f"R1MEGA_EXACT_GEMM_TMA={_TMA_ENV!r}: expected 1 (TMA variants among the "
+                     f"candidates, the default) or 0")
+TMA_CANDIDATES = _TMA_ENV == "1"
 
 
 def tma_eligible(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -151,24 +151,23 @@ if HAVE_TRITON:
                      out.to(O.dtype.element_ty), mask=cmask[None, :])
 
 KEY_BLOCK = 64  # keys per online-softmax step, in training and decode alike
-# R1MEGA_EXACT_ATTENTION=keys: the keys-major kernel (_exact_attn_keys_kernel) for training and
-# the rollout alike, with 16-column tiles by default. An experiment until a GPU run shows its
-# decode bits equal training's (tests/gpu/test_exact_gpu.py) and times it (bench decode-attention
-# --exact); its bits differ from the default kernel's, so both sides of a run must use it.
-_ATTENTION = os.environ.get("R1MEGA_EXACT_ATTENTION", "rows")
+# The kernel, for the whole run (its bits differ from the other's, so training and the rollout
+# must use the same): "keys" (the default), _exact_attn_keys_kernel, keys on the MMA's M axis and
+# a decode step's (query, head) pairs on its 16-wide N; "rows", _exact_attn_kernel, whose decode
+# tiles pad 4 real rows to 64 (R1MEGA_EXACT_ATTENTION=rows). Timings: bench decode-attention
+# --exact, RECORDS.md.
+_ATTENTION = os.environ.get("R1MEGA_EXACT_ATTENTION", "keys")
 if _ATTENTION not in ("rows", "keys"):
-    raise ValueError(f"R1MEGA_EXACT_ATTENTION={_ATTENTION!r}: expected 'rows' (the default kernel) "
-                     f"or 'keys' (the keys-major experiment)")
+    raise ValueError(f"R1MEGA_EXACT_ATTENTION={_ATTENTION!r}: expected 'keys' (the keys-major "
+                     f"kernel, the default) or 'rows' (the row-major kernel)")
 KEYS_MAJOR = _ATTENTION == "keys"
 # rows (queries x heads of a group) per program: BQ = TILE_ROWS // G_PAD queries
 TILE_ROWS = 16 if KEYS_MAJOR else 64
 WARPS = 4
-# Training's packed rows may go through bigger tiles (fewer programs, K/V read once per 32
-# queries instead of 16) where that changes no bit on the device: checked once per device, head
-# layout and dtype by :func:`train_tiles_usable` (the same property as the GEMM's tiles).
-# (keys-major: 64 columns at 8 warps, where an offline sm_90 compile spills no register; 128
-# columns spill)
-TRAIN_TILES = {"rows": (128, 8), "keys": (64, 8)}
+# Training's packed rows may go through bigger tiles (fewer programs, K/V read once per 16 or 32
+# queries instead of 4 or 16) where that changes no bit on the device: checked once per device,
+# head layout and dtype by :func:`train_tiles_usable` (the same property as the GEMM's tiles).
+TRAIN_TILES = {"rows": (128, 8), "keys": (64, 4)}
 TRAIN_TILE_ROWS, TRAIN_WARPS = TRAIN_TILES["keys" if KEYS_MAJOR else "rows"]
 # A decode step has one query per sequence, so a 64-row tile uses G_PAD of its rows; smaller
 # decode tiles (R1MEGA_EXACT_DECODE_TILES="rows,warps", e.g. 16,2; used where
