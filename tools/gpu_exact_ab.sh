@@ -5,7 +5,7 @@
 #   tools/gpu_exact_ab.sh SETTINGS "NAME GEMM_SMALL_TILES DECODE_TILES [ATTENTION [GEMM_TMA]]" ...
 #   ATTENTION: rows | keys (R1MEGA_EXACT_ATTENTION); GEMM_TMA: 0 | 1 (R1MEGA_EXACT_GEMM_TMA)
 #   e.g. tools/gpu_exact_ab.sh 256x128x256 "base - -" "keys - - keys" "keys+tma - - keys 1" "base - -"
-#   ("-": the default)
+#   ("-": the default); env REPS: timed runs per mode in each process (default 5, the median)
 set -u
 OUT=${OUT:-/tmp/r1mega-out}
 mkdir -p "$OUT"
@@ -18,7 +18,7 @@ for arm in "$@"; do
   [ -n "${attn:-}" ] && [ "$attn" != - ] && env_args+=(R1MEGA_EXACT_ATTENTION="$attn")
   [ -n "${tma:-}" ] && [ "$tma" != - ] && env_args+=(R1MEGA_EXACT_GEMM_TMA="$tma")
   env "${env_args[@]}" timeout 240 python3 -m r1mega.cli bench rollout --exact --no-peer \
-    --settings "$settings" >"$OUT/ab_$name.log" 2>&1
-  echo "== $name (gemm ${gemm}, decode tiles ${dec}, attention ${attn:-rows}, gemm tma ${tma:-0}) rc=$?"
+    --settings "$settings" --reps "${REPS:-5}" >"$OUT/ab_$name.log" 2>&1
+  echo "== $name (gemm ${gemm}, decode tiles ${dec}, attention ${attn:--}, gemm tma ${tma:--}) rc=$?"
   grep -E "^\[.*(sync|exact)\] rollout|log-prob gap" "$OUT/ab_$name.log" | sed -E 's/.*\[(.*)\] rollout ([0-9,]+) tok\/s.*= ([0-9.]+) ms\/step.*/  \1  \2 tok\/s  decode \3 ms\/step/'
 done
