@@ -15,6 +15,11 @@ row on its own. A query's result is the same bits in any tile and at any row of 
   leaves the row's state unchanged bit for bit (its max is -inf, the rescale is exp(0) = 1 and
   it adds exact zeros), so a tile walking further than one of its rows needs changes nothing.
 
+Two kernels with these properties: the keys-major one (the default) holds a tile's (query, head)
+pairs as the columns of its dots and the keys as their rows, so "rows" above reads "columns"
+there, and a decode tile's few pairs fill a 16-wide MMA axis; the row-major one
+(``R1MEGA_EXACT_ATTENTION=rows``) pads them to 64 rows. They round differently, so a run uses one.
+
 The PyTorch code in exact_attention.py is the reference (and the path off CUDA or for head sizes
 that are not a power of two); tests/gpu/test_exact_gpu.py compares them and checks that a query
 gets the same bits decoded alone as inside a packed training tile.
