@@ -27,7 +27,21 @@ def _cuda_extensions():
                           ("r1mega_moe_cuda", ["csrc/moe_dispatch.cpp", "csrc/moe_dispatch_kernel.cu"])):
         if all(os.path.exists(os.path.join(here, s)) for s in sources):
             exts.append(CUDAExtension(name, sources, extra_compile_args=flags))
+    # the exact mode's fixed-algorithm cuBLASLt GEMM, where cuBLASLt's header and library are found
+    lt = _cublaslt_flags(here, CUDA_HOME)
+    if lt and os.path.exists(os.path.join(here, "csrc/exact_gemm_lt.cpp")):
+        exts.append(CUDAExtension("r1mega_gemm_cuda", ["csrc/exact_gemm_lt.cpp"], include_dirs=lt[0],
+                                  extra_compile_args=flags, extra_link_args=lt[1]))
     return exts, {"build_ext": BuildExtension}
+
+
+def _cublaslt_flags(here, cuda_home):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_r1mega_cuda_libs", os.path.join(here, "r1mega/ops/cuda_libs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cublaslt_flags(cuda_home)
 
 
 ext_modules, cmdclass = _cuda_extensions()

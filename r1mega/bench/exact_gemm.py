@@ -33,7 +33,10 @@ CANDIDATES = [REFERENCE, "256,128,64,8,3", "64,64,128,4,3", "64,128,64,4,3", "12
               "128,256,64,8,3", "64,256,64,4,3", "64,128,128,4,3", "128,64,128,4,3",
               # TMA variants (a sixth field 1: Hopper's tensor memory accelerator loads the tiles)
               "128,128,64,8,3,1", "64,64,128,4,3,1", "64,128,64,4,3,1", "64,128,128,4,3,1",
-              "64,32,128,4,5,1", "auto"]
+              "64,32,128,4,5,1",
+              # cuBLASLt with a fixed algorithm per weight shape: the I-th of its heuristic's
+              # no-split ones (r1mega/ops/cublaslt_gemm.py; skipped where the extension is absent)
+              "cublaslt:0", "cublaslt:1", "cublaslt:2", "cublaslt:3", "auto"]
 # what the exact mode runs: per shape and row bucket the fastest bit-checked candidate
 AUTO = "auto"
 # (K, N) of the 852M layer's GEMMs (qkv, fc1, fc2, proj) and the output layer; calls per forward
@@ -44,6 +47,16 @@ CALLS = [16, 16, 16, 16, 1]
 def _run(tiles: str, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     from r1mega.ops import triton_batch_invariant as tbi
 
+    if tiles.startswith("cublaslt:"):
+        if not a.is_cuda:
+            raise RuntimeError("cuBLASLt needs CUDA")
+        if tbi.clt.get() is None:
+            raise RuntimeError(f"no cuBLASLt extension: {tbi.clt.load_error()}")
+        found = tbi.clt.algos_for(w.shape[0], w.shape[1], a.dtype, a.device)
+        i = int(tiles.split(":")[1])
+        if i >= len(found):
+            raise RuntimeError(f"cuBLASLt offers {len(found)} algorithms for {tuple(w.shape)}")
+        return tbi.matmul(a, w.t(), tiles=found[i])
     return tbi.matmul(a, w.t(), tiles=None if tiles == AUTO else tbi.parse_tiles(tiles))
 
 

@@ -26,8 +26,11 @@ def _arch_flags() -> list[str]:
 
 class CudaExtension:
     def __init__(self, name: str, sources: list[str], env: str, cuda_flags: list[str],
-                 fallback: str):
+                 fallback: str, libraries=None):
+        """``libraries``: a function giving (include dirs, linker flags) for the JIT build, or
+        None when the libraries it needs are not found (no JIT build then)."""
         self.name, self.env, self.cuda_flags, self.fallback = name, env, cuda_flags, fallback
+        self.libraries = libraries
         self.sources = [os.path.join(CSRC, s) for s in sources]
         self._lock = threading.Lock()
         self._tried, self._module, self._error = False, None, None
@@ -43,11 +46,18 @@ class CudaExtension:
             return None, first_error + f"; JIT build disabled by {self.env}_JIT=0"
         if not all(os.path.exists(s) for s in self.sources):
             return None, first_error + f"; sources missing: {self.sources}"
+        includes, ldflags = [], []
+        if self.libraries is not None:
+            found = self.libraries()
+            if found is None:
+                return None, first_error + "; the libraries it links were not found for a JIT build"
+            includes, ldflags = found
         try:
             from torch.utils.cpp_extension import load
 
             module = load(name=self.name, sources=self.sources, extra_cflags=["-O3"],
                           extra_cuda_cflags=["-O3", *self.cuda_flags, *_arch_flags()],
+                          extra_include_paths=includes, extra_ldflags=ldflags,
                           verbose=os.environ.get(f"{self.env}_JIT_VERBOSE") == "1")
             return module, None
         except Exception as exc:  # a broken toolchain must not stop training: the reference works

@@ -17,7 +17,8 @@ among those that do, each GEMM shape gets the fastest, timed on the device
 On Hopper (unless ``R1MEGA_EXACT_GEMM_TMA=0``), where the operands allow it (a row-major, b a
 transposed row-major weight), each candidate, LARGE included, also runs as a TMA variant
 (:func:`_bi_mm_tma_kernel`: the tiles brought in by the tensor memory accelerator, the same MMAs)
-under the same check and timing.
+under the same check and timing. With ``R1MEGA_EXACT_GEMM_CUBLASLT=1`` fixed cuBLASLt algorithms
+join them (r1mega/ops/cublaslt_gemm.py), under the same check and timing.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import warnings
 from typing import NamedTuple, Optional
 
 import torch
+
+from r1mega.ops import cublaslt_gemm as clt
 
 try:
     import triton
@@ -175,6 +178,8 @@ def tiles_usable(tiles: Tiles, device, dtype: torch.dtype) -> bool:
     if tiles == LARGE:
         return True
     key = (str(device), dtype, tiles, LARGE)
+    if key not in _small_ok and isinstance(tiles, clt.LtAlgo):
+        _small_ok[key] = _lt_usable(tiles, device, dtype)
     if key not in _small_ok:
         gen = torch.Generator(device=device).manual_seed(0)
         try:
@@ -192,6 +197,25 @@ def tiles_usable(tiles: Tiles, device, dtype: torch.dtype) -> bool:
                           f"{tuple(LARGE)} on {device} in {dtype}; they are not used there")
         _small_ok[key] = bool(ok)
     return _small_ok[key]
+
+
+def _lt_usable(algo, device, dtype) -> bool:
+    """A cuBLASLt algorithm is fixed per weight shape: checked on that shape, at decode-sized and
+    ragged row counts, against LARGE row for row."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(algo.n, algo.k, device=device, dtype=dtype, generator=gen)
+    try:
+        ok = all(torch.equal(clt.matmul(a, w.t(), algo), matmul(a, w.t(), tiles=LARGE))
+                 for a in (torch.randn(m, algo.k, device=device, dtype=dtype, generator=gen)
+                           for m in (1, 37, 301)))
+    except Exception as exc:
+        warnings.warn(f"exact GEMM: {algo} failed on {device} ({type(exc).__name__}: {exc}); "
+                      f"it is not used")
+        return False
+    if not ok:
+        warnings.warn(f"exact GEMM: {algo} does not give the bits of {tuple(LARGE)} on {device}; "
+                      f"it is not used there")
+    return ok
 
 
 _tma_device: dict = {}
@@ -276,10 +300,12 @@ def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
     n = b.shape[1]
     base = (LARGE,) if m > SMALL_M_MAX else SMALL + (LARGE,)
     tma = TMA_CANDIDATES and tma_eligible(a, b)
-    every = base + (tuple(t._replace(tma=1) for t in base) if tma else ())
+    lt = clt.ENABLED and clt.eligible(a, b)
+    every = base + (tuple(t._replace(tma=1) for t in base) if tma else ()) \
+        + (tuple(clt.algos_for(n, k, a.dtype, a.device)) if lt else ())
     if len(every) == 1 or (time_ms is None and not a.is_cuda):
         return LARGE  # (off CUDA: Triton's interpreter, nothing to time)
-    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE, tma)
+    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE, tma, lt)
     if key not in _choice:
         capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
@@ -299,10 +325,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Optional[Tiles] = None) -> t
         b = b.to(a.dtype)
     m, k = a.shape
     n = b.shape[1]
-    c = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
-        return c
+        return torch.empty(m, n, dtype=a.dtype, device=a.device)
     t = tiles if tiles is not None else tiles_for(a, b)
+    if isinstance(t, clt.LtAlgo):
+        return clt.matmul(a, b, t)
+    c = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if t.tma and (TensorDescriptor is None or not _tma_layout_ok(a, b)):
         raise ValueError(f"batch-invariant matmul: TMA tiles need Triton's tensor descriptors and a "
                          f"and b.T row-major with 16-byte aligned rows (strides {a.stride()} and "

@@ -67,6 +67,55 @@ def test_tma_tiles_serve_exactly_where_they_give_the_large_tiles_bits(dtype, mon
         assert torch.equal(tbi.matmul(x, w.t()), tbi.matmul(x, w.t(), tiles=tbi.LARGE))
 
 
+def test_cublaslt_algorithms_serve_exactly_where_they_give_the_large_tiles_bits(monkeypatch):
+    """Every fixed cuBLASLt algorithm offered for the model's weight shapes (no K split): the
+    device check's verdict equals a direct comparison with LARGE at decode and training row
+    counts, and with the candidates on the automatic choice keeps LARGE's bits."""
+    from r1mega.ops import triton_batch_invariant as tbi
+
+    clt = tbi.clt
+    if not tbi.HAVE_TRITON or clt.get() is None:
+        pytest.skip(f"no triton, or no cuBLASLt extension: {clt.load_error()}")
+    torch.manual_seed(5)
+    dev = torch.device("cuda")
+    verdicts = []
+    cases = []
+    for k, n in [(2048, 3072), (5632, 2048), (2048, 32000), (576, 1000)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in (1, 37, 256, 2048)]
+        cases += [(x, w) for x in xs]
+        found = clt.algos_for(n, k, torch.bfloat16, dev)
+        assert found, (k, n)
+        for algo in found:
+            assert algo.config[3] <= 1 and algo.config[4] == 0, algo  # no K split, no reduction
+            same = all(torch.equal(tbi.matmul(x, w.t(), tiles=algo), tbi.matmul(x, w.t(), tiles=tbi.LARGE))
+                       for x in xs)
+            verdicts.append((algo.config, same))
+            assert tbi.tiles_usable(algo, dev, torch.bfloat16) == same, algo
+    print("cuBLASLt algorithms with LARGE's bits:", sum(s for _, s in verdicts), "of", len(verdicts))
+    monkeypatch.setattr(clt, "ENABLED", True)
+    monkeypatch.setattr(tbi, "_choice", {})
+    for x, w in cases:
+        assert torch.equal(tbi.matmul(x, w.t()), tbi.matmul(x, w.t(), tiles=tbi.LARGE))
+
+
+def test_cublaslt_matmul_is_a_gemm_and_refuses_what_it_cannot_run():
+    from r1mega.ops import cublaslt_gemm as clt
+
+    if clt.get() is None:
+        pytest.skip(f"no cuBLASLt extension: {clt.load_error()}")
+    torch.manual_seed(6)
+    w = torch.randn(1000, 576, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(37, 576, device="cuda", dtype=torch.bfloat16)
+    algo = clt.algos_for(1000, 576, torch.bfloat16, torch.device("cuda"))[0]
+    ref = x.double() @ w.double().t()
+    torch.testing.assert_close(clt.matmul(x, w.t(), algo).double(), ref, rtol=1e-2, atol=1e-1)
+    with pytest.raises(ValueError, match="cuBLASLt exact GEMM"):
+        clt.matmul(x[:, :512], w[:, :512].t(), algo)  # another weight shape
+    with pytest.raises(RuntimeError, match="bf16 or fp16"):
+        clt.get().matmul(x.float(), w.float(), torch.frombuffer(bytearray(algo.blob), dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_small_m_tiles_give_the_large_m_tiles_bits(dtype):
     """Decode-sized calls use other output tiles than training's; on this GPU that must change no

@@ -130,3 +130,71 @@ def test_tma_eligibility_reads_layout_alignment_and_device():
     assert not tbi._tma_layout_ok(torch.zeros(64, 1001)[:, :1000], torch.zeros(777, 1000).t())  # rows not 16-B aligned
     with pytest.raises(ValueError, match="TMA tiles need"):
         tbi.matmul(torch.zeros(8, 16), torch.zeros(16, 8), tiles=tbi.Tiles(16, 16, 16, 4, 3, 1))
+
+
+def test_cublaslt_algorithms_are_candidates_only_when_enabled_eligible_and_checked(monkeypatch):
+    """R1MEGA_EXACT_GEMM_CUBLASLT=1: the weight shape's fixed cuBLASLt algorithms join the timed
+    candidates (at every row count) where the operands allow it, each only where the device
+    check found LARGE's bits; off, or for operands cuBLASLt cannot take, they are never timed."""
+    clt = tbi.clt
+    a = tbi.Tiles(64, 64, 128, 4, 3)
+    _fresh(monkeypatch, (a,))
+    dev = "cuda:7"
+    good = clt.LtAlgo(2048, 2048, "bf16", b"\x01" * 8, (1, 2, 3, 1, 0, 0, 0, 0, 0))
+    bad = clt.LtAlgo(2048, 2048, "bf16", b"\x02" * 8, (4, 5, 6, 1, 0, 0, 0, 0, 0))
+    tbi._small_ok[(dev, "bf16", a, tbi.LARGE)] = True
+    tbi._small_ok[(dev, "bf16", good, tbi.LARGE)] = True
+    tbi._small_ok[(dev, "bf16", bad, tbi.LARGE)] = False  # other bits: never timed
+    monkeypatch.setattr(clt, "algos_for", lambda n, k, dtype, device: [good, bad])
+    monkeypatch.setattr(clt, "eligible", lambda x, y: True)
+    speed = {a: 3.0, tbi.LARGE: 2.0, good: 1.0}
+    timed = []
+
+    def timer(t):
+        timed.append(t)
+        return speed[t]
+
+    monkeypatch.setattr(clt, "ENABLED", False)
+    assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), timer) == tbi.LARGE
+    assert good not in timed
+    monkeypatch.setattr(clt, "ENABLED", True)
+    timed.clear()
+    assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), timer) == good
+    assert set(timed) == {a, tbi.LARGE, good}
+    # above SMALL_M_MAX: LARGE and the algorithms (training's row counts too)
+    assert tbi.tiles_for(_Fake(8192, 2048), _Fake(2048, 2048), timer) == good
+    monkeypatch.setattr(clt, "eligible", lambda x, y: False)
+    monkeypatch.setattr(tbi, "_choice", {})
+    timed.clear()
+    assert tbi.tiles_for(_Fake(8192, 2048), _Fake(2048, 2048), timer) == tbi.LARGE and not timed
+
+
+def test_cublaslt_is_never_eligible_off_cuda_or_for_layouts_it_cannot_take():
+    clt = tbi.clt
+    w = torch.zeros(777, 1000, dtype=torch.bfloat16)
+    assert not clt.eligible(torch.zeros(64, 1000, dtype=torch.bfloat16), w.t())  # CPU tensors
+
+
+def test_cublaslt_paths_are_found_in_pip_wheels_and_toolkits(tmp_path):
+    """The pip layout (nvidia/cu13/include + lib with only the versioned library) links that
+    versioned name; a toolkit's unversioned library links as -lcublasLt; neither: None."""
+    from r1mega.ops.cuda_libs import cublaslt_flags
+
+    site = tmp_path / "site"
+    (site / "nvidia" / "cu13" / "include").mkdir(parents=True)
+    (site / "nvidia" / "cu13" / "include" / "cublasLt.h").write_text("")
+    (site / "nvidia" / "cu13" / "lib").mkdir()
+    (site / "nvidia" / "cu13" / "lib" / "libcublasLt.so.13").write_text("")
+    inc, flags = cublaslt_flags(None, [str(site)])
+    assert inc == [str(site / "nvidia" / "cu13" / "include")]
+    assert "-l:libcublasLt.so.13" in flags and f"-L{site / 'nvidia' / 'cu13' / 'lib'}" in flags
+    home = tmp_path / "cuda"
+    (home / "include").mkdir(parents=True)
+    (home / "include" / "cublasLt.h").write_text("")
+    (home / "lib64").mkdir()
+    (home / "lib64" / "libcublasLt.so").write_text("")
+    assert cublaslt_flags(str(home), [])[1][:2] == [f"-L{home / 'lib64'}", "-lcublasLt"]
+    assert cublaslt_flags(str(tmp_path / "none"), [str(tmp_path / "empty")]) is None
+    # a header without its library is not enough
+    (home / "lib64" / "libcublasLt.so").unlink()
+    assert cublaslt_flags(str(home), []) is None

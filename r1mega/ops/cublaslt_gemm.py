@@ -1,0 +1,98 @@
+"""cuBLASLt as a candidate of the exact mode's GEMM (r1mega/ops/triton_batch_invariant.py).
+
+cuBLAS picks its kernel per problem shape, splitting K for small M, so a row's bits depend on
+the batch. With one algorithm fixed per weight shape (kernel, tile, stages, cluster, no K
+split, no workspace: csrc/exact_gemm_lt.cpp) every output element is one chain of MMA steps over
+K in order whatever M is, as in the Triton kernel; whether it is the same chain as the Triton
+kernel's LARGE tiles is the device's property, so an algorithm serves only where the tiles'
+device check found LARGE's bits (``tiles_usable``), and among those the timing picks, as for
+the Triton candidates. ``R1MEGA_EXACT_GEMM_CUBLASLT=1`` adds them; off until a GPU has timed
+them (``r1mega bench exact-gemm`` lists them as ``cublaslt:I``).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from r1mega.ops.cuda_libs import cublaslt_flags
+from r1mega.ops.extension import CudaExtension
+
+
+def _libraries():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return cublaslt_flags(CUDA_HOME)
+
+
+_EXT = CudaExtension("r1mega_gemm_cuda", ["exact_gemm_lt.cpp"], "R1MEGA_GEMM", [],
+                     "the exact GEMM runs Triton only", libraries=_libraries)
+get, load_error = _EXT.get, _EXT.load_error
+
+_ENV = os.environ.get("R1MEGA_EXACT_GEMM_CUBLASLT", "0")
+if _ENV not in ("0", "1"):
+    raise ValueError(f"R1MEGA_EXACT_GEMM_CUBLASLT={_ENV!r}: expected 1 (fixed cuBLASLt algorithms "
+                     f"among the exact GEMM's candidates) or 0 (the default)")
+ENABLED = _ENV == "1"
+# heuristic queries per weight shape: a training-sized and a decode-sized M, each's best few
+HEURISTIC_ROWS = (8192, 256)
+PER_QUERY = 4
+
+
+class LtAlgo(NamedTuple):
+    """One cuBLASLt algorithm for y = a @ w.T with w (n, k): ``blob`` its bytes, ``config`` what
+    it is (algorithm id, tile, stages, K splits, reduction, swizzle, custom option, inner and
+    cluster shape)."""
+    n: int
+    k: int
+    dtype: torch.dtype
+    blob: bytes
+    config: tuple
+
+    def __repr__(self):
+        return f"LtAlgo(n={self.n}, k={self.k}, {str(self.dtype).replace('torch.', '')}, config={self.config})"
+
+
+_algos: dict = {}  # (device, dtype, n, k) -> [LtAlgo]
+
+
+def eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a (M, K) @ b (K, N) can go to cuBLASLt here: CUDA, bf16/fp16, a row-major and b
+    a transposed row-major weight (b.T row-major), the extension built or buildable."""
+    return (getattr(a, "is_cuda", False) and a.dtype in (torch.bfloat16, torch.float16)
+            and b.dtype == a.dtype and a.stride(1) == 1 and b.stride(0) == 1 and get() is not None)
+
+
+def algos_for(n: int, k: int, dtype: torch.dtype, device) -> list:
+    """The no-split, no-workspace algorithms cuBLASLt's heuristic offers for the weight shape
+    (n, k) at HEURISTIC_ROWS, best first, each once. One query per device, dtype and shape."""
+    key = (str(device), dtype, n, k)
+    if key not in _algos:
+        ext = get()
+        seen, out = set(), []
+        with torch.cuda.device(device):
+            for m in HEURISTIC_ROWS:
+                for blob in ext.algos(m, n, k, dtype, PER_QUERY):
+                    raw = bytes(blob.numpy().tobytes())
+                    config = tuple(ext.describe(blob))
+                    if config not in seen:
+                        seen.add(config)
+                        out.append(LtAlgo(n, k, dtype, raw, config))
+        _algos[key] = out
+    return _algos[key]
+
+
+_blobs: dict = {}  # algorithm bytes -> the CPU tensor the extension reads
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, algo: LtAlgo) -> torch.Tensor:
+    """(M, K) @ (K, N) through ``algo`` (b = w.T, w row-major (N, K))."""
+    w = b.t()
+    if (w.shape[0], w.shape[1], a.dtype) != (algo.n, algo.k, algo.dtype):
+        raise ValueError(f"cuBLASLt exact GEMM: {algo} for a {tuple(a.shape)} @ {tuple(b.shape)} "
+                         f"{a.dtype} call")
+    blob = _blobs.get(algo.blob)
+    if blob is None:
+        blob = _blobs[algo.blob] = torch.frombuffer(bytearray(algo.blob), dtype=torch.uint8)
+    return get().matmul(a, w, blob)
