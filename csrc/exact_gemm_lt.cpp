@@ -25,6 +25,8 @@ namespace {
                 cublasLtGetStatusName(status_), " (", cublasLtGetStatusString(status_), ")"); \
   } while (0)
 
+constexpr uint32_t kAlign = 16;  // bytes, of every operand's base and row
+
 cudaDataType_t data_type(at::ScalarType t) {
   switch (t) {
     case at::kBFloat16: return CUDA_R_16BF;
@@ -101,6 +103,12 @@ std::vector<torch::Tensor> algos(int64_t m, int64_t n, int64_t k, at::ScalarType
   size_t no_workspace = 0;
   LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &no_workspace,
                                                 sizeof(no_workspace)));
+  // algorithms for 16-byte aligned operands (the default asks for 256: views of a tensor are
+  // not, and an algorithm chosen for alignment it does not get may fail to run)
+  uint32_t align = kAlign;
+  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)));
   std::vector<cublasLtMatmulHeuristicResult_t> found(static_cast<size_t>(4 * max_algos));
   int count = 0;
   LT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.wl, p.al, p.yl, p.yl, pref,
@@ -142,6 +150,11 @@ torch::Tensor matmul(const torch::Tensor& a, const torch::Tensor& w, const torch
               a.sizes(), " and ", w.sizes());
   TORCH_CHECK(a.scalar_type() == w.scalar_type(), "cuBLASLt exact GEMM: a and w of one dtype");
   TORCH_CHECK(a.stride(1) == 1 && w.stride(1) == 1, "cuBLASLt exact GEMM: row-major a and w");
+  const int64_t e = a.element_size();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % kAlign == 0 &&
+                  reinterpret_cast<uintptr_t>(w.data_ptr()) % kAlign == 0 && (a.stride(0) * e) % kAlign == 0 &&
+                  (w.stride(0) * e) % kAlign == 0 && (w.size(0) * e) % kAlign == 0,
+              "cuBLASLt exact GEMM: operands and rows aligned to ", kAlign, " bytes");
   auto algo = unpack(blob);
   const int64_t m = a.size(0), n = w.size(0), k = a.size(1);
   auto y = torch::empty({m, n}, a.options());

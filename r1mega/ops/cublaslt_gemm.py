@@ -57,11 +57,20 @@ class LtAlgo(NamedTuple):
 _algos: dict = {}  # (device, dtype, n, k) -> [LtAlgo]
 
 
+ALIGN = 16  # bytes: every operand's base and row, and the output's rows (csrc/exact_gemm_lt.cpp)
+
+
 def eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a (M, K) @ b (K, N) can go to cuBLASLt here: CUDA, bf16/fp16, a row-major and b
-    a transposed row-major weight (b.T row-major), the extension built or buildable."""
-    return (getattr(a, "is_cuda", False) and a.dtype in (torch.bfloat16, torch.float16)
-            and b.dtype == a.dtype and a.stride(1) == 1 and b.stride(0) == 1 and get() is not None)
+    a transposed row-major weight (b.T row-major), bases and rows 16-byte aligned, the
+    extension built or buildable."""
+    if not (getattr(a, "is_cuda", False) and a.dtype in (torch.bfloat16, torch.float16)
+            and b.dtype == a.dtype and a.stride(1) == 1 and b.stride(0) == 1):
+        return False
+    e = a.element_size()
+    aligned = all(v % ALIGN == 0 for v in (a.data_ptr(), b.data_ptr(), a.stride(0) * e,
+                                           b.stride(1) * e, b.shape[1] * e))
+    return aligned and get() is not None
 
 
 def algos_for(n: int, k: int, dtype: torch.dtype, device) -> list:
