@@ -167,39 +167,43 @@ if HAVE_TRITON:
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def tiles_usable(tiles: Tiles, device, dtype: torch.dtype) -> bool:
-    """Whether ``tiles`` compute LARGE's bits on ``device`` in ``dtype``: both run once on the
-    same random operands (ragged M, N and K, so the masked edges are covered too; b a transposed
-    row-major weight, as the linear layers pass it). Per dtype, since what fits a multiprocessor
-    depends on it (a float32 TMA tile can exceed the shared memory its bf16 twin fits in). One
-    host read per device, dtype and configuration; never inside CUDA graph capture (the caller
-    falls back to LARGE). A TMA configuration that fails to compile or launch (an older Triton,
-    too little shared memory) is unusable, with a warning."""
+def tiles_usable(tiles, device, dtype: torch.dtype) -> bool:
+    """Whether ``tiles`` (a Triton configuration or a cuBLASLt algorithm) compute LARGE's bits on
+    ``device`` in ``dtype``. Per dtype, since what fits a multiprocessor depends on it (a float32
+    TMA tile can exceed the shared memory its bf16 twin fits in). One host read per device,
+    dtype and candidate; never inside CUDA graph capture (the caller falls back to LARGE)."""
     if tiles == LARGE:
         return True
     key = (str(device), dtype, tiles, LARGE)
-    if key not in _small_ok and isinstance(tiles, clt.LtAlgo):
-        _small_ok[key] = _lt_usable(tiles, device, dtype)
     if key not in _small_ok:
-        gen = torch.Generator(device=device).manual_seed(0)
-        try:
-            a = torch.randn(301, 1000, device=device, dtype=dtype, generator=gen)
-            b = torch.randn(777, 1000, device=device, dtype=dtype, generator=gen).t()
-            ok = torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
-        except Exception as exc:
-            if not tiles.tma:
-                raise
-            warnings.warn(f"exact GEMM: the TMA tiles {tuple(tiles)} failed on {device} in {dtype} "
-                          f"({type(exc).__name__}: {exc}); they are not used")
-            ok = None
-        if ok is False:
-            warnings.warn(f"exact GEMM: the tiles {tuple(tiles)} do not give the bits of "
-                          f"{tuple(LARGE)} on {device} in {dtype}; they are not used there")
-        _small_ok[key] = bool(ok)
+        check = _lt_same_bits if isinstance(tiles, clt.LtAlgo) else _tiles_same_bits
+        _small_ok[key] = check(tiles, device, dtype)
     return _small_ok[key]
 
 
-def _lt_usable(algo, device, dtype) -> bool:
+def _tiles_same_bits(tiles: Tiles, device, dtype: torch.dtype) -> bool:
+    """Both configurations once on the same random operands (ragged M, N and K, so the masked
+    edges are covered too; b a transposed row-major weight, as the linear layers pass it). A
+    TMA configuration that fails to compile or launch (an older Triton, too little shared
+    memory) is unusable, with a warning."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        a = torch.randn(301, 1000, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(777, 1000, device=device, dtype=dtype, generator=gen).t()
+        ok = torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
+    except Exception as exc:
+        if not tiles.tma:
+            raise
+        warnings.warn(f"exact GEMM: the TMA tiles {tuple(tiles)} failed on {device} in {dtype} "
+                      f"({type(exc).__name__}: {exc}); they are not used")
+        return False
+    if not ok:
+        warnings.warn(f"exact GEMM: the tiles {tuple(tiles)} do not give the bits of "
+                      f"{tuple(LARGE)} on {device} in {dtype}; they are not used there")
+    return ok
+
+
+def _lt_same_bits(algo, device, dtype: torch.dtype) -> bool:
     """A cuBLASLt algorithm is fixed per weight shape: checked on that shape, at decode-sized and
     ragged row counts, against LARGE row for row."""
     gen = torch.Generator(device=device).manual_seed(0)
