@@ -11,8 +11,14 @@ contiguous (unpaged) bf16 cache padded to the longest context, the same call the
 forward's attention makes. The ratio bf16 / FP8 time is what ``rollout.kv_cache_dtype=fp8``
 can take off the attention share of a decode step.
 
-``--block-n 32,64,128`` (GPU): also time the Triton kernel directly at each keys-per-tile size,
-for both caches (the rows above use the kernel's default).
+On the GPU both paged kernels are also timed directly, whatever ``R1MEGA_PAGED_DECODE`` chose
+for the op's rows: ``*-rows`` (a group's query heads on the dots' M axis) and ``*-keys`` (keys
+on it), bf16 and FP8 caches, the FP8 ones also with fp16 dots, each with its error against
+float64 attention on its cache's values.
+
+``--block-n 32,64,128`` (GPU): also time the default kernel directly at each keys-per-tile size,
+for both caches; ``--keys-launch BN,W,S;...`` the keys-major one at each launch (stages 0:
+Triton's default).
 
 ``--exact R,W,S[,KB[,KEYS[,TR,TW]]];...`` (GPU): also time the exact mode's attention kernel
 (r1mega/ops/triton_exact_attention.py) on the bf16 cache through its slot table, at its default
@@ -44,6 +50,14 @@ def _tables(ctx: list[int], bs: int, gen: torch.Generator) -> tuple[list[list[in
     return tables, n_blocks
 
 
+def _launch(spec: str) -> tuple[int, int, int]:
+    try:
+        n, warps, stages = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--keys-launch {spec!r}: expected BLOCK_N,WARPS,STAGES (e.g. 64,4,3)") from None
+    return n, warps, stages
+
+
 def main(argv=None) -> int:
     from r1mega.bench.timing import copy_bandwidth, graph_ms, median_ms
     from r1mega.bench.train_step import _no_nan
@@ -61,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--block-n", default="", help="GPU: comma list of keys-per-tile sizes to sweep")
+    ap.add_argument("--keys-launch", default="", help="GPU: ';'-separated BLOCK_N,WARPS,STAGES "
+                    "launches of the keys-major paged kernel to time (e.g. '64,4,3;64,8,2')")
     ap.add_argument("--exact", default="", help="GPU: ';'-separated rows,warps,stages launches "
                     "of the exact-mode kernel to time beside its default (e.g. '64,4,2;64,8,3')")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU")
@@ -106,22 +122,41 @@ def main(argv=None) -> int:
         ms = timed_ms(call)
         rows[name] = {"us": ms * 1e3, "bytes": read_bytes(name),
                       "bytes_floor_fraction": read_bytes(name) / bw / (ms * 1e-3)}
-    if cuda:  # the FP8 kernel with fp16 dots (f16_dots), beside its default (dots in q's dtype)
+    variants = {}  # row -> its output, for the error against float64 below
+    if cuda:
+        # Both kernels explicitly (whatever R1MEGA_PAGED_DECODE chose for the op above), and the
+        # FP8 cache's fp16 dots (f16_dots) beside its default (dots in q's dtype).
         from r1mega.rollout.triton_paged import paged_decode_attention as pda
 
-        ms = timed_ms(lambda: pda(q, k8, v8, bt, ctx_t, scale, k_scale=ks, v_scale=vs, f16_dots=True))
-        rows["fp8-f16dots"] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
-                               "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
-        o2 = pda(q, k8, v8, bt, ctx_t, scale, k_scale=ks, v_scale=vs, f16_dots=True).double()
+        for name, cache, kw in (("bf16-rows", "bf16", {"keys_major": False}),
+                                ("bf16-keys", "bf16", {"keys_major": True}),
+                                ("fp8-rows", "fp8", {"keys_major": False}),
+                                ("fp8-rows-f16dots", "fp8", {"keys_major": False, "f16_dots": True}),
+                                ("fp8-keys", "fp8", {"keys_major": True}),
+                                ("fp8-keys-f16dots", "fp8", {"keys_major": True, "f16_dots": True})):
+            kc, vc, sk, sv = caches[cache]
+
+            def call(kc=kc, vc=vc, sk=sk, sv=sv, kw=kw):
+                return pda(q, kc, vc, bt, ctx_t, scale, k_scale=sk, v_scale=sv, **kw)
+
+            ms = timed_ms(call)
+            rows[name] = {"us": ms * 1e3, "bytes": read_bytes(cache),
+                          "bytes_floor_fraction": read_bytes(cache) / bw / (ms * 1e-3)}
+            variants[name] = (cache, call().double())
     sweep = {}
-    if cuda and args.block_n:
+    if cuda and (args.block_n or args.keys_launch):
         from r1mega.rollout.triton_paged import paged_decode_attention
 
-        for n in (int(x) for x in args.block_n.split(",")):
+        launches = [(int(x), None, None, False) for x in args.block_n.split(",") if x]
+        launches += [(*_launch(spec), True) for spec in args.keys_launch.split(";") if spec]
+        for n, warps, stages, keys in launches:
             for name, (kc, vc, sk, sv) in caches.items():
-                ms = timed_ms(lambda n=n, kc=kc, vc=vc, sk=sk, sv=sv: paged_decode_attention(
-                    q, kc, vc, bt, ctx_t, scale, k_scale=sk, v_scale=sv, block_n=n))
-                sweep[f"{name}@{n}"] = ms * 1e3
+                ms = timed_ms(lambda n=n, kc=kc, vc=vc, sk=sk, sv=sv, w=warps, st=stages, kz=keys:
+                              paged_decode_attention(q, kc, vc, bt, ctx_t, scale, k_scale=sk,
+                                                     v_scale=sv, block_n=n, keys_major=kz,
+                                                     num_warps=w or 4, num_stages=st or None))
+                label = f"keys {n},{warps},{stages}" if keys else f"{n}"
+                sweep[f"{name}@{label}"] = ms * 1e3
     exact = _time_exact(q, caches[next(iter(caches))], bt, ctx_t, scale, args) if cuda and args.exact else {}
     # Accuracy of the FP8 kernel: against float64 on its own (dequantised) K/V, and on the
     # unquantised K/V it stands in for.
@@ -132,10 +167,12 @@ def main(argv=None) -> int:
     rows["fp8"].update(max_err_vs_dequantised=float((out - ref_deq).abs().max()),
                        max_err_vs_unquantised=float((out - ref).abs().max()),
                        mean_err_vs_unquantised=float((out - ref).abs().mean()))
-    if "fp8-f16dots" in rows:
-        rows["fp8-f16dots"].update(max_err_vs_dequantised=float((o2 - ref_deq).abs().max()),
-                                 mean_err_vs_dequantised=float((o2 - ref_deq).abs().mean()))
-        rows["fp8"]["mean_err_vs_dequantised"] = float((out - ref_deq).abs().mean())
+    rows["fp8"]["mean_err_vs_dequantised"] = float((out - ref_deq).abs().mean())
+    ref_bf16 = attend_decode_gather(q.double(), k.to(dtype).double(), v.to(dtype).double(), bt, ctx_t, scale)
+    for name, (cache, o) in variants.items():
+        r = ref_deq if cache == "fp8" else ref_bf16
+        rows[name].update(max_err_vs_reference=float((o - r).abs().max()),
+                          mean_err_vs_reference=float((o - r).abs().mean()))
     # Peer: SDPA over a contiguous cache padded to the longest context (masked).
     kd = torch.randn(b, hkv, max(ctx), d, generator=gen).to(dev, dtype)
     vd = torch.randn(b, hkv, max(ctx), d, generator=gen).to(dev, dtype)
@@ -147,21 +184,19 @@ def main(argv=None) -> int:
 
     print(f"decode attention: {b} sequences, contexts {args.min_ctx}..{args.max_ctx}, {hq} q / {hkv} kv "
           f"heads x {d}, {bs}-token blocks, device copy {bw / 1e12:.2f} TB/s")
-    print(f"{'cache':<8}{'us/call':>10}{'MB read':>10}{'bytes floor':>13}")
+    print(f"{'kernel':<18}{'us/call':>10}{'MB read':>10}{'bytes floor':>13}")
     for name, r in rows.items():
-        print(f"{name:<8}{r['us']:>10.1f}{r['bytes'] / 1e6:>10.1f}{r['bytes_floor_fraction']:>13.1%}")
+        print(f"{name:<18}{r['us']:>10.1f}{r['bytes'] / 1e6:>10.1f}{r['bytes_floor_fraction']:>13.1%}")
     for key, us in sweep.items():
-        print(f"{key:<8}{us:>10.1f}   (block_n sweep)")
+        print(f"{key:<18}{us:>10.1f}   (launch sweep)")
     for key, r in exact.items():
         print(f"exact {key:<12}{r['us']:>8.1f} us  bits {'= default' if r['bit_equal'] else 'differ'}"
               f"  training 8x2048: {r.get('train_us', float('nan')):.0f} us"
               f"  decode = training: {r.get('decode_equals_training', '-')}  {r.get('error', '')}")
-    print(f"{'SDPA':<8}{peer_ms * 1e3:>10.1f}   (contiguous {str(dtype).replace('torch.', '')} cache, padded)")
-    if "fp8-f16dots" in rows:
-        print(f"fp8 vs float64 on its dequantised K/V, max / mean |err|: dots in q's dtype "
-              f"{rows['fp8']['max_err_vs_dequantised']:.2e} / {rows['fp8']['mean_err_vs_dequantised']:.2e}, "
-              f"fp16 dots {rows['fp8-f16dots']['max_err_vs_dequantised']:.2e} / "
-              f"{rows['fp8-f16dots']['mean_err_vs_dequantised']:.2e}")
+    print(f"{'SDPA':<18}{peer_ms * 1e3:>10.1f}   (contiguous {str(dtype).replace('torch.', '')} cache, padded)")
+    for name in variants:
+        print(f"{name:<18} vs float64 on its cache's values, max / mean |err|: "
+              f"{rows[name]['max_err_vs_reference']:.2e} / {rows[name]['mean_err_vs_reference']:.2e}")
     f = rows["fp8"]
     print(f"{base} / fp8 time = {ratio:.2f}x; fp8 max |err| vs float64 on its dequantised K/V "
           f"{f['max_err_vs_dequantised']:.2e}, vs the unquantised K/V {f['max_err_vs_unquantised']:.2e} "

@@ -15,12 +15,18 @@ the dots, s_j = scale * k_scale_j * (q . k8_j) and acc += (p_j * v_scale_j) . v8
 products stay tensor-core dots and only a (BLOCK_N,) vector of scales is read per tile. With
 ``FP8`` false the kernel compiles to exactly the bf16 kernel.
 
+Two kernels, one contract: the default puts a group's query heads on the dots' M axis (padded
+to 16 rows); the keys-major one (``R1MEGA_PAGED_DECODE=keys``) computes the transposed products,
+keys on M and the group's heads on N, so the (FP8-converted) K/V tile is the operand the MMA
+takes from registers.
+
 :func:`decode_attention` is the launch as a custom op: one opaque node for dynamo, so the compiled
 decode forward is not cut into a fragment per layer around it (see triton_rope_kv for the other
 half of that, the RoPE + cache write).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -37,6 +43,17 @@ except ImportError:  # CPU-only installs
 
 
 if HAVE_TRITON:
+
+    @triton.jit
+    def _q_in_f16(q):
+        # e4m3 converts to fp16 in one instruction (to bf16 only by a detour through wider
+        # types), so the dots take fp16: q is scaled by a power of two that puts its largest
+        # entry in [2^8, 2^9), exact for a bf16 q (fp16 has more mantissa bits) down to entries
+        # 2^-22 of that largest one; the power (returned) goes back into the logits' scale
+        qf = q.to(tl.float32)
+        e = tl.maximum((tl.max(tl.max(qf.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1), 0) >> 23) - 8, 1)
+        q16 = (qf * ((254 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+        return q16, (e << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _paged_decode_kernel(
@@ -66,14 +83,7 @@ if HAVE_TRITON:
         q = tl.load(q_ptr, mask=g_ok[:, None], other=0.0)  # (GP, D)
         q_pow = 1.0
         if F16_DOTS:
-            # e4m3 converts to fp16 in one instruction (to bf16 only by a detour through wider
-            # types), so the dots take fp16: q is scaled by a power of two that puts its largest
-            # entry in [2^8, 2^9), exact for a bf16 q (fp16 has more mantissa bits) down to
-            # entries 2^-22 of that largest one, and the power goes back into the logits' scale
-            qf = q.to(tl.float32)
-            e = tl.maximum((tl.max(tl.max(qf.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1), 0) >> 23) - 8, 1)
-            q = (qf * ((254 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
-            q_pow = (e << 23).to(tl.float32, bitcast=True)
+            q, q_pow = _q_in_f16(q)
 
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((GROUP_PAD,), tl.float32)
@@ -122,6 +132,99 @@ if HAVE_TRITON:
         o_ptr = O + b * stride_ob + (h * GROUP + g)[:, None] * stride_oh + d[None, :]
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=g_ok[:, None])
 
+    @triton.jit
+    def _paged_decode_keys_kernel(
+        Q, K, V, BT, CTX, O, KS, VS,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_sb, stride_st,
+        stride_btb,
+        stride_ob, stride_oh,
+        SCALE: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        D: tl.constexpr,
+        BS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+        FP8: tl.constexpr,
+        F16_DOTS: tl.constexpr,
+    ):
+        # _paged_decode_kernel with keys on the dots' M axis: s.T = k @ q.T (BLOCK_N, GP) and
+        # acc.T += v.T @ p.T (D, GP). A group's few query heads fill the MMA's N (16 wide) instead
+        # of GROUP of its 64 rows, and the tile an FP8 cache converts in registers is the dot's
+        # first operand, which the MMA reads from registers (the second one it reads from shared
+        # memory). The softmax runs down the columns (axis 0).
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        ctx = tl.load(CTX + b)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D)
+        g_ok = g < GROUP
+        qt_ptr = Q + b * stride_qb + (h * GROUP + g)[None, :] * stride_qh + d[:, None]
+        qt = tl.load(qt_ptr, mask=g_ok[None, :], other=0.0)  # (D, GP)
+        q_pow = 1.0
+        if F16_DOTS:
+            qt, q_pow = _q_in_f16(qt)
+
+        m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        l = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((D, GROUP_PAD), tl.float32)
+        for start in range(0, ctx, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < ctx
+            blk = tl.load(BT + b * stride_btb + n // BS, mask=n_ok, other=0).to(tl.int64)
+            off = blk * stride_kb + (n % BS) * stride_kt + h * stride_kh  # (BN,)
+            k = tl.load(K + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # (BN, D)
+            if FP8:
+                k = k.to(qt.dtype)
+                s_off = blk * stride_sb + (n % BS) * stride_st + h  # (BN,)
+                k_sc = tl.load(KS + s_off, mask=n_ok, other=0.0)
+                v_sc = tl.load(VS + s_off, mask=n_ok, other=0.0)
+            if IEEE:
+                s = tl.dot(k, qt, input_precision="ieee")
+            else:
+                s = tl.dot(k, qt)  # (BN, GP)
+            if FP8:
+                s = s * (k_sc * q_pow)[:, None]
+            s = tl.where(n_ok[:, None], s * SCALE, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[None, :])
+            l = l * alpha + tl.sum(p, 0)
+            v = tl.load(V + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # (BN, D)
+            if FP8:  # value scales relative to the tile's largest, as in _paged_decode_kernel
+                v = v.to(qt.dtype)
+                v_max = tl.max(v_sc, 0)
+                pv_w = p * (v_sc / v_max)[:, None]
+            else:
+                pv_w = p
+            if IEEE:
+                pv = tl.dot(tl.trans(v), pv_w, input_precision="ieee")
+            else:
+                pv = tl.dot(tl.trans(v), pv_w.to(v.dtype))  # (D, GP)
+            if FP8:
+                pv = pv * v_max
+            acc = acc * alpha[None, :] + pv
+            m = m_new
+        out = acc / l[None, :]
+        o_ptr = O + b * stride_ob + (h * GROUP + g)[None, :] * stride_oh + d[:, None]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=g_ok[None, :])
+
+
+def _kernel_from_env() -> bool:
+    spec = os.environ.get("R1MEGA_PAGED_DECODE", "rows")
+    if spec not in ("rows", "keys"):
+        raise ValueError(f"R1MEGA_PAGED_DECODE={spec!r}: expected 'rows' (the default kernel, a "
+                         f"group's query heads on the dots' M axis) or 'keys' (keys on it)")
+    return spec == "keys"
+
+
+# The decode kernel of every paged_decode_attention call that does not choose: process-wide, so
+# an A/B of whole rollouts is one variable (`r1mega bench decode-attention` times both kernels
+# side by side; the keys-major one is not the default until a GPU has timed it).
+KEYS_MAJOR = _kernel_from_env()
+
 
 def paged_decode_attention(
     q: torch.Tensor,
@@ -135,12 +238,17 @@ def paged_decode_attention(
     v_scale: torch.Tensor | None = None,
     block_n: int | None = None,
     f16_dots: bool = False,
+    keys_major: bool | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, D); caches (N, bs, Hkv, D); block_tables (B, max_blocks) int32; ctx_lens (B,) int32;
     ``k_scale``/``v_scale`` (N, bs, Hkv) float32: an FP8 (e4m3) cache's scales; ``block_n``: keys
     per tile (a power of two >= 16; None: the default below; `r1mega bench decode-attention` sweeps it);
-    ``f16_dots``: an FP8 cache's dots in fp16 rather than q's dtype (not yet timed on a GPU, so
-    not the default; `r1mega bench decode-attention` times both).
+    ``f16_dots``: an FP8 cache's dots in fp16 rather than q's dtype (not the default: its GPU test
+    has not run yet; `r1mega bench decode-attention` times both); ``keys_major``: the
+    keys-major kernel (None: :data:`KEYS_MAJOR`, from ``R1MEGA_PAGED_DECODE``); ``num_warps``,
+    ``num_stages``: the launch (None: Triton's default stages), for the bench's sweeps.
 
     Every row must have ctx_len >= 1 (padded CUDA-graph rows point at the scratch block).
     """
@@ -163,14 +271,20 @@ def paged_decode_attention(
                              f"(PagedKVCache.layer(i) gives them).")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    keys = KEYS_MAJOR if keys_major is None else keys_major
     if block_n is None:
         # An FP8 tile also loads and applies a scale per key: longer tiles amortise that (the
         # block_n sweep of `r1mega bench decode-attention` is where the two defaults come from).
-        block_n = max(16, min(128, 8 * bs)) if fp8 else max(16, min(64, 4 * bs))
+        # The keys-major kernel holds a converted 128-key FP8 tile in registers only by spilling
+        # (sm_90, 4 warps), so it stays at 64.
+        block_n = max(16, min(128, 8 * bs)) if fp8 and not keys else max(16, min(64, 4 * bs))
     elif block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"paged_decode_attention: block_n={block_n} must be a power of two >= 16.")
     ks, vs = (k_scale, v_scale) if fp8 else (k_cache, v_cache)  # unused pointers without FP8
-    _paged_decode_kernel[(bsz, hkv)](
+    kernel = _paged_decode_keys_kernel if keys else _paged_decode_kernel
+    launch = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps,
+                                                                  "num_stages": num_stages}
+    kernel[(bsz, hkv)](
         q, k_cache, v_cache, block_tables, ctx_lens, out, ks, vs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -186,7 +300,7 @@ def paged_decode_attention(
         IEEE=q.dtype == torch.float32,
         FP8=fp8,
         F16_DOTS=fp8 and f16_dots and q.dtype != torch.float32,
-        num_warps=4,
+        **launch,
     )
     return out
 

@@ -107,9 +107,10 @@ def test_quantize_rows_on_cuda_equals_cpu():
     assert torch.equal(_bits(x8c).cpu(), _bits(x8))
 
 
+@pytest.mark.parametrize("keys_major", [False, True], ids=["rows", "keys"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=["-".join(map(str, s)) for s in DECODE_SHAPES])
-def test_paged_decode_on_fp8_cache(dtype, shape):
+def test_paged_decode_on_fp8_cache(dtype, shape, keys_major):
     """Against float64 attention over the dequantised K/V (tight: the kernel's own rounding only),
     and against attention over the unquantised K/V within the error e4m3 predicts element by
     element (r1mega/rollout/fp8_error.py; the CPU test checks the prediction on these values)."""
@@ -133,7 +134,7 @@ def test_paged_decode_on_fp8_cache(dtype, shape):
             continue
         out = torch.full_like(q, float("nan"))
         paged_decode_attention(q, k8, v8, bt, ctx, scale, out=out, k_scale=ks, v_scale=vs,
-                               block_n=block_n, f16_dots=f16)
+                               block_n=block_n, f16_dots=f16, keys_major=keys_major)
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=f"block_n={block_n} f16={f16}")
         worst, rms = error_against_model(out, exact, sigma, kernel_tol=tol)
         assert worst <= 1 and RMS_BAND[0] <= rms <= RMS_BAND[1], (block_n, f16, worst, rms)

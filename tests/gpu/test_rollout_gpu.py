@@ -10,9 +10,10 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.mark.parametrize("keys_major", [False, True], ids=["rows", "keys"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,d,bs", [(16, 4, 128, 16), (8, 8, 64, 16), (12, 2, 64, 32)])
-def test_triton_paged_decode_matches_gather(dtype, hq, hkv, d, bs):
+def test_triton_paged_decode_matches_gather(dtype, hq, hkv, d, bs, keys_major):
     from r1mega.rollout.attention import AttentionBatch, attend_gather
     from r1mega.rollout.triton_paged import paged_decode_attention
 
@@ -34,7 +35,7 @@ def test_triton_paged_decode_matches_gather(dtype, hq, hkv, d, bs):
     q = torch.randn(len(ctx), hq, d, device=dev, dtype=dtype)
     scale = 1 / math.sqrt(d)
     out = torch.full_like(q, float("nan"))  # poisoned: every row must be written
-    paged_decode_attention(q, k_cache, v_cache, bt, ctx_t, scale, out=out)
+    paged_decode_attention(q, k_cache, v_cache, bt, ctx_t, scale, out=out, keys_major=keys_major)
     batch = AttentionBatch(slots=None, positions=None, q_lens=[1] * len(ctx), ctx_lens=ctx_t,
                            ctx_lens_host=ctx, block_tables=bt, block_tokens=bs,
                            q_index=torch.arange(len(ctx), device=dev)[:, None])

@@ -389,25 +389,49 @@ def _interpreted_kernels(rank, world):
     bt = torch.tensor([[3, 1, 7], [2, 0, 0], [4, 5, 6]], dtype=torch.int32)
     ctx = torch.tensor([10, 1, 12], dtype=torch.int32)
     decodes = []
-    for dtype, q_mult, f16 in ((torch.float32, 1.0, False), (torch.float16, 1.0, False),
-                               (torch.float16, 1.0, True), (torch.bfloat16, 1.0, True),
-                               (torch.bfloat16, 3e3, True), (torch.bfloat16, 1e-6, True),
-                               (torch.float16, 1e-3, True)):
-        q = (torch.randn(3, hkv * group, hd, generator=g) * q_mult).to(dtype)
-        scale = 0.2 / q_mult  # logits of the same spread whatever q's size
-        out = paged_decode_attention(q, k8, v8, bt, ctx, scale, k_scale=ks, v_scale=vs, f16_dots=f16)
-        ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
-                                   dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
-        decodes.append((f"{dtype} q x {q_mult:g}, f16_dots={f16}", out.double(), ref))
-    # fp16 with small values (|v| ~ 1e-4, scales ~ 2e-7): the scales enter the value dot relative
-    # to the tile's largest, so nothing underflows fp16's 6e-5 normal range.
     v8s, vss = quantize_rows(torch.randn(nb, bs, hkv, hd, generator=g) * 1e-4)
-    q = torch.randn(3, hkv * group, hd, generator=g).half()
-    out = paged_decode_attention(q, k8, v8s, bt, ctx, 0.2, k_scale=ks, v_scale=vss)
-    ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
-                               dequantize_rows(v8s, vss, torch.float64), bt, ctx, 0.2)
-    decodes.append(("small-v float16", out.double() * 1e4, ref * 1e4))
+    kf, vf = torch.randn(nb, bs, hkv, hd, generator=g), torch.randn(nb, bs, hkv, hd, generator=g)
+    for keys in (False, True):  # both kernels (the keys-major one: transposed dots)
+        for dtype, q_mult, f16 in ((torch.float32, 1.0, False), (torch.float16, 1.0, False),
+                                   (torch.float16, 1.0, True), (torch.bfloat16, 1.0, True),
+                                   (torch.bfloat16, 3e3, True), (torch.bfloat16, 1e-6, True),
+                                   (torch.float16, 1e-3, True)):
+            q = (torch.randn(3, hkv * group, hd, generator=g) * q_mult).to(dtype)
+            scale = 0.2 / q_mult  # logits of the same spread whatever q's size
+            out = paged_decode_attention(q, k8, v8, bt, ctx, scale, k_scale=ks, v_scale=vs,
+                                         f16_dots=f16, keys_major=keys)
+            ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
+                                       dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
+            decodes.append((f"{dtype} q x {q_mult:g}, f16_dots={f16}, keys={keys}", out.double(), ref))
+        # fp16 with small values (|v| ~ 1e-4, scales ~ 2e-7): the scales enter the value dot
+        # relative to the tile's largest, so nothing underflows fp16's 6e-5 normal range.
+        q = torch.randn(3, hkv * group, hd, generator=g).half()
+        out = paged_decode_attention(q, k8, v8s, bt, ctx, 0.2, k_scale=ks, v_scale=vss, keys_major=keys)
+        ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
+                                   dequantize_rows(v8s, vss, torch.float64), bt, ctx, 0.2)
+        decodes.append((f"small-v float16, keys={keys}", out.double() * 1e4, ref * 1e4))
+        # an unquantised float32 cache (the IEEE dots), keys per tile from 16 to 64
+        q = torch.randn(3, hkv * group, hd, generator=g)
+        for block_n in (16, 64):
+            out = paged_decode_attention(q, kf, vf, bt, ctx, 0.2, block_n=block_n, keys_major=keys)
+            ref = attend_decode_gather(q.double(), kf.double(), vf.double(), bt, ctx, 0.2)
+            decodes.append((f"torch.float32 cache, block_n={block_n}, keys={keys}", out.double(), ref))
     return writes, edges, decodes
+
+
+def test_paged_decode_kernel_choice_is_validated(monkeypatch):
+    """R1MEGA_PAGED_DECODE picks the paged decode kernel for the whole process; a wrong value is
+    an error naming the variable and what it takes, not a silent default."""
+    from r1mega.rollout import triton_paged
+
+    for spec, keys in (("rows", False), ("keys", True)):
+        monkeypatch.setenv("R1MEGA_PAGED_DECODE", spec)
+        assert triton_paged._kernel_from_env() is keys
+    monkeypatch.delenv("R1MEGA_PAGED_DECODE")
+    assert triton_paged._kernel_from_env() is False
+    monkeypatch.setenv("R1MEGA_PAGED_DECODE", "key")
+    with pytest.raises(ValueError, match="R1MEGA_PAGED_DECODE='key'.*'rows'.*'keys'"):
+        triton_paged._kernel_from_env()
 
 
 @pytest.mark.slow
