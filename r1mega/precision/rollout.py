@@ -1,7 +1,7 @@
 """FP8 weight copies for the rollout's decode; training keeps its bf16 weights and numerics.
 
-A decode step reads every weight once for a few hundred tokens, so it is bound by weight bytes;
-FP8 copies halve them. :class:`Fp8RolloutWeights` keeps one persistent FP8 copy (data + scales,
+A decode step reads every weight once for at most a few hundred tokens: FP8 copies halve the
+bytes it reads and double the tensor cores' rate once the batch makes it compute-bound. :class:`Fp8RolloutWeights` keeps one persistent FP8 copy (data + scales,
 the policy's weight recipe) of each linear weight of the transformer blocks and, while
 :meth:`decoding` is active, routes those layers' GEMMs through them: the activation is quantised
 per call (the recipe's activation granularity), the GEMM is ``fp8_gemm``. Outside ``decoding``
@@ -104,8 +104,13 @@ class Fp8RolloutWeights:
                                  wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group)
             x2 = input.reshape(-1, input.shape[-1])                                # (T, in)
             t = x2.shape[0]
+            # Compiled (the decode forward): the quantiser in torch ops, which inductor fuses
+            # into the kernel that makes x (the norm before qkv and fc1, SwiGLU before fc2), so a
+            # decode step does not launch one or more quantiser kernels per linear. Eager: the
+            # fused Triton kernel (the same values).
+            impl = "reference" if torch.compiler.is_compiling() else "auto"
             a = quantize(_pad_rows(x2, self.token_multiple), self.act, "e4m3",
-                         self.policy.power2_scales)
+                         self.policy.power2_scales, impl=impl)
             y = fp8_gemm(a, q, input.dtype, emulate=self.policy.emulate, fast_accum=True)[:t]
             y = y.view(*input.shape[:-1], weight.shape[0])                         # (..., out)
             return y + bias if bias is not None else y
