@@ -18,6 +18,11 @@ with FP8 weight copies (``precision.fp8_rollout``), and with FP8 weights plus th
 tokens/s, the ratios to bf16 (bar: >= 1.4x) and each one's log-prob mismatch against the (bf16)
 training forward.
 
+``--backend te`` (throughput, parity; Transformer Engine importable): TE's layer spec and its
+``fp8_autocast`` with ``--recipe`` current, delayed, blockwise or mxfp8, beside r1mega's bf16 row
+and a bf16 row on TE's spec (parity compares TE's FP8 with TE's bf16: one spec, one set of
+initial weights).
+
 ``--smoke``: tiny shapes on the CPU with FP8 emulated, to check the script end to end.
 """
 from __future__ import annotations
@@ -28,7 +33,10 @@ import time
 
 import torch
 
-BARS = {"blockwise": 1.3, "tensorwise": 1.4, "rowwise": None}
+# Per recipe; TE's "current" and "delayed" are tensorwise scalings (current: this tensor's amax,
+# delayed: an amax history's), "mxfp8" needs Blackwell.
+BARS = {"blockwise": 1.3, "tensorwise": 1.4, "rowwise": None, "current": 1.4, "delayed": 1.4,
+        "mxfp8": None}
 
 
 def _sync(device):
@@ -101,13 +109,21 @@ def train_losses(shape: dict, precision, batches: list, rt, init_state=None, lr:
     return losses, init_state
 
 
-def _precisions(recipe: str, device, fp32_grads: bool = True):
+def _precisions(recipe: str, device, fp32_grads: bool = True, backend: str = "native") -> dict:
+    """row name -> (PrecisionConfig, model.spec). The bf16 baseline is r1mega's local spec even
+    where Transformer Engine is importable (model.spec=auto would pick TE's); with ``backend``
+    te a bf16 row on TE's spec sits between it and TE's FP8 row."""
     from r1mega.config import PrecisionConfig
 
-    return {"bf16": PrecisionConfig(grad_reduce_in_fp32=fp32_grads),
-            f"fp8-{recipe}": PrecisionConfig(fp8=True, fp8_backend="native", fp8_recipe=recipe,
-                                             fp8_emulate=device.type != "cuda",
-                                             grad_reduce_in_fp32=fp32_grads)}
+    bf16 = PrecisionConfig(grad_reduce_in_fp32=fp32_grads)
+    rows = {"bf16": (bf16, "local")}
+    if backend == "te":
+        rows["te-bf16"] = (bf16, "te")
+    rows[f"fp8-{recipe}"] = (PrecisionConfig(fp8=True, fp8_backend=backend, fp8_recipe=recipe,
+                                             fp8_emulate=backend == "native" and device.type != "cuda",
+                                             grad_reduce_in_fp32=fp32_grads),
+                             backend if backend == "te" else "local")
+    return rows
 
 
 def run_parity(args, rt) -> dict:
@@ -118,15 +134,18 @@ def run_parity(args, rt) -> dict:
     # one pass over positions for every step's sequences at once (a loop per batch is slow)
     batches = list(corpus.batch(args.seqs * args.parity_steps, args.seq_len).split(args.seqs))
     curves, init = {}, None
-    for name, prec in _precisions(args.recipe, rt.device).items():
+    rows = _precisions(args.recipe, rt.device, backend=args.backend)
+    base = "te-bf16" if args.backend == "te" else "bf16"
+    for name in (base, f"fp8-{args.recipe}"):  # one spec: the same initial weights load into both
+        prec, spec = rows[name]
         t = time.perf_counter()
-        curves[name], init = train_losses(shape, prec, batches, rt, init)
+        curves[name], init = train_losses({**shape, "spec": spec}, prec, batches, rt, init)
         print(f"{name:<18} first loss {curves[name][0]:.4f}  final {sum(curves[name][-10:]) / len(curves[name][-10:]):.4f}"
               f"  ({time.perf_counter() - t:.0f} s)")
     final = {k: sum(v[-10:]) / len(v[-10:]) for k, v in curves.items()}
     fp8_key = f"fp8-{args.recipe}"
-    rel = final[fp8_key] / final["bf16"] - 1.0
-    return {"mode": "parity", "recipe": args.recipe, "steps": args.parity_steps,
+    rel = final[fp8_key] / final[base] - 1.0
+    return {"mode": "parity", "recipe": args.recipe, "backend": args.backend, "steps": args.parity_steps,
             "final_loss": final, "first_loss": {k: v[0] for k, v in curves.items()},
             "relative_difference": rel,
             "bar_met": None if args.smoke else bool(abs(rel) <= 0.02),
@@ -140,7 +159,7 @@ def run_throughput(args, rt) -> dict:
     device = rt.device
     bf16_peak = matmul_peak_flops(device, rt.dtype, 8192 if device.type == "cuda" else 256)
     fp8_peak = fp8_matmul_flops(device)
-    result = {"mode": "throughput", "recipe": args.recipe, "compile": args.compile,
+    result = {"mode": "throughput", "recipe": args.recipe, "backend": args.backend, "compile": args.compile,
               "master_weights": args.master_weights, "moments_dtype": args.moments_dtype,
               "tokens_per_step": args.seqs * args.seq_len,
               "bf16_matmul_tflops": bf16_peak / 1e12, "fp8_matmul_tflops": fp8_peak / 1e12,
@@ -154,9 +173,11 @@ def run_throughput(args, rt) -> dict:
         flops_tok = model_flops_per_token(shape, args.seq_len)
         rows = {}
         # a bf16 master steps from a bf16 gradient buffer
-        for name, prec in _precisions(args.recipe, device, args.master_weights == "fp32").items():
+        for name, (prec, spec) in _precisions(args.recipe, device, args.master_weights == "fp32",
+                                              args.backend).items():
             _reset_memory(device)
-            sec, mem, losses, _ = run_r1mega(shape, tokens, rt, "chunked", args.warmup, args.steps,
+            sec, mem, losses, _ = run_r1mega({**shape, "spec": spec}, tokens, rt, "chunked",
+                                             args.warmup, args.steps,
                                              args.compile, precision=prec,
                                              master_weights=args.master_weights,
                                              moments_dtype=args.moments_dtype)
@@ -167,12 +188,17 @@ def run_throughput(args, rt) -> dict:
                           "peak_memory_gb": mem, "first_loss": float(losses[0])}
             print(f"{model:<12}{name:<18}{sec * 1e3:>10.1f}{rows[name]['tokens_per_s']:>12.0f}"
                   f"{tflops:>10.1f}{tflops * 1e12 / peak:>9.1%}{float(losses[0]):>10.4f}")
-        speedup = rows["bf16"]["ms_per_step"] / rows[f"fp8-{args.recipe}"]["ms_per_step"]
+        fp8_ms = rows[f"fp8-{args.recipe}"]["ms_per_step"]
+        speedup = rows["bf16"]["ms_per_step"] / fp8_ms
         bar = BARS[args.recipe] if model == "gemm-heavy" and not args.smoke else None
         result["models"][model] = {"rows": rows, "fp8_speedup": speedup, "bar": bar,
                                    "bar_met": None if bar is None else bool(speedup >= bar)}
         print(f"{model}: FP8 {args.recipe} / bf16 step throughput = {speedup:.2f}x"
               + (f" (bar {bar}x)" if bar else ""))
+        if "te-bf16" in rows:  # TE's FP8 against TE's own bf16 layers too
+            te_ratio = rows["te-bf16"]["ms_per_step"] / fp8_ms
+            result["models"][model]["fp8_speedup_over_te_bf16"] = te_ratio
+            print(f"{model}: FP8 {args.recipe} / TE bf16 step throughput = {te_ratio:.2f}x")
     return result
 
 
@@ -246,7 +272,11 @@ def main(argv=None) -> int:
     from r1mega.bench.train_step import add_optimizer_state_args
 
     ap = argparse.ArgumentParser(prog="r1mega bench fp8", description=__doc__.split("\n")[0])
-    ap.add_argument("--recipe", default="blockwise", choices=["tensorwise", "rowwise", "blockwise"])
+    ap.add_argument("--recipe", default="blockwise",
+                    help="native: tensorwise, rowwise, blockwise; te: current, delayed, blockwise, mxfp8")
+    ap.add_argument("--backend", default="native", choices=["native", "te"],
+                    help="throughput and parity: r1mega's FP8 linear, or Transformer Engine's "
+                         "layers and fp8_autocast (needs TE importable)")
     ap.add_argument("--models", default="852m,gemm-heavy")
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -269,6 +299,15 @@ def main(argv=None) -> int:
     ap.add_argument("--mismatch-seqs", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, FP8 emulated")
     args = ap.parse_args(argv)
+    from r1mega.precision.policy import NATIVE_RECIPES, TE_RECIPES
+
+    recipes = TE_RECIPES if args.backend == "te" else NATIVE_RECIPES
+    if args.recipe not in recipes:
+        raise SystemExit(f"bench fp8: --recipe {args.recipe} is not a {args.backend} recipe; "
+                         f"choose one of {', '.join(recipes)}.")
+    if args.backend == "te" and (args.rollout or args.smoke):
+        raise SystemExit("bench fp8 --backend te: throughput and parity on a GPU with Transformer "
+                         "Engine only (the FP8 rollout and the CPU smoke run are native).")
 
     from r1mega.config import ParallelConfig, PrecisionConfig
     from r1mega.parallel.launch_env import read_launch_env

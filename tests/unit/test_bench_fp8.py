@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 
 def _last_json(capsys):
@@ -56,3 +57,24 @@ def test_bench_rollout_fp8_smoke(capsys):
     assert fp8["logprob_mismatch_mean"] > out["rows"]["bf16"]["logprob_mismatch_mean"]
     assert out["fp8_kv_speedup"] > 0 and out["bar_met_with_fp8_kv"] is None  # smoke: no bar
     assert out["rows"]["fp8-tensorwise+fp8kv"]["logprob_mismatch_mean"] > out["rows"]["bf16"]["logprob_mismatch_mean"]
+
+
+def test_bench_fp8_te_backend_rows_and_refusals():
+    """--backend te: r1mega's bf16 row stays on the local spec (model.spec=auto would switch to
+    TE's wherever TE imports), a bf16 row on TE's spec and TE's FP8 row beside it; recipes of
+    the other backend and the rollout / CPU smoke modes are refused with the fix."""
+    from r1mega.bench import fp8
+
+    rows = fp8._precisions("current", torch.device("cuda"), backend="te")
+    assert list(rows) == ["bf16", "te-bf16", "fp8-current"]
+    assert [spec for _, spec in rows.values()] == ["local", "te", "te"]
+    prec = rows["fp8-current"][0]
+    assert prec.fp8 and prec.fp8_backend == "te" and prec.fp8_recipe == "current" and not prec.fp8_emulate
+    native = fp8._precisions("tensorwise", torch.device("cpu"))
+    assert [spec for _, spec in native.values()] == ["local", "local"]
+    assert native["fp8-tensorwise"][0].fp8_emulate
+    for argv, msg in ((["--backend", "te", "--recipe", "tensorwise"], "not a te recipe"),
+                      (["--recipe", "current"], "not a native recipe"),
+                      (["--backend", "te", "--recipe", "current", "--rollout"], "throughput and parity")):
+        with pytest.raises(SystemExit, match=msg):
+            fp8.main(argv)
