@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Transformer Engine on the GPU machine (issue 17, item 3), which has no TE and no package index.
+# TE's core wheel (transformer-engine-cu13 2.20.2, 276 MB) exceeds what one device call carries
+# (64 MiB), so it travels in five parts over consecutive calls while the machine stays warm:
+#
+#   here, once:  tools/gpu_te.sh prepare            # .te/: the parts, their sha256, the wheels TE
+#                                                   # imports, TE's torch extension (see below)
+#   device, calls 1-5 (carry .te/parts/te_cu13.whl.partK, K = 0..4, one a call, back to back):
+#                tools/gpu_te.sh stash
+#   device, call 6 (carry .whl .te/whl .te/torch):
+#                tools/gpu_te.sh run [PARTS]         # PARTS: import tests current blockwise parity
+#
+# `run` joins the parts in /tmp (checked against the sha256), installs TE with the wheels in
+# .te/whl (einops, pydantic, nvdlfw-inspect, cudnn-frontend) and .te/torch (transformer-engine-
+# torch 2.20.2 built against torch 2.11+cu130 for sm_90: `prepare` builds it here with Python 3.12,
+# since the device machine would spend minutes of its time on it; without it `run` builds the
+# source package in .te/src there), then: TE's import, tests/gpu/test_te_gpu.py, and
+# `bench fp8 --backend te` at the GEMM-heavy shape (current, then blockwise), a table last.
+# r1mega's CUDA extensions are not carried: their JIT builds are off, their PyTorch paths serve.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/r1mega-out}
+mkdir -p "$OUT"
+WHEEL=transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl
+cmd=${1:-}
+shift || true
+
+case "$cmd" in
+prepare)  # on the CPU machine: python3.12 with torch==2.11.0 (cu130) in $TE_VENV builds TE-torch
+  set -e
+  src=${TE_SRC:-/tmp/te}
+  mkdir -p .te/parts .te/whl .te/torch .te/src
+  grep -qx '/.te/' .git/info/exclude || echo '/.te/' >>.git/info/exclude
+  [ -f "$src/$WHEEL" ] || python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 -d "$src" transformer-engine-cu13==2.20.2
+  (cd "$src" && sha256sum "$WHEEL") >.te/te_cu13.sha256
+  split -n 5 -d -a 1 "$src/$WHEEL" .te/parts/te_cu13.whl.part
+  for spec in einops==0.8.2 nvdlfw-inspect==0.2.2 pydantic==2.14.4 pydantic-core==2.50.5 \
+      annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 nvidia-cudnn-frontend==1.32.0; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d .te/whl "$spec"
+  done
+  [ -f "$src/transformer_engine_torch-2.20.2.tar.gz" ] && cp "$src/transformer_engine_torch-2.20.2.tar.gz" .te/src/
+  ls "$src"/dist/transformer_engine_torch-*.whl >/dev/null 2>&1 && cp "$src"/dist/transformer_engine_torch-*.whl .te/torch/
+  ls .te/torch/*.whl >/dev/null 2>&1 || echo "no TE-torch wheel in $src/dist: run will build .te/src's source package there"
+  du -sh .te/*
+  ;;
+stash)  # keep whatever part this call carried, outside the working tree
+  mkdir -p /tmp/te-parts
+  cp -v .te/parts/te_cu13.whl.part* /tmp/te-parts/ 2>/dev/null
+  ls -la /tmp/te-parts
+  ;;
+run)
+  PARTS=${*:-import tests current blockwise}
+  t0=$(date +%s)
+  mkdir -p /tmp/te
+  cat /tmp/te-parts/te_cu13.whl.part0 /tmp/te-parts/te_cu13.whl.part1 /tmp/te-parts/te_cu13.whl.part2 \
+      /tmp/te-parts/te_cu13.whl.part3 /tmp/te-parts/te_cu13.whl.part4 >/tmp/te/$WHEEL || exit 1
+  (cd /tmp/te && sha256sum -c "$OLDPWD/.te/te_cu13.sha256") || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl .te/whl/*.whl /tmp/te/$WHEEL || exit 1
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  export R1MEGA_GRPO_JIT=0 R1MEGA_MOE_JIT=0 R1MEGA_GEMM_JIT=0
+  if ls .te/torch/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .te/torch/*.whl || exit 1
+  else
+    n=/tmp/site/nvidia
+    (cd /tmp && tar xzf "$OLDPWD"/.te/src/transformer_engine_torch-2.20.2.tar.gz && cd transformer_engine_torch-2.20.2 &&
+      NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=90 NVTE_FRAMEWORK=pytorch MAX_JOBS=16 \
+      python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . ) >"$OUT/te_build.log" 2>&1 \
+      || { tail -30 "$OUT/te_build.log"; exit 1; }
+  fi
+  echo "TE installed in $(( $(date +%s) - t0 )) s"
+  declare -A R
+  for part in $PARTS; do
+    case "$part" in
+    import)
+      python3 -c 'import torch, transformer_engine, transformer_engine.pytorch as te
+from r1mega.models.spec import transformer_engine_available
+print("TE", transformer_engine.__version__, "torch", torch.__version__, "r1mega sees TE:", transformer_engine_available())' \
+        2>&1 | tail -5; R[import]=${PIPESTATUS[0]} ;;
+    tests)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_te_gpu.py 2>&1 | tail -25
+      R[tests]=${PIPESTATUS[0]} ;;
+    current|delayed|blockwise)
+      timeout 240 python3 -m r1mega.cli bench fp8 --backend te --recipe "$part" --models gemm-heavy \
+        --steps 6 --warmup 2 2>&1 | tee "$OUT/bench_te_$part.log" | grep -v '^{' | tail -8
+      R[$part]=${PIPESTATUS[0]} ;;
+    parity)
+      timeout 420 python3 -m r1mega.cli bench fp8 --backend te --recipe current --parity 2>&1 \
+        | tee "$OUT/bench_te_parity.log" | grep -v '^{' | tail -6
+      R[parity]=${PIPESTATUS[0]} ;;
+    *) echo "unknown part $part"; R[$part]=2 ;;
+    esac
+  done
+  echo "---- TE trial ($(( $(date +%s) - t0 )) s)"
+  printf '%-12s %s\n' part rc
+  for part in $PARTS; do printf '%-12s %s\n' "$part" "${R[$part]}"; done
+  for f in "$OUT"/bench_te_*.log; do
+    [ -f "$f" ] && grep 'step throughput' "$f"
+  done
+  ;;
+*)
+  sed -n 2,20p "$0"; exit 2 ;;
+esac
