@@ -2,7 +2,11 @@
 # Issue 21's report: GRPO on SmolLM2-135M-Instruct in the default mode and with rollout.exact=true,
 # one after the other in one device call, same config, seed and steps (configs/smollm2_grpo_gpu.yaml
 # through tools/gpu_smollm2.sh), then the two side by side: reward per step, held-out accuracy,
-# the importance weights exp(recomputed - rollout log-prob) and the step time.
+# the importance weights exp(recomputed - rollout log-prob) and the step time. Mode "fp8" (issue
+# 17's item 4, MODES="default fp8"): the rollout decodes from FP8 weight copies
+# (precision.fp8_rollout=true, precision.fp8_recipe=$FP8_RECIPE, default rowwise), training stays
+# bf16, and grpo.tis_cap's truncated importance weights ($TIS_CAP, default 2) correct for the
+# mismatch.
 #
 # The GGUF (94 MB) travels in parts (a call carries at most 64 MiB): an earlier call on the same
 # warm machine leaves part00 in /tmp/gguf (`mkdir -p /tmp/gguf; cp .gguf/smollm2.gguf.part00
@@ -12,7 +16,7 @@
 #     exact"), DEFAULT_OVERRIDES (extra key=value words for the default mode, e.g. the exact
 #     mode's "model.compile_layers=false rollout.compile_decode=false" for a like-for-like run:
 #     the compiled decode's capture alone took 121 s of a 265 s budget on a cold machine)
-# Files in $OUT (7): {default,exact}-summary.json, -metrics.jsonl and -eval-last.jsonl (the last
+# Files in $OUT (7 for two modes): {MODE}-summary.json, -metrics.jsonl and -eval-last.jsonl (the last
 # held-out evaluation's completions), compare.txt.
 set -uo pipefail
 t0=$(date +%s)
@@ -34,9 +38,11 @@ for mode in ${MODES:-default exact}; do
   read -r -a extra <<<"${DEFAULT_OVERRIDES:-}"
   # what validation requires of the exact mode (inductor would lower its matmuls to other kernels)
   [ "$mode" = exact ] && extra=(rollout.exact=true model.compile_layers=false rollout.compile_decode=false)
+  [ "$mode" = fp8 ] && extra+=(precision.fp8_rollout=true "precision.fp8_recipe=${FP8_RECIPE:-rowwise}"
+                               "grpo.tis_cap=${TIS_CAP:-2.0}")
   run=/tmp/r1mega-smollm2-$mode
   mkdir -p "$run"
-  [ "$mode" = exact ] && [ -d /tmp/r1mega-smollm2-default/hf ] && cp -r /tmp/r1mega-smollm2-default/hf "$run/"
+  [ "$mode" != default ] && [ -d /tmp/r1mega-smollm2-default/hf ] && cp -r /tmp/r1mega-smollm2-default/hf "$run/"
   echo "== $mode at $(( $(date +%s) - t0 )) s"
   OUT=/tmp/smol-out-$mode RUN_DIR=$run BUDGET_S=$EACH_S bash tools/gpu_smollm2.sh "$GGUF" "$STEPS" \
     train.eval_every_steps=100 "${extra[@]}" >"/tmp/smol-$mode.log" 2>&1
@@ -50,11 +56,11 @@ for mode in ${MODES:-default exact}; do
   [ -n "$last_eval" ] && cp -f "$last_eval" "$OUT/$mode-eval-last.jsonl"
 done
 
-python3 - "$OUT" <<'PY' | tee "$OUT/compare.txt"
+python3 - "$OUT" ${MODES:-default exact} <<'PY' | tee "$OUT/compare.txt"
 import json, sys
-out = sys.argv[1]
+out, modes = sys.argv[1], sys.argv[2:]
 s = {}
-for m in ("default", "exact"):
+for m in modes:
     try:
         s[m] = json.loads(open(f"{out}/{m}-summary.json").read())
     except (OSError, ValueError):
@@ -64,11 +70,11 @@ keys = [("steps_done", "{:.0f}"), ("eval_accuracy_before", "{:.3f}"), ("eval_acc
         ("rollout_tokens_per_s", "{:.0f}"), ("logprob_max_abs_diff_max", "{:.3e}"),
         ("logprob_mean_abs_diff", "{:.3e}"), ("is_weight_mean", "{:.6f}"), ("is_weight_min", "{:.4f}"),
         ("is_weight_max", "{:.4f}")]
-print(f"{'SmolLM2 GRPO':<28}{'default':>14}{'exact':>14}")
+print(f"{'SmolLM2 GRPO':<28}" + "".join(f"{m:>14}" for m in modes))
 for k, f in keys:
-    row = [s[m].get(k) for m in ("default", "exact")]
+    row = [s[m].get(k) for m in modes]
     print(f"{k:<28}" + "".join(f"{(f.format(v) if isinstance(v, (int, float)) else 'n/a'):>14}" for v in row))
-for m in ("default", "exact"):
+for m in modes:
     c = s[m].get("reward_curve") or []
     means = [sum(c[i:i + 25]) / len(c[i:i + 25]) for i in range(0, len(c), 25)]
     print(f"{m} reward, mean per 25 steps: " + " ".join(f"{x:.2f}" for x in means))
