@@ -7,11 +7,11 @@
 #                                                   # imports, TE's torch extension (see below)
 #   device, calls 1-5 (carry .te/parts/te_cu13.whl.partK, K = 0..4, one a call, back to back):
 #                tools/gpu_te.sh stash
-#   device, call 6 (carry .whl .te/whl .te/torch):
+#   device, call 6 (carry .whl .te/whl .te/torch .te/te_cu13.sha256):
 #                tools/gpu_te.sh run [PARTS]         # PARTS: import tests current blockwise parity
 #
 # `run` joins the parts in /tmp (checked against the sha256), installs TE with the wheels in
-# .te/whl (einops, pydantic, nvdlfw-inspect, cudnn-frontend) and .te/torch (transformer-engine-
+# .te/whl (TE's metapackage, einops, pydantic, nvdlfw-inspect) and .te/torch (transformer-engine-
 # torch 2.20.2 built against torch 2.11+cu130 for sm_90: `prepare` builds it here with Python 3.12,
 # since the device machine would spend minutes of its time on it; without it `run` builds the
 # source package in .te/src there), then: TE's import, tests/gpu/test_te_gpu.py, and
@@ -35,8 +35,10 @@ prepare)  # on the CPU machine: python3.12 with torch==2.11.0 (cu130) in $TE_VEN
       --implementation cp --platform manylinux_2_28_x86_64 -d "$src" transformer-engine-cu13==2.20.2
   (cd "$src" && sha256sum "$WHEEL") >.te/te_cu13.sha256
   split -n 5 -d -a 1 "$src/$WHEEL" .te/parts/te_cu13.whl.part
-  for spec in einops==0.8.2 nvdlfw-inspect==0.2.2 pydantic==2.14.4 pydantic-core==2.50.5 \
-      annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 nvidia-cudnn-frontend==1.32.0; do
+  # TE's import checks for its metapackage (transformer-engine) beside the core wheel; of the
+  # other modules `import transformer_engine.pytorch` loads, the device machine lacks these
+  for spec in transformer-engine==2.20.2 einops==0.8.2 nvdlfw-inspect==0.2.2 pydantic==2.14.4 \
+      pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 -d .te/whl "$spec"
@@ -58,13 +60,13 @@ run)
   cat /tmp/te-parts/te_cu13.whl.part0 /tmp/te-parts/te_cu13.whl.part1 /tmp/te-parts/te_cu13.whl.part2 \
       /tmp/te-parts/te_cu13.whl.part3 /tmp/te-parts/te_cu13.whl.part4 >/tmp/te/$WHEEL || exit 1
   (cd /tmp/te && sha256sum -c "$OLDPWD/.te/te_cu13.sha256") || exit 1
+  # one pip command: TE's wheels share the transformer_engine/ folder (a second --target install
+  # would skip what is already there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl .te/whl/*.whl /tmp/te/$WHEEL || exit 1
+      .whl/*.whl .te/whl/*.whl /tmp/te/$WHEEL $(ls .te/torch/*.whl 2>/dev/null) || exit 1
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   export R1MEGA_GRPO_JIT=0 R1MEGA_MOE_JIT=0 R1MEGA_GEMM_JIT=0
-  if ls .te/torch/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .te/torch/*.whl || exit 1
-  else
+  if ! ls .te/torch/*.whl >/dev/null 2>&1; then
     n=/tmp/site/nvidia
     (cd /tmp && tar xzf "$OLDPWD"/.te/src/transformer_engine_torch-2.20.2.tar.gz && cd transformer_engine_torch-2.20.2 &&
       NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=90 NVTE_FRAMEWORK=pytorch MAX_JOBS=16 \
