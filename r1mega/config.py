@@ -72,7 +72,7 @@ class ModelConfig:
     # The embedding is padded so that each TP rank holds an equal slice of this multiple.
     make_vocab_size_divisible_by: int = 64
     init_method_std: float = 0.02
-    # "auto": Transformer Engine spec when TE imports, else r1mega's local spec.
+    # "auto": Transformer Engine spec when TE imports and the run is on CUDA, else the local one.
     spec: str = "auto"
     # "auto" | "sdpa" | "varlen" | "flash": how core attention runs packed sequences.
     attention_backend: str = "auto"

@@ -63,7 +63,7 @@ def block_spec(model, rt, *, first_layer: int, num_layers: int) -> BlockSpec:
 def decoder_block(model, rt, *, first_layer: int, num_layers: int) -> BlockSpec:
     """Llama/Qwen decoder layers; MoE feed-forwards where model.num_experts says so."""
     if not model.num_experts:
-        spec, impl = layer_spec(model.spec, model.qk_norm, model.attention_backend)
+        spec, impl = layer_spec(model.spec, model.qk_norm, model.attention_backend, rt.device.type)
         if impl == "local":
             # Our RMSNorm for the final norm too (megatron's fallback forbids sequence parallelism).
             spec = TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)

@@ -137,11 +137,16 @@ def moe_block_layer_specs(model, settings, *, first_layer: int, num_layers: int,
             for i in range(first_layer, first_layer + num_layers)]
 
 
-def layer_spec(spec: str, qk_norm: bool, attention_backend: str = "auto") -> tuple[ModuleSpec, str]:
-    """(spec, "te"|"local") for ``model.spec`` = auto | te | local."""
-    if spec == "te" or (spec == "auto" and transformer_engine_available()):
+def layer_spec(spec: str, qk_norm: bool, attention_backend: str = "auto",
+               device_type: str = "cuda") -> tuple[ModuleSpec, str]:
+    """(spec, "te"|"local") for ``model.spec`` = auto | te | local on ``device_type``. TE's
+    layers run on CUDA only, so auto takes them there alone (TE imports on a CPU machine too)."""
+    if spec == "te" or (spec == "auto" and device_type == "cuda" and transformer_engine_available()):
         if not transformer_engine_available():
             raise RuntimeError("model.spec=te but Transformer Engine is not importable; install "
                                "transformer-engine[pytorch] or set model.spec=local.")
+        if device_type != "cuda":
+            raise RuntimeError(f"model.spec=te: Transformer Engine's layers run on CUDA GPUs, and "
+                               f"this run is on {device_type}; set model.spec=local (or auto).")
         return te_layer_spec(qk_norm), "te"
     return local_layer_spec(qk_norm, attention_backend), "local"

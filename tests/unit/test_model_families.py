@@ -33,3 +33,21 @@ def test_a_new_family_plugs_in_its_own_builder():
 def test_unknown_family_names_the_key_and_the_known_ones():
     with pytest.raises(ValueError, match=r"model.family='nope'.*llama"):
         block_spec(ModelConfig(family="nope"), None, first_layer=0, num_layers=1)
+
+
+def test_auto_spec_takes_transformer_engine_on_cuda_only(monkeypatch):
+    """TE imports on a machine without a GPU too, but its layers run on CUDA alone: model.spec=auto
+    keeps the local spec on the CPU, and an explicit model.spec=te there is an error naming the fix."""
+    from r1mega.models import spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(spec_mod, "te_layer_spec", lambda qk_norm: "te-spec")
+    assert spec_mod.layer_spec("auto", False, device_type="cpu")[1] == "local"
+    assert spec_mod.layer_spec("auto", False, device_type="cuda") == ("te-spec", "te")
+    assert spec_mod.layer_spec("local", False, device_type="cuda")[1] == "local"
+    with pytest.raises(RuntimeError, match="model.spec=te.*CUDA.*model.spec=local"):
+        spec_mod.layer_spec("te", False, device_type="cpu")
+    monkeypatch.setattr(spec_mod, "transformer_engine_available", lambda: False)
+    assert spec_mod.layer_spec("auto", False, device_type="cuda")[1] == "local"
+    with pytest.raises(RuntimeError, match="not importable"):
+        spec_mod.layer_spec("te", False, device_type="cuda")
