@@ -207,6 +207,18 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def te_fp8_token_multiple(config) -> int:
+    """Tokens per rank a micro-batch must be a multiple of under TE's FP8 (megatron's
+    TransformerConfig ``config``): TE's FP8 GEMMs take 2-D inputs whose rows are a multiple of
+    8 (16 here, the width cuBLAS's FP8 kernels like), of 128 for its blockwise recipe (its
+    quantisers' tile) and of 32 for MXFP8; 1 without TE's FP8."""
+    if not getattr(config, "fp8", None):
+        return 1
+    recipe = getattr(config, "fp8_recipe", None)
+    recipe = getattr(recipe, "value", recipe)  # megatron's Fp8Recipe (a str enum) or a str
+    return {"blockwise": 128, "mxfp8": 32}.get(recipe, 16)
+
+
 def te_transformer_config_kwargs(policy: Optional[Fp8Policy], num_layers: int) -> dict:
     """megatron TransformerConfig FP8 fields for the TE backend ({} otherwise).
 

@@ -288,7 +288,7 @@ class PipelineGenerator:
                 break
             samples = [{"input_ids": torch.tensor(s["prompt"] + s["tokens"], dtype=torch.long)}
                        for s in active]
-            mbs = _micro_batches(samples, rt, self.policy.micro_batch_tokens)
+            mbs = _micro_batches(samples, rt, self.policy.micro_batch_tokens, self.policy.chunks)
             out = torch.zeros(len(active), 2, dtype=torch.float64, device=dev)
 
             def on_logits(logits_shard, mb):

@@ -32,6 +32,7 @@ from r1mega.moe.replay import ROUTES_FIELD, micro_batch_replay
 from r1mega.ops.logprobs import vocab_parallel_logprobs
 from r1mega.parallel.runtime import ParallelRuntime
 from r1mega.precision.linear import new_weight_generation
+from r1mega.precision.policy import te_fp8_token_multiple
 from r1mega.train.device_step import (DeferredGradScale, Readback, device_optimizer_step,
                                       folds_token_scale, sync_free_supported)
 from r1mega.train.failures import guarded_optimizer_step
@@ -198,16 +199,21 @@ def _schedule(model_chunks: list, rt: ParallelRuntime, micro_batches: Sequence[M
     )
 
 
-def _micro_batches(samples, rt: ParallelRuntime, micro_batch_tokens: int) -> list[MicroBatch]:
+def _micro_batches(samples, rt: ParallelRuntime, micro_batch_tokens: int,
+                   model_chunks: Sequence = ()) -> list[MicroBatch]:
     with prange("micro_batches"):
-        return _make_micro_batches(samples, rt, micro_batch_tokens)
+        return _make_micro_batches(samples, rt, micro_batch_tokens, model_chunks)
 
 
-def _make_micro_batches(samples, rt: ParallelRuntime, micro_batch_tokens: int) -> list[MicroBatch]:
+def _make_micro_batches(samples, rt: ParallelRuntime, micro_batch_tokens: int,
+                        model_chunks: Sequence = ()) -> list[MicroBatch]:
     interleaved = rt.vp_size > 1
+    # Transformer Engine's FP8 GEMMs take whole multiples of tokens on each rank (16, or the
+    # recipe's block); 1 for every other model
+    te = te_fp8_token_multiple(unwrap(model_chunks[0]).config) if model_chunks else 1
     return make_micro_batches(
         samples, micro_batch_tokens, dp_group=rt.dp_group, device=rt.device,
-        pad_to_multiple=rt.tp_size if rt.sequence_parallel else 1,
+        pad_to_multiple=(rt.tp_size if rt.sequence_parallel else 1) * te,
         # The interleaved schedule needs a multiple of PP micro-batches.
         count_multiple=rt.pp_size if interleaved else 1,
         # megatron 0.16.1 exchanges variable shapes on one group in the order [send_prev,
@@ -226,7 +232,7 @@ def forward_only(model_chunks: list, rt: ParallelRuntime, samples: Sequence[dict
     with ``broadcast`` every rank of the pipeline gets them (else other stages get None).
     Returns one (n_i,) tensor per sample, in the order of ``samples``.
     """
-    mbs = _micro_batches(samples, rt, micro_batch_tokens)
+    mbs = _micro_batches(samples, rt, micro_batch_tokens, model_chunks)
     values: list[torch.Tensor] = []
     zero_tokens = torch.zeros((), dtype=torch.int32, device=rt.device)
 
@@ -438,7 +444,7 @@ class TrainStep:
         return out
 
     def micro_batches(self, samples: Sequence[dict]) -> list[MicroBatch]:
-        return _micro_batches(samples, self.rt, self.micro_batch_tokens)
+        return _micro_batches(samples, self.rt, self.micro_batch_tokens, self.chunks)
 
     def optimizer_step(self, sums: dict, num_micro_batches: int) -> StepResult:
         """Clip, step the lr schedule and the optimizer, after :meth:`forward_backward`."""

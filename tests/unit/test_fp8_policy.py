@@ -9,6 +9,7 @@ code, checked only on a machine with TE.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from r1mega.config import ConfigError, PrecisionConfig, load_config
 from r1mega.config_checks import validate_fp8
@@ -130,3 +131,30 @@ def test_te_fp8_reaches_transformer_config_and_te_spec(monkeypatch, single_rank_
     with pytest.raises(RuntimeError, match="stop"):
         gpt.build_gpt_chunks(ModelConfig(num_layers=4, spec="local"), rt, prec)
     assert asked == ["te"]
+
+
+def test_te_fp8_pads_micro_batches_to_whole_gemm_rows(monkeypatch, single_rank_runtime):
+    """TE's FP8 GEMMs refuse inputs whose token count is not a multiple of 8 (of 128 for its
+    blockwise quantisers, 32 for MXFP8): with megatron's TransformerConfig carrying TE's FP8
+    fields, the trainer's packed micro-batches end in a padding sequence that reaches the
+    multiple; without them nothing is padded."""
+    import types
+
+    from megatron.core.enums import Fp8Recipe
+
+    from r1mega.train.step import _micro_batches
+
+    assert pol.te_fp8_token_multiple(types.SimpleNamespace(fp8=None)) == 1
+    rt = single_rank_runtime()
+    samples = [{"input_ids": torch.arange(n)} for n in (37, 200, 5, 90)]
+    for recipe, multiple in ((Fp8Recipe.tensorwise, 16), (Fp8Recipe.delayed, 16),
+                             (Fp8Recipe.blockwise, 128), ("mxfp8", 32), (None, 1)):
+        cfg = types.SimpleNamespace(fp8="e4m3" if recipe else None, fp8_recipe=recipe)
+        assert pol.te_fp8_token_multiple(cfg) == multiple
+        chunk = types.SimpleNamespace(config=cfg, decoder=object())  # what unwrap stops at
+        mbs = _micro_batches(samples, rt, 256, [chunk])
+        assert all(mb.num_tokens % multiple == 0 for mb in mbs), (recipe, [mb.num_tokens for mb in mbs])
+        real = sorted(n for mb in mbs for n, i in zip(mb.seq_lengths, mb.sample_index) if i >= 0)
+        assert real == [5, 37, 90, 200]  # every sample whole, padding apart
+        if multiple == 1:
+            assert all(-1 not in mb.sample_index for mb in mbs)
