@@ -36,7 +36,10 @@ CANDIDATES = [REFERENCE, "256,128,64,8,3", "64,64,128,4,3", "64,128,64,4,3", "12
               "64,32,128,4,5,1",
               # cuBLASLt with a fixed algorithm per weight shape: the I-th of its heuristic's
               # no-split ones (r1mega/ops/cublaslt_gemm.py; skipped where the extension is absent)
-              "cublaslt:0", "cublaslt:1", "cublaslt:2", "cublaslt:3", "auto"]
+              "cublaslt:0", "cublaslt:1", "cublaslt:2", "cublaslt:3",
+              # R1MEGA_EXACT_GEMM=cublaslt: cuBLASLt alone, its own reference per weight shape
+              # (r1mega/ops/cublaslt_exact.py; its bits need not be the Triton reference's)
+              "lt-exact", "auto"]
 # what the exact mode runs: per shape and row bucket the fastest bit-checked candidate
 AUTO = "auto"
 # (K, N) of the 852M layer's GEMMs (qkv, fc1, fc2, proj) and the output layer; calls per forward
@@ -45,7 +48,14 @@ CALLS = [16, 16, 16, 16, 1]
 
 
 def _run(tiles: str, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from r1mega.ops import cublaslt_exact
     from r1mega.ops import triton_batch_invariant as tbi
+
+    if tiles == "lt-exact":
+        if not cublaslt_exact.supported(a):
+            why = tbi.clt.load_error() if tbi.clt.get() is None else f"{a.device}, {a.dtype}"
+            raise RuntimeError(f"the cuBLASLt-only mode takes CUDA bf16/fp16 with the extension ({why})")
+        return cublaslt_exact.matmul(a, w.t())
 
     if tiles.startswith("cublaslt:"):
         if not a.is_cuda:

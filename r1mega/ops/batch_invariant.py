@@ -8,7 +8,8 @@ way whatever the other rows are (the approach of "batch-invariant ops": fixed re
 no shape-dependent split):
 
 - **matmul** (:func:`bi_mm`): on CUDA a Triton GEMM with one fixed tile configuration and no
-  split-K (:mod:`r1mega.ops.triton_batch_invariant`); elsewhere the rows go through ``torch.mm``
+  split-K (:mod:`r1mega.ops.triton_batch_invariant`), or with ``R1MEGA_EXACT_GEMM=cublaslt`` one
+  fixed cuBLASLt algorithm per weight shape (:mod:`r1mega.ops.cublaslt_exact`); elsewhere the rows go through ``torch.mm``
   in fixed blocks of :data:`ROW_BLOCK` rows, so every call a row meets has the same shape
   (CPU BLAS picks its kernel and its K blocking by M: a row's dot products change with the batch).
 - **reductions** (:func:`tree_sum`, :func:`tree_max`): a pairwise tree of elementwise adds whose
@@ -185,18 +186,21 @@ def det_silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _cuda_gemm_mode() -> tuple[str, int]:
-    """R1MEGA_EXACT_GEMM: "triton" (default: the fixed-tile Triton GEMM) or "cublas:R" (cuBLAS
-    on blocks of exactly R rows, the last one zero-padded: every call has one shape, so cuBLAS
-    picks one kernel and a row's bits do not depend on the batch). Process-wide, so the rollout
-    and the trainer of a run agree; ``r1mega bench exact-gemm`` times the Triton tile configurations."""
+    """R1MEGA_EXACT_GEMM: "triton" (default: the fixed-tile Triton GEMM), "cublaslt" (one fixed
+    cuBLASLt algorithm per weight shape, checked batch-invariant: r1mega/ops/cublaslt_exact.py)
+    or "cublas:R" (cuBLAS on blocks of exactly R rows, the last one zero-padded: every call has
+    one shape, so cuBLAS picks one kernel and a row's bits do not depend on the batch).
+    Process-wide, so the rollout and the trainer of a run agree; ``r1mega bench exact-gemm``
+    times the candidates."""
     spec = os.environ.get("R1MEGA_EXACT_GEMM", "triton")
     if os.environ.get("R1MEGA_EXACT_TRITON", "1") == "0":
         return "cublas", ROW_BLOCK
-    if spec == "triton":
-        return "triton", 0
+    if spec in ("triton", "cublaslt"):
+        return spec, 0
     if spec.startswith("cublas:") and spec[7:].isdigit() and int(spec[7:]) > 0:
         return "cublas", int(spec[7:])
-    raise ValueError(f"R1MEGA_EXACT_GEMM={spec!r}: expected 'triton' or 'cublas:ROWS' (e.g. cublas:256)")
+    raise ValueError(f"R1MEGA_EXACT_GEMM={spec!r}: expected 'triton', 'cublaslt' or 'cublas:ROWS' "
+                     f"(e.g. cublas:256)")
 
 
 def _blocked_mm(a: torch.Tensor, b: torch.Tensor, rows: int) -> torch.Tensor:
@@ -218,6 +222,12 @@ def bi_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M, K) @ (K, N) -> (M, N); row i's result does not depend on M or on the other rows."""
     if a.is_cuda:
         mode, rows = _cuda_gemm_mode()
+        if mode == "cublaslt":
+            from r1mega.ops import cublaslt_exact
+
+            if cublaslt_exact.supported(a):
+                return cublaslt_exact.matmul(a, b)
+            mode = "triton"  # float32, or no extension: for the whole run alike
         if mode == "triton":
             from r1mega.ops import triton_batch_invariant as tbi
 

@@ -99,6 +99,43 @@ def test_cublaslt_algorithms_serve_exactly_where_they_give_the_large_tiles_bits(
         assert torch.equal(tbi.matmul(x, w.t()), tbi.matmul(x, w.t(), tiles=tbi.LARGE))
 
 
+@pytest.mark.parametrize("k,n", [(2048, 3072), (2048, 5632 * 2), (5632, 2048), (2048, 32000), (576, 1000)])
+def test_cublaslt_exact_mode_gemm_is_batch_invariant(k, n):
+    """R1MEGA_EXACT_GEMM=cublaslt: each weight shape's reference algorithm (and the decode-sized
+    calls' choice among the algorithms with its bits) gives a row the same bits at every row
+    count and beside any other rows, and is a GEMM (against float64)."""
+    from r1mega.ops import cublaslt_exact as cle
+
+    if not cle.supported(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip(f"no cuBLASLt extension: {cle.clt.load_error()}")
+    torch.manual_seed(8)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
+    x = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
+    full = cle.matmul(x, w.t())
+    torch.testing.assert_close(full.double(), x.double() @ w.double().t(), rtol=2e-2, atol=2e-2)
+    for m in (1, 3, 8, 17, 64, 129, 256, 513, 1024):
+        assert torch.equal(cle.matmul(x[:m], w.t()), full[:m]), m
+        other = torch.cat([torch.randn(m, k, device="cuda", dtype=torch.bfloat16), x[5:6]])
+        assert torch.equal(cle.matmul(other, w.t())[-1], full[5]), m
+    ref = cle.reference(n, k, torch.bfloat16, torch.device("cuda"))
+    print(f"({k}, {n}): reference {ref}; decode choices",
+          {key[2]: v.config for key, v in cle._choice.items() if key[3:] == (n, k)})
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_bf16_engine_bitwise_equal_training_with_cublaslt_gemm(single_rank_runtime, batch, monkeypatch):
+    """The engine's bitwise test with every exact GEMM on cuBLASLt (R1MEGA_EXACT_GEMM=cublaslt)."""
+    from r1mega.ops import cublaslt_exact as cle
+
+    if not cle.supported(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip(f"no cuBLASLt extension: {cle.clt.load_error()}")
+    monkeypatch.setenv("R1MEGA_EXACT_GEMM", "cublaslt")
+    monkeypatch.setattr(cle, "_ref", {})
+    monkeypatch.setattr(cle, "_choice", {})
+    test_bf16_engine_bitwise_equal_training_across_graph_buckets(single_rank_runtime, batch, monkeypatch)
+    assert cle._ref, "no GEMM went to cuBLASLt"
+
+
 def test_cublaslt_matmul_is_a_gemm_and_refuses_what_it_cannot_run():
     from r1mega.ops import cublaslt_gemm as clt
 

@@ -1,0 +1,125 @@
+"""The exact mode's cuBLASLt-only GEMM (R1MEGA_EXACT_GEMM=cublaslt, r1mega/ops/cublaslt_exact.py):
+which algorithm becomes a weight shape's reference, which may serve decode-sized calls, and what
+is refused. cuBLASLt is replaced by CPU stand-ins whose behaviour is known: one whose rows depend
+on the batch (a K split chosen by M), two that compute the same bits, one that computes other
+bits. tests/gpu/test_exact_gpu.py runs the real library."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1mega.ops import batch_invariant as bi
+from r1mega.ops import cublaslt_exact as cle
+from r1mega.ops import cublaslt_gemm as clt
+
+
+def _algo(tag: int) -> clt.LtAlgo:
+    return clt.LtAlgo(64, 48, torch.float32, bytes([tag]) * 8, (tag, 0, 0, 1, 0, 0, 0, 0, 0))
+
+
+SPLIT, GOOD, TWIN, OTHER = (_algo(t) for t in (1, 2, 3, 4))
+
+
+def _fake_matmul(a, b, algo):
+    exact = (a.double() @ b.double()).float()
+    tag = algo.config[0]
+    if tag == SPLIT.config[0]:  # rounds differently whenever the batch has more than 16 rows
+        return exact + (1e-3 if a.shape[0] > 16 else 0.0)
+    if tag == OTHER.config[0]:  # batch-invariant, other bits
+        return exact + 1e-3
+    return exact  # GOOD and TWIN: the same bits at any M
+
+
+@pytest.fixture
+def fake_lt(monkeypatch):
+    offered = [SPLIT, GOOD, TWIN, OTHER]
+    calls = []
+
+    def matmul(a, b, algo):
+        calls.append((algo, a, b))
+        return _fake_matmul(a, b, algo)
+
+    monkeypatch.setattr(clt, "algos_for", lambda n, k, dtype, device: list(offered))
+    monkeypatch.setattr(clt, "matmul", matmul)
+    for cache in ("_ref", "_same", "_choice"):
+        monkeypatch.setattr(cle, cache, {})
+    return offered, calls
+
+
+def test_reference_is_the_first_algorithm_checked_batch_invariant(fake_lt):
+    assert cle.reference(64, 48, torch.float32, "cpu") == GOOD  # SPLIT's rows move with M
+    assert cle._batch_invariant(OTHER, "cpu", torch.float32)  # invariant, though other bits
+
+
+def test_decode_calls_time_only_algorithms_with_the_references_bits(fake_lt):
+    a, b = torch.randn(40, 48), torch.randn(48, 64)
+    timed = []
+
+    def time_ms(algo):
+        timed.append(algo)
+        return {GOOD.config: 2.0, TWIN.config: 1.0}[algo.config]
+
+    assert cle.algo_for(a, b, time_ms=time_ms) == TWIN  # faster, same bits
+    assert sorted(t.config[0] for t in timed) == [GOOD.config[0], TWIN.config[0]]  # OTHER never
+    timed.clear()
+    assert cle.algo_for(torch.randn(50, 48), b, time_ms=time_ms) == TWIN  # same bucket: no retiming
+    assert not timed
+    big = torch.randn(2048, 48)  # training-sized: the reference itself
+    assert cle.algo_for(big, b, time_ms=time_ms) == GOOD
+
+
+def test_capture_before_a_reference_is_an_error_and_an_untimed_bucket_gets_the_reference(
+        fake_lt, monkeypatch):
+    b = torch.randn(48, 64)
+    monkeypatch.setattr(cle, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
+        cle.algo_for(torch.randn(8, 48), b)
+    monkeypatch.setattr(cle, "_capturing", lambda device: False)
+    cle.reference(64, 48, torch.float32, "cpu")
+    monkeypatch.setattr(cle, "_capturing", lambda device: True)
+    assert cle.algo_for(torch.randn(8, 48), b) == GOOD  # no timing inside capture
+
+
+def test_no_batch_invariant_algorithm_is_an_error_naming_the_fix(fake_lt):
+    offered, _ = fake_lt
+    offered[:] = [SPLIT]
+    with pytest.raises(RuntimeError, match="none of the 1 .*unset\\s+R1MEGA_EXACT_GEMM"):
+        cle.reference(64, 48, torch.float32, "cpu")
+
+
+def test_matmul_gives_the_library_aligned_row_major_operands(fake_lt, monkeypatch):
+    _, calls = fake_lt
+    monkeypatch.setattr(cle, "algo_for", lambda a, b: GOOD)
+    w = torch.randn(64, 48)
+    a = torch.randn(10, 60)[:, 6:54]  # a column slice: rows strided, base off alignment
+    out = cle.matmul(a, w.t())
+    algo, a_in, b_in = calls[-1]
+    assert a_in.is_contiguous() and a_in.data_ptr() % clt.ALIGN == 0 and b_in.stride(0) == 1
+    torch.testing.assert_close(out, a @ w.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 4 elements"):
+        cle.matmul(torch.randn(3, 50), torch.randn(64, 50).t())  # 200-byte rows
+    assert cle.matmul(torch.randn(0, 48), w.t()).shape == (0, 64)
+
+
+def test_mode_is_read_from_the_environment_and_wrong_values_are_refused(monkeypatch):
+    monkeypatch.setenv("R1MEGA_EXACT_GEMM", "cublaslt")
+    assert bi._cuda_gemm_mode() == ("cublaslt", 0)
+    monkeypatch.setenv("R1MEGA_EXACT_GEMM", "cublasLt")
+    with pytest.raises(ValueError, match="'triton', 'cublaslt' or 'cublas:ROWS'"):
+        bi._cuda_gemm_mode()
+
+
+def test_only_cuda_half_precision_with_the_extension_is_supported(monkeypatch):
+    assert not cle.supported(torch.zeros(2, 2, dtype=torch.bfloat16))  # CPU
+    monkeypatch.setattr(clt, "get", lambda: object())
+
+    class FakeCuda:
+        is_cuda = True
+
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    assert cle.supported(FakeCuda(torch.bfloat16)) and cle.supported(FakeCuda(torch.float16))
+    assert not cle.supported(FakeCuda(torch.float32))  # float32 stays on the Triton kernel
+    monkeypatch.setattr(clt, "get", lambda: None)
+    assert not cle.supported(FakeCuda(torch.bfloat16))
