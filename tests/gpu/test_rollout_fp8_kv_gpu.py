@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.unit.test_rollout_fp8_error import DECODE_SHAPES, RMS_BAND, error_against_model, paged_decode_case
-from tests.unit.test_rollout_fp8_kv import e4m3_edge_values
+from tests.unit.test_rollout_fp8_kv_kernels import e4m3_edge_values
 from tests.unit.test_rollout_rope_kv_triton import SHAPES, make_inputs
 
 pytestmark = pytest.mark.skipif(
