@@ -147,37 +147,40 @@ class Fp8LinearOps:
         # once. Rowwise scales along tokens need whole columns: it keeps the separate passes.
         self.dual = self.act == self.grad and self.act in ("tensor", "tile")
 
-    def _q(self, x: torch.Tensor, gran: str, fmt: str = "e4m3") -> Fp8Tensor:
-        return quantize(x, gran, fmt, self.policy.power2_scales)
+    def _q(self, x: torch.Tensor, gran: str, fmt: str = "e4m3", amax=None) -> Fp8Tensor:
+        return quantize(x, gran, fmt, self.policy.power2_scales, amax=amax)
 
-    def forward(self, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(T, in) x (out, in) -> (T, out) in x's dtype."""
+    def forward(self, x2: torch.Tensor, weight: torch.Tensor, x_amax=None) -> torch.Tensor:
+        """(T, in) x (out, in) -> (T, out) in x's dtype. ``x_amax``: max |x| made by the caller
+        (tensorwise; the padding rows' zeros cannot raise it)."""
         t = x2.shape[0]
-        a = self._q(_pad_rows(x2, self.token_multiple), self.act)
+        a = self._q(_pad_rows(x2, self.token_multiple), self.act, amax=x_amax)
         b = self.cache.get(weight, "fwd", self.policy)
         # Fast accumulation in the forward only, as torchao does: the backward GEMMs sum over
         # more terms of wider range.
         return fp8_gemm(a, b, x2.dtype, emulate=self.policy.emulate, fast_accum=True)[:t]
 
-    def forward_keep_xt(self, x2: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, Fp8Tensor]:
+    def forward_keep_xt(self, x2: torch.Tensor, weight: torch.Tensor,
+                        x_amax=None) -> tuple[torch.Tensor, Fp8Tensor]:
         """:meth:`forward`, also returning x.T quantised for :meth:`backward_from_xt`'s wgrad:
         (T, in) -> (T, out), and (in, T') with T' the tokens padded to the wgrad multiple."""
         t = x2.shape[0]
         a, at = quantize_dual(_pad_rows(x2, self.wgrad_token_multiple), self.act, "e4m3",
-                              self.policy.power2_scales)
+                              self.policy.power2_scales, amax=x_amax)
         b = self.cache.get_pair(weight, self.policy)
         return fp8_gemm(a, b, x2.dtype, emulate=self.policy.emulate, fast_accum=True)[:t], at
 
     def backward_from_xt(self, dy2: torch.Tensor, weight: torch.Tensor, xt: Fp8Tensor,
-                         need_wgrad: bool, out_dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                         need_wgrad: bool, out_dtype,
+                         dy_amax=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """dgrad and wgrad from one quantisation of dy (T, out): dx (T, in), dw (out, in)."""
         t = dy2.shape[0]
         dyp = _pad_rows(dy2, self.wgrad_token_multiple)
         fmt, p2 = self.policy.grad_format, self.policy.power2_scales
         if need_wgrad:
-            g, gt = quantize_dual(dyp, self.grad, fmt, p2)
+            g, gt = quantize_dual(dyp, self.grad, fmt, p2, amax=dy_amax)
         else:
-            g, gt = quantize(dyp, self.grad, fmt, p2), None
+            g, gt = quantize(dyp, self.grad, fmt, p2, amax=dy_amax), None
         b = self.cache.get(weight, "dgrad", self.policy)
         dx = fp8_gemm(g, b, out_dtype, emulate=self.policy.emulate)[:t]
         dw = fp8_gemm(gt, xt, weight.dtype, emulate=self.policy.emulate) if need_wgrad else None
@@ -264,25 +267,30 @@ def _xt_empty(x: torch.Tensor, layout: str, tokens, n_in: int):
 
 @torch.library.custom_op("r1mega::fp8_linear", mutates_args=())
 def _fp8_linear_op(x: torch.Tensor, weight: torch.Tensor, op_id: int, sp: bool,
-                   allreduce_dgrad: bool, keep_xt: bool, layout: str) -> tuple[torch.Tensor, torch.Tensor,
+                   allreduce_dgrad: bool, keep_xt: bool, layout: str,
+                   x_amax: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                    torch.Tensor]:
-    """x (S, ..., in) -> y (S * tp if sp, ..., out), and x.T in FP8 for wgrad when keep_xt."""
+    """x (S, ..., in) -> y (S * tp if sp, ..., out), and x.T in FP8 for wgrad when keep_xt;
+    ``x_amax``: max |x| from the caller's graph (tensorwise, without sequence parallelism)."""
     ops = _registered(op_id)
+    if sp and x_amax is not None:
+        raise ValueError("fp8_linear: a given amax covers this rank's tokens only, and sequence "
+                         "parallelism gathers the others'")
     total = _gather_along_first_dim(x, ops.tp_group) if sp else x
     x2 = total.reshape(-1, total.shape[-1])
     if keep_xt:
         # x.T in FP8 (1 byte an element) is what wgrad reads; x itself is not kept.
-        y, xt = ops.forward_keep_xt(x2, weight)
+        y, xt = ops.forward_keep_xt(x2, weight, x_amax)
         data, scale = xt.data, xt.scale
     else:
-        y = ops.forward(x2, weight)
+        y = ops.forward(x2, weight, x_amax)
         data = x.new_empty(0, dtype=torch.float8_e4m3fn)
         scale = x.new_empty(0, dtype=torch.float32)
     return y.view(*total.shape[:-1], weight.shape[0]), data, scale
 
 
 @_fp8_linear_op.register_fake
-def _(x, weight, op_id, sp, allreduce_dgrad, keep_xt, layout):
+def _(x, weight, op_id, sp, allreduce_dgrad, keep_xt, layout, x_amax=None):
     s0 = x.shape[0] * int(layout.split(":")[3])
     y = x.new_empty(s0, *x.shape[1:-1], weight.shape[0])
     if not keep_xt:
@@ -296,13 +304,15 @@ def _(x, weight, op_id, sp, allreduce_dgrad, keep_xt, layout):
 @torch.library.custom_op("r1mega::fp8_linear_backward", mutates_args=())
 def _fp8_linear_backward_op(dy: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor,
                             xt_scale: torch.Tensor, op_id: int, sp: bool, allreduce_dgrad: bool,
-                            keep_xt: bool, need_wgrad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx like x, dw like weight or empty); ``saved`` is x.T in FP8 (keep_xt) or x."""
+                            keep_xt: bool, need_wgrad: bool,
+                            dy_amax: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx like x, dw like weight or empty); ``saved`` is x.T in FP8 (keep_xt) or x;
+    ``dy_amax``: max |dy| from the backward graph (keep_xt only)."""
     ops = _registered(op_id)
     dy2 = dy.reshape(-1, dy.shape[-1])                                             # (T, out)
     if keep_xt:
         xt = Fp8Tensor(saved, xt_scale, ops.act, "e4m3")
-        dx, dw = ops.backward_from_xt(dy2, weight, xt, need_wgrad, dy.dtype)
+        dx, dw = ops.backward_from_xt(dy2, weight, xt, need_wgrad, dy.dtype, dy_amax)
         dx = dx.view(*dy.shape[:-1], weight.shape[1])
     else:
         # megatron re-gathers the sequence-parallel input for wgrad rather than keeping it.
@@ -317,25 +327,28 @@ def _fp8_linear_backward_op(dy: torch.Tensor, weight: torch.Tensor, saved: torch
 
 
 @_fp8_linear_backward_op.register_fake
-def _(dy, weight, saved, xt_scale, op_id, sp, allreduce_dgrad, keep_xt, need_wgrad):
+def _(dy, weight, saved, xt_scale, op_id, sp, allreduce_dgrad, keep_xt, need_wgrad, dy_amax=None):
     dx = dy.new_empty(*dy.shape[:-1], weight.shape[1]) if keep_xt else torch.empty_like(saved)
     return dx, (torch.empty_like(weight) if need_wgrad else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, op_id, sp, allreduce_dgrad, keep_xt, _ = inputs
+    x, weight, op_id, sp, allreduce_dgrad, keep_xt, _, x_amax = inputs
     _, data, scale = output
-    ctx.meta = (op_id, sp, allreduce_dgrad, keep_xt, weight.requires_grad)
+    # the amax of dy made in the backward graph too, where x's was made in the forward's
+    ctx.meta = (op_id, sp, allreduce_dgrad, keep_xt, weight.requires_grad,
+                x_amax is not None and keep_xt)
     ctx.mark_non_differentiable(data, scale)
     ctx.save_for_backward(weight, data if keep_xt else x, scale)
 
 
 def _backward(ctx, dy, _ddata, _dscale):
     weight, saved, scale = ctx.saved_tensors
-    op_id, sp, allreduce_dgrad, keep_xt, need_wgrad = ctx.meta
+    op_id, sp, allreduce_dgrad, keep_xt, need_wgrad, dy_amax_in_graph = ctx.meta
+    dy_amax = _graph_amax(dy) if dy_amax_in_graph else None
     dx, dw = _fp8_linear_backward_op(dy, weight, saved, scale, op_id, sp, allreduce_dgrad,
-                                     keep_xt, need_wgrad)
-    return dx, (dw if need_wgrad else None), None, None, None, None, None
+                                     keep_xt, need_wgrad, dy_amax)
+    return dx, (dw if need_wgrad else None), None, None, None, None, None, None
 
 
 _fp8_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -354,9 +367,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     # tokens would cost tp times the local shard's bytes).
     keep_xt = (ops.dual and not sequence_parallel and torch.is_grad_enabled()
                and weight.requires_grad)
+    # Compiled, tensorwise: max |x| (and in backward max |dy|) as graph ops, which inductor can
+    # fuse into the kernel that makes x (SwiGLU before fc2, its backward before fc1's dgrad)
+    # instead of a separate read of x; the same value, so the same FP8 bytes.
+    in_graph = (torch.compiler.is_compiling() and not sequence_parallel
+                and ops.act == ops.grad == "tensor")
     y, _, _ = _fp8_linear_op(x, weight, ops.op_id, sequence_parallel, allreduce_dgrad, keep_xt,
-                             _layout(ops, sequence_parallel))
+                             _layout(ops, sequence_parallel), _graph_amax(x) if in_graph else None)
     return y + bias if bias is not None else y
+
+
+def _graph_amax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as a float32 (1,) tensor (exact: the max of t's own values; NaN propagates)."""
+    return t.detach().abs().amax().float().reshape(1)
 
 
 def weight_alignment(policy: Fp8Policy) -> int:

@@ -29,6 +29,7 @@ rather than being saturated into plausible finite values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -100,15 +101,25 @@ def expand_scale(scale: torch.Tensor, rows: int, cols: int, granularity: str) ->
     return s
 
 
+def _check_given_amax(granularity: str, amax) -> None:
+    if amax is not None and granularity != "tensor":
+        raise ValueError(f"quantize: a given amax is one value for the whole tensor; granularity "
+                         f"{granularity!r} takes its amaxes from the tiles")
+
+
 def quantize_reference(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
-                       power2: bool = False) -> Fp8Tensor:
-    """PyTorch quantiser: (R, C) float -> Fp8Tensor (any strides in; row-major data out)."""
+                       power2: bool = False, amax: Optional[torch.Tensor] = None) -> Fp8Tensor:
+    """PyTorch quantiser: (R, C) float -> Fp8Tensor (any strides in; row-major data out).
+    ``amax``: tensorwise only, max |x| computed by the caller (one float32 value, NaN if x
+    holds one): what the compiled FP8 linear passes, fused into the op that made x."""
     if x.dim() != 2:
         raise ValueError(f"quantize: expected a 2-D (rows, contraction) matrix, got {tuple(x.shape)}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"quantize: granularity {granularity!r} is not one of {GRANULARITIES}")
+    _check_given_amax(granularity, amax)
     r, c = x.shape
-    mult = multiplier_from_amax(_tile_amax(x, granularity), fmt, power2)   # scale_shape
+    tiles = _tile_amax(x, granularity) if amax is None else amax.float().reshape(1, 1)
+    mult = multiplier_from_amax(tiles, fmt, power2)   # scale_shape
     fmax = FP8_MAX[fmt]
     v = x.float() * expand_scale(mult, r, c, granularity)
     v = torch.where(v > fmax, torch.full_like(v, fmax), v)
@@ -124,27 +135,28 @@ def dequantize(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor
 
 
 def quantize(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
-             *, impl: str = "auto") -> Fp8Tensor:
-    """Quantise ``x`` (R, C); ``impl`` auto = fused Triton kernel on CUDA, else the reference."""
+             *, impl: str = "auto", amax: Optional[torch.Tensor] = None) -> Fp8Tensor:
+    """Quantise ``x`` (R, C); ``impl`` auto = fused Triton kernel on CUDA, else the reference;
+    ``amax``: tensorwise, the caller's max |x| (see :func:`quantize_reference`)."""
     if impl == "triton" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import triton_quant
 
         if triton_quant.available():
-            return triton_quant.quantize_triton(x, granularity, fmt, power2)
+            return triton_quant.quantize_triton(x, granularity, fmt, power2, amax=amax)
         if impl == "triton":
             raise RuntimeError("quantize(impl='triton'): Triton is not importable here.")
-    return quantize_reference(x, granularity, fmt, power2)
+    return quantize_reference(x, granularity, fmt, power2, amax)
 
 
 def quantize_dual(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
-                  *, impl: str = "auto") -> tuple[Fp8Tensor, Fp8Tensor]:
+                  *, impl: str = "auto", amax: Optional[torch.Tensor] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``(quantize(x), quantize(x.t()))``; on CUDA one fused read (tensor, tile or block)."""
     if impl == "triton" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import triton_quant
 
         if triton_quant.available():
-            return triton_quant.quantize_dual_triton(x, granularity, fmt, power2)
+            return triton_quant.quantize_dual_triton(x, granularity, fmt, power2, amax=amax)
         if impl == "triton":
             raise RuntimeError("quantize_dual(impl='triton'): Triton is not importable here.")
-    return (quantize_reference(x, granularity, fmt, power2),
-            quantize_reference(x.t(), granularity, fmt, power2))
+    return (quantize_reference(x, granularity, fmt, power2, amax),
+            quantize_reference(x.t(), granularity, fmt, power2, amax))

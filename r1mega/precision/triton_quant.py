@@ -29,9 +29,12 @@ results, so a tile whose amax is below about 1e-36 (its scale 1/mult denormal) m
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from r1mega.precision.quantize import BLOCK, FP8_DTYPES, FP8_MAX, Fp8Tensor, scale_shape
+from r1mega.precision.quantize import (BLOCK, FP8_DTYPES, FP8_MAX, Fp8Tensor, _check_given_amax,
+                                       scale_shape)
 
 try:
     import triton
@@ -234,8 +237,10 @@ def new_scale(rows: int, cols: int, granularity: str, device) -> torch.Tensor:
 
 
 def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
-                    power2: bool = False) -> Fp8Tensor:
-    """The fused quantiser: same result as ``quantize_reference``, bit for bit."""
+                    power2: bool = False, amax: Optional[torch.Tensor] = None) -> Fp8Tensor:
+    """The fused quantiser: same result as ``quantize_reference``, bit for bit (``amax``: the
+    caller's max |x|, tensorwise only)."""
+    _check_given_amax(granularity, amax)
     if x.dim() != 2:
         raise ValueError(f"quantize: expected a 2-D (rows, contraction) matrix, got {tuple(x.shape)}")
     r, c = x.shape
@@ -252,8 +257,8 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
                                    FMAX=fmax, POWER2=power2, B=BLOCK, DUAL=False, num_warps=8)
         return Fp8Tensor(q, s, granularity, fmt)
     if granularity == "tensor":
-        # One reduction, then every tile quantised under that amax.
-        amax = tensor_amax(x)
+        # One reduction (unless the caller made it), then every tile quantised under that amax.
+        amax = tensor_amax(x) if amax is None else amax.float().reshape(1)
         tiles, tile_c, given = triton.cdiv(c, BLOCK), BLOCK, True
     elif granularity == "row":
         amax, tiles, tile_c, given = s, 1, c, False
@@ -267,9 +272,12 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
 
 
 def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
-                         power2: bool = False) -> tuple[Fp8Tensor, Fp8Tensor]:
+                         power2: bool = False, amax: Optional[torch.Tensor] = None
+                         ) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``(quantize(x), quantize(x.t()))`` from one read of ``x``, bit for bit the reference's;
-    tensor, tile or block granularity (a row scale of x.T would need whole columns of x)."""
+    tensor, tile or block granularity (a row scale of x.T would need whole columns of x);
+    ``amax``: the caller's max |x|, tensorwise only."""
+    _check_given_amax(granularity, amax)
     if granularity not in ("tensor", "tile", "block"):
         raise ValueError(f"quantize_dual: granularity {granularity!r} is not tensor, tile or block")
     if x.dim() != 2:
@@ -291,7 +299,7 @@ def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
                                    DUAL=True, num_warps=_DUAL_WARPS["block"])
         return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
     tensor = granularity == "tensor"
-    amax = tensor_amax(x) if tensor else s
+    amax = (tensor_amax(x) if amax is None else amax.float().reshape(1)) if tensor else s
     _quant_dual_kernel[grid](x, q, qt, s, st, amax, r, c, x.stride(0), x.stride(1), q.stride(0),
                              qt.stride(0), s.stride(0), s.stride(1), st.stride(0), st.stride(1),
                              FMAX=FP8_MAX[fmt], POWER2=power2, B=BLOCK, TENSOR=tensor,

@@ -271,6 +271,47 @@ def test_fp8_linear_compiles_whole_and_steps_without_recompiling(recipe):
     assert counter.frame_count == 1
 
 
+def test_compiled_tensorwise_linear_takes_its_amaxes_from_the_graph(monkeypatch):
+    """Compiled and tensorwise, the FP8 linear gets max |x| (forward) and max |dy| (backward) as
+    graph values (which inductor may fuse into the ops that make x and dy) instead of reading
+    x and dy again; eager it computes them itself. Both give the same bits."""
+    from r1mega.precision import linear as lin
+
+    torch._dynamo.reset()
+    seen = []
+    fwd, bwd = lin.Fp8LinearOps.forward_keep_xt, lin.Fp8LinearOps.backward_from_xt
+
+    def record_fwd(self, x2, weight, x_amax=None):
+        seen.append(("x", None if x_amax is None else float(x_amax), float(x2.abs().max())))
+        return fwd(self, x2, weight, x_amax)
+
+    def record_bwd(self, dy2, weight, xt, need_wgrad, out_dtype, dy_amax=None):
+        seen.append(("dy", None if dy_amax is None else float(dy_amax), float(dy2.abs().max())))
+        return bwd(self, dy2, weight, xt, need_wgrad, out_dtype, dy_amax)
+
+    monkeypatch.setattr(lin.Fp8LinearOps, "forward_keep_xt", record_fwd)
+    monkeypatch.setattr(lin.Fp8LinearOps, "backward_from_xt", record_bwd)
+    ops = Fp8LinearOps(Fp8Policy(recipe="tensorwise", backend="native", emulate=True))
+
+    def block(x, w):
+        return (torch.nn.functional.silu(fp8_linear(torch.nn.functional.silu(x), w, None, ops)) ** 2).sum()
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(48, 256, generator=g), torch.randn(128, 256, generator=g)
+    results = {}
+    for name, fn in (("eager", block), ("compiled", torch.compile(block, backend="aot_eager"))):
+        seen.clear()
+        wp = w.clone().requires_grad_()
+        out = fn(x, wp)
+        out.backward()
+        results[name] = (out.detach(), wp.grad, list(seen))
+    assert torch.equal(results["eager"][0], results["compiled"][0])
+    assert torch.equal(results["eager"][1], results["compiled"][1])
+    assert [(k, given) for k, given, _ in results["eager"][2]] == [("x", None), ("dy", None)]
+    assert [k for k, _, _ in results["compiled"][2]] == ["x", "dy"]
+    assert all(given == true for _, given, true in results["compiled"][2])  # the exact max
+
+
 def test_op_layout_argument_tells_recipes_apart():
     """Inductor caches compiled graphs on disk by their text; the op's outputs are laid out by
     the recipe, so the recipe's layout must be in the graph (a blockwise run once reused a

@@ -133,3 +133,16 @@ def test_cublas_scale_layouts():
     sb = _block_scale_b(b)
     assert sb.shape == (4, 2) and sb.stride() == (1, 4)
     assert torch.equal(sb[:3], b.t())
+
+
+def test_a_given_amax_is_tensorwise_and_quantises_as_the_computed_one():
+    """The compiled FP8 linear hands the quantiser max |x| from its graph: with it the bytes and
+    scale are the computed amax's, NaN included; other granularities refuse one."""
+    g = torch.Generator().manual_seed(7)
+    for x in (torch.randn(37, 300, generator=g) * 5, torch.tensor([[1.0, float("nan")], [2.0, -3.0]])):
+        ref = quantize_reference(x, "tensor")
+        got = quantize_reference(x, "tensor", amax=x.abs().amax().reshape(1))
+        assert torch.equal(got.data.view(torch.uint8), ref.data.view(torch.uint8))
+        assert torch.equal(got.scale, ref.scale) or (got.scale.isnan().all() and ref.scale.isnan().all())
+    with pytest.raises(ValueError, match="one value for the whole tensor"):
+        quantize_reference(torch.randn(4, 128), "tile", amax=torch.ones(1))
