@@ -56,6 +56,43 @@ if HAVE_TRITON:
         return q16, (e << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _k_tile(K, KS, VS, BT, b, h, start, ctx, stride_kb, stride_kt, stride_kh, stride_sb,
+                stride_st, stride_btb, q, D: tl.constexpr, BS: tl.constexpr,
+                BLOCK_N: tl.constexpr, FP8: tl.constexpr):
+        # Keys [start, start + BLOCK_N) of sequence b, head h, through its block table: n_ok (BN,)
+        # the keys inside the context, off (BN,) their cache offsets, k (BN, D) (an FP8 tile
+        # converted to q's dtype), and an FP8 cache's per-key scales (ones otherwise).
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < ctx
+        blk = tl.load(BT + b * stride_btb + n // BS, mask=n_ok, other=0).to(tl.int64)
+        off = blk * stride_kb + (n % BS) * stride_kt + h * stride_kh  # (BN,)
+        k = tl.load(K + off[:, None] + tl.arange(0, D)[None, :], mask=n_ok[:, None], other=0.0)
+        k_sc = tl.full((BLOCK_N,), 1.0, tl.float32)
+        v_sc = k_sc
+        if FP8:
+            k = k.to(q.dtype)
+            s_off = blk * stride_sb + (n % BS) * stride_st + h  # (BN,)
+            k_sc = tl.load(KS + s_off, mask=n_ok, other=0.0)
+            v_sc = tl.load(VS + s_off, mask=n_ok, other=0.0)
+        return n_ok, off, k, k_sc, v_sc
+
+    @triton.jit
+    def _v_tile(V, off, n_ok, v_sc, q, D: tl.constexpr, FP8: tl.constexpr):
+        # The values of _k_tile's keys (BN, D), and for an FP8 cache each key's weight on its
+        # probability with the factor that undoes it: the scales weight values, not
+        # probabilities (p's sum stays unscaled), and enter relative to the tile's largest
+        # (> 0: every tile has a real key), so the 16-bit dot operand stays <= 1 and a
+        # small-valued V cannot underflow fp16.
+        v = tl.load(V + off[:, None] + tl.arange(0, D)[None, :], mask=n_ok[:, None], other=0.0)
+        w = v_sc
+        v_max = 1.0
+        if FP8:
+            v = v.to(q.dtype)
+            v_max = tl.max(v_sc, 0)
+            w = v_sc / v_max
+        return v, w, v_max
+
+    @triton.jit
     def _paged_decode_kernel(
         Q, K, V, BT, CTX, O, KS, VS,
         stride_qb, stride_qh,
@@ -89,16 +126,9 @@ if HAVE_TRITON:
         l = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, D), tl.float32)
         for start in range(0, ctx, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < ctx
-            blk = tl.load(BT + b * stride_btb + n // BS, mask=n_ok, other=0).to(tl.int64)
-            off = blk * stride_kb + (n % BS) * stride_kt + h * stride_kh  # (BN,)
-            k = tl.load(K + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # (BN, D)
-            if FP8:
-                k = k.to(q.dtype)
-                s_off = blk * stride_sb + (n % BS) * stride_st + h  # (BN,)
-                k_sc = tl.load(KS + s_off, mask=n_ok, other=0.0)
-                v_sc = tl.load(VS + s_off, mask=n_ok, other=0.0)
+            n_ok, off, k, k_sc, v_sc = _k_tile(K, KS, VS, BT, b, h, start, ctx, stride_kb,
+                                               stride_kt, stride_kh, stride_sb, stride_st,
+                                               stride_btb, q, D, BS, BLOCK_N, FP8)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -110,16 +140,10 @@ if HAVE_TRITON:
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
-            v = tl.load(V + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+            v, v_w, v_max = _v_tile(V, off, n_ok, v_sc, q, D, FP8)
+            pv_w = p
             if FP8:
-                # The scales weight values, not probabilities: p's sum l stays unscaled. They
-                # enter relative to the tile's largest (>0: every tile has a real key), so the
-                # 16-bit dot operand stays <= 1 and a small-valued V cannot underflow fp16.
-                v = v.to(q.dtype)
-                v_max = tl.max(v_sc, 0)
-                pv_w = p * (v_sc / v_max)[None, :]
-            else:
-                pv_w = p
+                pv_w = p * v_w[None, :]
             if IEEE:
                 pv = tl.dot(pv_w.to(v.dtype), v, input_precision="ieee")
             else:
@@ -171,16 +195,9 @@ if HAVE_TRITON:
         l = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((D, GROUP_PAD), tl.float32)
         for start in range(0, ctx, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < ctx
-            blk = tl.load(BT + b * stride_btb + n // BS, mask=n_ok, other=0).to(tl.int64)
-            off = blk * stride_kb + (n % BS) * stride_kt + h * stride_kh  # (BN,)
-            k = tl.load(K + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # (BN, D)
-            if FP8:
-                k = k.to(qt.dtype)
-                s_off = blk * stride_sb + (n % BS) * stride_st + h  # (BN,)
-                k_sc = tl.load(KS + s_off, mask=n_ok, other=0.0)
-                v_sc = tl.load(VS + s_off, mask=n_ok, other=0.0)
+            n_ok, off, k, k_sc, v_sc = _k_tile(K, KS, VS, BT, b, h, start, ctx, stride_kb,
+                                               stride_kt, stride_kh, stride_sb, stride_st,
+                                               stride_btb, qt, D, BS, BLOCK_N, FP8)
             if IEEE:
                 s = tl.dot(k, qt, input_precision="ieee")
             else:
@@ -192,13 +209,10 @@ if HAVE_TRITON:
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[None, :])
             l = l * alpha + tl.sum(p, 0)
-            v = tl.load(V + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # (BN, D)
-            if FP8:  # value scales relative to the tile's largest, as in _paged_decode_kernel
-                v = v.to(qt.dtype)
-                v_max = tl.max(v_sc, 0)
-                pv_w = p * (v_sc / v_max)[:, None]
-            else:
-                pv_w = p
+            v, v_w, v_max = _v_tile(V, off, n_ok, v_sc, qt, D, FP8)  # (BN, D)
+            pv_w = p
+            if FP8:
+                pv_w = p * v_w[:, None]
             if IEEE:
                 pv = tl.dot(tl.trans(v), pv_w, input_precision="ieee")
             else:
