@@ -63,11 +63,10 @@ run)
   # one pip command: TE's wheels share the transformer_engine/ folder (a second --target install
   # would skip what is already there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl .te/whl/*.whl /tmp/te/$WHEEL $(ls .te/torch/*.whl 2>/dev/null) || exit 1
+      $(ls .whl/*.whl 2>/dev/null) .te/whl/*.whl /tmp/te/$WHEEL $(ls .te/torch/*.whl 2>/dev/null) || exit 1
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   export R1MEGA_GRPO_JIT=0 R1MEGA_MOE_JIT=0 R1MEGA_GEMM_JIT=0
   if ! ls .te/torch/*.whl >/dev/null 2>&1; then
-    n=/tmp/site/nvidia
     (cd /tmp && tar xzf "$OLDPWD"/.te/src/transformer_engine_torch-2.20.2.tar.gz && cd transformer_engine_torch-2.20.2 &&
       NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=90 NVTE_FRAMEWORK=pytorch MAX_JOBS=16 \
       python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . ) >"$OUT/te_build.log" 2>&1 \

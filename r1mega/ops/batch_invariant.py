@@ -225,9 +225,9 @@ def bi_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if mode == "cublaslt":
             from r1mega.ops import cublaslt_exact
 
-            if cublaslt_exact.supported(a):
+            if cublaslt_exact.supported(a, b):
                 return cublaslt_exact.matmul(a, b)
-            mode = "triton"  # float32, or no extension: for the whole run alike
+            mode = "triton"  # float32, no extension, an unaligned weight shape: both sides alike
         if mode == "triton":
             from r1mega.ops import triton_batch_invariant as tbi
 

@@ -15,14 +15,15 @@ rows to the same rows of a 1,024-row product, and with other rows beside them
 shape's algorithms where it gives the reference's bits (:func:`_same_bits`) and is faster,
 timed once per device, dtype, row bucket and shape, as the Triton candidates are.
 
-Calls this module cannot take (float32, no CUDA, the extension missing: :func:`supported`, a
-property of dtype and machine, so the rollout and the trainer always agree) stay on the Triton
-kernel. Operands whose rows or bases are not 16-byte aligned are copied to aligned ones, so a
+Calls this module cannot take (float32, no CUDA, the extension missing, K or N not a whole
+number of 16-byte rows: :func:`supported`, a property of dtype, weight shape and machine, so the
+rollout and the trainer always agree) stay on the Triton kernel. Operands whose rows or bases are not 16-byte aligned are copied to aligned ones, so a
 view cannot send one side to another kernel.
 """
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 
@@ -31,7 +32,7 @@ from r1mega.ops import triton_batch_invariant as tbi
 
 CHECK_ROWS = (1, 37, 301)  # decode-sized and ragged row counts against a 1,024-row product
 _ref: dict = {}     # (device, dtype, n, k) -> the shape's reference LtAlgo
-_same: dict = {}    # (device, dtype, reference config, algorithm config) -> bits equal
+_same: dict = {}    # (device, dtype, reference config, algorithm config, n, k) -> bits equal
 _choice: dict = {}  # (device, dtype, row bucket, n, k) -> the timed fastest algorithm
 
 
@@ -39,10 +40,17 @@ def _capturing(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def supported(a: torch.Tensor) -> bool:
-    """Whether ``a``'s GEMMs go to cuBLASLt in this mode (CUDA, bf16/fp16, the extension)."""
-    return (getattr(a, "is_cuda", False) and a.dtype in (torch.bfloat16, torch.float16)
-            and clt.get() is not None)
+def supported(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> bool:
+    """Whether a (M, K) @ b (K, N) goes to cuBLASLt in this mode: CUDA, bf16/fp16, the extension,
+    and K and N whole multiples of 16 bytes (rows cuBLASLt's aligned algorithms can take; other
+    weight shapes stay on the Triton kernel, in training and the rollout alike)."""
+    if not (getattr(a, "is_cuda", False) and a.dtype in (torch.bfloat16, torch.float16)
+            and clt.get() is not None):
+        return False
+    if b is None:
+        return True
+    e = a.element_size()
+    return a.shape[-1] * e % clt.ALIGN == 0 and b.shape[-1] * e % clt.ALIGN == 0
 
 
 def _operands(gen, n: int, k: int, device, dtype, rows: int):
@@ -124,10 +132,15 @@ def algo_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> clt.LtAlgo:
     return _choice[key]
 
 
-def _aligned(t: torch.Tensor) -> bool:
+def _row_major_aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (R, C) itself where csrc/exact_gemm_lt.cpp takes it (unit column stride, base and
+    row stride whole multiples of 16 bytes), else a fresh row-major copy (which is: a new
+    allocation is aligned, and C is checked by the caller). Strides are read as they are: a
+    one-row view may carry any row stride."""
     e = t.element_size()
-    return t.data_ptr() % clt.ALIGN == 0 and all((s * e) % clt.ALIGN == 0 for s in t.stride()
-                                                  if s != 1)
+    if t.stride(1) == 1 and t.data_ptr() % clt.ALIGN == 0 and (t.stride(0) * e) % clt.ALIGN == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -135,10 +148,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a row-major and b = w.T of a row-major w, copied into that layout where they are not."""
     if b.dtype != a.dtype:
         b = b.to(a.dtype)
-    if a.stride(1) != 1 or not _aligned(a):
-        a = a.contiguous() if a.stride(1) != 1 else a.clone()
-    if b.stride(0) != 1 or not _aligned(b):
-        b = b.t().contiguous().t()
+    a, b = _row_major_aligned(a), _row_major_aligned(b.t()).t()
     if b.shape[1] * b.element_size() % clt.ALIGN or a.shape[1] * a.element_size() % clt.ALIGN:
         raise ValueError(f"exact GEMM (cuBLASLt): {tuple(a.shape)} @ {tuple(b.shape)} in {a.dtype}: "
                          f"K and N must be multiples of {clt.ALIGN // a.element_size()} elements "

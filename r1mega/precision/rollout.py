@@ -107,7 +107,8 @@ class Fp8RolloutWeights:
             # Compiled (the decode forward): the quantiser in torch ops, which inductor fuses
             # into the kernel that makes x (the norm before qkv and fc1, SwiGLU before fc2), so a
             # decode step does not launch one or more quantiser kernels per linear. Eager: the
-            # fused Triton kernel (the same values).
+            # fused Triton kernel (the same quantisation but for inductor's division, which may
+            # round a scale an ulp differently).
             impl = "reference" if torch.compiler.is_compiling() else "auto"
             a = quantize(_pad_rows(x2, self.token_multiple), self.act, "e4m3",
                          self.policy.power2_scales, impl=impl)

@@ -290,7 +290,7 @@ def paged_decode_attention(
         # An FP8 tile also loads and applies a scale per key: longer tiles amortise that (the
         # block_n sweep of `r1mega bench decode-attention` is where the two defaults come from).
         # The keys-major kernel holds a converted 128-key FP8 tile in registers only by spilling
-        # (sm_90, 4 warps), so it stays at 64.
+        # (sm_90, 4 warps), so it takes at most 64.
         block_n = max(16, min(128, 8 * bs)) if fp8 and not keys else max(16, min(64, 4 * bs))
     elif block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"paged_decode_attention: block_n={block_n} must be a power of two >= 16.")

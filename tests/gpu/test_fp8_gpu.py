@@ -288,9 +288,10 @@ def test_fp8_experts_moe_model_trains_on_gpu(single_rank_runtime):
 @pytest.mark.parametrize("gran", ["tensor", "row"])
 def test_compiled_reference_quantizer_matches_the_triton_kernel(gran):
     """The FP8 rollout's compiled decode quantises activations through the reference's torch ops
-    (inductor fuses them into the kernel that makes x): the same FP8 bytes as the Triton
-    quantiser its eager path runs, and scales within one float32 ulp (inductor may round the
-    reciprocal differently)."""
+    (inductor fuses them into the kernel that makes x). Against the Triton quantiser its eager
+    path runs, on the same x: inductor's float32 division may round the multiplier 448 / amax
+    by an ulp or two (Triton's kernel divides exactly), so a scale may differ by as much and a
+    byte may flip where a value sits on a rounding edge; nothing more."""
     from r1mega.precision.quantize import quantize
 
     torch._dynamo.reset()
@@ -299,13 +300,17 @@ def test_compiled_reference_quantizer_matches_the_triton_kernel(gran):
     w = torch.rand(2048, device="cuda", dtype=torch.bfloat16, generator=g) + 0.5
 
     def norm_then_quantize(x, w):
-        q = quantize(torch.nn.functional.rms_norm(x, (2048,), w, 1e-5), gran, impl="reference")
-        return q.data, q.scale
+        y = torch.nn.functional.rms_norm(x, (2048,), w, 1e-5)
+        q = quantize(y, gran, impl="reference")
+        return y, q.data, q.scale
 
-    data, scale = torch.compile(norm_then_quantize)(x, w)
-    ref = triton_quant.quantize_triton(torch.nn.functional.rms_norm(x, (2048,), w, 1e-5), gran)
-    assert _same_bits(data, ref.data)
-    assert torch.allclose(scale, ref.scale.reshape(scale.shape), rtol=2.4e-7, atol=0)
+    y, data, scale = torch.compile(norm_then_quantize)(x, w)
+    ref = triton_quant.quantize_triton(y, gran)
+    torch.testing.assert_close(scale, ref.scale.reshape(scale.shape), rtol=5e-7, atol=0)
+    flipped = (data.view(torch.uint8) != ref.data.view(torch.uint8))
+    assert flipped.float().mean() < 1e-4, int(flipped.sum())
+    # a flip moves to the neighbouring e4m3 value: 2^-3 of its binade at most (2^-9 below normals)
+    torch.testing.assert_close(data[flipped].float(), ref.data[flipped].float(), rtol=0.13, atol=2.0 ** -9)
 
 
 def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime):

@@ -87,15 +87,31 @@ def test_no_batch_invariant_algorithm_is_an_error_naming_the_fix(fake_lt):
         cle.reference(64, 48, torch.float32, "cpu")
 
 
+def _takes(a, b) -> bool:
+    """What csrc/exact_gemm_lt.cpp checks of a and w = b.T."""
+    w, e = b.t(), a.element_size()
+    return (a.stride(1) == 1 and w.stride(1) == 1 and a.data_ptr() % clt.ALIGN == 0
+            and w.data_ptr() % clt.ALIGN == 0 and (a.stride(0) * e) % clt.ALIGN == 0
+            and (w.stride(0) * e) % clt.ALIGN == 0)
+
+
 def test_matmul_gives_the_library_aligned_row_major_operands(fake_lt, monkeypatch):
     _, calls = fake_lt
     monkeypatch.setattr(cle, "algo_for", lambda a, b: GOOD)
     w = torch.randn(64, 48)
-    a = torch.randn(10, 60)[:, 6:54]  # a column slice: rows strided, base off alignment
-    out = cle.matmul(a, w.t())
-    algo, a_in, b_in = calls[-1]
-    assert a_in.is_contiguous() and a_in.data_ptr() % clt.ALIGN == 0 and b_in.stride(0) == 1
-    torch.testing.assert_close(out, a @ w.t(), rtol=1e-5, atol=1e-5)
+    big = torch.randn(70, 48)
+    cases = [(torch.randn(10, 60)[:, 6:54], w.t()),  # a column slice: rows strided, base off
+             (torch.randn(3, 48 * 3).as_strided((1, 48), (3, 1)), w.t()),  # one row, odd row stride
+             (torch.randn(5, 48), big[3:67].t()),  # a weight whose base is off alignment
+             (torch.randn(5, 48), w.t().contiguous())]  # a weight not transposed row-major
+    for a, b in cases:
+        out = cle.matmul(a, b)
+        algo, a_in, b_in = calls[-1]
+        assert _takes(a_in, b_in), (a.stride(), b.stride())
+        torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
+    a, b = torch.randn(7, 48), w.t()
+    cle.matmul(a, b)
+    assert calls[-1][1] is a and calls[-1][2].data_ptr() == w.data_ptr()  # aligned: no copies
     with pytest.raises(ValueError, match="multiples of 4 elements"):
         cle.matmul(torch.randn(3, 50), torch.randn(64, 50).t())  # 200-byte rows
     assert cle.matmul(torch.randn(0, 48), w.t()).shape == (0, 64)
@@ -121,5 +137,9 @@ def test_only_cuda_half_precision_with_the_extension_is_supported(monkeypatch):
 
     assert cle.supported(FakeCuda(torch.bfloat16)) and cle.supported(FakeCuda(torch.float16))
     assert not cle.supported(FakeCuda(torch.float32))  # float32 stays on the Triton kernel
+    a = FakeCuda(torch.bfloat16)
+    a.shape, a.element_size = (5, 2048), lambda: 2
+    assert cle.supported(a, torch.zeros(2048, 32000))
+    assert not cle.supported(a, torch.zeros(2048, 50257))  # a GPT-2 vocabulary: Triton
     monkeypatch.setattr(clt, "get", lambda: None)
     assert not cle.supported(FakeCuda(torch.bfloat16))
