@@ -29,6 +29,7 @@ TP=1 by FP8 rounding, not by more.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from typing import Optional
 
@@ -48,6 +49,18 @@ RECIPE_GRANULARITY = {
 
 _GENERATION = itertools.count(1)
 _current = [0]
+
+
+def graph_side_enabled() -> bool:
+    """R1MEGA_FP8_GRAPH: inside compiled regions the FP8 preparation that inductor can fuse runs
+    as graph ops (1, the default: a tensorwise linear's amaxes here, the FP8 rollout's activation
+    quantiser in r1mega/precision/rollout.py); 0 keeps r1mega's Triton kernels there too (the
+    A/B of `r1mega bench fp8` across two processes). Read per call."""
+    spec = os.environ.get("R1MEGA_FP8_GRAPH", "1")
+    if spec not in ("0", "1"):
+        raise ValueError(f"R1MEGA_FP8_GRAPH={spec!r}: expected 1 (graph-side FP8 preparation "
+                         f"under torch.compile, the default) or 0 (Triton kernels only)")
+    return spec == "1"
 
 
 def new_weight_generation() -> None:
@@ -371,7 +384,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     # fuse into the kernel that makes x (SwiGLU before fc2, its backward before fc1's dgrad)
     # instead of a separate read of x; the same value, so the same FP8 bytes.
     in_graph = (torch.compiler.is_compiling() and not sequence_parallel
-                and ops.act == ops.grad == "tensor")
+                and ops.act == ops.grad == "tensor" and graph_side_enabled())
     y, _, _ = _fp8_linear_op(x, weight, ops.op_id, sequence_parallel, allreduce_dgrad, keep_xt,
                              _layout(ops, sequence_parallel), _graph_amax(x) if in_graph else None)
     return y + bias if bias is not None else y

@@ -109,7 +109,8 @@ class Fp8RolloutWeights:
             # decode step does not launch one or more quantiser kernels per linear. Eager: the
             # fused Triton kernel (the same quantisation but for inductor's division, which may
             # round a scale an ulp differently).
-            impl = "reference" if torch.compiler.is_compiling() else "auto"
+            impl = ("reference" if torch.compiler.is_compiling() and fp8_linear_mod.graph_side_enabled()
+                    else "auto")
             a = quantize(_pad_rows(x2, self.token_multiple), self.act, "e4m3",
                          self.policy.power2_scales, impl=impl)
             y = fp8_gemm(a, q, input.dtype, emulate=self.policy.emulate, fast_accum=True)[:t]

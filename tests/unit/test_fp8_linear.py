@@ -310,6 +310,17 @@ def test_compiled_tensorwise_linear_takes_its_amaxes_from_the_graph(monkeypatch)
     assert [(k, given) for k, given, _ in results["eager"][2]] == [("x", None), ("dy", None)]
     assert [k for k, _, _ in results["compiled"][2]] == ["x", "dy"]
     assert all(given == true for _, given, true in results["compiled"][2])  # the exact max
+    # R1MEGA_FP8_GRAPH=0: the Triton kernels compiled too; a wrong value is refused
+    monkeypatch.setenv("R1MEGA_FP8_GRAPH", "0")
+    torch._dynamo.reset()
+    seen.clear()
+    wp = w.clone().requires_grad_()
+    torch.compile(block, backend="aot_eager")(x, wp).backward()
+    assert [(k, given) for k, given, _ in seen] == [("x", None), ("dy", None)]
+    assert torch.equal(wp.grad, results["eager"][1])
+    monkeypatch.setenv("R1MEGA_FP8_GRAPH", "yes")
+    with pytest.raises(ValueError, match="R1MEGA_FP8_GRAPH='yes'"):
+        lin.graph_side_enabled()
 
 
 def test_op_layout_argument_tells_recipes_apart():
