@@ -17,7 +17,8 @@ among those that do, each GEMM shape gets the fastest, timed on the device
 On Hopper (unless ``R1MEGA_EXACT_GEMM_TMA=0``), where the operands allow it (a row-major, b a
 transposed row-major weight), each candidate, LARGE included, also runs as a TMA variant
 (:func:`_bi_mm_tma_kernel`: the tiles brought in by the tensor memory accelerator, the same MMAs)
-under the same check and timing. With ``R1MEGA_EXACT_GEMM_CUBLASLT=1`` fixed cuBLASLt algorithms
+under the same check and timing, and with ``R1MEGA_EXACT_GEMM_WS=1`` as a warp-specialised TMA
+variant too. With ``R1MEGA_EXACT_GEMM_CUBLASLT=1`` fixed cuBLASLt algorithms
 join them (r1mega/ops/cublaslt_gemm.py), under the same check and timing.
 """
 from __future__ import annotations
@@ -45,13 +46,16 @@ except ImportError:
 class Tiles(NamedTuple):
     """One compiled configuration of the GEMM kernel; ``tma``: operand tiles loaded by the
     Hopper tensor memory accelerator (another load path, the same MMAs: it serves only where the
-    device check finds LARGE's bits with it, like any other candidate)."""
+    device check finds LARGE's bits with it, like any other candidate); ``ws`` (with tma): the K
+    loop warp-specialised, producer warps issuing the loads while consumer warps run the MMAs
+    (Triton's ``tl.range(warp_specialize=True)``; again the same MMAs, again checked)."""
     bm: int
     bn: int
     bk: int
     warps: int
     stages: int
     tma: int = 0
+    ws: int = 0
 
 
 GROUP_M = 8
@@ -74,16 +78,17 @@ _choice: dict = {}  # (device, dtype, row bucket, N, K, SMALL, LARGE) -> the tim
 def parse_tiles(spec: str, what: str = _TILES_ENV) -> Tiles:
     try:
         vals = [int(v) for v in spec.split(",")]
-        if len(vals) not in (5, 6):
+        if len(vals) not in (5, 6, 7):
             raise ValueError
         t = Tiles(*vals)
     except (TypeError, ValueError):
         raise ValueError(f"{what}={spec!r}: expected five integers BM,BN,BK,WARPS,STAGES "
-                         f"(and optionally TMA 0/1)") from None
+                         f"(and optionally TMA 0/1, then WS 0/1)") from None
     if any(v & (v - 1) or v < 16 for v in (t.bm, t.bn, t.bk)) or t.warps not in (1, 2, 4, 8, 16) \
-            or t.stages < 1 or t.tma not in (0, 1):
+            or t.stages < 1 or t.tma not in (0, 1) or t.ws not in (0, 1) or (t.ws and not t.tma):
         raise ValueError(f"{what}={spec!r}: tile sizes must be powers of two >= 16, "
-                         f"warps a power of two <= 16, stages >= 1, TMA 0 or 1")
+                         f"warps a power of two <= 16, stages >= 1, TMA 0 or 1, WS 0 or 1 "
+                         f"(and only with TMA)")
     return t
 
 
@@ -127,12 +132,12 @@ if HAVE_TRITON:
     @triton.jit
     def _bi_mm_tma_kernel(a_desc, w_desc, C, M, N, K, scm, scn,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, IEEE: tl.constexpr):
+                          GROUP_M: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr):
         # _bi_mm_kernel with the tiles brought in by TMA: a (M, K) and the weight w = b.T (N, K),
         # both row-major; out-of-range elements arrive as zeros, as the masked loads' are
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
             a = a_desc.load([pid_m * BLOCK_M, k0])
             w = w_desc.load([pid_n * BLOCK_N, k0])
             if IEEE:
@@ -229,6 +234,12 @@ if _TMA_ENV not in ("0", "1"):
     raise ValueError(f"R1MEGA_EXACT_GEMM_TMA={_TMA_ENV!r}: expected 1 (TMA variants among the "
                      f"candidates, the default) or 0")
 TMA_CANDIDATES = _TMA_ENV == "1"
+# Their warp-specialised twins join too with R1MEGA_EXACT_GEMM_WS=1 (off until a GPU times them)
+_WS_ENV = os.environ.get("R1MEGA_EXACT_GEMM_WS", "0")
+if _WS_ENV not in ("0", "1"):
+    raise ValueError(f"R1MEGA_EXACT_GEMM_WS={_WS_ENV!r}: expected 1 (warp-specialised TMA variants "
+                     f"among the candidates) or 0 (the default)")
+WS_CANDIDATES = _WS_ENV == "1"
 
 
 def tma_eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -306,10 +317,11 @@ def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
     tma = TMA_CANDIDATES and tma_eligible(a, b)
     lt = clt.ENABLED and clt.eligible(a, b)
     every = base + (tuple(t._replace(tma=1) for t in base) if tma else ()) \
+        + (tuple(t._replace(tma=1, ws=1) for t in base) if tma and WS_CANDIDATES else ()) \
         + (tuple(clt.algos_for(n, k, a.dtype, a.device)) if lt else ())
     if len(every) == 1 or (time_ms is None and not a.is_cuda):
         return LARGE  # (off CUDA: Triton's interpreter, nothing to time)
-    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE, tma, lt)
+    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE, tma, WS_CANDIDATES, lt)
     if key not in _choice:
         capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
@@ -345,7 +357,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Optional[Tiles] = None) -> t
                                 TensorDescriptor.from_tensor(b.t(), [t.bn, t.bk]), c, m, n, k,
                                 c.stride(0), c.stride(1), BLOCK_M=t.bm, BLOCK_N=t.bn,
                                 BLOCK_K=t.bk, GROUP_M=GROUP_M, IEEE=a.dtype == torch.float32,
-                                num_warps=t.warps, num_stages=t.stages)
+                                WS=bool(t.ws), num_warps=t.warps, num_stages=t.stages)
         return c
     _bi_mm_kernel[grid](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                         c.stride(0), c.stride(1), BLOCK_M=t.bm, BLOCK_N=t.bn,

@@ -54,14 +54,15 @@ def test_tma_tiles_serve_exactly_where_they_give_the_large_tiles_bits(dtype, mon
         for m in (1, 37, 256, 2048):
             cases.append((torch.randn(m, k, device="cuda", dtype=dtype), w))
     for tiles in dict.fromkeys(tbi.SMALL + (tbi.LARGE,)):
-        tma = tiles._replace(tma=1)
-        try:
-            same = all(torch.equal(tbi.matmul(x, w.t(), tiles=tma), tbi.matmul(x, w.t(), tiles=tbi.LARGE))
-                       for x, w in cases)
-        except Exception:
-            same = False
-        assert tbi.tiles_usable(tma, dev, dtype) == same, tma
+        for tma in (tiles._replace(tma=1), tiles._replace(tma=1, ws=1)):  # and warp-specialised
+            try:
+                same = all(torch.equal(tbi.matmul(x, w.t(), tiles=tma), tbi.matmul(x, w.t(), tiles=tbi.LARGE))
+                           for x, w in cases)
+            except Exception:
+                same = False
+            assert tbi.tiles_usable(tma, dev, dtype) == same, tma
     monkeypatch.setattr(tbi, "TMA_CANDIDATES", True)
+    monkeypatch.setattr(tbi, "WS_CANDIDATES", True)
     monkeypatch.setattr(tbi, "_choice", {})
     for x, w in cases:
         assert torch.equal(tbi.matmul(x, w.t()), tbi.matmul(x, w.t(), tiles=tbi.LARGE))

@@ -12,8 +12,9 @@ tbi = pytest.importorskip("r1mega.ops.triton_batch_invariant")
 def test_parse_tiles_accepts_five_powers_of_two_and_refuses_the_rest():
     assert tbi.parse_tiles("64,32,64,4,4") == tbi.Tiles(64, 32, 64, 4, 4)
     assert tbi.parse_tiles("64,32,64,4,4,1") == tbi.Tiles(64, 32, 64, 4, 4, tma=1)
+    assert tbi.parse_tiles("64,32,64,4,4,1,1") == tbi.Tiles(64, 32, 64, 4, 4, tma=1, ws=1)
     for bad in ("64,32,64,4", "64,48,64,4,4", "8,64,64,4,4", "64,64,64,3,4", "64,64,64,4,0", "a,b,c,d,e",
-                "64,32,64,4,4,2", "64,32,64,4,4,1,1"):
+                "64,32,64,4,4,2", "64,32,64,4,4,0,1", "64,32,64,4,4,1,2", "64,32,64,4,4,1,1,1"):
         with pytest.raises(ValueError, match="BM,BN,BK|powers of two"):
             tbi.parse_tiles(bad)
 
@@ -120,6 +121,34 @@ def test_tma_variants_are_candidates_only_for_eligible_operands_and_only_where_c
     monkeypatch.setattr(tbi, "_choice", {})
     assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), lambda t: speed[t]) == tbi.LARGE
     assert tbi.tiles_for(_Fake(8192, 2048), _Fake(2048, 2048), lambda t: 1 / 0) == tbi.LARGE
+
+
+def test_warp_specialised_variants_join_only_when_enabled_and_only_where_checked(monkeypatch):
+    """R1MEGA_EXACT_GEMM_WS=1 adds each TMA candidate's warp-specialised twin; like every other
+    candidate it serves only where the device check found LARGE's bits."""
+    a = tbi.Tiles(64, 64, 128, 4, 3)
+    _fresh(monkeypatch, (a,))
+    dev = "cuda:7"
+    a_tma, a_ws = a._replace(tma=1), a._replace(tma=1, ws=1)
+    large_tma, large_ws = tbi.LARGE._replace(tma=1), tbi.LARGE._replace(tma=1, ws=1)
+    for t, ok in ((a, True), (a_tma, True), (a_ws, True), (large_tma, True), (large_ws, False)):
+        tbi._small_ok[(dev, "bf16", t, tbi.LARGE)] = ok
+    monkeypatch.setattr(tbi, "tma_eligible", lambda x, y: True)
+    monkeypatch.setattr(tbi, "TMA_CANDIDATES", True)
+    speed = {a: 3.0, a_tma: 2.5, a_ws: 1.0, tbi.LARGE: 2.0, large_tma: 1.5, large_ws: 0.1}
+    timed = []
+
+    def time_ms(t):
+        timed.append(t)
+        return speed[t]
+
+    monkeypatch.setattr(tbi, "WS_CANDIDATES", False)
+    assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), time_ms) == large_tma
+    assert not any(t.ws for t in timed)
+    monkeypatch.setattr(tbi, "WS_CANDIDATES", True)
+    timed.clear()
+    assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), time_ms) == a_ws
+    assert large_ws not in timed  # refused by the check: never timed
 
 
 def test_tma_eligibility_reads_layout_alignment_and_device():
