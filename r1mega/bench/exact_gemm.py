@@ -36,6 +36,7 @@ CANDIDATES = [REFERENCE, "256,128,64,8,3", "64,64,128,4,3", "64,128,64,4,3", "12
               "64,32,128,4,5,1",
               # warp-specialised TMA variants (a seventh field 1; Triton engages it at 4 warps)
               "64,128,128,4,3,1,1", "64,64,128,4,3,1,1", "64,128,64,4,3,1,1", "64,32,128,4,5,1,1",
+              "128,128,64,4,3,1,1", "128,256,64,4,3,1,1",
               # cuBLASLt with a fixed algorithm per weight shape: the I-th of its heuristic's
               # no-split ones (r1mega/ops/cublaslt_gemm.py; skipped where the extension is absent)
               "cublaslt:0", "cublaslt:1", "cublaslt:2", "cublaslt:3",

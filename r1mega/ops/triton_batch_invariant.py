@@ -240,6 +240,9 @@ if _WS_ENV not in ("0", "1"):
     raise ValueError(f"R1MEGA_EXACT_GEMM_WS={_WS_ENV!r}: expected 1 (warp-specialised TMA variants "
                      f"among the candidates) or 0 (the default)")
 WS_CANDIDATES = _WS_ENV == "1"
+# ... and, for every row count, two whole-warpgroup tiles that Triton specialises (its 8-warp
+# LARGE it leaves as it is): Hopper's usual large-GEMM shapes, held to LARGE's bits like the rest
+WS_TILES = (Tiles(128, 128, 64, 4, 3, 1, 1), Tiles(128, 256, 64, 4, 3, 1, 1))
 
 
 def tma_eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -317,7 +320,7 @@ def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
     tma = TMA_CANDIDATES and tma_eligible(a, b)
     lt = clt.ENABLED and clt.eligible(a, b)
     every = base + (tuple(t._replace(tma=1) for t in base) if tma else ()) \
-        + (tuple(t._replace(tma=1, ws=1) for t in base) if tma and WS_CANDIDATES else ()) \
+        + (tuple(t._replace(tma=1, ws=1) for t in base) + WS_TILES if tma and WS_CANDIDATES else ()) \
         + (tuple(clt.algos_for(n, k, a.dtype, a.device)) if lt else ())
     if len(every) == 1 or (time_ms is None and not a.is_cuda):
         return LARGE  # (off CUDA: Triton's interpreter, nothing to time)

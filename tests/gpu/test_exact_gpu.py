@@ -53,8 +53,8 @@ def test_tma_tiles_serve_exactly_where_they_give_the_large_tiles_bits(dtype, mon
         w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
         for m in (1, 37, 256, 2048):
             cases.append((torch.randn(m, k, device="cuda", dtype=dtype), w))
-    for tiles in dict.fromkeys(tbi.SMALL + (tbi.LARGE,)):
-        for tma in (tiles._replace(tma=1), tiles._replace(tma=1, ws=1)):  # and warp-specialised
+    for tiles in dict.fromkeys(tbi.SMALL + (tbi.LARGE,) + tbi.WS_TILES):
+        for tma in dict.fromkeys((tiles._replace(tma=1), tiles._replace(tma=1, ws=1))):  # and warp-specialised
             try:
                 same = all(torch.equal(tbi.matmul(x, w.t(), tiles=tma), tbi.matmul(x, w.t(), tiles=tbi.LARGE))
                            for x, w in cases)

@@ -146,9 +146,18 @@ def test_warp_specialised_variants_join_only_when_enabled_and_only_where_checked
     assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), time_ms) == large_tma
     assert not any(t.ws for t in timed)
     monkeypatch.setattr(tbi, "WS_CANDIDATES", True)
+    monkeypatch.setattr(tbi, "_choice", {})
+    wide, square = tbi.WS_TILES[1], tbi.WS_TILES[0]
+    tbi._small_ok[(dev, "bf16", wide, tbi.LARGE)] = True
+    tbi._small_ok[(dev, "bf16", square, tbi.LARGE)] = False
+    speed.update({wide: 0.9, square: 0.01})
     timed.clear()
-    assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), time_ms) == a_ws
-    assert large_ws not in timed  # refused by the check: never timed
+    assert tbi.tiles_for(_Fake(256, 2048), _Fake(2048, 2048), time_ms) == wide
+    assert large_ws not in timed and square not in timed  # refused by the check: never timed
+    # training-sized calls: LARGE, its TMA twin and the whole-warpgroup tiles
+    timed.clear()
+    assert tbi.tiles_for(_Fake(8192, 2048), _Fake(2048, 2048), time_ms) == wide
+    assert set(timed) == {tbi.LARGE, large_tma, wide}
 
 
 def test_tma_eligibility_reads_layout_alignment_and_device():

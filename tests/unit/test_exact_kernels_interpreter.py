@@ -42,7 +42,8 @@ def _interpreted(rank, world):
         bound = 1000 * 2.0 ** -24 * (a.double().abs() @ b.double().abs()) \
             + torch.finfo(dtype).eps / 2 * exact.abs()
         for t in (tbi.Tiles(64, 64, 64, 4, 3, 1), tbi.Tiles(128, 128, 64, 8, 3, 1),
-                  tbi.Tiles(64, 32, 128, 4, 5, 1), tbi.Tiles(64, 128, 64, 4, 3, 1, ws=1)):
+                  tbi.Tiles(64, 32, 128, 4, 5, 1), tbi.Tiles(64, 128, 64, 4, 3, 1, ws=1),
+                  tbi.Tiles(128, 256, 64, 4, 3, 1, ws=1)):
             out = torch.full((301, 777), float("nan"), dtype=dtype)
             out.copy_(tbi.matmul(a, b, tiles=t))
             plain = tbi.matmul(a, b, tiles=t._replace(tma=0, ws=0))
