@@ -11,11 +11,11 @@ them (``r1mega bench exact-gemm`` lists them as ``cublaslt:I``).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
+from r1mega import switches
 from r1mega.ops.cuda_libs import cublaslt_flags
 from r1mega.ops.extension import CudaExtension
 
@@ -30,11 +30,8 @@ _EXT = CudaExtension("r1mega_gemm_cuda", ["exact_gemm_lt.cpp"], "R1MEGA_GEMM", [
                      "the exact GEMM runs Triton only", libraries=_libraries)
 get, load_error = _EXT.get, _EXT.load_error
 
-_ENV = os.environ.get("R1MEGA_EXACT_GEMM_CUBLASLT", "0")
-if _ENV not in ("0", "1"):
-    raise ValueError(f"R1MEGA_EXACT_GEMM_CUBLASLT={_ENV!r}: expected 1 (fixed cuBLASLt algorithms "
-                     f"among the exact GEMM's candidates) or 0 (the default)")
-ENABLED = _ENV == "1"
+ENABLED = switches.flag("R1MEGA_EXACT_GEMM_CUBLASLT", False,
+                        "fixed cuBLASLt algorithms among the exact GEMM's candidates")
 # heuristic queries per weight shape: a training-sized and a decode-sized M, each's best few
 HEURISTIC_ROWS = (8192, 256)
 PER_QUERY = 4

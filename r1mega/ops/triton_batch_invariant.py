@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from r1mega import switches
 from r1mega.ops import cublaslt_gemm as clt
 
 try:
@@ -229,17 +230,10 @@ def _lt_same_bits(algo, device, dtype: torch.dtype) -> bool:
 
 _tma_device: dict = {}
 # The TMA variants join the candidates (R1MEGA_EXACT_GEMM_TMA=0 leaves them out)
-_TMA_ENV = os.environ.get("R1MEGA_EXACT_GEMM_TMA", "1")
-if _TMA_ENV not in ("0", "1"):
-    raise ValueError(f"R1MEGA_EXACT_GEMM_TMA={_TMA_ENV!r}: expected 1 (TMA variants among the "
-                     f"candidates, the default) or 0")
-TMA_CANDIDATES = _TMA_ENV == "1"
+TMA_CANDIDATES = switches.flag("R1MEGA_EXACT_GEMM_TMA", True, "TMA variants among the candidates")
 # Their warp-specialised twins join too with R1MEGA_EXACT_GEMM_WS=1 (off until a GPU times them)
-_WS_ENV = os.environ.get("R1MEGA_EXACT_GEMM_WS", "0")
-if _WS_ENV not in ("0", "1"):
-    raise ValueError(f"R1MEGA_EXACT_GEMM_WS={_WS_ENV!r}: expected 1 (warp-specialised TMA variants "
-                     f"among the candidates) or 0 (the default)")
-WS_CANDIDATES = _WS_ENV == "1"
+WS_CANDIDATES = switches.flag("R1MEGA_EXACT_GEMM_WS", False,
+                              "warp-specialised TMA variants among the candidates")
 # ... and, for every row count, two whole-warpgroup tiles that Triton specialises (its 8-warp
 # LARGE it leaves as it is): Hopper's usual large-GEMM shapes, held to LARGE's bits like the rest
 WS_TILES = (Tiles(128, 128, 64, 4, 3, 1, 1), Tiles(128, 256, 64, 4, 3, 1, 1))

@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from r1mega import switches
+
 try:
     import triton
     import triton.language as tl
@@ -161,11 +163,8 @@ KEY_BLOCK = 64  # keys per online-softmax step, in training and decode alike
 # a decode step's (query, head) pairs on its 16-wide N; "rows", _exact_attn_kernel, whose decode
 # tiles pad 4 real rows to 64 (R1MEGA_EXACT_ATTENTION=rows). Timings: bench decode-attention
 # --exact, RECORDS.md.
-_ATTENTION = os.environ.get("R1MEGA_EXACT_ATTENTION", "keys")
-if _ATTENTION not in ("rows", "keys"):
-    raise ValueError(f"R1MEGA_EXACT_ATTENTION={_ATTENTION!r}: expected 'keys' (the keys-major "
-                     f"kernel, the default) or 'rows' (the row-major kernel)")
-KEYS_MAJOR = _ATTENTION == "keys"
+KEYS_MAJOR = switches.choice("R1MEGA_EXACT_ATTENTION", "keys", {
+    "keys": "the keys-major kernel", "rows": "the row-major kernel"}) == "keys"
 # rows (queries x heads of a group) per program: BQ = TILE_ROWS // G_PAD queries
 TILE_ROWS = 16 if KEYS_MAJOR else 64
 WARPS = 4

@@ -29,13 +29,13 @@ TP=1 by FP8 rounding, not by more.
 from __future__ import annotations
 
 import itertools
-import os
 import weakref
 from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from r1mega import switches
 from r1mega.precision.gemm import alignment, fp8_gemm
 from r1mega.precision.policy import BLOCKWISE_E4M3_ONLY, Fp8Policy
 from r1mega.precision.quantize import Fp8Tensor, quantize, quantize_dual
@@ -56,11 +56,7 @@ def graph_side_enabled() -> bool:
     as graph ops (1, the default: a tensorwise linear's amaxes here, the FP8 rollout's activation
     quantiser in r1mega/precision/rollout.py); 0 keeps r1mega's Triton kernels there too (the
     A/B of `r1mega bench fp8` across two processes). Read per call."""
-    spec = os.environ.get("R1MEGA_FP8_GRAPH", "1")
-    if spec not in ("0", "1"):
-        raise ValueError(f"R1MEGA_FP8_GRAPH={spec!r}: expected 1 (graph-side FP8 preparation "
-                         f"under torch.compile, the default) or 0 (Triton kernels only)")
-    return spec == "1"
+    return switches.flag("R1MEGA_FP8_GRAPH", True, "graph-side FP8 preparation under torch.compile")
 
 
 def new_weight_generation() -> None:

@@ -26,11 +26,11 @@ half of that, the RoPE + cache write).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from r1mega import switches
 from r1mega.rollout.attention import attend_decode_gather
 
 try:
@@ -227,11 +227,8 @@ if HAVE_TRITON:
 
 
 def _kernel_from_env() -> bool:
-    spec = os.environ.get("R1MEGA_PAGED_DECODE", "rows")
-    if spec not in ("rows", "keys"):
-        raise ValueError(f"R1MEGA_PAGED_DECODE={spec!r}: expected 'rows' (the default kernel, a "
-                         f"group's query heads on the dots' M axis) or 'keys' (keys on it)")
-    return spec == "keys"
+    return switches.choice("R1MEGA_PAGED_DECODE", "rows", {
+        "rows": "a KV group's query heads on the dots' M axis", "keys": "keys on it"}) == "keys"
 
 
 # The decode kernel of every paged_decode_attention call that does not choose: process-wide, so

@@ -1,0 +1,24 @@
+"""Environment switches for kernel choices (``R1MEGA_...``): read and checked in one place.
+
+Kernel variants that a GPU run must be able to A/B without a config change (a bench process per
+arm) are environment variables. A value that is not one of the choices is an error naming the
+variable and what each choice means, never a silent default.
+"""
+from __future__ import annotations
+
+import os
+
+
+def choice(name: str, default: str, meanings: dict) -> str:
+    """The value of ``name`` (``default`` when unset), one of ``meanings``' keys."""
+    value = os.environ.get(name, default)
+    if value not in meanings:
+        options = " or ".join(f"{k!r} ({v}{', the default' if k == default else ''})"
+                              for k, v in meanings.items())
+        raise ValueError(f"{name}={value!r}: expected {options}")
+    return value
+
+
+def flag(name: str, default: bool, meaning: str) -> bool:
+    """The 0/1 switch ``name``: 1 turns on ``meaning``."""
+    return choice(name, "1" if default else "0", {"1": meaning, "0": "off"}) == "1"
