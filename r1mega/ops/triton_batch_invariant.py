@@ -193,38 +193,44 @@ def _tiles_same_bits(tiles: Tiles, device, dtype: torch.dtype) -> bool:
     TMA configuration that fails to compile or launch (an older Triton, too little shared
     memory) is unusable, with a warning."""
     gen = torch.Generator(device=device).manual_seed(0)
-    try:
+
+    def same() -> bool:
         a = torch.randn(301, 1000, device=device, dtype=dtype, generator=gen)
         b = torch.randn(777, 1000, device=device, dtype=dtype, generator=gen).t()
-        ok = torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
-    except Exception as exc:
-        if not tiles.tma:
-            raise
-        warnings.warn(f"exact GEMM: the TMA tiles {tuple(tiles)} failed on {device} in {dtype} "
-                      f"({type(exc).__name__}: {exc}); they are not used")
-        return False
-    if not ok:
-        warnings.warn(f"exact GEMM: the tiles {tuple(tiles)} do not give the bits of "
-                      f"{tuple(LARGE)} on {device} in {dtype}; they are not used there")
-    return ok
+        return torch.equal(matmul(a, b, tiles=tiles), matmul(a, b, tiles=LARGE))
+
+    return _verdict(same, f"the tiles {tuple(tiles)}", device, dtype, survive_errors=bool(tiles.tma))
 
 
 def _lt_same_bits(algo, device, dtype: torch.dtype) -> bool:
     """A cuBLASLt algorithm is fixed per weight shape: checked on that shape, at decode-sized and
     ragged row counts, against LARGE row for row."""
     gen = torch.Generator(device=device).manual_seed(0)
-    w = torch.randn(algo.n, algo.k, device=device, dtype=dtype, generator=gen)
+
+    def same() -> bool:
+        w = torch.randn(algo.n, algo.k, device=device, dtype=dtype, generator=gen)
+        return all(torch.equal(clt.matmul(a, w.t(), algo), matmul(a, w.t(), tiles=LARGE))
+                   for a in (torch.randn(m, algo.k, device=device, dtype=dtype, generator=gen)
+                             for m in (1, 37, 301)))
+
+    return _verdict(same, str(algo), device, dtype, survive_errors=True)
+
+
+def _verdict(same, what: str, device, dtype: torch.dtype, survive_errors: bool) -> bool:
+    """``same()``, with a warning where the candidate is not used: its bits differ from LARGE's,
+    or it failed to run (an error only where ``survive_errors`` is false: a plain Triton tile
+    that cannot run is a bug, not a candidate to skip)."""
     try:
-        ok = all(torch.equal(clt.matmul(a, w.t(), algo), matmul(a, w.t(), tiles=LARGE))
-                 for a in (torch.randn(m, algo.k, device=device, dtype=dtype, generator=gen)
-                           for m in (1, 37, 301)))
+        ok = same()
     except Exception as exc:
-        warnings.warn(f"exact GEMM: {algo} failed on {device} ({type(exc).__name__}: {exc}); "
-                      f"it is not used")
+        if not survive_errors:
+            raise
+        warnings.warn(f"exact GEMM: {what} failed on {device} in {dtype} "
+                      f"({type(exc).__name__}: {exc}); not used")
         return False
     if not ok:
-        warnings.warn(f"exact GEMM: {algo} does not give the bits of {tuple(LARGE)} on {device}; "
-                      f"it is not used there")
+        warnings.warn(f"exact GEMM: {what} does not give the bits of {tuple(LARGE)} on {device} "
+                      f"in {dtype}; not used there")
     return ok
 
 
