@@ -135,6 +135,24 @@ def logprob_mismatch(model, completions, prompts, replay: bool = False) -> tuple
     return d.mean().item(), d.max().item()
 
 
+def _profile_prefill(eng, ids, label: str) -> None:
+    """The top kernels of prefilling ``ids`` (one new token each: the prefill and its sample)."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from r1mega.rollout.types import GenerationRequest
+
+    reqs = [GenerationRequest(p, n=1, seed=i, max_new_tokens=1) for i, p in enumerate(ids)]
+    eng.generate(reqs)
+    _sync()
+    cuda = torch.cuda.is_available()  # the CPU smoke run lists operators instead
+    with tprofile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        eng.generate(reqs)
+        _sync()
+    print(f"---- {label} prefill of {len(ids)} prompts: top kernels")
+    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=18,
+                                    max_name_column_width=70))
+
+
 def _time_replays(eng, profile: bool = False) -> None:
     """Device time of one captured decode step per bucket (the host's share is the rest);
     ``profile``: the top kernels of the largest bucket's replay."""
@@ -244,7 +262,7 @@ def main(argv=None) -> int:
                     help="timed runs per mode (same requests): the median's time and step split")
     ap.add_argument("--profile", action="store_true", help="cProfile the first setting's run")
     ap.add_argument("--profile-kernels", action="store_true",
-                    help="after timing, the top kernels of the largest decode graph's replay")
+                    help="after timing, the top kernels of the largest decode graph's replay and of a prefill")
     ap.add_argument("--kv-fp8", action="store_true",
                     help="also time rollout.kv_cache_dtype=fp8 (mode fp8kv) in the same run")
     ap.add_argument("--fp8", default=None, choices=["tensorwise", "rowwise", "blockwise"],
@@ -337,6 +355,8 @@ def main(argv=None) -> int:
                 if mode != modes[0]:
                     print(f"---- {mode} mode", flush=True)
                 _time_replays(eng, profile=args.profile_kernels)
+                if args.profile_kernels:
+                    _profile_prefill(eng, ids, mode)
             n_new = sum(len(c.token_ids) for c in outs)
             assert n_new == prompts * new, f"expected every sequence to reach {new} tokens"
             if first and mode == modes[0] and args.mismatch_seqs:
