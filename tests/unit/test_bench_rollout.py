@@ -64,3 +64,22 @@ def test_peer_has_the_same_shape(model, peer, single_rank_runtime):
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
     with torch.no_grad():
         hf(torch.tensor([[1, 2, 3]]))  # it runs
+
+
+@pytest.mark.slow  # two modes of the smoke: ~20 s on a loaded 2-core box
+def test_profile_kernels_lists_each_modes_prefill(capsys, monkeypatch):
+    """--profile-kernels prints a prefill's top operators for the default and the exact mode,
+    and the profiled prefill changes no timed result (the exact gap stays 0)."""
+    from r1mega.bench import rollout
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert rollout.main(["--smoke", "--exact", "--profile-kernels", "--settings", "4x8x8",
+                         "--mismatch-seqs", "2"]) == 0
+    text = capsys.readouterr().out
+    for mode in ("sync", "exact"):
+        head = f"---- {mode} prefill of 4 prompts: top kernels"
+        assert head in text
+        table = text.split(head, 1)[1]
+        assert "aten::mm" in table.split("Self CPU time total", 1)[0]
+    out = json.loads(text.strip().splitlines()[-1])
+    assert out["exact"]["logprob_gap"]["max_abs_diff"] == 0.0
