@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Transformer Engine on the GPU machine (issue 17, item 3), which has no TE and no package index.
 # TE's core wheel (transformer-engine-cu13 2.20.2, 276 MB) exceeds what one device call carries
-# (64 MiB), so it travels in five parts over consecutive calls while the machine stays warm:
+# (64 MiB). `prepare` keeps only sm_90's device code in it (tools/fatbin_prune.py: the other seven
+# architectures' fatbin payloads zeroed, 32 MB rebuilt), so one call carries it:
 #
-#   here, once:  tools/gpu_te.sh prepare            # .te/: the parts, their sha256, the wheels TE
-#                                                   # imports, TE's torch extension (see below)
-#   device, calls 1-5 (carry .te/parts/te_cu13.whl.partK, K = 0..4, one a call, back to back):
-#                tools/gpu_te.sh stash
-#   device, call 6 (carry .whl .te/whl .te/torch .te/te_cu13.sha256):
+#   here, once:  tools/gpu_te.sh prepare            # .te/: the sm_90 wheel, the wheels TE imports,
+#                                                   # TE's torch extension (see below), and the
+#                                                   # whole wheel in five parts with its sha256
+#   device (carry .whl .te/whl .te/torch .te/sm90):
 #                tools/gpu_te.sh run [PARTS]         # PARTS: import tests current blockwise parity
+#   or, with the unpruned wheel: calls 1-5 carry .te/parts/te_cu13.whl.partK (K = 0..4, one a
+#   call, back to back) running `tools/gpu_te.sh stash`; call 6 carries .whl .te/whl .te/torch
+#   .te/te_cu13.sha256 and runs `TE_WHEEL=parts tools/gpu_te.sh run`.
 #
-# `run` joins the parts in /tmp (checked against the sha256), installs TE with the wheels in
-# .te/whl (TE's metapackage, einops, pydantic, nvdlfw-inspect) and .te/torch (transformer-engine-
-# torch 2.20.2 built against torch 2.11+cu130 for sm_90: `prepare` builds it here with Python 3.12,
-# since the device machine would spend minutes of its time on it; without it `run` builds the
-# source package in .te/src there), then: TE's import, tests/gpu/test_te_gpu.py, and
-# `bench fp8 --backend te` at the GEMM-heavy shape (current, then blockwise), a table last.
-# r1mega's CUDA extensions are not carried: their JIT builds are off, their PyTorch paths serve.
+# `run` installs TE with the wheels in .te/whl (TE's metapackage, einops, pydantic, nvdlfw-inspect)
+# and .te/torch (transformer-engine-torch 2.20.2 built against torch 2.11+cu130 for sm_90: `prepare`
+# builds it here with Python 3.12, since the device machine would spend minutes of its time on it;
+# without it `run` builds the source package in .te/src there), then: TE's import,
+# tests/gpu/test_te_gpu.py, and `bench fp8 --backend te` at the GEMM-heavy shape (current, then
+# blockwise), a table last. r1mega's CUDA extensions are not carried: their JIT builds are off,
+# their PyTorch paths serve.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/r1mega-out}
@@ -35,6 +38,8 @@ prepare)  # on the CPU machine: python3.12 with torch==2.11.0 (cu130) in $TE_VEN
       --implementation cp --platform manylinux_2_28_x86_64 -d "$src" transformer-engine-cu13==2.20.2
   (cd "$src" && sha256sum "$WHEEL") >.te/te_cu13.sha256
   split -n 5 -d -a 1 "$src/$WHEEL" .te/parts/te_cu13.whl.part
+  mkdir -p .te/sm90
+  python3 "$(dirname "$0")/fatbin_prune.py" "$src/$WHEEL" ".te/sm90/$WHEEL" --arch 90
   # TE's import checks for its metapackage (transformer-engine) beside the core wheel; of the
   # other modules `import transformer_engine.pytorch` loads, the device machine lacks these
   for spec in transformer-engine==2.20.2 einops==0.8.2 nvdlfw-inspect==0.2.2 pydantic==2.14.4 \
@@ -57,9 +62,13 @@ run)
   PARTS=${*:-import tests current blockwise}
   t0=$(date +%s)
   mkdir -p /tmp/te
-  cat /tmp/te-parts/te_cu13.whl.part0 /tmp/te-parts/te_cu13.whl.part1 /tmp/te-parts/te_cu13.whl.part2 \
-      /tmp/te-parts/te_cu13.whl.part3 /tmp/te-parts/te_cu13.whl.part4 >/tmp/te/$WHEEL || exit 1
-  (cd /tmp/te && sha256sum -c "$OLDPWD/.te/te_cu13.sha256") || exit 1
+  if [ "${TE_WHEEL:-sm90}" = parts ]; then
+    cat /tmp/te-parts/te_cu13.whl.part0 /tmp/te-parts/te_cu13.whl.part1 /tmp/te-parts/te_cu13.whl.part2 \
+        /tmp/te-parts/te_cu13.whl.part3 /tmp/te-parts/te_cu13.whl.part4 >/tmp/te/$WHEEL || exit 1
+    (cd /tmp/te && sha256sum -c "$OLDPWD/.te/te_cu13.sha256") || exit 1
+  else
+    cp ".te/sm90/$WHEEL" /tmp/te/ || exit 1
+  fi
   # one pip command: TE's wheels share the transformer_engine/ folder (a second --target install
   # would skip what is already there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
