@@ -116,17 +116,20 @@ def exact_packed_attention(q, k, v, seq_lengths: Sequence[int], scale: float) ->
 
 def exact_cache_attention(q, k_cache, v_cache, slots: torch.Tensor, q_seq: torch.Tensor,
                           q_pos: torch.Tensor, scale: float, num_blocks: Optional[int] = None,
-                          tiles: Optional[torch.Tensor] = None, decode_tiles: bool = False):
+                          tiles: Optional[torch.Tensor] = None, decode_tiles: bool = False,
+                          train_tiles: bool = False):
     """The rollout's attention over the paged cache. q (T, Hq, D); caches (N, bs, Hkv, D);
     slots (B, L) cache slot of sequence b's j-th token (junk past its context) -> (T, Hq, D).
     ``tiles``: the CUDA kernel's tile table of q_seq, when the caller keeps it across layers;
     ``decode_tiles``: one query per sequence, through the kernel's small tiles (checked by the
-    caller with triton_exact_attention.decode_tiles_usable)."""
+    caller with triton_exact_attention.decode_tiles_usable); ``train_tiles``: many queries per
+    sequence (prefill), through training's tiles (checked with train_tiles_usable)."""
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     if tea.supported(q):  # the kernel training runs too, reading the cache through the slots
         return tea.exact_attention_slots(_d_contig(q), k_cache.view(-1, hkv, d),
                                          v_cache.view(-1, hkv, d), slots, q_seq, q_pos, scale,
-                                         tiles=tiles, decode_tiles=decode_tiles)
+                                         tiles=tiles, decode_tiles=decode_tiles,
+                                         train_tiles=train_tiles)
     L = slots.shape[1]
     pad = _round_up(L) - L
     if pad:

@@ -199,10 +199,27 @@ if (DECODE_TILE_ROWS, DECODE_WARPS) != (TILE_ROWS, WARPS):
                   f"may no longer match the training forward bit for bit")
 
 
+# The last packed forward's tables, and the last tile table: every layer of a forward asks for
+# the same ones, and building them copies the lengths to the device, which waits for the stream
+# (a host-device sync per layer would leave the GPU idle while the host launches the next layer).
+_packed_memo: list = [None, None]
+_tiles_memo: list = [None, None]
+
+
 def packed_tables(lengths: list, width: int, device) -> tuple:
     """Packed sequences of these lengths (rows back to back) -> slots (B, width): sequence b's
     j-th row, clamped to the last row past its end (masked by position); q_seq (T,) each row's
-    sequence; q_pos (T,) its position. Device ops only, one host value (T) known up front."""
+    sequence; q_pos (T,) its position. One host-to-device copy per new set of lengths: the last
+    set's tensors are kept and returned again (callers only read them)."""
+    key = (tuple(int(x) for x in lengths), int(width), torch.device(device))
+    if key[2].type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _packed_tables(list(key[0]), key[1], key[2])  # a graph keeps its own tensors
+    if _packed_memo[0] != key:
+        _packed_memo[0], _packed_memo[1] = key, _packed_tables(list(key[0]), key[1], key[2])
+    return _packed_memo[1]
+
+
+def _packed_tables(lengths: list, width: int, device) -> tuple:
     t = sum(lengths)
     lens = torch.tensor(lengths, dtype=torch.int64, device=device)
     starts = torch.cumsum(lens, 0) - lens
@@ -233,6 +250,19 @@ def tile_sizes(q_seq: torch.Tensor, bq: int) -> torch.Tensor:
     end = torch.cat([suffix[1:], suffix.new_full((1,), t)])
     first = (i - run_start) % bq == 0
     return torch.where(first, torch.clamp(end - i, max=bq), 0).to(torch.int32)
+
+
+def _tile_table(q_seq: torch.Tensor, bq: int) -> torch.Tensor:
+    """:func:`tile_sizes`, kept for the last (q_seq tensor, its version, bq) outside graph capture:
+    the layers of one forward pass the same q_seq tensor."""
+    if q_seq.is_cuda and torch.cuda.is_current_stream_capturing():
+        return tile_sizes(q_seq, bq)
+    old = _tiles_memo[0]
+    if old is not None and old[0] is q_seq and old[1:] == (q_seq._version, bq):
+        return _tiles_memo[1]
+    tiles = tile_sizes(q_seq, bq)
+    _tiles_memo[0], _tiles_memo[1] = (q_seq, q_seq._version, bq), tiles  # holds q_seq: no id reuse
+    return tiles
 
 
 def queries_per_tile(hq: int, hkv: int, tile_rows: int = TILE_ROWS) -> int:
@@ -307,7 +337,7 @@ def exact_attention_slots(q, k_rows, v_rows, slots, q_seq, q_pos, scale: float,
     slots = slots.to(torch.int64).contiguous()
     kernel[(t, hkv)](
         q, k_rows, v_rows, slots, q_seq, q_pos.to(torch.int64).contiguous(),
-        tile_sizes(q_seq, bq) if tiles is None else tiles, out, float(scale),
+        _tile_table(q_seq, bq) if tiles is None else tiles, out, float(scale),
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1),
         v_rows.stride(0), v_rows.stride(1), out.stride(0), out.stride(1), slots.stride(0),
         G=g, G_PAD=g_pad, BQ=bq, D=d, KB=kb,

@@ -49,11 +49,30 @@ def exact_runner_attention(q, k_cache, v_cache, batch: Optional[AttentionBatch],
         small = tiles is not None and tea.decode_tiles_usable(q, k_cache.shape[-2])
         return exact_cache_attention(q, k_cache, v_cache, slots, q_seq, q_pos, scale, tiles=tiles,
                                      decode_tiles=small)
-    max_ctx = max(batch.ctx_lens_host)
-    slots = gather_slots(batch, max_ctx)  # (B, max_ctx)
+    slots, q_seq, train = _prefill_step_tables(batch, q, k_cache.shape[-2])
+    return exact_cache_attention(q, k_cache, v_cache, slots, q_seq, batch.positions.long(), scale,
+                                 train_tiles=train)
+
+
+# A prefill step's tables, made by its first layer and read by the others (the step's batch is
+# held, so a later step's batch never matches): building them copies the query lengths to the
+# device, which waits for the stream, once a step instead of once a layer.
+_prefill_tables: list = [None, None]
+
+
+def _prefill_step_tables(batch: AttentionBatch, q: torch.Tensor, hkv: int):
+    """-> slots (B, max_ctx), q_seq (T,), and whether the kernel's training tiles serve (the
+    same device check as training's: they give the default tiles' bits, and are faster on the
+    many queries of a sequence that prefill has)."""
+    old = _prefill_tables[0]
+    if old is not None and old[0] is batch and old[1:] == (q.shape, hkv):
+        return _prefill_tables[1]
+    slots = gather_slots(batch, max(batch.ctx_lens_host))  # (B, max_ctx)
     lens = torch.tensor(batch.q_lens, dtype=torch.int64)
     q_seq = torch.repeat_interleave(torch.arange(len(batch.q_lens)), lens).to(q.device)
-    return exact_cache_attention(q, k_cache, v_cache, slots, q_seq, batch.positions.long(), scale)
+    train = tea.supported(q) and tea.train_tiles_usable(q, hkv)
+    _prefill_tables[0], _prefill_tables[1] = (batch, q.shape, hkv), (slots, q_seq, train)
+    return _prefill_tables[1]
 
 
 def enable_exact(engine) -> None:
