@@ -142,6 +142,19 @@ std::vector<int64_t> describe(const torch::Tensor& blob) {
           config<uint16_t>(a, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)};
 }
 
+// Bytes of workspace the algorithm wants at (m, n, k), or -1 where cuBLASLt refuses it there: an
+// algorithm's need can appear only at large M (e.g. none at 8,192 rows, 4 bytes at 16,384).
+int64_t workspace(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, const torch::Tensor& blob) {
+  TORCH_CHECK(m > 0 && n > 0 && k > 0, "cuBLASLt exact GEMM: bad problem ", m, "x", n, "x", k);
+  auto algo = unpack(blob);
+  auto handle = handle_for(c10::cuda::current_device());
+  Problem p(m, n, k, k, k, n, data_type(dtype));
+  cublasLtMatmulHeuristicResult_t check{};
+  if (cublasLtMatmulAlgoCheck(handle, p.op, p.wl, p.al, p.yl, p.yl, &algo, &check) != CUBLAS_STATUS_SUCCESS)
+    return -1;
+  return static_cast<int64_t>(check.workspaceSize);
+}
+
 // y = a @ w^T through the given algorithm; refused (an error, never another algorithm) where
 // cuBLASLt says it cannot run this problem.
 torch::Tensor matmul(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor& blob) {
@@ -173,6 +186,7 @@ torch::Tensor matmul(const torch::Tensor& a, const torch::Tensor& w, const torch
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("workspace", &workspace, "workspace bytes of an algorithm at (m, n, k), -1 where it cannot run");
   m.def("algos", &algos, "cuBLASLt heuristic algorithms without workspace or K splits (bytes each)");
   m.def("describe", &describe, "an algorithm's configuration attributes");
   m.def("matmul", &matmul, "y = a @ w.T through one fixed cuBLASLt algorithm");

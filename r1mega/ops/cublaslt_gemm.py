@@ -35,6 +35,10 @@ ENABLED = switches.flag("R1MEGA_EXACT_GEMM_CUBLASLT", False,
 # heuristic queries per weight shape: a training-sized and a decode-sized M, each's best few
 HEURISTIC_ROWS = (8192, 256)
 PER_QUERY = 4
+# an algorithm is offered only if it runs without workspace at each of these row counts too: one
+# that wants workspace at some M would have no exact twin to serve it (1M rows: beyond any
+# micro-batch; a larger call is refused by the extension, not sent elsewhere)
+WORKSPACE_ROWS = (1, 301, 4096, 16384, 65536, 262144, 1 << 20)
 
 
 class LtAlgo(NamedTuple):
@@ -72,7 +76,8 @@ def eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def algos_for(n: int, k: int, dtype: torch.dtype, device) -> list:
     """The no-split, no-workspace algorithms cuBLASLt's heuristic offers for the weight shape
-    (n, k) at HEURISTIC_ROWS, best first, each once. One query per device, dtype and shape."""
+    (n, k) at HEURISTIC_ROWS, best first, each once, that need no workspace at any of
+    WORKSPACE_ROWS either. One query per device, dtype and shape."""
     key = (str(device), dtype, n, k)
     if key not in _algos:
         ext = get()
@@ -84,7 +89,8 @@ def algos_for(n: int, k: int, dtype: torch.dtype, device) -> list:
                     config = tuple(ext.describe(blob))
                     if config not in seen:
                         seen.add(config)
-                        out.append(LtAlgo(n, k, dtype, raw, config))
+                        if all(ext.workspace(r, n, k, dtype, blob) == 0 for r in WORKSPACE_ROWS):
+                            out.append(LtAlgo(n, k, dtype, raw, config))
         _algos[key] = out
     return _algos[key]
 

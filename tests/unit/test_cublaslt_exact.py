@@ -143,3 +143,35 @@ def test_only_cuda_half_precision_with_the_extension_is_supported(monkeypatch):
     assert not cle.supported(a, torch.zeros(2048, 50257))  # a GPT-2 vocabulary: Triton
     monkeypatch.setattr(clt, "get", lambda: None)
     assert not cle.supported(FakeCuda(torch.bfloat16))
+
+
+def test_algos_for_drops_algorithms_that_want_workspace_at_any_row_count(monkeypatch):
+    """cuBLASLt's heuristic answers for its query's M; an algorithm may want workspace only at a
+    larger M (seen on the H200: none at 8,192 rows, 4 bytes at 16,384), where the extension
+    refuses it. Such algorithms are not offered; the others keep the heuristic's order, once."""
+    import contextlib
+
+    blobs = {m: [torch.tensor([t], dtype=torch.uint8) for t in tags]
+             for m, tags in {clt.HEURISTIC_ROWS[0]: (5, 6, 7), clt.HEURISTIC_ROWS[1]: (7, 8, 6)}.items()}
+    asked = []
+
+    class Ext:
+        def algos(self, m, n, k, dtype, per):
+            return blobs[m]
+
+        def describe(self, blob):
+            return [int(blob[0])] + [0] * 8
+
+        def workspace(self, m, n, k, dtype, blob):
+            asked.append((int(blob[0]), m))
+            tag = int(blob[0])
+            return 4 if (tag == 6 and m >= 16384) or (tag == 8 and m == 1) else 0
+
+    monkeypatch.setattr(clt, "get", lambda: Ext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(clt, "_algos", {})
+    got = clt.algos_for(64, 48, torch.bfloat16, "cuda:0")
+    assert [a.config[0] for a in got] == [5, 7]
+    assert {m for t, m in asked if t == 5} == set(clt.WORKSPACE_ROWS)  # every row count asked
+    assert max(clt.WORKSPACE_ROWS) >= 1 << 20 and 16384 in clt.WORKSPACE_ROWS
+    assert clt.algos_for(64, 48, torch.bfloat16, "cuda:0") is got  # one query per shape
