@@ -127,8 +127,7 @@ def algo_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> clt.LtAlgo:
             return ref
         cands = [ref] + [x for x in clt.algos_for(n, k, a.dtype, a.device)
                          if x.config != ref.config and _same_bits(x, ref, a.device, a.dtype)]
-        _choice[key] = cands[0] if len(cands) == 1 else tbi.fastest(
-            cands, time_ms or (lambda t: tbi._time_ms(t, a, b)))
+        _choice[key] = cands[0] if len(cands) == 1 else tbi.fastest(cands, time_ms or tbi._timer(a, b))
     return _choice[key]
 
 

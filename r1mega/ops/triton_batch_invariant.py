@@ -273,16 +273,25 @@ def row_bucket(m: int) -> int:
     return max(16, 1 << max(0, m - 1).bit_length())
 
 
-def fastest(candidates: list, time_ms) -> Tiles:
-    """The candidate with the least ``time_ms(tiles)``; the first of equals."""
-    times = [time_ms(t) for t in candidates]
-    return candidates[times.index(min(times))]
+TIMING_ROUNDS = 5
 
 
-def _time_ms(tiles: Tiles, a: torch.Tensor, b: torch.Tensor, calls: int = 8, reps: int = 3) -> float:
-    """ms per call of ``calls`` back-to-back calls replayed from one CUDA graph (as a decode step
-    runs them; launched one by one from Python, launch latency would hide the small kernels'
-    times), the least of ``reps`` replays."""
+def fastest(candidates: list, time_ms, rounds: int = TIMING_ROUNDS) -> Tiles:
+    """The candidate with the least ``time_ms(tiles)`` over ``rounds`` interleaved rounds (each
+    round times every candidate once, so a GPU clock that ramps up or drifts while they are timed
+    favours none; timed one after another, the choice changed from process to process); the
+    first of equals."""
+    best = [float("inf")] * len(candidates)
+    for _ in range(rounds):
+        for i, tiles in enumerate(candidates):
+            best[i] = min(best[i], time_ms(tiles))
+    return candidates[best.index(min(best))]
+
+
+def _graph_timer(tiles, a: torch.Tensor, b: torch.Tensor, calls: int = 8):
+    """-> a function that replays ``calls`` back-to-back calls of ``tiles`` from one CUDA graph
+    (as a decode step runs them; launched one by one from Python, launch latency would hide the
+    small kernels' times) and returns ms per call."""
     matmul(a, b, tiles=tiles)  # compile outside the capture
     dev = a.device
     side = torch.cuda.Stream(dev)
@@ -296,16 +305,31 @@ def _time_ms(tiles: Tiles, a: torch.Tensor, b: torch.Tensor, calls: int = 8, rep
         finally:
             graph.capture_end()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    with torch.cuda.stream(side):
-        for _ in range(reps):
+
+    def once() -> float:
+        with torch.cuda.stream(side):
             start.record()
             graph.replay()
             end.record()
             end.synchronize()
-            best = min(best, start.elapsed_time(end))
-    torch.cuda.current_stream(dev).wait_stream(side)
-    return best / calls
+        torch.cuda.current_stream(dev).wait_stream(side)
+        return start.elapsed_time(end) / calls
+
+    once()  # warm: the first replay uploads the graph
+    return once
+
+
+def _timer(a: torch.Tensor, b: torch.Tensor):
+    """time_ms(tiles) for :func:`fastest` on the call's own operands, each candidate's graph
+    captured once and replayed every round."""
+    timers: dict = {}
+
+    def time_ms(tiles) -> float:
+        if tiles not in timers:
+            timers[tiles] = _graph_timer(tiles, a, b)
+        return timers[tiles]()
+
+    return time_ms
 
 
 def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
@@ -330,8 +354,7 @@ def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
         if capturing:
             return LARGE
         cands = [t for t in dict.fromkeys(every) if tiles_usable(t, a.device, a.dtype)]
-        _choice[key] = cands[0] if len(cands) == 1 else fastest(
-            cands, time_ms or (lambda t: _time_ms(t, a, b)))
+        _choice[key] = cands[0] if len(cands) == 1 else fastest(cands, time_ms or _timer(a, b))
     return _choice[key]
 
 

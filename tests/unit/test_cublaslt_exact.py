@@ -11,6 +11,7 @@ import torch
 from r1mega.ops import batch_invariant as bi
 from r1mega.ops import cublaslt_exact as cle
 from r1mega.ops import cublaslt_gemm as clt
+from r1mega.ops import triton_batch_invariant as tbi
 
 
 def _algo(tag: int) -> clt.LtAlgo:
@@ -60,7 +61,8 @@ def test_decode_calls_time_only_algorithms_with_the_references_bits(fake_lt):
         return {GOOD.config: 2.0, TWIN.config: 1.0}[algo.config]
 
     assert cle.algo_for(a, b, time_ms=time_ms) == TWIN  # faster, same bits
-    assert sorted(t.config[0] for t in timed) == [GOOD.config[0], TWIN.config[0]]  # OTHER never
+    assert {t.config[0] for t in timed} == {GOOD.config[0], TWIN.config[0]}  # OTHER never
+    assert len(timed) == 2 * tbi.TIMING_ROUNDS
     timed.clear()
     assert cle.algo_for(torch.randn(50, 48), b, time_ms=time_ms) == TWIN  # same bucket: no retiming
     assert not timed
