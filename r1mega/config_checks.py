@@ -294,6 +294,8 @@ def validate_exact(cfg: Config) -> None:
     r, m, p = cfg.rollout, cfg.model, cfg.parallel
     if not r.exact:
         return
+    if m.spec == "auto":  # auto would take TE's layers on a GPU where TE imports; the exact
+        m.spec = "local"  # mode needs r1mega's (below: an explicit te is refused)
     refuse = [
         (cfg.precision.fp8, "precision.fp8=true",
          "FP8 GEMMs are not batch-invariant kernels here (and TE's FP8 weights would differ from "

@@ -285,6 +285,8 @@ def main(argv=None) -> int:
     from r1mega.rollout.types import GenerationRequest
 
     shape = get_shape(args.model, smoke=args.smoke)
+    if args.exact:  # the exact mode runs r1mega's local layers: the default mode on them too
+        shape["spec"] = "local"
     settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
     if args.smoke:
         settings = [(4, 8, 8), (2, 8, 16)]

@@ -400,6 +400,8 @@ def main(argv=None) -> int:
     from r1mega.parallel.runtime import destroy_parallel, init_parallel
 
     shape = get_shape(args.model, smoke=args.smoke)
+    if args.exact:  # the exact forward runs r1mega's local layers: the default row on them too
+        shape["spec"] = "local"
     moe = is_moe_shape(shape)
     if args.seqs is None:
         args.seqs = DEFAULT_SEQS.get(args.model, 8)

@@ -91,6 +91,20 @@ def test_validation_refuses_what_exact_cannot_keep(key, value):
         validate_exact(cfg)
 
 
+def test_exact_takes_the_local_spec_where_auto_would_take_te():
+    """model.spec=auto picks Transformer Engine's layers on a GPU where TE imports, which the
+    exact mode cannot run (seen on the H200 once TE was installed: the engine refused layer 0):
+    with rollout.exact validation resolves auto to local; the default mode keeps auto."""
+    cfg = tiny_cfg()
+    cfg.rollout.compile_decode = False
+    assert cfg.model.spec == "auto"
+    validate_exact(cfg)
+    assert cfg.model.spec == "auto"
+    cfg.rollout.exact = True
+    validate_exact(cfg)
+    assert cfg.model.spec == "local"
+
+
 def test_check_importance_weight_stats():
     """The step's importance weights exp(recomputed - rollout) over active tokens, across
     micro-batches, against a direct computation; all exactly 1 when the two agree."""
