@@ -279,8 +279,7 @@ TIMING_ROUNDS = 5
 def fastest(candidates: list, time_ms, rounds: int = TIMING_ROUNDS) -> Tiles:
     """The candidate with the least ``time_ms(tiles)`` over ``rounds`` interleaved rounds (each
     round times every candidate once, so a GPU clock that ramps up or drifts while they are timed
-    favours none; timed one after another, the choice changed from process to process); the
-    first of equals."""
+    favours none); the first of equals."""
     best = [float("inf")] * len(candidates)
     for _ in range(rounds):
         for i, tiles in enumerate(candidates):

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from r1mega import switches
+from r1mega.ops.last_key import LastKey
 
 try:
     import triton
@@ -202,8 +203,8 @@ if (DECODE_TILE_ROWS, DECODE_WARPS) != (TILE_ROWS, WARPS):
 # The last packed forward's tables, and the last tile table: every layer of a forward asks for
 # the same ones, and building them copies the lengths to the device, which waits for the stream
 # (a host-device sync per layer would leave the GPU idle while the host launches the next layer).
-_packed_memo: list = [None, None]
-_tiles_memo: list = [None, None]
+_packed_memo = LastKey()
+_tiles_memo = LastKey()
 
 
 def packed_tables(lengths: list, width: int, device) -> tuple:
@@ -211,12 +212,10 @@ def packed_tables(lengths: list, width: int, device) -> tuple:
     j-th row, clamped to the last row past its end (masked by position); q_seq (T,) each row's
     sequence; q_pos (T,) its position. One host-to-device copy per new set of lengths: the last
     set's tensors are kept and returned again (callers only read them)."""
-    key = (tuple(int(x) for x in lengths), int(width), torch.device(device))
-    if key[2].type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _packed_tables(list(key[0]), key[1], key[2])  # a graph keeps its own tensors
-    if _packed_memo[0] != key:
-        _packed_memo[0], _packed_memo[1] = key, _packed_tables(list(key[0]), key[1], key[2])
-    return _packed_memo[1]
+    lengths, width, device = [int(x) for x in lengths], int(width), torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _packed_tables(lengths, width, device)  # a graph keeps its own tensors
+    return _packed_memo.get((tuple(lengths), width, device), lambda: _packed_tables(lengths, width, device))
 
 
 def _packed_tables(lengths: list, width: int, device) -> tuple:
@@ -257,12 +256,7 @@ def _tile_table(q_seq: torch.Tensor, bq: int) -> torch.Tensor:
     the layers of one forward pass the same q_seq tensor."""
     if q_seq.is_cuda and torch.cuda.is_current_stream_capturing():
         return tile_sizes(q_seq, bq)
-    old = _tiles_memo[0]
-    if old is not None and old[0] is q_seq and old[1:] == (q_seq._version, bq):
-        return _tiles_memo[1]
-    tiles = tile_sizes(q_seq, bq)
-    _tiles_memo[0], _tiles_memo[1] = (q_seq, q_seq._version, bq), tiles  # holds q_seq: no id reuse
-    return tiles
+    return _tiles_memo.get((q_seq, q_seq._version, bq), lambda: tile_sizes(q_seq, bq))
 
 
 def queries_per_tile(hq: int, hkv: int, tile_rows: int = TILE_ROWS) -> int:

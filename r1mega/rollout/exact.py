@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from r1mega.ops.batch_invariant import install_exact_forward
+from r1mega.ops.last_key import LastKey
 from r1mega.ops import triton_batch_invariant as tbi
 from r1mega.ops import triton_exact_attention as tea
 from r1mega.ops.exact_attention import exact_cache_attention
@@ -16,17 +17,17 @@ from r1mega.rollout.attention import AttentionBatch, gather_slots
 
 # The decode step's slot and tile tables, made by its first layer and read by the others: keyed
 # on the step's input tensors and their versions (an engine refills its static graph inputs in
-# place), and holding them, so a key never matches another step's tensors.
-_decode_tables: list = [None, None]
+# place).
+_decode_tables = LastKey()
 
 
 def _decode_step_tables(block_tables, ctx_lens, bs: int, q: torch.Tensor, hkv: int):
     key = (block_tables, block_tables._version, ctx_lens, ctx_lens._version, bs, q.shape[1], hkv,
            torch.cuda.is_current_stream_capturing() if q.is_cuda else False)
-    old = _decode_tables[0]
-    if old is not None and len(old) == len(key) and all(a is b if isinstance(a, torch.Tensor) else a == b
-                                                          for a, b in zip(old, key)):
-        return _decode_tables[1]
+    return _decode_tables.get(key, lambda: _make_decode_tables(block_tables, ctx_lens, bs, q, hkv))
+
+
+def _make_decode_tables(block_tables, ctx_lens, bs: int, q: torch.Tensor, hkv: int):
     b = block_tables.shape[0]
     j = torch.arange(block_tables.shape[1] * bs, device=q.device)
     slots = block_tables.long().gather(1, (j // bs)[None, :].expand(b, -1)) * bs + j % bs
@@ -34,9 +35,7 @@ def _decode_step_tables(block_tables, ctx_lens, bs: int, q: torch.Tensor, hkv: i
     tiles = None
     if tea.supported(q):
         tiles = tea.tile_sizes(q_seq, tea.queries_per_tile(q.shape[1], hkv))
-    tables = (slots, q_seq, ctx_lens.long() - 1, tiles)
-    _decode_tables[0], _decode_tables[1] = key, tables
-    return tables
+    return slots, q_seq, ctx_lens.long() - 1, tiles
 
 
 def exact_runner_attention(q, k_cache, v_cache, batch: Optional[AttentionBatch], decode_tensors,
@@ -54,25 +53,23 @@ def exact_runner_attention(q, k_cache, v_cache, batch: Optional[AttentionBatch],
                                  train_tiles=train)
 
 
-# A prefill step's tables, made by its first layer and read by the others (the step's batch is
-# held, so a later step's batch never matches): building them copies the query lengths to the
-# device, which waits for the stream, once a step instead of once a layer.
-_prefill_tables: list = [None, None]
+# A prefill step's tables, made by its first layer and read by the others (keyed on the step's
+# batch): building them copies the query lengths to the device, which waits for the stream, once
+# a step instead of once a layer.
+_prefill_tables = LastKey()
 
 
 def _prefill_step_tables(batch: AttentionBatch, q: torch.Tensor, hkv: int):
     """-> slots (B, max_ctx), q_seq (T,), and whether the kernel's training tiles serve (the
     same device check as training's: they give the default tiles' bits, and are faster on the
     many queries of a sequence that prefill has)."""
-    old = _prefill_tables[0]
-    if old is not None and old[0] is batch and old[1:] == (q.shape, hkv):
-        return _prefill_tables[1]
-    slots = gather_slots(batch, max(batch.ctx_lens_host))  # (B, max_ctx)
-    lens = torch.tensor(batch.q_lens, dtype=torch.int64)
-    q_seq = torch.repeat_interleave(torch.arange(len(batch.q_lens)), lens).to(q.device)
-    train = tea.supported(q) and tea.train_tiles_usable(q, hkv)
-    _prefill_tables[0], _prefill_tables[1] = (batch, q.shape, hkv), (slots, q_seq, train)
-    return _prefill_tables[1]
+    def make():
+        slots = gather_slots(batch, max(batch.ctx_lens_host))  # (B, max_ctx)
+        lens = torch.tensor(batch.q_lens, dtype=torch.int64)
+        q_seq = torch.repeat_interleave(torch.arange(len(batch.q_lens)), lens).to(q.device)
+        return slots, q_seq, tea.supported(q) and tea.train_tiles_usable(q, hkv)
+
+    return _prefill_tables.get((batch, q.shape, hkv), make)
 
 
 def enable_exact(engine) -> None:

@@ -55,3 +55,23 @@ def test_prefill_tables_kept_for_one_steps_batch():
     b2 = _batch([2, 4], [2, 5])  # the next step: a new batch, new tables
     again = rexact._prefill_step_tables(b2, q, 2)
     assert again[0] is not slots and torch.equal(again[0], slots) and torch.equal(again[1], q_seq)
+
+
+def test_last_key_matches_objects_by_identity_and_values_by_value():
+    from r1mega.ops.last_key import LastKey
+
+    memo, made = LastKey(), []
+
+    def make(tag):
+        return lambda: (made.append(tag), tag)[1]
+
+    t = torch.zeros(3)
+    assert memo.get((t, 0, (1, 2), torch.Size([2, 3]), "cpu"), make("a")) == "a"
+    assert memo.get((t, 0, (1, 2), torch.Size([2, 3]), "cpu"), make("b")) == "a"  # same key
+    assert memo.get((t.clone(), 0, (1, 2), torch.Size([2, 3]), "cpu"), make("c")) == "c"  # equal values, other tensor
+    assert memo.get((t, 0, (1, 3), torch.Size([2, 3]), "cpu"), make("d")) == "d"
+    assert memo.get((t, 1, (1, 3), torch.Size([2, 3]), "cpu"), make("e")) == "e"  # a version moved
+    b1, b2 = _batch([2], [2]), _batch([2], [2])  # dataclasses holding tensors: identity only
+    assert memo.get((b1,), make("f")) == "f" and memo.get((b1,), make("g")) == "f"
+    assert memo.get((b2,), make("h")) == "h"
+    assert made == ["a", "c", "d", "e", "f", "h"]
