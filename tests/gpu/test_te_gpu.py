@@ -43,16 +43,27 @@ def _logits(gpt, ids):
                packed_seq_params=make_packed_seqs(LENGTHS, "cuda"))
 
 
-def _pair(rt, precision=None):
-    """(local GPTModel, TE-spec GPTModel under ``precision``) holding the same weights."""
+def _models(rt, *precisions):
+    """A local GPTModel and one TE-spec GPTModel per precision, all holding the local one's
+    weights (loaded: on CUDA megatron draws them from its model-parallel RNG tracker, which
+    torch.manual_seed does not reset, so two builds would not give the same weights)."""
     from r1mega.models.gpt import build_model
 
-    torch.manual_seed(0)
     local = build_model(_config("local"), rt, wrap=False)[0]
-    te = build_model(_config("te"), rt, precision, wrap=False)[0]
-    missing, unexpected = te.load_state_dict(_te_state(local.state_dict()), strict=False)
-    # TE keeps extra state (FP8 metadata) that a local model has no counterpart for
-    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    state = _te_state(local.state_dict())
+    tes = []
+    for precision in precisions:
+        te = build_model(_config("te"), rt, precision, wrap=False)[0]
+        missing, unexpected = te.load_state_dict(state, strict=False)
+        # TE keeps extra state (FP8 metadata) that a local model has no counterpart for
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+        tes.append(te)
+    return local, tes
+
+
+def _pair(rt, precision=None):
+    """(local GPTModel, TE-spec GPTModel under ``precision``) holding the same weights."""
+    local, (te,) = _models(rt, precision)
     return local, te
 
 
@@ -89,8 +100,11 @@ def test_te_fp8_is_engaged_and_close_to_bf16(single_rank_runtime, recipe):
         pytest.skip("TE's blockwise FP8 recipe runs on Hopper")
     prec = PrecisionConfig(dtype="bf16", fp8=True, fp8_backend="te", fp8_recipe=recipe)
     rt = single_rank_runtime(precision=prec)
-    _, te_bf16 = _pair(rt)
-    _, te_fp8 = _pair(rt, prec)
+    _, (te_bf16, te_fp8) = _models(rt, None, prec)
+    bf16_state, fp8_state = te_bf16.state_dict(), te_fp8.state_dict()
+    for name, t in bf16_state.items():  # one set of weights: only the GEMMs' precision differs
+        if torch.is_tensor(t) and t.is_floating_point():
+            assert torch.equal(t, fp8_state[name]), name
     ids = torch.randint(0, 1024, (1, sum(LENGTHS)), device="cuda")
     with torch.no_grad():
         a = _logits(te_bf16, ids).float()
