@@ -92,9 +92,8 @@ def prune_wheel(src: str, dst: str, keep_arch: int) -> dict:
                     if seen:
                         changed[info.filename], report[info.filename] = new, seen
         record = next(i.filename for i in infos if i.filename.endswith(".dist-info/RECORD"))
-        lines = zin.read(record).decode().splitlines()
-        lines = [_record_line(ln.split(",")[0], changed[ln.split(",")[0]]) if ln.split(",")[0] in changed
-                 else ln for ln in lines]
+        lines = [_record_line(name, changed[name]) if (name := ln.split(",")[0]) in changed else ln
+                 for ln in zin.read(record).decode().splitlines()]
         with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
             for info in infos:
                 if info.filename == record:

@@ -5,13 +5,9 @@
 # architectures' fatbin payloads zeroed, 32 MB rebuilt), so one call carries it:
 #
 #   here, once:  tools/gpu_te.sh prepare            # .te/: the sm_90 wheel, the wheels TE imports,
-#                                                   # TE's torch extension (see below), and the
-#                                                   # whole wheel in five parts with its sha256
+#                                                   # TE's torch extension (see below)
 #   device (carry .whl .te/whl .te/torch .te/sm90):
 #                tools/gpu_te.sh run [PARTS]         # PARTS: import tests current blockwise parity
-#   or, with the unpruned wheel: calls 1-5 carry .te/parts/te_cu13.whl.partK (K = 0..4, one a
-#   call, back to back) running `tools/gpu_te.sh stash`; call 6 carries .whl .te/whl .te/torch
-#   .te/te_cu13.sha256 and runs `TE_WHEEL=parts tools/gpu_te.sh run`.
 #
 # `run` installs TE with the wheels in .te/whl (TE's metapackage, einops, pydantic, nvdlfw-inspect)
 # and .te/torch (transformer-engine-torch 2.20.2 built against torch 2.11+cu130 for sm_90: `prepare`
@@ -32,13 +28,10 @@ case "$cmd" in
 prepare)  # on the CPU machine: python3.12 with torch==2.11.0 (cu130) in $TE_VENV builds TE-torch
   set -e
   src=${TE_SRC:-/tmp/te}
-  mkdir -p .te/parts .te/whl .te/torch .te/src
+  mkdir -p .te/sm90 .te/whl .te/torch .te/src
   grep -qx '/.te/' .git/info/exclude || echo '/.te/' >>.git/info/exclude
   [ -f "$src/$WHEEL" ] || python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 -d "$src" transformer-engine-cu13==2.20.2
-  (cd "$src" && sha256sum "$WHEEL") >.te/te_cu13.sha256
-  split -n 5 -d -a 1 "$src/$WHEEL" .te/parts/te_cu13.whl.part
-  mkdir -p .te/sm90
   python3 "$(dirname "$0")/fatbin_prune.py" "$src/$WHEEL" ".te/sm90/$WHEEL" --arch 90
   # TE's import checks for its metapackage (transformer-engine) beside the core wheel; of the
   # other modules `import transformer_engine.pytorch` loads, the device machine lacks these
@@ -53,26 +46,13 @@ prepare)  # on the CPU machine: python3.12 with torch==2.11.0 (cu130) in $TE_VEN
   ls .te/torch/*.whl >/dev/null 2>&1 || echo "no TE-torch wheel in $src/dist: run will build .te/src's source package there"
   du -sh .te/*
   ;;
-stash)  # keep whatever part this call carried, outside the working tree
-  mkdir -p /tmp/te-parts
-  cp -v .te/parts/te_cu13.whl.part* /tmp/te-parts/ 2>/dev/null
-  ls -la /tmp/te-parts
-  ;;
 run)
   PARTS=${*:-import tests current blockwise}
   t0=$(date +%s)
-  mkdir -p /tmp/te
-  if [ "${TE_WHEEL:-sm90}" = parts ]; then
-    cat /tmp/te-parts/te_cu13.whl.part0 /tmp/te-parts/te_cu13.whl.part1 /tmp/te-parts/te_cu13.whl.part2 \
-        /tmp/te-parts/te_cu13.whl.part3 /tmp/te-parts/te_cu13.whl.part4 >/tmp/te/$WHEEL || exit 1
-    (cd /tmp/te && sha256sum -c "$OLDPWD/.te/te_cu13.sha256") || exit 1
-  else
-    cp ".te/sm90/$WHEEL" /tmp/te/ || exit 1
-  fi
   # one pip command: TE's wheels share the transformer_engine/ folder (a second --target install
   # would skip what is already there)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      $(ls .whl/*.whl 2>/dev/null) .te/whl/*.whl /tmp/te/$WHEEL $(ls .te/torch/*.whl 2>/dev/null) || exit 1
+      $(ls .whl/*.whl 2>/dev/null) .te/whl/*.whl ".te/sm90/$WHEEL" $(ls .te/torch/*.whl 2>/dev/null) || exit 1
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
   export R1MEGA_GRPO_JIT=0 R1MEGA_MOE_JIT=0 R1MEGA_GEMM_JIT=0
   if ! ls .te/torch/*.whl >/dev/null 2>&1; then
