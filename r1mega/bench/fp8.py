@@ -204,7 +204,7 @@ def run_throughput(args, rt) -> dict:
 
 def run_rollout(args, rt) -> dict:
     """bf16 vs FP8-weight rollout (``precision.fp8_rollout``) on the same model, same requests."""
-    from r1mega.bench.rollout import logprob_mismatch
+    from r1mega.bench.rollout import _time_replays, logprob_mismatch
     from r1mega.bench.shapes import get_shape
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
@@ -249,6 +249,9 @@ def run_rollout(args, rt) -> dict:
         _sync(device)
         dt = time.perf_counter() - t
         n_new = sum(len(c.token_ids) for c in outs)
+        if args.profile_kernels:  # where each row's decode step spends its device time
+            print(f"==== {name}")
+            _time_replays(eng, profile=True)
         # Against the training forward, which stays bf16 (outside decoding()).
         mean, mx = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
         eng.release()
@@ -297,6 +300,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="rollout: eager decode")
     ap.add_argument("--no-compile", action="store_true", help="rollout: no torch.compile")
     ap.add_argument("--mismatch-seqs", type=int, default=16)
+    ap.add_argument("--profile-kernels", action="store_true",
+                    help="rollout: each row's captured decode step replayed (ms per bucket) and "
+                         "its top kernels")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, FP8 emulated")
     args = ap.parse_args(argv)
     from r1mega.precision.policy import NATIVE_RECIPES, TE_RECIPES

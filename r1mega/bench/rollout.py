@@ -275,7 +275,8 @@ def main(argv=None) -> int:
         return fp8.main(["--rollout", "--recipe", args.fp8, "--rollout-setting", setting,
                          "--mismatch-seqs", str(args.mismatch_seqs)]
                         + ["--smoke"] * args.smoke + ["--no-graphs"] * args.no_graphs
-                        + ["--no-compile"] * args.no_compile)
+                        + ["--no-compile"] * args.no_compile
+                        + ["--profile-kernels"] * args.profile_kernels)
 
     from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model

@@ -48,7 +48,7 @@ def test_train_step_bench_fp8_flag_smoke(capsys):
 def test_bench_rollout_fp8_smoke(capsys):
     from r1mega.bench import rollout
 
-    assert rollout.main(["--smoke", "--fp8", "tensorwise", "--mismatch-seqs", "2"]) == 0
+    assert rollout.main(["--smoke", "--fp8", "tensorwise", "--mismatch-seqs", "2", "--profile-kernels"]) == 0
     out = _last_json(capsys)
     assert out["mode"] == "rollout"
     assert set(out["rows"]) == {"bf16", "fp8-tensorwise", "fp8-tensorwise+fp8kv"}
