@@ -130,10 +130,12 @@ def main(argv=None) -> int:
 
         for name, cache, kw in (("bf16-rows", "bf16", {"keys_major": False}),
                                 ("bf16-keys", "bf16", {"keys_major": True}),
-                                ("fp8-rows", "fp8", {"keys_major": False}),
+                                ("fp8-rows", "fp8", {"keys_major": False, "f16_dots": False}),
                                 ("fp8-rows-f16dots", "fp8", {"keys_major": False, "f16_dots": True}),
-                                ("fp8-keys", "fp8", {"keys_major": True}),
-                                ("fp8-keys-f16dots", "fp8", {"keys_major": True, "f16_dots": True})):
+                                ("fp8-keys", "fp8", {"keys_major": True, "f16_dots": False}),
+                                ("fp8-keys-f16dots", "fp8", {"keys_major": True, "f16_dots": True}),
+                                ("fp8-rows-f8dots", "fp8", {"keys_major": False, "f8_dots": True}),
+                                ("fp8-keys-f8dots", "fp8", {"keys_major": True, "f8_dots": True})):
             kc, vc, sk, sv = caches[cache]
 
             def call(kc=kc, vc=vc, sk=sk, sv=sv, kw=kw):

@@ -165,3 +165,50 @@ def attend_decode_gather(q, k_cache, v_cache, block_tables, ctx_lens, scale: flo
     mask = j[None, :] < ctx_lens.long()[:, None]  # (B, max_ctx)
     out = _sdpa(q[:, :, None, :], k, v, mask=mask[:, None, None, :], scale=scale)
     return out[:, :, 0, :]
+
+
+def _e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.float().to(torch.float8_e4m3fn).double()
+
+
+def attend_decode_f8_dots(q, k_cache, v_cache, block_tables, ctx_lens, scale: float,
+                          k_scale, v_scale, block_n: int) -> torch.Tensor:
+    """float64 reference of the paged decode kernel's FP8 x FP8 dots (``f8_dots``,
+    r1mega/rollout/triton_paged.py) on an FP8 cache: q rounded to e4m3 per head after scaling by
+    the power of two that puts its largest entry in [128, 256); an online softmax over tiles of
+    ``block_n`` keys, each tile's probabilities times v_scale / (the tile's largest v_scale)
+    rounded to e4m3 after scaling by 2^8. q (B, Hq, D) -> (B, Hq, D) float64."""
+    b, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    qd = q.double()
+    bits = qd.abs().amax(-1, keepdim=True).float().view(torch.int32) >> 23   # amax's biased exponent
+    mult = torch.exp2((134 - bits).clamp(-126, 126).double())
+    q8 = _e4m3(qd * mult) / mult
+    max_ctx = block_tables.shape[1] * bs
+    j = torch.arange(max_ctx, device=q.device)
+    slots = block_tables.long().gather(1, (j // bs)[None, :].expand(b, -1)) * bs + j % bs
+    group = hq // hkv
+    k = k_cache.reshape(-1, hkv, d)[slots].double().repeat_interleave(group, 2)  # (B, n, Hq, D)
+    v = v_cache.reshape(-1, hkv, d)[slots].double().repeat_interleave(group, 2)
+    ks = k_scale.reshape(-1, hkv)[slots].double().repeat_interleave(group, 2)    # (B, n, Hq)
+    vs = v_scale.reshape(-1, hkv)[slots].double().repeat_interleave(group, 2)
+    ctx = ctx_lens.long()[:, None]                                                # (B, 1)
+    s = torch.einsum("bhd,bnhd->bhn", q8, k) * ks.transpose(1, 2) * scale        # (B, Hq, n)
+    s = s.masked_fill(~(j[None, :] < ctx)[:, None, :], float("-inf"))
+    m = torch.full((b, hq), float("-inf"), dtype=torch.float64, device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(b, hq, d, dtype=torch.float64, device=q.device)
+    for t0 in range(0, max_ctx, block_n):
+        live = (t0 < ctx)                                        # (B, 1): the kernel's loop bound
+        st = s[..., t0:t0 + block_n]
+        m_new = torch.maximum(m, st.amax(-1))
+        alpha = torch.exp(m - m_new).nan_to_num(0.0)
+        p = torch.exp(st - m_new[..., None])                     # masked keys: 0
+        w = vs[:, t0:t0 + block_n].transpose(1, 2) * torch.isfinite(st)
+        v_max = w.amax(-1, keepdim=True)
+        p8 = _e4m3(p * (w / v_max.clamp(min=1e-300)) * 256.0) / 256.0
+        pv = torch.einsum("bhn,bnhd->bhd", p8, v[:, t0:t0 + block_n]) * v_max
+        acc = torch.where(live[..., None], acc * alpha[..., None] + pv, acc)
+        l = torch.where(live, l * alpha + p.sum(-1), l)
+        m = torch.where(live, m_new, m)
+    return acc / l[..., None]

@@ -43,6 +43,7 @@ except ImportError:  # CPU-only installs
 
 
 if HAVE_TRITON:
+    from r1mega.rollout.triton_rope_kv import _round_e4m3
 
     @triton.jit
     def _q_in_f16(q):
@@ -54,6 +55,23 @@ if HAVE_TRITON:
         e = tl.maximum((tl.max(tl.max(qf.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 1), 0) >> 23) - 8, 1)
         q16 = (qf * ((254 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
         return q16, (e << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _q_in_f8(q, AXIS: tl.constexpr):
+        # q in e4m3 for FP8 x FP8 dots (F8_DOTS): each head scaled by the power of two that puts
+        # its largest entry in [128, 256) (the scaling is exact; e4m3's rounding is the error);
+        # returns q8 and each head's factor back (along the other axis), for the logits. Rounded
+        # by _round_e4m3 before the (then exact) conversion, as the cache write does: the same
+        # values under Triton's interpreter, which mis-rounds fp32 -> e4m3
+        bits = tl.max(q.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF, AXIS)
+        m_exp = tl.minimum(tl.maximum(261 - (bits >> 23), 1), 253)  # 2^(7 - e), e = amax's exponent
+        mult = (m_exp << 23).to(tl.float32, bitcast=True)
+        back = ((254 - m_exp) << 23).to(tl.float32, bitcast=True)
+        if AXIS == 1:
+            q8 = _round_e4m3(q.to(tl.float32) * mult[:, None]).to(tl.float8e4nv)
+        else:
+            q8 = _round_e4m3(q.to(tl.float32) * mult[None, :]).to(tl.float8e4nv)
+        return q8, back
 
     @triton.jit
     def _k_tile(K, KS, VS, BT, b, h, start, ctx, stride_kb, stride_kt, stride_kh, stride_sb,
@@ -109,6 +127,7 @@ if HAVE_TRITON:
         IEEE: tl.constexpr,
         FP8: tl.constexpr,  # K/V in e4m3 with float32 scales KS/VS (N, bs, Hkv); else unused
         F16_DOTS: tl.constexpr,  # FP8 with a 16-bit q: the dots take fp16 operands
+        F8_DOTS: tl.constexpr,  # FP8: q and p quantised to e4m3, the dots FP8 x FP8
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -119,8 +138,11 @@ if HAVE_TRITON:
         q_ptr = Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :]
         q = tl.load(q_ptr, mask=g_ok[:, None], other=0.0)  # (GP, D)
         q_pow = 1.0
+        q_back = tl.full((GROUP_PAD,), 1.0, tl.float32)
         if F16_DOTS:
             q, q_pow = _q_in_f16(q)
+        if F8_DOTS:
+            q, q_back = _q_in_f8(q, 1)
 
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((GROUP_PAD,), tl.float32)
@@ -135,6 +157,8 @@ if HAVE_TRITON:
                 s = tl.dot(q, tl.trans(k))
             if FP8:
                 s = s * (k_sc * q_pow)[None, :]
+            if F8_DOTS:
+                s = s * q_back[:, None]
             s = tl.where(n_ok[None, :], s * SCALE, float("-inf"))  # (GP, BN)
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
@@ -146,6 +170,8 @@ if HAVE_TRITON:
                 pv_w = p * v_w[None, :]
             if IEEE:
                 pv = tl.dot(pv_w.to(v.dtype), v, input_precision="ieee")
+            elif F8_DOTS:  # p <= 1 scaled by 2^8: e4m3 keeps 3 bits down to p ~ 2^-14
+                pv = tl.dot(_round_e4m3(pv_w * 256.0).to(tl.float8e4nv), v) * (1.0 / 256.0)
             else:
                 pv = tl.dot(pv_w.to(v.dtype), v)
             if FP8:
@@ -173,6 +199,7 @@ if HAVE_TRITON:
         IEEE: tl.constexpr,
         FP8: tl.constexpr,
         F16_DOTS: tl.constexpr,
+        F8_DOTS: tl.constexpr,
     ):
         # _paged_decode_kernel with keys on the dots' M axis: s.T = k @ q.T (BLOCK_N, GP) and
         # acc.T += v.T @ p.T (D, GP). A group's few query heads fill the MMA's N (16 wide) instead
@@ -188,8 +215,11 @@ if HAVE_TRITON:
         qt_ptr = Q + b * stride_qb + (h * GROUP + g)[None, :] * stride_qh + d[:, None]
         qt = tl.load(qt_ptr, mask=g_ok[None, :], other=0.0)  # (D, GP)
         q_pow = 1.0
+        q_back = tl.full((GROUP_PAD,), 1.0, tl.float32)
         if F16_DOTS:
             qt, q_pow = _q_in_f16(qt)
+        if F8_DOTS:
+            qt, q_back = _q_in_f8(qt, 0)
 
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((GROUP_PAD,), tl.float32)
@@ -204,6 +234,8 @@ if HAVE_TRITON:
                 s = tl.dot(k, qt)  # (BN, GP)
             if FP8:
                 s = s * (k_sc * q_pow)[:, None]
+            if F8_DOTS:
+                s = s * q_back[None, :]
             s = tl.where(n_ok[:, None], s * SCALE, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 0))
             alpha = tl.exp(m - m_new)
@@ -215,6 +247,8 @@ if HAVE_TRITON:
                 pv_w = p * v_w[:, None]
             if IEEE:
                 pv = tl.dot(tl.trans(v), pv_w, input_precision="ieee")
+            elif F8_DOTS:
+                pv = tl.dot(tl.trans(v), _round_e4m3(pv_w * 256.0).to(tl.float8e4nv)) * (1.0 / 256.0)
             else:
                 pv = tl.dot(tl.trans(v), pv_w.to(v.dtype))  # (D, GP)
             if FP8:
@@ -237,6 +271,16 @@ def _kernel_from_env() -> bool:
 KEYS_MAJOR = _kernel_from_env()
 
 
+def _fp8_dots_from_env() -> str:
+    return switches.choice("R1MEGA_PAGED_FP8_DOTS", "q", {
+        "q": "an FP8 cache's tiles converted to q's dtype", "f16": "converted to fp16 (f16_dots)",
+        "f8": "FP8 x FP8 dots, q and p quantised to e4m3 (f8_dots)"})
+
+
+# The FP8 cache's dot operands of every paged_decode_attention call that does not choose.
+FP8_DOTS = _fp8_dots_from_env()
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -248,7 +292,8 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     block_n: int | None = None,
-    f16_dots: bool = False,
+    f16_dots: bool | None = None,
+    f8_dots: bool | None = None,
     keys_major: bool | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
@@ -257,7 +302,11 @@ def paged_decode_attention(
     ``k_scale``/``v_scale`` (N, bs, Hkv) float32: an FP8 (e4m3) cache's scales; ``block_n``: keys
     per tile (a power of two >= 16; None: the default below; `r1mega bench decode-attention` sweeps it);
     ``f16_dots``: an FP8 cache's dots in fp16 rather than q's dtype (not the default: its GPU test
-    has not run yet; `r1mega bench decode-attention` times both); ``keys_major``: the
+    has not run yet; `r1mega bench decode-attention` times both); ``f8_dots``: an FP8 cache's
+    dots FP8 x FP8, q (per head, by a power of two) and the probabilities quantised to e4m3 in
+    the kernel, as FlashAttention-3's FP8 path does (more error than the cache's own; not the
+    default until a GPU has timed it); both None: :data:`FP8_DOTS`, from
+    ``R1MEGA_PAGED_FP8_DOTS``; ``keys_major``: the
     keys-major kernel (None: :data:`KEYS_MAJOR`, from ``R1MEGA_PAGED_DECODE``); ``num_warps``,
     ``num_stages``: the launch (None: Triton's default stages), for the bench's sweeps.
 
@@ -283,14 +332,23 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     keys = KEYS_MAJOR if keys_major is None else keys_major
+    if f16_dots is None and f8_dots is None:
+        f16_dots, f8_dots = FP8_DOTS == "f16", FP8_DOTS == "f8"
+    f8 = fp8 and bool(f8_dots) and q.dtype != torch.float32
+    if f8 and f16_dots:
+        raise ValueError("paged_decode_attention: f16_dots and f8_dots are two choices of the FP8 "
+                         "cache's dot operands; pass one.")
     if block_n is None:
         # An FP8 tile also loads and applies a scale per key: longer tiles amortise that (the
         # block_n sweep of `r1mega bench decode-attention` is where the two defaults come from).
         # The keys-major kernel holds a converted 128-key FP8 tile in registers only by spilling
         # (sm_90, 4 warps), so it takes at most 64.
-        block_n = max(16, min(128, 8 * bs)) if fp8 and not keys else max(16, min(64, 4 * bs))
+        block_n = max(32 if f8 else 16, min(128, 8 * bs) if fp8 and not keys else min(64, 4 * bs))
     elif block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"paged_decode_attention: block_n={block_n} must be a power of two >= 16.")
+    if f8 and block_n < 32:
+        raise ValueError(f"paged_decode_attention: f8_dots reduces over a tile's keys in FP8 dots, "
+                         f"which take at least 32; block_n={block_n}.")
     ks, vs = (k_scale, v_scale) if fp8 else (k_cache, v_cache)  # unused pointers without FP8
     kernel = _paged_decode_keys_kernel if keys else _paged_decode_kernel
     launch = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps,
@@ -310,7 +368,8 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32,
         FP8=fp8,
-        F16_DOTS=fp8 and f16_dots and q.dtype != torch.float32,
+        F16_DOTS=fp8 and bool(f16_dots) and q.dtype != torch.float32,
+        F8_DOTS=f8,
         **launch,
     )
     return out

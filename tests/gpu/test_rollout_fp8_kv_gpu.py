@@ -138,6 +138,16 @@ def test_paged_decode_on_fp8_cache(dtype, shape, keys_major):
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, msg=f"block_n={block_n} f16={f16}")
         worst, rms = error_against_model(out, exact, sigma, kernel_tol=tol)
         assert worst <= 1 and RMS_BAND[0] <= rms <= RMS_BAND[1], (block_n, f16, worst, rms)
+    if dtype == torch.float32:
+        return
+    # f8_dots (q and the probabilities in e4m3, FP8 x FP8 dots) against its float64 emulation
+    from r1mega.rollout.attention import attend_decode_f8_dots
+
+    for block_n in (64, 32):
+        out = paged_decode_attention(q, k8, v8, bt, ctx, scale, k_scale=ks, v_scale=vs,
+                                     block_n=block_n, f8_dots=True, keys_major=keys_major)
+        emu = attend_decode_f8_dots(q, k8, v8, bt, ctx, scale, ks, vs, block_n)
+        torch.testing.assert_close(out.double(), emu, atol=tol, rtol=tol, msg=f"f8_dots block_n={block_n}")
 
 
 def _model(rt):

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from r1mega.rollout.attention import attend_decode_gather
+from r1mega.rollout.attention import attend_decode_f8_dots, attend_decode_gather
 from r1mega.rollout.kv_cache import FP8_DTYPE, dequantize_rows, quantize_rows
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -124,6 +124,21 @@ def _interpreted_kernels(rank, world):
             out = paged_decode_attention(q, kf, vf, bt, ctx, 0.2, block_n=block_n, keys_major=keys)
             ref = attend_decode_gather(q.double(), kf.double(), vf.double(), bt, ctx, 0.2)
             decodes.append((f"torch.float32 cache, block_n={block_n}, keys={keys}", out.double(), ref))
+        # FP8 x FP8 dots (f8_dots: q and the probabilities rounded to e4m3 in the kernel) against
+        # their float64 emulation, over several tiles of keys (16-token blocks, contexts to 47)
+        k8l, ksl = quantize_rows(torch.randn(nb, 16, hkv, hd, generator=g) * 3)
+        v8l, vsl = quantize_rows(torch.randn(nb, 16, hkv, hd, generator=g))
+        ctx_l = torch.tensor([40, 1, 47], dtype=torch.int32)
+        for dtype, q_mult in ((torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.bfloat16, 3e3),
+                              (torch.bfloat16, 1e-6), (torch.float16, 1e-3)):
+            q = (torch.randn(3, hkv * group, hd, generator=g) * q_mult).to(dtype)
+            for block_n in (32, 64):
+                out = paged_decode_attention(q, k8l, v8l, bt, ctx_l, 0.2 / q_mult, k_scale=ksl,
+                                             v_scale=vsl, f8_dots=True, keys_major=keys,
+                                             block_n=block_n)
+                ref = attend_decode_f8_dots(q, k8l, v8l, bt, ctx_l, 0.2 / q_mult, ksl, vsl, block_n)
+                decodes.append((f"{dtype} q x {q_mult:g}, f8_dots, block_n={block_n}, keys={keys}",
+                                out.double(), ref))
     return writes, edges, decodes
 
 
