@@ -8,6 +8,8 @@
 #                                                   # TE's torch extension (see below)
 #   device (carry .whl .te/whl .te/torch .te/sm90):
 #                tools/gpu_te.sh run [PARTS]         # PARTS: import tests current blockwise parity
+#   env TE_BENCH_ARGS: more flags for the throughput benches (e.g. "--master-weights bf16_remainder
+#   --moments-dtype bf16": DeepSeek-V3's optimizer state, in both rows)
 #
 # `run` installs TE with the wheels in .te/whl (TE's metapackage, einops, pydantic, nvdlfw-inspect)
 # and .te/torch (transformer-engine-torch 2.20.2 built against torch 2.11+cu130 for sm_90: `prepare`
@@ -75,7 +77,7 @@ print("TE", transformer_engine.__version__, "torch", torch.__version__, "r1mega 
       R[tests]=${PIPESTATUS[0]} ;;
     current|delayed|blockwise)
       timeout 240 python3 -m r1mega.cli bench fp8 --backend te --recipe "$part" --models gemm-heavy \
-        --steps 6 --warmup 2 2>&1 | tee "$OUT/bench_te_$part.log" | grep -v '^{' | tail -8
+        --steps 6 --warmup 2 ${TE_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_te_$part.log" | grep -v '^{' | tail -8
       R[$part]=${PIPESTATUS[0]} ;;
     parity)
       timeout 420 python3 -m r1mega.cli bench fp8 --backend te --recipe current --parity 2>&1 \
