@@ -331,10 +331,12 @@ def paged_decode_attention(
                              f"(PagedKVCache.layer(i) gives them).")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    keys = KEYS_MAJOR if keys_major is None else keys_major
     if f16_dots is None and f8_dots is None:
         f16_dots, f8_dots = FP8_DOTS == "f16", FP8_DOTS == "f8"
     f8 = fp8 and bool(f8_dots) and q.dtype != torch.float32
+    # FP8 dots default to the keys-major kernel: there both take Hopper's e4m3 wgmma (the
+    # row kernel's 16-row M takes mma.sync)
+    keys = (KEYS_MAJOR or f8) if keys_major is None else keys_major
     if f8 and f16_dots:
         raise ValueError("paged_decode_attention: f16_dots and f8_dots are two choices of the FP8 "
                          "cache's dot operands; pass one.")
