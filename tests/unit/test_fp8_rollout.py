@@ -109,7 +109,7 @@ def test_engine_generates_with_fp8_weights(model):
     assert all(torch.isfinite(torch.tensor(c.logprobs)).all() for c in outs)
 
 
-@pytest.mark.parametrize("extra", [["precision.fp8_rollout=true"],
+@pytest.mark.parametrize("extra", [["precision.fp8_rollout=true", "grpo.tis_cap=2"],
                                    ["precision.fp8=true", "precision.fp8_backend=native"]])
 def test_grpo_trains_with_fp8_rollout_or_fp8_training(tmp_path, monkeypatch, extra):
     """Two GRPO steps of the demo config, FP8 emulated: the rollout decodes with FP8 weight
@@ -145,3 +145,19 @@ def test_grpo_trains_with_fp8_rollout_or_fp8_training(tmp_path, monkeypatch, ext
         destroy_parallel()
     # FP8 rollout alone: the copies are quantised once per rollout (after each update)
     assert len(refreshes) == (2 if "precision.fp8_rollout=true" in extra else 0)
+    import json
+
+    steps = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    steps = [m for m in steps if "rollout/logprob_mean_abs_diff" in m]
+    assert len(steps) == 2
+    for m in steps:
+        diff, w_min, w_max = (m[f"rollout/{k}"] for k in ("logprob_mean_abs_diff", "is_weight_min",
+                                                           "is_weight_max"))
+        if "precision.fp8_rollout=true" in extra:
+            # the FP8 weights' log-probs differ from the (unquantised) training forward's, so
+            # the importance weights grpo.tis_cap truncates are not 1
+            assert diff > 1e-4 and (w_min < 1 < w_max), m
+        else:
+            # FP8 training: the rollout reads the same FP8 linears the trainer recomputes with
+            assert diff < 1e-4, m
+    print(steps[-1])
