@@ -266,7 +266,9 @@ class ModelRunner:
         """
         T = ids.shape[0]
         freqs = self.rope_freqs(positions)
-        fused = decode_tensors is not None and self.fused_rope_kv_enabled
+        # The exact mode's prefill too: its attention reads K/V from the cache, not from k, v,
+        # and the eager RoPE + copies + cache write cost it several passes over q|k per layer
+        fused = self.fused_rope_kv_enabled and (decode_tensors is not None or exact_active())
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             residual = x

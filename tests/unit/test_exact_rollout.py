@@ -177,10 +177,11 @@ def test_decode_steps_call_the_exact_swiglu(tiny, monkeypatch):
 
 
 def test_decode_steps_use_the_exact_fused_rope(tiny, monkeypatch):
-    """On CUDA the exact decode keeps the fused RoPE + KV write, in its ``exact=True`` variant
-    (eager rounding). Here that path is forced on CPU with the eager reference standing in for
-    the kernel: each decode step's layers call it with exact=True and the log-probs stay bitwise
-    equal to training. (The kernel's own bits: the interpreter test and tests/gpu.)"""
+    """On CUDA the exact decode and prefill keep the fused RoPE + KV write, in its ``exact=True``
+    variant (eager rounding). Here that path is forced on CPU with the eager reference standing
+    in for the kernel: each prefill and decode step's layers call it with exact=True and the
+    log-probs stay bitwise equal to training. (The kernel's own bits: the interpreter test and
+    tests/gpu.)"""
     from r1mega.rollout import triton_rope_kv
 
     calls = []
@@ -198,5 +199,6 @@ def test_decode_steps_use_the_exact_fused_rope(tiny, monkeypatch):
     outs = eng.generate([GenerationRequest(p, n=1, seed=2 + i, max_new_tokens=5)
                          for i, p in enumerate(PROMPTS[:4])])
     assert calls and all(calls)
-    assert len(calls) % len(model[0].decoder.layers) == 0
+    steps = eng.stats["prefill"] + eng.stats["decode"]
+    assert eng.stats["prefill"] >= 1 and len(calls) == steps * len(model[0].decoder.layers)
     assert_bitwise(model, outs, PROMPTS, 1.0)
