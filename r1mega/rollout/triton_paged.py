@@ -13,7 +13,9 @@ dtype (exact: e4m3 is a subset of bf16/fp16/fp32), or with ``F16_DOTS`` to fp16 
 into fp16 by a power of two, and the per-(token, head) scales factor out of
 the dots, s_j = scale * k_scale_j * (q . k8_j) and acc += (p_j * v_scale_j) . v8_j, so the tile
 products stay tensor-core dots and only a (BLOCK_N,) vector of scales is read per tile. With
-``FP8`` false the kernel compiles to exactly the bf16 kernel.
+``F8_DOTS`` no tile is converted: q (once) and each tile's weighted probabilities are rounded to
+e4m3 and both dots are FP8 x FP8. With ``FP8`` false the kernel compiles to exactly the bf16
+kernel.
 
 Two kernels, one contract: the default puts a group's query heads on the dots' M axis (padded
 to 16 rows); the keys-major one (``R1MEGA_PAGED_DECODE=keys``) computes the transposed products,

@@ -5,6 +5,8 @@ explicit quantise -> dequantise -> matmul of the same recipe (inside it).
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -145,8 +147,6 @@ def test_grpo_trains_with_fp8_rollout_or_fp8_training(tmp_path, monkeypatch, ext
         destroy_parallel()
     # FP8 rollout alone: the copies are quantised once per rollout (after each update)
     assert len(refreshes) == (2 if "precision.fp8_rollout=true" in extra else 0)
-    import json
-
     steps = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     steps = [m for m in steps if "rollout/logprob_mean_abs_diff" in m]
     assert len(steps) == 2
@@ -160,4 +160,3 @@ def test_grpo_trains_with_fp8_rollout_or_fp8_training(tmp_path, monkeypatch, ext
         else:
             # FP8 training: the rollout reads the same FP8 linears the trainer recomputes with
             assert diff < 1e-4, m
-    print(steps[-1])
