@@ -20,6 +20,7 @@ import json
 import torch
 
 from r1mega.bench import train_step as ts
+from r1mega.bench.flops import matmul_peak_flops
 from r1mega.bench.shapes import get_shape
 
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     tokens = torch.randint(0, shape["vocab_size"], (args.seqs, args.seq_len), generator=g).to(device)
     n_tokens = args.seqs * args.seq_len
     flops_tok = mla_flops_per_token(shape, args.seq_len)
-    peak = ts.matmul_peak_flops(device, dtype, 8192 if device.type == "cuda" else 512)
+    peak = matmul_peak_flops(device, dtype, 8192 if device.type == "cuda" else 512)
     rows = {}
     ts._reset_memory(device)
     sec, mem, losses, _ = ts.run_r1mega(shape, tokens, rt, "fp32" if device.type != "cuda" else "chunked",

@@ -154,7 +154,8 @@ def run_parity(args, rt) -> dict:
 
 def run_throughput(args, rt) -> dict:
     from r1mega.bench.shapes import get_shape
-    from r1mega.bench.train_step import _reset_memory, matmul_peak_flops, model_flops_per_token, run_r1mega
+    from r1mega.bench.flops import matmul_peak_flops, model_flops_per_token
+    from r1mega.bench.train_step import _reset_memory, run_r1mega
 
     device = rt.device
     bf16_peak = matmul_peak_flops(device, rt.dtype, 8192 if device.type == "cuda" else 256)

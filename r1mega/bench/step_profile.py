@@ -275,3 +275,80 @@ def slow_step_report(steps: list[dict], top: int = 10) -> list[str]:
         lines.append(f"  {d:+8.3f} ms  {fast['kernels'].get(n, 0.0):8.3f} -> "
                      f"{slow['kernels'].get(n, 0.0):8.3f}  {n[:100]}")
     return lines
+
+
+def print_step_profile(step_fn, label: str, rows: int = 25) -> dict | None:
+    """Top device kernels of one step (``--profile``): where the milliseconds go; -> the
+    kernel-kind breakdown ({kind: ms}), None if the profiler gave none."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # Two steps queued back to back, the second recorded: a step started from an idle device
+    # shows the host's launch latency as idle time that a training loop never sees.
+    step_fn()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    print(f"---- profile: {label} (one step)")
+    avg, events = prof.key_averages(), prof.events()
+    print(avg.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+    # Host side: a step whose device time is below its wall time is waiting on these.
+    print(f"---- profile: {label}, top host (self CPU) ops")
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    try:
+        for ms, where in sync_sites(events):
+            print(f"---- profile: {label}, host waited {ms:.2f} ms for the device in: {where}")
+    except Exception as exc:  # a diagnostic only
+        print(f"---- profile: {label}: no sync sites ({type(exc).__name__}: {exc})")
+    try:
+        kinds = kernel_breakdown(avg)
+    except Exception as exc:  # a profiler API change must not lose the timings above
+        print(f"---- profile: {label}: no kernel breakdown ({type(exc).__name__}: {exc})")
+        return None
+    print(f"---- profile: {label}, device time by kernel kind (one step)")
+    total = kinds["total"] or float("nan")
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        if kind != "total":
+            print(f"  {kind:<26}{ms:>10.2f} ms{ms / total:>8.1%}")
+    print(f"  {'total':<26}{kinds['total']:>10.2f} ms")
+    print(f"---- profile: {label}, top kernels by device time (ms, calls, name)")
+    try:
+        owners = kernel_owners(events)
+    except Exception:  # a diagnostic only
+        owners = {}
+    for ms, calls, name in top_kernels(avg):
+        print(f"  {ms:>8.2f} {calls:>5}  {owners.get(name, '?')[:40]:<40}  {name[:110]}")
+    try:
+        gaps = device_idle_gaps(events)
+    except Exception as exc:  # a diagnostic only
+        print(f"---- profile: {label}: no idle-gap analysis ({type(exc).__name__}: {exc})")
+        return kinds
+    print(f"---- profile: {label}, device busy {gaps['busy_ms']:.2f} ms, idle between kernels "
+          f"{gaps['idle_ms']:.2f} ms; largest gaps and the host ops open when the next kernel started:")
+    for ms, where in gaps["gaps"]:
+        print(f"  {ms:>8.3f} ms  {where}")
+    return kinds
+
+
+def print_steps_profile(step_fn, label: str, n: int) -> None:
+    """``--profile-steps N``: N steps queued back to back under the profiler, each taken apart
+    (span, idle, kernels by kind), and the slowest set against the fastest: what a slow step of
+    the timed loop spends its extra time on."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    step_fn()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            with record_function(f"bench.step.{i:03d}"):
+                step_fn()
+        torch.cuda.synchronize()
+    steps = per_step_kernels(prof.events(), "bench.step.")
+    if not steps:
+        print(f"---- profile steps: {label}: the trace has no GPU annotations of the steps")
+        return
+    print(f"---- profile steps: {label}: span / busy / idle ms, then the largest kinds")
+    for s in steps:
+        kinds = sorted(s["kinds"].items(), key=lambda kv: -kv[1])[:5]
+        print(f"  {s['name']}  {s['span_ms']:7.2f} {s['busy_ms']:7.2f} {s['idle_ms']:6.2f}  "
+              + "  ".join(f"{k} {v:.2f}" for k, v in kinds))
+    for line in slow_step_report(steps):
+        print("  " + line)

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shape, few steps (CPU check)")
     args = ap.parse_args(argv)
 
-    from r1mega.bench.train_step import matmul_peak_flops, model_flops_per_token
+    from r1mega.bench.flops import matmul_peak_flops, model_flops_per_token
     from r1mega.config import ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
     from r1mega.models.gpt import build_model, count_parameters
     from r1mega.parallel.cpu_mode import cpu_mode_enabled

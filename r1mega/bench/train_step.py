@@ -39,11 +39,11 @@ import time
 
 import torch
 
+from r1mega.bench.flops import matmul_peak_flops, model_flops_per_token
 from r1mega.bench.hf_peer import PeerUnavailable, build_hf_model, is_moe_shape, total_parameters
 from r1mega.bench.shapes import SHAPES, get_shape
-from r1mega.bench.step_profile import (device_idle_gaps, GcClock, OptimizerClock, per_step_kernels,
-                                       slow_step_report, StepClock,
-                                       kernel_breakdown, kernel_owners, sync_sites, top_kernels)
+from r1mega.bench.step_profile import (GcClock, OptimizerClock, print_step_profile,
+                                       print_steps_profile, StepClock)
 
 # Sequences of --seq-len per step, and the speed bar against transformers, per --model.
 DEFAULT_SEQS = {"qwen3-moe-small": 4}
@@ -53,34 +53,6 @@ SPEED_BAR = {"qwen3-moe-small": 2.0}
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def matmul_peak_flops(device, dtype, n: int) -> float:
-    """Measured FLOP/s of an n^3 matmul in ``dtype`` (the MFU denominator)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps = 20 if device.type == "cuda" else 3
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
-def model_flops_per_token(shape: dict, seq_len: int) -> float:
-    """6 N (N: all parameters, embeddings included; the active ones for an MoE shape) + causal
-    attention 6 L s (heads x head_dim): QK^T and AV are 4 s n_h d FLOPs per token forward, x3
-    with the backward, halved by the causal mask."""
-    from r1mega.config import ModelConfig
-    from r1mega.models.gpt import count_parameters
-
-    n = count_parameters(ModelConfig(**shape))
-    heads = shape["num_attention_heads"]
-    head_dim = shape.get("kv_channels") or shape["hidden_size"] // heads
-    return 6 * n + 6 * shape["num_layers"] * heads * head_dim * seq_len
 
 
 def _reset_memory(device) -> float:
@@ -103,82 +75,6 @@ def _peak_gb(device) -> float:
 
 _PROFILE = {"on": False, "rows": 25, "breakdowns": {}, "steps": 0}
 _SPREAD: dict = {}  # _timed's label -> StepClock.summary() of its timed steps
-
-def _profile_step(step_fn, label: str) -> None:
-    """Top device kernels of one step (``--profile``): where the milliseconds go."""
-    from torch.profiler import ProfilerActivity, profile
-
-    # Two steps queued back to back, the second recorded: a step started from an idle device
-    # shows the host's launch latency as idle time that a training loop never sees.
-    step_fn()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step_fn()
-        torch.cuda.synchronize()
-    print(f"---- profile: {label} (one step)")
-    avg, events = prof.key_averages(), prof.events()
-    print(avg.table(sort_by="cuda_time_total", row_limit=_PROFILE["rows"], max_name_column_width=60))
-    # Host side: a step whose device time is below its wall time is waiting on these.
-    print(f"---- profile: {label}, top host (self CPU) ops")
-    print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
-    try:
-        for ms, where in sync_sites(events):
-            print(f"---- profile: {label}, host waited {ms:.2f} ms for the device in: {where}")
-    except Exception as exc:  # a diagnostic only
-        print(f"---- profile: {label}: no sync sites ({type(exc).__name__}: {exc})")
-    try:
-        kinds = kernel_breakdown(avg)
-    except Exception as exc:  # a profiler API change must not lose the timings above
-        print(f"---- profile: {label}: no kernel breakdown ({type(exc).__name__}: {exc})")
-        return
-    print(f"---- profile: {label}, device time by kernel kind (one step)")
-    total = kinds["total"] or float("nan")
-    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        if kind != "total":
-            print(f"  {kind:<26}{ms:>10.2f} ms{ms / total:>8.1%}")
-    print(f"  {'total':<26}{kinds['total']:>10.2f} ms")
-    _PROFILE["breakdowns"][label] = kinds
-    print(f"---- profile: {label}, top kernels by device time (ms, calls, name)")
-    try:
-        owners = kernel_owners(events)
-    except Exception:  # a diagnostic only
-        owners = {}
-    for ms, calls, name in top_kernels(avg):
-        print(f"  {ms:>8.2f} {calls:>5}  {owners.get(name, '?')[:40]:<40}  {name[:110]}")
-    try:
-        gaps = device_idle_gaps(events)
-    except Exception as exc:  # a diagnostic only
-        print(f"---- profile: {label}: no idle-gap analysis ({type(exc).__name__}: {exc})")
-        return
-    print(f"---- profile: {label}, device busy {gaps['busy_ms']:.2f} ms, idle between kernels "
-          f"{gaps['idle_ms']:.2f} ms; largest gaps and the host ops open when the next kernel started:")
-    for ms, where in gaps["gaps"]:
-        print(f"  {ms:>8.3f} ms  {where}")
-
-
-def _profile_steps(step_fn, label: str, n: int) -> None:
-    """``--profile-steps N``: N steps queued back to back under the profiler, each taken apart
-    (span, idle, kernels by kind), and the slowest set against the fastest: what a slow step of
-    the timed loop spends its extra time on."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    step_fn()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(n):
-            with record_function(f"bench.step.{i:03d}"):
-                step_fn()
-        torch.cuda.synchronize()
-    steps = per_step_kernels(prof.events(), "bench.step.")
-    if not steps:
-        print(f"---- profile steps: {label}: the trace has no GPU annotations of the steps")
-        return
-    print(f"---- profile steps: {label}: span / busy / idle ms, then the largest kinds")
-    for s in steps:
-        kinds = sorted(s["kinds"].items(), key=lambda kv: -kv[1])[:5]
-        print(f"  {s['name']}  {s['span_ms']:7.2f} {s['busy_ms']:7.2f} {s['idle_ms']:6.2f}  "
-              + "  ".join(f"{k} {v:.2f}" for k, v in kinds))
-    for line in slow_step_report(steps):
-        print("  " + line)
-
 
 def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
            clock: OptimizerClock | None = None) -> tuple[float, list]:
@@ -211,9 +107,11 @@ def _timed(step_fn, device, warmup: int, steps: int, label: str = "",
               f"{ms['optimizer_ms']}; host ms per step {ms['host_ms']}; host ms in Python's gc per "
               f"step {ms['gc_ms']}; full collections {sum(per_step['gc_full'])}")
     if _PROFILE["on"] and device.type == "cuda":
-        _profile_step(step_fn, label)
+        kinds = print_step_profile(step_fn, label, _PROFILE["rows"])
+        if kinds is not None:
+            _PROFILE["breakdowns"][label] = kinds
     if _PROFILE["steps"] and device.type == "cuda":
-        _profile_steps(step_fn, label, _PROFILE["steps"])
+        print_steps_profile(step_fn, label, _PROFILE["steps"])
     return sec, losses
 
 

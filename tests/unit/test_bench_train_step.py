@@ -64,7 +64,7 @@ def _independent_flops_per_token(shape: dict, seq_len: int) -> float:
 @pytest.mark.parametrize("name", ["qwen3-moe-small", "852m"])
 def test_flops_per_token_counts_active_parameters_and_attention_width(name):
     from r1mega.bench.shapes import get_shape
-    from r1mega.bench.train_step import model_flops_per_token
+    from r1mega.bench.flops import model_flops_per_token
 
     shape = get_shape(name)
     if name == "852m":
