@@ -27,6 +27,11 @@ def _cuda_extensions():
                           ("r1mega_moe_cuda", ["csrc/moe_dispatch.cpp", "csrc/moe_dispatch_kernel.cu"])):
         if all(os.path.exists(os.path.join(here, s)) for s in sources):
             exts.append(CUDAExtension(name, sources, extra_compile_args=flags))
+    # The FP8 quantiser's scales must round as the reference does: no fast math (approximate
+    # division, subnormals flushed) there.
+    if os.path.exists(os.path.join(here, "csrc/fp8_quant_kernel.cu")):
+        exts.append(CUDAExtension("r1mega_fp8_cuda", ["csrc/fp8_quant.cpp", "csrc/fp8_quant_kernel.cu"],
+                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}))
     # the exact mode's fixed-algorithm cuBLASLt GEMM, where cuBLASLt's header and library are found
     lt = _cublaslt_flags(here, CUDA_HOME)
     if lt and os.path.exists(os.path.join(here, "csrc/exact_gemm_lt.cpp")):

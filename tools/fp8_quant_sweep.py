@@ -1,5 +1,6 @@
 """Times the fused FP8 quantisers on the GEMM-heavier shape's operands (GPU): quantize_dual for
-each granularity and warp count, the tensorwise amax, and the old separate passes; every timed
+each granularity and warp count, csrc's CUDA kernel beside them (where r1mega_fp8_cuda loads; both kernels'
+tensorwise rows include the amax pass), the tensorwise amax, and the old separate passes; every timed
 variant is checked bit for bit against the PyTorch reference first. Prints a table, then one
 JSON line. Run: python tools/fp8_quant_sweep.py"""
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 
 import torch
 
+from r1mega.precision import cuda_quant as cq
 from r1mega.precision import triton_quant as tq
 from r1mega.precision.quantize import quantize_reference
 
@@ -52,6 +54,13 @@ def main() -> None:
                 rows.append((name, var, ms, floor_ms, ok))
                 results[f"{name}|{var}"] = {"ms": ms, "bit_equal": ok}
             tq._DUAL_WARPS[gran] = default
+            if cq.get() is not None:   # csrc/fp8_quant_kernel.cu
+                q, qt = cq.quantize_dual_cuda(x, gran, "e4m3")
+                ok = _same(q, refs[0]) and _same(qt, refs[1])
+                ms = _time(lambda: cq.quantize_dual_cuda(x, gran, "e4m3"))
+                var = f"dual {gran} cuda"
+                rows.append((name, var, ms, floor_ms, ok))
+                results[f"{name}|{var}"] = {"ms": ms, "bit_equal": ok}
             del refs
         ms = _time(lambda: tq.tensor_amax(x))
         rows.append((name, "amax", ms, r * c * 2 / 4.0e9, True))

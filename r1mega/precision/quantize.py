@@ -23,8 +23,9 @@ A NaN in a tile makes its amax NaN and the whole tile NaN; an inf makes mult 0 a
 dequantised values NaN. Bad numbers therefore surface (the step's non-finite check sees them)
 rather than being saturated into plausible finite values.
 
-``quantize`` dispatches to the fused Triton kernel (r1mega/precision/triton_quant.py) on CUDA;
-``quantize_reference`` here is its CPU path and its reference (tests/gpu compare them bitwise).
+``quantize`` dispatches to the fused Triton kernel (r1mega/precision/triton_quant.py) on CUDA,
+``quantize_dual`` to it or to the CUDA one (r1mega/precision/cuda_quant.py, ``R1MEGA_FP8_QUANT``);
+``quantize_reference`` here is their CPU path and their reference (tests/gpu compare them bitwise).
 """
 from __future__ import annotations
 
@@ -150,7 +151,16 @@ def quantize(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool 
 
 def quantize_dual(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
                   *, impl: str = "auto", amax: Optional[torch.Tensor] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
-    """``(quantize(x), quantize(x.t()))``; on CUDA one fused read (tensor, tile or block)."""
+    """``(quantize(x), quantize(x.t()))``; on CUDA one fused read (tensor, tile or block):
+    ``impl`` auto = the kernel ``R1MEGA_FP8_QUANT`` names (r1mega/precision/cuda_quant.py) where
+    it takes x, else Triton's; ``cuda`` / ``triton`` force one; ``reference`` the PyTorch path."""
+    if impl == "cuda" or (impl == "auto" and x.is_cuda):
+        from r1mega.precision import cuda_quant
+
+        if impl == "cuda" or (cuda_quant.dual_impl() == "cuda"
+                              and cuda_quant.why_not(x, granularity) is None
+                              and cuda_quant.get() is not None):
+            return cuda_quant.quantize_dual_cuda(x, granularity, fmt, power2, amax=amax)
     if impl == "triton" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import triton_quant
 

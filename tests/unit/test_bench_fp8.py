@@ -19,6 +19,7 @@ def test_bench_fp8_smoke_throughput_and_parity(capsys):
     out = _last_json(capsys)
     row = out["models"]["852m"]
     assert set(row["rows"]) == {"bf16", "fp8-tensorwise"} and row["fp8_speedup"] > 0
+    assert out["dual_quantizer"] == "triton"   # R1MEGA_FP8_QUANT's default, named in the result
     assert fp8.main(["--smoke", "--parity"]) == 0
     out = _last_json(capsys)
     assert out["mode"] == "parity" and set(out["final_loss"]) == {"bf16", "fp8-blockwise"}
