@@ -251,7 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     ap.add_argument("--no-compile", action="store_true", help="rollout.compile_decode=false")
     ap.add_argument("--overlap", action="store_true",
-                    help="overlapped decode steps (launch k+1 before reading k; not yet timed)")
+                    help="overlapped decode steps (launch k+1 before reading k), as the trainer's "
+                         "rollout.overlap_steps default; the --exact and --kv-fp8 rows overlap too")
     ap.add_argument("--overlap-too", action="store_true",
                     help="time synchronous and overlapped decoding in the same run (same peer)")
     ap.add_argument("--mismatch-seqs", type=int, default=16)
@@ -326,7 +327,8 @@ def main(argv=None) -> int:
                                  max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
                                  compile_decode=not args.no_compile and mode != "exact",
                                  max_prefill_tokens=max(16384, prompts * plen // 4),
-                                 overlap_steps=mode == "overlap" or (mode == "fp8kv" and modes[0] == "overlap"),
+                                 overlap_steps=mode == "overlap" or (mode in ("fp8kv", "exact")
+                                                                    and modes[0] == "overlap"),
                                  exact=mode == "exact", kv_cache_dtype="fp8" if mode == "fp8kv" else "auto")
             eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
             t = time.perf_counter()

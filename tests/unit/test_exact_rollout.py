@@ -137,6 +137,39 @@ def test_graph_step_code_bitwise_equal_training(tiny):
     assert_bitwise(model, outs, PROMPTS, 1.0)
 
 
+def test_overlapped_steps_keep_exact_bits(tiny, monkeypatch):
+    """The trainer's default rollout overlaps decode steps (rollout.overlap_steps): in the exact
+    mode too, every token is the synchronous engine's and every log-prob the training forward's,
+    with finishes (EOS) at several steps and sequences leaving the batch without a drain."""
+    model, rt = tiny()
+    reqs = [GenerationRequest(p, n=2, seed=21 + i, max_new_tokens=5 + i) for i, p in enumerate(PROMPTS)]
+
+    def run(overlap, eos):
+        eng = RolloutEngine(model, exact_cfg(max_batch_sequences=16), rt, eos_ids=list(eos),
+                            vocab_size=VOCAB, overlap_steps=overlap)
+        eng.use_graphs = True  # CPU: DecodeGraphs runs the packed step eagerly
+        return eng, eng.generate(reqs)
+
+    from r1mega.rollout.overlap import OverlappedDecoder
+
+    launches = []
+    real_launch = OverlappedDecoder.launch
+    monkeypatch.setattr(OverlappedDecoder, "launch",
+                        lambda self, seqs, **kw: launches.append(kw.get("prev") is not None)
+                        or real_launch(self, seqs, **kw))
+    _, free = run(False, [])
+    eos = {free[0].token_ids[2], free[5].token_ids[3]}
+    _, sync = run(False, eos)
+    assert not launches
+    eng, ov = run(True, eos)
+    # steps launched from the previous step's device tokens, before the host read them
+    assert sum(launches) >= 3 and any(c.finish_reason == "stop" for c in ov)
+    for a, b in zip(ov, sync):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+        assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+    assert_bitwise(model, ov, PROMPTS, 1.0)
+
+
 def test_decode_steps_call_the_exact_swiglu(tiny, monkeypatch):
     """With the fused SwiGLU wired into the MLPs (on CPU: the device check forced, the reference
     standing in for the kernel), each decode step's layers call it, once per layer with one row
