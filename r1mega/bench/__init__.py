@@ -14,6 +14,7 @@ BENCHMARKS = {
     "rollout": "r1mega.bench.rollout",
     "moe-dispatch": "r1mega.bench.moe_dispatch",
     "fp8": "r1mega.bench.fp8",
+    "fp8-decode-gemm": "r1mega.bench.fp8_decode_gemm",
     "dsv3-train-step": "r1mega.bench.dsv3_train_step",
     "dsv3-rollout": "r1mega.bench.dsv3_rollout",
     "saved-activations": "r1mega.bench.saved_activations",

@@ -266,7 +266,10 @@ def run_rollout(args, rt) -> dict:
     both = rows[both8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"]
     print(f"FP8 {args.recipe} rollout / bf16 rollout tokens/s = {speedup:.2f}x (bar 1.4x)")
     print(f"FP8 {args.recipe} weights + FP8 KV cache / bf16 rollout tokens/s = {both:.2f}x (bar 1.4x)")
+    from r1mega.precision.triton_act_gemm import gemm_choice
+
     return {"mode": "rollout", "recipe": args.recipe, "setting": f"{prompts}x{plen}->{new}",
+            "rollout_gemm": gemm_choice(),
             "rows": rows, "fp8_speedup": speedup, "fp8_kv_speedup": both,
             "bar_met": None if args.smoke else bool(speedup >= 1.4),
             "bar_met_with_fp8_kv": None if args.smoke else bool(both >= 1.4)}

@@ -23,6 +23,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from r1mega.precision import linear as fp8_linear_mod
+from r1mega.precision import triton_act_gemm
 from r1mega.precision.gemm import alignment, fp8_gemm
 from r1mega.precision.linear import RECIPE_GRANULARITY, _Fp8ForwardImpl, _pad_rows
 from r1mega.precision.policy import Fp8Policy
@@ -45,6 +46,12 @@ class Fp8RolloutWeights:
         self.token_multiple = 1 if policy.emulate else 16   # the decode batch is the GEMM's M
         self.active = False
         self.refreshes = 0
+        # Decode-sized blockwise GEMMs with x quantised inside (r1mega/precision/triton_act_gemm.py)
+        self.fused_gemm = not policy.emulate and triton_act_gemm.gemm_choice() == "fused"
+        if self.fused_gemm and (policy.recipe != "blockwise" or not triton_act_gemm.HAVE_TRITON):
+            raise ValueError(f"R1MEGA_FP8_ROLLOUT_GEMM=fused serves the blockwise recipe on a GPU "
+                             f"with Triton; precision.fp8_recipe is {policy.recipe!r}"
+                             + ("" if triton_act_gemm.HAVE_TRITON else " and Triton is missing"))
         self._generation = None
         self.linears = [mod for mod in m.decoder.modules()
                         if isinstance(mod, (ColumnParallelLinear, RowParallelLinear))
@@ -104,6 +111,10 @@ class Fp8RolloutWeights:
                                  wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group)
             x2 = input.reshape(-1, input.shape[-1])                                # (T, in)
             t = x2.shape[0]
+            if self.fused_gemm and t <= triton_act_gemm.MAX_ROWS:
+                y = torch.ops.r1mega.fp8_act_gemm(x2.contiguous(), q.data, q.scale, input.dtype)
+                y = y.view(*input.shape[:-1], weight.shape[0])
+                return y + bias if bias is not None else y
             # Compiled (the decode forward): the quantiser in torch ops, which inductor fuses
             # into the kernel that makes x (the norm before qkv and fc1, SwiGLU before fc2), so a
             # decode step does not launch one or more quantiser kernels per linear. Eager: the

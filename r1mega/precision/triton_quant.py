@@ -197,6 +197,23 @@ if _HAVE_TRITON:
 
 
     @triton.jit
+    def _round_e4m3(y):
+        # float32 |y| <= 448 -> the nearest e4m3 value (ties to even), still float32. Rounding
+        # here, not in the conversion, makes the stored byte independent of how a Triton build
+        # lowers fp32 -> fp8 (its interpreter mis-rounds values that carry into the next binade).
+        bits = y.to(tl.uint32, bitcast=True)
+        # Normal range: keep 3 of the 23 mantissa bits, round to nearest even (a carry moves
+        # into the exponent, which is right).
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        # Subnormal range (|y| < 2^-6): multiples of 2^-9. Adding 1.5 * 2^14 (whose float32 ulp
+        # is 2^-9) rounds |y| to that grid, ties to even; y's sign bit goes back on after, so a
+        # negative value that rounds to zero is -0 as in torch's cast (a bit op, as
+        # r1mega/rollout/triton_rope_kv.py's _negate explains).
+        a = tl.abs(y)
+        sub = ((a + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+        return tl.where(a < 0.015625, sub.to(tl.float32, bitcast=True), normal)
+
+    @triton.jit
     def _amax_kernel(x_ptr, out_ptr, n, iters, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         base = pid * iters * BLOCK_N

@@ -45,7 +45,7 @@ except ImportError:  # CPU-only installs
 
 
 if HAVE_TRITON:
-    from r1mega.rollout.triton_rope_kv import _round_e4m3
+    from r1mega.precision.triton_quant import _round_e4m3
 
     @triton.jit
     def _q_in_f16(q):

@@ -108,6 +108,7 @@ def interpreting() -> bool:
 
 
 if HAVE_TRITON:
+    from r1mega.precision.triton_quant import _round_e4m3
 
     @triton.jit
     def _to_act(y, dtype: tl.constexpr, RTNE_BITS: tl.constexpr):
@@ -120,22 +121,6 @@ if HAVE_TRITON:
             return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return y.to(dtype)
-
-    @triton.jit
-    def _round_e4m3(y):
-        # float32 |y| <= 448 -> the nearest e4m3 value (ties to even), still float32. Rounding
-        # here, not in the conversion, makes the stored byte independent of how a Triton build
-        # lowers fp32 -> fp8 (its interpreter mis-rounds values that carry into the next binade).
-        bits = y.to(tl.uint32, bitcast=True)
-        # Normal range: keep 3 of the 23 mantissa bits, round to nearest even (a carry moves
-        # into the exponent, which is right).
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-        # Subnormal range (|y| < 2^-6): multiples of 2^-9. Adding 1.5 * 2^14 (whose float32 ulp
-        # is 2^-9) rounds |y| to that grid, ties to even; y's sign bit goes back on after, so a
-        # negative value that rounds to zero is -0 as in torch's cast (a bit op: see _negate).
-        a = tl.abs(y)
-        sub = ((a + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | (bits & 0x80000000)
-        return tl.where(a < 0.015625, sub.to(tl.float32, bitcast=True), normal)
 
     @triton.jit
     def _negate(x):

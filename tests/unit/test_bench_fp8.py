@@ -79,3 +79,20 @@ def test_bench_fp8_te_backend_rows_and_refusals():
                       (["--backend", "te", "--recipe", "current", "--rollout"], "throughput and parity")):
         with pytest.raises(SystemExit, match=msg):
             fp8.main(argv)
+
+
+def test_fp8_decode_gemm_bench_smoke(capsys):
+    """`r1mega bench fp8-decode-gemm --smoke`: every route on the CPU (FP8 emulated; the fused
+    Triton route needs the interpreter, so it is left out here), errors against the float32
+    product of the unquantised operands within e4m3's few per cent, bf16's exactly 0 on CPU."""
+    from r1mega.bench import fp8_decode_gemm
+
+    assert fp8_decode_gemm.main(["--smoke"]) == 0
+    out = _last_json(capsys)
+    routes = out["routes"]
+    assert set(routes) == {"bf16", "tensorwise+quantize", "rowwise+quantize", "blockwise+quantize"}
+    assert routes["bf16"]["5"]["max_rel_err"] == 0.0
+    for name, r in routes.items():
+        assert r["5"]["ms"] > 0
+        if name != "bf16":
+            assert 1e-3 < r["5"]["max_rel_err"] < 0.1, name

@@ -1,0 +1,109 @@
+"""`r1mega bench fp8-decode-gemm`: a decode step's GEMMs, bf16 against each FP8 rollout route.
+
+For the 852M shape's linears (qkv, proj, fc1, fc2; 16 layers each) at decode row counts it times,
+from one CUDA graph replay of all 64 calls (as a captured decode step runs them), in this run:
+
+  bf16             torch.mm on the bf16 weights (the bf16 rollout's GEMMs)
+  RECIPE+quantize  the activation quantiser kernel, then cuBLAS's scaled matmul (the FP8
+                   rollout's route today), for tensorwise, rowwise and blockwise
+  blockwise+fused  r1mega/precision/triton_act_gemm.py: x quantised inside the GEMM
+                   (``R1MEGA_FP8_ROLLOUT_GEMM=fused``)
+
+and reports ms per 64 calls, the ratio to bf16, and each FP8 route's largest difference from
+the float32 product of the unquantised operands next to bf16's. ``--smoke``: tiny shapes on the
+CPU under Triton's interpreter (the harness and the JSON line, not the numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+# (N, K) of the 852M layer's linears and calls per decode step
+LINEARS = [(3072, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
+LAYERS = 16
+
+
+def _routes(recipes: list[str]):
+    from r1mega.precision.gemm import fp8_gemm
+    from r1mega.precision.linear import RECIPE_GRANULARITY
+    from r1mega.precision.quantize import quantize
+    from r1mega.precision.triton_act_gemm import act_quant_gemm
+
+    def quantized(recipe):
+        act, wgt, _ = RECIPE_GRANULARITY[recipe]
+        power2 = recipe == "blockwise"
+
+        def prep(w):
+            return quantize(w, wgt, "e4m3", power2)
+
+        def run(x, wq):
+            pad = -x.shape[0] % 16
+            xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+            a = quantize(xp, act, "e4m3", power2)
+            return fp8_gemm(a, wq, x.dtype, emulate=not x.is_cuda, fast_accum=True)[: x.shape[0]]
+        return prep, run
+
+    out = {"bf16": (lambda w: w, lambda x, w: x @ w.t())}
+    for recipe in recipes:
+        out[f"{recipe}+quantize"] = quantized(recipe)
+    if "blockwise" in recipes:
+        out["blockwise+fused"] = (quantized("blockwise")[0],
+                                  lambda x, wq: act_quant_gemm(x, wq, x.dtype))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="r1mega bench fp8-decode-gemm", description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="16,64,256,512", help="decode batch sizes (GEMM M)")
+    ap.add_argument("--recipes", default="tensorwise,rowwise,blockwise")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton's interpreter)")
+    args = ap.parse_args(argv)
+    from r1mega.bench.timing import graph_ms, median_ms
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    linears = [(256, 128), (128, 384)] if args.smoke else LINEARS
+    layers = 1 if args.smoke else LAYERS
+    rows = [5] if args.smoke else [int(r) for r in args.rows.split(",")]
+    routes = _routes([r for r in args.recipes.split(",") if r])
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        routes.pop("blockwise+fused", None)   # a Triton kernel: on the CPU only interpreted
+        print("(blockwise+fused left out: no GPU and TRITON_INTERPRET is not 1)")
+    g = torch.Generator(device=device).manual_seed(0)
+    weights = [(torch.randn(n, k, device=device, generator=g) * 0.02).to(dtype) for n, k in linears]
+    results: dict = {}
+    print(f"{'route':<20} " + " ".join(f"{'M=' + str(m):>12}" for m in rows) + "   (ms per decode step's GEMMs)")
+    for name, (prep, run) in routes.items():
+        wq = [prep(w) for w in weights]
+        results[name] = {}
+        for m in rows:
+            xs = [torch.randn(m, k, device=device, generator=g).to(dtype) for _, k in linears]
+
+            def step():
+                for _ in range(layers):
+                    for x, w in zip(xs, wq):
+                        run(x, w)
+            ms = graph_ms(step, 1) if cuda else median_ms(step, 1, 0, False)
+            err = max(float((run(x, w).float() - x.float() @ w0.float().t()).abs().max()
+                            / (x.float() @ w0.float().t()).abs().max())
+                      for x, w, w0 in zip(xs, wq, weights))
+            results[name][m] = {"ms": ms, "max_rel_err": err}
+        print(f"{name:<20} " + " ".join(f"{results[name][m]['ms']:>12.3f}" for m in rows))
+    for name in routes:
+        if name != "bf16":
+            print(f"{name:<20} " + " ".join(
+                f"{results['bf16'][m]['ms'] / results[name][m]['ms']:>11.2f}x" for m in rows)
+                + "   (bf16 / route)")
+    print("max |y - x w^T| / max |x w^T| (float32 product of the unquantised operands): "
+          + ", ".join(f"{n} {max(v['max_rel_err'] for v in r.values()):.1e}" for n, r in results.items()))
+    print(json.dumps({"bench": "fp8-decode-gemm", "device": device, "smoke": args.smoke,
+                      "layers": layers, "linears": linears, "routes": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
