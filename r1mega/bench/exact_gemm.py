@@ -37,6 +37,11 @@ CANDIDATES = [REFERENCE, "256,128,64,8,3", "64,64,128,4,3", "64,128,64,4,3", "12
               # warp-specialised TMA variants (a seventh field 1; Triton engages it at 4 warps)
               "64,128,128,4,3,1,1", "64,64,128,4,3,1,1", "64,128,64,4,3,1,1", "64,32,128,4,5,1,1",
               "128,128,64,4,3,1,1", "128,256,64,4,3,1,1",
+              # split variants (an eighth field 1): with R1MEGA_EXACT_GEMM_KCHUNKS=S every
+              # candidate sums K in S chunks, and these give each chunk a program of its own
+              # plus a summing kernel (without it they run as their unsplit twins)
+              "64,128,64,4,3,0,0,1", "64,64,128,4,3,1,0,1", "64,128,64,4,3,1,0,1",
+              "64,32,128,4,5,1,0,1", "128,128,64,8,3,1,0,1",
               # cuBLASLt with a fixed algorithm per weight shape: the I-th of its heuristic's
               # no-split ones (r1mega/ops/cublaslt_gemm.py; skipped where the extension is absent)
               "cublaslt:0", "cublaslt:1", "cublaslt:2", "cublaslt:3",
@@ -164,7 +169,8 @@ def main(argv=None) -> int:
            "reference": cands[0], "best_small_m": best[ms[0]], "best_large_m": best[ms[-1]],
            **({"per_shape_ms": per_shape} if per_shape else {}),
            "all_bit_equal": all(r["bit_equal"] for c, r in rows.items() if c != "torch.mm"),
-           "device": torch.cuda.get_device_name() if cuda else "cpu"}
+           "device": torch.cuda.get_device_name() if cuda else "cpu",
+           "k_chunks": tbi.K_CHUNKS}
     print(json.dumps(out))
     return 0
 

@@ -7,9 +7,13 @@ whatever M is; a row's result depends only on its own values and the weight. The
 path is :func:`r1mega.ops.batch_invariant.bi_mm` (fixed row blocks through ``torch.mm``); the
 test compares the two and checks invariance over M (tests/gpu/test_exact_gpu.py).
 
-Never split K. The output tile (BLOCK_M, BLOCK_N) may differ between row counts only where it
-does not change a single bit: each output element is one chain of MMA steps over K in order, so
-the tile decides which program computes an element, not how. That is a property of the GPU's MMA
+Never split K by shape. The output tile (BLOCK_M, BLOCK_N) may differ between row counts only
+where it does not change a single bit: each output element is one chain of MMA steps over K in
+order, so the tile decides which program computes an element, not how. With
+``R1MEGA_EXACT_GEMM_KCHUNKS=S`` (default 1) every call sums K as about S fixed chunks instead
+(:func:`chunk_len`, a function of K alone), each chunk one chain from zero, the chunks added in
+order: then a small-M call may also give each chunk a program of its own (``split`` tiles) and
+add them in a second kernel, in the same order, with the same bits. That is a property of the GPU's MMA
 unit and of the compiler, so it is checked, not assumed: a small-M candidate runs once beside
 LARGE on the same random operands (:func:`tiles_usable`) and serves only where the bits agree;
 among those that do, each GEMM shape gets the fastest, timed on the device
@@ -49,7 +53,8 @@ class Tiles(NamedTuple):
     Hopper tensor memory accelerator (another load path, the same MMAs: it serves only where the
     device check finds LARGE's bits with it, like any other candidate); ``ws`` (with tma): the K
     loop warp-specialised, producer warps issuing the loads while consumer warps run the MMAs
-    (Triton's ``tl.range(warp_specialize=True)``; again the same MMAs, again checked)."""
+    (Triton's ``tl.range(warp_specialize=True)``; again the same MMAs, again checked);
+    ``split``: see :func:`chunk_len`."""
     bm: int
     bn: int
     bk: int
@@ -57,6 +62,7 @@ class Tiles(NamedTuple):
     stages: int
     tma: int = 0
     ws: int = 0
+    split: int = 0  # with K chunks (R1MEGA_EXACT_GEMM_KCHUNKS): one program per chunk, then a sum
 
 
 GROUP_M = 8
@@ -68,6 +74,31 @@ LARGE = Tiles(128, 128, 64, 8, 3)  # every M, and the bits every other configura
 SMALL: tuple = (Tiles(64, 64, 128, 4, 3), Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3),
                  Tiles(64, 32, 128, 4, 5))
 SMALL_M_MAX = 1024
+CHUNK_MULTIPLE = 256  # K chunks are multiples of every tile's BK
+
+
+def _k_chunks_from_env() -> int:
+    raw = os.environ.get("R1MEGA_EXACT_GEMM_KCHUNKS", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise ValueError(f"R1MEGA_EXACT_GEMM_KCHUNKS={raw!r}: expected a whole number from 1 "
+                         f"(one chain over K, the default) to 64")
+    return int(raw)
+
+
+# Every exact GEMM sums K as chunks, each one MMA chain from zero, added in order to a float32
+# zero: the same bits whether one program walks the chunks (training's row counts) or each chunk
+# has a program of its own and a second kernel adds them (``split`` tiles: a decode step's few
+# hundred rows then fill the GPU, as cuBLAS's split-K does, without its shape-chosen split).
+K_CHUNKS = _k_chunks_from_env()
+
+
+def chunk_len(k: int) -> int:
+    """The K chunk of a (M, K) @ (K, N) call: K itself with one chunk (the default), else K over
+    ``K_CHUNKS`` rounded up to a multiple of CHUNK_MULTIPLE: a function of K alone, so every call
+    on a weight, whatever its M, sums the same chunks."""
+    if K_CHUNKS == 1:
+        return k
+    return max(CHUNK_MULTIPLE, -(-k // (K_CHUNKS * CHUNK_MULTIPLE)) * CHUNK_MULTIPLE)
 # "BM,BN,BK,WARPS,STAGES": process-wide, so the rollout and the trainer of a run share them;
 # R1MEGA_EXACT_GEMM_SMALL_TILES takes ";"-separated candidates, or "none" for LARGE everywhere.
 _TILES_ENV = "R1MEGA_EXACT_GEMM_TILES"
@@ -79,17 +110,18 @@ _choice: dict = {}  # (device, dtype, row bucket, N, K, SMALL, LARGE) -> the tim
 def parse_tiles(spec: str, what: str = _TILES_ENV) -> Tiles:
     try:
         vals = [int(v) for v in spec.split(",")]
-        if len(vals) not in (5, 6, 7):
+        if len(vals) not in (5, 6, 7, 8):
             raise ValueError
         t = Tiles(*vals)
     except (TypeError, ValueError):
         raise ValueError(f"{what}={spec!r}: expected five integers BM,BN,BK,WARPS,STAGES "
-                         f"(and optionally TMA 0/1, then WS 0/1)") from None
+                         f"(and optionally TMA 0/1, then WS 0/1, then SPLIT 0/1)") from None
     if any(v & (v - 1) or v < 16 for v in (t.bm, t.bn, t.bk)) or t.warps not in (1, 2, 4, 8, 16) \
-            or t.stages < 1 or t.tma not in (0, 1) or t.ws not in (0, 1) or (t.ws and not t.tma):
-        raise ValueError(f"{what}={spec!r}: tile sizes must be powers of two >= 16, "
-                         f"warps a power of two <= 16, stages >= 1, TMA 0 or 1, WS 0 or 1 "
-                         f"(and only with TMA)")
+            or t.stages < 1 or t.tma not in (0, 1) or t.ws not in (0, 1) or (t.ws and not t.tma) \
+            or t.split not in (0, 1) or t.bk > CHUNK_MULTIPLE:
+        raise ValueError(f"{what}={spec!r}: tile sizes must be powers of two >= 16 (BK at most "
+                         f"{CHUNK_MULTIPLE}), warps a power of two <= 16, stages >= 1, TMA 0 or 1, "
+                         f"WS 0 or 1 (and only with TMA), SPLIT 0 or 1")
     return t
 
 
@@ -131,46 +163,101 @@ if HAVE_TRITON:
         return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
 
     @triton.jit
-    def _bi_mm_tma_kernel(a_desc, w_desc, C, M, N, K, scm, scn,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr):
-        # _bi_mm_kernel with the tiles brought in by TMA: a (M, K) and the weight w = b.T (N, K),
-        # both row-major; out-of-range elements arrive as zeros, as the masked loads' are
-        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    def _tma_chain(a_desc, w_desc, row, col, k_lo, k_hi, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                   WS: tl.constexpr):
+        # One MMA chain from zero over K [k_lo, k_hi) of the tile at (row, col)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
-            a = a_desc.load([pid_m * BLOCK_M, k0])
-            w = w_desc.load([pid_n * BLOCK_N, k0])
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
+            a = a_desc.load([row, k0])
+            w = w_desc.load([col, k0])
             if IEEE:
                 acc = tl.dot(a, w.T, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, w.T, acc)
+        return acc
+
+    @triton.jit
+    def _store_tile(C, acc, pid_m, pid_n, M, N, scm, scn, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         tl.store(C + rm[:, None] * scm + rn[None, :] * scn, acc.to(C.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
-    def _bi_mm_kernel(A, B, C, M, N, K, sam, sak, sbk, sbn, scm, scn,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, IEEE: tl.constexpr):
+    def _bi_mm_tma_kernel(a_desc, w_desc, C, M, N, K, scm, scn, kc, scs,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, IEEE: tl.constexpr, WS: tl.constexpr,
+                          CHUNKED: tl.constexpr, SPLIT: tl.constexpr):
+        # _bi_mm_kernel with the tiles brought in by TMA: a (M, K) and the weight w = b.T (N, K),
+        # both row-major; out-of-range elements arrive as zeros, as the masked loads' are
         pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
+        if SPLIT:  # chunk program_id(1) alone, float32 into its slice of the workspace C
+            c0 = tl.program_id(1) * kc
+            acc = _tma_chain(a_desc, w_desc, row, col, c0, tl.minimum(c0 + kc, K), BLOCK_M,
+                             BLOCK_N, BLOCK_K, IEEE, WS)
+            C = C + tl.program_id(1).to(tl.int64) * scs
+        elif CHUNKED:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for c0 in range(0, K, kc):
+                acc += _tma_chain(a_desc, w_desc, row, col, c0, tl.minimum(c0 + kc, K), BLOCK_M,
+                                  BLOCK_N, BLOCK_K, IEEE, WS)
+        else:
+            acc = _tma_chain(a_desc, w_desc, row, col, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, IEEE, WS)
+        _store_tile(C, acc, pid_m, pid_n, M, N, scm, scn, BLOCK_M, BLOCK_N)
+
+    @triton.jit
+    def _chain(A, B, rm, rn, k_lo, k_hi, M, N, K, sam, sak, sbk, sbn, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        # One MMA chain from zero over K [k_lo, k_hi) of the tile rows rm, columns rn
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
             a = tl.load(A + rm[:, None] * sam + kk[None, :] * sak,
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+                        mask=(rm[:, None] < M) & (kk[None, :] < k_hi), other=0.0)
             b = tl.load(B + kk[:, None] * sbk + rn[None, :] * sbn,
-                        mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+                        mask=(kk[:, None] < k_hi) & (rn[None, :] < N), other=0.0)
             if IEEE:  # float32 inputs: no TF32 rounding
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
-        tl.store(C + rm[:, None] * scm + rn[None, :] * scn, acc.to(C.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+        return acc
+
+    @triton.jit
+    def _bi_mm_kernel(A, B, C, M, N, K, sam, sak, sbk, sbn, scm, scn, kc, scs,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, IEEE: tl.constexpr, CHUNKED: tl.constexpr,
+                      SPLIT: tl.constexpr):
+        pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        if SPLIT:
+            c0 = tl.program_id(1) * kc
+            acc = _chain(A, B, rm, rn, c0, tl.minimum(c0 + kc, K), M, N, K, sam, sak, sbk, sbn,
+                         BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            C = C + tl.program_id(1).to(tl.int64) * scs
+        elif CHUNKED:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for c0 in range(0, K, kc):
+                acc += _chain(A, B, rm, rn, c0, tl.minimum(c0 + kc, K), M, N, K, sam, sak, sbk,
+                              sbn, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+        else:
+            acc = _chain(A, B, rm, rn, 0, K, M, N, K, sam, sak, sbk, sbn, BLOCK_M, BLOCK_N,
+                         BLOCK_K, IEEE)
+        _store_tile(C, acc, pid_m, pid_n, M, N, scm, scn, BLOCK_M, BLOCK_N)
+
+    @triton.jit
+    def _chunk_sum_kernel(W, C, MN, N, S, scs, scm, scn, BLOCK: tl.constexpr):
+        # C = ((0 + W[0]) + W[1]) + ... in float32, then C's dtype: the chunked tiles' order
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, S):
+            acc += tl.load(W + s * scs + i, mask=ok, other=0.0)
+        tl.store(C + (i // N) * scm + (i % N) * scn, acc.to(C.dtype.element_ty), mask=ok)
 
 
 def tiles_usable(tiles, device, dtype: torch.dtype) -> bool:
@@ -345,9 +432,12 @@ def tiles_for(a: torch.Tensor, b: torch.Tensor, time_ms=None) -> Tiles:
     every = base + (tuple(t._replace(tma=1) for t in base) if tma else ()) \
         + (tuple(t._replace(tma=1, ws=1) for t in base) + WS_TILES if tma and WS_CANDIDATES else ()) \
         + (tuple(clt.algos_for(n, k, a.dtype, a.device)) if lt else ())
+    if m <= SMALL_M_MAX and chunk_len(k) < k:  # K in chunks: each small tile also split
+        every += tuple(t._replace(split=1) for t in every if isinstance(t, Tiles))
     if len(every) == 1 or (time_ms is None and not a.is_cuda):
         return LARGE  # (off CUDA: Triton's interpreter, nothing to time)
-    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE, tma, WS_CANDIDATES, lt)
+    key = (str(a.device), a.dtype, row_bucket(m), n, k, SMALL, LARGE, tma, WS_CANDIDATES, lt,
+           K_CHUNKS)
     if key not in _choice:
         capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing:
@@ -376,16 +466,24 @@ def matmul(a: torch.Tensor, b: torch.Tensor, tiles: Optional[Tiles] = None) -> t
         raise ValueError(f"batch-invariant matmul: TMA tiles need Triton's tensor descriptors and a "
                          f"and b.T row-major with 16-byte aligned rows (strides {a.stride()} and "
                          f"{b.stride()})")
-    grid = (triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn),)
+    kc = chunk_len(k)
+    chunks = triton.cdiv(k, kc)
+    split = bool(t.split) and chunks > 1
+    # split: each chunk's float32 partial into its slice of a workspace, summed by a second kernel
+    out = torch.empty(chunks, m, n, dtype=torch.float32, device=a.device) if split else c
+    scs, scm, scn = (out.stride(0), out.stride(1), out.stride(2)) if split else (0, *c.stride())
+    grid = (triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn), chunks if split else 1)
+    common = dict(BLOCK_M=t.bm, BLOCK_N=t.bn, BLOCK_K=t.bk, GROUP_M=GROUP_M,
+                  IEEE=a.dtype == torch.float32, CHUNKED=chunks > 1, SPLIT=split,
+                  num_warps=t.warps, num_stages=t.stages)
     if t.tma:
         _bi_mm_tma_kernel[grid](TensorDescriptor.from_tensor(a, [t.bm, t.bk]),
-                                TensorDescriptor.from_tensor(b.t(), [t.bn, t.bk]), c, m, n, k,
-                                c.stride(0), c.stride(1), BLOCK_M=t.bm, BLOCK_N=t.bn,
-                                BLOCK_K=t.bk, GROUP_M=GROUP_M, IEEE=a.dtype == torch.float32,
-                                WS=bool(t.ws), num_warps=t.warps, num_stages=t.stages)
-        return c
-    _bi_mm_kernel[grid](a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                        c.stride(0), c.stride(1), BLOCK_M=t.bm, BLOCK_N=t.bn,
-                        BLOCK_K=t.bk, GROUP_M=GROUP_M, IEEE=a.dtype == torch.float32,
-                        num_warps=t.warps, num_stages=t.stages)
+                                TensorDescriptor.from_tensor(b.t(), [t.bn, t.bk]), out, m, n, k,
+                                scm, scn, kc, scs, WS=bool(t.ws), **common)
+    else:
+        _bi_mm_kernel[grid](a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0),
+                            b.stride(1), scm, scn, kc, scs, **common)
+    if split:
+        _chunk_sum_kernel[(triton.cdiv(m * n, 1024),)](out, c, m * n, n, chunks, scs,
+                                                      c.stride(0), c.stride(1), BLOCK=1024)
     return c

@@ -13,8 +13,10 @@ def test_parse_tiles_accepts_five_powers_of_two_and_refuses_the_rest():
     assert tbi.parse_tiles("64,32,64,4,4") == tbi.Tiles(64, 32, 64, 4, 4)
     assert tbi.parse_tiles("64,32,64,4,4,1") == tbi.Tiles(64, 32, 64, 4, 4, tma=1)
     assert tbi.parse_tiles("64,32,64,4,4,1,1") == tbi.Tiles(64, 32, 64, 4, 4, tma=1, ws=1)
+    assert tbi.parse_tiles("64,32,64,4,4,0,0,1") == tbi.Tiles(64, 32, 64, 4, 4, split=1)
     for bad in ("64,32,64,4", "64,48,64,4,4", "8,64,64,4,4", "64,64,64,3,4", "64,64,64,4,0", "a,b,c,d,e",
-                "64,32,64,4,4,2", "64,32,64,4,4,0,1", "64,32,64,4,4,1,2", "64,32,64,4,4,1,1,1"):
+                "64,32,64,4,4,2", "64,32,64,4,4,0,1", "64,32,64,4,4,1,2", "64,32,64,4,4,1,1,1,1",
+                "64,32,64,4,4,0,0,2", "64,32,512,4,4"):
         with pytest.raises(ValueError, match="BM,BN,BK|powers of two"):
             tbi.parse_tiles(bad)
 
@@ -253,3 +255,43 @@ def test_cublaslt_paths_are_found_in_pip_wheels_and_toolkits(tmp_path):
     # a header without its library is not enough
     (home / "lib64" / "libcublasLt.so").unlink()
     assert cublaslt_flags(str(home), []) is None
+
+
+def test_k_chunks_are_a_function_of_k_alone(monkeypatch):
+    monkeypatch.setattr(tbi, "K_CHUNKS", 1)
+    assert [tbi.chunk_len(k) for k in (100, 2048, 5632)] == [100, 2048, 5632]
+    monkeypatch.setattr(tbi, "K_CHUNKS", 4)
+    # K / 4 rounded up to a multiple of 256 (every BK divides it); at least 256
+    assert [tbi.chunk_len(k) for k in (100, 1000, 2048, 5632, 4096)] == [256, 256, 512, 1536, 1024]
+    monkeypatch.setenv("R1MEGA_EXACT_GEMM_KCHUNKS", "four")
+    with pytest.raises(ValueError, match="R1MEGA_EXACT_GEMM_KCHUNKS='four'.*whole number"):
+        tbi._k_chunks_from_env()
+    monkeypatch.setenv("R1MEGA_EXACT_GEMM_KCHUNKS", "0")
+    with pytest.raises(ValueError, match="from 1"):
+        tbi._k_chunks_from_env()
+
+
+def test_split_variants_are_candidates_only_with_k_chunks_and_small_m(monkeypatch):
+    """With K in chunks each small-M candidate also runs split (a program per chunk, then their
+    sum); like every candidate it serves only where the device check found LARGE's bits."""
+    a = tbi.Tiles(64, 64, 128, 4, 3)
+    _fresh(monkeypatch, (a,))
+    dev = "cuda:7"
+    a_split, large_split = a._replace(split=1), tbi.LARGE._replace(split=1)
+    for t, ok in ((a, True), (a_split, True), (large_split, False)):
+        tbi._small_ok[(dev, "bf16", t, tbi.LARGE)] = ok
+    monkeypatch.setattr(tbi, "tma_eligible", lambda x, y: False)
+    monkeypatch.setattr(tbi, "K_CHUNKS", 4)
+    speed = {a: 3.0, a_split: 1.0, tbi.LARGE: 2.0, large_split: 0.5}
+    timed = []
+    pick = tbi.tiles_for(_Fake(256, 5632), _Fake(5632, 2048), lambda t: (timed.append(t), speed[t])[1])
+    assert pick == a_split and set(timed) == {a, a_split, tbi.LARGE}
+    # a K that makes one chunk, and row counts above SMALL_M_MAX: nothing to split
+    assert tbi.tiles_for(_Fake(256, 200), _Fake(200, 2048), lambda t: speed[t]) == tbi.LARGE
+    assert tbi.tiles_for(_Fake(4096, 5632), _Fake(5632, 2048), lambda t: 1 / 0) == tbi.LARGE
+    # one chain over K (the default): no split candidates
+    monkeypatch.setattr(tbi, "K_CHUNKS", 1)
+    monkeypatch.setattr(tbi, "_choice", {})
+    timed.clear()
+    tbi.tiles_for(_Fake(256, 5632), _Fake(5632, 2048), lambda t: (timed.append(t), speed[t])[1])
+    assert set(timed) == {a, tbi.LARGE}

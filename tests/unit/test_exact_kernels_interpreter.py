@@ -84,3 +84,48 @@ def test_tma_gemm_and_keys_major_attention_under_interpreter(monkeypatch):
     for heads, errs, alone_equal in attn:
         assert max(errs.values()) < 1e-5, (heads, errs)
         assert alone_equal, f"{heads}: a query alone differs from its packed tile"
+
+
+def _interpreted_chunks(rank, world):
+    """K summed in chunks (R1MEGA_EXACT_GEMM_KCHUNKS=4, set before import): split tiles (a
+    program per chunk, then the sum kernel) against the chunked LARGE, plain and TMA."""
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from r1mega.ops import triton_batch_invariant as tbi
+
+    assert tbi.K_CHUNKS == 4 and tbi.chunk_len(1000) == 256   # chunks 256, 256, 256, 232
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for dtype in (torch.float32, torch.float16):
+        a = torch.randn(301, 1000, generator=g).to(dtype)
+        b = torch.randn(777, 1000, generator=g).to(dtype).t()
+        exact = a.double() @ b.double()
+        bound = 1000 * 2.0 ** -24 * (a.double().abs() @ b.double().abs()) \
+            + torch.finfo(dtype).eps / 2 * exact.abs()
+        large = tbi.matmul(a, b, tiles=tbi.LARGE)
+        # the interpreter's dot is numpy's: equal bits need equal BK (LARGE's 64) here; on the
+        # GPU each chain is the MMA's whatever the BK (tests/gpu checks)
+        splits = {t: tbi.matmul(a, b, tiles=t) for t in (
+            tbi.Tiles(64, 128, 64, 4, 3, split=1), tbi.Tiles(128, 128, 64, 8, 3, split=1),
+            tbi.Tiles(64, 64, 64, 4, 3, 1, split=1))}
+        tbi.K_CHUNKS = 1
+        one_chain = tbi.matmul(a, b, tiles=tbi.LARGE)
+        tbi.K_CHUNKS = 4
+        out.append((str(dtype), float(((large.double() - exact).abs() / bound).max()),
+                    {tuple(t): torch.equal(o, large) for t, o in splits.items()},
+                    torch.equal(large, one_chain)))
+    return out
+
+
+@pytest.mark.slow
+@needs_triton
+def test_split_k_chunks_give_the_chunked_large_tiles_bits_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("R1MEGA_EXACT_GEMM_KCHUNKS", "4")
+    (result,) = run_ranks(_interpreted_chunks, 1, timeout_s=900)
+    for dtype, ratio, split_equal, same_as_one_chain in result:
+        assert ratio <= 1, (dtype, ratio)
+        assert all(split_equal.values()), (dtype, split_equal)
+        if dtype == "torch.float32":
+            assert not same_as_one_chain   # the chunked sum is another order: it is in effect
