@@ -5,7 +5,7 @@ token's projection differs between a decode step (M = batch) and a packed micro-
 thousands). Here every output tile reduces K in ``BLOCK_K`` steps from 0 to K in one program,
 whatever M is; a row's result depends only on its own values and the weight. The CPU/reference
 path is :func:`r1mega.ops.batch_invariant.bi_mm` (fixed row blocks through ``torch.mm``); the
-test compares the two and checks invariance over M (tests/gpu/test_exact_gpu.py).
+test compares the two and checks invariance over M (tests/gpu/test_exact_gemm_gpu.py).
 
 Never split K by shape. The output tile (BLOCK_M, BLOCK_N) may differ between row counts only
 where it does not change a single bit: each output element is one chain of MMA steps over K in

@@ -2,7 +2,7 @@
 which algorithm becomes a weight shape's reference, which may serve decode-sized calls, and what
 is refused. cuBLASLt is replaced by CPU stand-ins whose behaviour is known: one whose rows depend
 on the batch (a K split chosen by M), two that compute the same bits, one that computes other
-bits. tests/gpu/test_exact_gpu.py runs the real library."""
+bits. tests/gpu/test_exact_gemm_gpu.py runs the real library."""
 from __future__ import annotations
 
 import pytest

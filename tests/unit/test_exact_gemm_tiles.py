@@ -1,6 +1,6 @@
 """The exact GEMM's tile choice (r1mega/ops/triton_batch_invariant.py): configuration parsing, and
 that a small-M configuration serves only where the device check found LARGE's bits. The bits
-themselves are checked on CUDA (tests/gpu/test_exact_gpu.py)."""
+themselves are checked on CUDA (tests/gpu/test_exact_gemm_gpu.py)."""
 from __future__ import annotations
 
 import pytest

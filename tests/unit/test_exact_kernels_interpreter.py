@@ -9,8 +9,8 @@ before triton is imported, so they run in a spawned process; skipped where Trito
   reference, and a query taken alone (a decode step's tile) against its packed training tile,
   for 16-, 64- and 128-column tiles and three head layouts.
 
-Whether the GPU gives the same bits is for tests/gpu/test_exact_gpu.py; here the logic is checked:
-descriptors, offsets, masks and transposes.
+Whether the GPU gives the same bits is for tests/gpu/test_exact_gpu.py and
+test_exact_gemm_gpu.py; here the logic is checked: descriptors, offsets, masks and transposes.
 """
 from __future__ import annotations
 
