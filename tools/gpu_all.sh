@@ -4,7 +4,10 @@
 # summary table last. Full logs go to $OUT (at most 8 files come back: keep the list short).
 #
 #   tools/gpu_all.sh [BENCH_SPEC ...]        default specs: grpo-loss train-step rollout
-#     a spec is a bench name plus its flags in one word list, e.g. "rollout --overlap-too"
+#     a spec is a bench name plus its flags in one word list, e.g. "rollout --overlap-too";
+#     leading NAME=VALUE words set environment variables for that spec alone
+#     ("R1MEGA_FP8_QUANT=cuda fp8 --models gemm-heavy"), and a spec whose first word (after
+#     them) is a tools/*.py path runs that script instead of a bench
 #   env: GPU_SKIP_BUILD=1, GPU_SKIP_TESTS=1, GPU_TESTS="tests/gpu/x.py" (default tests/gpu),
 #        GPU_SMOLLM2_GGUF=path GPU_SMOLLM2_STEPS=N (runs tools/gpu_smollm2.sh last),
 #        GPU_BENCH_TIMEOUT=s (per bench, default 300), GPU_TESTS_TIMEOUT=s (default 420)
@@ -51,12 +54,21 @@ names=()
 i=0
 for spec in "${specs[@]}"; do
   read -r -a words <<<"$spec"
+  envs=()
+  while [ ${#words[@]} -gt 0 ] && [[ ${words[0]} =~ ^[A-Z][A-Z0-9_]*= ]]; do
+    envs+=("${words[0]}"); words=("${words[@]:1}")
+  done
   i=$((i + 1))
-  name=$i-${words[0]}   # one log per spec, also when a bench runs twice with other flags
+  name=$i-$(basename "${words[0]}" .py)   # one log per spec, also when a bench runs twice
   names+=("$name")
   echo "== bench $spec"
   t0=$(date +%s)
-  timeout "${GPU_BENCH_TIMEOUT:-300}" python3 -m r1mega.cli bench "${words[@]}" >"$OUT/bench_$name.log" 2>&1
+  if [[ ${words[0]} == tools/*.py ]]; then
+    cmd=(python3 "${words[@]}")
+  else
+    cmd=(python3 -m r1mega.cli bench "${words[@]}")
+  fi
+  env "${envs[@]}" timeout "${GPU_BENCH_TIMEOUT:-300}" "${cmd[@]}" >"$OUT/bench_$name.log" 2>&1
   echo "rc=$? in $(( $(date +%s) - t0 )) s"
   grep -vE "^\{" "$OUT/bench_$name.log" | tail -40
 done
