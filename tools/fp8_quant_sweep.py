@@ -36,6 +36,15 @@ def _same(got, ref) -> bool:
             and torch.equal(got.scale.nan_to_num(-1.0), ref.scale.nan_to_num(-1.0)))
 
 
+def _dual_row(rows, results, name, refs, floor_ms, var, quantize_dual, x, gran) -> None:
+    """One quantiser's row: its bits against the reference's, then its time."""
+    q, qt = quantize_dual(x, gran, "e4m3")
+    ok = _same(q, refs[0]) and _same(qt, refs[1])
+    ms = _time(lambda: quantize_dual(x, gran, "e4m3"))
+    rows.append((name, var, ms, floor_ms, ok))
+    results[f"{name}|{var}"] = {"ms": ms, "bit_equal": ok}
+
+
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     rows, results = [], {}
@@ -44,23 +53,14 @@ def main() -> None:
         floor_ms = r * c * 4 / 4.0e9          # read 2 B + write 2 x 1 B at 4.0 TB/s
         for gran in ("tensor", "tile", "block"):
             refs = (quantize_reference(x, gran, "e4m3"), quantize_reference(x.t(), gran, "e4m3"))
+            row = (rows, results, name, refs, floor_ms)
             default = tq._DUAL_WARPS[gran]
             for warps in (4, 8):
                 tq._DUAL_WARPS[gran] = warps
-                q, qt = tq.quantize_dual_triton(x, gran, "e4m3")
-                ok = _same(q, refs[0]) and _same(qt, refs[1])
-                ms = _time(lambda: tq.quantize_dual_triton(x, gran, "e4m3"))
-                var = f"dual {gran} w{warps}"
-                rows.append((name, var, ms, floor_ms, ok))
-                results[f"{name}|{var}"] = {"ms": ms, "bit_equal": ok}
+                _dual_row(*row, f"dual {gran} w{warps}", tq.quantize_dual_triton, x, gran)
             tq._DUAL_WARPS[gran] = default
             if cq.get() is not None:   # csrc/fp8_quant_kernel.cu
-                q, qt = cq.quantize_dual_cuda(x, gran, "e4m3")
-                ok = _same(q, refs[0]) and _same(qt, refs[1])
-                ms = _time(lambda: cq.quantize_dual_cuda(x, gran, "e4m3"))
-                var = f"dual {gran} cuda"
-                rows.append((name, var, ms, floor_ms, ok))
-                results[f"{name}|{var}"] = {"ms": ms, "bit_equal": ok}
+                _dual_row(*row, f"dual {gran} cuda", cq.quantize_dual_cuda, x, gran)
             del refs
         ms = _time(lambda: tq.tensor_amax(x))
         rows.append((name, "amax", ms, r * c * 2 / 4.0e9, True))
