@@ -27,31 +27,23 @@ LAYERS = 16
 
 
 def _routes(recipes: list[str]):
-    from r1mega.precision.gemm import fp8_gemm
+    """name -> (weight -> its copy, (x, copy) -> y): the rollout's own GEMM (decode_gemm)."""
     from r1mega.precision.linear import RECIPE_GRANULARITY
+    from r1mega.precision.policy import Fp8Policy
     from r1mega.precision.quantize import quantize
-    from r1mega.precision.triton_act_gemm import act_quant_gemm
+    from r1mega.precision.rollout import decode_gemm
 
-    def quantized(recipe):
+    def route(recipe, fused):
         act, wgt, _ = RECIPE_GRANULARITY[recipe]
-        power2 = recipe == "blockwise"
-
-        def prep(w):
-            return quantize(w, wgt, "e4m3", power2)
-
-        def run(x, wq):
-            pad = -x.shape[0] % 16
-            xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
-            a = quantize(xp, act, "e4m3", power2)
-            return fp8_gemm(a, wq, x.dtype, emulate=not x.is_cuda, fast_accum=True)[: x.shape[0]]
-        return prep, run
+        power2 = Fp8Policy(recipe=recipe, backend="native").power2_scales
+        return (lambda w: quantize(w, wgt, "e4m3", power2),
+                lambda x, wq: decode_gemm(x, wq, act, power2, not x.is_cuda, fused))
 
     out = {"bf16": (lambda w: w, lambda x, w: x @ w.t())}
     for recipe in recipes:
-        out[f"{recipe}+quantize"] = quantized(recipe)
+        out[f"{recipe}+quantize"] = route(recipe, False)
     if "blockwise" in recipes:
-        out["blockwise+fused"] = (quantized("blockwise")[0],
-                                  lambda x, wq: act_quant_gemm(x, wq, x.dtype))
+        out["blockwise+fused"] = route("blockwise", True)
     return out
 
 

@@ -9,12 +9,8 @@ test compares the two and checks invariance over M (tests/gpu/test_exact_gemm_gp
 
 Never split K by shape. The output tile (BLOCK_M, BLOCK_N) may differ between row counts only
 where it does not change a single bit: each output element is one chain of MMA steps over K in
-order, so the tile decides which program computes an element, not how. With
-``R1MEGA_EXACT_GEMM_KCHUNKS=S`` (default 1) every call sums K as about S fixed chunks instead
-(:func:`chunk_len`, a function of K alone), each chunk one chain from zero, the chunks added in
-order: then a small-M call may also give each chunk a program of its own (``split`` tiles) and
-add them in a second kernel, in the same order, with the same bits. That is a property of the GPU's MMA
-unit and of the compiler, so it is checked, not assumed: a small-M candidate runs once beside
+order, so the tile decides which program computes an element, not how. That is a property of
+the GPU's MMA unit and of the compiler, so it is checked, not assumed: a small-M candidate runs once beside
 LARGE on the same random operands (:func:`tiles_usable`) and serves only where the bits agree;
 among those that do, each GEMM shape gets the fastest, timed on the device
 (:func:`tiles_for`; ``r1mega bench exact-gemm --per-shape`` times every candidate per shape).
@@ -24,6 +20,11 @@ transposed row-major weight), each candidate, LARGE included, also runs as a TMA
 under the same check and timing, and with ``R1MEGA_EXACT_GEMM_WS=1`` as a warp-specialised TMA
 variant too. With ``R1MEGA_EXACT_GEMM_CUBLASLT=1`` fixed cuBLASLt algorithms
 join them (r1mega/ops/cublaslt_gemm.py), under the same check and timing.
+
+With ``R1MEGA_EXACT_GEMM_KCHUNKS=S`` (default 1) every call sums K as about S fixed chunks
+instead (:func:`chunk_len`, a function of K alone), each chunk one chain from zero, the chunks
+added in order: then a small-M call may also give each chunk a program of its own (``split``
+tiles) and add them in a second kernel, in the same order: the same bits, under the same check.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def chunk_len(k: int) -> int:
     if K_CHUNKS == 1:
         return k
     return max(CHUNK_MULTIPLE, -(-k // (K_CHUNKS * CHUNK_MULTIPLE)) * CHUNK_MULTIPLE)
+
+
 # "BM,BN,BK,WARPS,STAGES": process-wide, so the rollout and the trainer of a run share them;
 # R1MEGA_EXACT_GEMM_SMALL_TILES takes ";"-separated candidates, or "none" for LARGE everywhere.
 _TILES_ENV = "R1MEGA_EXACT_GEMM_TILES"
@@ -209,7 +212,7 @@ if HAVE_TRITON:
         _store_tile(C, acc, pid_m, pid_n, M, N, scm, scn, BLOCK_M, BLOCK_N)
 
     @triton.jit
-    def _chain(A, B, rm, rn, k_lo, k_hi, M, N, K, sam, sak, sbk, sbn, BLOCK_M: tl.constexpr,
+    def _chain(A, B, rm, rn, k_lo, k_hi, M, N, sam, sak, sbk, sbn, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
         # One MMA chain from zero over K [k_lo, k_hi) of the tile rows rm, columns rn
         rk = tl.arange(0, BLOCK_K)
@@ -236,16 +239,16 @@ if HAVE_TRITON:
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         if SPLIT:
             c0 = tl.program_id(1) * kc
-            acc = _chain(A, B, rm, rn, c0, tl.minimum(c0 + kc, K), M, N, K, sam, sak, sbk, sbn,
+            acc = _chain(A, B, rm, rn, c0, tl.minimum(c0 + kc, K), M, N, sam, sak, sbk, sbn,
                          BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
             C = C + tl.program_id(1).to(tl.int64) * scs
         elif CHUNKED:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for c0 in range(0, K, kc):
-                acc += _chain(A, B, rm, rn, c0, tl.minimum(c0 + kc, K), M, N, K, sam, sak, sbk,
-                              sbn, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+                acc += _chain(A, B, rm, rn, c0, tl.minimum(c0 + kc, K), M, N, sam, sak, sbk, sbn,
+                              BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         else:
-            acc = _chain(A, B, rm, rn, 0, K, M, N, K, sam, sak, sbk, sbn, BLOCK_M, BLOCK_N,
+            acc = _chain(A, B, rm, rn, 0, K, M, N, sam, sak, sbk, sbn, BLOCK_M, BLOCK_N,
                          BLOCK_K, IEEE)
         _store_tile(C, acc, pid_m, pid_n, M, N, scm, scn, BLOCK_M, BLOCK_N)
 

@@ -25,11 +25,15 @@ get, load_error = _EXT.get, _EXT.load_error
 _GRAN_CODE = {"tensor": 0, "tile": 1, "block": 2}
 
 
-def dual_impl() -> str:
+def _dual_impl_from_env() -> str:
     """``R1MEGA_FP8_QUANT``: the CUDA kernel or Triton's for ``quantize_dual`` on CUDA."""
     return switches.choice("R1MEGA_FP8_QUANT", "triton", {
         "triton": "the Triton dual quantiser",
         "cuda": "csrc/fp8_quant_kernel.cu where the input allows, else Triton"})
+
+
+# Read once, at import (a bad value fails the run's start, not its first FP8 step)
+DUAL_IMPL = _dual_impl_from_env()
 
 
 def why_not(x: torch.Tensor, granularity: str) -> Optional[str]:

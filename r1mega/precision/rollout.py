@@ -30,6 +30,24 @@ from r1mega.precision.policy import Fp8Policy
 from r1mega.precision.quantize import Fp8Tensor, quantize
 
 
+def decode_gemm(x2: torch.Tensor, q: Fp8Tensor, act: str, power2: bool, emulate: bool,
+                fused: bool = False) -> torch.Tensor:
+    """(T, in) x an FP8 weight copy (out, in) -> (T, out) in x's dtype: one rollout GEMM.
+    ``fused``: decode-sized calls through r1mega/precision/triton_act_gemm.py (blockwise)."""
+    t = x2.shape[0]
+    if fused and t <= triton_act_gemm.MAX_ROWS:
+        return torch.ops.r1mega.fp8_act_gemm(x2.contiguous(), q.data, q.scale, x2.dtype)
+    # Compiled (the decode forward): the quantiser in torch ops, which inductor fuses into the
+    # kernel that makes x (the norm before qkv and fc1, SwiGLU before fc2), so a decode step does
+    # not launch one or more quantiser kernels per linear. Eager: the fused Triton kernel (the
+    # same quantisation but for inductor's division, which may round a scale an ulp differently).
+    impl = ("reference" if torch.compiler.is_compiling() and fp8_linear_mod.graph_side_enabled()
+            else "auto")
+    # the decode batch is the GEMM's M: 16 rows at least for cuBLAS's FP8 kernels
+    a = quantize(_pad_rows(x2, 1 if emulate else 16), act, "e4m3", power2, impl=impl)
+    return fp8_gemm(a, q, x2.dtype, emulate=emulate, fast_accum=True)[:t]
+
+
 def _unwrap(model):
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
@@ -43,7 +61,6 @@ class Fp8RolloutWeights:
         m = _unwrap(model)
         self.policy = policy
         self.act, self.wgt, _ = RECIPE_GRANULARITY[policy.recipe]
-        self.token_multiple = 1 if policy.emulate else 16   # the decode batch is the GEMM's M
         self.active = False
         self.refreshes = 0
         # Decode-sized blockwise GEMMs with x quantised inside (r1mega/precision/triton_act_gemm.py)
@@ -109,22 +126,8 @@ class Fp8RolloutWeights:
                                  allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
                                  grad_output_buffer=grad_output_buffer,
                                  wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group)
-            x2 = input.reshape(-1, input.shape[-1])                                # (T, in)
-            t = x2.shape[0]
-            if self.fused_gemm and t <= triton_act_gemm.MAX_ROWS:
-                y = torch.ops.r1mega.fp8_act_gemm(x2.contiguous(), q.data, q.scale, input.dtype)
-                y = y.view(*input.shape[:-1], weight.shape[0])
-                return y + bias if bias is not None else y
-            # Compiled (the decode forward): the quantiser in torch ops, which inductor fuses
-            # into the kernel that makes x (the norm before qkv and fc1, SwiGLU before fc2), so a
-            # decode step does not launch one or more quantiser kernels per linear. Eager: the
-            # fused Triton kernel (the same quantisation but for inductor's division, which may
-            # round a scale an ulp differently).
-            impl = ("reference" if torch.compiler.is_compiling() and fp8_linear_mod.graph_side_enabled()
-                    else "auto")
-            a = quantize(_pad_rows(x2, self.token_multiple), self.act, "e4m3",
-                         self.policy.power2_scales, impl=impl)
-            y = fp8_gemm(a, q, input.dtype, emulate=self.policy.emulate, fast_accum=True)[:t]
+            y = decode_gemm(input.reshape(-1, input.shape[-1]), q, self.act,
+                            self.policy.power2_scales, self.policy.emulate, self.fused_gemm)
             y = y.view(*input.shape[:-1], weight.shape[0])                         # (..., out)
             return y + bias if bias is not None else y
 

@@ -2,13 +2,13 @@
 ``y = x @ w.T`` for x (M, K) in bf16/fp16 and w (N, K) in e4m3 with 128 x 128 block scales.
 
 A decode step's activations are a few hundred rows. Quantising them in a kernel of their own
-costs a launch and a pass per linear, about what FP8 saves there; this kernel instead rounds
-each 1 x 128 tile of x to e4m3 as it loads it (the tile's amax, the recipe's power-of-2
-multiplier, clamp, round), and adds each K block's FP8 x FP8 dot times its two scales to a
-float32 accumulator, as DeepSeek-V3's recipe promotes partial sums per 128. The quantised x is
-bit for bit :func:`r1mega.precision.quantize.quantize_reference` (x, "tile", power2) and the
-result equals the emulated GEMM of the same operands up to float32 accumulation order: the
-reference is ``emulated_gemm`` (tests/unit under Triton's interpreter, tests/gpu compiled).
+costs a launch and a pass per linear; this kernel instead rounds each 1 x 128 tile of x to e4m3
+as it loads it (the tile's amax, the recipe's power-of-2 multiplier, clamp, round: the
+arithmetic of :func:`r1mega.precision.quantize.quantize_reference` (x, "tile", power2)), and
+adds each K block's FP8 x FP8 dot times its two scales to a float32 accumulator, as
+DeepSeek-V3's recipe promotes partial sums per 128. Its reference is ``emulated_gemm`` of the
+reference-quantised operands, equal up to float32 accumulation order (tests/unit under
+Triton's interpreter, tests/gpu compiled).
 
 Used by ``Fp8RolloutWeights`` for blockwise decode steps when ``R1MEGA_FP8_ROLLOUT_GEMM=fused``
 (default ``quantize``: quantiser kernel + cuBLAS), until a GPU has timed the two.
@@ -38,8 +38,7 @@ def gemm_choice() -> str:
 
 
 if HAVE_TRITON:
-    from r1mega.precision.triton_quant import _abs_bits, _multiplier
-    from r1mega.precision.triton_quant import _round_e4m3
+    from r1mega.precision.triton_quant import _abs_bits, _multiplier, _round_e4m3
 
     @triton.jit
     def _act_q_gemm_kernel(X, W, WS, Y, M, N, K, stride_xm, stride_wn, stride_wsn, stride_wsk,
