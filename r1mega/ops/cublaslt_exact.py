@@ -107,8 +107,9 @@ def reference(n: int, k: int, dtype: torch.dtype, device) -> clt.LtAlgo:
         else:
             raise RuntimeError(
                 f"exact GEMM (cuBLASLt): none of the {len(found)} no-split algorithms cuBLASLt offers "
-                f"for the weight shape ({n}, {k}) in {dtype} on {device} is batch-invariant; unset "
-                f"R1MEGA_EXACT_GEMM (the Triton kernel) for rollout.exact")
+                f"for the weight shape ({n}, {k}) in {dtype} on {device} is batch-invariant "
+                f"({clt.why_none(n, k, dtype, device)}); unset R1MEGA_EXACT_GEMM (the Triton "
+                f"kernel) for rollout.exact")
     return _ref[key]
 
 

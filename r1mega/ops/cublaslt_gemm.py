@@ -35,10 +35,12 @@ ENABLED = switches.flag("R1MEGA_EXACT_GEMM_CUBLASLT", False,
 # heuristic queries per weight shape: a training-sized and a decode-sized M, each's best few
 HEURISTIC_ROWS = (8192, 256)
 PER_QUERY = 4
+# one call's rows at most: a larger product runs in slices of MAX_ROWS rows, the same bits per
+# row (the algorithm is fixed and splits no K), so an algorithm need only be checked up to here
+MAX_ROWS = 1 << 16
 # an algorithm is offered only if it runs without workspace at each of these row counts too: one
-# that wants workspace at some M would have no exact twin to serve it (1M rows: beyond any
-# micro-batch; a larger call is refused by the extension, not sent elsewhere)
-WORKSPACE_ROWS = (1, 301, 4096, 16384, 65536, 262144, 1 << 20)
+# that wants workspace at some M would have no exact twin to serve it
+WORKSPACE_ROWS = (1, 301, 4096, 16384, MAX_ROWS)
 
 
 class LtAlgo(NamedTuple):
@@ -56,6 +58,8 @@ class LtAlgo(NamedTuple):
 
 
 _algos: dict = {}  # (device, dtype, n, k) -> [LtAlgo]
+# (device, dtype, n, k) -> [(config, workspace bytes at each of WORKSPACE_ROWS, -1 refused)]
+rejected: dict = {}
 
 
 ALIGN = 16  # bytes: every operand's base and row, and the output's rows (csrc/exact_gemm_lt.cpp)
@@ -77,11 +81,12 @@ def eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
 def algos_for(n: int, k: int, dtype: torch.dtype, device) -> list:
     """The no-split, no-workspace algorithms cuBLASLt's heuristic offers for the weight shape
     (n, k) at HEURISTIC_ROWS, best first, each once, that need no workspace at any of
-    WORKSPACE_ROWS either. One query per device, dtype and shape."""
+    WORKSPACE_ROWS either. One query per device, dtype and shape; what was dropped, and why, is
+    kept in ``rejected`` for the error that follows when nothing is left."""
     key = (str(device), dtype, n, k)
     if key not in _algos:
         ext = get()
-        seen, out = set(), []
+        seen, out, dropped = set(), [], []
         with torch.cuda.device(device):
             for m in HEURISTIC_ROWS:
                 for blob in ext.algos(m, n, k, dtype, PER_QUERY):
@@ -89,10 +94,23 @@ def algos_for(n: int, k: int, dtype: torch.dtype, device) -> list:
                     config = tuple(ext.describe(blob))
                     if config not in seen:
                         seen.add(config)
-                        if all(ext.workspace(r, n, k, dtype, blob) == 0 for r in WORKSPACE_ROWS):
+                        ws = tuple(ext.workspace(r, n, k, dtype, blob) for r in WORKSPACE_ROWS)
+                        if all(w == 0 for w in ws):
                             out.append(LtAlgo(n, k, dtype, raw, config))
-        _algos[key] = out
+                        else:
+                            dropped.append((config, ws))
+        _algos[key], rejected[key] = out, dropped
     return _algos[key]
+
+
+def why_none(n: int, k: int, dtype: torch.dtype, device) -> str:
+    """What :func:`algos_for` dropped for the shape: each algorithm's workspace bytes per row
+    count (-1: cuBLASLt refuses it there), for an error message."""
+    dropped = rejected.get((str(device), dtype, n, k), [])
+    if not dropped:
+        return "the heuristic offered no algorithm without workspace and K splits"
+    return "dropped for workspace at rows " + str(WORKSPACE_ROWS) + ": " + "; ".join(
+        f"{cfg}: {ws}" for cfg, ws in dropped)
 
 
 _blobs: dict = {}  # algorithm bytes -> the CPU tensor the extension reads
@@ -107,4 +125,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, algo: LtAlgo) -> torch.Tensor:
     blob = _blobs.get(algo.blob)
     if blob is None:
         blob = _blobs[algo.blob] = torch.frombuffer(bytearray(algo.blob), dtype=torch.uint8)
-    return get().matmul(a, w, blob)
+    ext = get()
+    if a.shape[0] <= MAX_ROWS:
+        return ext.matmul(a, w, blob)
+    return torch.cat([ext.matmul(a[i:i + MAX_ROWS], w, blob) for i in range(0, a.shape[0], MAX_ROWS)])

@@ -405,7 +405,11 @@ def test_exact_mlp_calls_fused_swiglu_in_decode_and_training(single_rank_runtime
     assert all(rows == step_rows and fused for step_rows, rows, fused in in_decode)
     # The decode's RoPE + KV write: the fused kernel in its eager-rounding variant, every layer.
     assert eng.runner.fused_rope_kv_enabled
-    assert rope_calls == [(step_rows, True) for step_rows in steps for _ in mlps]
+    assert [c for c in rope_calls if c[0] is not None] == [(step_rows, True) for step_rows in steps
+                                                           for _ in mlps]
+    # ...and the prefill's (outside decode) is the same exact variant, every layer of each call
+    in_prefill = [exact for phase_rows, exact in rope_calls if phase_rows is None]
+    assert in_prefill and len(in_prefill) % len(mlps) == 0 and all(in_prefill)
     calls.clear()
     _assert_bitwise(model, outs, PROMPTS, 1.0, list(range(len(outs))))
     assert len(calls) == len(mlps) and all(fused for _, _, fused in calls)

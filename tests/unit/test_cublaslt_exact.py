@@ -175,5 +175,31 @@ def test_algos_for_drops_algorithms_that_want_workspace_at_any_row_count(monkeyp
     got = clt.algos_for(64, 48, torch.bfloat16, "cuda:0")
     assert [a.config[0] for a in got] == [5, 7]
     assert {m for t, m in asked if t == 5} == set(clt.WORKSPACE_ROWS)  # every row count asked
-    assert max(clt.WORKSPACE_ROWS) >= 1 << 20 and 16384 in clt.WORKSPACE_ROWS
+    assert max(clt.WORKSPACE_ROWS) == clt.MAX_ROWS and 16384 in clt.WORKSPACE_ROWS
     assert clt.algos_for(64, 48, torch.bfloat16, "cuda:0") is got  # one query per shape
+    ws = dict(clt.rejected[("cuda:0", torch.bfloat16, 64, 48)])
+    assert set(ws) == {(6,) + (0,) * 8, (8,) + (0,) * 8}
+    assert ws[(6,) + (0,) * 8] == tuple(4 if m >= 16384 else 0 for m in clt.WORKSPACE_ROWS)
+    why = clt.why_none(64, 48, torch.bfloat16, "cuda:0")
+    assert "(6, 0, 0, 0, 0, 0, 0, 0, 0): (0, 0, 0, 4, 4)" in why, why
+
+
+def test_calls_above_max_rows_run_in_slices_with_the_same_algorithm(monkeypatch):
+    """An algorithm is checked for workspace only up to MAX_ROWS; a larger product is cut into
+    row slices of at most MAX_ROWS, each through the same algorithm, stacked in order."""
+    seen = []
+
+    class Ext:
+        def matmul(self, a, w, blob):
+            seen.append((a.shape[0], bytes(blob.numpy().tobytes())))
+            return a @ w.t()
+
+    monkeypatch.setattr(clt, "get", lambda: Ext())
+    monkeypatch.setattr(clt, "MAX_ROWS", 16)
+    a, w = torch.randn(37, 48), torch.randn(64, 48)
+    got = clt.matmul(a, w.t(), _algo(9)._replace(dtype=torch.float32))
+    torch.testing.assert_close(got, a @ w.t(), rtol=0, atol=0)
+    assert seen == [(16, bytes([9]) * 8), (16, bytes([9]) * 8), (5, bytes([9]) * 8)]
+    seen.clear()
+    clt.matmul(a[:16], w.t(), _algo(9)._replace(dtype=torch.float32))
+    assert seen == [(16, bytes([9]) * 8)]
