@@ -35,12 +35,15 @@ ENABLED = switches.flag("R1MEGA_EXACT_GEMM_CUBLASLT", False,
 # heuristic queries per weight shape: a training-sized and a decode-sized M, each's best few
 HEURISTIC_ROWS = (8192, 256)
 PER_QUERY = 4
-# one call's rows at most: a larger product runs in slices of MAX_ROWS rows, the same bits per
-# row (the algorithm is fixed and splits no K), so an algorithm need only be checked up to here
+# one call's rows at most: a larger product runs in row slices, the same bits per row (the
+# algorithm is fixed and splits no K), so an algorithm need only be checked up to here
 MAX_ROWS = 1 << 16
-# an algorithm is offered only if it runs without workspace at each of these row counts too: one
-# that wants workspace at some M would have no exact twin to serve it
+# an algorithm is offered only if it runs without workspace at these row counts too, up to its
+# own ``max_rows`` (its calls' slice: one that wants workspace at some M would have no exact twin
+# to serve it there), and only if that reaches MIN_ROWS (smaller slices would cut training's GEMMs
+# thin)
 WORKSPACE_ROWS = (1, 301, 4096, 16384, MAX_ROWS)
+MIN_ROWS = 4096
 
 
 class LtAlgo(NamedTuple):
@@ -52,6 +55,7 @@ class LtAlgo(NamedTuple):
     dtype: torch.dtype
     blob: bytes
     config: tuple
+    max_rows: int = MAX_ROWS  # rows per call: larger products run in slices of this many
 
     def __repr__(self):
         return f"LtAlgo(n={self.n}, k={self.k}, {str(self.dtype).replace('torch.', '')}, config={self.config})"
@@ -78,11 +82,23 @@ def eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
     return aligned and get() is not None
 
 
+def _rows_without_workspace(ws: tuple) -> int:
+    """The largest of WORKSPACE_ROWS up to which (from 1 row) every count wants no workspace
+    (``ws``: bytes at each, -1 refused), 0 where even one row wants some."""
+    rows = 0
+    for r, w in zip(WORKSPACE_ROWS, ws):
+        if w != 0:
+            break
+        rows = r
+    return rows
+
+
 def algos_for(n: int, k: int, dtype: torch.dtype, device) -> list:
     """The no-split, no-workspace algorithms cuBLASLt's heuristic offers for the weight shape
-    (n, k) at HEURISTIC_ROWS, best first, each once, that need no workspace at any of
-    WORKSPACE_ROWS either. One query per device, dtype and shape; what was dropped, and why, is
-    kept in ``rejected`` for the error that follows when nothing is left."""
+    (n, k) at HEURISTIC_ROWS, best first, each once, that need no workspace from 1 up to at least
+    MIN_ROWS of WORKSPACE_ROWS either; each is used in slices of the rows it was found free at.
+    One query per device, dtype and shape; what was dropped, and why, is kept in ``rejected``
+    for the error that follows when nothing is left."""
     key = (str(device), dtype, n, k)
     if key not in _algos:
         ext = get()
@@ -95,8 +111,9 @@ def algos_for(n: int, k: int, dtype: torch.dtype, device) -> list:
                     if config not in seen:
                         seen.add(config)
                         ws = tuple(ext.workspace(r, n, k, dtype, blob) for r in WORKSPACE_ROWS)
-                        if all(w == 0 for w in ws):
-                            out.append(LtAlgo(n, k, dtype, raw, config))
+                        rows = _rows_without_workspace(ws)
+                        if rows >= MIN_ROWS:
+                            out.append(LtAlgo(n, k, dtype, raw, config, rows))
                         else:
                             dropped.append((config, ws))
         _algos[key], rejected[key] = out, dropped
@@ -109,7 +126,7 @@ def why_none(n: int, k: int, dtype: torch.dtype, device) -> str:
     dropped = rejected.get((str(device), dtype, n, k), [])
     if not dropped:
         return "the heuristic offered no algorithm without workspace and K splits"
-    return "dropped for workspace at rows " + str(WORKSPACE_ROWS) + ": " + "; ".join(
+    return f"dropped for workspace below {MIN_ROWS} of rows {WORKSPACE_ROWS}: " + "; ".join(
         f"{cfg}: {ws}" for cfg, ws in dropped)
 
 
@@ -125,7 +142,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, algo: LtAlgo) -> torch.Tensor:
     blob = _blobs.get(algo.blob)
     if blob is None:
         blob = _blobs[algo.blob] = torch.frombuffer(bytearray(algo.blob), dtype=torch.uint8)
-    ext = get()
-    if a.shape[0] <= MAX_ROWS:
+    ext, step = get(), algo.max_rows
+    if a.shape[0] <= step:
         return ext.matmul(a, w, blob)
-    return torch.cat([ext.matmul(a[i:i + MAX_ROWS], w, blob) for i in range(0, a.shape[0], MAX_ROWS)])
+    return torch.cat([ext.matmul(a[i:i + step], w, blob) for i in range(0, a.shape[0], step)])

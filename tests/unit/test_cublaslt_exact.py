@@ -147,14 +147,15 @@ def test_only_cuda_half_precision_with_the_extension_is_supported(monkeypatch):
     assert not cle.supported(FakeCuda(torch.bfloat16))
 
 
-def test_algos_for_drops_algorithms_that_want_workspace_at_any_row_count(monkeypatch):
+def test_algos_for_drops_algorithms_that_want_workspace_at_few_rows(monkeypatch):
     """cuBLASLt's heuristic answers for its query's M; an algorithm may want workspace only at a
     larger M (seen on the H200: none at 8,192 rows, 4 bytes at 16,384), where the extension
-    refuses it. Such algorithms are not offered; the others keep the heuristic's order, once."""
+    refuses it. Such an algorithm is used in slices of the rows it was found free at; one that
+    wants workspace below MIN_ROWS is not offered. The heuristic's order is kept, each once."""
     import contextlib
 
     blobs = {m: [torch.tensor([t], dtype=torch.uint8) for t in tags]
-             for m, tags in {clt.HEURISTIC_ROWS[0]: (5, 6, 7), clt.HEURISTIC_ROWS[1]: (7, 8, 6)}.items()}
+             for m, tags in {clt.HEURISTIC_ROWS[0]: (5, 6, 7), clt.HEURISTIC_ROWS[1]: (7, 8, 6, 9)}.items()}
     asked = []
 
     class Ext:
@@ -167,26 +168,28 @@ def test_algos_for_drops_algorithms_that_want_workspace_at_any_row_count(monkeyp
         def workspace(self, m, n, k, dtype, blob):
             asked.append((int(blob[0]), m))
             tag = int(blob[0])
+            if tag == 9:  # refused (-1) above 301 rows
+                return -1 if m > 301 else 0
             return 4 if (tag == 6 and m >= 16384) or (tag == 8 and m == 1) else 0
 
     monkeypatch.setattr(clt, "get", lambda: Ext())
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(clt, "_algos", {})
     got = clt.algos_for(64, 48, torch.bfloat16, "cuda:0")
-    assert [a.config[0] for a in got] == [5, 7]
+    assert [(a.config[0], a.max_rows) for a in got] == [(5, clt.MAX_ROWS), (6, 4096), (7, clt.MAX_ROWS)]
     assert {m for t, m in asked if t == 5} == set(clt.WORKSPACE_ROWS)  # every row count asked
-    assert max(clt.WORKSPACE_ROWS) == clt.MAX_ROWS and 16384 in clt.WORKSPACE_ROWS
+    assert max(clt.WORKSPACE_ROWS) == clt.MAX_ROWS and {301, 4096, 16384} <= set(clt.WORKSPACE_ROWS)
     assert clt.algos_for(64, 48, torch.bfloat16, "cuda:0") is got  # one query per shape
     ws = dict(clt.rejected[("cuda:0", torch.bfloat16, 64, 48)])
-    assert set(ws) == {(6,) + (0,) * 8, (8,) + (0,) * 8}
-    assert ws[(6,) + (0,) * 8] == tuple(4 if m >= 16384 else 0 for m in clt.WORKSPACE_ROWS)
+    assert set(ws) == {(8,) + (0,) * 8, (9,) + (0,) * 8}
+    assert ws[(9,) + (0,) * 8] == tuple(-1 if m > 301 else 0 for m in clt.WORKSPACE_ROWS)
     why = clt.why_none(64, 48, torch.bfloat16, "cuda:0")
-    assert "(6, 0, 0, 0, 0, 0, 0, 0, 0): (0, 0, 0, 4, 4)" in why, why
+    assert "(8, 0, 0, 0, 0, 0, 0, 0, 0): (4, 0, 0, 0, 0)" in why, why
 
 
-def test_calls_above_max_rows_run_in_slices_with_the_same_algorithm(monkeypatch):
-    """An algorithm is checked for workspace only up to MAX_ROWS; a larger product is cut into
-    row slices of at most MAX_ROWS, each through the same algorithm, stacked in order."""
+def test_calls_above_an_algorithms_rows_run_in_slices_with_it(monkeypatch):
+    """An algorithm is checked for workspace only up to its max_rows; a larger product is cut
+    into row slices of at most that many, each through the same algorithm, stacked in order."""
     seen = []
 
     class Ext:
@@ -195,11 +198,11 @@ def test_calls_above_max_rows_run_in_slices_with_the_same_algorithm(monkeypatch)
             return a @ w.t()
 
     monkeypatch.setattr(clt, "get", lambda: Ext())
-    monkeypatch.setattr(clt, "MAX_ROWS", 16)
     a, w = torch.randn(37, 48), torch.randn(64, 48)
-    got = clt.matmul(a, w.t(), _algo(9)._replace(dtype=torch.float32))
+    algo = _algo(9)._replace(dtype=torch.float32, max_rows=16)
+    got = clt.matmul(a, w.t(), algo)
     torch.testing.assert_close(got, a @ w.t(), rtol=0, atol=0)
     assert seen == [(16, bytes([9]) * 8), (16, bytes([9]) * 8), (5, bytes([9]) * 8)]
     seen.clear()
-    clt.matmul(a[:16], w.t(), _algo(9)._replace(dtype=torch.float32))
+    clt.matmul(a[:16], w.t(), algo)
     assert seen == [(16, bytes([9]) * 8)]
