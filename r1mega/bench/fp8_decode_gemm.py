@@ -6,8 +6,8 @@ from one CUDA graph replay of all 64 calls (as a captured decode step runs them)
   bf16             torch.mm on the bf16 weights (the bf16 rollout's GEMMs)
   RECIPE+quantize  the activation quantiser kernel, then cuBLAS's scaled matmul (the FP8
                    rollout's route today), for tensorwise, rowwise and blockwise
-  blockwise+fused  r1mega/precision/triton_act_gemm.py: x quantised inside the GEMM
-                   (``R1MEGA_FP8_ROLLOUT_GEMM=fused``)
+  RECIPE+fused     r1mega/precision/triton_act_gemm.py: x quantised inside the GEMM in 1x128
+                   tiles (``R1MEGA_FP8_ROLLOUT_GEMM=fused``), for blockwise and tensorwise
 
 and reports ms per 64 calls, the ratio to bf16, and each FP8 route's largest difference from
 the float32 product of the unquantised operands next to bf16's. ``--smoke``: tiny shapes on the
@@ -42,8 +42,9 @@ def _routes(recipes: list[str]):
     out = {"bf16": (lambda w: w, lambda x, w: x @ w.t())}
     for recipe in recipes:
         out[f"{recipe}+quantize"] = route(recipe, False)
-    if "blockwise" in recipes:
-        out["blockwise+fused"] = route("blockwise", True)
+    for recipe in ("tensorwise", "blockwise"):
+        if recipe in recipes:
+            out[f"{recipe}+fused"] = route(recipe, True)
     return out
 
 
@@ -63,8 +64,9 @@ def main(argv=None) -> int:
     rows = [5] if args.smoke else [int(r) for r in args.rows.split(",")]
     routes = _routes([r for r in args.recipes.split(",") if r])
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        routes.pop("blockwise+fused", None)   # a Triton kernel: on the CPU only interpreted
-        print("(blockwise+fused left out: no GPU and TRITON_INTERPRET is not 1)")
+        for name in [r for r in routes if r.endswith("+fused")]:  # Triton: on a CPU only interpreted
+            routes.pop(name)
+            print(f"({name} left out: no GPU and TRITON_INTERPRET is not 1)")
     g = torch.Generator(device=device).manual_seed(0)
     weights = [(torch.randn(n, k, device=device, generator=g) * 0.02).to(dtype) for n, k in linears]
     results: dict = {}

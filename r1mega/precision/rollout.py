@@ -27,13 +27,14 @@ from r1mega.precision import triton_act_gemm
 from r1mega.precision.gemm import alignment, fp8_gemm
 from r1mega.precision.linear import RECIPE_GRANULARITY, _Fp8ForwardImpl, _pad_rows
 from r1mega.precision.policy import Fp8Policy
-from r1mega.precision.quantize import Fp8Tensor, quantize
+from r1mega.precision.quantize import BLOCK, Fp8Tensor, quantize
 
 
 def decode_gemm(x2: torch.Tensor, q: Fp8Tensor, act: str, power2: bool, emulate: bool,
                 fused: bool = False) -> torch.Tensor:
     """(T, in) x an FP8 weight copy (out, in) -> (T, out) in x's dtype: one rollout GEMM.
-    ``fused``: decode-sized calls through r1mega/precision/triton_act_gemm.py (blockwise)."""
+    ``fused``: decode-sized calls through r1mega/precision/triton_act_gemm.py (blockwise or
+    tensorwise weights, x in 1x128 tiles)."""
     t = x2.shape[0]
     if fused and t <= triton_act_gemm.MAX_ROWS:
         return torch.ops.r1mega.fp8_act_gemm(x2.contiguous(), q.data, q.scale, x2.dtype)
@@ -63,24 +64,29 @@ class Fp8RolloutWeights:
         self.act, self.wgt, _ = RECIPE_GRANULARITY[policy.recipe]
         self.active = False
         self.refreshes = 0
-        # Decode-sized blockwise GEMMs with x quantised inside (r1mega/precision/triton_act_gemm.py)
+        # Decode-sized GEMMs with x quantised inside (r1mega/precision/triton_act_gemm.py)
         self.fused_gemm = not policy.emulate and triton_act_gemm.gemm_choice() == "fused"
-        if self.fused_gemm and (policy.recipe != "blockwise" or not triton_act_gemm.HAVE_TRITON):
-            raise ValueError(f"R1MEGA_FP8_ROLLOUT_GEMM=fused serves the blockwise recipe on a GPU "
-                             f"with Triton; precision.fp8_recipe is {policy.recipe!r}"
+        if self.fused_gemm and (policy.recipe not in ("blockwise", "tensorwise")
+                                or not triton_act_gemm.HAVE_TRITON):
+            raise ValueError(f"R1MEGA_FP8_ROLLOUT_GEMM=fused serves the blockwise and tensorwise "
+                             f"recipes on a GPU with Triton; precision.fp8_recipe is {policy.recipe!r}"
                              + ("" if triton_act_gemm.HAVE_TRITON else " and Triton is missing"))
         self._generation = None
         self.linears = [mod for mod in m.decoder.modules()
                         if isinstance(mod, (ColumnParallelLinear, RowParallelLinear))
                         and not isinstance(mod, _Fp8ForwardImpl)]
         align = 1 if policy.emulate else alignment(self.act, self.wgt)
+        if self.fused_gemm:
+            align = max(align, BLOCK)  # whole 128-wide K blocks and N blocks
         for mod in self.linears:
             out_size, in_size = mod.weight.shape
             if out_size % align or in_size % align:
+                fix = ("unset R1MEGA_FP8_ROLLOUT_GEMM (the quantiser + cuBLAS route)" if self.fused_gemm
+                       else "use precision.fp8_recipe=tensorwise")
                 raise ValueError(
                     f"precision.fp8_rollout: a {type(mod).__name__} weight of this rank is "
                     f"({out_size}, {in_size}); the {policy.recipe} FP8 GEMM needs multiples of "
-                    f"{align}. Use precision.fp8_recipe=tensorwise or precision.fp8_rollout=false.")
+                    f"{align}. {fix[0].upper() + fix[1:]}, or precision.fp8_rollout=false.")
             mod._fp8_rollout_weight = None
             mod._forward_impl = self._make_impl(mod)
 

@@ -1,5 +1,6 @@
-"""The FP8 rollout's decode GEMM for the blockwise recipe, with the activation quantised inside:
-``y = x @ w.T`` for x (M, K) in bf16/fp16 and w (N, K) in e4m3 with 128 x 128 block scales.
+"""The FP8 rollout's decode GEMM with the activation quantised inside: ``y = x @ w.T`` for x
+(M, K) in bf16/fp16 and w (N, K) in e4m3 with 128 x 128 block scales (the blockwise recipe) or
+one scale (tensorwise: read as the same scale for every block).
 
 A decode step's activations are a few hundred rows. Quantising them in a kernel of their own
 costs a launch and a pass per linear; this kernel instead rounds each 1 x 128 tile of x to e4m3
@@ -10,8 +11,10 @@ DeepSeek-V3's recipe promotes partial sums per 128. Its reference is ``emulated_
 reference-quantised operands, equal up to float32 accumulation order (tests/unit under
 Triton's interpreter, tests/gpu compiled).
 
-Used by ``Fp8RolloutWeights`` for blockwise decode steps when ``R1MEGA_FP8_ROLLOUT_GEMM=fused``
-(default ``quantize``: quantiser kernel + cuBLAS), until a GPU has timed the two.
+Used by ``Fp8RolloutWeights`` for decode steps when ``R1MEGA_FP8_ROLLOUT_GEMM=fused`` (default
+``quantize``: quantiser kernel + cuBLAS), until a GPU has timed the two. With tensorwise weights
+the activation is still quantised per 1 x 128 tile, not per tensor as the ``quantize`` route
+does: another rounding of x (a finer one), so the two routes' rollouts differ in FP8 error.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ MAX_ROWS = 512  # decode-sized calls only; a prefill's tens of thousands of rows
 def gemm_choice() -> str:
     return switches.choice("R1MEGA_FP8_ROLLOUT_GEMM", "quantize", {
         "quantize": "the activation quantiser kernel, then cuBLAS's scaled matmul",
-        "fused": "blockwise decode steps through r1mega/precision/triton_act_gemm.py"})
+        "fused": "decode steps (blockwise, tensorwise) through r1mega/precision/triton_act_gemm.py"})
 
 
 if HAVE_TRITON:
@@ -80,11 +83,11 @@ def tiles(m: int, n: int, sms: int = 132) -> tuple[int, int]:
 
 def act_quant_gemm(x: torch.Tensor, w: Fp8Tensor, out_dtype: torch.dtype,
                    bm: int | None = None, bn: int | None = None) -> torch.Tensor:
-    """(M, K) x (N, K) e4m3 128x128-block weight -> (M, N) ``out_dtype``; x's 1x128 tiles
-    quantised on the fly (power-of-2 scales, the blockwise recipe's)."""
-    if w.granularity != "block" or w.fmt != "e4m3":
-        raise ValueError(f"act_quant_gemm: the weight must be e4m3 with 128x128 block scales, "
-                         f"got {w.fmt} {w.granularity}")
+    """(M, K) x (N, K) e4m3 weight (128x128-block or one scale) -> (M, N) ``out_dtype``; x's
+    1x128 tiles quantised on the fly (power-of-2 scales, the blockwise recipe's)."""
+    if w.granularity not in ("block", "tensor") or w.fmt != "e4m3":
+        raise ValueError(f"act_quant_gemm: the weight must be e4m3 with 128x128 block scales or "
+                         f"one tensor scale, got {w.fmt} {w.granularity}")
     m, k = x.shape
     n, k2 = w.shape
     if k != k2 or k % BLOCK or n % BLOCK:
@@ -92,6 +95,10 @@ def act_quant_gemm(x: torch.Tensor, w: Fp8Tensor, out_dtype: torch.dtype,
                          f"and K, N multiples of {BLOCK}")
     if x.stride(1) != 1 or w.data.stride(1) != 1:
         raise ValueError("act_quant_gemm: x and w must be row-major along K")
+    # one scale: every block's, through zero strides (no copy, nothing to keep in sync)
+    scale = w.scale
+    if w.granularity == "tensor":
+        scale = scale.reshape(1, 1).expand(n // BLOCK, k // BLOCK)
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return y
@@ -101,8 +108,8 @@ def act_quant_gemm(x: torch.Tensor, w: Fp8Tensor, out_dtype: torch.dtype,
     if BLOCK % bn:
         raise ValueError(f"act_quant_gemm: BN={bn} must divide {BLOCK}")
     grid = (n // bn, triton.cdiv(m, bm))
-    _act_q_gemm_kernel[grid](x, w.data, w.scale, y, m, n, k, x.stride(0), w.data.stride(0),
-                             w.scale.stride(0), w.scale.stride(1), y.stride(0), BM=bm, BN=bn,
+    _act_q_gemm_kernel[grid](x, w.data, scale, y, m, n, k, x.stride(0), w.data.stride(0),
+                             scale.stride(0), scale.stride(1), y.stride(0), BM=bm, BN=bn,
                              FMAX=FP8_MAX["e4m3"], num_warps=4, num_stages=3)
     return y
 
@@ -110,8 +117,10 @@ def act_quant_gemm(x: torch.Tensor, w: Fp8Tensor, out_dtype: torch.dtype,
 @torch.library.custom_op("r1mega::fp8_act_gemm", mutates_args=())
 def fp8_act_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                  out_dtype: torch.dtype) -> torch.Tensor:
-    """:func:`act_quant_gemm` as an op torch.compile keeps whole (the compiled decode step)."""
-    return act_quant_gemm(x, Fp8Tensor(w, w_scale, "block", "e4m3"), out_dtype)
+    """:func:`act_quant_gemm` as an op torch.compile keeps whole (the compiled decode step);
+    ``w_scale`` (N/128, K/128) blocks, or (1, 1): one for the whole weight."""
+    granularity = "tensor" if w_scale.shape == (1, 1) else "block"
+    return act_quant_gemm(x, Fp8Tensor(w, w_scale, granularity, "e4m3"), out_dtype)
 
 
 @fp8_act_gemm.register_fake

@@ -44,6 +44,20 @@ def test_fused_gemm_against_emulation_and_cublas(m, n, k):
                                atol=2e-3 * scale)
 
 
+@pytest.mark.parametrize("m", [1, 100, 256])
+@pytest.mark.parametrize("n,k", LINEARS)
+def test_fused_gemm_with_a_tensorwise_weight(m, n, k):
+    """One weight scale, read as every block's (the op decode calls), against the emulation of
+    the same operands: x in 1x128 tiles, w per tensor."""
+    g = torch.Generator(device="cuda").manual_seed(m * n + k)
+    x = (torch.randn(m, k, device="cuda", generator=g) * 3).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+    wq = quantize_reference(w, "tensor", "e4m3", power2=False)
+    ref = emulated_gemm(quantize_reference(x, "tile", "e4m3", power2=True), wq, torch.float32)
+    got = torch.ops.r1mega.fp8_act_gemm(x, wq.data, wq.scale, torch.float32)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-3 * float(ref.abs().max()))
+
+
 def test_fp8_rollout_through_the_fused_gemm_decodes_like_the_quantiser_route(single_rank_runtime,
                                                                               monkeypatch):
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig

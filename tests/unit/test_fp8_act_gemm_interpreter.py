@@ -44,6 +44,11 @@ def _interpreted(rank, world):
         xb = x.bfloat16()
         refb = emulated_gemm(quantize_reference(xb, "tile", "e4m3", power2=True), wq, torch.float32)
         results.append((tuple(x.shape), "bf16", refb, act_quant_gemm(xb, wq, torch.float32)))
+        # a tensorwise weight (one scale, not a power of 2), through the op decode calls
+        wt = quantize_reference(w, "tensor", "e4m3", power2=False)
+        reft = emulated_gemm(quantize_reference(x, "tile", "e4m3", power2=True), wt, torch.float32)
+        gott = torch.ops.r1mega.fp8_act_gemm(x, wt.data, wt.scale, torch.float32)
+        results.append((tuple(x.shape), "tensor", reft, gott))
     # a NaN in x makes its row NaN, as the reference's whole tile is NaN
     x, w = _cases()[0]
     x[1, 3] = float("nan")
@@ -59,7 +64,7 @@ def test_fused_decode_gemm_matches_reference_under_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned process
     (result,) = run_ranks(_interpreted, 1, timeout_s=300)
     cases, nan_row = result
-    assert len(cases) == 9
+    assert len(cases) == 12
     for shape, bn, ref, got in cases:
         # same FP8 operands, float32 sums in another order
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()),
@@ -127,8 +132,10 @@ def test_operands_the_kernel_cannot_take_are_refused():
     from r1mega.precision.triton_act_gemm import act_quant_gemm
 
     x = torch.randn(4, 256)
-    with pytest.raises(ValueError, match="128x128 block scales"):
+    with pytest.raises(ValueError, match="128x128 block scales or one tensor scale"):
         act_quant_gemm(x, quantize_reference(torch.randn(128, 256), "tile"), torch.float32)
+    with pytest.raises(ValueError, match="e4m3"):
+        act_quant_gemm(x, quantize_reference(torch.randn(128, 256), "tensor", "e5m2"), torch.float32)
     with pytest.raises(ValueError, match="multiples of 128"):
         act_quant_gemm(torch.randn(4, 200), quantize_reference(torch.randn(128, 200), "block"),
                        torch.float32)
@@ -156,8 +163,25 @@ def test_fused_gemm_is_refused_for_recipes_it_does_not_serve(single_rank_runtime
                                     num_attention_heads=4, num_query_groups=2, vocab_size=96,
                                     max_position_embeddings=64), single_rank_runtime(), wrap=False)
     monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_GEMM", "fused")
-    with pytest.raises(ValueError, match="fused serves the blockwise recipe.*'tensorwise'"):
-        Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native"))
+    with pytest.raises(ValueError, match="fused serves the blockwise and tensorwise recipes.*'rowwise'"):
+        Fp8RolloutWeights(model[0], Fp8Policy(recipe="rowwise", backend="native"))
     # the emulation (CPU) never takes the kernel, whatever the switch
     assert not Fp8RolloutWeights(model[0], Fp8Policy(recipe="blockwise", backend="native",
                                                      emulate=True)).fused_gemm
+
+
+@needs_triton
+def test_fused_gemm_is_refused_for_weights_not_in_whole_blocks(single_rank_runtime, monkeypatch):
+    """Tensorwise FP8 takes a (192, 192) weight through cuBLAS; the fused kernel works in whole
+    128-wide blocks, so the switch is refused when the copies are made, naming the way out."""
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.policy import Fp8Policy
+    from r1mega.precision.rollout import Fp8RolloutWeights
+
+    model = build_model(ModelConfig(family="llama", num_layers=1, hidden_size=192, ffn_hidden_size=384,
+                                    num_attention_heads=4, num_query_groups=2, vocab_size=96,
+                                    max_position_embeddings=64), single_rank_runtime(), wrap=False)
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_GEMM", "fused")
+    with pytest.raises(ValueError, match=r"\(.*192\).*multiples of 128\. Unset R1MEGA_FP8_ROLLOUT_GEMM"):
+        Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native"))
