@@ -75,18 +75,19 @@ class Fp8RolloutWeights:
         self.linears = [mod for mod in m.decoder.modules()
                         if isinstance(mod, (ColumnParallelLinear, RowParallelLinear))
                         and not isinstance(mod, _Fp8ForwardImpl)]
-        align = 1 if policy.emulate else alignment(self.act, self.wgt)
-        if self.fused_gemm:
-            align = max(align, BLOCK)  # whole 128-wide K blocks and N blocks
+        cublas_align = 1 if policy.emulate else alignment(self.act, self.wgt)
+        # the fused kernel works in whole 128-wide K blocks and N blocks
+        align = max(cublas_align, BLOCK) if self.fused_gemm else cublas_align
         for mod in self.linears:
             out_size, in_size = mod.weight.shape
             if out_size % align or in_size % align:
-                fix = ("unset R1MEGA_FP8_ROLLOUT_GEMM (the quantiser + cuBLAS route)" if self.fused_gemm
-                       else "use precision.fp8_recipe=tensorwise")
+                fix = ("Unset R1MEGA_FP8_ROLLOUT_GEMM (the quantiser + cuBLAS route)"
+                       if out_size % cublas_align == 0 and in_size % cublas_align == 0
+                       else "Use precision.fp8_recipe=tensorwise")
                 raise ValueError(
                     f"precision.fp8_rollout: a {type(mod).__name__} weight of this rank is "
                     f"({out_size}, {in_size}); the {policy.recipe} FP8 GEMM needs multiples of "
-                    f"{align}. {fix[0].upper() + fix[1:]}, or precision.fp8_rollout=false.")
+                    f"{align}. {fix}, or precision.fp8_rollout=false.")
             mod._fp8_rollout_weight = None
             mod._forward_impl = self._make_impl(mod)
 

@@ -185,3 +185,10 @@ def test_fused_gemm_is_refused_for_weights_not_in_whole_blocks(single_rank_runti
     monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_GEMM", "fused")
     with pytest.raises(ValueError, match=r"\(.*192\).*multiples of 128\. Unset R1MEGA_FP8_ROLLOUT_GEMM"):
         Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native"))
+    # blockwise needs whole blocks on either route: the way out is another recipe
+    for route in ("fused", "quantize"):
+        monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_GEMM", route)
+        with pytest.raises(ValueError, match=r"multiples of 128\. Use precision.fp8_recipe=tensorwise"):
+            Fp8RolloutWeights(model[0], Fp8Policy(recipe="blockwise", backend="native"))
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_GEMM", "quantize")
+    assert not Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native")).fused_gemm
