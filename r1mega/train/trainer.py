@@ -499,6 +499,10 @@ def run_demo(overrides: Optional[list] = None) -> int:
     print(f"[r1mega] demo: {cfg.model.num_layers}-layer d={cfg.model.hidden_size} model, "
           f"{cfg.train.sft_steps} SFT steps then {cfg.train.steps} GRPO steps on "
           f"{cfg.data.source} {cfg.data.task_options}", flush=True)
+    # CPU kernels round by instruction set: a run compares bit for bit only with one on the same
+    # torch build, instruction set and thread count.
+    print(f"[r1mega] torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     code = run_train(cfg)
     import resource
 
