@@ -74,18 +74,46 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
         return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(m, 1).contiguous(),
                                 scale_b=b.scale.reshape(1, n).contiguous(), out_dtype=out_dtype,
                                 use_fast_accum=fast_accum)
+    if pair not in (("tile", "block"), ("tile", "tile")):
+        raise ValueError(f"fp8 gemm: no cuBLAS kernel for scaling {pair}")
+    b_block = pair[1] == "block"
+    if torch.compiler.is_compiling():
+        # torch 2.11's dynamo cannot trace _scaled_mm_v2 (scaled_mm's blockwise entry): it broke
+        # the FP8 rollout's compiled decode graph. As an opaque op the graph holds.
+        return torch.ops.r1mega.scaled_mm_blockwise(a.data, a.scale, b.data, b.scale, b_block,
+                                                    out_dtype)
+    return _blockwise_mm(a.data, a.scale, b.data, b.scale, b_block, out_dtype)
+
+
+def _blockwise_mm(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor,
+                  b_scale: torch.Tensor, b_block: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """(M, K) 1x128-tile operand x (N, K) 128x128-block (or 1x128-tile) operand, row-major data and
+    logical scales of any strides -> (M, N) through ``torch.nn.functional.scaled_mm``."""
     F = torch.nn.functional
     st, sw = F.ScalingType, F.SwizzleType
-    if pair == ("tile", "block"):
-        scale_b, recipe_b = _block_scale_b(b.scale), st.BlockWise128x128
-    elif pair == ("tile", "tile"):
-        scale_b, recipe_b = _colmajor(b.scale), st.BlockWise1x128
+    if b_block:
+        scale_b, recipe_b = _block_scale_b(b_scale), st.BlockWise128x128
     else:
-        raise ValueError(f"fp8 gemm: no cuBLAS kernel for scaling {pair}")
+        scale_b, recipe_b = _colmajor(b_scale), st.BlockWise1x128
     # No fast accumulation for blockwise: the per-128 scales are applied as partial sums are
     # promoted, which is the point of the recipe (DeepSeek-V3 section 3.3.2).
-    return F.scaled_mm(mat_a, mat_b, _colmajor(a.scale), st.BlockWise1x128, scale_b, recipe_b,
+    return F.scaled_mm(a_data, b_data.t(), _colmajor(a_scale), st.BlockWise1x128, scale_b, recipe_b,
                        swizzle_a=sw.NO_SWIZZLE, swizzle_b=sw.NO_SWIZZLE, output_dtype=out_dtype)
+
+
+# The op takes row-major data and logical scales and makes cuBLAS's layouts itself, so whatever
+# strides inductor gives its inputs, the call is the eager one.
+@torch.library.custom_op("r1mega::scaled_mm_blockwise", mutates_args=())
+def _scaled_mm_blockwise_op(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor,
+                            b_scale: torch.Tensor, b_block: bool,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    return _blockwise_mm(a_data.contiguous(), a_scale, b_data.contiguous(), b_scale, b_block,
+                         out_dtype)
+
+
+@_scaled_mm_blockwise_op.register_fake
+def _(a_data, a_scale, b_data, b_scale, b_block, out_dtype):
+    return a_data.new_empty((a_data.shape[0], b_data.shape[0]), dtype=out_dtype)
 
 
 def fp8_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype, *, emulate: bool,

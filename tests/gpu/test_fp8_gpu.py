@@ -313,11 +313,17 @@ def test_compiled_reference_quantizer_matches_the_triton_kernel(gran):
     torch.testing.assert_close(data[flipped].float(), ref.data[flipped].float(), rtol=0.13, atol=2.0 ** -9)
 
 
-def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime):
+@pytest.mark.parametrize("recipe", ["rowwise", "blockwise"])
+def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime, recipe, recwarn):
     """FP8 weight copies under the rollout's default decode (compiled forward, CUDA graphs) and
     eagerly: greedy tokens agree over the first 4 steps and their log-probs differ by little
     (inductor's fused norms round differently from eager, and its quantiser's scales may differ
-    by an ulp, so neither side is the other's bits)."""
+    by an ulp, so neither side is the other's bits). The compile must hold: the engine falls
+    back to eager decode with a warning, which for blockwise is what torch 2.11 did before the
+    GEMM became an opaque op."""
+    if recipe == "blockwise" and not HOPPER:
+        pytest.skip("blockwise scaled_mm runs on sm_90")
+    torch._dynamo.reset()
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
     from r1mega.precision.policy import resolve_rollout_fp8_policy
@@ -330,7 +336,7 @@ def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime):
     model = build_model(ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8,
                                     num_query_groups=2, ffn_hidden_size=512, vocab_size=1000,
                                     max_position_embeddings=256), rt, wrap=False)
-    policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="rowwise"), "cuda")
+    policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe=recipe), "cuda")
     prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
     runs = {}
     for compiled in (False, True):
@@ -344,10 +350,24 @@ def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime):
         eng.release()
         fp8.remove()
         runs[compiled] = [(c.token_ids, c.logprobs) for c in outs]
+    fallbacks = [str(w.message) for w in recwarn if "torch.compile of the decode step" in str(w.message)]
+    assert not fallbacks, fallbacks
     for (t0, lp0), (t1, lp1) in zip(runs[False], runs[True]):
         assert len(t1) == 16 and all(map(math.isfinite, lp1))
         assert t0[:4] == t1[:4]
         assert max(abs(a - b) for a, b in zip(lp0[:4], lp1[:4])) < 0.1
+
+
+@pytest.mark.skipif(not HOPPER, reason="blockwise scaled_mm runs on sm_90")
+@pytest.mark.parametrize("b_gran", ["block", "tile"])
+def test_inductor_compiled_blockwise_gemm_equals_eager_bitwise(b_gran):
+    """Compiled, the blockwise GEMM is r1mega's opaque op around the same cuBLAS call."""
+    torch._dynamo.reset()
+    a = quantize_reference(torch.randn(100, 1024, device="cuda"), "tile")
+    b = quantize_reference(torch.randn(768, 1024, device="cuda") * 0.1, b_gran, power2=True)
+    eager = scaled_gemm(a, b, torch.bfloat16)
+    compiled = torch.compile(lambda a, b: scaled_gemm(a, b, torch.bfloat16), fullgraph=True)(a, b)
+    assert torch.equal(eager, compiled)
 
 
 def test_inductor_compiled_tensorwise_linear_equals_eager_bitwise():
