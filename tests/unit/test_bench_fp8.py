@@ -27,6 +27,17 @@ def test_bench_fp8_smoke_throughput_and_parity(capsys):
     assert out["first_loss"]["bf16"] == pytest.approx(out["first_loss"]["fp8-blockwise"], rel=1e-2)
 
 
+def test_bench_fp8_parity_noise_floor_trains_bf16_twice_from_the_same_weights(capsys):
+    from r1mega.bench import fp8
+
+    assert fp8.main(["--smoke", "--parity", "--noise-floor", "--recipe", "tensorwise"]) == 0
+    out = _last_json(capsys)
+    assert set(out["final_loss"]) == {"bf16", "fp8-tensorwise", "bf16-again"}
+    # one process on the CPU: the second bf16 run repeats the first bit for bit
+    assert out["final_loss"]["bf16-again"] == out["final_loss"]["bf16"]
+    assert out["bf16_vs_bf16_relative_difference"] == 0.0
+
+
 def test_bigram_corpus_is_fixed_and_follows_its_table():
     from r1mega.bench.fp8 import BigramCorpus
 
