@@ -14,9 +14,9 @@ Triton's interpreter, tests/gpu compiled).
 Used by ``Fp8RolloutWeights`` for decode steps when ``R1MEGA_FP8_ROLLOUT_GEMM=fused`` (default
 ``quantize``: quantiser kernel + cuBLAS, which this route did not beat when timed: see
 r1mega/bench/RECORDS.md). Every N tile quantises its rows of x again, so the rounding work grows
-with N / BN. With tensorwise weights
-the activation is still quantised per 1 x 128 tile, not per tensor as the ``quantize`` route
-does: another rounding of x (a finer one), so the two routes' rollouts differ in FP8 error.
+with N / BN. With tensorwise weights the activation is still quantised per 1 x 128 tile, not per
+tensor as the ``quantize`` route does: another rounding of x (a finer one), so the two routes'
+rollouts differ in FP8 error.
 """
 from __future__ import annotations
 
