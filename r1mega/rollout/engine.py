@@ -517,13 +517,25 @@ class RolloutEngine:
 
         try:
             self.graphs = make()
+            return
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the rollout
-            if self._compiled_decode is self._decode_logits:
+            if self._compiled_decode == self._decode_logits:
                 raise
-            warnings.warn(f"rollout: torch.compile of the decode step failed ({type(exc).__name__}: "
-                          f"{exc}); continuing eagerly. Set rollout.compile_decode=false to skip it.")
-            self._compiled_decode = self._decode_logits
+            first = exc
+        # torch 2.11's inductor asserts in its memory-coalescing analysis (tiling_utils,
+        # get_pw_red_splits) on the blockwise FP8 rollout's dynamic-shape quantiser; that analysis
+        # only picks tilings, so the step compiles without it before it is given up.
+        self._compiled_decode = torch.compile(self._decode_logits, dynamic=True,
+                                              options={"triton.coalesce_tiling_analysis": False})
+        try:
             self.graphs = make()
+            return
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"rollout: torch.compile of the decode step failed ({type(first).__name__}: "
+                          f"{first}; without inductor's coalescing analysis: {type(exc).__name__}: "
+                          f"{exc}); continuing eagerly. Set rollout.compile_decode=false to skip it.")
+        self._compiled_decode = self._decode_logits
+        self.graphs = make()
 
     def _graph_step(self, ints: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """Decode forward + temperature sampling as pure tensor code, for capture.

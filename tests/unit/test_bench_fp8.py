@@ -38,6 +38,21 @@ def test_bench_fp8_parity_noise_floor_trains_bf16_twice_from_the_same_weights(ca
     assert out["bf16_vs_bf16_relative_difference"] == 0.0
 
 
+@pytest.mark.parametrize("kv_row", [True, False])
+def test_bench_fp8_rollout_smoke_rows(capsys, kv_row):
+    from r1mega.bench import fp8
+
+    assert fp8.main(["--smoke", "--rollout", "--recipe", "tensorwise", "--mismatch-seqs", "2"]
+                    + ([] if kv_row else ["--no-fp8-kv"])) == 0
+    out = _last_json(capsys)
+    names = {"bf16", "fp8-tensorwise"} | ({"fp8-tensorwise+fp8kv"} if kv_row else set())
+    assert set(out["rows"]) == names
+    assert (out["fp8_kv_speedup"] is None) == (not kv_row)
+    # FP8 weights move the rollout's log-probs away from the bf16 training forward's
+    rows = out["rows"]
+    assert rows["fp8-tensorwise"]["logprob_mismatch_mean"] > 10 * rows["bf16"]["logprob_mismatch_mean"]
+
+
 def test_bigram_corpus_is_fixed_and_follows_its_table():
     from r1mega.bench.fp8 import BigramCorpus
 
