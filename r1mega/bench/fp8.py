@@ -273,10 +273,11 @@ def run_rollout(args, rt) -> dict:
     print(f"FP8 {args.recipe} rollout / bf16 rollout tokens/s = {speedup:.2f}x (bar 1.4x)")
     if both is not None:
         print(f"FP8 {args.recipe} weights + FP8 KV cache / bf16 rollout tokens/s = {both:.2f}x (bar 1.4x)")
+    from r1mega.precision.rollout import act_choice
     from r1mega.precision.triton_act_gemm import gemm_choice
 
     return {"mode": "rollout", "recipe": args.recipe, "setting": f"{prompts}x{plen}->{new}",
-            "rollout_gemm": gemm_choice(),
+            "rollout_gemm": gemm_choice(), "rollout_act": act_choice(),
             "rows": rows, "fp8_speedup": speedup, "fp8_kv_speedup": both,
             "bar_met": None if args.smoke else bool(speedup >= 1.4),
             "bar_met_with_fp8_kv": None if args.smoke or both is None else bool(both >= 1.4)}

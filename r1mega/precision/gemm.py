@@ -14,6 +14,8 @@ the blockwise scales in the layouts torch's ``scaled_mm`` checks (torch/_meta_re
   1x128  x 1x128    scale_a (M, K/128) strides (1, M); scale_b (N, K/128) strides (1, N)
   rowwise           scale_a (M, 1), scale_b (1, N), contiguous
   tensorwise        one float32 each
+  row x tensor      (the FP8 rollout's per-row activations on tensorwise weights) the tensorwise
+                    kernel with a unit scale for a, then each output row times a's scale
 Blockwise needs K and (128x128) N to be multiples of 128, the others multiples of 16; the FP8
 linear pads the token dimension and checks the layer sizes at build time.
 
@@ -70,6 +72,13 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
     if pair == ("tensor", "tensor"):
         return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(()), scale_b=b.scale.reshape(()),
                                 out_dtype=out_dtype, use_fast_accum=fast_accum)
+    if pair == ("row", "tensor"):
+        # cuBLAS's tensorwise kernels (faster at decode sizes than its rowwise ones) and x's row
+        # scales on the output: with power-of-two row scales that product rounds nowhere, so the
+        # result is what a GEMM scaling x by rows would round to.
+        y = torch._scaled_mm(mat_a, mat_b, scale_a=b.scale.new_ones(()), scale_b=b.scale.reshape(()),
+                             out_dtype=out_dtype, use_fast_accum=fast_accum)
+        return (y.float() * a.scale.reshape(m, 1)).to(out_dtype)
     if pair == ("row", "row"):
         return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(m, 1).contiguous(),
                                 scale_b=b.scale.reshape(1, n).contiguous(), out_dtype=out_dtype,

@@ -22,12 +22,20 @@ import contextlib
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from r1mega import switches
 from r1mega.precision import linear as fp8_linear_mod
 from r1mega.precision import triton_act_gemm
 from r1mega.precision.gemm import alignment, fp8_gemm
 from r1mega.precision.linear import RECIPE_GRANULARITY, _Fp8ForwardImpl, _pad_rows
 from r1mega.precision.policy import Fp8Policy
 from r1mega.precision.quantize import BLOCK, Fp8Tensor, quantize
+
+
+def act_choice() -> str:
+    return switches.choice("R1MEGA_FP8_ROLLOUT_ACT", "recipe", {
+        "recipe": "the recipe's activation scaling",
+        "row": "tensorwise weights: per-row power-of-two activation scales, cuBLAS's tensorwise "
+               "kernel and the row scales on its output"})
 
 
 def decode_gemm(x2: torch.Tensor, q: Fp8Tensor, act: str, power2: bool, emulate: bool,
@@ -62,6 +70,11 @@ class Fp8RolloutWeights:
         m = _unwrap(model)
         self.policy = policy
         self.act, self.wgt, _ = RECIPE_GRANULARITY[policy.recipe]
+        self.act_power2 = policy.power2_scales
+        if act_choice() == "row" and self.wgt == "tensor":
+            # no pass over the whole activation for its amax: a row's scale comes from the
+            # kernel that makes the row (inductor fuses the reduction into the norm or SwiGLU)
+            self.act, self.act_power2 = "row", True
         self.active = False
         self.refreshes = 0
         # Decode-sized GEMMs with x quantised inside (r1mega/precision/triton_act_gemm.py)
@@ -134,7 +147,7 @@ class Fp8RolloutWeights:
                                  grad_output_buffer=grad_output_buffer,
                                  wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group)
             y = decode_gemm(input.reshape(-1, input.shape[-1]), q, self.act,
-                            self.policy.power2_scales, self.policy.emulate, self.fused_gemm)
+                            self.act_power2, self.policy.emulate, self.fused_gemm)
             y = y.view(*input.shape[:-1], weight.shape[0])                         # (..., out)
             return y + bias if bias is not None else y
 

@@ -313,8 +313,8 @@ def test_compiled_reference_quantizer_matches_the_triton_kernel(gran):
     torch.testing.assert_close(data[flipped].float(), ref.data[flipped].float(), rtol=0.13, atol=2.0 ** -9)
 
 
-@pytest.mark.parametrize("recipe", ["rowwise", "blockwise"])
-def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime, recipe, recwarn):
+@pytest.mark.parametrize("recipe", ["rowwise", "blockwise", "tensorwise+rowact"])
+def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime, recipe, recwarn, monkeypatch):
     """FP8 weight copies under the rollout's default decode (compiled forward, CUDA graphs) and
     eagerly: greedy tokens agree over the first 4 steps and their log-probs differ by little
     (inductor's fused norms round differently from eager, and its quantiser's scales may differ
@@ -323,6 +323,9 @@ def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime, reci
     GEMM became an opaque op."""
     if recipe == "blockwise" and not HOPPER:
         pytest.skip("blockwise scaled_mm runs on sm_90")
+    if recipe.endswith("+rowact"):  # per-row activations on tensorwise weights
+        monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
+        recipe = recipe.split("+")[0]
     torch._dynamo.reset()
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
@@ -391,3 +394,31 @@ def test_inductor_compiled_tensorwise_linear_equals_eager_bitwise():
         out[name] = (y.detach(), xp.grad, wp.grad)
     for a, b in zip(out["eager"], out["compiled"]):
         assert torch.equal(a, b)
+
+
+def test_row_x_tensor_gemm_on_cublas_rounds_the_float64_product_once():
+    """R1MEGA_FP8_ROLLOUT_ACT=row's GEMM: cuBLAS's tensorwise kernel with a unit scale for x,
+    then x's power-of-two row scales; against float64 on the dequantised operands, and near
+    cuBLAS's rowwise kernel given the weight's one scale in every column (another kernel: the
+    accumulation order may differ, so not its bits)."""
+    from r1mega.precision.gemm import scaled_gemm
+    from r1mega.precision.quantize import dequantize, quantize_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m, k, n in ((16, 2048, 3072), (256, 5632, 2048), (48, 256, 96)):
+        x = (torch.randn(m, k, device="cuda", generator=g)
+             * torch.logspace(-2, 3, m, device="cuda")[:, None]).bfloat16()
+        w = torch.randn(n, k, device="cuda", generator=g).bfloat16()
+        a = quantize_reference(x, "row", power2=True)
+        b = quantize_reference(w, "tensor")
+        y = scaled_gemm(a, b, torch.bfloat16, fast_accum=True)
+        exact = dequantize(a).double() @ dequantize(b).double().t()
+        floor = 1e-4 * exact.abs().amax(1, keepdim=True)
+        err = (y.double() - exact).abs() / (exact.abs() + floor)
+        # one bf16 rounding (2^-8) plus float32 accumulation over K (fast accumulation: ~1e-5)
+        assert err.max() <= 2.0 ** -8 + 1e-4, (m, k, n, err.max().item())
+        rowwise = torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale.reshape(m, 1).contiguous(),
+                                   scale_b=b.scale.reshape(1, 1).expand(1, n).contiguous(),
+                                   out_dtype=torch.bfloat16, use_fast_accum=True)
+        near = (y.double() - rowwise.double()).abs() <= 2.0 ** -7 * rowwise.double().abs() + floor
+        assert near.all(), (m, k, n, int((~near).sum()))
