@@ -17,8 +17,8 @@ on it), bf16 and FP8 caches, the FP8 ones also with fp16 dots, each with its err
 float64 attention on its cache's values.
 
 ``--block-n 32,64,128`` (GPU): also time the default kernel directly at each keys-per-tile size,
-for both caches; ``--keys-launch BN,W,S;...`` the keys-major one at each launch (stages 0:
-Triton's default).
+for both caches; ``--rows-launch BN,W,S;...`` the default (rows) kernel and ``--keys-launch
+BN,W,S;...`` the keys-major one at each launch (stages 0: Triton's default).
 
 ``--exact R,W,S[,KB[,KEYS[,TR,TW]]];...`` (GPU): also time the exact mode's attention kernel
 (r1mega/ops/triton_exact_attention.py) on the bf16 cache through its slot table, at its default
@@ -54,7 +54,8 @@ def _launch(spec: str) -> tuple[int, int, int]:
     try:
         n, warps, stages = (int(v) for v in spec.split(","))
     except ValueError:
-        raise SystemExit(f"--keys-launch {spec!r}: expected BLOCK_N,WARPS,STAGES (e.g. 64,4,3)") from None
+        raise SystemExit(f"--rows-launch/--keys-launch {spec!r}: expected BLOCK_N,WARPS,STAGES "
+                         f"(e.g. 64,4,3)") from None
     return n, warps, stages
 
 
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--block-n", default="", help="GPU: comma list of keys-per-tile sizes to sweep")
+    ap.add_argument("--rows-launch", default="", help="GPU: ';'-separated BLOCK_N,WARPS,STAGES "
+                    "launches of the default (rows) paged kernel to time (e.g. '64,4,3;128,8,2')")
     ap.add_argument("--keys-launch", default="", help="GPU: ';'-separated BLOCK_N,WARPS,STAGES "
                     "launches of the keys-major paged kernel to time (e.g. '64,4,3;64,8,2')")
     ap.add_argument("--exact", default="", help="GPU: ';'-separated rows,warps,stages launches "
@@ -146,10 +149,11 @@ def main(argv=None) -> int:
                           "bytes_floor_fraction": read_bytes(cache) / bw / (ms * 1e-3)}
             variants[name] = (cache, call().double())
     sweep = {}
-    if cuda and (args.block_n or args.keys_launch):
+    if cuda and (args.block_n or args.keys_launch or args.rows_launch):
         from r1mega.rollout.triton_paged import paged_decode_attention
 
         launches = [(int(x), None, None, False) for x in args.block_n.split(",") if x]
+        launches += [(*_launch(spec), False) for spec in args.rows_launch.split(";") if spec]
         launches += [(*_launch(spec), True) for spec in args.keys_launch.split(";") if spec]
         for n, warps, stages, keys in launches:
             for name, (kc, vc, sk, sv) in caches.items():
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
                               paged_decode_attention(q, kc, vc, bt, ctx_t, scale, k_scale=sk,
                                                      v_scale=sv, block_n=n, keys_major=kz,
                                                      num_warps=w or 4, num_stages=st or None))
-                label = f"keys {n},{warps},{stages}" if keys else f"{n}"
+                label = f"{n}" if warps is None else f"{'keys' if keys else 'rows'} {n},{warps},{stages}"
                 sweep[f"{name}@{label}"] = ms * 1e3
     exact = _time_exact(q, caches[next(iter(caches))], bt, ctx_t, scale, args) if cuda and args.exact else {}
     # Accuracy of the FP8 kernel: against float64 on its own (dequantised) K/V, and on the
