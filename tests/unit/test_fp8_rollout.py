@@ -1,4 +1,5 @@
-"""FP8 rollout weights (r1mega/precision/rollout.py), FP8 emulated on the CPU.
+"""FP8 rollout weights (r1mega/precision/rollout.py), FP8 emulated on the CPU (and through torch's
+CPU scaled matmul for R1MEGA_FP8_ROLLOUT_ACT=row).
 
 References: the layer's own bf16/fp32 path (outside ``decoding`` nothing may change) and the
 explicit quantise -> dequantise -> matmul of the same recipe (inside it).
@@ -71,6 +72,35 @@ def test_fp8_linear_call_equals_explicit_quantised_matmul(model):
     w = quantize_reference(lin.weight.detach(), "block", power2=True)
     ref = dequantize(a) @ dequantize(w).t()
     torch.testing.assert_close(y.reshape(7, 128), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("emulate", [True, False])
+def test_rollout_linear_takes_row_scaled_activations_under_the_switch(model, monkeypatch, emulate):
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
+    policy = Fp8Policy(recipe="tensorwise", backend="native", emulate=emulate, rollout=True)
+    fp8 = Fp8RolloutWeights(model[0], policy)
+    assert (fp8.act, fp8.act_power2) == ("row", True)
+    lin = model[0].decoder.layers[0].mlp.linear_fc2              # RowParallelLinear (128 <- 256)
+    x = torch.randn(7, 1, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), fp8.decoding():
+        y, _ = lin(x)
+    a = quantize_reference(x.reshape(7, 256), "row", power2=True)
+    w = quantize_reference(lin.weight.detach(), "tensor", power2=policy.power2_scales)
+    ref = dequantize(a).double() @ dequantize(w).double().t()
+    torch.testing.assert_close(y.reshape(7, 128).double(), ref, rtol=1e-5, atol=1e-5)
+    fp8.remove()
+
+
+def test_switch_leaves_other_weight_scalings_and_refuses_unknown_values(model, monkeypatch):
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
+    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="blockwise", backend="native", emulate=True,
+                                                rollout=True))
+    assert fp8.act == "tile"                                     # blockwise weights: 1x128 tiles
+    fp8.remove()
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "rows")
+    with pytest.raises(ValueError, match="R1MEGA_FP8_ROLLOUT_ACT='rows'"):
+        Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", emulate=True,
+                                              rollout=True))
 
 
 def test_copies_refreshed_once_per_update_in_place(model):
