@@ -5,7 +5,8 @@
 # architectures' fatbin payloads zeroed, 32 MB rebuilt), so one call carries it:
 #
 #   here, once:  tools/gpu_te.sh prepare            # .te/: the sm_90 wheel, the wheels TE imports,
-#                                                   # TE's torch extension (see below)
+#                                                   # TE's torch extension (see below; 7 min on
+#                                                   # 2 cores the first time, most of it the build)
 #   device (carry .whl .te/whl .te/torch .te/sm90):
 #                tools/gpu_te.sh run [PARTS]         # PARTS: import tests current blockwise parity
 #   env TE_BENCH_ARGS: more flags for the throughput benches (e.g. "--master-weights bf16_remainder
@@ -27,10 +28,11 @@ cmd=${1:-}
 shift || true
 
 case "$cmd" in
-prepare)  # on the CPU machine: python3.12 with torch==2.11.0 (cu130) in $TE_VENV builds TE-torch
+prepare)  # on the CPU machine: TE-torch is built against torch 2.11+cu130 in a Python 3.12 venv
   set -e
   src=${TE_SRC:-/tmp/te}
-  mkdir -p .te/sm90 .te/whl .te/torch .te/src
+  venv=${TE_VENV:-/tmp/te312}
+  mkdir -p .te/sm90 .te/whl .te/torch .te/src "$src/dist"
   grep -qx '/.te/' .git/info/exclude || echo '/.te/' >>.git/info/exclude
   [ -f "$src/$WHEEL" ] || python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 -d "$src" transformer-engine-cu13==2.20.2
@@ -43,9 +45,31 @@ prepare)  # on the CPU machine: python3.12 with torch==2.11.0 (cu130) in $TE_VEN
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 -d .te/whl "$spec"
   done
-  [ -f "$src/transformer_engine_torch-2.20.2.tar.gz" ] && cp "$src/transformer_engine_torch-2.20.2.tar.gz" .te/src/
-  ls "$src"/dist/transformer_engine_torch-*.whl >/dev/null 2>&1 && cp "$src"/dist/transformer_engine_torch-*.whl .te/torch/
-  ls .te/torch/*.whl >/dev/null 2>&1 || echo "no TE-torch wheel in $src/dist: run will build .te/src's source package there"
+  sdist=$src/transformer_engine_torch-2.20.2.tar.gz
+  if [ ! -f "$sdist" ]; then  # `pip download` of an sdist runs its build backend, which fails here
+    url=$(curl -fsS https://pypi.org/simple/transformer-engine-torch/ \
+          | grep -o 'https://[^"#]*/transformer_engine_torch-2\.20\.2\.tar\.gz' | head -1)
+    curl -fsS -o "$sdist" "$url"
+  fi
+  cp "$sdist" .te/src/
+  if ! ls "$src"/dist/transformer_engine_torch-*.whl >/dev/null 2>&1; then
+    # torch 2.11.0 from PyPI is the cu130 build the device machine has; its CUDA headers (and
+    # nccl's, cudnn's) come as pip packages, which the local toolkit (nvcc 13.0) lacks
+    [ -x "$venv/bin/python" ] || ${TE_PYTHON:-python3.12} -m venv "$venv"
+    "$venv/bin/pip" install -q torch==2.11.0 numpy ninja pybind11 packaging wheel setuptools
+    "$venv/bin/pip" install -q --no-deps "$src/$WHEEL" .te/whl/transformer_engine-2.20.2-*.whl einops pydantic
+    nv=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0] + "/x"))')
+    rm -rf "$src/build" && mkdir -p "$src/build" && tar xzf "$sdist" -C "$src/build"
+    t0=$(date +%s)
+    (cd "$src/build/transformer_engine_torch-2.20.2" &&
+      CPATH=$nv/cu13/include:$nv/nccl/include:$nv/cudnn/include LIBRARY_PATH=$nv/cu13/lib:$nv/nccl/lib:$nv/cudnn/lib \
+      NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=90 NVTE_FRAMEWORK=pytorch MAX_JOBS=$(nproc) \
+      CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} \
+      "$venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$src/dist" . ) >"$src/build.log" 2>&1 \
+      || { tail -30 "$src/build.log"; exit 1; }
+    echo "TE-torch built in $(( $(date +%s) - t0 )) s (log: $src/build.log)"
+  fi
+  cp "$src"/dist/transformer_engine_torch-*.whl .te/torch/
   du -sh .te/*
   ;;
 run)
