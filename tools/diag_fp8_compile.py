@@ -7,14 +7,10 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
 
 def main() -> int:
-    from conftest import free_port
     from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
-    from r1mega.parallel.launch_env import LaunchEnv
     from r1mega.parallel.runtime import init_parallel
     from r1mega.precision.policy import resolve_rollout_fp8_policy
     from r1mega.precision.rollout import Fp8RolloutWeights
@@ -32,8 +28,7 @@ def main() -> int:
                 raise
 
     engine_mod.DecodeGraphs = Loud
-    rt = init_parallel(ParallelConfig(), PrecisionConfig(),
-                       env=LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single"))
+    rt = init_parallel(ParallelConfig(), PrecisionConfig())  # one process
     rc = 0
     for recipe in sys.argv[1:] or ["blockwise"]:
         torch._dynamo.reset()
