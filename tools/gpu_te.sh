@@ -28,10 +28,9 @@ cmd=${1:-}
 shift || true
 
 case "$cmd" in
-prepare)  # on the CPU machine: TE-torch is built against torch 2.11+cu130 in a Python 3.12 venv
+prepare)  # on the CPU machine: TE-torch is built against torch 2.11+cu130 (tools/gpu_abi_venv.sh)
   set -e
   src=${TE_SRC:-/tmp/te}
-  venv=${TE_VENV:-/tmp/te312}
   mkdir -p .te/sm90 .te/whl .te/torch .te/src "$src/dist"
   grep -qx '/.te/' .git/info/exclude || echo '/.te/' >>.git/info/exclude
   [ -f "$src/$WHEEL" ] || python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -53,18 +52,12 @@ prepare)  # on the CPU machine: TE-torch is built against torch 2.11+cu130 in a 
   fi
   cp "$sdist" .te/src/
   if ! ls "$src"/dist/transformer_engine_torch-*.whl >/dev/null 2>&1; then
-    # torch 2.11.0 from PyPI is the cu130 build the device machine has; its CUDA headers (and
-    # nccl's, cudnn's) come as pip packages, which the local toolkit (nvcc 13.0) lacks
-    [ -x "$venv/bin/python" ] || ${TE_PYTHON:-python3.12} -m venv "$venv"
-    "$venv/bin/pip" install -q torch==2.11.0 numpy ninja pybind11 packaging wheel setuptools
+    . "$(dirname "$0")/gpu_abi_venv.sh"
     "$venv/bin/pip" install -q --no-deps "$src/$WHEEL" .te/whl/transformer_engine-2.20.2-*.whl einops pydantic
-    nv=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0] + "/x"))')
     rm -rf "$src/build" && mkdir -p "$src/build" && tar xzf "$sdist" -C "$src/build"
     t0=$(date +%s)
     (cd "$src/build/transformer_engine_torch-2.20.2" &&
-      CPATH=$nv/cu13/include:$nv/nccl/include:$nv/cudnn/include LIBRARY_PATH=$nv/cu13/lib:$nv/nccl/lib:$nv/cudnn/lib \
       NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_CUDA_ARCHS=90 NVTE_FRAMEWORK=pytorch MAX_JOBS=$(nproc) \
-      CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} \
       "$venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$src/dist" . ) >"$src/build.log" 2>&1 \
       || { tail -30 "$src/build.log"; exit 1; }
     echo "TE-torch built in $(( $(date +%s) - t0 )) s (log: $src/build.log)"
