@@ -130,7 +130,7 @@ def test_fp8_linear_dual_path_equals_separate_passes_on_gpu(recipe):
         assert torch.equal(got, ref)
 
 
-PAIRS = [("tensor", "tensor"), ("row", "row"), ("tile", "block"), ("tile", "tile")]
+PAIRS = [("tensor", "tensor"), ("row", "row"), ("row", "tensor"), ("tile", "block"), ("tile", "tile")]
 
 
 @pytest.mark.parametrize("a_gran,b_gran", PAIRS)
@@ -398,9 +398,10 @@ def test_inductor_compiled_tensorwise_linear_equals_eager_bitwise():
 
 def test_row_x_tensor_gemm_on_cublas_rounds_the_float64_product_once():
     """R1MEGA_FP8_ROLLOUT_ACT=row's GEMM: cuBLAS's tensorwise kernel with a unit scale for x,
-    then x's power-of-two row scales; against float64 on the dequantised operands, and near
-    cuBLAS's rowwise kernel given the weight's one scale in every column (another kernel: the
-    accumulation order may differ, so not its bits)."""
+    then x's power-of-two row scales. With float32 accumulation it is the float64 product of the
+    dequantised operands rounded once to bf16; with fast accumulation (the decode's) it stays
+    within the tolerance the other pairs are held to, and near cuBLAS's rowwise kernel given
+    the weight's one scale in every column (another kernel and order, so not its bits)."""
     from r1mega.precision.gemm import scaled_gemm
     from r1mega.precision.quantize import dequantize, quantize_reference
 
@@ -411,14 +412,15 @@ def test_row_x_tensor_gemm_on_cublas_rounds_the_float64_product_once():
         w = torch.randn(n, k, device="cuda", generator=g).bfloat16()
         a = quantize_reference(x, "row", power2=True)
         b = quantize_reference(w, "tensor")
-        y = scaled_gemm(a, b, torch.bfloat16, fast_accum=True)
         exact = dequantize(a).double() @ dequantize(b).double().t()
-        floor = 1e-4 * exact.abs().amax(1, keepdim=True)
+        floor = 1e-4 * exact.abs().amax(1, keepdim=True)         # cancellation near zero, per row
+        y = scaled_gemm(a, b, torch.bfloat16, fast_accum=False)
         err = (y.double() - exact).abs() / (exact.abs() + floor)
-        # one bf16 rounding (2^-8) plus float32 accumulation over K (fast accumulation: ~1e-5)
-        assert err.max() <= 2.0 ** -8 + 1e-4, (m, k, n, err.max().item())
+        assert err.max() <= 2.0 ** -8 + 1e-5, (m, k, n, err.max().item())
+        fast = scaled_gemm(a, b, torch.bfloat16, fast_accum=True).double()
+        row_amax = exact.abs().amax(1, keepdim=True)
+        assert ((fast - exact).abs() <= 1e-2 * exact.abs() + 1e-2 * row_amax).all(), (m, k, n)
         rowwise = torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale.reshape(m, 1).contiguous(),
                                    scale_b=b.scale.reshape(1, 1).expand(1, n).contiguous(),
-                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-        near = (y.double() - rowwise.double()).abs() <= 2.0 ** -7 * rowwise.double().abs() + floor
-        assert near.all(), (m, k, n, int((~near).sum()))
+                                   out_dtype=torch.bfloat16, use_fast_accum=True).double()
+        assert ((fast - rowwise).abs() <= 1e-2 * rowwise.abs() + 1e-2 * row_amax).all(), (m, k, n)
