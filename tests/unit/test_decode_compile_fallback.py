@@ -99,9 +99,13 @@ def test_two_failures_decode_eagerly_and_name_both(stand_in):
     assert eng.graphs.out == "eager" and eng._compiled_decode == eng._decode_logits
 
 
-def test_an_eager_capture_failure_is_raised(stand_in, monkeypatch):
-    eng = _Engine(compiled=False)
-    monkeypatch.setattr(_Engine, "_decode_logits", lambda self: (_ for _ in ()).throw(ValueError("bad")))
-    eng._compiled_decode = eng._decode_logits
-    with pytest.raises(ValueError, match="bad"):
+class _EagerFails(_Engine):
+    def _decode_logits(self):
+        raise ValueError("bad")
+
+
+def test_an_eager_capture_failure_is_raised(stand_in):
+    eng = _EagerFails(compiled=False)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="bad"):
+        warnings.simplefilter("error")  # raised as it is, not as a "compile failed" warning
         eng._capture_graphs(2)
