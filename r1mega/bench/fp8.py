@@ -256,6 +256,8 @@ def run_rollout(args, rt) -> dict:
         _sync(device)
         dt = time.perf_counter() - t
         n_new = sum(len(c.token_ids) for c in outs)
+        st = eng.stats  # where the timed call went: prefill, decode steps, graph captures
+        split = {k: st[k] for k in ("prefill_s", "decode_s", "decode", "prefill", "capture_s")}
         if args.profile_kernels:  # where each row's decode step spends its device time
             print(f"==== {name}")
             _time_replays(eng, profile=True)
@@ -265,9 +267,13 @@ def run_rollout(args, rt) -> dict:
         if fp8 is not None:
             fp8.remove()
         rows[name] = {"tokens_per_s": n_new / dt, "seconds": dt, "warmup_s": warm,
-                      "logprob_mismatch_mean": mean, "logprob_mismatch_max": mx}
+                      "logprob_mismatch_mean": mean, "logprob_mismatch_max": mx, **split}
         print(f"{name:<26} {n_new / dt:>12,.0f} tok/s  ({dt:.2f} s, warm-up {warm:.1f} s)  "
               f"log-prob |diff| vs training: mean {mean:.2e}, max {mx:.2e}", flush=True)
+        print(f"{'':<26} prefill {split['prefill_s']:.3f} s in {split['prefill']} steps, decode "
+              f"{split['decode_s']:.3f} s in {split['decode']} steps "
+              f"({split['decode_s'] / max(split['decode'], 1) * 1e3:.3f} ms each), graph captures "
+              f"{split['capture_s']:.2f} s", flush=True)
     speedup = rows[weights8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"]
     both = rows[both8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if both8 in rows else None
     print(f"FP8 {args.recipe} rollout / bf16 rollout tokens/s = {speedup:.2f}x (bar 1.4x)")

@@ -46,6 +46,24 @@ def _block_scale_b(s: torch.Tensor) -> torch.Tensor:
     return buf.t()
 
 
+_UNIT: dict = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """A float32 1 kept per device: a fresh one is a fill kernel in every captured decode GEMM."""
+    one = _UNIT.get(device)
+    if one is None:
+        if torch.compiler.is_compiling():  # not stored from inside a graph (see unit_scale_ready)
+            return torch.ones((), dtype=torch.float32, device=device)
+        one = _UNIT[device] = torch.ones((), dtype=torch.float32, device=device)
+    return one
+
+
+def unit_scale_ready(device: torch.device) -> None:
+    """Make the device's unit scale before a decode step compiles, so the graph reads it."""
+    _unit_scale(torch.device(device))
+
+
 def alignment(a_gran: str, b_gran: str) -> int:
     """Multiple of which K (and N) must be for cuBLAS's kernels of this scaling pair."""
     return BLOCK if "tile" in (a_gran, b_gran) or "block" in (a_gran, b_gran) else 16
@@ -76,7 +94,7 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
         # cuBLAS's tensorwise kernels (faster at decode sizes than its rowwise ones) and x's row
         # scales on the output: with power-of-two row scales that product rounds nowhere, so the
         # result is what a GEMM scaling x by rows would round to.
-        y = torch._scaled_mm(mat_a, mat_b, scale_a=b.scale.new_ones(()), scale_b=b.scale.reshape(()),
+        y = torch._scaled_mm(mat_a, mat_b, scale_a=_unit_scale(b.scale.device), scale_b=b.scale.reshape(()),
                              out_dtype=out_dtype, use_fast_accum=fast_accum)
         return (y.float() * a.scale.reshape(m, 1)).to(out_dtype)
     if pair == ("row", "row"):

@@ -25,7 +25,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from r1mega import switches
 from r1mega.precision import linear as fp8_linear_mod
 from r1mega.precision import triton_act_gemm
-from r1mega.precision.gemm import alignment, fp8_gemm
+from r1mega.precision.gemm import alignment, fp8_gemm, unit_scale_ready
 from r1mega.precision.linear import RECIPE_GRANULARITY, _Fp8ForwardImpl, _pad_rows
 from r1mega.precision.policy import Fp8Policy
 from r1mega.precision.quantize import BLOCK, Fp8Tensor, quantize
@@ -118,6 +118,8 @@ class Fp8RolloutWeights:
             else:
                 old.data.copy_(q.data)
                 old.scale.copy_(q.scale)
+        if self.linears:
+            unit_scale_ready(self.linears[0].weight.device)
         self._generation = fp8_linear_mod._current[0]
         self.refreshes += 1
 

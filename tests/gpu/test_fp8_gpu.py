@@ -398,10 +398,13 @@ def test_inductor_compiled_tensorwise_linear_equals_eager_bitwise():
 
 def test_row_x_tensor_gemm_on_cublas_rounds_the_float64_product_once():
     """R1MEGA_FP8_ROLLOUT_ACT=row's GEMM: cuBLAS's tensorwise kernel with a unit scale for x,
-    then x's power-of-two row scales. With float32 accumulation it is the float64 product of the
-    dequantised operands rounded once to bf16; with fast accumulation (the decode's) it stays
-    within the tolerance the other pairs are held to, and near cuBLAS's rowwise kernel given
-    the weight's one scale in every column (another kernel and order, so not its bits)."""
+    then x's power-of-two row scales. Without fast accumulation it is the float64 product of the
+    dequantised operands rounded once to bf16, give or take the accumulation's own error: Hopper's
+    FP8 MMA keeps about 14 bits of its partial sums before cuBLAS promotes them to float32
+    (DeepSeek-V3 section 3.3.2), so entries that cancel carry 2^-14 of their sum of |terms|. With
+    fast accumulation (the decode's) it stays within the tolerance the other pairs are held to,
+    and near cuBLAS's rowwise kernel given the weight's one scale in every column (another kernel
+    and order, so not its bits)."""
     from r1mega.precision.gemm import scaled_gemm
     from r1mega.precision.quantize import dequantize, quantize_reference
 
@@ -412,11 +415,12 @@ def test_row_x_tensor_gemm_on_cublas_rounds_the_float64_product_once():
         w = torch.randn(n, k, device="cuda", generator=g).bfloat16()
         a = quantize_reference(x, "row", power2=True)
         b = quantize_reference(w, "tensor")
-        exact = dequantize(a).double() @ dequantize(b).double().t()
-        floor = 1e-4 * exact.abs().amax(1, keepdim=True)         # cancellation near zero, per row
-        y = scaled_gemm(a, b, torch.bfloat16, fast_accum=False)
-        err = (y.double() - exact).abs() / (exact.abs() + floor)
-        assert err.max() <= 2.0 ** -8 + 1e-5, (m, k, n, err.max().item())
+        da, db = dequantize(a).double(), dequantize(b).double()
+        exact = da @ db.t()
+        terms = da.abs() @ db.abs().t()                          # sum of |a_i b_i| per entry
+        y = scaled_gemm(a, b, torch.bfloat16, fast_accum=False).double()
+        excess = (y - exact).abs() - 2.0 ** -8 * exact.abs() - 2.0 ** -14 * terms
+        assert excess.max() <= 0, (m, k, n, excess.max().item())
         fast = scaled_gemm(a, b, torch.bfloat16, fast_accum=True).double()
         row_amax = exact.abs().amax(1, keepdim=True)
         assert ((fast - exact).abs() <= 1e-2 * exact.abs() + 1e-2 * row_amax).all(), (m, k, n)
