@@ -91,6 +91,29 @@ def test_rollout_linear_takes_row_scaled_activations_under_the_switch(model, mon
     fp8.remove()
 
 
+def test_row_switch_leaves_prefill_sized_calls_on_the_recipes_tensor_scale(model, monkeypatch):
+    from r1mega.precision import rollout as rollout_mod
+
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
+    monkeypatch.setattr(rollout_mod, "ROW_ACT_MAX_ROWS", 8)
+    policy = Fp8Policy(recipe="tensorwise", backend="native", emulate=True, rollout=True)
+    fp8 = Fp8RolloutWeights(model[0], policy)
+    lin = model[0].decoder.layers[0].mlp.linear_fc2              # RowParallelLinear (128 <- 256)
+    w = dequantize(quantize_reference(lin.weight.detach(), "tensor", power2=policy.power2_scales))
+    g = torch.Generator().manual_seed(4)
+    for rows, gran, power2 in ((8, "row", True), (9, "tensor", policy.power2_scales)):
+        # rows of very different sizes: a tensor scale and row scales round them differently
+        x = torch.randn(rows, 1, 256, generator=g) * torch.logspace(-3, 1, rows)[:, None, None]
+        with torch.no_grad(), fp8.decoding():
+            y, _ = lin(x)
+        a = dequantize(quantize_reference(x.reshape(rows, 256), gran, power2=power2))
+        other = "tensor" if gran == "row" else "row"
+        b = dequantize(quantize_reference(x.reshape(rows, 256), other, power2=True))
+        torch.testing.assert_close(y.reshape(rows, 128), a @ w.t(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(y.reshape(rows, 128), b @ w.t(), rtol=1e-5, atol=1e-6)
+    fp8.remove()
+
+
 def test_switch_leaves_other_weight_scalings_and_refuses_unknown_values(model, monkeypatch):
     monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
     fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="blockwise", backend="native", emulate=True,
