@@ -24,7 +24,8 @@ def _cuda_extensions():
     flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]}
     exts = []
     for name, sources in (("r1mega_grpo_cuda", ["csrc/grpo_loss.cpp", "csrc/grpo_loss_kernel.cu"]),
-                          ("r1mega_moe_cuda", ["csrc/moe_dispatch.cpp", "csrc/moe_dispatch_kernel.cu"])):
+                          ("r1mega_moe_cuda", ["csrc/moe_dispatch.cpp", "csrc/moe_dispatch_kernel.cu"]),
+                          ("r1mega_attn_cuda", ["csrc/paged_decode.cpp", "csrc/paged_decode_kernel.cu"])):
         if all(os.path.exists(os.path.join(here, s)) for s in sources):
             exts.append(CUDAExtension(name, sources, extra_compile_args=flags))
     # The FP8 quantiser's scales must round as the reference does: no fast math (approximate

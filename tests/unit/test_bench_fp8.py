@@ -38,16 +38,21 @@ def test_bench_fp8_parity_noise_floor_trains_bf16_twice_from_the_same_weights(ca
     assert out["bf16_vs_bf16_relative_difference"] == 0.0
 
 
-@pytest.mark.parametrize("kv_row", [True, False])
-def test_bench_fp8_rollout_smoke_rows(capsys, kv_row):
+@pytest.mark.parametrize("rows_flag", ["all", "--no-fp8-kv", "--skip-weights-only"])
+def test_bench_fp8_rollout_smoke_rows(capsys, rows_flag):
     from r1mega.bench import fp8
 
+    kv_row = rows_flag != "--no-fp8-kv"
     assert fp8.main(["--smoke", "--rollout", "--recipe", "tensorwise", "--mismatch-seqs", "2"]
-                    + ([] if kv_row else ["--no-fp8-kv"])) == 0
+                    + ([] if rows_flag == "all" else [rows_flag])) == 0
     out = _last_json(capsys)
-    names = {"bf16", "fp8-tensorwise"} | ({"fp8-tensorwise+fp8kv"} if kv_row else set())
+    names = ({"bf16"} | ({"fp8-tensorwise+fp8kv"} if kv_row else set())
+             | (set() if rows_flag == "--skip-weights-only" else {"fp8-tensorwise"}))
     assert set(out["rows"]) == names
     assert (out["fp8_kv_speedup"] is None) == (not kv_row)
+    if rows_flag == "--skip-weights-only":
+        assert out["fp8_speedup"] is None and out["bar_met"] is None
+        return
     # FP8 weights move the rollout's log-probs away from the bf16 training forward's
     rows = out["rows"]
     assert rows["fp8-tensorwise"]["logprob_mismatch_mean"] > 10 * rows["bf16"]["logprob_mismatch_mean"]

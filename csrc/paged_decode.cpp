@@ -1,0 +1,82 @@
+// Python face of the FP8 paged decode attention (r1mega_attn_cuda). Every tensor is checked here,
+// by name, before the kernel runs; the kernel is paged_decode_kernel.cu, its reference
+// r1mega/rollout/attention.py's attend_decode_gather on the dequantised cache.
+#include <torch/extension.h>
+
+void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                           const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
+                           const at::Tensor& ctx, at::Tensor& out, double scale);
+
+namespace {
+
+void same_device(const torch::Tensor& t, const torch::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "r1mega_attn_cuda: ", name,
+              " must be on q's device ", q.device(), ", got ", t.device());
+}
+
+bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// q (B, Hq, D) bf16/fp16, unit stride on D; k/v caches (N, bs, Hkv, D) float8_e4m3fn sharing one
+// layout, unit stride on D, the other strides multiples of 16 bytes; k/v scales (N, bs, Hkv)
+// float32 sharing one layout, unit stride on heads; block tables (B, *) int32 with unit stride;
+// context lengths (B,) int32, each >= 1; out like q. D in {64, 128, 256}, Hq / Hkv <= 8 and a
+// whole number, bs a multiple of 16.
+void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                      const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
+                      const torch::Tensor& ctx, torch::Tensor out, double scale) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
+              "r1mega_attn_cuda: q must be a (B, Hq, D) CUDA tensor with unit stride on D, got ",
+              q.sizes(), " strides ", q.strides());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "r1mega_attn_cuda: q must be bfloat16 or float16, got ", q.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(D == 64 || D == 128 || D == 256, "r1mega_attn_cuda: head_dim ", D, " not in {64, 128, 256}");
+  for (auto* t : {&kc, &vc}) {
+    same_device(*t, q, "a cache");
+    TORCH_CHECK(t->scalar_type() == at::ScalarType::Float8_e4m3fn && t->dim() == 4 &&
+                    t->size(3) == D && t->stride(3) == 1,
+                "r1mega_attn_cuda: the caches must be (N, bs, Hkv, ", D,
+                ") float8_e4m3fn with unit stride on D, got ", t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK(aligned16(*t) && t->stride(0) % 16 == 0 && t->stride(1) % 16 == 0 &&
+                    t->stride(2) % 16 == 0,
+                "r1mega_attn_cuda: the caches' data and strides must be 16-byte multiples, got ",
+                t->strides());
+  }
+  TORCH_CHECK(vc.sizes() == kc.sizes() && vc.strides() == kc.strides(),
+              "r1mega_attn_cuda: k and v caches must share one shape and layout");
+  const int64_t bs = kc.size(1), Hkv = kc.size(2);
+  TORCH_CHECK(bs % 16 == 0, "r1mega_attn_cuda: ", bs, "-token cache blocks; the kernel takes multiples of 16");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= 8,
+              "r1mega_attn_cuda: ", Hq, " query heads over ", Hkv, " KV heads: the group must be a whole number <= 8");
+  for (auto* t : {&ks, &vs}) {
+    same_device(*t, q, "a scale");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == kc.size(0) &&
+                    t->size(1) == bs && t->size(2) == Hkv && t->stride(2) == 1,
+                "r1mega_attn_cuda: the scales must be float32 (", kc.size(0), ", ", bs, ", ", Hkv,
+                ") with unit stride on heads, got ", t->scalar_type(), " ", t->sizes());
+  }
+  TORCH_CHECK(vs.strides() == ks.strides(), "r1mega_attn_cuda: k and v scales must share one layout");
+  same_device(bt, q, "block_tables");
+  same_device(ctx, q, "ctx_lens");
+  TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == B && bt.stride(1) == 1,
+              "r1mega_attn_cuda: block_tables must be int32 (", B, ", *) with unit stride, got ",
+              bt.scalar_type(), " ", bt.sizes());
+  TORCH_CHECK(ctx.scalar_type() == at::kInt && ctx.dim() == 1 && ctx.size(0) == B && ctx.stride(0) == 1,
+              "r1mega_attn_cuda: ctx_lens must be contiguous int32 (", B, "), got ", ctx.scalar_type(),
+              " ", ctx.sizes());
+  same_device(out, q, "out");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.sizes() == q.sizes() && out.stride(2) == 1,
+              "r1mega_attn_cuda: out must be like q, got ", out.scalar_type(), " ", out.sizes());
+  TORCH_CHECK(B <= 2147483647 && Hkv <= 65535, "r1mega_attn_cuda: grid (", B, ", ", Hkv, ") too large");
+  if (B == 0) return;
+  paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_fp8", &paged_decode_fp8,
+        "decode attention of q (B, Hq, D) over an FP8 paged KV cache with per-(token, head) scales",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
+        py::arg("block_tables"), py::arg("ctx_lens"), py::arg("out"), py::arg("scale"));
+}

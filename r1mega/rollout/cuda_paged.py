@@ -1,0 +1,80 @@
+"""FP8 paged decode attention on CUDA cores (csrc/paged_decode*, extension ``r1mega_attn_cuda``).
+
+The same contract as :func:`r1mega.rollout.triton_paged.paged_decode_attention` on an FP8 cache
+(e4m3 K/V with float32 per-(token, head) scales), for the shapes the kernel takes (:func:`why_not`).
+``R1MEGA_PAGED_FP8=cuda`` sends the decode op's FP8-cache calls here where they fit (Triton's
+kernel serves the rest); the default stays ``triton`` until a GPU run times this kernel faster
+(`r1mega bench decode-attention` prints both). ``R1MEGA_ATTN_JIT=0`` forbids the just-in-time
+build. The reference is :func:`r1mega.rollout.attention.attend_decode_gather` on the dequantised
+cache (tests/gpu/test_paged_decode_cuda_gpu.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from r1mega import switches
+from r1mega.ops.extension import CudaExtension
+
+_EXT = CudaExtension("r1mega_attn_cuda", ["paged_decode.cpp", "paged_decode_kernel.cu"], "R1MEGA_ATTN",
+                     ["-lineinfo", "--use_fast_math"], "FP8 paged decode attention uses Triton")
+SOURCES = _EXT.sources
+get, load_error = _EXT.get, _EXT.load_error
+
+
+def _impl_from_env() -> str:
+    return switches.choice("R1MEGA_PAGED_FP8", "triton", {
+        "triton": "r1mega/rollout/triton_paged.py's kernel for an FP8 cache",
+        "cuda": "csrc/paged_decode_kernel.cu where the shapes allow, else Triton's"})
+
+
+# Read once, at import (a bad value fails the run's start, not its first decode step)
+IMPL = _impl_from_env()
+
+
+def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> Optional[str]:
+    """None when the CUDA kernel takes these operands, else the reason."""
+    if not q.is_cuda:
+        return f"q is on {q.device}, not a CUDA device"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"q is {q.dtype}; the kernel takes bfloat16 or float16"
+    if k_cache.dtype != torch.float8_e4m3fn or k_scale is None:
+        return "the cache is not float8_e4m3fn with scales"
+    d = q.shape[-1]
+    if d not in (64, 128, 256):
+        return f"head_dim {d} is not 64, 128 or 256"
+    n, bs, hkv, _ = k_cache.shape
+    if bs % 16:
+        return f"{bs}-token cache blocks (the kernel takes multiples of 16)"
+    if q.shape[1] % hkv or q.shape[1] // hkv > 8:
+        return f"{q.shape[1]} query heads over {hkv} KV heads (a group of at most 8)"
+    if k_cache.stride(-1) != 1 or any(s % 16 for s in k_cache.stride()[:3]) or k_cache.data_ptr() % 16:
+        return f"the cache's strides {k_cache.stride()} are not 16-byte multiples with unit stride on D"
+    return None
+
+
+def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                          k_scale: torch.Tensor, v_scale: torch.Tensor,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q (B, Hq, D) -> (B, Hq, D) over the FP8 paged cache; raises with the reason when the kernel
+    cannot take the operands or the extension is missing."""
+    reason = why_not(q, k_cache, k_scale)
+    if reason is not None:
+        raise ValueError(f"paged_decode_fp8_cuda: {reason}")
+    ext = get()
+    if ext is None:
+        raise RuntimeError(f"paged_decode_fp8_cuda: r1mega_attn_cuda is unavailable: {load_error()}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
+                         float(scale))
+    return out
+
+
+def serves(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
+    """Whether the decode op should send this call here: the switch, the shapes, the extension."""
+    return IMPL == "cuda" and why_not(q, k_cache, k_scale) is None and get() is not None

@@ -1,0 +1,106 @@
+"""The CUDA-core FP8 paged decode attention (csrc/paged_decode_kernel.cu, r1mega/rollout/cuda_paged.py)
+against float64 attention over the dequantised cache, the e4m3 error model against the unquantised
+one, Triton's FP8 kernel, the decode op's routing under R1MEGA_PAGED_FP8=cuda, and CUDA graphs.
+Skipped without CUDA or without the extension."""
+import math
+
+import pytest
+import torch
+
+from tests.unit.test_rollout_fp8_error import DECODE_SHAPES, RMS_BAND, error_against_model, paged_decode_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (Hq, Hkv, D, block tokens): the CPU error test's shapes, SmolLM2's (groups of 3, D 64) and a
+# group of 8 at D 256
+SHAPES = DECODE_SHAPES + [(9, 3, 64, 16), (32, 4, 256, 16)]
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _ext():
+    from r1mega.rollout import cuda_paged
+
+    if cuda_paged.get() is None:
+        pytest.skip(f"r1mega_attn_cuda unavailable: {cuda_paged.load_error()}")
+    return cuda_paged
+
+
+def _case(shape, dtype, strided=False):
+    from r1mega.rollout.kv_cache import quantize_rows
+
+    q, k, v, bt, ctx = paged_decode_case(*shape, device="cuda")
+    q = q.to(dtype)
+    if strided:  # a slice of a wider rows-by-heads buffer, as the rotated q|k of the decode step
+        wide = torch.zeros(q.shape[0], q.shape[1] + 3, q.shape[2], dtype=dtype, device="cuda")
+        wide[:, 1:1 + q.shape[1]] = q
+        q = wide[:, 1:1 + q.shape[1]]
+    k8, ks = quantize_rows(k)
+    v8, vs = quantize_rows(v)
+    return q, k, v, k8, ks, v8, vs, bt, ctx
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-q"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=["-".join(map(str, s)) for s in SHAPES])
+def test_cuda_fp8_decode_against_float64_and_the_e4m3_error_model(shape, dtype, strided):
+    from r1mega.rollout.attention import attend_decode_gather
+    from r1mega.rollout.fp8_error import decode_error_model
+    from r1mega.rollout.kv_cache import dequantize_rows
+    from r1mega.rollout.triton_paged import paged_decode_attention
+
+    cp = _ext()
+    q, k, v, k8, ks, v8, vs, bt, ctx = _case(shape, dtype, strided)
+    scale = 1 / math.sqrt(shape[2])
+    assert cp.why_not(q, k8, ks) is None
+    out = torch.full_like(q, float("nan"))
+    cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, out=out)
+    ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
+                               dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    exact, sigma = decode_error_model(q, k, v, bt, ctx, scale)
+    worst, rms = error_against_model(out, exact, sigma, kernel_tol=tol)
+    assert worst <= 1 and RMS_BAND[0] <= rms <= RMS_BAND[1], (worst, rms)
+    if shape[2] & (shape[2] - 1) == 0:  # Triton's kernel: the same values, another summation order
+        tri = paged_decode_attention(q, k8, v8, bt, ctx, scale, k_scale=ks, v_scale=vs)
+        torch.testing.assert_close(out.double(), tri.double(), atol=2 * tol, rtol=2 * tol)
+
+
+def test_decode_op_routes_fp8_calls_under_the_switch_and_graphs_replay_them(monkeypatch):
+    cp = _ext()
+    from r1mega.rollout import triton_paged
+
+    q, _, _, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16)
+    direct = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs)
+    monkeypatch.setattr(cp, "IMPL", "cuda")
+    via_op = torch.ops.r1mega.paged_decode_attention(q, k8, v8, bt, ctx, 0.1, ks, vs)
+    assert torch.equal(via_op, direct)
+    monkeypatch.setattr(cp, "IMPL", "triton")
+    tri = torch.ops.r1mega.paged_decode_attention(q, k8, v8, bt, ctx, 0.1, ks, vs)
+    assert not torch.equal(tri, direct)  # Triton's kernel: another summation order
+    assert torch.equal(tri, triton_paged.paged_decode_attention(q, k8, v8, bt, ctx, 0.1, k_scale=ks, v_scale=vs))
+    out = torch.empty_like(q)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, out=out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, direct)
+
+
+def test_cuda_fp8_decode_refuses_what_it_cannot_take():
+    cp = _ext()
+    q, _, _, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        cp.paged_decode_fp8_cuda(q.float(), k8, v8, bt, ctx, 0.1, ks, vs)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cp.paged_decode_fp8_cuda(q, k8.reshape(-1, 8, 4, 128), v8.reshape(-1, 8, 4, 128), bt, ctx,
+                                 0.1, ks.reshape(-1, 8, 4), vs.reshape(-1, 8, 4))
+    with pytest.raises(RuntimeError, match="int32"):
+        cp.paged_decode_fp8_cuda(q, k8, v8, bt.long(), ctx, 0.1, ks, vs)

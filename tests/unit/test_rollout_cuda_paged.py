@@ -1,0 +1,74 @@
+"""The CUDA-core FP8 decode attention's Python face (r1mega/rollout/cuda_paged.py) on the CPU: its
+switch, the reasons it refuses operands, and that the decode op keeps its reference off CUDA. The
+kernel itself is held to float64 by tests/gpu/test_paged_decode_cuda_gpu.py."""
+import importlib
+import math
+
+import pytest
+import torch
+
+from r1mega.rollout import cuda_paged
+from tests.unit.test_rollout_fp8_error import paged_decode_case
+
+
+def _fp8_case(shape=(16, 4, 128, 16)):
+    from r1mega.rollout.kv_cache import quantize_rows
+
+    q, k, v, bt, ctx = paged_decode_case(*shape)
+    k8, ks = quantize_rows(k)
+    v8, vs = quantize_rows(v)
+    return q, k8, ks, v8, vs, bt, ctx
+
+
+def test_switch_defaults_to_triton_and_refuses_unknown_values(monkeypatch):
+    assert cuda_paged.IMPL == "triton"
+    monkeypatch.setenv("R1MEGA_PAGED_FP8", "cutlass")
+    with pytest.raises(ValueError, match="R1MEGA_PAGED_FP8='cutlass'.*'cuda'"):
+        importlib.reload(cuda_paged)
+    monkeypatch.setenv("R1MEGA_PAGED_FP8", "cuda")
+    importlib.reload(cuda_paged)
+    assert cuda_paged.IMPL == "cuda"
+    monkeypatch.delenv("R1MEGA_PAGED_FP8")
+    importlib.reload(cuda_paged)
+    assert cuda_paged.IMPL == "triton"
+
+
+def test_why_not_names_each_operand_it_cannot_take():
+    q, k8, ks, _, _, _, _ = _fp8_case()
+    assert "not a CUDA device" in cuda_paged.why_not(q, k8, ks)
+    meta = {"device": "meta"}
+    qm = torch.empty(8, 16, 128, dtype=torch.bfloat16, **meta)
+    km = torch.empty(10, 16, 4, 128, dtype=torch.float8_e4m3fn, **meta)
+    sm = torch.empty(10, 16, 4, **meta)
+    # the checks read devices, dtypes, shapes and strides only: a stand-in CUDA tensor is enough
+    fake_cuda = type("T", (), {})
+
+    def as_cuda(t):
+        obj = fake_cuda()
+        obj.is_cuda, obj.dtype, obj.shape, obj.stride, obj.data_ptr = True, t.dtype, t.shape, t.stride, lambda: 0
+        return obj
+
+    assert cuda_paged.why_not(as_cuda(qm), as_cuda(km), sm) is None
+    assert "float16" in cuda_paged.why_not(as_cuda(qm.float()), as_cuda(km), sm)
+    assert "scales" in cuda_paged.why_not(as_cuda(qm), as_cuda(km), None)
+    assert "head_dim 96" in cuda_paged.why_not(as_cuda(torch.empty(8, 16, 96, dtype=torch.bfloat16, **meta)),
+                                               as_cuda(torch.empty(10, 16, 4, 96, dtype=torch.float8_e4m3fn, **meta)), sm)
+    assert "8-token" in cuda_paged.why_not(as_cuda(qm), as_cuda(torch.empty(10, 8, 4, 128, dtype=torch.float8_e4m3fn, **meta)), sm)
+    assert "group of at most 8" in cuda_paged.why_not(as_cuda(torch.empty(8, 36, 128, dtype=torch.bfloat16, **meta)),
+                                                      as_cuda(km), sm)
+    wide = torch.empty(10, 16, 4, 136, dtype=torch.float8_e4m3fn, **meta)[..., :128]  # row stride 136 bytes
+    assert "16-byte multiples" in cuda_paged.why_not(as_cuda(qm), as_cuda(wide), sm)
+
+
+def test_direct_call_refuses_off_cuda_and_the_op_keeps_its_reference(monkeypatch):
+    from r1mega.rollout.attention import attend_decode_gather
+    from r1mega.rollout import triton_paged  # noqa: F401  (registers the op)
+
+    q, k8, ks, v8, vs, bt, ctx = _fp8_case()
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        cuda_paged.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs)
+    monkeypatch.setattr(cuda_paged, "IMPL", "cuda")
+    scale = 1 / math.sqrt(128)
+    out = torch.ops.r1mega.paged_decode_attention(q, k8, v8, bt, ctx, scale, ks, vs)
+    ref = attend_decode_gather(q, k8, v8, bt, ctx, scale, ks, vs)
+    assert torch.equal(out, ref)
