@@ -72,3 +72,61 @@ def test_direct_call_refuses_off_cuda_and_the_op_keeps_its_reference(monkeypatch
     out = torch.ops.r1mega.paged_decode_attention(q, k8, v8, bt, ctx, scale, ks, vs)
     ref = attend_decode_gather(q, k8, v8, bt, ctx, scale, ks, vs)
     assert torch.equal(out, ref)
+
+
+def _kernel_emulation(q, k8, v8, bt, ctx, scale, ks, vs, warps=4, chunk=16):
+    """csrc/paged_decode_kernel.cu's walk in float32 torch ops: q pre-scaled into log2 units, each
+    warp taking chunks c, c + warps, ... of 16 keys (one block-table read a chunk), a running max,
+    sum and accumulator per warp, rescaled chunk by chunk, and the warps merged at the end."""
+    b_n, hq, d = q.shape
+    _, bs, hkv, _ = k8.shape
+    group = hq // hkv
+    out = torch.empty(b_n, hq, d)
+    for b in range(b_n):
+        n_chunks = -(-int(ctx[b]) // chunk)
+        for h in range(hkv):
+            qs = q[b, h * group:(h + 1) * group].float() * (scale * math.log2(math.e))   # (G, D)
+            parts = []
+            for w in range(warps):
+                m = torch.full((group,), float("-inf"))
+                l = torch.zeros(group)
+                acc = torch.zeros(group, d)
+                for c in range(w, n_chunks, warps):
+                    n0 = c * chunk
+                    blk, slot0 = int(bt[b, n0 // bs]), n0 % bs
+                    keys = torch.arange(chunk)
+                    ok = n0 + keys < int(ctx[b])
+                    kk = k8[blk, slot0:slot0 + chunk, h].float() * ok[:, None]              # (16, D)
+                    vv = v8[blk, slot0:slot0 + chunk, h].float() * ok[:, None]
+                    ksc = ks[blk, slot0:slot0 + chunk, h] * ok
+                    vsc = vs[blk, slot0:slot0 + chunk, h] * ok
+                    s = torch.where(ok[None, :], (qs @ kk.t()) * ksc[None, :], float("-inf"))  # (G, 16)
+                    m_new = torch.maximum(m, s.max(1).values)
+                    alpha = torch.exp2(m - m_new)
+                    p = torch.exp2(s - m_new[:, None])
+                    l = l * alpha + p.sum(1)
+                    acc = acc * alpha[:, None] + (p * vsc[None, :]) @ vv
+                    m = m_new
+                parts.append((m, l, acc))
+            mx = torch.stack([p[0] for p in parts]).max(0).values
+            f = [torch.exp2(p[0] - mx) for p in parts]
+            den = sum(p[1] * fi for p, fi in zip(parts, f))
+            num = sum(p[2] * fi[:, None] for p, fi in zip(parts, f))
+            out[b, h * group:(h + 1) * group] = num / den[:, None]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(16, 4, 128, 16), (12, 2, 64, 32), (9, 3, 64, 16)])
+def test_the_kernels_walk_and_merge_equal_float64_attention(shape):
+    """The kernel's algorithm (chunking, block-table reads, masking of a partial last chunk, warps
+    without a chunk, the merge) against float64 attention on the dequantised cache; the CUDA
+    code itself is held to the same reference by tests/gpu/test_paged_decode_cuda_gpu.py."""
+    from r1mega.rollout.attention import attend_decode_gather
+    from r1mega.rollout.kv_cache import dequantize_rows
+
+    q, k8, ks, v8, vs, bt, ctx = _fp8_case(shape)
+    scale = 1 / math.sqrt(shape[2])
+    got = _kernel_emulation(q, k8, v8, bt, ctx, scale, ks, vs)
+    ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
+                               dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=2e-5)
