@@ -11,7 +11,7 @@ t0=$(date +%s)
 rm -rf build/temp.linux-x86_64-cpython-312
 MAX_JOBS=$(nproc) "$venv/bin/python" setup.py build_ext --inplace >/tmp/r1mega_prebuild.log 2>&1 \
   || { tail -30 /tmp/r1mega_prebuild.log; exit 1; }
-for f in r1mega_*_cuda.cpython-312-x86_64-linux-gnu.so; do strip --strip-debug "$f"; done  # 61 -> 19 MB of the 64 MiB carry
+for f in r1mega_*_cuda.cpython-312-x86_64-linux-gnu.so; do strip --strip-debug "$f"; done  # the carry holds 64 MiB in all
 # each must load against that torch (its CUDA libraries from the pip packages)
 LD_LIBRARY_PATH=$LIBRARY_PATH "$venv/bin/python" -c '
 import torch, r1mega_grpo_cuda, r1mega_moe_cuda, r1mega_fp8_cuda, r1mega_gemm_cuda, r1mega_attn_cuda'

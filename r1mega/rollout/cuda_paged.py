@@ -44,7 +44,7 @@ def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tens
     d = q.shape[-1]
     if d not in (64, 128, 256):
         return f"head_dim {d} is not 64, 128 or 256"
-    n, bs, hkv, _ = k_cache.shape
+    _, bs, hkv, _ = k_cache.shape
     if bs % 16:
         return f"{bs}-token cache blocks (the kernel takes multiples of 16)"
     if q.shape[1] % hkv or q.shape[1] // hkv > 8:
