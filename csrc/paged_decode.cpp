@@ -18,7 +18,8 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 
 // q (B, Hq, D) bf16/fp16, unit stride on D; k/v caches (N, bs, Hkv, D) float8_e4m3fn sharing one
 // layout, unit stride on D, the other strides multiples of 16 bytes; k/v scales (N, bs, Hkv)
-// float32 sharing one layout, unit stride on heads; block tables (B, *) int32 with unit stride;
+// float32 sharing one layout, unit stride on heads; block tables (B, *) int32 or int64 with unit
+// stride on blocks (any row stride: the graph step's rows are slices of one packed buffer);
 // context lengths (B,) int32, each >= 1; out like q. D in {64, 128, 256}, Hq / Hkv <= 8 and a
 // whole number, bs a multiple of 16.
 void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
@@ -58,9 +59,11 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
   TORCH_CHECK(vs.strides() == ks.strides(), "r1mega_attn_cuda: k and v scales must share one layout");
   same_device(bt, q, "block_tables");
   same_device(ctx, q, "ctx_lens");
-  TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == B && bt.stride(1) == 1,
-              "r1mega_attn_cuda: block_tables must be int32 (", B, ", *) with unit stride, got ",
-              bt.scalar_type(), " ", bt.sizes());
+  TORCH_CHECK((bt.scalar_type() == at::kInt || bt.scalar_type() == at::kLong) && bt.dim() == 2 &&
+                  bt.size(0) == B && bt.stride(1) == 1,
+              "r1mega_attn_cuda: block_tables must be int32 or int64 (", B,
+              ", *) with unit stride on blocks, got ", bt.scalar_type(), " ", bt.sizes(), " strides ",
+              bt.strides());
   TORCH_CHECK(ctx.scalar_type() == at::kInt && ctx.dim() == 1 && ctx.size(0) == B && ctx.stride(0) == 1,
               "r1mega_attn_cuda: ctx_lens must be contiguous int32 (", B, "), got ", ctx.scalar_type(),
               " ", ctx.sizes());

@@ -7,12 +7,18 @@
 // kernel doing that needs ~200 registers a thread (two CTAs an SM) and runs no faster than it
 // does on a bf16 cache with twice the bytes. Here a warp takes 16 keys at a time (one 16-token
 // slice of a cache block, so one block-table read), and each lane touches few values:
-//   q . k   D/16 lanes per key, 16 bytes each (one load); the lanes of a key sum by shuffles
+//   q . k   D/16 lanes per key, 16 bytes each; the lanes of a key sum by shuffles
 //   p . v   lane l owns dims D/32 * l ...; p * v_scale of the chunk's keys come through shared
 //           memory, 16 bytes per key for four heads
 // Each warp keeps its own running max, sum and accumulator over the chunks it takes (chunks c,
 // c + 4, ...); the four merge once at the end. Per-(token, head) scales factor out of both
 // products: s = q . k8 * k_scale, acc += (p * v_scale) v8.
+//
+// Loads: each warp copies its chunks (K, V and their scales) into a ring of kStages slices of
+// shared memory with cp.async, kStages - 1 chunks ahead of the one it computes, so a chunk's DRAM
+// latency overlaps the work on the previous ones; keys past the context are zero-filled (an
+// unwritten slot may hold e4m3 NaN bytes, and 0 * NaN would reach the accumulator). After the
+// loop the ring holds the warps' partial results for the merge.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -28,7 +34,35 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kChunk = 16;  // keys a warp takes at a time
+constexpr int kStages = 3;  // chunks a warp has in its ring: 2 in flight while it computes one
 constexpr unsigned kFull = 0xffffffffu;
+
+// 16 bytes global -> shared, skipping L1; src_bytes 0 zero-fills the destination
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Dynamic shared memory of one CTA, in bytes: the rings (K and V slices, then the scales), the
+// p * v_scale hand-over, q, and the warps' running max and sum.
+template <int GMAX, int D>
+struct Smem {
+  static constexpr int kRing = kWarps * kStages * 2 * kChunk * D;   // e4m3 K | V per chunk
+  static constexpr int kScales = kWarps * kStages * 2 * kChunk * 4;  // float32 k | v scales
+  static constexpr int kPw = kWarps * kChunk * GMAX * 4;
+  static constexpr int kQ = GMAX * D * 4;
+  static constexpr int kMl = 2 * kWarps * GMAX * 4;
+  static constexpr int kBytes = kRing + kScales + kPw + kQ + kMl;
+  // the merge's partial accumulators (kWarps, GMAX, D) float32 reuse the K|V rings
+  static_assert(kWarps * GMAX * D * 4 <= kRing, "the merge buffer must fit in the ring");
+};
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
@@ -86,14 +120,15 @@ __device__ __forceinline__ void v_to_float<8>(uint2 w, float (&f)[8]) {
 
 // q (B, Hq, D) with strides (q_sb, q_sh, 1); caches (N, bs, Hkv, D) e4m3 with strides
 // (c_sb, c_st, c_sh, 1) in bytes; scales (N, bs, Hkv) float32 with strides (s_sb, s_st, 1);
-// block tables (B, *) int32; bs a multiple of 16. scale_log2 = softmax scale * log2(e).
-template <typename QT, int GMAX, int D>
+// block tables (B, *) int32 or int64 with strides (bt_s, 1); bs a multiple of 16.
+// scale_log2 = softmax scale * log2(e).
+template <typename QT, int GMAX, int D, typename IT>
 __global__ void __launch_bounds__(kWarps * 32)
     paged_decode_fp8_kernel(const QT* __restrict__ q, int64_t q_sb, int64_t q_sh,
                             const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
                             int64_t c_sb, int64_t c_st, int64_t c_sh,
                             const float* __restrict__ ks, const float* __restrict__ vs,
-                            int64_t s_sb, int64_t s_st, const int32_t* __restrict__ bt,
+                            int64_t s_sb, int64_t s_st, const IT* __restrict__ bt,
                             int64_t bt_s, const int32_t* __restrict__ ctx_lens,
                             QT* __restrict__ out, int64_t o_sb, int64_t o_sh, int group, int bs,
                             float scale_log2) {
@@ -101,16 +136,53 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int KPW = 32 / LPK;        // keys per warp-wide step
   constexpr int STEPS = kChunk / KPW;  // steps per chunk
   constexpr int DPL = D / 32;          // dims per lane in p . v
+  constexpr int SEGS = kChunk * D / 16;  // 16-byte pieces of a chunk's K (and of its V)
   using VT = typename VBytes<DPL>::T;
-  __shared__ __align__(16) float pw_s[kWarps][kChunk][GMAX];
-  __shared__ float m_s[kWarps][GMAX], l_s[kWarps][GMAX];
-  __shared__ float acc_s[kWarps][GMAX][D];
-  __shared__ __align__(16) float q_s[GMAX][D];  // the group's heads, in log2 units of the softmax
+  using S = Smem<GMAX, D>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* ring = smem;                                                  // [warp][stage][K|V][key][D]
+  float* sc_ring = reinterpret_cast<float*>(smem + S::kRing);             // [warp][stage][k|v][key]
+  float(*pw_s)[kChunk][GMAX] = reinterpret_cast<float(*)[kChunk][GMAX]>(smem + S::kRing + S::kScales);
+  float(*q_s)[D] = reinterpret_cast<float(*)[D]>(smem + S::kRing + S::kScales + S::kPw);
+  float* m_s = reinterpret_cast<float*>(smem + S::kRing + S::kScales + S::kPw + S::kQ);  // [warp][g]
+  float* l_s = m_s + kWarps * GMAX;
+  float(*acc_s)[GMAX][D] = reinterpret_cast<float(*)[GMAX][D]>(smem);  // after the loop only
 
   const int b = blockIdx.x, h = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kq = lane / LPK, sl = lane % LPK;
   const int ctx = ctx_lens[b];
+  const int n_chunks = (ctx + kChunk - 1) / kChunk;
+  const int my_chunks = warp < n_chunks ? (n_chunks - warp + kWarps - 1) / kWarps : 0;
+
+  // The warp's it-th chunk (chunk warp + it * kWarps) into ring stage it % kStages. Every call
+  // commits a group, also an empty one, so that the wait below counts groups uniformly.
+  auto issue = [&](int it) {
+    if (it < my_chunks) {
+      const int n0 = (warp + it * kWarps) * kChunk;
+      const int64_t blk = static_cast<int64_t>(bt[b * bt_s + n0 / bs]);
+      const int slot0 = n0 % bs;
+      const int64_t base = blk * c_sb + slot0 * c_st + h * c_sh;
+      uint8_t* kd = ring + ((warp * kStages + it % kStages) * 2) * kChunk * D;
+      uint8_t* vd = kd + kChunk * D;
+#pragma unroll
+      for (int e = lane; e < SEGS; e += 32) {
+        const int key = e / LPK, part = e % LPK;
+        const int64_t src = base + key * c_st + part * 16;
+        const int n = n0 + key < ctx ? 16 : 0;
+        cp_async16(kd + key * D + part * 16, kc + src, n);
+        cp_async16(vd + key * D + part * 16, vc + src, n);
+      }
+      // lanes 0..15: the keys' k scales, 16..31: their v scales
+      const int key = lane % kChunk;
+      const float* src = (lane < kChunk ? ks : vs) + blk * s_sb + (slot0 + key) * s_st + h;
+      cp_async4(sc_ring + ((warp * kStages + it % kStages) * 2) * kChunk + lane, src,
+                n0 + key < ctx ? 4 : 0);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int it = 0; it < kStages - 1; ++it) issue(it);
 
   // q in shared memory, not registers: 16 floats a head per lane would take a third of them
   for (int e = threadIdx.x; e < GMAX * D; e += blockDim.x) {
@@ -126,37 +198,21 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int d = 0; d < DPL; ++d) acc[g][d] = 0.f;
   }
 
-  const int n_chunks = (ctx + kChunk - 1) / kChunk;
-  for (int c = warp; c < n_chunks; c += kWarps) {
-    const int n0 = c * kChunk;
-    const int64_t blk = bt[b * bt_s + n0 / bs];
-    const int slot0 = n0 % bs;
-    const uint8_t* krow = kc + blk * c_sb + slot0 * c_st + h * c_sh;
-    const uint8_t* vrow = vc + blk * c_sb + slot0 * c_st + h * c_sh;
-    // every load of the chunk first: K slices, V slices, the keys' scales (lane i: key i)
-    uint4 kw[STEPS];
-#pragma unroll
-    for (int j = 0; j < STEPS; ++j) {
-      const int key = j * KPW + kq;
-      kw[j] = n0 + key < ctx ? __ldg(reinterpret_cast<const uint4*>(krow + key * c_st + sl * 16))
-                             : make_uint4(0, 0, 0, 0);
-    }
-    VT vw[kChunk];
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      vw[i] = n0 + i < ctx ? __ldg(reinterpret_cast<const VT*>(vrow + i * c_st + lane * DPL)) : VT{};
-    }
-    float k_sc = 0.f, v_sc = 0.f;
-    if (lane < kChunk && n0 + lane < ctx) {
-      const int64_t so = blk * s_sb + (slot0 + lane) * s_st + h;
-      k_sc = __ldg(ks + so), v_sc = __ldg(vs + so);
-    }
+  for (int it = 0; it < my_chunks; ++it) {
+    issue(it + kStages - 1);  // into the stage the previous iteration finished with
+    cp_async_wait<kStages - 1>();  // this warp's copies of chunk it have landed
+    __syncwarp();                  // ... and every lane's are visible to the others
+    const int n0 = (warp + it * kWarps) * kChunk;
+    const uint8_t* kr = ring + ((warp * kStages + it % kStages) * 2) * kChunk * D;
+    const uint8_t* vr = kr + kChunk * D;
+    const float* sc = sc_ring + ((warp * kStages + it % kStages) * 2) * kChunk;
 
     float s[STEPS][GMAX];
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
+      const uint4 kw = *reinterpret_cast<const uint4*>(kr + (j * KPW + kq) * D + sl * 16);
       float kf[16];
-      const uint32_t w4[4] = {kw[j].x, kw[j].y, kw[j].z, kw[j].w};
+      const uint32_t w4[4] = {kw.x, kw.y, kw.z, kw.w};
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         const float2 a = e4m3x2(w4[t]), z = e4m3x2(w4[t] >> 16);
@@ -191,7 +247,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
       const int key = j * KPW + kq;
-      const float ksc = __shfl_sync(kFull, k_sc, key);
+      const float ksc = sc[key];
       const bool ok = n0 + key < ctx;
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
@@ -216,7 +272,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int j = 0; j < STEPS; ++j) {
       const int key = j * KPW + kq;
-      const float vsc = __shfl_sync(kFull, v_sc, key);
+      const float vsc = sc[kChunk + key];
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
         const float p = exp2f(s[j][g] - m[g]);
@@ -230,7 +286,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
       float vf[DPL];
-      v_to_float<DPL>(vw[i], vf);
+      v_to_float<DPL>(*reinterpret_cast<const VT*>(vr + i * D + lane * DPL), vf);
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
         const float pw = pw_s[warp][i][g];
@@ -238,14 +294,16 @@ __global__ void __launch_bounds__(kWarps * 32)
         for (int d = 0; d < DPL; ++d) acc[g][d] = fmaf(pw, vf[d], acc[g][d]);
       }
     }
-    __syncwarp();  // the next chunk rewrites pw_s
+    __syncwarp();  // the next iteration's copies and p * v_scale overwrite what was read here
   }
+  cp_async_wait<0>();  // only empty groups are left, but the ring becomes acc_s next
+  __syncthreads();
 
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) {
 #pragma unroll
     for (int off = 16; off >= 1; off /= 2) l[g] += __shfl_xor_sync(kFull, l[g], off);
-    if (lane == 0) m_s[warp][g] = m[g], l_s[warp][g] = l[g];
+    if (lane == 0) m_s[warp * GMAX + g] = m[g], l_s[warp * GMAX + g] = l[g];
 #pragma unroll
     for (int d = 0; d < DPL; ++d) acc_s[warp][g][lane * DPL + d] = acc[g][d];
   }
@@ -254,32 +312,50 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int g = e / D, d = e % D;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_s[w][g]);
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_s[w * GMAX + g]);
     float den = 0.f, num = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {  // a warp that took no chunk has m = -inf: weight 0
-      const float f = exp2f(m_s[w][g] - mx);
-      den += l_s[w][g] * f;
+      const float f = exp2f(m_s[w * GMAX + g] - mx);
+      den += l_s[w * GMAX + g] * f;
       num += acc_s[w][g][d] * f;
     }
     out[b * o_sb + (h * group + g) * o_sh + d] = from_float<QT>(num / den);
   }
 }
 
-template <typename QT, int GMAX, int D>
+template <typename QT, int GMAX, int D, typename IT>
 void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
             int group, double scale) {
+  auto kernel = paged_decode_fp8_kernel<QT, GMAX, D, IT>;
+  constexpr int smem = Smem<GMAX, D>::kBytes;
+  // over 48 KB of dynamic shared memory needs the opt-in, once per kernel and device
+  static bool opted_in[64] = {};
+  const int dev = q.get_device();
+  if (smem > 48 * 1024 && dev < 64 && !opted_in[dev]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    opted_in[dev] = true;
+  }
   const dim3 grid(q.size(0), kc.size(2));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  paged_decode_fp8_kernel<QT, GMAX, D><<<grid, kWarps * 32, 0, stream>>>(
+  kernel<<<grid, kWarps * 32, smem, stream>>>(
       reinterpret_cast<const QT*>(q.data_ptr()), q.stride(0), q.stride(1),
       reinterpret_cast<const uint8_t*>(kc.data_ptr()), reinterpret_cast<const uint8_t*>(vc.data_ptr()),
       kc.stride(0), kc.stride(1), kc.stride(2), ks.data_ptr<float>(), vs.data_ptr<float>(),
-      ks.stride(0), ks.stride(1), bt.data_ptr<int32_t>(), bt.stride(0), ctx.data_ptr<int32_t>(),
-      reinterpret_cast<QT*>(out.data_ptr()), out.stride(0), out.stride(1), group,
-      static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634));
+      ks.stride(0), ks.stride(1), reinterpret_cast<const IT*>(bt.data_ptr()), bt.stride(0),
+      ctx.data_ptr<int32_t>(), reinterpret_cast<QT*>(out.data_ptr()), out.stride(0), out.stride(1),
+      group, static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename QT, int GMAX, int D>
+void by_index(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
+              const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
+              int group, double scale) {
+  // the CUDA-graph decode step reads its block tables out of one packed int64 buffer
+  if (bt.scalar_type() == at::kLong) return launch<QT, GMAX, D, int64_t>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+  return launch<QT, GMAX, D, int32_t>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
 }
 
 template <typename QT, int GMAX>
@@ -287,9 +363,9 @@ void by_dim(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
             int group, double scale) {
   switch (q.size(2)) {
-    case 64: return launch<QT, GMAX, 64>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-    case 128: return launch<QT, GMAX, 128>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-    default: return launch<QT, GMAX, 256>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    case 64: return by_index<QT, GMAX, 64>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    case 128: return by_index<QT, GMAX, 128>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    default: return by_index<QT, GMAX, 256>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
   }
 }
 

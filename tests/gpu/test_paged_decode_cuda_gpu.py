@@ -102,5 +102,18 @@ def test_cuda_fp8_decode_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="multiples of 16"):
         cp.paged_decode_fp8_cuda(q, k8.reshape(-1, 8, 4, 128), v8.reshape(-1, 8, 4, 128), bt, ctx,
                                  0.1, ks.reshape(-1, 8, 4), vs.reshape(-1, 8, 4))
-    with pytest.raises(RuntimeError, match="int32"):
-        cp.paged_decode_fp8_cuda(q, k8, v8, bt.long(), ctx, 0.1, ks, vs)
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        cp.paged_decode_fp8_cuda(q, k8, v8, bt.short(), ctx, 0.1, ks, vs)
+
+
+def test_int64_block_tables_sliced_from_a_packed_buffer_give_the_int32_result():
+    """The CUDA-graph decode step hands the kernel its block tables as int64 columns of one packed
+    per-row buffer (r1mega/rollout/cuda_graphs.py): a row stride wider than the table."""
+    cp = _ext()
+    q, _, _, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16)
+    packed = torch.full((bt.shape[0], 5 + bt.shape[1]), -7, dtype=torch.int64, device="cuda")
+    packed[:, 5:] = bt
+    wide = packed[:, 5:]
+    assert wide.stride() == (5 + bt.shape[1], 1)
+    assert torch.equal(cp.paged_decode_fp8_cuda(q, k8, v8, wide, ctx, 0.1, ks, vs),
+                       cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs))
