@@ -330,12 +330,13 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
             int group, double scale) {
   auto kernel = paged_decode_fp8_kernel<QT, GMAX, D, IT>;
   constexpr int smem = Smem<GMAX, D>::kBytes;
-  // over 48 KB of dynamic shared memory needs the opt-in, once per kernel and device
+  // over 48 KB of dynamic shared memory needs the opt-in, per kernel and device (remembered for
+  // the first 64 devices, asked again on every launch beyond them)
   static bool opted_in[64] = {};
   const int dev = q.get_device();
-  if (smem > 48 * 1024 && dev < 64 && !opted_in[dev]) {
+  if (smem > 48 * 1024 && (dev >= 64 || !opted_in[dev])) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    opted_in[dev] = true;
+    if (dev < 64) opted_in[dev] = true;
   }
   const dim3 grid(q.size(0), kc.size(2));
   const auto stream = at::cuda::getCurrentCUDAStream();
