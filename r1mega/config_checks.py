@@ -75,7 +75,15 @@ def validate_fp8(cfg: Config, device_type: Optional[str] = None) -> None:
                                          resolve_rollout_fp8_policy)
 
     device_type = device_type or default_device_type()
-    resolve_rollout_fp8_policy(cfg.precision, device_type)
+    if resolve_rollout_fp8_policy(cfg.precision, device_type) is not None:
+        # The FP8 copies replace the GEMMs of megatron's own parallel linears; TE's fused
+        # norm+linear modules are other classes, and with them the decode would stay bf16.
+        if cfg.model.spec == "te":
+            raise ConfigError("precision.fp8_rollout=true decodes through FP8 copies of the "
+                              "weights of r1mega's local-spec linears; Transformer Engine's fused "
+                              "layers (model.spec=te) are not covered. Set model.spec=local (or "
+                              "auto) or precision.fp8_rollout=false.")
+        cfg.model.spec = "local"  # auto would take TE's layers on a GPU where TE imports
     policy = resolve_fp8_policy(cfg.precision, device_type)
     if policy is None:
         return

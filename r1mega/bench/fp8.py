@@ -224,7 +224,8 @@ def run_rollout(args, rt) -> dict:
     shape = get_shape("852m", smoke=args.smoke)
     prompts, plen, new = (4, 8, 8) if args.smoke else tuple(int(v) for v in args.rollout_setting.split("x"))
     shape["max_position_embeddings"] = plen + new + 8
-    model = build_model(ModelConfig(**shape), rt, wrap=False)
+    # both rows on the local spec: the FP8 copies hook its linears, not TE's fused layers
+    model = build_model(ModelConfig(**{**shape, "spec": "local"}), rt, wrap=False)
     policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe=args.recipe,
                                                         fp8_emulate=device.type != "cuda"), device.type)
     g = torch.Generator().manual_seed(prompts)

@@ -31,6 +31,9 @@ from r1mega.precision.policy import Fp8Policy
 from r1mega.precision.quantize import BLOCK, Fp8Tensor, quantize
 
 
+# where Transformer Engine's layer classes live (its own package and megatron's wrappers of it)
+_TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
+
 # Row scales pay off where a decode step's GEMMs are small and its graph fuses the scaling into
 # the neighbouring kernels; a prefill chunk runs eagerly, where the row route's float32 pass over
 # the output costs more than one amax (852M, 2 x 16,384-token prefill: 0.193 s against 0.105 s).
@@ -95,6 +98,17 @@ class Fp8RolloutWeights:
         self.linears = [mod for mod in m.decoder.modules()
                         if isinstance(mod, (ColumnParallelLinear, RowParallelLinear))
                         and not isinstance(mod, _Fp8ForwardImpl)]
+        te = sorted({type(mod).__name__ for mod in m.decoder.modules()
+                     if type(mod).__module__.startswith(_TE_MODULES)})
+        if te:
+            raise ValueError(f"precision.fp8_rollout: this model's layers hold Transformer Engine "
+                             f"modules ({', '.join(te)}), whose GEMMs the FP8 weight copies do not "
+                             f"reach (the decode would stay bf16). Build it with model.spec=local, "
+                             f"or set precision.fp8_rollout=false.")
+        if not self.linears and not any(isinstance(mod, _Fp8ForwardImpl)
+                                        for mod in m.decoder.modules()):
+            raise ValueError("precision.fp8_rollout: the model's decoder has no megatron parallel "
+                             "linear to route through FP8 copies; the decode would stay bf16.")
         cublas_align = 1 if policy.emulate else alignment(self.act, self.wgt)
         # the fused kernel works in whole 128-wide K blocks and N blocks
         align = max(cublas_align, BLOCK) if self.fused_gemm else cublas_align

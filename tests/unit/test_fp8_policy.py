@@ -158,3 +158,35 @@ def test_te_fp8_pads_micro_batches_to_whole_gemm_rows(monkeypatch, single_rank_r
         assert real == [5, 37, 90, 200]  # every sample whole, padding apart
         if multiple == 1:
             assert all(-1 not in mb.sample_index for mb in mbs)
+
+
+def test_fp8_rollout_builds_the_local_spec_its_copies_hook(monkeypatch, single_rank_runtime):
+    """precision.fp8_rollout on a GPU where TE imports: model.spec=auto would take TE's fused
+    layers, whose GEMMs the FP8 copies never reach (an H100 bench measured a bf16 decode that
+    way). Validation pins auto to local, refuses an explicit te, and the builder asks for local."""
+    from r1mega.config import ModelConfig
+    from r1mega.models import families, gpt
+
+    base = ["precision.fp8_rollout=true", "precision.fp8_emulate=true"]
+    cfg = load_config(None, base)
+    assert cfg.model.spec == "auto"
+    validate_fp8(cfg, device_type="cpu")
+    assert cfg.model.spec == "local"
+    with pytest.raises(ConfigError, match="model.spec=te.*not covered"):
+        validate_fp8(load_config(None, base + ["model.spec=te"]), device_type="cpu")
+    plain = load_config(None, [])
+    validate_fp8(plain, device_type="cpu")
+    assert plain.model.spec == "auto"  # without the FP8 rollout the spec stays the user's
+
+    asked = []
+
+    def fake_layer_spec(spec, *a, **k):
+        asked.append(spec)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(families, "layer_spec", fake_layer_spec)
+    rt = single_rank_runtime()
+    for prec, spec in ((PrecisionConfig(fp8_rollout=True), "local"), (PrecisionConfig(), "auto")):
+        with pytest.raises(RuntimeError, match="stop"):
+            gpt.build_gpt_chunks(ModelConfig(num_layers=2, spec="auto"), rt, prec)
+        assert asked.pop() == spec

@@ -62,6 +62,24 @@ def test_decode_uses_fp8_copies_and_training_is_untouched(model):
         torch.testing.assert_close(_logits(m, ids), before, rtol=0, atol=0)
 
 
+def test_refuses_a_model_with_transformer_engine_layers(model):
+    """TE's fused linears are not megatron's ColumnParallelLinear: the copies would not reach
+    them and the decode would run bf16 under an FP8 label, so the constructor refuses."""
+    fake = type("TELayerNormColumnParallelLinear", (torch.nn.Module,), {})
+    fake.__module__ = "megatron.core.extensions.transformer_engine"
+    model[0].decoder.layers[0].add_module("te_linear", fake())
+    with pytest.raises(ValueError, match="Transformer Engine modules \\(TELayerNormColumnParallelLinear\\)"):
+        Fp8RolloutWeights(model[0], POLICY)
+
+
+def test_refuses_a_decoder_without_parallel_linears():
+    decoder = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    holder = torch.nn.Module()
+    holder.decoder = decoder
+    with pytest.raises(ValueError, match="no megatron parallel linear"):
+        Fp8RolloutWeights(holder, POLICY)
+
+
 def test_fp8_linear_call_equals_explicit_quantised_matmul(model):
     lin = model[0].decoder.layers[0].mlp.linear_fc2              # RowParallelLinear (128 <- 256)
     fp8 = Fp8RolloutWeights(model[0], POLICY)
