@@ -2,10 +2,10 @@
 // (sequence, KV head). The PyTorch reference is r1mega/rollout/attention.py's attend_decode_gather
 // on the dequantised cache; tests/gpu/test_paged_decode_cuda_gpu.py holds the kernel to it.
 //
-// Why not tensor cores: a KV group has a handful of query heads, so an MMA pads them to 16 rows,
-// and every FP8 tile must be converted to 16 bits in the MMA's register layout first. The Triton
-// kernel doing that needs ~200 registers a thread (two CTAs an SM) and runs no faster than it
-// does on a bf16 cache with twice the bytes. Here a warp takes 16 keys at a time (one 16-token
+// Tensor cores: a KV group has a handful of query heads, so an MMA pads them, and every FP8 tile
+// must be converted to 16 bits in the MMA's register layout first. The Triton kernel doing that
+// needs ~200 registers a thread (two CTAs an SM); csrc/paged_decode_mma.cuh does it in CUDA
+// (R1MEGA_PAGED_FP8=mma). Here, on CUDA cores, a warp takes 16 keys at a time (one 16-token
 // slice of a cache block, so one block-table read), and each lane touches few values:
 //   q . k   D/16 lanes per key, 16 bytes each; the lanes of a key sum by shuffles
 //   p . v   lane l owns dims D/32 * l ...; p * v_scale of the chunk's keys come through shared
@@ -22,33 +22,15 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
 #include <torch/extension.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "paged_decode_common.cuh"
+#include "paged_decode_mma.cuh"
+
 namespace {
-
-constexpr int kWarps = 4;
-constexpr int kChunk = 16;  // keys a warp takes at a time
-constexpr int kStages = 3;  // chunks a warp has in its ring: 2 in flight while it computes one
-constexpr unsigned kFull = 0xffffffffu;
-
-// 16 bytes global -> shared, skipping L1; src_bytes 0 zero-fills the destination
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Dynamic shared memory of one CTA, in bytes: the rings (K and V slices, then the scales), the
 // p * v_scale hand-over, q, and the warps' running max and sum.
@@ -63,26 +45,6 @@ struct Smem {
   // the merge's partial accumulators (kWarps, GMAX, D) float32 reuse the K|V rings
   static_assert(kWarps * GMAX * D * 4 <= kRing, "the merge buffer must fit in the ring");
 };
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-
-// Two e4m3 bytes (the low one first) -> two floats: one cvt to f16x2, exact, then to f32.
-__device__ __forceinline__ float2 e4m3x2(uint32_t two) {
-  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
-  return __half22float2(*reinterpret_cast<__half2*>(&h));
-}
 
 // DPL e4m3 bytes of one key's row for the p . v lanes
 template <int DPL>
@@ -324,12 +286,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-template <typename QT, int GMAX, int D, typename IT>
+// MMA: the tensor-core kernel (csrc/paged_decode_mma.cuh; GMAX unused), else the CUDA-core one
+template <typename QT, int GMAX, int D, typename IT, bool MMA>
 void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
             int group, double scale) {
   auto kernel = paged_decode_fp8_kernel<QT, GMAX, D, IT>;
-  constexpr int smem = Smem<GMAX, D>::kBytes;
+  if constexpr (MMA) kernel = paged_decode_fp8_mma_kernel<QT, D, IT>;
+  constexpr int smem = MMA ? MmaSmem<D>::kBytes : Smem<GMAX, D>::kBytes;
   // over 48 KB of dynamic shared memory needs the opt-in, per kernel and device (remembered for
   // the first 64 devices, asked again on every launch beyond them)
   static bool opted_in[64] = {};
@@ -350,44 +314,46 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename QT, int GMAX, int D>
+template <typename QT, int GMAX, int D, bool MMA>
 void by_index(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
               int group, double scale) {
   // the CUDA-graph decode step reads its block tables out of one packed int64 buffer
-  if (bt.scalar_type() == at::kLong) return launch<QT, GMAX, D, int64_t>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-  return launch<QT, GMAX, D, int32_t>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+  if (bt.scalar_type() == at::kLong)
+    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
 }
 
-template <typename QT, int GMAX>
+template <typename QT, int GMAX, bool MMA>
 void by_dim(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
             int group, double scale) {
   switch (q.size(2)) {
-    case 64: return by_index<QT, GMAX, 64>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-    case 128: return by_index<QT, GMAX, 128>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-    default: return by_index<QT, GMAX, 256>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
   }
 }
 
 template <typename QT>
 void by_group(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale) {
-  if (group <= 4) return by_dim<QT, 4>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-  return by_dim<QT, 8>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+              int group, double scale, bool tensor_cores) {
+  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
 }
 
 }  // namespace
 
 void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
-                           const at::Tensor& ctx, at::Tensor& out, double scale) {
+                           const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores) {
   const at::cuda::CUDAGuard guard(q.device());
   const int group = static_cast<int>(q.size(1) / kc.size(2));
   if (q.scalar_type() == at::kBFloat16) {
-    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores);
   } else {
-    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores);
   }
 }

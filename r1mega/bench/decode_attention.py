@@ -13,8 +13,8 @@ can take off the attention share of a decode step.
 
 On the GPU both paged kernels are also timed directly, whatever ``R1MEGA_PAGED_DECODE`` chose
 for the op's rows: ``*-rows`` (a group's query heads on the dots' M axis) and ``*-keys`` (keys
-on it), bf16 and FP8 caches, the FP8 ones also with fp16 dots, and ``fp8-cuda`` (the CUDA-core
-kernel of r1mega/rollout/cuda_paged.py, where its extension loads), each with its error against
+on it), bf16 and FP8 caches, the FP8 ones also with fp16 dots, and ``fp8-cuda`` / ``fp8-mma``
+(the CUDA-core and tensor-core kernels of r1mega/rollout/cuda_paged.py, where its extension loads), each with its error against
 float64 attention on its cache's values.
 
 ``--block-n 32,64,128`` (GPU): also time the default kernel directly at each keys-per-tile size,
@@ -149,19 +149,22 @@ def main(argv=None) -> int:
             rows[name] = {"us": ms * 1e3, "bytes": read_bytes(cache),
                           "bytes_floor_fraction": read_bytes(cache) / bw / (ms * 1e-3)}
             variants[name] = (cache, call().double())
-        # the CUDA-core kernel (R1MEGA_PAGED_FP8=cuda), where its extension loads
+        # the CUDA kernels (R1MEGA_PAGED_FP8=cuda: CUDA cores, =mma: tensor cores), where the
+        # extension loads
         from r1mega.rollout import cuda_paged
 
         if cuda_paged.get() is not None and cuda_paged.why_not(q, k8, ks) is None:
-            def call_cuda():
-                return cuda_paged.paged_decode_fp8_cuda(q, k8, v8, bt, ctx_t, scale, ks, vs)
+            for name, tc in (("fp8-cuda", False), ("fp8-mma", True)):
+                def call_cuda(tc=tc):
+                    return cuda_paged.paged_decode_fp8_cuda(q, k8, v8, bt, ctx_t, scale, ks, vs,
+                                                            tensor_cores=tc)
 
-            ms = timed_ms(call_cuda)
-            rows["fp8-cuda"] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
-                                "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
-            variants["fp8-cuda"] = ("fp8", call_cuda().double())
+                ms = timed_ms(call_cuda)
+                rows[name] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
+                              "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
+                variants[name] = ("fp8", call_cuda().double())
         else:
-            print(f"fp8-cuda: not timed ({cuda_paged.load_error() or cuda_paged.why_not(q, k8, ks)})")
+            print(f"fp8-cuda, fp8-mma: not timed ({cuda_paged.load_error() or cuda_paged.why_not(q, k8, ks)})")
     sweep = {}
     if cuda and (args.block_n or args.keys_launch or args.rows_launch):
         from r1mega.rollout.triton_paged import paged_decode_attention

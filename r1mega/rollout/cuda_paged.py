@@ -1,10 +1,11 @@
-"""FP8 paged decode attention on CUDA cores (csrc/paged_decode*, extension ``r1mega_attn_cuda``).
+"""FP8 paged decode attention in CUDA (csrc/paged_decode*, extension ``r1mega_attn_cuda``).
 
 The same contract as :func:`r1mega.rollout.triton_paged.paged_decode_attention` on an FP8 cache
 (e4m3 K/V with float32 per-(token, head) scales), for the shapes the kernel takes (:func:`why_not`).
-``R1MEGA_PAGED_FP8=cuda`` sends the decode op's FP8-cache calls here where they fit (Triton's
-kernel serves the rest); the default stays ``triton`` until a GPU run times this kernel faster
-(`r1mega bench decode-attention` prints both). ``R1MEGA_ATTN_JIT=0`` forbids the just-in-time
+``R1MEGA_PAGED_FP8=cuda`` sends the decode op's FP8-cache calls to the CUDA-core kernel where they
+fit (Triton's kernel serves the rest), ``=mma`` to the tensor-core one (csrc/paged_decode_mma.cuh,
+f16 MMAs); the default stays ``triton`` until a GPU run times one faster (`r1mega bench
+decode-attention` prints all three). ``R1MEGA_ATTN_JIT=0`` forbids the just-in-time
 build. The reference is :func:`r1mega.rollout.attention.attend_decode_gather` on the dequantised
 cache (tests/gpu/test_paged_decode_cuda_gpu.py).
 """
@@ -26,7 +27,9 @@ get, load_error = _EXT.get, _EXT.load_error
 def _impl_from_env() -> str:
     return switches.choice("R1MEGA_PAGED_FP8", "triton", {
         "triton": "r1mega/rollout/triton_paged.py's kernel for an FP8 cache",
-        "cuda": "csrc/paged_decode_kernel.cu where the shapes allow, else Triton's"})
+        "cuda": "csrc/paged_decode_kernel.cu (CUDA cores) where the shapes allow, else Triton's",
+        "mma": "csrc/paged_decode_mma.cuh (tensor cores, f16 MMAs) where the shapes allow, else "
+               "Triton's"})
 
 
 # Read once, at import (a bad value fails the run's start, not its first decode step)
@@ -57,9 +60,11 @@ def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tens
 def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
                           k_scale: torch.Tensor, v_scale: torch.Tensor,
-                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          out: Optional[torch.Tensor] = None,
+                          tensor_cores: Optional[bool] = None) -> torch.Tensor:
     """q (B, Hq, D) -> (B, Hq, D) over the FP8 paged cache; raises with the reason when the kernel
-    cannot take the operands or the extension is missing."""
+    cannot take the operands or the extension is missing. ``tensor_cores``: the MMA kernel (None:
+    the switch's choice)."""
     reason = why_not(q, k_cache, k_scale)
     if reason is not None:
         raise ValueError(f"paged_decode_fp8_cuda: {reason}")
@@ -70,11 +75,13 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q = q.contiguous()
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if tensor_cores is None:
+        tensor_cores = IMPL == "mma"
     ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
-                         float(scale))
+                         float(scale), bool(tensor_cores))
     return out
 
 
 def serves(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
     """Whether the decode op should send this call here: the switch, the shapes, the extension."""
-    return IMPL == "cuda" and why_not(q, k_cache, k_scale) is None and get() is not None
+    return IMPL in ("cuda", "mma") and why_not(q, k_cache, k_scale) is None and get() is not None

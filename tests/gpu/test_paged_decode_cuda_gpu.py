@@ -1,6 +1,7 @@
-"""The CUDA-core FP8 paged decode attention (csrc/paged_decode_kernel.cu, r1mega/rollout/cuda_paged.py)
-against float64 attention over the dequantised cache, the e4m3 error model against the unquantised
-one, Triton's FP8 kernel, the decode op's routing under R1MEGA_PAGED_FP8=cuda, and CUDA graphs.
+"""The FP8 paged decode attention kernels in CUDA (CUDA cores: csrc/paged_decode_kernel.cu; tensor
+cores: csrc/paged_decode_mma.cuh; r1mega/rollout/cuda_paged.py), each against float64 attention
+over the dequantised cache, the e4m3 error model against the unquantised
+one, Triton's FP8 kernel, the decode op's routing under R1MEGA_PAGED_FP8=cuda|mma, and CUDA graphs.
 Skipped without CUDA or without the extension."""
 import math
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # group of 8 at D 256
 SHAPES = DECODE_SHAPES + [(9, 3, 64, 16), (32, 4, 256, 16)]
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+KERNELS = pytest.mark.parametrize("tc", [False, True], ids=["cuda-cores", "tensor-cores"])
 
 
 def _ext():
@@ -39,10 +41,11 @@ def _case(shape, dtype, strided=False):
     return q, k, v, k8, ks, v8, vs, bt, ctx
 
 
+@KERNELS
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-q"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=["-".join(map(str, s)) for s in SHAPES])
-def test_cuda_fp8_decode_against_float64_and_the_e4m3_error_model(shape, dtype, strided):
+def test_cuda_fp8_decode_against_float64_and_the_e4m3_error_model(shape, dtype, strided, tc):
     from r1mega.rollout.attention import attend_decode_gather
     from r1mega.rollout.fp8_error import decode_error_model
     from r1mega.rollout.kv_cache import dequantize_rows
@@ -53,7 +56,7 @@ def test_cuda_fp8_decode_against_float64_and_the_e4m3_error_model(shape, dtype, 
     scale = 1 / math.sqrt(shape[2])
     assert cp.why_not(q, k8, ks) is None
     out = torch.full_like(q, float("nan"))
-    cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, out=out)
+    cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, out=out, tensor_cores=tc)
     ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
                                dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
     tol = TOL[dtype]
@@ -66,13 +69,16 @@ def test_cuda_fp8_decode_against_float64_and_the_e4m3_error_model(shape, dtype, 
         torch.testing.assert_close(out.double(), tri.double(), atol=2 * tol, rtol=2 * tol)
 
 
-def test_decode_op_routes_fp8_calls_under_the_switch_and_graphs_replay_them(monkeypatch):
+@KERNELS
+def test_decode_op_routes_fp8_calls_under_the_switch_and_graphs_replay_them(monkeypatch, tc):
     cp = _ext()
     from r1mega.rollout import triton_paged
 
     q, _, _, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16)
-    direct = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs)
-    monkeypatch.setattr(cp, "IMPL", "cuda")
+    direct = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, tensor_cores=tc)
+    other = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, tensor_cores=not tc)
+    assert not torch.equal(other, direct)  # the other kernel: f16 products vs float32 ones
+    monkeypatch.setattr(cp, "IMPL", "mma" if tc else "cuda")
     via_op = torch.ops.r1mega.paged_decode_attention(q, k8, v8, bt, ctx, 0.1, ks, vs)
     assert torch.equal(via_op, direct)
     monkeypatch.setattr(cp, "IMPL", "triton")
@@ -83,11 +89,11 @@ def test_decode_op_routes_fp8_calls_under_the_switch_and_graphs_replay_them(monk
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, out=out)
+        cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, out=out, tensor_cores=tc)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, out=out)
+        cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, out=out, tensor_cores=tc)
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -106,7 +112,8 @@ def test_cuda_fp8_decode_refuses_what_it_cannot_take():
         cp.paged_decode_fp8_cuda(q, k8, v8, bt.short(), ctx, 0.1, ks, vs)
 
 
-def test_int64_block_tables_sliced_from_a_packed_buffer_give_the_int32_result():
+@KERNELS
+def test_int64_block_tables_sliced_from_a_packed_buffer_give_the_int32_result(tc):
     """The CUDA-graph decode step hands the kernel its block tables as int64 columns of one packed
     per-row buffer (r1mega/rollout/cuda_graphs.py): a row stride wider than the table."""
     cp = _ext()
@@ -115,5 +122,5 @@ def test_int64_block_tables_sliced_from_a_packed_buffer_give_the_int32_result():
     packed[:, 5:] = bt
     wide = packed[:, 5:]
     assert wide.stride() == (5 + bt.shape[1], 1)
-    assert torch.equal(cp.paged_decode_fp8_cuda(q, k8, v8, wide, ctx, 0.1, ks, vs),
-                       cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs))
+    assert torch.equal(cp.paged_decode_fp8_cuda(q, k8, v8, wide, ctx, 0.1, ks, vs, tensor_cores=tc),
+                       cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, tensor_cores=tc))

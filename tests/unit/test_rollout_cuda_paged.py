@@ -25,9 +25,10 @@ def test_switch_defaults_to_triton_and_refuses_unknown_values(monkeypatch):
     monkeypatch.setenv("R1MEGA_PAGED_FP8", "cutlass")
     with pytest.raises(ValueError, match="R1MEGA_PAGED_FP8='cutlass'.*'cuda'"):
         importlib.reload(cuda_paged)
-    monkeypatch.setenv("R1MEGA_PAGED_FP8", "cuda")
-    importlib.reload(cuda_paged)
-    assert cuda_paged.IMPL == "cuda"
+    for value in ("cuda", "mma"):
+        monkeypatch.setenv("R1MEGA_PAGED_FP8", value)
+        importlib.reload(cuda_paged)
+        assert cuda_paged.IMPL == value
     monkeypatch.delenv("R1MEGA_PAGED_FP8")
     importlib.reload(cuda_paged)
     assert cuda_paged.IMPL == "triton"
