@@ -386,8 +386,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      k_scale: Optional[torch.Tensor] = None,
                      v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decode attention over the paged cache: the Triton kernel on CUDA (an FP8 cache's calls go
-    to r1mega/rollout/cuda_paged.py under ``R1MEGA_PAGED_FP8=cuda``), the gather reference
-    elsewhere. q (B, Hq, D) -> (B, Hq, D); the scales: an FP8 cache's (None otherwise)."""
+    to r1mega/rollout/cuda_paged.py's kernels unless ``R1MEGA_PAGED_FP8=triton``), the gather
+    reference elsewhere. q (B, Hq, D) -> (B, Hq, D); the scales: an FP8 cache's (None otherwise)."""
     if cuda_paged.serves(q, k_cache, k_scale):
         return cuda_paged.paged_decode_fp8_cuda(q, k_cache, v_cache, block_tables, ctx_lens, scale,
                                                 k_scale, v_scale)

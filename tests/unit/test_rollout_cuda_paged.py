@@ -1,4 +1,4 @@
-"""The CUDA-core FP8 decode attention's Python face (r1mega/rollout/cuda_paged.py) on the CPU: its
+"""The CUDA FP8 decode attention kernels' Python face (r1mega/rollout/cuda_paged.py) on the CPU: its
 switch, the reasons it refuses operands, and that the decode op keeps its reference off CUDA. The
 kernel itself is held to float64 by tests/gpu/test_paged_decode_cuda_gpu.py."""
 import importlib
@@ -20,18 +20,18 @@ def _fp8_case(shape=(16, 4, 128, 16)):
     return q, k8, ks, v8, vs, bt, ctx
 
 
-def test_switch_defaults_to_triton_and_refuses_unknown_values(monkeypatch):
-    assert cuda_paged.IMPL == "triton"
+def test_switch_defaults_to_the_tensor_core_kernel_and_refuses_unknown_values(monkeypatch):
+    assert cuda_paged.IMPL == "mma"
     monkeypatch.setenv("R1MEGA_PAGED_FP8", "cutlass")
     with pytest.raises(ValueError, match="R1MEGA_PAGED_FP8='cutlass'.*'cuda'"):
         importlib.reload(cuda_paged)
-    for value in ("cuda", "mma"):
+    for value in ("cuda", "triton"):
         monkeypatch.setenv("R1MEGA_PAGED_FP8", value)
         importlib.reload(cuda_paged)
         assert cuda_paged.IMPL == value
     monkeypatch.delenv("R1MEGA_PAGED_FP8")
     importlib.reload(cuda_paged)
-    assert cuda_paged.IMPL == "triton"
+    assert cuda_paged.IMPL == "mma"
 
 
 def test_why_not_names_each_operand_it_cannot_take():
