@@ -211,7 +211,7 @@ def run_throughput(args, rt) -> dict:
 
 def run_rollout(args, rt) -> dict:
     """bf16 vs FP8-weight rollout (``precision.fp8_rollout``) on the same model, same requests."""
-    from r1mega.bench.rollout import _time_replays, logprob_mismatch
+    from r1mega.bench.rollout import _profile_prefill, _time_replays, logprob_mismatch
     from r1mega.bench.shapes import get_shape
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
@@ -264,9 +264,14 @@ def run_rollout(args, rt) -> dict:
         n_new = sum(len(c.token_ids) for c in outs)
         st = eng.stats  # where the timed call went: prefill, decode steps, graph captures
         split = {k: st[k] for k in ("prefill_s", "decode_s", "decode", "prefill", "capture_s")}
-        if args.profile_kernels:  # where each row's decode step spends its device time
+        if args.profile_kernels:  # where each row's decode step and prefill spend device time
             print(f"==== {name}")
             _time_replays(eng, profile=True)
+            if fp8 is None:
+                _profile_prefill(eng, ids, name)
+            else:
+                with fp8.decoding():
+                    _profile_prefill(eng, ids, name)
         # Against the training forward, which stays bf16 (outside decoding()).
         mean, mx = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
         eng.release()
@@ -332,7 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mismatch-seqs", type=int, default=16)
     ap.add_argument("--profile-kernels", action="store_true",
                     help="rollout: each row's captured decode step replayed (ms per bucket) and "
-                         "its top kernels")
+                         "its top kernels, and the top kernels of its prefill")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, FP8 emulated")
     args = ap.parse_args(argv)
     from r1mega.precision.policy import NATIVE_RECIPES, TE_RECIPES
