@@ -2,8 +2,8 @@
 // the same CTA, chunk walk, cp.async ring and merge as the CUDA-core kernel beside it
 // (csrc/paged_decode_kernel.cu), with both products as f16 MMAs (m16n8k16, float32 accumulators).
 // The CUDA-core kernel issues ~1,100 instructions a lane per 16-key chunk (q from shared memory,
-// e4m3 -> f32 conversions, shuffle reductions), which keeps it near 43 % of the cache's bytes
-// floor at four CTAs an SM; here a chunk is 16 MMAs and ~250 other instructions.
+// e4m3 -> f32 conversions, shuffle reductions), so instruction issue, not DRAM, bounds it at four
+// CTAs an SM; here a chunk is 16 MMAs and ~250 other instructions.
 //
 //   S^T (16 keys x 8 heads) = K (16 x D) q^T (D x 8): A = the chunk's K rows converted to f16
 //       (exact for e4m3), B = q pre-scaled into log2 units, in registers for the whole walk. The

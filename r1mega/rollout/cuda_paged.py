@@ -4,9 +4,8 @@ The same contract as :func:`r1mega.rollout.triton_paged.paged_decode_attention` 
 (e4m3 K/V with float32 per-(token, head) scales), for the shapes the kernel takes (:func:`why_not`).
 The decode op sends its FP8-cache calls to the tensor-core kernel (csrc/paged_decode_mma.cuh, f16
 MMAs; ``R1MEGA_PAGED_FP8=mma``, the default) where they fit and the extension loads, and Triton's
-kernel serves the rest; ``=cuda`` picks the CUDA-core kernel, ``=triton`` Triton's for every call.
-On an H100 the tensor-core kernel took 32.5 us where Triton's FP8 kernel took 65.5, the CUDA-core
-one 55.2 and bf16's 52.9 (`r1mega bench decode-attention`, one run). ``R1MEGA_ATTN_JIT=0`` forbids the just-in-time
+kernel serves the rest; ``=cuda`` picks the CUDA-core kernel, ``=triton`` Triton's for every call
+(`r1mega bench decode-attention` times all three beside a bf16 cache). ``R1MEGA_ATTN_JIT=0`` forbids the just-in-time
 build. The reference is :func:`r1mega.rollout.attention.attend_decode_gather` on the dequantised
 cache (tests/gpu/test_paged_decode_cuda_gpu.py).
 """
