@@ -148,13 +148,13 @@ def build_gpt_chunks(model: ModelConfig, rt: ParallelRuntime,
     if fp8 is not None:
         # TE's FP8 needs the TE spec, the native FP8 linears the local one.
         model = dataclasses.replace(model, spec="te" if fp8.backend == "te" else "local")
-    elif precision is not None and precision.fp8_rollout and model.spec == "auto":
-        # the rollout's FP8 weight copies hook megatron's local linears (r1mega/precision/rollout.py)
-        model = dataclasses.replace(model, spec="local")
         if model.num_experts and not fp8.experts and rt.rank == 0:
             warnings.warn("precision.fp8: the attention and dense linears run in FP8; the MoE "
                           "experts (routed grouped GEMM and shared expert) stay bf16 unless "
                           "precision.fp8_experts=true.", stacklevel=2)
+    elif precision is not None and precision.fp8_rollout and model.spec == "auto":
+        # the rollout's FP8 weight copies hook megatron's local linears (r1mega/precision/rollout.py)
+        model = dataclasses.replace(model, spec="local")
     packed_rope.install()  # packed (THD) RoPE without a host sync and loop per sequence
     layers_per_chunk = model.num_layers // (rt.pp_size * rt.vp_size)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, rt.tp_size)

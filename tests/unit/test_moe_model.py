@@ -4,6 +4,7 @@ rollout against a full-recompute reference through the model's own training forw
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -288,3 +289,11 @@ def test_fp8_moe_model_says_its_experts_stay_bf16(single_rank_runtime):
     kinds = {type(m).__name__ for m in chunks[0].modules()}
     assert "GroupedExperts" in kinds
     assert any(isinstance(m, Fp8ColumnParallelLinear) for m in chunks[0].modules())
+    # the FP8 rollout alone trains bf16: no such notice, and model.spec=auto builds the local spec
+    rollout_only = PrecisionConfig(dtype="fp32", fp8_rollout=True, fp8_emulate=True,
+                                   fp8_recipe="tensorwise")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chunks = build_model(moe_model(spec="auto"), rt, rollout_only, wrap=False)
+    assert not [w for w in caught if "fp8_experts" in str(w.message)]
+    assert not any(isinstance(m, Fp8ColumnParallelLinear) for m in chunks[0].modules())
