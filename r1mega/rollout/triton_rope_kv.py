@@ -184,9 +184,13 @@ if HAVE_TRITON:
         v = tl.load(base + (GROUP + 1) * D + d)
         if FP8:
             s_off = (slot // BS) * stride_sb + (slot % BS) * stride_st + g
-            k8, k_sc = _fp8_rows(y.to(tl.float32), FP8_MAX)  # every row; the key row is kept
-            tl.store(k_ptr, k8, mask=(r == GROUP)[:, None])
-            tl.store(KS + s_off + r * 0, k_sc, mask=r == GROUP)
+            # the key row alone out of the tile: the quantiser's IEEE divisions on the q rows
+            # would double this kernel's time (picked as integer bits: a float sum loses -0's sign)
+            bits = tl.where((r == GROUP)[:, None], y.to(tl.float32).to(tl.int32, bitcast=True), 0)
+            key = tl.sum(bits, 0).to(tl.float32, bitcast=True)                         # (D,)
+            k8, k_sc = _fp8_rows(key[None, :], FP8_MAX)                                # (1, D), (1,)
+            tl.store(KC + off + d[None, :], k8)
+            tl.store(KS + s_off, tl.max(k_sc, 0))
             v8, v_sc = _fp8_rows(v.to(tl.float32)[None, :], FP8_MAX)  # (1, D), (1,)
             tl.store(VC + off + d[None, :], v8)
             tl.store(VS + s_off, tl.max(v_sc, 0))  # the one row's scale, as a scalar
