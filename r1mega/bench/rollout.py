@@ -168,7 +168,7 @@ def _time_replays(eng, profile: bool = False) -> None:
                 g.graphs[b].replay()
             _sync()
         print(f"---- decode graph replay, bucket {b}, 5 replays: top kernels")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=26, max_name_column_width=150))
     for b in (16, 64, 128, 256):
         if b not in g.graphs:
             continue

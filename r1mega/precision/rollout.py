@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from r1mega import switches
 from r1mega.precision import linear as fp8_linear_mod
-from r1mega.precision import triton_act_gemm
+from r1mega.precision import triton_act_gemm, triton_fp8_rows
 from r1mega.precision.gemm import alignment, fp8_gemm, unit_scale_ready
 from r1mega.precision.linear import RECIPE_GRANULARITY, _Fp8ForwardImpl, _pad_rows
 from r1mega.precision.policy import Fp8Policy
@@ -48,13 +48,17 @@ def act_choice() -> str:
 
 
 def decode_gemm(x2: torch.Tensor, q: Fp8Tensor, act: str, power2: bool, emulate: bool,
-                fused: bool = False) -> torch.Tensor:
+                fused: bool = False, rows_kernel: bool = False) -> torch.Tensor:
     """(T, in) x an FP8 weight copy (out, in) -> (T, out) in x's dtype: one rollout GEMM.
     ``fused``: decode-sized calls through r1mega/precision/triton_act_gemm.py (blockwise or
-    tensorwise weights, x in 1x128 tiles)."""
+    tensorwise weights, x in 1x128 tiles). ``rows_kernel``: row scales from the one-pass kernel
+    of r1mega/precision/triton_fp8_rows.py (for an x no compiled kernel of ours makes)."""
     t = x2.shape[0]
     if fused and t <= triton_act_gemm.MAX_ROWS:
         return torch.ops.r1mega.fp8_act_gemm(x2.contiguous(), q.data, q.scale, x2.dtype)
+    if rows_kernel and act == "row" and not emulate and triton_fp8_rows.supported(x2, False):
+        a = triton_fp8_rows.fp8_rows(x2, power2)
+        return fp8_gemm(a, q, x2.dtype, emulate=False, fast_accum=True)[:t]
     # Compiled (the decode forward): the quantiser in torch ops, which inductor fuses into the
     # kernel that makes x (the norm before qkv and fc1, SwiGLU before fc2), so a decode step does
     # not launch one or more quantiser kernels per linear. Eager: the fused Triton kernel (the
@@ -109,6 +113,10 @@ class Fp8RolloutWeights:
                                         for mod in m.decoder.modules()):
             raise ValueError("precision.fp8_rollout: the model's decoder has no megatron parallel "
                              "linear to route through FP8 copies; the decode would stay bf16.")
+        # attention's output projection: its input comes from the paged attention op, which
+        # inductor cannot fuse a quantiser into
+        opaque_inputs = {id(mod) for name, mod in m.decoder.named_modules()
+                         if name.endswith("self_attention.linear_proj")}
         cublas_align = 1 if policy.emulate else alignment(self.act, self.wgt)
         # the fused kernel works in whole 128-wide K blocks and N blocks
         align = max(cublas_align, BLOCK) if self.fused_gemm else cublas_align
@@ -123,7 +131,7 @@ class Fp8RolloutWeights:
                     f"({out_size}, {in_size}); the {policy.recipe} FP8 GEMM needs multiples of "
                     f"{align}. {fix}, or precision.fp8_rollout=false.")
             mod._fp8_rollout_weight = None
-            mod._forward_impl = self._make_impl(mod)
+            mod._forward_impl = self._make_impl(mod, rows_kernel=id(mod) in opaque_inputs)
 
     def _quantize_weight(self, weight: torch.Tensor) -> Fp8Tensor:
         return quantize(weight.detach(), self.wgt, "e4m3", self.policy.power2_scales)
@@ -155,7 +163,7 @@ class Fp8RolloutWeights:
         finally:
             self.active = False
 
-    def _make_impl(self, mod):
+    def _make_impl(self, mod, rows_kernel: bool = False):
         bf16_impl = type(mod)._forward_impl.__get__(mod)
 
         def forward_impl(input, weight, bias=None, gradient_accumulation_fusion=False,
@@ -173,7 +181,7 @@ class Fp8RolloutWeights:
             act, power2 = self.act, self.act_power2
             if act == "row" and x2.shape[0] > ROW_ACT_MAX_ROWS:
                 act, power2 = self.big_act, self.policy.power2_scales
-            y = decode_gemm(x2, q, act, power2, self.policy.emulate, self.fused_gemm)
+            y = decode_gemm(x2, q, act, power2, self.policy.emulate, self.fused_gemm, rows_kernel)
             y = y.view(*input.shape[:-1], weight.shape[0])                         # (..., out)
             return y + bias if bias is not None else y
 

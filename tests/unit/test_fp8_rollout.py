@@ -231,3 +231,27 @@ def test_grpo_trains_with_fp8_rollout_or_fp8_training(tmp_path, monkeypatch, ext
         else:
             # FP8 training: the rollout reads the same FP8 linears the trainer recomputes with
             assert diff < 1e-4, m
+
+
+def test_attention_output_projection_takes_the_one_pass_row_quantiser(model, monkeypatch):
+    """Only linear_proj (its input comes from the opaque attention op) asks decode_gemm for the
+    one-pass row kernel; the norm-fed and SwiGLU-fed linears keep the quantiser inductor fuses."""
+    from r1mega.precision import rollout as rollout_mod
+
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
+    calls = []
+    real = rollout_mod.decode_gemm
+    monkeypatch.setattr(rollout_mod, "decode_gemm",
+                        lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", emulate=True,
+                                                 rollout=True))
+    layer = model[0].decoder.layers[1]
+    x = torch.randn(5, 1, 128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), fp8.decoding():
+        for lin, rows_kernel in ((layer.self_attention.linear_proj, True),
+                                 (layer.self_attention.linear_qkv, False),
+                                 (layer.mlp.linear_fc1, False)):
+            calls.clear()
+            lin(x)
+            assert calls == [rows_kernel], lin
+    fp8.remove()

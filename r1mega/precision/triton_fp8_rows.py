@@ -1,0 +1,118 @@
+"""One-pass FP8 row quantisers for the rollout's decode GEMMs whose input no fused kernel makes.
+
+In the compiled decode step inductor folds the row quantiser of the qkv and fc1 inputs into the
+RMSNorm kernel that makes them. Two inputs have no such home:
+
+  linear_proj  x comes from the paged attention kernel (an opaque op): inductor split the row
+               amax and the quantise into a reduction and a pointwise kernel per layer.
+  linear_fc2   x is SwiGLU of fc1's output: the same two kernels, each recomputing SwiGLU.
+
+Here one program holds one row in registers: it reads the row once (for fc2, the row's gate and
+up halves, and applies SwiGLU first), takes the row's amax, and writes the e4m3 row and its
+dequantisation scale. The scale arithmetic is :func:`r1mega.precision.quantize.quantize_reference`'s
+(the shared helpers of r1mega/precision/triton_quant.py), so ``fp8_rows(x)`` equals
+``quantize_reference(x, "row", ...)`` bit for bit, and ``fp8_rows(y, swiglu=True)`` equals it on
+``r1mega.ops.triton_swiglu.swiglu_forward(y)`` (that kernel's formula and rounding, FP
+contraction off in both). Rows are padded to a multiple of ``pad`` with zero rows (scale 1):
+cuBLAS's FP8 kernels want M a multiple of 16.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from r1mega.precision.quantize import FP8_DTYPES, FP8_MAX, Fp8Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs
+    HAVE_TRITON = False
+
+MAX_COLS = 16384  # one row in registers: beyond this the decode keeps the other quantisers
+
+
+def supported(x: torch.Tensor, swiglu: bool) -> bool:
+    """Whether :func:`fp8_rows` takes ``x`` (rows, C) (rows, 2C with ``swiglu``) on this device."""
+    cols = x.shape[-1] // 2 if swiglu else x.shape[-1]
+    return (HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x.dim() == 2 and x.stride(-1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16) and 0 < cols <= MAX_COLS
+            and (not swiglu or x.shape[-1] % 2 == 0))
+
+
+if HAVE_TRITON:
+    from r1mega.ops.triton_swiglu import _sigmoid
+    from r1mega.precision.triton_quant import _abs_bits, _multiplier, _round_e4m3
+
+    @triton.jit
+    def _fp8_rows_kernel(X, Q, S, R, C, stride_x, stride_q, BLOCK_C: tl.constexpr,
+                         FMAX: tl.constexpr, POWER2: tl.constexpr, SWIGLU: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)[None, :]                              # (1, BLOCK_C)
+        m = (cols < C) & (cols * 0 + row < R)  # rows past R are the padding: zeros, scale 1
+        if SWIGLU:
+            g = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(X + row * stride_x + C + cols, mask=m, other=0.0).to(tl.float32)
+            # triton_swiglu's forward, rounded to the activation dtype as its output is
+            v = ((g * _sigmoid(g)) * u).to(X.dtype.element_ty).to(tl.float32)
+        else:
+            v = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        amax = tl.max(_abs_bits(v), axis=1).to(tl.float32, bitcast=True)   # (1,)
+        mult = _multiplier(amax, FMAX, POWER2)
+        # rounded onto the e4m3 grid before the cast (exact then), as the KV cache's quantiser
+        # does: Triton's interpreter mis-rounds the cast itself near a binade's top
+        v = v * mult[:, None]
+        v = tl.where(v < -FMAX, -FMAX, tl.where(v > FMAX, FMAX, v))
+        v = tl.where(v == v, _round_e4m3(v), v)  # a NaN row stays NaN
+        tl.store(Q + row * stride_q + cols, v.to(Q.dtype.element_ty), mask=cols < C)
+        scale = tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult)
+        tl.store(S + row + tl.arange(0, 1), scale)
+
+
+def _warps(block_c: int) -> int:
+    return 4 if block_c <= 2048 else 8 if block_c <= 8192 else 16
+
+
+def fp8_rows_triton(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: int = 16,
+                    fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, C) -> (FP8 data (R', C), float32 scales (R', 1)), R' = R rounded up to ``pad``;
+    ``swiglu``: x is (R, 2C), [gate | up], quantised as silu(gate) * up."""
+    if not supported(x, swiglu):
+        raise ValueError(f"fp8_rows: needs Triton and a CUDA bf16/fp16 matrix with unit column "
+                         f"stride and at most {MAX_COLS} columns; got {tuple(x.shape)} {x.dtype} "
+                         f"on {x.device}")
+    r = x.shape[0]
+    c = x.shape[1] // 2 if swiglu else x.shape[1]
+    rp = -(-r // pad) * pad
+    q = torch.empty(rp, c, dtype=FP8_DTYPES[fmt], device=x.device)
+    s = torch.empty(rp, 1, dtype=torch.float32, device=x.device)
+    if rp:
+        block_c = triton.next_power_of_2(c)
+        _fp8_rows_kernel[(rp,)](x, q, s, r, c, x.stride(0), q.stride(0), BLOCK_C=block_c,
+                                FMAX=FP8_MAX[fmt], POWER2=power2, SWIGLU=swiglu,
+                                num_warps=_warps(block_c), enable_fp_fusion=False)
+    return q, s
+
+
+# Opaque to dynamo: the compiled decode step launches this kernel where inductor would have made
+# two of its own.
+@torch.library.custom_op("r1mega::fp8_rows", mutates_args=())
+def fp8_rows_op(x: torch.Tensor, power2: bool, swiglu: bool, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8_rows_triton(x.contiguous() if x.stride(-1) != 1 else x, power2, swiglu, pad)
+
+
+@fp8_rows_op.register_fake
+def _(x, power2, swiglu, pad):
+    rp = -(-x.shape[0] // pad) * pad
+    c = x.shape[1] // 2 if swiglu else x.shape[1]
+    return (x.new_empty((rp, c), dtype=FP8_DTYPES["e4m3"]),
+            x.new_empty((rp, 1), dtype=torch.float32))
+
+
+def fp8_rows(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: int = 16) -> Fp8Tensor:
+    """Row-quantised e4m3 ``x`` (or SwiGLU of it), rows padded to ``pad`` (the op above)."""
+    q, s = torch.ops.r1mega.fp8_rows(x, power2, swiglu, pad)
+    return Fp8Tensor(q, s, "row", "e4m3")
