@@ -184,11 +184,16 @@ if HAVE_TRITON:
         v = tl.load(base + (GROUP + 1) * D + d)
         if FP8:
             s_off = (slot // BS) * stride_sb + (slot % BS) * stride_st + g
-            # the key row alone out of the tile: the quantiser's IEEE divisions on the q rows
-            # would double this kernel's time (picked as integer bits: a float sum loses -0's sign)
-            bits = tl.where((r == GROUP)[:, None], y.to(tl.float32).to(tl.int32, bitcast=True), 0)
-            key = tl.sum(bits, 0).to(tl.float32, bitcast=True)                         # (D,)
-            k8, k_sc = _fp8_rows(key[None, :], FP8_MAX)                                # (1, D), (1,)
+            # The key row rotated again on its own (the same arithmetic: the same bits) and
+            # quantised alone: the quantiser's IEEE divisions over the whole tile, or picking
+            # the row out of it (a cross-warp reduction), cost more than the rotation.
+            kx = tl.load(base + GROUP * D + d).to(tl.float32)
+            kp = tl.load(base + GROUP * D + (d + half) % D).to(tl.float32)
+            krot = tl.where(d < half, _negate(kp), kp)
+            ka = _to_act(kx * cos, QKV.dtype.element_ty, RTNE_BITS)
+            kb = _to_act(krot * sin, QKV.dtype.element_ty, RTNE_BITS)
+            key = _to_act(ka.to(tl.float32) + kb.to(tl.float32), QKV.dtype.element_ty, RTNE_BITS)
+            k8, k_sc = _fp8_rows(key.to(tl.float32), FP8_MAX)  # (1, D) (cos is), (1,)
             tl.store(KC + off + d[None, :], k8)
             tl.store(KS + s_off, tl.max(k_sc, 0))
             v8, v_sc = _fp8_rows(v.to(tl.float32)[None, :], FP8_MAX)  # (1, D), (1,)
