@@ -44,11 +44,13 @@ def fused_swiglu_wanted(device: torch.device) -> bool:
             and os.environ.get("R1MEGA_EXACT_TRITON", "1") != "0")
 
 
-def _plain_swiglu(mlp) -> bool:
+def plain_swiglu(mlp) -> bool:
     """megatron's own MLP (not a subclass with another forward) computing silu(gate) * up with
     nothing the fused kernels leave out (clamp, linear offset, a TE activation)."""
+    if type(mlp) is not MLP:
+        return False
     c = mlp.config
-    return (type(mlp) is MLP and c.gated_linear_unit and mlp.activation_func is F.silu
+    return (c.gated_linear_unit and mlp.activation_func is F.silu
             and not c.use_te_activation_func and c.activation_func_clamp_value is None
             and c.glu_linear_offset == 0.0)
 
@@ -58,7 +60,7 @@ def route_swiglu(model: torch.nn.Module) -> list:
     where :func:`fused_swiglu_wanted`; returns what :func:`restore_swiglu` puts back."""
     saved = []
     for mlp in model.modules():
-        if not isinstance(mlp, MLP) or not _plain_swiglu(mlp):
+        if not isinstance(mlp, MLP) or not plain_swiglu(mlp):
             continue
         weight = mlp.linear_fc1.weight
         if not fused_swiglu_wanted(weight.device):

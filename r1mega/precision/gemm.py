@@ -94,8 +94,7 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
         # cuBLAS's tensorwise kernels (faster at decode sizes than its rowwise ones) and x's row
         # scales on the output: with power-of-two row scales that product rounds nowhere, so the
         # result is what a GEMM scaling x by rows would round to.
-        y = torch._scaled_mm(mat_a, mat_b, scale_a=_unit_scale(b.scale.device), scale_b=b.scale.reshape(()),
-                             out_dtype=out_dtype, use_fast_accum=fast_accum)
+        y = row_tensor_gemm_unscaled(a, b, out_dtype, fast_accum)
         return (y.float() * a.scale.reshape(m, 1)).to(out_dtype)
     if pair == ("row", "row"):
         return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(m, 1).contiguous(),
@@ -110,6 +109,15 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
         return torch.ops.r1mega.scaled_mm_blockwise(a.data, a.scale, b.data, b.scale, b_block,
                                                     out_dtype)
     return _blockwise_mm(a.data, a.scale, b.data, b.scale, b_block, out_dtype)
+
+
+def row_tensor_gemm_unscaled(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
+                             fast_accum: bool = False) -> torch.Tensor:
+    """(M, K) row-scaled x (N, K) tensorwise -> (M, N) *before* a's row scales: the tensorwise
+    kernel with a unit scale for a. The caller applies ``a.scale`` (a consumer that reads the
+    rows anyway, as the FP8 rollout's SwiGLU quantiser does)."""
+    return torch._scaled_mm(a.data, b.data.t(), scale_a=_unit_scale(b.scale.device),
+                            scale_b=b.scale.reshape(()), out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def _blockwise_mm(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor,

@@ -21,11 +21,13 @@ import contextlib
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from r1mega import switches
 from r1mega.precision import linear as fp8_linear_mod
 from r1mega.precision import triton_act_gemm, triton_fp8_rows
-from r1mega.precision.gemm import alignment, fp8_gemm, unit_scale_ready
+from r1mega.ops.exact_mlp import plain_swiglu
+from r1mega.precision.gemm import alignment, fp8_gemm, row_tensor_gemm_unscaled, unit_scale_ready
 from r1mega.precision.linear import RECIPE_GRANULARITY, _Fp8ForwardImpl, _pad_rows
 from r1mega.precision.policy import Fp8Policy
 from r1mega.precision.quantize import BLOCK, Fp8Tensor, quantize
@@ -132,6 +134,14 @@ class Fp8RolloutWeights:
                     f"{align}. {fix}, or precision.fp8_rollout=false.")
             mod._fp8_rollout_weight = None
             mod._forward_impl = self._make_impl(mod, rows_kernel=id(mod) in opaque_inputs)
+        hooked = {id(mod) for mod in self.linears}
+        # Dense SwiGLU MLPs whose two linears both have copies: under row scales, decode runs
+        # them as one chain (see _make_mlp_forward)
+        self.mlps = [mlp for mlp in m.decoder.modules()
+                     if plain_swiglu(mlp) and id(mlp.linear_fc1) in hooked
+                     and id(mlp.linear_fc2) in hooked and not mlp.config.add_bias_linear]
+        for mlp in self.mlps:
+            mlp.forward = self._make_mlp_forward(mlp)
 
     def _quantize_weight(self, weight: torch.Tensor) -> Fp8Tensor:
         return quantize(weight.detach(), self.wgt, "e4m3", self.policy.power2_scales)
@@ -187,8 +197,39 @@ class Fp8RolloutWeights:
 
         return forward_impl
 
+    def _make_mlp_forward(self, mlp):
+        """fc1 -> SwiGLU -> fc2 of a decode step under row scales: fc1's GEMM output goes to
+        the one-pass SwiGLU quantiser (r1mega/precision/triton_fp8_rows.py) with fc1's row scales
+        still to apply, which the kernel does on its read (exact: powers of two). The unfused
+        chain ran inductor's reduction + quantise pair over the scaled output. Anything else (the
+        training forward, prefill-sized calls, no GPU kernel) runs megatron's forward."""
+        module_forward = type(mlp).forward.__get__(mlp)
+        fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+
+        def forward(hidden_states, per_token_scale=None, **kwargs):
+            w1, w2 = fc1._fp8_rollout_weight, fc2._fp8_rollout_weight
+            x2 = hidden_states.reshape(-1, hidden_states.shape[-1])
+            if (per_token_scale is not None or kwargs or not self.active or torch.is_grad_enabled()
+                    or w1 is None or w2 is None or self.act != "row" or self.policy.emulate
+                    or x2.shape[0] > ROW_ACT_MAX_ROWS or fc1.sequence_parallel
+                    or not triton_fp8_rows.supported(x2, False)):
+                return module_forward(hidden_states, per_token_scale, **kwargs)
+            t = x2.shape[0]
+            impl = "reference" if torch.compiler.is_compiling() else "auto"  # as decode_gemm
+            a1 = quantize(_pad_rows(x2, 16), "row", "e4m3", True, impl=impl)
+            y1 = row_tensor_gemm_unscaled(a1, w1, x2.dtype, fast_accum=True)   # (T', 2F)
+            a2 = triton_fp8_rows.fp8_rows(y1, True, swiglu=True, in_scale=a1.scale)
+            y = fp8_gemm(a2, w2, x2.dtype, emulate=False, fast_accum=True)[:t]  # (T, H)
+            if fc2.tp_group is not None and fc2.tp_group.size() > 1:
+                y = reduce_from_tensor_model_parallel_region(y, group=fc2.tp_group)
+            return y.view(*hidden_states.shape[:-1], y.shape[-1]), None
+
+        return forward
+
     def remove(self) -> None:
         """Uninstall the hooks and drop the copies (the layers are plain megatron again)."""
+        for mlp in self.mlps:
+            mlp.__dict__.pop("forward", None)
         for mod in self.linears:
             mod.__dict__.pop("_forward_impl", None)
             mod._fp8_rollout_weight = None

@@ -19,6 +19,7 @@ cuBLAS's FP8 kernels want M a multiple of 16.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -48,14 +49,20 @@ if HAVE_TRITON:
     from r1mega.precision.triton_quant import _abs_bits, _multiplier, _round_e4m3
 
     @triton.jit
-    def _fp8_rows_kernel(X, Q, S, R, C, stride_x, stride_q, BLOCK_C: tl.constexpr,
-                         FMAX: tl.constexpr, POWER2: tl.constexpr, SWIGLU: tl.constexpr):
+    def _fp8_rows_kernel(X, Q, S, IN_S, R, C, stride_x, stride_q, BLOCK_C: tl.constexpr,
+                         FMAX: tl.constexpr, POWER2: tl.constexpr, SWIGLU: tl.constexpr,
+                         HAS_IN_S: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)[None, :]                              # (1, BLOCK_C)
         m = (cols < C) & (cols * 0 + row < R)  # rows past R are the padding: zeros, scale 1
         if SWIGLU:
             g = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
             u = tl.load(X + row * stride_x + C + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_IN_S:  # the row's power-of-two scale from the GEMM that made x: exact
+                one = tl.arange(0, 1)
+                s_in = tl.load(IN_S + row + one, mask=one * 0 + row < R, other=1.0)[:, None]
+                g = g * s_in
+                u = u * s_in
             # triton_swiglu's forward, rounded to the activation dtype as its output is
             v = ((g * _sigmoid(g)) * u).to(X.dtype.element_ty).to(tl.float32)
         else:
@@ -77,9 +84,16 @@ def _warps(block_c: int) -> int:
 
 
 def fp8_rows_triton(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: int = 16,
-                    fmt: str = "e4m3") -> tuple[torch.Tensor, torch.Tensor]:
+                    fmt: str = "e4m3", in_scale: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, C) -> (FP8 data (R', C), float32 scales (R', 1)), R' = R rounded up to ``pad``;
-    ``swiglu``: x is (R, 2C), [gate | up], quantised as silu(gate) * up."""
+    ``swiglu``: x is (R, 2C), [gate | up], quantised as silu(gate) * up; ``in_scale``: with
+    ``swiglu``, (>= R, 1) power-of-two scales x's rows are multiplied by first (the row scales
+    of the FP8 GEMM that made x, not yet applied: exact, so the result is that of the scaled x)."""
+    if in_scale is not None and (not swiglu or in_scale.dtype != torch.float32
+                                 or in_scale.shape[0] < x.shape[0] or in_scale.numel() != in_scale.shape[0]):
+        raise ValueError(f"fp8_rows: in_scale goes with swiglu, float32 (rows, 1); got "
+                         f"{None if in_scale is None else (tuple(in_scale.shape), in_scale.dtype)}")
     if not supported(x, swiglu):
         raise ValueError(f"fp8_rows: needs Triton and a CUDA bf16/fp16 matrix with unit column "
                          f"stride and at most {MAX_COLS} columns; got {tuple(x.shape)} {x.dtype} "
@@ -91,8 +105,10 @@ def fp8_rows_triton(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: in
     s = torch.empty(rp, 1, dtype=torch.float32, device=x.device)
     if rp:
         block_c = triton.next_power_of_2(c)
-        _fp8_rows_kernel[(rp,)](x, q, s, r, c, x.stride(0), q.stride(0), BLOCK_C=block_c,
+        s_in = s if in_scale is None else in_scale.reshape(-1).contiguous()
+        _fp8_rows_kernel[(rp,)](x, q, s, s_in, r, c, x.stride(0), q.stride(0), BLOCK_C=block_c,
                                 FMAX=FP8_MAX[fmt], POWER2=power2, SWIGLU=swiglu,
+                                HAS_IN_S=in_scale is not None,
                                 num_warps=_warps(block_c), enable_fp_fusion=False)
     return q, s
 
@@ -100,19 +116,22 @@ def fp8_rows_triton(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: in
 # Opaque to dynamo: the compiled decode step launches this kernel where inductor would have made
 # two of its own.
 @torch.library.custom_op("r1mega::fp8_rows", mutates_args=())
-def fp8_rows_op(x: torch.Tensor, power2: bool, swiglu: bool, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return fp8_rows_triton(x.contiguous() if x.stride(-1) != 1 else x, power2, swiglu, pad)
+def fp8_rows_op(x: torch.Tensor, power2: bool, swiglu: bool, pad: int,
+                in_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8_rows_triton(x.contiguous() if x.stride(-1) != 1 else x, power2, swiglu, pad,
+                           in_scale=in_scale)
 
 
 @fp8_rows_op.register_fake
-def _(x, power2, swiglu, pad):
+def _(x, power2, swiglu, pad, in_scale=None):
     rp = -(-x.shape[0] // pad) * pad
     c = x.shape[1] // 2 if swiglu else x.shape[1]
     return (x.new_empty((rp, c), dtype=FP8_DTYPES["e4m3"]),
             x.new_empty((rp, 1), dtype=torch.float32))
 
 
-def fp8_rows(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: int = 16) -> Fp8Tensor:
+def fp8_rows(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: int = 16,
+             in_scale: Optional[torch.Tensor] = None) -> Fp8Tensor:
     """Row-quantised e4m3 ``x`` (or SwiGLU of it), rows padded to ``pad`` (the op above)."""
-    q, s = torch.ops.r1mega.fp8_rows(x, power2, swiglu, pad)
+    q, s = torch.ops.r1mega.fp8_rows(x, power2, swiglu, pad, in_scale)
     return Fp8Tensor(q, s, "row", "e4m3")

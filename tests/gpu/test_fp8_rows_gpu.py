@@ -82,3 +82,46 @@ def test_rollout_output_projection_through_the_row_kernel(monkeypatch, single_ra
     ref = dequantize(a).double() @ dequantize(w).double().t()
     torch.testing.assert_close(y.reshape(7, 256).double(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
     fp8.remove()
+
+
+def test_swiglu_rows_with_input_scales_bit_for_bit():
+    from r1mega.ops.triton_swiglu import swiglu_forward
+
+    y = torch.cat([_x(48, 5632, 3), _x(48, 5632, 4)], dim=1)
+    s_in = 2.0 ** torch.randint(-6, 6, (64, 1), device="cuda").float()   # padded rows too
+    ref = quantize_reference(_pad_rows(swiglu_forward((y.float() * s_in[:48]).bfloat16()), 16),
+                             "row", "e4m3", True)
+    q, s = fp8_rows_triton(y, True, swiglu=True, in_scale=s_in)
+    assert _same(q, ref.data) and torch.equal(s, ref.scale)
+
+
+def test_rollout_mlp_chain_against_megatron_forward(monkeypatch, single_rank_runtime):
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision import triton_fp8_rows
+    from r1mega.precision.policy import Fp8Policy
+    from r1mega.precision.rollout import Fp8RolloutWeights
+
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
+    rt = single_rank_runtime()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4,
+                                    num_query_groups=2, ffn_hidden_size=1024, vocab_size=128,
+                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
+    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
+    mlp = model[0].decoder.layers[0].mlp
+    calls = []
+    real = triton_fp8_rows.fp8_rows_triton
+    monkeypatch.setattr(triton_fp8_rows, "fp8_rows_triton",
+                        lambda *a, **k: calls.append(k.get("in_scale") is not None) or real(*a, **k))
+    x = _x(40, 256, 9).reshape(40, 1, 256)
+    with torch.no_grad():
+        plain, _ = mlp(x)
+        with fp8.decoding():
+            got, _ = mlp(x)
+            compiled, _ = torch.compile(mlp)(x)
+    assert calls[0] is True
+    rel = float((got - plain).abs().max() / plain.abs().max())
+    assert 0 < rel < 0.15, rel
+    torch.testing.assert_close(compiled, got, rtol=2e-2, atol=2e-2 * float(got.abs().max()))
+    fp8.remove()
