@@ -1,4 +1,4 @@
-"""RoPE on q and k, and the K/V cache write, as one Triton kernel per layer (decode, GPU only).
+"""RoPE on q and k, and the K/V cache write, as one Triton kernel per layer (GPU only).
 
 The unfused decode path spends five kernels per layer between the QKV projection and attention:
 the RoPE elementwise kernel, two copies that make the split q/k/v contiguous, and two
@@ -36,6 +36,10 @@ its decode launches the kernel with ``exact=True``: bf16 rounding by the integer
 ``RTNE_BITS`` (no compiler can drop a rounding written that way) and FP contraction off
 (``enable_fp_fusion=False``), for bf16 and fp32 activations (:func:`exact_rounding_supported`).
 tests/gpu checks that variant against :func:`rope_kv_write_reference` bit for bit.
+
+A fresh prefill runs the same kernel with ``kv_out``: it also stores the rotated k and the v
+rows for the prefill's attention, which reads them rather than the (maybe FP8) cache
+(:func:`rope_kv_write_prefill`).
 
 Interleaved or partial rotary and Qwen3's q/k norms (applied between the split and RoPE) are not
 covered: the runner keeps the unfused path for them.
@@ -90,17 +94,35 @@ def _split(qkv: torch.Tensor, k_cache: torch.Tensor):
 
 
 def rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None,
-                            v_scale=None) -> torch.Tensor:
+                            v_scale=None, kv_out: bool = False):
     """The unfused path: megatron's per-group split, :func:`rotate_qk`, the cache write.
 
     qkv (T, 1, Hkv, (G + 2) * D); cos/sin (T, 1, 1, D); slots (T,); caches (N, bs, Hkv, D)
-    (written in place; an FP8 cache with its scales (N, bs, Hkv)). Returns the rotated q (T, Hq, D)."""
+    (written in place; an FP8 cache with its scales (N, bs, Hkv)). Returns the rotated q (T, Hq, D),
+    and with ``kv_out`` also the rotated k and the v rows (T, Hkv, D)."""
     t, hkv, group, d = _split(qkv, k_cache)
     x = qkv.reshape(t, 1, hkv, (group + 2) * d)
     q, k, v = torch.split(x, [group * d, d, d], dim=3)  # what get_query_key_value_tensors does
     q, k = rotate_qk(q.reshape(t, 1, hkv * group, d), k, cos, sin)
     write_slots(k_cache, v_cache, slots, k, v, k_scale, v_scale)
-    return q.reshape(t, hkv * group, d).contiguous()
+    q = q.reshape(t, hkv * group, d).contiguous()
+    if kv_out:
+        return q, k.reshape(t, hkv, d).contiguous(), v.reshape(t, hkv, d).contiguous()
+    return q
+
+
+def rope_kv_write_prefill(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None):
+    """A fresh prefill's RoPE and cache write: (q (T, Hq, D), k, v (T, Hkv, D)) for its attention,
+    the caches written. The kernel (``kv_out``) where it runs, else the reference."""
+    if not (HAVE_TRITON and (qkv.is_cuda or interpreting())):
+        return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale,
+                                       kv_out=True)
+    t, hkv, _, d = _split(qkv, k_cache)
+    k = torch.empty(t, hkv, d, dtype=qkv.dtype, device=qkv.device)
+    v = torch.empty_like(k)
+    q = rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, k_scale=k_scale,
+                             v_scale=v_scale, kv_out=(k, v))
+    return q, k, v
 
 
 def interpreting() -> bool:
@@ -141,11 +163,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kv_write_kernel(
-        QKV, COS, SIN, SLOTS, KC, VC, QO, KS, VS,
+        QKV, COS, SIN, SLOTS, KC, VC, QO, KS, VS, KO, VO,
         stride_xt, stride_ct, stride_s,
         stride_kb, stride_kt, stride_kh,
         stride_sb, stride_st,
-        stride_qt,
+        stride_qt, stride_ot,
         GROUP: tl.constexpr,
         ROWS: tl.constexpr,  # next power of two >= GROUP + 1: the group's q heads and its k
         D: tl.constexpr,
@@ -153,6 +175,7 @@ if HAVE_TRITON:
         RTNE_BITS: tl.constexpr,
         FP8: tl.constexpr,  # e4m3 caches with float32 scales KS/VS (N, bs, Hkv); else unused
         FP8_MAX: tl.constexpr,
+        KV_OUT: tl.constexpr,  # also the rotated k and the v rows at KO/VO (T, Hkv, D): prefill
     ):
         tok = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
@@ -177,6 +200,11 @@ if HAVE_TRITON:
         q_ptr = QO + tok * stride_qt + (g * GROUP + r)[:, None] * D + d[None, :]
         tl.store(q_ptr, y.to(QO.dtype.element_ty), mask=(r < GROUP)[:, None])
 
+        if KV_OUT:  # prefill's attention reads the fresh rows, not the (maybe FP8) cache
+            o_off = tok * stride_ot + g * D
+            tl.store(KO + o_off + r[:, None] * 0 + d[None, :], y.to(KO.dtype.element_ty),
+                     mask=(r == GROUP)[:, None])
+            tl.store(VO + o_off + d, tl.load(base + (GROUP + 1) * D + d))
         slot = tl.load(SLOTS + tok * stride_s).to(tl.int64)
         off = (slot // BS) * stride_kb + (slot % BS) * stride_kt + g * stride_kh
         # Every row points at the key's slot; only the key row (r == GROUP) is stored.
@@ -211,10 +239,12 @@ def exact_rounding_supported(dtype: torch.dtype) -> bool:
 
 
 def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_scale=None,
-                         v_scale=None, exact: bool = False) -> torch.Tensor:
+                         v_scale=None, exact: bool = False, kv_out=None) -> torch.Tensor:
     """The Triton kernel; same arguments and result as :func:`rope_kv_write_reference` (``out``:
     a contiguous (T, Hq, D) tensor for the rotated q, else a new one). ``exact``: round as the
-    eager reference does, bit for bit (module docstring; bf16 and fp32 only)."""
+    eager reference does, bit for bit (module docstring; bf16 and fp32 only). ``kv_out``: two
+    contiguous (T, Hkv, D) tensors of qkv's dtype that receive the rotated k and the v rows too
+    (the prefill attends over them)."""
     if not HAVE_TRITON:
         raise RuntimeError("rope_kv_write_triton needs Triton; use rope_kv_write_reference.")
     if exact and not exact_rounding_supported(qkv.dtype):
@@ -243,15 +273,20 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_sca
     q = out if out is not None else torch.empty((t, hkv * group, d), dtype=qkv.dtype, device=qkv.device)
     if q.shape != (t, hkv * group, d) or not q.is_contiguous():
         raise ValueError(f"rope_kv_write_triton: out must be a contiguous {(t, hkv * group, d)} tensor.")
+    ko, vo = kv_out if kv_out is not None else (q, q)  # unused pointers without KV_OUT
+    if kv_out is not None and any(o.shape != (t, hkv, d) or not o.is_contiguous() or o.dtype != qkv.dtype
+                                  for o in kv_out):
+        raise ValueError(f"rope_kv_write_triton: kv_out must be two contiguous {(t, hkv, d)} "
+                         f"{qkv.dtype} tensors.")
     if t == 0:
         return q
     bs = k_cache.shape[1]
     _rope_kv_write_kernel[(t, hkv)](
-        x, cos, sin, slots, k_cache, v_cache, q, ks, vs,
+        x, cos, sin, slots, k_cache, v_cache, q, ks, vs, ko, vo,
         x.stride(0), cos.stride(0), slots.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         ks.stride(0), ks.stride(1),
-        q.stride(0),
+        q.stride(0), ko.stride(0),
         GROUP=group,
         ROWS=triton.next_power_of_2(group + 1),
         D=d,
@@ -259,6 +294,7 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_sca
         RTNE_BITS=(exact or interpreting()) and qkv.dtype == torch.bfloat16,
         FP8=fp8,
         FP8_MAX=FP8_MAX,
+        KV_OUT=kv_out is not None,
         num_warps=1 if (group + 1) * d <= 512 else 4,
         **({"enable_fp_fusion": False} if exact else {}),  # the default variant: Triton's default
     )

@@ -213,3 +213,83 @@ def test_inductor_writes_the_cache_in_place():
         caches = {"rope_kv_write": args[4:6], "paged_decode_attention": args[1:3],
                   "kv_cache_write": args[0:2]}[name]
         assert all(re.fullmatch(r"arg\d+_1", a) for a in caches), f"{name} gets a cache copy: {args}"
+
+
+def _interpreted_kv_out(rank, world):
+    """The prefill variant: the same q and caches, and the rotated k / the v rows handed out."""
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from r1mega.rollout import triton_rope_kv as R
+    from r1mega.rollout.kv_cache import FP8_DTYPE
+
+    out = []
+    for i, shape in enumerate(SHAPES[:3]):
+        for dtype_name, fp8 in (("bfloat16", False), ("float32", False), ("bfloat16", True)):
+            qkv, cos, sin, slots, kc, vc = make_inputs(*shape, getattr(torch, dtype_name), seed=10 + i)
+            T, hkv, G, D = shape[:4]
+            ks = vs = None
+            if fp8:
+                kc, vc = kc.to(FP8_DTYPE), vc.to(FP8_DTYPE)
+                ks, vs = torch.ones(kc.shape[:3]), torch.ones(kc.shape[:3])
+            # the reference rotation into a plain cache of qkv's dtype: its rows at the slots
+            kr = torch.zeros(kc.shape, dtype=qkv.dtype)
+            vr = torch.zeros_like(kr)
+            q_ref = R.rope_kv_write_reference(qkv, cos, sin, slots, kr, vr)
+            k_ref = kr.view(-1, hkv, D)[slots]
+            v_ref = vr.view(-1, hkv, D)[slots]
+            caches = (kc.clone(), vc.clone(), None if ks is None else ks.clone(), None if vs is None else vs.clone())
+            R.rope_kv_write_triton(qkv, cos, sin, slots, caches[0], caches[1], k_scale=caches[2],
+                                   v_scale=caches[3])
+            k_out = torch.full((T, hkv, D), float("nan"), dtype=qkv.dtype)
+            v_out = torch.full_like(k_out, float("nan"))
+            got = (kc.clone(), vc.clone(), None if ks is None else ks.clone(), None if vs is None else vs.clone())
+            q = R.rope_kv_write_triton(qkv, cos, sin, slots, got[0], got[1], k_scale=got[2],
+                                       v_scale=got[3], kv_out=(k_out, v_out))
+            out.append(((shape, dtype_name, fp8), q_ref, q, k_ref, k_out, v_ref, v_out, caches, got))
+    return out
+
+
+@pytest.mark.slow
+@needs_triton
+def test_prefill_variant_hands_out_rotated_k_and_v_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (cases,) = run_ranks(_interpreted_kv_out, 1, timeout_s=300)
+    assert len(cases) == 9
+    for case, q_ref, q, k_ref, k_out, v_ref, v_out, caches, got in cases:
+        assert torch.equal(q, q_ref), case
+        assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref), case
+        for a, b in zip(caches, got):  # the caches as the variant without kv_out writes them
+            assert (a is None and b is None) or torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                                                            b.view(torch.uint8) if b.dtype.itemsize == 1 else b), case
+
+
+def test_prefill_through_the_fused_route_generates_the_same(single_rank_runtime, monkeypatch):
+    """With the fused route on (on a CPU its reference: the same arithmetic as the eager path),
+    the prefill hands rope_kv_write_prefill's k and v to its attention and the rollout is the
+    eager one to the bit; the route is taken once per layer and prefill."""
+    from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.rollout import triton_rope_kv
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    rt = single_rank_runtime(precision=PrecisionConfig(dtype="fp32"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=6,
+                                    num_query_groups=2, vocab_size=128), rt, wrap=False)
+    cfg = RolloutConfig(kv_block_tokens=4, kv_cpu_tokens=4096, max_new_tokens=5, max_batch_sequences=8,
+                        temperature=1.0, cuda_graphs=False, compile_decode=False)
+    reqs = [GenerationRequest([1, 2, 3, 4, 5, 6][: 3 + i], n=1, seed=i) for i in range(3)]
+    calls = []
+    real = triton_rope_kv.rope_kv_write_prefill
+    monkeypatch.setattr(triton_rope_kv, "rope_kv_write_prefill",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    outs = {}
+    for fused in (False, True):
+        eng = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=128)
+        eng.runner.fused_rope_kv_enabled = fused
+        outs[fused] = [(c.token_ids, c.logprobs) for c in eng.generate(reqs)]
+        eng.release()
+    assert outs[True] == outs[False]
+    assert calls and all(t >= 3 for t in calls) and len(calls) % 2 == 0  # prefill rows, both layers
