@@ -8,9 +8,6 @@ from one CUDA graph replay of all 64 calls (as a captured decode step runs them)
                    rollout's route today), for tensorwise, rowwise and blockwise
   RECIPE+fused     r1mega/precision/triton_act_gemm.py: x quantised inside the GEMM in 1x128
                    tiles (``R1MEGA_FP8_ROLLOUT_GEMM=fused``), for blockwise and tensorwise
-  row-gemm         the GEMM alone of the rollout's default tensorwise route (x quantised by rows
-                   before the timed calls; cuBLAS's tensorwise kernel, row scales on the output)
-  row-gemm-swap    the same product as W x^T, so the weight's N is cuBLAS's M (other tiles)
 
 and reports ms per 64 calls, the ratio to bf16, and each FP8 route's largest difference from
 the float32 product of the unquantised operands next to bf16's. ``--smoke``: tiny shapes on the
@@ -29,34 +26,6 @@ LINEARS = [(3072, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
 LAYERS = 16
 
 
-def _row_x(x):
-    """x quantised by rows (power-of-two scales), rows padded to 16: outside the timed calls."""
-    from r1mega.precision.linear import _pad_rows
-    from r1mega.precision.quantize import quantize
-
-    return x.shape[0], quantize(_pad_rows(x, 16), "row", "e4m3", True)
-
-
-def _row_gemm(swap: bool):
-    """(rows, row-quantised x) x a tensorwise weight -> (rows, N) as the rollout's row route
-    computes it; ``swap``: as (W x^T)^T, the weight the GEMM's first operand."""
-    from r1mega.precision.gemm import _unit_scale, emulated_gemm
-
-    def run(xq, w):
-        m, a = xq
-        if not a.data.is_cuda:
-            return emulated_gemm(a, w, torch.float32)[:m]
-        one = _unit_scale(a.data.device)
-        if swap:
-            y = torch._scaled_mm(w.data, a.data.t(), scale_a=w.scale.reshape(()), scale_b=one,
-                                 out_dtype=torch.bfloat16, use_fast_accum=True).t()
-        else:
-            y = torch._scaled_mm(a.data, w.data.t(), scale_a=one, scale_b=w.scale.reshape(()),
-                                 out_dtype=torch.bfloat16, use_fast_accum=True)
-        return (y[:m].float() * a.scale.reshape(-1, 1)[:m]).to(torch.bfloat16)
-    return run
-
-
 def _routes(recipes: list[str]):
     """name -> (weight -> its copy, (x, copy) -> y): the rollout's own GEMM (decode_gemm)."""
     from r1mega.precision.linear import RECIPE_GRANULARITY
@@ -71,10 +40,6 @@ def _routes(recipes: list[str]):
                 lambda x, wq: decode_gemm(x, wq, act, power2, not x.is_cuda, fused))
 
     out = {"bf16": (lambda w: w, lambda x, w: x @ w.t())}
-    if "tensorwise" in recipes:
-        out["row-gemm"] = (lambda w: quantize(w, "tensor", "e4m3", True), _row_gemm(False), _row_x)
-        out["row-gemm-swap"] = (lambda w: quantize(w, "tensor", "e4m3", True), _row_gemm(True),
-                                _row_x)
     for recipe in recipes:
         out[f"{recipe}+quantize"] = route(recipe, False)
     for recipe in ("tensorwise", "blockwise"):
@@ -106,21 +71,20 @@ def main(argv=None) -> int:
     weights = [(torch.randn(n, k, device=device, generator=g) * 0.02).to(dtype) for n, k in linears]
     results: dict = {}
     print(f"{'route':<20} " + " ".join(f"{'M=' + str(m):>12}" for m in rows) + "   (ms per decode step's GEMMs)")
-    for name, (prep, run, *prep_x) in routes.items():
+    for name, (prep, run) in routes.items():
         wq = [prep(w) for w in weights]
         results[name] = {}
         for m in rows:
-            xs0 = [torch.randn(m, k, device=device, generator=g).to(dtype) for _, k in linears]
-            xs = [prep_x[0](x) for x in xs0] if prep_x else xs0
+            xs = [torch.randn(m, k, device=device, generator=g).to(dtype) for _, k in linears]
 
             def step():
                 for _ in range(layers):
                     for x, w in zip(xs, wq):
                         run(x, w)
             ms = graph_ms(step, 1) if cuda else median_ms(step, 1, 0, False)
-            err = max(float((run(x, w).float() - x0.float() @ w0.float().t()).abs().max()
-                            / (x0.float() @ w0.float().t()).abs().max())
-                      for x, x0, w, w0 in zip(xs, xs0, wq, weights))
+            err = max(float((run(x, w).float() - x.float() @ w0.float().t()).abs().max()
+                            / (x.float() @ w0.float().t()).abs().max())
+                      for x, w, w0 in zip(xs, wq, weights))
             results[name][m] = {"ms": ms, "max_rel_err": err}
         print(f"{name:<20} " + " ".join(f"{results[name][m]['ms']:>12.3f}" for m in rows))
     for name in routes:
