@@ -15,7 +15,8 @@ the blockwise scales in the layouts torch's ``scaled_mm`` checks (torch/_meta_re
   rowwise           scale_a (M, 1), scale_b (1, N), contiguous
   tensorwise        one float32 each
   row x tensor      (the FP8 rollout's per-row activations on tensorwise weights) the tensorwise
-                    kernel with a unit scale for a, then each output row times a's scale
+                    kernel with a unit scale for a, then each output row times a's scale (decode
+                    sizes); above ROWWISE_KERNEL_MIN_ROWS rows the rowwise kernel
 Blockwise needs K and (128x128) N to be multiples of 128, the others multiples of 16; the FP8
 linear pads the token dimension and checks the layer sizes at build time.
 
@@ -45,6 +46,10 @@ def _block_scale_b(s: torch.Tensor) -> torch.Tensor:
     buf[:, :kb] = s
     return buf.t()
 
+
+# Above this many rows a row x tensor GEMM is a prefill's (eager): cuBLAS's rowwise kernel
+# (~3 % under its tensorwise one at these sizes, issue #17's table) beats a pass over the output.
+ROWWISE_KERNEL_MIN_ROWS = 2048
 
 _UNIT: dict = {}
 
@@ -94,6 +99,12 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
         # cuBLAS's tensorwise kernels (faster at decode sizes than its rowwise ones) and x's row
         # scales on the output: with power-of-two row scales that product rounds nowhere, so the
         # result is what a GEMM scaling x by rows would round to.
+        if m > ROWWISE_KERNEL_MIN_ROWS:
+            # a prefill-sized GEMM runs eagerly: no later kernel would fold the row scales in,
+            # so cuBLAS's rowwise kernel applies them, the weight's one scale as a column vector
+            return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(m, 1).contiguous(),
+                                    scale_b=b.scale.reshape(1, 1).expand(1, n).contiguous(),
+                                    out_dtype=out_dtype, use_fast_accum=fast_accum)
         y = row_tensor_gemm_unscaled(a, b, out_dtype, fast_accum)
         return (y.float() * a.scale.reshape(m, 1)).to(out_dtype)
     if pair == ("row", "row"):

@@ -36,9 +36,10 @@ from r1mega.precision.quantize import BLOCK, Fp8Tensor, quantize
 # where Transformer Engine's layer classes live (its own package and megatron's wrappers of it)
 _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
 
-# Row scales pay off where a decode step's GEMMs are small and its graph fuses the scaling into
-# the neighbouring kernels; a prefill chunk runs eagerly, where the row route's float32 pass over
-# the output costs more than one amax (852M, 2 x 16,384-token prefill: 0.193 s against 0.105 s).
+# Above this many rows (a prefill chunk, run eagerly) the row route needs the one-pass row kernel
+# and cuBLAS's rowwise GEMM (r1mega/precision/gemm.py) to pay: without them (no GPU, emulation)
+# such calls take the recipe's scaling. The float32 pass over the output that the decode graph
+# fuses away cost an eager prefill more than one amax (852M, 2 x 16,384 tokens: 0.193 s vs 0.105).
 ROW_ACT_MAX_ROWS = 2048
 
 
@@ -58,7 +59,10 @@ def decode_gemm(x2: torch.Tensor, q: Fp8Tensor, act: str, power2: bool, emulate:
     t = x2.shape[0]
     if fused and t <= triton_act_gemm.MAX_ROWS:
         return torch.ops.r1mega.fp8_act_gemm(x2.contiguous(), q.data, q.scale, x2.dtype)
-    if rows_kernel and act == "row" and not emulate and triton_fp8_rows.supported(x2, False):
+    # Row scales from the one-pass kernel where no compiled kernel of ours makes x (rows_kernel)
+    # or nothing is compiled (prefill); in the decode graph inductor fuses the quantiser below.
+    if (act == "row" and not emulate and triton_fp8_rows.supported(x2, False)
+            and (rows_kernel or not torch.compiler.is_compiling())):
         a = triton_fp8_rows.fp8_rows(x2, power2)
         return fp8_gemm(a, q, x2.dtype, emulate=False, fast_accum=True)[:t]
     # Compiled (the decode forward): the quantiser in torch ops, which inductor fuses into the
@@ -189,7 +193,8 @@ class Fp8RolloutWeights:
                                  wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group)
             x2 = input.reshape(-1, input.shape[-1])
             act, power2 = self.act, self.act_power2
-            if act == "row" and x2.shape[0] > ROW_ACT_MAX_ROWS:
+            if (act == "row" and x2.shape[0] > ROW_ACT_MAX_ROWS
+                    and (self.policy.emulate or not triton_fp8_rows.supported(x2, False))):
                 act, power2 = self.big_act, self.policy.power2_scales
             y = decode_gemm(x2, q, act, power2, self.policy.emulate, self.fused_gemm, rows_kernel)
             y = y.view(*input.shape[:-1], weight.shape[0])                         # (..., out)
@@ -201,8 +206,9 @@ class Fp8RolloutWeights:
         """fc1 -> SwiGLU -> fc2 of a decode step under row scales: fc1's GEMM output goes to
         the one-pass SwiGLU quantiser (r1mega/precision/triton_fp8_rows.py) with fc1's row scales
         still to apply, which the kernel does on its read (exact: powers of two). The unfused
-        chain ran inductor's reduction + quantise pair over the scaled output. Anything else (the
-        training forward, prefill-sized calls, no GPU kernel) runs megatron's forward."""
+        chain ran inductor's reduction + quantise pair over the scaled output (decode) or the
+        SwiGLU kernel, an amax and a quantiser (prefill). Anything else (the training forward,
+        no GPU kernel) runs megatron's forward."""
         module_forward = type(mlp).forward.__get__(mlp)
         fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
 
@@ -211,12 +217,13 @@ class Fp8RolloutWeights:
             x2 = hidden_states.reshape(-1, hidden_states.shape[-1])
             if (per_token_scale is not None or kwargs or not self.active or torch.is_grad_enabled()
                     or w1 is None or w2 is None or self.act != "row" or self.policy.emulate
-                    or x2.shape[0] > ROW_ACT_MAX_ROWS or fc1.sequence_parallel
-                    or not triton_fp8_rows.supported(x2, False)):
+                    or fc1.sequence_parallel or not triton_fp8_rows.supported(x2, False)):
                 return module_forward(hidden_states, per_token_scale, **kwargs)
             t = x2.shape[0]
-            impl = "reference" if torch.compiler.is_compiling() else "auto"  # as decode_gemm
-            a1 = quantize(_pad_rows(x2, 16), "row", "e4m3", True, impl=impl)
+            if torch.compiler.is_compiling():  # as decode_gemm: inductor fuses it into the norm
+                a1 = quantize(_pad_rows(x2, 16), "row", "e4m3", True, impl="reference")
+            else:
+                a1 = triton_fp8_rows.fp8_rows(x2, True)
             y1 = row_tensor_gemm_unscaled(a1, w1, x2.dtype, fast_accum=True)   # (T', 2F)
             a2 = triton_fp8_rows.fp8_rows(y1, True, swiglu=True, in_scale=a1.scale)
             y = fp8_gemm(a2, w2, x2.dtype, emulate=False, fast_accum=True)[:t]  # (T, H)

@@ -135,3 +135,54 @@ def test_rollout_mlp_chain_against_megatron_forward(monkeypatch, single_rank_run
     assert 0 < rel < 0.15, rel
     torch.testing.assert_close(compiled, got, rtol=2e-2, atol=2e-2 * float(got.abs().max()))
     fp8.remove()
+
+
+@pytest.mark.parametrize("m", [256, 4096])
+def test_row_tensor_gemm_both_kernels_against_emulation(m):
+    """Row-scaled x times a tensorwise weight: the tensorwise kernel plus the row scales on its
+    output (decode sizes), cuBLAS's rowwise kernel above ROWWISE_KERNEL_MIN_ROWS (prefill)."""
+    from r1mega.precision.gemm import ROWWISE_KERNEL_MIN_ROWS, emulated_gemm, scaled_gemm
+
+    assert (m > ROWWISE_KERNEL_MIN_ROWS) == (m == 4096)
+    x = _x(m, 2048, 11)
+    w = (torch.randn(3072, 2048, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+         * 0.02).bfloat16()
+    a = fp8_rows(x, True)
+    wq = quantize_reference(w, "tensor", "e4m3", False)
+    ref = emulated_gemm(a, wq, torch.float32)[:m]
+    got = scaled_gemm(a, wq, torch.bfloat16, fast_accum=True)[:m].float()
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+
+
+def test_prefill_sized_calls_take_row_scales_on_gpu(monkeypatch, single_rank_runtime):
+    """With the row switch, a prefill-sized call (above ROW_ACT_MAX_ROWS) on a GPU is row-scaled
+    too (one-pass kernel, rowwise GEMM), for a plain linear and through the MLP chain."""
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.policy import Fp8Policy
+    from r1mega.precision.rollout import ROW_ACT_MAX_ROWS, Fp8RolloutWeights
+
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
+    rt = single_rank_runtime()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4,
+                                    num_query_groups=2, ffn_hidden_size=1024, vocab_size=128,
+                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
+    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
+    layer = model[0].decoder.layers[0]
+    rows = ROW_ACT_MAX_ROWS * 2
+    # rows of very different sizes: row scales and one tensor scale round them differently
+    x = (_x(rows, 256, 5).float() * torch.logspace(-3, 1, rows, device="cuda")[:, None]).bfloat16()
+    lin = layer.self_attention.linear_qkv
+    with torch.no_grad(), fp8.decoding():
+        y, _ = lin(x.reshape(rows, 1, 256))
+        mlp_fp8, _ = layer.mlp(x.reshape(rows, 1, 256))
+    with torch.no_grad():
+        mlp_plain, _ = layer.mlp(x.reshape(rows, 1, 256))
+    w = dequantize(quantize_reference(lin.weight.detach(), "tensor", power2=fp8.policy.power2_scales))
+    ref = dequantize(quantize_reference(x, "row", power2=True)) @ w.t()
+    scale = ref.abs().amax(1, keepdim=True)  # per row: the small rows must be right too
+    assert ((y.reshape(rows, -1).float() - ref).abs() <= 1e-2 * scale + 1e-30).all()
+    rel = ((mlp_fp8 - mlp_plain).float().abs().amax(-1) / mlp_plain.float().abs().amax(-1))
+    assert rel.max() < 0.2, float(rel.max())
+    fp8.remove()
