@@ -184,5 +184,5 @@ def test_prefill_sized_calls_take_row_scales_on_gpu(monkeypatch, single_rank_run
     scale = ref.abs().amax(1, keepdim=True)  # per row: the small rows must be right too
     assert ((y.reshape(rows, -1).float() - ref).abs() <= 1e-2 * scale + 1e-30).all()
     rel = ((mlp_fp8 - mlp_plain).float().abs().amax(-1) / mlp_plain.float().abs().amax(-1))
-    assert rel.max() < 0.2, float(rel.max())
+    assert rel.max() < 0.3, float(rel.max())  # FP8 noise; a lost scale would be a factor >= 2
     fp8.remove()
