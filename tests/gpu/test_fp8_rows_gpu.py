@@ -29,6 +29,26 @@ def _same(a, b):
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+@pytest.fixture
+def row_model(monkeypatch, single_rank_runtime):
+    """A one-layer local-spec model (hidden 256, FFN 1024) and its tensorwise FP8 rollout copies
+    under the row switch; the copies are removed after the test."""
+    from r1mega.config import ModelConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.policy import Fp8Policy
+    from r1mega.precision.rollout import Fp8RolloutWeights
+
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
+    rt = single_rank_runtime()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4,
+                                    num_query_groups=2, ffn_hidden_size=1024, vocab_size=128,
+                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
+    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
+    yield model[0].decoder.layers[0], fp8
+    fp8.remove()
+
+
 @pytest.mark.parametrize("r,c", [(1, 2048), (5, 96), (100, 2048), (256, 5632), (256, 14336)])
 @pytest.mark.parametrize("power2", [True, False])
 def test_rows_bit_for_bit(r, c, power2):
@@ -71,20 +91,9 @@ def test_op_compiled_equals_eager():
     assert _same(q0, q1) and torch.equal(s0, s1)
 
 
-def test_rollout_output_projection_through_the_row_kernel(monkeypatch, single_rank_runtime):
-    from r1mega.config import ModelConfig
-    from r1mega.models.gpt import build_model
-    from r1mega.precision.policy import Fp8Policy
-    from r1mega.precision.rollout import Fp8RolloutWeights
-
-    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
-    rt = single_rank_runtime()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4,
-                                    num_query_groups=2, ffn_hidden_size=512, vocab_size=128,
-                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
-    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
-    lin = model[0].decoder.layers[0].self_attention.linear_proj
+def test_rollout_output_projection_through_the_row_kernel(row_model):
+    layer, fp8 = row_model
+    lin = layer.self_attention.linear_proj
     x = _x(7, 256, 3).reshape(7, 1, 256)
     with torch.no_grad(), fp8.decoding():
         y, _ = lin(x)
@@ -92,7 +101,6 @@ def test_rollout_output_projection_through_the_row_kernel(monkeypatch, single_ra
     w = quantize_reference(lin.weight.detach(), "tensor", power2=fp8.policy.power2_scales)
     ref = dequantize(a).double() @ dequantize(w).double().t()
     torch.testing.assert_close(y.reshape(7, 256).double(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
-    fp8.remove()
 
 
 def test_swiglu_rows_with_input_scales():
@@ -105,21 +113,11 @@ def test_swiglu_rows_with_input_scales():
     _close_to(fp8_rows_triton(y, True, swiglu=True, in_scale=s_in), ref)
 
 
-def test_rollout_mlp_chain_against_megatron_forward(monkeypatch, single_rank_runtime):
-    from r1mega.config import ModelConfig
-    from r1mega.models.gpt import build_model
+def test_rollout_mlp_chain_against_megatron_forward(row_model, monkeypatch):
     from r1mega.precision import triton_fp8_rows
-    from r1mega.precision.policy import Fp8Policy
-    from r1mega.precision.rollout import Fp8RolloutWeights
 
-    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
-    rt = single_rank_runtime()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4,
-                                    num_query_groups=2, ffn_hidden_size=1024, vocab_size=128,
-                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
-    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
-    mlp = model[0].decoder.layers[0].mlp
+    layer, fp8 = row_model
+    mlp = layer.mlp
     calls = []
     real = triton_fp8_rows.fp8_rows_triton
     monkeypatch.setattr(triton_fp8_rows, "fp8_rows_triton",
@@ -130,11 +128,12 @@ def test_rollout_mlp_chain_against_megatron_forward(monkeypatch, single_rank_run
         with fp8.decoding():
             got, _ = mlp(x)
             compiled, _ = torch.compile(mlp)(x)
-    assert calls[0] is True
+    # eager: fc1's rows, then SwiGLU's fed fc1's scales; compiled: fc1's quantiser is inductor's
+    # (fused into what makes x), SwiGLU's the op, and no graph break ran the chain eagerly
+    assert calls == [False, True, True], calls
     rel = float((got - plain).abs().max() / plain.abs().max())
     assert 0 < rel < 0.15, rel
     torch.testing.assert_close(compiled, got, rtol=2e-2, atol=2e-2 * float(got.abs().max()))
-    fp8.remove()
 
 
 @pytest.mark.parametrize("m", [256, 4096])
@@ -154,22 +153,12 @@ def test_row_tensor_gemm_both_kernels_against_emulation(m):
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
 
 
-def test_prefill_sized_calls_take_row_scales_on_gpu(monkeypatch, single_rank_runtime):
+def test_prefill_sized_calls_take_row_scales_on_gpu(row_model):
     """With the row switch, a prefill-sized call (above ROW_ACT_MAX_ROWS) on a GPU is row-scaled
     too (one-pass kernel, rowwise GEMM), for a plain linear and through the MLP chain."""
-    from r1mega.config import ModelConfig
-    from r1mega.models.gpt import build_model
-    from r1mega.precision.policy import Fp8Policy
-    from r1mega.precision.rollout import ROW_ACT_MAX_ROWS, Fp8RolloutWeights
+    from r1mega.precision.rollout import ROW_ACT_MAX_ROWS
 
-    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
-    rt = single_rank_runtime()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4,
-                                    num_query_groups=2, ffn_hidden_size=1024, vocab_size=128,
-                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
-    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
-    layer = model[0].decoder.layers[0]
+    layer, fp8 = row_model
     rows = ROW_ACT_MAX_ROWS * 2
     # rows of very different sizes: row scales and one tensor scale round them differently
     x = (_x(rows, 256, 5).float() * torch.logspace(-3, 1, rows, device="cuda")[:, None]).bfloat16()
@@ -183,6 +172,6 @@ def test_prefill_sized_calls_take_row_scales_on_gpu(monkeypatch, single_rank_run
     ref = dequantize(quantize_reference(x, "row", power2=True)) @ w.t()
     scale = ref.abs().amax(1, keepdim=True)  # per row: the small rows must be right too
     assert ((y.reshape(rows, -1).float() - ref).abs() <= 1e-2 * scale + 1e-30).all()
-    rel = ((mlp_fp8 - mlp_plain).float().abs().amax(-1) / mlp_plain.float().abs().amax(-1))
+    rel = ((mlp_fp8 - mlp_plain).float().abs().amax(-1)
+           / mlp_plain.float().abs().amax(-1).clamp_min(1e-30))  # row 0 is all zeros
     assert rel.max() < 0.3, float(rel.max())  # FP8 noise; a lost scale would be a factor >= 2
-    fp8.remove()
