@@ -3,9 +3,10 @@ the GEMM (r1mega/precision/gemm.py, pair row x tensor) through torch's scaled ma
 against float64 on the dequantised operands (the rollout hook's use of it: test_fp8_rollout.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from r1mega.precision.gemm import scaled_gemm
+from r1mega.precision.gemm import ROWWISE_KERNEL_MIN_ROWS, scaled_gemm
 from r1mega.precision.quantize import dequantize, quantize_reference
 
 
@@ -17,8 +18,11 @@ def _operands(m=48, k=256, n=96, seed=0):
     return x, w
 
 
-def test_row_x_tensor_gemm_rounds_the_float64_product_once():
-    x, w = _operands()
+@pytest.mark.parametrize("m", [48, ROWWISE_KERNEL_MIN_ROWS + 16])
+def test_row_x_tensor_gemm_rounds_the_float64_product_once(m):
+    """Decode sizes (the tensorwise kernel, row scales on its output) and prefill sizes (the
+    rowwise kernel, the weight's scale as a column vector) alike."""
+    x, w = _operands(m=m)
     a = quantize_reference(x, "row", power2=True)
     b = quantize_reference(w, "tensor")
     y = scaled_gemm(a, b, torch.bfloat16)
@@ -28,7 +32,7 @@ def test_row_x_tensor_gemm_rounds_the_float64_product_once():
     floor = 1e-4 * exact.abs().amax(1, keepdim=True)
     err = (y.double() - exact).abs() / (exact.abs() + floor)
     assert err.max() <= 2.0 ** -8, err.max()
-    assert y.dtype == torch.bfloat16 and y.shape == (48, 96)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, 96)
 
 
 def test_row_scales_keep_the_small_rows_that_a_tensor_scale_flushes():

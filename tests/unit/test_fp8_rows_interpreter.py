@@ -133,11 +133,24 @@ def _interpreted_mlp(rank, world):
     gate, up = y1.float().chunk(2, dim=1)
     h = (F.silu(gate) * up).bfloat16()
     h_ref = dequantize(quantize_reference(h, "row", power2=True))
+    # the same 5 rows as a "prefill" (thresholds lowered): the row route stays, and the GEMMs
+    # after the row kernels are cuBLAS's rowwise ones (torch's CPU scaled matmul here)
+    from r1mega.precision import gemm as gemm_mod
+    from r1mega.precision import rollout as rollout_mod
+
+    rollout_mod.ROW_ACT_MAX_ROWS = gemm_mod.ROWWISE_KERNEL_MIN_ROWS = 4
+    qkv = model[0].decoder.layers[0].self_attention.linear_qkv
+    wq = dequantize(quantize_reference(qkv.weight.detach(), "tensor", power2=fp8.policy.power2_scales))
+    with torch.no_grad(), fp8.decoding():
+        big_mlp, _ = mlp(x)
+        big_qkv, _ = qkv(x)
+    big_ref = dequantize(quantize_reference(x.reshape(5, 128), "row", power2=True)) @ wq.t()
     fp8.remove()
     with torch.no_grad():
         after, _ = mlp(x)
     return (got.reshape(5, 128).float(), h_ref, w2, plain.reshape(5, 128).float(),
-            after.reshape(5, 128).float(), calls)
+            after.reshape(5, 128).float(), calls,
+            (big_mlp.reshape(5, 128).float(), big_qkv.reshape(5, -1).float(), big_ref))
 
 
 @pytest.mark.slow
@@ -147,10 +160,10 @@ def test_fp8_rollout_mlp_chain_under_interpreter(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     (res,) = run_ranks(_interpreted_mlp, 1, timeout_s=300)
-    got, h_ref, w2, plain, after, calls = res
+    got, h_ref, w2, plain, after, calls, (big_mlp, big_qkv, big_ref) = res
     # two launches (eager: no compiled norm to fold fc1's quantiser into): fc1's rows, then
     # the SwiGLU quantiser fed fc1's row scales
-    assert [c[0] for c in calls] == [False, True]
+    assert [c[0] for c in calls[:2]] == [False, True]
     q, s = calls[1][1]
     h = q[:5].float() * s[:5]
     # SwiGLU's rows as the reference quantises them, but for e4m3 ties moved by a bf16 rounding
@@ -165,3 +178,7 @@ def test_fp8_rollout_mlp_chain_under_interpreter(monkeypatch):
     # FP8 against megatron's bf16 forward: close, not equal; and plain again after remove()
     assert not torch.equal(got, plain) and (got - plain).abs().max() / plain.abs().max() < 0.15
     assert torch.equal(after, plain)
+    # prefill-sized: the chain's result through the rowwise GEMM, and a plain linear row-scaled
+    torch.testing.assert_close(big_mlp, got, rtol=1e-2, atol=1e-2 * float(got.abs().max()))
+    torch.testing.assert_close(big_qkv, big_ref, rtol=1e-2, atol=1e-2 * float(big_ref.abs().max()))
+    assert [c[0] for c in calls] == [False, True, False, True, False]  # + the prefill's launches
