@@ -47,8 +47,8 @@ def _block_scale_b(s: torch.Tensor) -> torch.Tensor:
     return buf.t()
 
 
-# Above this many rows a row x tensor GEMM is a prefill's (eager): cuBLAS's rowwise kernel
-# (~3 % under its tensorwise one at these sizes, issue #17's table) beats a pass over the output.
+# Above this many rows a row x tensor GEMM is a prefill's (eager): cuBLAS's rowwise kernel (a
+# little under its tensorwise one at these sizes, issue #17's table) beats a pass over the output.
 ROWWISE_KERNEL_MIN_ROWS = 2048
 
 _UNIT: dict = {}

@@ -38,8 +38,8 @@ _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engin
 
 # Above this many rows (a prefill chunk, run eagerly) the row route needs the one-pass row kernel
 # and cuBLAS's rowwise GEMM (r1mega/precision/gemm.py) to pay: without them (no GPU, emulation)
-# such calls take the recipe's scaling. The float32 pass over the output that the decode graph
-# fuses away cost an eager prefill more than one amax (852M, 2 x 16,384 tokens: 0.193 s vs 0.105).
+# such calls take the recipe's scaling: the float32 pass over the output that the decode graph
+# fuses away costs an eager prefill more than the tensor scale's one amax.
 ROW_ACT_MAX_ROWS = 2048
 
 

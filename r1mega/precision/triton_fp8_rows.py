@@ -64,8 +64,8 @@ if HAVE_TRITON:
                 u = u * s_in
             # triton_swiglu's formula, rounded to the activation dtype as its output is, but
             # for its correctly rounded division: an approximate one here (the IEEE division
-            # made this kernel compute-bound: 6.7 us a 256 x 5632 row block on an H100). The
-            # interpreter divides exactly, so there it is triton_swiglu's result to the bit.
+            # made this kernel compute-bound). The interpreter divides exactly, so there it is
+            # triton_swiglu's result to the bit.
             sig = 1.0 / (1.0 + tl.exp(-g))
             v = ((g * sig) * u).to(X.dtype.element_ty).to(tl.float32)
         else:

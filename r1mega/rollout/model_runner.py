@@ -270,8 +270,8 @@ class ModelRunner:
         # and the eager RoPE + copies + cache write cost it several passes over q|k per layer
         fused = self.fused_rope_kv_enabled and (decode_tensors is not None or exact_active())
         # A fresh prefill through the same kernel, which also hands its attention the rotated k
-        # and v rows: the eager RoPE, copies and cache write were ~10 kernels a layer over every
-        # prompt token (852M, 2 x 16,384 tokens: ~30 ms of a ~100 ms prefill on an H100)
+        # and v rows: the eager RoPE, copies and cache write are ~10 kernels a layer over every
+        # prompt token
         fused_prefill = (self.fused_rope_kv_enabled and not fused and batch is not None
                          and batch.is_fresh_prefill and self.attention_backend != "gather")
         x = self.embed(ids)
