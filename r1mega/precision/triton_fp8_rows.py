@@ -1,4 +1,4 @@
-"""One-pass FP8 row quantisers for the rollout's decode GEMMs whose input no fused kernel makes.
+"""One-pass FP8 row quantisers for the FP8 rollout's GEMMs whose input no compiled kernel quantises.
 
 In the compiled decode step inductor folds the row quantiser of the qkv and fc1 inputs into the
 RMSNorm kernel that makes them. Two inputs have no such home:
@@ -6,6 +6,8 @@ RMSNorm kernel that makes them. Two inputs have no such home:
   linear_proj  x comes from the paged attention kernel (an opaque op): inductor split the row
                amax and the quantise into a reduction and a pointwise kernel per layer.
   linear_fc2   x is SwiGLU of fc1's output: the same two kernels, each recomputing SwiGLU.
+
+The eager prefill has no compiled kernels at all, so every row-scaled input of it comes here.
 
 Here one program holds one row in registers: it reads the row once (for fc2, the row's gate and
 up halves, and applies SwiGLU first), takes the row's amax, and writes the e4m3 row and its
@@ -33,13 +35,14 @@ try:
 except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
-MAX_COLS = 16384  # one row in registers: beyond this the decode keeps the other quantisers
+MAX_COLS = 16384  # one row in registers: beyond this the rollout keeps the other quantisers
 
 
 def supported(x: torch.Tensor, swiglu: bool) -> bool:
     """Whether :func:`fp8_rows` takes ``x`` (rows, C) (rows, 2C with ``swiglu``) on this device."""
     cols = x.shape[-1] // 2 if swiglu else x.shape[-1]
-    return (HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x.dim() == 2 and x.stride(-1) == 1
+    runs_here = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (HAVE_TRITON and runs_here and x.dim() == 2 and x.stride(-1) == 1
             and x.dtype in (torch.bfloat16, torch.float16) and 0 < cols <= MAX_COLS
             and (not swiglu or x.shape[-1] % 2 == 0))
 
