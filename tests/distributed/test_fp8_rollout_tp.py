@@ -21,19 +21,9 @@ def _chain_vs_route(rank, world):
     import os
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    os.environ["R1MEGA_FP8_ROLLOUT_ACT"] = "row"
-    from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig
-    from r1mega.models.gpt import build_model
-    from r1mega.parallel.runtime import init_parallel
-    from r1mega.precision.policy import Fp8Policy
-    from r1mega.precision.rollout import Fp8RolloutWeights
+    from tests.unit.test_fp8_rows_interpreter import row_model
 
-    rt = init_parallel(ParallelConfig(tensor=world), PrecisionConfig(dtype="bf16"))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=1, hidden_size=128, ffn_hidden_size=256,
-                                    num_attention_heads=4, num_query_groups=2, vocab_size=96,
-                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
-    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
+    model, fp8 = row_model(tensor=world)
     mlp = model[0].decoder.layers[0].mlp
     assert fp8.mlps == [mlp]
     x = (torch.randn(6, 1, 128, generator=torch.Generator().manual_seed(2)) * 2).bfloat16()

@@ -87,6 +87,27 @@ def test_fp8_rows_match_the_reference_under_interpreter(monkeypatch):
     assert not torch.isnan(s[[0, 2, 3]]).any()
 
 
+def row_model(tensor: int):
+    """In a spawned rank: a one-layer bf16 local-spec model (hidden 128, FFN 256) over
+    ``tensor`` TP ranks and its tensorwise FP8 rollout copies under the row switch."""
+    import os
+
+    os.environ["R1MEGA_FP8_ROLLOUT_ACT"] = "row"
+    from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.parallel.runtime import init_parallel
+    from r1mega.precision.policy import Fp8Policy
+    from r1mega.precision.rollout import Fp8RolloutWeights
+
+    rt = init_parallel(ParallelConfig(tensor=tensor), PrecisionConfig(dtype="bf16"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=1, hidden_size=128, ffn_hidden_size=256,
+                                    num_attention_heads=4, num_query_groups=2, vocab_size=96,
+                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
+    return model, Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native",
+                                                        rollout=True))
+
+
 def _interpreted_mlp(rank, world):
     """A dense SwiGLU MLP of the FP8 rollout under row scales (cuBLAS's role played by torch's
     CPU scaled matmul, the row kernel by the interpreter): its fused chain, the quantised
@@ -94,24 +115,12 @@ def _interpreted_mlp(rank, world):
     import os
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    os.environ["R1MEGA_FP8_ROLLOUT_ACT"] = "row"
     import torch.nn.functional as F
 
-    from r1mega.config import ModelConfig, ParallelConfig, PrecisionConfig
-    from r1mega.models.gpt import build_model
-    from r1mega.parallel.launch_env import read_launch_env
-    from r1mega.parallel.runtime import init_parallel
     from r1mega.precision import triton_fp8_rows
-    from r1mega.precision.policy import Fp8Policy
     from r1mega.precision.quantize import dequantize, quantize_reference
-    from r1mega.precision.rollout import Fp8RolloutWeights
 
-    rt = init_parallel(ParallelConfig(), PrecisionConfig(dtype="bf16"), env=read_launch_env())
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=1, hidden_size=128, ffn_hidden_size=256,
-                                    num_attention_heads=4, num_query_groups=2, vocab_size=96,
-                                    max_position_embeddings=64, spec="local"), rt, wrap=False)
-    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
+    model, fp8 = row_model(tensor=1)
     mlp = model[0].decoder.layers[0].mlp
     calls = []
     real = triton_fp8_rows.fp8_rows_triton
