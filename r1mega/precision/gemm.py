@@ -47,8 +47,9 @@ def _block_scale_b(s: torch.Tensor) -> torch.Tensor:
     return buf.t()
 
 
-# Above this many rows a row x tensor GEMM is a prefill's (eager): cuBLAS's rowwise kernel (a
-# little under its tensorwise one at these sizes, issue #17's table) beats a pass over the output.
+# Above this many rows a row x tensor GEMM is a prefill's (eager), where no later kernel folds the
+# row scales in: cuBLAS's rowwise kernel (a little under its tensorwise one at these sizes, issue
+# #17's table) applies them instead of a pass over the output (not yet timed against that pass).
 ROWWISE_KERNEL_MIN_ROWS = 2048
 
 _UNIT: dict = {}

@@ -36,10 +36,10 @@ from r1mega.precision.quantize import BLOCK, Fp8Tensor, quantize
 # where Transformer Engine's layer classes live (its own package and megatron's wrappers of it)
 _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
 
-# Above this many rows (a prefill chunk, run eagerly) the row route needs the one-pass row kernel
-# and cuBLAS's rowwise GEMM (r1mega/precision/gemm.py) to pay: without them (no GPU, emulation)
-# such calls take the recipe's scaling: the float32 pass over the output that the decode graph
-# fuses away costs an eager prefill more than the tensor scale's one amax.
+# Above this many rows (a prefill chunk, run eagerly) the row route takes the one-pass row kernel
+# and cuBLAS's rowwise GEMM (r1mega/precision/gemm.py); without them (no GPU, emulation) such
+# calls take the recipe's scaling: the float32 pass over the output that the decode graph fuses
+# away cost an eager prefill more than the tensor scale's one amax.
 ROW_ACT_MAX_ROWS = 2048
 
 
