@@ -60,7 +60,7 @@ def route_swiglu(model: torch.nn.Module) -> list:
     where :func:`fused_swiglu_wanted`; returns what :func:`restore_swiglu` puts back."""
     saved = []
     for mlp in model.modules():
-        if not isinstance(mlp, MLP) or not plain_swiglu(mlp):
+        if not plain_swiglu(mlp):
             continue
         weight = mlp.linear_fc1.weight
         if not fused_swiglu_wanted(weight.device):

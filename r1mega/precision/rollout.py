@@ -206,7 +206,7 @@ class Fp8RolloutWeights:
         """fc1 -> SwiGLU -> fc2 of a decode step under row scales: fc1's GEMM output goes to
         the one-pass SwiGLU quantiser (r1mega/precision/triton_fp8_rows.py) with fc1's row scales
         still to apply, which the kernel does on its read (exact: powers of two). The unfused
-        chain ran inductor's reduction + quantise pair over the scaled output (decode) or the
+        chain ran a reduction kernel of inductor's that computed SwiGLU twice (decode), or the
         SwiGLU kernel, an amax and a quantiser (prefill). Anything else (the training forward,
         no GPU kernel) runs megatron's forward."""
         module_forward = type(mlp).forward.__get__(mlp)

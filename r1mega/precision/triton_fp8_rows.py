@@ -5,7 +5,8 @@ RMSNorm kernel that makes them. Two inputs have no such home:
 
   linear_proj  x comes from the paged attention kernel (an opaque op): inductor split the row
                amax and the quantise into a reduction and a pointwise kernel per layer.
-  linear_fc2   x is SwiGLU of fc1's output: the same two kernels, each recomputing SwiGLU.
+  linear_fc2   x is SwiGLU of fc1's output: one reduction kernel that computed SwiGLU twice
+               (for the row's amax, then to quantise it).
 
 The eager prefill has no compiled kernels at all, so every row-scaled input of it comes here.
 

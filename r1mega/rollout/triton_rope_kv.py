@@ -200,20 +200,20 @@ if HAVE_TRITON:
         q_ptr = QO + tok * stride_qt + (g * GROUP + r)[:, None] * D + d[None, :]
         tl.store(q_ptr, y.to(QO.dtype.element_ty), mask=(r < GROUP)[:, None])
 
+        v = tl.load(base + (GROUP + 1) * D + d)
         if KV_OUT:  # prefill's attention reads the fresh rows, not the (maybe FP8) cache
             o_off = tok * stride_ot + g * D
             tl.store(KO + o_off + r[:, None] * 0 + d[None, :], y.to(KO.dtype.element_ty),
                      mask=(r == GROUP)[:, None])
-            tl.store(VO + o_off + d, tl.load(base + (GROUP + 1) * D + d))
+            tl.store(VO + o_off + d, v)
         slot = tl.load(SLOTS + tok * stride_s).to(tl.int64)
         off = (slot // BS) * stride_kb + (slot % BS) * stride_kt + g * stride_kh
         # Every row points at the key's slot; only the key row (r == GROUP) is stored.
         k_ptr = KC + off + r[:, None] * 0 + d[None, :]
-        v = tl.load(base + (GROUP + 1) * D + d)
         if FP8:
             s_off = (slot // BS) * stride_sb + (slot % BS) * stride_st + g
-            # The key row rotated again on its own (the same arithmetic: the same bits) and
-            # quantised alone: the quantiser's IEEE divisions over the whole tile, or picking
+            # The key row rotated again on its own (the tile's arithmetic, written the same way)
+            # and quantised alone: the quantiser's IEEE divisions over the whole tile, or picking
             # the row out of it (a cross-warp reduction), cost more than the rotation.
             kx = tl.load(base + GROUP * D + d).to(tl.float32)
             kp = tl.load(base + GROUP * D + (d + half) % D).to(tl.float32)
