@@ -44,7 +44,8 @@ ROW_ACT_MAX_ROWS = 2048
 
 
 def act_choice() -> str:
-    return switches.choice("R1MEGA_FP8_ROLLOUT_ACT", "recipe", {
+    return switches.choice("R1MEGA_FP8_ROLLOUT_ACT", "auto", {
+        "auto": "row for tensorwise weights, the recipe's scaling otherwise",
         "recipe": "the recipe's activation scaling",
         "row": "tensorwise weights: per-row power-of-two activation scales, cuBLAS's tensorwise "
                "kernel and the row scales on its output"})
@@ -91,14 +92,15 @@ class Fp8RolloutWeights:
         self.act, self.wgt, _ = RECIPE_GRANULARITY[policy.recipe]
         self.act_power2 = policy.power2_scales
         self.big_act = self.act  # above ROW_ACT_MAX_ROWS rows (prefill): the recipe's scaling
-        if act_choice() == "row" and self.wgt == "tensor":
+        # Decode-sized GEMMs with x quantised inside (r1mega/precision/triton_act_gemm.py)
+        self.fused_gemm = not policy.emulate and triton_act_gemm.gemm_choice() == "fused"
+        choice = act_choice()
+        if self.wgt == "tensor" and (choice == "row" or choice == "auto" and not self.fused_gemm):
             # no pass over the whole activation for its amax: a row's scale comes from the
             # kernel that makes the row (inductor fuses the reduction into the norm or SwiGLU)
             self.act, self.act_power2 = "row", True
         self.active = False
         self.refreshes = 0
-        # Decode-sized GEMMs with x quantised inside (r1mega/precision/triton_act_gemm.py)
-        self.fused_gemm = not policy.emulate and triton_act_gemm.gemm_choice() == "fused"
         if self.fused_gemm and (policy.recipe not in ("blockwise", "tensorwise")
                                 or not triton_act_gemm.HAVE_TRITON):
             raise ValueError(f"R1MEGA_FP8_ROLLOUT_GEMM=fused serves the blockwise and tensorwise "

@@ -313,7 +313,7 @@ def test_compiled_reference_quantizer_matches_the_triton_kernel(gran):
     torch.testing.assert_close(data[flipped].float(), ref.data[flipped].float(), rtol=0.13, atol=2.0 ** -9)
 
 
-@pytest.mark.parametrize("recipe", ["rowwise", "blockwise", "tensorwise+rowact"])
+@pytest.mark.parametrize("recipe", ["rowwise", "blockwise", "tensorwise", "tensorwise+recipeact"])
 def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime, recipe, recwarn, monkeypatch):
     """FP8 weight copies under the rollout's default decode (compiled forward, CUDA graphs) and
     eagerly: greedy tokens agree over the first 4 steps and their log-probs differ by little
@@ -323,9 +323,9 @@ def test_fp8_rollout_compiled_graphs_decode_like_eager(single_rank_runtime, reci
     GEMM became an opaque op."""
     if recipe == "blockwise" and not HOPPER:
         pytest.skip("blockwise scaled_mm runs on sm_90")
-    if recipe.endswith("+rowact"):  # per-row activations on tensorwise weights
-        monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
-        recipe = recipe.split("+")[0]
+    # tensorwise weights take per-row activation scales by default; +recipeact: the tensor scale
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "recipe" if recipe.endswith("+recipeact") else "auto")
+    recipe = recipe.split("+")[0]
     torch._dynamo.reset()
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model

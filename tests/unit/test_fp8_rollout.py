@@ -132,6 +132,27 @@ def test_row_switch_leaves_prefill_sized_calls_on_the_recipes_tensor_scale(model
     fp8.remove()
 
 
+def test_tensorwise_weights_take_row_scales_by_default(model, monkeypatch):
+    from r1mega.precision import triton_act_gemm
+
+    policy = Fp8Policy(recipe="tensorwise", backend="native", emulate=True, rollout=True)
+    monkeypatch.delenv("R1MEGA_FP8_ROLLOUT_ACT", raising=False)
+    fp8 = Fp8RolloutWeights(model[0], policy)
+    assert (fp8.act, fp8.act_power2) == ("row", True)
+    fp8.remove()
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "recipe")
+    fp8 = Fp8RolloutWeights(model[0], policy)
+    assert (fp8.act, fp8.act_power2) == ("tensor", policy.power2_scales)
+    fp8.remove()
+    # the fused decode GEMM quantises x itself in 1x128 tiles: the default leaves it the recipe's
+    monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "auto")
+    monkeypatch.setattr(triton_act_gemm, "gemm_choice", lambda: "fused")
+    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", emulate=False,
+                                                rollout=True))
+    assert fp8.fused_gemm and fp8.act == "tensor"
+    fp8.remove()
+
+
 def test_switch_leaves_other_weight_scalings_and_refuses_unknown_values(model, monkeypatch):
     monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
     fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="blockwise", backend="native", emulate=True,
