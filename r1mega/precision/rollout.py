@@ -83,6 +83,13 @@ def _unwrap(model):
     return model
 
 
+def qkv_unscaled(linear_qkv, hidden_states):
+    """(linear_qkv's output (T, out) before its rows' scales, the scales (T,) float32) where the
+    FP8 rollout's row route serves this call, else None (the caller runs the linear)."""
+    fn = getattr(linear_qkv, "_fp8_row_qkv", None)
+    return None if fn is None else fn(hidden_states)
+
+
 class Fp8RolloutWeights:
     """Persistent FP8 copies of one model chunk's block linears, used only while decoding."""
 
@@ -148,6 +155,12 @@ class Fp8RolloutWeights:
                      and id(mlp.linear_fc2) in hooked and not mlp.config.add_bias_linear]
         for mlp in self.mlps:
             mlp.forward = self._make_mlp_forward(mlp)
+        # attention's qkv projection: under row scales the rollout's fused RoPE kernel applies
+        # them (qkv_unscaled), one pointwise pass over qkv a layer fewer
+        self.qkv_linears = [mod for name, mod in m.decoder.named_modules()
+                            if name.endswith("self_attention.linear_qkv") and id(mod) in hooked]
+        for mod in self.qkv_linears:
+            mod._fp8_row_qkv = self._make_qkv_rows(mod)
 
     def _quantize_weight(self, weight: torch.Tensor) -> Fp8Tensor:
         return quantize(weight.detach(), self.wgt, "e4m3", self.policy.power2_scales)
@@ -235,8 +248,29 @@ class Fp8RolloutWeights:
 
         return forward
 
+    def _make_qkv_rows(self, mod):
+        def qkv_rows(hidden_states):
+            q = mod._fp8_rollout_weight
+            x2 = hidden_states.reshape(-1, hidden_states.shape[-1])
+            if (not self.active or torch.is_grad_enabled() or q is None or self.act != "row"
+                    or self.policy.emulate or mod.bias is not None or mod.sequence_parallel
+                    or mod.gather_output or x2.shape[0] > ROW_ACT_MAX_ROWS
+                    or not triton_fp8_rows.supported(x2, False)):
+                return None
+            t = x2.shape[0]
+            if torch.compiler.is_compiling():  # inductor fuses it into the norm before
+                a = quantize(_pad_rows(x2, 16), "row", "e4m3", True, impl="reference")
+            else:
+                a = triton_fp8_rows.fp8_rows(x2, True)
+            y = row_tensor_gemm_unscaled(a, q, x2.dtype, fast_accum=True)[:t]    # (T, out)
+            return y, a.scale.reshape(-1)[:t]
+
+        return qkv_rows
+
     def remove(self) -> None:
         """Uninstall the hooks and drop the copies (the layers are plain megatron again)."""
+        for mod in self.qkv_linears:
+            mod.__dict__.pop("_fp8_row_qkv", None)
         for mlp in self.mlps:
             mlp.__dict__.pop("forward", None)
         for mod in self.linears:

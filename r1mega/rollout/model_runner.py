@@ -41,6 +41,7 @@ from r1mega.rollout.attention import AttentionBatch, attend_decode_gather, atten
 from r1mega.rollout.kv_cache import PagedKVCache
 from r1mega.ops.batch_invariant import exact_active
 from r1mega.rollout.exact import exact_runner_attention
+from r1mega.precision import rollout as fp8_rollout
 from r1mega.rollout import triton_paged, triton_rope_kv
 
 
@@ -155,6 +156,17 @@ class ModelRunner:
             from r1mega.models.compile import prepare_dynamo
 
             prepare_dynamo()
+
+    def _mixed_qkv(self, attn, h: torch.Tensor, i: int):
+        """(linear_qkv's output as (T, 1, Hkv, (G + 2) * D), None), or under the FP8 rollout's row
+        scales (its output before them, the (T,) scales the RoPE kernel applies)."""
+        rows = None
+        if not exact_active() and attn.config.num_query_groups >= attn.world_size:
+            rows = fp8_rollout.qkv_unscaled(attn.linear_qkv, h)
+        if rows is None:
+            return attn.get_query_key_value_tensors(h, split_qkv=False)[0], None
+        y, row_scale = rows
+        return y.view(y.shape[0], 1, self.cache.k[i].shape[-2], -1), row_scale
 
     def fused_rope_kv_supported(self) -> bool:
         """Whether triton_rope_kv covers this model: full-width rotate-half RoPE right after the
@@ -283,14 +295,15 @@ class ModelRunner:
                 o = self.mla.attention(self.cache, i, attn, h, positions, slots, batch, decode_tensors)
             elif fused:
                 # (T, 1, Hkv, (G + 2) * D): each KV group's q heads, k, v, as linear_qkv wrote them
-                qkv, _ = attn.get_query_key_value_tensors(h, split_qkv=False)
+                qkv, row_scale = self._mixed_qkv(attn, h, i)
                 if i == 0:
                     cos_sin = self._rope_cos_sin(freqs, qkv.dtype)
                 if exact_active():  # rollout.exact: the variant with the eager (training) bits
                     q = triton_rope_kv.rope_kv_write_triton(qkv, *cos_sin, slots, self.cache.k[i],
                                                             self.cache.v[i], exact=True)
                 else:
-                    q = triton_rope_kv.rope_kv_write_op(qkv, *cos_sin, slots, *self.cache.layer(i))
+                    q = triton_rope_kv.rope_kv_write_op(qkv, *cos_sin, slots, *self.cache.layer(i),
+                                                        row_scale=row_scale)
                 k = v = None  # in the cache now; decode attention reads them there
             elif fused_prefill:
                 qkv, _ = attn.get_query_key_value_tensors(h, split_qkv=False)

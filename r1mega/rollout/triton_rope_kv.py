@@ -37,6 +37,10 @@ its decode launches the kernel with ``exact=True``: bf16 rounding by the integer
 (``enable_fp_fusion=False``), for bf16 and fp32 activations (:func:`exact_rounding_supported`).
 tests/gpu checks that variant against :func:`rope_kv_write_reference` bit for bit.
 
+FP8 rollout (r1mega/precision/rollout.py): with per-row activation scales the qkv GEMM can leave
+its output unscaled; ``row_scale`` multiplies each token's row on the kernel's read (a power of
+two: exact) and saves the decode step a pointwise pass over qkv per layer.
+
 A fresh prefill runs the same kernel with ``kv_out``: it also stores the rotated k and the v
 rows for the prefill's attention, which reads them rather than the (maybe FP8) cache
 (:func:`rope_kv_write_prefill`).
@@ -93,14 +97,25 @@ def _split(qkv: torch.Tensor, k_cache: torch.Tensor):
     return t, hkv, group, d
 
 
+def apply_row_scale(qkv: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """qkv (T, ...) times its rows' float32 scales (T,), rounded back to qkv's dtype: the FP8
+    rollout's row-scaled GEMM output (r1mega/precision/gemm.py), applied here instead."""
+    if row_scale is None:
+        return qkv
+    t = qkv.shape[0]
+    return (qkv.float() * row_scale.reshape(t, *[1] * (qkv.dim() - 1))).to(qkv.dtype)
+
+
 def rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None,
-                            v_scale=None, kv_out: bool = False):
+                            v_scale=None, kv_out: bool = False, row_scale=None):
     """The unfused path: megatron's per-group split, :func:`rotate_qk`, the cache write.
 
     qkv (T, 1, Hkv, (G + 2) * D); cos/sin (T, 1, 1, D); slots (T,); caches (N, bs, Hkv, D)
-    (written in place; an FP8 cache with its scales (N, bs, Hkv)). Returns the rotated q (T, Hq, D),
-    and with ``kv_out`` also the rotated k and the v rows (T, Hkv, D)."""
+    (written in place; an FP8 cache with its scales (N, bs, Hkv)); ``row_scale`` (T,) float32:
+    qkv's rows are to be multiplied by it first (:func:`apply_row_scale`). Returns the rotated
+    q (T, Hq, D), and with ``kv_out`` also the rotated k and the v rows (T, Hkv, D)."""
     t, hkv, group, d = _split(qkv, k_cache)
+    qkv = apply_row_scale(qkv, row_scale)
     x = qkv.reshape(t, 1, hkv, (group + 2) * d)
     q, k, v = torch.split(x, [group * d, d, d], dim=3)  # what get_query_key_value_tensors does
     q, k = rotate_qk(q.reshape(t, 1, hkv * group, d), k, cos, sin)
@@ -162,8 +177,16 @@ if HAVE_TRITON:
         return y.to(tl.float8e4nv), scale  # exact: y is on the e4m3 grid
 
     @triton.jit
+    def _scaled(x, s, ROW_SCALE: tl.constexpr, RTNE_BITS: tl.constexpr):
+        # x (activation dtype) times its row's scale, rounded back: apply_row_scale's arithmetic
+        if ROW_SCALE:
+            return _to_act(x.to(tl.float32) * s, x.dtype, RTNE_BITS)
+        else:
+            return x
+
+    @triton.jit
     def _rope_kv_write_kernel(
-        QKV, COS, SIN, SLOTS, KC, VC, QO, KS, VS, KO, VO,
+        QKV, COS, SIN, SLOTS, KC, VC, QO, KS, VS, KO, VO, RS,
         stride_xt, stride_ct, stride_s,
         stride_kb, stride_kt, stride_kh,
         stride_sb, stride_st,
@@ -176,6 +199,7 @@ if HAVE_TRITON:
         FP8: tl.constexpr,  # e4m3 caches with float32 scales KS/VS (N, bs, Hkv); else unused
         FP8_MAX: tl.constexpr,
         KV_OUT: tl.constexpr,  # also the rotated k and the v rows at KO/VO (T, Hkv, D): prefill
+        ROW_SCALE: tl.constexpr,  # qkv's rows times float32 scales RS (T,) first
     ):
         tok = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
@@ -184,9 +208,15 @@ if HAVE_TRITON:
         half = D // 2
         base = QKV + tok * stride_xt + g * ((GROUP + 2) * D)
         row_ok = (r < GROUP + 1)[:, None]
+        if ROW_SCALE:
+            rs = tl.load(RS + tok)
+        else:
+            rs = 1.0
         x = tl.load(base + r[:, None] * D + d[None, :], mask=row_ok, other=0.0)  # (ROWS, D)
+        x = _scaled(x, rs, ROW_SCALE, RTNE_BITS)
         # rotate_half(x) = cat(-x2, x1): element d reads its partner d +- D/2.
         partner = tl.load(base + r[:, None] * D + ((d + half) % D)[None, :], mask=row_ok, other=0.0)
+        partner = _scaled(partner, rs, ROW_SCALE, RTNE_BITS)
         partner = partner.to(tl.float32)  # negated in fp32, exact (the interpreter miscomputes bf16 -x)
         rot = tl.where((d < half)[None, :], _negate(partner), partner)
         cos = tl.load(COS + tok * stride_ct + d).to(tl.float32)[None, :]
@@ -200,7 +230,7 @@ if HAVE_TRITON:
         q_ptr = QO + tok * stride_qt + (g * GROUP + r)[:, None] * D + d[None, :]
         tl.store(q_ptr, y.to(QO.dtype.element_ty), mask=(r < GROUP)[:, None])
 
-        v = tl.load(base + (GROUP + 1) * D + d)
+        v = _scaled(tl.load(base + (GROUP + 1) * D + d), rs, ROW_SCALE, RTNE_BITS)
         if KV_OUT:  # prefill's attention reads the fresh rows, not the (maybe FP8) cache
             o_off = tok * stride_ot + g * D
             tl.store(KO + o_off + r[:, None] * 0 + d[None, :], y.to(KO.dtype.element_ty),
@@ -215,8 +245,9 @@ if HAVE_TRITON:
             # The key row rotated again on its own (the tile's arithmetic, written the same way)
             # and quantised alone: the quantiser's IEEE divisions over the whole tile, or picking
             # the row out of it (a cross-warp reduction), cost more than the rotation.
-            kx = tl.load(base + GROUP * D + d).to(tl.float32)
-            kp = tl.load(base + GROUP * D + (d + half) % D).to(tl.float32)
+            kx = _scaled(tl.load(base + GROUP * D + d), rs, ROW_SCALE, RTNE_BITS).to(tl.float32)
+            kp = _scaled(tl.load(base + GROUP * D + (d + half) % D), rs, ROW_SCALE,
+                         RTNE_BITS).to(tl.float32)
             krot = tl.where(d < half, _negate(kp), kp)
             ka = _to_act(kx * cos, QKV.dtype.element_ty, RTNE_BITS)
             kb = _to_act(krot * sin, QKV.dtype.element_ty, RTNE_BITS)
@@ -239,12 +270,13 @@ def exact_rounding_supported(dtype: torch.dtype) -> bool:
 
 
 def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_scale=None,
-                         v_scale=None, exact: bool = False, kv_out=None) -> torch.Tensor:
+                         v_scale=None, exact: bool = False, kv_out=None, row_scale=None) -> torch.Tensor:
     """The Triton kernel; same arguments and result as :func:`rope_kv_write_reference` (``out``:
     a contiguous (T, Hq, D) tensor for the rotated q, else a new one). ``exact``: round as the
     eager reference does, bit for bit (module docstring; bf16 and fp32 only). ``kv_out``: two
     contiguous (T, Hkv, D) tensors of qkv's dtype that receive the rotated k and the v rows too
-    (the prefill attends over them)."""
+    (the prefill attends over them). ``row_scale``: (T,) float32 scales of qkv's rows, applied
+    on the read (the FP8 rollout's qkv GEMM leaves them to this kernel)."""
     if not HAVE_TRITON:
         raise RuntimeError("rope_kv_write_triton needs Triton; use rope_kv_write_reference.")
     if exact and not exact_rounding_supported(qkv.dtype):
@@ -274,6 +306,11 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_sca
     if q.shape != (t, hkv * group, d) or not q.is_contiguous():
         raise ValueError(f"rope_kv_write_triton: out must be a contiguous {(t, hkv * group, d)} tensor.")
     ko, vo = kv_out if kv_out is not None else (q, q)  # unused pointers without KV_OUT
+    if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.numel() != t
+                                  or not row_scale.is_contiguous()):
+        raise ValueError(f"rope_kv_write_triton: row_scale must be {t} contiguous float32 scales, "
+                         f"got {row_scale.dtype} of shape {tuple(row_scale.shape)}.")
+    rs = row_scale if row_scale is not None else q  # an unused pointer without ROW_SCALE
     if kv_out is not None and any(o.shape != (t, hkv, d) or not o.is_contiguous() or o.dtype != qkv.dtype
                                   for o in kv_out):
         raise ValueError(f"rope_kv_write_triton: kv_out must be two contiguous {(t, hkv, d)} "
@@ -282,7 +319,7 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_sca
         return q
     bs = k_cache.shape[1]
     _rope_kv_write_kernel[(t, hkv)](
-        x, cos, sin, slots, k_cache, v_cache, q, ks, vs, ko, vo,
+        x, cos, sin, slots, k_cache, v_cache, q, ks, vs, ko, vo, rs,
         x.stride(0), cos.stride(0), slots.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         ks.stride(0), ks.stride(1),
@@ -295,6 +332,7 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_sca
         FP8=fp8,
         FP8_MAX=FP8_MAX,
         KV_OUT=kv_out is not None,
+        ROW_SCALE=row_scale is not None,
         num_warps=1 if (group + 1) * d <= 512 else 4,
         **({"enable_fp_fusion": False} if exact else {}),  # the default variant: Triton's default
     )
@@ -306,26 +344,29 @@ def rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, out=None, k_sca
 # 2.11 mishandles optional mutated ones).
 @torch.library.custom_op("r1mega::rope_kv_write", mutates_args=("k_cache", "v_cache"))
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RoPE + cache write of one layer: the Triton kernel on CUDA, the reference elsewhere."""
     if qkv.is_cuda and HAVE_TRITON:
-        return rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache)
-    return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache)
+        return rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, row_scale=row_scale)
+    return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, row_scale=row_scale)
 
 
 @torch.library.custom_op("r1mega::rope_kv_write_fp8",
                          mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def rope_kv_write_fp8(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
-                      v_scale: torch.Tensor) -> torch.Tensor:
+                      v_scale: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`rope_kv_write` into an FP8 cache with its per-(token, head) scales."""
     if qkv.is_cuda and HAVE_TRITON:
         return rope_kv_write_triton(qkv, cos, sin, slots, k_cache, v_cache, k_scale=k_scale,
-                                    v_scale=v_scale)
-    return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale)
+                                    v_scale=v_scale, row_scale=row_scale)
+    return rope_kv_write_reference(qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale,
+                                   row_scale=row_scale)
 
 
-def _rope_kv_write_fake(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None):
+def _rope_kv_write_fake(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None,
+                        row_scale=None):
     t = qkv.shape[0]
     hkv, d = k_cache.shape[-2], k_cache.shape[-1]
     group = qkv.shape[-1] // d - 2  # the last dim is one group's (G + 2) * D
@@ -336,8 +377,11 @@ rope_kv_write.register_fake(_rope_kv_write_fake)
 rope_kv_write_fp8.register_fake(_rope_kv_write_fake)
 
 
-def rope_kv_write_op(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None):
-    """The op for this cache: bf16 (no scales) or FP8 (with its scales)."""
+def rope_kv_write_op(qkv, cos, sin, slots, k_cache, v_cache, k_scale=None, v_scale=None,
+                     row_scale=None):
+    """The op for this cache: bf16 (no scales) or FP8 (with its scales); ``row_scale`` (T,)
+    float32: qkv's rows still to be scaled (the FP8 rollout's unscaled qkv GEMM)."""
     if k_scale is None:
-        return torch.ops.r1mega.rope_kv_write(qkv, cos, sin, slots, k_cache, v_cache)
-    return torch.ops.r1mega.rope_kv_write_fp8(qkv, cos, sin, slots, k_cache, v_cache, k_scale, v_scale)
+        return torch.ops.r1mega.rope_kv_write(qkv, cos, sin, slots, k_cache, v_cache, row_scale)
+    return torch.ops.r1mega.rope_kv_write_fp8(qkv, cos, sin, slots, k_cache, v_cache, k_scale,
+                                              v_scale, row_scale)

@@ -45,3 +45,16 @@ def test_fp8_rollout_mlp_chain_under_tp2(monkeypatch):
     assert (c0 - r0).abs().max() < 3e-2 * scale, float((c0 - r0).abs().max() / scale)
     err = float((c0 - p0).abs().max() / scale)
     assert 0 < err < 0.15, err  # FP8 against bf16: close, not equal
+
+
+def test_fp8_rollout_qkv_rows_under_tp2(monkeypatch):
+    """Each rank's qkv shard (one KV group of two) left unscaled for the RoPE kernel: with its
+    scales applied, the per-linear route's shard to the bit."""
+    from tests.unit.test_fp8_rows_interpreter import qkv_rows_vs_route
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    results = run_ranks(qkv_rows_vs_route, 2, timeout_s=300)
+    for got, route, scales, refused in results:
+        assert got.shape == route.shape == (6, 1, 1, 4 * 32) and refused
+        assert torch.equal(got, route)
+    assert torch.equal(results[0][2], results[1][2])  # one row's scale on every rank: x is replicated

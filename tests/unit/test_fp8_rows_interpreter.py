@@ -87,7 +87,7 @@ def test_fp8_rows_match_the_reference_under_interpreter(monkeypatch):
     assert not torch.isnan(s[[0, 2, 3]]).any()
 
 
-def row_model(tensor: int):
+def row_model(tensor: int, with_runtime: bool = False):
     """In a spawned rank: a one-layer bf16 local-spec model (hidden 128, FFN 256) over
     ``tensor`` TP ranks and its tensorwise FP8 rollout copies under the row switch."""
     import os
@@ -104,8 +104,34 @@ def row_model(tensor: int):
     model = build_model(ModelConfig(num_layers=1, hidden_size=128, ffn_hidden_size=256,
                                     num_attention_heads=4, num_query_groups=2, vocab_size=96,
                                     max_position_embeddings=64, spec="local"), rt, wrap=False)
-    return model, Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native",
-                                                        rollout=True))
+    fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="tensorwise", backend="native", rollout=True))
+    return (model, fp8, rt) if with_runtime else (model, fp8)
+
+
+def qkv_rows_vs_route(rank, world):
+    """In a spawned rank (TRITON_INTERPRET=1): the runner's qkv for the fused RoPE kernel under
+    the row route (the GEMM's output before its row scales, and the scales), the per-linear
+    route's scaled output, and whether the unscaled call is refused outside ``decoding`` and
+    after ``remove``."""
+    from r1mega.precision import rollout as fp8_rollout
+    from r1mega.rollout.model_runner import ModelRunner
+    from r1mega.rollout.triton_rope_kv import apply_row_scale
+    from tests.unit.test_rollout_rope_kv_triton import attach_random_cache
+
+    model, fp8, rt = row_model(tensor=world, with_runtime=True)
+    runner = ModelRunner(model, rt)
+    attach_random_cache(runner, block_tokens=4, num_blocks=4)
+    attn = model[0].decoder.layers[0].self_attention
+    x = (torch.randn(6, 1, 128, generator=torch.Generator().manual_seed(3)) * 2).bfloat16()
+    with torch.no_grad():
+        with fp8.decoding():
+            unscaled, scales = runner._mixed_qkv(attn, x, 0)
+            route, _ = attn.get_query_key_value_tensors(x, split_qkv=False)
+        refused = fp8_rollout.qkv_unscaled(attn.linear_qkv, x) is None
+        fp8.remove()
+        with fp8.decoding():
+            refused = refused and fp8_rollout.qkv_unscaled(attn.linear_qkv, x) is None
+    return apply_row_scale(unscaled, scales), route, scales, refused
 
 
 def _interpreted_mlp(rank, world):
@@ -191,3 +217,15 @@ def test_fp8_rollout_mlp_chain_under_interpreter(monkeypatch):
     torch.testing.assert_close(big_mlp, got, rtol=1e-2, atol=1e-2 * float(got.abs().max()))
     torch.testing.assert_close(big_qkv, big_ref, rtol=1e-2, atol=1e-2 * float(big_ref.abs().max()))
     assert [c[0] for c in calls] == [False, True, False, True, False]  # + the prefill's launches
+
+
+@pytest.mark.slow
+@needs_triton
+def test_qkv_rows_left_to_the_rope_kernel_equal_the_scaled_route(monkeypatch):
+    from tests.distributed.harness import run_ranks
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ((got, route, scales, refused),) = run_ranks(qkv_rows_vs_route, 1, timeout_s=300)
+    assert got.shape == route.shape == (6, 1, 2, 4 * 32) and refused
+    assert torch.equal(got, route)  # the scales are powers of two: applied anywhere, the same bits
+    assert torch.equal(scales, 2.0 ** torch.log2(scales).round()) and not (scales == 1).all()

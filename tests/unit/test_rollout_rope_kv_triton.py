@@ -104,6 +104,8 @@ def test_custom_op_registrations():
 
     qkv, cos, sin, slots, kc, vc = make_inputs(7, 3, 3, 16, 4, False, torch.float32, seed=0)
     torch.library.opcheck(torch.ops.r1mega.rope_kv_write.default, (qkv, cos, sin, slots, kc, vc))
+    torch.library.opcheck(torch.ops.r1mega.rope_kv_write.default,
+                          (qkv, cos, sin, slots, kc, vc, torch.full((7,), 0.25)))
     k = torch.randn(7, 3, 16)
     torch.library.opcheck(torch.ops.r1mega.kv_cache_write.default, (kc, vc, slots, k, k.clone()))
     bt = torch.tensor([[1, 2], [3, 0], [4, 5]], dtype=torch.int32)
@@ -293,3 +295,54 @@ def test_prefill_through_the_fused_route_generates_the_same(single_rank_runtime,
         eng.release()
     assert outs[True] == outs[False]
     assert calls and all(t >= 3 for t in calls) and len(calls) % 2 == 0  # prefill rows, both layers
+
+
+def _interpreted_row_scale(rank, world):
+    """qkv's rows scaled on the kernel's read: the kernel on the unscaled rows and their scales
+    against the reference on the scaled rows (every output), plain and FP8 caches."""
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from r1mega.rollout import triton_rope_kv as R
+    from r1mega.rollout.kv_cache import FP8_DTYPE
+
+    out = []
+    for i, shape in enumerate(SHAPES[:3]):
+        for dtype_name, fp8 in (("bfloat16", False), ("float16", False), ("float32", False),
+                                ("bfloat16", True)):
+            qkv, cos, sin, slots, kc, vc = make_inputs(*shape, getattr(torch, dtype_name), seed=20 + i)
+            T = shape[0]
+            g = torch.Generator().manual_seed(i)
+            # powers of two (the FP8 row route's), and one that is not: the kernel rounds the
+            # product back to the activation dtype as apply_row_scale does
+            rs = 2.0 ** torch.randint(-6, 7, (T,), generator=g).float()
+            rs[0] = 0.7
+            ks = vs = None
+            if fp8:
+                kc, vc = kc.to(FP8_DTYPE), vc.to(FP8_DTYPE)
+                ks, vs = torch.ones(kc.shape[:3]), torch.ones(kc.shape[:3])
+            scaled = R.apply_row_scale(qkv, rs)
+            ref = [t.clone() if t is not None else None for t in (kc, vc, ks, vs)]
+            q_ref = R.rope_kv_write_reference(scaled, cos, sin, slots, *ref)
+            got = [t.clone() if t is not None else None for t in (kc, vc, ks, vs)]
+            q = R.rope_kv_write_triton(qkv, cos, sin, slots, got[0], got[1], k_scale=got[2],
+                                       v_scale=got[3], row_scale=rs)
+            exact = torch.equal(scaled[1:].float(), qkv[1:].float() * rs[1:].reshape(-1, 1, 1, 1))
+            out.append(((shape, dtype_name, fp8), q_ref, q, ref, got, exact))
+    return out
+
+
+@pytest.mark.slow
+@needs_triton
+def test_row_scales_applied_on_the_kernels_read_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (cases,) = run_ranks(_interpreted_row_scale, 1, timeout_s=300)
+    assert len(cases) == 12
+    for case, q_ref, q, ref, got, exact in cases:
+        # a power-of-two scale rounds nowhere in bf16 and fp32 (fp32's exponent range); fp16
+        # rounds scaled-down rows into its subnormals
+        assert exact or case[1] == "float16", case
+        assert torch.equal(q, q_ref), case
+        for a, b in zip(ref, got):
+            assert (a is None and b is None) or torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                                                            b.view(torch.uint8) if b.dtype.itemsize == 1 else b), case
