@@ -147,7 +147,11 @@ class Fp8RolloutWeights:
                     f"{align}. {fix}, or precision.fp8_rollout=false.")
             mod._fp8_rollout_weight = None
             mod._forward_impl = self._make_impl(mod, rows_kernel=id(mod) in opaque_inputs)
-        hooked = {id(mod) for mod in self.linears}
+        # Row-scaled activations on tensorwise weights (not the rowwise recipe, whose weights
+        # are row-scaled too): a GEMM's output then lacks only x's row scales, which the kernel
+        # reading it next applies
+        row_chain = self.act == "row" and self.wgt == "tensor" and not policy.emulate
+        hooked = {id(mod) for mod in self.linears} if row_chain else set()
         # Dense SwiGLU MLPs whose two linears both have copies: under row scales, decode runs
         # them as one chain (see _make_mlp_forward)
         self.mlps = [mlp for mlp in m.decoder.modules()

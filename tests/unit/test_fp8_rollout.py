@@ -153,6 +153,26 @@ def test_tensorwise_weights_take_row_scales_by_default(model, monkeypatch):
     fp8.remove()
 
 
+def test_row_chains_hook_only_row_scaled_activations_on_tensorwise_weights(model, monkeypatch):
+    """The MLP chain and the unscaled qkv GEMM hand x's row scales to the next kernel: right for
+    tensorwise weights (one scale, applied by cuBLAS), wrong for the rowwise recipe (its weights'
+    row scales need cuBLAS's rowwise kernel); the rowwise decode on an H100 raised before."""
+    from r1mega.precision import rollout as rollout_mod
+
+    monkeypatch.delenv("R1MEGA_FP8_ROLLOUT_ACT", raising=False)
+    layer = model[0].decoder.layers[0]
+    for recipe, hooked in (("tensorwise", True), ("rowwise", False), ("blockwise", False)):
+        fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe=recipe, backend="native", emulate=False,
+                                                    rollout=True))
+        assert (fp8.mlps == [m.mlp for m in model[0].decoder.layers]) == hooked, recipe
+        assert (len(fp8.qkv_linears) == len(model[0].decoder.layers)) == hooked, recipe
+        assert ("forward" in layer.mlp.__dict__) == hooked, recipe
+        assert (getattr(layer.self_attention.linear_qkv, "_fp8_row_qkv", None) is not None) == hooked
+        fp8.remove()
+        assert "forward" not in layer.mlp.__dict__
+        assert rollout_mod.qkv_unscaled(layer.self_attention.linear_qkv, torch.zeros(1, 1, 128)) is None
+
+
 def test_switch_leaves_other_weight_scalings_and_refuses_unknown_values(model, monkeypatch):
     monkeypatch.setenv("R1MEGA_FP8_ROLLOUT_ACT", "row")
     fp8 = Fp8RolloutWeights(model[0], Fp8Policy(recipe="blockwise", backend="native", emulate=True,
