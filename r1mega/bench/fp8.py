@@ -211,7 +211,7 @@ def run_throughput(args, rt) -> dict:
 
 def run_rollout(args, rt) -> dict:
     """bf16 vs FP8-weight rollout (``precision.fp8_rollout``) on the same model, same requests."""
-    from r1mega.bench.rollout import _profile_prefill, _time_replays, logprob_mismatch
+    from r1mega.bench.rollout import _profile_prefill, _time_replays, device_busy, logprob_mismatch
     from r1mega.bench.shapes import get_shape
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
@@ -266,6 +266,12 @@ def run_rollout(args, rt) -> dict:
         split = {k: st[k] for k in ("prefill_s", "decode_s", "decode", "prefill", "capture_s")}
         if args.profile_kernels:  # where each row's decode step and prefill spend device time
             print(f"==== {name}")
+            split["busy"] = device_busy(lambda: generate(reqs)) if device.type == "cuda" else None
+            if split["busy"] is not None:
+                bz = split["busy"]
+                print(f"the same call profiled: device busy {bz['device_busy_s']:.3f} s of "
+                      f"{bz['wall_s']:.3f} s wall ({bz['device_busy_s'] / bz['wall_s']:.0%}); idle in "
+                      f"gaps over 20 us {bz['idle_in_gaps_over_20us_s']:.3f} s")
             _time_replays(eng, profile=True)
             if fp8 is None:
                 _profile_prefill(eng, ids, name)

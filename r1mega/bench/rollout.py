@@ -153,6 +153,42 @@ def _profile_prefill(eng, ids, label: str) -> None:
                                     max_name_column_width=70))
 
 
+def device_busy(run) -> dict:
+    """Call ``run()`` under the profiler: the share of its wall time the GPU spent in kernels and
+    copies (the union of their intervals), and the idle time in gaps longer than 20 us (a
+    host that falls behind the overlapped decode shows there)."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    _sync()
+    t = time.perf_counter()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        _sync()
+    wall = time.perf_counter() - t
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, span, idle_long = interval_union(spans, min_gap=20.0)
+    return {"wall_s": wall, "device_busy_s": busy * 1e-6, "device_span_s": span * 1e-6,
+            "idle_in_gaps_over_20us_s": idle_long * 1e-6}
+
+
+def interval_union(spans, min_gap: float) -> tuple[float, float, float]:
+    """Sorted (start, end) intervals -> (length of their union, first start to last end, the
+    total of the gaps between them longer than ``min_gap``)."""
+    busy = idle = 0.0
+    end = None
+    for a, b in spans:
+        if end is None or a > end:
+            if end is not None and a - end > min_gap:
+                idle += a - end
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy, (end - spans[0][0]) if spans else 0.0, idle
+
+
 def _time_replays(eng, profile: bool = False) -> None:
     """Device time of one captured decode step per bucket (the host's share is the rest);
     ``profile``: the top kernels of the largest bucket's replay."""

@@ -83,3 +83,15 @@ def test_profile_kernels_lists_each_modes_prefill(capsys, monkeypatch):
         assert "aten::mm" in table.split("Self CPU time total", 1)[0]
     out = json.loads(text.strip().splitlines()[-1])
     assert out["exact"]["logprob_gap"]["max_abs_diff"] == 0.0
+
+
+def test_interval_union_counts_overlaps_once_and_long_gaps():
+    from r1mega.bench.rollout import interval_union
+
+    # [0,10] and [5,12] overlap (12 busy), a 3-unit gap (short), [15,20], a 30-unit gap, [50,51]
+    # nested inside nothing, and [16,18] inside [15,20]
+    spans = sorted([(0, 10), (5, 12), (15, 20), (16, 18), (50, 51)])
+    busy, span, idle = interval_union(spans, min_gap=20)
+    assert (busy, span, idle) == (12 + 5 + 1, 51, 30)
+    assert interval_union(spans, min_gap=0) == (18, 51, 33)
+    assert interval_union([], min_gap=20) == (0.0, 0.0, 0.0)
