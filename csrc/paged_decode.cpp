@@ -5,7 +5,8 @@
 
 void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
-                           const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores);
+                           const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
+                           bool heads_inner);
 
 namespace {
 
@@ -24,7 +25,8 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 // whole number, bs a multiple of 16.
 void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                       const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
-                      const torch::Tensor& ctx, torch::Tensor out, double scale, bool tensor_cores) {
+                      const torch::Tensor& ctx, torch::Tensor out, double scale, bool tensor_cores,
+                      bool heads_inner) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "r1mega_attn_cuda: q must be a (B, Hq, D) CUDA tensor with unit stride on D, got ",
               q.sizes(), " strides ", q.strides());
@@ -70,9 +72,10 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
   same_device(out, q, "out");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.sizes() == q.sizes() && out.stride(2) == 1,
               "r1mega_attn_cuda: out must be like q, got ", out.scalar_type(), " ", out.sizes());
-  TORCH_CHECK(B <= 2147483647 && Hkv <= 65535, "r1mega_attn_cuda: grid (", B, ", ", Hkv, ") too large");
+  TORCH_CHECK(heads_inner ? B <= 65535 : B <= 2147483647 && Hkv <= 65535, "r1mega_attn_cuda: grid of ",
+              B, " sequences x ", Hkv, " KV heads too large", heads_inner ? " with heads inner (B <= 65535)" : "");
   if (B == 0) return;
-  paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores);
+  paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores, heads_inner);
 }
 
 }  // namespace
@@ -82,5 +85,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "decode attention of q (B, Hq, D) over an FP8 paged KV cache with per-(token, head) scales",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
         py::arg("block_tables"), py::arg("ctx_lens"), py::arg("out"), py::arg("scale"),
-        py::arg("tensor_cores") = false);
+        py::arg("tensor_cores") = false, py::arg("heads_inner") = false);
 }

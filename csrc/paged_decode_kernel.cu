@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                             int64_t s_sb, int64_t s_st, const IT* __restrict__ bt,
                             int64_t bt_s, const int32_t* __restrict__ ctx_lens,
                             QT* __restrict__ out, int64_t o_sb, int64_t o_sh, int group, int bs,
-                            float scale_log2) {
+                            float scale_log2, bool heads_inner) {
   constexpr int LPK = D / 16;          // lanes per key in q . k (16 bytes each)
   constexpr int KPW = 32 / LPK;        // keys per warp-wide step
   constexpr int STEPS = kChunk / KPW;  // steps per chunk
@@ -110,7 +110,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   float* l_s = m_s + kWarps * GMAX;
   float(*acc_s)[GMAX][D] = reinterpret_cast<float(*)[GMAX][D]>(smem);  // after the loop only
 
-  const int b = blockIdx.x, h = blockIdx.y;
+  // heads_inner: a sequence's KV heads are neighbouring CTAs (grid (Hkv, B)), which read the
+  // interleaved head rows of each cache slot at about the same time
+  const int b = heads_inner ? blockIdx.y : blockIdx.x, h = heads_inner ? blockIdx.x : blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kq = lane / LPK, sl = lane % LPK;
   const int ctx = ctx_lens[b];
@@ -290,7 +292,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <typename QT, int GMAX, int D, typename IT, bool MMA>
 void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale) {
+            int group, double scale, bool heads_inner) {
   auto kernel = paged_decode_fp8_kernel<QT, GMAX, D, IT>;
   if constexpr (MMA) kernel = paged_decode_fp8_mma_kernel<QT, D, IT>;
   constexpr int smem = MMA ? MmaSmem<D>::kBytes : Smem<GMAX, D>::kBytes;
@@ -302,7 +304,7 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     if (dev < 64) opted_in[dev] = true;
   }
-  const dim3 grid(q.size(0), kc.size(2));
+  const dim3 grid = heads_inner ? dim3(kc.size(2), q.size(0)) : dim3(q.size(0), kc.size(2));
   const auto stream = at::cuda::getCurrentCUDAStream();
   kernel<<<grid, kWarps * 32, smem, stream>>>(
       reinterpret_cast<const QT*>(q.data_ptr()), q.stride(0), q.stride(1),
@@ -310,50 +312,51 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
       kc.stride(0), kc.stride(1), kc.stride(2), ks.data_ptr<float>(), vs.data_ptr<float>(),
       ks.stride(0), ks.stride(1), reinterpret_cast<const IT*>(bt.data_ptr()), bt.stride(0),
       ctx.data_ptr<int32_t>(), reinterpret_cast<QT*>(out.data_ptr()), out.stride(0), out.stride(1),
-      group, static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634));
+      group, static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634), heads_inner);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename QT, int GMAX, int D, bool MMA>
 void by_index(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale) {
+              int group, double scale, bool heads_inner) {
   // the CUDA-graph decode step reads its block tables out of one packed int64 buffer
   if (bt.scalar_type() == at::kLong)
-    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
+  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
 }
 
 template <typename QT, int GMAX, bool MMA>
 void by_dim(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale) {
+            int group, double scale, bool heads_inner) {
   switch (q.size(2)) {
-    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
+    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
+    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
   }
 }
 
 template <typename QT>
 void by_group(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale, bool tensor_cores) {
-  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
-  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale);
+              int group, double scale, bool tensor_cores, bool heads_inner) {
+  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
+  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
+  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
 }
 
 }  // namespace
 
 void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
-                           const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores) {
+                           const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
+                           bool heads_inner) {
   const at::cuda::CUDAGuard guard(q.device());
   const int group = static_cast<int>(q.size(1) / kc.size(2));
   if (q.scalar_type() == at::kBFloat16) {
-    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores);
+    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner);
   } else {
-    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores);
+    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner);
   }
 }

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                                 int64_t s_sb, int64_t s_st, const IT* __restrict__ bt,
                                 int64_t bt_s, const int32_t* __restrict__ ctx_lens,
                                 QT* __restrict__ out, int64_t o_sb, int64_t o_sh, int group, int bs,
-                                float scale_log2) {
+                                float scale_log2, bool heads_inner) {
   constexpr int PIECES = D / 16;   // 16-byte pieces of a cache row
   constexpr int KT = D / 16;       // k-steps of S^T, m-tiles of O^T
   constexpr int VB = D / 8;        // V bytes (dims) a lane takes of each of its keys
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   float* r_s = l_s + kWarps * 8;                                         // [warp]
   float(*acc_s)[8][D] = reinterpret_cast<float(*)[8][D]>(smem);          // after the loop only
 
-  const int b = blockIdx.x, h = blockIdx.y;
+  const int b = heads_inner ? blockIdx.y : blockIdx.x, h = heads_inner ? blockIdx.x : blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, j = lane % 4;  // the MMA fragments' row group and column pair
   const int ctx = ctx_lens[b];

@@ -15,7 +15,8 @@ On the GPU both paged kernels are also timed directly, whatever ``R1MEGA_PAGED_D
 for the op's rows: ``*-rows`` (a group's query heads on the dots' M axis) and ``*-keys`` (keys
 on it), bf16 and FP8 caches, the FP8 ones also with fp16 dots, and ``fp8-cuda`` / ``fp8-mma``
 (the CUDA-core and tensor-core kernels of r1mega/rollout/cuda_paged.py, where its extension loads), each with its error against
-float64 attention on its cache's values.
+float64 attention on its cache's values; ``bf16-rows-heads`` and ``fp8-mma-heads`` launch the
+(Hkv, B) grid (``R1MEGA_PAGED_GRID=heads``).
 
 ``--block-n 32,64,128`` (GPU): also time the default kernel directly at each keys-per-tile size,
 for both caches; ``--rows-launch BN,W,S;...`` the default (rows) kernel and ``--keys-launch
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
         # FP8 cache's fp16 dots (f16_dots) beside its default (dots in q's dtype).
         from r1mega.rollout.triton_paged import paged_decode_attention as pda
 
-        for name, cache, kw in (("bf16-rows", "bf16", {"keys_major": False}),
+        for name, cache, kw in (("bf16-rows", "bf16", {"keys_major": False, "heads_inner": False}),
+                                ("bf16-rows-heads", "bf16", {"keys_major": False, "heads_inner": True}),
                                 ("bf16-keys", "bf16", {"keys_major": True}),
                                 ("fp8-rows", "fp8", {"keys_major": False, "f16_dots": False}),
                                 ("fp8-rows-f16dots", "fp8", {"keys_major": False, "f16_dots": True}),
@@ -154,10 +156,11 @@ def main(argv=None) -> int:
         from r1mega.rollout import cuda_paged
 
         if cuda_paged.get() is not None and cuda_paged.why_not(q, k8, ks) is None:
-            for name, tc in (("fp8-cuda", False), ("fp8-mma", True)):
-                def call_cuda(tc=tc):
+            for name, tc, inner in (("fp8-cuda", False, False), ("fp8-mma", True, False),
+                                    ("fp8-mma-heads", True, True)):
+                def call_cuda(tc=tc, inner=inner):
                     return cuda_paged.paged_decode_fp8_cuda(q, k8, v8, bt, ctx_t, scale, ks, vs,
-                                                            tensor_cores=tc)
+                                                            tensor_cores=tc, heads_inner=inner)
 
                 ms = timed_ms(call_cuda)
                 rows[name] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),

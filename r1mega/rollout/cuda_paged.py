@@ -32,8 +32,16 @@ def _impl_from_env() -> str:
                "Triton's"})
 
 
+def grid_from_env() -> str:
+    return switches.choice("R1MEGA_PAGED_GRID", "seqs", {
+        "seqs": "the decode kernels' CTAs (programs) walk the sequences of one KV head, then the next head",
+        "heads": "a sequence's KV heads are neighbouring CTAs (programs), which read the "
+                 "interleaved head rows of a cache slot at about the same time"})
+
+
 # Read once, at import (a bad value fails the run's start, not its first decode step)
 IMPL = _impl_from_env()
+HEADS_INNER = grid_from_env() == "heads"
 
 
 def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> Optional[str]:
@@ -61,10 +69,11 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
                           k_scale: torch.Tensor, v_scale: torch.Tensor,
                           out: Optional[torch.Tensor] = None,
-                          tensor_cores: Optional[bool] = None) -> torch.Tensor:
+                          tensor_cores: Optional[bool] = None,
+                          heads_inner: Optional[bool] = None) -> torch.Tensor:
     """q (B, Hq, D) -> (B, Hq, D) over the FP8 paged cache; raises with the reason when the kernel
-    cannot take the operands or the extension is missing. ``tensor_cores``: the MMA kernel (None:
-    the switch's choice)."""
+    cannot take the operands or the extension is missing. ``tensor_cores``: the MMA kernel;
+    ``heads_inner``: the (Hkv, B) grid (None: the switches' choices)."""
     reason = why_not(q, k_cache, k_scale)
     if reason is not None:
         raise ValueError(f"paged_decode_fp8_cuda: {reason}")
@@ -77,8 +86,10 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if tensor_cores is None:
         tensor_cores = IMPL == "mma"
+    if heads_inner is None:
+        heads_inner = HEADS_INNER
     ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
-                         float(scale), bool(tensor_cores))
+                         float(scale), bool(tensor_cores), bool(heads_inner))
     return out
 
 

@@ -131,9 +131,10 @@ if HAVE_TRITON:
         FP8: tl.constexpr,  # K/V in e4m3 with float32 scales KS/VS (N, bs, Hkv); else unused
         F16_DOTS: tl.constexpr,  # FP8 with a 16-bit q: the dots take fp16 operands
         F8_DOTS: tl.constexpr,  # FP8: q and p quantised to e4m3, the dots FP8 x FP8
+        HEADS_INNER: tl.constexpr,  # grid (Hkv, B): a sequence's KV heads are neighbouring programs
     ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+        b = tl.program_id(1 if HEADS_INNER else 0)
+        h = tl.program_id(0 if HEADS_INNER else 1)
         ctx = tl.load(CTX + b)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, D)
@@ -203,14 +204,15 @@ if HAVE_TRITON:
         FP8: tl.constexpr,
         F16_DOTS: tl.constexpr,
         F8_DOTS: tl.constexpr,
+        HEADS_INNER: tl.constexpr,
     ):
         # _paged_decode_kernel with keys on the dots' M axis: s.T = k @ q.T (BLOCK_N, GP) and
         # acc.T += v.T @ p.T (D, GP). A group's few query heads fill the MMA's N (16 wide) instead
         # of GROUP of its 64 rows, and the tile an FP8 cache converts in registers is the dot's
         # first operand, which the MMA reads from registers (the second one it reads from shared
         # memory). The softmax runs down the columns (axis 0).
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+        b = tl.program_id(1 if HEADS_INNER else 0)
+        h = tl.program_id(0 if HEADS_INNER else 1)
         ctx = tl.load(CTX + b)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, D)
@@ -300,6 +302,7 @@ def paged_decode_attention(
     keys_major: bool | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    heads_inner: bool | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, D); caches (N, bs, Hkv, D); block_tables (B, max_blocks) int32; ctx_lens (B,) int32;
     ``k_scale``/``v_scale`` (N, bs, Hkv) float32: an FP8 (e4m3) cache's scales; ``block_n``: keys
@@ -311,7 +314,8 @@ def paged_decode_attention(
     default until a GPU has timed it); both None: :data:`FP8_DOTS`, from
     ``R1MEGA_PAGED_FP8_DOTS``; ``keys_major``: the
     keys-major kernel (None: :data:`KEYS_MAJOR`, from ``R1MEGA_PAGED_DECODE``); ``num_warps``,
-    ``num_stages``: the launch (None: Triton's default stages), for the bench's sweeps.
+    ``num_stages``: the launch (None: Triton's default stages), for the bench's sweeps;
+    ``heads_inner``: the (Hkv, B) grid (None: ``R1MEGA_PAGED_GRID``, r1mega/rollout/cuda_paged.py).
 
     Every row must have ctx_len >= 1 (padded CUDA-graph rows point at the scratch block).
     """
@@ -358,7 +362,12 @@ def paged_decode_attention(
     kernel = _paged_decode_keys_kernel if keys else _paged_decode_kernel
     launch = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps,
                                                                   "num_stages": num_stages}
-    kernel[(bsz, hkv)](
+    if heads_inner is None:
+        heads_inner = cuda_paged.HEADS_INNER
+    if heads_inner and bsz > 65535:
+        raise ValueError(f"paged_decode_attention: {bsz} sequences on the heads-inner grid's second "
+                         f"axis (at most 65535); set R1MEGA_PAGED_GRID=seqs.")
+    kernel[(hkv, bsz) if heads_inner else (bsz, hkv)](
         q, k_cache, v_cache, block_tables, ctx_lens, out, ks, vs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -375,6 +384,7 @@ def paged_decode_attention(
         FP8=fp8,
         F16_DOTS=fp8 and bool(f16_dots) and q.dtype != torch.float32,
         F8_DOTS=f8,
+        HEADS_INNER=bool(heads_inner),
         **launch,
     )
     return out

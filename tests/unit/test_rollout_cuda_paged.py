@@ -34,6 +34,19 @@ def test_switch_defaults_to_the_tensor_core_kernel_and_refuses_unknown_values(mo
     assert cuda_paged.IMPL == "mma"
 
 
+def test_grid_switch_defaults_to_sequences_inner_and_refuses_unknown_values(monkeypatch):
+    assert cuda_paged.HEADS_INNER is False
+    monkeypatch.setenv("R1MEGA_PAGED_GRID", "head")
+    with pytest.raises(ValueError, match="R1MEGA_PAGED_GRID='head'.*'seqs'.*'heads'"):
+        importlib.reload(cuda_paged)
+    monkeypatch.setenv("R1MEGA_PAGED_GRID", "heads")
+    importlib.reload(cuda_paged)
+    assert cuda_paged.HEADS_INNER is True
+    monkeypatch.delenv("R1MEGA_PAGED_GRID")
+    importlib.reload(cuda_paged)
+    assert cuda_paged.HEADS_INNER is False
+
+
 def test_why_not_names_each_operand_it_cannot_take():
     q, k8, ks, _, _, _, _ = _fp8_case()
     assert "not a CUDA device" in cuda_paged.why_not(q, k8, ks)

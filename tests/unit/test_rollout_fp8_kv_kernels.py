@@ -139,7 +139,18 @@ def _interpreted_kernels(rank, world):
                 ref = attend_decode_f8_dots(q, k8l, v8l, bt, ctx_l, 0.2 / q_mult, ksl, vsl, block_n)
                 decodes.append((f"{dtype} q x {q_mult:g}, f8_dots, block_n={block_n}, keys={keys}",
                                 out.double(), ref))
-    return writes, edges, decodes
+    # the heads-inner grid (R1MEGA_PAGED_GRID=heads): each program computes what it did on the
+    # sequences-inner grid, bit for bit, for both kernels, an FP8 and a float32 cache
+    grids = []
+    for keys in (False, True):
+        for cache in ((k8, v8, ks, vs), (kf, vf, None, None)):
+            q = torch.randn(3, hkv * group, hd, generator=g)
+            q = q.half() if cache[2] is not None else q
+            outs = [paged_decode_attention(q, cache[0], cache[1], bt, ctx, 0.2, k_scale=cache[2],
+                                           v_scale=cache[3], keys_major=keys, heads_inner=inner)
+                    for inner in (False, True)]
+            grids.append((f"keys={keys}, fp8={cache[2] is not None}", *outs))
+    return writes, edges, decodes, grids
 
 
 def test_paged_decode_kernel_choice_is_validated(monkeypatch):
@@ -164,7 +175,9 @@ def test_fp8_kernels_match_references_under_interpreter(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned process
     (result,) = run_ranks(_interpreted_kernels, 1, timeout_s=300)
-    writes, edges, decodes = result
+    writes, edges, decodes, grids = result
+    for case, seqs_inner, heads_inner in grids:
+        assert torch.equal(seqs_inner, heads_inner) and not seqs_inner.isnan().any(), case
     for case, ref, got in writes:
         # Bit for bit: the rotated q, both e4m3 caches, both scale tensors.
         for name, r, g in zip(("q", "k_cache", "v_cache", "k_scale", "v_scale"), ref, got):
