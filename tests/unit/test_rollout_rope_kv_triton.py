@@ -252,6 +252,14 @@ def _interpreted_kv_out(rank, world):
     return out
 
 
+def _same_caches(a, b) -> bool:
+    """(k_cache, v_cache, k_scale, v_scale) tuples equal bit for bit (FP8 caches as bytes; the
+    scales None for a plain cache)."""
+    def bits(t):
+        return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
+    return all((x is None and y is None) or torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
+
+
 @pytest.mark.slow
 @needs_triton
 def test_prefill_variant_hands_out_rotated_k_and_v_under_interpreter(monkeypatch):
@@ -261,9 +269,7 @@ def test_prefill_variant_hands_out_rotated_k_and_v_under_interpreter(monkeypatch
     for case, q_ref, q, k_ref, k_out, v_ref, v_out, caches, got in cases:
         assert torch.equal(q, q_ref), case
         assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref), case
-        for a, b in zip(caches, got):  # the caches as the variant without kv_out writes them
-            assert (a is None and b is None) or torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
-                                                            b.view(torch.uint8) if b.dtype.itemsize == 1 else b), case
+        assert _same_caches(caches, got), case  # as the variant without kv_out writes them
 
 
 def test_prefill_through_the_fused_route_generates_the_same(single_rank_runtime, monkeypatch):
@@ -343,6 +349,4 @@ def test_row_scales_applied_on_the_kernels_read_under_interpreter(monkeypatch):
         # rounds scaled-down rows into its subnormals
         assert exact or case[1] == "float16", case
         assert torch.equal(q, q_ref), case
-        for a, b in zip(ref, got):
-            assert (a is None and b is None) or torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
-                                                            b.view(torch.uint8) if b.dtype.itemsize == 1 else b), case
+        assert _same_caches(ref, got), case
