@@ -55,6 +55,21 @@ class AttentionBatch:
         return all(q == c for q, c in zip(self.q_lens, self.ctx_lens_host))
 
 
+def prefill_positions_slots(q_lens: list[int], block_tables: torch.Tensor,
+                            block_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill's new tokens, sequence after sequence, each from position 0: their positions and
+    cache slots, (T,) int64 each, on block_tables' device (B, max_blocks). Built there by tensor
+    ops: the host loop over every prompt token cost ~12 ms a 16,384-token step, with the GPU idle."""
+    dev = block_tables.device
+    total = sum(q_lens)
+    lens = torch.tensor(q_lens, dtype=torch.int64).to(dev, non_blocking=True)
+    seq = torch.repeat_interleave(torch.arange(len(q_lens), device=dev), lens, output_size=total)
+    starts = torch.cumsum(lens, 0) - lens
+    positions = torch.arange(total, device=dev) - starts[seq]                      # (T,)
+    slots = block_tables.long()[seq, positions // block_tokens] * block_tokens + positions % block_tokens
+    return positions, slots
+
+
 def padded_query_index(q_lens: list[int], device) -> torch.Tensor:
     """(B, max_q) flat token row of each sequence's i-th new token, -1 past its end."""
     max_q = max(q_lens)

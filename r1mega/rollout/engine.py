@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from r1mega.rollout import triton_mla, triton_paged
-from r1mega.rollout.attention import AttentionBatch, padded_query_index
+from r1mega.rollout.attention import AttentionBatch, padded_query_index, prefill_positions_slots
 from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget, kv_cache_dtype
 from r1mega.ops.batch_invariant import exact_numerics
@@ -382,12 +382,12 @@ class RolloutEngine:
             q_lens.append(len(s.tokens) - 1)
             t += len(s.tokens) - 1
         bs = self.block_tokens
-        positions = [p for n in q_lens for p in range(n)]
-        slots = [blk[p // bs] * bs + p % bs for blk, n in zip(blocks, q_lens) for p in range(n)]
+        block_tables = self._block_tables(blocks)
+        positions, slots = prefill_positions_slots(q_lens, block_tables, bs)
         batch = AttentionBatch(
-            slots=self._tensor(slots), positions=self._tensor(positions), q_lens=q_lens,
+            slots=slots, positions=positions, q_lens=q_lens,
             ctx_lens=self._tensor(q_lens, torch.int32), ctx_lens_host=q_lens,
-            block_tables=self._block_tables(blocks), block_tokens=bs,
+            block_tables=block_tables, block_tokens=bs,
             q_index=padded_query_index(q_lens, self.device),
         )
         rows = self._tensor(logit_rows) if logit_rows else None

@@ -102,3 +102,27 @@ def test_copy_blocks_equals_block_by_block_copies():
     cache.copy_blocks([])  # no copies: no error, no change
     for got, ref in zip(cache.k + cache.v, want):
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("bs", [1, 4, 16])
+def test_prefill_positions_and_slots_equal_the_per_token_loop(bs):
+    """The prefill's positions and cache slots built by tensor ops against the per-token loop they
+    replaced: ragged prompts (one of a single token, one ending on a block edge), shuffled
+    blocks, block tables padded with the scratch block."""
+    from r1mega.rollout.attention import prefill_positions_slots
+
+    g = torch.Generator().manual_seed(bs)
+    q_lens = [5, 1, 2 * bs, 3 * bs + 1, 7]
+    perm = (torch.randperm(200, generator=g) + 1).tolist()
+    blocks, i = [], 0
+    for n in q_lens:
+        k = -(-n // bs) + (1 if n % 2 else 0)  # some rows hold a block beyond the prompt
+        blocks.append(perm[i:i + k])
+        i += k
+    width = max(map(len, blocks))
+    bt = torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.int32)
+    positions, slots = prefill_positions_slots(q_lens, bt, bs)
+    ref_pos = [p for n in q_lens for p in range(n)]
+    ref_slots = [blk[p // bs] * bs + p % bs for blk, n in zip(blocks, q_lens) for p in range(n)]
+    assert positions.dtype == slots.dtype == torch.int64
+    assert positions.tolist() == ref_pos and slots.tolist() == ref_slots
