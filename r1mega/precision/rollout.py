@@ -90,6 +90,14 @@ def qkv_unscaled(linear_qkv, hidden_states):
     return None if fn is None else fn(hidden_states)
 
 
+def _norm_fed_rows(x2: torch.Tensor) -> Fp8Tensor:
+    """Power-of-two row scales of a norm's output (T, K): compiled, in torch ops that inductor
+    fuses into the norm's kernel (as decode_gemm does); eagerly, the one-pass row kernel."""
+    if torch.compiler.is_compiling():
+        return quantize(_pad_rows(x2, 16), "row", "e4m3", True, impl="reference")
+    return triton_fp8_rows.fp8_rows(x2, True)
+
+
 class Fp8RolloutWeights:
     """Persistent FP8 copies of one model chunk's block linears, used only while decoding."""
 
@@ -235,14 +243,11 @@ class Fp8RolloutWeights:
             w1, w2 = fc1._fp8_rollout_weight, fc2._fp8_rollout_weight
             x2 = hidden_states.reshape(-1, hidden_states.shape[-1])
             if (per_token_scale is not None or kwargs or not self.active or torch.is_grad_enabled()
-                    or w1 is None or w2 is None or self.act != "row" or self.policy.emulate
-                    or fc1.sequence_parallel or not triton_fp8_rows.supported(x2, False)):
+                    or w1 is None or w2 is None or fc1.sequence_parallel
+                    or not triton_fp8_rows.supported(x2, False)):
                 return module_forward(hidden_states, per_token_scale, **kwargs)
             t = x2.shape[0]
-            if torch.compiler.is_compiling():  # as decode_gemm: inductor fuses it into the norm
-                a1 = quantize(_pad_rows(x2, 16), "row", "e4m3", True, impl="reference")
-            else:
-                a1 = triton_fp8_rows.fp8_rows(x2, True)
+            a1 = _norm_fed_rows(x2)
             y1 = row_tensor_gemm_unscaled(a1, w1, x2.dtype, fast_accum=True)   # (T', 2F)
             a2 = triton_fp8_rows.fp8_rows(y1, True, swiglu=True, in_scale=a1.scale)
             y = fp8_gemm(a2, w2, x2.dtype, emulate=False, fast_accum=True)[:t]  # (T, H)
@@ -256,16 +261,12 @@ class Fp8RolloutWeights:
         def qkv_rows(hidden_states):
             q = mod._fp8_rollout_weight
             x2 = hidden_states.reshape(-1, hidden_states.shape[-1])
-            if (not self.active or torch.is_grad_enabled() or q is None or self.act != "row"
-                    or self.policy.emulate or mod.bias is not None or mod.sequence_parallel
-                    or mod.gather_output or x2.shape[0] > ROW_ACT_MAX_ROWS
+            if (not self.active or torch.is_grad_enabled() or q is None or mod.bias is not None
+                    or mod.sequence_parallel or mod.gather_output or x2.shape[0] > ROW_ACT_MAX_ROWS
                     or not triton_fp8_rows.supported(x2, False)):
                 return None
             t = x2.shape[0]
-            if torch.compiler.is_compiling():  # inductor fuses it into the norm before
-                a = quantize(_pad_rows(x2, 16), "row", "e4m3", True, impl="reference")
-            else:
-                a = triton_fp8_rows.fp8_rows(x2, True)
+            a = _norm_fed_rows(x2)
             y = row_tensor_gemm_unscaled(a, q, x2.dtype, fast_accum=True)[:t]    # (T, out)
             return y, a.scale.reshape(-1)[:t]
 
