@@ -33,10 +33,12 @@ def _cuda_extensions():
     if os.path.exists(os.path.join(here, "csrc/fp8_quant_kernel.cu")):
         exts.append(CUDAExtension("r1mega_fp8_cuda", ["csrc/fp8_quant.cpp", "csrc/fp8_quant_kernel.cu"],
                                   extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}))
-    # the exact mode's fixed-algorithm cuBLASLt GEMM, where cuBLASLt's header and library are found
+    # cuBLASLt GEMMs (the exact mode's fixed algorithm, the FP8 rollout's chosen one), where
+    # cuBLASLt's header and library are found
     lt = _cublaslt_flags(here, CUDA_HOME)
-    if lt and os.path.exists(os.path.join(here, "csrc/exact_gemm_lt.cpp")):
-        exts.append(CUDAExtension("r1mega_gemm_cuda", ["csrc/exact_gemm_lt.cpp"], include_dirs=lt[0],
+    lt_sources = ["csrc/gemm_lt.cpp", "csrc/exact_gemm_lt.cpp", "csrc/fp8_gemm_lt.cpp"]
+    if lt and all(os.path.exists(os.path.join(here, s)) for s in lt_sources):
+        exts.append(CUDAExtension("r1mega_gemm_cuda", lt_sources, include_dirs=lt[0],
                                   extra_compile_args=flags, extra_link_args=lt[1]))
     return exts, {"build_ext": BuildExtension}
 

@@ -6,26 +6,11 @@
 // K splits = 1) per weight shape and passes it to every call, so each output element is one
 // chain of MMA steps over K in order whatever M is. Whether that chain gives the Triton GEMM's
 // bits is the device's property: r1mega/ops/triton_batch_invariant.py checks it before use.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cublasLt.h>
-#include <torch/extension.h>
+#include "gemm_lt_common.h"
 
-#include <cstring>
-#include <memory>
-#include <mutex>
-#include <vector>
+using namespace r1mega_lt;
 
 namespace {
-
-#define LT_CHECK(expr)                                                                  \
-  do {                                                                                  \
-    cublasStatus_t status_ = (expr);                                                    \
-    TORCH_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "cuBLASLt: ", #expr, " returned ",    \
-                cublasLtGetStatusName(status_), " (", cublasLtGetStatusString(status_), ")"); \
-  } while (0)
-
-constexpr uint32_t kAlign = 16;  // bytes, of every operand's base and row
 
 cudaDataType_t data_type(at::ScalarType t) {
   switch (t) {
@@ -35,59 +20,6 @@ cudaDataType_t data_type(at::ScalarType t) {
   }
 }
 
-// The descriptors of one problem: column-major D (N, M) = op_T(w: K x N) @ a (K x M), which is
-// row-major y = a @ w^T with no copies.
-struct Problem {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t wl = nullptr, al = nullptr, yl = nullptr;
-  Problem(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldw, int64_t ldy, cudaDataType_t t) {
-    LT_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
-    LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof(tr)));
-    LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof(nt)));
-    LT_CHECK(cublasLtMatrixLayoutCreate(&wl, t, k, n, ldw));
-    LT_CHECK(cublasLtMatrixLayoutCreate(&al, t, k, m, lda));
-    LT_CHECK(cublasLtMatrixLayoutCreate(&yl, t, n, m, ldy));
-  }
-  ~Problem() {
-    if (yl) cublasLtMatrixLayoutDestroy(yl);
-    if (al) cublasLtMatrixLayoutDestroy(al);
-    if (wl) cublasLtMatrixLayoutDestroy(wl);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
-  Problem(const Problem&) = delete;
-  Problem& operator=(const Problem&) = delete;
-};
-
-cublasLtMatmulAlgo_t unpack(const torch::Tensor& blob) {
-  TORCH_CHECK(blob.device().is_cpu() && blob.scalar_type() == at::kByte &&
-                  blob.numel() == static_cast<int64_t>(sizeof(cublasLtMatmulAlgo_t)) && blob.is_contiguous(),
-              "cuBLASLt exact GEMM: an algorithm is ", sizeof(cublasLtMatmulAlgo_t),
-              " contiguous CPU bytes (from algos())");
-  cublasLtMatmulAlgo_t algo;
-  std::memcpy(&algo, blob.data_ptr(), sizeof(algo));
-  return algo;
-}
-
-// One cuBLASLt handle per device for the process (our own: torch's headers for its handle pull
-// in cuSPARSE and cuSOLVER, which a cuBLAS-only build environment need not have).
-cublasLtHandle_t handle_for(c10::DeviceIndex device) {
-  static std::mutex mu;
-  static std::vector<cublasLtHandle_t> handles;
-  std::lock_guard<std::mutex> lock(mu);
-  if (handles.size() <= static_cast<size_t>(device)) handles.resize(device + 1, nullptr);
-  if (!handles[device]) LT_CHECK(cublasLtCreate(&handles[device]));
-  return handles[device];
-}
-
-template <typename T>
-int64_t config(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr) {
-  T v{};
-  size_t written = 0;
-  LT_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &v, sizeof(v), &written));
-  return static_cast<int64_t>(v);
-}
-
 }  // namespace
 
 // Up to max_algos algorithms of cuBLASLt's heuristic for (m, n, k) that run without workspace
@@ -95,23 +27,11 @@ int64_t config(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttribu
 std::vector<torch::Tensor> algos(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, int64_t max_algos) {
   TORCH_CHECK(m > 0 && n > 0 && k > 0 && max_algos > 0, "cuBLASLt exact GEMM: bad problem ", m, "x", n, "x", k);
   auto handle = handle_for(c10::cuda::current_device());
-  Problem p(m, n, k, k, k, n, data_type(dtype));
-  cublasLtMatmulPreference_t pref;
-  LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>, decltype(&cublasLtMatmulPreferenceDestroy)>
-      guard(pref, &cublasLtMatmulPreferenceDestroy);
-  size_t no_workspace = 0;
-  LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &no_workspace,
-                                                sizeof(no_workspace)));
-  // algorithms for 16-byte aligned operands (the default asks for 256: views of a tensor are
-  // not, and an algorithm chosen for alignment it does not get may fail to run)
-  uint32_t align = kAlign;
-  for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                    CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
-    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align)));
+  Problem p(m, n, k, k, k, n, data_type(dtype), data_type(dtype));
+  auto pref = preference(0);
   std::vector<cublasLtMatmulHeuristicResult_t> found(static_cast<size_t>(4 * max_algos));
   int count = 0;
-  LT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.wl, p.al, p.yl, p.yl, pref,
+  LT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.wl, p.al, p.yl, p.yl, pref.get(),
                                           static_cast<int>(found.size()), found.data(), &count));
   std::vector<torch::Tensor> out;
   for (int i = 0; i < count && static_cast<int64_t>(out.size()) < max_algos; ++i) {
@@ -120,9 +40,7 @@ std::vector<torch::Tensor> algos(int64_t m, int64_t n, int64_t k, at::ScalarType
     if (config<int32_t>(r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM) > 1 ||
         config<uint32_t>(r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME) != CUBLASLT_REDUCTION_SCHEME_NONE)
       continue;
-    auto blob = torch::empty({static_cast<int64_t>(sizeof(r.algo))}, torch::kUInt8);
-    std::memcpy(blob.data_ptr(), &r.algo, sizeof(r.algo));
-    out.push_back(blob);
+    out.push_back(pack(r.algo));
   }
   return out;
 }
@@ -148,7 +66,7 @@ int64_t workspace(int64_t m, int64_t n, int64_t k, at::ScalarType dtype, const t
   TORCH_CHECK(m > 0 && n > 0 && k > 0, "cuBLASLt exact GEMM: bad problem ", m, "x", n, "x", k);
   auto algo = unpack(blob);
   auto handle = handle_for(c10::cuda::current_device());
-  Problem p(m, n, k, k, k, n, data_type(dtype));
+  Problem p(m, n, k, k, k, n, data_type(dtype), data_type(dtype));
   cublasLtMatmulHeuristicResult_t check{};
   if (cublasLtMatmulAlgoCheck(handle, p.op, p.wl, p.al, p.yl, p.yl, &algo, &check) != CUBLAS_STATUS_SUCCESS)
     return -1;
@@ -174,7 +92,7 @@ torch::Tensor matmul(const torch::Tensor& a, const torch::Tensor& w, const torch
   if (m == 0 || n == 0) return y;
   c10::cuda::CUDAGuard device_guard(a.device());
   auto handle = handle_for(a.device().index());
-  Problem p(m, n, k, a.stride(0), w.stride(0), n, data_type(a.scalar_type()));
+  Problem p(m, n, k, a.stride(0), w.stride(0), n, data_type(a.scalar_type()), data_type(a.scalar_type()));
   cublasLtMatmulHeuristicResult_t check{};
   LT_CHECK(cublasLtMatmulAlgoCheck(handle, p.op, p.wl, p.al, p.yl, p.yl, &algo, &check));
   TORCH_CHECK(check.workspaceSize == 0, "cuBLASLt exact GEMM: the algorithm wants ", check.workspaceSize,
@@ -183,11 +101,4 @@ torch::Tensor matmul(const torch::Tensor& a, const torch::Tensor& w, const torch
   LT_CHECK(cublasLtMatmul(handle, p.op, &one, w.data_ptr(), p.wl, a.data_ptr(), p.al, &zero, y.data_ptr(), p.yl,
                           y.data_ptr(), p.yl, &algo, nullptr, 0, c10::cuda::getCurrentCUDAStream()));
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("workspace", &workspace, "workspace bytes of an algorithm at (m, n, k), -1 where it cannot run");
-  m.def("algos", &algos, "cuBLASLt heuristic algorithms without workspace or K splits (bytes each)");
-  m.def("describe", &describe, "an algorithm's configuration attributes");
-  m.def("matmul", &matmul, "y = a @ w.T through one fixed cuBLASLt algorithm");
 }

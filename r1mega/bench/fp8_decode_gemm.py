@@ -8,6 +8,10 @@ from one CUDA graph replay of all 64 calls (as a captured decode step runs them)
                    rollout's route today), for tensorwise, rowwise and blockwise
   RECIPE+fused     r1mega/precision/triton_act_gemm.py: x quantised inside the GEMM in 1x128
                    tiles (``R1MEGA_FP8_ROLLOUT_GEMM=fused``), for blockwise and tensorwise
+  tensorwise-row   the rollout's default for tensorwise weights: x's rows quantised by the
+                   one-pass kernel, cuBLAS's tensorwise GEMM, the row scales on its output
+  ...+lt           the same through r1mega/precision/fp8_gemm_lt.py: cuBLASLt's algorithm
+                   chosen by timing (``R1MEGA_FP8_GEMM_LT=1``); each problem's timings printed
 
 and reports ms per 64 calls, the ratio to bf16, and each FP8 route's largest difference from
 the float32 product of the unquantised operands next to bf16's. ``--smoke``: tiny shapes on the
@@ -31,6 +35,7 @@ def _routes(recipes: list[str]):
     from r1mega.precision.linear import RECIPE_GRANULARITY
     from r1mega.precision.policy import Fp8Policy
     from r1mega.precision.quantize import quantize
+    from r1mega.precision import fp8_gemm_lt
     from r1mega.precision.rollout import decode_gemm
 
     def route(recipe, fused):
@@ -39,9 +44,25 @@ def _routes(recipes: list[str]):
         return (lambda w: quantize(w, wgt, "e4m3", power2),
                 lambda x, wq: decode_gemm(x, wq, act, power2, not x.is_cuda, fused))
 
+    def with_lt(prep_run):
+        prep, run = prep_run
+
+        def run_lt(x, wq):
+            with fp8_gemm_lt.enabled():
+                return run(x, wq)
+        return prep, run_lt
+
+    def row_route():  # the rollout's default for tensorwise weights: per-row activation scales
+        prep, _ = route("tensorwise", False)
+        return prep, lambda x, wq: decode_gemm(x, wq, "row", True, not x.is_cuda, False, rows_kernel=True)
+
     out = {"bf16": (lambda w: w, lambda x, w: x @ w.t())}
     for recipe in recipes:
         out[f"{recipe}+quantize"] = route(recipe, False)
+    if "tensorwise" in recipes:
+        out["tensorwise+lt"] = with_lt(route("tensorwise", False))
+        out["tensorwise-row"] = row_route()
+        out["tensorwise-row+lt"] = with_lt(row_route())
     for recipe in ("tensorwise", "blockwise"):
         if recipe in recipes:
             out[f"{recipe}+fused"] = route(recipe, True)
@@ -94,8 +115,15 @@ def main(argv=None) -> int:
                 + "   (bf16 / route)")
     print("max |y - x w^T| / max |x w^T| (float32 product of the unquantised operands): "
           + ", ".join(f"{n} {max(v['max_rel_err'] for v in r.values()):.1e}" for n, r in results.items()))
+    from r1mega.precision import fp8_gemm_lt
+
+    lt = {f"{m}x{n}x{k}": t for (_, m, n, k, _), t in fp8_gemm_lt.timings.items()}
+    for problem, t in lt.items():  # what the +lt routes' choice saw, ms a call
+        best = min(t, key=t.get)
+        print(f"cuBLASLt FP8 {problem}: torch {t['torch'] * 1e3:.1f} us, best {best} {t[best] * 1e3:.1f} us "
+              f"of {len(t) - 1} algorithms")
     print(json.dumps({"bench": "fp8-decode-gemm", "device": device, "smoke": args.smoke,
-                      "layers": layers, "linears": linears, "routes": results}))
+                      "layers": layers, "linears": linears, "routes": results, "lt_timings_ms": lt}))
     return 0
 
 

@@ -26,8 +26,9 @@ def _libraries():
     return cublaslt_flags(CUDA_HOME)
 
 
-_EXT = CudaExtension("r1mega_gemm_cuda", ["exact_gemm_lt.cpp"], "R1MEGA_GEMM", [],
-                     "the exact GEMM runs Triton only", libraries=_libraries)
+_EXT = CudaExtension("r1mega_gemm_cuda", ["gemm_lt.cpp", "exact_gemm_lt.cpp", "fp8_gemm_lt.cpp"],
+                     "R1MEGA_GEMM", [], "the exact GEMM runs Triton only, the FP8 rollout torch's "
+                     "scaled matmul", libraries=_libraries)
 get, load_error = _EXT.get, _EXT.load_error
 
 ENABLED = switches.flag("R1MEGA_EXACT_GEMM_CUBLASLT", False,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from r1mega.precision.quantize import BLOCK, Fp8Tensor, dequantize
+from r1mega.precision import fp8_gemm_lt
 
 
 def _colmajor(s: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,9 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
     pair = (a.granularity, b.granularity)
     mat_a, mat_b = a.data, b.data.t()
     if pair == ("tensor", "tensor"):
+        if fast_accum and fp8_gemm_lt.serves(a.data, b.data):
+            return torch.ops.r1mega.fp8_gemm_lt(a.data, a.scale.reshape(()), b.data, b.scale.reshape(()),
+                                                out_dtype)
         return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(()), scale_b=b.scale.reshape(()),
                                 out_dtype=out_dtype, use_fast_accum=fast_accum)
     if pair == ("row", "tensor"):
@@ -128,6 +132,9 @@ def row_tensor_gemm_unscaled(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
     """(M, K) row-scaled x (N, K) tensorwise -> (M, N) *before* a's row scales: the tensorwise
     kernel with a unit scale for a. The caller applies ``a.scale`` (a consumer that reads the
     rows anyway, as the FP8 rollout's SwiGLU quantiser does)."""
+    if fast_accum and fp8_gemm_lt.serves(a.data, b.data):
+        return torch.ops.r1mega.fp8_gemm_lt(a.data, _unit_scale(b.scale.device), b.data,
+                                            b.scale.reshape(()), out_dtype)
     return torch._scaled_mm(a.data, b.data.t(), scale_a=_unit_scale(b.scale.device),
                             scale_b=b.scale.reshape(()), out_dtype=out_dtype, use_fast_accum=fast_accum)
 

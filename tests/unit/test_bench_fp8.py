@@ -121,7 +121,9 @@ def test_fp8_decode_gemm_bench_smoke(capsys):
     assert fp8_decode_gemm.main(["--smoke"]) == 0
     out = _last_json(capsys)
     routes = out["routes"]
-    assert set(routes) == {"bf16", "tensorwise+quantize", "rowwise+quantize", "blockwise+quantize"}
+    assert set(routes) == {"bf16", "tensorwise+quantize", "rowwise+quantize", "blockwise+quantize",
+                           "tensorwise+lt", "tensorwise-row", "tensorwise-row+lt"}
+    assert out["lt_timings_ms"] == {}  # cuBLASLt serves CUDA operands only: the +lt rows ran torch's path
     assert routes["bf16"]["5"]["max_rel_err"] == 0.0
     for name, r in routes.items():
         assert r["5"]["ms"] > 0

@@ -1,0 +1,100 @@
+// cuBLASLt's FP8 GEMM with a chosen algorithm, for the FP8 rollout's decode-sized GEMMs
+// (r1mega/precision/fp8_gemm_lt.py picks one per problem by timing them).
+//
+// y (M, N) = (a8 (M, K) * scale_a) @ (w8 (N, K) * scale_w)^T in bf16 or fp16: e4m3 operands,
+// row-major, one float32 scale each (device scalars, read by the kernel), fast accumulation as
+// torch._scaled_mm's use_fast_accum. torch._scaled_mm asks cuBLASLt's heuristic for one
+// algorithm; at a decode step's M (16-512 rows) the heuristic's first is not always the fastest
+// (splitting K, other tiles), and the caller times the ones listed here.
+#include "gemm_lt_common.h"
+
+using namespace r1mega_lt;
+
+namespace {
+
+cudaDataType_t out_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return CUDA_R_16BF;
+    case at::kHalf: return CUDA_R_16F;
+    default: TORCH_CHECK(false, "cuBLASLt FP8 GEMM: a bf16 or fp16 output, got ", t);
+  }
+}
+
+// The FP8 problem: the shared descriptors plus fast accumulation and the two scale pointers
+// (cuBLASLt's A is w, its B is a: column-major D = w^T-op @ a).
+struct Fp8Problem : Problem {
+  Fp8Problem(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldw, at::ScalarType out,
+             const void* scale_a, const void* scale_w)
+      : Problem(m, n, k, lda, ldw, n, CUDA_R_8F_E4M3, out_type(out)) {
+    int8_t fast = 1;
+    LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scale_w, sizeof(scale_w)));
+    LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scale_a, sizeof(scale_a)));
+  }
+};
+
+void check_problem(int64_t m, int64_t n, int64_t k) {
+  TORCH_CHECK(m > 0 && n > 0 && k > 0 && k % 16 == 0 && n % 16 == 0,
+              "cuBLASLt FP8 GEMM: M, N, K > 0 with K and N multiples of 16, got ", m, "x", n, "x", k);
+}
+
+}  // namespace
+
+// Up to max_algos algorithms of cuBLASLt's heuristic for (m, n, k), best first, each as its
+// bytes, with workspace up to max_workspace bytes (K splits allowed).
+std::vector<torch::Tensor> fp8_algos(int64_t m, int64_t n, int64_t k, at::ScalarType out_dtype,
+                                     int64_t max_algos, int64_t max_workspace) {
+  check_problem(m, n, k);
+  TORCH_CHECK(max_algos > 0 && max_workspace >= 0, "cuBLASLt FP8 GEMM: max_algos > 0, max_workspace >= 0");
+  auto handle = handle_for(c10::cuda::current_device());
+  // the scale pointers only need to be set for the heuristic to see the scaling mode
+  static const float dummy = 1.0f;
+  Fp8Problem p(m, n, k, k, k, out_dtype, &dummy, &dummy);
+  auto pref = preference(static_cast<size_t>(max_workspace));
+  std::vector<cublasLtMatmulHeuristicResult_t> found(static_cast<size_t>(max_algos));
+  int count = 0;
+  LT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.wl, p.al, p.yl, p.yl, pref.get(),
+                                          static_cast<int>(found.size()), found.data(), &count));
+  std::vector<torch::Tensor> out;
+  for (int i = 0; i < count; ++i)
+    if (found[i].state == CUBLAS_STATUS_SUCCESS) out.push_back(pack(found[i].algo));
+  return out;
+}
+
+// y = (a8 scale_a) @ (w8 scale_w)^T through the given algorithm, its workspace from torch's
+// allocator (so that the call can be captured in a CUDA graph); refused (an error, never another
+// algorithm) where cuBLASLt says the algorithm cannot run this problem.
+torch::Tensor fp8_matmul(const torch::Tensor& a, const torch::Tensor& scale_a, const torch::Tensor& w,
+                         const torch::Tensor& scale_w, at::ScalarType out_dtype, const torch::Tensor& blob) {
+  TORCH_CHECK(a.is_cuda() && w.is_cuda() && a.device() == w.device(), "cuBLASLt FP8 GEMM: CUDA operands on one device");
+  TORCH_CHECK(a.scalar_type() == at::ScalarType::Float8_e4m3fn && w.scalar_type() == at::ScalarType::Float8_e4m3fn,
+              "cuBLASLt FP8 GEMM: float8_e4m3fn operands, got ", a.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(1), "cuBLASLt FP8 GEMM: a (M, K), w (N, K), got ",
+              a.sizes(), " and ", w.sizes());
+  TORCH_CHECK(a.stride(1) == 1 && w.stride(1) == 1, "cuBLASLt FP8 GEMM: row-major a and w");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % kAlign == 0 &&
+                  reinterpret_cast<uintptr_t>(w.data_ptr()) % kAlign == 0 && a.stride(0) % kAlign == 0 &&
+                  w.stride(0) % kAlign == 0,
+              "cuBLASLt FP8 GEMM: operands and rows aligned to ", kAlign, " bytes");
+  for (const auto* s : {&scale_a, &scale_w})
+    TORCH_CHECK(s->device() == a.device() && s->scalar_type() == at::kFloat && s->numel() == 1,
+                "cuBLASLt FP8 GEMM: each scale one float32 on the operands' device, got ", s->scalar_type(), " ",
+                s->sizes(), " on ", s->device());
+  const int64_t m = a.size(0), n = w.size(0), k = a.size(1);
+  check_problem(m, n, k);
+  auto algo = unpack(blob);
+  c10::cuda::CUDAGuard device_guard(a.device());
+  auto y = torch::empty({m, n}, a.options().dtype(out_dtype));
+  auto handle = handle_for(a.device().index());
+  Fp8Problem p(m, n, k, a.stride(0), w.stride(0), out_dtype, scale_a.data_ptr(), scale_w.data_ptr());
+  cublasLtMatmulHeuristicResult_t check{};
+  LT_CHECK(cublasLtMatmulAlgoCheck(handle, p.op, p.wl, p.al, p.yl, p.yl, &algo, &check));
+  torch::Tensor ws;
+  if (check.workspaceSize > 0)
+    ws = torch::empty({static_cast<int64_t>(check.workspaceSize)}, a.options().dtype(torch::kUInt8));
+  const float one = 1.0f, zero = 0.0f;
+  LT_CHECK(cublasLtMatmul(handle, p.op, &one, w.data_ptr(), p.wl, a.data_ptr(), p.al, &zero, y.data_ptr(), p.yl,
+                          y.data_ptr(), p.yl, &algo, ws.defined() ? ws.data_ptr() : nullptr, check.workspaceSize,
+                          c10::cuda::getCurrentCUDAStream()));
+  return y;
+}

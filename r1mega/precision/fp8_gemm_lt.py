@@ -1,0 +1,120 @@
+"""The FP8 rollout's decode GEMMs through cuBLASLt with an algorithm chosen by timing.
+
+``torch._scaled_mm`` takes cuBLASLt's heuristic's first algorithm. At a decode step's row
+counts the tensorwise GEMMs of the 852M rollout ran at a fraction of their bytes floor (qkv and
+the output projection ~7.4 µs for 6.3 and 4.2 MB of weight on an H100), where an algorithm that
+splits K or tiles differently may do better. Here each problem (rows, N, K, output dtype, device)
+times the heuristic's candidates (``csrc/fp8_gemm_lt.cpp``) against ``torch._scaled_mm`` once,
+outside any CUDA graph capture, and keeps the fastest; a problem first met under capture runs
+torch's kernel (timing would break the capture) and is timed at its next eager call.
+
+Switched by ``R1MEGA_FP8_GEMM_LT=1`` (off until a GPU has timed it: ``r1mega bench
+fp8-decode-gemm`` lists it as ``tensorwise+lt``). Tensor scales only (the tensorwise recipe and
+the row route's unscaled GEMM); a different algorithm may split K, so its sums round differently
+from torch's kernel: the same error bound, not the same bits.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+from r1mega import switches
+from r1mega.ops import cublaslt_gemm
+
+ENABLED = switches.flag("R1MEGA_FP8_GEMM_LT", False,
+                        "cuBLASLt FP8 GEMMs with the algorithm chosen by timing, for decode-sized calls")
+MAX_ROWS = 2048          # decode-sized calls only; prefill-sized ones keep torch's kernel
+CANDIDATES = 16          # heuristic algorithms timed per problem
+MAX_WORKSPACE = 32 << 20  # bytes an algorithm may ask for (K splits need some)
+REPEATS = 20
+
+# (device index, m, n, k, out dtype) -> the chosen algorithm's bytes, or None: torch's kernel
+_chosen: dict = {}
+timings: dict = {}  # same key -> {"torch": ms, "lt:i": ms, ...}: what the choice saw (bench output)
+
+
+@contextlib.contextmanager
+def enabled(on: bool = True):
+    """The switch set to ``on`` inside the block (benches and tests; runs read R1MEGA_FP8_GEMM_LT)."""
+    global ENABLED
+    before, ENABLED = ENABLED, on
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+def serves(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether (M, K) x (N, K) e4m3 operands go to the op: switched on, CUDA, decode-sized,
+    shapes and rows the kernel takes. Shapes only (safe while torch.compile traces): the op
+    itself runs torch's kernel where the extension is missing or a base is not 16-byte aligned."""
+    return (ENABLED and a.is_cuda and a.shape[0] <= MAX_ROWS and a.dtype == torch.float8_e4m3fn
+            and w.dtype == a.dtype and a.stride(1) == 1 and w.stride(1) == 1
+            and all(v % 16 == 0 for v in (a.shape[1], w.shape[0], a.stride(0), w.stride(0))))
+
+
+def fastest(times: dict) -> Optional[int]:
+    """{"torch": ms, i: ms, ...} -> the index of the fastest cuBLASLt algorithm, or None where
+    torch's kernel is at least as fast (or no algorithm ran)."""
+    best = min((ms, i) for i, ms in times.items() if i != "torch")[1] if len(times) > 1 else None
+    if best is None or times[best] >= times.get("torch", float("inf")):
+        return None
+    return best
+
+
+def _time(fn: Callable[[], torch.Tensor]) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPEATS):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / REPEATS
+
+
+def _torch_mm(a, scale_a, w, scale_w, out_dtype):
+    return torch._scaled_mm(a, w.t(), scale_a=scale_a, scale_b=scale_w, out_dtype=out_dtype,
+                            use_fast_accum=True)
+
+
+def _choose(a, scale_a, w, scale_w, out_dtype, key) -> Optional[torch.Tensor]:
+    ext = cublaslt_gemm.get()
+    m, k = a.shape
+    n = w.shape[0]
+    blobs = ext.fp8_algos(m, n, k, out_dtype, CANDIDATES, MAX_WORKSPACE)
+    times = {"torch": _time(lambda: _torch_mm(a, scale_a, w, scale_w, out_dtype))}
+    for i, blob in enumerate(blobs):
+        try:
+            times[i] = _time(lambda blob=blob: ext.fp8_matmul(a, scale_a, w, scale_w, out_dtype, blob))
+        except RuntimeError:  # the heuristic listed it, AlgoCheck refuses it here: not a candidate
+            continue
+    best = fastest(times)
+    timings[key] = {("torch" if i == "torch" else f"lt:{i}"): ms for i, ms in times.items()}
+    return None if best is None else blobs[best]
+
+
+@torch.library.custom_op("r1mega::fp8_gemm_lt", mutates_args=())
+def fp8_gemm_lt(a: torch.Tensor, scale_a: torch.Tensor, w: torch.Tensor, scale_w: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """(a (M, K) * scale_a) @ (w (N, K) * scale_w).T in ``out_dtype``: e4m3 operands, float32
+    scalar scales, fast accumulation (``torch._scaled_mm(..., use_fast_accum=True)``'s product)."""
+    if cublaslt_gemm.get() is None or a.data_ptr() % 16 or w.data_ptr() % 16:
+        return _torch_mm(a, scale_a, w, scale_w, out_dtype)
+    key = (a.device.index, a.shape[0], w.shape[0], a.shape[1], out_dtype)
+    if key not in _chosen:
+        if torch.cuda.is_current_stream_capturing():
+            return _torch_mm(a, scale_a, w, scale_w, out_dtype)
+        _chosen[key] = _choose(a, scale_a, w, scale_w, out_dtype, key)
+    blob = _chosen[key]
+    if blob is None:
+        return _torch_mm(a, scale_a, w, scale_w, out_dtype)
+    return cublaslt_gemm.get().fp8_matmul(a, scale_a, w, scale_w, out_dtype, blob)
+
+
+@fp8_gemm_lt.register_fake
+def _(a, scale_a, w, scale_w, out_dtype):
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
