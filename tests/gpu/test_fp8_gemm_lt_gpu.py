@@ -89,25 +89,17 @@ def test_op_chooses_once_and_replays_in_a_graph():
     assert (b.data.device.index, 48, 2048, 2048, torch.bfloat16) not in fp8_gemm_lt._chosen
 
 
-def test_rollout_decodes_through_it(single_rank_runtime, monkeypatch):
+def test_rollout_decodes_through_it(tensorwise_rollout):
     """The FP8 rollout (tensorwise, row scales, compiled + CUDA graphs) with the switch on and
     off: the same greedy tokens over the first steps (another algorithm may round a sum
     differently, so not every log-prob to the bit), and the op's problems timed."""
-    from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
-    from r1mega.models.gpt import build_model
-    from r1mega.precision.policy import resolve_rollout_fp8_policy
+    from r1mega.config import RolloutConfig
     from r1mega.precision.rollout import Fp8RolloutWeights
     from r1mega.rollout.engine import RolloutEngine
     from r1mega.rollout.types import GenerationRequest
 
     _ext()
-    rt = single_rank_runtime()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8,
-                                    num_query_groups=2, ffn_hidden_size=512, vocab_size=1000,
-                                    max_position_embeddings=256, spec="local"), rt, wrap=False)
-    policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="tensorwise"), "cuda")
-    prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
+    model, rt, policy, prompts = tensorwise_rollout
     runs = {}
     fp8_gemm_lt.timings.clear()
     for on in (False, True):

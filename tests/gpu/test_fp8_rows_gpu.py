@@ -177,26 +177,18 @@ def test_prefill_sized_calls_take_row_scales_on_gpu(row_model):
     assert rel.max() < 0.3, float(rel.max())  # FP8 noise; a lost scale would be a factor >= 2
 
 
-def test_qkv_row_scales_in_the_rope_kernel_decode_the_same(single_rank_runtime, monkeypatch):
+def test_qkv_row_scales_in_the_rope_kernel_decode_the_same(tensorwise_rollout, monkeypatch):
     """The FP8 rollout's decode with qkv's row scales applied in the RoPE kernel (the default)
     against the same decode with them applied after the GEMM (qkv_unscaled refused): tokens and
     log-probs equal to the bit in eager decode (powers of two round nowhere), and the route is
     taken once per layer and decode step; compiled with CUDA graphs the same tokens."""
-    from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
-    from r1mega.models.gpt import build_model
+    from r1mega.config import RolloutConfig
     from r1mega.precision import rollout as rollout_mod
-    from r1mega.precision.policy import resolve_rollout_fp8_policy
     from r1mega.rollout.engine import RolloutEngine
     from r1mega.rollout.types import GenerationRequest
 
     monkeypatch.delenv("R1MEGA_FP8_ROLLOUT_ACT", raising=False)  # tensorwise: row scales
-    rt = single_rank_runtime()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8,
-                                    num_query_groups=2, ffn_hidden_size=512, vocab_size=1000,
-                                    max_position_embeddings=256, spec="local"), rt, wrap=False)
-    policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="tensorwise"), "cuda")
-    prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
+    model, rt, policy, prompts = tensorwise_rollout
     real = rollout_mod.qkv_unscaled
     runs, taken = {}, {}
     for compiled, in_kernel in ((False, False), (False, True), (True, True)):
