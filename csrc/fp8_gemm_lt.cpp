@@ -38,10 +38,51 @@ void check_problem(int64_t m, int64_t n, int64_t k) {
               "cuBLASLt FP8 GEMM: M, N, K > 0 with K and N multiples of 16, got ", m, "x", n, "x", k);
 }
 
+// K-split variants of an unsplit algorithm whose kernel supports them: at a decode step's M a
+// GEMM has few output tiles (256 x 3072 is 48 tiles of 128 x 128 on 132 SMs), and splitting K
+// puts more SMs on the weight's bytes. cuBLASLt's heuristic seldom lists them itself. Only those
+// AlgoCheck accepts within the workspace limit; split parts of at least 256 of K.
+std::vector<cublasLtMatmulAlgo_t> k_splits(cublasLtHandle_t handle, const Problem& p, const cublasLtMatmulAlgo_t& algo,
+                                           int64_t k, size_t max_workspace) {
+  std::vector<cublasLtMatmulAlgo_t> out;
+  int32_t supported = 0;
+  uint32_t schemes = 0;
+  size_t written = 0;
+  if (cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported, sizeof(supported),
+                                        &written) != CUBLAS_STATUS_SUCCESS ||
+      !supported || config<int32_t>(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM) > 1)
+    return out;
+  if (cublasLtMatmulAlgoCapGetAttribute(&algo, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes),
+                                        &written) != CUBLAS_STATUS_SUCCESS)
+    return out;
+  // float32 partial sums first (the output type would round each part to bf16)
+  uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
+  for (uint32_t s : {CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE, CUBLASLT_REDUCTION_SCHEME_INPLACE})
+    if (schemes & s) {
+      scheme = s;
+      break;
+    }
+  if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE) return out;
+  for (int32_t split : {2, 3, 4, 6, 8}) {
+    if (k / split < 256) break;
+    cublasLtMatmulAlgo_t a = algo;
+    if (cublasLtMatmulAlgoConfigSetAttribute(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split, sizeof(split)) !=
+            CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigSetAttribute(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) !=
+            CUBLAS_STATUS_SUCCESS)
+      continue;
+    cublasLtMatmulHeuristicResult_t check{};
+    if (cublasLtMatmulAlgoCheck(handle, p.op, p.wl, p.al, p.yl, p.yl, &a, &check) == CUBLAS_STATUS_SUCCESS &&
+        check.workspaceSize <= max_workspace)
+      out.push_back(a);
+  }
+  return out;
+}
+
 }  // namespace
 
-// Up to max_algos algorithms of cuBLASLt's heuristic for (m, n, k), best first, each as its
-// bytes, with workspace up to max_workspace bytes (K splits allowed).
+// Up to max_algos algorithms of cuBLASLt's heuristic for (m, n, k), best first, each followed by
+// its K-split variants, each as its bytes, with workspace up to max_workspace bytes.
 std::vector<torch::Tensor> fp8_algos(int64_t m, int64_t n, int64_t k, at::ScalarType out_dtype,
                                      int64_t max_algos, int64_t max_workspace) {
   check_problem(m, n, k);
@@ -56,8 +97,12 @@ std::vector<torch::Tensor> fp8_algos(int64_t m, int64_t n, int64_t k, at::Scalar
   LT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.wl, p.al, p.yl, p.yl, pref.get(),
                                           static_cast<int>(found.size()), found.data(), &count));
   std::vector<torch::Tensor> out;
-  for (int i = 0; i < count; ++i)
-    if (found[i].state == CUBLAS_STATUS_SUCCESS) out.push_back(pack(found[i].algo));
+  for (int i = 0; i < count; ++i) {
+    if (found[i].state != CUBLAS_STATUS_SUCCESS) continue;
+    out.push_back(pack(found[i].algo));
+    for (const auto& split : k_splits(handle, p, found[i].algo, k, static_cast<size_t>(max_workspace)))
+      out.push_back(pack(split));
+  }
   return out;
 }
 

@@ -1,6 +1,7 @@
 """`r1mega bench fp8-decode-gemm`: a decode step's GEMMs, bf16 against each FP8 rollout route.
 
-For the 852M shape's linears (qkv, proj, fc1, fc2; 16 layers each) at decode row counts it times,
+For the 852M shape's linears (qkv, proj, fc1, fc2; 16 layers, each its own weights) at decode
+row counts it times,
 from one CUDA graph replay of all 64 calls (as a captured decode step runs them), in this run:
 
   bf16             torch.mm on the bf16 weights (the bf16 rollout's GEMMs)
@@ -89,23 +90,26 @@ def main(argv=None) -> int:
             routes.pop(name)
             print(f"({name} left out: no GPU and TRITON_INTERPRET is not 1)")
     g = torch.Generator(device=device).manual_seed(0)
-    weights = [(torch.randn(n, k, device=device, generator=g) * 0.02).to(dtype) for n, k in linears]
+    # each layer its own weights, as the model's: 16 layers of one layer's 45 MB of FP8 weights
+    # would be read from L2 (50 MB on an H100) after the first, where a decode step reads HBM
+    weights = [[(torch.randn(n, k, device=device, generator=g) * 0.02).to(dtype) for n, k in linears]
+               for _ in range(layers)]
     results: dict = {}
     print(f"{'route':<20} " + " ".join(f"{'M=' + str(m):>12}" for m in rows) + "   (ms per decode step's GEMMs)")
     for name, (prep, run) in routes.items():
-        wq = [prep(w) for w in weights]
+        wq = [[prep(w) for w in layer] for layer in weights]
         results[name] = {}
         for m in rows:
             xs = [torch.randn(m, k, device=device, generator=g).to(dtype) for _, k in linears]
 
             def step():
-                for _ in range(layers):
-                    for x, w in zip(xs, wq):
+                for layer in wq:
+                    for x, w in zip(xs, layer):
                         run(x, w)
             ms = graph_ms(step, 1) if cuda else median_ms(step, 1, 0, False)
             err = max(float((run(x, w).float() - x.float() @ w0.float().t()).abs().max()
                             / (x.float() @ w0.float().t()).abs().max())
-                      for x, w, w0 in zip(xs, wq, weights))
+                      for x, w, w0 in zip(xs, wq[0], weights[0]))
             results[name][m] = {"ms": ms, "max_rel_err": err}
         print(f"{name:<20} " + " ".join(f"{results[name][m]['ms']:>12.3f}" for m in rows))
     for name in routes:

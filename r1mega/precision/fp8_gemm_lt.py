@@ -4,8 +4,9 @@
 counts the tensorwise GEMMs of the 852M rollout ran at a fraction of their bytes floor (qkv and
 the output projection ~7.4 µs for 6.3 and 4.2 MB of weight on an H100), where an algorithm that
 splits K or tiles differently may do better. Here each problem (rows, N, K, output dtype, device)
-times the heuristic's candidates (``csrc/fp8_gemm_lt.cpp``) against ``torch._scaled_mm`` once,
-outside any CUDA graph capture, and keeps the fastest; a problem first met under capture runs
+times the heuristic's candidates and their K splits (``csrc/fp8_gemm_lt.cpp``) against
+``torch._scaled_mm`` once, graph-replayed with the weight read from HBM (``_time``), and keeps
+the fastest; a choice is made outside any CUDA graph capture: a problem first met under capture runs
 torch's kernel (timing would break the capture) and is timed at its next eager call.
 
 Switched by ``R1MEGA_FP8_GEMM_LT=1`` (off until a GPU has timed it: ``r1mega bench
@@ -64,16 +65,30 @@ def fastest(times: dict) -> Optional[int]:
     return best
 
 
-def _time(fn: Callable[[], torch.Tensor]) -> float:
-    fn()
+def _time(run: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> float:
+    """Device ms a call of ``run(weight)``: the calls captured in one CUDA graph and replayed (a
+    decode step replays its graph; timed eagerly, a 7 µs GEMM measures the host's launch), each
+    on the next of copies of ``w`` that together exceed twice the L2 cache (a decode step reads
+    every weight from HBM; one weight timed again and again would sit in L2)."""
+    l2 = torch.cuda.get_device_properties(w.device).L2_cache_size
+    copies = [w] + [w.clone() for _ in range(max(0, -(-2 * l2 // w.nbytes) - 1))]
+    calls = max(REPEATS, len(copies))
+    run(w)  # eagerly first: an algorithm cuBLASLt refuses raises here, not inside the capture
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            run(copies[i % len(copies)])
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPEATS):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / REPEATS
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def _torch_mm(a, scale_a, w, scale_w, out_dtype):
@@ -81,19 +96,27 @@ def _torch_mm(a, scale_a, w, scale_w, out_dtype):
                             use_fast_accum=True)
 
 
+def _name(ext, blobs, i) -> str:
+    """A timed candidate's name in ``timings``: "torch", or "lt:I" with "/kS" for a K split in S."""
+    if i == "torch":
+        return i
+    split = ext.describe(blobs[i])[3]
+    return f"lt:{i}" + (f"/k{split}" if split > 1 else "")
+
+
 def _choose(a, scale_a, w, scale_w, out_dtype, key) -> Optional[torch.Tensor]:
     ext = cublaslt_gemm.get()
     m, k = a.shape
     n = w.shape[0]
     blobs = ext.fp8_algos(m, n, k, out_dtype, CANDIDATES, MAX_WORKSPACE)
-    times = {"torch": _time(lambda: _torch_mm(a, scale_a, w, scale_w, out_dtype))}
+    times = {"torch": _time(lambda wi: _torch_mm(a, scale_a, wi, scale_w, out_dtype), w)}
     for i, blob in enumerate(blobs):
         try:
-            times[i] = _time(lambda blob=blob: ext.fp8_matmul(a, scale_a, w, scale_w, out_dtype, blob))
+            times[i] = _time(lambda wi, blob=blob: ext.fp8_matmul(a, scale_a, wi, scale_w, out_dtype, blob), w)
         except RuntimeError:  # the heuristic listed it, AlgoCheck refuses it here: not a candidate
             continue
     best = fastest(times)
-    timings[key] = {("torch" if i == "torch" else f"lt:{i}"): ms for i, ms in times.items()}
+    timings[key] = {_name(ext, blobs, i): ms for i, ms in times.items()}
     return None if best is None else blobs[best]
 
 
