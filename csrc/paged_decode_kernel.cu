@@ -288,14 +288,15 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// MMA: the tensor-core kernel (csrc/paged_decode_mma.cuh; GMAX unused), else the CUDA-core one
+// MMA: the tensor-core kernel (csrc/paged_decode_mma.cuh; GMAX unused), else the CUDA-core one;
+// `rows` (o_proj's row quantiser as the epilogue) only with MMA
 template <typename QT, int GMAX, int D, typename IT, bool MMA>
 void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale, bool heads_inner) {
-  auto kernel = paged_decode_fp8_kernel<QT, GMAX, D, IT>;
-  if constexpr (MMA) kernel = paged_decode_fp8_mma_kernel<QT, D, IT>;
+            int group, double scale, bool heads_inner, const RowsOut& rows) {
   constexpr int smem = MMA ? MmaSmem<D>::kBytes : Smem<GMAX, D>::kBytes;
+  const void* kernel = MMA ? reinterpret_cast<const void*>(paged_decode_fp8_mma_kernel<QT, D, IT>)
+                           : reinterpret_cast<const void*>(paged_decode_fp8_kernel<QT, GMAX, D, IT>);
   // over 48 KB of dynamic shared memory needs the opt-in, per kernel and device (remembered for
   // the first 64 devices, asked again on every launch beyond them)
   static bool opted_in[64] = {};
@@ -306,44 +307,49 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
   }
   const dim3 grid = heads_inner ? dim3(kc.size(2), q.size(0)) : dim3(q.size(0), kc.size(2));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  kernel<<<grid, kWarps * 32, smem, stream>>>(
-      reinterpret_cast<const QT*>(q.data_ptr()), q.stride(0), q.stride(1),
-      reinterpret_cast<const uint8_t*>(kc.data_ptr()), reinterpret_cast<const uint8_t*>(vc.data_ptr()),
-      kc.stride(0), kc.stride(1), kc.stride(2), ks.data_ptr<float>(), vs.data_ptr<float>(),
-      ks.stride(0), ks.stride(1), reinterpret_cast<const IT*>(bt.data_ptr()), bt.stride(0),
-      ctx.data_ptr<int32_t>(), reinterpret_cast<QT*>(out.data_ptr()), out.stride(0), out.stride(1),
-      group, static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634), heads_inner);
+#define R1MEGA_PAGED_ARGS                                                                           \
+  reinterpret_cast<const QT*>(q.data_ptr()), q.stride(0), q.stride(1),                              \
+      reinterpret_cast<const uint8_t*>(kc.data_ptr()), reinterpret_cast<const uint8_t*>(vc.data_ptr()), \
+      kc.stride(0), kc.stride(1), kc.stride(2), ks.data_ptr<float>(), vs.data_ptr<float>(), ks.stride(0), \
+      ks.stride(1), reinterpret_cast<const IT*>(bt.data_ptr()), bt.stride(0), ctx.data_ptr<int32_t>(),    \
+      reinterpret_cast<QT*>(out.data_ptr()), out.stride(0), out.stride(1), group,                      \
+      static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634), heads_inner
+  if constexpr (MMA)
+    paged_decode_fp8_mma_kernel<QT, D, IT><<<grid, kWarps * 32, smem, stream>>>(R1MEGA_PAGED_ARGS, rows);
+  else
+    paged_decode_fp8_kernel<QT, GMAX, D, IT><<<grid, kWarps * 32, smem, stream>>>(R1MEGA_PAGED_ARGS);
+#undef R1MEGA_PAGED_ARGS
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename QT, int GMAX, int D, bool MMA>
 void by_index(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale, bool heads_inner) {
+              int group, double scale, bool heads_inner, const RowsOut& rows) {
   // the CUDA-graph decode step reads its block tables out of one packed int64 buffer
   if (bt.scalar_type() == at::kLong)
-    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
-  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
+    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
 }
 
 template <typename QT, int GMAX, bool MMA>
 void by_dim(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale, bool heads_inner) {
+            int group, double scale, bool heads_inner, const RowsOut& rows) {
   switch (q.size(2)) {
-    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
-    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
-    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
+    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
   }
 }
 
 template <typename QT>
 void by_group(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale, bool tensor_cores, bool heads_inner) {
-  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
-  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
-  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner);
+              int group, double scale, bool tensor_cores, bool heads_inner, const RowsOut& rows) {
+  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
 }
 
 }  // namespace
@@ -351,12 +357,22 @@ void by_group(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, c
 void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
-                           bool heads_inner) {
+                           bool heads_inner, const c10::optional<at::Tensor>& q8,
+                           const c10::optional<at::Tensor>& s8, const c10::optional<at::Tensor>& counters,
+                           bool power2) {
   const at::cuda::CUDAGuard guard(q.device());
   const int group = static_cast<int>(q.size(1) / kc.size(2));
+  RowsOut rows;
+  if (q8.has_value()) {
+    rows.q8 = reinterpret_cast<uint8_t*>(q8->data_ptr());
+    rows.s8 = s8->data_ptr<float>();
+    rows.counters = counters->data_ptr<int32_t>();
+    rows.q8_sb = q8->stride(0);
+    rows.power2 = power2;
+  }
   if (q.scalar_type() == at::kBFloat16) {
-    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner);
+    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows);
   } else {
-    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner);
+    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows);
   }
 }

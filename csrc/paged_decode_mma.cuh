@@ -27,6 +27,7 @@
 // one quarter-warp over all 32 banks at D 128.
 #pragma once
 #include "paged_decode_common.cuh"
+#include "paged_decode_rows.cuh"
 
 namespace {
 
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                                 int64_t s_sb, int64_t s_st, const IT* __restrict__ bt,
                                 int64_t bt_s, const int32_t* __restrict__ ctx_lens,
                                 QT* __restrict__ out, int64_t o_sb, int64_t o_sh, int group, int bs,
-                                float scale_log2, bool heads_inner) {
+                                float scale_log2, bool heads_inner, RowsOut rows) {
   constexpr int PIECES = D / 16;   // 16-byte pieces of a cache row
   constexpr int KT = D / 16;       // k-steps of S^T, m-tiles of O^T
   constexpr int VB = D / 8;        // V bytes (dims) a lane takes of each of its keys
@@ -267,6 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     out[b * o_sb + (h * group + hd) * o_sh + d] = from_float<QT>(num / den);
   }
+  if (rows.q8 != nullptr) quantize_row_when_last<QT, D>(rows, out, b, o_sb, o_sh, heads_inner ? gridDim.x : gridDim.y, group);
 }
 
 }  // namespace

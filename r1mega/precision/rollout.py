@@ -90,6 +90,14 @@ def qkv_unscaled(linear_qkv, hidden_states):
     return None if fn is None else fn(hidden_states)
 
 
+def proj_from_rows(linear_proj, make_rows, t: int, out_dtype: torch.dtype):
+    """linear_proj's output (out (T, 1, H), bias) from its input's e4m3 rows and row scales,
+    ``make_rows(power2) -> (data (T', C), scales (T', 1))``, where the FP8 rollout's row route
+    serves this call (else None, and ``make_rows`` is not called)."""
+    fn = getattr(linear_proj, "_fp8_row_proj", None)
+    return None if fn is None else fn(make_rows, t, out_dtype)
+
+
 def _norm_fed_rows(x2: torch.Tensor) -> Fp8Tensor:
     """Power-of-two row scales of a norm's output (T, K): compiled, in torch ops that inductor
     fuses into the norm's kernel (as decode_gemm does); eagerly, the one-pass row kernel."""
@@ -167,6 +175,11 @@ class Fp8RolloutWeights:
                      and id(mlp.linear_fc2) in hooked and not mlp.config.add_bias_linear]
         for mlp in self.mlps:
             mlp.forward = self._make_mlp_forward(mlp)
+        # the output projection: under row scales its input's rows may come quantised from the
+        # decode attention kernel's epilogue (see _make_proj_rows)
+        for mod in self.linears:
+            if id(mod) in hooked and id(mod) in opaque_inputs:
+                mod._fp8_row_proj = self._make_proj_rows(mod)
         # attention's qkv projection: under row scales the rollout's fused RoPE kernel applies
         # them (qkv_unscaled), one pointwise pass over qkv a layer fewer
         self.qkv_linears = [mod for name, mod in m.decoder.named_modules()
@@ -272,8 +285,28 @@ class Fp8RolloutWeights:
 
         return qkv_rows
 
+    def _make_proj_rows(self, mod):
+        def proj_rows(make_rows, t: int, out_dtype: torch.dtype):
+            q = mod._fp8_rollout_weight
+            if (not self.active or torch.is_grad_enabled() or q is None or mod.sequence_parallel
+                    or mod.explicit_expert_comm or not mod.input_is_parallel or t > ROW_ACT_MAX_ROWS):
+                return None
+            data, scale = make_rows(self.act_power2)
+            y = fp8_gemm(Fp8Tensor(data, scale, "row", "e4m3"), q, out_dtype, emulate=False,
+                         fast_accum=True)[:t]                                      # (T, out)
+            if mod.tp_group is not None and mod.tp_group.size() > 1:
+                y = reduce_from_tensor_model_parallel_region(y, group=mod.tp_group)
+            y = y.view(t, 1, -1)
+            if mod.skip_bias_add:
+                return y, mod.bias
+            return (y + mod.bias if mod.bias is not None else y), None
+
+        return proj_rows
+
     def remove(self) -> None:
         """Uninstall the hooks and drop the copies (the layers are plain megatron again)."""
+        for mod in self.linears:
+            mod.__dict__.pop("_fp8_row_proj", None)
         for mod in self.qkv_linears:
             mod.__dict__.pop("_fp8_row_qkv", None)
         for mlp in self.mlps:

@@ -96,3 +96,89 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 def serves(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
     """Whether the decode op should send this call here: the switch, the shapes, the extension."""
     return IMPL in ("cuda", "mma") and why_not(q, k_cache, k_scale) is None and get() is not None
+
+
+# The output projection's row quantiser as the MMA kernel's epilogue (csrc/paged_decode_rows.cuh)
+ROWS = switches.flag("R1MEGA_PAGED_FP8_ROWS", False,
+                     "the FP8 rollout's decode attention kernel (tensor cores) also writes its output "
+                     "rows in e4m3 with row scales, for the output projection (one kernel a layer fewer)")
+
+# int32 zeros the epilogue counts CTAs in (it leaves them zero). Never freed: a captured CUDA
+# graph holds the address of the one it was captured with.
+_counters: dict = {}
+_COUNTERS_MIN = 4096
+
+
+def _row_counters(device: torch.device, n: int) -> torch.Tensor:
+    held = _counters.get(device)
+    if held is None or held.numel() < n:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"paged_decode_fp8_rows: first met {n} sequences under CUDA graph "
+                               f"capture; run the step once eagerly first (the decode graphs' warm-up)")
+        held = torch.zeros(max(n, _COUNTERS_MIN), dtype=torch.int32, device=device)
+        _counters.setdefault(("all", device), []).append(held)
+        _counters[device] = held
+    return held
+
+
+def serves_rows(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
+    """Whether a rows call runs the epilogue: switched on, and the decode op would take the
+    tensor-core kernel for these operands."""
+    return ROWS and IMPL == "mma" and why_not(q, k_cache, k_scale) is None and get() is not None
+
+
+def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                          k_scale: torch.Tensor, v_scale: torch.Tensor, power2: bool = True,
+                          pad: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, Hq, D) -> (out (B, Hq, D), e4m3 rows (B', Hq * D), float32 scales (B', 1)): the
+    tensor-core kernel's attention, and ``out.reshape(B, -1)`` quantised as
+    ``triton_fp8_rows.fp8_rows(..., power2, pad=pad)`` does it (rows padded to B', a multiple of
+    ``pad``, with zero rows of scale 1)."""
+    reason = why_not(q, k_cache, k_scale)
+    if reason is not None:
+        raise ValueError(f"paged_decode_fp8_rows: {reason}")
+    ext = get()
+    if ext is None:
+        raise RuntimeError(f"paged_decode_fp8_rows: r1mega_attn_cuda is unavailable: {load_error()}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    b, c = q.shape[0], q.shape[1] * q.shape[2]
+    bp = -(-b // pad) * pad
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q8 = torch.empty(bp, c, dtype=torch.float8_e4m3fn, device=q.device)
+    s8 = torch.empty(bp, 1, dtype=torch.float32, device=q.device)
+    if bp > b:
+        q8[b:].view(torch.uint8).zero_()
+        s8[b:].fill_(1.0)
+    ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
+                         float(scale), True, bool(HEADS_INNER), q8, s8.view(-1),
+                         _row_counters(q.device, b), bool(power2))
+    return out, q8, s8
+
+
+@torch.library.custom_op("r1mega::paged_decode_attention_rows", mutates_args=())
+def decode_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                          k_scale: torch.Tensor, v_scale: torch.Tensor, power2: bool,
+                          pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode_fp8_rows` where it serves (:func:`serves_rows`); elsewhere the decode
+    op's attention and the reference row quantiser (the same contract)."""
+    if serves_rows(q, k_cache, k_scale):
+        return paged_decode_fp8_rows(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale,
+                                     v_scale, power2, pad)
+    from r1mega.precision.linear import _pad_rows
+    from r1mega.precision.quantize import quantize_reference
+    from r1mega.rollout import triton_paged  # noqa: F401  (registers the decode op)
+
+    out = torch.ops.r1mega.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale,
+                                                  k_scale, v_scale)
+    a = quantize_reference(_pad_rows(out.reshape(q.shape[0], -1), pad), "row", "e4m3", power2)
+    return out, a.data, a.scale.reshape(-1, 1)
+
+
+@decode_attention_rows.register_fake
+def _(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale, power2, pad):
+    bp = -(-q.shape[0] // pad) * pad
+    return (q.new_empty(q.shape), q.new_empty((bp, q.shape[1] * q.shape[2]), dtype=torch.float8_e4m3fn),
+            q.new_empty((bp, 1), dtype=torch.float32))

@@ -42,7 +42,7 @@ from r1mega.rollout.kv_cache import PagedKVCache
 from r1mega.ops.batch_invariant import exact_active
 from r1mega.rollout.exact import exact_runner_attention
 from r1mega.precision import rollout as fp8_rollout
-from r1mega.rollout import triton_paged, triton_rope_kv
+from r1mega.rollout import cuda_paged, triton_paged, triton_rope_kv
 
 
 def unwrap_model(module):
@@ -253,6 +253,25 @@ class ModelRunner:
             return attend_fresh(q, k, v, batch, self.scale)
         return attend_gather(q, kc, vc, batch, self.scale, ks, vs)
 
+    def _proj_from_rows(self, layer_idx, attn, q, dtype, decode_tensors):
+        """linear_proj's output with its input quantised by the decode attention kernel itself
+        (``R1MEGA_PAGED_FP8_ROWS``: the FP8 rollout's row route, the tensor-core kernel), or None
+        where that road is not taken."""
+        if (decode_tensors is None or not self.decode_kernel_enabled or exact_active()
+                or q.dtype != dtype):
+            return None
+        kc, vc, ks, vs = self.cache.layer(layer_idx)
+        if not cuda_paged.serves_rows(q, kc, ks):
+            return None
+        block_tables, ctx_lens = decode_tensors
+
+        def make_rows(power2: bool):
+            _, data, scale = torch.ops.r1mega.paged_decode_attention_rows(
+                q, kc, vc, block_tables, ctx_lens, self.scale, ks, vs, power2, 16)
+            return data, scale
+
+        return fp8_rollout.proj_from_rows(attn.linear_proj, make_rows, q.shape[0], dtype)
+
     def empty_step(self) -> None:
         """A step with zero tokens, for an expert-parallel rank that has nothing to generate
         while its peers do: each MoE layer still takes part in its all-to-alls (with zero-sized
@@ -319,9 +338,12 @@ class ModelRunner:
                 k = k.reshape(T, -1, self.head_dim)
                 v = v.reshape(T, -1, self.head_dim)
                 self.cache.write(i, slots, k, v)
-            if self.mla is None:
-                o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)
-            x = _bda(attn.linear_proj(o.reshape(T, 1, -1).to(h.dtype)), residual)
+            proj = None if self.mla is not None else self._proj_from_rows(i, attn, q, h.dtype, decode_tensors)
+            if proj is None:
+                if self.mla is None:
+                    o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)
+                proj = attn.linear_proj(o.reshape(T, 1, -1).to(h.dtype))
+            x = _bda(proj, residual)
             residual = x
             x = _bda(layer.mlp(layer.pre_mlp_layernorm(x)), residual)  # dense MLP or MoELayer
         if logit_rows is not None:

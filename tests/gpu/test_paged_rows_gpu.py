@@ -1,0 +1,135 @@
+"""The output projection's row quantiser as the FP8 decode kernel's epilogue
+(csrc/paged_decode_rows.cuh, ``R1MEGA_PAGED_FP8_ROWS``): its attention equals the tensor-core
+kernel's to the bit, its e4m3 rows and scales equal the one-pass row kernel's
+(r1mega/precision/triton_fp8_rows.py) on that output to the bit, launch after launch and under
+CUDA graph replay (the CTA counters reset themselves), and an FP8 rollout decodes the same tokens
+and log-probs with it as without."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.unit.test_rollout_fp8_error import DECODE_SHAPES, paged_decode_case
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a GPU with e4m3 (sm_89+)")
+
+SHAPES = DECODE_SHAPES + [(9, 3, 64, 16), (32, 4, 256, 16)]
+
+
+def _ext():
+    from r1mega.rollout import cuda_paged
+
+    if cuda_paged.get() is None:
+        pytest.skip(f"r1mega_attn_cuda unavailable: {cuda_paged.load_error()}")
+    return cuda_paged
+
+
+def _case(shape, dtype, repeat=1):
+    from r1mega.rollout.kv_cache import quantize_rows
+
+    q, k, v, bt, ctx = paged_decode_case(*shape, device="cuda")
+    if repeat > 1:  # more sequences (37 rows: padded to 48) over the same cache blocks
+        q, bt, ctx = (t.repeat(repeat, *([1] * (t.dim() - 1)))[:37] for t in (q, bt, ctx))
+    k8, ks = quantize_rows(k)
+    v8, vs = quantize_rows(v)
+    return q.to(dtype), k8, ks, v8, vs, bt, ctx
+
+
+def _rows_reference(out, power2):
+    from r1mega.precision.triton_fp8_rows import fp8_rows_triton
+
+    return fp8_rows_triton(out.reshape(out.shape[0], -1), power2)
+
+
+@pytest.mark.parametrize("power2", [True, False], ids=["power2", "exact-scales"])
+@pytest.mark.parametrize("repeat", [1, 5], ids=["8-seqs", "37-seqs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=["-".join(map(str, s)) for s in SHAPES])
+def test_epilogue_rows_equal_the_row_kernel_on_the_kernels_output(shape, dtype, repeat, power2):
+    cp = _ext()
+    q, k8, ks, v8, vs, bt, ctx = _case(shape, dtype, repeat)
+    scale = 1 / math.sqrt(shape[2])
+    plain = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, tensor_cores=True)
+    for _ in range(3):  # the counters are left at zero for the next launch
+        out, q8, s8 = cp.paged_decode_fp8_rows(q, k8, v8, bt, ctx, scale, ks, vs, power2)
+        assert torch.equal(out, plain)
+        ref_q, ref_s = _rows_reference(out, power2)
+        assert q8.shape == ref_q.shape and s8.shape == ref_s.shape
+        assert torch.equal(q8.view(torch.uint8), ref_q.view(torch.uint8))
+        assert torch.equal(s8, ref_s)
+    assert int(cp._row_counters(q.device, q.shape[0]).abs().sum()) == 0
+
+
+def test_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypatch):
+    cp = _ext()
+    q, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16, repeat=5)
+    monkeypatch.setattr(cp, "ROWS", True)
+    args = (q, k8, v8, bt, ctx, 0.1, ks, vs, True, 16)
+    eager = torch.ops.r1mega.paged_decode_attention_rows(*args)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = torch.ops.r1mega.paged_decode_attention_rows(*args)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(captured, eager):
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+    # switched off: the decode op's attention and the reference quantiser, the same contract
+    monkeypatch.setattr(cp, "ROWS", False)
+    out, q8, s8 = torch.ops.r1mega.paged_decode_attention_rows(*args)
+    assert torch.equal(out, eager[0]) and torch.equal(s8, eager[2])
+    assert torch.equal(q8.view(torch.uint8), eager[1].view(torch.uint8))
+
+
+def test_rollout_decodes_the_same_with_the_epilogue(single_rank_runtime, monkeypatch):
+    """The FP8 rollout (FP8 weights and KV cache) with o_proj's input quantised in the attention
+    kernel against the same rollout with the one-pass row kernel: tokens and log-probs equal to
+    the bit (the same e4m3 rows reach the same GEMM), the route taken once per layer and decode
+    step; compiled with CUDA graphs, the same tokens."""
+    cp = _ext()
+    from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision import rollout as rollout_mod
+    from r1mega.precision.policy import resolve_rollout_fp8_policy
+    from r1mega.rollout.engine import RolloutEngine
+    from r1mega.rollout.types import GenerationRequest
+
+    monkeypatch.delenv("R1MEGA_FP8_ROLLOUT_ACT", raising=False)
+    rt = single_rank_runtime()
+    torch.manual_seed(0)
+    # head_dim 64 (the kernel takes 64, 128, 256), groups of 4
+    model = build_model(ModelConfig(num_layers=2, hidden_size=512, num_attention_heads=8,
+                                    num_query_groups=2, ffn_hidden_size=1024, vocab_size=1000,
+                                    max_position_embeddings=256, spec="local"), rt, wrap=False)
+    policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="tensorwise"), "cuda")
+    prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
+    real = rollout_mod.proj_from_rows
+    runs, taken = {}, {}
+    for compiled, rows in ((False, False), (False, True), (True, True)):
+        calls = []
+        monkeypatch.setattr(cp, "ROWS", rows)
+        monkeypatch.setattr(rollout_mod, "proj_from_rows",
+                            lambda *a: calls.append(1) or real(*a))
+        torch._dynamo.reset()
+        fp8 = rollout_mod.Fp8RolloutWeights(model[0], policy)
+        cfg = RolloutConfig(max_new_tokens=12, kv_block_tokens=16, max_batch_sequences=64,
+                            temperature=0.0, compile_decode=compiled, cuda_graphs=compiled,
+                            kv_cache_dtype="fp8")
+        eng = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=1000)
+        with fp8.decoding():
+            outs = eng.generate([GenerationRequest(p, n=1, seed=i) for i, p in enumerate(prompts)])
+        eng.release()
+        fp8.remove()
+        runs[compiled, rows] = [(c.token_ids, c.logprobs) for c in outs]
+        taken[compiled, rows] = len(calls)
+    assert taken[False, False] == 0
+    assert runs[False, True] == runs[False, False]
+    assert taken[False, True] >= 2 * 11 and taken[False, True] % 2 == 0
+    assert taken[True, True] > 0
+    for (t0, _), (t1, _) in zip(runs[False, True], runs[True, True]):
+        assert t0[:4] == t1[:4]

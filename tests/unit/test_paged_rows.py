@@ -1,0 +1,56 @@
+"""The decode attention op with o_proj's row quantiser (r1mega/rollout/cuda_paged.py,
+``R1MEGA_PAGED_FP8_ROWS``) on the CPU: the switch, and the contract of the op's fallback, which
+the CUDA epilogue is held to on a GPU (tests/gpu/test_paged_rows_gpu.py): the attention, and its
+output rows quantised to e4m3 with row scales, padded with zero rows of scale 1."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from r1mega.rollout import cuda_paged
+from tests.unit.test_rollout_fp8_error import paged_decode_case
+
+
+def test_switch_is_off_by_default_and_validated(monkeypatch):
+    assert cuda_paged.ROWS is False
+    monkeypatch.setenv("R1MEGA_PAGED_FP8_ROWS", "on")
+    with pytest.raises(ValueError, match="R1MEGA_PAGED_FP8_ROWS='on'"):
+        importlib.reload(cuda_paged)
+    monkeypatch.setenv("R1MEGA_PAGED_FP8_ROWS", "1")
+    importlib.reload(cuda_paged)
+    assert cuda_paged.ROWS is True
+    monkeypatch.delenv("R1MEGA_PAGED_FP8_ROWS")
+    importlib.reload(cuda_paged)
+    assert cuda_paged.ROWS is False
+
+
+@pytest.mark.parametrize("power2", [True, False])
+def test_fallback_is_the_attention_and_its_rows_quantised(monkeypatch, power2):
+    from r1mega.precision.quantize import FP8_MAX, dequantize, Fp8Tensor
+    from r1mega.rollout.attention import attend_decode_gather
+    from r1mega.rollout.kv_cache import quantize_rows
+
+    monkeypatch.setattr(cuda_paged, "ROWS", True)
+    q, k, v, bt, ctx = paged_decode_case(16, 4, 64, 16)  # 8 sequences: 16 rows after padding
+    q = q.to(torch.bfloat16)
+    k8, ks = quantize_rows(k)
+    v8, vs = quantize_rows(v)
+    assert not cuda_paged.serves_rows(q, k8, ks)  # a CPU tensor: never the CUDA epilogue
+    scale = 1 / math.sqrt(64)
+    out, q8, s8 = torch.ops.r1mega.paged_decode_attention_rows(q, k8, v8, bt, ctx, scale, ks, vs,
+                                                              power2, 16)
+    ref = attend_decode_gather(q, k8, v8, bt, ctx, scale, ks, vs)
+    assert torch.equal(out, ref)
+    assert q8.shape == (16, 16 * 64) and q8.dtype == torch.float8_e4m3fn and s8.shape == (16, 1)
+    assert torch.equal(s8[8:], torch.ones(8, 1)) and not q8[8:].view(torch.uint8).any()
+    rows = out.reshape(8, -1).float()
+    amax = rows.abs().amax(1, keepdim=True)
+    assert torch.all(rows.abs().amax(1) / s8[:8, 0] <= FP8_MAX["e4m3"] * (1 + 2 ** -20))  # to rounding
+    if power2:  # scales are powers of two, no coarser than needed
+        assert torch.equal(torch.frexp(s8[:8])[0], torch.full_like(s8[:8], 0.5))
+        assert torch.all(amax / s8[:8] > FP8_MAX["e4m3"] / 2)
+    back = dequantize(Fp8Tensor(q8[:8], s8[:8], "row", "e4m3"))
+    assert torch.all((back - rows).abs() <= amax * 2 ** -3)  # e4m3: 3 mantissa bits
