@@ -44,8 +44,10 @@ IMPL = _impl_from_env()
 HEADS_INNER = grid_from_env() == "heads"
 
 
-def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> Optional[str]:
-    """None when the CUDA kernel takes these operands, else the reason."""
+def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
+            pointers: bool = True) -> Optional[str]:
+    """None when the CUDA kernel takes these operands, else the reason. ``pointers`` False leaves
+    out the base address's alignment (shapes and strides only: what dynamo can trace)."""
     if not q.is_cuda:
         return f"q is on {q.device}, not a CUDA device"
     if q.dtype not in (torch.bfloat16, torch.float16):
@@ -60,7 +62,8 @@ def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tens
         return f"{bs}-token cache blocks (the kernel takes multiples of 16)"
     if q.shape[1] % hkv or q.shape[1] // hkv > 8:
         return f"{q.shape[1]} query heads over {hkv} KV heads (a group of at most 8)"
-    if k_cache.stride(-1) != 1 or any(s % 16 for s in k_cache.stride()[:3]) or k_cache.data_ptr() % 16:
+    if (k_cache.stride(-1) != 1 or any(s % 16 for s in k_cache.stride()[:3])
+            or (pointers and k_cache.data_ptr() % 16)):
         return f"the cache's strides {k_cache.stride()} are not 16-byte multiples with unit stride on D"
     return None
 
@@ -123,8 +126,11 @@ def _row_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def serves_rows(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
     """Whether a rows call runs the epilogue: switched on, and the decode op would take the
-    tensor-core kernel for these operands."""
-    return ROWS and IMPL == "mma" and why_not(q, k_cache, k_scale) is None and get() is not None
+    tensor-core kernel for these operands. Traced by dynamo in the compiled decode step, where
+    ``data_ptr()`` would break the graph at every layer: the base address's alignment is left
+    out while compiling (the op itself checks it again, eagerly, and falls back if it must)."""
+    return (ROWS and IMPL == "mma" and get() is not None
+            and why_not(q, k_cache, k_scale, pointers=not torch.compiler.is_compiling()) is None)
 
 
 def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
