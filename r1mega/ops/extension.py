@@ -74,5 +74,10 @@ class CudaExtension:
                         warnings.warn(f"{self.name} unavailable, {self.fallback}: {self._error}")
         return self._module
 
+    def loaded(self):
+        """The module if it has been loaded already, else None: never loads (safe while dynamo
+        traces, where an import would break the graph)."""
+        return self._module
+
     def load_error(self):
         return self._error

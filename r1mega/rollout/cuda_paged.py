@@ -21,7 +21,7 @@ from r1mega.ops.extension import CudaExtension
 _EXT = CudaExtension("r1mega_attn_cuda", ["paged_decode.cpp", "paged_decode_kernel.cu"], "R1MEGA_ATTN",
                      ["-lineinfo", "--use_fast_math"], "FP8 paged decode attention uses Triton")
 SOURCES = _EXT.sources
-get, load_error = _EXT.get, _EXT.load_error
+get, load_error, loaded = _EXT.get, _EXT.load_error, _EXT.loaded
 
 
 def _impl_from_env() -> str:
@@ -127,10 +127,15 @@ def _row_counters(device: torch.device, n: int) -> torch.Tensor:
 def serves_rows(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
     """Whether a rows call runs the epilogue: switched on, and the decode op would take the
     tensor-core kernel for these operands. Traced by dynamo in the compiled decode step, where
-    ``data_ptr()`` would break the graph at every layer: the base address's alignment is left
-    out while compiling (the op itself checks it again, eagerly, and falls back if it must)."""
-    return (ROWS and IMPL == "mma" and get() is not None
-            and why_not(q, k_cache, k_scale, pointers=not torch.compiler.is_compiling()) is None)
+    ``data_ptr()`` or loading the extension would break the graph at every layer: while
+    compiling, the base address's alignment is left out (the op itself checks it again, eagerly,
+    and falls back if it must) and only an extension loaded before counts (the model runner
+    loads it when the switch is on)."""
+    if not (ROWS and IMPL == "mma"):
+        return False
+    tracing = torch.compiler.is_compiling()
+    return ((loaded() if tracing else get()) is not None
+            and why_not(q, k_cache, k_scale, pointers=not tracing) is None)
 
 
 def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

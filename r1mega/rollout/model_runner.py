@@ -156,6 +156,8 @@ class ModelRunner:
             from r1mega.models.compile import prepare_dynamo
 
             prepare_dynamo()
+            if cuda_paged.ROWS:
+                cuda_paged.get()  # loaded now: an import inside the traced decode step breaks it
 
     def _mixed_qkv(self, attn, h: torch.Tensor, i: int):
         """(linear_qkv's output as (T, 1, Hkv, (G + 2) * D), None), or under the FP8 rollout's row
