@@ -219,6 +219,7 @@ def run_rollout(args, rt) -> dict:
     from r1mega.precision.rollout import Fp8RolloutWeights
     from r1mega.rollout.engine import RolloutEngine
     from r1mega.rollout.types import GenerationRequest
+    from torch._dynamo.utils import counters
 
     device = rt.device
     shape = get_shape("852m", smoke=args.smoke)
@@ -253,6 +254,7 @@ def run_rollout(args, rt) -> dict:
             with fp8.decoding():
                 return eng.generate(requests)
 
+        counters.clear()  # dynamo's graph breaks in this row's compiles (a split decode step)
         t = time.perf_counter()
         generate([GenerationRequest(p, n=1, seed=i + 7919) for i, p in enumerate(ids)])  # warm-up
         _sync(device)
@@ -263,7 +265,9 @@ def run_rollout(args, rt) -> dict:
         dt = time.perf_counter() - t
         n_new = sum(len(c.token_ids) for c in outs)
         st = eng.stats  # where the timed call went: prefill, decode steps, graph captures
-        split = {k: st[k] for k in ("prefill_s", "decode_s", "decode", "prefill", "capture_s")}
+        split = {k: st[k] for k in ("prefill_s", "decode_s", "decode", "prefill", "capture_s",
+                                    "decode_compiled")}
+        split["graph_breaks"] = sum(counters["graph_break"].values())
         if args.profile_kernels:  # where each row's decode step and prefill spend device time
             print(f"==== {name}")
             split["busy"] = device_busy(lambda: generate(reqs)) if device.type == "cuda" else None
@@ -290,7 +294,8 @@ def run_rollout(args, rt) -> dict:
         print(f"{'':<26} prefill {split['prefill_s']:.3f} s in {split['prefill']} steps, decode "
               f"{split['decode_s']:.3f} s in {split['decode']} steps "
               f"({split['decode_s'] / max(split['decode'], 1) * 1e3:.3f} ms each), graph captures "
-              f"{split['capture_s']:.2f} s", flush=True)
+              f"{split['capture_s']:.2f} s; decode compiled: {split['decode_compiled']}, "
+              f"{split['graph_breaks']} graph breaks", flush=True)
     speedup = rows[weights8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if weights8 in rows else None
     both = rows[both8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if both8 in rows else None
     if speedup is not None:

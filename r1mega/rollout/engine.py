@@ -285,7 +285,10 @@ class RolloutEngine:
                       "graph_captures": self.graphs.captures if self.graphs is not None else 0,
                       "capture_s": self._capture_s() - capture0,
                       "prefill_s": seconds["prefill"], "decode_s": seconds["decode"],
-                      "overlap_drains": overlap.drains if overlap else 0}
+                      "overlap_drains": overlap.drains if overlap else 0,
+                      # whether the decode step ran compiled (a compile failure falls back with a
+                      # warning, which a bench's log may not show)
+                      "decode_compiled": self._compiled_decode not in (None, self._decode_logits)}
         done.sort(key=lambda c: (c.prompt_index, c.sample_index))
         return done
 
