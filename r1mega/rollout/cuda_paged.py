@@ -68,6 +68,17 @@ def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tens
     return None
 
 
+def _ready(caller: str, q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]):
+    """(the extension, q with unit stride on D), or the reason the kernel cannot run, raised."""
+    reason = why_not(q, k_cache, k_scale)
+    if reason is not None:
+        raise ValueError(f"{caller}: {reason}")
+    ext = get()
+    if ext is None:
+        raise RuntimeError(f"{caller}: r1mega_attn_cuda is unavailable: {load_error()}")
+    return ext, (q if q.stride(-1) == 1 else q.contiguous())
+
+
 def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
                           k_scale: torch.Tensor, v_scale: torch.Tensor,
@@ -77,14 +88,7 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """q (B, Hq, D) -> (B, Hq, D) over the FP8 paged cache; raises with the reason when the kernel
     cannot take the operands or the extension is missing. ``tensor_cores``: the MMA kernel;
     ``heads_inner``: the (Hkv, B) grid (None: the switches' choices)."""
-    reason = why_not(q, k_cache, k_scale)
-    if reason is not None:
-        raise ValueError(f"paged_decode_fp8_cuda: {reason}")
-    ext = get()
-    if ext is None:
-        raise RuntimeError(f"paged_decode_fp8_cuda: r1mega_attn_cuda is unavailable: {load_error()}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    ext, q = _ready("paged_decode_fp8_cuda", q, k_cache, k_scale)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if tensor_cores is None:
@@ -146,14 +150,7 @@ def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     tensor-core kernel's attention, and ``out.reshape(B, -1)`` quantised as
     ``triton_fp8_rows.fp8_rows(..., power2, pad=pad)`` does it (rows padded to B', a multiple of
     ``pad``, with zero rows of scale 1)."""
-    reason = why_not(q, k_cache, k_scale)
-    if reason is not None:
-        raise ValueError(f"paged_decode_fp8_rows: {reason}")
-    ext = get()
-    if ext is None:
-        raise RuntimeError(f"paged_decode_fp8_rows: r1mega_attn_cuda is unavailable: {load_error()}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    ext, q = _ready("paged_decode_fp8_rows", q, k_cache, k_scale)
     b, c = q.shape[0], q.shape[1] * q.shape[2]
     bp = -(-b // pad) * pad
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
