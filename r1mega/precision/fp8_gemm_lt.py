@@ -1,16 +1,16 @@
 """The FP8 rollout's decode GEMMs through cuBLASLt with an algorithm chosen by timing.
 
 ``torch._scaled_mm`` takes cuBLASLt's heuristic's first algorithm. At a decode step's row
-counts the tensorwise GEMMs of the 852M rollout ran at a fraction of their bytes floor (qkv and
-the output projection ~7.4 µs for 6.3 and 4.2 MB of weight on an H100), where an algorithm that
-splits K or tiles differently may do better. Here each problem (rows, N, K, output dtype, device)
+counts the tensorwise GEMMs of the 852M rollout run at a fraction of their bytes floor, where an
+algorithm that splits K or tiles differently might do better. Here each problem (rows, N, K, output dtype, device)
 times the heuristic's candidates and their K splits (``csrc/fp8_gemm_lt.cpp``) against
 ``torch._scaled_mm`` once, graph-replayed with the weight read from HBM (``_time``), and keeps
 the fastest; a choice is made outside any CUDA graph capture: a problem first met under capture runs
 torch's kernel (timing would break the capture) and is timed at its next eager call.
 
-Switched by ``R1MEGA_FP8_GEMM_LT=1`` (off until a GPU has timed it: ``r1mega bench
-fp8-decode-gemm`` lists it as ``tensorwise+lt``). Tensor scales only (the tensorwise recipe and
+Switched by ``R1MEGA_FP8_GEMM_LT=1``; off, since on an H100 no listed algorithm beat torch's
+kernel by enough to move the rollout (bench/RECORDS.md; ``r1mega bench fp8-decode-gemm`` lists
+it as ``tensorwise+lt``). Tensor scales only (the tensorwise recipe and
 the row route's unscaled GEMM); a different algorithm may split K, so its sums round differently
 from torch's kernel: the same error bound, not the same bits.
 """

@@ -110,9 +110,10 @@ ROWS = switches.flag("R1MEGA_PAGED_FP8_ROWS", False,
                      "the FP8 rollout's decode attention kernel (tensor cores) also writes its output "
                      "rows in e4m3 with row scales, for the output projection (one kernel a layer fewer)")
 
-# int32 zeros the epilogue counts CTAs in (it leaves them zero). Never freed: a captured CUDA
-# graph holds the address of the one it was captured with.
+# int32 zeros the epilogue counts CTAs in (it leaves them zero), the newest per device; every one
+# made stays in _counters_made: a captured CUDA graph holds the address it was captured with.
 _counters: dict = {}
+_counters_made: list = []
 _COUNTERS_MIN = 4096
 
 
@@ -123,7 +124,7 @@ def _row_counters(device: torch.device, n: int) -> torch.Tensor:
             raise RuntimeError(f"paged_decode_fp8_rows: first met {n} sequences under CUDA graph "
                                f"capture; run the step once eagerly first (the decode graphs' warm-up)")
         held = torch.zeros(max(n, _COUNTERS_MIN), dtype=torch.int32, device=device)
-        _counters.setdefault(("all", device), []).append(held)
+        _counters_made.append(held)
         _counters[device] = held
     return held
 

@@ -259,8 +259,8 @@ class ModelRunner:
         """linear_proj's output with its input quantised by the decode attention kernel itself
         (``R1MEGA_PAGED_FP8_ROWS``: the FP8 rollout's row route, the tensor-core kernel), or None
         where that road is not taken."""
-        if (decode_tensors is None or not self.decode_kernel_enabled or exact_active()
-                or q.dtype != dtype):
+        if (not cuda_paged.ROWS or decode_tensors is None or not self.decode_kernel_enabled
+                or exact_active() or q.dtype != dtype):
             return None
         kc, vc, ks, vs = self.cache.layer(layer_idx)
         if not cuda_paged.serves_rows(q, kc, ks):
