@@ -288,25 +288,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// MMA: the tensor-core kernel (csrc/paged_decode_mma.cuh; GMAX unused), else the CUDA-core one;
-// `rows` (o_proj's row quantiser as the epilogue) only with MMA
-template <typename QT, int GMAX, int D, typename IT, bool MMA>
-void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
-            const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale, bool heads_inner, const RowsOut& rows) {
-  constexpr int smem = MMA ? MmaSmem<D>::kBytes : Smem<GMAX, D>::kBytes;
-  const void* kernel = MMA ? reinterpret_cast<const void*>(paged_decode_fp8_mma_kernel<QT, D, IT>)
-                           : reinterpret_cast<const void*>(paged_decode_fp8_kernel<QT, GMAX, D, IT>);
-  // over 48 KB of dynamic shared memory needs the opt-in, per kernel and device (remembered for
-  // the first 64 devices, asked again on every launch beyond them)
-  static bool opted_in[64] = {};
-  const int dev = q.get_device();
-  if (smem > 48 * 1024 && (dev >= 64 || !opted_in[dev])) {
+// Over 48 KB of dynamic shared memory needs the opt-in, per kernel and device (remembered for the
+// first 64 devices, asked again on every launch beyond them).
+template <typename Kernel>
+void opt_in(Kernel kernel, int smem, int dev, bool (&done)[64]) {
+  if (smem > 48 * 1024 && (dev >= 64 || !done[dev])) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    if (dev < 64) opted_in[dev] = true;
+    if (dev < 64) done[dev] = true;
   }
-  const dim3 grid = heads_inner ? dim3(kc.size(2), q.size(0)) : dim3(q.size(0), kc.size(2));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+}
+
 #define R1MEGA_PAGED_ARGS                                                                           \
   reinterpret_cast<const QT*>(q.data_ptr()), q.stride(0), q.stride(1),                              \
       reinterpret_cast<const uint8_t*>(kc.data_ptr()), reinterpret_cast<const uint8_t*>(vc.data_ptr()), \
@@ -314,13 +305,56 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
       ks.stride(1), reinterpret_cast<const IT*>(bt.data_ptr()), bt.stride(0), ctx.data_ptr<int32_t>(),    \
       reinterpret_cast<QT*>(out.data_ptr()), out.stride(0), out.stride(1), group,                      \
       static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634), heads_inner
-  if constexpr (MMA)
-    paged_decode_fp8_mma_kernel<QT, D, IT><<<grid, kWarps * 32, smem, stream>>>(R1MEGA_PAGED_ARGS, rows);
-  else
-    paged_decode_fp8_kernel<QT, GMAX, D, IT><<<grid, kWarps * 32, smem, stream>>>(R1MEGA_PAGED_ARGS);
-#undef R1MEGA_PAGED_ARGS
+
+// The tensor-core kernel with HPC KV heads a CTA (csrc/paged_decode_mma.cuh); ROWS: the epilogue
+template <typename QT, int D, typename IT, int HPC, bool ROWS>
+void launch_mma(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
+                const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
+                int group, double scale, bool heads_inner, const RowsOut& rows) {
+  constexpr int smem = MmaSmem<D, HPC>::kBytes;
+  static_assert(smem <= 227 * 1024, "an H100's shared memory a CTA");
+  static bool opted_in[64] = {};
+  opt_in(paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS>, smem, q.get_device(), opted_in);
+  const int heads = static_cast<int>(kc.size(2) / HPC);
+  const dim3 grid = heads_inner ? dim3(heads, q.size(0)) : dim3(q.size(0), heads);
+  paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS>
+      <<<grid, kWarps * 32 * HPC, smem, at::cuda::getCurrentCUDAStream()>>>(R1MEGA_PAGED_ARGS, rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// MMA: the tensor-core kernel (GMAX unused), one KV head a CTA, or with `rows` (o_proj's row
+// quantiser as the epilogue) all of a sequence's; else the CUDA-core one
+template <typename QT, int GMAX, int D, typename IT, bool MMA>
+void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
+            const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
+            int group, double scale, bool heads_inner, const RowsOut& rows) {
+  if constexpr (MMA) {
+    if (rows.q8 == nullptr)
+      return launch_mma<QT, D, IT, 1, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    const int hpc = static_cast<int>(kc.size(2));  // checked: 1, 2 or 4 with D * hpc <= 512
+    if (hpc == 1)
+      return launch_mma<QT, D, IT, 1, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    if constexpr (D <= 256) {
+      if (hpc == 2)
+        return launch_mma<QT, D, IT, 2, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    }
+    if constexpr (D <= 128) {
+      if (hpc == 4)
+        return launch_mma<QT, D, IT, 4, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    }
+    TORCH_CHECK(false, "r1mega_attn_cuda: the rows epilogue takes 1, 2 or 4 KV heads with head_dim * heads <= 512, got ",
+                hpc, " x ", D);
+  } else {
+    constexpr int smem = Smem<GMAX, D>::kBytes;
+    static bool opted_in[64] = {};
+    opt_in(paged_decode_fp8_kernel<QT, GMAX, D, IT>, smem, q.get_device(), opted_in);
+    const dim3 grid = heads_inner ? dim3(kc.size(2), q.size(0)) : dim3(q.size(0), kc.size(2));
+    paged_decode_fp8_kernel<QT, GMAX, D, IT>
+        <<<grid, kWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(R1MEGA_PAGED_ARGS);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+#undef R1MEGA_PAGED_ARGS
 
 template <typename QT, int GMAX, int D, bool MMA>
 void by_index(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
@@ -358,15 +392,13 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
-                           const c10::optional<at::Tensor>& s8, const c10::optional<at::Tensor>& counters,
-                           bool power2) {
+                           const c10::optional<at::Tensor>& s8, bool power2) {
   const at::cuda::CUDAGuard guard(q.device());
   const int group = static_cast<int>(q.size(1) / kc.size(2));
   RowsOut rows;
   if (q8.has_value()) {
     rows.q8 = reinterpret_cast<uint8_t*>(q8->data_ptr());
     rows.s8 = s8->data_ptr<float>();
-    rows.counters = counters->data_ptr<int32_t>();
     rows.q8_sb = q8->stride(0);
     rows.power2 = power2;
   }

@@ -36,14 +36,16 @@ __device__ __forceinline__ int ring_piece(int key, int part) {
   return part ^ (((((key >> 1) & 3) << 1) ^ ((key & 1) << 2)) & (PIECES - 1));
 }
 
-template <int D>
+// HPC: KV heads a CTA takes, kWarps warps each (the rows epilogue wants a sequence's whole row)
+template <int D, int HPC = 1>
 struct MmaSmem {
-  static constexpr int kRing = kWarps * kStages * 2 * kChunk * D;    // e4m3 K | V per chunk
-  static constexpr int kScales = kWarps * kStages * 2 * kChunk * 4;  // float32 k | v scales
-  static constexpr int kMl = 3 * kWarps * 8 * 4;                     // m, l per head; v reference
+  static constexpr int kAllWarps = HPC * kWarps;
+  static constexpr int kRing = kAllWarps * kStages * 2 * kChunk * D;    // e4m3 K | V per chunk
+  static constexpr int kScales = kAllWarps * kStages * 2 * kChunk * 4;  // float32 k | v scales
+  static constexpr int kMl = 3 * kAllWarps * 8 * 4;                     // m, l per head; v reference
   static constexpr int kBytes = kRing + kScales + kMl;
-  // the merge's partial accumulators (kWarps, 8, D) float32 reuse the K|V rings
-  static_assert(kWarps * 8 * D * 4 <= kRing, "the merge buffer must fit in the ring");
+  // the merge's partial accumulators (warps, 8, D) float32 reuse the K|V rings
+  static_assert(kAllWarps * 8 * D * 4 <= kRing, "the merge buffer must fit in the ring");
 };
 
 // Two e4m3 bytes (the low one first) -> f16x2 bits, the low byte's value in the low half.
@@ -89,9 +91,11 @@ __device__ __forceinline__ void v_words(const uint8_t* vr, int key, int g, uint3
   }
 }
 
-// Arguments as paged_decode_fp8_kernel's (csrc/paged_decode_kernel.cu).
-template <typename QT, int D, typename IT>
-__global__ void __launch_bounds__(kWarps * 32)
+// Arguments as paged_decode_fp8_kernel's (csrc/paged_decode_kernel.cu), and `rows` (ROWS, with
+// HPC = Hkv): o_proj's input row quantised here (csrc/paged_decode_rows.cuh). A CTA takes HPC KV
+// heads of one sequence, kWarps warps each; the grid's head axis is Hkv / HPC.
+template <typename QT, int D, typename IT, int HPC, bool ROWS>
+__global__ void __launch_bounds__(kWarps * 32 * HPC)
     paged_decode_fp8_mma_kernel(const QT* __restrict__ q, int64_t q_sb, int64_t q_sh,
                                 const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
                                 int64_t c_sb, int64_t c_st, int64_t c_sh,
@@ -104,17 +108,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int KT = D / 16;       // k-steps of S^T, m-tiles of O^T
   constexpr int VB = D / 8;        // V bytes (dims) a lane takes of each of its keys
   constexpr int SEGS = kChunk * PIECES;
-  using S = MmaSmem<D>;
+  using S = MmaSmem<D, HPC>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* ring = smem;                                                 // [warp][stage][K|V][key][D]
   float* sc_ring = reinterpret_cast<float*>(smem + S::kRing);            // [warp][stage][k|v][key]
   float* m_s = reinterpret_cast<float*>(smem + S::kRing + S::kScales);   // [warp][head]
-  float* l_s = m_s + kWarps * 8;
-  float* r_s = l_s + kWarps * 8;                                         // [warp]
+  float* l_s = m_s + S::kAllWarps * 8;
+  float* r_s = l_s + S::kAllWarps * 8;                                   // [warp]
   float(*acc_s)[8][D] = reinterpret_cast<float(*)[8][D]>(smem);          // after the loop only
 
-  const int b = heads_inner ? blockIdx.y : blockIdx.x, h = heads_inner ? blockIdx.x : blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = heads_inner ? blockIdx.y : blockIdx.x;
+  const int h0 = (heads_inner ? blockIdx.x : blockIdx.y) * HPC;  // the CTA's first KV head
+  // wid: the warp in the CTA (its ring, its partial results); warp: in its head's kWarps, which
+  // split the head's chunks
+  const int wid = threadIdx.x / 32, warp = wid % kWarps, h = h0 + wid / kWarps, lane = threadIdx.x % 32;
   const int g = lane / 4, j = lane % 4;  // the MMA fragments' row group and column pair
   const int ctx = ctx_lens[b];
   const int n_chunks = (ctx + kChunk - 1) / kChunk;
@@ -126,7 +133,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int64_t blk = static_cast<int64_t>(bt[b * bt_s + n0 / bs]);
       const int slot0 = n0 % bs;
       const int64_t base = blk * c_sb + slot0 * c_st + h * c_sh;
-      uint8_t* kd = ring + ((warp * kStages + it % kStages) * 2) * kChunk * D;
+      uint8_t* kd = ring + ((wid * kStages + it % kStages) * 2) * kChunk * D;
       uint8_t* vd = kd + kChunk * D;
 #pragma unroll
       for (int e = lane; e < SEGS; e += 32) {
@@ -139,7 +146,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
       const int key = lane % kChunk;
       const float* src = (lane < kChunk ? ks : vs) + blk * s_sb + (slot0 + key) * s_st + h;
-      cp_async4(sc_ring + ((warp * kStages + it % kStages) * 2) * kChunk + lane, src,
+      cp_async4(sc_ring + ((wid * kStages + it % kStages) * 2) * kChunk + lane, src,
                 n0 + key < ctx ? 4 : 0);
     }
     cp_async_commit();
@@ -171,9 +178,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     cp_async_wait<kStages - 1>();
     __syncwarp();
     const int n0 = (warp + it * kWarps) * kChunk;
-    const uint8_t* kr = ring + ((warp * kStages + it % kStages) * 2) * kChunk * D;
+    const uint8_t* kr = ring + ((wid * kStages + it % kStages) * 2) * kChunk * D;
     const uint8_t* vr = kr + kChunk * D;
-    const float* sc = sc_ring + ((warp * kStages + it % kStages) * 2) * kChunk;
+    const float* sc = sc_ring + ((wid * kStages + it % kStages) * 2) * kChunk;
 
     // S^T: c[0], c[1] = key g, heads 2j, 2j + 1; c[2], c[3] = key g + 8
     float s[4] = {0.f, 0.f, 0.f, 0.f};
@@ -243,32 +250,49 @@ __global__ void __launch_bounds__(kWarps * 32)
     l1 += __shfl_xor_sync(kFull, l1, off);
   }
   if (g == 0) {
-    m_s[warp * 8 + 2 * j] = m0, m_s[warp * 8 + 2 * j + 1] = m1;
-    l_s[warp * 8 + 2 * j] = l0, l_s[warp * 8 + 2 * j + 1] = l1;
+    m_s[wid * 8 + 2 * j] = m0, m_s[wid * 8 + 2 * j + 1] = m1;
+    l_s[wid * 8 + 2 * j] = l0, l_s[wid * 8 + 2 * j + 1] = l1;
   }
-  if (lane == 0) r_s[warp] = vref;
+  if (lane == 0) r_s[wid] = vref;
 #pragma unroll
   for (int t = 0; t < KT; ++t) {
     const int d = VB * g + 2 * t;
-    acc_s[warp][2 * j][d] = acc[t][0], acc_s[warp][2 * j + 1][d] = acc[t][1];
-    acc_s[warp][2 * j][d + 1] = acc[t][2], acc_s[warp][2 * j + 1][d + 1] = acc[t][3];
+    acc_s[wid][2 * j][d] = acc[t][0], acc_s[wid][2 * j + 1][d] = acc[t][1];
+    acc_s[wid][2 * j][d + 1] = acc[t][2], acc_s[wid][2 * j + 1][d + 1] = acc[t][3];
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < group * D; e += blockDim.x) {
-    const int hd = e / D, d = e % D;
+  // The merge: element e of the CTA's HPC * group heads' outputs, head-major (as a row of
+  // o_proj's input). With ROWS each thread keeps its outputs (at most group * D / 128 <= D / 16)
+  // for the epilogue; without, the loop stays a plain one (fewer registers).
+  const int n_out = HPC * group * D;
+  auto merged = [&](int e) {
+    const int w0 = (e / (group * D)) * kWarps, hd = (e / D) % group, d = e % D;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_s[w * 8 + hd]);
+    for (int w = w0; w < w0 + kWarps; ++w) mx = fmaxf(mx, m_s[w * 8 + hd]);
     float den = 0.f, num = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {  // a warp that took no chunk has m = -inf: weight 0
+    for (int w = w0; w < w0 + kWarps; ++w) {  // a warp that took no chunk has m = -inf: weight 0
       const float f = exp2f(m_s[w * 8 + hd] - mx);
       den += l_s[w * 8 + hd] * f;
       num += acc_s[w][hd][d] * r_s[w] * f;
     }
-    out[b * o_sb + (h * group + hd) * o_sh + d] = from_float<QT>(num / den);
+    const QT o = from_float<QT>(num / den);
+    out[b * o_sb + (h0 * group + e / D) * o_sh + d] = o;
+    return o;
+  };
+  if constexpr (ROWS) {
+    constexpr int kPer = D / 16;
+    float vals[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = threadIdx.x + i * blockDim.x;
+      vals[i] = e < n_out ? to_float(merged(e)) : 0.f;
+    }
+    quantize_row<kPer, HPC * kWarps>(rows, vals, b, n_out);
+  } else {
+    for (int e = threadIdx.x; e < n_out; e += blockDim.x) merged(e);
   }
-  if (rows.q8 != nullptr) quantize_row_when_last<QT, D>(rows, out, b, o_sb, o_sh, heads_inner ? gridDim.x : gridDim.y, group);
 }
 
 }  // namespace

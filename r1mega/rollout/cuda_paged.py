@@ -107,40 +107,35 @@ def serves(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tenso
 
 # The output projection's row quantiser as the MMA kernel's epilogue (csrc/paged_decode_rows.cuh)
 ROWS = switches.flag("R1MEGA_PAGED_FP8_ROWS", False,
-                     "the FP8 rollout's decode attention kernel (tensor cores) also writes its output "
-                     "rows in e4m3 with row scales, for the output projection (one kernel a layer fewer)")
-
-# int32 zeros the epilogue counts CTAs in (it leaves them zero), the newest per device; every one
-# made stays in _counters_made: a captured CUDA graph holds the address it was captured with.
-_counters: dict = {}
-_counters_made: list = []
-_COUNTERS_MIN = 4096
+                     "the FP8 rollout's decode attention kernel (tensor cores, one CTA a sequence) also "
+                     "writes its output rows in e4m3 with row scales, for the output projection (one "
+                     "kernel a layer fewer)")
 
 
-def _row_counters(device: torch.device, n: int) -> torch.Tensor:
-    held = _counters.get(device)
-    if held is None or held.numel() < n:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"paged_decode_fp8_rows: first met {n} sequences under CUDA graph "
-                               f"capture; run the step once eagerly first (the decode graphs' warm-up)")
-        held = torch.zeros(max(n, _COUNTERS_MIN), dtype=torch.int32, device=device)
-        _counters_made.append(held)
-        _counters[device] = held
-    return held
+def rows_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
+                 pointers: bool = True) -> Optional[str]:
+    """None when the tensor-core kernel can also quantise its output rows, else the reason: it
+    runs one CTA a sequence with all its KV heads, 1, 2 or 4 of them with head_dim x heads <= 512
+    (the CTA's shared memory), besides :func:`why_not`'s conditions."""
+    hkv, d = k_cache.shape[2], q.shape[-1]
+    if hkv not in (1, 2, 4) or hkv * d > 512:
+        return (f"{hkv} KV heads of head_dim {d} a rank: the rows epilogue takes 1, 2 or 4 heads "
+                f"with head_dim x heads <= 512")
+    return why_not(q, k_cache, k_scale, pointers)
 
 
 def serves_rows(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
-    """Whether a rows call runs the epilogue: switched on, and the decode op would take the
-    tensor-core kernel for these operands. Traced by dynamo in the compiled decode step, where
-    ``data_ptr()`` or loading the extension would break the graph at every layer: while
-    compiling, the base address's alignment is left out (the op itself checks it again, eagerly,
-    and falls back if it must) and only an extension loaded before counts (the model runner
-    loads it when the switch is on)."""
+    """Whether a rows call runs the epilogue: switched on, and the tensor-core kernel takes these
+    operands with it. Traced by dynamo in the compiled decode step, where ``data_ptr()`` or
+    loading the extension would break the graph at every layer: while compiling, the base
+    address's alignment is left out (the op itself checks it again, eagerly, and falls back if it
+    must) and only an extension loaded before counts (the model runner loads it when the switch
+    is on)."""
     if not (ROWS and IMPL == "mma"):
         return False
     tracing = torch.compiler.is_compiling()
     return ((loaded() if tracing else get()) is not None
-            and why_not(q, k_cache, k_scale, pointers=not tracing) is None)
+            and rows_why_not(q, k_cache, k_scale, pointers=not tracing) is None)
 
 
 def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -151,6 +146,9 @@ def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     tensor-core kernel's attention, and ``out.reshape(B, -1)`` quantised as
     ``triton_fp8_rows.fp8_rows(..., power2, pad=pad)`` does it (rows padded to B', a multiple of
     ``pad``, with zero rows of scale 1)."""
+    reason = rows_why_not(q, k_cache, k_scale)
+    if reason is not None:
+        raise ValueError(f"paged_decode_fp8_rows: {reason}")
     ext, q = _ready("paged_decode_fp8_rows", q, k_cache, k_scale)
     b, c = q.shape[0], q.shape[1] * q.shape[2]
     bp = -(-b // pad) * pad
@@ -161,8 +159,7 @@ def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q8[b:].view(torch.uint8).zero_()
         s8[b:].fill_(1.0)
     ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
-                         float(scale), True, bool(HEADS_INNER), q8, s8.view(-1),
-                         _row_counters(q.device, b), bool(power2))
+                         float(scale), True, bool(HEADS_INNER), q8, s8.view(-1), bool(power2))
     return out, q8, s8
 
 

@@ -1,9 +1,9 @@
 """The output projection's row quantiser as the FP8 decode kernel's epilogue
-(csrc/paged_decode_rows.cuh, ``R1MEGA_PAGED_FP8_ROWS``): its attention equals the tensor-core
-kernel's to the bit, its e4m3 rows and scales equal the one-pass row kernel's
-(r1mega/precision/triton_fp8_rows.py) on that output to the bit, launch after launch and under
-CUDA graph replay (the CTA counters reset themselves), and an FP8 rollout decodes the same tokens
-and log-probs with it as without."""
+(csrc/paged_decode_rows.cuh, ``R1MEGA_PAGED_FP8_ROWS``, one CTA a sequence): its attention equals
+the tensor-core kernel's (one CTA a KV head) to the bit, its e4m3 rows and scales equal the
+one-pass row kernel's (r1mega/precision/triton_fp8_rows.py) on that output to the bit, also
+under CUDA graph replay, and an FP8 rollout decodes the same tokens and log-probs with it as
+without."""
 from __future__ import annotations
 
 import math
@@ -11,13 +11,14 @@ import math
 import pytest
 import torch
 
-from tests.unit.test_rollout_fp8_error import DECODE_SHAPES, paged_decode_case
+from tests.unit.test_rollout_fp8_error import paged_decode_case
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="needs a GPU with e4m3 (sm_89+)")
 
-SHAPES = DECODE_SHAPES + [(9, 3, 64, 16), (32, 4, 256, 16)]
+# (Hq, Hkv, D, block tokens) the epilogue takes: 1, 2 or 4 KV heads, Hkv x D <= 512
+SHAPES = [(16, 4, 128, 16), (12, 2, 64, 32), (8, 1, 64, 16), (32, 4, 64, 16), (16, 2, 256, 16)]
 
 
 def _ext():
@@ -54,14 +55,22 @@ def test_epilogue_rows_equal_the_row_kernel_on_the_kernels_output(shape, dtype, 
     q, k8, ks, v8, vs, bt, ctx = _case(shape, dtype, repeat)
     scale = 1 / math.sqrt(shape[2])
     plain = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, tensor_cores=True)
-    for _ in range(3):  # the counters are left at zero for the next launch
-        out, q8, s8 = cp.paged_decode_fp8_rows(q, k8, v8, bt, ctx, scale, ks, vs, power2)
-        assert torch.equal(out, plain)
-        ref_q, ref_s = _rows_reference(out, power2)
-        assert q8.shape == ref_q.shape and s8.shape == ref_s.shape
-        assert torch.equal(q8.view(torch.uint8), ref_q.view(torch.uint8))
-        assert torch.equal(s8, ref_s)
-    assert int(cp._row_counters(q.device, q.shape[0]).abs().sum()) == 0
+    out, q8, s8 = cp.paged_decode_fp8_rows(q, k8, v8, bt, ctx, scale, ks, vs, power2)
+    # one CTA a sequence: every head's output as the one-head CTAs compute it, to the bit
+    assert torch.equal(out, plain)
+    ref_q, ref_s = _rows_reference(out, power2)
+    assert q8.shape == ref_q.shape and s8.shape == ref_s.shape
+    assert torch.equal(q8.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(s8, ref_s)
+
+
+def test_epilogue_refuses_heads_it_cannot_hold():
+    cp = _ext()
+    for shape in [(8, 8, 64, 16), (9, 3, 64, 16), (32, 4, 256, 16)]:
+        q, k8, ks, v8, vs, bt, ctx = _case(shape, torch.bfloat16)
+        assert not cp.serves_rows(q, k8, ks)
+        with pytest.raises(ValueError, match="rows epilogue takes 1, 2 or 4 heads"):
+            cp.paged_decode_fp8_rows(q, k8, v8, bt, ctx, 0.1, ks, vs)
 
 
 def test_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypatch):

@@ -54,3 +54,18 @@ def test_fallback_is_the_attention_and_its_rows_quantised(monkeypatch, power2):
         assert torch.all(amax / s8[:8] > FP8_MAX["e4m3"] / 2)
     back = dequantize(Fp8Tensor(q8[:8], s8[:8], "row", "e4m3"))
     assert torch.all((back - rows).abs() <= amax * 2 ** -3)  # e4m3: 3 mantissa bits
+
+
+def test_rows_route_takes_one_cta_of_heads_per_sequence():
+    """The epilogue runs a sequence's KV heads in one CTA: 1, 2 or 4 of them, head_dim x heads
+    <= 512 (its shared memory); other shapes are refused with the reason (and the op falls back)."""
+    def case(hq, hkv, d):
+        return (torch.zeros(3, hq, d, dtype=torch.bfloat16),
+                torch.zeros(4, 16, hkv, d, dtype=torch.float8_e4m3fn))
+
+    for hq, hkv, d in [(16, 4, 128), (12, 2, 256), (8, 1, 64), (32, 4, 64)]:
+        q, k = case(hq, hkv, d)  # past the heads: only the CUDA device is missing
+        assert "not a CUDA device" in cuda_paged.rows_why_not(q, k, torch.zeros(4, 16, hkv))
+    for hq, hkv, d in [(24, 8, 64), (9, 3, 64), (32, 4, 256)]:
+        q, k = case(hq, hkv, d)
+        assert "rows epilogue takes 1, 2 or 4 heads" in cuda_paged.rows_why_not(q, k, None)
