@@ -166,6 +166,15 @@ def main(argv=None) -> int:
                 rows[name] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
                               "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
                 variants[name] = ("fp8", call_cuda().double())
+            if cuda_paged.rows_why_not(q, k8, ks) is None:
+                # one CTA a sequence (all its KV heads), which also writes o_proj's e4m3 rows
+                def call_rows():
+                    return cuda_paged.paged_decode_fp8_rows(q, k8, v8, bt, ctx_t, scale, ks, vs)[0]
+
+                ms = timed_ms(call_rows)
+                rows["fp8-mma-seq+rows"] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
+                                            "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
+                variants["fp8-mma-seq+rows"] = ("fp8", call_rows().double())
         else:
             print(f"fp8-cuda, fp8-mma: not timed ({cuda_paged.load_error() or cuda_paged.why_not(q, k8, ks)})")
     sweep = {}
