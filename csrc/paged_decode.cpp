@@ -7,7 +7,7 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
-                           const c10::optional<at::Tensor>& s8, bool power2);
+                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta);
 
 namespace {
 
@@ -26,12 +26,13 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 // whole number, bs a multiple of 16. With q8 and s8 (tensor cores only), out's rows are also
 // quantised for the output projection (csrc/paged_decode_rows.cuh), one CTA a sequence: q8
 // (>= B, Hq * D) float8_e4m3fn with unit column stride, s8 (>= B) contiguous float32; Hkv 1, 2
-// or 4 and Hkv * D <= 512.
+// or 4 and Hkv * D <= 512. seq_cta (tensor cores only, the same Hkv and D limits): one CTA a
+// sequence without the epilogue, the same bits as one CTA a KV head.
 void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                       const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
                       const torch::Tensor& ctx, torch::Tensor out, double scale, bool tensor_cores,
                       bool heads_inner, c10::optional<torch::Tensor> q8, c10::optional<torch::Tensor> s8,
-                      bool power2) {
+                      bool power2, bool seq_cta) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "r1mega_attn_cuda: q must be a (B, Hq, D) CUDA tensor with unit stride on D, got ",
               q.sizes(), " strides ", q.strides());
@@ -80,11 +81,13 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
   TORCH_CHECK(heads_inner ? B <= 65535 : B <= 2147483647 && Hkv <= 65535, "r1mega_attn_cuda: grid of ",
               B, " sequences x ", Hkv, " KV heads too large", heads_inner ? " with heads inner (B <= 65535)" : "");
   TORCH_CHECK(q8.has_value() == s8.has_value(), "r1mega_attn_cuda: q8 and s8 go together");
-  if (q8.has_value()) {
-    TORCH_CHECK(tensor_cores, "r1mega_attn_cuda: the rows epilogue (q8) is the tensor-core kernel's");
+  if (q8.has_value() || seq_cta) {
+    TORCH_CHECK(tensor_cores, "r1mega_attn_cuda: one CTA a sequence (q8, seq_cta) is the tensor-core kernel's");
     TORCH_CHECK((Hkv == 1 || Hkv == 2 || Hkv == 4) && Hkv * D <= 512,
-                "r1mega_attn_cuda: the rows epilogue runs a sequence's KV heads in one CTA: 1, 2 or 4 "
-                "of them with head_dim * heads <= 512, got ", Hkv, " x ", D);
+                "r1mega_attn_cuda: one CTA a sequence (q8, seq_cta) takes 1, 2 or 4 KV heads with "
+                "head_dim * heads <= 512, got ", Hkv, " x ", D);
+  }
+  if (q8.has_value()) {
     same_device(*q8, q, "q8");
     same_device(*s8, q, "s8");
     TORCH_CHECK(q8->scalar_type() == at::ScalarType::Float8_e4m3fn && q8->dim() == 2 && q8->size(0) >= B &&
@@ -96,7 +99,7 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
                 s8->scalar_type(), " ", s8->sizes());
   }
   if (B == 0) return;
-  paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores, heads_inner, q8, s8, power2);
+  paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores, heads_inner, q8, s8, power2, seq_cta);
 }
 
 }  // namespace
@@ -107,5 +110,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
         py::arg("block_tables"), py::arg("ctx_lens"), py::arg("out"), py::arg("scale"),
         py::arg("tensor_cores") = false, py::arg("heads_inner") = false, py::arg("q8") = py::none(),
-        py::arg("s8") = py::none(), py::arg("power2") = true);
+        py::arg("s8") = py::none(), py::arg("power2") = true, py::arg("seq_cta") = false);
 }

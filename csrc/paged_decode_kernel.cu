@@ -322,28 +322,38 @@ void launch_mma(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// MMA: the tensor-core kernel (GMAX unused), one KV head a CTA, or with `rows` (o_proj's row
-// quantiser as the epilogue) all of a sequence's; else the CUDA-core one
+// One CTA a sequence, all its KV heads (checked: 1, 2 or 4 with D * heads <= 512); ROWS: the epilogue
+template <typename QT, int D, typename IT, bool ROWS>
+void launch_seq(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
+                const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
+                int group, double scale, bool heads_inner, const RowsOut& rows) {
+  const int hpc = static_cast<int>(kc.size(2));
+  if (hpc == 1)
+    return launch_mma<QT, D, IT, 1, ROWS>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+  if constexpr (D <= 256) {
+    if (hpc == 2)
+      return launch_mma<QT, D, IT, 2, ROWS>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+  }
+  if constexpr (D <= 128) {
+    if (hpc == 4)
+      return launch_mma<QT, D, IT, 4, ROWS>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+  }
+  TORCH_CHECK(false, "r1mega_attn_cuda: one CTA a sequence takes 1, 2 or 4 KV heads with head_dim * heads <= 512, got ",
+              hpc, " x ", D);
+}
+
+// MMA: the tensor-core kernel (GMAX unused), one KV head a CTA, or all of a sequence's with
+// `rows` (o_proj's row quantiser as the epilogue) or seq_cta; else the CUDA-core one
 template <typename QT, int GMAX, int D, typename IT, bool MMA>
 void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale, bool heads_inner, const RowsOut& rows) {
+            int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta) {
   if constexpr (MMA) {
-    if (rows.q8 == nullptr)
+    if (rows.q8 == nullptr && !seq_cta)
       return launch_mma<QT, D, IT, 1, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-    const int hpc = static_cast<int>(kc.size(2));  // checked: 1, 2 or 4 with D * hpc <= 512
-    if (hpc == 1)
-      return launch_mma<QT, D, IT, 1, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-    if constexpr (D <= 256) {
-      if (hpc == 2)
-        return launch_mma<QT, D, IT, 2, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-    }
-    if constexpr (D <= 128) {
-      if (hpc == 4)
-        return launch_mma<QT, D, IT, 4, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-    }
-    TORCH_CHECK(false, "r1mega_attn_cuda: the rows epilogue takes 1, 2 or 4 KV heads with head_dim * heads <= 512, got ",
-                hpc, " x ", D);
+    if (rows.q8 == nullptr)
+      return launch_seq<QT, D, IT, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    return launch_seq<QT, D, IT, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
   } else {
     constexpr int smem = Smem<GMAX, D>::kBytes;
     static bool opted_in[64] = {};
@@ -359,31 +369,31 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
 template <typename QT, int GMAX, int D, bool MMA>
 void by_index(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale, bool heads_inner, const RowsOut& rows) {
+              int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta) {
   // the CUDA-graph decode step reads its block tables out of one packed int64 buffer
   if (bt.scalar_type() == at::kLong)
-    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
+  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
 }
 
 template <typename QT, int GMAX, bool MMA>
 void by_dim(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale, bool heads_inner, const RowsOut& rows) {
+            int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta) {
   switch (q.size(2)) {
-    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
+    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
+    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
   }
 }
 
 template <typename QT>
 void by_group(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale, bool tensor_cores, bool heads_inner, const RowsOut& rows) {
-  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
-  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+              int group, double scale, bool tensor_cores, bool heads_inner, const RowsOut& rows, bool seq_cta) {
+  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
+  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
+  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
 }
 
 }  // namespace
@@ -392,7 +402,7 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
-                           const c10::optional<at::Tensor>& s8, bool power2) {
+                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta) {
   const at::cuda::CUDAGuard guard(q.device());
   const int group = static_cast<int>(q.size(1) / kc.size(2));
   RowsOut rows;
@@ -403,8 +413,8 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
     rows.power2 = power2;
   }
   if (q.scalar_type() == at::kBFloat16) {
-    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows);
+    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta);
   } else {
-    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows);
+    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta);
   }
 }

@@ -167,6 +167,14 @@ def main(argv=None) -> int:
                               "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
                 variants[name] = ("fp8", call_cuda().double())
             if cuda_paged.rows_why_not(q, k8, ks) is None:
+                def call_seq():  # one CTA a sequence (R1MEGA_PAGED_GRID=seq)
+                    return cuda_paged.paged_decode_fp8_cuda(q, k8, v8, bt, ctx_t, scale, ks, vs,
+                                                            tensor_cores=True, seq_cta=True)
+
+                ms = timed_ms(call_seq)
+                rows["fp8-mma-seq"] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
+                                       "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
+                variants["fp8-mma-seq"] = ("fp8", call_seq().double())
                 # one CTA a sequence (all its KV heads), which also writes o_proj's e4m3 rows
                 def call_rows():
                     return cuda_paged.paged_decode_fp8_rows(q, k8, v8, bt, ctx_t, scale, ks, vs)[0]

@@ -36,12 +36,16 @@ def grid_from_env() -> str:
     return switches.choice("R1MEGA_PAGED_GRID", "seqs", {
         "seqs": "the decode kernels' CTAs (programs) walk the sequences of one KV head, then the next head",
         "heads": "a sequence's KV heads are neighbouring CTAs (programs), which read the "
-                 "interleaved head rows of a cache slot at about the same time"})
+                 "interleaved head rows of a cache slot at about the same time",
+        "seq": "the tensor-core kernel runs one CTA a sequence, all its KV heads (1, 2 or 4 with "
+               "head_dim x heads <= 512; otherwise, and for the other kernels, as 'seqs'): a cache "
+               "slot's head rows are read together"})
 
 
 # Read once, at import (a bad value fails the run's start, not its first decode step)
 IMPL = _impl_from_env()
 HEADS_INNER = grid_from_env() == "heads"
+SEQ_CTA = grid_from_env() == "seq"
 
 
 def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
@@ -84,10 +88,12 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           k_scale: torch.Tensor, v_scale: torch.Tensor,
                           out: Optional[torch.Tensor] = None,
                           tensor_cores: Optional[bool] = None,
-                          heads_inner: Optional[bool] = None) -> torch.Tensor:
+                          heads_inner: Optional[bool] = None,
+                          seq_cta: Optional[bool] = None) -> torch.Tensor:
     """q (B, Hq, D) -> (B, Hq, D) over the FP8 paged cache; raises with the reason when the kernel
     cannot take the operands or the extension is missing. ``tensor_cores``: the MMA kernel;
-    ``heads_inner``: the (Hkv, B) grid (None: the switches' choices)."""
+    ``heads_inner``: the (Hkv, B) grid; ``seq_cta``: the MMA kernel with one CTA a sequence where
+    its heads fit (None: the switches' choices)."""
     ext, q = _ready("paged_decode_fp8_cuda", q, k_cache, k_scale)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -95,8 +101,10 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         tensor_cores = IMPL == "mma"
     if heads_inner is None:
         heads_inner = HEADS_INNER
+    if seq_cta is None:
+        seq_cta = SEQ_CTA and tensor_cores and _seq_heads_why_not(q, k_cache) is None
     ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
-                         float(scale), bool(tensor_cores), bool(heads_inner))
+                         float(scale), bool(tensor_cores), bool(heads_inner), seq_cta=bool(seq_cta))
     return out
 
 
@@ -117,11 +125,15 @@ def rows_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch
     """None when the tensor-core kernel can also quantise its output rows, else the reason: it
     runs one CTA a sequence with all its KV heads, 1, 2 or 4 of them with head_dim x heads <= 512
     (the CTA's shared memory), besides :func:`why_not`'s conditions."""
+    return _seq_heads_why_not(q, k_cache) or why_not(q, k_cache, k_scale, pointers)
+
+
+def _seq_heads_why_not(q: torch.Tensor, k_cache: torch.Tensor) -> Optional[str]:
     hkv, d = k_cache.shape[2], q.shape[-1]
     if hkv not in (1, 2, 4) or hkv * d > 512:
-        return (f"{hkv} KV heads of head_dim {d} a rank: the rows epilogue takes 1, 2 or 4 heads "
+        return (f"{hkv} KV heads of head_dim {d} a rank: one CTA a sequence takes 1, 2 or 4 heads "
                 f"with head_dim x heads <= 512")
-    return why_not(q, k_cache, k_scale, pointers)
+    return None
 
 
 def serves_rows(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:

@@ -129,8 +129,9 @@ def test_int64_block_tables_sliced_from_a_packed_buffer_give_the_int32_result(tc
 @KERNELS
 @pytest.mark.parametrize("shape", [(16, 4, 128, 16), (12, 2, 64, 32)], ids=["16-4-128-16", "12-2-64-32"])
 def test_heads_inner_grid_gives_the_same_bits(shape, tc):
-    """R1MEGA_PAGED_GRID=heads launches (Hkv, B) instead of (B, Hkv): each CTA's work is the
-    same, so the output must be the same to the bit (and the Triton kernels', for a bf16 cache)."""
+    """R1MEGA_PAGED_GRID=heads launches (Hkv, B) instead of (B, Hkv), =seq one CTA a sequence:
+    each head's work is the same, so the output must be the same to the bit (and the Triton
+    kernels', for a bf16 cache)."""
     from r1mega.rollout.triton_paged import paged_decode_attention
 
     cp = _ext()
@@ -138,6 +139,11 @@ def test_heads_inner_grid_gives_the_same_bits(shape, tc):
     seqs = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, tensor_cores=tc, heads_inner=False)
     heads = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, tensor_cores=tc, heads_inner=True)
     assert torch.equal(seqs, heads) and not seqs.isnan().any()
+    if tc:  # R1MEGA_PAGED_GRID=seq: one CTA a sequence, each head's warps and merge unchanged
+        for inner in (False, True):
+            one = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, 0.1, ks, vs, tensor_cores=True,
+                                           heads_inner=inner, seq_cta=True)
+            assert torch.equal(one, seqs)
     kb, vb = k8.to(torch.bfloat16), v8.to(torch.bfloat16)
     outs = [paged_decode_attention(q, kb, vb, bt, ctx, 0.1, heads_inner=inner, keys_major=tc)
             for inner in (False, True)]

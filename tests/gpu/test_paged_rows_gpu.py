@@ -69,7 +69,7 @@ def test_epilogue_refuses_heads_it_cannot_hold():
     for shape in [(8, 8, 64, 16), (9, 3, 64, 16), (32, 4, 256, 16)]:
         q, k8, ks, v8, vs, bt, ctx = _case(shape, torch.bfloat16)
         assert not cp.serves_rows(q, k8, ks)
-        with pytest.raises(ValueError, match="rows epilogue takes 1, 2 or 4 heads"):
+        with pytest.raises(ValueError, match="one CTA a sequence takes 1, 2 or 4 heads"):
             cp.paged_decode_fp8_rows(q, k8, v8, bt, ctx, 0.1, ks, vs)
 
 

@@ -68,4 +68,4 @@ def test_rows_route_takes_one_cta_of_heads_per_sequence():
         assert "not a CUDA device" in cuda_paged.rows_why_not(q, k, torch.zeros(4, 16, hkv))
     for hq, hkv, d in [(24, 8, 64), (9, 3, 64), (32, 4, 256)]:
         q, k = case(hq, hkv, d)
-        assert "rows epilogue takes 1, 2 or 4 heads" in cuda_paged.rows_why_not(q, k, None)
+        assert "one CTA a sequence takes 1, 2 or 4 heads" in cuda_paged.rows_why_not(q, k, None)

@@ -41,10 +41,13 @@ def test_grid_switch_defaults_to_sequences_inner_and_refuses_unknown_values(monk
         importlib.reload(cuda_paged)
     monkeypatch.setenv("R1MEGA_PAGED_GRID", "heads")
     importlib.reload(cuda_paged)
-    assert cuda_paged.HEADS_INNER is True
+    assert cuda_paged.HEADS_INNER is True and cuda_paged.SEQ_CTA is False
+    monkeypatch.setenv("R1MEGA_PAGED_GRID", "seq")
+    importlib.reload(cuda_paged)
+    assert cuda_paged.HEADS_INNER is False and cuda_paged.SEQ_CTA is True
     monkeypatch.delenv("R1MEGA_PAGED_GRID")
     importlib.reload(cuda_paged)
-    assert cuda_paged.HEADS_INNER is False
+    assert cuda_paged.HEADS_INNER is False and cuda_paged.SEQ_CTA is False
 
 
 def test_why_not_names_each_operand_it_cannot_take():
