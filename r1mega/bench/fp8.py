@@ -209,6 +209,14 @@ def run_throughput(args, rt) -> dict:
     return result
 
 
+def _allocator_counts(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    st = torch.cuda.memory_stats(device)
+    return {k: st.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                      "num_sync_all_streams")}
+
+
 def run_rollout(args, rt) -> dict:
     """bf16 vs FP8-weight rollout (``precision.fp8_rollout``) on the same model, same requests."""
     from r1mega.bench.rollout import _profile_prefill, _time_replays, device_busy, logprob_mismatch
@@ -259,15 +267,31 @@ def run_rollout(args, rt) -> dict:
         generate([GenerationRequest(p, n=1, seed=i + 7919) for i, p in enumerate(ids)])  # warm-up
         _sync(device)
         warm = time.perf_counter() - t
+        alloc0 = _allocator_counts(device)
         t = time.perf_counter()
         outs = generate(reqs)
         _sync(device)
         dt = time.perf_counter() - t
+        alloc1 = _allocator_counts(device)
         n_new = sum(len(c.token_ids) for c in outs)
         st = eng.stats  # where the timed call went: prefill, decode steps, graph captures
         split = {k: st[k] for k in ("prefill_s", "decode_s", "decode", "prefill", "capture_s",
                                     "decode_compiled")}
         split["graph_breaks"] = sum(counters["graph_break"].values())
+        # the timed call's cudaMalloc / cudaFree and allocator retries (a retry frees the cache
+        # after synchronising the device: host gaps that no kernel profile shows)
+        split["allocator"] = {k: alloc1[k] - alloc0[k] for k in alloc0}
+        if args.host_profile:  # where the host's time goes in one more call (cProfile)
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            generate(reqs)
+            _sync(device)
+            prof.disable()
+            print(f"==== {name}: host profile of one call (cProfile, own time)")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         if args.profile_kernels:  # where each row's decode step and prefill spend device time
             print(f"==== {name}")
             split["busy"] = device_busy(lambda: generate(reqs)) if device.type == "cuda" else None
@@ -295,7 +319,7 @@ def run_rollout(args, rt) -> dict:
               f"{split['decode_s']:.3f} s in {split['decode']} steps "
               f"({split['decode_s'] / max(split['decode'], 1) * 1e3:.3f} ms each), graph captures "
               f"{split['capture_s']:.2f} s; decode compiled: {split['decode_compiled']}, "
-              f"{split['graph_breaks']} graph breaks", flush=True)
+              f"{split['graph_breaks']} graph breaks; allocator {split['allocator']}", flush=True)
     speedup = rows[weights8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if weights8 in rows else None
     both = rows[both8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if both8 in rows else None
     if speedup is not None:
@@ -346,6 +370,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-weights-only", action="store_true",
                     help="rollout: skip the FP8-weights row (bf16 vs FP8 weights + FP8 KV cache only)")
     ap.add_argument("--mismatch-seqs", type=int, default=16)
+    ap.add_argument("--host-profile", action="store_true",
+                    help="rollout: cProfile one more call of each row (where the host's time goes)")
     ap.add_argument("--profile-kernels", action="store_true",
                     help="rollout: each row's captured decode step replayed (ms per bucket) and "
                          "its top kernels, and the top kernels of its prefill")
