@@ -35,6 +35,7 @@ training bits under that launch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 
@@ -156,33 +157,23 @@ def main(argv=None) -> int:
         from r1mega.rollout import cuda_paged
 
         if cuda_paged.get() is not None and cuda_paged.why_not(q, k8, ks) is None:
-            for name, tc, inner in (("fp8-cuda", False, False), ("fp8-mma", True, False),
-                                    ("fp8-mma-heads", True, True)):
-                def call_cuda(tc=tc, inner=inner):
-                    return cuda_paged.paged_decode_fp8_cuda(q, k8, v8, bt, ctx_t, scale, ks, vs,
-                                                            tensor_cores=tc, heads_inner=inner)
+            calls = {name: functools.partial(cuda_paged.paged_decode_fp8_cuda, tensor_cores=tc,
+                                             heads_inner=inner)
+                     for name, tc, inner in (("fp8-cuda", False, False), ("fp8-mma", True, False),
+                                             ("fp8-mma-heads", True, True))}
+            if cuda_paged.rows_why_not(q, k8, ks) is None:
+                # one CTA a sequence (R1MEGA_PAGED_GRID=seq), and the same writing o_proj's rows
+                calls["fp8-mma-seq"] = functools.partial(cuda_paged.paged_decode_fp8_cuda,
+                                                         tensor_cores=True, seq_cta=True)
+                calls["fp8-mma-seq+rows"] = lambda *a: cuda_paged.paged_decode_fp8_rows(*a)[0]
+            for name, fn in calls.items():
+                def call_cuda(fn=fn):
+                    return fn(q, k8, v8, bt, ctx_t, scale, ks, vs)
 
                 ms = timed_ms(call_cuda)
                 rows[name] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
                               "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
                 variants[name] = ("fp8", call_cuda().double())
-            if cuda_paged.rows_why_not(q, k8, ks) is None:
-                def call_seq():  # one CTA a sequence (R1MEGA_PAGED_GRID=seq)
-                    return cuda_paged.paged_decode_fp8_cuda(q, k8, v8, bt, ctx_t, scale, ks, vs,
-                                                            tensor_cores=True, seq_cta=True)
-
-                ms = timed_ms(call_seq)
-                rows["fp8-mma-seq"] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
-                                       "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
-                variants["fp8-mma-seq"] = ("fp8", call_seq().double())
-                # one CTA a sequence (all its KV heads), which also writes o_proj's e4m3 rows
-                def call_rows():
-                    return cuda_paged.paged_decode_fp8_rows(q, k8, v8, bt, ctx_t, scale, ks, vs)[0]
-
-                ms = timed_ms(call_rows)
-                rows["fp8-mma-seq+rows"] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
-                                            "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
-                variants["fp8-mma-seq+rows"] = ("fp8", call_rows().double())
         else:
             print(f"fp8-cuda, fp8-mma: not timed ({cuda_paged.load_error() or cuda_paged.why_not(q, k8, ks)})")
     sweep = {}
