@@ -72,9 +72,11 @@ def why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tens
     return None
 
 
-def _ready(caller: str, q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]):
-    """(the extension, q with unit stride on D), or the reason the kernel cannot run, raised."""
-    reason = why_not(q, k_cache, k_scale)
+def _ready(caller: str, q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
+           check=None):
+    """(the extension, q with unit stride on D), or the reason the kernel cannot run, raised;
+    ``check``: the conditions (default :func:`why_not`)."""
+    reason = (check or why_not)(q, k_cache, k_scale)
     if reason is not None:
         raise ValueError(f"{caller}: {reason}")
     ext = get()
@@ -120,20 +122,20 @@ ROWS = switches.flag("R1MEGA_PAGED_FP8_ROWS", False,
                      "kernel a layer fewer)")
 
 
-def rows_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
-                 pointers: bool = True) -> Optional[str]:
-    """None when the tensor-core kernel can also quantise its output rows, else the reason: it
-    runs one CTA a sequence with all its KV heads, 1, 2 or 4 of them with head_dim x heads <= 512
-    (the CTA's shared memory), besides :func:`why_not`'s conditions."""
-    return _seq_heads_why_not(q, k_cache) or why_not(q, k_cache, k_scale, pointers)
-
-
 def _seq_heads_why_not(q: torch.Tensor, k_cache: torch.Tensor) -> Optional[str]:
     hkv, d = k_cache.shape[2], q.shape[-1]
     if hkv not in (1, 2, 4) or hkv * d > 512:
         return (f"{hkv} KV heads of head_dim {d} a rank: one CTA a sequence takes 1, 2 or 4 heads "
                 f"with head_dim x heads <= 512")
     return None
+
+
+def rows_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
+                 pointers: bool = True) -> Optional[str]:
+    """None when the tensor-core kernel can also quantise its output rows, else the reason: it
+    runs one CTA a sequence with all its KV heads, 1, 2 or 4 of them with head_dim x heads <= 512
+    (the CTA's shared memory), besides :func:`why_not`'s conditions."""
+    return _seq_heads_why_not(q, k_cache) or why_not(q, k_cache, k_scale, pointers)
 
 
 def serves_rows(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
@@ -158,10 +160,7 @@ def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     tensor-core kernel's attention, and ``out.reshape(B, -1)`` quantised as
     ``triton_fp8_rows.fp8_rows(..., power2, pad=pad)`` does it (rows padded to B', a multiple of
     ``pad``, with zero rows of scale 1)."""
-    reason = rows_why_not(q, k_cache, k_scale)
-    if reason is not None:
-        raise ValueError(f"paged_decode_fp8_rows: {reason}")
-    ext, q = _ready("paged_decode_fp8_rows", q, k_cache, k_scale)
+    ext, q = _ready("paged_decode_fp8_rows", q, k_cache, k_scale, rows_why_not)
     b, c = q.shape[0], q.shape[1] * q.shape[2]
     bp = -(-b // pad) * pad
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
