@@ -219,6 +219,7 @@ def _allocator_counts(device: torch.device) -> dict:
 
 def run_rollout(args, rt) -> dict:
     """bf16 vs FP8-weight rollout (``precision.fp8_rollout``) on the same model, same requests."""
+    from r1mega.bench.host_stats import HostStats
     from r1mega.bench.rollout import _profile_prefill, _time_replays, device_busy, logprob_mismatch
     from r1mega.bench.shapes import get_shape
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
@@ -247,6 +248,8 @@ def run_rollout(args, rt) -> dict:
         if args.no_fp8_kv:
             raise SystemExit("bench fp8: --skip-weights-only and --no-fp8-kv leave one row; pass one")
         names = ("bf16", both8)
+    if args.fp8_first:  # whether a row's host time depends on running second (the heap, threads)
+        names = names[1:] + names[:1]
     for name in names:
         rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
                              max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
@@ -268,10 +271,11 @@ def run_rollout(args, rt) -> dict:
         _sync(device)
         warm = time.perf_counter() - t
         alloc0 = _allocator_counts(device)
-        t = time.perf_counter()
-        outs = generate(reqs)
-        _sync(device)
-        dt = time.perf_counter() - t
+        with HostStats() as host:
+            t = time.perf_counter()
+            outs = generate(reqs)
+            _sync(device)
+            dt = time.perf_counter() - t
         alloc1 = _allocator_counts(device)
         n_new = sum(len(c.token_ids) for c in outs)
         st = eng.stats  # where the timed call went: prefill, decode steps, graph captures
@@ -281,6 +285,7 @@ def run_rollout(args, rt) -> dict:
         # the timed call's cudaMalloc / cudaFree and allocator retries (a retry frees the cache
         # after synchronising the device: host gaps that no kernel profile shows)
         split["allocator"] = {k: alloc1[k] - alloc0[k] for k in alloc0}
+        split["host"] = host.result()  # the collector's pauses and other threads' CPU time
         if args.host_profile:  # where the host's time goes in one more call (cProfile)
             import cProfile
             import pstats
@@ -299,7 +304,8 @@ def run_rollout(args, rt) -> dict:
                 bz = split["busy"]
                 print(f"the same call profiled: device busy {bz['device_busy_s']:.3f} s of "
                       f"{bz['wall_s']:.3f} s wall ({bz['device_busy_s'] / bz['wall_s']:.0%}); idle in "
-                      f"gaps over 20 us {bz['idle_in_gaps_over_20us_s']:.3f} s")
+                      f"gaps over 20 us {bz['idle_in_gaps_over_20us_s']:.3f} s; [gaps, us idle] before: "
+                      f"{bz['idle_before_kernel_us']}")
             _time_replays(eng, profile=True)
             if fp8 is None:
                 _profile_prefill(eng, ids, name)
@@ -320,6 +326,7 @@ def run_rollout(args, rt) -> dict:
               f"({split['decode_s'] / max(split['decode'], 1) * 1e3:.3f} ms each), graph captures "
               f"{split['capture_s']:.2f} s; decode compiled: {split['decode_compiled']}, "
               f"{split['graph_breaks']} graph breaks; allocator {split['allocator']}", flush=True)
+        print(f"{'':<26} host: {split['host']}", flush=True)
     speedup = rows[weights8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if weights8 in rows else None
     both = rows[both8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if both8 in rows else None
     if speedup is not None:
@@ -367,6 +374,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="rollout: eager decode")
     ap.add_argument("--no-compile", action="store_true", help="rollout: no torch.compile")
     ap.add_argument("--no-fp8-kv", action="store_true", help="rollout: skip the FP8 KV cache row")
+    ap.add_argument("--fp8-first", action="store_true",
+                    help="rollout: time the FP8 rows before the bf16 row")
     ap.add_argument("--skip-weights-only", action="store_true",
                     help="rollout: skip the FP8-weights row (bf16 vs FP8 weights + FP8 KV cache only)")
     ap.add_argument("--mismatch-seqs", type=int, default=16)

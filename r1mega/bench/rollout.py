@@ -165,11 +165,29 @@ def device_busy(run) -> dict:
         run()
         _sync()
     wall = time.perf_counter() - t
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+    named = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    spans = [(a, b) for a, b, _ in named]
     busy, span, idle_long = interval_union(spans, min_gap=20.0)
     return {"wall_s": wall, "device_busy_s": busy * 1e-6, "device_span_s": span * 1e-6,
-            "idle_in_gaps_over_20us_s": idle_long * 1e-6}
+            "idle_in_gaps_over_20us_s": idle_long * 1e-6,
+            "idle_before_kernel_us": idle_before(named, min_gap=20.0)}
+
+
+def idle_before(named, min_gap: float, top: int = 8) -> dict:
+    """Sorted (start, end, name) intervals -> {name: [gaps, idle]} for the ``top`` names that
+    the most idle time (gaps over ``min_gap``) comes right before: the device waits there for
+    the host (a synchronisation, or host work between launches)."""
+    out: dict = {}
+    end = None
+    for a, b, name in named:
+        if end is not None and a - end > min_gap:
+            row = out.setdefault(name[:70], [0, 0.0])
+            row[0] += 1
+            row[1] += a - end
+        end = b if end is None else max(end, b)
+    best = sorted(out.items(), key=lambda kv: -kv[1][1])[:top]
+    return {k: [n, round(t, 1)] for k, (n, t) in best}
 
 
 def interval_union(spans, min_gap: float) -> tuple[float, float, float]:

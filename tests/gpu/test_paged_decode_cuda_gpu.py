@@ -27,10 +27,10 @@ def _ext():
     return cuda_paged
 
 
-def _case(shape, dtype, strided=False):
+def _case(shape, dtype, strided=False, **kw):
     from r1mega.rollout.kv_cache import quantize_rows
 
-    q, k, v, bt, ctx = paged_decode_case(*shape, device="cuda")
+    q, k, v, bt, ctx = paged_decode_case(*shape, device="cuda", **kw)
     q = q.to(dtype)
     if strided:  # a slice of a wider rows-by-heads buffer, as the rotated q|k of the decode step
         wide = torch.zeros(q.shape[0], q.shape[1] + 3, q.shape[2], dtype=dtype, device="cuda")
@@ -67,6 +67,23 @@ def test_cuda_fp8_decode_against_float64_and_the_e4m3_error_model(shape, dtype, 
     if shape[2] & (shape[2] - 1) == 0:  # Triton's kernel: the same values, another summation order
         tri = paged_decode_attention(q, k8, v8, bt, ctx, scale, k_scale=ks, v_scale=vs)
         torch.testing.assert_close(out.double(), tri.double(), atol=2 * tol, rtol=2 * tol)
+
+
+@KERNELS
+@pytest.mark.parametrize("shape", [(16, 4, 128, 16), (4, 2, 64, 32)], ids=["16-4-128-16", "4-2-64-32"])
+def test_long_contexts_against_float64(shape, tc):
+    """2,100 and 4,200 keys (33 and 66 chunks a warp) beside a short context."""
+    from r1mega.rollout.attention import attend_decode_gather
+    from r1mega.rollout.kv_cache import dequantize_rows
+
+    cp = _ext()
+    q, _, _, k8, ks, v8, vs, bt, ctx = _case(shape, torch.bfloat16, ctx=(2100, 4200, 33))
+    scale = 1 / math.sqrt(shape[2])
+    out = torch.full_like(q, float("nan"))
+    cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, out=out, tensor_cores=tc)
+    ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
+                               dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
+    torch.testing.assert_close(out.double(), ref, atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
 
 
 @KERNELS

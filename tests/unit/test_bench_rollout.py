@@ -95,3 +95,15 @@ def test_interval_union_counts_overlaps_once_and_long_gaps():
     assert (busy, span, idle) == (12 + 5 + 1, 51, 30)
     assert interval_union(spans, min_gap=0) == (18, 51, 33)
     assert interval_union([], min_gap=20) == (0.0, 0.0, 0.0)
+
+
+def test_idle_before_names_the_kernel_after_each_long_gap():
+    from r1mega.bench.rollout import idle_before
+
+    # gaps: 2 (short) before b, 30 before c (after a's nested d ends at 12), 25 before c again,
+    # 40 before a
+    named = sorted([(0, 10, "a"), (5, 12, "d"), (14, 20, "b"), (50, 60, "c"), (85, 90, "c"),
+                    (130, 131, "a")])
+    assert idle_before(named, min_gap=20) == {"a": [1, 40.0], "c": [2, 55.0]}
+    assert list(idle_before(named, min_gap=20, top=1)) == ["c"]
+    assert idle_before([], min_gap=20) == {}

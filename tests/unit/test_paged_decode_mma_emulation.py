@@ -192,10 +192,20 @@ def cta(q, k8, v8, ks, vs, bt_row, ctx, h, group, scale_log2):
                                         ((4, 2, 256, 32), [1, 3])],
                          ids=["16q-4kv-d128", "8q-8kv-d64", "4q-2kv-d256-bs32"])
 def test_lane_level_emulation_equals_float64_attention(shape, seqs):
+    _check_emulation(shape, seqs, paged_decode_case(*shape))
+
+
+def test_long_contexts():
+    """Contexts of 2,100 and 4,200 keys: 33 and 66 chunks a warp, blocks all over the cache."""
+    shape = (4, 2, 64, 16)
+    _check_emulation(shape, [0, 1], paged_decode_case(*shape, ctx=(2100, 4200)), heads=[1])
+
+
+def _check_emulation(shape, seqs, case, heads=None):
     from r1mega.rollout.attention import attend_decode_gather
     from r1mega.rollout.kv_cache import dequantize_rows, quantize_rows
 
-    q, k, v, bt, ctx = paged_decode_case(*shape)
+    q, k, v, bt, ctx = case
     k8, ks = quantize_rows(k)
     v8, vs = quantize_rows(v)
     hq, hkv, d, _ = shape
@@ -204,7 +214,7 @@ def test_lane_level_emulation_equals_float64_attention(shape, seqs):
                                dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
     qn, ksn, vsn = q.numpy(), ks.numpy(), vs.numpy()
     for b in seqs:
-        for h in range(hkv):
+        for h in heads or range(hkv):
             got = cta(qn[b], k8, v8, ksn, vsn, bt[b].tolist(), int(ctx[b]), h, group,
                       scale * math.log2(math.e))
             want = ref[b, h * group:(h + 1) * group].numpy()

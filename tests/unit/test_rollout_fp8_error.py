@@ -23,12 +23,11 @@ RMS_BAND = (0.75, 1.25)
 DECODE_SHAPES = [(16, 4, 128, 16), (8, 8, 64, 16), (12, 2, 64, 32)]  # (Hq, Hkv, D, block tokens)
 
 
-def paged_decode_case(hq, hkv, d, bs, seed=0, device="cpu"):
+def paged_decode_case(hq, hkv, d, bs, seed=0, device="cpu", ctx=(1, 7, 16, 17, 100, 333, 64, 5)):
     """Unquantised paged K/V (keys with per-row magnitudes up to 4, so the scores' spread and the
     row scales vary), shuffled block tables with partial last blocks, q: built on the CPU so the
     GPU test sees the same values. Returns q (B, Hq, D), k, v (N, bs, Hkv, D), tables, ctx_lens."""
     g = torch.Generator().manual_seed(seed)
-    ctx = [1, 7, 16, 17, 100, 333, 64, 5]
     n_blocks = sum(-(-c // bs) for c in ctx) + 1  # + the scratch block 0 the padding points at
     k = torch.randn(n_blocks, bs, hkv, d, generator=g) * torch.rand(n_blocks, bs, hkv, 1, generator=g) * 4
     v = torch.randn(n_blocks, bs, hkv, d, generator=g)
