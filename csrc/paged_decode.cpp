@@ -7,7 +7,7 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
-                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta);
+                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph);
 
 namespace {
 
@@ -27,12 +27,13 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 // quantised for the output projection (csrc/paged_decode_rows.cuh), one CTA a sequence: q8
 // (>= B, Hq * D) float8_e4m3fn with unit column stride, s8 (>= B) contiguous float32; Hkv 1, 2
 // or 4 and Hkv * D <= 512. seq_cta (tensor cores only, the same Hkv and D limits): one CTA a
-// sequence without the epilogue, the same bits as one CTA a KV head.
+// sequence without the epilogue, the same bits as one CTA a KV head. warps_per_head (tensor cores,
+// one CTA a KV head): 4, 2 or 1 warps split a head's chunks.
 void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                       const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
                       const torch::Tensor& ctx, torch::Tensor out, double scale, bool tensor_cores,
                       bool heads_inner, c10::optional<torch::Tensor> q8, c10::optional<torch::Tensor> s8,
-                      bool power2, bool seq_cta) {
+                      bool power2, bool seq_cta, int64_t warps_per_head) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "r1mega_attn_cuda: q must be a (B, Hq, D) CUDA tensor with unit stride on D, got ",
               q.sizes(), " strides ", q.strides());
@@ -87,6 +88,11 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
                 "r1mega_attn_cuda: one CTA a sequence (q8, seq_cta) takes 1, 2 or 4 KV heads with "
                 "head_dim * heads <= 512, got ", Hkv, " x ", D);
   }
+  TORCH_CHECK(warps_per_head == 4 || warps_per_head == 2 || warps_per_head == 1,
+              "r1mega_attn_cuda: warps_per_head must be 4, 2 or 1, got ", warps_per_head);
+  TORCH_CHECK(warps_per_head == 4 || (tensor_cores && !q8.has_value() && !seq_cta),
+              "r1mega_attn_cuda: warps_per_head ", warps_per_head,
+              " is the tensor-core kernel's with one CTA a KV head (not with q8 or seq_cta)");
   if (q8.has_value()) {
     same_device(*q8, q, "q8");
     same_device(*s8, q, "s8");
@@ -99,7 +105,8 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
                 s8->scalar_type(), " ", s8->sizes());
   }
   if (B == 0) return;
-  paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores, heads_inner, q8, s8, power2, seq_cta);
+  paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores, heads_inner, q8, s8, power2, seq_cta,
+                        static_cast<int>(warps_per_head));
 }
 
 }  // namespace
@@ -110,5 +117,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
         py::arg("block_tables"), py::arg("ctx_lens"), py::arg("out"), py::arg("scale"),
         py::arg("tensor_cores") = false, py::arg("heads_inner") = false, py::arg("q8") = py::none(),
-        py::arg("s8") = py::none(), py::arg("power2") = true, py::arg("seq_cta") = false);
+        py::arg("s8") = py::none(), py::arg("power2") = true, py::arg("seq_cta") = false,
+        py::arg("warps_per_head") = 4);
 }

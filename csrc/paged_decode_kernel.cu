@@ -307,18 +307,18 @@ void opt_in(Kernel kernel, int smem, int dev, bool (&done)[64]) {
       static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634), heads_inner
 
 // The tensor-core kernel with HPC KV heads a CTA (csrc/paged_decode_mma.cuh); ROWS: the epilogue
-template <typename QT, int D, typename IT, int HPC, bool ROWS>
+template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps>
 void launch_mma(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
                 const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
                 int group, double scale, bool heads_inner, const RowsOut& rows) {
-  constexpr int smem = MmaSmem<D, HPC>::kBytes;
+  constexpr int smem = MmaSmem<D, HPC, WPH>::kBytes;
   static_assert(smem <= 227 * 1024, "an H100's shared memory a CTA");
   static bool opted_in[64] = {};
-  opt_in(paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS>, smem, q.get_device(), opted_in);
+  opt_in(paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH>, smem, q.get_device(), opted_in);
   const int heads = static_cast<int>(kc.size(2) / HPC);
   const dim3 grid = heads_inner ? dim3(heads, q.size(0)) : dim3(q.size(0), heads);
-  paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS>
-      <<<grid, kWarps * 32 * HPC, smem, at::cuda::getCurrentCUDAStream()>>>(R1MEGA_PAGED_ARGS, rows);
+  paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH>
+      <<<grid, WPH * 32 * HPC, smem, at::cuda::getCurrentCUDAStream()>>>(R1MEGA_PAGED_ARGS, rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -342,13 +342,17 @@ void launch_seq(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
               hpc, " x ", D);
 }
 
-// MMA: the tensor-core kernel (GMAX unused), one KV head a CTA, or all of a sequence's with
-// `rows` (o_proj's row quantiser as the epilogue) or seq_cta; else the CUDA-core one
+// MMA: the tensor-core kernel (GMAX unused), one KV head a CTA with wph (1, 2, 4) warps, or all of
+// a sequence's with `rows` (o_proj's row quantiser as the epilogue) or seq_cta; else the CUDA-core one
 template <typename QT, int GMAX, int D, typename IT, bool MMA>
 void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta) {
+            int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta, int wph) {
   if constexpr (MMA) {
+    if (rows.q8 == nullptr && !seq_cta && wph == 1)
+      return launch_mma<QT, D, IT, 1, false, 1>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
+    if (rows.q8 == nullptr && !seq_cta && wph == 2)
+      return launch_mma<QT, D, IT, 1, false, 2>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
     if (rows.q8 == nullptr && !seq_cta)
       return launch_mma<QT, D, IT, 1, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
     if (rows.q8 == nullptr)
@@ -369,31 +373,31 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
 template <typename QT, int GMAX, int D, bool MMA>
 void by_index(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta) {
+              int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta, int wph) {
   // the CUDA-graph decode step reads its block tables out of one packed int64 buffer
   if (bt.scalar_type() == at::kLong)
-    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
-  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
+    return launch<QT, GMAX, D, int64_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta, wph);
+  return launch<QT, GMAX, D, int32_t, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta, wph);
 }
 
 template <typename QT, int GMAX, bool MMA>
 void by_dim(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-            int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta) {
+            int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta, int wph) {
   switch (q.size(2)) {
-    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
-    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
-    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
+    case 64: return by_index<QT, GMAX, 64, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta, wph);
+    case 128: return by_index<QT, GMAX, 128, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta, wph);
+    default: return by_index<QT, GMAX, 256, MMA>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta, wph);
   }
 }
 
 template <typename QT>
 void by_group(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
               const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-              int group, double scale, bool tensor_cores, bool heads_inner, const RowsOut& rows, bool seq_cta) {
-  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
-  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
-  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta);
+              int group, double scale, bool tensor_cores, bool heads_inner, const RowsOut& rows, bool seq_cta, int wph) {
+  if (tensor_cores) return by_dim<QT, 8, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta, wph);
+  if (group <= 4) return by_dim<QT, 4, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta, wph);
+  return by_dim<QT, 8, false>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, seq_cta, wph);
 }
 
 }  // namespace
@@ -402,7 +406,7 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
-                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta) {
+                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph) {
   const at::cuda::CUDAGuard guard(q.device());
   const int group = static_cast<int>(q.size(1) / kc.size(2));
   RowsOut rows;
@@ -413,8 +417,8 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
     rows.power2 = power2;
   }
   if (q.scalar_type() == at::kBFloat16) {
-    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta);
+    by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta, wph);
   } else {
-    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta);
+    by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta, wph);
   }
 }

@@ -36,10 +36,10 @@ __device__ __forceinline__ int ring_piece(int key, int part) {
   return part ^ (((((key >> 1) & 3) << 1) ^ ((key & 1) << 2)) & (PIECES - 1));
 }
 
-// HPC: KV heads a CTA takes, kWarps warps each (the rows epilogue wants a sequence's whole row)
-template <int D, int HPC = 1>
+// HPC: KV heads a CTA takes, WPH warps each (the rows epilogue wants a sequence's whole row)
+template <int D, int HPC = 1, int WPH = kWarps>
 struct MmaSmem {
-  static constexpr int kAllWarps = HPC * kWarps;
+  static constexpr int kAllWarps = HPC * WPH;
   static constexpr int kRing = kAllWarps * kStages * 2 * kChunk * D;    // e4m3 K | V per chunk
   static constexpr int kScales = kAllWarps * kStages * 2 * kChunk * 4;  // float32 k | v scales
   static constexpr int kMl = 3 * kAllWarps * 8 * 4;                     // m, l per head; v reference
@@ -93,9 +93,10 @@ __device__ __forceinline__ void v_words(const uint8_t* vr, int key, int g, uint3
 
 // Arguments as paged_decode_fp8_kernel's (csrc/paged_decode_kernel.cu), and `rows` (ROWS, with
 // HPC = Hkv): o_proj's input row quantised here (csrc/paged_decode_rows.cuh). A CTA takes HPC KV
-// heads of one sequence, kWarps warps each; the grid's head axis is Hkv / HPC.
-template <typename QT, int D, typename IT, int HPC, bool ROWS>
-__global__ void __launch_bounds__(kWarps * 32 * HPC)
+// heads of one sequence, WPH warps each, which split the head's chunks (fewer warps a head: each
+// walks more chunks, and more CTAs fit an SM); the grid's head axis is Hkv / HPC.
+template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps>
+__global__ void __launch_bounds__(WPH * 32 * HPC)
     paged_decode_fp8_mma_kernel(const QT* __restrict__ q, int64_t q_sb, int64_t q_sh,
                                 const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
                                 int64_t c_sb, int64_t c_st, int64_t c_sh,
@@ -108,7 +109,8 @@ __global__ void __launch_bounds__(kWarps * 32 * HPC)
   constexpr int KT = D / 16;       // k-steps of S^T, m-tiles of O^T
   constexpr int VB = D / 8;        // V bytes (dims) a lane takes of each of its keys
   constexpr int SEGS = kChunk * PIECES;
-  using S = MmaSmem<D, HPC>;
+  static_assert(!ROWS || WPH == kWarps, "the rows epilogue's outputs a thread assume kWarps warps a head");
+  using S = MmaSmem<D, HPC, WPH>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* ring = smem;                                                 // [warp][stage][K|V][key][D]
   float* sc_ring = reinterpret_cast<float*>(smem + S::kRing);            // [warp][stage][k|v][key]
@@ -119,17 +121,17 @@ __global__ void __launch_bounds__(kWarps * 32 * HPC)
 
   const int b = heads_inner ? blockIdx.y : blockIdx.x;
   const int h0 = (heads_inner ? blockIdx.x : blockIdx.y) * HPC;  // the CTA's first KV head
-  // wid: the warp in the CTA (its ring, its partial results); warp: in its head's kWarps, which
+  // wid: the warp in the CTA (its ring, its partial results); warp: in its head's WPH, which
   // split the head's chunks
-  const int wid = threadIdx.x / 32, warp = wid % kWarps, h = h0 + wid / kWarps, lane = threadIdx.x % 32;
+  const int wid = threadIdx.x / 32, warp = wid % WPH, h = h0 + wid / WPH, lane = threadIdx.x % 32;
   const int g = lane / 4, j = lane % 4;  // the MMA fragments' row group and column pair
   const int ctx = ctx_lens[b];
   const int n_chunks = (ctx + kChunk - 1) / kChunk;
-  const int my_chunks = warp < n_chunks ? (n_chunks - warp + kWarps - 1) / kWarps : 0;
+  const int my_chunks = warp < n_chunks ? (n_chunks - warp + WPH - 1) / WPH : 0;
 
   auto issue = [&](int it) {
     if (it < my_chunks) {
-      const int n0 = (warp + it * kWarps) * kChunk;
+      const int n0 = (warp + it * WPH) * kChunk;
       const int64_t blk = static_cast<int64_t>(bt[b * bt_s + n0 / bs]);
       const int slot0 = n0 % bs;
       const int64_t base = blk * c_sb + slot0 * c_st + h * c_sh;
@@ -177,7 +179,7 @@ __global__ void __launch_bounds__(kWarps * 32 * HPC)
     issue(it + kStages - 1);
     cp_async_wait<kStages - 1>();
     __syncwarp();
-    const int n0 = (warp + it * kWarps) * kChunk;
+    const int n0 = (warp + it * WPH) * kChunk;
     const uint8_t* kr = ring + ((wid * kStages + it % kStages) * 2) * kChunk * D;
     const uint8_t* vr = kr + kChunk * D;
     const float* sc = sc_ring + ((wid * kStages + it % kStages) * 2) * kChunk;
@@ -266,13 +268,13 @@ __global__ void __launch_bounds__(kWarps * 32 * HPC)
   // for the epilogue; without, the loop stays a plain one (fewer registers).
   const int n_out = HPC * group * D;
   auto merged = [&](int e) {
-    const int w0 = (e / (group * D)) * kWarps, hd = (e / D) % group, d = e % D;
+    const int w0 = (e / (group * D)) * WPH, hd = (e / D) % group, d = e % D;
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = w0; w < w0 + kWarps; ++w) mx = fmaxf(mx, m_s[w * 8 + hd]);
+    for (int w = w0; w < w0 + WPH; ++w) mx = fmaxf(mx, m_s[w * 8 + hd]);
     float den = 0.f, num = 0.f;
 #pragma unroll
-    for (int w = w0; w < w0 + kWarps; ++w) {  // a warp that took no chunk has m = -inf: weight 0
+    for (int w = w0; w < w0 + WPH; ++w) {  // a warp that took no chunk has m = -inf: weight 0
       const float f = exp2f(m_s[w * 8 + hd] - mx);
       den += l_s[w * 8 + hd] * f;
       num += acc_s[w][hd][d] * r_s[w] * f;
@@ -289,7 +291,7 @@ __global__ void __launch_bounds__(kWarps * 32 * HPC)
       const int e = threadIdx.x + i * blockDim.x;
       vals[i] = e < n_out ? to_float(merged(e)) : 0.f;
     }
-    quantize_row<kPer, HPC * kWarps>(rows, vals, b, n_out);
+    quantize_row<kPer, HPC * WPH>(rows, vals, b, n_out);
   } else {
     for (int e = threadIdx.x; e < n_out; e += blockDim.x) merged(e);
   }

@@ -16,7 +16,8 @@ for the op's rows: ``*-rows`` (a group's query heads on the dots' M axis) and ``
 on it), bf16 and FP8 caches, the FP8 ones also with fp16 dots, and ``fp8-cuda`` / ``fp8-mma``
 (the CUDA-core and tensor-core kernels of r1mega/rollout/cuda_paged.py, where its extension loads), each with its error against
 float64 attention on its cache's values; ``bf16-rows-heads`` and ``fp8-mma-heads`` launch the
-(Hkv, B) grid (``R1MEGA_PAGED_GRID=heads``).
+(Hkv, B) grid (``R1MEGA_PAGED_GRID=heads``); ``fp8-mma-w2`` and ``-w1`` give a KV head 2 and 1
+warps instead of 4 (``R1MEGA_PAGED_FP8_WARPS``).
 
 ``--block-n 32,64,128`` (GPU): also time the default kernel directly at each keys-per-tile size,
 for both caches; ``--rows-launch BN,W,S;...`` the default (rows) kernel and ``--keys-launch
@@ -158,9 +159,11 @@ def main(argv=None) -> int:
 
         if cuda_paged.get() is not None and cuda_paged.why_not(q, k8, ks) is None:
             calls = {name: functools.partial(cuda_paged.paged_decode_fp8_cuda, tensor_cores=tc,
-                                             heads_inner=inner)
-                     for name, tc, inner in (("fp8-cuda", False, False), ("fp8-mma", True, False),
-                                             ("fp8-mma-heads", True, True))}
+                                             heads_inner=inner, warps_per_head=w)
+                     for name, tc, inner, w in (("fp8-cuda", False, False, 4), ("fp8-mma", True, False, 4),
+                                                ("fp8-mma-heads", True, True, 4),
+                                                ("fp8-mma-w2", True, False, 2),
+                                                ("fp8-mma-w1", True, False, 1))}
             if cuda_paged.rows_why_not(q, k8, ks) is None:
                 # one CTA a sequence (R1MEGA_PAGED_GRID=seq), and the same writing o_proj's rows
                 calls["fp8-mma-seq"] = functools.partial(cuda_paged.paged_decode_fp8_cuda,

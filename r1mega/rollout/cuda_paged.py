@@ -42,8 +42,16 @@ def grid_from_env() -> str:
                "slot's head rows are read together"})
 
 
+def warps_from_env() -> int:
+    return int(switches.choice("R1MEGA_PAGED_FP8_WARPS", "4", {
+        "4": "the tensor-core kernel's four warps split a KV head's chunks",
+        "2": "two warps a KV head (CTAs of 64 threads): each walks twice the chunks",
+        "1": "one warp a KV head: no merge across warps"}))
+
+
 # Read once, at import (a bad value fails the run's start, not its first decode step)
 IMPL = _impl_from_env()
+WARPS_PER_HEAD = warps_from_env()
 HEADS_INNER = grid_from_env() == "heads"
 SEQ_CTA = grid_from_env() == "seq"
 
@@ -91,11 +99,13 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           out: Optional[torch.Tensor] = None,
                           tensor_cores: Optional[bool] = None,
                           heads_inner: Optional[bool] = None,
-                          seq_cta: Optional[bool] = None) -> torch.Tensor:
+                          seq_cta: Optional[bool] = None,
+                          warps_per_head: Optional[int] = None) -> torch.Tensor:
     """q (B, Hq, D) -> (B, Hq, D) over the FP8 paged cache; raises with the reason when the kernel
     cannot take the operands or the extension is missing. ``tensor_cores``: the MMA kernel;
     ``heads_inner``: the (Hkv, B) grid; ``seq_cta``: the MMA kernel with one CTA a sequence where
-    its heads fit (None: the switches' choices)."""
+    its heads fit; ``warps_per_head``: the MMA kernel's warps a KV head, 4, 2 or 1 (None: the
+    switches' choices)."""
     ext, q = _ready("paged_decode_fp8_cuda", q, k_cache, k_scale)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -105,8 +115,11 @@ def paged_decode_fp8_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         heads_inner = HEADS_INNER
     if seq_cta is None:
         seq_cta = SEQ_CTA and tensor_cores and _seq_heads_why_not(q, k_cache) is None
+    if warps_per_head is None:
+        warps_per_head = WARPS_PER_HEAD if tensor_cores and not seq_cta else 4
     ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
-                         float(scale), bool(tensor_cores), bool(heads_inner), seq_cta=bool(seq_cta))
+                         float(scale), bool(tensor_cores), bool(heads_inner), seq_cta=bool(seq_cta),
+                         warps_per_head=int(warps_per_head))
     return out
 
 

@@ -117,6 +117,39 @@ def test_decode_op_routes_fp8_calls_under_the_switch_and_graphs_replay_them(monk
     assert torch.equal(out, direct)
 
 
+@pytest.mark.parametrize("warps", [2, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES + ["long"], ids=["-".join(map(str, s)) for s in SHAPES] + ["long"])
+def test_fewer_warps_a_head_against_float64(shape, dtype, warps):
+    """R1MEGA_PAGED_FP8_WARPS=2|1 (the tensor-core kernel): the same float64 bound as 4 warps."""
+    from r1mega.rollout.attention import attend_decode_gather
+    from r1mega.rollout.kv_cache import dequantize_rows
+
+    cp = _ext()
+    kw = {"ctx": (2100, 4200, 33)} if shape == "long" else {}
+    shape = (16, 4, 128, 16) if shape == "long" else shape
+    q, _, _, k8, ks, v8, vs, bt, ctx = _case(shape, dtype, **kw)
+    scale = 1 / math.sqrt(shape[2])
+    out = torch.full_like(q, float("nan"))
+    cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, out=out, tensor_cores=True,
+                             warps_per_head=warps)
+    ref = attend_decode_gather(q.double(), dequantize_rows(k8, ks, torch.float64),
+                               dequantize_rows(v8, vs, torch.float64), bt, ctx, scale)
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    four = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, tensor_cores=True, warps_per_head=4)
+    torch.testing.assert_close(out, four, atol=2 * TOL[dtype], rtol=2 * TOL[dtype])
+
+
+def test_warps_a_head_refused_where_the_kernel_has_no_such_launch():
+    cp = _ext()
+    q, _, _, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16)
+    ext = cp.get()
+    with pytest.raises(RuntimeError, match="must be 4, 2 or 1"):
+        ext.paged_decode_fp8(q, k8, v8, ks, vs, bt, ctx, torch.empty_like(q), 0.1, True, warps_per_head=3)
+    with pytest.raises(RuntimeError, match="tensor-core kernel's"):
+        ext.paged_decode_fp8(q, k8, v8, ks, vs, bt, ctx, torch.empty_like(q), 0.1, False, warps_per_head=2)
+
+
 def test_cuda_fp8_decode_refuses_what_it_cannot_take():
     cp = _ext()
     q, _, _, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16)

@@ -66,8 +66,9 @@ def h2(word16):
     return e4m3_f16([word16 & 0xFF, (word16 >> 8) & 0xFF])
 
 
-def cta(q, k8, v8, ks, vs, bt_row, ctx, h, group, scale_log2):
-    """One CTA (sequence, KV head) of the kernel -> (group, D) float32."""
+def cta(q, k8, v8, ks, vs, bt_row, ctx, h, group, scale_log2, warps=WARPS):
+    """One CTA (sequence, KV head) of the kernel, ``warps`` warps splitting the head's chunks ->
+    (group, D) float32."""
     d = q.shape[-1]
     pieces, kt, vb = d // 16, d // 16, d // 8
     bs = k8.shape[1]
@@ -75,7 +76,7 @@ def cta(q, k8, v8, ks, vs, bt_row, ctx, h, group, scale_log2):
     vbytes = v8.view(torch.uint8).numpy()
     n_chunks = -(-ctx // CHUNK)
     parts = []
-    for warp in range(WARPS):
+    for warp in range(warps):
         # q^T as B: k rows 2j, 2j + 1 (+8, +9) of k-step t are dims d0, d0 + 1 (d0 + 2, d0 + 3)
         qb = []
         for lane in range(32):
@@ -90,7 +91,7 @@ def cta(q, k8, v8, ks, vs, bt_row, ctx, h, group, scale_log2):
         l = np.zeros((32, 2), dtype=np.float32)
         vref = np.float32(1.17549435e-38)
         acc = [[np.zeros(4, dtype=np.float32) for _ in range(kt)] for _ in range(32)]
-        for c in range(warp, n_chunks, WARPS):
+        for c in range(warp, n_chunks, warps):
             n0 = c * CHUNK
             blk, slot0 = int(bt_row[n0 // bs]), n0 % bs
             kr = np.zeros(CHUNK * d, dtype=np.uint8)   # the ring slice, zero-filled past ctx
@@ -201,7 +202,14 @@ def test_long_contexts():
     _check_emulation(shape, [0, 1], paged_decode_case(*shape, ctx=(2100, 4200)), heads=[1])
 
 
-def _check_emulation(shape, seqs, case, heads=None):
+@pytest.mark.parametrize("warps", [1, 2])
+def test_fewer_warps_a_head(warps):
+    """R1MEGA_PAGED_FP8_WARPS: 2 or 1 warps split a head's chunks (one warp: no merge)."""
+    shape = (16, 4, 128, 16)
+    _check_emulation(shape, [0, 3, 5], paged_decode_case(*shape), heads=[2], warps=warps)
+
+
+def _check_emulation(shape, seqs, case, heads=None, warps=WARPS):
     from r1mega.rollout.attention import attend_decode_gather
     from r1mega.rollout.kv_cache import dequantize_rows, quantize_rows
 
@@ -216,7 +224,7 @@ def _check_emulation(shape, seqs, case, heads=None):
     for b in seqs:
         for h in heads or range(hkv):
             got = cta(qn[b], k8, v8, ksn, vsn, bt[b].tolist(), int(ctx[b]), h, group,
-                      scale * math.log2(math.e))
+                      scale * math.log2(math.e), warps)
             want = ref[b, h * group:(h + 1) * group].numpy()
             # f16 q and p * v_scale / reference: ~2^-11 relative each, against |out| <~ 3
             np.testing.assert_allclose(got, want, atol=6e-3, rtol=6e-3,

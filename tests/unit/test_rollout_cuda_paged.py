@@ -50,6 +50,20 @@ def test_grid_switch_defaults_to_sequences_inner_and_refuses_unknown_values(monk
     assert cuda_paged.HEADS_INNER is False and cuda_paged.SEQ_CTA is False
 
 
+def test_warps_switch_defaults_to_four_and_refuses_unknown_values(monkeypatch):
+    assert cuda_paged.WARPS_PER_HEAD == 4
+    monkeypatch.setenv("R1MEGA_PAGED_FP8_WARPS", "3")
+    with pytest.raises(ValueError, match="R1MEGA_PAGED_FP8_WARPS='3'.*'4'.*'2'.*'1'"):
+        importlib.reload(cuda_paged)
+    for value in (2, 1):
+        monkeypatch.setenv("R1MEGA_PAGED_FP8_WARPS", str(value))
+        importlib.reload(cuda_paged)
+        assert cuda_paged.WARPS_PER_HEAD == value
+    monkeypatch.delenv("R1MEGA_PAGED_FP8_WARPS")
+    importlib.reload(cuda_paged)
+    assert cuda_paged.WARPS_PER_HEAD == 4
+
+
 def test_why_not_names_each_operand_it_cannot_take():
     q, k8, ks, _, _, _, _ = _fp8_case()
     assert "not a CUDA device" in cuda_paged.why_not(q, k8, ks)
