@@ -12,7 +12,9 @@ on the H200 (0.3 s after this and the KV-cache changes). So a phase captures laz
 than half full: at most one capture per halving (e.g. 64 -> 32 -> 16), padding rows meanwhile.
 
 Host work per step is the other half of decode speed: every per-row integer of a step (token,
-position, context length, RNG key, step, block table) travels in ONE pinned int64 buffer and one
+position, context length, the step's RNG key, the new token's cache slot, block table; the host
+derives the key and the slot, which on the device were two dozen one-microsecond kernels a step)
+travels in ONE pinned int64 buffer and one
 host-to-device copy, and the outputs come back as one (B, 2) tensor in one copy -- the step's
 only synchronisation. The host buffer is packed with the step's own row width, so the rows sent
 are one contiguous range: a strided slice of a pinned tensor is staged by ``copy_`` through a
@@ -28,8 +30,9 @@ import torch
 
 from r1mega.rollout.kv_cache import SCRATCH_BLOCK
 
-# Columns of the packed int64 step input; the block table follows from column BT.
-IDS, POS, CTX, KEY, STEP, BT = range(6)
+# Columns of the packed int64 step input; the block table follows from column BT. KEY holds the
+# row's step key (sampling.step_keys), SLOT the flat cache slot its new token's K/V goes to.
+IDS, POS, CTX, KEY, SLOT, BT = range(6)
 # A captured bucket is replayed for batches down to half its size, counting batches below this
 # as this size: tiny batches cost the same as MIN_SHRINK rows, not worth a capture each.
 MIN_SHRINK = 16

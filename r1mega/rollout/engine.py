@@ -32,7 +32,7 @@ import torch
 
 from r1mega.rollout import triton_mla, triton_paged
 from r1mega.rollout.attention import AttentionBatch, padded_query_index, prefill_positions_slots
-from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, STEP, DecodeGraphs
+from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, SLOT, DecodeGraphs
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget, kv_cache_dtype
 from r1mega.ops.batch_invariant import exact_numerics
 from r1mega.rollout.exact import enable_exact
@@ -485,10 +485,11 @@ class RolloutEngine:
             host[:, IDS] = src_rows
         host[:, POS] = pos
         host[:, CTX] = pos + 1
-        host[:, KEY] = self._key_host[rows]
         # The step index is the number of tokens sampled before this one, including one the
         # host has not read yet when steps overlap (num_cached counts it already).
-        host[:, STEP] = pos - self._prompt_len_host[rows] + 1
+        host[:, KEY] = step_keys(self._key_host[rows], pos - self._prompt_len_host[rows] + 1)
+        bs = self.block_tokens
+        host[:, SLOT] = bt[rows, pos // bs] * bs + pos % bs
         host[:, BT:] = bt[rows, :width]
         g.host_temp_slots[slot].numpy()[:n] = self._temp_host[rows]
         return width
@@ -544,16 +545,13 @@ class RolloutEngine:
         """Decode forward + temperature sampling as pure tensor code, for capture.
 
         ints (b, BT + W) int64 packed rows (see cuda_graphs); returns (b, 2) [token, log-prob]."""
-        bs = self.block_tokens
         positions = ints[:, POS]
         block_tables = ints[:, BT:]
         ctx_lens = ints[:, CTX].to(torch.int32)  # contiguous, for the kernel's flat index
-        blk = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1)
-        slots = blk * bs + positions % bs
-        logits = self._decode_forward()(ints[:, IDS], positions, slots, block_tables, ctx_lens)
+        logits = self._decode_forward()(ints[:, IDS], positions, ints[:, SLOT], block_tables, ctx_lens)
         sb = SamplingBatch(
             temperature=temperature, top_k=torch.zeros_like(positions),
-            top_p=torch.ones_like(temperature), keys=step_keys(ints[:, KEY], ints[:, STEP]),
+            top_p=torch.ones_like(temperature), keys=ints[:, KEY],
         )
         tokens, lps, _ = sample(logits, sb, self.shard, self.vocab_hashed)
         return torch.stack([tokens.double(), lps.double()], dim=1)

@@ -37,7 +37,8 @@ _MASK32 = 0xFFFFFFFF
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer on int64 tensors holding values in [0, 2^32).
+    """A 32-bit integer mixer on int64 tensors (or numpy int64 arrays: the same operators, the
+    same values) holding values in [0, 2^32).
 
     The multipliers are below 2^31 so that no product leaves the int64 range: the result is the
     same on every device and backend (no reliance on wrap-around of signed overflow).
@@ -69,7 +70,8 @@ def sequence_key(seed: int, sample_index: int) -> int:
 
 
 def step_keys(seq_keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 key per row for this generation step (step = number of tokens generated so far)."""
+    """(B,) int64 key per row for this generation step (step = number of tokens generated so far);
+    torch tensors or numpy int64 arrays (the CUDA-graph step's keys are made on the host)."""
     return hash32(seq_keys ^ hash32(steps * 0x61C88647 + 0x7F4A7C15))
 
 

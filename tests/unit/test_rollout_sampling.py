@@ -111,3 +111,20 @@ def test_host_and_device_hash_agree():
     from r1mega.rollout.sampling import _hash32_int
     xs = [0, 1, 12345, 2**32 - 1, 2**31 + 7]
     assert hash32(torch.tensor(xs)).tolist() == [_hash32_int(x) for x in xs]
+
+
+def test_step_keys_on_numpy_arrays_equal_the_tensor_ones():
+    """The CUDA-graph step's keys are made on the host (numpy) from the same function."""
+    import numpy as np
+
+    from r1mega.rollout.sampling import _hash32_int, step_keys
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.cat([torch.randint(0, 2**32, (200,), generator=g), torch.tensor([0, 2**32 - 1])])
+    steps = torch.cat([torch.randint(0, 70000, (200,), generator=g), torch.tensor([0, 2**20])])
+    want = step_keys(keys, steps)
+    got = step_keys(keys.numpy(), steps.numpy())
+    assert got.dtype == np.int64 and got.tolist() == want.tolist()
+    # and both against the scalar host hash
+    k, s = int(keys[5]), int(steps[5])
+    assert got[5] == _hash32_int(k ^ _hash32_int((s * 0x61C88647 + 0x7F4A7C15) & 0xFFFFFFFF))
