@@ -73,6 +73,9 @@ class RolloutEngine:
         self.cfg = rollout_cfg
         self.runner = r = ModelRunner(model_chunks, ctx, attention_backend=attention_backend)
         self.device = r.device
+        # the graph step's "no top-k / top-p", expanded per batch: views, no fill kernel a replay
+        self._no_top_k = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._no_top_p = torch.ones((), dtype=torch.float32, device=self.device)
         self.block_tokens = int(rollout_cfg.kv_block_tokens)
         cache_dtype = kv_cache_dtype(getattr(rollout_cfg, "kv_cache_dtype", "auto"), r.param_dtype,
                                      r.device, keys_only=r.mla is not None,
@@ -549,9 +552,8 @@ class RolloutEngine:
         block_tables = ints[:, BT:]
         ctx_lens = ints[:, CTX].to(torch.int32)  # contiguous, for the kernel's flat index
         logits = self._decode_forward()(ints[:, IDS], positions, ints[:, SLOT], block_tables, ctx_lens)
-        sb = SamplingBatch(
-            temperature=temperature, top_k=torch.zeros_like(positions),
-            top_p=torch.ones_like(temperature), keys=ints[:, KEY],
-        )
+        b = positions.shape[0]
+        sb = SamplingBatch(temperature=temperature, top_k=self._no_top_k.expand(b),
+                           top_p=self._no_top_p.expand(b), keys=ints[:, KEY])
         tokens, lps, _ = sample(logits, sb, self.shard, self.vocab_hashed)
         return torch.stack([tokens.double(), lps.double()], dim=1)

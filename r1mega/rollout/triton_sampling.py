@@ -98,7 +98,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _partials_kernel(
-        L, stride_l, TEMP, KEYS, VH, PART, IDX,
+        L, stride_l, TEMP, KEYS, stride_k, VH, PART, IDX,
         n_cols, valid_cols, n_rows, n_chunks,
         BLOCK: tl.constexpr,
         TILES: tl.constexpr,  # tiles per chunk, a power of two: few variants, and a constexpr
@@ -113,7 +113,7 @@ if HAVE_TRITON:
         t_in = tl.load(TEMP + b)
         noisy = t_in > 0.0  # temperature <= 0: greedy, no noise, T = 1
         temp = tl.where(noisy, t_in, 1.0)
-        key = tl.load(KEYS + b).to(tl.uint32)
+        key = tl.load(KEYS + b * stride_k).to(tl.uint32)
         row = L + b.to(tl.int64) * stride_l
         offs = tl.arange(0, BLOCK)
         c0 = c * (TILES * BLOCK)
@@ -276,7 +276,8 @@ def fused_sample(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     temperature = temperature.to(torch.float32).contiguous()
-    keys, vocab_ids_hashed = keys.contiguous(), vocab_ids_hashed.contiguous()
+    # keys may be a column of the CUDA-graph step's packed rows: read in place, by its stride
+    vocab_ids_hashed = vocab_ids_hashed.contiguous()
     assert vocab_ids_hashed.numel() == n_cols and keys.numel() == n_rows == temperature.numel()
     dev = logits.device
     block, warps, tiles_per_chunk, chunks = _layout(n_rows, n_cols, dev, block)
@@ -286,7 +287,7 @@ def fused_sample(
     part = torch.empty(_N_PART, n_rows, chunks, dtype=torch.float32, device=dev)
     idx = torch.empty(n_rows, chunks, dtype=torch.int32, device=dev)
     _partials_kernel[(n_rows, chunks)](
-        logits, logits.stride(0), temperature, keys, vocab_ids_hashed, part, idx,
+        logits, logits.stride(0), temperature, keys, keys.stride(0), vocab_ids_hashed, part, idx,
         n_cols, valid_cols, n_rows, chunks,
         BLOCK=block, TILES=tiles_per_chunk, WANT_RAW=bool(want_raw), LIBDEVICE=libdev, G_BOUND=G_BOUND, U_MAX=U_MAX,
         num_warps=warps,

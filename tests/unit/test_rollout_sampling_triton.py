@@ -28,6 +28,7 @@ CASES = [
 
 
 def _interpreted(rank, world, cases):
+    import dataclasses
     import os
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,7 +58,11 @@ def _interpreted(rank, world, cases):
         size = V // world
         start = rank * size
         shard = S.VocabShard(start, size, true_vocab, group)
-        got = S._sample_fused(logits[:, start:start + size], sb, shard,
+        # the keys as the CUDA-graph step passes them: a column of its packed int64 rows
+        packed = torch.full((B, 6), -1, dtype=torch.int64)
+        packed[:, 3] = keys
+        sbf = dataclasses.replace(sb, keys=packed[:, 3])
+        got = S._sample_fused(logits[:, start:start + size], sbf, shard,
                               S.hashed_vocab_ids(start, size, "cpu"), block=block)
         out.append((ref, got))
     if world > 1:
