@@ -13,8 +13,8 @@ than half full: at most one capture per halving (e.g. 64 -> 32 -> 16), padding r
 
 Host work per step is the other half of decode speed: every per-row integer of a step (token,
 position, context length, the step's RNG key, the new token's cache slot, block table; the host
-derives the key and the slot, which on the device were two dozen one-microsecond kernels a step)
-travels in ONE pinned int64 buffer and one
+derives the key and the slot, so no small kernel of the step computes them) travels in ONE
+pinned int64 buffer and one
 host-to-device copy, and the outputs come back as one (B, 2) tensor in one copy -- the step's
 only synchronisation. The host buffer is packed with the step's own row width, so the rows sent
 are one contiguous range: a strided slice of a pinned tensor is staged by ``copy_`` through a
