@@ -13,6 +13,8 @@ from one CUDA graph replay of all 64 calls (as a captured decode step runs them)
                    one-pass kernel, cuBLAS's tensorwise GEMM, the row scales on its output
   ...+lt           the same through r1mega/precision/fp8_gemm_lt.py: cuBLASLt's algorithm
                    chosen by timing (``R1MEGA_FP8_GEMM_LT=1``); each problem's timings printed
+  ...+skinny       the same through r1mega/precision/triton_skinny_gemm.py: K split across
+                   CTAs (``R1MEGA_FP8_SKINNY=1``)
 
 and reports ms per 64 calls, the ratio to bf16, and each FP8 route's largest difference from
 the float32 product of the unquantised operands next to bf16's. ``--smoke``: tiny shapes on the
@@ -31,12 +33,16 @@ LINEARS = [(3072, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
 LAYERS = 16
 
 
+def x_on_gpu_or_interpreted() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _routes(recipes: list[str]):
     """name -> (weight -> its copy, (x, copy) -> y): the rollout's own GEMM (decode_gemm)."""
     from r1mega.precision.linear import RECIPE_GRANULARITY
     from r1mega.precision.policy import Fp8Policy
     from r1mega.precision.quantize import quantize
-    from r1mega.precision import fp8_gemm_lt
+    from r1mega.precision import fp8_gemm_lt, triton_skinny_gemm
     from r1mega.precision.rollout import decode_gemm
 
     def route(recipe, fused):
@@ -53,6 +59,14 @@ def _routes(recipes: list[str]):
                 return run(x, wq)
         return prep, run_lt
 
+    def with_skinny(prep_run):
+        prep, run = prep_run
+
+        def run_skinny(x, wq):
+            with triton_skinny_gemm.enabled():
+                return run(x, wq)
+        return prep, run_skinny
+
     def row_route():  # the rollout's default for tensorwise weights: per-row activation scales
         prep, _ = route("tensorwise", False)
         return prep, lambda x, wq: decode_gemm(x, wq, "row", True, not x.is_cuda, False, rows_kernel=True)
@@ -64,6 +78,8 @@ def _routes(recipes: list[str]):
         out["tensorwise+lt"] = with_lt(route("tensorwise", False))
         out["tensorwise-row"] = row_route()
         out["tensorwise-row+lt"] = with_lt(row_route())
+        if x_on_gpu_or_interpreted():
+            out["tensorwise-row+skinny"] = with_skinny(row_route())
     for recipe in ("tensorwise", "blockwise"):
         if recipe in recipes:
             out[f"{recipe}+fused"] = route(recipe, True)
