@@ -14,8 +14,9 @@ split order, applies the scales and writes the output. So one launch, and the su
 splits is in a fixed order: the result does not depend on which program finishes last.
 
 ``a`` (M, K) e4m3 row-major, ``w`` (N, K) e4m3 row-major (K contiguous in both, as FP8 wgmma
-wants), ``w_scale`` one float32, ``a_scale`` optional (M, 1) float32 row scales (without them the
-output lacks a's row scales, as :func:`r1mega.precision.gemm.row_tensor_gemm_unscaled`'s).
+wants), ``w_scale`` one float32, ``a_scale`` optional: (M, 1) float32 row scales (without them
+the output lacks a's row scales, as :func:`r1mega.precision.gemm.row_tensor_gemm_unscaled`'s)
+or (M, K / 128) 1 x 128 tile scales (the attention output's per-head tiles).
 Its reference is the float64 product of the dequantised operands (tests/unit under Triton's
 interpreter, tests/gpu compiled).
 
@@ -93,9 +94,9 @@ def config(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, 
 if HAVE_TRITON:
     @triton.jit
     def _skinny_kernel(A, W, Y, WS, AS, P, CNT, M, N, K, stride_am, stride_wn, stride_ym,
-                       K_ITERS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       stride_as, K_ITERS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BK: tl.constexpr, SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr,
-                       EVEN_K: tl.constexpr):
+                       A_TILE: tl.constexpr, EVEN_K: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -115,7 +116,12 @@ if HAVE_TRITON:
                 k_ok = (rk + i * BK) < K
                 a = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(a, tl.trans(w), acc)                                     # (BM, BN)
+            if A_TILE:  # a's 1 x BK tile scales, applied as each K block's sum is promoted
+                sa = tl.load(AS + rm.to(tl.int64) * stride_as + pid_k * K_ITERS + i, mask=m_ok,
+                             other=0.0)
+                acc += tl.dot(a, tl.trans(w)) * sa[:, None]
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)                                 # (BM, BN)
             a_ptr += BK
             w_ptr += BK
         tile_mask = m_ok[:, None] & n_ok[None, :]
@@ -172,19 +178,24 @@ def supported(a: torch.Tensor, w: torch.Tensor) -> bool:
 def skinny_gemm_triton(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                        out_dtype: torch.dtype, a_scale: Optional[torch.Tensor] = None
                        ) -> torch.Tensor:
-    """(M, K) e4m3 x (N, K) e4m3 -> (M, N) ``out_dtype``: ``(a @ w.T) * w_scale``, times
-    ``a_scale`` (M, 1) per row when given."""
+    """(M, K) e4m3 x (N, K) e4m3 -> (M, N) ``out_dtype``: ``(a @ w.T) * w_scale``, with a's
+    scales when given: (M, 1) one a row (applied to the output), or (M, ceil(K / 128)) one a
+    1 x 128 tile (applied to each 128-wide K block's sum, as DeepSeek-V3's recipe promotes)."""
     why = why_not(a, w)
     if why:
         raise ValueError(f"skinny FP8 GEMM: {why}")
-    if w_scale.numel() != 1 or (a_scale is not None and a_scale.numel() != a.shape[0]):
-        raise ValueError(f"skinny FP8 GEMM: w_scale is one value and a_scale one per row of a; got "
-                         f"{tuple(w_scale.shape)} and "
-                         f"{None if a_scale is None else tuple(a_scale.shape)} for {a.shape[0]} rows")
+    (m, k), n = a.shape, w.shape[0]
+    tiles_k = -(-k // 128)
+    a_tile = a_scale is not None and a_scale.dim() == 2 and a_scale.shape == (m, tiles_k) and tiles_k > 1
+    if w_scale.numel() != 1 or (a_scale is not None and not a_tile and a_scale.numel() != m):
+        raise ValueError(f"skinny FP8 GEMM: w_scale is one value and a_scale one a row of a ({m}, 1) "
+                         f"or one a 1 x 128 tile ({m}, {tiles_k}); got {tuple(w_scale.shape)} and "
+                         f"{None if a_scale is None else tuple(a_scale.shape)}")
     global launches
     launches += 1
-    (m, k), n = a.shape, w.shape[0]
     bm, bn, bk, split, warps, stages = config(m, n, k)
+    if a_tile:
+        bk = 128  # one tile scale a K block
     kblocks = -(-k // bk)
     split = max(1, min(split, kblocks))
     k_iters = -(-kblocks // split)
@@ -199,10 +210,18 @@ def skinny_gemm_triton(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     else:
         p = y
     ws = w_scale.reshape(1).to(torch.float32)
-    s_a = ws if a_scale is None else a_scale.reshape(-1).to(torch.float32)
+    if a_scale is None:
+        s_a, stride_as = ws, 0
+    elif a_tile:
+        s_a = a_scale.to(torch.float32)
+        s_a = s_a if s_a.stride(1) == 1 else s_a.contiguous()
+        stride_as = s_a.stride(0)
+    else:
+        s_a, stride_as = a_scale.reshape(-1).to(torch.float32), 1
     _skinny_kernel[grid](a, w, y, ws, s_a, p, cnt, m, n, k, a.stride(0), w.stride(0), y.stride(0),
-                         K_ITERS=k_iters, BM=bm, BN=bn, BK=bk, SPLIT=split,
-                         ROW_SCALE=a_scale is not None, EVEN_K=k % bk == 0 and k_iters * split == kblocks,
+                         stride_as, K_ITERS=k_iters, BM=bm, BN=bn, BK=bk, SPLIT=split,
+                         ROW_SCALE=a_scale is not None and not a_tile, A_TILE=a_tile,
+                         EVEN_K=k % bk == 0 and k_iters * split == kblocks,
                          num_warps=warps, num_stages=stages)
     return y
 

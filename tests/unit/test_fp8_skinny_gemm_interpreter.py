@@ -47,6 +47,19 @@ def _interpreted(rank, world):
         bf16 = sk.skinny_gemm_triton(a.data, w.data, w.scale, torch.bfloat16, a.scale)
         counters = int(sk.counters_ready("cpu").abs().sum())
         out.append(((m, n, k, cfg), a, w, y_rows, y_plain, again, bf16, counters))
+    # 1 x 128 tile scales of a (the attention output's heads): K blocks of 128 whatever the config
+    tiles = []
+    for m, n, k, cfg in ((24, 128, 384, "64,64,128,3,4,2"), (24, 128, 384, "64,64,64,2,4,2"),
+                         (9, 64, 300, None)):
+        if cfg:
+            os.environ["R1MEGA_FP8_SKINNY_CONFIG"] = cfg
+        else:
+            os.environ.pop("R1MEGA_FP8_SKINNY_CONFIG", None)
+        x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, k)[None, :]
+        a = quantize(x, "tile", "e4m3", True)
+        w = quantize(torch.randn(n, k, generator=g) * 0.05, "tensor", "e4m3", False)
+        tiles.append(((m, n, k, cfg), a, w,
+                      sk.skinny_gemm_triton(a.data, w.data, w.scale, torch.float32, a.scale)))
     os.environ.pop("R1MEGA_FP8_SKINNY_CONFIG", None)
     errors = []
     a = quantize(torch.randn(8, 64, generator=g), "row", "e4m3", True)
@@ -59,7 +72,7 @@ def _interpreted(rank, world):
             errors.append(None)
         except ValueError as e:
             errors.append(str(e))
-    return out, errors
+    return out, tiles, errors
 
 
 @pytest.mark.slow
@@ -68,7 +81,7 @@ def test_skinny_gemm_matches_float64_under_interpreter(monkeypatch):
     from tests.distributed.harness import run_ranks
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned process
-    ((out, errors),) = run_ranks(_interpreted, 1, timeout_s=600)
+    ((out, tiles, errors),) = run_ranks(_interpreted, 1, timeout_s=600)
     assert len(out) == len(CASES)
     for case, a, w, y_rows, y_plain, again, bf16, counters in out:
         deq_w = w.data.double() * w.scale.double()
@@ -82,6 +95,14 @@ def test_skinny_gemm_matches_float64_under_interpreter(monkeypatch):
         assert torch.equal(y_rows, again), case
         assert ((bf16.float() - y_rows).abs() <= y_rows.abs() * 2.0 ** -7).all(), case
         assert counters == 0, case
+    for case, a, w, y in tiles:
+        from r1mega.precision.quantize import dequantize
+
+        assert a.scale.shape == (case[0], -(-case[2] // 128)), case
+        deq_a, deq_w = dequantize(a, torch.float64), w.data.double() * w.scale.double()
+        ref = deq_a @ deq_w.t()
+        tol = case[2] * 2.0 ** -23 * (deq_a.abs() @ deq_w.abs().t())
+        assert (y.double() - ref).abs().le(tol * 1.01 + 1e-30).all(), case
     assert errors[0] and "e4m3" in errors[0]
     assert errors[1] and "K sizes differ" in errors[1]
     assert errors[2] and "w_scale" in errors[2]
