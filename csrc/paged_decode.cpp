@@ -7,7 +7,8 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
-                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph);
+                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph,
+                           bool tiles);
 
 namespace {
 
@@ -28,12 +29,14 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 // (>= B, Hq * D) float8_e4m3fn with unit column stride, s8 (>= B) contiguous float32; Hkv 1, 2
 // or 4 and Hkv * D <= 512. seq_cta (tensor cores only, the same Hkv and D limits): one CTA a
 // sequence without the epilogue, the same bits as one CTA a KV head. warps_per_head (tensor cores,
-// one CTA a KV head): 4, 2 or 1 warps split a head's chunks.
+// one CTA a KV head): 4, 2 or 1 warps split a head's chunks. tiles (with q8 and s8, one CTA a KV
+// head of 4 warps, D 128): each head's outputs quantised as one 1 x 128 tile, s8 (>= B, Hq)
+// float32 with unit column stride.
 void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                       const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
                       const torch::Tensor& ctx, torch::Tensor out, double scale, bool tensor_cores,
                       bool heads_inner, c10::optional<torch::Tensor> q8, c10::optional<torch::Tensor> s8,
-                      bool power2, bool seq_cta, int64_t warps_per_head) {
+                      bool power2, bool seq_cta, int64_t warps_per_head, bool tiles) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "r1mega_attn_cuda: q must be a (B, Hq, D) CUDA tensor with unit stride on D, got ",
               q.sizes(), " strides ", q.strides());
@@ -82,7 +85,12 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
   TORCH_CHECK(heads_inner ? B <= 65535 : B <= 2147483647 && Hkv <= 65535, "r1mega_attn_cuda: grid of ",
               B, " sequences x ", Hkv, " KV heads too large", heads_inner ? " with heads inner (B <= 65535)" : "");
   TORCH_CHECK(q8.has_value() == s8.has_value(), "r1mega_attn_cuda: q8 and s8 go together");
-  if (q8.has_value() || seq_cta) {
+  TORCH_CHECK(!tiles || (q8.has_value() && tensor_cores && !seq_cta && warps_per_head == 4 && D == 128),
+              "r1mega_attn_cuda: tiles (one scale a head's outputs) needs q8 and s8, the tensor-core "
+              "kernel with one CTA a KV head of 4 warps, and head_dim 128; got q8 ", q8.has_value(),
+              ", tensor_cores ", tensor_cores, ", seq_cta ", seq_cta, ", warps_per_head ",
+              warps_per_head, ", head_dim ", D);
+  if ((q8.has_value() && !tiles) || seq_cta) {
     TORCH_CHECK(tensor_cores, "r1mega_attn_cuda: one CTA a sequence (q8, seq_cta) is the tensor-core kernel's");
     TORCH_CHECK((Hkv == 1 || Hkv == 2 || Hkv == 4) && Hkv * D <= 512,
                 "r1mega_attn_cuda: one CTA a sequence (q8, seq_cta) takes 1, 2 or 4 KV heads with "
@@ -100,13 +108,20 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
                     q8->size(1) == Hq * D && q8->stride(1) == 1,
                 "r1mega_attn_cuda: q8 must be float8_e4m3fn (>= ", B, ", ", Hq * D,
                 ") with unit column stride, got ", q8->scalar_type(), " ", q8->sizes());
-    TORCH_CHECK(s8->scalar_type() == at::kFloat && s8->is_contiguous() && s8->numel() >= B,
-                "r1mega_attn_cuda: s8 must be contiguous float32 with >= ", B, " elements, got ",
-                s8->scalar_type(), " ", s8->sizes());
+    if (tiles) {
+      TORCH_CHECK(s8->scalar_type() == at::kFloat && s8->dim() == 2 && s8->size(0) >= B &&
+                      s8->size(1) == Hq && s8->stride(1) == 1,
+                  "r1mega_attn_cuda: with tiles, s8 must be float32 (>= ", B, ", ", Hq,
+                  ") with unit column stride, got ", s8->scalar_type(), " ", s8->sizes());
+    } else {
+      TORCH_CHECK(s8->scalar_type() == at::kFloat && s8->is_contiguous() && s8->numel() >= B,
+                  "r1mega_attn_cuda: s8 must be contiguous float32 with >= ", B, " elements, got ",
+                  s8->scalar_type(), " ", s8->sizes());
+    }
   }
   if (B == 0) return;
   paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores, heads_inner, q8, s8, power2, seq_cta,
-                        static_cast<int>(warps_per_head));
+                        static_cast<int>(warps_per_head), tiles);
 }
 
 }  // namespace
@@ -118,5 +133,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block_tables"), py::arg("ctx_lens"), py::arg("out"), py::arg("scale"),
         py::arg("tensor_cores") = false, py::arg("heads_inner") = false, py::arg("q8") = py::none(),
         py::arg("s8") = py::none(), py::arg("power2") = true, py::arg("seq_cta") = false,
-        py::arg("warps_per_head") = 4);
+        py::arg("warps_per_head") = 4, py::arg("tiles") = false);
 }

@@ -307,17 +307,17 @@ void opt_in(Kernel kernel, int smem, int dev, bool (&done)[64]) {
       static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634), heads_inner
 
 // The tensor-core kernel with HPC KV heads a CTA (csrc/paged_decode_mma.cuh); ROWS: the epilogue
-template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps>
+template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps, bool TILES = false>
 void launch_mma(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
                 const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
                 int group, double scale, bool heads_inner, const RowsOut& rows) {
   constexpr int smem = MmaSmem<D, HPC, WPH>::kBytes;
   static_assert(smem <= 227 * 1024, "an H100's shared memory a CTA");
   static bool opted_in[64] = {};
-  opt_in(paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH>, smem, q.get_device(), opted_in);
+  opt_in(paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH, TILES>, smem, q.get_device(), opted_in);
   const int heads = static_cast<int>(kc.size(2) / HPC);
   const dim3 grid = heads_inner ? dim3(heads, q.size(0)) : dim3(q.size(0), heads);
-  paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH>
+  paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH, TILES>
       <<<grid, WPH * 32 * HPC, smem, at::cuda::getCurrentCUDAStream()>>>(R1MEGA_PAGED_ARGS, rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -349,6 +349,12 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
             int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta, int wph) {
   if constexpr (MMA) {
+    if (rows.q8 != nullptr && rows.tiles) {  // one CTA a KV head, one thread a dim (checked: D 128)
+      if constexpr (D == kWarps * 32)
+        return launch_mma<QT, D, IT, 1, false, kWarps, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale,
+                                                             heads_inner, rows);
+      TORCH_CHECK(false, "r1mega_attn_cuda: the tiles epilogue takes head_dim ", kWarps * 32, ", got ", D);
+    }
     if (rows.q8 == nullptr && !seq_cta && wph == 1)
       return launch_mma<QT, D, IT, 1, false, 1>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
     if (rows.q8 == nullptr && !seq_cta && wph == 2)
@@ -406,7 +412,8 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& bt,
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
-                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph) {
+                           const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph,
+                           bool tiles) {
   const at::cuda::CUDAGuard guard(q.device());
   const int group = static_cast<int>(q.size(1) / kc.size(2));
   RowsOut rows;
@@ -414,7 +421,9 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
     rows.q8 = reinterpret_cast<uint8_t*>(q8->data_ptr());
     rows.s8 = s8->data_ptr<float>();
     rows.q8_sb = q8->stride(0);
+    rows.s8_sb = tiles ? s8->stride(0) : 1;
     rows.power2 = power2;
+    rows.tiles = tiles;
   }
   if (q.scalar_type() == at::kBFloat16) {
     by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta, wph);

@@ -95,7 +95,7 @@ __device__ __forceinline__ void v_words(const uint8_t* vr, int key, int g, uint3
 // HPC = Hkv): o_proj's input row quantised here (csrc/paged_decode_rows.cuh). A CTA takes HPC KV
 // heads of one sequence, WPH warps each, which split the head's chunks (fewer warps a head: each
 // walks more chunks, and more CTAs fit an SM); the grid's head axis is Hkv / HPC.
-template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps>
+template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps, bool TILES = false>
 __global__ void __launch_bounds__(WPH * 32 * HPC)
     paged_decode_fp8_mma_kernel(const QT* __restrict__ q, int64_t q_sb, int64_t q_sh,
                                 const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
@@ -110,6 +110,8 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
   constexpr int VB = D / 8;        // V bytes (dims) a lane takes of each of its keys
   constexpr int SEGS = kChunk * PIECES;
   static_assert(!ROWS || WPH == kWarps, "the rows epilogue's outputs a thread assume kWarps warps a head");
+  static_assert(!TILES || (!ROWS && HPC == 1 && WPH * 32 == D),
+                "the tiles epilogue takes one thread a dim of one KV head's outputs");
   using S = MmaSmem<D, HPC, WPH>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* ring = smem;                                                 // [warp][stage][K|V][key][D]
@@ -292,6 +294,11 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
       vals[i] = e < n_out ? to_float(merged(e)) : 0.f;
     }
     quantize_row<kPer, HPC * WPH>(rows, vals, b, n_out);
+  } else if constexpr (TILES) {
+    float vals[8];  // head i's dim threadIdx.x (element threadIdx.x + i * D of the CTA's outputs)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) vals[i] = i < group ? to_float(merged(threadIdx.x + i * D)) : 0.f;
+    quantize_head_tiles<WPH>(rows, vals, b, h0 * group, group);
   } else {
     for (int e = threadIdx.x; e < n_out; e += blockDim.x) merged(e);
   }

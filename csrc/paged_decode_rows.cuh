@@ -20,10 +20,57 @@ namespace {
 
 struct RowsOut {
   uint8_t* q8 = nullptr;  // (>= B, Hq * D) e4m3 rows, row stride q8_sb; null: no epilogue
-  float* s8 = nullptr;    // (>= B) float32 dequantisation scales
+  float* s8 = nullptr;    // (>= B) float32 dequantisation scales; tiles: (>= B, Hq), row stride s8_sb
   int64_t q8_sb = 0;
+  int64_t s8_sb = 1;
   bool power2 = true;
+  bool tiles = false;     // one scale a head's D = 128 outputs (a 1 x 128 tile), one CTA a KV head
 };
+
+// mult = 448 / amax as quantize_reference computes it (see above); amax as |x|'s float bits
+__device__ __forceinline__ float e4m3_multiplier(uint32_t amax_bits, bool power2) {
+  const float amax = __uint_as_float(amax_bits);
+  float mult = __fdiv_rn(448.f, amax);
+  if (mult > 3.4028234663852886e38f) mult = 3.4028234663852886e38f;
+  if (power2 && mult == mult) mult = __uint_as_float(__float_as_uint(mult) & 0x7f800000u);
+  if (amax == 0.f) mult = 1.f;
+  return mult;
+}
+
+__device__ __forceinline__ uint8_t e4m3_byte(float v, float mult) {
+  v = __fmul_rn(v, mult);
+  v = v < -448.f ? -448.f : (v > 448.f ? 448.f : v);
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// The tiles epilogue: thread t of the CTA's WARPS * 32 == D holds dim t of each of the KV head's
+// `group` q heads (vals[i]: head i, as the output rounded it). Each head's D outputs are one
+// 1 x 128 tile of o_proj's input row: its amax needs only this CTA, no other.
+template <int WARPS>
+__device__ void quantize_head_tiles(const RowsOut& rows, const float (&vals)[8], int b, int head0,
+                                    int group) {
+  __shared__ uint32_t warp_max[WARPS][8];
+  constexpr int D = WARPS * 32;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    uint32_t m = __float_as_uint(vals[i]) & 0x7fffffffu;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = max(m, __shfl_xor_sync(kFull, m, off));
+    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32][i] = m;
+  }
+  __syncthreads();
+  uint8_t* q = rows.q8 + b * rows.q8_sb + static_cast<int64_t>(head0) * D;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (i >= group) break;
+    uint32_t m = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) m = max(m, warp_max[w][i]);
+    const float mult = e4m3_multiplier(m, rows.power2);
+    q[i * D + threadIdx.x] = e4m3_byte(vals[i], mult);
+    if (threadIdx.x == 0) rows.s8[b * rows.s8_sb + head0 + i] = __fdiv_rn(1.f, mult);
+  }
+}
 
 // vals[i]: the row's element threadIdx.x + i * blockDim.x (zero past n), as the output rounded it
 template <int PER, int WARPS>
@@ -38,19 +85,12 @@ __device__ void quantize_row(const RowsOut& rows, const float (&vals)[PER], int 
   __syncthreads();
 #pragma unroll
   for (int w = 0; w < WARPS; ++w) m = max(m, warp_max[w]);
-  const float fmax = 448.f, amax = __uint_as_float(m);
-  float mult = __fdiv_rn(fmax, amax);
-  if (mult > 3.4028234663852886e38f) mult = 3.4028234663852886e38f;
-  if (rows.power2 && mult == mult) mult = __uint_as_float(__float_as_uint(mult) & 0x7f800000u);
-  if (amax == 0.f) mult = 1.f;
+  const float mult = e4m3_multiplier(m, rows.power2);
   uint8_t* q = rows.q8 + b * rows.q8_sb;
 #pragma unroll
   for (int i = 0; i < PER; ++i) {
     const int e = threadIdx.x + i * blockDim.x;
-    if (e >= n) continue;
-    float v = __fmul_rn(vals[i], mult);
-    v = v < -fmax ? -fmax : (v > fmax ? fmax : v);
-    q[e] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+    if (e < n) q[e] = e4m3_byte(vals[i], mult);
   }
   if (threadIdx.x == 0) rows.s8[b] = __fdiv_rn(1.f, mult);
 }

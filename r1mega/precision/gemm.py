@@ -70,7 +70,7 @@ def unit_scale_ready(device: torch.device) -> None:
     """Make the device's unit scale (and the split-K kernel's tile counters) before a decode
     step compiles, so the graph reads them."""
     _unit_scale(torch.device(device))
-    if triton_skinny_gemm.ENABLED and torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and triton_skinny_gemm.HAVE_TRITON:
         triton_skinny_gemm.counters_ready(device)
 
 
@@ -117,6 +117,14 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
             return torch.ops.r1mega.fp8_skinny_gemm(a.data, b.data, b.scale, out_dtype, a.scale)
         y = row_tensor_gemm_unscaled(a, b, out_dtype, fast_accum)
         return (y.float() * a.scale.reshape(m, 1)).to(out_dtype)
+    if pair == ("tile", "tensor"):
+        # 1 x 128 tiles of a on tensorwise weights (the attention kernel's per-head output
+        # scales): no cuBLAS kernel scales this pair; the split-K kernel promotes each K block
+        why = triton_skinny_gemm.why_not(a.data, b.data)
+        if why is not None or b.scale.numel() != 1:
+            raise ValueError(f"fp8 gemm (tile x tensor): only the split-K Triton kernel takes this "
+                             f"pair, and not here: {why or 'the weight has more than one scale'}")
+        return torch.ops.r1mega.fp8_skinny_gemm(a.data, b.data, b.scale, out_dtype, a.scale)
     if pair == ("row", "row"):
         return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(m, 1).contiguous(),
                                 scale_b=b.scale.reshape(1, n).contiguous(), out_dtype=out_dtype,

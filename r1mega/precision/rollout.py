@@ -91,8 +91,8 @@ def qkv_unscaled(linear_qkv, hidden_states):
 
 
 def proj_from_rows(linear_proj, make_rows, t: int, out_dtype: torch.dtype):
-    """linear_proj's output (out (T, 1, H), bias) from its input's e4m3 rows and row scales,
-    ``make_rows(power2) -> (data (T', C), scales (T', 1))``, where the FP8 rollout's row route
+    """linear_proj's output (out (T, 1, H), bias) from its input's e4m3 rows and their scales,
+    ``make_rows(power2) -> (data (T', C), scales (T', 1) or (T', C / 128))``, where the FP8 rollout's row route
     serves this call (else None, and ``make_rows`` is not called)."""
     fn = getattr(linear_proj, "_fp8_row_proj", None)
     return None if fn is None else fn(make_rows, t, out_dtype)
@@ -292,7 +292,9 @@ class Fp8RolloutWeights:
                     or mod.explicit_expert_comm or not mod.input_is_parallel or t > ROW_ACT_MAX_ROWS):
                 return None
             data, scale = make_rows(self.act_power2)
-            y = fp8_gemm(Fp8Tensor(data, scale, "row", "e4m3"), q, out_dtype, emulate=False,
+            # (T', 1): one scale a row; (T', heads): one a head's 1 x 128 tile
+            gran = "row" if scale.shape[1] == 1 else "tile"
+            y = fp8_gemm(Fp8Tensor(data, scale, gran, "e4m3"), q, out_dtype, emulate=False,
                          fast_accum=True)[:t]                                      # (T, out)
             if mod.tp_group is not None and mod.tp_group.size() > 1:
                 y = reduce_from_tensor_model_parallel_region(y, group=mod.tp_group)

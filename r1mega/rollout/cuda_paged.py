@@ -212,3 +212,84 @@ def _(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale, powe
     bp = -(-q.shape[0] // pad) * pad
     return (q.new_empty(q.shape), q.new_empty((bp, q.shape[1] * q.shape[2]), dtype=torch.float8_e4m3fn),
             q.new_empty((bp, 1), dtype=torch.float32))
+
+
+# o_proj's input quantised by the MMA kernel one head at a time (one CTA a KV head, no cross-CTA
+# step): each head's D = 128 outputs are a 1 x 128 tile with its own scale, which the split-K FP8
+# GEMM (r1mega/precision/triton_skinny_gemm.py) applies per K block
+TILES = switches.flag("R1MEGA_PAGED_FP8_TILES", False,
+                      "the FP8 rollout's decode attention kernel (tensor cores, one CTA a KV head) also "
+                      "writes its output in e4m3 with one scale a head (1 x 128 tiles), for the output "
+                      "projection through the split-K FP8 GEMM (one kernel a layer fewer)")
+
+
+def tiles_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
+                  pointers: bool = True) -> Optional[str]:
+    """None when the tensor-core kernel can also write its output as e4m3 head tiles, else the
+    reason: head_dim 128 (one thread a dim of four warps), one CTA a KV head of four warps,
+    besides :func:`why_not`'s conditions."""
+    if q.shape[-1] != 128:
+        return f"head_dim {q.shape[-1]}: the tiles epilogue takes 128"
+    if SEQ_CTA or WARPS_PER_HEAD != 4:
+        return ("the tiles epilogue runs one CTA a KV head of four warps (R1MEGA_PAGED_GRID=seq or "
+                "R1MEGA_PAGED_FP8_WARPS set otherwise)")
+    return why_not(q, k_cache, k_scale, pointers)
+
+
+def serves_tiles(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
+    """As :func:`serves_rows`, for the tiles epilogue (switched by ``R1MEGA_PAGED_FP8_TILES``)."""
+    if not (TILES and IMPL == "mma"):
+        return False
+    tracing = torch.compiler.is_compiling()
+    return ((loaded() if tracing else get()) is not None
+            and tiles_why_not(q, k_cache, k_scale, pointers=not tracing) is None)
+
+
+def paged_decode_fp8_tiles(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                           k_scale: torch.Tensor, v_scale: torch.Tensor, power2: bool = True,
+                           pad: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, Hq, 128) -> (out (B, Hq, 128), e4m3 rows (B', Hq * 128), float32 scales (B', Hq)):
+    the tensor-core kernel's attention, and ``out.reshape(B, -1)`` quantised in 1 x 128 tiles as
+    ``quantize_reference(..., "tile", power2=power2)`` does it (rows padded to B', a multiple of
+    ``pad``, with zero rows of scale 1)."""
+    ext, q = _ready("paged_decode_fp8_tiles", q, k_cache, k_scale, tiles_why_not)
+    b, hq = q.shape[0], q.shape[1]
+    bp = -(-b // pad) * pad
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q8 = torch.empty(bp, hq * q.shape[2], dtype=torch.float8_e4m3fn, device=q.device)
+    s8 = torch.empty(bp, hq, dtype=torch.float32, device=q.device)
+    if bp > b:
+        q8[b:].view(torch.uint8).zero_()
+        s8[b:].fill_(1.0)
+    ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
+                         float(scale), True, bool(HEADS_INNER), q8, s8, bool(power2), tiles=True)
+    return out, q8, s8
+
+
+@torch.library.custom_op("r1mega::paged_decode_attention_tiles", mutates_args=())
+def decode_attention_tiles(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                           k_scale: torch.Tensor, v_scale: torch.Tensor, power2: bool,
+                           pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode_fp8_tiles` where it serves (:func:`serves_tiles`); elsewhere the decode
+    op's attention and the reference tile quantiser (the same contract)."""
+    if serves_tiles(q, k_cache, k_scale):
+        return paged_decode_fp8_tiles(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale,
+                                      v_scale, power2, pad)
+    from r1mega.precision.linear import _pad_rows
+    from r1mega.precision.quantize import quantize_reference
+    from r1mega.rollout import triton_paged  # noqa: F401  (registers the decode op)
+
+    out = torch.ops.r1mega.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale,
+                                                  k_scale, v_scale)
+    a = quantize_reference(_pad_rows(out.reshape(q.shape[0], -1), pad), "tile", "e4m3", power2)
+    return out, a.data, a.scale.contiguous()
+
+
+@decode_attention_tiles.register_fake
+def _(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale, power2, pad):
+    bp = -(-q.shape[0] // pad) * pad
+    tiles = -(-(q.shape[1] * q.shape[2]) // 128)
+    return (q.new_empty(q.shape), q.new_empty((bp, q.shape[1] * q.shape[2]), dtype=torch.float8_e4m3fn),
+            q.new_empty((bp, tiles), dtype=torch.float32))

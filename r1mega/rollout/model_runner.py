@@ -257,19 +257,23 @@ class ModelRunner:
 
     def _proj_from_rows(self, layer_idx, attn, q, dtype, decode_tensors):
         """linear_proj's output with its input quantised by the decode attention kernel itself
-        (``R1MEGA_PAGED_FP8_ROWS``: the FP8 rollout's row route, the tensor-core kernel), or None
-        where that road is not taken."""
-        if (not cuda_paged.ROWS or decode_tensors is None or not self.decode_kernel_enabled
-                or exact_active() or q.dtype != dtype):
+        (the FP8 rollout's row route, the tensor-core kernel): whole rows under
+        ``R1MEGA_PAGED_FP8_ROWS``, one scale a head under ``R1MEGA_PAGED_FP8_TILES`` (for the
+        split-K FP8 GEMM); or None where that road is not taken."""
+        if ((not cuda_paged.ROWS and not cuda_paged.TILES) or decode_tensors is None
+                or not self.decode_kernel_enabled or exact_active() or q.dtype != dtype):
             return None
         kc, vc, ks, vs = self.cache.layer(layer_idx)
-        if not cuda_paged.serves_rows(q, kc, ks):
-            return None
         block_tables, ctx_lens = decode_tensors
+        if cuda_paged.TILES and cuda_paged.serves_tiles(q, kc, ks):
+            op = torch.ops.r1mega.paged_decode_attention_tiles
+        elif cuda_paged.ROWS and cuda_paged.serves_rows(q, kc, ks):
+            op = torch.ops.r1mega.paged_decode_attention_rows
+        else:
+            return None
 
         def make_rows(power2: bool):
-            _, data, scale = torch.ops.r1mega.paged_decode_attention_rows(
-                q, kc, vc, block_tables, ctx_lens, self.scale, ks, vs, power2, 16)
+            _, data, scale = op(q, kc, vc, block_tables, ctx_lens, self.scale, ks, vs, power2, 16)
             return data, scale
 
         return fp8_rollout.proj_from_rows(attn.linear_proj, make_rows, q.shape[0], dtype)
