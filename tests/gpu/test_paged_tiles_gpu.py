@@ -78,10 +78,12 @@ def test_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypatch):
 def test_rollout_decodes_through_the_tiles(single_rank_runtime, monkeypatch):
     """The FP8 rollout (FP8 weights and KV cache, head_dim 128) with o_proj's input in head tiles
     from the attention kernel and the split-K GEMM's tile route, against the row route: the
-    route taken once per layer and step, the first greedy tokens the same (another rounding of
-    o_proj's input, so not every token), eager and compiled with CUDA graphs, and the compiled
-    step not split by the route."""
+    route taken once per layer and step, eager and compiled with CUDA graphs, the compiled step
+    not split by the route, and the rollout's log-probs as close to the bf16 training forward's
+    as the row route's (another rounding of o_proj's input: a random model's near-tied greedy
+    tokens may flip, so tokens are not compared)."""
     cp = _ext()
+    from r1mega.bench.rollout import logprob_mismatch
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
     from r1mega.precision import rollout as rollout_mod
@@ -101,7 +103,7 @@ def test_rollout_decodes_through_the_tiles(single_rank_runtime, monkeypatch):
     policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="tensorwise"), "cuda")
     prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
     real = rollout_mod.proj_from_rows
-    runs, taken, breaks = {}, {}, {}
+    mismatch, taken, breaks = {}, {}, {}
     for compiled, tiles in ((False, False), (False, True), (True, False), (True, True)):
         calls = []
         monkeypatch.setattr(cp, "TILES", tiles)
@@ -110,19 +112,20 @@ def test_rollout_decodes_through_the_tiles(single_rank_runtime, monkeypatch):
         counters.clear()
         fp8 = rollout_mod.Fp8RolloutWeights(model[0], policy)
         cfg = RolloutConfig(max_new_tokens=12, kv_block_tokens=16, max_batch_sequences=64,
-                            temperature=0.0, compile_decode=compiled, cuda_graphs=compiled,
+                            temperature=1.0, compile_decode=compiled, cuda_graphs=compiled,
                             kv_cache_dtype="fp8")
         eng = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=1000)
         with fp8.decoding():
-            outs = eng.generate([GenerationRequest(p, n=1, seed=i) for i, p in enumerate(prompts)])
+            outs = eng.generate([GenerationRequest(p, n=2, seed=i) for i, p in enumerate(prompts)])
         eng.release()
         fp8.remove()
-        runs[compiled, tiles] = [c.token_ids for c in outs]
+        mismatch[compiled, tiles] = logprob_mismatch(model, outs, prompts)
         taken[compiled, tiles] = len(calls)
         breaks[compiled, tiles] = sum(counters["graph_break"].values())
     assert taken[False, False] == 0 and taken[True, False] == 0
     assert taken[False, True] >= 2 * 11 and taken[False, True] % 2 == 0
     assert taken[True, True] > 0 and breaks[True, True] == breaks[True, False], breaks
-    for key in ((False, True), (True, True)):
-        for t0, t1 in zip(runs[False, False], runs[key]):
-            assert len(t1) == 12 and t0[:4] == t1[:4], key
+    for compiled in (False, True):
+        (rows_mean, rows_max), (tiles_mean, tiles_max) = mismatch[compiled, False], mismatch[compiled, True]
+        # finer scales round o_proj's input no worse: the same error level, within sampling noise
+        assert tiles_mean <= 1.25 * rows_mean and tiles_max <= 1.5 * rows_max, mismatch
