@@ -100,3 +100,17 @@ def test_rollout_decodes_through_it(tensorwise_rollout):
     assert runs[False][1] == 0 and runs[True][1] > 0
     for t0, t1 in zip(runs[False][0], runs[True][0]):
         assert len(t1) == 12 and t0[:4] == t1[:4]
+
+
+@pytest.mark.parametrize("m,n,k", [(256, 2048, 2048), (40, 1024, 640)])
+def test_tile_scales_against_float64(m, n, k):
+    from r1mega.precision.quantize import dequantize
+
+    g = torch.Generator(device="cuda").manual_seed(m + k)
+    x = torch.randn(m, k, device="cuda", generator=g) * torch.logspace(-2, 2, k, device="cuda")
+    a = quantize_reference(x, "tile", power2=True)
+    w = quantize_reference(torch.randn(n, k, device="cuda", generator=g) * 0.02, "tensor")
+    y = sk.skinny_gemm_triton(a.data, w.data, w.scale, torch.float32, a.scale)
+    deq_a, deq_w = dequantize(a, torch.float64), w.data.double() * w.scale.double()
+    exact = deq_a @ deq_w.t()
+    assert ((y.double() - exact).abs() <= (deq_a.abs() @ deq_w.abs().t()) * k * 2.0 ** -13).all()
