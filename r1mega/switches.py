@@ -6,6 +6,7 @@ variable and what each choice means, never a silent default.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -22,3 +23,15 @@ def choice(name: str, default: str, meanings: dict) -> str:
 def flag(name: str, default: bool, meaning: str) -> bool:
     """The 0/1 switch ``name``: 1 turns on ``meaning``."""
     return choice(name, "1" if default else "0", {"1": meaning, "0": "off"}) == "1"
+
+
+@contextlib.contextmanager
+def overridden(module, name: str, value):
+    """``module.name`` set to ``value`` inside the block (benches and tests; runs read the
+    environment at import)."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)

@@ -51,21 +51,13 @@ def _routes(recipes: list[str]):
         return (lambda w: quantize(w, wgt, "e4m3", power2),
                 lambda x, wq: decode_gemm(x, wq, act, power2, not x.is_cuda, fused))
 
-    def with_lt(prep_run):
+    def switched(module, prep_run):  # the route with module's switch on
         prep, run = prep_run
 
-        def run_lt(x, wq):
-            with fp8_gemm_lt.enabled():
+        def run_on(x, wq):
+            with module.enabled():
                 return run(x, wq)
-        return prep, run_lt
-
-    def with_skinny(prep_run):
-        prep, run = prep_run
-
-        def run_skinny(x, wq):
-            with triton_skinny_gemm.enabled():
-                return run(x, wq)
-        return prep, run_skinny
+        return prep, run_on
 
     def row_route():  # the rollout's default for tensorwise weights: per-row activation scales
         prep, _ = route("tensorwise", False)
@@ -75,11 +67,11 @@ def _routes(recipes: list[str]):
     for recipe in recipes:
         out[f"{recipe}+quantize"] = route(recipe, False)
     if "tensorwise" in recipes:
-        out["tensorwise+lt"] = with_lt(route("tensorwise", False))
+        out["tensorwise+lt"] = switched(fp8_gemm_lt, route("tensorwise", False))
         out["tensorwise-row"] = row_route()
-        out["tensorwise-row+lt"] = with_lt(row_route())
+        out["tensorwise-row+lt"] = switched(fp8_gemm_lt, row_route())
         if x_on_gpu_or_interpreted():
-            out["tensorwise-row+skinny"] = with_skinny(row_route())
+            out["tensorwise-row+skinny"] = switched(triton_skinny_gemm, row_route())
     for recipe in ("tensorwise", "blockwise"):
         if recipe in recipes:
             out[f"{recipe}+fused"] = route(recipe, True)

@@ -16,7 +16,7 @@ from torch's kernel: the same error bound, not the same bits.
 """
 from __future__ import annotations
 
-import contextlib
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -36,15 +36,9 @@ _chosen: dict = {}
 timings: dict = {}  # same key -> {"torch": ms, "lt:i": ms, ...}: what the choice saw (bench output)
 
 
-@contextlib.contextmanager
 def enabled(on: bool = True):
-    """The switch set to ``on`` inside the block (benches and tests; runs read R1MEGA_FP8_GEMM_LT)."""
-    global ENABLED
-    before, ENABLED = ENABLED, on
-    try:
-        yield
-    finally:
-        ENABLED = before
+    """The switch set to ``on`` inside a with-block (benches and tests; runs read R1MEGA_FP8_GEMM_LT)."""
+    return switches.overridden(sys.modules[__name__], "ENABLED", on)
 
 
 def serves(a: torch.Tensor, w: torch.Tensor) -> bool:

@@ -25,8 +25,8 @@ rollout); ``r1mega bench fp8-decode-gemm`` and ``tools/skinny_gemm_sweep.py`` ti
 """
 from __future__ import annotations
 
-import contextlib
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -50,15 +50,9 @@ _counters: dict = {}
 launches = 0  # host-side calls (a CUDA graph's capture counts once): tests see the route taken
 
 
-@contextlib.contextmanager
 def enabled(on: bool = True):
-    """The switch set to ``on`` inside the block (benches and tests; runs read R1MEGA_FP8_SKINNY)."""
-    global ENABLED
-    before, ENABLED = ENABLED, on
-    try:
-        yield
-    finally:
-        ENABLED = before
+    """The switch set to ``on`` inside a with-block (benches and tests; runs read R1MEGA_FP8_SKINNY)."""
+    return switches.overridden(sys.modules[__name__], "ENABLED", on)
 
 
 def counters_ready(device) -> torch.Tensor:

@@ -197,21 +197,34 @@ def decode_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if serves_rows(q, k_cache, k_scale):
         return paged_decode_fp8_rows(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale,
                                      v_scale, power2, pad)
+    return _attention_quantised(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale,
+                                power2, pad, "row")
+
+
+def _attention_quantised(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale,
+                         power2: bool, pad: int, granularity: str):
+    """The epilogue ops' contract without the epilogue: the decode op's attention, and its output
+    rows quantised by the reference (``granularity`` "row": scales (B', 1); "tile": (B', C / 128)
+    with unit column stride, as the kernel writes them)."""
     from r1mega.precision.linear import _pad_rows
     from r1mega.precision.quantize import quantize_reference
     from r1mega.rollout import triton_paged  # noqa: F401  (registers the decode op)
 
     out = torch.ops.r1mega.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale,
                                                   k_scale, v_scale)
-    a = quantize_reference(_pad_rows(out.reshape(q.shape[0], -1), pad), "row", "e4m3", power2)
-    return out, a.data, a.scale.reshape(-1, 1)
+    a = quantize_reference(_pad_rows(out.reshape(q.shape[0], -1), pad), granularity, "e4m3", power2)
+    return out, a.data, a.scale.reshape(a.data.shape[0], -1).contiguous()
+
+
+def _fake_quantised(q, pad: int, scales_a_row: int):
+    bp = -(-q.shape[0] // pad) * pad
+    return (q.new_empty(q.shape), q.new_empty((bp, q.shape[1] * q.shape[2]), dtype=torch.float8_e4m3fn),
+            q.new_empty((bp, scales_a_row), dtype=torch.float32))
 
 
 @decode_attention_rows.register_fake
 def _(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale, power2, pad):
-    bp = -(-q.shape[0] // pad) * pad
-    return (q.new_empty(q.shape), q.new_empty((bp, q.shape[1] * q.shape[2]), dtype=torch.float8_e4m3fn),
-            q.new_empty((bp, 1), dtype=torch.float32))
+    return _fake_quantised(q, pad, 1)
 
 
 # o_proj's input quantised by the MMA kernel one head at a time (one CTA a KV head, no cross-CTA
@@ -277,19 +290,10 @@ def decode_attention_tiles(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if serves_tiles(q, k_cache, k_scale):
         return paged_decode_fp8_tiles(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale,
                                       v_scale, power2, pad)
-    from r1mega.precision.linear import _pad_rows
-    from r1mega.precision.quantize import quantize_reference
-    from r1mega.rollout import triton_paged  # noqa: F401  (registers the decode op)
-
-    out = torch.ops.r1mega.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale,
-                                                  k_scale, v_scale)
-    a = quantize_reference(_pad_rows(out.reshape(q.shape[0], -1), pad), "tile", "e4m3", power2)
-    return out, a.data, a.scale.contiguous()
+    return _attention_quantised(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale,
+                                power2, pad, "tile")
 
 
 @decode_attention_tiles.register_fake
 def _(q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale, power2, pad):
-    bp = -(-q.shape[0] // pad) * pad
-    tiles = -(-(q.shape[1] * q.shape[2]) // 128)
-    return (q.new_empty(q.shape), q.new_empty((bp, q.shape[1] * q.shape[2]), dtype=torch.float8_e4m3fn),
-            q.new_empty((bp, tiles), dtype=torch.float32))
+    return _fake_quantised(q, pad, -(-(q.shape[1] * q.shape[2]) // 128))

@@ -73,34 +73,42 @@ def test_epilogue_refuses_heads_it_cannot_hold():
             cp.paged_decode_fp8_rows(q, k8, v8, bt, ctx, 0.1, ks, vs)
 
 
-def test_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypatch):
-    cp = _ext()
+def check_replays_and_falls_back(monkeypatch, cp, switch: str, op):
+    """``op`` (an epilogue op) switched on: graph replays give the eager call's bits; switched
+    off: the fallback (the decode op's attention and the reference quantiser) gives them too."""
     q, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16, repeat=5)
-    monkeypatch.setattr(cp, "ROWS", True)
+    monkeypatch.setattr(cp, switch, True)
     args = (q, k8, v8, bt, ctx, 0.1, ks, vs, True, 16)
-    eager = torch.ops.r1mega.paged_decode_attention_rows(*args)
+    eager = op(*args)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        captured = torch.ops.r1mega.paged_decode_attention_rows(*args)
+        captured = op(*args)
     for _ in range(3):
         g.replay()
         torch.cuda.synchronize()
         for a, b in zip(captured, eager):
             assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
                                b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
-    # switched off: the decode op's attention and the reference quantiser, the same contract
-    monkeypatch.setattr(cp, "ROWS", False)
-    out, q8, s8 = torch.ops.r1mega.paged_decode_attention_rows(*args)
+    monkeypatch.setattr(cp, switch, False)
+    out, q8, s8 = op(*args)
     assert torch.equal(out, eager[0]) and torch.equal(s8, eager[2])
     assert torch.equal(q8.view(torch.uint8), eager[1].view(torch.uint8))
 
 
-def test_rollout_decodes_the_same_with_the_epilogue(single_rank_runtime, monkeypatch):
-    """The FP8 rollout (FP8 weights and KV cache) with o_proj's input quantised in the attention
-    kernel against the same rollout with the one-pass row kernel: tokens and log-probs equal to
-    the bit (the same e4m3 rows reach the same GEMM), the route taken once per layer and decode
-    step; compiled with CUDA graphs, the same tokens."""
+def test_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypatch):
     cp = _ext()
+    check_replays_and_falls_back(monkeypatch, cp, "ROWS", torch.ops.r1mega.paged_decode_attention_rows)
+
+
+def epilogue_rollouts(single_rank_runtime, monkeypatch, cp, switch: str, hidden: int,
+                      temperature: float, samples: int) -> dict:
+    """Rollouts of a 2-layer local-spec model (8 q / 2 KV heads of hidden / 8, FP8 tensorwise
+    weights and FP8 KV cache) with the epilogue ``switch`` off and on, eager and compiled with
+    CUDA graphs, from an extension not yet loaded (as in a fresh process, where no call has
+    loaded it before the step is traced). (compiled, on) -> (completions, the route's calls,
+    dynamo's graph breaks, whether the step ran compiled); also "model" and "prompts"."""
+    from torch._dynamo.utils import counters
+
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
     from r1mega.models.gpt import build_model
     from r1mega.precision import rollout as rollout_mod
@@ -109,41 +117,50 @@ def test_rollout_decodes_the_same_with_the_epilogue(single_rank_runtime, monkeyp
     from r1mega.rollout.types import GenerationRequest
 
     monkeypatch.delenv("R1MEGA_FP8_ROLLOUT_ACT", raising=False)
-    # as in a fresh process, where no call has loaded the extension before the step is traced
     monkeypatch.setattr(cp._EXT, "_tried", False)
     monkeypatch.setattr(cp._EXT, "_module", None)
     rt = single_rank_runtime()
     torch.manual_seed(0)
-    # head_dim 64 (the kernel takes 64, 128, 256), groups of 4
-    model = build_model(ModelConfig(num_layers=2, hidden_size=512, num_attention_heads=8,
-                                    num_query_groups=2, ffn_hidden_size=1024, vocab_size=1000,
+    model = build_model(ModelConfig(num_layers=2, hidden_size=hidden, num_attention_heads=8,
+                                    num_query_groups=2, ffn_hidden_size=2 * hidden, vocab_size=1000,
                                     max_position_embeddings=256, spec="local"), rt, wrap=False)
     policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="tensorwise"), "cuda")
     prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
-    from torch._dynamo.utils import counters
-
     real = rollout_mod.proj_from_rows
-    runs, taken, breaks, held = {}, {}, {}, {}
-    for compiled, rows in ((False, False), (False, True), (True, False), (True, True)):
+    result = {"model": model, "prompts": prompts}
+    for compiled, on in ((False, False), (False, True), (True, False), (True, True)):
         calls = []
-        monkeypatch.setattr(cp, "ROWS", rows)
-        monkeypatch.setattr(rollout_mod, "proj_from_rows",
-                            lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(cp, switch, on)
+        monkeypatch.setattr(rollout_mod, "proj_from_rows", lambda *a: calls.append(1) or real(*a))
         torch._dynamo.reset()
         counters.clear()
         fp8 = rollout_mod.Fp8RolloutWeights(model[0], policy)
         cfg = RolloutConfig(max_new_tokens=12, kv_block_tokens=16, max_batch_sequences=64,
-                            temperature=0.0, compile_decode=compiled, cuda_graphs=compiled,
+                            temperature=temperature, compile_decode=compiled, cuda_graphs=compiled,
                             kv_cache_dtype="fp8")
         eng = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=1000)
         with fp8.decoding():
-            outs = eng.generate([GenerationRequest(p, n=1, seed=i) for i, p in enumerate(prompts)])
-        held[compiled, rows] = eng._compiled_decode != eng._decode_logits
+            outs = eng.generate([GenerationRequest(p, n=samples, seed=i) for i, p in enumerate(prompts)])
+        held = eng._compiled_decode != eng._decode_logits
         eng.release()
         fp8.remove()
-        runs[compiled, rows] = [(c.token_ids, c.logprobs) for c in outs]
-        taken[compiled, rows] = len(calls)
-        breaks[compiled, rows] = sum(counters["graph_break"].values())
+        result[compiled, on] = (outs, len(calls), sum(counters["graph_break"].values()), held)
+    return result
+
+
+def test_rollout_decodes_the_same_with_the_epilogue(single_rank_runtime, monkeypatch):
+    """The FP8 rollout (FP8 weights and KV cache) with o_proj's input quantised in the attention
+    kernel against the same rollout with the one-pass row kernel: tokens and log-probs equal to
+    the bit (the same e4m3 rows reach the same GEMM), the route taken once per layer and decode
+    step; compiled with CUDA graphs, the same tokens."""
+    cp = _ext()
+    # head_dim 64 (the kernel takes 64, 128, 256), groups of 4
+    r = epilogue_rollouts(single_rank_runtime, monkeypatch, cp, "ROWS", 512, 0.0, 1)
+    keys = [(c, on) for c in (False, True) for on in (False, True)]
+    runs = {k: [(c.token_ids, c.logprobs) for c in r[k][0]] for k in keys}
+    taken = {k: r[k][1] for k in keys}
+    breaks = {k: r[k][2] for k in keys}
+    held = {k: r[k][3] for k in keys}
     assert taken[False, False] == 0 and taken[True, False] == 0
     assert runs[False, True] == runs[False, False]
     assert taken[False, True] >= 2 * 11 and taken[False, True] % 2 == 0

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.gpu.test_paged_rows_gpu import _case, _ext
+from tests.gpu.test_paged_rows_gpu import _case, _ext, check_replays_and_falls_back, epilogue_rollouts
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -56,23 +56,7 @@ def test_epilogue_refuses_what_it_cannot_take():
 
 def test_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypatch):
     cp = _ext()
-    q, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16, repeat=5)
-    monkeypatch.setattr(cp, "TILES", True)
-    args = (q, k8, v8, bt, ctx, 0.1, ks, vs, True, 16)
-    eager = torch.ops.r1mega.paged_decode_attention_tiles(*args)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        captured = torch.ops.r1mega.paged_decode_attention_tiles(*args)
-    for _ in range(3):
-        g.replay()
-        torch.cuda.synchronize()
-        for a, b in zip(captured, eager):
-            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
-    monkeypatch.setattr(cp, "TILES", False)
-    out, q8, s8 = torch.ops.r1mega.paged_decode_attention_tiles(*args)
-    assert torch.equal(out, eager[0]) and torch.equal(s8, eager[2])
-    assert torch.equal(q8.view(torch.uint8), eager[1].view(torch.uint8))
+    check_replays_and_falls_back(monkeypatch, cp, "TILES", torch.ops.r1mega.paged_decode_attention_tiles)
 
 
 def test_rollout_decodes_through_the_tiles(single_rank_runtime, monkeypatch):
@@ -84,44 +68,12 @@ def test_rollout_decodes_through_the_tiles(single_rank_runtime, monkeypatch):
     tokens may flip, so tokens are not compared)."""
     cp = _ext()
     from r1mega.bench.rollout import logprob_mismatch
-    from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
-    from r1mega.models.gpt import build_model
-    from r1mega.precision import rollout as rollout_mod
-    from r1mega.precision.policy import resolve_rollout_fp8_policy
-    from r1mega.rollout.engine import RolloutEngine
-    from r1mega.rollout.types import GenerationRequest
-    from torch._dynamo.utils import counters
 
-    monkeypatch.delenv("R1MEGA_FP8_ROLLOUT_ACT", raising=False)
-    monkeypatch.setattr(cp._EXT, "_tried", False)
-    monkeypatch.setattr(cp._EXT, "_module", None)
-    rt = single_rank_runtime()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_layers=2, hidden_size=1024, num_attention_heads=8,
-                                    num_query_groups=2, ffn_hidden_size=2048, vocab_size=1000,
-                                    max_position_embeddings=256, spec="local"), rt, wrap=False)
-    policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="tensorwise"), "cuda")
-    prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
-    real = rollout_mod.proj_from_rows
-    mismatch, taken, breaks = {}, {}, {}
-    for compiled, tiles in ((False, False), (False, True), (True, False), (True, True)):
-        calls = []
-        monkeypatch.setattr(cp, "TILES", tiles)
-        monkeypatch.setattr(rollout_mod, "proj_from_rows", lambda *a: calls.append(1) or real(*a))
-        torch._dynamo.reset()
-        counters.clear()
-        fp8 = rollout_mod.Fp8RolloutWeights(model[0], policy)
-        cfg = RolloutConfig(max_new_tokens=12, kv_block_tokens=16, max_batch_sequences=64,
-                            temperature=1.0, compile_decode=compiled, cuda_graphs=compiled,
-                            kv_cache_dtype="fp8")
-        eng = RolloutEngine(model, cfg, rt, eos_ids=[], vocab_size=1000)
-        with fp8.decoding():
-            outs = eng.generate([GenerationRequest(p, n=2, seed=i) for i, p in enumerate(prompts)])
-        eng.release()
-        fp8.remove()
-        mismatch[compiled, tiles] = logprob_mismatch(model, outs, prompts)
-        taken[compiled, tiles] = len(calls)
-        breaks[compiled, tiles] = sum(counters["graph_break"].values())
+    r = epilogue_rollouts(single_rank_runtime, monkeypatch, cp, "TILES", 1024, 1.0, 2)
+    keys = [(c, on) for c in (False, True) for on in (False, True)]
+    mismatch = {k: logprob_mismatch(r["model"], r[k][0], r["prompts"]) for k in keys}
+    taken = {k: r[k][1] for k in keys}
+    breaks = {k: r[k][2] for k in keys}
     assert taken[False, False] == 0 and taken[True, False] == 0
     assert taken[False, True] >= 2 * 11 and taken[False, True] % 2 == 0
     assert taken[True, True] > 0 and breaks[True, True] == breaks[True, False], breaks

@@ -1,5 +1,5 @@
 """The decode attention op with o_proj's row quantiser (r1mega/rollout/cuda_paged.py,
-``R1MEGA_PAGED_FP8_ROWS``) on the CPU: the switch, and the contract of the op's fallback, which
+``R1MEGA_PAGED_FP8_ROWS``) on the CPU: the switch (and the tiles epilogue's), and the contract of the op's fallback, which
 the CUDA epilogue is held to on a GPU (tests/gpu/test_paged_rows_gpu.py): the attention, and its
 output rows quantised to e4m3 with row scales, padded with zero rows of scale 1."""
 from __future__ import annotations
@@ -14,17 +14,18 @@ from r1mega.rollout import cuda_paged
 from tests.unit.test_rollout_fp8_error import paged_decode_case
 
 
-def test_switch_is_off_by_default_and_validated(monkeypatch):
-    assert cuda_paged.ROWS is False
-    monkeypatch.setenv("R1MEGA_PAGED_FP8_ROWS", "on")
-    with pytest.raises(ValueError, match="R1MEGA_PAGED_FP8_ROWS='on'"):
+@pytest.mark.parametrize("attr,var", [("ROWS", "R1MEGA_PAGED_FP8_ROWS"), ("TILES", "R1MEGA_PAGED_FP8_TILES")])
+def test_switch_is_off_by_default_and_validated(monkeypatch, attr, var):
+    assert getattr(cuda_paged, attr) is False
+    monkeypatch.setenv(var, "on")
+    with pytest.raises(ValueError, match=f"{var}='on'"):
         importlib.reload(cuda_paged)
-    monkeypatch.setenv("R1MEGA_PAGED_FP8_ROWS", "1")
+    monkeypatch.setenv(var, "1")
     importlib.reload(cuda_paged)
-    assert cuda_paged.ROWS is True
-    monkeypatch.delenv("R1MEGA_PAGED_FP8_ROWS")
+    assert getattr(cuda_paged, attr) is True
+    monkeypatch.delenv(var)
     importlib.reload(cuda_paged)
-    assert cuda_paged.ROWS is False
+    assert getattr(cuda_paged, attr) is False
 
 
 @pytest.mark.parametrize("power2", [True, False])

@@ -1,10 +1,10 @@
 """The decode attention op with o_proj's input in 1 x 128 head tiles (r1mega/rollout/cuda_paged.py,
-``R1MEGA_PAGED_FP8_TILES``) on the CPU: the switch, the contract of the op's fallback (which the
+``R1MEGA_PAGED_FP8_TILES``) on the CPU (its switch is tested beside the rows one in
+test_paged_rows.py): the contract of the op's fallback (which the
 CUDA epilogue is held to on a GPU, tests/gpu/test_paged_tiles_gpu.py), the shapes it refuses, and
 the tile x tensor FP8 GEMM those tiles go to (the split-K kernel under Triton's interpreter)."""
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
 
@@ -13,19 +13,6 @@ import torch
 
 from r1mega.rollout import cuda_paged
 from tests.unit.test_rollout_fp8_error import paged_decode_case
-
-
-def test_switch_is_off_by_default_and_validated(monkeypatch):
-    assert cuda_paged.TILES is False
-    monkeypatch.setenv("R1MEGA_PAGED_FP8_TILES", "yes please")
-    with pytest.raises(ValueError, match="R1MEGA_PAGED_FP8_TILES='yes please'"):
-        importlib.reload(cuda_paged)
-    monkeypatch.setenv("R1MEGA_PAGED_FP8_TILES", "1")
-    importlib.reload(cuda_paged)
-    assert cuda_paged.TILES is True
-    monkeypatch.delenv("R1MEGA_PAGED_FP8_TILES")
-    importlib.reload(cuda_paged)
-    assert cuda_paged.TILES is False
 
 
 @pytest.mark.parametrize("power2", [True, False])
