@@ -173,17 +173,26 @@ def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     tensor-core kernel's attention, and ``out.reshape(B, -1)`` quantised as
     ``triton_fp8_rows.fp8_rows(..., power2, pad=pad)`` does it (rows padded to B', a multiple of
     ``pad``, with zero rows of scale 1)."""
-    ext, q = _ready("paged_decode_fp8_rows", q, k_cache, k_scale, rows_why_not)
-    b, c = q.shape[0], q.shape[1] * q.shape[2]
+    return _with_epilogue("paged_decode_fp8_rows", rows_why_not, q, k_cache, v_cache, block_tables,
+                          ctx_lens, scale, k_scale, v_scale, power2, pad, tiles=False)
+
+
+def _with_epilogue(caller, check, q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale,
+                   v_scale, power2: bool, pad: int, tiles: bool):
+    """The tensor-core kernel with its rows (scales (B', 1)) or tiles (scales (B', Hq)) epilogue;
+    padding rows zero with scale 1."""
+    ext, q = _ready(caller, q, k_cache, k_scale, check)
+    b, hq = q.shape[0], q.shape[1]
     bp = -(-b // pad) * pad
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    q8 = torch.empty(bp, c, dtype=torch.float8_e4m3fn, device=q.device)
-    s8 = torch.empty(bp, 1, dtype=torch.float32, device=q.device)
+    q8 = torch.empty(bp, hq * q.shape[2], dtype=torch.float8_e4m3fn, device=q.device)
+    s8 = torch.empty(bp, hq if tiles else 1, dtype=torch.float32, device=q.device)
     if bp > b:
         q8[b:].view(torch.uint8).zero_()
         s8[b:].fill_(1.0)
     ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
-                         float(scale), True, bool(HEADS_INNER), q8, s8.view(-1), bool(power2))
+                         float(scale), True, bool(HEADS_INNER), q8, s8 if tiles else s8.view(-1),
+                         bool(power2), tiles=tiles)
     return out, q8, s8
 
 
@@ -266,18 +275,8 @@ def paged_decode_fp8_tiles(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     the tensor-core kernel's attention, and ``out.reshape(B, -1)`` quantised in 1 x 128 tiles as
     ``quantize_reference(..., "tile", power2=power2)`` does it (rows padded to B', a multiple of
     ``pad``, with zero rows of scale 1)."""
-    ext, q = _ready("paged_decode_fp8_tiles", q, k_cache, k_scale, tiles_why_not)
-    b, hq = q.shape[0], q.shape[1]
-    bp = -(-b // pad) * pad
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    q8 = torch.empty(bp, hq * q.shape[2], dtype=torch.float8_e4m3fn, device=q.device)
-    s8 = torch.empty(bp, hq, dtype=torch.float32, device=q.device)
-    if bp > b:
-        q8[b:].view(torch.uint8).zero_()
-        s8[b:].fill_(1.0)
-    ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
-                         float(scale), True, bool(HEADS_INNER), q8, s8, bool(power2), tiles=True)
-    return out, q8, s8
+    return _with_epilogue("paged_decode_fp8_tiles", tiles_why_not, q, k_cache, v_cache, block_tables,
+                          ctx_lens, scale, k_scale, v_scale, power2, pad, tiles=True)
 
 
 @torch.library.custom_op("r1mega::paged_decode_attention_tiles", mutates_args=())
