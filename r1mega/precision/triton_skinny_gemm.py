@@ -1,11 +1,9 @@
 """The FP8 rollout's decode GEMM with K split across CTAs: ``y = (a @ w.T) * s_w [* s_a]``.
 
-A decode step's GEMMs have a few hundred rows. cuBLAS's tensorwise FP8 kernels then tile the
-output into a few dozen 128 x 128 tiles (qkv of the 852M shape, 256 x 3072: 48), fewer CTAs than
-the H100 has SMs, and each walks all of K alone: the weight, the bytes a decode step is there to
-read, streams through a third of the SMs (bench/RECORDS.md: 5.4-7.4 us for qkv and o_proj, a
-third of their bytes floor). cuBLASLt's own K splits reduce in a second kernel and measured
-slower still.
+A decode step's GEMMs have a few hundred rows. A GEMM tiled 128 x 128 then has a few dozen
+tiles (qkv of the 852M shape, 256 x 3072: 48), fewer CTAs than an H100 has SMs, each walking all
+of K alone; splitting K spreads the weight, the bytes a decode step is there to read, over all
+SMs. cuBLASLt's own K splits reduce in a second kernel.
 
 Here the grid is (N tiles, M tiles, K splits). Each program multiplies its K range into a float32
 tile; with more than one split it stores that partial to a workspace, and the last program of the
@@ -20,8 +18,10 @@ or (M, K / 128) 1 x 128 tile scales (the attention output's per-head tiles).
 Its reference is the float64 product of the dequantised operands (tests/unit under Triton's
 interpreter, tests/gpu compiled).
 
-Switched by ``R1MEGA_FP8_SKINNY`` (off until a GPU measures it faster than cuBLAS in the
-rollout); ``r1mega bench fp8-decode-gemm`` and ``tools/skinny_gemm_sweep.py`` time it.
+Switched by ``R1MEGA_FP8_SKINNY``, off: on a GPU it measured slower than cuBLAS at every decode
+GEMM of the 852M shape, split or not (bench/RECORDS.md). The tile-scaled pair, which cuBLAS
+does not take, always comes here. ``r1mega bench fp8-decode-gemm`` and
+``tools/skinny_gemm_sweep.py`` time it.
 """
 from __future__ import annotations
 

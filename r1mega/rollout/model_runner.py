@@ -42,6 +42,7 @@ from r1mega.rollout.kv_cache import PagedKVCache
 from r1mega.ops.batch_invariant import exact_active
 from r1mega.rollout.exact import exact_runner_attention
 from r1mega.precision import rollout as fp8_rollout
+from r1mega.precision import triton_skinny_gemm
 from r1mega.rollout import cuda_paged, triton_paged, triton_rope_kv
 
 
@@ -265,7 +266,9 @@ class ModelRunner:
             return None
         kc, vc, ks, vs = self.cache.layer(layer_idx)
         block_tables, ctx_lens = decode_tensors
-        if cuda_paged.TILES and cuda_paged.serves_tiles(q, kc, ks):
+        # the tiles' GEMM (tile x tensor) is the split-K kernel's alone, for decode-sized batches
+        if (cuda_paged.TILES and q.shape[0] <= triton_skinny_gemm.MAX_ROWS
+                and triton_skinny_gemm.HAVE_TRITON and cuda_paged.serves_tiles(q, kc, ks)):
             op = torch.ops.r1mega.paged_decode_attention_tiles
         elif cuda_paged.ROWS and cuda_paged.serves_rows(q, kc, ks):
             op = torch.ops.r1mega.paged_decode_attention_rows
