@@ -119,11 +119,10 @@ if HAVE_TRITON:
             a_ptr += BK
             w_ptr += BK
         tile_mask = m_ok[:, None] & n_ok[None, :]
-        rows = tl.arange(0, BM)[:, None]
-        cols = tl.arange(0, BN)[None, :]
         if SPLIT > 1:
             tile = pid_m * tl.num_programs(0) + pid_n
-            p_tile = P + tile.to(tl.int64) * (SPLIT * BM * BN) + rows * BN + cols
+            at = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]   # within a partial
+            p_tile = P + tile.to(tl.int64) * (SPLIT * BM * BN) + at
             tl.store(p_tile + pid_k * (BM * BN), acc)
             # every thread's partial is written before the one arrival the counter sees
             tl.debug_barrier()
