@@ -33,6 +33,12 @@ def _cuda_extensions():
     if os.path.exists(os.path.join(here, "csrc/fp8_quant_kernel.cu")):
         exts.append(CUDAExtension("r1mega_fp8_cuda", ["csrc/fp8_quant.cpp", "csrc/fp8_quant_kernel.cu"],
                                   extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}))
+    # Hopper's wgmma FP8 decode GEMM: sm_90a machine code only (wgmma has no sm_80 form), so
+    # only where the arch list holds 9.0; its own -gencode keeps torch's arch flags off it.
+    wg = ["csrc/fp8_wgmma.cpp", "csrc/fp8_wgmma_kernel.cu"]
+    if "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"] and all(os.path.exists(os.path.join(here, s)) for s in wg):
+        exts.append(CUDAExtension("r1mega_wgmma_cuda", wg, extra_compile_args={
+            "cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "-gencode=arch=compute_90a,code=sm_90a"]}))
     # cuBLASLt GEMMs (the exact mode's fixed algorithm, the FP8 rollout's chosen one), where
     # cuBLASLt's header and library are found
     lt = _cublaslt_flags(here, CUDA_HOME)

@@ -8,7 +8,7 @@
 #     leading NAME=VALUE words set environment variables for that spec alone
 #     ("R1MEGA_FP8_QUANT=cuda fp8 --models gemm-heavy"), and a spec whose first word (after
 #     them) is a tools/*.py path runs that script instead of a bench
-#   env: GPU_SKIP_BUILD=1 (carry the five .so files: tools/gpu_prebuild.sh builds them on the CPU
+#   env: GPU_SKIP_BUILD=1 (carry the six .so files: tools/gpu_prebuild.sh builds them on the CPU
 #        machine, or a previous call's $OUT/so), GPU_SKIP_TESTS=1, GPU_TESTS="tests/gpu/x.py" (default tests/gpu),
 #        GPU_SMOLLM2_GGUF=path GPU_SMOLLM2_STEPS=N (runs tools/gpu_smollm2.sh last),
 #        GPU_BENCH_TIMEOUT=s (per bench, default 300), GPU_TESTS_TIMEOUT=s (default 420)

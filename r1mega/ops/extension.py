@@ -26,11 +26,13 @@ def _arch_flags() -> list[str]:
 
 class CudaExtension:
     def __init__(self, name: str, sources: list[str], env: str, cuda_flags: list[str],
-                 fallback: str, libraries=None):
+                 fallback: str, libraries=None, arch_flags=None):
         """``libraries``: a function giving (include dirs, linker flags) for the JIT build, or
-        None when the libraries it needs are not found (no JIT build then)."""
+        None when the libraries it needs are not found (no JIT build then). ``arch_flags``: the
+        JIT build's -gencode flags instead of the present GPUs' (an sm_90a-only extension)."""
         self.name, self.env, self.cuda_flags, self.fallback = name, env, cuda_flags, fallback
         self.libraries = libraries
+        self.arch_flags = arch_flags
         self.sources = [os.path.join(CSRC, s) for s in sources]
         self._lock = threading.Lock()
         self._tried, self._module, self._error = False, None, None
@@ -56,7 +58,8 @@ class CudaExtension:
             from torch.utils.cpp_extension import load
 
             module = load(name=self.name, sources=self.sources, extra_cflags=["-O3"],
-                          extra_cuda_cflags=["-O3", *self.cuda_flags, *_arch_flags()],
+                          extra_cuda_cflags=["-O3", *self.cuda_flags,
+                                             *(self.arch_flags or _arch_flags())],
                           extra_include_paths=includes, extra_ldflags=ldflags,
                           verbose=os.environ.get(f"{self.env}_JIT_VERBOSE") == "1")
             return module, None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from r1mega.precision.quantize import BLOCK, Fp8Tensor, dequantize
-from r1mega.precision import fp8_gemm_lt, triton_skinny_gemm
+from r1mega.precision import fp8_gemm_lt, triton_skinny_gemm, wgmma_gemm
 
 
 def _colmajor(s: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,11 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
 
 
 def unit_scale_ready(device: torch.device) -> None:
-    """Make the device's unit scale (and the split-K kernel's tile counters) before a decode
-    step compiles, so the graph reads them."""
+    """Make the device's unit scale (and the split-K kernel's tile counters, and load the wgmma
+    kernel's extension) before a decode step compiles, so the graph reads them."""
     _unit_scale(torch.device(device))
+    if wgmma_gemm.ENABLED:
+        wgmma_gemm.ready(device)
     if torch.device(device).type == "cuda" and triton_skinny_gemm.HAVE_TRITON:
         triton_skinny_gemm.counters_ready(device)
 
@@ -113,6 +115,8 @@ def scaled_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
             return torch._scaled_mm(mat_a, mat_b, scale_a=a.scale.reshape(m, 1).contiguous(),
                                     scale_b=b.scale.reshape(1, 1).expand(1, n).contiguous(),
                                     out_dtype=out_dtype, use_fast_accum=fast_accum)
+        if fast_accum and wgmma_gemm.serves(a.data, b.data, out_dtype, a.scale):
+            return torch.ops.r1mega.fp8_wgmma_gemm(a.data, b.data, b.scale, out_dtype, a.scale)
         if fast_accum and triton_skinny_gemm.serves(a.data, b.data):
             return torch.ops.r1mega.fp8_skinny_gemm(a.data, b.data, b.scale, out_dtype, a.scale)
         y = row_tensor_gemm_unscaled(a, b, out_dtype, fast_accum)
@@ -145,6 +149,8 @@ def row_tensor_gemm_unscaled(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
     """(M, K) row-scaled x (N, K) tensorwise -> (M, N) *before* a's row scales: the tensorwise
     kernel with a unit scale for a. The caller applies ``a.scale`` (a consumer that reads the
     rows anyway, as the FP8 rollout's SwiGLU quantiser does)."""
+    if fast_accum and wgmma_gemm.serves(a.data, b.data, out_dtype):
+        return torch.ops.r1mega.fp8_wgmma_gemm(a.data, b.data, b.scale, out_dtype)
     if fast_accum and triton_skinny_gemm.serves(a.data, b.data):
         return torch.ops.r1mega.fp8_skinny_gemm(a.data, b.data, b.scale, out_dtype)
     if fast_accum and fp8_gemm_lt.serves(a.data, b.data):
