@@ -10,8 +10,9 @@ void fp8_wgmma_gemm_cuda(const at::Tensor& a, const at::Tensor& w, at::Tensor& y
 namespace {
 
 // (BM, BN, K split) of each configuration index, as in fp8_wgmma_gemm_cuda's switch
-constexpr int kConfigs[][3] = {{64, 128, 1},  {64, 128, 2},  {64, 128, 4},  {128, 128, 1}, {128, 128, 2},
-                               {128, 128, 4}, {128, 64, 1},  {128, 64, 2},  {128, 64, 4}};
+constexpr int kConfigs[][3] = {{64, 128, 1},  {64, 128, 2},  {64, 128, 4}, {128, 128, 1}, {128, 128, 2},
+                               {128, 128, 4}, {128, 64, 1},  {128, 64, 2}, {128, 64, 4},  {256, 128, 2},
+                               {256, 128, 4}, {256, 128, 8}, {256, 64, 4}, {256, 64, 8}};
 
 bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 

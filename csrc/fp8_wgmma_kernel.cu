@@ -270,6 +270,11 @@ void fp8_wgmma_gemm_cuda(const at::Tensor& a, const at::Tensor& w, at::Tensor& y
     case 6: launch<128, 64, 1, 4>(a, w, y, w_scale, as, ass); break;
     case 7: launch<128, 64, 2, 6>(a, w, y, w_scale, as, ass); break;
     case 8: launch<128, 64, 4, 6>(a, w, y, w_scale, as, ass); break;
+    case 9: launch<256, 128, 2, 4>(a, w, y, w_scale, as, ass); break;
+    case 10: launch<256, 128, 4, 4>(a, w, y, w_scale, as, ass); break;
+    case 11: launch<256, 128, 8, 4>(a, w, y, w_scale, as, ass); break;
+    case 12: launch<256, 64, 4, 5>(a, w, y, w_scale, as, ass); break;
+    case 13: launch<256, 64, 8, 5>(a, w, y, w_scale, as, ass); break;
     default: TORCH_CHECK(false, "fp8 wgmma gemm: no configuration ", config);
   }
 }

@@ -32,7 +32,11 @@ MAX_ROWS = 512  # decode-sized calls only
 
 # (BM, BN, K split, stages) by index, as csrc/fp8_wgmma_kernel.cu's switch
 CONFIGS = ((64, 128, 1, 6), (64, 128, 2, 6), (64, 128, 4, 6), (128, 128, 1, 3), (128, 128, 2, 6),
-           (128, 128, 4, 6), (128, 64, 1, 4), (128, 64, 2, 6), (128, 64, 4, 6))
+           (128, 128, 4, 6), (128, 64, 1, 4), (128, 64, 2, 6), (128, 64, 4, 6),
+           # 256-row tiles (4 warpgroups): the weight read once from L2 at 256 rows, not twice;
+           # only through R1MEGA_FP8_WGMMA_CONFIG (sweeps) until timed
+           (256, 128, 2, 4), (256, 128, 4, 4), (256, 128, 8, 4), (256, 64, 4, 5), (256, 64, 8, 5))
+PICKED_TILE_ROWS = (64, 128)  # the tile heights config() chooses among
 SMEM_PER_SM = 228 * 1024  # Hopper: 227 KB a CTA at most, 228 KB an SM (1 KB reserved a CTA)
 
 _EXT = CudaExtension("r1mega_wgmma_cuda", ["fp8_wgmma.cpp", "fp8_wgmma_kernel.cu"], "R1MEGA_WGMMA",
@@ -69,7 +73,7 @@ def config(m: int, n: int, k: int, sms: int = 132) -> Optional[int]:
         return i if 0 <= i < len(CONFIGS) and usable(i, m, n, k) else None
     best = None
     for i, cfg in enumerate(CONFIGS):
-        if not usable(i, m, n, k):
+        if not usable(i, m, n, k) or cfg[0] not in PICKED_TILE_ROWS:
             continue
         bm, bn, split, _ = cfg
         ctas = -(-m // bm) * (n // bn) * split
