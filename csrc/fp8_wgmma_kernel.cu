@@ -10,16 +10,21 @@
 // the scales and stores bf16. No workspace, no second kernel, no counters.
 //
 // Each CTA: BM / 64 warpgroups, one m64nBNk32 wgmma each per 32 bytes of K; the stages (BM + BN)
-// rows of 128 bytes, cp.async into the 128-byte-swizzle layout the wgmma descriptors name (16-byte
-// piece p of row r at p ^ (r % 8), 8-row groups 1,024 bytes apart, every stage 1,024-aligned).
-// ST - 1 stages in flight while one is multiplied: a decode GEMM is bound by the weight's bytes.
+// rows of 128 bytes, loaded by the tensor memory accelerator (one thread issues a stage's two box
+// copies, an mbarrier counts their bytes) in the 128-byte-swizzle layout the wgmma descriptors
+// name (16-byte piece p of row r at p ^ (r % 8), 8-row groups 1,024 bytes apart, every stage
+// 1,024-aligned); rows past M arrive as zeros. All ST stages in flight from the start: a decode
+// GEMM is bound by the bytes it streams. (cp.async copies, issued by every thread, streamed a
+// third of cuBLAS's rate per SM: bench/RECORDS.md, thirty-seventh session.)
 //
 // Reference: the float64 product of the dequantised operands (tests/gpu/test_fp8_wgmma_gpu.py).
 // Built for sm_90a only (wgmma); on other GPUs the Python side does not call it.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
+#include <cuda.h>
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -34,12 +39,24 @@ namespace {
 
 constexpr int kBK = 128;  // K bytes a stage holds of each row: one 128-byte swizzle row
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
+  asm volatile(
+      "{\n.reg .pred P1;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra DONE;\nbra WAIT;\nDONE:\n}\n" ::"r"(bar), "r"(phase) : "memory");
+}
+// a box of the 2-D tensor map (c0 along K, c1 along rows) into shared memory, counted on bar
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1) : "memory");
+}
 
 // wgmma's shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row
 // groups 1,024 bytes apart (the leading offset is unused with swizzling)
@@ -115,40 +132,37 @@ struct Cfg {
 
 template <int BM, int BN, int S, int ST>
 __global__ void __launch_bounds__(BM / 64 * 128)
-    fp8_wgmma_kernel(const uint8_t* __restrict__ a, int64_t lda, const uint8_t* __restrict__ w,
-                     int64_t ldw, __nv_bfloat16* __restrict__ y, int64_t ldy,
-                     const float* __restrict__ w_scale, const float* __restrict__ a_scale,
-                     int64_t a_scale_stride, int M, int K) {
+    fp8_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
+                     __nv_bfloat16* __restrict__ y, int64_t ldy, const float* __restrict__ w_scale,
+                     const float* __restrict__ a_scale, int64_t a_scale_stride, int M, int K) {
 #ifdef R1MEGA_HAVE_WGMMA
   using C = Cfg<BM, BN, S, ST>;
-  constexpr int T = C::kThreads;
   constexpr int kA = BM * kBK;
   extern __shared__ uint8_t smem_raw[];
+  __shared__ __align__(8) uint64_t full[ST];  // a stage's bytes have landed
   // the same offset in every CTA of the cluster (distributed shared memory addresses by offset)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
 
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, warp = (tid % 128) / 32;
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM, rank = blockIdx.z;
   const int kb_per = K / kBK / S, kb0 = rank * kb_per;
 
-  auto load = [&](int i) {  // this CTA's k-block i into stage i % ST
-    if (i < kb_per) {
-      const uint32_t sa = sbase + (i % ST) * C::kStage, sb = sa + kA;
-      const int64_t k0 = static_cast<int64_t>(kb0 + i) * kBK;
+  if (tid == 0) {
 #pragma unroll
-      for (int c = tid; c < BM * 8; c += T) {
-        const int r = c / 8, p = c % 8, gm = m0 + r;
-        const uint8_t* src = a + static_cast<int64_t>(gm < M ? gm : M - 1) * lda + k0 + p * 16;
-        cp_async16(sa + r * 128 + ((p ^ (r & 7)) << 4), src, gm < M ? 16 : 0);  // rows past M: zeros
-      }
-#pragma unroll
-      for (int c = tid; c < BN * 8; c += T) {
-        const int r = c / 8, p = c % 8;
-        cp_async16(sb + r * 128 + ((p ^ (r & 7)) << 4), w + static_cast<int64_t>(n0 + r) * ldw + k0 + p * 16, 16);
-      }
+    for (int i = 0; i < ST; ++i) mbar_init(bar0 + 8 * i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+  __syncthreads();
+  auto load = [&](int i) {  // this CTA's k-block i into stage i % ST (thread 0)
+    if (tid == 0 && i < kb_per) {
+      const uint32_t sa = sbase + (i % ST) * C::kStage, bar = bar0 + 8 * (i % ST);
+      mbar_expect(bar, C::kStage);
+      tma_load(sa, &map_a, (kb0 + i) * kBK, m0, bar);
+      tma_load(sa + kA, &map_w, (kb0 + i) * kBK, n0, bar);
     }
-    cp_async_commit();  // empty past the end: the wait counts below stay right
   };
 
   float acc[BN / 2];
@@ -157,10 +171,9 @@ __global__ void __launch_bounds__(BM / 64 * 128)
 #pragma unroll
   for (int i = 0; i < ST - 1; ++i) load(i);
   for (int i = 0; i < kb_per; ++i) {
-    cp_async_wait<ST - 2>();  // k-block i has landed (this thread's copies)
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to wgmma's proxy
-    __syncthreads();  // everyone's copies; and every warpgroup is done with stage (i - 1) % ST
+    __syncthreads();  // every warpgroup is done with stage (i - 1) % ST: refill it
     load(i + ST - 1);
+    mbar_wait(bar0 + 8 * (i % ST), (i / ST) & 1);
     const uint32_t sa = sbase + (i % ST) * C::kStage + wg * 64 * kBK, sb = sbase + (i % ST) * C::kStage + kA;
     wgmma_fence();
     fence_regs(acc);
@@ -170,7 +183,6 @@ __global__ void __launch_bounds__(BM / 64 * 128)
     wgmma_wait<0>();
     fence_regs(acc);
   }
-  cp_async_wait<0>();
 
   const float ws = *w_scale;
   // accumulator (64 x BN a warpgroup): value 4j + 2h + e at row 16 warp + lane / 4 + 8h, column
@@ -200,7 +212,7 @@ __global__ void __launch_bounds__(BM / 64 * 128)
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
     constexpr int kRows = BM / S, kV = BN / 4;
-    for (int e = tid; e < kRows * kV; e += T) {
+    for (int e = tid; e < kRows * kV; e += C::kThreads) {
       const int r = rank * kRows + e / kV, c = 4 * (e % kV), gm = m0 + r;
       float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
@@ -222,6 +234,32 @@ __global__ void __launch_bounds__(BM / 64 * 128)
 #endif
 }
 
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+    TORCH_CHECK(q == cudaDriverEntryPointSuccess && p != nullptr, "fp8 wgmma gemm: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// (rows, K) e4m3 row-major -> boxes of `box_rows` x 128 bytes in the 128-byte swizzle; rows past
+// the end read as zeros
+CUtensorMap tensor_map(const at::Tensor& t, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(t.size(1)), static_cast<cuuint64_t>(t.size(0))};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(t.stride(0))};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)}, unit[2] = {1, 1};
+  const CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, t.data_ptr(), dims, strides, box, unit,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "fp8 wgmma gemm: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ") for ",
+              t.sizes(), " strides ", t.strides());
+  return map;
+}
+
 template <int BM, int BN, int S, int ST>
 void launch(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::Tensor& w_scale,
             const float* a_scale, int64_t a_scale_stride) {
@@ -230,10 +268,10 @@ void launch(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::T
   static bool attr_set = false;  // per instantiation; the host calls come from one thread
   if (!attr_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-    if (S > 1) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     attr_set = true;
   }
   const int M = static_cast<int>(a.size(0)), N = static_cast<int>(w.size(0)), K = static_cast<int>(a.size(1));
+  const CUtensorMap map_a = tensor_map(a, BM), map_w = tensor_map(w, BN);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(N / BN, (M + BM - 1) / BM, S);
   cfg.blockDim = dim3(C::kThreads);
@@ -246,10 +284,8 @@ void launch(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::T
   attr[0].val.clusterDim.z = S;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<const uint8_t*>(a.data_ptr()), a.stride(0),
-                                    static_cast<const uint8_t*>(w.data_ptr()), w.stride(0),
-                                    reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), y.stride(0),
-                                    w_scale.data_ptr<float>(), a_scale, a_scale_stride, M, K));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, map_a, map_w, reinterpret_cast<__nv_bfloat16*>(y.data_ptr()),
+                                    y.stride(0), w_scale.data_ptr<float>(), a_scale, a_scale_stride, M, K));
 }
 
 }  // namespace

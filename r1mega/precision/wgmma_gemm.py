@@ -6,7 +6,8 @@ of K per CTA, so qkv (256 x 3072) and o_proj (256 x 2048) of the 852M shape run 
 the SMs, at a third to a half of their bytes floor (bench/RECORDS.md, thirty-third session). A
 split through L2 (the Triton kernel of r1mega/precision/triton_skinny_gemm.py, cuBLASLt's K
 splits) cost more than it won. Here the K parts of a tile are CTAs of one cluster and sum
-through distributed shared memory, in rank order, inside the one launch.
+through distributed shared memory, in rank order, inside the one launch; the tensor memory
+accelerator streams the operands.
 
 ``a`` (M, K) and ``w`` (N, K) e4m3 row-major, ``w_scale`` one float32, ``a_scale`` None (the
 output then lacks a's row scales, as :func:`r1mega.precision.gemm.row_tensor_gemm_unscaled`'s)
@@ -90,7 +91,8 @@ def why_not(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfl
     extension while dynamo traces (an import there splits the graph): it must be loaded before."""
     if not a.is_cuda:
         return f"the operands are on {a.device}, not a GPU"
-    if torch.cuda.get_device_capability(a.device) != (9, 0):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and torch.cuda.get_device_capability(a.device) != (9, 0):
         return "wgmma needs an sm_90 GPU (Hopper)"
     if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
         return f"a (M, K) and w (N, K) matrices, got {tuple(a.shape)} and {tuple(w.shape)}"
@@ -100,7 +102,8 @@ def why_not(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfl
         return f"the kernel writes bf16, not {out_dtype}"
     if a.stride(1) != 1 or w.stride(1) != 1 or a.stride(0) % 16 or w.stride(0) % 16:
         return "a and w need unit column stride and row strides of 16-byte multiples"
-    if a.data_ptr() % 16 or w.data_ptr() % 16:
+    # no data_ptr() while dynamo traces (it splits the graph there); the extension checks it
+    if not compiling and (a.data_ptr() % 16 or w.data_ptr() % 16):
         return "a and w must be 16-byte aligned"
     if not 0 < a.shape[0] <= MAX_ROWS:
         return f"a has {a.shape[0]} rows; the kernel takes 1 to {MAX_ROWS} (decode sizes)"
@@ -108,7 +111,8 @@ def why_not(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfl
         return f"a_scale must be one float32 a row of a, got {tuple(a_scale.shape)} {a_scale.dtype}"
     if config(a.shape[0], w.shape[0], a.shape[1]) is None:
         return f"no configuration takes N {w.shape[0]}, K {a.shape[1]} (N a multiple of 64, K of 256)"
-    ext = _EXT.loaded() if torch.compiler.is_compiling() else _EXT.get()
+    # traced: loaded before (ready()) on a GPU the eager check found to be sm_90
+    ext = _EXT.loaded() if compiling else _EXT.get()
     if ext is None:
         return f"r1mega_wgmma_cuda is not loaded: {_EXT.load_error() or 'not loaded before tracing'}"
     return None
