@@ -5,8 +5,6 @@ call after call and in CUDA graph replay; strided rows; the checks on bad operan
 rollout decoded through it."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,15 +13,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a Hopper GPU (sm_90: wgmma)")
 
 from r1mega.precision import wgmma_gemm as wg  # noqa: E402
-from r1mega.precision.quantize import quantize_reference  # noqa: E402
-
-
-def _operands(m, n, k, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(m, k, device="cuda", generator=g) * torch.logspace(-1, 1, m, device="cuda")[:, None]
-    a = quantize_reference(x, "row", power2=True)
-    w = quantize_reference(torch.randn(n, k, device="cuda", generator=g) * 0.02, "tensor")
-    return a, w
+from tests.gpu.test_fp8_skinny_gemm_gpu import _operands  # noqa: E402
 
 
 def _check(y, a, w, rows: bool):
@@ -142,9 +132,3 @@ def test_rollout_decodes_through_it(tensorwise_rollout):
     assert runs[True][2] == runs[False][2] and runs[True][3] and runs[False][3], runs
     (off_mean, off_max), (on_mean, on_max) = runs[False][0], runs[True][0]
     assert on_mean <= 1.25 * off_mean and on_max <= 1.5 * off_max, runs
-
-
-def test_config_env_override_is_checked(monkeypatch):
-    monkeypatch.setitem(os.environ, "R1MEGA_FP8_WGMMA_CONFIG", "5")
-    assert wg.config(256, 2048, 2048) == 5
-    assert wg.config(256, 2048, 1280) is None  # K 1,280 is 10 blocks: not 4 splits of 2 or more
