@@ -38,6 +38,9 @@ CONFIGS = ((64, 128, 1, 6), (64, 128, 2, 6), (64, 128, 4, 6), (128, 128, 1, 3), 
            # only through R1MEGA_FP8_WGMMA_CONFIG (sweeps) until timed
            (256, 128, 2, 4), (256, 128, 4, 4), (256, 128, 8, 4), (256, 64, 4, 5), (256, 64, 8, 5))
 PICKED_TILE_ROWS = (64, 128)  # the tile heights config() chooses among
+# the most K parts config() splits into: on an H100 every 4-way split was slower than the 2-way
+# one or no split (the float32 tiles' exchange grows with the parts; bench/RECORDS.md)
+PICKED_MAX_SPLIT = 2
 SMEM_PER_SM = 228 * 1024  # Hopper: 227 KB a CTA at most, 228 KB an SM (1 KB reserved a CTA)
 
 _EXT = CudaExtension("r1mega_wgmma_cuda", ["fp8_wgmma.cpp", "fp8_wgmma_kernel.cu"], "R1MEGA_WGMMA",
@@ -74,7 +77,7 @@ def config(m: int, n: int, k: int, sms: int = 132) -> Optional[int]:
         return i if 0 <= i < len(CONFIGS) and usable(i, m, n, k) else None
     best = None
     for i, cfg in enumerate(CONFIGS):
-        if not usable(i, m, n, k) or cfg[0] not in PICKED_TILE_ROWS:
+        if not usable(i, m, n, k) or cfg[0] not in PICKED_TILE_ROWS or cfg[2] > PICKED_MAX_SPLIT:
             continue
         bm, bn, split, _ = cfg
         ctas = -(-m // bm) * (n // bn) * split
@@ -109,8 +112,10 @@ def why_not(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfl
         return f"a has {a.shape[0]} rows; the kernel takes 1 to {MAX_ROWS} (decode sizes)"
     if a_scale is not None and (a_scale.dtype != torch.float32 or a_scale.numel() != a.shape[0]):
         return f"a_scale must be one float32 a row of a, got {tuple(a_scale.shape)} {a_scale.dtype}"
-    if config(a.shape[0], w.shape[0], a.shape[1]) is None:
-        return f"no configuration takes N {w.shape[0]}, K {a.shape[1]} (N a multiple of 64, K of 256)"
+    # N and K only (the weight's, static): a decode step traces with a symbolic batch, and the
+    # op picks its configuration from the real one; these two fit one at every row count
+    if w.shape[0] % 128 or a.shape[1] % 256:
+        return f"N {w.shape[0]} and K {a.shape[1]} must be multiples of 128 and 256"
     # traced: loaded before (ready()) on a GPU the eager check found to be sm_90
     ext = _EXT.loaded() if compiling else _EXT.get()
     if ext is None:
