@@ -5,7 +5,7 @@
 #include <torch/extension.h>
 
 void fp8_wgmma_gemm_cuda(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::Tensor& w_scale,
-                         const c10::optional<at::Tensor>& a_scale, int64_t config);
+                         const c10::optional<at::Tensor>& a_scale, int64_t config, bool producer_warp);
 
 namespace {
 
@@ -18,9 +18,10 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 
 // a (M, K) and w (N, K) float8_e4m3fn with unit column stride, row strides multiples of 16 bytes,
 // 16-byte aligned; w_scale one float32; a_scale None or (M, 1) / (M,) float32 row scales.
-// K a multiple of 128 * split, N of the configuration's BN. Returns y (M, N) bf16.
+// K a multiple of 128 * split, N of the configuration's BN. producer_warp: the warp-specialised
+// pipeline (csrc/fp8_wgmma_kernel.cu). Returns y (M, N) bf16.
 torch::Tensor fp8_wgmma_gemm(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor& w_scale,
-                             c10::optional<torch::Tensor> a_scale, int64_t config) {
+                             c10::optional<torch::Tensor> a_scale, int64_t config, bool producer_warp) {
   TORCH_CHECK(config >= 0 && config < static_cast<int64_t>(sizeof(kConfigs) / sizeof(kConfigs[0])),
               "fp8 wgmma gemm: no configuration ", config);
   const int bn = kConfigs[config][1], split = kConfigs[config][2];
@@ -46,7 +47,7 @@ torch::Tensor fp8_wgmma_gemm(const torch::Tensor& a, const torch::Tensor& w, con
   }
   const c10::cuda::CUDAGuard guard(a.device());
   auto y = torch::empty({m, n}, a.options().dtype(at::kBFloat16));
-  fp8_wgmma_gemm_cuda(a, w, y, w_scale, a_scale, config);
+  fp8_wgmma_gemm_cuda(a, w, y, w_scale, a_scale, config, producer_warp);
   return y;
 }
 
@@ -54,5 +55,6 @@ torch::Tensor fp8_wgmma_gemm(const torch::Tensor& a, const torch::Tensor& w, con
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_wgmma_gemm", &fp8_wgmma_gemm, "y = (a @ w.T) * w_scale [* a_scale rows], FP8 wgmma, K split in a cluster",
-        py::arg("a"), py::arg("w"), py::arg("w_scale"), py::arg("a_scale") = py::none(), py::arg("config"));
+        py::arg("a"), py::arg("w"), py::arg("w_scale"), py::arg("a_scale") = py::none(), py::arg("config"),
+        py::arg("producer_warp") = false);
 }

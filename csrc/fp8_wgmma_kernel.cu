@@ -45,6 +45,9 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 __device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
   asm volatile(
       "{\n.reg .pred P1;\nWAIT:\n"
@@ -121,29 +124,35 @@ __device__ __forceinline__ void fence_regs(float (&d)[R]) {
 }
 #endif
 
-template <int BM, int BN, int S, int ST>
+// WS: a producer warp after the warpgroups issues the copies, each stage released by an "empty"
+// mbarrier once every warpgroup's MMAs on it are done, and each warpgroup keeps one k-block's
+// MMAs in flight while it waits for the next (no CTA-wide barrier in the loop)
+template <int BM, int BN, int S, int ST, bool WS = false>
 struct Cfg {
-  static constexpr int kThreads = BM / 64 * 128;
+  static constexpr int kConsumers = BM / 64 * 128;
+  static constexpr int kThreads = kConsumers + (WS ? 32 : 0);
   static constexpr int kStage = (BM + BN) * kBK;
   static constexpr int kLd = BN + 8;  // float32 row stride of the split-K tile (bank spread)
   static constexpr int kRed = S > 1 ? BM * kLd * 4 : 0;
   static constexpr int kSmem = (ST * kStage > kRed ? ST * kStage : kRed) + 1024;  // + alignment
 };
 
-template <int BM, int BN, int S, int ST>
-__global__ void __launch_bounds__(BM / 64 * 128)
+template <int BM, int BN, int S, int ST, bool WS>
+__global__ void __launch_bounds__(Cfg<BM, BN, S, ST, WS>::kThreads)
     fp8_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w,
                      __nv_bfloat16* __restrict__ y, int64_t ldy, const float* __restrict__ w_scale,
                      const float* __restrict__ a_scale, int64_t a_scale_stride, int M, int K) {
 #ifdef R1MEGA_HAVE_WGMMA
-  using C = Cfg<BM, BN, S, ST>;
+  using C = Cfg<BM, BN, S, ST, WS>;
   constexpr int kA = BM * kBK;
   extern __shared__ uint8_t smem_raw[];
-  __shared__ __align__(8) uint64_t full[ST];  // a stage's bytes have landed
+  __shared__ __align__(8) uint64_t full[ST];   // a stage's bytes have landed
+  __shared__ __align__(8) uint64_t empty[ST];  // WS: every warpgroup is done with a stage
   // the same offset in every CTA of the cluster (distributed shared memory addresses by offset)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+  const uint32_t ebar0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
 
   const int tid = threadIdx.x, wg = tid / 128, lane = tid % 32, warp = (tid % 128) / 32;
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM, rank = blockIdx.z;
@@ -151,28 +160,21 @@ __global__ void __launch_bounds__(BM / 64 * 128)
 
   if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < ST; ++i) mbar_init(bar0 + 8 * i, 1);
+    for (int i = 0; i < ST; ++i) {
+      mbar_init(bar0 + 8 * i, 1);
+      mbar_init(ebar0 + 8 * i, BM / 64);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   }
   __syncthreads();
-  auto load = [&](int i) {  // this CTA's k-block i into stage i % ST (thread 0)
-    if (tid == 0 && i < kb_per) {
-      const uint32_t sa = sbase + (i % ST) * C::kStage, bar = bar0 + 8 * (i % ST);
-      mbar_expect(bar, C::kStage);
-      tma_load(sa, &map_a, (kb0 + i) * kBK, m0, bar);
-      tma_load(sa + kA, &map_w, (kb0 + i) * kBK, n0, bar);
-    }
+  auto copy = [&](int i) {  // this CTA's k-block i into stage i % ST
+    const uint32_t sa = sbase + (i % ST) * C::kStage, bar = bar0 + 8 * (i % ST);
+    mbar_expect(bar, C::kStage);
+    tma_load(sa, &map_a, (kb0 + i) * kBK, m0, bar);
+    tma_load(sa + kA, &map_w, (kb0 + i) * kBK, n0, bar);
   };
-
-  float acc[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < ST - 1; ++i) load(i);
-  for (int i = 0; i < kb_per; ++i) {
-    __syncthreads();  // every warpgroup is done with stage (i - 1) % ST: refill it
-    load(i + ST - 1);
+  auto mma = [&](float (&acc)[BN / 2], int i) {  // this warpgroup's MMAs on stage i % ST
     mbar_wait(bar0 + 8 * (i % ST), (i / ST) & 1);
     const uint32_t sa = sbase + (i % ST) * C::kStage + wg * 64 * kBK, sb = sbase + (i % ST) * C::kStage + kA;
     wgmma_fence();
@@ -180,19 +182,50 @@ __global__ void __launch_bounds__(BM / 64 * 128)
 #pragma unroll
     for (int kk = 0; kk < kBK / 32; ++kk) wgmma_k32<BN>(acc, smem_desc(sa + kk * 32), smem_desc(sb + kk * 32));
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc);
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  if constexpr (WS) {
+    if (tid >= C::kConsumers) {  // the producer warp
+      if (tid == C::kConsumers)
+        for (int i = 0; i < kb_per; ++i) {
+          if (i >= ST) mbar_wait(ebar0 + 8 * (i % ST), (i / ST - 1) & 1);
+          copy(i);
+        }
+    } else {
+      for (int i = 0; i < kb_per; ++i) {
+        mma(acc, i);
+        wgmma_wait<1>();  // k-block i - 1's MMAs are done: its stage can be refilled
+        fence_regs(acc);
+        if (i > 0 && tid % 128 == 0) mbar_arrive(ebar0 + 8 * ((i - 1) % ST));
+      }
+      wgmma_wait<0>();
+      fence_regs(acc);
+    }
+  } else {
+    if (tid == 0)
+      for (int i = 0; i < ST - 1 && i < kb_per; ++i) copy(i);
+    for (int i = 0; i < kb_per; ++i) {
+      __syncthreads();  // every warpgroup is done with stage (i - 1) % ST: refill it
+      if (tid == 0 && i + ST - 1 < kb_per) copy(i + ST - 1);
+      mma(acc, i);
+      wgmma_wait<0>();
+      fence_regs(acc);
+    }
   }
 
   const float ws = *w_scale;
   // accumulator (64 x BN a warpgroup): value 4j + 2h + e at row 16 warp + lane / 4 + 8h, column
   // 8j + 2 (lane % 4) + e
   const int row0 = wg * 64 + warp * 16 + lane / 4, col0 = 2 * (lane % 4);
+  const bool consumer = tid < C::kConsumers;
   if constexpr (S == 1) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int gm = m0 + row0 + 8 * h;
-      if (gm < M) {
+      if (consumer && gm < M) {
         const float s = a_scale != nullptr ? ws * a_scale[gm * a_scale_stride] : ws;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j)
@@ -203,12 +236,13 @@ __global__ void __launch_bounds__(BM / 64 * 128)
   } else {
     __syncthreads();  // the stages are free: the float32 tile goes where they were
     float* red = reinterpret_cast<float*>(smem);
+    if (consumer)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-        *reinterpret_cast<float2*>(red + (row0 + 8 * h) * C::kLd + 8 * j + col0) =
-            make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        for (int j = 0; j < BN / 8; ++j)
+          *reinterpret_cast<float2*>(red + (row0 + 8 * h) * C::kLd + 8 * j + col0) =
+              make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
     constexpr int kRows = BM / S, kV = BN / 4;
@@ -260,11 +294,11 @@ CUtensorMap tensor_map(const at::Tensor& t, int box_rows) {
   return map;
 }
 
-template <int BM, int BN, int S, int ST>
-void launch(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::Tensor& w_scale,
-            const float* a_scale, int64_t a_scale_stride) {
-  using C = Cfg<BM, BN, S, ST>;
-  auto kernel = fp8_wgmma_kernel<BM, BN, S, ST>;
+template <int BM, int BN, int S, int ST, bool WS>
+void launch_ws(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::Tensor& w_scale,
+               const float* a_scale, int64_t a_scale_stride) {
+  using C = Cfg<BM, BN, S, ST, WS>;
+  auto kernel = fp8_wgmma_kernel<BM, BN, S, ST, WS>;
   static bool attr_set = false;  // per instantiation; the host calls come from one thread
   if (!attr_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
@@ -288,29 +322,36 @@ void launch(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::T
                                     y.stride(0), w_scale.data_ptr<float>(), a_scale, a_scale_stride, M, K));
 }
 
+template <int BM, int BN, int S, int ST>
+void launch(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::Tensor& w_scale,
+            const float* a_scale, int64_t a_scale_stride, bool producer_warp) {
+  if (producer_warp) launch_ws<BM, BN, S, ST, true>(a, w, y, w_scale, a_scale, a_scale_stride);
+  else launch_ws<BM, BN, S, ST, false>(a, w, y, w_scale, a_scale, a_scale_stride);
+}
+
 }  // namespace
 
 // The configurations (BM, BN, K split, stages) by index: r1mega/precision/wgmma_gemm.py's CONFIGS
 // lists the same, and picks one per problem.
 void fp8_wgmma_gemm_cuda(const at::Tensor& a, const at::Tensor& w, at::Tensor& y, const at::Tensor& w_scale,
-                         const c10::optional<at::Tensor>& a_scale, int64_t config) {
+                         const c10::optional<at::Tensor>& a_scale, int64_t config, bool producer_warp) {
   const float* as = a_scale.has_value() ? a_scale->data_ptr<float>() : nullptr;
   const int64_t ass = a_scale.has_value() ? a_scale->stride(0) : 0;
   switch (config) {
-    case 0: launch<64, 128, 1, 6>(a, w, y, w_scale, as, ass); break;
-    case 1: launch<64, 128, 2, 6>(a, w, y, w_scale, as, ass); break;
-    case 2: launch<64, 128, 4, 6>(a, w, y, w_scale, as, ass); break;
-    case 3: launch<128, 128, 1, 3>(a, w, y, w_scale, as, ass); break;
-    case 4: launch<128, 128, 2, 6>(a, w, y, w_scale, as, ass); break;
-    case 5: launch<128, 128, 4, 6>(a, w, y, w_scale, as, ass); break;
-    case 6: launch<128, 64, 1, 4>(a, w, y, w_scale, as, ass); break;
-    case 7: launch<128, 64, 2, 6>(a, w, y, w_scale, as, ass); break;
-    case 8: launch<128, 64, 4, 6>(a, w, y, w_scale, as, ass); break;
-    case 9: launch<256, 128, 2, 4>(a, w, y, w_scale, as, ass); break;
-    case 10: launch<256, 128, 4, 4>(a, w, y, w_scale, as, ass); break;
-    case 11: launch<256, 128, 8, 4>(a, w, y, w_scale, as, ass); break;
-    case 12: launch<256, 64, 4, 5>(a, w, y, w_scale, as, ass); break;
-    case 13: launch<256, 64, 8, 5>(a, w, y, w_scale, as, ass); break;
+    case 0: launch<64, 128, 1, 6>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 1: launch<64, 128, 2, 6>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 2: launch<64, 128, 4, 6>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 3: launch<128, 128, 1, 3>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 4: launch<128, 128, 2, 6>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 5: launch<128, 128, 4, 6>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 6: launch<128, 64, 1, 4>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 7: launch<128, 64, 2, 6>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 8: launch<128, 64, 4, 6>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 9: launch<256, 128, 2, 4>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 10: launch<256, 128, 4, 4>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 11: launch<256, 128, 8, 4>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 12: launch<256, 64, 4, 5>(a, w, y, w_scale, as, ass, producer_warp); break;
+    case 13: launch<256, 64, 8, 5>(a, w, y, w_scale, as, ass, producer_warp); break;
     default: TORCH_CHECK(false, "fp8 wgmma gemm: no configuration ", config);
   }
 }

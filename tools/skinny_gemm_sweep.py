@@ -74,18 +74,18 @@ def main() -> int:
                              out_dtype=torch.bfloat16, use_fast_accum=True)
         row["cublas"]["rel_err"] = float((y.double() - ref).abs().max() / ref.abs().max())
         ext = wg._EXT.get() if wg.ready(dev) else None
-        for i in range(len(wg.CONFIGS)) if ext is not None else ():
+        for i, pw in itertools.product(range(len(wg.CONFIGS)) if ext is not None else (), (False, True)):
             if not wg.usable(i, m, n, k):
                 continue
-            name_i = "wgmma:%d %s" % (i, ",".join(map(str, wg.CONFIGS[i])))
+            name_i = "wgmma%s:%d %s" % ("-ws" if pw else "", i, ",".join(map(str, wg.CONFIGS[i])))
             try:
-                y = ext.fp8_wgmma_gemm(a.data, ws[0].data, ws[0].scale.reshape(()), None, i)
+                y = ext.fp8_wgmma_gemm(a.data, ws[0].data, ws[0].scale.reshape(()), None, i, pw)
                 err = float((y.double() - ref).abs().max() / ref.abs().max())
-                same = bool(torch.equal(y, ext.fp8_wgmma_gemm(a.data, ws[0].data, ws[0].scale.reshape(()), None, i)))
+                same = bool(torch.equal(y, ext.fp8_wgmma_gemm(a.data, ws[0].data, ws[0].scale.reshape(()), None, i, pw)))
 
-                def wgmma(i=i):
+                def wgmma(i=i, pw=pw):
                     for w in ws:
-                        ext.fp8_wgmma_gemm(a.data, w.data, w.scale.reshape(()), None, i)
+                        ext.fp8_wgmma_gemm(a.data, w.data, w.scale.reshape(()), None, i, pw)
                 row[name_i] = {"us": graph_ms(wgmma, 1) * 1e3 / LAYERS, "rel_err": err, "repeatable": same}
             except Exception as e:
                 row[name_i] = {"us": None, "why": f"{type(e).__name__}: {str(e)[:160]}"}
@@ -118,7 +118,8 @@ def main() -> int:
         dflt = "default " + ",".join(str(v) for v in sk.config(m, n, k))
         timed = {c: r for c, r in row.items() if r.get("us")}
         best = min((c for c in timed if c != "cublas"), key=lambda c: timed[c]["us"], default=None)
-        pick_name = None if pick is None else "wgmma:%d %s" % (pick, ",".join(map(str, wg.CONFIGS[pick])))
+        pick_name = None if pick is None else "wgmma%s:%d %s" % ("-ws" if wg.PRODUCER_WARP else "", pick,
+                                                                ",".join(map(str, wg.CONFIGS[pick])))
         results[name] = {"m": m, "n": n, "k": k, "cublas_us": row["cublas"]["us"],
                          "wgmma_pick": pick_name, "wgmma_pick_us": row.get(pick_name, {}).get("us"),
                          "best": best, "best_us": timed[best]["us"] if best else None,

@@ -29,6 +29,9 @@ from r1mega.ops.extension import CudaExtension
 ENABLED = switches.flag("R1MEGA_FP8_WGMMA", False,
                         "decode-sized row x tensor FP8 GEMMs through the wgmma kernel with K split "
                         "in a thread-block cluster (Hopper)")
+PRODUCER_WARP = switches.flag("R1MEGA_FP8_WGMMA_WS", False,
+                              "the wgmma GEMM's warp-specialised pipeline (a producer warp, per-stage "
+                              "empty barriers, MMAs in flight across stages)")
 MAX_ROWS = 512  # decode-sized calls only
 
 # (BM, BN, K split, stages) by index, as csrc/fp8_wgmma_kernel.cu's switch
@@ -142,7 +145,7 @@ def wgmma_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out_dtyp
     global launches
     launches += 1
     s_a = None if a_scale is None else a_scale.reshape(-1)
-    return _EXT.get().fp8_wgmma_gemm(a, w, w_scale.reshape(()), s_a, config(m, n, k, sms))
+    return _EXT.get().fp8_wgmma_gemm(a, w, w_scale.reshape(()), s_a, config(m, n, k, sms), PRODUCER_WARP)
 
 
 # Opaque to dynamo: the compiled decode step launches the kernel as it is.

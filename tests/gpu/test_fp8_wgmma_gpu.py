@@ -28,17 +28,18 @@ def _check(y, a, w, rows: bool):
     return exact
 
 
-def _run(a, w, index, a_scale=None):
+def _run(a, w, index, a_scale=None, producer_warp=False):
     return wg._EXT.get().fp8_wgmma_gemm(a.data, w.data, w.scale.reshape(()),
-                                        None if a_scale is None else a_scale.reshape(-1), index)
+                                        None if a_scale is None else a_scale.reshape(-1), index, producer_warp)
 
 
 SHAPES = [(1, 3072, 2048), (16, 3072, 2048), (64, 2048, 2048), (77, 1024, 1024), (256, 3072, 2048),
           (256, 2048, 2048), (256, 11264, 2048), (256, 2048, 5632), (300, 2048, 5632), (512, 1024, 4096)]
 
 
+@pytest.mark.parametrize("producer_warp", [False, True], ids=["one-loop", "producer-warp"])
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_every_configuration_against_float64_and_cublas(m, n, k):
+def test_every_configuration_against_float64_and_cublas(m, n, k, producer_warp):
     assert wg.ready("cuda"), wg._EXT.load_error()
     a, w = _operands(m, n, k, m + n + k)
     one = torch.ones((), device="cuda")
@@ -50,28 +51,31 @@ def test_every_configuration_against_float64_and_cublas(m, n, k):
         if not wg.usable(i, m, n, k):
             continue
         tried += 1
-        y = _run(a, w, i)
+        y = _run(a, w, i, producer_warp=producer_warp)
         assert y.shape == (m, n) and y.dtype == torch.bfloat16
         exact = _check(y, a, w, rows=False)
         # no farther from float64 than cuBLAS's fast accumulation, to within bf16's rounding
         assert (y.double() - exact).abs().max() <= 2 * (ref.double() - exact_cublas).abs().max() + \
             exact.abs().max() * 2.0 ** -8
-        _check(_run(a, w, i, a.scale), a, w, rows=True)
+        _check(_run(a, w, i, a.scale, producer_warp), a, w, rows=True)
+        if producer_warp:  # the same MMAs in the same order: the same bits as the one loop
+            assert torch.equal(y, _run(a, w, i))
     assert tried > 0
     # the configuration the module picks, through its public call with the row scales
     _check(wg.wgmma_gemm(a.data, w.data, w.scale, torch.bfloat16, a.scale), a, w, rows=True)
 
 
-def test_repeats_its_bits_and_in_a_graph():
+@pytest.mark.parametrize("producer_warp", [False, True], ids=["one-loop", "producer-warp"])
+def test_repeats_its_bits_and_in_a_graph(producer_warp):
     a, w = _operands(256, 2048, 5632, 1)
     for i in (3, 4, 5, 8):  # unsplit, split 2 and 4, a 64-wide tile
-        first = _run(a, w, i, a.scale)
+        first = _run(a, w, i, a.scale, producer_warp)
         for _ in range(3):
-            assert torch.equal(_run(a, w, i, a.scale), first)
+            assert torch.equal(_run(a, w, i, a.scale, producer_warp), first)
         out = {}
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out["y"] = _run(a, w, i, a.scale)
+            out["y"] = _run(a, w, i, a.scale, producer_warp)
         for _ in range(3):
             out["y"].zero_()
             graph.replay()
