@@ -127,8 +127,11 @@ def why_not(a: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfl
 
 
 def ready(device) -> bool:
-    """Load the extension before a decode step compiles (the graph must not import it)."""
-    return torch.device(device).type == "cuda" and _EXT.get() is not None
+    """Load the extension before a decode step compiles (the graph must not import it), on a
+    Hopper GPU only: a traced step takes the kernel wherever the extension is loaded."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+            and _EXT.get() is not None)
 
 
 def wgmma_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
