@@ -13,9 +13,9 @@
 // rows of 128 bytes, loaded by the tensor memory accelerator (one thread issues a stage's two box
 // copies, an mbarrier counts their bytes) in the 128-byte-swizzle layout the wgmma descriptors
 // name (16-byte piece p of row r at p ^ (r % 8), 8-row groups 1,024 bytes apart, every stage
-// 1,024-aligned); rows past M arrive as zeros. All ST stages in flight from the start: a decode
-// GEMM is bound by the bytes it streams. (cp.async copies, issued by every thread, streamed a
-// third of cuBLAS's rate per SM: bench/RECORDS.md, thirty-seventh session.)
+// 1,024-aligned); rows past M arrive as zeros. ST - 1 stages (one loop) or ST (producer warp) in
+// flight from the start: a decode GEMM is bound by the bytes it streams. (cp.async copies issued
+// by every thread were slower still: bench/RECORDS.md.)
 //
 // Reference: the float64 product of the dequantised operands (tests/gpu/test_fp8_wgmma_gpu.py).
 // Built for sm_90a only (wgmma); on other GPUs the Python side does not call it.

@@ -12,8 +12,8 @@ accelerator streams the operands.
 ``a`` (M, K) and ``w`` (N, K) e4m3 row-major, ``w_scale`` one float32, ``a_scale`` None (the
 output then lacks a's row scales, as :func:`r1mega.precision.gemm.row_tensor_gemm_unscaled`'s)
 or (M, 1) float32 row scales. Its reference is the float64 product of the dequantised operands
-(tests/gpu/test_fp8_wgmma_gpu.py). Switched by ``R1MEGA_FP8_WGMMA``, off until a GPU has timed
-it against cuBLAS in the rollout.
+(tests/gpu/test_fp8_wgmma_gpu.py). Switched by ``R1MEGA_FP8_WGMMA``, off: on an H100 it was
+slower than cuBLAS at every decode GEMM of the 852M shape (bench/RECORDS.md).
 """
 from __future__ import annotations
 
