@@ -1,6 +1,7 @@
 // Python face of the FP8 paged decode attention (r1mega_attn_cuda). Every tensor is checked here,
 // by name, before the kernel runs; the kernel is paged_decode_kernel.cu, its reference
 // r1mega/rollout/attention.py's attend_decode_gather on the dequantised cache.
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/extension.h>
 
 void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
@@ -8,7 +9,7 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
                            const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph,
-                           bool tiles);
+                           bool tiles, bool cluster);
 
 namespace {
 
@@ -31,12 +32,13 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 // sequence without the epilogue, the same bits as one CTA a KV head. warps_per_head (tensor cores,
 // one CTA a KV head): 4, 2 or 1 warps split a head's chunks. tiles (with q8 and s8, one CTA a KV
 // head of 4 warps, D 128): each head's outputs quantised as one 1 x 128 tile, s8 (>= B, Hq)
-// float32 with unit column stride.
+// float32 with unit column stride. cluster (with q8 and s8, not tiles; one CTA a KV head of 4
+// warps, D 128, Hkv <= 8, sm_90+): the rows as above, a sequence's CTAs one thread-block cluster.
 void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
                       const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
                       const torch::Tensor& ctx, torch::Tensor out, double scale, bool tensor_cores,
                       bool heads_inner, c10::optional<torch::Tensor> q8, c10::optional<torch::Tensor> s8,
-                      bool power2, bool seq_cta, int64_t warps_per_head, bool tiles) {
+                      bool power2, bool seq_cta, int64_t warps_per_head, bool tiles, bool cluster) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "r1mega_attn_cuda: q must be a (B, Hq, D) CUDA tensor with unit stride on D, got ",
               q.sizes(), " strides ", q.strides());
@@ -90,7 +92,18 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
               "kernel with one CTA a KV head of 4 warps, and head_dim 128; got q8 ", q8.has_value(),
               ", tensor_cores ", tensor_cores, ", seq_cta ", seq_cta, ", warps_per_head ",
               warps_per_head, ", head_dim ", D);
-  if ((q8.has_value() && !tiles) || seq_cta) {
+  if (cluster) {
+    TORCH_CHECK(q8.has_value() && !tiles && tensor_cores && !seq_cta && warps_per_head == 4 && D == 128,
+                "r1mega_attn_cuda: cluster (one scale a row through a cluster of a sequence's KV heads) "
+                "needs q8 and s8 without tiles, the tensor-core kernel with one CTA a KV head of 4 "
+                "warps, and head_dim 128; got q8 ", q8.has_value(), ", tiles ", tiles, ", tensor_cores ",
+                tensor_cores, ", seq_cta ", seq_cta, ", warps_per_head ", warps_per_head, ", head_dim ", D);
+    TORCH_CHECK(Hkv <= 8, "r1mega_attn_cuda: cluster takes at most 8 KV heads (a portable cluster), got ", Hkv);
+    const int major = at::cuda::getDeviceProperties(q.get_device())->major;
+    TORCH_CHECK(major >= 9, "r1mega_attn_cuda: cluster needs thread-block clusters (sm_90+), the device is sm_",
+                major, "x");
+  }
+  if ((q8.has_value() && !tiles && !cluster) || seq_cta) {
     TORCH_CHECK(tensor_cores, "r1mega_attn_cuda: one CTA a sequence (q8, seq_cta) is the tensor-core kernel's");
     TORCH_CHECK((Hkv == 1 || Hkv == 2 || Hkv == 4) && Hkv * D <= 512,
                 "r1mega_attn_cuda: one CTA a sequence (q8, seq_cta) takes 1, 2 or 4 KV heads with "
@@ -121,7 +134,7 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
   }
   if (B == 0) return;
   paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores, heads_inner, q8, s8, power2, seq_cta,
-                        static_cast<int>(warps_per_head), tiles);
+                        static_cast<int>(warps_per_head), tiles, cluster);
 }
 
 }  // namespace
@@ -133,5 +146,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block_tables"), py::arg("ctx_lens"), py::arg("out"), py::arg("scale"),
         py::arg("tensor_cores") = false, py::arg("heads_inner") = false, py::arg("q8") = py::none(),
         py::arg("s8") = py::none(), py::arg("power2") = true, py::arg("seq_cta") = false,
-        py::arg("warps_per_head") = 4, py::arg("tiles") = false);
+        py::arg("warps_per_head") = 4, py::arg("tiles") = false, py::arg("cluster") = false);
 }

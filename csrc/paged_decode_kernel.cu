@@ -322,6 +322,32 @@ void launch_mma(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The cluster rows epilogue: one CTA a KV head of kWarps warps (D == kWarps * 32, checked), a
+// sequence's Hkv CTAs one thread-block cluster (sm_90+, Hkv <= 8: checked by the caller)
+template <typename QT, int D, typename IT>
+void launch_mma_cluster(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
+                        const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
+                        int group, double scale, bool heads_inner, const RowsOut& rows) {
+  constexpr int smem = MmaSmem<D, 1, kWarps>::kBytes;
+  auto* kernel = paged_decode_fp8_mma_kernel<QT, D, IT, 1, false, kWarps, true, true>;
+  static bool opted_in[64] = {};
+  opt_in(kernel, smem, q.get_device(), opted_in);
+  const unsigned hkv = static_cast<unsigned>(kc.size(2));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = heads_inner ? dim3(hkv, q.size(0)) : dim3(q.size(0), hkv);
+  cfg.blockDim = dim3(kWarps * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = heads_inner ? hkv : 1;
+  attr[0].val.clusterDim.y = heads_inner ? 1 : hkv;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, R1MEGA_PAGED_ARGS, rows));
+}
+
 // One CTA a sequence, all its KV heads (checked: 1, 2 or 4 with D * heads <= 512); ROWS: the epilogue
 template <typename QT, int D, typename IT, bool ROWS>
 void launch_seq(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
@@ -349,11 +375,15 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
             const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
             int group, double scale, bool heads_inner, const RowsOut& rows, bool seq_cta, int wph) {
   if constexpr (MMA) {
-    if (rows.q8 != nullptr && rows.tiles) {  // one CTA a KV head, one thread a dim (checked: D 128)
-      if constexpr (D == kWarps * 32)
+    if (rows.q8 != nullptr && (rows.tiles || rows.cluster)) {  // one CTA a KV head, a thread a dim
+      if constexpr (D == kWarps * 32) {
+        if (rows.cluster)
+          return launch_mma_cluster<QT, D, IT>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
         return launch_mma<QT, D, IT, 1, false, kWarps, true>(q, kc, vc, ks, vs, bt, ctx, out, group, scale,
                                                              heads_inner, rows);
-      TORCH_CHECK(false, "r1mega_attn_cuda: the tiles epilogue takes head_dim ", kWarps * 32, ", got ", D);
+      }
+      TORCH_CHECK(false, "r1mega_attn_cuda: the tiles and cluster epilogues take head_dim ", kWarps * 32,
+                  ", got ", D);
     }
     if (rows.q8 == nullptr && !seq_cta && wph == 1)
       return launch_mma<QT, D, IT, 1, false, 1>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows);
@@ -413,7 +443,7 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            const at::Tensor& ctx, at::Tensor& out, double scale, bool tensor_cores,
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
                            const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph,
-                           bool tiles) {
+                           bool tiles, bool cluster) {
   const at::cuda::CUDAGuard guard(q.device());
   const int group = static_cast<int>(q.size(1) / kc.size(2));
   RowsOut rows;
@@ -424,6 +454,7 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
     rows.s8_sb = tiles ? s8->stride(0) : 1;
     rows.power2 = power2;
     rows.tiles = tiles;
+    rows.cluster = cluster;
   }
   if (q.scalar_type() == at::kBFloat16) {
     by_group<__nv_bfloat16>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta, wph);

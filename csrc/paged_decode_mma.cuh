@@ -95,7 +95,9 @@ __device__ __forceinline__ void v_words(const uint8_t* vr, int key, int g, uint3
 // HPC = Hkv): o_proj's input row quantised here (csrc/paged_decode_rows.cuh). A CTA takes HPC KV
 // heads of one sequence, WPH warps each, which split the head's chunks (fewer warps a head: each
 // walks more chunks, and more CTAs fit an SM); the grid's head axis is Hkv / HPC.
-template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps, bool TILES = false>
+// CLUSTER (with TILES' thread layout): one scale a row, a sequence's CTAs one cluster.
+template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps, bool TILES = false,
+          bool CLUSTER = false>
 __global__ void __launch_bounds__(WPH * 32 * HPC)
     paged_decode_fp8_mma_kernel(const QT* __restrict__ q, int64_t q_sb, int64_t q_sh,
                                 const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
@@ -112,6 +114,7 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
   static_assert(!ROWS || WPH == kWarps, "the rows epilogue's outputs a thread assume kWarps warps a head");
   static_assert(!TILES || (!ROWS && HPC == 1 && WPH * 32 == D),
                 "the tiles epilogue takes one thread a dim of one KV head's outputs");
+  static_assert(!CLUSTER || TILES, "the cluster rows epilogue keeps the tiles' thread layout");
   using S = MmaSmem<D, HPC, WPH>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* ring = smem;                                                 // [warp][stage][K|V][key][D]
@@ -298,7 +301,10 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
     float vals[8];  // head i's dim threadIdx.x (element threadIdx.x + i * D of the CTA's outputs)
 #pragma unroll
     for (int i = 0; i < 8; ++i) vals[i] = i < group ? to_float(merged(threadIdx.x + i * D)) : 0.f;
-    quantize_head_tiles<WPH>(rows, vals, b, h0 * group, group);
+    if constexpr (CLUSTER)
+      quantize_row_cluster<WPH>(rows, vals, b, h0 * group, group);
+    else
+      quantize_head_tiles<WPH>(rows, vals, b, h0 * group, group);
   } else {
     for (int e = threadIdx.x; e < n_out; e += blockDim.x) merged(e);
   }

@@ -11,7 +11,13 @@
 // intrinsics: the extension builds with --use_fast_math), clamped to FLT_MAX, its mantissa
 // dropped for power-of-two scales, 1 where amax is 0; x * mult clamped to +-448 and rounded to
 // nearest even; scale = 1 / mult correctly rounded.
+//
+// The cluster form (R1MEGA_PAGED_FP8_ROWS_CLUSTER, Hopper): the grid stays one CTA a KV head, and
+// a sequence's Hkv CTAs form one thread-block cluster. Each CTA reduces its heads' amax, the CTAs
+// exchange them through distributed shared memory, and each quantises its own heads with the
+// row's amax: the same bits as the one-CTA-a-sequence form, without its 4x larger CTAs.
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda_fp8.h>
 
 #include "paged_decode_common.cuh"
@@ -25,6 +31,7 @@ struct RowsOut {
   int64_t s8_sb = 1;
   bool power2 = true;
   bool tiles = false;     // one scale a head's D = 128 outputs (a 1 x 128 tile), one CTA a KV head
+  bool cluster = false;   // one scale a row, one CTA a KV head, a sequence's CTAs one cluster
 };
 
 // mult = 448 / amax as quantize_reference computes it (see above); amax as |x|'s float bits
@@ -93,6 +100,51 @@ __device__ void quantize_row(const RowsOut& rows, const float (&vals)[PER], int 
     if (e < n) q[e] = e4m3_byte(vals[i], mult);
   }
   if (threadIdx.x == 0) rows.s8[b] = __fdiv_rn(1.f, mult);
+}
+
+// The cluster rows epilogue: the thread layout of quantize_head_tiles (vals[i]: head i's dim
+// threadIdx.x, zero past `group`), one scale for the whole row, its amax exchanged between the
+// sequence's CTAs (one cluster) through distributed shared memory.
+template <int WARPS>
+__device__ void quantize_row_cluster(const RowsOut& rows, const float (&vals)[8], int b, int head0,
+                                     int group) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  __shared__ uint32_t warp_max[WARPS];
+  __shared__ uint32_t cta_max;
+  constexpr int D = WARPS * 32;
+  uint32_t m = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) m = max(m, __float_as_uint(vals[i]) & 0x7fffffffu);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) m = max(m, __shfl_xor_sync(kFull, m, off));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t c = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) c = max(c, warp_max[w]);
+    cta_max = c;
+  }
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every CTA's amax written and visible to the cluster
+  uint32_t row = 0;
+  const unsigned n = cluster.num_blocks();
+  for (unsigned r = 0; r < n; ++r) row = max(row, *cluster.map_shared_rank(&cta_max, r));
+  // a CTA's shared memory must outlive the others' reads of it: arrive now, wait before exiting
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  const float mult = e4m3_multiplier(row, rows.power2);
+  uint8_t* q = rows.q8 + b * rows.q8_sb + static_cast<int64_t>(head0) * D;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (i >= group) break;
+    q[i * D + threadIdx.x] = e4m3_byte(vals[i], mult);
+  }
+  if (threadIdx.x == 0 && cluster.block_rank() == 0) rows.s8[b] = __fdiv_rn(1.f, mult);
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();  // the host launches the cluster form on sm_90+ only
+#endif
 }
 
 }  // namespace

@@ -17,7 +17,9 @@ on it), bf16 and FP8 caches, the FP8 ones also with fp16 dots, and ``fp8-cuda`` 
 (the CUDA-core and tensor-core kernels of r1mega/rollout/cuda_paged.py, where its extension loads), each with its error against
 float64 attention on its cache's values; ``bf16-rows-heads`` and ``fp8-mma-heads`` launch the
 (Hkv, B) grid (``R1MEGA_PAGED_GRID=heads``); ``fp8-mma-w2`` and ``-w1`` give a KV head 2 and 1
-warps instead of 4 (``R1MEGA_PAGED_FP8_WARPS``).
+warps instead of 4 (``R1MEGA_PAGED_FP8_WARPS``); ``fp8-mma+row-kernel`` adds the one-pass row
+quantiser that the FP8 rollout's o_proj runs after it, and ``fp8-mma+cluster-rows`` writes those
+rows in the kernel itself (``R1MEGA_PAGED_FP8_ROWS_CLUSTER``, Hopper).
 
 ``--block-n 32,64,128`` (GPU): also time the default kernel directly at each keys-per-tile size,
 for both caches; ``--rows-launch BN,W,S;...`` the default (rows) kernel and ``--keys-launch
@@ -168,7 +170,19 @@ def main(argv=None) -> int:
                 # one CTA a sequence (R1MEGA_PAGED_GRID=seq), and the same writing o_proj's rows
                 calls["fp8-mma-seq"] = functools.partial(cuda_paged.paged_decode_fp8_cuda,
                                                          tensor_cores=True, seq_cta=True)
-                calls["fp8-mma-seq+rows"] = lambda *a: cuda_paged.paged_decode_fp8_rows(*a)[0]
+                calls["fp8-mma-seq+rows"] = lambda *a: cuda_paged.paged_decode_fp8_rows(*a, cluster=False)[0]
+            # what the FP8 rollout's o_proj needs: the attention and its rows in e4m3, by the
+            # one-pass row kernel after it, or by the kernel itself through a cluster
+            from r1mega.precision import triton_fp8_rows
+
+            def mma_then_rows(*a):
+                out = cuda_paged.paged_decode_fp8_cuda(*a, tensor_cores=True)
+                triton_fp8_rows.fp8_rows(out.reshape(out.shape[0], -1), True)
+                return out
+
+            calls["fp8-mma+row-kernel"] = mma_then_rows
+            if cuda_paged.rows_cluster_why_not(q, k8, ks) is None:
+                calls["fp8-mma+cluster-rows"] = lambda *a: cuda_paged.paged_decode_fp8_rows(*a, cluster=True)[0]
             for name, fn in calls.items():
                 def call_cuda(fn=fn):
                     return fn(q, k8, v8, bt, ctx_t, scale, ks, vs)

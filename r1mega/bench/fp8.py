@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Optional
 
 import torch
 
@@ -217,6 +218,28 @@ def _allocator_counts(device: torch.device) -> dict:
                                       "num_sync_all_streams")}
 
 
+# --variant NAME: one more FP8 row (weights + KV cache) in the same process with these switches
+# on (module, attribute), each a kernel choice otherwise set by its R1MEGA_... variable at import
+ROLLOUT_VARIANTS = {
+    "rows-cluster": (("r1mega.rollout.cuda_paged", "ROWS_CLUSTER"),),
+    "wgmma": (("r1mega.precision.wgmma_gemm", "ENABLED"),),
+    "wgmma-ws": (("r1mega.precision.wgmma_gemm", "ENABLED"), ("r1mega.precision.wgmma_gemm", "PRODUCER_WARP")),
+}
+
+
+def _variant(name: Optional[str]):
+    """A context with ``name``'s switches on (None: no change)."""
+    import contextlib
+    import importlib
+
+    from r1mega import switches
+
+    stack = contextlib.ExitStack()
+    for mod, attr in ROLLOUT_VARIANTS[name] if name else ():
+        stack.enter_context(switches.overridden(importlib.import_module(mod), attr, True))
+    return stack
+
+
 def run_rollout(args, rt) -> dict:
     """bf16 vs FP8-weight rollout (``precision.fp8_rollout``) on the same model, same requests."""
     from r1mega.bench.host_stats import HostStats
@@ -250,85 +273,95 @@ def run_rollout(args, rt) -> dict:
         names = ("bf16", both8)
     if args.fp8_first:  # whether a row's host time depends on running second (the heap, threads)
         names = names[1:] + names[:1]
+    variants = {}
+    for v in args.variant:
+        if args.no_fp8_kv:
+            raise SystemExit("bench fp8: --variant rows take the FP8 KV cache; drop --no-fp8-kv")
+        variants[f"{both8}+{v}"] = v
+    names = tuple(names) + tuple(variants)
     for name in names:
-        rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
-                             max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
-                             compile_decode=not args.no_compile,
-                             max_prefill_tokens=max(16384, prompts * plen // 4),
-                             kv_cache_dtype="fp8" if name == both8 else "auto")
-        fp8 = Fp8RolloutWeights(model[0], policy) if name != "bf16" else None
-        eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
+        with _variant(variants.get(name)):
+            rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
+                                 max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
+                                 compile_decode=not args.no_compile,
+                                 max_prefill_tokens=max(16384, prompts * plen // 4),
+                                 kv_cache_dtype="fp8" if name == both8 or name in variants else "auto")
+            fp8 = Fp8RolloutWeights(model[0], policy) if name != "bf16" else None
+            eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
 
-        def generate(requests):
-            if fp8 is None:
-                return eng.generate(requests)
-            with fp8.decoding():
-                return eng.generate(requests)
-
-        counters.clear()  # dynamo's graph breaks in this row's compiles (a split decode step)
-        t = time.perf_counter()
-        generate([GenerationRequest(p, n=1, seed=i + 7919) for i, p in enumerate(ids)])  # warm-up
-        _sync(device)
-        warm = time.perf_counter() - t
-        alloc0 = _allocator_counts(device)
-        with HostStats() as host:
-            t = time.perf_counter()
-            outs = generate(reqs)
-            _sync(device)
-            dt = time.perf_counter() - t
-        alloc1 = _allocator_counts(device)
-        n_new = sum(len(c.token_ids) for c in outs)
-        st = eng.stats  # where the timed call went: prefill, decode steps, graph captures
-        split = {k: st[k] for k in ("prefill_s", "decode_s", "decode", "prefill", "capture_s",
-                                    "decode_compiled")}
-        split["graph_breaks"] = sum(counters["graph_break"].values())
-        # the timed call's cudaMalloc / cudaFree and allocator retries (a retry frees the cache
-        # after synchronising the device: host gaps that no kernel profile shows)
-        split["allocator"] = {k: alloc1[k] - alloc0[k] for k in alloc0}
-        split["host"] = host.result()  # the collector's pauses and other threads' CPU time
-        if args.host_profile:  # where the host's time goes in one more call (cProfile)
-            import cProfile
-            import pstats
-
-            prof = cProfile.Profile()
-            prof.enable()
-            generate(reqs)
-            _sync(device)
-            prof.disable()
-            print(f"==== {name}: host profile of one call (cProfile, own time)")
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        if args.profile_kernels:  # where each row's decode step and prefill spend device time
-            print(f"==== {name}")
-            split["busy"] = device_busy(lambda: generate(reqs)) if device.type == "cuda" else None
-            if split["busy"] is not None:
-                bz = split["busy"]
-                print(f"the same call profiled: device busy {bz['device_busy_s']:.3f} s of "
-                      f"{bz['wall_s']:.3f} s wall ({bz['device_busy_s'] / bz['wall_s']:.0%}); idle in "
-                      f"gaps over 20 us {bz['idle_in_gaps_over_20us_s']:.3f} s; [gaps, us idle] before: "
-                      f"{bz['idle_before_kernel_us']}")
-            _time_replays(eng, profile=True)
-            if fp8 is None:
-                _profile_prefill(eng, ids, name)
-            else:
+            def generate(requests):
+                if fp8 is None:
+                    return eng.generate(requests)
                 with fp8.decoding():
+                    return eng.generate(requests)
+
+            counters.clear()  # dynamo's graph breaks in this row's compiles (a split decode step)
+            t = time.perf_counter()
+            generate([GenerationRequest(p, n=1, seed=i + 7919) for i, p in enumerate(ids)])  # warm-up
+            _sync(device)
+            warm = time.perf_counter() - t
+            alloc0 = _allocator_counts(device)
+            with HostStats() as host:
+                t = time.perf_counter()
+                outs = generate(reqs)
+                _sync(device)
+                dt = time.perf_counter() - t
+            alloc1 = _allocator_counts(device)
+            n_new = sum(len(c.token_ids) for c in outs)
+            st = eng.stats  # where the timed call went: prefill, decode steps, graph captures
+            split = {k: st[k] for k in ("prefill_s", "decode_s", "decode", "prefill", "capture_s",
+                                        "decode_compiled")}
+            split["graph_breaks"] = sum(counters["graph_break"].values())
+            # the timed call's cudaMalloc / cudaFree and allocator retries (a retry frees the cache
+            # after synchronising the device: host gaps that no kernel profile shows)
+            split["allocator"] = {k: alloc1[k] - alloc0[k] for k in alloc0}
+            split["host"] = host.result()  # the collector's pauses and other threads' CPU time
+            if args.host_profile:  # where the host's time goes in one more call (cProfile)
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.enable()
+                generate(reqs)
+                _sync(device)
+                prof.disable()
+                print(f"==== {name}: host profile of one call (cProfile, own time)")
+                pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            if args.profile_kernels:  # where each row's decode step and prefill spend device time
+                print(f"==== {name}")
+                split["busy"] = device_busy(lambda: generate(reqs)) if device.type == "cuda" else None
+                if split["busy"] is not None:
+                    bz = split["busy"]
+                    print(f"the same call profiled: device busy {bz['device_busy_s']:.3f} s of "
+                          f"{bz['wall_s']:.3f} s wall ({bz['device_busy_s'] / bz['wall_s']:.0%}); idle in "
+                          f"gaps over 20 us {bz['idle_in_gaps_over_20us_s']:.3f} s; [gaps, us idle] before: "
+                          f"{bz['idle_before_kernel_us']}")
+                _time_replays(eng, profile=True)
+                if fp8 is None:
                     _profile_prefill(eng, ids, name)
-        # Against the training forward, which stays bf16 (outside decoding()).
-        mean, mx = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
-        eng.release()
-        if fp8 is not None:
-            fp8.remove()
-        rows[name] = {"tokens_per_s": n_new / dt, "seconds": dt, "warmup_s": warm,
-                      "logprob_mismatch_mean": mean, "logprob_mismatch_max": mx, **split}
-        print(f"{name:<26} {n_new / dt:>12,.0f} tok/s  ({dt:.2f} s, warm-up {warm:.1f} s)  "
-              f"log-prob |diff| vs training: mean {mean:.2e}, max {mx:.2e}", flush=True)
-        print(f"{'':<26} prefill {split['prefill_s']:.3f} s in {split['prefill']} steps, decode "
-              f"{split['decode_s']:.3f} s in {split['decode']} steps "
-              f"({split['decode_s'] / max(split['decode'], 1) * 1e3:.3f} ms each), graph captures "
-              f"{split['capture_s']:.2f} s; decode compiled: {split['decode_compiled']}, "
-              f"{split['graph_breaks']} graph breaks; allocator {split['allocator']}", flush=True)
-        print(f"{'':<26} host: {split['host']}", flush=True)
+                else:
+                    with fp8.decoding():
+                        _profile_prefill(eng, ids, name)
+            # Against the training forward, which stays bf16 (outside decoding()).
+            mean, mx = logprob_mismatch(model, outs[: args.mismatch_seqs], ids)
+            eng.release()
+            if fp8 is not None:
+                fp8.remove()
+            rows[name] = {"tokens_per_s": n_new / dt, "seconds": dt, "warmup_s": warm,
+                          "logprob_mismatch_mean": mean, "logprob_mismatch_max": mx, **split}
+            print(f"{name:<26} {n_new / dt:>12,.0f} tok/s  ({dt:.2f} s, warm-up {warm:.1f} s)  "
+                  f"log-prob |diff| vs training: mean {mean:.2e}, max {mx:.2e}", flush=True)
+            print(f"{'':<26} prefill {split['prefill_s']:.3f} s in {split['prefill']} steps, decode "
+                  f"{split['decode_s']:.3f} s in {split['decode']} steps "
+                  f"({split['decode_s'] / max(split['decode'], 1) * 1e3:.3f} ms each), graph captures "
+                  f"{split['capture_s']:.2f} s; decode compiled: {split['decode_compiled']}, "
+                  f"{split['graph_breaks']} graph breaks; allocator {split['allocator']}", flush=True)
+            print(f"{'':<26} host: {split['host']}", flush=True)
     speedup = rows[weights8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if weights8 in rows else None
     both = rows[both8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if both8 in rows else None
+    for name in variants:
+        print(f"{name} / bf16 rollout tokens/s = "
+              f"{rows[name]['tokens_per_s'] / rows['bf16']['tokens_per_s']:.2f}x (bar 1.4x)")
     if speedup is not None:
         print(f"FP8 {args.recipe} rollout / bf16 rollout tokens/s = {speedup:.2f}x (bar 1.4x)")
     if both is not None:
@@ -339,6 +372,7 @@ def run_rollout(args, rt) -> dict:
     return {"mode": "rollout", "recipe": args.recipe, "setting": f"{prompts}x{plen}->{new}",
             "rollout_gemm": gemm_choice(), "rollout_act": act_choice(),
             "rows": rows, "fp8_speedup": speedup, "fp8_kv_speedup": both,
+            "variant_speedups": {n: rows[n]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] for n in variants},
             "bar_met": None if args.smoke or speedup is None else bool(speedup >= 1.4),
             "bar_met_with_fp8_kv": None if args.smoke or both is None else bool(both >= 1.4)}
 
@@ -378,6 +412,10 @@ def main(argv=None) -> int:
                     help="rollout: time the FP8 rows before the bf16 row")
     ap.add_argument("--skip-weights-only", action="store_true",
                     help="rollout: skip the FP8-weights row (bf16 vs FP8 weights + FP8 KV cache only)")
+    ap.add_argument("--variant", action="append", default=[], choices=sorted(ROLLOUT_VARIANTS),
+                    help="rollout: one more FP8 row (weights + KV cache) with these kernel switches on "
+                         "(repeatable): " + "; ".join(f"{k}: {', '.join(a for _, a in v)}"
+                                                      for k, v in ROLLOUT_VARIANTS.items()))
     ap.add_argument("--mismatch-seqs", type=int, default=16)
     ap.add_argument("--host-profile", action="store_true",
                     help="rollout: cProfile one more call of each row (where the host's time goes)")

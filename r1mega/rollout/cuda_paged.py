@@ -135,6 +135,33 @@ ROWS = switches.flag("R1MEGA_PAGED_FP8_ROWS", False,
                      "kernel a layer fewer)")
 
 
+# The same rows from the one-CTA-a-KV-head kernel, a sequence's CTAs one thread-block cluster that
+# exchanges the row's amax through distributed shared memory (csrc/paged_decode_rows.cuh)
+ROWS_CLUSTER = switches.flag("R1MEGA_PAGED_FP8_ROWS_CLUSTER", False,
+                             "the FP8 rollout's decode attention kernel (tensor cores, one CTA a KV head, "
+                             "a sequence's KV heads one thread-block cluster: Hopper) also writes its "
+                             "output rows in e4m3 with row scales, for the output projection (one "
+                             "kernel a layer fewer); where it cannot, R1MEGA_PAGED_FP8_ROWS decides")
+
+# device index -> whether it launches thread-block clusters (sm_90+); filled eagerly by
+# prepare(), read while tracing (a capability query inside the traced step breaks its graph)
+_CLUSTERS: dict = {}
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def prepare(device: torch.device) -> None:
+    """Load the extension and note whether ``device`` launches clusters, eagerly, before a decode
+    step that takes an epilogue route is traced."""
+    if device.type != "cuda":
+        return
+    get()
+    idx = _device_index(device)
+    _CLUSTERS[idx] = torch.cuda.get_device_capability(idx) >= (9, 0)
+
+
 def _seq_heads_why_not(q: torch.Tensor, k_cache: torch.Tensor) -> Optional[str]:
     hkv, d = k_cache.shape[2], q.shape[-1]
     if hkv not in (1, 2, 4) or hkv * d > 512:
@@ -151,36 +178,77 @@ def rows_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch
     return _seq_heads_why_not(q, k_cache) or why_not(q, k_cache, k_scale, pointers)
 
 
+def rows_cluster_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
+                         pointers: bool = True) -> Optional[str]:
+    """None when the tensor-core kernel can quantise its output rows through a cluster of a
+    sequence's KV heads, else the reason: head_dim 128 and one CTA a KV head of four warps (the
+    tiles' thread layout), at most 8 KV heads (a portable cluster), a device with clusters
+    (sm_90+; while tracing, as :func:`prepare` found it), besides :func:`why_not`'s conditions."""
+    if q.shape[-1] != 128:
+        return f"head_dim {q.shape[-1]}: the cluster rows epilogue takes 128"
+    if SEQ_CTA or WARPS_PER_HEAD != 4:
+        return ("the cluster rows epilogue runs one CTA a KV head of four warps (R1MEGA_PAGED_GRID=seq "
+                "or R1MEGA_PAGED_FP8_WARPS set otherwise)")
+    if k_cache.shape[2] > 8:
+        return f"{k_cache.shape[2]} KV heads: a cluster holds at most 8"
+    reason = why_not(q, k_cache, k_scale, pointers)
+    if reason is not None:
+        return reason
+    idx = _device_index(q.device)
+    if not torch.compiler.is_compiling() and idx not in _CLUSTERS:
+        prepare(q.device)
+    if not _CLUSTERS.get(idx, False):
+        return "the device has no thread-block clusters (sm_90+), or prepare() did not see it"
+    return None
+
+
+def rows_mode(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
+              pointers: bool = True) -> Optional[str]:
+    """Which rows epilogue serves these operands under the switches: "cluster", "seq" (one CTA a
+    sequence) or None."""
+    if ROWS_CLUSTER and rows_cluster_why_not(q, k_cache, k_scale, pointers) is None:
+        return "cluster"
+    if ROWS and rows_why_not(q, k_cache, k_scale, pointers) is None:
+        return "seq"
+    return None
+
+
 def serves_rows(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:
-    """Whether a rows call runs the epilogue: switched on, and the tensor-core kernel takes these
-    operands with it. Traced by dynamo in the compiled decode step, where ``data_ptr()`` or
+    """Whether a rows call runs an epilogue: switched on, and the tensor-core kernel takes these
+    operands with one of them (:func:`rows_mode`). Traced by dynamo in the compiled decode step, where ``data_ptr()`` or
     loading the extension would break the graph at every layer: while compiling, the base
     address's alignment is left out (the op itself checks it again, eagerly, and falls back if it
     must) and only an extension loaded before counts (the model runner loads it when the switch
     is on)."""
-    if not (ROWS and IMPL == "mma"):
+    if not ((ROWS or ROWS_CLUSTER) and IMPL == "mma"):
         return False
     tracing = torch.compiler.is_compiling()
     return ((loaded() if tracing else get()) is not None
-            and rows_why_not(q, k_cache, k_scale, pointers=not tracing) is None)
+            and rows_mode(q, k_cache, k_scale, pointers=not tracing) is not None)
 
 
 def paged_decode_fp8_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
                           k_scale: torch.Tensor, v_scale: torch.Tensor, power2: bool = True,
-                          pad: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          pad: int = 16, cluster: Optional[bool] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, Hq, D) -> (out (B, Hq, D), e4m3 rows (B', Hq * D), float32 scales (B', 1)): the
     tensor-core kernel's attention, and ``out.reshape(B, -1)`` quantised as
     ``triton_fp8_rows.fp8_rows(..., power2, pad=pad)`` does it (rows padded to B', a multiple of
-    ``pad``, with zero rows of scale 1)."""
-    return _with_epilogue("paged_decode_fp8_rows", rows_why_not, q, k_cache, v_cache, block_tables,
-                          ctx_lens, scale, k_scale, v_scale, power2, pad, tiles=False)
+    ``pad``, with zero rows of scale 1). ``cluster``: one CTA a KV head, a sequence's CTAs one
+    cluster (True), or one CTA a sequence (False); None: as :func:`rows_mode` picks, else False."""
+    if cluster is None:
+        cluster = ROWS_CLUSTER and rows_cluster_why_not(q, k_cache, k_scale) is None
+    return _with_epilogue("paged_decode_fp8_rows", rows_cluster_why_not if cluster else rows_why_not,
+                          q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale, v_scale, power2,
+                          pad, tiles=False, cluster=cluster)
 
 
 def _with_epilogue(caller, check, q, k_cache, v_cache, block_tables, ctx_lens, scale, k_scale,
-                   v_scale, power2: bool, pad: int, tiles: bool):
-    """The tensor-core kernel with its rows (scales (B', 1)) or tiles (scales (B', Hq)) epilogue;
-    padding rows zero with scale 1."""
+                   v_scale, power2: bool, pad: int, tiles: bool, cluster: bool = False):
+    """The tensor-core kernel with its rows (scales (B', 1); one CTA a sequence, or with
+    ``cluster`` a cluster of one-KV-head CTAs) or tiles (scales (B', Hq)) epilogue; padding rows
+    zero with scale 1."""
     ext, q = _ready(caller, q, k_cache, k_scale, check)
     b, hq = q.shape[0], q.shape[1]
     bp = -(-b // pad) * pad
@@ -192,7 +260,7 @@ def _with_epilogue(caller, check, q, k_cache, v_cache, block_tables, ctx_lens, s
         s8[b:].fill_(1.0)
     ext.paged_decode_fp8(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, out,
                          float(scale), True, bool(HEADS_INNER), q8, s8 if tiles else s8.view(-1),
-                         bool(power2), tiles=tiles)
+                         bool(power2), tiles=tiles, cluster=cluster)
     return out, q8, s8
 
 

@@ -157,8 +157,9 @@ class ModelRunner:
             from r1mega.models.compile import prepare_dynamo
 
             prepare_dynamo()
-            if cuda_paged.ROWS:
-                cuda_paged.get()  # loaded now: an import inside the traced decode step breaks it
+            if cuda_paged.ROWS or cuda_paged.ROWS_CLUSTER or cuda_paged.TILES:
+                # loaded now: an import (or a capability query) inside the traced decode step breaks it
+                cuda_paged.prepare(self.device)
 
     def _mixed_qkv(self, attn, h: torch.Tensor, i: int):
         """(linear_qkv's output as (T, 1, Hkv, (G + 2) * D), None), or under the FP8 rollout's row
@@ -261,7 +262,8 @@ class ModelRunner:
         (the FP8 rollout's row route, the tensor-core kernel): whole rows under
         ``R1MEGA_PAGED_FP8_ROWS``, one scale a head under ``R1MEGA_PAGED_FP8_TILES`` (for the
         split-K FP8 GEMM); or None where that road is not taken."""
-        if ((not cuda_paged.ROWS and not cuda_paged.TILES) or decode_tensors is None
+        if ((not cuda_paged.ROWS and not cuda_paged.ROWS_CLUSTER and not cuda_paged.TILES)
+                or decode_tensors is None
                 or not self.decode_kernel_enabled or exact_active() or q.dtype != dtype):
             return None
         kc, vc, ks, vs = self.cache.layer(layer_idx)
@@ -270,7 +272,7 @@ class ModelRunner:
         if (cuda_paged.TILES and q.shape[0] <= triton_skinny_gemm.MAX_ROWS
                 and triton_skinny_gemm.HAVE_TRITON and cuda_paged.serves_tiles(q, kc, ks)):
             op = torch.ops.r1mega.paged_decode_attention_tiles
-        elif cuda_paged.ROWS and cuda_paged.serves_rows(q, kc, ks):
+        elif cuda_paged.serves_rows(q, kc, ks):
             op = torch.ops.r1mega.paged_decode_attention_rows
         else:
             return None

@@ -64,6 +64,73 @@ def test_epilogue_rows_equal_the_row_kernel_on_the_kernels_output(shape, dtype, 
     assert torch.equal(s8, ref_s)
 
 
+CLUSTER_SHAPES = [(16, 4, 128, 16), (8, 8, 128, 32), (32, 4, 128, 16), (6, 2, 128, 16), (4, 1, 128, 16)]
+
+
+def _clusters_or_skip(cp):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need sm_90+")
+    return cp
+
+
+@pytest.mark.parametrize("heads_inner", [False, True], ids=["seqs-grid", "heads-grid"])
+@pytest.mark.parametrize("power2", [True, False], ids=["power2", "exact-scales"])
+@pytest.mark.parametrize("repeat", [1, 5], ids=["8-seqs", "37-seqs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES, ids=["-".join(map(str, s)) for s in CLUSTER_SHAPES])
+def test_cluster_epilogue_rows_equal_the_row_kernel_on_the_kernels_output(monkeypatch, shape, dtype,
+                                                                         repeat, power2, heads_inner):
+    """One CTA a KV head, a sequence's CTAs one cluster exchanging the row's amax: the attention
+    of the plain kernel and the one-pass row kernel's e4m3 rows and scales, to the bit."""
+    cp = _clusters_or_skip(_ext())
+    monkeypatch.setattr(cp, "HEADS_INNER", heads_inner)
+    q, k8, ks, v8, vs, bt, ctx = _case(shape, dtype, repeat)
+    scale = 1 / math.sqrt(shape[2])
+    plain = cp.paged_decode_fp8_cuda(q, k8, v8, bt, ctx, scale, ks, vs, tensor_cores=True)
+    out, q8, s8 = cp.paged_decode_fp8_rows(q, k8, v8, bt, ctx, scale, ks, vs, power2, cluster=True)
+    assert torch.equal(out, plain)
+    ref_q, ref_s = _rows_reference(out, power2)
+    assert q8.shape == ref_q.shape and s8.shape == ref_s.shape
+    assert torch.equal(q8.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(s8, ref_s)
+
+
+def test_cluster_epilogue_refuses_what_it_cannot_take():
+    cp = _clusters_or_skip(_ext())
+    q, k8, ks, v8, vs, bt, ctx = _case((12, 2, 64, 32), torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim 64: the cluster rows epilogue takes 128"):
+        cp.paged_decode_fp8_rows(q, k8, v8, bt, ctx, 0.1, ks, vs, cluster=True)
+    q, k8, ks, v8, vs, bt, ctx = _case((16, 4, 128, 16), torch.bfloat16)
+    out = torch.empty_like(q)
+    q8 = torch.empty(16, 16 * 128, dtype=torch.float8_e4m3fn, device="cuda")
+    s8 = torch.empty(16, 2, dtype=torch.float32, device="cuda")  # tiles' layout, not a row's
+    with pytest.raises(RuntimeError, match="cluster"):
+        cp.get().paged_decode_fp8(q, k8, v8, ks, vs, bt, ctx, out, 0.1, True, False, q8, s8, True,
+                                  tiles=True, cluster=True)
+
+
+def test_cluster_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypatch):
+    cp = _clusters_or_skip(_ext())
+    check_replays_and_falls_back(monkeypatch, cp, "ROWS_CLUSTER", torch.ops.r1mega.paged_decode_attention_rows)
+
+
+def test_rollout_decodes_the_same_with_the_cluster_epilogue(single_rank_runtime, monkeypatch):
+    """As the one-CTA-a-sequence test below, for the cluster form (head_dim 128): the same
+    tokens and log-probs to the bit as the one-pass row kernel's route, eager and compiled, the
+    compiled step not split by the route."""
+    cp = _clusters_or_skip(_ext())
+    r = epilogue_rollouts(single_rank_runtime, monkeypatch, cp, "ROWS_CLUSTER", 1024, 0.0, 1)
+    keys = [(c, on) for c in (False, True) for on in (False, True)]
+    runs = {k: [(c.token_ids, c.logprobs) for c in r[k][0]] for k in keys}
+    taken = {k: r[k][1] for k in keys}
+    breaks = {k: r[k][2] for k in keys}
+    assert taken[False, False] == 0 and taken[True, False] == 0
+    assert runs[False, True] == runs[False, False]
+    assert taken[False, True] >= 2 * 11 and taken[False, True] % 2 == 0
+    assert taken[True, True] > 0 and r[True, True][3] and breaks[True, True] == breaks[True, False], breaks
+    assert runs[True, True] == runs[True, False]
+
+
 def test_epilogue_refuses_heads_it_cannot_hold():
     cp = _ext()
     for shape in [(8, 8, 64, 16), (9, 3, 64, 16), (32, 4, 256, 16)]:

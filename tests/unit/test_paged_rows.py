@@ -14,7 +14,8 @@ from r1mega.rollout import cuda_paged
 from tests.unit.test_rollout_fp8_error import paged_decode_case
 
 
-@pytest.mark.parametrize("attr,var", [("ROWS", "R1MEGA_PAGED_FP8_ROWS"), ("TILES", "R1MEGA_PAGED_FP8_TILES")])
+@pytest.mark.parametrize("attr,var", [("ROWS", "R1MEGA_PAGED_FP8_ROWS"), ("TILES", "R1MEGA_PAGED_FP8_TILES"),
+                                      ("ROWS_CLUSTER", "R1MEGA_PAGED_FP8_ROWS_CLUSTER")])
 def test_switch_is_off_by_default_and_validated(monkeypatch, attr, var):
     assert getattr(cuda_paged, attr) is False
     monkeypatch.setenv(var, "on")
@@ -70,3 +71,28 @@ def test_rows_route_takes_one_cta_of_heads_per_sequence():
     for hq, hkv, d in [(24, 8, 64), (9, 3, 64), (32, 4, 256)]:
         q, k = case(hq, hkv, d)
         assert "one CTA a sequence takes 1, 2 or 4 heads" in cuda_paged.rows_why_not(q, k, None)
+
+
+def test_cluster_rows_route_takes_one_cta_a_kv_head_of_head_dim_128(monkeypatch):
+    """The cluster form keeps the one-CTA-a-KV-head grid with a thread a dim: head_dim 128, four
+    warps a head, at most 8 KV heads (a portable cluster); a CPU tensor is never served, and
+    with both switches on the route falls to the one-CTA-a-sequence form where the cluster's
+    conditions fail."""
+    def case(hq, hkv, d):
+        return (torch.zeros(3, hq, d, dtype=torch.bfloat16),
+                torch.zeros(4, 16, hkv, d, dtype=torch.float8_e4m3fn))
+
+    for hq, hkv, d in [(16, 4, 128), (8, 8, 128), (6, 2, 128), (4, 1, 128)]:
+        q, k = case(hq, hkv, d)
+        assert "not a CUDA device" in cuda_paged.rows_cluster_why_not(q, k, torch.zeros(4, 16, hkv))
+    q, k = case(12, 2, 64)
+    assert "head_dim 64" in cuda_paged.rows_cluster_why_not(q, k, None)
+    q, k = case(32, 16, 128)
+    assert "16 KV heads" in cuda_paged.rows_cluster_why_not(q, k, None)
+    monkeypatch.setattr(cuda_paged, "WARPS_PER_HEAD", 2)
+    q, k = case(16, 4, 128)
+    assert "four warps" in cuda_paged.rows_cluster_why_not(q, k, None)
+    monkeypatch.setattr(cuda_paged, "ROWS_CLUSTER", True)
+    monkeypatch.setattr(cuda_paged, "ROWS", True)
+    assert cuda_paged.rows_mode(q, k, torch.zeros(4, 16, 4)) is None  # CPU: neither form
+    assert not cuda_paged.serves_rows(q, k, torch.zeros(4, 16, 4))
