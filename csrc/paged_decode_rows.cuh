@@ -15,7 +15,8 @@
 // The cluster form (R1MEGA_PAGED_FP8_ROWS_CLUSTER, Hopper): the grid stays one CTA a KV head, and
 // a sequence's Hkv CTAs form one thread-block cluster. Each CTA reduces its heads' amax, the CTAs
 // exchange them through distributed shared memory, and each quantises its own heads with the
-// row's amax: the same bits as the one-CTA-a-sequence form, without its 4x larger CTAs.
+// row's amax: the one-CTA-a-sequence form's arithmetic (tests/gpu/test_paged_rows_gpu.py holds
+// it to the row kernel's bits), without its 4x larger CTAs.
 #pragma once
 #include <cooperative_groups.h>
 #include <cuda_fp8.h>

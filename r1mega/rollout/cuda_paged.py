@@ -178,20 +178,27 @@ def rows_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch
     return _seq_heads_why_not(q, k_cache) or why_not(q, k_cache, k_scale, pointers)
 
 
+def _thread_a_dim_why_not(q: torch.Tensor, what: str) -> Optional[str]:
+    """The tiles' thread layout (the tiles and cluster rows epilogues): one CTA a KV head of four
+    warps, one thread a dim of head_dim 128."""
+    if q.shape[-1] != 128:
+        return f"head_dim {q.shape[-1]}: {what} takes 128"
+    if SEQ_CTA or WARPS_PER_HEAD != 4:
+        return (f"{what} runs one CTA a KV head of four warps (R1MEGA_PAGED_GRID=seq or "
+                "R1MEGA_PAGED_FP8_WARPS set otherwise)")
+    return None
+
+
 def rows_cluster_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
                          pointers: bool = True) -> Optional[str]:
     """None when the tensor-core kernel can quantise its output rows through a cluster of a
     sequence's KV heads, else the reason: head_dim 128 and one CTA a KV head of four warps (the
     tiles' thread layout), at most 8 KV heads (a portable cluster), a device with clusters
     (sm_90+; while tracing, as :func:`prepare` found it), besides :func:`why_not`'s conditions."""
-    if q.shape[-1] != 128:
-        return f"head_dim {q.shape[-1]}: the cluster rows epilogue takes 128"
-    if SEQ_CTA or WARPS_PER_HEAD != 4:
-        return ("the cluster rows epilogue runs one CTA a KV head of four warps (R1MEGA_PAGED_GRID=seq "
-                "or R1MEGA_PAGED_FP8_WARPS set otherwise)")
-    if k_cache.shape[2] > 8:
-        return f"{k_cache.shape[2]} KV heads: a cluster holds at most 8"
-    reason = why_not(q, k_cache, k_scale, pointers)
+    reason = _thread_a_dim_why_not(q, "the cluster rows epilogue")
+    if reason is None and k_cache.shape[2] > 8:
+        reason = f"{k_cache.shape[2]} KV heads: a cluster holds at most 8"
+    reason = reason or why_not(q, k_cache, k_scale, pointers)
     if reason is not None:
         return reason
     idx = _device_index(q.device)
@@ -318,12 +325,7 @@ def tiles_why_not(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torc
     """None when the tensor-core kernel can also write its output as e4m3 head tiles, else the
     reason: head_dim 128 (one thread a dim of four warps), one CTA a KV head of four warps,
     besides :func:`why_not`'s conditions."""
-    if q.shape[-1] != 128:
-        return f"head_dim {q.shape[-1]}: the tiles epilogue takes 128"
-    if SEQ_CTA or WARPS_PER_HEAD != 4:
-        return ("the tiles epilogue runs one CTA a KV head of four warps (R1MEGA_PAGED_GRID=seq or "
-                "R1MEGA_PAGED_FP8_WARPS set otherwise)")
-    return why_not(q, k_cache, k_scale, pointers)
+    return _thread_a_dim_why_not(q, "the tiles epilogue") or why_not(q, k_cache, k_scale, pointers)
 
 
 def serves_tiles(q: torch.Tensor, k_cache: torch.Tensor, k_scale: Optional[torch.Tensor]) -> bool:

@@ -115,20 +115,9 @@ def test_cluster_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypa
 
 
 def test_rollout_decodes_the_same_with_the_cluster_epilogue(single_rank_runtime, monkeypatch):
-    """As the one-CTA-a-sequence test below, for the cluster form (head_dim 128): the same
-    tokens and log-probs to the bit as the one-pass row kernel's route, eager and compiled, the
-    compiled step not split by the route."""
+    """As the one-CTA-a-sequence test below, for the cluster form (head_dim 128)."""
     cp = _clusters_or_skip(_ext())
-    r = epilogue_rollouts(single_rank_runtime, monkeypatch, cp, "ROWS_CLUSTER", 1024, 0.0, 1)
-    keys = [(c, on) for c in (False, True) for on in (False, True)]
-    runs = {k: [(c.token_ids, c.logprobs) for c in r[k][0]] for k in keys}
-    taken = {k: r[k][1] for k in keys}
-    breaks = {k: r[k][2] for k in keys}
-    assert taken[False, False] == 0 and taken[True, False] == 0
-    assert runs[False, True] == runs[False, False]
-    assert taken[False, True] >= 2 * 11 and taken[False, True] % 2 == 0
-    assert taken[True, True] > 0 and r[True, True][3] and breaks[True, True] == breaks[True, False], breaks
-    assert runs[True, True] == runs[True, False]
+    check_rollouts_equal(epilogue_rollouts(single_rank_runtime, monkeypatch, cp, "ROWS_CLUSTER", 1024, 0.0, 1))
 
 
 def test_epilogue_refuses_heads_it_cannot_hold():
@@ -215,14 +204,11 @@ def epilogue_rollouts(single_rank_runtime, monkeypatch, cp, switch: str, hidden:
     return result
 
 
-def test_rollout_decodes_the_same_with_the_epilogue(single_rank_runtime, monkeypatch):
-    """The FP8 rollout (FP8 weights and KV cache) with o_proj's input quantised in the attention
-    kernel against the same rollout with the one-pass row kernel: tokens and log-probs equal to
-    the bit (the same e4m3 rows reach the same GEMM), the route taken once per layer and decode
-    step; compiled with CUDA graphs, the same tokens."""
-    cp = _ext()
-    # head_dim 64 (the kernel takes 64, 128, 256), groups of 4
-    r = epilogue_rollouts(single_rank_runtime, monkeypatch, cp, "ROWS", 512, 0.0, 1)
+def check_rollouts_equal(r: dict) -> None:
+    """:func:`epilogue_rollouts`' greedy runs: with the epilogue on, the same tokens and log-probs
+    as off to the bit (the same e4m3 rows reach the same GEMM), the route taken once per layer and
+    decode step; compiled with CUDA graphs, the route traced into the step without breaking its
+    graph, and the same tokens."""
     keys = [(c, on) for c in (False, True) for on in (False, True)]
     runs = {k: [(c.token_ids, c.logprobs) for c in r[k][0]] for k in keys}
     taken = {k: r[k][1] for k in keys}
@@ -231,10 +217,18 @@ def test_rollout_decodes_the_same_with_the_epilogue(single_rank_runtime, monkeyp
     assert taken[False, False] == 0 and taken[True, False] == 0
     assert runs[False, True] == runs[False, False]
     assert taken[False, True] >= 2 * 11 and taken[False, True] % 2 == 0
-    # compiled: the route is traced into the step without breaking its graph (a data_ptr() in
-    # the route's check, then the extension's first load, split the step at every layer)
+    # a data_ptr() in the route's check, then the extension's first load, split the step at
+    # every layer once
     assert taken[True, True] > 0 and held[True, True] and held[True, False]
     assert breaks[True, True] == breaks[True, False], breaks
     assert runs[True, True] == runs[True, False]
     for (t0, _), (t1, _) in zip(runs[False, True], runs[True, True]):
         assert t0[:4] == t1[:4]
+
+
+def test_rollout_decodes_the_same_with_the_epilogue(single_rank_runtime, monkeypatch):
+    """The FP8 rollout (FP8 weights and KV cache) with o_proj's input quantised in the attention
+    kernel, one CTA a sequence (head_dim 64; the kernel takes 64, 128, 256; groups of 4), against
+    the same rollout with the one-pass row kernel (:func:`check_rollouts_equal`)."""
+    cp = _ext()
+    check_rollouts_equal(epilogue_rollouts(single_rank_runtime, monkeypatch, cp, "ROWS", 512, 0.0, 1))
