@@ -10,6 +10,12 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
                            bool heads_inner, const c10::optional<at::Tensor>& q8,
                            const c10::optional<at::Tensor>& s8, bool power2, bool seq_cta, int wph,
                            bool tiles, bool cluster);
+void paged_decode_fp8_rope_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                const at::Tensor& slots, const c10::optional<at::Tensor>& row_scale,
+                                at::Tensor& kc, at::Tensor& vc, at::Tensor& ks, at::Tensor& vs,
+                                const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out, double scale,
+                                bool heads_inner, const c10::optional<at::Tensor>& q8,
+                                const c10::optional<at::Tensor>& s8, bool power2, bool cluster);
 
 namespace {
 
@@ -34,11 +40,11 @@ bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.da
 // head of 4 warps, D 128): each head's outputs quantised as one 1 x 128 tile, s8 (>= B, Hq)
 // float32 with unit column stride. cluster (with q8 and s8, not tiles; one CTA a KV head of 4
 // warps, D 128, Hkv <= 8, sm_90+): the rows as above, a sequence's CTAs one thread-block cluster.
-void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
-                      const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
-                      const torch::Tensor& ctx, torch::Tensor out, double scale, bool tensor_cores,
-                      bool heads_inner, c10::optional<torch::Tensor> q8, c10::optional<torch::Tensor> s8,
-                      bool power2, bool seq_cta, int64_t warps_per_head, bool tiles, bool cluster) {
+void check_args(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
+                const torch::Tensor& ctx, const torch::Tensor& out, bool tensor_cores, bool heads_inner,
+                const c10::optional<torch::Tensor>& q8, const c10::optional<torch::Tensor>& s8,
+                bool seq_cta, int64_t warps_per_head, bool tiles, bool cluster) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.stride(2) == 1,
               "r1mega_attn_cuda: q must be a (B, Hq, D) CUDA tensor with unit stride on D, got ",
               q.sizes(), " strides ", q.strides());
@@ -132,9 +138,69 @@ void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const tor
                   s8->scalar_type(), " ", s8->sizes());
     }
   }
-  if (B == 0) return;
+}
+
+void paged_decode_fp8(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc,
+                      const torch::Tensor& ks, const torch::Tensor& vs, const torch::Tensor& bt,
+                      const torch::Tensor& ctx, torch::Tensor out, double scale, bool tensor_cores,
+                      bool heads_inner, c10::optional<torch::Tensor> q8, c10::optional<torch::Tensor> s8,
+                      bool power2, bool seq_cta, int64_t warps_per_head, bool tiles, bool cluster) {
+  check_args(q, kc, vc, ks, vs, bt, ctx, out, tensor_cores, heads_inner, q8, s8, seq_cta, warps_per_head, tiles,
+             cluster);
+  if (q.size(0) == 0) return;
   paged_decode_fp8_cuda(q, kc, vc, ks, vs, bt, ctx, out, scale, tensor_cores, heads_inner, q8, s8, power2, seq_cta,
                         static_cast<int>(warps_per_head), tiles, cluster);
+}
+
+// RoPE and the cache write in the kernel (csrc/paged_decode_rope.cuh): qkv (T, Hkv, (G + 2) * D)
+// bf16/fp16, linear_qkv's output as triton_rope_kv reads it (each KV head's G q heads, its k, its
+// v), unit stride on the last dim; cos, sin (T, D) in qkv's dtype sharing one layout, unit stride
+// on D; slots (T,) int64 (any stride), flat cache slots (block * bs + offset) where the new k and v
+// rows go; row_scale (T,) contiguous float32 or none: qkv's rows still to be scaled. The caches
+// and scales are written at the slots (as kv_cache.write_slots does) and read as in
+// paged_decode_fp8; out (T, G * Hkv, D) like qkv. The tensor-core kernel, one CTA a KV head of 4
+// warps; with q8 and s8, the cluster rows epilogue (cluster must be true: D 128, Hkv <= 8, sm_90+).
+void paged_decode_fp8_rope(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                           const torch::Tensor& slots, c10::optional<torch::Tensor> row_scale, torch::Tensor kc,
+                           torch::Tensor vc, torch::Tensor ks, torch::Tensor vs, const torch::Tensor& bt,
+                           const torch::Tensor& ctx, torch::Tensor out, double scale, bool heads_inner,
+                           c10::optional<torch::Tensor> q8, c10::optional<torch::Tensor> s8, bool power2,
+                           bool cluster) {
+  TORCH_CHECK(qkv.is_cuda() && qkv.dim() == 3 && qkv.stride(2) == 1,
+              "r1mega_attn_cuda: qkv must be a (T, Hkv, (G + 2) * D) CUDA tensor with unit stride on the "
+              "last dim, got ", qkv.sizes(), " strides ", qkv.strides());
+  TORCH_CHECK(out.is_cuda() && out.dim() == 3 && out.scalar_type() == qkv.scalar_type(),
+              "r1mega_attn_cuda: out must be a (T, Hq, D) CUDA tensor of qkv's dtype ", qkv.scalar_type(),
+              ", got ", out.scalar_type(), " ", out.sizes());
+  const int64_t T = qkv.size(0), Hkv = kc.size(2), D = out.size(2);
+  TORCH_CHECK(qkv.size(1) == Hkv && out.size(0) == T && Hkv > 0 && out.size(1) % Hkv == 0 &&
+                  qkv.size(2) == (out.size(1) / Hkv + 2) * D,
+              "r1mega_attn_cuda: qkv ", qkv.sizes(), " must be (T, Hkv=", Hkv, ", (G + 2) * D) for out ",
+              out.sizes(), " (T, G * Hkv, D)");
+  check_args(out, kc, vc, ks, vs, bt, ctx, out, true, heads_inner, q8, s8, false, 4, false, cluster);
+  TORCH_CHECK(!q8.has_value() || cluster,
+              "r1mega_attn_cuda: with RoPE, o_proj's rows come from the cluster epilogue only (cluster=true)");
+  for (auto* t : {&cos, &sin}) {
+    same_device(*t, qkv, "cos/sin");
+    TORCH_CHECK(t->scalar_type() == qkv.scalar_type() && t->dim() == 2 && t->size(0) == T && t->size(1) == D &&
+                    t->stride(1) == 1,
+                "r1mega_attn_cuda: cos and sin must be (", T, ", ", D, ") ", qkv.scalar_type(),
+                " with unit stride on D, got ", t->scalar_type(), " ", t->sizes());
+  }
+  TORCH_CHECK(sin.strides() == cos.strides(), "r1mega_attn_cuda: cos and sin must share one layout");
+  same_device(slots, qkv, "slots");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == T,
+              "r1mega_attn_cuda: slots must be int64 (", T, "), got ", slots.scalar_type(), " ", slots.sizes());
+  if (row_scale.has_value()) {
+    same_device(*row_scale, qkv, "row_scale");
+    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->dim() == 1 && row_scale->size(0) == T &&
+                    row_scale->stride(0) == 1,
+                "r1mega_attn_cuda: row_scale must be contiguous float32 (", T, "), got ",
+                row_scale->scalar_type(), " ", row_scale->sizes());
+  }
+  if (T == 0) return;
+  paged_decode_fp8_rope_cuda(qkv, cos, sin, slots, row_scale, kc, vc, ks, vs, bt, ctx, out, scale, heads_inner, q8,
+                             s8, power2, cluster);
 }
 
 }  // namespace
@@ -147,4 +213,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tensor_cores") = false, py::arg("heads_inner") = false, py::arg("q8") = py::none(),
         py::arg("s8") = py::none(), py::arg("power2") = true, py::arg("seq_cta") = false,
         py::arg("warps_per_head") = 4, py::arg("tiles") = false, py::arg("cluster") = false);
+  m.def("paged_decode_fp8_rope", &paged_decode_fp8_rope,
+        "RoPE on linear_qkv's output, the new K/V rows written to the FP8 paged cache, and decode attention, "
+        "in one kernel",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("slots"), py::arg("row_scale"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"), py::arg("block_tables"),
+        py::arg("ctx_lens"), py::arg("out"), py::arg("scale"), py::arg("heads_inner") = false,
+        py::arg("q8") = py::none(), py::arg("s8") = py::none(), py::arg("power2") = true,
+        py::arg("cluster") = false);
 }

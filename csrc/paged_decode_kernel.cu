@@ -306,30 +306,32 @@ void opt_in(Kernel kernel, int smem, int dev, bool (&done)[64]) {
       reinterpret_cast<QT*>(out.data_ptr()), out.stride(0), out.stride(1), group,                      \
       static_cast<int>(kc.size(1)), static_cast<float>(scale * 1.4426950408889634), heads_inner
 
-// The tensor-core kernel with HPC KV heads a CTA (csrc/paged_decode_mma.cuh); ROWS: the epilogue
-template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps, bool TILES = false>
+// The tensor-core kernel with HPC KV heads a CTA (csrc/paged_decode_mma.cuh); ROWS: the epilogue;
+// ROPE: q, k and v from `rope` (q is then only the batch's shape: out is passed)
+template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps, bool TILES = false,
+          bool ROPE = false>
 void launch_mma(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
                 const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-                int group, double scale, bool heads_inner, const RowsOut& rows) {
-  constexpr int smem = MmaSmem<D, HPC, WPH>::kBytes;
+                int group, double scale, bool heads_inner, const RowsOut& rows, const RopeIn& rope = {}) {
+  constexpr int smem = MmaSmem<D, HPC, WPH, ROPE>::kBytes;
   static_assert(smem <= 227 * 1024, "an H100's shared memory a CTA");
+  auto* kernel = paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH, TILES, false, ROPE>;
   static bool opted_in[64] = {};
-  opt_in(paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH, TILES>, smem, q.get_device(), opted_in);
+  opt_in(kernel, smem, q.get_device(), opted_in);
   const int heads = static_cast<int>(kc.size(2) / HPC);
   const dim3 grid = heads_inner ? dim3(heads, q.size(0)) : dim3(q.size(0), heads);
-  paged_decode_fp8_mma_kernel<QT, D, IT, HPC, ROWS, WPH, TILES>
-      <<<grid, WPH * 32 * HPC, smem, at::cuda::getCurrentCUDAStream()>>>(R1MEGA_PAGED_ARGS, rows);
+  kernel<<<grid, WPH * 32 * HPC, smem, at::cuda::getCurrentCUDAStream()>>>(R1MEGA_PAGED_ARGS, rows, rope);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The cluster rows epilogue: one CTA a KV head of kWarps warps (D == kWarps * 32, checked), a
 // sequence's Hkv CTAs one thread-block cluster (sm_90+, Hkv <= 8: checked by the caller)
-template <typename QT, int D, typename IT>
+template <typename QT, int D, typename IT, bool ROPE = false>
 void launch_mma_cluster(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks,
                         const at::Tensor& vs, const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out,
-                        int group, double scale, bool heads_inner, const RowsOut& rows) {
-  constexpr int smem = MmaSmem<D, 1, kWarps>::kBytes;
-  auto* kernel = paged_decode_fp8_mma_kernel<QT, D, IT, 1, false, kWarps, true, true>;
+                        int group, double scale, bool heads_inner, const RowsOut& rows, const RopeIn& rope = {}) {
+  constexpr int smem = MmaSmem<D, 1, kWarps, ROPE>::kBytes;
+  auto* kernel = paged_decode_fp8_mma_kernel<QT, D, IT, 1, false, kWarps, true, true, ROPE>;
   static bool opted_in[64] = {};
   opt_in(kernel, smem, q.get_device(), opted_in);
   const unsigned hkv = static_cast<unsigned>(kc.size(2));
@@ -345,7 +347,7 @@ void launch_mma_cluster(const at::Tensor& q, const at::Tensor& kc, const at::Ten
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, R1MEGA_PAGED_ARGS, rows));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, R1MEGA_PAGED_ARGS, rows, rope));
 }
 
 // One CTA a sequence, all its KV heads (checked: 1, 2 or 4 with D * heads <= 512); ROWS: the epilogue
@@ -404,6 +406,35 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
+// RoPE in the kernel (csrc/paged_decode_rope.cuh): the tensor-core kernel, one CTA a KV head of
+// kWarps warps, plain or with the cluster rows epilogue (D 128); out stands in for q
+template <typename QT, int D, typename IT>
+void launch_rope(const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs,
+                 const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out, int group, double scale,
+                 bool heads_inner, const RowsOut& rows, const RopeIn& rope) {
+  if (rows.q8 == nullptr)
+    return launch_mma<QT, D, IT, 1, false, kWarps, false, true>(out, kc, vc, ks, vs, bt, ctx, out, group, scale,
+                                                                heads_inner, rows, rope);
+  if constexpr (D == kWarps * 32) {
+    if (rows.cluster)
+      return launch_mma_cluster<QT, D, IT, true>(out, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner,
+                                                 rows, rope);
+  }
+  TORCH_CHECK(false, "r1mega_attn_cuda: with RoPE, rows come from the cluster epilogue at head_dim ", kWarps * 32,
+              " only");
+}
+
+template <typename QT, typename IT>
+void rope_by_dim(int d, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& ks, const at::Tensor& vs,
+                 const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out, int group, double scale,
+                 bool heads_inner, const RowsOut& rows, const RopeIn& rope) {
+  switch (d) {
+    case 64: return launch_rope<QT, 64, IT>(kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, rope);
+    case 128: return launch_rope<QT, 128, IT>(kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, rope);
+    default: return launch_rope<QT, 256, IT>(kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, rope);
+  }
+}
+
 #undef R1MEGA_PAGED_ARGS
 
 template <typename QT, int GMAX, int D, bool MMA>
@@ -461,4 +492,46 @@ void paged_decode_fp8_cuda(const at::Tensor& q, const at::Tensor& kc, const at::
   } else {
     by_group<__half>(q, kc, vc, ks, vs, bt, ctx, out, group, scale, tensor_cores, heads_inner, rows, seq_cta, wph);
   }
+}
+
+void paged_decode_fp8_rope_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                const at::Tensor& slots, const c10::optional<at::Tensor>& row_scale,
+                                at::Tensor& kc, at::Tensor& vc, at::Tensor& ks, at::Tensor& vs,
+                                const at::Tensor& bt, const at::Tensor& ctx, at::Tensor& out, double scale,
+                                bool heads_inner, const c10::optional<at::Tensor>& q8,
+                                const c10::optional<at::Tensor>& s8, bool power2, bool cluster) {
+  const at::cuda::CUDAGuard guard(qkv.device());
+  const int group = static_cast<int>(out.size(1) / kc.size(2));
+  RowsOut rows;
+  if (q8.has_value()) {
+    rows.q8 = reinterpret_cast<uint8_t*>(q8->data_ptr());
+    rows.s8 = s8->data_ptr<float>();
+    rows.q8_sb = q8->stride(0);
+    rows.power2 = power2;
+    rows.cluster = cluster;
+  }
+  RopeIn rope;
+  rope.qkv = qkv.data_ptr();
+  rope.x_sb = qkv.stride(0);
+  rope.x_sh = qkv.stride(1);
+  rope.cos = cos.data_ptr();
+  rope.sin = sin.data_ptr();
+  rope.cs_sb = cos.stride(0);
+  rope.slots = slots.data_ptr<int64_t>();
+  rope.slots_s = slots.stride(0);
+  rope.row_scale = row_scale.has_value() ? row_scale->data_ptr<float>() : nullptr;
+  rope.kc = reinterpret_cast<uint8_t*>(kc.data_ptr());
+  rope.vc = reinterpret_cast<uint8_t*>(vc.data_ptr());
+  rope.ks = ks.data_ptr<float>();
+  rope.vs = vs.data_ptr<float>();
+  const int d = static_cast<int>(out.size(2));
+  const bool bf16 = out.scalar_type() == at::kBFloat16, i64 = bt.scalar_type() == at::kLong;
+  if (bf16 && i64)
+    rope_by_dim<__nv_bfloat16, int64_t>(d, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, rope);
+  else if (bf16)
+    rope_by_dim<__nv_bfloat16, int32_t>(d, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, rope);
+  else if (i64)
+    rope_by_dim<__half, int64_t>(d, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, rope);
+  else
+    rope_by_dim<__half, int32_t>(d, kc, vc, ks, vs, bt, ctx, out, group, scale, heads_inner, rows, rope);
 }

@@ -27,6 +27,7 @@
 // one quarter-warp over all 32 banks at D 128.
 #pragma once
 #include "paged_decode_common.cuh"
+#include "paged_decode_rope.cuh"
 #include "paged_decode_rows.cuh"
 
 namespace {
@@ -37,13 +38,14 @@ __device__ __forceinline__ int ring_piece(int key, int part) {
 }
 
 // HPC: KV heads a CTA takes, WPH warps each (the rows epilogue wants a sequence's whole row)
-template <int D, int HPC = 1, int WPH = kWarps>
+template <int D, int HPC = 1, int WPH = kWarps, bool ROPE = false>
 struct MmaSmem {
   static constexpr int kAllWarps = HPC * WPH;
   static constexpr int kRing = kAllWarps * kStages * 2 * kChunk * D;    // e4m3 K | V per chunk
   static constexpr int kScales = kAllWarps * kStages * 2 * kChunk * 4;  // float32 k | v scales
   static constexpr int kMl = 3 * kAllWarps * 8 * 4;                     // m, l per head; v reference
-  static constexpr int kBytes = kRing + kScales + kMl;
+  static constexpr int kNew = ROPE ? RopeSmem<D>::kBytes : 0;           // the new token's k | v row
+  static constexpr int kBytes = kRing + kScales + kMl + kNew;
   // the merge's partial accumulators (warps, 8, D) float32 reuse the K|V rings
   static_assert(kAllWarps * 8 * D * 4 <= kRing, "the merge buffer must fit in the ring");
 };
@@ -96,8 +98,10 @@ __device__ __forceinline__ void v_words(const uint8_t* vr, int key, int g, uint3
 // heads of one sequence, WPH warps each, which split the head's chunks (fewer warps a head: each
 // walks more chunks, and more CTAs fit an SM); the grid's head axis is Hkv / HPC.
 // CLUSTER (with TILES' thread layout): one scale a row, a sequence's CTAs one cluster.
+// ROPE (one KV head a CTA): q, k and v come from linear_qkv's output `rope` (q is unused), rotated
+// here, and the new k and v rows are written to the cache (csrc/paged_decode_rope.cuh).
 template <typename QT, int D, typename IT, int HPC, bool ROWS, int WPH = kWarps, bool TILES = false,
-          bool CLUSTER = false>
+          bool CLUSTER = false, bool ROPE = false>
 __global__ void __launch_bounds__(WPH * 32 * HPC)
     paged_decode_fp8_mma_kernel(const QT* __restrict__ q, int64_t q_sb, int64_t q_sh,
                                 const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
@@ -106,7 +110,7 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
                                 int64_t s_sb, int64_t s_st, const IT* __restrict__ bt,
                                 int64_t bt_s, const int32_t* __restrict__ ctx_lens,
                                 QT* __restrict__ out, int64_t o_sb, int64_t o_sh, int group, int bs,
-                                float scale_log2, bool heads_inner, RowsOut rows) {
+                                float scale_log2, bool heads_inner, RowsOut rows, RopeIn rope) {
   constexpr int PIECES = D / 16;   // 16-byte pieces of a cache row
   constexpr int KT = D / 16;       // k-steps of S^T, m-tiles of O^T
   constexpr int VB = D / 8;        // V bytes (dims) a lane takes of each of its keys
@@ -115,7 +119,8 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
   static_assert(!TILES || (!ROWS && HPC == 1 && WPH * 32 == D),
                 "the tiles epilogue takes one thread a dim of one KV head's outputs");
   static_assert(!CLUSTER || TILES, "the cluster rows epilogue keeps the tiles' thread layout");
-  using S = MmaSmem<D, HPC, WPH>;
+  static_assert(!ROPE || HPC == 1, "RoPE in the kernel takes one KV head a CTA");
+  using S = MmaSmem<D, HPC, WPH, ROPE>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* ring = smem;                                                 // [warp][stage][K|V][key][D]
   float* sc_ring = reinterpret_cast<float*>(smem + S::kRing);            // [warp][stage][k|v][key]
@@ -123,6 +128,7 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
   float* l_s = m_s + S::kAllWarps * 8;
   float* r_s = l_s + S::kAllWarps * 8;                                   // [warp]
   float(*acc_s)[8][D] = reinterpret_cast<float(*)[8][D]>(smem);          // after the loop only
+  uint8_t* nkv = smem + S::kRing + S::kScales + S::kMl;                  // ROPE: [k|v][D], 2 scales
 
   const int b = heads_inner ? blockIdx.y : blockIdx.x;
   const int h0 = (heads_inner ? blockIdx.x : blockIdx.y) * HPC;  // the CTA's first KV head
@@ -160,6 +166,22 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
   };
 #pragma unroll
   for (int it = 0; it < kStages - 1; ++it) issue(it);
+  int patch = -1;  // ROPE: the context position the walk takes from nkv
+  if constexpr (ROPE) {
+    rope_write_new_kv<QT, D>(rope, b, h, group, bs, c_sb, c_st, c_sh, s_sb, s_st, nkv, wid, WPH);
+    patch = rope_patch_pos(rope, bt, bt_s, b, ctx, bs);
+    __syncthreads();  // nkv written
+  }
+  const QT* q_row = q + b * q_sb;  // head hq's row: q_row + hq * q_sh (without ROPE)
+  const QT* x_row = nullptr;       // ROPE: KV head h's q heads in linear_qkv's output
+  const QT *cs = nullptr, *sn = nullptr;
+  float rs = 1.f;
+  if constexpr (ROPE) {
+    x_row = static_cast<const QT*>(rope.qkv) + b * rope.x_sb + h * rope.x_sh;
+    cs = static_cast<const QT*>(rope.cos) + b * rope.cs_sb;
+    sn = static_cast<const QT*>(rope.sin) + b * rope.cs_sb;
+    if (rope.row_scale != nullptr) rs = rope.row_scale[b];
+  }
 
   // B of S^T: k rows 2j, 2j + 1 (and + 8, + 9) of k-step t are dims d0, d0 + 1 (d0 + 2, d0 + 3)
   uint32_t qb[KT][2];
@@ -168,8 +190,16 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
     const int d0 = 64 * (t / 4) + 16 * j + 4 * (t % 4);
     float f[4];
 #pragma unroll
-    for (int x = 0; x < 4; ++x)
-      f[x] = g < group ? to_float(q[b * q_sb + (h * group + g) * q_sh + d0 + x]) * scale_log2 : 0.f;
+    for (int x = 0; x < 4; ++x) {
+      float v = 0.f;
+      if (g < group) {
+        if constexpr (ROPE)
+          v = rope_elem<QT, D>(x_row + g * D, cs, sn, d0 + x, rs, rope.row_scale != nullptr);
+        else
+          v = to_float(q_row[(h * group + g) * q_sh + d0 + x]);
+      }
+      f[x] = v * scale_log2;
+    }
     qb[t][0] = pack_h2(f[0], f[1]);
     qb[t][1] = pack_h2(f[2], f[3]);
   }
@@ -188,6 +218,21 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
     const uint8_t* kr = ring + ((wid * kStages + it % kStages) * 2) * kChunk * D;
     const uint8_t* vr = kr + kChunk * D;
     const float* sc = sc_ring + ((wid * kStages + it % kStages) * 2) * kChunk;
+    if constexpr (ROPE) {
+      if (patch >= n0 && patch < n0 + kChunk) {  // the new token: its row as written, not as read
+        const int key = patch - n0;
+        uint8_t* kw = ring + ((wid * kStages + it % kStages) * 2) * kChunk * D;
+        if (lane < 2 * PIECES) {
+          const int kv = lane / PIECES, part = lane % PIECES;
+          *reinterpret_cast<uint4*>(kw + kv * kChunk * D + key * D + ring_piece<PIECES>(key, part) * 16) =
+              *reinterpret_cast<const uint4*>(nkv + kv * D + part * 16);
+        }
+        if (lane < 2)
+          sc_ring[((wid * kStages + it % kStages) * 2 + lane) * kChunk + key] =
+              reinterpret_cast<const float*>(nkv + 2 * D)[lane];
+        __syncwarp();
+      }
+    }
 
     // S^T: c[0], c[1] = key g, heads 2j, 2j + 1; c[2], c[3] = key g + 8
     float s[4] = {0.f, 0.f, 0.f, 0.f};

@@ -222,6 +222,8 @@ def _allocator_counts(device: torch.device) -> dict:
 # on (module, attribute), each a kernel choice otherwise set by its R1MEGA_... variable at import
 ROLLOUT_VARIANTS = {
     "rows-cluster": (("r1mega.rollout.cuda_paged", "ROWS_CLUSTER"),),
+    "rope": (("r1mega.rollout.cuda_paged_rope", "ROPE"),),
+    "rope-rows-cluster": (("r1mega.rollout.cuda_paged_rope", "ROPE"), ("r1mega.rollout.cuda_paged", "ROWS_CLUSTER")),
     "wgmma": (("r1mega.precision.wgmma_gemm", "ENABLED"),),
     "wgmma-ws": (("r1mega.precision.wgmma_gemm", "ENABLED"), ("r1mega.precision.wgmma_gemm", "PRODUCER_WARP")),
 }

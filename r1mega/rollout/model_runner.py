@@ -43,7 +43,7 @@ from r1mega.ops.batch_invariant import exact_active
 from r1mega.rollout.exact import exact_runner_attention
 from r1mega.precision import rollout as fp8_rollout
 from r1mega.precision import triton_skinny_gemm
-from r1mega.rollout import cuda_paged, triton_paged, triton_rope_kv
+from r1mega.rollout import cuda_paged, cuda_paged_rope, triton_paged, triton_rope_kv
 
 
 def unwrap_model(module):
@@ -157,7 +157,7 @@ class ModelRunner:
             from r1mega.models.compile import prepare_dynamo
 
             prepare_dynamo()
-            if cuda_paged.ROWS or cuda_paged.ROWS_CLUSTER or cuda_paged.TILES:
+            if cuda_paged.ROWS or cuda_paged.ROWS_CLUSTER or cuda_paged.TILES or cuda_paged_rope.ROPE:
                 # loaded now: an import (or a capability query) inside the traced decode step breaks it
                 cuda_paged.prepare(self.device)
 
@@ -283,6 +283,42 @@ class ModelRunner:
 
         return fp8_rollout.proj_from_rows(attn.linear_proj, make_rows, q.shape[0], dtype)
 
+    def _rope_in_attention(self, layer_idx, qkv, dtype, decode_tensors) -> bool:
+        """Whether this decode layer's RoPE and cache write run inside the attention kernel
+        (``R1MEGA_PAGED_FP8_ROPE``, r1mega/rollout/cuda_paged_rope.py)."""
+        if (not cuda_paged_rope.ROPE or decode_tensors is None or not self.decode_kernel_enabled
+                or qkv.dtype != dtype):
+            return False
+        kc, _, ks, _ = self.cache.layer(layer_idx)
+        return ks is not None and cuda_paged_rope.serves(qkv.flatten(1, 2), kc, ks)
+
+    def _rope_attention_proj(self, layer_idx, attn, qkv, cos_sin, slots, row_scale, dtype,
+                             decode_tensors):
+        """linear_proj's output for a decode layer whose RoPE, cache write and attention are one
+        kernel; o_proj's input rows come from its cluster epilogue where the FP8 rollout's row
+        route takes them (``R1MEGA_PAGED_FP8_ROWS_CLUSTER``), else from o_proj's own quantiser."""
+        kc, vc, ks, vs = self.cache.layer(layer_idx)
+        block_tables, ctx_lens = decode_tensors
+        t = qkv.shape[0]
+        x = qkv.flatten(1, 2)  # (T, Hkv, (G + 2) * D)
+        cos, sin = (c.reshape(t, -1) for c in cos_sin)
+
+        def run(rows: bool, power2: bool = True):
+            return torch.ops.r1mega.paged_decode_attention_rope(
+                x, cos, sin, slots, row_scale, kc, vc, ks, vs, block_tables, ctx_lens, self.scale,
+                rows, power2, 16)
+
+        if cuda_paged.ROWS_CLUSTER and cuda_paged_rope.serves(x, kc, ks, rows=True):
+            def make_rows(power2: bool):
+                _, data, scale = run(True, power2)
+                return data, scale
+
+            proj = fp8_rollout.proj_from_rows(attn.linear_proj, make_rows, t, dtype)
+            if proj is not None:
+                return proj
+        o, _, _ = run(False)
+        return attn.linear_proj(o.reshape(t, 1, -1).to(dtype))
+
     def empty_step(self) -> None:
         """A step with zero tokens, for an expert-parallel rank that has nothing to generate
         while its peers do: each MoE layer still takes part in its all-to-alls (with zero-sized
@@ -321,6 +357,7 @@ class ModelRunner:
             residual = x
             h = layer.input_layernorm(x)
             attn = layer.self_attention
+            proj = None  # linear_proj's output, where a road below gives it whole
             if self.mla is not None:
                 o = self.mla.attention(self.cache, i, attn, h, positions, slots, batch, decode_tensors)
             elif fused:
@@ -331,6 +368,9 @@ class ModelRunner:
                 if exact_active():  # rollout.exact: the variant with the eager (training) bits
                     q = triton_rope_kv.rope_kv_write_triton(qkv, *cos_sin, slots, self.cache.k[i],
                                                             self.cache.v[i], exact=True)
+                elif self._rope_in_attention(i, qkv, h.dtype, decode_tensors):
+                    proj = self._rope_attention_proj(i, attn, qkv, cos_sin, slots, row_scale,
+                                                     h.dtype, decode_tensors)
                 else:
                     q = triton_rope_kv.rope_kv_write_op(qkv, *cos_sin, slots, *self.cache.layer(i),
                                                         row_scale=row_scale)
@@ -349,7 +389,8 @@ class ModelRunner:
                 k = k.reshape(T, -1, self.head_dim)
                 v = v.reshape(T, -1, self.head_dim)
                 self.cache.write(i, slots, k, v)
-            proj = None if self.mla is not None else self._proj_from_rows(i, attn, q, h.dtype, decode_tensors)
+            if proj is None and self.mla is None:
+                proj = self._proj_from_rows(i, attn, q, h.dtype, decode_tensors)
             if proj is None:
                 if self.mla is None:
                     o = self._attention(i, q, k, v, batch, decode_tensors)  # (T, Hq, D)

@@ -157,12 +157,14 @@ def test_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back(monkeypatch):
 
 
 def epilogue_rollouts(single_rank_runtime, monkeypatch, cp, switch: str, hidden: int,
-                      temperature: float, samples: int) -> dict:
+                      temperature: float, samples: int, switch_owner=None, counted=None) -> dict:
     """Rollouts of a 2-layer local-spec model (8 q / 2 KV heads of hidden / 8, FP8 tensorwise
-    weights and FP8 KV cache) with the epilogue ``switch`` off and on, eager and compiled with
-    CUDA graphs, from an extension not yet loaded (as in a fresh process, where no call has
-    loaded it before the step is traced). (compiled, on) -> (completions, the route's calls,
-    dynamo's graph breaks, whether the step ran compiled); also "model" and "prompts"."""
+    weights and FP8 KV cache) with the epilogue ``switch`` (of ``switch_owner``, default ``cp``)
+    off and on, eager and compiled with CUDA graphs, from an extension not yet loaded (as in a
+    fresh process, where no call has loaded it before the step is traced). (compiled, on) ->
+    (completions, the route's calls (of ``counted`` = (module, function name), default
+    precision.rollout's proj_from_rows), dynamo's graph breaks, whether the step ran compiled);
+    also "model" and "prompts"."""
     from torch._dynamo.utils import counters
 
     from r1mega.config import ModelConfig, PrecisionConfig, RolloutConfig
@@ -182,12 +184,13 @@ def epilogue_rollouts(single_rank_runtime, monkeypatch, cp, switch: str, hidden:
                                     max_position_embeddings=256, spec="local"), rt, wrap=False)
     policy = resolve_rollout_fp8_policy(PrecisionConfig(fp8_rollout=True, fp8_recipe="tensorwise"), "cuda")
     prompts = [[(i * 37 + j) % 1000 for j in range(5 + 11 * i)] for i in range(6)]
-    real = rollout_mod.proj_from_rows
+    owner, name = counted or (rollout_mod, "proj_from_rows")
+    real = getattr(owner, name)
     result = {"model": model, "prompts": prompts}
     for compiled, on in ((False, False), (False, True), (True, False), (True, True)):
         calls = []
-        monkeypatch.setattr(cp, switch, on)
-        monkeypatch.setattr(rollout_mod, "proj_from_rows", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(switch_owner or cp, switch, on)
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
         torch._dynamo.reset()
         counters.clear()
         fp8 = rollout_mod.Fp8RolloutWeights(model[0], policy)
