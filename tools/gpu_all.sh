@@ -10,7 +10,7 @@
 #     them) is a tools/*.py path runs that script instead of a bench
 #   env: GPU_SKIP_BUILD=1 (carry the six .so files: tools/gpu_prebuild.sh builds them on the CPU
 #        machine, or a previous call's $OUT/so), GPU_SKIP_TESTS=1, GPU_TESTS="tests/gpu/x.py" (default tests/gpu),
-#        GPU_SMOLLM2_GGUF=path GPU_SMOLLM2_STEPS=N (runs tools/gpu_smollm2.sh last),
+#        GPU_SKIP_BENCH=1 (no benchmark, not even the defaults), GPU_SMOLLM2_GGUF=path GPU_SMOLLM2_STEPS=N (runs tools/gpu_smollm2.sh last),
 #        GPU_BENCH_TIMEOUT=s (per bench, default 300), GPU_TESTS_TIMEOUT=s (default 420)
 set -u
 export PYTHONUNBUFFERED=1
@@ -53,6 +53,7 @@ fi
 
 specs=("$@")
 [ ${#specs[@]} -gt 0 ] || specs=(grpo-loss train-step rollout)
+[ "${GPU_SKIP_BENCH:-0}" != 1 ] || specs=()
 names=()
 i=0
 for spec in "${specs[@]}"; do

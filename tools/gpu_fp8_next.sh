@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The FP8 rollout's next device call, most important first (what lands under $OUT comes back even
+# when the call is cut off): the written-but-unrun kernels' GPU tests, then the rollout with each
+# of them beside the default in one process, then the kernel-level benches.
+#   carry: .whl .prebuilt (the extensions built here by tools/gpu_prebuild.sh or the attention one
+#   alone); STAGES="tests rollout attn wgmma" picks stages; ROLLOUT_VARIANTS overrides the variants.
+set -uo pipefail
+cp .prebuilt/*.so . 2>/dev/null
+export GPU_SKIP_BUILD=1 R1MEGA_GRPO_JIT=0 R1MEGA_MOE_JIT=0 R1MEGA_GEMM_JIT=0 R1MEGA_FP8_JIT=0 \
+  R1MEGA_ATTN_JIT=0 R1MEGA_WGMMA_JIT=0
+O=${OUT:?}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+git log --oneline -1 2>/dev/null
+R=tests/gpu/test_paged_rows_gpu.py
+P=tests/gpu/test_paged_rope_gpu.py
+for stage in ${STAGES:-tests rollout attn wgmma}; do
+  case $stage in
+    tests)  # the cluster rows epilogue and RoPE in the kernel: bits, refusals, graph replay
+      OUT=$O/tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-150} \
+        GPU_TESTS="$R::test_cluster_epilogue_rows_equal_the_row_kernel_on_the_kernels_output $R::test_cluster_epilogue_refuses_what_it_cannot_take $R::test_cluster_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back $P --deselect $P::test_rollout_decodes_the_same_with_rope_in_the_kernel" \
+        bash tools/gpu_all.sh | tail -4 ;;
+    rollout)
+      v=""; for x in ${ROLLOUT_VARIANTS:-rows-cluster rope rope-rows-cluster}; do v="$v --variant $x"; done
+      OUT=$O/rollout GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${ROLLOUT_S:-330} \
+        bash tools/gpu_all.sh "fp8 --rollout --recipe tensorwise --skip-weights-only$v" | tail -8 ;;
+    rollout-tests)  # the rollouts with the switches on against off, eager and compiled
+      OUT=$O/rollout_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-240} \
+        GPU_TESTS="$R::test_rollout_decodes_the_same_with_the_cluster_epilogue $P::test_rollout_decodes_the_same_with_rope_in_the_kernel" \
+        bash tools/gpu_all.sh | tail -4 ;;
+    attn)
+      OUT=$O/attn GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=60 bash tools/gpu_all.sh "decode-attention" | tail -4 ;;
+    wgmma)
+      OUT=$O/wgmma GPU_TESTS_TIMEOUT=60 GPU_BENCH_TIMEOUT=45 \
+        GPU_TESTS="tests/gpu/test_fp8_wgmma_gpu.py --deselect tests/gpu/test_fp8_wgmma_gpu.py::test_rollout_decodes_through_it" \
+        bash tools/gpu_all.sh "tools/skinny_gemm_sweep.py --budget-s 30" | tail -4 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
