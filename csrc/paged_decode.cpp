@@ -188,6 +188,12 @@ void paged_decode_fp8_rope(const torch::Tensor& qkv, const torch::Tensor& cos, c
                 " with unit stride on D, got ", t->scalar_type(), " ", t->sizes());
   }
   TORCH_CHECK(sin.strides() == cos.strides(), "r1mega_attn_cuda: cos and sin must share one layout");
+  // a lane reads four neighbouring elements of each at once
+  auto aligned8 = [](const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0; };
+  TORCH_CHECK(aligned8(qkv) && qkv.stride(0) % 4 == 0 && qkv.stride(1) % 4 == 0 && aligned8(cos) &&
+                  aligned8(sin) && cos.stride(0) % 4 == 0,
+              "r1mega_attn_cuda: qkv, cos and sin must start on 8 bytes with strides of multiples of 4 "
+              "elements, got qkv strides ", qkv.strides(), ", cos strides ", cos.strides());
   same_device(slots, qkv, "slots");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == T,
               "r1mega_attn_cuda: slots must be int64 (", T, "), got ", slots.scalar_type(), " ", slots.sizes());

@@ -168,40 +168,50 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
   for (int it = 0; it < kStages - 1; ++it) issue(it);
   int patch = -1;  // ROPE: the context position the walk takes from nkv
   if constexpr (ROPE) {
-    rope_write_new_kv<QT, D>(rope, b, h, group, bs, c_sb, c_st, c_sh, s_sb, s_st, nkv, wid, WPH);
+    // the warp whose walk takes position ctx - 1 makes the new rows (its loads queue behind its
+    // own copies, which it waits for anyway), so no other warp waits on them
+    if (warp == ((ctx - 1) / kChunk) % WPH) {
+      rope_write_new_kv<QT, D>(rope, b, h, group, bs, c_sb, c_st, c_sh, s_sb, s_st, nkv, 0, 1);
+      __syncwarp();  // nkv written by the lanes that read it in the walk
+    }
     patch = rope_patch_pos(rope, bt, bt_s, b, ctx, bs);
-    __syncthreads();  // nkv written
-  }
-  const QT* q_row = q + b * q_sb;  // head hq's row: q_row + hq * q_sh (without ROPE)
-  const QT* x_row = nullptr;       // ROPE: KV head h's q heads in linear_qkv's output
-  const QT *cs = nullptr, *sn = nullptr;
-  float rs = 1.f;
-  if constexpr (ROPE) {
-    x_row = static_cast<const QT*>(rope.qkv) + b * rope.x_sb + h * rope.x_sh;
-    cs = static_cast<const QT*>(rope.cos) + b * rope.cs_sb;
-    sn = static_cast<const QT*>(rope.sin) + b * rope.cs_sb;
-    if (rope.row_scale != nullptr) rs = rope.row_scale[b];
   }
 
   // B of S^T: k rows 2j, 2j + 1 (and + 8, + 9) of k-step t are dims d0, d0 + 1 (d0 + 2, d0 + 3)
   uint32_t qb[KT][2];
+  float f[KT][4];
+  if constexpr (ROPE) {  // rotated here from KV head h's q heads in linear_qkv's output
+    const QT* x_row = static_cast<const QT*>(rope.qkv) + b * rope.x_sb + h * rope.x_sh + g * D;
+    const QT* cs = static_cast<const QT*>(rope.cos) + b * rope.cs_sb;
+    const QT* sn = static_cast<const QT*>(rope.sin) + b * rope.cs_sb;
+    const bool scaled = rope.row_scale != nullptr;
+    const float rs = scaled ? rope.row_scale[b] : 1.f;
+    if (g < group) {
+      if constexpr (D >= 128) {
+        rope_q_lane<QT, D>(x_row, cs, sn, j, rs, scaled, f);
+      } else {
+#pragma unroll
+        for (int t = 0; t < KT; ++t)
+#pragma unroll
+          for (int x = 0; x < 4; ++x)
+            f[t][x] = rope_elem<QT, D>(x_row, cs, sn, 64 * (t / 4) + 16 * j + 4 * (t % 4) + x, rs, scaled);
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < KT; ++t) f[t][0] = f[t][1] = f[t][2] = f[t][3] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < KT; ++t)
+#pragma unroll
+      for (int x = 0; x < 4; ++x)
+        f[t][x] = g < group ? to_float(q[b * q_sb + (h * group + g) * q_sh + 64 * (t / 4) + 16 * j + 4 * (t % 4) + x])
+                            : 0.f;
+  }
 #pragma unroll
   for (int t = 0; t < KT; ++t) {
-    const int d0 = 64 * (t / 4) + 16 * j + 4 * (t % 4);
-    float f[4];
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      float v = 0.f;
-      if (g < group) {
-        if constexpr (ROPE)
-          v = rope_elem<QT, D>(x_row + g * D, cs, sn, d0 + x, rs, rope.row_scale != nullptr);
-        else
-          v = to_float(q_row[(h * group + g) * q_sh + d0 + x]);
-      }
-      f[x] = v * scale_log2;
-    }
-    qb[t][0] = pack_h2(f[0], f[1]);
-    qb[t][1] = pack_h2(f[2], f[3]);
+    qb[t][0] = pack_h2(f[t][0] * scale_log2, f[t][1] * scale_log2);
+    qb[t][1] = pack_h2(f[t][2] * scale_log2, f[t][3] * scale_log2);
   }
   // heads 2j and 2j + 1: running max (log2 units) and this lane's part of the sum
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;

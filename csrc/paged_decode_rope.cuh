@@ -57,6 +57,44 @@ __device__ __forceinline__ float rope_elem(const QT* row, const QT* cos, const Q
   return rounded<QT>(__fadd_rn(a, c));
 }
 
+// q's rotated values at this lane's dims of the MMA's B operand (k-step t: dims d0(t) .. d0(t) + 3,
+// d0(t) = 64 (t / 4) + 16 j + 4 (t % 4)), for D >= 128, where dims d and d + D / 2 are k-steps t
+// and t + KT / 2 of the same lane: one 8-byte load each of x, cos and sin a k-step, all issued
+// before any is used, and no partner load.
+template <typename QT, int D>
+__device__ __forceinline__ void rope_q_lane(const QT* row, const QT* cs, const QT* sn, int j, float rs,
+                                            bool scaled, float (&f)[D / 16][4]) {
+  constexpr int KT = D / 16;
+  static_assert(D >= 128, "dims d and d + D / 2 in one lane");
+  uint2 xw[KT], cw[KT], sw[KT];
+#pragma unroll
+  for (int t = 0; t < KT; ++t) {
+    const int d0 = 64 * (t / 4) + 16 * j + 4 * (t % 4);
+    xw[t] = *reinterpret_cast<const uint2*>(row + d0);
+    cw[t] = *reinterpret_cast<const uint2*>(cs + d0);
+    sw[t] = *reinterpret_cast<const uint2*>(sn + d0);
+  }
+#pragma unroll
+  for (int t = 0; t < KT / 2; ++t) {
+    const QT* x1 = reinterpret_cast<const QT*>(&xw[t]);
+    const QT* x2 = reinterpret_cast<const QT*>(&xw[t + KT / 2]);
+    const QT* c1 = reinterpret_cast<const QT*>(&cw[t]);
+    const QT* c2 = reinterpret_cast<const QT*>(&cw[t + KT / 2]);
+    const QT* s1 = reinterpret_cast<const QT*>(&sw[t]);
+    const QT* s2 = reinterpret_cast<const QT*>(&sw[t + KT / 2]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float a = to_float(x1[i]), b = to_float(x2[i]);
+      if (scaled) a = rounded<QT>(__fmul_rn(a, rs)), b = rounded<QT>(__fmul_rn(b, rs));
+      // y1 = x1 cos1 + (-x2) sin1, y2 = x2 cos2 + x1 sin2, each product and sum rounded
+      f[t][i] = rounded<QT>(__fadd_rn(rounded<QT>(__fmul_rn(a, to_float(c1[i]))),
+                                      rounded<QT>(__fmul_rn(-b, to_float(s1[i])))));
+      f[t + KT / 2][i] = rounded<QT>(__fadd_rn(rounded<QT>(__fmul_rn(b, to_float(c2[i]))),
+                                               rounded<QT>(__fmul_rn(a, to_float(s2[i])))));
+    }
+  }
+}
+
 // Shared memory of the new row: the e4m3 k | v bytes, then their two scales
 template <int D>
 struct RopeSmem {

@@ -15,9 +15,9 @@ R=tests/gpu/test_paged_rows_gpu.py
 P=tests/gpu/test_paged_rope_gpu.py
 for stage in ${STAGES:-tests rollout attn wgmma}; do
   case $stage in
-    tests)  # the cluster rows epilogue and RoPE in the kernel: bits, refusals, graph replay
+    tests)  # the cluster rows epilogue and RoPE in the kernel (bits, refusals, graph replay), the decode kernels
       OUT=$O/tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-150} \
-        GPU_TESTS="$R::test_cluster_epilogue_rows_equal_the_row_kernel_on_the_kernels_output $R::test_cluster_epilogue_refuses_what_it_cannot_take $R::test_cluster_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back $P --deselect $P::test_rollout_decodes_the_same_with_rope_in_the_kernel" \
+        GPU_TESTS="$R::test_cluster_epilogue_rows_equal_the_row_kernel_on_the_kernels_output $R::test_cluster_epilogue_refuses_what_it_cannot_take $R::test_cluster_epilogue_replays_in_a_cuda_graph_and_the_op_falls_back $P --deselect $P::test_rollout_decodes_the_same_with_rope_in_the_kernel tests/gpu/test_paged_decode_cuda_gpu.py" \
         bash tools/gpu_all.sh | tail -4 ;;
     rollout)
       v=""; for x in ${ROLLOUT_VARIANTS:-rows-cluster rope rope-rows-cluster}; do v="$v --variant $x"; done

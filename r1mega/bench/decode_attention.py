@@ -19,7 +19,9 @@ float64 attention on its cache's values; ``bf16-rows-heads`` and ``fp8-mma-heads
 (Hkv, B) grid (``R1MEGA_PAGED_GRID=heads``); ``fp8-mma-w2`` and ``-w1`` give a KV head 2 and 1
 warps instead of 4 (``R1MEGA_PAGED_FP8_WARPS``); ``fp8-mma+row-kernel`` adds the one-pass row
 quantiser that the FP8 rollout's o_proj runs after it, and ``fp8-mma+cluster-rows`` writes those
-rows in the kernel itself (``R1MEGA_PAGED_FP8_ROWS_CLUSTER``, Hopper).
+rows in the kernel itself (``R1MEGA_PAGED_FP8_ROWS_CLUSTER``, Hopper); ``fp8-rope-kernel+mma``
+is the decode step's RoPE kernel and then the tensor-core one, ``fp8-mma-rope`` both in one
+(``R1MEGA_PAGED_FP8_ROPE``).
 
 ``--block-n 32,64,128`` (GPU): also time the default kernel directly at each keys-per-tile size,
 for both caches; ``--rows-launch BN,W,S;...`` the default (rows) kernel and ``--keys-launch
@@ -191,6 +193,10 @@ def main(argv=None) -> int:
                 rows[name] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
                               "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
                 variants[name] = ("fp8", call_cuda().double())
+            for name, fn in _rope_calls(q, k8, v8, ks, vs, bt, ctx_t, scale, gen).items():
+                ms = timed_ms(fn)
+                rows[name] = {"us": ms * 1e3, "bytes": read_bytes("fp8"),
+                              "bytes_floor_fraction": read_bytes("fp8") / bw / (ms * 1e-3)}
         else:
             print(f"fp8-cuda, fp8-mma: not timed ({cuda_paged.load_error() or cuda_paged.why_not(q, k8, ks)})")
     sweep = {}
@@ -257,6 +263,36 @@ def main(argv=None) -> int:
                               "sdpa_peer_us": peer_ms * 1e3, "fp8_speedup": ratio, "block_n_us": sweep, "exact": exact,
                               "copy_bandwidth_Bps": bw})))
     return 0
+
+
+def _rope_calls(q, k8, v8, ks, vs, bt, ctx_t, scale, gen) -> dict:
+    """What the decode step runs from linear_qkv's output to attention's: the RoPE kernel
+    (r1mega/rollout/triton_rope_kv.py) then the tensor-core kernel (``fp8-rope-kernel+mma``), and
+    both in one (``fp8-mma-rope``, ``R1MEGA_PAGED_FP8_ROPE``), on copies of the cache (each call
+    writes every sequence's new row at its last position)."""
+    from r1mega.rollout import cuda_paged, cuda_paged_rope, triton_rope_kv
+
+    b, hq, d = q.shape
+    hkv, bs = k8.shape[2], k8.shape[1]
+    qkv = torch.randn(b, hkv, (hq // hkv + 2) * d, generator=gen).to(q.device, q.dtype)
+    pos = ctx_t.long() - 1
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=q.device).float() / d))
+    freqs = torch.cat([torch.outer(pos.float(), inv)] * 2, -1)
+    cos, sin = freqs.cos().to(q.dtype), freqs.sin().to(q.dtype)
+    slots = bt.long()[torch.arange(b, device=q.device), pos // bs] * bs + pos % bs
+    row_scale = 2.0 ** torch.randint(-2, 3, (b,), generator=gen).float().to(q.device)
+    kc, vc, sk, sv = k8.clone(), v8.clone(), ks.clone(), vs.clone()
+    calls = {}
+    if cuda_paged_rope.why_not(qkv, kc, sk) is None:
+        def unfused():
+            qr = triton_rope_kv.rope_kv_write_triton(qkv[:, None], cos[:, None, None], sin[:, None, None], slots,
+                                                     kc, vc, k_scale=sk, v_scale=sv, row_scale=row_scale)
+            return cuda_paged.paged_decode_fp8_cuda(qr, kc, vc, bt, ctx_t, scale, sk, sv, tensor_cores=True)
+
+        calls["fp8-rope-kernel+mma"] = unfused
+        calls["fp8-mma-rope"] = lambda: cuda_paged_rope.paged_decode_fp8_rope(
+            qkv, cos, sin, slots, row_scale, kc, vc, sk, sv, bt, ctx_t, scale)[0]
+    return calls
 
 
 def _time_exact(q, cache, bt, ctx_t, scale, args) -> dict:

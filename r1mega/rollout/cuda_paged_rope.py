@@ -50,8 +50,21 @@ def _layout_why_not(qkv: torch.Tensor, k_cache: torch.Tensor) -> Optional[str]:
     d, hkv = k_cache.shape[-1], k_cache.shape[-2]
     if qkv.dim() != 3 or qkv.shape[1] != hkv or qkv.shape[2] % d or qkv.shape[2] // d < 3:
         return f"qkv of shape {tuple(qkv.shape)} is not (T, Hkv={hkv}, (G + 2) * D) with D={d}"
-    if qkv.stride(-1) != 1:
-        return "qkv has no unit stride on its last dim"
+    if qkv.stride(-1) != 1 or qkv.stride(0) % 4 or qkv.stride(1) % 4:
+        return f"qkv's strides {qkv.stride()} are not (4k, 4k, 1): a lane reads four elements at once"
+    return None
+
+
+def operands_why_not(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[str]:
+    """The base addresses' alignment (8 bytes: a lane reads four elements of each at once) and
+    cos/sin's layout, checked eagerly where the op runs."""
+    t, d = qkv.shape[0], qkv.shape[-1]
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != t or cos.stride() != sin.stride() \
+            or cos.stride(-1) != 1 or cos.stride(0) % 4:
+        return f"cos/sin of shapes {tuple(cos.shape)}, {tuple(sin.shape)} and strides {cos.stride()}, " \
+               f"{sin.stride()} are not one (T, D) layout with unit stride on D and rows of 4k"
+    if any(x.data_ptr() % 8 for x in (qkv, cos, sin)):
+        return "qkv, cos or sin does not start on 8 bytes"
     return None
 
 
@@ -92,7 +105,7 @@ def paged_decode_fp8_rope(qkv, cos, sin, slots, row_scale, k_cache, v_cache, k_s
     (T', Hq * D), float32 scales (T', 1)) with T' a multiple of ``pad`` (zero rows of scale 1),
     or 0-row tensors without ``rows``; the caches written at ``slots``. Raises with the reason
     where it cannot run."""
-    reason = (rows_why_not if rows else why_not)(qkv, k_cache, k_scale)
+    reason = (rows_why_not if rows else why_not)(qkv, k_cache, k_scale) or operands_why_not(qkv, cos, sin)
     if reason is not None:
         raise ValueError(f"paged_decode_fp8_rope: {reason}")
     ext = cuda_paged.get()
@@ -151,7 +164,8 @@ def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """:func:`paged_decode_fp8_rope` where the kernel takes the operands (checked again here,
     eagerly, with the pointers' alignment), else :func:`reference`."""
     check = rows_why_not if rows else why_not
-    if qkv.is_cuda and cuda_paged.get() is not None and check(qkv, k_cache, k_scale) is None:
+    if (qkv.is_cuda and cuda_paged.get() is not None and check(qkv, k_cache, k_scale) is None
+            and operands_why_not(qkv, cos, sin) is None):
         return paged_decode_fp8_rope(qkv, cos, sin, slots, row_scale, k_cache, v_cache, k_scale,
                                      v_scale, block_tables, ctx_lens, scale, rows, power2, pad)
     return reference(qkv, cos, sin, slots, row_scale, k_cache, v_cache, k_scale, v_scale,

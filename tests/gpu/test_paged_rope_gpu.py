@@ -125,6 +125,12 @@ def test_refuses_what_it_cannot_take():
     args = [c[n] for n in ("qkv", "cos", "sin", "slots", "row_scale", *_CACHE, "block_tables", "ctx_lens")]
     with pytest.raises(RuntimeError, match="cluster epilogue only"):
         cp.get().paged_decode_fp8_rope(*args, out, 0.1, False, q8, s8, True, cluster=False)
+    skewed = torch.empty(c["qkv"].numel() + 2, dtype=torch.bfloat16, device="cuda")[2:].view_as(c["qkv"])
+    skewed.copy_(c["qkv"])  # 4 bytes past an 8-byte boundary: a lane's 8-byte reads would fault
+    with pytest.raises(ValueError, match="does not start on 8 bytes"):
+        _fused(rope, dict(c, qkv=skewed))
+    with pytest.raises(RuntimeError, match="must start on 8 bytes"):
+        cp.get().paged_decode_fp8_rope(skewed, *args[1:], out, 0.1)
     bad = dict(c, cos=c["cos"][:, :64].contiguous())
     with pytest.raises(RuntimeError, match="cos and sin must be"):
         cp.get().paged_decode_fp8_rope(*[bad[n] for n in ("qkv", "cos", "sin", "slots", "row_scale", *_CACHE,
