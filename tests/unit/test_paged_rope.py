@@ -33,7 +33,7 @@ def test_switch_is_off_by_default_and_validated(monkeypatch):
 def rope_case(hq, hkv, d, bs, dtype=torch.bfloat16, row_scale=False, seed=0, device="cpu"):
     """An FP8 paged cache (paged_decode_case's), linear_qkv's output for one new token a sequence
     at position ctx - 1, its cos/sin, and the slots of those positions; built on the CPU so the
-    GPU test sees the same values. Returns a dict of the op's operands."""
+    GPU test sees the same values. Returns a dict of the op's operands (and "freqs", the angles)."""
     from r1mega.rollout.kv_cache import quantize_rows
 
     _, k, v, bt, ctx = paged_decode_case(hq, hkv, d, bs, seed=seed)
@@ -47,7 +47,7 @@ def rope_case(hq, hkv, d, bs, dtype=torch.bfloat16, row_scale=False, seed=0, dev
     slots = bt.long()[torch.arange(t), pos // bs] * bs + pos % bs
     k8, ks = quantize_rows(k)
     v8, vs = quantize_rows(v)
-    case = dict(qkv=qkv, cos=freqs.cos().to(dtype), sin=freqs.sin().to(dtype), slots=slots,
+    case = dict(qkv=qkv, freqs=freqs, cos=freqs.cos().to(dtype), sin=freqs.sin().to(dtype), slots=slots,
                 row_scale=(2.0 ** torch.randint(-3, 4, (t,), generator=g).float()) if row_scale else None,
                 k_cache=k8, v_cache=v8, k_scale=ks, v_scale=vs, block_tables=bt, ctx_lens=ctx,
                 scale=1 / math.sqrt(d))
@@ -69,13 +69,9 @@ def _megatron_reference(c, rows: bool, power2: bool):
     if c["row_scale"] is not None:
         x = (x.float() * c["row_scale"][:, None, None]).to(x.dtype)
     x = x.reshape(t, hkv, group + 2, d)
-    freqs = torch.atan2(c["sin"].float(), c["cos"].float())  # only for its shape: cos/sin given
-    del freqs
 
-    def rotate(y):  # (T, n, D) through megatron's bshd RoPE with these cos/sin
-        cos, sin = c["cos"][:, None, None, :], c["sin"][:, None, None, :]
-        y4 = y[:, None]  # (T, 1, n, D): s, b, h, d
-        return (y4 * cos + rope_utils._rotate_half(y4, False) * sin)[:, 0]
+    def rotate(y):  # (T, n, D) through megatron's bshd RoPE at the case's positions
+        return rope_utils._apply_rotary_pos_emb_bshd(y[:, None], c["freqs"][:, None, None, :])[:, 0]
 
     q = rotate(x[:, :, :group].reshape(t, hkv * group, d))
     k = rotate(x[:, :, group])
