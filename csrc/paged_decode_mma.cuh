@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(WPH * 32 * HPC)
     // the warp whose walk takes position ctx - 1 makes the new rows (its loads queue behind its
     // own copies, which it waits for anyway), so no other warp waits on them
     if (warp == ((ctx - 1) / kChunk) % WPH) {
-      rope_write_new_kv<QT, D>(rope, b, h, group, bs, c_sb, c_st, c_sh, s_sb, s_st, nkv, 0, 1);
+      rope_write_new_kv<QT, D>(rope, b, h, group, bs, c_sb, c_st, c_sh, s_sb, s_st, nkv);
       __syncwarp();  // nkv written by the lanes that read it in the walk
     }
     patch = rope_patch_pos(rope, bt, bt_s, b, ctx, bs);

@@ -104,11 +104,10 @@ struct RopeSmem {
 // The new token's k (rotated) and v rows of KV head h, quantised as kv_cache.quantize_rows does
 // (scale = amax / 448 correctly rounded, 1 for an all-zero row; x / scale clamped to +-448 and
 // rounded to nearest even), written to the cache at slots[b] and into `nkv` for the chunk walk.
-// Warp w of the CTA's `warps` takes rows w, w + warps, ... of {k, v}.
+// One warp makes both rows (the one whose walk takes the last position).
 template <typename QT, int D>
 __device__ void rope_write_new_kv(const RopeIn& r, int b, int h, int group, int bs, int64_t c_sb,
-                                  int64_t c_st, int64_t c_sh, int64_t s_sb, int64_t s_st, uint8_t* nkv,
-                                  int wid, int warps) {
+                                  int64_t c_st, int64_t c_sh, int64_t s_sb, int64_t s_st, uint8_t* nkv) {
   const int lane = threadIdx.x % 32;
   const QT* base = static_cast<const QT*>(r.qkv) + b * r.x_sb + h * r.x_sh;
   const QT* cs = static_cast<const QT*>(r.cos) + b * r.cs_sb;
@@ -118,7 +117,7 @@ __device__ void rope_write_new_kv(const RopeIn& r, int b, int h, int group, int 
   const int64_t slot = r.slots[b * r.slots_s];
   const int64_t blk = slot / bs, off = slot % bs;
   float* nsc = reinterpret_cast<float*>(nkv + 2 * D);
-  for (int kv = wid; kv < 2; kv += warps) {
+  for (int kv = 0; kv < 2; ++kv) {
     const QT* row = base + (group + kv) * D;
     float y[D / 32];
     uint32_t m = 0;
