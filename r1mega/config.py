@@ -246,10 +246,6 @@ class RolloutConfig:
     # r1mega/rollout/overlap.py); the tokens are identical, only the host's wait is hidden.
     # CPU runs ignore it.
     overlap_steps: bool = True
-    # GPU with CUDA graphs: 2 runs each decode step of 64 or more rows as two halves on two
-    # streams inside one graph (r1mega/rollout/cuda_graphs.py), so one half's small kernels fill
-    # the SMs the other half's leave idle. Not with tensor parallelism or rollout.exact.
-    decode_streams: int = 1
     # Batch-invariant numerics in the rollout and the policy's forward: rollout log-probs equal
     # the trainer's bit for bit (r1mega/ops/batch_invariant.py; checks in validate_exact).
     exact: bool = False

@@ -223,7 +223,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature must be >= 0, got {cfg.rollout.temperature}.")
     _validate_kv_cache_dtype(cfg)
-    _validate_decode_streams(cfg)
     for key in ("kv_memory_fraction", "kv_keep_max_fraction"):
         value = getattr(cfg.rollout, key)
         if not 0.0 <= value <= 1.0 or (key == "kv_memory_fraction" and value == 0.0):
@@ -295,19 +294,6 @@ def _validate_kv_cache_dtype(cfg: Config) -> None:
         if bad:
             raise ConfigError(f"rollout.kv_cache_dtype=fp8 with {what}: {why}; set "
                               f"rollout.kv_cache_dtype=auto.")
-
-
-def _validate_decode_streams(cfg: Config) -> None:
-    r, p = cfg.rollout, cfg.parallel
-    if r.decode_streams not in (1, 2) or isinstance(r.decode_streams, bool):
-        raise ConfigError(f"rollout.decode_streams must be 1 or 2, got {r.decode_streams!r}.")
-    if r.decode_streams == 2 and p.tensor > 1:
-        raise ConfigError(f"rollout.decode_streams=2 with parallel.tensor={p.tensor}: the decode step's "
-                          f"two halves would all-reduce side by side on one NCCL communicator; set "
-                          f"rollout.decode_streams=1.")
-    if r.decode_streams == 2 and r.exact:
-        raise ConfigError("rollout.decode_streams=2 with rollout.exact=true: the exact mode decodes on "
-                          "one stream; set rollout.decode_streams=1.")
 
 
 def validate_exact(cfg: Config) -> None:

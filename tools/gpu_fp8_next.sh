@@ -3,7 +3,7 @@
 # when the call is cut off): the written-but-unrun kernels' GPU tests, then the rollout with each
 # of them beside the default in one process, then the kernel-level benches.
 #   carry: .whl .prebuilt (the extensions built here by tools/gpu_prebuild.sh or the attention one
-#   alone); STAGES="tests rollout attn wgmma streams-tests streams" picks stages; ROLLOUT_VARIANTS overrides the variants.
+#   alone); STAGES="tests rollout attn wgmma" picks stages; ROLLOUT_VARIANTS overrides the variants.
 set -uo pipefail
 cp .prebuilt/*.so . 2>/dev/null
 export GPU_SKIP_BUILD=1 R1MEGA_GRPO_JIT=0 R1MEGA_MOE_JIT=0 R1MEGA_GEMM_JIT=0 R1MEGA_FP8_JIT=0 \
@@ -33,12 +33,6 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
       OUT=$O/wgmma GPU_TESTS_TIMEOUT=60 GPU_BENCH_TIMEOUT=45 \
         GPU_TESTS="tests/gpu/test_fp8_wgmma_gpu.py --deselect tests/gpu/test_fp8_wgmma_gpu.py::test_rollout_decodes_through_it" \
         bash tools/gpu_all.sh "tools/skinny_gemm_sweep.py --budget-s 30" | tail -4 ;;
-    streams-tests)  # rollout.decode_streams=2: the graph's halves, the engine against one stream
-      OUT=$O/streams_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-240} \
-        GPU_TESTS="tests/gpu/test_decode_streams_gpu.py" bash tools/gpu_all.sh | tail -4 ;;
-    streams)  # every row on one stream, then on two
-      OUT=$O/streams GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${ROLLOUT_S:-330} \
-        bash tools/gpu_all.sh "fp8 --rollout --recipe tensorwise --skip-weights-only --decode-streams 1,2" | tail -10 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

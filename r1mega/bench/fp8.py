@@ -281,20 +281,14 @@ def run_rollout(args, rt) -> dict:
             raise SystemExit("bench fp8: --variant rows take the FP8 KV cache; drop --no-fp8-kv")
         variants[f"{both8}+{v}"] = v
     names = tuple(names) + tuple(variants)
-    # --decode-streams 1,2: every row once per stream count, the rows of 2 streams named NAME@2s
-    streams_list = [int(v) for v in str(args.decode_streams).split(",")]
-    runs = [(name, s) for s in streams_list for name in names]
-    for run_name, streams in runs:
-        name = run_name
+    for name in names:
         with _variant(variants.get(name)):
             rcfg = RolloutConfig(temperature=1.0, max_new_tokens=new, kv_memory_fraction=0.5,
                                  max_batch_sequences=max(256, prompts), cuda_graphs=not args.no_graphs,
-                                 compile_decode=not args.no_compile, decode_streams=streams,
+                                 compile_decode=not args.no_compile,
                                  max_prefill_tokens=max(16384, prompts * plen // 4),
                                  kv_cache_dtype="fp8" if name == both8 or name in variants else "auto")
-            if streams != streams_list[0]:
-                name = f"{run_name}@{streams}s"
-            fp8 = Fp8RolloutWeights(model[0], policy) if run_name != "bf16" else None
+            fp8 = Fp8RolloutWeights(model[0], policy) if name != "bf16" else None
             eng = RolloutEngine(model, rcfg, rt, eos_ids=[], vocab_size=shape["vocab_size"])
 
             def generate(requests):
@@ -365,12 +359,6 @@ def run_rollout(args, rt) -> dict:
                   f"{split['capture_s']:.2f} s; decode compiled: {split['decode_compiled']}, "
                   f"{split['graph_breaks']} graph breaks; allocator {split['allocator']}", flush=True)
             print(f"{'':<26} host: {split['host']}", flush=True)
-    for s in streams_list[1:]:  # the same-setting ratios of the other stream counts
-        for n in (n for n in names if n != "bf16"):
-            print(f"{n}@{s}s / bf16@{s}s rollout tokens/s = "
-                  f"{rows[f'{n}@{s}s']['tokens_per_s'] / rows[f'bf16@{s}s']['tokens_per_s']:.2f}x (bar 1.4x)")
-        print(f"bf16@{s}s / bf16 rollout tokens/s = "
-              f"{rows[f'bf16@{s}s']['tokens_per_s'] / rows['bf16']['tokens_per_s']:.2f}x")
     speedup = rows[weights8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if weights8 in rows else None
     both = rows[both8]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] if both8 in rows else None
     for name in variants:
@@ -387,9 +375,6 @@ def run_rollout(args, rt) -> dict:
             "rollout_gemm": gemm_choice(), "rollout_act": act_choice(),
             "rows": rows, "fp8_speedup": speedup, "fp8_kv_speedup": both,
             "variant_speedups": {n: rows[n]["tokens_per_s"] / rows["bf16"]["tokens_per_s"] for n in variants},
-            "decode_streams": streams_list,
-            "streams_speedups": {f"{n}@{s}s": rows[f"{n}@{s}s"]["tokens_per_s"] / rows[f"bf16@{s}s"]["tokens_per_s"]
-                                 for s in streams_list[1:] for n in names if n != "bf16"},
             "bar_met": None if args.smoke or speedup is None else bool(speedup >= 1.4),
             "bar_met_with_fp8_kv": None if args.smoke or both is None else bool(both >= 1.4)}
 
@@ -429,9 +414,6 @@ def main(argv=None) -> int:
                     help="rollout: time the FP8 rows before the bf16 row")
     ap.add_argument("--skip-weights-only", action="store_true",
                     help="rollout: skip the FP8-weights row (bf16 vs FP8 weights + FP8 KV cache only)")
-    ap.add_argument("--decode-streams", default="1",
-                    help="rollout: rollout.decode_streams of every row; a list (1,2) runs every row "
-                         "at each, the later ones named NAME@Ns, each compared with bf16 at the same count")
     ap.add_argument("--variant", action="append", default=[], choices=sorted(ROLLOUT_VARIANTS),
                     help="rollout: one more FP8 row (weights + KV cache) with these kernel switches on "
                          "(repeatable): " + "; ".join(f"{k}: {', '.join(a for _, a in v)}"

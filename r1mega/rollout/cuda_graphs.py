@@ -20,12 +20,6 @@ only synchronisation. The host buffer is packed with the step's own row width, s
 are one contiguous range: a strided slice of a pinned tensor is staged by ``copy_`` through a
 pageable temporary, and a copy from pageable memory may wait for the stream, i.e. for the step
 still running, which is exactly what overlapped steps (overlap.py) must not do.
-
-With ``streams=2`` (``rollout.decode_streams``) a bucket's graph holds the step twice, each over
-half the rows, on two streams: the graph's two kernel chains have no edge between them, so one
-half's GEMMs (a few dozen CTAs at decode sizes) and small elementwise kernels run beside the other
-half's attention instead of leaving most SMs idle. Rows are independent in every kernel of the
-step, so each half computes what the whole batch would have for its rows.
 """
 from __future__ import annotations
 
@@ -42,31 +36,6 @@ IDS, POS, CTX, KEY, SLOT, BT = range(6)
 # A captured bucket is replayed for batches down to half its size, counting batches below this
 # as this size: tiny batches cost the same as MIN_SHRINK rows, not worth a capture each.
 MIN_SHRINK = 16
-# Smallest bucket split over two streams: below it a half's kernels are launch-bound either way.
-SPLIT_MIN = 64
-
-
-def decode_streams(rollout_cfg, runner) -> int:
-    """``rollout.decode_streams`` for this runner, refused where two halves cannot run side by side."""
-    n = int(getattr(rollout_cfg, "decode_streams", 1))
-    if n not in (1, 2):
-        raise ValueError(f"rollout.decode_streams must be 1 or 2, got {n}.")
-    if n == 1:
-        return 1
-    from r1mega.precision import triton_skinny_gemm
-
-    refuse = [
-        (getattr(runner, "tp_size", 1) > 1, f"tensor parallelism ({runner.tp_size} ranks)",
-         "the halves' all-reduces would run side by side on one NCCL communicator"),
-        (bool(getattr(rollout_cfg, "exact", False)), "rollout.exact=true",
-         "the exact mode keeps one decode stream"),
-        (triton_skinny_gemm.ENABLED, "R1MEGA_FP8_SKINNY=1",
-         "the split-K kernel's tile counters are one set a device, shared by both halves"),
-    ]
-    for bad, what, why in refuse:
-        if bad:
-            raise ValueError(f"rollout.decode_streams=2 with {what}: {why}. Set rollout.decode_streams=1.")
-    return n
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -81,12 +50,8 @@ def default_buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """``step_fn(ints (b, BT + W) int64, temperature (b,)) -> (b, 2) float64`` captured per bucket."""
 
-    def __init__(self, step_fn: Callable, max_batch: int, max_blocks: int, device, buckets=None,
-                 streams: int = 1):
-        if streams not in (1, 2):
-            raise ValueError(f"decode graphs run the step on 1 or 2 streams, got {streams}")
+    def __init__(self, step_fn: Callable, max_batch: int, max_blocks: int, device, buckets=None):
         self.step_fn = step_fn
-        self.streams = streams
         self.buckets = buckets or default_buckets(max_batch)
         self.max_batch = n = self.buckets[-1]
         self.width = BT + max_blocks
@@ -114,7 +79,6 @@ class DecodeGraphs:
         self.capture_s = 0.0
         # Without CUDA the same packed-input code runs eagerly (tests exercise it on CPU).
         self.capture_enabled = torch.device(device).type == "cuda"
-        self._side = torch.cuda.Stream(device) if self.capture_enabled and streams > 1 else None
         assert SCRATCH_BLOCK == 0, "padding rows are zeroed, which must point at the scratch block"
 
     def bucket_for(self, n: int) -> int:
@@ -147,12 +111,12 @@ class DecodeGraphs:
             # megatron's torch.compile'd fusions (SwiGLU) compile for each shape -- a compile
             # inside capture would copy host tensors to the device and abort the capture.
             for b in todo:
-                self._step(b)
+                self.step_fn(self.ints[:b], self.temperature[:b])
         torch.cuda.current_stream().wait_stream(stream)
         for b in todo:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                out = self._step(b)
+                out = self.step_fn(self.ints[:b], self.temperature[:b])
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[b], self.outputs[b] = g, out
@@ -160,30 +124,6 @@ class DecodeGraphs:
         self.capture_s += time.perf_counter() - t0
         if self._pad_from <= todo[0]:
             self._pad_from = 0  # rows 0..todo[0]-1 were reset above
-
-    def split_at(self, b: int) -> int:
-        """Rows of bucket ``b`` in the first stream's half (``b``: no split)."""
-        if self.streams < 2 or b < SPLIT_MIN:
-            return b
-        return (b // 2 + 7) // 8 * 8  # a multiple of 8: both halves keep the GEMMs' aligned row counts
-
-    def _step(self, b: int) -> torch.Tensor:
-        """The step over rows [0, b): one call, or its two halves on two streams."""
-        h = self.split_at(b)
-        if h == b:
-            return self.step_fn(self.ints[:b], self.temperature[:b])
-        if self._side is None:  # CPU: the same halves, one after the other
-            return torch.cat([self.step_fn(self.ints[:h], self.temperature[:h]),
-                              self.step_fn(self.ints[h:b], self.temperature[h:b])])
-        cur, side = torch.cuda.current_stream(), self._side
-        side.wait_stream(cur)  # the inputs copied in on this stream
-        with torch.cuda.stream(side):
-            second = self.step_fn(self.ints[h:b], self.temperature[h:b])
-        first = self.step_fn(self.ints[:h], self.temperature[:h])
-        cur.wait_stream(side)
-        # ``second`` is read here after the join; its memory returns to the side stream's pool,
-        # whose next work is ordered after this (every step starts with the wait above).
-        return torch.cat([first, second])
 
     def host_rows(self, slot: int, n: int, width: int) -> torch.Tensor:
         """The (n, width) view of pinned host buffer ``slot`` that ``run(n, width, slot)`` sends:
@@ -214,7 +154,7 @@ class DecodeGraphs:
             pad[:, CTX] = 1
         self._pad_from = n
         if not self.capture_enabled:
-            return self._step(b)[:n]
+            return self.step_fn(self.ints[:b], self.temperature[:b])[:n]
         self.graphs[b].replay()
         return self.outputs[b][:n]
 

@@ -32,7 +32,7 @@ import torch
 
 from r1mega.rollout import triton_mla, triton_paged
 from r1mega.rollout.attention import AttentionBatch, padded_query_index, prefill_positions_slots
-from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, SLOT, DecodeGraphs, decode_streams
+from r1mega.rollout.cuda_graphs import BT, CTX, IDS, KEY, POS, SLOT, DecodeGraphs
 from r1mega.rollout.kv_cache import KVCacheShape, PagedKVCache, blocks_for_budget, kv_cache_dtype
 from r1mega.ops.batch_invariant import exact_numerics
 from r1mega.rollout.exact import enable_exact
@@ -103,7 +103,6 @@ class RolloutEngine:
         self.use_graphs = (bool(rollout_cfg.cuda_graphs) and self.use_triton and r.graph_capturable
                            and self.routes is None)
         self.overlap_steps = bool(rollout_cfg.overlap_steps if overlap_steps is None else overlap_steps)
-        self.decode_streams = decode_streams(rollout_cfg, r)
         self.graphs: Optional[DecodeGraphs] = None
         self._compiled_decode = None
         self.stats: dict = {}
@@ -519,7 +518,7 @@ class RolloutEngine:
         now, the others when a step first needs them (see cuda_graphs.py)."""
         def make():
             g = DecodeGraphs(self._graph_step, self.cfg.max_batch_sequences, self.max_blocks_per_seq(),
-                             self.device, streams=self.decode_streams)
+                             self.device)
             g.capture([g.bucket_for(n)])
             return g
 
