@@ -3,7 +3,7 @@
 # when the call is cut off): the written-but-unrun kernels' GPU tests, then the rollout with each
 # of them beside the default in one process, then the kernel-level benches.
 #   carry: .whl .prebuilt (the extensions built here by tools/gpu_prebuild.sh or the attention one
-#   alone); STAGES="tests rollout attn wgmma" picks stages; ROLLOUT_VARIANTS overrides the variants.
+#   alone); STAGES="tests rollout attn wgmma train quant" picks stages; ROLLOUT_VARIANTS overrides the variants.
 set -uo pipefail
 cp .prebuilt/*.so . 2>/dev/null
 export GPU_SKIP_BUILD=1 R1MEGA_GRPO_JIT=0 R1MEGA_MOE_JIT=0 R1MEGA_GEMM_JIT=0 R1MEGA_FP8_JIT=0 \
@@ -33,6 +33,13 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
       OUT=$O/wgmma GPU_TESTS_TIMEOUT=60 GPU_BENCH_TIMEOUT=45 \
         GPU_TESTS="tests/gpu/test_fp8_wgmma_gpu.py --deselect tests/gpu/test_fp8_wgmma_gpu.py::test_rollout_decodes_through_it" \
         bash tools/gpu_all.sh "tools/skinny_gemm_sweep.py --budget-s 30" | tail -4 ;;
+    train)  # both training bars, lean optimizer state as the issue's H200 rows; TRAIN_PROFILE=1 adds kernel tables
+      for recipe in ${TRAIN_RECIPES:-tensorwise blockwise}; do
+        OUT=$O/train_$recipe GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${TRAIN_S:-200} \
+          bash tools/gpu_all.sh "fp8 --models gemm-heavy --recipe $recipe --compile layer --master-weights bf16_remainder --moments-dtype bf16${TRAIN_PROFILE:+ --profile}" | tail -4
+      done ;;
+    quant)  # the dual quantisers (Triton and CUDA) against their bytes floor
+      OUT=$O/quant GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=90 bash tools/gpu_all.sh "tools/fp8_quant_sweep.py" | tail -4 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
