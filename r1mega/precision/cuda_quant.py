@@ -16,7 +16,7 @@ import torch
 
 from r1mega import switches
 from r1mega.ops.extension import CudaExtension
-from r1mega.precision.quantize import FP8_DTYPES, Fp8Tensor, _check_given_amax
+from r1mega.precision.quantize import Fp8Tensor, _check_given_amax
 
 _EXT = CudaExtension("r1mega_fp8_cuda", ["fp8_quant.cpp", "fp8_quant_kernel.cu"], "R1MEGA_FP8",
                      ["-lineinfo"], "the FP8 dual quantiser uses Triton")
@@ -55,7 +55,8 @@ def why_not(x: torch.Tensor, granularity: str) -> Optional[str]:
 
 
 def quantize_dual_cuda(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
-                       amax: Optional[torch.Tensor] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
+                       amax: Optional[torch.Tensor] = None,
+                       out: Optional[tuple[Fp8Tensor, Fp8Tensor]] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``(quantize(x), quantize(x.t()))`` by the CUDA kernel; ``amax``: tensorwise only, max |x|
     (computed here when not given). Raises with the reason when the kernel cannot run."""
     _check_given_amax(granularity, amax)
@@ -68,11 +69,8 @@ def quantize_dual_cuda(x: torch.Tensor, granularity: str, fmt: str = "e4m3", pow
     from r1mega.precision import triton_quant
 
     r, c = x.shape
-    dt = FP8_DTYPES[fmt]
-    q = torch.empty(r, c, dtype=dt, device=x.device)
-    qt = torch.empty(c, r, dtype=dt, device=x.device)
-    s = triton_quant.new_scale(r, c, granularity, x.device)
-    st = triton_quant.new_scale(c, r, granularity, x.device)
+    q, s = triton_quant.out_buffers(out[0] if out else None, r, c, granularity, fmt, x.device)
+    qt, st = triton_quant.out_buffers(out[1] if out else None, c, r, granularity, fmt, x.device)
     if granularity == "tensor" and amax is None:
         amax = (triton_quant.tensor_amax(x) if triton_quant.available()
                 else x.abs().amax().float().reshape(1))

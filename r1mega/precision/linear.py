@@ -78,7 +78,7 @@ class Fp8WeightCache:
 
     def _store(self, which: str, key: tuple, q: Fp8Tensor) -> Fp8Tensor:
         hit = self._entries.get(which)
-        if hit is not None and hit[1].data.shape == q.data.shape:
+        if hit is not None and hit[1] is not q and hit[1].data.shape == q.data.shape:
             # Refresh in place: a CUDA graph captured over the copy (the rollout's decode) then
             # reads the new weights on its next replay.
             hit[1].data.copy_(q.data)
@@ -87,11 +87,23 @@ class Fp8WeightCache:
         self._entries[which] = (key, q)
         return q
 
+    def _reusable(self, which: str, shape, gran: str, fmt: str = "e4m3") -> Optional[Fp8Tensor]:
+        """The stale copy ``which`` when the new one has its layout: the quantiser then writes
+        into it (same tensors for a captured graph, and no copy of a whole weight a step)."""
+        hit = self._entries.get(which)
+        if hit is None:
+            return None
+        q = hit[1]
+        if (tuple(q.data.shape), q.granularity, q.fmt) != (tuple(shape), gran, fmt):
+            return None
+        return q
+
     def get(self, weight: torch.Tensor, which: str, policy: Fp8Policy) -> Fp8Tensor:
         gran = RECIPE_GRANULARITY[policy.recipe][1]
         w = weight.detach()
-        return self.get_with(weight, which, lambda: quantize(w if which == "fwd" else w.t(), gran,
-                                                             "e4m3", policy.power2_scales))
+        src = w if which == "fwd" else w.t()
+        return self.get_with(weight, which, lambda: quantize(
+            src, gran, "e4m3", policy.power2_scales, out=self._reusable(which, src.shape, gran)))
 
     def get_with(self, weight: torch.Tensor, which: str, make) -> Fp8Tensor:
         """The cached copy ``which`` of ``weight``, made by ``make()`` when stale."""
@@ -118,8 +130,10 @@ class Fp8WeightCache:
             self.get(weight, "dgrad", policy)
             return self.get(weight, "fwd", policy)
         w = weight.detach()
+        out = (self._reusable("fwd", w.shape, gran), self._reusable("dgrad", w.shape[::-1], gran))
         with torch.no_grad():
-            q, qt = quantize_dual(w, gran, "e4m3", policy.power2_scales)
+            q, qt = quantize_dual(w, gran, "e4m3", policy.power2_scales,
+                                  out=out if None not in out else None)
         self.quantizations += 1
         self._store("dgrad", key, qt)
         return self._store("fwd", key, q)

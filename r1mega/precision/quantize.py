@@ -136,37 +136,81 @@ def dequantize(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor
 
 
 def quantize(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
-             *, impl: str = "auto", amax: Optional[torch.Tensor] = None) -> Fp8Tensor:
+             *, impl: str = "auto", amax: Optional[torch.Tensor] = None,
+             out: Optional[Fp8Tensor] = None) -> Fp8Tensor:
     """Quantise ``x`` (R, C); ``impl`` auto = fused Triton kernel on CUDA, else the reference;
-    ``amax``: tensorwise, the caller's max |x| (see :func:`quantize_reference`)."""
+    ``amax``: tensorwise, the caller's max |x| (see :func:`quantize_reference`); ``out``: an
+    Fp8Tensor of the same layout to write into (and return) instead of new tensors."""
+    if out is not None:
+        check_out(out, x.shape, granularity, fmt, x.device)
     if impl == "triton" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import triton_quant
 
         if triton_quant.available():
-            return triton_quant.quantize_triton(x, granularity, fmt, power2, amax=amax)
+            return triton_quant.quantize_triton(x, granularity, fmt, power2, amax=amax, out=out)
         if impl == "triton":
             raise RuntimeError("quantize(impl='triton'): Triton is not importable here.")
-    return quantize_reference(x, granularity, fmt, power2, amax)
+    return _into(quantize_reference(x, granularity, fmt, power2, amax), out)
+
+
+def check_out(out: Fp8Tensor, shape, granularity: str, fmt: str, device, kernel_layout: bool = False) -> None:
+    """``out`` must hold what the quantiser makes: same shape, format, granularity and device,
+    row-major data; with ``kernel_layout`` also the fused kernels' scale strides (cuBLAS's
+    column-major tiles), which they write through."""
+    r, c = shape
+    want = scale_shape(r, c, granularity)
+    bad = []
+    if (out.granularity, out.fmt) != (granularity, fmt):
+        bad.append(f"granularity/format {out.granularity}/{out.fmt}, not {granularity}/{fmt}")
+    if tuple(out.data.shape) != (r, c) or out.data.dtype != FP8_DTYPES[fmt] or not out.data.is_contiguous():
+        bad.append(f"data {tuple(out.data.shape)} {out.data.dtype} (contiguous: "
+                   f"{out.data.is_contiguous()}), not ({r}, {c}) {FP8_DTYPES[fmt]} row-major")
+    strides = (1, want[0]) if granularity == "tile" else (want[1], 1)
+    if tuple(out.scale.shape) != want or out.scale.dtype != torch.float32 or (
+            kernel_layout and out.scale.numel() > 1 and tuple(out.scale.stride()) != strides):
+        bad.append(f"scale {tuple(out.scale.shape)} {out.scale.dtype} strides {tuple(out.scale.stride())}, "
+                   f"not {want} float32" + (f" strides {strides}" if kernel_layout else ""))
+    if out.data.device != torch.device(device) or out.scale.device != torch.device(device):
+        bad.append(f"device {out.data.device}, not {device}")
+    if bad:
+        raise ValueError("quantize(out=...): " + "; ".join(bad))
+
+
+def _into(q: Fp8Tensor, out: Optional[Fp8Tensor]) -> Fp8Tensor:
+    """``q`` copied into ``out`` (the reference path's form of writing in place)."""
+    if out is None:
+        return q
+    out.data.copy_(q.data)
+    out.scale.copy_(q.scale)
+    return out
 
 
 def quantize_dual(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
-                  *, impl: str = "auto", amax: Optional[torch.Tensor] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
+                  *, impl: str = "auto", amax: Optional[torch.Tensor] = None,
+                  out: Optional[tuple[Fp8Tensor, Fp8Tensor]] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``(quantize(x), quantize(x.t()))``; on CUDA one fused read (tensor, tile or block):
     ``impl`` auto = the kernel ``R1MEGA_FP8_QUANT`` names (r1mega/precision/cuda_quant.py) where
-    it takes x, else Triton's; ``cuda`` / ``triton`` force one; ``reference`` the PyTorch path."""
+    it takes x, else Triton's; ``cuda`` / ``triton`` force one; ``reference`` the PyTorch path.
+    ``out``: the pair of Fp8Tensors to write into (as :func:`quantize`'s)."""
+    if out is not None:
+        check_out(out[0], x.shape, granularity, fmt, x.device)
+        check_out(out[1], x.shape[::-1], granularity, fmt, x.device)
     if impl == "cuda" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import cuda_quant
 
         if impl == "cuda" or (cuda_quant.DUAL_IMPL == "cuda"
                               and cuda_quant.why_not(x, granularity) is None
                               and cuda_quant.get() is not None):
-            return cuda_quant.quantize_dual_cuda(x, granularity, fmt, power2, amax=amax)
+            return cuda_quant.quantize_dual_cuda(x, granularity, fmt, power2, amax=amax, out=out)
     if impl == "triton" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import triton_quant
 
         if triton_quant.available():
-            return triton_quant.quantize_dual_triton(x, granularity, fmt, power2, amax=amax)
+            return triton_quant.quantize_dual_triton(x, granularity, fmt, power2, amax=amax, out=out)
         if impl == "triton":
             raise RuntimeError("quantize_dual(impl='triton'): Triton is not importable here.")
-    return (quantize_reference(x, granularity, fmt, power2, amax),
-            quantize_reference(x.t(), granularity, fmt, power2, amax))
+    q = quantize_reference(x, granularity, fmt, power2, amax)
+    qt = quantize_reference(x.t(), granularity, fmt, power2, amax)
+    if out is None:
+        return q, qt
+    return _into(q, out[0]), _into(qt, out[1])

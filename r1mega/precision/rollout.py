@@ -18,6 +18,7 @@ already run FP8 for training are left alone (they quantise their own weights).
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -187,20 +188,18 @@ class Fp8RolloutWeights:
         for mod in self.qkv_linears:
             mod._fp8_row_qkv = self._make_qkv_rows(mod)
 
-    def _quantize_weight(self, weight: torch.Tensor) -> Fp8Tensor:
-        return quantize(weight.detach(), self.wgt, "e4m3", self.policy.power2_scales)
+    def _quantize_weight(self, weight: torch.Tensor, out: Optional[Fp8Tensor] = None) -> Fp8Tensor:
+        return quantize(weight.detach(), self.wgt, "e4m3", self.policy.power2_scales, out=out)
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Re-quantise every weight into its persistent copy (in place after the first time)."""
+        """Re-quantise every weight into its persistent copy (in place after the first time: the
+        captured decode graphs read those tensors)."""
         for mod in self.linears:
-            q = self._quantize_weight(mod.weight)
             old = mod._fp8_rollout_weight
-            if old is None or old.scale.shape != q.scale.shape:
-                mod._fp8_rollout_weight = q
-            else:
-                old.data.copy_(q.data)
-                old.scale.copy_(q.scale)
+            same = old is not None and tuple(old.data.shape) == tuple(mod.weight.shape) \
+                and old.granularity == self.wgt
+            mod._fp8_rollout_weight = self._quantize_weight(mod.weight, out=old if same else None)
         if self.linears:
             unit_scale_ready(self.linears[0].weight.device)
         self._generation = fp8_linear_mod._current[0]

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from r1mega.precision.quantize import (BLOCK, FP8_DTYPES, FP8_MAX, Fp8Tensor, _check_given_amax,
-                                       scale_shape)
+                                       check_out, scale_shape)
 
 try:
     import triton
@@ -253,16 +253,24 @@ def new_scale(rows: int, cols: int, granularity: str, device) -> torch.Tensor:
     return torch.empty(r, c, dtype=torch.float32, device=device)
 
 
+def out_buffers(out: Optional[Fp8Tensor], r: int, c: int, granularity: str, fmt: str, device):
+    """(data, scale) to write: ``out``'s (checked by quantize.check_out), else new ones."""
+    if out is not None:
+        check_out(out, (r, c), granularity, fmt, device, kernel_layout=True)
+        return out.data, out.scale
+    return torch.empty(r, c, dtype=FP8_DTYPES[fmt], device=device), new_scale(r, c, granularity, device)
+
+
 def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
-                    power2: bool = False, amax: Optional[torch.Tensor] = None) -> Fp8Tensor:
+                    power2: bool = False, amax: Optional[torch.Tensor] = None,
+                    out: Optional[Fp8Tensor] = None) -> Fp8Tensor:
     """The fused quantiser: same result as ``quantize_reference``, bit for bit (``amax``: the
-    caller's max |x|, tensorwise only)."""
+    caller's max |x|, tensorwise only; ``out``: write into this Fp8Tensor's tensors)."""
     _check_given_amax(granularity, amax)
     if x.dim() != 2:
         raise ValueError(f"quantize: expected a 2-D (rows, contraction) matrix, got {tuple(x.shape)}")
     r, c = x.shape
-    q = torch.empty(r, c, dtype=FP8_DTYPES[fmt], device=x.device)
-    s = new_scale(r, c, granularity, x.device)
+    q, s = out_buffers(out, r, c, granularity, fmt, x.device)
     if r == 0 or c == 0:
         s.fill_(1.0)
         return Fp8Tensor(q, s, granularity, fmt)
@@ -289,7 +297,8 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
 
 
 def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
-                         power2: bool = False, amax: Optional[torch.Tensor] = None
+                         power2: bool = False, amax: Optional[torch.Tensor] = None,
+                         out: Optional[tuple[Fp8Tensor, Fp8Tensor]] = None
                          ) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``(quantize(x), quantize(x.t()))`` from one read of ``x``, bit for bit the reference's;
     tensor, tile or block granularity (a row scale of x.T would need whole columns of x);
@@ -300,10 +309,8 @@ def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
     if x.dim() != 2:
         raise ValueError(f"quantize_dual: expected a 2-D matrix, got {tuple(x.shape)}")
     r, c = x.shape
-    dt = FP8_DTYPES[fmt]
-    q = torch.empty(r, c, dtype=dt, device=x.device)
-    qt = torch.empty(c, r, dtype=dt, device=x.device)
-    s, st = new_scale(r, c, granularity, x.device), new_scale(c, r, granularity, x.device)
+    q, s = out_buffers(out[0] if out else None, r, c, granularity, fmt, x.device)
+    qt, st = out_buffers(out[1] if out else None, c, r, granularity, fmt, x.device)
     if r == 0 or c == 0:
         s.fill_(1.0)
         st.fill_(1.0)

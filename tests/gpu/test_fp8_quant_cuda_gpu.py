@@ -118,3 +118,55 @@ def test_fp8_linear_through_the_cuda_quantizer_equals_triton_bitwise(recipe, mon
         out[impl] = (y.detach(), xr.grad, wr.grad)
     for got, ref in zip(out["cuda"], out["triton"]):
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("impl", ["triton", pytest.param("cuda", marks=needs_ext)])
+@pytest.mark.parametrize("gran", ["tensor", "tile", "block"])
+def test_dual_quantizers_write_into_given_tensors(impl, gran):
+    """``out=``: the kernels write x's and x.T's bytes and scales into the given tensors, the
+    same bits as into new ones."""
+    x, y = _matrix((272, 1008), torch.bfloat16), _matrix((272, 1008), torch.bfloat16, seed=1)
+    pair = quantize_dual(y, gran, impl=impl)
+    ptrs = [t.data_ptr() for q in pair for t in (q.data, q.scale)]
+    got = quantize_dual(x, gran, impl=impl, out=pair)
+    want = quantize_dual(x, gran, impl=impl)
+    assert [t.data_ptr() for q in got for t in (q.data, q.scale)] == ptrs
+    for a, b in zip(got, want):
+        assert _same_bits(a.data, b.data) and _same_scales(a.scale, b.scale)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "blockwise", "rowwise"])
+def test_weight_cache_refresh_copies_no_weight(recipe):
+    """After an optimizer update the training linear's FP8 weight copies are re-quantised into
+    their own tensors: no device-to-device copy of a whole weight a step (the profiler sees none),
+    and the copies equal a fresh quantisation of the new weight."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from r1mega.precision.linear import RECIPE_GRANULARITY, Fp8LinearOps, new_weight_generation
+    from r1mega.precision.policy import Fp8Policy
+
+    gran = RECIPE_GRANULARITY[recipe][1]
+    w = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
+    ops = Fp8LinearOps(Fp8Policy(recipe=recipe, backend="native"))
+    new_weight_generation()
+    fwd = ops.cache.get_pair(w, ops.policy)
+    dgrad = ops.cache.get(w, "dgrad", ops.policy)
+    before = (fwd.data.data_ptr(), dgrad.data.data_ptr())
+    with torch.no_grad():
+        w.mul_(1.7)
+    new_weight_generation()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd2 = ops.cache.get_pair(w, ops.policy)
+        dgrad2 = ops.cache.get(w, "dgrad", ops.policy)
+        torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+
+    kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    assert any("quant" in k for k in kernels), kernels      # the profile saw the quantiser run
+    copies = [k for k in kernels if "Memcpy" in k or "copy" in k.lower()]
+    assert copies == [], copies
+    assert (fwd2.data.data_ptr(), dgrad2.data.data_ptr()) == before
+    for got, src in ((fwd2, w), (dgrad2, w.t())):
+        ref = quantize_reference(src, gran, "e4m3", ops.policy.power2_scales)
+        assert _same_bits(got.data, ref.data) and _same_scales(got.scale, ref.scale)

@@ -146,3 +146,54 @@ def test_a_given_amax_is_tensorwise_and_quantises_as_the_computed_one():
         assert torch.equal(got.scale, ref.scale) or (got.scale.isnan().all() and ref.scale.isnan().all())
     with pytest.raises(ValueError, match="one value for the whole tensor"):
         quantize_reference(torch.randn(4, 128), "tile", amax=torch.ones(1))
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_quantize_into_given_tensors_equals_a_fresh_quantisation(gran):
+    """``out=``: the result lands in the given tensors (the weight caches' refresh: a captured
+    graph keeps reading them, and no whole-weight copy follows), equal to a fresh quantisation."""
+    from r1mega.precision.quantize import quantize, quantize_dual
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 330, generator=g) * 3
+    old = quantize(torch.randn(200, 330, generator=g), gran, "e4m3", True)
+    data, scale = old.data, old.scale
+    got = quantize(x, gran, "e4m3", True, out=old)
+    ref_data, ref_scale = loop_reference(x, gran, "e4m3", True)
+    assert got is old and got.data is data and got.scale is scale
+    assert torch.equal(got.data.view(torch.uint8), ref_data.view(torch.uint8))
+    assert torch.equal(got.scale, ref_scale)
+    if gran in ("tensor", "tile", "block"):
+        pair = quantize_dual(torch.randn(200, 330, generator=g), gran)
+        ptrs = [t.data_ptr() for q in pair for t in (q.data, q.scale)]
+        q, qt = quantize_dual(x, gran, out=pair)
+        assert (q, qt) == pair and [t.data_ptr() for p in (q, qt) for t in (p.data, p.scale)] == ptrs
+        for got, src in ((q, x), (qt, x.t())):
+            ref_data, ref_scale = loop_reference(src, gran, "e4m3", False)
+            assert torch.equal(got.data.view(torch.uint8), ref_data.view(torch.uint8))
+            assert torch.equal(got.scale, ref_scale)
+
+
+def test_quantize_refuses_tensors_of_another_layout():
+    from r1mega.precision.quantize import quantize, quantize_dual
+
+    x = torch.randn(200, 330)
+    tile = quantize(x, "tile")
+    with pytest.raises(ValueError, match=r"data \(200, 330\).*not \(330, 200\)"):
+        quantize(x.t().contiguous(), "tile", out=tile)                  # (330, 200) into (200, 330)
+    with pytest.raises(ValueError, match="granularity/format tile/e4m3, not block/e4m3"):
+        quantize(x, "block", out=tile)
+    with pytest.raises(ValueError, match="not tile/e5m2"):
+        quantize(x, "tile", "e5m2", out=tile)
+    from r1mega.precision.triton_quant import out_buffers
+
+    rowmajor = type(tile)(tile.data, tile.scale.contiguous(), "tile", "e4m3")   # the reference's layout
+    assert quantize(x, "tile", out=rowmajor) is rowmajor                        # fine for the reference
+    with pytest.raises(ValueError, match=r"scale .* strides \(3, 1\), not \(200, 3\) float32 strides \(1, 200\)"):
+        out_buffers(rowmajor, 200, 330, "tile", "e4m3", x.device)              # not for the kernels
+    short = type(tile)(tile.data, tile.scale[:, :2], "tile", "e4m3")
+    with pytest.raises(ValueError, match=r"scale \(200, 2\)"):
+        quantize(x, "tile", out=short)
+    q, qt = quantize_dual(x, "block")
+    with pytest.raises(ValueError, match="quantize"):
+        quantize_dual(x, "block", out=(qt, q))                           # the pair swapped
