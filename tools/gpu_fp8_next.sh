@@ -13,6 +13,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null
 R=tests/gpu/test_paged_rows_gpu.py
 P=tests/gpu/test_paged_rope_gpu.py
+F=tests/gpu/test_fp8_gpu.py
 for stage in ${STAGES:-tests rollout attn wgmma}; do
   case $stage in
     tests)  # the cluster rows epilogue and RoPE in the kernel (bits, refusals, graph replay), the decode kernels
@@ -38,6 +39,10 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
         OUT=$O/train_$recipe GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${TRAIN_S:-200} \
           bash tools/gpu_all.sh "fp8 --models gemm-heavy --recipe $recipe --compile layer --master-weights bf16_remainder --moments-dtype bf16${TRAIN_PROFILE:+ --profile}" | tail -4
       done ;;
+    fp8-tests)  # the quantisers (into given tensors too), the weight caches, the FP8 linear and rollout graphs
+      OUT=$O/fp8_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-240} \
+        GPU_TESTS="tests/gpu/test_fp8_quant_cuda_gpu.py $F::test_dual_quantizer_equals_reference_of_x_and_xt_bitwise $F::test_fp8_linear_dual_path_equals_separate_passes_on_gpu $F::test_fp8_linear_vs_bf16_forward_backward $F::test_native_fp8_model_trains_on_gpu $F::test_fp8_rollout_compiled_graphs_decode_like_eager" \
+        bash tools/gpu_all.sh | tail -4 ;;
     quant)  # the dual quantisers (Triton and CUDA) against their bytes floor
       OUT=$O/quant GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=90 bash tools/gpu_all.sh "tools/fp8_quant_sweep.py" | tail -4 ;;
     *) echo "unknown stage $stage" ;;
