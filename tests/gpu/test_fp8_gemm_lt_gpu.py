@@ -116,3 +116,34 @@ def test_rollout_decodes_through_it(tensorwise_rollout):
     assert fp8_gemm_lt.timings, "no decode GEMM reached the op"
     for t0, t1 in zip(runs[False], runs[True]):
         assert len(t1) == 12 and t0[:4] == t1[:4]
+
+
+@pytest.mark.parametrize("block", [True, False], ids=["tiles-x-blocks", "tiles-x-tiles"])
+@pytest.mark.parametrize("m,n,k", [(512, 384, 1024), (1024, 768, 640)])
+def test_blockwise_scales_through_every_listed_algorithm(m, n, k, block):
+    """Blockwise scale modes (the training recipe's GEMMs): the heuristic's first algorithm is
+    torch's scaled_mm kernel with its descriptors, bit for bit; every other listed one is within
+    float32 accumulation of the float64 product of the dequantised operands."""
+    from r1mega.precision.gemm import _block_scale_b, _blockwise_mm, _colmajor
+    from r1mega.precision.quantize import quantize
+
+    ext = _ext()
+    g = torch.Generator(device="cuda").manual_seed(m + n)
+    a = quantize(torch.randn(m, k, device="cuda", generator=g).bfloat16() * 3, "tile")
+    w = quantize(torch.randn(n, k, device="cuda", generator=g).bfloat16() * 0.05, "block" if block else "tile")
+    mode = 2 if block else 1
+    sa, sw = _colmajor(a.scale), (_block_scale_b(w.scale) if block else _colmajor(w.scale))
+    ref = _blockwise_mm(a.data, a.scale, w.data, w.scale, block, torch.bfloat16)
+    exact = dequantize(a).double() @ dequantize(w).double().t()
+    scale = float(exact.abs().max())
+    blobs = ext.fp8_algos(m, n, k, torch.bfloat16, 16, fp8_gemm_lt.MAX_WORKSPACE, mode)
+    assert blobs
+    for i, blob in enumerate(blobs):
+        y = ext.fp8_matmul(a.data, sa, w.data, sw, torch.bfloat16, blob, mode)
+        if i == 0:
+            assert torch.equal(y, ref)
+        assert ((y.double() - exact).abs().max() / scale).item() < 1e-2, i
+    with pytest.raises(RuntimeError, match="1x128 scales"):
+        ext.fp8_matmul(a.data, a.scale.contiguous(), w.data, sw, torch.bfloat16, blobs[0], mode)
+    with pytest.raises(RuntimeError, match="one scale an operand"):
+        ext.fp8_matmul(a.data, sa, w.data, sw, torch.bfloat16, blobs[0], 0)
