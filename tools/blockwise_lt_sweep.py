@@ -12,6 +12,7 @@ import json
 
 import torch
 
+from r1mega.bench.timing import median_ms
 from r1mega.ops import cublaslt_gemm
 from r1mega.precision.gemm import _block_scale_b, _blockwise_mm, _colmajor
 from r1mega.precision.quantize import quantize
@@ -26,18 +27,6 @@ def problems():
         yield f"{name} fwd", T, out, inp, True
         yield f"{name} dgrad", T, inp, out, True
         yield f"{name} wgrad", out, inp, T, False
-
-
-def _time(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main(argv=None) -> int:
@@ -59,7 +48,8 @@ def main(argv=None) -> int:
         sa = _colmajor(a.scale)
         sw = _block_scale_b(w.scale) if block else _colmajor(w.scale)
         ref = _blockwise_mm(a.data, a.scale, w.data, w.scale, block, torch.bfloat16)
-        t_torch = _time(lambda: _blockwise_mm(a.data, a.scale, w.data, w.scale, block, torch.bfloat16), args.reps)
+        t_torch = median_ms(lambda: _blockwise_mm(a.data, a.scale, w.data, w.scale, block, torch.bfloat16),
+                            args.reps, 1, True)
         blobs = ext.fp8_algos(m, n, k, torch.bfloat16, args.max_algos, 32 << 20, mode)
         times, worst, same0 = [], 0.0, None
         for i, blob in enumerate(blobs):
@@ -72,7 +62,8 @@ def main(argv=None) -> int:
             if i == 0:
                 same0 = bool(torch.equal(y, ref))
             worst = max(worst, ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
-            times.append(_time(lambda: ext.fp8_matmul(a.data, sa, w.data, sw, torch.bfloat16, blob, mode), args.reps))
+            times.append(median_ms(lambda: ext.fp8_matmul(a.data, sa, w.data, sw, torch.bfloat16, blob, mode),
+                                   args.reps, 1, True))
         ran = [(t, i) for i, t in enumerate(times) if t is not None]
         best_t, best_i = min(ran) if ran else (float("nan"), -1)
         lt0 = times[0] if times and times[0] is not None else float("nan")
