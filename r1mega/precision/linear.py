@@ -38,7 +38,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from r1mega import switches
 from r1mega.precision.gemm import alignment, fp8_gemm
 from r1mega.precision.policy import BLOCKWISE_E4M3_ONLY, Fp8Policy
-from r1mega.precision.quantize import Fp8Tensor, quantize, quantize_dual
+from r1mega.precision.quantize import Fp8Tensor, out_problems, quantize, quantize_dual
 
 # recipe -> (activation, weight, gradient) granularity, all along the GEMM's contraction.
 RECIPE_GRANULARITY = {
@@ -87,23 +87,21 @@ class Fp8WeightCache:
         self._entries[which] = (key, q)
         return q
 
-    def _reusable(self, which: str, shape, gran: str, fmt: str = "e4m3") -> Optional[Fp8Tensor]:
-        """The stale copy ``which`` when the new one has its layout: the quantiser then writes
-        into it (same tensors for a captured graph, and no copy of a whole weight a step)."""
+    def _reusable(self, which: str, src: torch.Tensor, gran: str, fmt: str = "e4m3") -> Optional[Fp8Tensor]:
+        """The stale copy ``which`` where the quantiser of ``src`` can write into it (same layout,
+        device and scale strides): the same tensors for a captured graph, and no copy of a whole
+        weight a step."""
         hit = self._entries.get(which)
-        if hit is None:
+        if hit is None or out_problems(hit[1], src.shape, gran, fmt, src.device, kernel_layout=src.is_cuda):
             return None
-        q = hit[1]
-        if (tuple(q.data.shape), q.granularity, q.fmt) != (tuple(shape), gran, fmt):
-            return None
-        return q
+        return hit[1]
 
     def get(self, weight: torch.Tensor, which: str, policy: Fp8Policy) -> Fp8Tensor:
         gran = RECIPE_GRANULARITY[policy.recipe][1]
         w = weight.detach()
         src = w if which == "fwd" else w.t()
         return self.get_with(weight, which, lambda: quantize(
-            src, gran, "e4m3", policy.power2_scales, out=self._reusable(which, src.shape, gran)))
+            src, gran, "e4m3", policy.power2_scales, out=self._reusable(which, src, gran)))
 
     def get_with(self, weight: torch.Tensor, which: str, make) -> Fp8Tensor:
         """The cached copy ``which`` of ``weight``, made by ``make()`` when stale."""
@@ -130,7 +128,7 @@ class Fp8WeightCache:
             self.get(weight, "dgrad", policy)
             return self.get(weight, "fwd", policy)
         w = weight.detach()
-        out = (self._reusable("fwd", w.shape, gran), self._reusable("dgrad", w.shape[::-1], gran))
+        out = (self._reusable("fwd", w, gran), self._reusable("dgrad", w.t(), gran))
         with torch.no_grad():
             q, qt = quantize_dual(w, gran, "e4m3", policy.power2_scales,
                                   out=out if None not in out else None)

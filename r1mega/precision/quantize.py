@@ -153,10 +153,11 @@ def quantize(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool 
     return _into(quantize_reference(x, granularity, fmt, power2, amax), out)
 
 
-def check_out(out: Fp8Tensor, shape, granularity: str, fmt: str, device, kernel_layout: bool = False) -> None:
-    """``out`` must hold what the quantiser makes: same shape, format, granularity and device,
-    row-major data; with ``kernel_layout`` also the fused kernels' scale strides (cuBLAS's
-    column-major tiles), which they write through."""
+def out_problems(out: Fp8Tensor, shape, granularity: str, fmt: str, device,
+                 kernel_layout: bool = False) -> list[str]:
+    """What keeps ``out`` from holding what the quantiser makes (empty: nothing): same shape,
+    format, granularity and device, row-major data; with ``kernel_layout`` also the fused
+    kernels' scale strides (cuBLAS's column-major tiles), which they write through."""
     r, c = shape
     want = scale_shape(r, c, granularity)
     bad = []
@@ -172,6 +173,12 @@ def check_out(out: Fp8Tensor, shape, granularity: str, fmt: str, device, kernel_
                    f"not {want} float32" + (f" strides {strides}" if kernel_layout else ""))
     if out.data.device != torch.device(device) or out.scale.device != torch.device(device):
         bad.append(f"device {out.data.device}, not {device}")
+    return bad
+
+
+def check_out(out: Fp8Tensor, shape, granularity: str, fmt: str, device, kernel_layout: bool = False) -> None:
+    """Raises naming what keeps ``out`` from taking the result (see :func:`out_problems`)."""
+    bad = out_problems(out, shape, granularity, fmt, device, kernel_layout)
     if bad:
         raise ValueError("quantize(out=...): " + "; ".join(bad))
 

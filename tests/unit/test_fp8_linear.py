@@ -357,3 +357,20 @@ def test_custom_ops_fake_kernels_match_the_real_ones(recipe):
                      keep, need_wgrad)
             # (test_schema compares inputs by arithmetic, which float8 has none of on the CPU)
             torch.library.opcheck(_fp8_linear_backward_op, bargs, test_utils=("test_faketensor",))
+
+
+def test_a_stale_copy_of_another_layout_is_replaced_not_written_into():
+    """The cache writes a refresh into the stale copy only where it fits (same shape, format and
+    scale layout); a weight that changed shape gets new tensors and the reference's values."""
+    from r1mega.precision.quantize import quantize_reference
+
+    ops = Fp8LinearOps(Fp8Policy(recipe="blockwise", backend="native", emulate=True))
+    new_weight_generation()
+    old = ops.cache.get_pair(torch.randn(256, 384), ops.policy)
+    w = torch.randn(128, 384)
+    new_weight_generation()
+    got = ops.cache.get_pair(w, ops.policy)
+    assert got is not old and got.data.shape == (128, 384)
+    ref = quantize_reference(w, "block", "e4m3", ops.policy.power2_scales)
+    assert torch.equal(got.data.view(torch.uint8), ref.data.view(torch.uint8))
+    assert torch.equal(got.scale, ref.scale)
