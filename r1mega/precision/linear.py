@@ -64,6 +64,14 @@ def new_weight_generation() -> None:
     _current[0] = next(_GENERATION)
 
 
+def _fits(old: Fp8Tensor, new: Fp8Tensor) -> bool:
+    """Whether ``new``'s values can be copied into ``old``'s tensors (any scale strides)."""
+    if new.data.dim() != 2:  # the experts' (E, N, K) stacks
+        return ((old.data.shape, old.scale.shape, old.data.device)
+                == (new.data.shape, new.scale.shape, new.data.device))
+    return not out_problems(old, new.data.shape, new.granularity, new.fmt, new.data.device)
+
+
 class Fp8WeightCache:
     """One layer's FP8 weight copies, for the forward (w) and dgrad (w.T) GEMMs."""
 
@@ -78,7 +86,7 @@ class Fp8WeightCache:
 
     def _store(self, which: str, key: tuple, q: Fp8Tensor) -> Fp8Tensor:
         hit = self._entries.get(which)
-        if hit is not None and hit[1] is not q and hit[1].data.shape == q.data.shape:
+        if hit is not None and hit[1] is not q and _fits(hit[1], q):
             # Refresh in place: a CUDA graph captured over the copy (the rollout's decode) then
             # reads the new weights on its next replay.
             hit[1].data.copy_(q.data)
