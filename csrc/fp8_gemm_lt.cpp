@@ -1,9 +1,10 @@
-// cuBLASLt's FP8 GEMM with a chosen algorithm, for the FP8 rollout's decode-sized GEMMs
-// (r1mega/precision/fp8_gemm_lt.py picks one per problem by timing them).
+// cuBLASLt's FP8 GEMM with a chosen algorithm: the FP8 rollout's decode-sized GEMMs
+// (r1mega/precision/fp8_gemm_lt.py picks one per problem by timing them), and the blockwise
+// recipe's GEMMs for tools/blockwise_lt_sweep.py, which times every algorithm listed for them.
 //
 // y (M, N) = (a8 (M, K) * scale_a) @ (w8 (N, K) * scale_w)^T in bf16 or fp16: e4m3 operands,
-// row-major, one float32 scale each (device scalars, read by the kernel), fast accumulation as
-// torch._scaled_mm's use_fast_accum. torch._scaled_mm asks cuBLASLt's heuristic for one
+// row-major; one float32 scale each (device scalars, fast accumulation as torch._scaled_mm's
+// use_fast_accum) or the blockwise modes below. torch._scaled_mm asks cuBLASLt's heuristic for one
 // algorithm; at a decode step's M (16-512 rows) the heuristic's first is not always the fastest
 // (splitting K, other tiles), and the caller times the ones listed here.
 #include "gemm_lt_common.h"
