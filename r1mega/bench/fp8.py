@@ -226,6 +226,7 @@ ROLLOUT_VARIANTS = {
     "rope-rows-cluster": (("r1mega.rollout.cuda_paged_rope", "ROPE"), ("r1mega.rollout.cuda_paged", "ROWS_CLUSTER")),
     "wgmma": (("r1mega.precision.wgmma_gemm", "ENABLED"),),
     "wgmma-ws": (("r1mega.precision.wgmma_gemm", "ENABLED"), ("r1mega.precision.wgmma_gemm", "PRODUCER_WARP")),
+    "rows-multi": (("r1mega.precision.triton_fp8_rows", "MULTI_ROW"),),
 }
 
 

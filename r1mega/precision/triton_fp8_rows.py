@@ -10,11 +10,12 @@ RMSNorm kernel that makes them. Two inputs have no such home:
 
 The eager prefill has no compiled kernels at all, so every row-scaled input of it comes here.
 
-Here one program holds one row in registers: it reads the row once (for fc2, the row's gate and
-up halves, and applies SwiGLU first), takes the row's amax, and writes the e4m3 row and its
-dequantisation scale. The scale arithmetic is :func:`r1mega.precision.quantize.quantize_reference`'s
-(the shared helpers of r1mega/precision/triton_quant.py), so ``fp8_rows(x)`` equals
-``quantize_reference(x, "row", ...)`` bit for bit, and ``fp8_rows(y, swiglu=True)`` equals it on
+Here one program holds a row (R1MEGA_FP8_ROWS_MULTI=1: in a prefill's calls several) in
+registers: it reads the row once (for fc2, the row's gate and up halves, and applies SwiGLU
+first), takes the row's amax, and writes the e4m3 row and its dequantisation scale. The scale
+arithmetic is :func:`r1mega.precision.quantize.quantize_reference`'s (the shared helpers of
+r1mega/precision/triton_quant.py), so ``fp8_rows(x)`` equals ``quantize_reference(x, "row", ...)``
+bit for bit, and ``fp8_rows(y, swiglu=True)`` equals it on
 ``r1mega.ops.triton_swiglu.swiglu_forward(y)`` (that kernel's formula and rounding, FP
 contraction off in both; on a GPU up to its sigmoid's last bit, see the kernel). Rows are padded
 to a multiple of ``pad`` with zero rows (scale 1): cuBLAS's FP8 kernels want M a multiple of 16.
@@ -26,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from r1mega import switches
 from r1mega.precision.quantize import FP8_DTYPES, FP8_MAX, Fp8Tensor
 
 try:
@@ -52,18 +54,18 @@ if HAVE_TRITON:
     from r1mega.precision.triton_quant import _abs_bits, _multiplier, _round_e4m3
 
     @triton.jit
-    def _fp8_rows_kernel(X, Q, S, IN_S, R, C, stride_x, stride_q, BLOCK_C: tl.constexpr,
-                         FMAX: tl.constexpr, POWER2: tl.constexpr, SWIGLU: tl.constexpr,
-                         HAS_IN_S: tl.constexpr, ROUND_BITS: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _fp8_rows_kernel(X, Q, S, IN_S, R, RP, C, stride_x, stride_q, BLOCK_C: tl.constexpr,
+                         ROWS: tl.constexpr, FMAX: tl.constexpr, POWER2: tl.constexpr,
+                         SWIGLU: tl.constexpr, HAS_IN_S: tl.constexpr, ROUND_BITS: tl.constexpr):
+        row0 = tl.program_id(0).to(tl.int64) * ROWS
+        rows = row0 + tl.arange(0, ROWS)[:, None]                          # (ROWS, 1)
         cols = tl.arange(0, BLOCK_C)[None, :]                              # (1, BLOCK_C)
-        m = (cols < C) & (cols * 0 + row < R)  # rows past R are the padding: zeros, scale 1
+        m = (cols < C) & (rows < R)  # rows past R are the padding: zeros, scale 1
         if SWIGLU:
-            g = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(X + row * stride_x + C + cols, mask=m, other=0.0).to(tl.float32)
-            if HAS_IN_S:  # the row's power-of-two scale from the GEMM that made x: exact
-                one = tl.arange(0, 1)
-                s_in = tl.load(IN_S + row + one, mask=one * 0 + row < R, other=1.0)[:, None]
+            g = tl.load(X + rows * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(X + rows * stride_x + C + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_IN_S:  # each row's power-of-two scale from the GEMM that made x: exact
+                s_in = tl.load(IN_S + rows, mask=rows < R, other=1.0)          # (ROWS, 1)
                 g = g * s_in
                 u = u * s_in
             # triton_swiglu's formula, rounded to the activation dtype as its output is, but
@@ -73,8 +75,8 @@ if HAVE_TRITON:
             sig = 1.0 / (1.0 + tl.exp(-g))
             v = ((g * sig) * u).to(X.dtype.element_ty).to(tl.float32)
         else:
-            v = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        amax = tl.max(_abs_bits(v), axis=1).to(tl.float32, bitcast=True)   # (1,)
+            v = tl.load(X + rows * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        amax = tl.max(_abs_bits(v), axis=1).to(tl.float32, bitcast=True)   # (ROWS,)
         mult = _multiplier(amax, FMAX, POWER2)
         v = v * mult[:, None]
         v = tl.where(v < -FMAX, -FMAX, tl.where(v > FMAX, FMAX, v))
@@ -82,22 +84,40 @@ if HAVE_TRITON:
             # onto the e4m3 grid before the cast (exact then): Triton's interpreter mis-rounds
             # the cast itself near a binade's top; the GPU's cast rounds to nearest even
             v = tl.where(v == v, _round_e4m3(v), v)  # a NaN row stays NaN
-        tl.store(Q + row * stride_q + cols, v.to(Q.dtype.element_ty), mask=cols < C)
+        tl.store(Q + rows * stride_q + cols, v.to(Q.dtype.element_ty), mask=(cols < C) & (rows < RP))
         scale = tl.math.div_rn(tl.zeros_like(mult) + 1.0, mult)
-        tl.store(S + row + tl.arange(0, 1), scale)
+        out_rows = row0 + tl.arange(0, ROWS)
+        tl.store(S + out_rows, scale, mask=out_rows < RP)
 
 
 def _warps(block_c: int) -> int:
     return 4 if block_c <= 2048 else 8 if block_c <= 8192 else 16
 
 
+# With MULTI_ROW, from this many rows (a prefill's calls; a decode step's are a few hundred) a
+# program takes several rows, ~8,192 values, instead of one (a row of a few KB is little work for a
+# program; the prefill's calls ran at about half their bytes floor). Off until a GPU has timed it.
+MULTI_ROW = switches.flag("R1MEGA_FP8_ROWS_MULTI", False,
+                          "the row quantiser takes several rows a program in prefill-sized calls")
+MULTI_ROW_FROM = 4096
+
+
+def rows_per_program(rows: int, block_c: int) -> int:
+    """Rows one program quantises: 1 below MULTI_ROW_FROM (or with the switch off), else a power
+    of two up to 16 (it divides the padded row count, a multiple of 16)."""
+    if not MULTI_ROW or rows < MULTI_ROW_FROM:
+        return 1
+    return max(1, min(16, 8192 // block_c))
+
+
 def fp8_rows_triton(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: int = 16,
-                    fmt: str = "e4m3", in_scale: Optional[torch.Tensor] = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    fmt: str = "e4m3", in_scale: Optional[torch.Tensor] = None,
+                    rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, C) -> (FP8 data (R', C), float32 scales (R', 1)), R' = R rounded up to ``pad``;
     ``swiglu``: x is (R, 2C), [gate | up], quantised as silu(gate) * up; ``in_scale``: with
     ``swiglu``, (>= R, 1) power-of-two scales x's rows are multiplied by first (the row scales
-    of the FP8 GEMM that made x, not yet applied: exact, so the result is that of the scaled x)."""
+    of the FP8 GEMM that made x, not yet applied: exact, so the result is that of the scaled x);
+    ``rows``: rows a program takes (None: :func:`rows_per_program`; tests force others)."""
     if in_scale is not None and (not swiglu or in_scale.dtype != torch.float32
                                  or in_scale.shape[0] < x.shape[0] or in_scale.numel() != in_scale.shape[0]):
         raise ValueError(f"fp8_rows: in_scale goes with swiglu, float32 (rows, 1); got "
@@ -113,12 +133,13 @@ def fp8_rows_triton(x: torch.Tensor, power2: bool, swiglu: bool = False, pad: in
     s = torch.empty(rp, 1, dtype=torch.float32, device=x.device)
     if rp:
         block_c = triton.next_power_of_2(c)
+        per = rows or rows_per_program(rp, block_c)
         s_in = s if in_scale is None else in_scale.reshape(-1).contiguous()
-        _fp8_rows_kernel[(rp,)](x, q, s, s_in, r, c, x.stride(0), q.stride(0), BLOCK_C=block_c,
-                                FMAX=FP8_MAX[fmt], POWER2=power2, SWIGLU=swiglu,
-                                HAS_IN_S=in_scale is not None,
-                                ROUND_BITS=os.environ.get("TRITON_INTERPRET") == "1",
-                                num_warps=_warps(block_c), enable_fp_fusion=False)
+        _fp8_rows_kernel[(triton.cdiv(rp, per),)](
+            x, q, s, s_in, r, rp, c, x.stride(0), q.stride(0), BLOCK_C=block_c, ROWS=per,
+            FMAX=FP8_MAX[fmt], POWER2=power2, SWIGLU=swiglu, HAS_IN_S=in_scale is not None,
+            ROUND_BITS=os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=_warps(per * block_c), enable_fp_fusion=False)
     return q, s
 
 

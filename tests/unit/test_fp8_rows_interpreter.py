@@ -33,15 +33,21 @@ def _interpreted(rank, world):
     from r1mega.precision.triton_fp8_rows import fp8_rows, fp8_rows_triton
 
     g = torch.Generator().manual_seed(0)
-    out = {"plain": [], "swiglu": [], "op": []}
+    out = {"plain": [], "swiglu": [], "op": [], "multi": []}
     for r, c in ((1, 128), (5, 96), (17, 200), (3, 2048)):
         x = _rows(r, c, g)
         for power2 in (True, False):
             ref = quantize_reference(_pad_rows(x, 16), "row", "e4m3", power2)
             q, s = fp8_rows_triton(x, power2)
             out["plain"].append(((r, c, power2), ref.data, ref.scale, q, s))
+            for per in (4, 16):  # several rows a program (a prefill's calls): the same bytes
+                out["multi"].append(((r, c, power2, per), q, s, *fp8_rows_triton(x, power2, rows=per)))
         y = torch.cat([_rows(r, c, g), _rows(r, c, g)], dim=1)          # [gate | up]
         q, s = fp8_rows_triton(y, True, swiglu=True)
+        in_s = torch.exp2(torch.randint(-3, 4, (r, 1), generator=g).float())     # a GEMM's row scales
+        one = fp8_rows_triton(y, True, swiglu=True, in_scale=in_s)
+        out["multi"].append(((r, c, "swiglu", 8), *one, *fp8_rows_triton(y, True, swiglu=True, in_scale=in_s,
+                                                                         rows=8)))
         ref_kernel = quantize_reference(_pad_rows(swiglu_forward(y), 16), "row", "e4m3", True)
         gate, up = y.float().chunk(2, dim=1)
         eager = (F.silu(gate) * up).bfloat16().float()
@@ -67,6 +73,10 @@ def test_fp8_rows_match_the_reference_under_interpreter(monkeypatch):
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), case
         assert torch.equal(s, ref_s), case
         assert (s[case[0]:] == 1).all() and (q[case[0]:].float() == 0).all(), case  # padding
+    assert len(out["multi"]) == 20
+    for case, q1, s1, q, s in out["multi"]:
+        assert torch.equal(q.view(torch.uint8), q1.view(torch.uint8)), case
+        assert torch.equal(s, s1), case
     for case, ref_q, ref_s, q, s, eager in out["swiglu"]:
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), case
         assert torch.equal(s, ref_s), case
@@ -229,3 +239,12 @@ def test_qkv_rows_left_to_the_rope_kernel_equal_the_scaled_route(monkeypatch):
     assert got.shape == route.shape == (6, 1, 2, 4 * 32) and refused
     assert torch.equal(got, route)  # the scales are powers of two: applied anywhere, the same bits
     assert torch.equal(scales, 2.0 ** torch.log2(scales).round()) and not (scales == 1).all()
+
+
+def test_rows_a_program_only_for_prefill_sized_calls_with_the_switch(monkeypatch):
+    from r1mega.precision import triton_fp8_rows as rows
+
+    assert rows.rows_per_program(16384, 2048) == 1                  # off by default
+    monkeypatch.setattr(rows, "MULTI_ROW", True)
+    assert [rows.rows_per_program(r, c) for r, c in ((16384, 2048), (16384, 8192), (4096, 512), (256, 2048))] \
+        == [4, 1, 16, 1]
