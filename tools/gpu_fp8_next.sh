@@ -43,6 +43,9 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
       OUT=$O/fp8_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-240} \
         GPU_TESTS="tests/gpu/test_fp8_quant_cuda_gpu.py $F::test_dual_quantizer_equals_reference_of_x_and_xt_bitwise $F::test_fp8_linear_dual_path_equals_separate_passes_on_gpu $F::test_fp8_linear_vs_bf16_forward_backward $F::test_native_fp8_model_trains_on_gpu $F::test_fp8_rollout_compiled_graphs_decode_like_eager" \
         bash tools/gpu_all.sh | tail -4 ;;
+    rows-tests)  # the row quantiser (one and several rows a program) and the attention rows epilogues
+      OUT=$O/rows_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-200} \
+        GPU_TESTS="tests/gpu/test_fp8_rows_gpu.py tests/gpu/test_paged_rows_gpu.py" bash tools/gpu_all.sh | tail -4 ;;
     lt)  # cuBLASLt's blockwise algorithms: their tests, then every listed one timed against scaled_mm
       OUT=$O/lt GPU_TESTS_TIMEOUT=${TESTS_S:-120} GPU_BENCH_TIMEOUT=${LT_S:-150} \
         GPU_TESTS="tests/gpu/test_fp8_gemm_lt_gpu.py" bash tools/gpu_all.sh "tools/blockwise_lt_sweep.py" | tail -4 ;;

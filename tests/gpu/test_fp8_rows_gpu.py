@@ -213,3 +213,23 @@ def test_qkv_row_scales_in_the_rope_kernel_decode_the_same(tensorwise_rollout, m
     assert taken[True, True] > 0         # traced into the compiled step
     for (t0, _), (t1, _) in zip(runs[False, True], runs[True, True]):
         assert t0[:4] == t1[:4]
+
+
+@pytest.mark.parametrize("r,c,per", [(4100, 2048, None), (16384, 2048, None), (4100, 2816, 2), (300, 512, 16)])
+def test_several_rows_a_program_give_the_one_row_bits(monkeypatch, r, c, per):
+    """R1MEGA_FP8_ROWS_MULTI (prefill-sized calls): the same bytes and scales as one row a
+    program and as the reference, plain and SwiGLU with a GEMM's input row scales."""
+    from r1mega.precision import triton_fp8_rows
+
+    monkeypatch.setattr(triton_fp8_rows, "MULTI_ROW", True)
+    x = _x(r, c, r + c)
+    ref = quantize_reference(_pad_rows(x, 16), "row", "e4m3", True)
+    one = fp8_rows_triton(x, True, rows=1)
+    many = fp8_rows_triton(x, True, rows=per)
+    assert _same(many[0], one[0]) and torch.equal(many[1], one[1])
+    assert _same(many[0], ref.data) and torch.equal(many[1], ref.scale)
+    y = torch.cat([_x(r, c, 1), _x(r, c, 2)], dim=1)
+    s_in = torch.exp2(torch.randint(-3, 4, (r, 1), device="cuda").float())
+    one = fp8_rows_triton(y, True, swiglu=True, in_scale=s_in, rows=1)
+    many = fp8_rows_triton(y, True, swiglu=True, in_scale=s_in, rows=per)
+    assert _same(many[0], one[0]) and torch.equal(many[1], one[1])
