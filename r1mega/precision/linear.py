@@ -38,7 +38,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from r1mega import switches
 from r1mega.precision.gemm import alignment, fp8_gemm
 from r1mega.precision.policy import BLOCKWISE_E4M3_ONLY, Fp8Policy
-from r1mega.precision.quantize import Fp8Tensor, out_problems, quantize, quantize_dual
+from r1mega.precision.quantize import Fp8Tensor, out_problems, quantize, quantize_dual, reusable
 
 # recipe -> (activation, weight, gradient) granularity, all along the GEMM's contraction.
 RECIPE_GRANULARITY = {
@@ -95,14 +95,11 @@ class Fp8WeightCache:
         self._entries[which] = (key, q)
         return q
 
-    def _reusable(self, which: str, src: torch.Tensor, gran: str, fmt: str = "e4m3") -> Optional[Fp8Tensor]:
-        """The stale copy ``which`` where the quantiser of ``src`` can write into it (same layout,
-        device and scale strides): the same tensors for a captured graph, and no copy of a whole
-        weight a step."""
+    def _reusable(self, which: str, src: torch.Tensor, gran: str) -> Optional[Fp8Tensor]:
+        """The stale copy ``which`` if the quantiser of ``src`` can write into it: the same tensors
+        for a captured graph, and no copy of a whole weight a step."""
         hit = self._entries.get(which)
-        if hit is None or out_problems(hit[1], src.shape, gran, fmt, src.device, kernel_layout=src.is_cuda):
-            return None
-        return hit[1]
+        return reusable(hit[1] if hit else None, src, gran)
 
     def get(self, weight: torch.Tensor, which: str, policy: Fp8Policy) -> Fp8Tensor:
         gran = RECIPE_GRANULARITY[policy.recipe][1]

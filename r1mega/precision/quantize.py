@@ -140,9 +140,8 @@ def quantize(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool 
              out: Optional[Fp8Tensor] = None) -> Fp8Tensor:
     """Quantise ``x`` (R, C); ``impl`` auto = fused Triton kernel on CUDA, else the reference;
     ``amax``: tensorwise, the caller's max |x| (see :func:`quantize_reference`); ``out``: an
-    Fp8Tensor of the same layout to write into (and return) instead of new tensors."""
-    if out is not None:
-        check_out(out, x.shape, granularity, fmt, x.device)
+    Fp8Tensor of the same layout to write into (and return) instead of new tensors (checked
+    by whichever path runs: the kernels' scale strides too)."""
     if impl == "triton" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import triton_quant
 
@@ -183,10 +182,20 @@ def check_out(out: Fp8Tensor, shape, granularity: str, fmt: str, device, kernel_
         raise ValueError("quantize(out=...): " + "; ".join(bad))
 
 
+def reusable(old: Optional[Fp8Tensor], src: torch.Tensor, granularity: str,
+             fmt: str = "e4m3") -> Optional[Fp8Tensor]:
+    """``old`` where :func:`quantize` of ``src`` can write into it (on CUDA with the fused
+    kernels' scale strides), else None: a weight cache's stale copy, refreshed in place."""
+    if old is None or out_problems(old, src.shape, granularity, fmt, src.device, kernel_layout=src.is_cuda):
+        return None
+    return old
+
+
 def _into(q: Fp8Tensor, out: Optional[Fp8Tensor]) -> Fp8Tensor:
     """``q`` copied into ``out`` (the reference path's form of writing in place)."""
     if out is None:
         return q
+    check_out(out, q.data.shape, q.granularity, q.fmt, q.data.device)
     out.data.copy_(q.data)
     out.scale.copy_(q.scale)
     return out
@@ -199,9 +208,6 @@ def quantize_dual(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: 
     ``impl`` auto = the kernel ``R1MEGA_FP8_QUANT`` names (r1mega/precision/cuda_quant.py) where
     it takes x, else Triton's; ``cuda`` / ``triton`` force one; ``reference`` the PyTorch path.
     ``out``: the pair of Fp8Tensors to write into (as :func:`quantize`'s)."""
-    if out is not None:
-        check_out(out[0], x.shape, granularity, fmt, x.device)
-        check_out(out[1], x.shape[::-1], granularity, fmt, x.device)
     if impl == "cuda" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import cuda_quant
 

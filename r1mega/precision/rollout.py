@@ -31,7 +31,7 @@ from r1mega.ops.exact_mlp import plain_swiglu
 from r1mega.precision.gemm import alignment, fp8_gemm, row_tensor_gemm_unscaled, unit_scale_ready
 from r1mega.precision.linear import RECIPE_GRANULARITY, _Fp8ForwardImpl, _pad_rows
 from r1mega.precision.policy import Fp8Policy
-from r1mega.precision.quantize import BLOCK, Fp8Tensor, out_problems, quantize
+from r1mega.precision.quantize import BLOCK, Fp8Tensor, quantize, reusable
 
 
 # where Transformer Engine's layer classes live (its own package and megatron's wrappers of it)
@@ -196,10 +196,8 @@ class Fp8RolloutWeights:
         """Re-quantise every weight into its persistent copy (in place after the first time: the
         captured decode graphs read those tensors)."""
         for mod in self.linears:
-            old, w = mod._fp8_rollout_weight, mod.weight
-            fits = old is not None and not out_problems(old, w.shape, self.wgt, "e4m3", w.device,
-                                                        kernel_layout=w.is_cuda)
-            mod._fp8_rollout_weight = self._quantize_weight(w, out=old if fits else None)
+            old = reusable(mod._fp8_rollout_weight, mod.weight, self.wgt)
+            mod._fp8_rollout_weight = self._quantize_weight(mod.weight, out=old)
         if self.linears:
             unit_scale_ready(self.linears[0].weight.device)
         self._generation = fp8_linear_mod._current[0]
