@@ -46,6 +46,9 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
     rows-tests)  # the row quantiser (one and several rows a program) and the attention rows epilogues
       OUT=$O/rows_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-200} \
         GPU_TESTS="tests/gpu/test_fp8_rows_gpu.py tests/gpu/test_paged_rows_gpu.py" bash tools/gpu_all.sh | tail -4 ;;
+    amax-tests)  # the optimizer's weight amax (kernel, skipped step, NaN) and the FP8 caches taking it
+      OUT=$O/amax_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-150} \
+        GPU_TESTS="tests/gpu/test_lean_adam_gpu.py" bash tools/gpu_all.sh | tail -4 ;;
     lt)  # cuBLASLt's blockwise algorithms: their tests, then every listed one timed against scaled_mm
       OUT=$O/lt GPU_TESTS_TIMEOUT=${TESTS_S:-120} GPU_BENCH_TIMEOUT=${LT_S:-150} \
         GPU_TESTS="tests/gpu/test_fp8_gemm_lt_gpu.py" bash tools/gpu_all.sh "tools/blockwise_lt_sweep.py" | tail -4 ;;

@@ -170,7 +170,9 @@ def load_hf_into_model(model_chunks, hf_dir, model_cfg, ctx, optimizer=None) -> 
                         f"tensor '{gname}' (from HF {list(entries[key].hf)}): TP rank {tp_rank} "
                         f"piece has shape {list(piece.shape)}, the model expects {list(p.shape)}."
                     )
-                p.data.copy_(piece.to(device=p.device, dtype=p.dtype))
+                # copy_ on the parameter (not .data): it advances its version, which the FP8
+                # weight caches and the optimizer's weight amax check before reusing anything.
+                p.copy_(piece.to(device=p.device, dtype=p.dtype))
                 n += 1
     if optimizer is not None:
         optimizer.reload_model_params()  # master weights <- the parameters just loaded

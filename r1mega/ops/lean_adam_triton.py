@@ -63,6 +63,17 @@ if HAVE_TRITON:
         return tl.where(finite, hi, x.to(tl.bfloat16).to(tl.int16, bitcast=True))
 
     @triton.jit
+    def _amax_bits(amax_ptr, p_ptr, offs, new_bits, mask, live):
+        """max |w| of the bf16 weight as it stands after the step, as float32 bits, into
+        ``amax_ptr`` (int32, atomic max; the caller zeroed it): |bf16| bits shifted to float32's.
+        A skipped step (mask off, live on) reads the unchanged weight. Integers order every
+        non-negative float and put NaN above inf, so a NaN weight gives a NaN amax."""
+        old = tl.load(p_ptr + offs, mask=live & ~mask, other=0).to(tl.int32)
+        mag = tl.where(mask, new_bits, old) & 0x7FFF
+        top = tl.max(tl.where(live, mag, 0), axis=0)
+        tl.atomic_max(amax_ptr, top << 16)
+
+    @triton.jit
     def _exact_update(p, m, v, neg_step_size, inv_bc2, bc2, eps, DIV_RECIP: tl.constexpr,
                       ADDCDIV: tl.constexpr):
         """p - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) with torch's roundings: IEEE sqrt and
@@ -83,8 +94,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _lean_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, step_ptr, scal_ptr, gs_ptr, fi_ptr,
-                           n, decay, w1, beta2, c2, eps, seed_lo,
-                           MASTER: tl.constexpr, BF16_MOMENTS: tl.constexpr,
+                           amax_ptr, n, decay, w1, beta2, c2, eps, seed_lo,
+                           MASTER: tl.constexpr, BF16_MOMENTS: tl.constexpr, AMAX: tl.constexpr,
                            HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
                            HAS_DECAY: tl.constexpr, SMALL_W1: tl.constexpr,
                            NEED_NOISE: tl.constexpr, LERP_FMA: tl.constexpr,
@@ -93,6 +104,7 @@ if HAVE_TRITON:
                            BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n
         if HAS_INF:  # a skipped step: every element masked off, nothing read or written
             n = tl.where(tl.load(fi_ptr) == 0, n, 0)
         mask = offs < n
@@ -158,8 +170,13 @@ if HAVE_TRITON:
             hi = (bits + 0x8000) >> 16         # nearest, ties away from zero (see lean_adam_math)
             tl.store(p_ptr + offs, hi.to(tl.int16), mask=mask)
             tl.store(r_ptr + offs, (bits - (hi << 16)).to(tl.int16), mask=mask)
+            if AMAX:
+                _amax_bits(amax_ptr, p_ptr, offs, hi, mask, live)
         elif MASTER == 2:
-            tl.store(p_ptr + offs, _sr_bf16_bits(p, noise_p), mask=mask)
+            sr = _sr_bf16_bits(p, noise_p)
+            tl.store(p_ptr + offs, sr, mask=mask)
+            if AMAX:
+                _amax_bits(amax_ptr, p_ptr, offs, sr.to(tl.int32), mask, live)
         else:
             tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
         if BF16_MOMENTS:  # exp_avg to nearest, exp_avg_sq stochastically (lean_adam_math.store_moments)
@@ -226,10 +243,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
                     grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                    seeds: list, tiles: Optional[tuple[int, int]] = None) -> None:
+                    seeds: list, tiles: Optional[tuple[int, int]] = None,
+                    amax: Optional[list] = None) -> None:
     """The update of ``params`` (already stepped counters in ``states``; ``modes[i]`` the
     master mode of params[i], see LeanAdamW.mode_of), one launch each.
 
+    ``amax``: per parameter None or a zeroed int32 (1,) tensor that receives max |param| after
+    the step as float32 bits (bf16 parameters: bf16_remainder / bf16_stochastic), read by the
+    tensorwise FP8 weight cache instead of a pass over the weight.
     All counters of a group advance together, so the first one's bias corrections serve all.
     ``tiles``: (BLOCK, NUM_WARPS) instead of the module's (the benchmark's candidates)."""
     if not available():
@@ -239,7 +260,11 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
     w1, beta2 = 1 - h.beta1, h.beta2
     decay = 1 - h.lr * h.weight_decay
     block, num_warps = tiles or (BLOCK, NUM_WARPS)
-    for p, st, master_weights, seed in zip(params, states, modes, seeds):
+    amax = amax or [None] * len(params)
+    for p, st, master_weights, seed, am in zip(params, states, modes, seeds, amax):
+        if am is not None and (master_weights == "fp32" or am.dtype != torch.int32):
+            raise ValueError(f"lean AdamW kernel: an amax is made for bf16 parameters into an "
+                             f"int32 tensor, got master_weights={master_weights}, {am.dtype}")
         for name, t in (("param", p), ("grad", p.grad), ("exp_avg", st["exp_avg"]),
                         ("exp_avg_sq", st["exp_avg_sq"])):
             if not t.is_contiguous():
@@ -253,9 +278,9 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
             rem if rem is not None else st["exp_avg"], st["step"], scal,
             grad_scale if grad_scale is not None else scal,
             found_inf if found_inf is not None else scal,
-            n, decay, w1, beta2, 1 - beta2, h.eps, seed % (2 ** 31),
+            am if am is not None else scal, n, decay, w1, beta2, 1 - beta2, h.eps, seed % (2 ** 31),
             MASTER=_MASTER_CODE[master_weights],
-            BF16_MOMENTS=st["exp_avg"].dtype == torch.bfloat16,
+            BF16_MOMENTS=st["exp_avg"].dtype == torch.bfloat16, AMAX=am is not None,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             HAS_DECAY=h.weight_decay != 0, SMALL_W1=w1 < 0.5,
             NEED_NOISE=master_weights == "bf16_stochastic" or st["exp_avg"].dtype == torch.bfloat16,

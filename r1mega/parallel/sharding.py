@@ -89,7 +89,7 @@ def load_full_state(chunks: list, full: dict, tp_rank: int, tp_size: int,
             if piece.shape != p.shape:
                 raise ValueError(f"'{name}': full {tuple(full[src].shape)} -> shard "
                                  f"{tuple(piece.shape)} does not fit the parameter {tuple(p.shape)}.")
-            p.data.copy_(piece)
+            p.copy_(piece)  # advances the version (FP8 weight caches, the optimizer's amax)
 
 
 def gather_full(local: dict, params_like: dict, tp_rank: int, tp_size: int, group=None) -> dict:

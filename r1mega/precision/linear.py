@@ -78,6 +78,18 @@ class Fp8WeightCache:
     def __init__(self):
         self._entries: dict[str, tuple[tuple, Fp8Tensor]] = {}
         self.quantizations = 0  # how many times the bf16 weight was read to quantise (tests count)
+        # Tensorwise: weight -> its float32 (1,) max |w| made by the optimizer's step, or None
+        # (LeanAdamW.weight_amax, wired by weight_amax_from_optimizers): the quantiser then
+        # skips its own pass over the weight.
+        self.amax_source = None
+        self.given_amaxes = 0
+
+    def _amax(self, weight: torch.Tensor, gran: str) -> Optional[torch.Tensor]:
+        if gran != "tensor" or self.amax_source is None:
+            return None
+        amax = self.amax_source(weight)
+        self.given_amaxes += amax is not None
+        return amax
 
     @staticmethod
     def _key(weight: torch.Tensor) -> tuple:
@@ -106,7 +118,8 @@ class Fp8WeightCache:
         w = weight.detach()
         src = w if which == "fwd" else w.t()
         return self.get_with(weight, which, lambda: quantize(
-            src, gran, "e4m3", policy.power2_scales, out=self._reusable(which, src, gran)))
+            src, gran, "e4m3", policy.power2_scales, amax=self._amax(weight, gran),
+            out=self._reusable(which, src, gran)))
 
     def get_with(self, weight: torch.Tensor, which: str, make) -> Fp8Tensor:
         """The cached copy ``which`` of ``weight``, made by ``make()`` when stale."""
@@ -135,7 +148,7 @@ class Fp8WeightCache:
         w = weight.detach()
         out = (self._reusable("fwd", w, gran), self._reusable("dgrad", w.t(), gran))
         with torch.no_grad():
-            q, qt = quantize_dual(w, gran, "e4m3", policy.power2_scales,
+            q, qt = quantize_dual(w, gran, "e4m3", policy.power2_scales, amax=self._amax(weight, gran),
                                   out=out if None not in out else None)
         self.quantizations += 1
         self._store("dgrad", key, qt)
@@ -406,6 +419,25 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def _graph_amax(t: torch.Tensor) -> torch.Tensor:
     """max |t| as a float32 (1,) tensor (exact: the max of t's own values; NaN propagates)."""
     return t.detach().abs().amax().float().reshape(1)
+
+
+def weight_amax_from_optimizers(model_chunks: list, optimizers: list) -> int:
+    """Point each tensorwise FP8 layer's weight cache at the optimizer that steps its weight
+    (r1mega's LeanAdamW with a lean master: it writes the bf16 weight itself and can take max |w|
+    on the way, ``track_amax``), so re-quantising after a step reads the weight once instead of
+    twice. Returns how many layers were wired; the others keep their own amax pass."""
+    owner = {id(p): opt for opt in optimizers for p in opt._params() if opt.mode_of(p) != "fp32"}
+    wired = 0
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            ops = getattr(module, "fp8_ops", None)
+            opt = owner.get(id(getattr(module, "weight", None)))
+            if not isinstance(ops, Fp8LinearOps) or ops.wgt != "tensor" or opt is None:
+                continue
+            opt.track_amax(module.weight)
+            ops.cache.amax_source = opt.weight_amax
+            wired += 1
+    return wired
 
 
 def weight_alignment(policy: Fp8Policy) -> int:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from r1mega.train.lean_adam_math import (MASTER_MODES, MOMENT_DTYPES, AdamHyper,
+from r1mega.train.lean_adam_math import (MASTER_MODES, MOMENT_DTYPES, AdamHyper, amax_bits,
                                          lean_step_reference)
 
 
@@ -65,6 +65,9 @@ class LeanAdamW(torch.optim.Optimizer):
         # costs time; the CPU path keeps megatron's scale and stays bit-identical to its
         # fp32-master optimizer.
         self.fold_token_scale: Optional[bool] = None
+        # id(param) -> [param, int32 (1,) amax as float32 bits, (data_ptr, _version) after the
+        # step that wrote it]: max |w| for the tensorwise FP8 weight cache (track_amax).
+        self._amax: dict[int, list] = {}
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
@@ -77,6 +80,44 @@ class LeanAdamW(torch.optim.Optimizer):
     def mode_of(self, p: torch.Tensor) -> str:
         """The master mode of one parameter: fp32 parameters are their own master."""
         return "fp32" if p.dtype == torch.float32 else self.master_weights
+
+    def track_amax(self, param: torch.Tensor) -> None:
+        """Make max |param| in each step from the values it writes (no pass over the weight of
+        its own): :meth:`weight_amax`. For the bf16 parameters this optimizer steps directly."""
+        if not any(param is p for p in self._params()):
+            raise ValueError(f"track_amax: the parameter of shape {tuple(param.shape)} is not "
+                             f"one this optimizer steps")
+        if self.mode_of(param) == "fp32":
+            raise ValueError("track_amax: only bf16 parameters (a lean master) get their amax "
+                             "from the step; an fp32 master is copied to the model afterwards")
+        if id(param) not in self._amax:
+            self._amax[id(param)] = [param, torch.zeros(1, dtype=torch.int32, device=param.device),
+                                     None]
+
+    def weight_amax(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """float32 (1,) max |param| as the last step left it (NaN if it holds one), or None:
+        not tracked, no step yet, or the parameter changed since (its storage or version; a
+        weights-only load also clears it, :meth:`reset_remainders`)."""
+        entry = self._amax.get(id(param))
+        if entry is None or entry[0] is not param or entry[2] != (param.data_ptr(), param._version):
+            return None
+        return entry[1].view(torch.float32)
+
+    def _amax_slots(self, live: list) -> Optional[list]:
+        """The zeroed int32 slots of ``live``'s tracked parameters (None for the others)."""
+        if not self._amax:
+            return None
+        slots = [self._amax[id(p)][1] if id(p) in self._amax else None for p in live]
+        tracked = [s for s in slots if s is not None]
+        if not tracked:
+            return None
+        torch._foreach_zero_(tracked)
+        return slots
+
+    def _amax_written(self, live: list, slots: Optional[list]) -> None:
+        for p, s in zip(live, slots or ()):
+            if s is not None:
+                self._amax[id(p)][2] = (p.data_ptr(), p._version)
 
     def init_state(self) -> None:
         """Zero moments, step 0 and (remainder mode) a zero remainder: the master starts as the
@@ -114,16 +155,21 @@ class LeanAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             h = AdamHyper(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=float(group["weight_decay"]))
+            slots = self._amax_slots(live)
             if live[0].is_cuda:
                 from r1mega.ops.lean_adam_triton import lean_adamw_cuda
 
                 lean_adamw_cuda(live, [self.state[p] for p in live], h,
                                 [self.mode_of(p) for p in live],
                                 grad_scale=self.grad_scale, found_inf=self.found_inf,
-                                seeds=[_mix_seed(self.seed, index_of[id(p)], 0) for p in live])
-                continue
-            for p in live:
-                self._reference_step(p, h, index_of[id(p)])
+                                seeds=[_mix_seed(self.seed, index_of[id(p)], 0) for p in live],
+                                amax=slots)
+            else:
+                for p, slot in zip(live, slots or [None] * len(live)):
+                    self._reference_step(p, h, index_of[id(p)])
+                    if slot is not None:
+                        slot.copy_(amax_bits(p))
+            self._amax_written(live, slots)
         return loss
 
     def _reference_step(self, p: torch.Tensor, h: AdamHyper, index: int) -> None:
@@ -147,6 +193,8 @@ class LeanAdamW(torch.optim.Optimizer):
         for state in self.state.values():
             if "remainder" in state:
                 state["remainder"].zero_()
+        for entry in self._amax.values():  # the weights were written outside a step
+            entry[2] = None
 
     def masters(self) -> list[torch.Tensor]:
         """fp32 copies of the weights this optimizer steps (exact masters in remainder mode)."""

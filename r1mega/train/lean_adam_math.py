@@ -49,6 +49,15 @@ def join_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
+def amax_bits(param: torch.Tensor) -> torch.Tensor:
+    """bf16 (...) -> int32 (1,): max |param| as float32 bits (the magnitude's bf16 bits moved to
+    float32's position). Integer order is float order for magnitudes, with NaN above inf, so a
+    NaN gives NaN's bits: what the optimizer kernel reports (r1mega/ops/lean_adam_triton.py)."""
+    mag = param.detach().reshape(-1).view(torch.int16).to(torch.int32) & 0x7FFF   # (n,)
+    top = mag.amax() if mag.numel() else mag.new_zeros(())
+    return (top << 16).reshape(1)
+
+
 def stochastic_round_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """fp32 (...) -> bf16 (...), rounded up with probability (distance to the lower neighbour) /
     (bf16 step): ``noise`` (...) uniform integers in [0, 2^16). Unbiased: E[result] = x.

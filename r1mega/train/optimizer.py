@@ -101,6 +101,12 @@ def build_optimizer(opt: OptimizerConfig, model_chunks: list, rt: ParallelRuntim
 
         # One seed on every rank: data-parallel replicas draw the same stochastic roundings.
         replace_inner_adam(optimizer, opt.master_weights, opt.moments_dtype, seed=0)
+        if opt.master_weights != "fp32":
+            from r1mega.precision.linear import weight_amax_from_optimizers
+            from r1mega.train.lean_adam import lean_optimizers
+
+            # Tensorwise FP8 weights take max |w| from the step that wrote them.
+            weight_amax_from_optimizers(model_chunks, lean_optimizers(optimizer))
     elif rt.device.type == "cuda":
         use_fused_adam(optimizer)
     return OptimizerBundle(optimizer, build_scheduler(opt, optimizer, total_steps))

@@ -203,3 +203,64 @@ def test_stochastic_mode_lands_next_to_the_float64_update(moments):
     # exp_avg rounds to nearest; where b1 m and (1 - b1) g cancel, float32 errs on the operands
     cancel = 1e-6 * (h.beta1 * m.double().abs() + (1 - h.beta1) * g.abs())
     assert ((st["exp_avg"].double() - m2).abs() <= 2 ** -8 * m2.abs() + cancel).all()
+
+
+@pytest.mark.parametrize("mode", ["bf16_remainder", "bf16_stochastic"])
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_the_step_reports_the_weights_amax(mode, moments):
+    """LeanAdamW.track_amax on CUDA: the kernel's max |w| (atomic over its programs) equals
+    torch's amax of the weight it wrote, in a step, a skipped step and a step writing a NaN."""
+    from r1mega.train.lean_adam import LeanAdamW
+
+    param, grad, *_ = _state(N, moments, mode, seed=11)
+    p = torch.nn.Parameter(param.clone())
+    opt = LeanAdamW([p], lr=1e-2, weight_decay=0.1, master_weights=mode, moments_dtype=moments)
+    opt.track_amax(p)
+    for found_inf, nan in ((None, False), (torch.ones((), device="cuda"), False), (None, True)):
+        p.grad = grad.clone() * (3 if found_inf is None else 1)
+        if nan:
+            p.grad[N - 3] = float("nan")
+        before = p.detach().clone()
+        opt.found_inf = found_inf
+        opt.step()
+        got = opt.weight_amax(p)
+        torch.cuda.synchronize()
+        assert torch.equal(p.detach(), before) == (found_inf is not None)
+        if nan:
+            assert torch.isnan(got).all()
+        else:
+            assert torch.equal(got, p.detach().float().abs().amax().reshape(1)), (found_inf, mode)
+
+
+def test_fp8_weight_caches_take_the_steps_amax(single_rank_runtime):
+    """A tensorwise FP8 model trained with the lean optimizer: after the first step every FP8
+    layer's weight copy is quantised with the optimizer's amax, to the bytes of its own pass."""
+    from r1mega.config import ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
+    from r1mega.models.gpt import build_model
+    from r1mega.precision.linear import Fp8LinearOps
+    from r1mega.precision.quantize import quantize_reference
+    from r1mega.train.optimizer import build_optimizer
+    from r1mega.train.step import TrainStep, sft_loss_fn, sft_sample
+
+    prec = PrecisionConfig(dtype="bf16", grad_reduce_in_fp32=False, fp8=True, fp8_backend="native",
+                           fp8_recipe="tensorwise")
+    rt = single_rank_runtime(parallel=ParallelConfig(distributed_optimizer=False), precision=prec)
+    cfg = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=2, num_query_groups=2,
+                      ffn_hidden_size=512, vocab_size=256)
+    chunks = build_model(cfg, rt, prec, wrap=True, distributed_optimizer=False)
+    optim = build_optimizer(OptimizerConfig(lr=3e-3, master_weights="bf16_remainder",
+                                            moments_dtype="bf16"), chunks, rt, distributed=False)
+    step = TrainStep(chunks, optim, rt, micro_batch_tokens=200)
+    g = torch.Generator().manual_seed(0)
+    samples = [sft_sample(torch.randint(0, 256, (100,), generator=g)) for _ in range(4)]
+    layers = [m for m in chunks[0].modules() if isinstance(getattr(m, "fp8_ops", None), Fp8LinearOps)]
+    assert layers and all(m.fp8_ops.cache.amax_source is not None for m in layers)
+    step(samples, sft_loss_fn(cfg.vocab_size))
+    seen = [m.weight.detach().clone() for m in layers]
+    step(samples, sft_loss_fn(cfg.vocab_size))
+    for m, w in zip(layers, seen):
+        assert m.fp8_ops.cache.given_amaxes > 0
+        ref = quantize_reference(w, "tensor", "e4m3")
+        hit = m.fp8_ops.cache._entries["fwd"][1]
+        assert torch.equal(hit.data.view(torch.uint8), ref.data.view(torch.uint8))
+        assert torch.equal(hit.scale.reshape(1), ref.scale.reshape(1))
