@@ -130,6 +130,19 @@ def test_the_cache_quantises_with_the_given_amax_to_the_same_bytes():
     assert none.given_amaxes == 0
 
 
+def caches_took_the_steps_amax(layers: list, seen: list) -> None:
+    """Each FP8 layer's forward copy was quantised with a given amax, to the bytes the reference
+    quantiser makes of ``seen`` (the weights that forward read), with its own amax."""
+    from r1mega.precision.quantize import quantize_reference
+
+    for m, w in zip(layers, seen):
+        assert m.fp8_ops.cache.given_amaxes > 0
+        ref = quantize_reference(w, "tensor", "e4m3")
+        hit = m.fp8_ops.cache._entries["fwd"][1]
+        assert torch.equal(hit.data.view(torch.uint8), ref.data.view(torch.uint8))
+        assert torch.equal(hit.scale.reshape(1), ref.scale.reshape(1))
+
+
 def test_a_training_step_feeds_the_fp8_weight_caches(single_rank_runtime):
     """build_optimizer wires every tensorwise FP8 layer to the lean optimizer; after a step the
     caches quantise with its amax, to the bytes of their own pass."""
@@ -137,7 +150,6 @@ def test_a_training_step_feeds_the_fp8_weight_caches(single_rank_runtime):
 
     from r1mega.parallel.runtime import destroy_parallel
     from r1mega.precision.linear import Fp8LinearOps
-    from r1mega.precision.quantize import quantize_reference
 
     chunks, bundle, one = _setup(single_rank_runtime, master_weights="bf16_remainder",
                                  fp8_recipe="tensorwise")
@@ -148,12 +160,7 @@ def test_a_training_step_feeds_the_fp8_weight_caches(single_rank_runtime):
         assert all(m.fp8_ops.cache.given_amaxes == 0 for m in layers)  # the first pass: own amax
         seen = [m.weight.detach().clone() for m in layers]   # what the second forward quantises
         one()
-        for m, w in zip(layers, seen):
-            assert m.fp8_ops.cache.given_amaxes > 0
-            ref = quantize_reference(w, "tensor", "e4m3")
-            hit = m.fp8_ops.cache._entries["fwd"][1]
-            assert torch.equal(hit.data.view(torch.uint8), ref.data.view(torch.uint8))
-            assert torch.equal(hit.scale.reshape(1), ref.scale.reshape(1))
+        caches_took_the_steps_amax(layers, seen)
     finally:
         destroy_parallel()
 
