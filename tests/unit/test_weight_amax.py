@@ -209,3 +209,21 @@ def test_the_kernel_reports_the_amax_under_the_interpreter(monkeypatch):
             assert torch.isnan(after).any() and torch.isnan(amax).all(), mode
         else:
             assert torch.equal(amax, _torch_amax(after)), (mode, skipped)
+
+
+def test_the_switch_keeps_the_caches_own_pass(single_rank_runtime, monkeypatch):
+    from tests.unit.test_lean_adam_model import _setup
+
+    from r1mega.parallel.runtime import destroy_parallel
+    from r1mega.precision.linear import Fp8LinearOps
+
+    monkeypatch.setenv("R1MEGA_FP8_WEIGHT_AMAX", "0")
+    chunks, _, one = _setup(single_rank_runtime, master_weights="bf16_remainder", fp8_recipe="tensorwise")
+    try:
+        layers = [m for m in chunks[0].modules() if isinstance(getattr(m, "fp8_ops", None), Fp8LinearOps)]
+        one()
+        one()
+        assert layers and all(m.fp8_ops.cache.amax_source is None for m in layers)
+        assert all(m.fp8_ops.cache.given_amaxes == 0 for m in layers)
+    finally:
+        destroy_parallel()
