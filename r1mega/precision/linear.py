@@ -426,8 +426,8 @@ def weight_amax_from_optimizers(model_chunks: list, optimizers: list) -> int:
     (r1mega's LeanAdamW with a lean master: it writes the bf16 weight itself and can take max |w|
     on the way, ``track_amax``), so re-quantising after a step reads the weight once instead of
     twice. Returns how many layers were wired; the others keep their own amax pass.
-    R1MEGA_FP8_WEIGHT_AMAX=0 keeps every layer's own pass (the A/B)."""
-    if not switches.flag("R1MEGA_FP8_WEIGHT_AMAX", True,
+    Off until timed on a GPU: R1MEGA_FP8_WEIGHT_AMAX=1 turns it on."""
+    if not switches.flag("R1MEGA_FP8_WEIGHT_AMAX", False,
                          "tensorwise FP8 weights take max |w| from the lean optimizer's step"):
         return 0
     owner = {id(p): opt for opt in optimizers for p in opt._params() if opt.mode_of(p) != "fp32"}

@@ -232,9 +232,10 @@ def test_the_step_reports_the_weights_amax(mode, moments):
             assert torch.equal(got, p.detach().float().abs().amax().reshape(1)), (found_inf, mode)
 
 
-def test_fp8_weight_caches_take_the_steps_amax(single_rank_runtime):
+def test_fp8_weight_caches_take_the_steps_amax(single_rank_runtime, monkeypatch):
     """A tensorwise FP8 model trained with the lean optimizer: after the first step every FP8
     layer's weight copy is quantised with the optimizer's amax, to the bytes of its own pass."""
+    monkeypatch.setenv("R1MEGA_FP8_WEIGHT_AMAX", "1")
     from r1mega.config import ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
     from r1mega.models.gpt import build_model
     from r1mega.precision.linear import Fp8LinearOps

@@ -143,9 +143,10 @@ def caches_took_the_steps_amax(layers: list, seen: list) -> None:
         assert torch.equal(hit.scale.reshape(1), ref.scale.reshape(1))
 
 
-def test_a_training_step_feeds_the_fp8_weight_caches(single_rank_runtime):
+def test_a_training_step_feeds_the_fp8_weight_caches(single_rank_runtime, monkeypatch):
     """build_optimizer wires every tensorwise FP8 layer to the lean optimizer; after a step the
     caches quantise with its amax, to the bytes of their own pass."""
+    monkeypatch.setenv("R1MEGA_FP8_WEIGHT_AMAX", "1")
     from tests.unit.test_lean_adam_model import _setup
 
     from r1mega.parallel.runtime import destroy_parallel
@@ -211,13 +212,17 @@ def test_the_kernel_reports_the_amax_under_the_interpreter(monkeypatch):
             assert torch.equal(amax, _torch_amax(after)), (mode, skipped)
 
 
-def test_the_switch_keeps_the_caches_own_pass(single_rank_runtime, monkeypatch):
+@pytest.mark.parametrize("value", ["0", None])
+def test_the_switch_keeps_the_caches_own_pass(single_rank_runtime, monkeypatch, value):
     from tests.unit.test_lean_adam_model import _setup
 
     from r1mega.parallel.runtime import destroy_parallel
     from r1mega.precision.linear import Fp8LinearOps
 
-    monkeypatch.setenv("R1MEGA_FP8_WEIGHT_AMAX", "0")
+    if value is None:   # off by default until timed on a GPU
+        monkeypatch.delenv("R1MEGA_FP8_WEIGHT_AMAX", raising=False)
+    else:
+        monkeypatch.setenv("R1MEGA_FP8_WEIGHT_AMAX", value)
     chunks, _, one = _setup(single_rank_runtime, master_weights="bf16_remainder", fp8_recipe="tensorwise")
     try:
         layers = [m for m in chunks[0].modules() if isinstance(getattr(m, "fp8_ops", None), Fp8LinearOps)]
