@@ -168,8 +168,14 @@ if HAVE_TRITON:
         if MASTER == 1:
             bits = p.to(tl.int32, bitcast=True)
             hi = (bits + 0x8000) >> 16         # nearest, ties away from zero (see lean_adam_math)
+            lo = bits - (hi << 16)
+            # non-finite: truncated, NaN kept NaN, remainder 0 (lean_adam_math.split_master)
+            nonfinite = (bits & 0x7F800000) == 0x7F800000
+            quiet = tl.where((bits & 0x7FFFFF) != 0, 0x40, 0)
+            hi = tl.where(nonfinite, (bits >> 16) | quiet, hi)
+            lo = tl.where(nonfinite, 0, lo)
             tl.store(p_ptr + offs, hi.to(tl.int16), mask=mask)
-            tl.store(r_ptr + offs, (bits - (hi << 16)).to(tl.int16), mask=mask)
+            tl.store(r_ptr + offs, lo.to(tl.int16), mask=mask)
             if AMAX:
                 _amax_bits(amax_ptr, p_ptr, offs, hi, mask, live)
         elif MASTER == 2:

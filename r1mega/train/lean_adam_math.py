@@ -39,6 +39,14 @@ def split_master(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bits = master.contiguous().view(torch.int32).to(torch.int64)             # (...)
     hi = torch.div(bits + 0x8000, 65536, rounding_mode="floor")                # (...) in int16 range
     lo = bits - hi * 65536                                                     # (...) in [-2^15, 2^15)
+    # A NaN keeps its class: rounding would carry a mantissa of all ones (the GPU's canonical
+    # NaN, 0x7FFFFFFF) into the sign and make it -0.0. Non-finite masters are truncated, a NaN
+    # keeps a quiet bit, and their remainder is 0 (join_master gives the same class back).
+    nonfinite = (bits & 0x7F800000) == 0x7F800000
+    trunc = torch.div(bits, 65536, rounding_mode="floor") | torch.where(
+        (bits & 0x7FFFFF) != 0, 0x40, 0)
+    hi = torch.where(nonfinite, trunc, hi)
+    lo = torch.where(nonfinite, 0, lo)
     return hi.to(torch.int16).view(torch.bfloat16), lo.to(torch.int16)
 
 

@@ -29,6 +29,20 @@ def test_split_join_is_exact_and_the_bf16_is_nearest():
         [1 + 2 ** -7, -(1 + 2 ** -7), 1 + 2 ** -6, 2.0 ** -126 * (1 + 2 ** -7)])
 
 
+def test_split_keeps_nan_and_inf_of_any_payload():
+    """Rounding a NaN whose mantissa is all ones (the GPU's canonical NaN) would carry into the
+    sign and store -0.0 (or +0.0 for a negative one): a diverged weight would vanish. Every NaN
+    stays NaN, infinities stay infinite, and the largest finite master still round-trips."""
+    bits = torch.tensor([0x7FFFFFFF, 0xFFFFFFFF, 0x7FFF8000, 0x7F800001, 0xFFC00000, 0x7F800000,
+                         0xFF800000, 0x7F7FFFFF], dtype=torch.int64)
+    x = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32).view(torch.float32)
+    hi, lo = split_master(x)
+    assert torch.isnan(hi[:5].float()).all() and torch.isnan(join_master(hi, lo)[:5]).all()
+    assert hi[5:7].float().tolist() == [float("inf"), float("-inf")]
+    assert join_master(hi, lo)[5:7].tolist() == [float("inf"), float("-inf")]
+    assert torch.equal(join_master(hi[7:], lo[7:]).view(torch.int32), x[7:].view(torch.int32))
+
+
 @pytest.mark.parametrize("value", [1 + 2 ** -10, -(1 + 3 * 2 ** -10), 3.14159, 2.0 - 2 ** -20, 1e-3])
 def test_stochastic_rounding_is_unbiased(value):
     n = 400_000
