@@ -257,6 +257,7 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
     ``amax``: per parameter None or a zeroed int32 (1,) tensor that receives max |param| after
     the step as float32 bits (bf16 parameters: bf16_remainder / bf16_stochastic), read by the
     tensorwise FP8 weight cache instead of a pass over the weight.
+
     All counters of a group advance together, so the first one's bias corrections serve all.
     ``tiles``: (BLOCK, NUM_WARPS) instead of the module's (the benchmark's candidates)."""
     if not available():

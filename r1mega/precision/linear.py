@@ -430,7 +430,8 @@ def weight_amax_from_optimizers(model_chunks: list, optimizers: list) -> int:
     if not switches.flag("R1MEGA_FP8_WEIGHT_AMAX", False,
                          "tensorwise FP8 weights take max |w| from the lean optimizer's step"):
         return 0
-    owner = {id(p): opt for opt in optimizers for p in opt._params() if opt.mode_of(p) != "fp32"}
+    owner = {id(p): opt for opt in optimizers for g in opt.param_groups for p in g["params"]
+             if opt.mode_of(p) != "fp32"}
     wired = 0
     for chunk in model_chunks:
         for module in chunk.modules():
