@@ -34,10 +34,11 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
       OUT=$O/wgmma GPU_TESTS_TIMEOUT=60 GPU_BENCH_TIMEOUT=45 \
         GPU_TESTS="tests/gpu/test_fp8_wgmma_gpu.py --deselect tests/gpu/test_fp8_wgmma_gpu.py::test_rollout_decodes_through_it" \
         bash tools/gpu_all.sh "tools/skinny_gemm_sweep.py --budget-s 30" | tail -4 ;;
-    train)  # both training bars, lean optimizer state as the H200 rows; TRAIN_PROFILE=1 adds kernel tables
+    train)  # both training bars, lean optimizer state as the H200 rows; TRAIN_PROFILE=1 adds kernel
+            # tables; TRAIN_ARGS adds flags ("--train-env R1MEGA_FP8_WEIGHT_AMAX=1 --fp8-again")
       for recipe in ${TRAIN_RECIPES:-tensorwise blockwise}; do
         OUT=$O/train_$recipe GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${TRAIN_S:-200} \
-          bash tools/gpu_all.sh "fp8 --models gemm-heavy --recipe $recipe --compile layer --master-weights bf16_remainder --moments-dtype bf16${TRAIN_PROFILE:+ --profile}" | tail -4
+          bash tools/gpu_all.sh "fp8 --models gemm-heavy --recipe $recipe --compile layer --master-weights bf16_remainder --moments-dtype bf16${TRAIN_PROFILE:+ --profile} ${TRAIN_ARGS:-}" | tail -4
       done ;;
     fp8-tests)  # the quantisers (into given tensors too), the weight caches, the FP8 linear and rollout graphs
       OUT=$O/fp8_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-240} \

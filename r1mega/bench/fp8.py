@@ -181,14 +181,21 @@ def run_throughput(args, rt) -> dict:
         flops_tok = model_flops_per_token(shape, args.seq_len)
         rows = {}
         # a bf16 master steps from a bf16 gradient buffer
-        for name, (prec, spec) in _precisions(args.recipe, device, args.master_weights == "fp32",
-                                              args.backend).items():
+        plan = list(_precisions(args.recipe, device, args.master_weights == "fp32",
+                                args.backend).items())
+        fp8_row = plan[-1]
+        plan += [(f"{fp8_row[0]}+{e}", fp8_row[1]) for e in args.train_env]
+        if args.fp8_again:  # the default FP8 row once more, last: how far a row drifts in one run
+            plan.append((f"{fp8_row[0]}-again", fp8_row[1]))
+        envs = dict(zip(args.train_env, (_env_pairs(e) for e in args.train_env)))
+        for name, (prec, spec) in plan:
             _reset_memory(device)
-            sec, mem, losses, _ = run_r1mega({**shape, "spec": spec}, tokens, rt, "chunked",
-                                             args.warmup, args.steps,
-                                             args.compile, precision=prec,
-                                             master_weights=args.master_weights,
-                                             moments_dtype=args.moments_dtype)
+            with _environ(envs.get(name.partition("+")[2], {})):
+                sec, mem, losses, _ = run_r1mega({**shape, "spec": spec}, tokens, rt, "chunked",
+                                                 args.warmup, args.steps,
+                                                 args.compile, precision=prec,
+                                                 master_weights=args.master_weights,
+                                                 moments_dtype=args.moments_dtype)
             tflops = args.seqs * args.seq_len / sec * flops_tok / 1e12
             peak = fp8_peak if name != "bf16" else bf16_peak
             rows[name] = {"ms_per_step": sec * 1e3, "tokens_per_s": args.seqs * args.seq_len / sec,
@@ -207,7 +214,44 @@ def run_throughput(args, rt) -> dict:
             te_ratio = rows["te-bf16"]["ms_per_step"] / fp8_ms
             result["models"][model]["fp8_speedup_over_te_bf16"] = te_ratio
             print(f"{model}: FP8 {args.recipe} / TE bf16 step throughput = {te_ratio:.2f}x")
+        extra = [n for n, _ in plan[len(plan) - len(args.train_env) - args.fp8_again:]]
+        result["models"][model]["extra_speedups"] = {
+            n: rows["bf16"]["ms_per_step"] / rows[n]["ms_per_step"] for n in extra}
+        for n in extra:
+            print(f"{model}: {n} / bf16 step throughput = "
+                  f"{rows['bf16']['ms_per_step'] / rows[n]['ms_per_step']:.3f}x")
     return result
+
+
+def _env_pairs(spec: str) -> dict:
+    """``NAME=VALUE[,NAME=VALUE]`` -> {NAME: VALUE}; only R1MEGA_ switches."""
+    pairs = {}
+    for item in spec.split(","):
+        k, eq, v = item.partition("=")
+        if not eq or not k.startswith("R1MEGA_"):
+            raise SystemExit(f"bench fp8: --train-env {spec!r}: expected R1MEGA_NAME=VALUE[,...]")
+        pairs[k] = v
+    return pairs
+
+
+def _environ(pairs: dict):
+    """A context with the environment variables ``pairs`` set (the switches read at build time)."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def ctx():
+        before = {k: os.environ.get(k) for k in pairs}
+        os.environ.update(pairs)
+        try:
+            yield
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return ctx()
 
 
 def _allocator_counts(device: torch.device) -> dict:
@@ -401,6 +445,11 @@ def main(argv=None) -> int:
                     help="throughput: after timing, the top device kernels of one step of each row")
     add_optimizer_state_args(ap, master_help="throughput: optimizer.master_weights of both rows",
                              moments_help="throughput: optimizer.moments_dtype of both rows")
+    ap.add_argument("--train-env", action="append", default=[], metavar="R1MEGA_NAME=VALUE[,...]",
+                    help="throughput: one more FP8 row built and run with these switches set "
+                         "(repeatable), e.g. R1MEGA_FP8_WEIGHT_AMAX=1")
+    ap.add_argument("--fp8-again", action="store_true",
+                    help="throughput: the default FP8 row once more, after the others")
     ap.add_argument("--parity", action="store_true", help="loss parity (852m, fixed corpus)")
     ap.add_argument("--parity-steps", type=int, default=200)
     ap.add_argument("--noise-floor", action="store_true",

@@ -131,3 +131,27 @@ def test_fp8_decode_gemm_bench_smoke(capsys):
         assert r["5"]["ms"] > 0
         if name != "bf16":
             assert 1e-3 < r["5"]["max_rel_err"] < 0.1, name
+
+
+def test_bench_fp8_train_env_rows_run_with_their_switches_alone(capsys, monkeypatch):
+    import os
+
+    from r1mega.bench import fp8, train_step
+
+    seen, real = [], train_step.run_r1mega
+
+    def spy(*a, **kw):
+        seen.append(os.environ.get("R1MEGA_FP8_WEIGHT_AMAX"))
+        return real(*a, **kw)
+
+    monkeypatch.delenv("R1MEGA_FP8_WEIGHT_AMAX", raising=False)
+    monkeypatch.setattr(train_step, "run_r1mega", spy)
+    assert fp8.main(["--smoke", "--models", "852m", "--recipe", "tensorwise",
+                     "--train-env", "R1MEGA_FP8_WEIGHT_AMAX=1", "--fp8-again"]) == 0
+    row = _last_json(capsys)["models"]["852m"]
+    names = ["bf16", "fp8-tensorwise", "fp8-tensorwise+R1MEGA_FP8_WEIGHT_AMAX=1", "fp8-tensorwise-again"]
+    assert list(row["rows"]) == names and seen == [None, None, "1", None]
+    assert set(row["extra_speedups"]) == set(names[2:])
+    assert "R1MEGA_FP8_WEIGHT_AMAX" not in os.environ
+    with pytest.raises(SystemExit, match="R1MEGA_NAME=VALUE"):
+        fp8.main(["--smoke", "--models", "852m", "--recipe", "tensorwise", "--train-env", "AMAX=1"])
