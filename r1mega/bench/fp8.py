@@ -190,6 +190,8 @@ def run_throughput(args, rt) -> dict:
         envs = dict(zip(args.train_env, (_env_pairs(e) for e in args.train_env)))
         for name, (prec, spec) in plan:
             _reset_memory(device)
+            if args.compile == "layer":  # every row traces afresh: a --train-env switch read
+                torch._dynamo.reset()    # while tracing must not meet an earlier row's graph
             with _environ(envs.get(name.partition("+")[2], {})):
                 sec, mem, losses, _ = run_r1mega({**shape, "spec": spec}, tokens, rt, "chunked",
                                                  args.warmup, args.steps,

@@ -416,9 +416,31 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y + bias if bias is not None else y
 
 
+# The same value written three ways, which inductor may fuse differently into t's producer:
+# one reduction over every element, rows first (the producer's own iteration over the last
+# dimension), or max and min separately.
+AMAX_FORMS = {"flat": "max |t| over all elements", "rows": "each row's max |t|, then their max",
+              "minmax": "max(max t, -min t)"}
+
+
+def graph_amax_of(t: torch.Tensor, form: str) -> torch.Tensor:
+    """max |t| as a float32 (1,) tensor in ``form`` (AMAX_FORMS); every form exact (the max of
+    t's own values) and NaN-propagating."""
+    t = t.detach()
+    if form == "flat":
+        m = t.abs().amax()
+    elif form == "rows":
+        m = t.abs().amax(dim=-1).amax()
+    elif form == "minmax":
+        m = torch.maximum(t.amax(), -t.amin())
+    else:
+        raise ValueError(f"graph_amax_of: unknown form {form!r}; expected one of {sorted(AMAX_FORMS)}")
+    return m.float().reshape(1)
+
+
 def _graph_amax(t: torch.Tensor) -> torch.Tensor:
-    """max |t| as a float32 (1,) tensor (exact: the max of t's own values; NaN propagates)."""
-    return t.detach().abs().amax().float().reshape(1)
+    """max |t| in the form R1MEGA_FP8_GRAPH_AMAX names (read while tracing)."""
+    return graph_amax_of(t, switches.choice("R1MEGA_FP8_GRAPH_AMAX", "flat", AMAX_FORMS))
 
 
 def weight_amax_from_optimizers(model_chunks: list, optimizers: list) -> int:

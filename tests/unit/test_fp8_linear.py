@@ -374,3 +374,44 @@ def test_a_stale_copy_of_another_layout_is_replaced_not_written_into():
     ref = quantize_reference(w, "block", "e4m3", ops.policy.power2_scales)
     assert torch.equal(got.data.view(torch.uint8), ref.data.view(torch.uint8))
     assert torch.equal(got.scale, ref.scale)
+
+
+@pytest.mark.parametrize("form", ["flat", "rows", "minmax"])
+def test_every_graph_amax_form_is_the_exact_max_magnitude(form, monkeypatch):
+    """R1MEGA_FP8_GRAPH_AMAX picks how the in-graph amax is written (for inductor's fusion);
+    each form is torch's max |t| to the bit, a NaN anywhere gives NaN, and the compiled FP8
+    linear gives the same output and weight gradient under every form."""
+    from r1mega.precision import linear as lin
+
+    g = torch.Generator().manual_seed(11)
+    t = (torch.randn(3, 40, 96, generator=g) * 7).to(torch.bfloat16)
+    t[1, 5, 7] = -300.0  # the largest magnitude is negative
+    got = lin.graph_amax_of(t, form)
+    assert got.dtype == torch.float32 and got.shape == (1,)
+    assert torch.equal(got, t.float().abs().amax().reshape(1))
+    t[2, 0, 1] = float("inf")
+    assert torch.isinf(lin.graph_amax_of(t, form)).all()
+    t[0, 3, 3] = float("nan")
+    assert torch.isnan(lin.graph_amax_of(t, form)).all()
+    with pytest.raises(ValueError, match="unknown form"):
+        lin.graph_amax_of(t, "rowz")
+
+    ops = Fp8LinearOps(Fp8Policy(recipe="tensorwise", backend="native", emulate=True))
+    x, w = torch.randn(48, 256, generator=g), torch.randn(128, 256, generator=g)
+
+    def block(x, w):
+        return (torch.nn.functional.silu(fp8_linear(torch.nn.functional.silu(x), w, None, ops)) ** 2).sum()
+
+    results = {}
+    for f in ("flat", form):
+        monkeypatch.setenv("R1MEGA_FP8_GRAPH_AMAX", f)
+        torch._dynamo.reset()
+        wp = w.clone().requires_grad_()
+        out = torch.compile(block, backend="aot_eager")(x, wp)
+        out.backward()
+        results[f] = (out.detach(), wp.grad)
+    assert torch.equal(results["flat"][0], results[form][0])
+    assert torch.equal(results["flat"][1], results[form][1])
+    monkeypatch.setenv("R1MEGA_FP8_GRAPH_AMAX", "rowz")
+    with pytest.raises(ValueError, match="R1MEGA_FP8_GRAPH_AMAX='rowz'"):
+        lin._graph_amax(t)

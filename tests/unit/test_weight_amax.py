@@ -47,6 +47,33 @@ def test_the_step_reports_the_amax_of_the_weight_it_wrote(mode, moments):
     assert opt.weight_amax(a) is None            # not tracked
 
 
+def test_a_weight_the_step_passes_over_keeps_its_amax_and_a_new_one_starts_afresh():
+    """Tracked weights share one slot buffer and one reduction: a weight without a gradient in a
+    step keeps the amax of its last step; tracking one more weight later drops every amax until
+    the next step (the buffer is rebuilt)."""
+    a, b = _params()
+    opt = LeanAdamW([a, b], lr=1e-2, master_weights="bf16_remainder")
+    opt.track_amax(a)
+    opt.track_amax(b)
+    g = torch.Generator().manual_seed(2)
+    _grads((a, b), g)
+    opt.step()
+    b_amax = _torch_amax(b)
+    assert torch.equal(opt.weight_amax(b), b_amax)
+    a.grad = torch.randn(a.shape, generator=g).bfloat16() * 50
+    b.grad = None                                 # b is not stepped
+    opt.step()
+    assert torch.equal(opt.weight_amax(a), _torch_amax(a))
+    assert torch.equal(opt.weight_amax(b), b_amax) and torch.equal(b_amax, _torch_amax(b))
+    c = torch.nn.Parameter(torch.ones(4).bfloat16())
+    opt.add_param_group({"params": [c]})
+    opt.track_amax(c)
+    assert opt.weight_amax(a) is None and opt.weight_amax(b) is None
+    _grads((a, b, c), g)
+    opt.step()
+    assert all(torch.equal(opt.weight_amax(p), _torch_amax(p)) for p in (a, b, c))
+
+
 def test_a_skipped_step_reports_the_unchanged_weight():
     a, b = _params()
     opt = LeanAdamW([a, b], lr=1e-2)
@@ -182,7 +209,7 @@ def _kernel_amaxes(rank, world):
         opt.init_state()
         st = opt.state[p]
         st["step"] += 1
-        slot = torch.zeros(1, dtype=torch.int32)
+        slot = torch.zeros(2, dtype=torch.int32)  # programs 0 and 2 into slot 0, 1 into 1
         for found_inf, nan in ((None, False), (torch.ones(()), False), (None, True)):
             p.grad = torch.randn(3000, generator=g).bfloat16() * 10
             if nan:
@@ -191,8 +218,9 @@ def _kernel_amaxes(rank, world):
             slot.zero_()
             kernel.lean_adamw_cuda([p], [st], h, [mode], grad_scale=None, found_inf=found_inf,
                                    seeds=[1], amax=[slot])
+            assert (slot != 0).all()  # each slot took its programs' atomics
             out.append(((mode, found_inf is not None, nan), before, p.detach().clone(),
-                        slot.view(torch.float32).clone()))
+                        slot.amax().reshape(1).view(torch.float32).clone()))
     return out
 
 
