@@ -416,10 +416,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y + bias if bias is not None else y
 
 
-# The same value written three ways, which inductor may fuse differently into t's producer:
-# one reduction over every element, rows first (the producer's own iteration over the last
-# dimension), or max and min separately.
-AMAX_FORMS = {"flat": "max |t| over all elements", "rows": "each row's max |t|, then their max",
+# The same value written four ways, which inductor fuses differently into t's producer: one
+# reduction over every element, rows first (the producer's own iteration over the last
+# dimension: fused into the SwiGLU and its backward, RECORDS), 1024-wide pieces of the rows
+# first, or max and min separately.
+AMAX_FORMS = {"rows": "each row's max |t|, then their max", "flat": "max |t| over all elements",
+              "chunks": "each 1024 values of a row first (rows where the row is not 1024s)",
               "minmax": "max(max t, -min t)"}
 
 
@@ -429,8 +431,10 @@ def graph_amax_of(t: torch.Tensor, form: str) -> torch.Tensor:
     t = t.detach()
     if form == "flat":
         m = t.abs().amax()
-    elif form == "rows":
+    elif form == "rows" or (form == "chunks" and t.shape[-1] % 1024):
         m = t.abs().amax(dim=-1).amax()
+    elif form == "chunks":
+        m = t.unflatten(-1, (t.shape[-1] // 1024, 1024)).abs().amax(dim=-1).amax()
     elif form == "minmax":
         m = torch.maximum(t.amax(), -t.amin())
     else:
@@ -440,7 +444,7 @@ def graph_amax_of(t: torch.Tensor, form: str) -> torch.Tensor:
 
 def _graph_amax(t: torch.Tensor) -> torch.Tensor:
     """max |t| in the form R1MEGA_FP8_GRAPH_AMAX names (read while tracing)."""
-    return graph_amax_of(t, switches.choice("R1MEGA_FP8_GRAPH_AMAX", "flat", AMAX_FORMS))
+    return graph_amax_of(t, switches.choice("R1MEGA_FP8_GRAPH_AMAX", "rows", AMAX_FORMS))
 
 
 def weight_amax_from_optimizers(model_chunks: list, optimizers: list) -> int:

@@ -376,7 +376,7 @@ def test_a_stale_copy_of_another_layout_is_replaced_not_written_into():
     assert torch.equal(got.scale, ref.scale)
 
 
-@pytest.mark.parametrize("form", ["flat", "rows", "minmax"])
+@pytest.mark.parametrize("form", ["flat", "rows", "chunks", "minmax"])
 def test_every_graph_amax_form_is_the_exact_max_magnitude(form, monkeypatch):
     """R1MEGA_FP8_GRAPH_AMAX picks how the in-graph amax is written (for inductor's fusion);
     each form is torch's max |t| to the bit, a NaN anywhere gives NaN, and the compiled FP8
@@ -384,11 +384,12 @@ def test_every_graph_amax_form_is_the_exact_max_magnitude(form, monkeypatch):
     from r1mega.precision import linear as lin
 
     g = torch.Generator().manual_seed(11)
-    t = (torch.randn(3, 40, 96, generator=g) * 7).to(torch.bfloat16)
-    t[1, 5, 7] = -300.0  # the largest magnitude is negative
-    got = lin.graph_amax_of(t, form)
-    assert got.dtype == torch.float32 and got.shape == (1,)
-    assert torch.equal(got, t.float().abs().amax().reshape(1))
+    for cols in (2048, 96):  # 1024s (chunks splits the rows) and not
+        t = (torch.randn(3, 40, cols, generator=g) * 7).to(torch.bfloat16)
+        t[1, 5, 1500 % cols] = -300.0  # the largest magnitude is negative
+        got = lin.graph_amax_of(t, form)
+        assert got.dtype == torch.float32 and got.shape == (1,)
+        assert torch.equal(got, t.float().abs().amax().reshape(1))
     t[2, 0, 1] = float("inf")
     assert torch.isinf(lin.graph_amax_of(t, form)).all()
     t[0, 3, 3] = float("nan")
