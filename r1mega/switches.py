@@ -35,3 +35,19 @@ def overridden(module, name: str, value):
         yield
     finally:
         setattr(module, name, before)
+
+
+@contextlib.contextmanager
+def environment(pairs: dict):
+    """The environment variables ``pairs`` set inside the block, as they were after it (a bench
+    row built with switches that its code reads from the environment)."""
+    before = {k: os.environ.get(k) for k in pairs}
+    os.environ.update(pairs)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -162,6 +162,7 @@ def run_parity(args, rt) -> dict:
 def run_throughput(args, rt) -> dict:
     from r1mega.bench.shapes import get_shape
     from r1mega.bench.flops import matmul_peak_flops, model_flops_per_token
+    from r1mega import switches
     from r1mega.bench.train_step import _reset_memory, run_r1mega
 
     device = rt.device
@@ -192,7 +193,7 @@ def run_throughput(args, rt) -> dict:
             _reset_memory(device)
             if args.compile == "layer":  # every row traces afresh: a --train-env switch read
                 torch._dynamo.reset()    # while tracing must not meet an earlier row's graph
-            with _environ(envs.get(name.partition("+")[2], {})):
+            with switches.environment(envs.get(name.partition("+")[2], {})):
                 sec, mem, losses, _ = run_r1mega({**shape, "spec": spec}, tokens, rt, "chunked",
                                                  args.warmup, args.steps,
                                                  args.compile, precision=prec,
@@ -234,26 +235,6 @@ def _env_pairs(spec: str) -> dict:
             raise SystemExit(f"bench fp8: --train-env {spec!r}: expected R1MEGA_NAME=VALUE[,...]")
         pairs[k] = v
     return pairs
-
-
-def _environ(pairs: dict):
-    """A context with the environment variables ``pairs`` set (the switches read at build time)."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def ctx():
-        before = {k: os.environ.get(k) for k in pairs}
-        os.environ.update(pairs)
-        try:
-            yield
-        finally:
-            for k, v in before.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return ctx()
 
 
 def _allocator_counts(device: torch.device) -> dict:

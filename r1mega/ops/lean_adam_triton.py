@@ -63,17 +63,15 @@ if HAVE_TRITON:
         return tl.where(finite, hi, x.to(tl.bfloat16).to(tl.int16, bitcast=True))
 
     @triton.jit
-    def _amax_bits(amax_ptr, p_ptr, offs, new_bits, mask, live, pid, SPREAD: tl.constexpr):
-        """max |w| of the bf16 weight as it stands after the step, as float32 bits, into one of
-        ``amax_ptr``'s SPREAD int32 slots (atomic max; the caller zeroed them and takes their
-        max): |bf16| bits shifted to float32's. Spread, because a million programs' atomics on
-        one address queue behind each other in L2. A skipped step (mask off, live on) reads the
-        unchanged weight. Integers order every non-negative float and put NaN above inf, so a
-        NaN weight gives a NaN amax."""
+    def _amax_bits(amax_ptr, p_ptr, offs, new_bits, mask, live):
+        """max |w| of the bf16 weight as it stands after the step, as float32 bits, into
+        ``amax_ptr`` (int32, atomic max; the caller zeroed it): |bf16| bits shifted to float32's.
+        A skipped step (mask off, live on) reads the unchanged weight. Integers order every
+        non-negative float and put NaN above inf, so a NaN weight gives a NaN amax."""
         old = tl.load(p_ptr + offs, mask=live & ~mask, other=0).to(tl.int32)
         mag = tl.where(mask, new_bits, old) & 0x7FFF
         top = tl.max(tl.where(live, mag, 0), axis=0)
-        tl.atomic_max(amax_ptr + pid % SPREAD, top << 16)
+        tl.atomic_max(amax_ptr, top << 16)
 
     @triton.jit
     def _exact_update(p, m, v, neg_step_size, inv_bc2, bc2, eps, DIV_RECIP: tl.constexpr,
@@ -98,7 +96,6 @@ if HAVE_TRITON:
     def _lean_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, r_ptr, step_ptr, scal_ptr, gs_ptr, fi_ptr,
                            amax_ptr, n, decay, w1, beta2, c2, eps, seed_lo,
                            MASTER: tl.constexpr, BF16_MOMENTS: tl.constexpr, AMAX: tl.constexpr,
-                           SPREAD: tl.constexpr,
                            HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
                            HAS_DECAY: tl.constexpr, SMALL_W1: tl.constexpr,
                            NEED_NOISE: tl.constexpr, LERP_FMA: tl.constexpr,
@@ -180,12 +177,12 @@ if HAVE_TRITON:
             tl.store(p_ptr + offs, hi.to(tl.int16), mask=mask)
             tl.store(r_ptr + offs, lo.to(tl.int16), mask=mask)
             if AMAX:
-                _amax_bits(amax_ptr, p_ptr, offs, hi, mask, live, pid, SPREAD)
+                _amax_bits(amax_ptr, p_ptr, offs, hi, mask, live)
         elif MASTER == 2:
             sr = _sr_bf16_bits(p, noise_p)
             tl.store(p_ptr + offs, sr, mask=mask)
             if AMAX:
-                _amax_bits(amax_ptr, p_ptr, offs, sr.to(tl.int32), mask, live, pid, SPREAD)
+                _amax_bits(amax_ptr, p_ptr, offs, sr.to(tl.int32), mask, live)
         else:
             tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
         if BF16_MOMENTS:  # exp_avg to nearest, exp_avg_sq stochastically (lean_adam_math.store_moments)
@@ -257,10 +254,9 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
     """The update of ``params`` (already stepped counters in ``states``; ``modes[i]`` the
     master mode of params[i], see LeanAdamW.mode_of), one launch each.
 
-    ``amax``: per parameter None or a zeroed contiguous int32 (S,) tensor whose max is max
-    |param| after the step as float32 bits (bf16 parameters: bf16_remainder / bf16_stochastic);
-    program i takes slot i mod S. Read by the tensorwise FP8 weight cache instead of a pass over
-    the weight.
+    ``amax``: per parameter None or a zeroed int32 (1,) tensor that receives max |param| after
+    the step as float32 bits (bf16 parameters: bf16_remainder / bf16_stochastic), read by the
+    tensorwise FP8 weight cache instead of a pass over the weight.
 
     All counters of a group advance together, so the first one's bias corrections serve all.
     ``tiles``: (BLOCK, NUM_WARPS) instead of the module's (the benchmark's candidates)."""
@@ -273,11 +269,9 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
     block, num_warps = tiles or (BLOCK, NUM_WARPS)
     amax = amax or [None] * len(params)
     for p, st, master_weights, seed, am in zip(params, states, modes, seeds, amax):
-        if am is not None and (master_weights == "fp32" or am.dtype != torch.int32
-                               or am.dim() != 1 or not am.is_contiguous() or am.numel() == 0):
-            raise ValueError(f"lean AdamW kernel: an amax is made for bf16 parameters into a "
-                             f"contiguous int32 (S,) tensor, got master_weights={master_weights}, "
-                             f"{am.dtype} of shape {tuple(am.shape)}")
+        if am is not None and (master_weights == "fp32" or am.dtype != torch.int32):
+            raise ValueError(f"lean AdamW kernel: an amax is made for bf16 parameters into an "
+                             f"int32 tensor, got master_weights={master_weights}, {am.dtype}")
         for name, t in (("param", p), ("grad", p.grad), ("exp_avg", st["exp_avg"]),
                         ("exp_avg_sq", st["exp_avg_sq"])):
             if not t.is_contiguous():
@@ -294,7 +288,6 @@ def lean_adamw_cuda(params: list, states: list, h: AdamHyper, modes: list, *,
             am if am is not None else scal, n, decay, w1, beta2, 1 - beta2, h.eps, seed % (2 ** 31),
             MASTER=_MASTER_CODE[master_weights],
             BF16_MOMENTS=st["exp_avg"].dtype == torch.bfloat16, AMAX=am is not None,
-            SPREAD=am.numel() if am is not None else 1,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             HAS_DECAY=h.weight_decay != 0, SMALL_W1=w1 < 0.5,
             NEED_NOISE=master_weights == "bf16_stochastic" or st["exp_avg"].dtype == torch.bfloat16,

@@ -27,11 +27,6 @@ from r1mega.train.lean_adam_math import (MASTER_MODES, MOMENT_DTYPES, AdamHyper,
                                          lean_step_reference)
 
 
-# int32 slots a tracked weight's amax is spread over (the kernel's SPREAD): enough that the
-# atomics of a 100M-element weight's programs stop queueing on one L2 address.
-AMAX_SPREAD = 64
-
-
 def _mix_seed(seed: int, index: int, step: int) -> int:
     """A distinct, reproducible generator seed per (run seed, tensor, step)."""
     return (seed * 0x9E3779B1 + index * 0x85EBCA77 + step * 0xC2B2AE3D) % (2 ** 63 - 1)
@@ -70,13 +65,9 @@ class LeanAdamW(torch.optim.Optimizer):
         # costs time; the CPU path keeps megatron's scale and stays bit-identical to its
         # fp32-master optimizer.
         self.fold_token_scale: Optional[bool] = None
-        # id(param) -> [param, its row of the amax buffers, (data_ptr, _version) after the step
-        # that wrote it]: max |w| for the tensorwise FP8 weight cache (track_amax). The kernel
-        # spreads a weight's atomics over AMAX_SPREAD int32 slots (one row of _amax_slots_buf);
-        # one reduction a group makes _amax_out, float32 bits a row.
+        # id(param) -> [param, int32 (1,) amax as float32 bits, (data_ptr, _version) after the
+        # step that wrote it]: max |w| for the tensorwise FP8 weight cache (track_amax).
         self._amax: dict[int, list] = {}
-        self._amax_slots_buf: Optional[torch.Tensor] = None
-        self._amax_out: Optional[torch.Tensor] = None
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
@@ -99,47 +90,32 @@ class LeanAdamW(torch.optim.Optimizer):
         if self.mode_of(param) == "fp32":
             raise ValueError("track_amax: only bf16 parameters (a lean master) get their amax "
                              "from the step; an fp32 master is copied to the model afterwards")
-        if id(param) in self._amax:
-            return
-        if self._amax and next(iter(self._amax.values()))[0].device != param.device:
-            raise ValueError("track_amax: the tracked parameters must share one device")
-        self._amax[id(param)] = [param, len(self._amax), None]
-        self._amax_slots_buf = self._amax_out = None  # rebuilt (zeroed) with the new row
-        for entry in self._amax.values():
-            entry[2] = None
+        if id(param) not in self._amax:
+            self._amax[id(param)] = [param, torch.zeros(1, dtype=torch.int32, device=param.device),
+                                     None]
 
     def weight_amax(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         """float32 (1,) max |param| as the last step left it (NaN if it holds one), or None:
         not tracked, no step yet, or the parameter changed since (its storage or version; a
         weights-only load also clears it, :meth:`reset_remainders`)."""
         entry = self._amax.get(id(param))
-        if (entry is None or entry[0] is not param or self._amax_out is None
-                or entry[2] != (param.data_ptr(), param._version)):
+        if entry is None or entry[0] is not param or entry[2] != (param.data_ptr(), param._version):
             return None
-        return self._amax_out[entry[1]:entry[1] + 1].view(torch.float32)
+        return entry[1].view(torch.float32)
 
     def _amax_slots(self, live: list) -> Optional[list]:
-        """The zeroed int32 slot rows of ``live``'s tracked parameters (None for the others)."""
+        """The zeroed int32 slots of ``live``'s tracked parameters (None for the others)."""
         if not self._amax:
             return None
-        rows = [self._amax[id(p)][1] if id(p) in self._amax else None for p in live]
-        if all(r is None for r in rows):
+        slots = [self._amax[id(p)][1] if id(p) in self._amax else None for p in live]
+        tracked = [s for s in slots if s is not None]
+        if not tracked:
             return None
-        if self._amax_slots_buf is None:
-            dev = next(iter(self._amax.values()))[0].device
-            self._amax_slots_buf = torch.zeros(len(self._amax), AMAX_SPREAD, dtype=torch.int32,
-                                               device=dev)
-            self._amax_out = torch.zeros(len(self._amax), dtype=torch.int32, device=dev)
-        slots = [None if r is None else self._amax_slots_buf[r] for r in rows]
-        torch._foreach_zero_([s for s in slots if s is not None])
+        torch._foreach_zero_(tracked)
         return slots
 
     def _amax_written(self, live: list, slots: Optional[list]) -> None:
-        if slots is None:
-            return
-        # every row at once: the rows of weights not stepped here still hold their last slots
-        torch.amax(self._amax_slots_buf, dim=1, out=self._amax_out)
-        for p, s in zip(live, slots):
+        for p, s in zip(live, slots or ()):
             if s is not None:
                 self._amax[id(p)][2] = (p.data_ptr(), p._version)
 
@@ -192,7 +168,7 @@ class LeanAdamW(torch.optim.Optimizer):
                 for p, slot in zip(live, slots or [None] * len(live)):
                     self._reference_step(p, h, index_of[id(p)])
                     if slot is not None:
-                        slot[:1].copy_(amax_bits(p))
+                        slot.copy_(amax_bits(p))
             self._amax_written(live, slots)
         return loss
 

@@ -47,10 +47,9 @@ def test_the_step_reports_the_amax_of_the_weight_it_wrote(mode, moments):
     assert opt.weight_amax(a) is None            # not tracked
 
 
-def test_a_weight_the_step_passes_over_keeps_its_amax_and_a_new_one_starts_afresh():
-    """Tracked weights share one slot buffer and one reduction: a weight without a gradient in a
-    step keeps the amax of its last step; tracking one more weight later drops every amax until
-    the next step (the buffer is rebuilt)."""
+def test_a_weight_the_step_passes_over_keeps_its_amax():
+    """A tracked weight without a gradient in a step keeps the amax of its last step, and one
+    tracked later gets its own from the next step on."""
     a, b = _params()
     opt = LeanAdamW([a, b], lr=1e-2, master_weights="bf16_remainder")
     opt.track_amax(a)
@@ -68,7 +67,7 @@ def test_a_weight_the_step_passes_over_keeps_its_amax_and_a_new_one_starts_afres
     c = torch.nn.Parameter(torch.ones(4).bfloat16())
     opt.add_param_group({"params": [c]})
     opt.track_amax(c)
-    assert opt.weight_amax(a) is None and opt.weight_amax(b) is None
+    assert opt.weight_amax(c) is None
     _grads((a, b, c), g)
     opt.step()
     assert all(torch.equal(opt.weight_amax(p), _torch_amax(p)) for p in (a, b, c))
@@ -209,7 +208,7 @@ def _kernel_amaxes(rank, world):
         opt.init_state()
         st = opt.state[p]
         st["step"] += 1
-        slot = torch.zeros(2, dtype=torch.int32)  # programs 0 and 2 into slot 0, 1 into 1
+        slot = torch.zeros(1, dtype=torch.int32)
         for found_inf, nan in ((None, False), (torch.ones(()), False), (None, True)):
             p.grad = torch.randn(3000, generator=g).bfloat16() * 10
             if nan:
@@ -218,9 +217,8 @@ def _kernel_amaxes(rank, world):
             slot.zero_()
             kernel.lean_adamw_cuda([p], [st], h, [mode], grad_scale=None, found_inf=found_inf,
                                    seeds=[1], amax=[slot])
-            assert (slot != 0).all()  # each slot took its programs' atomics
             out.append(((mode, found_inf is not None, nan), before, p.detach().clone(),
-                        slot.amax().reshape(1).view(torch.float32).clone()))
+                        slot.view(torch.float32).clone()))
     return out
 
 
