@@ -7,6 +7,10 @@ reporting ms/step, tokens/s and the FP8/bf16 ratio. Bar (issue 17, H200): gemm-h
 bf16 with blockwise, >= 1.4x with tensorwise. The measured bf16 and FP8 matmul rates (8192^3)
 give each row's fraction of the GEMM floor.
 
+``--train-env R1MEGA_NAME=VALUE[,...]`` (repeatable) adds an FP8 row built and run with those
+switches set, ``--fp8-again`` the default FP8 row once more: a switch timed against the default
+in one process, with the row-to-row drift beside it.
+
 ``--parity``: the 852m shape trains ``--parity-steps`` (200) steps on a fixed synthetic corpus
 (a random bigram chain over 4096 tokens, 4 successors each: entropy floor ln 4) in bf16 and in
 FP8 from the same initial weights; the bar is |final FP8 loss / final bf16 loss - 1| <= 2 %
@@ -160,9 +164,9 @@ def run_parity(args, rt) -> dict:
 
 
 def run_throughput(args, rt) -> dict:
+    from r1mega import switches
     from r1mega.bench.shapes import get_shape
     from r1mega.bench.flops import matmul_peak_flops, model_flops_per_token
-    from r1mega import switches
     from r1mega.bench.train_step import _reset_memory, run_r1mega
 
     device = rt.device
