@@ -393,6 +393,12 @@ def test_python_and_checkout_under_tmp():
                               check=True, capture_output=True, text=True).stdout.strip()
         with open(os.path.join(site, "r1mega_probe_mod.py"), "w") as f:
             f.write("VALUE = 41\n")
+        # --system-site-packages reaches the base interpreter's packages, not those of the venv
+        # running this test (the README's user: psutil and the rest installed there only)
+        import site as site_mod
+        with open(os.path.join(site, "r1mega_parent_env.pth"), "w") as f:
+            f.writelines(f"import site; site.addsitedir({d!r})\n"
+                         for d in site_mod.getsitepackages() if d != site)
         # The clone's own code, not the worktree's: PYTHONPATH is the clone, cwd is the clone.
         env = dict(os.environ, PYTHONPATH=clone)
         proc = subprocess.run([py, "-c", _UNDER_TMP_PROBE, clone], cwd=clone, env=env,
