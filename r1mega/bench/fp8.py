@@ -186,18 +186,18 @@ def run_throughput(args, rt) -> dict:
         flops_tok = model_flops_per_token(shape, args.seq_len)
         rows = {}
         # a bf16 master steps from a bf16 gradient buffer
-        plan = list(_precisions(args.recipe, device, args.master_weights == "fp32",
-                                args.backend).items())
-        fp8_row = plan[-1]
-        plan += [(f"{fp8_row[0]}+{e}", fp8_row[1]) for e in args.train_env]
+        # (name, (precision, spec), environment) a row
+        plan = [(n, ps, {}) for n, ps in _precisions(args.recipe, device, args.master_weights == "fp32",
+                                                     args.backend).items()]
+        fp8_name, fp8_ps, _ = plan[-1]
+        extra = [(f"{fp8_name}+{e}", fp8_ps, _env_pairs(e)) for e in args.train_env]
         if args.fp8_again:  # the default FP8 row once more, last: how far a row drifts in one run
-            plan.append((f"{fp8_row[0]}-again", fp8_row[1]))
-        envs = dict(zip(args.train_env, (_env_pairs(e) for e in args.train_env)))
-        for name, (prec, spec) in plan:
+            extra.append((f"{fp8_name}-again", fp8_ps, {}))
+        for name, (prec, spec), env in plan + extra:
             _reset_memory(device)
             if args.compile == "layer":  # every row traces afresh: a --train-env switch read
                 torch._dynamo.reset()    # while tracing must not meet an earlier row's graph
-            with switches.environment(envs.get(name.partition("+")[2], {})):
+            with switches.environment(env):
                 sec, mem, losses, _ = run_r1mega({**shape, "spec": spec}, tokens, rt, "chunked",
                                                  args.warmup, args.steps,
                                                  args.compile, precision=prec,
@@ -221,12 +221,10 @@ def run_throughput(args, rt) -> dict:
             te_ratio = rows["te-bf16"]["ms_per_step"] / fp8_ms
             result["models"][model]["fp8_speedup_over_te_bf16"] = te_ratio
             print(f"{model}: FP8 {args.recipe} / TE bf16 step throughput = {te_ratio:.2f}x")
-        extra = [n for n, _ in plan[len(plan) - len(args.train_env) - args.fp8_again:]]
         result["models"][model]["extra_speedups"] = {
-            n: rows["bf16"]["ms_per_step"] / rows[n]["ms_per_step"] for n in extra}
-        for n in extra:
-            print(f"{model}: {n} / bf16 step throughput = "
-                  f"{rows['bf16']['ms_per_step'] / rows[n]['ms_per_step']:.3f}x")
+            n: rows["bf16"]["ms_per_step"] / rows[n]["ms_per_step"] for n, _, _ in extra}
+        for n, ratio in result["models"][model]["extra_speedups"].items():
+            print(f"{model}: {n} / bf16 step throughput = {ratio:.3f}x")
     return result
 
 

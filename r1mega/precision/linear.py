@@ -416,29 +416,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y + bias if bias is not None else y
 
 
-# The same value written four ways, which inductor fuses differently into t's producer: one
-# reduction over every element, rows first (the producer's own iteration over the last
-# dimension: fused into the SwiGLU and its backward, RECORDS), 1024-wide pieces of the rows
-# first, or max and min separately.
-AMAX_FORMS = {"rows": "each row's max |t|, then their max", "flat": "max |t| over all elements",
-              "chunks": "each 1024 values of a row first (rows where the row is not 1024s)",
-              "minmax": "max(max t, -min t)"}
+# The same value written two ways, which inductor fuses differently into t's producer: each
+# row's max first (a reduction over the producer's own last dimension: fused into the SwiGLU and
+# its backward, RECORDS) or one reduction over every element (a split reduction: a second read).
+AMAX_FORMS = {"rows": "each row's max |t|, then their max", "flat": "max |t| over all elements"}
 
 
 def graph_amax_of(t: torch.Tensor, form: str) -> torch.Tensor:
-    """max |t| as a float32 (1,) tensor in ``form`` (AMAX_FORMS); every form exact (the max of
-    t's own values) and NaN-propagating."""
-    t = t.detach()
-    if form == "flat":
-        m = t.abs().amax()
-    elif form == "rows" or (form == "chunks" and t.shape[-1] % 1024):
-        m = t.abs().amax(dim=-1).amax()
-    elif form == "chunks":
-        m = t.unflatten(-1, (t.shape[-1] // 1024, 1024)).abs().amax(dim=-1).amax()
-    elif form == "minmax":
-        m = torch.maximum(t.amax(), -t.amin())
-    else:
+    """max |t| as a float32 (1,) tensor in ``form`` (AMAX_FORMS); both exact (the max of t's own
+    values) and NaN-propagating."""
+    if form not in AMAX_FORMS:
         raise ValueError(f"graph_amax_of: unknown form {form!r}; expected one of {sorted(AMAX_FORMS)}")
+    mag = t.detach().abs()
+    m = mag.amax(dim=-1).amax() if form == "rows" else mag.amax()
     return m.float().reshape(1)
 
 
