@@ -53,9 +53,6 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
     lt)  # cuBLASLt's blockwise algorithms: their tests, then every listed one timed against scaled_mm
       OUT=$O/lt GPU_TESTS_TIMEOUT=${TESTS_S:-120} GPU_BENCH_TIMEOUT=${LT_S:-150} \
         GPU_TESTS="tests/gpu/test_fp8_gemm_lt_gpu.py" bash tools/gpu_all.sh "tools/blockwise_lt_sweep.py" | tail -4 ;;
-    wgrad)  # the blockwise wgrad GEMM in Triton: its tests, then timed against cuBLAS's
-      OUT=$O/wgrad GPU_TESTS_TIMEOUT=${TESTS_S:-150} GPU_BENCH_TIMEOUT=${WGRAD_S:-120} \
-        GPU_TESTS="tests/gpu/test_fp8_blockwise_gemm_gpu.py" bash tools/gpu_all.sh "tools/blockwise_wgrad_sweep.py" | tail -8 ;;
     probe)  # which form of the in-graph amax inductor fuses into the SwiGLU and its backward
       OUT=$O/probe GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${PROBE_S:-150} bash tools/gpu_all.sh "tools/amax_fusion_probe.py" | tail -4 ;;
     quant)  # the dual quantisers (Triton and CUDA) against their bytes floor

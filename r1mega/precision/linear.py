@@ -416,14 +416,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y + bias if bias is not None else y
 
 
-# The same value written three ways, which inductor fuses differently into t's producer: each
+# The same value written two ways, which inductor fuses differently into t's producer: each
 # row's max first (a reduction over the producer's own last dimension: fused into the SwiGLU and
-# its backward, RECORDS), each half-row's (fc1's dy is the cat of the SwiGLU's two gradients: a
-# half-row lies within one of them), or one reduction over every element (a split reduction: a
-# second read).
-AMAX_FORMS = {"rows": "each row's max |t|, then their max",
-              "halves": "each half-row's max |t| (rows of odd width: each row's), then their max",
-              "flat": "max |t| over all elements"}
+# its backward, RECORDS) or one reduction over every element (a split reduction: a second read).
+AMAX_FORMS = {"rows": "each row's max |t|, then their max", "flat": "max |t| over all elements"}
 
 
 def graph_amax_of(t: torch.Tensor, form: str) -> torch.Tensor:
@@ -432,9 +428,7 @@ def graph_amax_of(t: torch.Tensor, form: str) -> torch.Tensor:
     if form not in AMAX_FORMS:
         raise ValueError(f"graph_amax_of: unknown form {form!r}; expected one of {sorted(AMAX_FORMS)}")
     mag = t.detach().abs()
-    if form == "halves" and t.shape[-1] % 2 == 0:
-        mag = mag.view(*t.shape[:-1], 2, t.shape[-1] // 2)
-    m = mag.amax() if form == "flat" else mag.amax(dim=-1).amax()
+    m = mag.amax(dim=-1).amax() if form == "rows" else mag.amax()
     return m.float().reshape(1)
 
 
