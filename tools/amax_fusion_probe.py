@@ -1,8 +1,8 @@
 """Which form of a tensor's max |t| inductor fuses into the kernel that makes t (the tensorwise
 FP8 linears' in-graph amax, r1mega/precision/linear.py _graph_amax). The SwiGLU before fc2 and
 its backward before fc1's dgrad at the gemm-heavy shape (16384 tokens, FFN 14,336), compiled,
-each form timed against the same kernel with no amax; the amax compared with torch's of the
-output.
+each form timed against the same kernel with no amax (the backward also against the bound: each
+half reduced before the cat); the amax compared with torch's of the output.
     python tools/amax_fusion_probe.py [--tokens 16384 --ffn 14336]      (a CUDA device)
 Last line: one JSON object, ms per call for each (pattern, form)."""
 from __future__ import annotations
