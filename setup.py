@@ -46,16 +46,27 @@ def _cuda_extensions():
     if lt and all(os.path.exists(os.path.join(here, s)) for s in lt_sources):
         exts.append(CUDAExtension("r1mega_gemm_cuda", lt_sources, include_dirs=lt[0],
                                   extra_compile_args=flags, extra_link_args=lt[1]))
+    # CUTLASS's blockwise FP8 GEMMs (sm_90a), where its headers are found (pip install nvidia-cutlass)
+    cutlass = _cuda_libs(here).cutlass_include_dirs()
+    cut = ["csrc/fp8_blockwise_gemm.cu"]
+    if cutlass and "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"] and os.path.exists(os.path.join(here, cut[0])):
+        exts.append(CUDAExtension("r1mega_cutlass_cuda", cut, include_dirs=cutlass, extra_compile_args={
+            "cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                     "-gencode=arch=compute_90a,code=sm_90a"]}))
     return exts, {"build_ext": BuildExtension}
 
 
-def _cublaslt_flags(here, cuda_home):
+def _cuda_libs(here):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_r1mega_cuda_libs", os.path.join(here, "r1mega/ops/cuda_libs.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.cublaslt_flags(cuda_home)
+    return module
+
+
+def _cublaslt_flags(here, cuda_home):
+    return _cuda_libs(here).cublaslt_flags(cuda_home)
 
 
 ext_modules, cmdclass = _cuda_extensions()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from r1mega.precision.quantize import BLOCK, Fp8Tensor, dequantize
+from r1mega.ops import cutlass_blockwise
 from r1mega.precision import fp8_gemm_lt, triton_skinny_gemm, wgmma_gemm
 
 
@@ -163,7 +164,10 @@ def row_tensor_gemm_unscaled(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype,
 def _blockwise_mm(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor,
                   b_scale: torch.Tensor, b_block: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """(M, K) 1x128-tile operand x (N, K) 128x128-block (or 1x128-tile) operand, row-major data and
-    logical scales of any strides -> (M, N) through ``torch.nn.functional.scaled_mm``."""
+    logical scales of any strides -> (M, N) through ``torch.nn.functional.scaled_mm``, or
+    CUTLASS's kernels where R1MEGA_FP8_BLOCKWISE_GEMM=cutlass serves (r1mega/ops/cutlass_blockwise.py)."""
+    if cutlass_blockwise.serves(a_data, b_data):
+        return cutlass_blockwise.blockwise_gemm(a_data, a_scale, b_data, b_scale, b_block, out_dtype)
     F = torch.nn.functional
     st, sw = F.ScalingType, F.SwizzleType
     if b_block:
