@@ -11,22 +11,11 @@ import json
 
 import torch
 
+from r1mega.bench.shapes import GEMM_HEAVY, linear_gemms
 from r1mega.bench.timing import median_ms
 from r1mega.ops import cutlass_blockwise
 from r1mega.precision.gemm import _blockwise_mm, scaled_gemm
 from r1mega.precision.quantize import quantize
-
-T, H, F, QKV = 16384, 4096, 14336, 4096 + 2 * 8 * 128
-LINEARS = {"qkv": (QKV, H), "o_proj": (H, H), "fc1": (2 * F, H), "fc2": (H, F)}   # (out, in)
-
-
-def problems():
-    """(name, M, N, K, b in 128x128 blocks) of each linear's three GEMMs."""
-    for name, (out, inp) in LINEARS.items():
-        yield f"{name} fwd", T, out, inp, True
-        yield f"{name} dgrad", T, inp, out, True
-        yield f"{name} wgrad", out, inp, T, False
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -41,7 +30,7 @@ def main(argv=None) -> int:
     total = {"cublas": 0.0, "tensorwise": 0.0, "best": 0.0, **{c: 0.0 for c in names}}
     print(f"{'GEMM':<14}{'M x N x K':>22}{'cuBLAS':>9}{'tensor':>9}" + "".join(f"{c:>15}" for c in names)
           + "   TFLOP/s cuBLAS / best CUTLASS")
-    for name, m, n, k, block in problems():
+    for name, m, n, k, block in linear_gemms(GEMM_HEAVY, 16384):
         a = quantize(torch.randn(m, k, device="cuda", generator=g).bfloat16(), "tile")
         b = quantize((torch.randn(n, k, device="cuda", generator=g) * 0.05).bfloat16(), "block" if block else "tile")
         sa, sb = cutlass_blockwise.colmajor(a.scale), cutlass_blockwise.colmajor(b.scale)

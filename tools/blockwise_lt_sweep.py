@@ -12,22 +12,11 @@ import json
 
 import torch
 
+from r1mega.bench.shapes import GEMM_HEAVY, linear_gemms
 from r1mega.bench.timing import median_ms
 from r1mega.ops import cublaslt_gemm
 from r1mega.precision.gemm import _block_scale_b, _blockwise_mm, _colmajor
 from r1mega.precision.quantize import quantize
-
-T, H, F, QKV = 16384, 4096, 14336, 4096 + 2 * 8 * 128
-LINEARS = {"qkv": (QKV, H), "o_proj": (H, H), "fc1": (2 * F, H), "fc2": (H, F)}   # (out, in)
-
-
-def problems():
-    """(name, M, N, K, w in 128x128 blocks) of each linear's three GEMMs."""
-    for name, (out, inp) in LINEARS.items():
-        yield f"{name} fwd", T, out, inp, True
-        yield f"{name} dgrad", T, inp, out, True
-        yield f"{name} wgrad", out, inp, T, False
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -41,7 +30,7 @@ def main(argv=None) -> int:
     results, total = {}, {"torch": 0.0, "best": 0.0}
     print(f"{'GEMM':<14}{'M x N x K':>22}{'torch ms':>10}{'lt0 ms':>9}{'best ms':>9}{'best':>6}{'algos':>7}"
           f"{'lt0 bits':>10}{'max rel diff':>14}")
-    for name, m, n, k, block in problems():
+    for name, m, n, k, block in linear_gemms(GEMM_HEAVY, 16384):
         a = quantize(torch.randn(m, k, device="cuda", generator=g).bfloat16(), "tile")
         w = quantize(torch.randn(n, k, device="cuda", generator=g).bfloat16() * 0.05, "block" if block else "tile")
         mode = 2 if block else 1

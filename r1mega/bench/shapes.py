@@ -81,3 +81,16 @@ def get_shape(name: str, smoke: bool = False) -> dict:
     import copy
 
     return copy.deepcopy(table[name])  # nested sections (mla, rope_scaling) are dicts too
+
+
+def linear_gemms(shape: dict, tokens: int):
+    """(name, M, N, K, b in 128x128 blocks) of each transformer-block linear's three GEMMs at
+    ``tokens`` tokens (forward, dgrad, wgrad; b of forward and dgrad is the weight), for the
+    FP8 GEMM sweeps (tools/blockwise_*_sweep.py)."""
+    h, f = shape["hidden_size"], shape["ffn_hidden_size"]
+    d = h // shape["num_attention_heads"]
+    qkv = h + 2 * shape["num_query_groups"] * d
+    for name, (out, inp) in {"qkv": (qkv, h), "o_proj": (h, h), "fc1": (2 * f, h), "fc2": (h, f)}.items():
+        yield f"{name} fwd", tokens, out, inp, True
+        yield f"{name} dgrad", tokens, inp, out, True
+        yield f"{name} wgrad", out, inp, tokens, False

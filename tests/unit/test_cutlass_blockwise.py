@@ -50,3 +50,18 @@ def test_scales_made_column_major_without_a_copy_when_they_are():
     assert colmajor(c) is c
     one = torch.ones(5, 1)
     assert colmajor(one) is one
+
+
+def test_the_sweeps_gemms_are_the_linears_three_products():
+    """tools/blockwise_*_sweep.py time these: each linear's forward (tokens x out x in), dgrad
+    (tokens x in x out) and wgrad (out x in x tokens), the weights being the model's own."""
+    from r1mega.bench.shapes import GEMM_HEAVY, linear_gemms
+
+    # (out, in) of the gemm-heavy layer's linears: 32 query heads and 2 x 8 KV heads of 128
+    weights = {"qkv": (4096 + 2 * 8 * 128, 4096), "o_proj": (4096, 4096), "fc1": (2 * 14336, 4096),
+               "fc2": (4096, 14336)}
+    want = []
+    for name, (out, inp) in weights.items():
+        want += [(f"{name} fwd", 16384, out, inp, True), (f"{name} dgrad", 16384, inp, out, True),
+                 (f"{name} wgrad", out, inp, 16384, False)]
+    assert list(linear_gemms(GEMM_HEAVY, 16384)) == want
