@@ -45,7 +45,9 @@ def serves(a_data: torch.Tensor, b_data: torch.Tensor) -> bool:
     if choice() != "cutlass" or not a_data.is_cuda or torch.cuda.get_device_capability(a_data.device) != (9, 0):
         return False
     (m, k), n = a_data.shape, b_data.shape[0]
-    return m % 128 == 0 and n % 128 == 0 and k % 128 == 0 and get() is not None
+    # TMA reads the operands: 16-byte aligned starts (a view into a larger tensor may not be)
+    aligned = a_data.data_ptr() % 16 == 0 and b_data.data_ptr() % 16 == 0
+    return m % 128 == 0 and n % 128 == 0 and k % 128 == 0 and aligned and get() is not None
 
 
 def colmajor(s: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,12 @@ def test_the_switch_routes_the_blockwise_gemm(ext, monkeypatch):
     a2, b2 = _operands(256, 256, 512, False, 8)
     a2 = Fp8Tensor(a2.data[:200].contiguous(), a2.scale[:200], "tile", "e4m3")
     assert not cutlass_blockwise.serves(a2.data, b2.data)
+    # nor an operand starting off a 16-byte boundary (TMA cannot read it)
+    buf = torch.empty(256 * 512 + 8, dtype=torch.float8_e4m3fn, device="cuda")
+    odd = buf[8:].view(256, 512)
+    odd.copy_(a.data)
+    assert odd.data_ptr() % 16 and torch.equal(odd.float(), a.data.float())
+    assert not cutlass_blockwise.serves(odd, b.data)
 
 
 def test_refusals(ext):
