@@ -14,7 +14,7 @@ import torch
 from r1mega.bench.shapes import GEMM_HEAVY, linear_gemms
 from r1mega.bench.timing import median_ms
 from r1mega.ops import cutlass_blockwise
-from r1mega.precision.gemm import _blockwise_mm, scaled_gemm
+from r1mega.precision.gemm import _blockwise_mm, _colmajor, scaled_gemm
 from r1mega.precision.quantize import quantize
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     for name, m, n, k, block in linear_gemms(GEMM_HEAVY, 16384):
         a = quantize(torch.randn(m, k, device="cuda", generator=g).bfloat16(), "tile")
         b = quantize((torch.randn(n, k, device="cuda", generator=g) * 0.05).bfloat16(), "block" if block else "tile")
-        sa, sb = cutlass_blockwise.colmajor(a.scale), cutlass_blockwise.colmajor(b.scale)
+        sa, sb = _colmajor(a.scale), _colmajor(b.scale)
         ref = _blockwise_mm(a.data, a.scale, b.data, b.scale, block, torch.bfloat16)
         row = {"mnk": [m, n, k], "cublas_ms": median_ms(
             lambda: _blockwise_mm(a.data, a.scale, b.data, b.scale, block, torch.bfloat16), args.reps, 2, True)}

@@ -50,17 +50,9 @@ def serves(a_data: torch.Tensor, b_data: torch.Tensor) -> bool:
     return m % 128 == 0 and n % 128 == 0 and k % 128 == 0 and aligned and get() is not None
 
 
-def colmajor(s: torch.Tensor) -> torch.Tensor:
-    """(R, C) scales with strides (1, R), CUTLASS's (and cuBLAS's) layout."""
-    r, c = s.shape
-    if s.stride(0) == 1 and (s.stride(1) == r or c == 1):
-        return s
-    return s.t().contiguous().t()
-
-
 def blockwise_gemm(a_data, a_scale, b_data, b_scale, b_block: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """(M, K) tiles x (N, K) tiles or blocks -> (M, N) through CUTLASS (bf16 out, cast after
-    for another dtype)."""
-    y = get().gemm(a_data.contiguous(), colmajor(a_scale.float()), b_data.contiguous(),
-                   colmajor(b_scale.float()), b_block, config())
+    for another dtype); the scales float32 with strides (1, rows), as
+    r1mega.precision.gemm._colmajor makes them."""
+    y = get().gemm(a_data.contiguous(), a_scale, b_data.contiguous(), b_scale, b_block, config())
     return y if out_dtype == torch.bfloat16 else y.to(out_dtype)

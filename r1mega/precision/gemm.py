@@ -167,7 +167,8 @@ def _blockwise_mm(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Ten
     logical scales of any strides -> (M, N) through ``torch.nn.functional.scaled_mm``, or
     CUTLASS's kernels where R1MEGA_FP8_BLOCKWISE_GEMM=cutlass serves (r1mega/ops/cutlass_blockwise.py)."""
     if cutlass_blockwise.serves(a_data, b_data):
-        return cutlass_blockwise.blockwise_gemm(a_data, a_scale, b_data, b_scale, b_block, out_dtype)
+        return cutlass_blockwise.blockwise_gemm(a_data, _colmajor(a_scale), b_data, _colmajor(b_scale),
+                                                b_block, out_dtype)
     F = torch.nn.functional
     st, sw = F.ScalingType, F.SwizzleType
     if b_block:

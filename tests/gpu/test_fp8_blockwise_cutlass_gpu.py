@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs an sm_90 GPU")
 
 from r1mega.ops import cutlass_blockwise  # noqa: E402
-from r1mega.precision.gemm import _blockwise_mm, emulated_gemm, scaled_gemm  # noqa: E402
+from r1mega.precision.gemm import _blockwise_mm, _colmajor, emulated_gemm, scaled_gemm  # noqa: E402
 from r1mega.precision.quantize import Fp8Tensor, quantize  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def _close(got, ref, rel):
 @pytest.mark.parametrize("mnk", [(256, 512, 1024), (384, 256, 4096)])
 def test_cutlass_gemm_matches_emulation_and_cublas(ext, config, block, mnk):
     a, b = _operands(*mnk, block, seed=sum(mnk) + config)
-    y = ext.gemm(a.data, cutlass_blockwise.colmajor(a.scale), b.data, cutlass_blockwise.colmajor(b.scale),
+    y = ext.gemm(a.data, _colmajor(a.scale), b.data, _colmajor(b.scale),
                  block, config)
     assert y.dtype == torch.bfloat16 and y.shape == (mnk[0], mnk[1])
     # Hopper's FP8 MMA sums each block of 128 in less than float32; bf16 output rounding on top
@@ -60,7 +60,7 @@ def test_the_switch_routes_the_blockwise_gemm(ext, monkeypatch):
     monkeypatch.setenv("R1MEGA_FP8_BLOCKWISE_GEMM", "cutlass")
     assert cutlass_blockwise.serves(a.data, b.data)
     got = scaled_gemm(a, b, torch.bfloat16)
-    want = ext.gemm(a.data, cutlass_blockwise.colmajor(a.scale), b.data, cutlass_blockwise.colmajor(b.scale),
+    want = ext.gemm(a.data, _colmajor(a.scale), b.data, _colmajor(b.scale),
                     False, cutlass_blockwise.config())
     assert torch.equal(got, want)                  # CUTLASS's kernel ran, not cuBLAS's
     assert _close(got, ref, 1e-2)[0]
@@ -78,7 +78,7 @@ def test_the_switch_routes_the_blockwise_gemm(ext, monkeypatch):
 
 def test_refusals(ext):
     a, b = _operands(256, 256, 512, False, 9)
-    sa, sb = cutlass_blockwise.colmajor(a.scale), cutlass_blockwise.colmajor(b.scale)
+    sa, sb = _colmajor(a.scale), _colmajor(b.scale)
     with pytest.raises(RuntimeError, match="column-major"):
         ext.gemm(a.data, a.scale.contiguous(), b.data, sb, False, 0)
     with pytest.raises(RuntimeError, match="multiples of 128"):

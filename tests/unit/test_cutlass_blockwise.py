@@ -41,17 +41,6 @@ def test_switches_and_refusals(monkeypatch):
         cb.config()
 
 
-def test_scales_made_column_major_without_a_copy_when_they_are():
-    from r1mega.ops.cutlass_blockwise import colmajor
-
-    s = torch.arange(12.0).reshape(4, 3)
-    c = colmajor(s)
-    assert torch.equal(c, s) and c.stride() == (1, 4)
-    assert colmajor(c) is c
-    one = torch.ones(5, 1)
-    assert colmajor(one) is one
-
-
 def test_the_sweeps_gemms_are_the_linears_three_products():
     """tools/blockwise_*_sweep.py time these: each linear's forward (tokens x out x in), dgrad
     (tokens x in x out) and wgrad (out x in x tokens), the weights being the model's own."""
