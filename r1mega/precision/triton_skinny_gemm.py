@@ -111,8 +111,11 @@ if HAVE_TRITON:
                 a = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if A_TILE:  # a's 1 x BK tile scales, applied as each K block's sum is promoted
-                sa = tl.load(AS + rm.to(tl.int64) * stride_as + pid_k * K_ITERS + i, mask=m_ok,
-                             other=0.0)
+                # a last split's K blocks past K (their a and w loaded as zeros) have no scale
+                # column: read the last one, not the next row's (or, past the last row, memory
+                # that may hold a NaN, and 0 * NaN is NaN)
+                kb = tl.minimum(pid_k * K_ITERS + i, (K - 1) // BK)
+                sa = tl.load(AS + rm.to(tl.int64) * stride_as + kb, mask=m_ok, other=0.0)
                 acc += tl.dot(a, tl.trans(w)) * sa[:, None]
             else:
                 acc = tl.dot(a, tl.trans(w), acc)                                 # (BM, BN)

@@ -58,8 +58,11 @@ def _interpreted(rank, world):
         x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, k)[None, :]
         a = quantize(x, "tile", "e4m3", True)
         w = quantize(torch.randn(n, k, generator=g) * 0.05, "tensor", "e4m3", False)
-        tiles.append(((m, n, k, cfg), a, w,
-                      sk.skinny_gemm_triton(a.data, w.data, w.scale, torch.float32, a.scale)))
+        # the scales followed by a NaN in memory: a read past their last column shows
+        buf = torch.full((a.scale.numel() + 1,), float("nan"))
+        buf[:-1] = a.scale.reshape(-1)
+        tiles.append(((m, n, k, cfg), a, w, sk.skinny_gemm_triton(a.data, w.data, w.scale, torch.float32,
+                                                                  buf[:-1].view(a.scale.shape))))
     os.environ.pop("R1MEGA_FP8_SKINNY_CONFIG", None)
     errors = []
     a = quantize(torch.randn(8, 64, generator=g), "row", "e4m3", True)
