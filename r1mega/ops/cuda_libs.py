@@ -40,16 +40,3 @@ def cublaslt_flags(cuda_home: Optional[str], search: Optional[list] = None) -> O
             if flags:
                 return [os.path.dirname(header)], flags
     return None
-
-
-def cutlass_include_dirs(search: Optional[list] = None) -> Optional[list]:
-    """CUTLASS's header directories (include/ and tools/util/include/), from the nvidia-cutlass
-    package (``cutlass_library/source``) or $R1MEGA_CUTLASS_DIR (a CUTLASS checkout), or None."""
-    roots = [os.environ["R1MEGA_CUTLASS_DIR"]] if os.environ.get("R1MEGA_CUTLASS_DIR") else []
-    for base in (sys.path if search is None else search):
-        roots.append(os.path.join(base, "cutlass_library", "source"))
-    for root in roots:
-        inc = os.path.join(root, "include")
-        if os.path.exists(os.path.join(inc, "cutlass", "detail", "blockwise_scale_layout.hpp")):
-            return [inc, os.path.join(root, "tools", "util", "include")]
-    return None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from r1mega.precision.quantize import BLOCK, Fp8Tensor, dequantize
-from r1mega.ops import cutlass_blockwise
+from r1mega.ops import deepgemm_blockwise
 from r1mega.precision import fp8_gemm_lt, triton_skinny_gemm, wgmma_gemm
 
 
@@ -165,10 +165,9 @@ def _blockwise_mm(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Ten
                   b_scale: torch.Tensor, b_block: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """(M, K) 1x128-tile operand x (N, K) 128x128-block (or 1x128-tile) operand, row-major data and
     logical scales of any strides -> (M, N) through ``torch.nn.functional.scaled_mm``, or
-    CUTLASS's kernels where R1MEGA_FP8_BLOCKWISE_GEMM=cutlass serves (r1mega/ops/cutlass_blockwise.py)."""
-    if cutlass_blockwise.serves(a_data, b_data):
-        return cutlass_blockwise.blockwise_gemm(a_data, _colmajor(a_scale), b_data, _colmajor(b_scale),
-                                                b_block, out_dtype)
+    DeepGEMM's kernel where R1MEGA_FP8_BLOCKWISE_GEMM=deepgemm serves (r1mega/ops/deepgemm_blockwise.py)."""
+    if deepgemm_blockwise.serves(a_data, b_data, b_block):
+        return deepgemm_blockwise.blockwise_gemm(a_data, _colmajor(a_scale), b_data, b_scale, out_dtype)
     F = torch.nn.functional
     st, sw = F.ScalingType, F.SwizzleType
     if b_block:
