@@ -61,6 +61,9 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
         GPU_TESTS="tests/gpu/test_fp8_blockwise_deepgemm_gpu.py" \
         bash tools/gpu_all.sh "tools/blockwise_deepgemm_sweep.py --jit-jobs 12" | tail -8
       tar czf "$O/dgcache.tgz" -C "$DG_JIT_CACHE_DIR" . ;;
+    deepgemm-tests)
+      OUT=$O/deepgemm_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-150} \
+        GPU_TESTS="tests/gpu/test_fp8_blockwise_deepgemm_gpu.py" bash tools/gpu_all.sh | tail -4 ;;
     probe)  # which form of the in-graph amax inductor fuses into the SwiGLU and its backward
       OUT=$O/probe GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${PROBE_S:-150} bash tools/gpu_all.sh "tools/amax_fusion_probe.py" | tail -4 ;;
     quant)  # the dual quantisers (Triton and CUDA) against their bytes floor

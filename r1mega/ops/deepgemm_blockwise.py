@@ -2,9 +2,10 @@
 with 1x128 tile scales times b (N, K) with 128x128 block scales, bf16 out (DeepGEMM's "1d2d"
 kernel, the one DeepSeek-V3 trained with).
 
-``R1MEGA_FP8_BLOCKWISE_GEMM`` picks who runs the recipe's GEMMs: ``cublas`` (default: torch's
-scaled_mm) or ``deepgemm`` (the optional ``deep_gemm`` package, where it imports and the GPU is
-sm_90; cuBLAS otherwise). The weight gradient (1x128 tiles on both operands) stays on cuBLAS:
+``R1MEGA_FP8_BLOCKWISE_GEMM`` picks who runs the recipe's GEMMs: ``auto`` (the default: DeepGEMM
+where the optional ``deep_gemm`` package imports, cuBLAS otherwise), ``deepgemm`` (an error
+where it does not import) or ``cublas`` (torch's scaled_mm). Products DeepGEMM cannot take (off
+an sm_90 GPU, K not a multiple of 128, operands off a 16-byte boundary) go to cuBLAS either way. The weight gradient (1x128 tiles on both operands) stays on cuBLAS:
 DeepGEMM's kernel for it adds into a float32 output, which a bf16 gradient would pay a pass for.
 DeepGEMM compiles each kernel on first use (nvcc on the GPU machine) and caches it
 (``DG_JIT_CACHE_DIR``).
@@ -22,9 +23,10 @@ _STATE: dict = {}
 
 
 def choice() -> str:
-    return switches.choice("R1MEGA_FP8_BLOCKWISE_GEMM", "cublas", {
+    return switches.choice("R1MEGA_FP8_BLOCKWISE_GEMM", "auto", {
+        "auto": "DeepGEMM where deep_gemm imports, else cuBLAS",
         "cublas": "torch.nn.functional.scaled_mm (cuBLAS)",
-        "deepgemm": "DeepGEMM's kernels for the forward and dgrad (pip package deep_gemm)"})
+        "deepgemm": "DeepGEMM's kernels for the forward and dgrad (the deep_gemm package)"})
 
 
 def get():
@@ -43,15 +45,23 @@ def load_error() -> Optional[str]:
 
 
 def serves(a_data: torch.Tensor, b_data: torch.Tensor, b_block: bool) -> bool:
-    """Whether DeepGEMM takes this product: the switch on, a tiles x blocks product on an sm_90
-    device, K a multiple of 128, 16-byte-aligned operands (TMA reads them), the package present."""
-    if choice() != "deepgemm" or not b_block or not a_data.is_cuda:
+    """Whether DeepGEMM takes this product: the switch not ``cublas``, a tiles x blocks product on
+    an sm_90 device, K a multiple of 128, 16-byte-aligned operands (TMA reads them), the package
+    present (``deepgemm`` without it is an error, not a silent cuBLAS)."""
+    pick = choice()
+    if pick == "cublas" or not b_block or not a_data.is_cuda:
         return False
     if torch.cuda.get_device_capability(a_data.device) != (9, 0):
         return False
+    if get() is None:
+        if pick == "deepgemm":
+            raise RuntimeError(f"R1MEGA_FP8_BLOCKWISE_GEMM=deepgemm, but deep_gemm does not import "
+                               f"({load_error()}); install DeepGEMM (github.com/deepseek-ai/DeepGEMM) "
+                               "or unset the switch")
+        return False
     k = a_data.shape[1]
     aligned = a_data.data_ptr() % 16 == 0 and b_data.data_ptr() % 16 == 0
-    return k % 128 == 0 and aligned and get() is not None
+    return k % 128 == 0 and aligned
 
 
 def blockwise_gemm(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor,

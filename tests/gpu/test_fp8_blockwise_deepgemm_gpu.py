@@ -55,6 +55,10 @@ def test_deepgemm_matches_emulation_and_cublas(dg, mnk):
 def test_the_switch_routes_the_forward_and_dgrad_only(dg, monkeypatch):
     a, b = _operands(256, 256, 512, True, 7)
     ref = scaled_gemm(a, b, torch.bfloat16)
+    monkeypatch.delenv("R1MEGA_FP8_BLOCKWISE_GEMM", raising=False)
+    assert deepgemm_blockwise.serves(a.data, b.data, True)      # the default, where it imports
+    monkeypatch.setenv("R1MEGA_FP8_BLOCKWISE_GEMM", "cublas")
+    assert not deepgemm_blockwise.serves(a.data, b.data, True)
     monkeypatch.setenv("R1MEGA_FP8_BLOCKWISE_GEMM", "deepgemm")
     assert deepgemm_blockwise.serves(a.data, b.data, True)
     got = scaled_gemm(a, b, torch.bfloat16)
@@ -68,3 +72,13 @@ def test_the_switch_routes_the_forward_and_dgrad_only(dg, monkeypatch):
     odd = buf[8:].view(256, 512)
     odd.copy_(a.data)
     assert odd.data_ptr() % 16 and not deepgemm_blockwise.serves(odd, b.data, True)
+
+
+def test_asking_for_deepgemm_without_it_is_an_error(monkeypatch):
+    a, b = _operands(256, 256, 512, True, 10)
+    monkeypatch.setattr(deepgemm_blockwise, "_STATE", {"module": None, "error": "ImportError: gone"})
+    monkeypatch.delenv("R1MEGA_FP8_BLOCKWISE_GEMM", raising=False)
+    assert not deepgemm_blockwise.serves(a.data, b.data, True)  # auto: cuBLAS
+    monkeypatch.setenv("R1MEGA_FP8_BLOCKWISE_GEMM", "deepgemm")
+    with pytest.raises(RuntimeError, match="deep_gemm does not import.*gone"):
+        deepgemm_blockwise.serves(a.data, b.data, True)

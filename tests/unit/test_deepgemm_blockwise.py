@@ -10,14 +10,14 @@ import torch
 def test_switch_and_refusals(monkeypatch):
     from r1mega.ops import deepgemm_blockwise as dg
 
-    assert dg.choice() == "cublas"
+    assert dg.choice() == "auto"
     a, b = torch.zeros(128, 256, dtype=torch.float8_e4m3fn), torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
     assert not dg.serves(a, b, True)               # the default
     monkeypatch.setenv("R1MEGA_FP8_BLOCKWISE_GEMM", "deepgemm")
     assert not dg.serves(a, b, True)               # no GPU: cuBLAS's (or the emulation's) route
     assert not dg.serves(a, b, False)              # wgrad's tiles x tiles: never
     monkeypatch.setenv("R1MEGA_FP8_BLOCKWISE_GEMM", "cutlass")
-    with pytest.raises(ValueError, match="R1MEGA_FP8_BLOCKWISE_GEMM='cutlass'.*'cublas'.*'deepgemm'"):
+    with pytest.raises(ValueError, match="R1MEGA_FP8_BLOCKWISE_GEMM='cutlass'.*'auto'.*'cublas'.*'deepgemm'"):
         dg.choice()
 
 
