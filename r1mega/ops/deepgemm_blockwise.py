@@ -33,9 +33,14 @@ def get():
     """The ``deep_gemm`` module, or None where it does not import (its reason: :func:`load_error`)."""
     if "module" not in _STATE:
         try:
-            _STATE["module"], _STATE["error"] = importlib.import_module("deep_gemm"), None
+            module, error = importlib.import_module("deep_gemm"), None
         except Exception as exc:  # noqa: BLE001 - an absent or broken install: cuBLAS serves
-            _STATE["module"], _STATE["error"] = None, f"{type(exc).__name__}: {exc}"
+            module, error = None, f"{type(exc).__name__}: {exc}"
+        if module is not None and not hasattr(module, "fp8_gemm_nt"):
+            # PyPI's deep_gemm 1.0.0 is an early, incomplete upload: the kernels come from the repository
+            module, error = None, (f"deep_gemm {getattr(module, '__version__', '?')} has no fp8_gemm_nt "
+                                   "(build DeepGEMM from github.com/deepseek-ai/DeepGEMM)")
+        _STATE["module"], _STATE["error"] = module, error
     return _STATE["module"]
 
 

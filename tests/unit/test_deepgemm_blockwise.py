@@ -38,6 +38,19 @@ def test_a_missing_package_is_reported_not_raised(monkeypatch):
     assert dg.get() is None and "deep_gemm" in dg.load_error()
 
 
+def test_a_deep_gemm_without_the_kernels_is_not_used(monkeypatch):
+    import sys
+    import types
+
+    from r1mega.ops import deepgemm_blockwise as dg
+
+    stub = types.ModuleType("deep_gemm")
+    stub.__version__ = "1.0.0"
+    monkeypatch.setitem(sys.modules, "deep_gemm", stub)
+    monkeypatch.setattr(dg, "_STATE", {})
+    assert dg.get() is None and "1.0.0 has no fp8_gemm_nt" in dg.load_error()
+
+
 def test_the_sweeps_gemms_are_the_linears_three_products():
     """tools/blockwise_*_sweep.py time these: each linear's forward (tokens x out x in), dgrad
     (tokens x in x out) and wgrad (out x in x tokens), the weights being the model's own."""
