@@ -1,13 +1,14 @@
 """DeepGEMM's Hopper kernels for the blockwise FP8 recipe's forward and dgrad GEMMs: a (M, K)
 with 1x128 tile scales times b (N, K) with 128x128 block scales, bf16 out (DeepGEMM's "1d2d"
-kernel, the one DeepSeek-V3 trained with).
+kernel; DeepGEMM is DeepSeek's library for the scaling DeepSeek-V3 describes).
 
 ``R1MEGA_FP8_BLOCKWISE_GEMM`` picks who runs the recipe's GEMMs: ``auto`` (the default: DeepGEMM
 where the optional ``deep_gemm`` package imports, cuBLAS otherwise), ``deepgemm`` (an error
 where it does not import) or ``cublas`` (torch's scaled_mm). Products DeepGEMM cannot take (off
-an sm_90 GPU, K not a multiple of 128, operands off a 16-byte boundary) go to cuBLAS either way. The weight gradient (1x128 tiles on both operands) stays on cuBLAS:
-DeepGEMM's kernel for it adds into a float32 output, which a bf16 gradient would pay a pass for.
-DeepGEMM compiles each kernel on first use (nvcc on the GPU machine) and caches it
+an sm_90 GPU, K not a multiple of 128, N not of 8, operands off a 16-byte boundary) go to cuBLAS
+either way. The weight gradient (1x128 tiles on both operands) stays on cuBLAS: DeepGEMM's
+kernel for it is no faster and adds into a float32 output, which a bf16 gradient would pay a
+pass for. DeepGEMM compiles each kernel on first use (nvcc on the GPU machine) and caches it
 (``DG_JIT_CACHE_DIR``).
 """
 from __future__ import annotations
@@ -52,7 +53,8 @@ def load_error() -> Optional[str]:
 def serves(a_data: torch.Tensor, b_data: torch.Tensor, b_block: bool) -> bool:
     """Whether DeepGEMM takes this product: the switch not ``cublas``, a tiles x blocks product on
     an sm_90 device, K a multiple of 128, 16-byte-aligned operands (TMA reads them), the package
-    present (``deepgemm`` without it is an error, not a silent cuBLAS)."""
+    present (``deepgemm`` without it is an error, not a silent cuBLAS); N a multiple of 8 (its
+    bf16 output's TMA store)."""
     pick = choice()
     if pick == "cublas" or not b_block or not a_data.is_cuda:
         return False
@@ -64,9 +66,9 @@ def serves(a_data: torch.Tensor, b_data: torch.Tensor, b_block: bool) -> bool:
                                f"({load_error()}); install DeepGEMM (github.com/deepseek-ai/DeepGEMM) "
                                "or unset the switch")
         return False
-    k = a_data.shape[1]
+    k, n = a_data.shape[1], b_data.shape[0]
     aligned = a_data.data_ptr() % 16 == 0 and b_data.data_ptr() % 16 == 0
-    return k % 128 == 0 and aligned
+    return k % 128 == 0 and n % 8 == 0 and aligned
 
 
 def blockwise_gemm(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Tensor,
