@@ -67,6 +67,8 @@ def test_the_switch_routes_the_forward_and_dgrad_only(dg, monkeypatch):
     # the weight gradient's tiles x tiles stay on cuBLAS
     at, bt = _operands(256, 256, 512, False, 8)
     assert not deepgemm_blockwise.serves(at.data, bt.data, False)
+    # nor an N that is not a multiple of 8
+    assert not deepgemm_blockwise.serves(a.data, b.data[:100].contiguous(), True)
     # nor an operand starting off a 16-byte boundary (TMA cannot read it)
     buf = torch.empty(256 * 512 + 8, dtype=torch.float8_e4m3fn, device="cuda")
     odd = buf[8:].view(256, 512)
