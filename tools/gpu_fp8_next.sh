@@ -27,6 +27,9 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
       v=""; for x in ${ROLLOUT_VARIANTS:-rows-cluster rope rope-rows-cluster}; do v="$v --variant $x"; done
       OUT=$O/rollout GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${ROLLOUT_S:-330} \
         bash tools/gpu_all.sh "fp8 --rollout --recipe tensorwise --skip-weights-only$v" | tail -8 ;;
+    rollout-blockwise)  # the blockwise recipe's rollout: its decode GEMMs on DeepGEMM (the default) and on cuBLAS
+      OUT=$O/rollout_blockwise GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${ROLLOUT_S:-330} \
+        bash tools/gpu_all.sh "fp8 --rollout --recipe blockwise --skip-weights-only --variant blockwise-cublas" | tail -8 ;;
     rollout-tests)  # the rollouts with the switches on against off, eager and compiled
       OUT=$O/rollout_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-240} \
         GPU_TESTS="$R::test_rollout_decodes_the_same_with_the_cluster_epilogue $P::test_rollout_decodes_the_same_with_rope_in_the_kernel" \

@@ -248,7 +248,8 @@ def _allocator_counts(device: torch.device) -> dict:
 
 
 # --variant NAME: one more FP8 row (weights + KV cache) in the same process with these switches
-# on (module, attribute), each a kernel choice otherwise set by its R1MEGA_... variable at import
+# on (module, attribute), each a kernel choice otherwise set by its R1MEGA_... variable at import,
+# or (None, "R1MEGA_NAME=VALUE"): a variable read at each call, set for the row
 ROLLOUT_VARIANTS = {
     "rows-cluster": (("r1mega.rollout.cuda_paged", "ROWS_CLUSTER"),),
     "rope": (("r1mega.rollout.cuda_paged_rope", "ROPE"),),
@@ -256,6 +257,7 @@ ROLLOUT_VARIANTS = {
     "wgmma": (("r1mega.precision.wgmma_gemm", "ENABLED"),),
     "wgmma-ws": (("r1mega.precision.wgmma_gemm", "ENABLED"), ("r1mega.precision.wgmma_gemm", "PRODUCER_WARP")),
     "rows-multi": (("r1mega.precision.triton_fp8_rows", "MULTI_ROW"),),
+    "blockwise-cublas": ((None, "R1MEGA_FP8_BLOCKWISE_GEMM=cublas"),),
 }
 
 
@@ -268,7 +270,10 @@ def _variant(name: Optional[str]):
 
     stack = contextlib.ExitStack()
     for mod, attr in ROLLOUT_VARIANTS[name] if name else ():
-        stack.enter_context(switches.overridden(importlib.import_module(mod), attr, True))
+        if mod is None:
+            stack.enter_context(switches.environment(dict([attr.split("=", 1)])))
+        else:
+            stack.enter_context(switches.overridden(importlib.import_module(mod), attr, True))
     return stack
 
 

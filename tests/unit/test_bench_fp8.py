@@ -155,3 +155,21 @@ def test_bench_fp8_train_env_rows_run_with_their_switches_alone(capsys, monkeypa
     assert "R1MEGA_FP8_WEIGHT_AMAX" not in os.environ
     with pytest.raises(SystemExit, match="R1MEGA_NAME=VALUE"):
         fp8.main(["--smoke", "--models", "852m", "--recipe", "tensorwise", "--train-env", "AMAX=1"])
+
+
+def test_rollout_variant_rows_set_their_switches_for_the_row_alone(monkeypatch):
+    """--variant: a module switch overridden, or an R1MEGA_... variable set, inside the row only."""
+    import os
+
+    from r1mega.bench.fp8 import _variant
+    from r1mega.ops import deepgemm_blockwise
+    from r1mega.precision import triton_fp8_rows
+
+    monkeypatch.delenv("R1MEGA_FP8_BLOCKWISE_GEMM", raising=False)
+    before = triton_fp8_rows.MULTI_ROW
+    with _variant("blockwise-cublas"):
+        assert deepgemm_blockwise.choice() == "cublas"
+    assert "R1MEGA_FP8_BLOCKWISE_GEMM" not in os.environ and deepgemm_blockwise.choice() == "auto"
+    with _variant("rows-multi"):
+        assert triton_fp8_rows.MULTI_ROW is True
+    assert triton_fp8_rows.MULTI_ROW == before
