@@ -165,7 +165,8 @@ def _blockwise_mm(a_data: torch.Tensor, a_scale: torch.Tensor, b_data: torch.Ten
                   b_scale: torch.Tensor, b_block: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """(M, K) 1x128-tile operand x (N, K) 128x128-block (or 1x128-tile) operand, row-major data and
     logical scales of any strides -> (M, N) through ``torch.nn.functional.scaled_mm``, or
-    DeepGEMM's kernel where R1MEGA_FP8_BLOCKWISE_GEMM=deepgemm serves (r1mega/ops/deepgemm_blockwise.py)."""
+    DeepGEMM's kernel for tiles x blocks where deep_gemm imports (R1MEGA_FP8_BLOCKWISE_GEMM:
+    r1mega/ops/deepgemm_blockwise.py)."""
     if deepgemm_blockwise.serves(a_data, b_data, b_block):
         return deepgemm_blockwise.blockwise_gemm(a_data, _colmajor(a_scale), b_data, b_scale, out_dtype)
     F = torch.nn.functional
