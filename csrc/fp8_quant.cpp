@@ -5,7 +5,7 @@
 
 void quant_dual_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& qt, at::Tensor& s,
                      at::Tensor& st, const c10::optional<at::Tensor>& amax, int64_t gran,
-                     bool power2);
+                     bool power2, bool persistent);
 
 namespace {
 
@@ -16,10 +16,11 @@ void check_on(const torch::Tensor& t, const torch::Tensor& x, const char* name) 
 
 // gran: 0 tensor, 1 tile (1x128), 2 block (128x128). q (R, C) and qt (C, R) FP8, contiguous, of
 // one format; s and st float32 scales of x and x.T in quantize.scale_shape's shapes (any strides);
-// amax: max |x| as float32 (1,), tensor granularity only.
+// amax: max |x| as float32 (1,), tensor granularity only. persistent: two CTAs an SM walk the
+// blocks, each loading its next block while it works on one (else one CTA a block).
 void quant_dual(const torch::Tensor& x, torch::Tensor q, torch::Tensor qt, torch::Tensor s,
                 torch::Tensor st, const c10::optional<torch::Tensor>& amax, int64_t gran,
-                bool power2) {
+                bool power2, bool persistent) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
               "r1mega_fp8_cuda: x must be a contiguous 2-D CUDA matrix, got ", x.sizes(), " on ",
               x.device());
@@ -66,7 +67,7 @@ void quant_dual(const torch::Tensor& x, torch::Tensor q, torch::Tensor qt, torch
                 "r1mega_fp8_cuda: amax must be one float32 value, got ", amax->scalar_type(), " ",
                 amax->sizes());
   }
-  quant_dual_cuda(x, q, qt, s, st, amax, gran, power2);
+  quant_dual_cuda(x, q, qt, s, st, amax, gran, power2, persistent);
 }
 
 }  // namespace
@@ -75,5 +76,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_dual", &quant_dual,
         "x (R, C) bf16/fp16 -> FP8 x and x.T with their scales, one read (tensor/tile/block)",
         py::arg("x"), py::arg("q"), py::arg("qt"), py::arg("s"), py::arg("st"), py::arg("amax"),
-        py::arg("gran"), py::arg("power2"));
+        py::arg("gran"), py::arg("power2"), py::arg("persistent") = false);
 }

@@ -13,6 +13,7 @@
 // division, no flush of subnormal inputs to zero).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,6 +21,7 @@
 #include <torch/extension.h>
 
 #include <cfloat>
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -82,28 +84,42 @@ __device__ __forceinline__ uint2 pack8(const float (&v)[8]) {
                     fp8x2<kE4M3>(v[4], v[5]) | (fp8x2<kE4M3>(v[6], v[7]) << 16));
 }
 
+// This thread's 8 rows x 8 columns of block (br, bc), zeros outside x (C % 16 == 0: a chunk of
+// 8 columns is all in or all out).
+template <typename T>
+__device__ __forceinline__ void load_block(uint4 (&raw)[8], const T* __restrict__ x, int64_t R,
+                                           int64_t C, int64_t br, int64_t bc, int lrow0, int lcol) {
+  const int64_t row0 = br * kBlock + lrow0, col = bc * kBlock + lcol;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    raw[i] = make_uint4(0, 0, 0, 0);
+    if (col < C && row0 + i < R) raw[i] = __ldg(reinterpret_cast<const uint4*>(x + (row0 + i) * C + col));
+  }
+}
+
+struct DualSmem {
+  uint2 tq[kBlock][16];   // x.T's block: row c, slot (r / 8) ^ (c / 8 % 16)
+  int partial[8][kBlock]; // per-warp column maxima (tile), warp maxima (block)
+};
+
+// One 128 x 128 block (br, bc) from this thread's loaded values: scales, x and x.T in FP8. Ends
+// with every thread done with shared memory's x.T block, so the CTA may take another block.
 template <typename T, bool kE4M3, int kGran>
-__global__ void __launch_bounds__(kThreads)
-quant_dual_kernel(const T* __restrict__ x, int64_t R, int64_t C, uint8_t* __restrict__ q,
-                  uint8_t* __restrict__ qt, float* __restrict__ s, float* __restrict__ st,
-                  const float* __restrict__ amax_in, float fmax, bool power2, int64_t s_r,
-                  int64_t s_c, int64_t st_r, int64_t st_c) {
-  __shared__ __align__(16) uint2 tq[kBlock][16];   // x.T's block: row c, slot (r / 8) ^ (c / 8 % 16)
-  __shared__ int partial[8][kBlock];               // per-warp column maxima (tile), warp maxima (block)
+__device__ __forceinline__ void dual_block(const uint4 (&raw)[8], DualSmem& sm, int64_t br,
+                                           int64_t bc, int64_t R, int64_t C,
+                                           uint8_t* __restrict__ q, uint8_t* __restrict__ qt,
+                                           float* __restrict__ s, float* __restrict__ st,
+                                           const float* __restrict__ amax_in, float fmax,
+                                           bool power2, int64_t s_r, int64_t s_c, int64_t st_r,
+                                           int64_t st_c) {
+  auto& tq = sm.tq;
+  auto& partial = sm.partial;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int chunk = lane & 15;
   const int lrow0 = warp * 16 + (lane >> 4) * 8;   // this thread's first row within the block
   const int lcol = chunk * 8;                      // its first column within the block
-  const int64_t br = blockIdx.y, bc = blockIdx.x;
   const int64_t row0 = br * kBlock + lrow0, col = bc * kBlock + lcol;
   const bool col_ok = col < C;                     // C % 16 == 0: a chunk is all in or all out
-
-  uint4 raw[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    raw[i] = make_uint4(0, 0, 0, 0);
-    if (col_ok && row0 + i < R) raw[i] = __ldg(reinterpret_cast<const uint4*>(x + (row0 + i) * C + col));
-  }
 
   float mult = 1.0f;
   float mult_r[8], mult_c[8];
@@ -211,13 +227,64 @@ quant_dual_kernel(const T* __restrict__ x, int64_t R, int64_t C, uint8_t* __rest
     const int64_t gc = bc * kBlock + c, gr = br * kBlock + k * 16;
     if (gc < C && gr < R) *reinterpret_cast<uint4*>(qt + gc * R + gr) = v;
   }
+  __syncthreads();
+}
+
+// One CTA a block (grid (ceil(C / 128), ceil(R / 128))).
+template <typename T, bool kE4M3, int kGran>
+__global__ void __launch_bounds__(kThreads)
+quant_dual_kernel(const T* __restrict__ x, int64_t R, int64_t C, uint8_t* __restrict__ q,
+                  uint8_t* __restrict__ qt, float* __restrict__ s, float* __restrict__ st,
+                  const float* __restrict__ amax_in, float fmax, bool power2, int64_t s_r,
+                  int64_t s_c, int64_t st_r, int64_t st_c) {
+  __shared__ DualSmem sm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint4 raw[8];
+  load_block<T>(raw, x, R, C, blockIdx.y, blockIdx.x, warp * 16 + (lane >> 4) * 8, (lane & 15) * 8);
+  dual_block<T, kE4M3, kGran>(raw, sm, blockIdx.y, blockIdx.x, R, C, q, qt, s, st, amax_in, fmax,
+                              power2, s_r, s_c, st_r, st_c);
+}
+
+// Persistent: a CTA takes blocks blockIdx.x, + gridDim.x, ... (row-major over the block grid) and
+// loads its next block into registers before working on the current one, so that each SM has a
+// block's reads in flight while it computes and stores (one CTA a block leaves the loads to
+// whichever of an SM's two resident CTAs is between blocks).
+template <typename T, bool kE4M3, int kGran>
+__global__ void __launch_bounds__(kThreads, 2)
+quant_dual_persistent_kernel(const T* __restrict__ x, int64_t R, int64_t C,
+                             uint8_t* __restrict__ q, uint8_t* __restrict__ qt,
+                             float* __restrict__ s, float* __restrict__ st,
+                             const float* __restrict__ amax_in, float fmax, bool power2,
+                             int64_t s_r, int64_t s_c, int64_t st_r, int64_t st_c) {
+  __shared__ DualSmem sm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lrow0 = warp * 16 + (lane >> 4) * 8, lcol = (lane & 15) * 8;
+  const int64_t nc = (C + kBlock - 1) / kBlock, n = nc * ((R + kBlock - 1) / kBlock);
+  uint4 a[8], b[8];
+  int64_t blk = blockIdx.x;
+  if (blk < n) load_block<T>(a, x, R, C, blk / nc, blk % nc, lrow0, lcol);
+  // two blocks an iteration, so the prefetch alternates between a and b without copies
+  for (; blk < n; blk += 2 * gridDim.x) {
+    const int64_t nb = blk + gridDim.x, nb2 = nb + gridDim.x;
+    if (nb < n) load_block<T>(b, x, R, C, nb / nc, nb % nc, lrow0, lcol);
+    dual_block<T, kE4M3, kGran>(a, sm, blk / nc, blk % nc, R, C, q, qt, s, st, amax_in, fmax,
+                                power2, s_r, s_c, st_r, st_c);
+    if (nb >= n) break;
+    if (nb2 < n) load_block<T>(a, x, R, C, nb2 / nc, nb2 % nc, lrow0, lcol);
+    dual_block<T, kE4M3, kGran>(b, sm, nb / nc, nb % nc, R, C, q, qt, s, st, amax_in, fmax,
+                                power2, s_r, s_c, st_r, st_c);
+  }
 }
 
 template <typename T, bool kE4M3>
 void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& qt, at::Tensor& s, at::Tensor& st,
-            const float* amax, int64_t gran, float fmax, bool power2, cudaStream_t stream) {
+            const float* amax, int64_t gran, float fmax, bool power2, bool persistent,
+            cudaStream_t stream) {
   const int64_t R = x.size(0), C = x.size(1);
-  const dim3 grid((C + kBlock - 1) / kBlock, (R + kBlock - 1) / kBlock);
+  const int64_t nr = (R + kBlock - 1) / kBlock, nc = (C + kBlock - 1) / kBlock;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const dim3 grid = persistent ? dim3(static_cast<unsigned>(std::min<int64_t>(nr * nc, 2 * sms)))
+                               : dim3(nc, nr);
   auto args = std::make_tuple(reinterpret_cast<const T*>(x.data_ptr()), R, C,
                               reinterpret_cast<uint8_t*>(q.data_ptr()),
                               reinterpret_cast<uint8_t*>(qt.data_ptr()), s.data_ptr<float>(),
@@ -226,9 +293,15 @@ void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& qt, at::Tensor& s, a
   auto run = [&](auto kernel) {
     std::apply([&](auto... a) { kernel<<<grid, kThreads, 0, stream>>>(a...); }, args);
   };
-  if (gran == kTensor) run(quant_dual_kernel<T, kE4M3, kTensor>);
-  else if (gran == kTile) run(quant_dual_kernel<T, kE4M3, kTile>);
-  else run(quant_dual_kernel<T, kE4M3, kBlockGran>);
+  if (persistent) {
+    if (gran == kTensor) run(quant_dual_persistent_kernel<T, kE4M3, kTensor>);
+    else if (gran == kTile) run(quant_dual_persistent_kernel<T, kE4M3, kTile>);
+    else run(quant_dual_persistent_kernel<T, kE4M3, kBlockGran>);
+  } else {
+    if (gran == kTensor) run(quant_dual_kernel<T, kE4M3, kTensor>);
+    else if (gran == kTile) run(quant_dual_kernel<T, kE4M3, kTile>);
+    else run(quant_dual_kernel<T, kE4M3, kBlockGran>);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -236,17 +309,17 @@ void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& qt, at::Tensor& s, a
 
 void quant_dual_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& qt, at::Tensor& s,
                      at::Tensor& st, const c10::optional<at::Tensor>& amax, int64_t gran,
-                     bool power2) {
+                     bool power2, bool persistent) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool e4m3 = q.scalar_type() == at::ScalarType::Float8_e4m3fn;
   const float fmax = e4m3 ? 448.0f : 57344.0f;
   const float* a = amax.has_value() ? amax->data_ptr<float>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (x.scalar_type() == at::kBFloat16) {
-    if (e4m3) launch<at::BFloat16, true>(x, q, qt, s, st, a, gran, fmax, power2, stream);
-    else launch<at::BFloat16, false>(x, q, qt, s, st, a, gran, fmax, power2, stream);
+    if (e4m3) launch<at::BFloat16, true>(x, q, qt, s, st, a, gran, fmax, power2, persistent, stream);
+    else launch<at::BFloat16, false>(x, q, qt, s, st, a, gran, fmax, power2, persistent, stream);
   } else {
-    if (e4m3) launch<at::Half, true>(x, q, qt, s, st, a, gran, fmax, power2, stream);
-    else launch<at::Half, false>(x, q, qt, s, st, a, gran, fmax, power2, stream);
+    if (e4m3) launch<at::Half, true>(x, q, qt, s, st, a, gran, fmax, power2, persistent, stream);
+    else launch<at::Half, false>(x, q, qt, s, st, a, gran, fmax, power2, persistent, stream);
   }
 }

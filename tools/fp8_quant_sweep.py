@@ -1,10 +1,11 @@
 """Times the fused FP8 quantisers on the GEMM-heavier shape's operands (GPU): quantize_dual for
-each granularity and warp count, csrc's CUDA kernel beside them (where r1mega_fp8_cuda loads; both kernels'
-tensorwise rows include the amax pass), the tensorwise amax, and the old separate passes; every timed
-variant is checked bit for bit against the PyTorch reference first. Prints a table, then one
-JSON line. Run: python tools/fp8_quant_sweep.py"""
+each granularity and warp count, csrc's CUDA kernel beside them where r1mega_fp8_cuda loads (a
+CTA a block, and persistent; both kernels' tensorwise rows include the amax pass), the tensorwise
+amax, and the old separate passes; every timed variant is checked bit for bit against the PyTorch
+reference first. Prints a table, then one JSON line. Run: python tools/fp8_quant_sweep.py"""
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -59,8 +60,10 @@ def main() -> None:
                 tq._DUAL_WARPS[gran] = warps
                 _dual_row(*row, f"dual {gran} w{warps}", tq.quantize_dual_triton, x, gran)
             tq._DUAL_WARPS[gran] = default
-            if cq.get() is not None:   # csrc/fp8_quant_kernel.cu
-                _dual_row(*row, f"dual {gran} cuda", cq.quantize_dual_cuda, x, gran)
+            if cq.get() is not None:   # csrc/fp8_quant_kernel.cu, a CTA a block and persistent
+                for persistent in (False, True):
+                    _dual_row(*row, f"dual {gran} cuda{' persistent' if persistent else ''}",
+                              functools.partial(cq.quantize_dual_cuda, persistent=persistent), x, gran)
             del refs
         ms = _time(lambda: tq.tensor_amax(x))
         rows.append((name, "amax", ms, r * c * 2 / 4.0e9, True))

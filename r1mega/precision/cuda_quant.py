@@ -34,6 +34,10 @@ def _dual_impl_from_env() -> str:
 
 # Read once, at import (a bad value fails the run's start, not its first FP8 step)
 DUAL_IMPL = _dual_impl_from_env()
+# Two resident CTAs an SM walking the blocks, each prefetching its next block into registers,
+# against one CTA a block (tools/fp8_quant_sweep.py times both)
+PERSISTENT = switches.flag("R1MEGA_FP8_QUANT_PERSISTENT", False,
+                           "the CUDA dual quantiser's persistent CTAs with the next block prefetched")
 
 
 def why_not(x: torch.Tensor, granularity: str) -> Optional[str]:
@@ -56,9 +60,11 @@ def why_not(x: torch.Tensor, granularity: str) -> Optional[str]:
 
 def quantize_dual_cuda(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: bool = False,
                        amax: Optional[torch.Tensor] = None,
-                       out: Optional[tuple[Fp8Tensor, Fp8Tensor]] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
+                       out: Optional[tuple[Fp8Tensor, Fp8Tensor]] = None,
+                       persistent: Optional[bool] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``(quantize(x), quantize(x.t()))`` by the CUDA kernel; ``amax``: tensorwise only, max |x|
-    (computed here when not given). Raises with the reason when the kernel cannot run."""
+    (computed here when not given); ``persistent``: the launch form (default the switch's).
+    Raises with the reason when the kernel cannot run."""
     _check_given_amax(granularity, amax)
     reason = why_not(x, granularity)
     if reason is not None:
@@ -76,5 +82,6 @@ def quantize_dual_cuda(x: torch.Tensor, granularity: str, fmt: str = "e4m3", pow
                 else x.abs().amax().float().reshape(1))
     elif amax is not None:
         amax = amax.float().reshape(1).contiguous()
-    ext.quant_dual(x, q, qt, s, st, amax, _GRAN_CODE[granularity], power2)
+    ext.quant_dual(x, q, qt, s, st, amax, _GRAN_CODE[granularity], power2,
+                   PERSISTENT if persistent is None else persistent)
     return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)

@@ -48,19 +48,21 @@ def _matrix(shape, dtype, seed=0):
 @pytest.mark.parametrize("power2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(16, 16), (272, 1008), (4096, 2048), (144, 4112)])
-def test_cuda_dual_quantizer_equals_reference_of_x_and_xt_bitwise(gran, fmt, power2, dtype, shape):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_cuda_dual_quantizer_equals_reference_of_x_and_xt_bitwise(gran, fmt, power2, dtype, shape,
+                                                                  persistent):
     x = _matrix(shape, dtype)
     amaxes = [None]
     if gran == "tensor":
         # the tensor's own amax (NaN here), and a finite one given by the caller
         amaxes.append(x[3:].float().abs().nan_to_num(0.0, 0.0, 0.0).amax().reshape(1))
     for amax in amaxes:
-        q, qt = cuda_quant.quantize_dual_cuda(x, gran, fmt, power2, amax=amax)
+        q, qt = cuda_quant.quantize_dual_cuda(x, gran, fmt, power2, amax=amax, persistent=persistent)
         for got, src in ((q, x), (qt, x.t())):
             ref = quantize_reference(src, gran, fmt, power2, amax)
             assert got.data.shape == ref.data.shape and got.data.is_contiguous()
             assert got.data.dtype == ref.data.dtype
-            assert _same_bits(got.data, ref.data), (gran, fmt, power2, dtype, shape, amax)
+            assert _same_bits(got.data, ref.data), (gran, fmt, power2, dtype, shape, amax, persistent)
             assert _same_scales(got.scale, ref.scale)
             if gran == "tile":
                 assert got.scale.stride() == (1, got.scale.shape[0])   # cuBLAS: strides (1, M)
