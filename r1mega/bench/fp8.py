@@ -494,9 +494,9 @@ def main(argv=None) -> int:
         result = run(args, rt)
     finally:
         destroy_parallel()
-    from r1mega.precision.cuda_quant import DUAL_IMPL
+    from r1mega.precision.cuda_quant import dual_impl
 
-    result.update(device=str(rt.device), smoke=args.smoke, dual_quantizer=DUAL_IMPL)
+    result.update(device=str(rt.device), smoke=args.smoke, dual_quantizer=dual_impl())
     from r1mega.bench.train_step import _no_nan
 
     print(json.dumps(_no_nan(result)))

@@ -25,19 +25,24 @@ get, load_error = _EXT.get, _EXT.load_error
 _GRAN_CODE = {"tensor": 0, "tile": 1, "block": 2}
 
 
-def _dual_impl_from_env() -> str:
-    """``R1MEGA_FP8_QUANT``: the CUDA kernel or Triton's for ``quantize_dual`` on CUDA."""
+def dual_impl() -> str:
+    """``R1MEGA_FP8_QUANT``: the CUDA kernel or Triton's for ``quantize_dual`` on CUDA (read at
+    each call, so that a bench row may set it)."""
     return switches.choice("R1MEGA_FP8_QUANT", "triton", {
         "triton": "the Triton dual quantiser",
         "cuda": "csrc/fp8_quant_kernel.cu where the input allows, else Triton"})
 
 
-# Read once, at import (a bad value fails the run's start, not its first FP8 step)
-DUAL_IMPL = _dual_impl_from_env()
-# Two resident CTAs an SM walking the blocks, each prefetching its next block into registers,
-# against one CTA a block (tools/fp8_quant_sweep.py times both)
-PERSISTENT = switches.flag("R1MEGA_FP8_QUANT_PERSISTENT", False,
-                           "the CUDA dual quantiser's persistent CTAs with the next block prefetched")
+def persistent_launch() -> bool:
+    """``R1MEGA_FP8_QUANT_PERSISTENT``: two resident CTAs an SM walk the blocks, each loading its
+    next block into registers while it works on one, against one CTA a block
+    (tools/fp8_quant_sweep.py times both)."""
+    return switches.flag("R1MEGA_FP8_QUANT_PERSISTENT", False,
+                         "the CUDA dual quantiser's persistent CTAs with the next block prefetched")
+
+
+# Read once at import too: a bad value fails the run's start, not its first FP8 step
+dual_impl(), persistent_launch()
 
 
 def why_not(x: torch.Tensor, granularity: str) -> Optional[str]:
@@ -83,5 +88,5 @@ def quantize_dual_cuda(x: torch.Tensor, granularity: str, fmt: str = "e4m3", pow
     elif amax is not None:
         amax = amax.float().reshape(1).contiguous()
     ext.quant_dual(x, q, qt, s, st, amax, _GRAN_CODE[granularity], power2,
-                   PERSISTENT if persistent is None else persistent)
+                   persistent_launch() if persistent is None else persistent)
     return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)

@@ -211,7 +211,7 @@ def quantize_dual(x: torch.Tensor, granularity: str, fmt: str = "e4m3", power2: 
     if impl == "cuda" or (impl == "auto" and x.is_cuda):
         from r1mega.precision import cuda_quant
 
-        if impl == "cuda" or (cuda_quant.DUAL_IMPL == "cuda"
+        if impl == "cuda" or (cuda_quant.dual_impl() == "cuda"
                               and cuda_quant.why_not(x, granularity) is None
                               and cuda_quant.get() is not None):
             return cuda_quant.quantize_dual_cuda(x, granularity, fmt, power2, amax=amax, out=out)

@@ -78,7 +78,7 @@ def test_cuda_and_triton_dual_quantizers_agree(gran):
 
 @needs_ext
 def test_dispatch_takes_cuda_where_it_can_and_triton_elsewhere(monkeypatch):
-    monkeypatch.setattr(cuda_quant, "DUAL_IMPL", "cuda")
+    monkeypatch.setenv("R1MEGA_FP8_QUANT", "cuda")
     calls = []
     real = cuda_quant.quantize_dual_cuda
     monkeypatch.setattr(cuda_quant, "quantize_dual_cuda", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -112,7 +112,7 @@ def test_fp8_linear_through_the_cuda_quantizer_equals_triton_bitwise(recipe, mon
     dy = torch.randn(T, N, device="cuda", generator=g).bfloat16()
     out = {}
     for impl in ("triton", "cuda"):
-        monkeypatch.setattr(cuda_quant, "DUAL_IMPL", impl)
+        monkeypatch.setenv("R1MEGA_FP8_QUANT", impl)
         ops = Fp8LinearOps(Fp8Policy(recipe=recipe, backend="native"))
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fp8_linear(xr, wr, None, ops)

@@ -13,9 +13,21 @@ from r1mega.precision.quantize import quantize_dual, quantize_reference
 def test_switch_rejects_an_unknown_value(monkeypatch):
     monkeypatch.setenv("R1MEGA_FP8_QUANT", "cutlass")
     with pytest.raises(ValueError, match="R1MEGA_FP8_QUANT='cutlass'.*'triton'.*'cuda'"):
-        cuda_quant._dual_impl_from_env()
+        cuda_quant.dual_impl()
     monkeypatch.delenv("R1MEGA_FP8_QUANT")
-    assert cuda_quant._dual_impl_from_env() == "triton"
+    assert cuda_quant.dual_impl() == "triton"
+    monkeypatch.setenv("R1MEGA_FP8_QUANT", "cuda")    # read at the call: a bench row may set it
+    assert cuda_quant.dual_impl() == "cuda"
+
+
+def test_persistent_launch_switch_is_read_at_the_call_and_checked(monkeypatch):
+    monkeypatch.delenv("R1MEGA_FP8_QUANT_PERSISTENT", raising=False)
+    assert cuda_quant.persistent_launch() is False
+    monkeypatch.setenv("R1MEGA_FP8_QUANT_PERSISTENT", "1")
+    assert cuda_quant.persistent_launch() is True
+    monkeypatch.setenv("R1MEGA_FP8_QUANT_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="R1MEGA_FP8_QUANT_PERSISTENT='yes'"):
+        cuda_quant.persistent_launch()
 
 
 @pytest.mark.parametrize("x,gran,reason", [
@@ -49,7 +61,7 @@ def test_forcing_cuda_off_cuda_is_an_error_naming_why():
 def test_cpu_path_is_the_reference_under_either_switch(gran, monkeypatch):
     x = (torch.randn(48, 272) * torch.logspace(-3, 3, 272)).bfloat16()
     for impl in ("triton", "cuda"):
-        monkeypatch.setattr(cuda_quant, "DUAL_IMPL", impl)
+        monkeypatch.setenv("R1MEGA_FP8_QUANT", impl)
         q, qt = quantize_dual(x, gran)
         for got, src in ((q, x), (qt, x.t())):
             ref = quantize_reference(src, gran)
