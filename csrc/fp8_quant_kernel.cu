@@ -2,8 +2,9 @@
 // dequantisation scales, for the tensor, tile (1x128) and block (128x128) granularities of
 // r1mega/precision/quantize.py, bit for bit its quantize_reference (the GPU test holds it there).
 //
-// One CTA of 256 threads per 128 x 128 block. Lane l of warp w holds columns 8 (l % 16) ... + 7
-// of rows 16 w + 8 (l / 16) ... + 7: every load instruction reads two whole 256-byte rows, the
+// One CTA of 256 threads per 128 x 128 block (or, persistent, two CTAs an SM walking the blocks,
+// each loading its next block into registers while it works on one). Lane l of warp w holds
+// columns 8 (l % 16) ... + 7 of rows 16 w + 8 (l / 16) ... + 7: every load instruction reads two whole 256-byte rows, the
 // row maxima reduce over 16 lanes, the column maxima over a thread's 8 rows, its partner lane and
 // the 8 warps. x.T's bytes go through shared memory as 8-byte runs of 8 rows, each 128-byte row
 // of x.T XOR-swizzled by its 16-column group so that neither the writes nor the 16-byte reads
@@ -98,8 +99,8 @@ __device__ __forceinline__ void load_block(uint4 (&raw)[8], const T* __restrict_
 }
 
 struct DualSmem {
-  uint2 tq[kBlock][16];   // x.T's block: row c, slot (r / 8) ^ (c / 8 % 16)
-  int partial[8][kBlock]; // per-warp column maxima (tile), warp maxima (block)
+  __align__(16) uint2 tq[kBlock][16];  // x.T's block: row c, slot (r / 8) ^ (c / 8 % 16) (read as uint4)
+  int partial[8][kBlock];              // per-warp column maxima (tile), warp maxima (block)
 };
 
 // One 128 x 128 block (br, bc) from this thread's loaded values: scales, x and x.T in FP8. Ends
