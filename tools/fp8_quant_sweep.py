@@ -1,6 +1,7 @@
 """Times the fused FP8 quantisers on the GEMM-heavier shape's operands (GPU): quantize_dual for
-each granularity and warp count, csrc's CUDA kernel beside them where r1mega_fp8_cuda loads (a
-CTA a block, and persistent; both kernels' tensorwise rows include the amax pass), the tensorwise
+each granularity and warp count (a program a block, and persistent), csrc's CUDA kernel beside
+them where r1mega_fp8_cuda loads (a CTA a block, and persistent; both kernels' tensorwise rows
+include the amax pass), the tensorwise
 amax, and the old separate passes; every timed variant is checked bit for bit against the PyTorch
 reference first. Prints a table, then one JSON line. Run: python tools/fp8_quant_sweep.py"""
 from __future__ import annotations
@@ -59,6 +60,12 @@ def main() -> None:
             for warps in (4, 8):
                 tq._DUAL_WARPS[gran] = warps
                 _dual_row(*row, f"dual {gran} w{warps}", tq.quantize_dual_triton, x, gran)
+                if gran != "block":   # the persistent launch, 2 and 4 programs an SM
+                    for per_sm in (2, 4):
+                        tq._PERSISTENT_PER_SM = per_sm
+                        _dual_row(*row, f"dual {gran} w{warps} persistent x{per_sm}",
+                                  functools.partial(tq.quantize_dual_triton, persistent=True), x, gran)
+                    tq._PERSISTENT_PER_SM = 2
             tq._DUAL_WARPS[gran] = default
             if cq.get() is not None:   # csrc/fp8_quant_kernel.cu, a CTA a block and persistent
                 for persistent in (False, True):

@@ -16,6 +16,7 @@ import torch
 
 from r1mega import switches
 from r1mega.ops.extension import CudaExtension
+from r1mega.precision import triton_quant
 from r1mega.precision.quantize import Fp8Tensor, _check_given_amax
 
 _EXT = CudaExtension("r1mega_fp8_cuda", ["fp8_quant.cpp", "fp8_quant_kernel.cu"], "R1MEGA_FP8",
@@ -33,16 +34,8 @@ def dual_impl() -> str:
         "cuda": "csrc/fp8_quant_kernel.cu where the input allows, else Triton"})
 
 
-def persistent_launch() -> bool:
-    """``R1MEGA_FP8_QUANT_PERSISTENT``: two resident CTAs an SM walk the blocks, each loading its
-    next block into registers while it works on one, against one CTA a block
-    (tools/fp8_quant_sweep.py times both)."""
-    return switches.flag("R1MEGA_FP8_QUANT_PERSISTENT", False,
-                         "the CUDA dual quantiser's persistent CTAs with the next block prefetched")
-
-
 # Read once at import too: a bad value fails the run's start, not its first FP8 step
-dual_impl(), persistent_launch()
+dual_impl(), triton_quant.persistent_launch()
 
 
 def why_not(x: torch.Tensor, granularity: str) -> Optional[str]:
@@ -77,8 +70,6 @@ def quantize_dual_cuda(x: torch.Tensor, granularity: str, fmt: str = "e4m3", pow
     ext = get()
     if ext is None:
         raise RuntimeError(f"quantize_dual(impl='cuda'): r1mega_fp8_cuda is unavailable: {load_error()}")
-    from r1mega.precision import triton_quant
-
     r, c = x.shape
     q, s = triton_quant.out_buffers(out[0] if out else None, r, c, granularity, fmt, x.device)
     qt, st = triton_quant.out_buffers(out[1] if out else None, c, r, granularity, fmt, x.device)
@@ -88,5 +79,5 @@ def quantize_dual_cuda(x: torch.Tensor, granularity: str, fmt: str = "e4m3", pow
     elif amax is not None:
         amax = amax.float().reshape(1).contiguous()
     ext.quant_dual(x, q, qt, s, st, amax, _GRAN_CODE[granularity], power2,
-                   persistent_launch() if persistent is None else persistent)
+                   triton_quant.persistent_launch() if persistent is None else persistent)
     return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)

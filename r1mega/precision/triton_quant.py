@@ -11,7 +11,10 @@ has the scale arithmetic); ``tests/gpu/test_fp8_gpu.py`` compares the two bit fo
                         quantize_dual, the same block of w.T: the dgrad copy from one read).
   _quant_dual_kernel    grid (ceil(R/128), ceil(C/128)): x and x.T from one read of a block
                         (the FP8 linear's activation and gradient: forward/dgrad want them
-                        quantised along features, wgrad along tokens).
+                        quantised along features, wgrad along tokens); tensor or tile scales.
+  _quant_dual_persistent_kernel  the same, a few programs an SM walking the blocks, each
+                        loading its next block before it works on one
+                        (``R1MEGA_FP8_QUANT_PERSISTENT``).
   _amax_kernel          the tensorwise recipe's amax: one read of a dense tensor, each program
                         folds its chunks into one integer atomic max (a non-negative float's bits
                         order like the float, and a NaN's above inf, so NaN propagates).
@@ -33,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from r1mega import switches
 from r1mega.precision.quantize import (BLOCK, FP8_DTYPES, FP8_MAX, Fp8Tensor, _check_given_amax,
                                        check_out, scale_shape)
 
@@ -47,6 +51,15 @@ except Exception:  # pragma: no cover - CPU machines without Triton
 
 def available() -> bool:
     return _HAVE_TRITON and torch.cuda.is_available()
+
+
+def persistent_launch() -> bool:
+    """``R1MEGA_FP8_QUANT_PERSISTENT``: the dual quantisers (this Triton one and csrc's CUDA one)
+    launched persistent, a few programs an SM walking the blocks and each loading its next block
+    while it works on one, against one program a block (tools/fp8_quant_sweep.py times both).
+    Read at each call, so that a bench row may set it."""
+    return switches.flag("R1MEGA_FP8_QUANT_PERSISTENT", False,
+                         "the dual quantisers' persistent launch, the next block prefetched")
 
 
 if _HAVE_TRITON:
@@ -157,14 +170,12 @@ if _HAVE_TRITON:
             tl.store(st_ptr + bc * stsr + br * stst, scale)
 
     @triton.jit
-    def _quant_dual_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, R, C, sxr, sxc, sqr,
-                           sqtr, ssr, sst, stsr, stst, FMAX: tl.constexpr, POWER2: tl.constexpr,
-                           B: tl.constexpr, TENSOR: tl.constexpr):
-        # One (B, B) block read once, written twice: q = x quantised along its rows (1xB tiles,
-        # or under the tensor's amax) and qt = x.T quantised along its rows, i.e. x's columns.
-        br = tl.program_id(0).to(tl.int64)
-        bc = tl.program_id(1).to(tl.int64)
-        rows, cols, m, v = _load_block(x_ptr, R, C, sxr, sxc, B)              # v (B rows, B cols)
+    def _dual_block(q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, br, bc, rows, cols, m, v, R, C, sqr,
+                    sqtr, ssr, sst, stsr, stst, FMAX: tl.constexpr, POWER2: tl.constexpr,
+                    TENSOR: tl.constexpr):
+        # One (B, B) block's values v (B rows, B cols, float32) written twice: q = x quantised
+        # along its rows (1xB tiles, or under the tensor's amax) and qt = x.T quantised along its
+        # rows, i.e. x's columns.
         if TENSOR:
             amax_r = tl.load(amax_ptr).to(tl.float32)                           # one scalar
             amax_c = amax_r
@@ -194,6 +205,42 @@ if _HAVE_TRITON:
         else:
             tl.store(s_ptr + rows * ssr + bc * sst, scale_r, mask=rows < R)
             tl.store(st_ptr + cols * stsr + br * stst, scale_c, mask=cols < C)
+
+    @triton.jit
+    def _quant_dual_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, R, C, sxr, sxc, sqr,
+                           sqtr, ssr, sst, stsr, stst, FMAX: tl.constexpr, POWER2: tl.constexpr,
+                           B: tl.constexpr, TENSOR: tl.constexpr):
+        # grid (ceil(R / B), ceil(C / B)): one block a program
+        rows, cols, m, v = _load_block(x_ptr, R, C, sxr, sxc, B)              # v (B rows, B cols)
+        _dual_block(q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, tl.program_id(0).to(tl.int64),
+                    tl.program_id(1).to(tl.int64), rows, cols, m, v, R, C, sqr, sqtr, ssr, sst,
+                    stsr, stst, FMAX, POWER2, TENSOR)
+
+    @triton.jit
+    def _quant_dual_persistent_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, R, C, sxr,
+                                      sxc, sqr, sqtr, ssr, sst, stsr, stst, n_blocks, nc,
+                                      FMAX: tl.constexpr, POWER2: tl.constexpr, B: tl.constexpr,
+                                      TENSOR: tl.constexpr):
+        # A program walks blocks pid, pid + programs, ... (row-major over the block grid) and
+        # loads its next block before working on the one it holds, so that its reads are in
+        # flight while it reduces, quantises and stores (a block past the last one is all
+        # masked: its rows lie past R).
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        br = (pid // nc).to(tl.int64)
+        bc = (pid % nc).to(tl.int64)
+        rows = br * B + tl.arange(0, B)
+        cols = bc * B + tl.arange(0, B)
+        m, v = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc)
+        for blk in range(pid, n_blocks, step):
+            nbr = ((blk + step) // nc).to(tl.int64)
+            nbc = ((blk + step) % nc).to(tl.int64)
+            nrows = nbr * B + tl.arange(0, B)
+            ncols = nbc * B + tl.arange(0, B)
+            nm, nv = _load_tile(x_ptr, nrows, ncols, R, C, sxr, sxc)
+            _dual_block(q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, br, bc, rows, cols, m, v, R, C,
+                        sqr, sqtr, ssr, sst, stsr, stst, FMAX, POWER2, TENSOR)
+            br, bc, rows, cols, m, v = nbr, nbc, nrows, ncols, nm, nv
 
 
     @triton.jit
@@ -227,6 +274,7 @@ if _HAVE_TRITON:
 
 _ROWS_PER_PROGRAM = 16
 _DUAL_WARPS = {"tensor": 4, "tile": 4, "block": 8}   # per 128x128 block; tools/fp8_quant_sweep.py
+_PERSISTENT_PER_SM = 2   # programs an SM of the persistent dual kernel
 _AMAX_BLOCK = 4096
 _AMAX_PROGRAMS = 2048   # enough to fill the GPU many times over; few enough that the one
                         # address's atomics stay negligible
@@ -298,11 +346,12 @@ def quantize_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
 
 def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
                          power2: bool = False, amax: Optional[torch.Tensor] = None,
-                         out: Optional[tuple[Fp8Tensor, Fp8Tensor]] = None
-                         ) -> tuple[Fp8Tensor, Fp8Tensor]:
+                         out: Optional[tuple[Fp8Tensor, Fp8Tensor]] = None,
+                         persistent: Optional[bool] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
     """``(quantize(x), quantize(x.t()))`` from one read of ``x``, bit for bit the reference's;
     tensor, tile or block granularity (a row scale of x.T would need whole columns of x);
-    ``amax``: the caller's max |x|, tensorwise only."""
+    ``amax``: the caller's max |x|, tensorwise only; ``persistent``: tensor and tile through the
+    persistent kernel (default ``R1MEGA_FP8_QUANT_PERSISTENT``)."""
     _check_given_amax(granularity, amax)
     if granularity not in ("tensor", "tile", "block"):
         raise ValueError(f"quantize_dual: granularity {granularity!r} is not tensor, tile or block")
@@ -324,8 +373,24 @@ def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
         return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
     tensor = granularity == "tensor"
     amax = (tensor_amax(x) if amax is None else amax.float().reshape(1)) if tensor else s
-    _quant_dual_kernel[grid](x, q, qt, s, st, amax, r, c, x.stride(0), x.stride(1), q.stride(0),
-                             qt.stride(0), s.stride(0), s.stride(1), st.stride(0), st.stride(1),
-                             FMAX=FP8_MAX[fmt], POWER2=power2, B=BLOCK, TENSOR=tensor,
-                             num_warps=_DUAL_WARPS[granularity])
+    args = (x, q, qt, s, st, amax, r, c, x.stride(0), x.stride(1), q.stride(0), qt.stride(0),
+            s.stride(0), s.stride(1), st.stride(0), st.stride(1))
+    meta = dict(FMAX=FP8_MAX[fmt], POWER2=power2, B=BLOCK, TENSOR=tensor,
+                num_warps=_DUAL_WARPS[granularity])
+    if persistent is None:
+        persistent = persistent_launch()
+    if persistent:
+        n_blocks = grid[0] * grid[1]
+        programs = min(n_blocks, _PERSISTENT_PER_SM * _sm_count(x.device))
+        _quant_dual_persistent_kernel[(programs,)](*args, n_blocks, grid[1], **meta)
+    else:
+        _quant_dual_kernel[grid](*args, **meta)
     return Fp8Tensor(q, s, granularity, fmt), Fp8Tensor(qt, st, granularity, fmt)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a few where Triton interprets on the CPU, so that
+    the persistent walk takes several blocks a program there too)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,7 +1,8 @@
 """The CUDA FP8 dual quantiser (csrc/fp8_quant_kernel.cu) against the PyTorch reference, bit for
 bit, on an FP8 GPU (skipped elsewhere): x and x.T, every granularity it serves, both formats,
-power-of-2 scales, bf16 and fp16, ragged blocks, zero / NaN / inf / subnormal tiles; and the FP8
-linear's forward and backward through it equal to the same linear through Triton's quantiser."""
+power-of-2 scales, bf16 and fp16, ragged blocks, zero / NaN / inf / subnormal tiles, one CTA a
+block and persistent (Triton's persistent launch too); and the FP8 linear's forward and backward
+through it equal to the same linear through Triton's quantiser."""
 from __future__ import annotations
 
 import pytest
@@ -66,6 +67,21 @@ def test_cuda_dual_quantizer_equals_reference_of_x_and_xt_bitwise(gran, fmt, pow
             assert _same_scales(got.scale, ref.scale)
             if gran == "tile":
                 assert got.scale.stride() == (1, got.scale.shape[0])   # cuBLAS: strides (1, M)
+
+
+@pytest.mark.parametrize("gran", ["tensor", "tile"])
+@pytest.mark.parametrize("fmt,power2", [("e4m3", False), ("e5m2", True)])
+@pytest.mark.parametrize("shape", [(16, 16), (272, 1008), (4096, 2048), (144, 4112)])
+@pytest.mark.parametrize("per_sm", [2, 4])
+def test_triton_persistent_dual_quantizer_equals_reference_bitwise(gran, fmt, power2, shape, per_sm,
+                                                                   monkeypatch):
+    monkeypatch.setattr(triton_quant, "_PERSISTENT_PER_SM", per_sm)
+    x = _matrix(shape, torch.bfloat16)
+    q, qt = triton_quant.quantize_dual_triton(x, gran, fmt, power2, persistent=True)
+    for got, src in ((q, x), (qt, x.t())):
+        ref = quantize_reference(src, gran, fmt, power2)
+        assert _same_bits(got.data, ref.data), (gran, fmt, shape, per_sm)
+        assert _same_scales(got.scale, ref.scale)
 
 
 @needs_ext

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1mega.precision import cuda_quant
+from r1mega.precision import cuda_quant, triton_quant
 from r1mega.precision.quantize import quantize_dual, quantize_reference
 
 
@@ -22,12 +22,12 @@ def test_switch_rejects_an_unknown_value(monkeypatch):
 
 def test_persistent_launch_switch_is_read_at_the_call_and_checked(monkeypatch):
     monkeypatch.delenv("R1MEGA_FP8_QUANT_PERSISTENT", raising=False)
-    assert cuda_quant.persistent_launch() is False
+    assert triton_quant.persistent_launch() is False
     monkeypatch.setenv("R1MEGA_FP8_QUANT_PERSISTENT", "1")
-    assert cuda_quant.persistent_launch() is True
+    assert triton_quant.persistent_launch() is True
     monkeypatch.setenv("R1MEGA_FP8_QUANT_PERSISTENT", "yes")
     with pytest.raises(ValueError, match="R1MEGA_FP8_QUANT_PERSISTENT='yes'"):
-        cuda_quant.persistent_launch()
+        triton_quant.persistent_launch()
 
 
 @pytest.mark.parametrize("x,gran,reason", [
