@@ -57,16 +57,17 @@ def main() -> None:
             refs = (quantize_reference(x, gran, "e4m3"), quantize_reference(x.t(), gran, "e4m3"))
             row = (rows, results, name, refs, floor_ms)
             default = tq._DUAL_WARPS[gran]
-            for warps in (4, 8):
+            for warps in (4, 8, 16):
                 tq._DUAL_WARPS[gran] = warps
                 _dual_row(*row, f"dual {gran} w{warps}", tq.quantize_dual_triton, x, gran)
-                if gran != "block":   # the persistent launch, 2 and 4 programs an SM
-                    for per_sm in (2, 4):
-                        tq._PERSISTENT_PER_SM = per_sm
-                        _dual_row(*row, f"dual {gran} w{warps} persistent x{per_sm}",
-                                  functools.partial(tq.quantize_dual_triton, persistent=True), x, gran)
-                    tq._PERSISTENT_PER_SM = 2
             tq._DUAL_WARPS[gran] = default
+            if gran != "block":   # the persistent launch: warps, programs an SM, pipeline stages
+                chosen = dict(tq._PERSISTENT)
+                for warps, per_sm, stages in ((8, 1, 2), (8, 1, 3), (16, 1, 2), (4, 2, 2), (8, 2, 2)):
+                    tq._PERSISTENT.update(warps=warps, per_sm=per_sm, stages=stages)
+                    _dual_row(*row, f"dual {gran} persistent w{warps} x{per_sm} s{stages}",
+                              functools.partial(tq.quantize_dual_triton, persistent=True), x, gran)
+                tq._PERSISTENT.update(chosen)
             if cq.get() is not None:   # csrc/fp8_quant_kernel.cu, a CTA a block and persistent
                 for persistent in (False, True):
                     _dual_row(*row, f"dual {gran} cuda{' persistent' if persistent else ''}",

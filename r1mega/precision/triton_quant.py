@@ -12,8 +12,8 @@ has the scale arithmetic); ``tests/gpu/test_fp8_gpu.py`` compares the two bit fo
   _quant_dual_kernel    grid (ceil(R/128), ceil(C/128)): x and x.T from one read of a block
                         (the FP8 linear's activation and gradient: forward/dgrad want them
                         quantised along features, wgrad along tokens); tensor or tile scales.
-  _quant_dual_persistent_kernel  the same, a few programs an SM walking the blocks, each
-                        loading its next block before it works on one
+  _quant_dual_persistent_kernel  the same, a program an SM walking the blocks, the next
+                        ones copied into shared memory by the loop's software pipeline
                         (``R1MEGA_FP8_QUANT_PERSISTENT``).
   _amax_kernel          the tensorwise recipe's amax: one read of a dense tensor, each program
                         folds its chunks into one integer atomic max (a non-negative float's bits
@@ -220,27 +220,19 @@ if _HAVE_TRITON:
     def _quant_dual_persistent_kernel(x_ptr, q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, R, C, sxr,
                                       sxc, sqr, sqtr, ssr, sst, stsr, stst, n_blocks, nc,
                                       FMAX: tl.constexpr, POWER2: tl.constexpr, B: tl.constexpr,
-                                      TENSOR: tl.constexpr):
-        # A program walks blocks pid, pid + programs, ... (row-major over the block grid) and
-        # loads its next block before working on the one it holds, so that its reads are in
-        # flight while it reduces, quantises and stores (a block past the last one is all
-        # masked: its rows lie past R).
+                                      TENSOR: tl.constexpr, STAGES: tl.constexpr):
+        # A program walks blocks pid, pid + programs, ... (row-major over the block grid); the
+        # loop's software pipeline copies the next blocks into shared memory (cp.async, STAGES
+        # deep) while the program reduces, quantises and stores the one it holds.
         pid = tl.program_id(0)
-        step = tl.num_programs(0)
-        br = (pid // nc).to(tl.int64)
-        bc = (pid % nc).to(tl.int64)
-        rows = br * B + tl.arange(0, B)
-        cols = bc * B + tl.arange(0, B)
-        m, v = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc)
-        for blk in range(pid, n_blocks, step):
-            nbr = ((blk + step) // nc).to(tl.int64)
-            nbc = ((blk + step) % nc).to(tl.int64)
-            nrows = nbr * B + tl.arange(0, B)
-            ncols = nbc * B + tl.arange(0, B)
-            nm, nv = _load_tile(x_ptr, nrows, ncols, R, C, sxr, sxc)
+        for blk in tl.range(pid, n_blocks, tl.num_programs(0), num_stages=STAGES):
+            br = (blk // nc).to(tl.int64)
+            bc = (blk % nc).to(tl.int64)
+            rows = br * B + tl.arange(0, B)
+            cols = bc * B + tl.arange(0, B)
+            m, v = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc)
             _dual_block(q_ptr, qt_ptr, s_ptr, st_ptr, amax_ptr, br, bc, rows, cols, m, v, R, C,
                         sqr, sqtr, ssr, sst, stsr, stst, FMAX, POWER2, TENSOR)
-            br, bc, rows, cols, m, v = nbr, nbc, nrows, ncols, nm, nv
 
 
     @triton.jit
@@ -274,7 +266,9 @@ if _HAVE_TRITON:
 
 _ROWS_PER_PROGRAM = 16
 _DUAL_WARPS = {"tensor": 4, "tile": 4, "block": 8}   # per 128x128 block; tools/fp8_quant_sweep.py
-_PERSISTENT_PER_SM = 2   # programs an SM of the persistent dual kernel
+# the persistent dual kernel: 8 warps of ~255 registers (ptxas, Triton 3.6, sm_90) fill an SM's
+# register file, so one program an SM; its loop's pipeline depth (tools/fp8_quant_sweep.py)
+_PERSISTENT = {"warps": 8, "per_sm": 1, "stages": 2}
 _AMAX_BLOCK = 4096
 _AMAX_PROGRAMS = 2048   # enough to fill the GPU many times over; few enough that the one
                         # address's atomics stay negligible
@@ -381,7 +375,8 @@ def quantize_dual_triton(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
         persistent = persistent_launch()
     if persistent:
         n_blocks = grid[0] * grid[1]
-        programs = min(n_blocks, _PERSISTENT_PER_SM * _sm_count(x.device))
+        programs = min(n_blocks, _PERSISTENT["per_sm"] * _sm_count(x.device))
+        meta.update(num_warps=_PERSISTENT["warps"], STAGES=_PERSISTENT["stages"])
         _quant_dual_persistent_kernel[(programs,)](*args, n_blocks, grid[1], **meta)
     else:
         _quant_dual_kernel[grid](*args, **meta)

@@ -72,15 +72,18 @@ def test_cuda_dual_quantizer_equals_reference_of_x_and_xt_bitwise(gran, fmt, pow
 @pytest.mark.parametrize("gran", ["tensor", "tile"])
 @pytest.mark.parametrize("fmt,power2", [("e4m3", False), ("e5m2", True)])
 @pytest.mark.parametrize("shape", [(16, 16), (272, 1008), (4096, 2048), (144, 4112)])
-@pytest.mark.parametrize("per_sm", [2, 4])
-def test_triton_persistent_dual_quantizer_equals_reference_bitwise(gran, fmt, power2, shape, per_sm,
+@pytest.mark.parametrize("config", [(8, 1, 2), (4, 2, 3), (16, 1, 2)])
+def test_triton_persistent_dual_quantizer_equals_reference_bitwise(gran, fmt, power2, shape, config,
                                                                    monkeypatch):
-    monkeypatch.setattr(triton_quant, "_PERSISTENT_PER_SM", per_sm)
+    warps, per_sm, stages = config
+    monkeypatch.setitem(triton_quant._PERSISTENT, "warps", warps)
+    monkeypatch.setitem(triton_quant._PERSISTENT, "per_sm", per_sm)
+    monkeypatch.setitem(triton_quant._PERSISTENT, "stages", stages)
     x = _matrix(shape, torch.bfloat16)
     q, qt = triton_quant.quantize_dual_triton(x, gran, fmt, power2, persistent=True)
     for got, src in ((q, x), (qt, x.t())):
         ref = quantize_reference(src, gran, fmt, power2)
-        assert _same_bits(got.data, ref.data), (gran, fmt, shape, per_sm)
+        assert _same_bits(got.data, ref.data), (gran, fmt, shape, config)
         assert _same_scales(got.scale, ref.scale)
 
 
