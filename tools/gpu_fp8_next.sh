@@ -69,7 +69,7 @@ for stage in ${STAGES:-tests rollout attn wgmma}; do
         GPU_TESTS="tests/gpu/test_fp8_blockwise_deepgemm_gpu.py" bash tools/gpu_all.sh | tail -4 ;;
     probe)  # which form of the in-graph amax inductor fuses into the SwiGLU and its backward
       OUT=$O/probe GPU_SKIP_TESTS=1 GPU_BENCH_TIMEOUT=${PROBE_S:-150} bash tools/gpu_all.sh "tools/amax_fusion_probe.py" | tail -4 ;;
-    quant-tests)  # the CUDA dual quantiser (a CTA a block and persistent) against the reference
+    quant-tests)  # the dual quantisers (CUDA's a CTA a block and persistent, Triton's persistent) against the reference
       OUT=$O/quant_tests GPU_SKIP_BENCH=1 GPU_TESTS_TIMEOUT=${TESTS_S:-150} \
         GPU_TESTS="tests/gpu/test_fp8_quant_cuda_gpu.py" bash tools/gpu_all.sh | tail -4 ;;
     quant)  # the dual quantisers (Triton and CUDA) against their bytes floor

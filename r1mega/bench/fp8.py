@@ -271,7 +271,7 @@ def _variant(name: Optional[str]):
     stack = contextlib.ExitStack()
     for mod, attr in ROLLOUT_VARIANTS[name] if name else ():
         if mod is None:
-            stack.enter_context(switches.environment(dict([attr.split("=", 1)])))
+            stack.enter_context(switches.environment(_env_pairs(attr)))
         else:
             stack.enter_context(switches.overridden(importlib.import_module(mod), attr, True))
     return stack
